@@ -1,0 +1,55 @@
+"""The spatial-temporal deformation: Def-Net's velocity on a grid, integrated to a displacement.
+
+Displacements are in torch.grid_sample units of the reference grid ([-1, 1] spans it) and map
+a point c at time t to its matching reference point c + u(c, t) (paper eq. 4).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .integration import identity_grid, scaling_and_squaring
+from .networks import DefNet
+from .presets import Preset
+
+
+class Deformation(nn.Module):
+    """Def-Net(s) evaluated on a velocity grid of shape (D, H, W) and integrated over [0, 1].
+
+    Continuous time: one Def-Net of (x, y, z, t). Pairwise ("w/o t"): one Def-Net of (x, y, z)
+    per training time, queried only at that time.
+    """
+
+    def __init__(self, preset: Preset, velocity_shape: tuple[int, int, int],
+                 pairwise_times: list[float] | None, generator: torch.Generator):
+        super().__init__()
+        self.steps = preset.squaring_steps
+        self.velocity_shape = tuple(velocity_shape)
+        self.pairwise_times = pairwise_times
+        count = len(pairwise_times) if pairwise_times else 1
+        self.nets = nn.ModuleList(
+            DefNet(preset.def_width, preset.def_depth, preset.def_fourier_width, preset.def_sigma,
+                   preset.omega, temporal=pairwise_times is None, generator=generator)
+            for _ in range(count))
+        self.register_buffer("grid", identity_grid(self.velocity_shape).reshape(-1, 3), persistent=False)
+
+    def velocity(self, t: float, chunk: int | None = None) -> torch.Tensor:
+        """Velocity [1, 3, D, H, W] at normalised time t (chunked evaluation when chunk is given)."""
+        net = self.nets[self._net_index(t)]
+        time = self.grid.new_full((1, 1), t)
+        chunk = chunk or len(self.grid)
+        v = torch.cat([net(c, time.expand(len(c), 1)) for c in self.grid.split(chunk)])
+        return v.T.reshape(1, 3, *self.velocity_shape)
+
+    def displacement(self, times: list[float], chunk: int | None = None) -> torch.Tensor:
+        """Displacements [len(times), 3, D, H, W] at normalised times, by scaling and squaring."""
+        velocity = torch.cat([self.velocity(t, chunk) for t in times])
+        return scaling_and_squaring(velocity, self.steps)
+
+    def _net_index(self, t: float) -> int:
+        if self.pairwise_times is None:
+            return 0
+        for index, trained in enumerate(self.pairwise_times):
+            if abs(trained - t) < 1e-9:
+                return index
+        raise ValueError("a pairwise (w/o t) model only knows the times it was trained on")

@@ -1,0 +1,26 @@
+"""Random Fourier feature encoding of coordinates (Tancik et al. 2020; paper eq. 2)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class FourierFeatures(nn.Module):
+    """gamma(p) = [cos(2 pi B p), sin(2 pi B p)] with fixed B ~ N(0, sigma^2), B of shape (width, d).
+
+    Expects coordinates in [0, 1] (the paper's normalised grid and time); returns 2 * width features.
+    """
+
+    def __init__(self, in_features: int, width: int, sigma: float, generator: torch.Generator):
+        super().__init__()
+        self.register_buffer("B", torch.randn(width, in_features, generator=generator) * sigma)
+
+    @property
+    def out_features(self) -> int:
+        return 2 * self.B.shape[0]
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        projection = (2 * math.pi) * p @ self.B.T
+        return torch.cat([torch.cos(projection), torch.sin(projection)], dim=-1)

@@ -1,0 +1,82 @@
+"""Image grids in physical space (ITK/LPS) and the unit coordinates the networks use.
+
+A grid maps a voxel index (i, j, k) = (x, y, z) to the LPS point
+origin + direction @ (spacing * index), in mm. Numpy arrays from SimpleITK are [z, y, x].
+The networks see "unit" coordinates of the reference grid: index / (size - 1), in [0, 1]
+on the grid, whose (x, y, z) order matches the last axis of torch.grid_sample grids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Geometry of a 3-D image: size (x, y, z) in voxels, spacing in mm, LPS origin and direction."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Grid":
+        """The grid of a SimpleITK image."""
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()),
+                   tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Numpy array shape (z, y, x)."""
+        return tuple(reversed(self.size))
+
+    @property
+    def index_to_mm(self) -> np.ndarray:
+        """3x3 matrix taking an index step to an LPS step in mm: direction @ diag(spacing)."""
+        return np.reshape(self.direction, (3, 3)) @ np.diag(self.spacing)
+
+    def to_physical(self, index: np.ndarray) -> np.ndarray:
+        """Continuous indices (N, 3) -> LPS points (N, 3) in mm."""
+        return index @ self.index_to_mm.T + np.asarray(self.origin)
+
+    def to_index(self, points: np.ndarray) -> np.ndarray:
+        """LPS points (N, 3) in mm -> continuous indices (N, 3)."""
+        return (points - np.asarray(self.origin)) @ np.linalg.inv(self.index_to_mm).T
+
+    def unit_scale(self) -> np.ndarray:
+        """Index units per unit coordinate, (size - 1) per axis (at least 1)."""
+        return np.maximum(np.asarray(self.size) - 1, 1).astype(float)
+
+    def points(self, z_start: int = 0, z_stop: int | None = None) -> np.ndarray:
+        """LPS points (n, 3) of the voxel centres of slices z_start..z_stop, in array (z, y, x) order."""
+        z_stop = self.size[2] if z_stop is None else z_stop
+        k, j, i = np.meshgrid(np.arange(z_start, z_stop), np.arange(self.size[1]),
+                              np.arange(self.size[0]), indexing="ij")
+        return self.to_physical(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(float))
+
+    def image(self, array: np.ndarray, vector: bool = False) -> sitk.Image:
+        """A SimpleITK image on this grid from a [z, y, x] (or [z, y, x, c] with vector=True) array."""
+        image = sitk.GetImageFromArray(array, isVector=vector)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def matches(self, other: "Grid", tolerance: float = 1e-4) -> bool:
+        """Same size, and spacing, origin and direction equal within tolerance."""
+        return (self.size == other.size
+                and np.allclose(self.spacing, other.spacing, atol=tolerance)
+                and np.allclose(self.origin, other.origin, atol=tolerance)
+                and np.allclose(self.direction, other.direction, atol=tolerance))
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size), "spacing": list(self.spacing),
+                "origin": list(self.origin), "direction": list(self.direction)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Grid":
+        return cls(tuple(int(v) for v in data["size"]), tuple(data["spacing"]),
+                   tuple(data["origin"]), tuple(data["direction"]))

@@ -1,0 +1,161 @@
+"""Image-similarity, overlap, deformation-regularity and landmark metrics.
+
+Conventions (see DESIGN.md): SimpleITK images live in LPS physical space (mm), a point is
+``origin + direction @ (spacing * index)`` with index (i, j, k) = (x, y, z), and numpy arrays
+from ``sitk.GetArrayFromImage`` are ordered [z, y, x]. A displacement field ``u`` is a
+3-component SimpleITK vector image in mm (LPS) on the time-t grid; it maps a time-t point
+``q`` to the reference point ``q + u(q)``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+_SSIM_SIGMA = 1.5
+_SSIM_TRUNCATE = 3.5  # gives the 11-tap window of Wang et al. 2004, as scikit-image does
+_SSIM_K1 = 0.01
+_SSIM_K2 = 0.03
+
+
+def psnr(
+    image: np.ndarray,
+    reference: np.ndarray,
+    data_range: float = 1.0,
+    mask: np.ndarray | None = None,
+) -> float:
+    """Peak signal-to-noise ratio 10 log10(data_range^2 / MSE) in dB.
+
+    The MSE is taken over the voxels where ``mask`` is true (all voxels if None).
+    Returns +inf when the images are identical there.
+    """
+    diff = np.asarray(image, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    if mask is not None:
+        diff = diff[np.asarray(mask, dtype=bool)]
+    mse = float(np.mean(diff * diff))
+    if mse == 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(data_range**2 / mse))
+
+
+def ssim(image: np.ndarray, reference: np.ndarray, data_range: float = 1.0) -> float:
+    """Mean structural similarity (Wang et al. 2004) of a 2-D or 3-D array pair.
+
+    Gaussian window with sigma 1.5 voxels (truncated at 3.5 sigma, reflective borders),
+    K1 = 0.01, K2 = 0.03, population covariances; the mean excludes a border strip of the
+    window radius. Matches ``skimage.metrics.structural_similarity(..., gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, data_range=data_range)``.
+    """
+    x = np.asarray(image, dtype=np.float64)
+    y = np.asarray(reference, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"shape mismatch: {x.shape} vs {y.shape}")
+    pad = int(_SSIM_TRUNCATE * _SSIM_SIGMA + 0.5)
+    if min(x.shape) < 2 * pad + 1:
+        raise ValueError(f"every axis must have at least {2 * pad + 1} voxels, got {x.shape}")
+
+    def smooth(a: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(a, sigma=_SSIM_SIGMA, truncate=_SSIM_TRUNCATE, mode="reflect")
+
+    mx, my = smooth(x), smooth(y)
+    vx = smooth(x * x) - mx * mx
+    vy = smooth(y * y) - my * my
+    vxy = smooth(x * y) - mx * my
+    c1 = (_SSIM_K1 * data_range) ** 2
+    c2 = (_SSIM_K2 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    interior = tuple(slice(pad, n - pad) for n in s.shape)
+    return float(s[interior].mean())
+
+
+def dice_per_label(
+    prediction: np.ndarray, truth: np.ndarray, labels: Iterable[int] | None = None
+) -> dict[int, float]:
+    """Dice coefficient 2|P∩T| / (|P| + |T|) for each label.
+
+    ``labels`` defaults to every non-zero label present in either array; a label absent
+    from both gets nan.
+    """
+    prediction = np.asarray(prediction)
+    truth = np.asarray(truth)
+    if prediction.shape != truth.shape:
+        raise ValueError(f"shape mismatch: {prediction.shape} vs {truth.shape}")
+    if labels is None:
+        labels = np.union1d(np.unique(prediction), np.unique(truth))
+        labels = labels[labels != 0]
+    scores = {}
+    for label in labels:
+        p = prediction == label
+        t = truth == label
+        total = int(p.sum()) + int(t.sum())
+        scores[int(label)] = 2.0 * int(np.logical_and(p, t).sum()) / total if total else float("nan")
+    return scores
+
+
+def jacobian_determinant(displacement: sitk.Image) -> sitk.Image:
+    """Jacobian determinant det(I + du/dx) of the map x -> x + u(x).
+
+    Derivatives are taken in physical space (mm), honouring spacing and direction:
+    du/dx = (du/di) S^-1 D^T with D the direction matrix and S = diag(spacing); central
+    differences inside the grid, one-sided at its borders. Returns a float32 scalar image
+    with the geometry of ``displacement``.
+    """
+    dim = displacement.GetDimension()
+    u = sitk.GetArrayViewFromImage(displacement).astype(np.float64)  # [z, y, x, component]
+    # grad[..., c, a] = d u_c / d index_a, index axes a = (i, j, k) are array axes reversed.
+    grad = np.stack(np.gradient(u, axis=tuple(range(dim - 1, -1, -1))), axis=-1)
+    direction = np.asarray(displacement.GetDirection()).reshape(dim, dim)
+    index_per_mm = np.diag(1.0 / np.asarray(displacement.GetSpacing())) @ direction.T
+    jacobian = np.eye(dim) + grad @ index_per_mm
+    out = sitk.GetImageFromArray(np.linalg.det(jacobian).astype(np.float32))
+    out.CopyInformation(displacement)
+    return out
+
+
+def folding_statistics(jacobian: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
+    """Folding summary of a Jacobian-determinant array, over ``mask`` if given.
+
+    Returns ``folded_voxels`` (count of det J <= 0), ``jacobian_min`` and ``jacobian_max``.
+    """
+    values = np.asarray(jacobian, dtype=np.float64)
+    if mask is not None:
+        values = values[np.asarray(mask, dtype=bool)]
+    return {
+        "folded_voxels": float(np.count_nonzero(values <= 0)),
+        "jacobian_min": float(values.min()),
+        "jacobian_max": float(values.max()),
+    }
+
+
+def target_registration_error(mapped_points: np.ndarray, reference_points: np.ndarray) -> dict[str, float]:
+    """Landmark error in mm between mapped points q + u(q) and the true reference points.
+
+    Both arrays are (N, 3) in LPS mm. Returns ``tre_mean``, ``tre_std`` (population) and
+    ``tre_max`` of the per-landmark Euclidean distances.
+    """
+    mapped = np.asarray(mapped_points, dtype=np.float64)
+    reference = np.asarray(reference_points, dtype=np.float64)
+    if mapped.shape != reference.shape:
+        raise ValueError(f"shape mismatch: {mapped.shape} vs {reference.shape}")
+    distances = np.linalg.norm(mapped - reference, axis=1)
+    return {
+        "tre_mean": float(distances.mean()),
+        "tre_std": float(distances.std()),
+        "tre_max": float(distances.max()),
+    }
+
+
+def map_points(displacement: sitk.Image, points: np.ndarray) -> np.ndarray:
+    """Map (N, 3) LPS mm points q of the time-t image to q + u(q) in the reference image.
+
+    u is linearly interpolated from the field; points outside the field's grid get zero
+    displacement (ITK's behaviour). ``displacement`` is left untouched.
+    """
+    # The transform takes ownership of (and empties) the image it is given: pass a copy.
+    field = sitk.Cast(displacement, sitk.sitkVectorFloat64)
+    transform = sitk.DisplacementFieldTransform(field)
+    points = np.asarray(points, dtype=np.float64)
+    return np.array([transform.TransformPoint(tuple(p)) for p in points]).reshape(points.shape)

@@ -1,0 +1,93 @@
+"""A trained series model: everything needed to query the deformation, the predicted image and
+the propagated labelmap at any time, saved to and loaded from one file."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .deformation import Deformation
+from .geometry import Grid
+from .networks import RefNet
+from .preprocessing import IntensityWindow
+from .presets import Preset
+from .priors import ImagePrior
+
+
+@dataclass
+class SeriesModel:
+    """Trained Def-Net(s) and prior, with the reference grid, times and intensity window.
+
+    `reference` is the reference image in its own units, [z, y, x]; `labelmap` the reference
+    segmentation on the same grid, if one was given.
+    """
+
+    preset: Preset
+    grid: Grid
+    reference_time: float
+    time_range: tuple[float, float]
+    window: IntensityWindow
+    prior_kind: str
+    deformation: Deformation
+    ref_net: RefNet | None
+    reference: np.ndarray
+    labelmap: np.ndarray | None
+
+    def normalised_time(self, t: float) -> float:
+        """User time -> [0, 1] over the scanned range (outside it for extrapolation)."""
+        low, high = self.time_range
+        return (t - low) / (high - low)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.deformation.parameters()).device
+
+    def prior(self) -> nn.Module:
+        """The prior that predicted images are sampled from: Ref-Net, or the normalised reference."""
+        if self.prior_kind == "refnet":
+            return self.ref_net
+        return ImagePrior(torch.from_numpy(self.window.normalise(self.reference))).to(self.device)
+
+    def displacement_grid(self, t: float) -> torch.Tensor:
+        """Displacement [1, 3, D, H, W] (grid_sample units) on the velocity grid at user time t."""
+        with torch.no_grad():
+            return self.deformation.displacement([self.normalised_time(t)], chunk=65536)
+
+    def save(self, path) -> None:
+        torch.save({
+            "preset": self.preset.to_dict(), "grid": self.grid.to_dict(),
+            "reference_time": self.reference_time, "time_range": list(self.time_range),
+            "window": [self.window.low, self.window.high], "prior_kind": self.prior_kind,
+            "velocity_shape": list(self.deformation.velocity_shape),
+            "pairwise_times": self.deformation.pairwise_times,
+            "deformation": self.deformation.state_dict(),
+            "ref_net": self.ref_net.state_dict() if self.ref_net is not None else None,
+            "reference": torch.from_numpy(self.reference),
+            "labelmap": torch.from_numpy(self.labelmap.astype(np.int32)) if self.labelmap is not None else None,
+        }, path)
+
+    @classmethod
+    def load(cls, path, device: torch.device) -> "SeriesModel":
+        data = torch.load(path, map_location=device, weights_only=True)
+        preset = Preset(**data["preset"])
+        generator = torch.Generator().manual_seed(0)  # every random buffer is overwritten by the state
+        deformation = Deformation(preset, tuple(data["velocity_shape"]), data["pairwise_times"], generator)
+        deformation.load_state_dict(data["deformation"])
+        ref_net = None
+        if data["ref_net"] is not None:
+            ref_net = new_ref_net(preset, generator)
+            ref_net.load_state_dict(data["ref_net"])
+            ref_net.to(device)
+        labelmap = data["labelmap"]
+        return cls(preset, Grid.from_dict(data["grid"]), data["reference_time"],
+                   tuple(data["time_range"]), IntensityWindow(*data["window"]), data["prior_kind"],
+                   deformation.to(device), ref_net, data["reference"].cpu().numpy(),
+                   labelmap.cpu().numpy() if labelmap is not None else None)
+
+
+def new_ref_net(preset: Preset, generator: torch.Generator) -> RefNet:
+    """An untrained Ref-Net of the preset's size."""
+    return RefNet(preset.ref_width, preset.ref_depth, preset.ref_fourier_width, preset.ref_sigma,
+                  preset.omega, generator)

@@ -1,0 +1,80 @@
+"""Ref-Net and Def-Net: Fourier features followed by a SIREN (Sitzmann et al. 2020).
+
+Both take spatial coordinates c in [-1, 1]^3 of the reference grid, (x, y, z) order, as
+torch.grid_sample does (align_corners=True), and feed the paper's [0, 1] coordinates
+(c + 1) / 2 to the encoding. Def-Net also takes time normalised to [0, 1] over the
+scanned range.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .encoding import FourierFeatures
+
+
+class SineLayer(nn.Module):
+    """sin(omega * (W x + b)), initialised as in SIREN so activations stay well distributed."""
+
+    def __init__(self, in_features: int, out_features: int, omega: float, first: bool):
+        super().__init__()
+        self.omega = omega
+        self.linear = nn.Linear(in_features, out_features)
+        bound = 1 / in_features if first else math.sqrt(6 / in_features) / omega
+        with torch.no_grad():
+            self.linear.weight.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.omega * self.linear(x))
+
+
+def siren(in_features: int, width: int, depth: int, out_features: int, omega: float,
+          output_scale: float = 1.0) -> nn.Sequential:
+    """A SIREN of `depth` layers: depth - 1 sine layers of `width` and a linear output layer.
+
+    output_scale shrinks the output layer's initial weights (a small value starts near zero).
+    """
+    layers = [SineLayer(in_features, width, omega, first=True)]
+    layers += [SineLayer(width, width, omega, first=False) for _ in range(depth - 2)]
+    output = nn.Linear(width, out_features)
+    bound = math.sqrt(6 / width) / omega * output_scale
+    with torch.no_grad():
+        output.weight.uniform_(-bound, bound)
+        output.bias.zero_()
+    return nn.Sequential(*layers, output)
+
+
+class RefNet(nn.Module):
+    """Implicit representation of the reference image: c in [-1, 1]^3 -> normalised intensity."""
+
+    def __init__(self, width: int, depth: int, fourier_width: int, sigma: float, omega: float,
+                 generator: torch.Generator):
+        super().__init__()
+        self.encoding = FourierFeatures(3, fourier_width, sigma, generator)
+        self.mlp = siren(self.encoding.out_features, width, depth, 1, omega)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.encoding((c + 1) / 2)).squeeze(-1)
+
+
+class DefNet(nn.Module):
+    """Stationary velocity field: (c, t) -> v in grid_sample units (2 = the grid's full extent).
+
+    With temporal=False the network ignores t ("w/o t": one network per target image).
+    """
+
+    def __init__(self, width: int, depth: int, fourier_width: int, sigma: float, omega: float,
+                 temporal: bool, generator: torch.Generator):
+        super().__init__()
+        self.temporal = temporal
+        self.encoding = FourierFeatures(4 if temporal else 3, fourier_width, sigma, generator)
+        self.mlp = siren(self.encoding.out_features, width, depth, 3, omega, output_scale=0.01)
+
+    def forward(self, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """c: (N, 3) in [-1, 1]; t: (N, 1) normalised time in [0, 1] (ignored if not temporal)."""
+        p = (c + 1) / 2
+        if self.temporal:
+            p = torch.cat([p, t], dim=-1)
+        return self.mlp(self.encoding(p))

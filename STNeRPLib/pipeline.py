@@ -1,0 +1,318 @@
+"""A whole run: load and check a series, fit ST-NeRP, write every output with its metrics."""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .deformation import Deformation
+from .errors import InputError
+from .geometry import Grid
+from .io import read_image, read_labelmap, read_landmarks, write_image
+from .metrics import (dice_per_label, folding_statistics, jacobian_determinant, map_points, psnr, ssim,
+                      target_registration_error)
+from .model import SeriesModel, new_ref_net
+from .preprocessing import IntensityWindow, affine_prealignment, onto_grid
+from .presets import Preset
+from .priors import ImagePrior, evaluate_on_grid
+from .progress import Reporter
+from .record import RunRecord
+from .training import fit_deformation, fit_reference
+from .warping import affine_matrix, warp
+
+
+@dataclass
+class Series:
+    """A checked series: reference and follow-ups (time, image), optional segmentation and ground truth."""
+
+    reference: sitk.Image
+    reference_time: float
+    follow_ups: list[tuple[float, sitk.Image]]
+    segmentation: sitk.Image | None = None
+    landmarks: dict[float, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    ground_truth: dict[float, sitk.Image] = field(default_factory=dict)
+
+    @property
+    def images(self) -> list[tuple[float, sitk.Image]]:
+        """Every scanned (time, image), the reference first."""
+        return [(self.reference_time, self.reference)] + self.follow_ups
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to fit: preset, prior ('refnet' or 'image'), continuous time or pairwise ("w/o t"),
+    scheme ('long': reference -> each; 'short': previous -> next), affine pre-alignment,
+    intensity normalisation ('ct' or 'percentile'), device and seed."""
+
+    preset: Preset
+    prior: str = "refnet"
+    temporal: bool = True
+    scheme: str = "long"
+    prealign: bool = False
+    intensity: str = "ct"
+    device: str = "auto"
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset.to_dict(), "prior": self.prior, "temporal": self.temporal,
+                "scheme": self.scheme, "prealign": self.prealign, "intensity": self.intensity,
+                "device": self.device, "seed": self.seed}
+
+
+def load_series(reference: str, reference_time: float, follow_ups: list[tuple[str, float]],
+                segmentation: str | None = None, landmarks: str | None = None,
+                ground_truth: list[tuple[str, float]] = ()) -> Series:
+    """Read and check every input; raises InputError with a one-line message on bad input."""
+    if not follow_ups:
+        raise InputError("only one time point was given: give at least one follow-up image with "
+                         "its time (--follow-up PATH TIME)")
+    times = [reference_time] + [t for _, t in follow_ups]
+    _check_times(times)
+    series = Series(read_image(reference, "reference image"), reference_time,
+                    [(t, read_image(p, f"follow-up image at time {t:g}")) for p, t in follow_ups])
+    scanned = dict(series.images)
+    if segmentation:
+        series.segmentation = read_labelmap(segmentation, Grid.of(series.reference), "segmentation")
+    if landmarks:
+        series.landmarks = read_landmarks(landmarks)
+        unknown = sorted(set(series.landmarks) - set(scanned))
+        if unknown:
+            raise InputError(f"landmarks are given at time {unknown[0]:g}, which is not a scanned time: "
+                             "use the times of the images")
+    for path, t in ground_truth:
+        if t not in scanned:
+            raise InputError(f"ground-truth labelmap {path} is at time {t:g}, which is not a scanned "
+                             "time: use the time of its image")
+        series.ground_truth[t] = read_labelmap(path, Grid.of(scanned[t]), f"ground-truth labelmap at time {t:g}")
+    return series
+
+
+def _check_times(times: list[float]) -> None:
+    if not all(math.isfinite(t) for t in times):
+        raise InputError("a time value is not a finite number: give each image a number (phase or days)")
+    if len(set(times)) != len(times):
+        duplicate = next(t for t in times if times.count(t) > 1)
+        raise InputError(f"time {duplicate:g} is given to more than one image: give every image its "
+                         "own time")
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' takes CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but no CUDA GPU is available: use --device auto or cpu")
+    return torch.device(name)
+
+
+def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[float, sitk.Image]],
+        segmentation: sitk.Image | None, options: Options, reporter: Reporter
+        ) -> tuple[SeriesModel, dict[float, np.ndarray]]:
+    """Fit Ref-Net (or take the image as prior) and Def-Net to a series.
+
+    Returns the model and, per follow-up time, the 4x4 affine pre-alignment (reference points ->
+    time-t image points) through which that image was resampled, if any.
+    """
+    device = pick_device(options.device)
+    generator = torch.Generator().manual_seed(options.seed)
+    torch.manual_seed(options.seed)
+    preset = options.preset
+    grid = Grid.of(reference)
+    window = IntensityWindow.for_image(reference, options.intensity)
+    reference_array = sitk.GetArrayFromImage(reference)
+    background = float(reference_array.min())
+    prealignments, targets = {}, []
+    times = [reference_time] + [t for t, _ in follow_ups]
+    low, high = min(times), max(times)
+    normalise_time = lambda t: (t - low) / (high - low)  # noqa: E731
+    for t, image in follow_ups:
+        transform = None
+        if options.prealign:
+            reporter.message(f"affine pre-alignment of time {t:g}")
+            transform = affine_prealignment(reference, image)
+            prealignments[t] = affine_matrix(transform)
+        elif not Grid.of(image).matches(grid):
+            reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
+        resampled = sitk.GetArrayFromImage(onto_grid(image, reference, transform, background))
+        targets.append((normalise_time(t), _tensor(window.normalise(resampled), device)))
+    reference_volume = _tensor(window.normalise(reference_array), device)
+    targets.insert(0, (normalise_time(reference_time), reference_volume))
+
+    ref_net, prior = None, ImagePrior(reference_volume)
+    if options.prior == "refnet":
+        ref_net = new_ref_net(preset, generator).to(device)
+        fit_reference(ref_net, reference_volume, preset, reporter.progress, generator)
+        ref_net.requires_grad_(False)
+        prior = ImagePrior(evaluate_on_grid(ref_net, reference_volume.shape)) if preset.prior_cache else ref_net
+    pairwise = None if options.temporal else [t for t, _ in targets]
+    deformation = Deformation(preset, velocity_shape(grid, preset), pairwise, generator).to(device)
+    fit_deformation(deformation, prior, targets, preset, reporter.progress, generator)
+    labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
+    model = SeriesModel(preset, grid, reference_time, (low, high), window, options.prior, deformation,
+                        ref_net, reference_array, labelmap)
+    return model, prealignments
+
+
+def velocity_shape(grid: Grid, preset: Preset) -> tuple[int, int, int]:
+    """(D, H, W) of the velocity grid: the image grid, or about velocity_spacing mm apart (>= 4 points)."""
+    if preset.velocity_spacing <= 0:
+        return grid.shape
+    extent = (np.asarray(grid.size) - 1) * np.asarray(grid.spacing)
+    counts = np.maximum(4, np.ceil(extent / preset.velocity_spacing).astype(int) + 1)
+    return tuple(int(n) for n in np.minimum(counts, grid.size)[::-1])
+
+
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+@dataclass
+class TimePoint:
+    """One time at which outputs are written: its grid, and what is known there."""
+
+    time: float
+    grid: Grid
+    image: sitk.Image | None = None           # the scanned image, if any
+    prealignment: np.ndarray | None = None
+
+
+def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series: Series | None) -> dict:
+    """Write displacement, Jacobian, labelmap and predicted image at one time; return its run.json entry."""
+    warped = warp(model, point.time, point.grid, point.prealignment)
+    name = f"t_{point.time:g}"
+    field_image = point.grid.image(warped.displacement.astype(np.float64), vector=True)
+    jacobian = jacobian_determinant(field_image)
+    files = {"displacement": f"{name}/displacement.nrrd", "jacobian": f"{name}/jacobian.nrrd",
+             "image": f"{name}/image.nrrd",
+             "labelmap": f"{name}/labelmap.nrrd" if warped.labelmap is not None else None}
+    write_image(field_image, folder / files["displacement"])
+    write_image(jacobian, folder / files["jacobian"])
+    write_image(point.grid.image(warped.image), folder / files["image"])
+    if warped.labelmap is not None:
+        write_image(point.grid.image(warped.labelmap.astype(np.uint16)), folder / files["labelmap"])
+    metrics = time_point_metrics(model, point, warped, field_image, jacobian, series)
+    return {"time": point.time, "scanned": point.image is not None, **files, "metrics": metrics}
+
+
+def time_point_metrics(model: SeriesModel, point: TimePoint, warped, field_image: sitk.Image,
+                       jacobian: sitk.Image, series: Series | None) -> dict:
+    """Folding and Jacobian range always; PSNR/SSIM against the scanned image; Dice and TRE where
+    ground truth is given. PSNR and SSIM are on intensities normalised to [0, 1]."""
+    metrics = folding_statistics(sitk.GetArrayViewFromImage(jacobian))
+    metrics.update(psnr=None, ssim=None, dice={}, tre_mean=None, tre_std=None, tre_max=None)
+    if point.image is not None:
+        actual = model.window.normalise(sitk.GetArrayFromImage(point.image))
+        predicted = model.window.normalise(warped.image)
+        metrics.update(psnr=psnr(predicted, actual), ssim=ssim(predicted, actual))
+    if series is not None and point.time in series.ground_truth and warped.labelmap is not None:
+        truth = sitk.GetArrayFromImage(series.ground_truth[point.time])
+        metrics["dice"] = {str(k): v for k, v in dice_per_label(warped.labelmap, truth).items()}
+    if series is not None and point.time in series.landmarks:
+        points, reference_points = series.landmarks[point.time]
+        metrics.update(target_registration_error(map_points(field_image, points), reference_points))
+    return metrics
+
+
+def write_metrics_table(entries: list[dict], path: Path) -> None:
+    """metrics.csv: one row per time point; Dice columns per label."""
+    labels = sorted({label for e in entries for label in e["metrics"]["dice"]}, key=int)
+    columns = ["time", "scanned", "folded_voxels", "jacobian_min", "jacobian_max", "psnr", "ssim",
+               "tre_mean", "tre_std", "tre_max"] + [f"dice_{label}" for label in labels]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for e in entries:
+            m = e["metrics"]
+            row = [e["time"], e["scanned"]] + [m[c] for c in columns[2:10]]
+            writer.writerow(row + [m["dice"].get(label) for label in labels])
+
+
+def run_training(series: Series, options: Options, folder: Path, reporter: Reporter,
+                 predict_times: list[float] = (), record: RunRecord | None = None) -> RunRecord:
+    """Fit the series and write every output into `folder`; the record ends 'complete'."""
+    record = record or RunRecord(folder, "train", {}, options.to_dict())
+    if options.scheme == "short":
+        if predict_times:
+            raise InputError("predicting new times needs the long-range scheme: drop --predict-times "
+                             "or use --scheme long")
+        _run_short_range(series, options, folder, reporter, record)
+    else:
+        _run_long_range(series, options, folder, reporter, record, list(predict_times))
+    write_metrics_table(record.data["time_points"], folder / "metrics.csv")
+    record.set(metrics_table="metrics.csv")
+    record.finish("complete")
+    return record
+
+
+def _run_long_range(series, options, folder, reporter, record, predict_times) -> None:
+    if predict_times and not options.temporal:
+        raise InputError("a pairwise (w/o t) model cannot predict new times: drop --predict-times "
+                         "or train with continuous time")
+    model, prealignments = fit(series.reference, series.reference_time, series.follow_ups,
+                               series.segmentation, options, reporter)
+    model.save(folder / "model.pt")
+    record.set(model="model.pt")
+    points = [TimePoint(t, Grid.of(image), image, prealignments.get(t)) for t, image in series.images]
+    points += [TimePoint(t, model.grid) for t in predict_times]
+    for index, point in enumerate(points, 1):
+        record.add_time_point(write_time_point(model, point, folder, series))
+        reporter.progress("outputs", index, len(points))
+
+
+def _run_short_range(series, options, folder, reporter, record) -> None:
+    """Register each scan to the one before it (f_{t-1} -> f_t). Fields map time-t points to the
+    previous scan; labelmaps and landmarks are carried along the chain from the reference."""
+    images = series.images
+    labelmap = sitk.GetArrayFromImage(series.segmentation) if series.segmentation is not None else None
+    chain: list[sitk.Image] = []
+    for index, ((t0, image0), (t1, image1)) in enumerate(zip(images, images[1:]), 1):
+        reporter.message(f"short-range pair {index}/{len(images) - 1}: time {t0:g} -> {t1:g}")
+        segmentation = _labelmap_image(labelmap, image0) if labelmap is not None else None
+        model, prealignments = fit(image0, t0, [(t1, image1)], segmentation, options, reporter)
+        point = TimePoint(t1, Grid.of(image1), image1, prealignments.get(t1))
+        entry = write_time_point(model, point, folder, series)
+        entry["reference_time"] = t0
+        field = sitk.ReadImage(str(folder / entry["displacement"]))
+        chain.insert(0, field)
+        if t1 in series.landmarks:
+            entry["metrics"].update(_chained_tre(chain, *series.landmarks[t1]))
+        if entry["labelmap"]:
+            labelmap = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / entry["labelmap"])))
+        record.add_time_point(entry)
+
+
+def _labelmap_image(array: np.ndarray, like: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(like)
+    return image
+
+
+def _chained_tre(chain: list[sitk.Image], points: np.ndarray, reference_points: np.ndarray) -> dict:
+    """TRE of points carried through the chain of fields (newest first) back to the reference."""
+    for field_image in chain:
+        points = map_points(field_image, points)
+    return target_registration_error(points, reference_points)
+
+
+def run_prediction(model_path: Path, times: list[float], folder: Path, reporter: Reporter,
+                   record: RunRecord) -> RunRecord:
+    """Query a saved model at new times (no retraining) and write their outputs on the reference grid."""
+    model = SeriesModel.load(model_path, pick_device("auto"))
+    if model.deformation.pairwise_times is not None:
+        raise InputError("this model was trained pairwise (w/o t) and cannot predict new times: "
+                         "train with continuous time")
+    for index, t in enumerate(times, 1):
+        record.add_time_point(write_time_point(model, TimePoint(t, model.grid), folder, None))
+        reporter.progress("outputs", index, len(times))
+    write_metrics_table(record.data["time_points"], folder / "metrics.csv")
+    record.set(metrics_table="metrics.csv")
+    record.finish("complete")
+    return record

@@ -1,0 +1,62 @@
+"""Preparing a series for training: intensity normalisation, and bringing follow-ups onto the
+reference grid (resampling, or affine pre-alignment as the paper's preprocessing)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+CT_WINDOW = (-1000.0, 500.0)
+"""HU mapped to [0, 1]: air to soft tissue and trabecular bone, where lung and tumour contrast lies."""
+
+
+@dataclass(frozen=True)
+class IntensityWindow:
+    """A linear map of intensities [low, high] to [0, 1], clipped (the paper normalises to [0, 1])."""
+
+    low: float
+    high: float
+
+    @classmethod
+    def for_image(cls, image: sitk.Image, method: str) -> "IntensityWindow":
+        """'ct': the fixed CT_WINDOW in HU; 'percentile': the image's 0.5th to 99.5th percentile."""
+        if method == "ct":
+            return cls(*CT_WINDOW)
+        low, high = np.percentile(sitk.GetArrayViewFromImage(image), [0.5, 99.5])
+        return cls(float(low), float(high) if high > low else float(low) + 1.0)
+
+    def normalise(self, array: np.ndarray) -> np.ndarray:
+        return np.clip((array - self.low) / (self.high - self.low), 0.0, 1.0).astype(np.float32)
+
+    def restore(self, array: np.ndarray) -> np.ndarray:
+        return (array * (self.high - self.low) + self.low).astype(np.float32)
+
+
+def affine_prealignment(reference: sitk.Image, image: sitk.Image) -> sitk.AffineTransform:
+    """Affine transform mapping reference points (LPS mm) to matching points of `image`.
+
+    Mattes mutual information, three resolution levels, geometric-centre initialisation.
+    """
+    initial = sitk.CenteredTransformInitializer(
+        reference, image, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.2, seed=0)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
+                                                    numberOfIterations=200)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([4, 2, 1])
+    method.SetSmoothingSigmasPerLevel([2, 1, 0])
+    method.SetInitialTransform(initial, inPlace=False)
+    result = method.Execute(sitk.Cast(reference, sitk.sitkFloat32), sitk.Cast(image, sitk.sitkFloat32))
+    return sitk.AffineTransform(sitk.CompositeTransform(result).GetNthTransform(0))
+
+
+def onto_grid(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transform | None,
+              background: float) -> sitk.Image:
+    """`image` resampled (linearly) onto the grid of `grid_image` through transform (grid -> image)."""
+    return sitk.Resample(image, grid_image, transform or sitk.Transform(), sitk.sitkLinear,
+                         background, sitk.sitkFloat32)

@@ -1,0 +1,64 @@
+"""Hyperparameter presets: the paper's exact settings, and a default designed for a CPU."""
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict, replace
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Network sizes, optimisation and integration settings of one run.
+
+    `*_points` is the number of voxels sampled per image per iteration (0: every voxel,
+    as the paper's objective). `velocity_spacing` is the spacing in mm of the grid on which
+    Def-Net's velocity is evaluated and integrated (0: the reference image grid, as the paper).
+    `prior_cache` evaluates the frozen Ref-Net once on the reference grid and samples that
+    trilinearly while training Def-Net, instead of running Ref-Net at every sample.
+    """
+
+    name: str
+    ref_width: int
+    ref_depth: int
+    ref_fourier_width: int
+    ref_sigma: float
+    ref_lr: float
+    ref_iterations: int
+    ref_points: int
+    def_width: int
+    def_depth: int
+    def_fourier_width: int
+    def_sigma: float
+    def_lr: float
+    def_iterations: int
+    def_points: int
+    velocity_spacing: float
+    squaring_steps: int = 7
+    omega: float = 30.0
+    prior_cache: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_iterations(self, iterations: int) -> "Preset":
+        """The same preset with both networks trained for `iterations` iterations."""
+        return replace(self, ref_iterations=iterations, def_iterations=iterations)
+
+
+PAPER = Preset(
+    name="paper",
+    ref_width=256, ref_depth=8, ref_fourier_width=256, ref_sigma=3.0, ref_lr=1e-4,
+    ref_iterations=2000, ref_points=0,
+    def_width=256, def_depth=8, def_fourier_width=256, def_sigma=3.0, def_lr=1e-5,
+    def_iterations=2000, def_points=0,
+    velocity_spacing=0.0,
+)
+
+DEFAULT = Preset(
+    name="default",
+    ref_width=128, ref_depth=4, ref_fourier_width=128, ref_sigma=3.0, ref_lr=1e-3,
+    ref_iterations=600, ref_points=16384,
+    def_width=64, def_depth=3, def_fourier_width=32, def_sigma=1.0, def_lr=1e-3,
+    def_iterations=400, def_points=4096,
+    velocity_spacing=8.0, prior_cache=True,
+)
+
+PRESETS = {preset.name: preset for preset in (DEFAULT, PAPER)}

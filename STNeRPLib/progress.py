@@ -1,0 +1,65 @@
+"""Progress for people (a bar on stderr) or for the Slicer module (JSON lines on stdout)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+class Reporter:
+    """Reports training and output progress, completion and errors.
+
+    With json_events every report is one JSON object per stdout line:
+    {"event": "progress", "stage", "iteration", "total", "loss", "eta"}, {"event": "done", ...},
+    {"event": "error", "message"}; otherwise a progress bar and messages go to stderr.
+    """
+
+    def __init__(self, json_events: bool = False, interval: float = 0.25):
+        self.json_events = json_events
+        self.interval = interval
+        self._stage = None
+        self._stage_start = 0.0
+        self._last = 0.0
+
+    def progress(self, stage: str, iteration: int, total: int, loss: float | None = None) -> None:
+        now = time.monotonic()
+        if stage != self._stage:
+            self._stage, self._stage_start, self._last = stage, now, 0.0
+        if iteration < total and now - self._last < self.interval:
+            return
+        self._last = now
+        elapsed = now - self._stage_start
+        eta = elapsed / iteration * (total - iteration) if iteration else None
+        if self.json_events:
+            self._emit(event="progress", stage=stage, iteration=iteration, total=total,
+                       loss=loss, eta=None if eta is None else round(eta, 1))
+        else:
+            self._bar(stage, iteration, total, loss, eta)
+
+    def message(self, text: str) -> None:
+        """A line for the log (stderr), never mixed into the JSON events."""
+        print(text, file=sys.stderr, flush=True)
+
+    def done(self, status: str, output: str) -> None:
+        if self.json_events:
+            self._emit(event="done", status=status, output=output)
+        else:
+            self.message(f"{status}: {output}")
+
+    def error(self, message: str) -> None:
+        if self.json_events:
+            self._emit(event="error", message=message)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+    def _emit(self, **event) -> None:
+        print(json.dumps(event), flush=True)
+
+    def _bar(self, stage, iteration, total, loss, eta) -> None:
+        filled = int(30 * iteration / max(total, 1))
+        text = f"{stage:8s} [{'#' * filled}{'.' * (30 - filled)}] {iteration}/{total}"
+        if loss is not None:
+            text += f" loss {loss:.3g}"
+        if eta is not None:
+            text += f" eta {eta:.0f}s"
+        end = "\n" if iteration >= total or not sys.stderr.isatty() else ""
+        print(("\r" if sys.stderr.isatty() else "") + text, end=end, file=sys.stderr, flush=True)

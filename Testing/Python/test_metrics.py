@@ -1,0 +1,199 @@
+"""Tests of STNeRPLib.metrics against closed-form values, SimpleITK and scikit-image."""
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
+
+from STNeRPLib import metrics
+
+SIZE = (12, 10, 8)  # (x, y, z) voxels
+ANISO_SPACING = (0.7, 1.3, 2.5)
+ORIGIN = (-31.0, 12.5, 104.0)
+OBLIQUE = Rotation.from_euler("zyx", [25.0, -15.0, 10.0], degrees=True).as_matrix()
+AFFINE = np.array([[1.10, 0.05, -0.02], [0.03, 0.92, 0.04], [-0.06, 0.02, 1.05]])
+OFFSET = np.array([2.0, -1.5, 0.75])
+
+
+def make_field(displacement_of_points, size=SIZE, spacing=ANISO_SPACING, origin=ORIGIN, direction=OBLIQUE):
+    """Vector image whose value at each voxel is displacement_of_points(physical points (..., 3))."""
+    direction = np.asarray(direction)
+    k, j, i = np.meshgrid(*(np.arange(n) for n in size[::-1]), indexing="ij")
+    index = np.stack([i, j, k], axis=-1).astype(np.float64)  # [z, y, x, (i, j, k)]
+    points = np.asarray(origin) + (index * np.asarray(spacing)) @ direction.T
+    field = sitk.GetImageFromArray(displacement_of_points(points), isVector=True)
+    field.SetSpacing(spacing)
+    field.SetOrigin(origin)
+    field.SetDirection(direction.ravel().tolist())
+    return field
+
+
+def affine_displacement(points):
+    return points @ (AFFINE - np.eye(3)).T + OFFSET
+
+
+def smooth_volume(rng, shape=(24, 26, 22)):
+    return ndimage.gaussian_filter(rng.random(shape), sigma=2.0)
+
+
+# --- psnr -----------------------------------------------------------------------------
+
+
+def test_psnr_of_constant_offset_is_exact():
+    reference = np.random.default_rng(0).random((6, 7, 8))
+    assert metrics.psnr(reference + 0.1, reference) == pytest.approx(20.0, abs=1e-9)
+    assert metrics.psnr(reference + 0.1, reference, data_range=10.0) == pytest.approx(40.0, abs=1e-9)
+    assert metrics.psnr(reference, reference) == math.inf
+
+
+def test_psnr_respects_mask():
+    reference = np.zeros((4, 5, 6))
+    image = reference.copy()
+    image[:2] += 0.01  # MSE 1e-4 -> 40 dB inside the mask
+    image[2:] += 0.5  # large error outside the mask must be ignored
+    mask = np.zeros(reference.shape, dtype=bool)
+    mask[:2] = True
+    assert metrics.psnr(image, reference, mask=mask) == pytest.approx(40.0, abs=1e-9)
+    assert metrics.psnr(image, reference) < 40.0
+
+
+# --- ssim -----------------------------------------------------------------------------
+
+
+def test_ssim_identical_is_one_and_noise_lowers_it():
+    rng = np.random.default_rng(1)
+    volume = smooth_volume(rng)
+    assert metrics.ssim(volume, volume) == pytest.approx(1.0, abs=1e-12)
+    assert metrics.ssim(volume + 0.05 * rng.standard_normal(volume.shape), volume) < 0.9
+
+
+@pytest.mark.parametrize("shape, noise, data_range", [((24, 26, 22), 0.02, 1.0), ((30, 28), 0.1, 2.0)])
+def test_ssim_matches_scikit_image(shape, noise, data_range):
+    skmetrics = pytest.importorskip("skimage.metrics")
+    rng = np.random.default_rng(2)
+    reference = smooth_volume(rng, shape)
+    image = reference + noise * rng.standard_normal(shape)
+    expected = skmetrics.structural_similarity(
+        image, reference, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=data_range
+    )
+    assert metrics.ssim(image, reference, data_range=data_range) == pytest.approx(expected, abs=1e-3)
+
+
+# --- dice -----------------------------------------------------------------------------
+
+
+def test_dice_of_half_overlapping_cubes():
+    prediction = np.zeros((10, 10, 10), dtype=np.uint8)
+    truth = np.zeros_like(prediction)
+    prediction[2:6, 2:6, 2:6] = 1
+    truth[2:6, 2:6, 4:8] = 1  # shares half of its voxels with the prediction
+    assert metrics.dice_per_label(prediction, truth) == {1: pytest.approx(0.5)}
+
+
+def test_dice_multi_label_and_missing_labels():
+    prediction = np.array([[1, 1, 2, 2], [0, 3, 3, 0]])
+    truth = np.array([[1, 1, 2, 0], [0, 0, 0, 4]])
+    scores = metrics.dice_per_label(prediction, truth)
+    assert set(scores) == {1, 2, 3, 4}
+    assert scores[1] == pytest.approx(1.0)
+    assert scores[2] == pytest.approx(2 * 1 / (2 + 1))
+    assert scores[3] == 0.0  # only in the prediction
+    assert scores[4] == 0.0  # only in the truth
+    given = metrics.dice_per_label(prediction, truth, labels=[2, 7])
+    assert set(given) == {2, 7}
+    assert math.isnan(given[7])  # absent from both
+
+
+# --- jacobian -------------------------------------------------------------------------
+
+
+def test_jacobian_of_affine_field_on_oblique_anisotropic_grid():
+    field = make_field(affine_displacement)
+    jacobian = metrics.jacobian_determinant(field)
+    assert jacobian.GetPixelID() == sitk.sitkFloat32
+    assert jacobian.GetNumberOfComponentsPerPixel() == 1
+    assert jacobian.GetSize() == field.GetSize()
+    assert np.allclose(jacobian.GetSpacing(), field.GetSpacing())
+    assert np.allclose(jacobian.GetOrigin(), field.GetOrigin())
+    assert np.allclose(jacobian.GetDirection(), field.GetDirection())
+    values = sitk.GetArrayFromImage(jacobian)
+    assert np.abs(values - np.linalg.det(AFFINE)).max() < 1e-6
+
+
+def test_jacobian_matches_simpleitk_on_smooth_nonlinear_field():
+    def bumpy(points):
+        x, y, z = points[..., 0], points[..., 1], points[..., 2]
+        return np.stack(
+            [
+                2.0 * np.sin(0.25 * x) + 0.8 * np.sin(0.15 * y) * np.cos(0.1 * z),
+                1.5 * np.sin(0.2 * y + 0.07 * z) + 0.025 * x,
+                2.5 * np.cos(0.12 * z + 0.05 * x),
+            ],
+            axis=-1,
+        )
+
+    field = make_field(bumpy, size=(20, 18, 16), direction=np.eye(3))
+    ours = sitk.GetArrayFromImage(metrics.jacobian_determinant(field))
+    reference = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field))
+    interior = (slice(1, -1),) * 3
+    assert np.abs(ours - 1.0).max() > 0.05  # the field really deforms
+    assert np.abs(ours[interior] - reference[interior]).max() < 1e-6
+
+
+# --- folding --------------------------------------------------------------------------
+
+
+def test_folding_statistics_counts_folded_voxels():
+    jacobian = np.full((6, 6, 6), 1.2)
+    jacobian[1:3, 1:3, 1:4] = -0.5  # 12 folded voxels
+    jacobian[5, 5, 5] = 0.0  # a collapsed voxel counts as folded
+    jacobian[0, 0, 0] = 3.0
+    stats = metrics.folding_statistics(jacobian)
+    assert stats == {"folded_voxels": 13, "jacobian_min": -0.5, "jacobian_max": 3.0}
+    mask = np.zeros(jacobian.shape, dtype=bool)
+    mask[2:, 2:, 2:] = True  # keeps 1x1x2 of the folded block and the collapsed voxel
+    masked = metrics.folding_statistics(jacobian, mask)
+    assert masked == {"folded_voxels": 3, "jacobian_min": -0.5, "jacobian_max": 1.2}
+
+
+# --- landmarks ------------------------------------------------------------------------
+
+
+def test_target_registration_error_of_known_distances():
+    reference = np.array([[0.0, 0.0, 0.0], [10.0, -5.0, 2.0], [1.0, 2.0, 3.0]])
+    mapped = reference + np.array([[3.0, 4.0, 0.0], [0.0, 0.0, -1.0], [2.0, 0.0, 0.0]])  # 5, 1, 2 mm
+    tre = metrics.target_registration_error(mapped, reference)
+    assert tre["tre_mean"] == pytest.approx(8.0 / 3.0)
+    assert tre["tre_std"] == pytest.approx(np.sqrt(((5 - 8 / 3) ** 2 + (1 - 8 / 3) ** 2 + (2 - 8 / 3) ** 2) / 3))
+    assert tre["tre_max"] == pytest.approx(5.0)
+
+
+def interior_points(field, count, rng):
+    """Random physical points strictly inside the field's grid."""
+    size = np.asarray(field.GetSize())
+    index = rng.uniform(1.0, size - 2.0, size=(count, 3))
+    return np.array([field.TransformContinuousIndexToPhysicalPoint(tuple(i)) for i in index])
+
+
+@pytest.mark.parametrize("pixel_type", [sitk.sitkVectorFloat64, sitk.sitkVectorFloat32])
+def test_map_points_constant_field_leaves_input_intact(pixel_type):
+    shift = np.array([1.5, -2.0, 0.25])
+    field = sitk.Cast(make_field(lambda p: np.broadcast_to(shift, p.shape).copy()), pixel_type)
+    before = sitk.GetArrayFromImage(field).copy()
+    points = interior_points(field, 7, np.random.default_rng(3))
+    mapped = metrics.map_points(field, points)
+    assert np.allclose(mapped, points + shift, atol=1e-5)
+    assert field.GetSize() == SIZE
+    assert np.array_equal(sitk.GetArrayFromImage(field), before)
+    assert np.allclose(metrics.map_points(field, points), mapped)  # still usable afterwards
+
+
+def test_map_points_affine_field_on_oblique_grid():
+    field = make_field(affine_displacement)
+    points = interior_points(field, 20, np.random.default_rng(4))
+    expected = points @ AFFINE.T + OFFSET  # linear interpolation is exact for an affine field
+    assert np.abs(metrics.map_points(field, points) - expected).max() < 1e-9
+    assert metrics.map_points(field, np.empty((0, 3))).shape == (0, 3)
