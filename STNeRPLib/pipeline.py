@@ -259,7 +259,7 @@ def _run_long_range(series, options, folder, reporter, record, predict_times) ->
     model, prealignments = fit(series.reference, series.reference_time, series.follow_ups,
                                series.segmentation, options, reporter)
     model.save(folder / "model.pt")
-    record.set(model="model.pt")
+    record.set(model="model.pt", intensity_window=[model.window.low, model.window.high])
     points = [TimePoint(t, Grid.of(image), image, prealignments.get(t)) for t, image in series.images]
     points += [TimePoint(t, model.grid) for t in predict_times]
     for index, point in enumerate(points, 1):
@@ -277,6 +277,7 @@ def _run_short_range(series, options, folder, reporter, record) -> None:
         reporter.message(f"short-range pair {index}/{len(images) - 1}: time {t0:g} -> {t1:g}")
         segmentation = _labelmap_image(labelmap, image0) if labelmap is not None else None
         model, prealignments = fit(image0, t0, [(t1, image1)], segmentation, options, reporter)
+        record.set(intensity_window=[model.window.low, model.window.high])
         point = TimePoint(t1, Grid.of(image1), image1, prealignments.get(t1))
         entry = write_time_point(model, point, folder, series)
         entry["reference_time"] = t0
@@ -306,6 +307,7 @@ def run_prediction(model_path: Path, times: list[float], folder: Path, reporter:
                    record: RunRecord) -> RunRecord:
     """Query a saved model at new times (no retraining) and write their outputs on the reference grid."""
     model = SeriesModel.load(model_path, pick_device("auto"))
+    record.set(intensity_window=[model.window.low, model.window.high])
     if model.deformation.pairwise_times is not None:
         raise InputError("this model was trained pairwise (w/o t) and cannot predict new times: "
                          "train with continuous time")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -74,9 +75,12 @@ def parser() -> argparse.ArgumentParser:
 def _command(commands, name: str, function: Callable, text: str) -> argparse.ArgumentParser:
     command = commands.add_parser(name, help=text, description=text)
     command.set_defaults(command=function)
-    if name != "evaluate":
+    if name in ("train", "predict"):
         command.add_argument("--output", required=True, type=Path, metavar="DIR",
                              help="new folder for the run's outputs")
+    if name == "demo":
+        command.add_argument("--output", type=Path, metavar="DIR",
+                             help="new folder for the phantom and the run (default runs/demo-<date>)")
     command.add_argument("--json-events", action="store_true",
                          help="print newline-delimited JSON events on stdout (for the Slicer module)")
     return command
@@ -107,8 +111,16 @@ def _predict(args, reporter: Reporter) -> int:
 
 
 def _demo(args, reporter: Reporter) -> int:
-    from .demo import run_demo
-    return _guarded(lambda: run_demo(args, reporter), reporter)
+    from .demo import demo_series, run_demo
+    preset = PRESETS[args.preset]
+    if args.iterations:
+        preset = preset.with_iterations(args.iterations)
+    folder = args.output or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    series, held_out = demo_series(args.longitudinal, tuple(args.size))
+    inputs = {"phantom": "longitudinal" if args.longitudinal else "breathing", "size": args.size,
+              "held_out_time": series.times[held_out]}
+    return _recorded(folder / "run", "demo", inputs, preset.to_dict(),
+                     lambda record: run_demo(folder, series, held_out, preset, record, reporter), reporter)
 
 
 def _evaluate(args, reporter: Reporter) -> int:

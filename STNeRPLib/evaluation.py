@@ -1,0 +1,95 @@
+"""Comparing a finished run's outputs with ground truth: real images (PSNR, SSIM), labelmaps
+(Dice) and landmark pairs (TRE), at any time the run wrote, scanned or predicted."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .geometry import Grid
+from .io import read_image, read_labelmap, read_landmarks, write_json
+from .metrics import dice_per_label, map_points, psnr, ssim, target_registration_error
+from .preprocessing import IntensityWindow
+from .progress import Reporter
+
+
+def load_record(run: Path) -> dict:
+    """The run.json of a run folder."""
+    path = Path(run) / "run.json"
+    if not path.is_file():
+        raise InputError(f"{run} holds no run.json: give the output folder of a stnerp run")
+    return json.loads(path.read_text())
+
+
+def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[tuple[str, float]],
+                 landmarks: str | None, reporter: Reporter) -> list[dict]:
+    """Metrics per time point of a complete run against the given truth; writes evaluation.json
+    into the run folder, prints a table and returns the rows."""
+    run = Path(run)
+    record = load_record(run)
+    if record["status"] != "complete":
+        raise InputError(f"run {run} is {record['status']}, not complete: evaluate a complete run")
+    entries = {float(e["time"]): e for e in record["time_points"]}
+    window = IntensityWindow(*record["intensity_window"])
+    pairs = read_landmarks(landmarks) if landmarks else {}
+    rows = {t: {"time": t} for t in sorted(entries)}
+    for path, t in images:
+        predicted = _output(run, _entry(entries, t, path), "image")
+        actual = read_image(path, f"image at time {t:g}")
+        _same_grid(actual, predicted, path)
+        a, p = (window.normalise(sitk.GetArrayFromImage(i)) for i in (actual, predicted))
+        rows[t].update(psnr=psnr(p, a), ssim=ssim(p, a))
+    for path, t in ground_truth:
+        entry = _entry(entries, t, path)
+        if not entry.get("labelmap"):
+            raise InputError(f"run {run} propagated no labelmap: train it with --segmentation")
+        predicted = _output(run, entry, "labelmap")
+        truth = read_labelmap(path, Grid.of(predicted), f"ground-truth labelmap at time {t:g}")
+        dice = dice_per_label(sitk.GetArrayFromImage(predicted), sitk.GetArrayFromImage(truth))
+        rows[t]["dice"] = {str(k): v for k, v in dice.items()}
+    for t, (points, reference_points) in pairs.items():
+        field = _output(run, _entry(entries, t, landmarks), "displacement")
+        rows[t].update(target_registration_error(map_points(field, points), reference_points))
+        rows[t]["tre_none"] = target_registration_error(points, reference_points)["tre_mean"]
+    result = [r for r in rows.values() if len(r) > 1]
+    write_json({"run": str(run), "rows": result}, run / "evaluation.json")
+    reporter.message(format_table(result))
+    return result
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of evaluation rows (blank where a metric was not computed)."""
+    labels = sorted({k for r in rows for k in r.get("dice", {})}, key=int)
+    head = ["time", "TRE mean mm", "TRE max mm", "TRE unregistered mm", "PSNR dB", "SSIM"]
+    head += [f"Dice {k}" for k in labels]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"{r['time']:g}", _cell(r.get("tre_mean")), _cell(r.get("tre_max")),
+                 _cell(r.get("tre_none")), _cell(r.get("psnr")), _cell(r.get("ssim"), 3)]
+        cells += [_cell(r.get("dice", {}).get(k), 3) for k in labels]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value, digits: int = 2) -> str:
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _entry(entries: dict, t: float, source) -> dict:
+    if t not in entries:
+        raise InputError(f"{source} is at time {t:g}, which the run did not write: use one of "
+                         f"{', '.join(f'{k:g}' for k in entries)} or predict that time first")
+    return entries[t]
+
+
+def _output(run: Path, entry: dict, kind: str) -> sitk.Image:
+    return sitk.ReadImage(str(run / entry[kind]))
+
+
+def _same_grid(actual: sitk.Image, predicted: sitk.Image, path) -> None:
+    if not Grid.of(actual).matches(Grid.of(predicted)):
+        raise InputError(f"image {path} is on another grid than the run's output at its time: "
+                         "resample it onto that grid first")

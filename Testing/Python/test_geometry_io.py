@@ -1,0 +1,135 @@
+"""Geometry and I/O: physical space honoured with anisotropic spacing, non-zero origin and an
+oblique direction; bad input files rejected with one clear line."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from STNeRPLib.errors import InputError
+from STNeRPLib.geometry import Grid
+from STNeRPLib.io import read_image, read_labelmap, read_landmarks, write_image
+
+
+def oblique_image(size=(7, 6, 5), spacing=(0.8, 1.3, 2.5), origin=(-12.5, 30.25, 101.0)) -> sitk.Image:
+    rotation = sitk.VersorTransform((1, 2, 3), 0.4).GetMatrix()
+    image = sitk.Image(size, sitk.sitkFloat32)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(rotation)
+    image[:] = 0
+    return image
+
+
+def test_grid_maps_indices_as_itk_does():
+    image = oblique_image()
+    grid = Grid.of(image)
+    rng = np.random.default_rng(0)
+    index = rng.uniform(-1, 7, size=(20, 3))
+    expected = np.array([image.TransformContinuousIndexToPhysicalPoint(i.tolist()) for i in index])
+    assert np.allclose(grid.to_physical(index), expected, atol=1e-9)
+    assert np.allclose(grid.to_index(expected), index, atol=1e-9)
+
+
+def test_grid_points_follow_array_order():
+    image = oblique_image()
+    grid = Grid.of(image)
+    points = grid.points().reshape(*grid.shape, 3)
+    k, j, i = 4, 2, 6
+    assert np.allclose(points[k, j, i], image.TransformIndexToPhysicalPoint((i, j, k)))
+    assert np.allclose(grid.points(3, 5), points[3:5].reshape(-1, 3))
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
+def test_written_images_keep_their_geometry(tmp_path, suffix):
+    grid = Grid.of(oblique_image())
+    array = np.random.default_rng(1).normal(size=grid.shape).astype(np.float32)
+    write_image(grid.image(array), tmp_path / f"image{suffix}")
+    back = read_image(tmp_path / f"image{suffix}", "image")
+    assert Grid.of(back).matches(grid)
+    assert np.array_equal(sitk.GetArrayFromImage(back), array)
+
+
+def test_vector_images_keep_their_geometry(tmp_path):
+    grid = Grid.of(oblique_image())
+    field = np.random.default_rng(2).normal(size=(*grid.shape, 3))
+    write_image(grid.image(field, vector=True), tmp_path / "field.nrrd")
+    back = sitk.ReadImage(str(tmp_path / "field.nrrd"))
+    assert Grid.of(back).matches(grid) and back.GetNumberOfComponentsPerPixel() == 3
+    assert np.allclose(sitk.GetArrayFromImage(back), field)
+
+
+def write(tmp_path, name, image):
+    path = tmp_path / name
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def assert_one_line(error: pytest.ExceptionInfo, *words):
+    message = str(error.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError) as error:
+        read_image(tmp_path / "nothing.nrrd", "reference image")
+    assert_one_line(error, "reference image not found", "nothing.nrrd")
+
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "broken.nrrd"
+    path.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 4 4 4\nencoding: raw\n\n\x00\x01")
+    with pytest.raises(InputError) as error:
+        read_image(path, "follow-up image")
+    assert_one_line(error, "cannot read follow-up image", "damaged")
+
+
+def test_2d_and_4d_images(tmp_path):
+    with pytest.raises(InputError) as error:
+        read_image(write(tmp_path, "slice.nrrd", sitk.Image([8, 8], sitk.sitkFloat32)), "image")
+    assert_one_line(error, "2-D")
+    with pytest.raises(InputError) as error:
+        read_image(write(tmp_path, "series.nii.gz", sitk.Image([8, 8, 8, 3], sitk.sitkFloat32)), "image")
+    assert_one_line(error, "4-D", "split")
+
+
+def test_single_slice_volume(tmp_path):
+    with pytest.raises(InputError) as error:
+        read_image(write(tmp_path, "flat.nrrd", sitk.Image([8, 8, 1], sitk.sitkFloat32)), "image")
+    assert_one_line(error, "at least 4 voxels")
+
+
+def test_nan_voxels(tmp_path):
+    array = np.zeros((6, 6, 6), np.float32)
+    array[2, 3, 1] = np.nan
+    with pytest.raises(InputError) as error:
+        read_image(write(tmp_path, "nan.nrrd", sitk.GetImageFromArray(array)), "image")
+    assert_one_line(error, "NaN")
+
+
+def test_labelmaps(tmp_path):
+    grid = Grid.of(oblique_image())
+    empty = write(tmp_path, "empty.nrrd", grid.image(np.zeros(grid.shape, np.uint8)))
+    with pytest.raises(InputError) as error:
+        read_labelmap(empty, grid, "segmentation")
+    assert_one_line(error, "empty")
+    labels = np.zeros(grid.shape, np.uint8)
+    labels[1:3, 1:3, 1:3] = 4
+    elsewhere = write(tmp_path, "elsewhere.nrrd", Grid(grid.size, (1, 1, 1), grid.origin, grid.direction).image(labels))
+    with pytest.raises(InputError) as error:
+        read_labelmap(elsewhere, grid, "segmentation")
+    assert_one_line(error, "another grid")
+    good = read_labelmap(write(tmp_path, "good.nrrd", grid.image(labels)), grid, "segmentation")
+    assert set(np.unique(sitk.GetArrayFromImage(good))) == {0, 4}
+
+
+def test_landmarks(tmp_path):
+    path = tmp_path / "landmarks.csv"
+    path.write_text("time,x,y,z,ref_x,ref_y,ref_z\n1,0,0,0,1,2,3\n1,5,5,5,5,5,6\n2.5,1,1,1,1,1,1\n")
+    pairs = read_landmarks(path)
+    assert sorted(pairs) == [1.0, 2.5]
+    assert np.array_equal(pairs[1.0][1], [[1, 2, 3], [5, 5, 6]])
+    path.write_text("t,x,y,z\n1,0,0,0\n")
+    with pytest.raises(InputError) as error:
+        read_landmarks(path)
+    assert_one_line(error, "lacks the columns", "ref_x")
