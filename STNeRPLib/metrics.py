@@ -115,7 +115,7 @@ def jacobian_determinant(displacement: sitk.Image) -> sitk.Image:
     return out
 
 
-def folding_statistics(jacobian: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
+def folding_statistics(jacobian: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float | int]:
     """Folding summary of a Jacobian-determinant array, over ``mask`` if given.
 
     Returns ``folded_voxels`` (count of det J <= 0), ``jacobian_min`` and ``jacobian_max``.
@@ -124,7 +124,7 @@ def folding_statistics(jacobian: np.ndarray, mask: np.ndarray | None = None) -> 
     if mask is not None:
         values = values[np.asarray(mask, dtype=bool)]
     return {
-        "folded_voxels": float(np.count_nonzero(values <= 0)),
+        "folded_voxels": int(np.count_nonzero(values <= 0)),
         "jacobian_min": float(values.min()),
         "jacobian_max": float(values.max()),
     }

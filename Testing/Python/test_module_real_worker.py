@@ -1,0 +1,104 @@
+"""End to end: the module's logic runs the real STNeRPLib worker (tiny iterations) on the engine's
+breathing phantom and loads its outputs into a slicer-core MRML scene."""
+
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+sitk = pytest.importorskip("SimpleITK")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the slicer-core wheel is not installed", allow_module_level=True)
+pytest.importorskip("torch")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "STNeRP"))
+sys.path.insert(0, ROOT)
+
+try:
+    from STNeRPLib import phantom  # noqa: E402
+    import STNeRPLib.worker  # noqa: E402,F401
+except ImportError as exc:  # the engine is not there yet
+    pytest.skip("STNeRPLib worker not available: %s" % exc, allow_module_level=True)
+
+import vtk  # noqa: E402
+
+from STNeRPModuleLib import core_logic, scene_io  # noqa: E402
+
+
+def test_module_real_worker_end_to_end(tmp_path):
+    series = phantom.breathing_series(size=(48, 48, 32), n_phases=3)
+    scene_io.register_segmentation_converters()
+    scene = slicer.vtkMRMLScene()
+    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    seg_logic.SetMRMLScene(scene)
+    seq_logic = slicer.vtkSlicerSequencesLogic()
+    seq_logic.SetMRMLScene(scene)
+    volumes = []
+    for i, (t, image) in enumerate(zip(series.times, series.images)):
+        path = str(tmp_path / ("phase_%d.nrrd" % i))
+        sitk.WriteImage(image, path)
+        volumes.append((float(t), scene_io.read_volume(scene, path, "phase %d" % i)))
+    lab_path = str(tmp_path / "label.nrrd")
+    sitk.WriteImage(series.labelmaps[0], lab_path)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "contours")
+    seg.CreateDefaultDisplayNodes()
+    assert seg_logic.ImportLabelmapToSegmentationNode(scene_io.read_volume_detached(lab_path, labelmap=True), seg)
+    segmentation = seg.GetSegmentation()
+    names = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        segment.SetName("structure %d" % segment.GetLabelValue())
+        names.append(segment.GetName())
+    # landmarks of phase 1 for TRE
+    ref_pts = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "ref landmarks")
+    fu_pts = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "phase 1 landmarks")
+    points_t, points_ref = series.landmarks[1]
+    for p, q in list(zip(points_t, points_ref))[:5]:
+        fu_pts.AddControlPoint(vtk.vtkVector3d(*scene_io.lps_to_ras(p)))
+        ref_pts.AddControlPoint(vtk.vtkVector3d(*scene_io.lps_to_ras(q)))
+
+    logic = core_logic.STNeRPCoreLogic(scene, seg_logic, python_executable=sys.executable,
+                                       temp_root=str(tmp_path / "tmp"), runs_root=str(tmp_path / "runs"))
+    inputs = core_logic.JobInputs(volumes[0][1], volumes[1:], reference_time=volumes[0][0], segmentation_node=seg,
+                                  reference_landmarks=ref_pts, followup_landmarks=[(volumes[1][0], fu_pts)],
+                                  predict_times=[1.5])
+    n_nodes = scene.GetNumberOfNodes()
+    job = logic.start_training(inputs, {"iterations": 20, "device": "cpu"})
+    start = time.monotonic()
+    job.wait(timeout=240)
+    assert job.state == "complete", (job.message, job.log_lines[-20:])
+    record = scene_io.read_run_json(job.run_dir)
+    times = sorted(float(tp["time"]) for tp in record["time_points"])
+    assert {1.0, 1.5, 2.0} <= set(times)  # the worker may also list the reference time
+    result = job.result
+    assert scene.GetNumberOfNodes() > n_nodes
+    for t in (1.0, 1.5, 2.0):
+        entry = result.time_points[t]
+        assert entry["transform"].IsA("vtkMRMLGridTransformNode")
+        got = [entry["segmentation"].GetSegmentation().GetNthSegment(i).GetName()
+               for i in range(entry["segmentation"].GetSegmentation().GetNumberOfSegments())]
+        assert got == names
+        # the node maps points as the engine's field does
+        tp = [p for p in record["time_points"] if float(p["time"]) == t][0]
+        field = sitk.ReadImage(os.path.join(job.run_dir, tp["displacement"]))
+        tx = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+        for idx in ([10, 12, 8], [24, 30, 16], [35, 20, 20]):
+            p = field.TransformContinuousIndexToPhysicalPoint([i + 0.37 for i in idx])
+            q = entry["transform"].GetTransformFromParent().TransformPoint(scene_io.lps_to_ras(p))
+            assert np.allclose(scene_io.ras_to_lps(q), tx.TransformPoint(p), atol=1e-3)
+    assert result.sequences["transform"].GetNumberOfDataNodes() == len(times)
+    assert result.table.GetTable().GetNumberOfRows() == len(times)
+    # the time slider: query the trained model at a new time, after the input folder is gone
+    assert not os.path.exists(job.temp_dir)
+    predicted = logic.start_prediction(job.run_dir, [0.5], reference_volume=volumes[0][1]).wait(timeout=120)
+    assert predicted.state == "complete", (predicted.message, predicted.log_lines[-20:])
+    entry = predicted.result.time_points[0.5]
+    assert {"transform", "segmentation", "jacobian", "image"} <= set(entry)
+    assert [entry["segmentation"].GetSegmentation().GetNthSegment(i).GetName()
+            for i in range(entry["segmentation"].GetSegmentation().GetNumberOfSegments())] == names
+    print("real worker run: %.1f s" % (time.monotonic() - start))
