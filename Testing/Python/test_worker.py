@@ -191,3 +191,29 @@ def _with_nan(tmp_path, image):
     array = sitk.GetArrayFromImage(image)
     array[3, 4, 5] = np.nan
     return image_file(tmp_path, "nan.nrrd", array, image)
+
+
+@pytest.mark.parametrize("variant", [["--scheme", "short"], ["--pairwise"], ["--prior", "refnet"]])
+def test_paper_variants_run_end_to_end(variant, phantom, tmp_path):
+    series, files = phantom
+    output = tmp_path / "variant"
+    args = train_args(files, series.times, output) + ["--segmentation", files["labelmaps"][0],
+                                                      "--landmarks", files["landmarks"],
+                                                      "--iterations", "15", *variant]
+    result = stnerp(*args)
+    assert result.returncode == 0, result.stderr
+    run = record(output)
+    assert run["status"] == "complete"
+    points = run["time_points"]
+    if variant[0] == "--scheme":          # previous -> next: one field per follow-up, chained
+        assert [p["time"] for p in points] == [1.0, 2.0, 3.0]
+        assert [p["reference_time"] for p in points] == [0.0, 1.0, 2.0]
+    else:
+        assert [p["time"] for p in points] == [0.0, 1.0, 2.0, 3.0]
+    assert all(p["metrics"]["tre_mean"] is not None for p in points if p["time"] > 0)
+
+
+def test_pairwise_model_refuses_new_times(phantom, tmp_path):
+    series, files = phantom
+    result = stnerp(*train_args(files, series.times, tmp_path / "pw"), "--pairwise", "--predict-times", 1.5, *QUICK)
+    assert result.returncode == 2 and "cannot predict new times" in result.stderr
