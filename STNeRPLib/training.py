@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import math
+
 import torch
 from torch import nn
 
@@ -21,11 +23,12 @@ def fit_reference(net: RefNet, volume: torch.Tensor, preset: Preset, progress: P
     points = identity_grid(volume.shape, volume.device).reshape(-1, 3)
     values = volume.reshape(-1)
     optimizer = torch.optim.Adam(net.parameters(), lr=preset.ref_lr)
+    schedule = _cosine(optimizer, preset.ref_iterations, preset.lr_final)
     loss = torch.tensor(float("nan"))
     for iteration in range(1, preset.ref_iterations + 1):
         chosen = _choose(len(values), preset.ref_points, generator, volume.device)
         loss = torch.mean((net(points[chosen]) - values[chosen]) ** 2)
-        _step(optimizer, loss)
+        _step(optimizer, loss, schedule)
         progress("refnet", iteration, preset.ref_iterations, loss.item())
     return loss.item()
 
@@ -36,7 +39,8 @@ def fit_deformation(deformation: Deformation, prior: nn.Module,
     """Fit Def-Net so that prior(c + u(c, t)) matches every target f_t(c) (paper eq. 6).
 
     targets: (normalised time, volume [D, H, W] on the reference grid, normalised intensities).
-    The prior is frozen. Returns the last loss (mean squared error over all sampled voxels).
+    The prior is frozen. Each iteration takes `preset.def_times` random time points (all when 0).
+    Returns the last loss (mean squared error over all sampled voxels).
     """
     prior.requires_grad_(False)
     times = [t for t, _ in targets]
@@ -44,15 +48,17 @@ def fit_deformation(deformation: Deformation, prior: nn.Module,
     shape = targets[0][1].shape
     points = identity_grid(shape, volumes.device).reshape(-1, 3)
     optimizer = torch.optim.Adam(deformation.parameters(), lr=preset.def_lr)
+    schedule = _cosine(optimizer, preset.def_iterations, preset.lr_final)
     loss = torch.tensor(float("nan"))
     for iteration in range(1, preset.def_iterations + 1):
+        which = _choose_times(len(times), preset.def_times, generator)
         chosen = torch.stack([_choose(volumes.shape[1], preset.def_points, generator, volumes.device)
-                              for _ in times])
-        c = points[chosen]                                   # [T, N, 3]
-        u = sample(deformation.displacement(times), c)       # [T, N, 3]
+                              for _ in which])
+        c = points[chosen]                                                # [T, N, 3]
+        u = sample(deformation.displacement([times[i] for i in which]), c)  # [T, N, 3]
         predicted = prior((c + u).reshape(-1, 3)).reshape(c.shape[:2])
-        loss = torch.mean((predicted - torch.gather(volumes, 1, chosen)) ** 2)
-        _step(optimizer, loss)
+        loss = torch.mean((predicted - torch.gather(volumes[which], 1, chosen)) ** 2)
+        _step(optimizer, loss, schedule)
         progress("defnet", iteration, preset.def_iterations, loss.item())
     return loss.item()
 
@@ -64,7 +70,25 @@ def _choose(count: int, wanted: int, generator: torch.Generator, device) -> torc
     return torch.randint(count, (wanted,), generator=generator).to(device)
 
 
-def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+def _choose_times(count: int, wanted: int, generator: torch.Generator) -> list[int]:
+    """`wanted` distinct random time indices of `count`, or every index when wanted is 0."""
+    if wanted <= 0 or wanted >= count:
+        return list(range(count))
+    return torch.randperm(count, generator=generator)[:wanted].tolist()
+
+
+def _cosine(optimizer: torch.optim.Optimizer, iterations: int,
+            final: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay of the learning rate from its initial value to `final` times it at the last step."""
+    def factor(step: int) -> float:
+        progress = min(step / max(iterations - 1, 1), 1.0)
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+          schedule: torch.optim.lr_scheduler.LambdaLR) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    schedule.step()
