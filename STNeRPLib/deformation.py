@@ -29,7 +29,7 @@ class Deformation(nn.Module):
         count = len(pairwise_times) if pairwise_times else 1
         self.nets = nn.ModuleList(
             DefNet(preset.def_width, preset.def_depth, preset.def_fourier_width, preset.def_sigma,
-                   preset.omega, temporal=pairwise_times is None, generator=generator)
+                   preset.def_time_sigma, preset.def_omega, temporal=pairwise_times is None, generator=generator)
             for _ in range(count))
         self.register_buffer("grid", identity_grid(self.velocity_shape).reshape(-1, 3), persistent=False)
 

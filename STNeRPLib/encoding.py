@@ -11,11 +11,14 @@ class FourierFeatures(nn.Module):
     """gamma(p) = [cos(2 pi B p), sin(2 pi B p)] with fixed B ~ N(0, sigma^2), B of shape (width, d).
 
     Expects coordinates in [0, 1] (the paper's normalised grid and time); returns 2 * width features.
+    `sigma` is one value for every coordinate, or one per coordinate.
     """
 
-    def __init__(self, in_features: int, width: int, sigma: float, generator: torch.Generator):
+    def __init__(self, in_features: int, width: int, sigma: float | tuple[float, ...],
+                 generator: torch.Generator):
         super().__init__()
-        self.register_buffer("B", torch.randn(width, in_features, generator=generator) * sigma)
+        scale = torch.as_tensor(sigma, dtype=torch.float32).expand(in_features)
+        self.register_buffer("B", torch.randn(width, in_features, generator=generator) * scale)
 
     @property
     def out_features(self) -> int:

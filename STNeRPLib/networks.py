@@ -62,14 +62,17 @@ class RefNet(nn.Module):
 class DefNet(nn.Module):
     """Stationary velocity field: (c, t) -> v in grid_sample units (2 = the grid's full extent).
 
-    With temporal=False the network ignores t ("w/o t": one network per target image).
+    sigma and time_sigma are the Fourier scales of space and time (a small time_sigma keeps the
+    motion smooth between scanned times). With temporal=False the network ignores t ("w/o t":
+    one network per target image).
     """
 
-    def __init__(self, width: int, depth: int, fourier_width: int, sigma: float, omega: float,
-                 temporal: bool, generator: torch.Generator):
+    def __init__(self, width: int, depth: int, fourier_width: int, sigma: float, time_sigma: float,
+                 omega: float, temporal: bool, generator: torch.Generator):
         super().__init__()
         self.temporal = temporal
-        self.encoding = FourierFeatures(4 if temporal else 3, fourier_width, sigma, generator)
+        sigmas = (sigma,) * 3 + ((time_sigma,) if temporal else ())
+        self.encoding = FourierFeatures(len(sigmas), fourier_width, sigmas, generator)
         self.mlp = siren(self.encoding.out_features, width, depth, 3, omega, output_scale=0.01)
 
     def forward(self, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,82 @@
+"""ST-NeRP on the breathing phantom with the default preset: displacements close to the exact
+ground truth at trained phases, the tumour propagated with high Dice, nothing folded, and the
+motion at a held-out phase predicted from the neighbouring times.
+
+Measured (6 phases, 4.5 x 4.5 x 6.4 mm, phase 2 held out): TRE 0.36-0.74 mm at trained phases
+against 1.41-5.29 mm unregistered; 0.68 mm at the held-out phase against 4.02 mm."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from STNeRPLib.geometry import Grid
+from STNeRPLib.metrics import (dice_per_label, folding_statistics, jacobian_determinant, map_points, psnr,
+                               target_registration_error)
+from STNeRPLib.phantom import breathing_series
+from STNeRPLib.pipeline import Options, fit
+from STNeRPLib.presets import DEFAULT
+from STNeRPLib.progress import Reporter
+from STNeRPLib.warping import warp
+
+HELD_OUT = 2
+
+
+@pytest.fixture(scope="module")
+def result():
+    """Six phases of a whole-thorax phantom at 4.5 x 4.5 x 6.4 mm; phase 2 held out."""
+    series = breathing_series(size=(64, 64, 40), spacing=(4.5, 4.5, 6.4), n_phases=6)
+    trained = [k for k in range(1, 6) if k != HELD_OUT]
+    model, _ = fit(series.images[0], 0.0, [(series.times[k], series.images[k]) for k in trained],
+                   series.labelmaps[0], Options(DEFAULT), Reporter(interval=1e9))
+    grid = Grid.of(series.images[0])
+    outputs = {k: warp(model, series.times[k], grid) for k in range(6)}
+    return series, model, grid, trained, outputs
+
+
+def field(grid, warped):
+    return grid.image(warped.displacement.astype(np.float64), vector=True)
+
+
+def tre(series, grid, outputs, k) -> tuple[float, float]:
+    """(registered, unregistered) mean TRE in mm at phase k."""
+    points, reference_points = series.landmarks[k]
+    registered = target_registration_error(map_points(field(grid, outputs[k]), points), reference_points)
+    return registered["tre_mean"], target_registration_error(points, reference_points)["tre_mean"]
+
+
+def test_landmarks_recovered_at_trained_phases(result):
+    series, _, grid, trained, outputs = result
+    errors = np.array([tre(series, grid, outputs, k) for k in trained])
+    assert np.all(errors[:, 0] < 0.5 * errors[:, 1]), errors
+    assert errors[:, 0].mean() < 0.25 * errors[:, 1].mean(), errors
+
+
+def test_dense_displacement_close_to_ground_truth(result):
+    series, _, _, trained, outputs = result
+    errors, motions = [], []
+    for k in trained:
+        truth = sitk.GetArrayFromImage(series.displacements[k])
+        lungs = sitk.GetArrayFromImage(series.labelmaps[k]) > 0
+        errors.append(np.linalg.norm(outputs[k].displacement - truth, axis=-1)[lungs].mean())
+        motions.append(np.linalg.norm(truth, axis=-1)[lungs].mean())
+    assert np.mean(errors) < 0.25 * np.mean(motions), (errors, motions)
+
+
+def test_tumour_propagated_and_nothing_folded(result):
+    series, _, grid, trained, outputs = result
+    for k in trained + [HELD_OUT]:
+        dice = dice_per_label(outputs[k].labelmap, sitk.GetArrayFromImage(series.labelmaps[k]))
+        # the tumour is ~5 voxels across: even the exact field reaches only ~0.85 with
+        # nearest-neighbour lookup on this grid
+        assert dice[1] > 0.75 and dice[2] > 0.95 and dice[3] > 0.95, (k, dice)
+        jacobian = sitk.GetArrayFromImage(jacobian_determinant(field(grid, outputs[k])))
+        assert folding_statistics(jacobian)["folded_voxels"] == 0
+
+
+def test_held_out_phase_predicted_from_its_neighbours(result):
+    series, model, grid, _, outputs = result
+    registered, unregistered = tre(series, grid, outputs, HELD_OUT)
+    assert registered < 0.3 * unregistered, (registered, unregistered)
+    normal = lambda image: model.window.normalise(sitk.GetArrayFromImage(image))  # noqa: E731
+    truth = normal(series.images[HELD_OUT])
+    predicted = model.window.normalise(outputs[HELD_OUT].image)
+    assert psnr(predicted, truth) > psnr(normal(series.images[0]), truth) + 3   # beats "no motion"
