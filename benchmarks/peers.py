@@ -111,12 +111,14 @@ def elastix_register(fixed: sitk.Image, moving: sitk.Image, kind: str = "default
     method.SetLogToConsole(False)
     method.UpdateLargestPossibleRegion()
     transform_parameters = method.GetTransformParameterObject()
-    transformix = itk.TransformixFilter.New(m)
-    transformix.SetTransformParameterObject(transform_parameters)
-    transformix.SetComputeDeformationField(True)
-    transformix.SetLogToConsole(False)
-    transformix.UpdateLargestPossibleRegion()
-    field = itk.array_from_image(transformix.GetOutputDeformationField())  # [z, y, x, 3], fixed grid
+    with tempfile.TemporaryDirectory() as scratch:        # transformix writes deformationField.nii there
+        transformix = itk.TransformixFilter.New(m)
+        transformix.SetTransformParameterObject(transform_parameters)
+        transformix.SetComputeDeformationField(True)
+        transformix.SetOutputDirectory(scratch)
+        transformix.SetLogToConsole(False)
+        transformix.UpdateLargestPossibleRegion()
+        field = itk.array_from_image(transformix.GetOutputDeformationField())  # [z, y, x, 3], fixed grid
     return _field_on(fixed, field)
 
 
