@@ -15,7 +15,7 @@ from typing import Callable
 
 from .errors import InputError
 from .pipeline import Options, load_series, run_prediction, run_training
-from .presets import PRESETS
+from .presets import PRESETS, Preset
 from .progress import Reporter
 from .record import RunRecord
 
@@ -86,11 +86,14 @@ def _command(commands, name: str, function: Callable, text: str) -> argparse.Arg
     return command
 
 
-def _train(args, reporter: Reporter) -> int:
+def _preset(args) -> Preset:
+    """The chosen preset, with --iterations applied to both networks."""
     preset = PRESETS[args.preset]
-    if args.iterations:
-        preset = preset.with_iterations(args.iterations)
-    options = Options(preset, args.prior, not args.pairwise, args.scheme, args.prealign == "affine",
+    return preset.with_iterations(args.iterations) if args.iterations else preset
+
+
+def _train(args, reporter: Reporter) -> int:
+    options = Options(_preset(args), args.prior, not args.pairwise, args.scheme, args.prealign == "affine",
                       args.intensity, args.device, args.seed)
     inputs = {"reference": args.reference, "reference_time": args.reference_time,
               "follow_ups": [[p, t] for p, t in args.follow_up], "segmentation": args.segmentation,
@@ -112,9 +115,7 @@ def _predict(args, reporter: Reporter) -> int:
 
 def _demo(args, reporter: Reporter) -> int:
     from .demo import demo_series, run_demo
-    preset = PRESETS[args.preset]
-    if args.iterations:
-        preset = preset.with_iterations(args.iterations)
+    preset = _preset(args)
     folder = args.output or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     series, held_out = demo_series(args.longitudinal, tuple(args.size))
     inputs = {"phantom": "longitudinal" if args.longitudinal else "breathing", "size": args.size,
