@@ -1,0 +1,82 @@
+"""Writing a model's outputs at one time point — displacement, Jacobian, labelmap, predicted
+image — with their metrics against what is known there, and the run's metrics table."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import SimpleITK as sitk
+
+from .geometry import Grid
+from .io import write_image
+from .metrics import (dice_per_label, folding_statistics, jacobian_determinant, map_points, psnr, ssim,
+                      target_registration_error)
+from .model import SeriesModel
+from .warping import warp
+
+if TYPE_CHECKING:
+    from .pipeline import Series
+
+
+@dataclass
+class TimePoint:
+    """One time at which outputs are written: its grid, and what is known there."""
+
+    time: float
+    grid: Grid
+    image: sitk.Image | None = None           # the scanned image, if any
+    prealignment: np.ndarray | None = None
+
+
+def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series: Series | None) -> dict:
+    """Write displacement, Jacobian, labelmap and predicted image at one time; return its run.json entry."""
+    warped = warp(model, point.time, point.grid, point.prealignment)
+    name = f"t_{point.time:g}"
+    field_image = point.grid.image(warped.displacement.astype(np.float64), vector=True)
+    jacobian = jacobian_determinant(field_image)
+    files = {"displacement": f"{name}/displacement.nrrd", "jacobian": f"{name}/jacobian.nrrd",
+             "image": f"{name}/image.nrrd",
+             "labelmap": f"{name}/labelmap.nrrd" if warped.labelmap is not None else None}
+    write_image(field_image, folder / files["displacement"])
+    write_image(jacobian, folder / files["jacobian"])
+    write_image(point.grid.image(warped.image), folder / files["image"])
+    if warped.labelmap is not None:
+        write_image(point.grid.image(warped.labelmap.astype(np.uint16)), folder / files["labelmap"])
+    metrics = time_point_metrics(model, point, warped, field_image, jacobian, series)
+    return {"time": point.time, "scanned": point.image is not None, **files, "metrics": metrics}
+
+
+def time_point_metrics(model: SeriesModel, point: TimePoint, warped, field_image: sitk.Image,
+                       jacobian: sitk.Image, series: Series | None) -> dict:
+    """Folding and Jacobian range always; PSNR/SSIM against the scanned image; Dice and TRE where
+    ground truth is given. PSNR and SSIM are on intensities normalised to [0, 1]."""
+    metrics = folding_statistics(sitk.GetArrayViewFromImage(jacobian))
+    metrics.update(psnr=None, ssim=None, dice={}, tre_mean=None, tre_std=None, tre_max=None)
+    if point.image is not None:
+        actual = model.window.normalise(sitk.GetArrayFromImage(point.image))
+        predicted = model.window.normalise(warped.image)
+        metrics.update(psnr=psnr(predicted, actual), ssim=ssim(predicted, actual))
+    if series is not None and point.time in series.ground_truth and warped.labelmap is not None:
+        truth = sitk.GetArrayFromImage(series.ground_truth[point.time])
+        metrics["dice"] = {str(k): v for k, v in dice_per_label(warped.labelmap, truth).items()}
+    if series is not None and point.time in series.landmarks:
+        points, reference_points = series.landmarks[point.time]
+        metrics.update(target_registration_error(map_points(field_image, points), reference_points))
+    return metrics
+
+
+def write_metrics_table(entries: list[dict], path: Path) -> None:
+    """metrics.csv: one row per time point; Dice columns per label."""
+    labels = sorted({label for e in entries for label in e["metrics"]["dice"]}, key=int)
+    columns = ["time", "scanned", "folded_voxels", "jacobian_min", "jacobian_max", "psnr", "ssim",
+               "tre_mean", "tre_std", "tre_max"] + [f"dice_{label}" for label in labels]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for e in entries:
+            m = e["metrics"]
+            row = [e["time"], e["scanned"]] + [m[c] for c in columns[2:10]]
+            writer.writerow(row + [m["dice"].get(label) for label in labels])
