@@ -8,36 +8,27 @@ import time
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
-sitk = pytest.importorskip("SimpleITK")
+import slicer  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the slicer-core wheel is not installed", allow_module_level=True)
-pytest.importorskip("torch")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "STNeRP"))
 sys.path.insert(0, ROOT)
 
-try:
-    from STNeRPLib import phantom  # noqa: E402
-    import STNeRPLib.worker  # noqa: E402,F401
-except ImportError as exc:  # the engine is not there yet
-    pytest.skip("STNeRPLib worker not available: %s" % exc, allow_module_level=True)
-
 import vtk  # noqa: E402
 
+from STNeRPLib import phantom  # noqa: E402
+
 from STNeRPModuleLib import core_logic, scene_io  # noqa: E402
+from test_module_scene import new_scene  # noqa: E402
 
 
 def test_module_real_worker_end_to_end(tmp_path):
     series = phantom.breathing_series(size=(48, 48, 32), n_phases=3)
-    scene_io.register_segmentation_converters()
-    scene = slicer.vtkMRMLScene()
-    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    seg_logic.SetMRMLScene(scene)
-    seq_logic = slicer.vtkSlicerSequencesLogic()
-    seq_logic.SetMRMLScene(scene)
+    scene, seg_logic = new_scene()
     volumes = []
     for i, (t, image) in enumerate(zip(series.times, series.images)):
         path = str(tmp_path / ("phase_%d.nrrd" % i))

@@ -4,17 +4,15 @@ The worker is replaced by ``stnerp_fake_worker.py``, which speaks the worker con
 writes known analytic fields, so every number the module puts in the scene can be checked.
 """
 
-import json
 import os
-import signal
 import sys
 import time
 
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
-sitk = pytest.importorskip("SimpleITK")
+import slicer  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the slicer-core wheel is not installed", allow_module_level=True)
 
