@@ -37,8 +37,7 @@ class SeriesModel:
 
     def normalised_time(self, t: float) -> float:
         """User time -> [0, 1] over the scanned range (outside it for extrapolation)."""
-        low, high = self.time_range
-        return (t - low) / (high - low)
+        return normalise_time(t, self.time_range)
 
     @property
     def device(self) -> torch.device:
@@ -85,6 +84,12 @@ class SeriesModel:
                    tuple(data["time_range"]), IntensityWindow(*data["window"]), data["prior_kind"],
                    deformation.to(device), ref_net, data["reference"].cpu().numpy(),
                    labelmap.cpu().numpy() if labelmap is not None else None)
+
+
+def normalise_time(t: float, time_range: tuple[float, float]) -> float:
+    """User time -> [0, 1] over time_range = (first, last scanned time)."""
+    low, high = time_range
+    return (t - low) / (high - low)
 
 
 def new_ref_net(preset: Preset, generator: torch.Generator) -> RefNet:

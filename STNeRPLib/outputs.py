@@ -31,8 +31,17 @@ class TimePoint:
     prealignment: np.ndarray | None = None
 
 
-def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series: Series | None) -> dict:
-    """Write displacement, Jacobian, labelmap and predicted image at one time; return its run.json entry."""
+@dataclass
+class Written:
+    """What write_time_point wrote: the run.json entry, and the field and labelmap still in memory."""
+
+    entry: dict
+    field: sitk.Image
+    labelmap: np.ndarray | None
+
+
+def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series: Series | None) -> Written:
+    """Write displacement, Jacobian, labelmap and predicted image at one time, with their metrics."""
     warped = warp(model, point.time, point.grid, point.prealignment)
     name = f"t_{point.time:g}"
     field_image = point.grid.image(warped.displacement.astype(np.float64), vector=True)
@@ -46,7 +55,8 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
     if warped.labelmap is not None:
         write_image(point.grid.image(warped.labelmap.astype(np.uint16)), folder / files["labelmap"])
     metrics = time_point_metrics(model, point, warped, field_image, jacobian, series)
-    return {"time": point.time, "scanned": point.image is not None, **files, "metrics": metrics}
+    entry = {"time": point.time, "scanned": point.image is not None, **files, "metrics": metrics}
+    return Written(entry, field_image, warped.labelmap)
 
 
 def time_point_metrics(model: SeriesModel, point: TimePoint, warped, field_image: sitk.Image,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ from .errors import InputError
 from .geometry import Grid
 from .io import read_image, read_labelmap, read_landmarks
 from .metrics import map_points, target_registration_error
-from .model import SeriesModel, new_ref_net
+from .model import SeriesModel, new_ref_net, normalise_time
 from .preprocessing import IntensityWindow, affine_prealignment, onto_grid
 from .presets import Preset
 from .priors import ImagePrior, evaluate_on_grid
@@ -127,8 +127,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     background = float(reference_array.min())
     prealignments, targets = {}, []
     times = [reference_time] + [t for t, _ in follow_ups]
-    low, high = min(times), max(times)
-    normalise_time = lambda t: (t - low) / (high - low)  # noqa: E731
+    time_range = (min(times), max(times))
     for t, image in follow_ups:
         transform = None
         if options.prealign:
@@ -138,9 +137,9 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
         elif not Grid.of(image).matches(grid):
             reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
         resampled = sitk.GetArrayFromImage(onto_grid(image, reference, transform, background))
-        targets.append((normalise_time(t), _tensor(window.normalise(resampled), device)))
+        targets.append((normalise_time(t, time_range), _tensor(window.normalise(resampled), device)))
     reference_volume = _tensor(window.normalise(reference_array), device)
-    targets.insert(0, (normalise_time(reference_time), reference_volume))
+    targets.insert(0, (normalise_time(reference_time, time_range), reference_volume))
 
     ref_net, prior = None, ImagePrior(reference_volume)
     if options.prior == "refnet":
@@ -152,7 +151,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     deformation = Deformation(preset, velocity_shape(grid, preset), pairwise, generator).to(device)
     fit_deformation(deformation, prior, targets, preset, reporter.progress, generator)
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
-    model = SeriesModel(preset, grid, reference_time, (low, high), window, options.prior, deformation,
+    model = SeriesModel(preset, grid, reference_time, time_range, window, options.prior, deformation,
                         ref_net, reference_array, labelmap)
     return model, prealignments
 
@@ -181,6 +180,11 @@ def run_training(series: Series, options: Options, folder: Path, reporter: Repor
         _run_short_range(series, options, folder, reporter, record)
     else:
         _run_long_range(series, options, folder, reporter, record, list(predict_times))
+    return _complete(record, folder)
+
+
+def _complete(record: RunRecord, folder: Path) -> RunRecord:
+    """Write the metrics table and mark the run complete."""
     write_metrics_table(record.data["time_points"], folder / "metrics.csv")
     record.set(metrics_table="metrics.csv")
     record.finish("complete")
@@ -198,7 +202,7 @@ def _run_long_range(series, options, folder, reporter, record, predict_times) ->
     points = [TimePoint(t, Grid.of(image), image, prealignments.get(t)) for t, image in series.images]
     points += [TimePoint(t, model.grid) for t in predict_times]
     for index, point in enumerate(points, 1):
-        record.add_time_point(write_time_point(model, point, folder, series))
+        record.add_time_point(write_time_point(model, point, folder, series).entry)
         reporter.progress("outputs", index, len(points))
 
 
@@ -207,6 +211,7 @@ def _run_short_range(series, options, folder, reporter, record) -> None:
     previous scan; labelmaps and landmarks are carried along the chain from the reference."""
     images = series.images
     labelmap = sitk.GetArrayFromImage(series.segmentation) if series.segmentation is not None else None
+    unchained = replace(series, landmarks={})      # TRE is measured along the chain, below
     chain: list[sitk.Image] = []
     for index, ((t0, image0), (t1, image1)) in enumerate(zip(images, images[1:]), 1):
         reporter.message(f"short-range pair {index}/{len(images) - 1}: time {t0:g} -> {t1:g}")
@@ -214,15 +219,13 @@ def _run_short_range(series, options, folder, reporter, record) -> None:
         model, prealignments = fit(image0, t0, [(t1, image1)], segmentation, options, reporter)
         record.set(intensity_window=[model.window.low, model.window.high])
         point = TimePoint(t1, Grid.of(image1), image1, prealignments.get(t1))
-        entry = write_time_point(model, point, folder, series)
-        entry["reference_time"] = t0
-        field = sitk.ReadImage(str(folder / entry["displacement"]))
-        chain.insert(0, field)
+        written = write_time_point(model, point, folder, unchained)
+        written.entry["reference_time"] = t0
+        chain.insert(0, written.field)
         if t1 in series.landmarks:
-            entry["metrics"].update(_chained_tre(chain, *series.landmarks[t1]))
-        if entry["labelmap"]:
-            labelmap = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / entry["labelmap"])))
-        record.add_time_point(entry)
+            written.entry["metrics"].update(_chained_tre(chain, *series.landmarks[t1]))
+        labelmap = written.labelmap
+        record.add_time_point(written.entry)
 
 
 def _labelmap_image(array: np.ndarray, like: sitk.Image) -> sitk.Image:
@@ -247,9 +250,6 @@ def run_prediction(model_path: Path, times: list[float], folder: Path, reporter:
         raise InputError("this model was trained pairwise (w/o t) and cannot predict new times: "
                          "train with continuous time")
     for index, t in enumerate(times, 1):
-        record.add_time_point(write_time_point(model, TimePoint(t, model.grid), folder, None))
+        record.add_time_point(write_time_point(model, TimePoint(t, model.grid), folder, None).entry)
         reporter.progress("outputs", index, len(times))
-    write_metrics_table(record.data["time_points"], folder / "metrics.csv")
-    record.set(metrics_table="metrics.csv")
-    record.finish("complete")
-    return record
+    return _complete(record, folder)

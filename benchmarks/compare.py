@@ -30,7 +30,6 @@ Results: benchmarks/results/benchmark_<date>.md and .json, with the machine desc
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -202,11 +201,11 @@ def _stnerp_options(method: str, iterations: int | None):
 
 def run_stnerp(method: str, series, work: Path, iterations: int | None, skip: int | None = None):
     """Fit the whole series (without time index `skip`, if given) and write every output for every
-    fitted time point as the product does (pipeline.write_time_point: displacement, Jacobian,
+    fitted time point as the product does (outputs.write_time_point: displacement, Jacobian,
     labelmap, predicted image), plus the model file."""
-    import SimpleITK as sitk
     from STNeRPLib.geometry import Grid
-    from STNeRPLib.pipeline import TimePoint, fit, write_time_point
+    from STNeRPLib.outputs import TimePoint, write_time_point
+    from STNeRPLib.pipeline import fit
     from STNeRPLib.progress import Reporter
     options = _stnerp_options(method, iterations)
     indices = [k for k in range(len(series.times)) if k != skip]
@@ -220,14 +219,13 @@ def run_stnerp(method: str, series, work: Path, iterations: int | None, skip: in
     per_time, fields = [], {}
     for k in indices:
         t0 = time.perf_counter()
-        entry = write_time_point(model, TimePoint(series.times[k], Grid.of(images[k])), work, None)
+        fields[k] = write_time_point(model, TimePoint(series.times[k], Grid.of(images[k])), work, None).field
         per_time.append(time.perf_counter() - t0)
-        fields[k] = entry["displacement"]
     total = time.perf_counter() - start
     info = {"wall_seconds": total, "fit_seconds": fit_seconds, "outputs_seconds": total - fit_seconds,
             "seconds_per_time": per_time, "peak_rss_mb_run": _peak_rss_mb(), "preset": options.preset.to_dict(),
             "prior": options.prior, "temporal": options.temporal}
-    return model, {k: sitk.ReadImage(str(work / path), sitk.sitkVectorFloat64) for k, path in fields.items()}, info
+    return model, fields, info
 
 
 def stnerp_flops(model, series, n_times: int, training_seconds: float | None) -> dict:
