@@ -41,10 +41,13 @@ class Deformation(nn.Module):
         v = torch.cat([net(c, time.expand(len(c), 1)) for c in self.grid.split(chunk)])
         return v.T.reshape(1, 3, *self.velocity_shape)
 
-    def displacement(self, times: list[float], chunk: int | None = None) -> torch.Tensor:
-        """Displacements [len(times), 3, D, H, W] at normalised times, by scaling and squaring."""
+    def displacement(self, times: list[float], chunk: int | None = None, inverse: bool = False) -> torch.Tensor:
+        """Displacements [len(times), 3, D, H, W] at normalised times, by scaling and squaring.
+
+        inverse: exp(-v) instead of exp(v), the inverse map (reference points -> time-t points).
+        """
         velocity = torch.cat([self.velocity(t, chunk) for t in times])
-        return scaling_and_squaring(velocity, self.steps)
+        return scaling_and_squaring(-velocity if inverse else velocity, self.steps)
 
     def _net_index(self, t: float) -> int:
         if self.pairwise_times is None:

@@ -5,23 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import SimpleITK as sitk
 import torch
-from torch import nn
 
 from .deformation import Deformation
 from .geometry import Grid
 from .networks import RefNet
 from .preprocessing import IntensityWindow
 from .presets import Preset
-from .priors import ImagePrior
 
 
 @dataclass
 class SeriesModel:
     """Trained Def-Net(s) and prior, with the reference grid, times and intensity window.
 
-    `reference` is the reference image in its own units, [z, y, x]; `labelmap` the reference
-    segmentation on the same grid, if one was given.
+    `reference` is the reference image in its own units, [z, y, x]; `follow_ups` the other
+    scans, resampled onto the reference grid (in their units, per scanned time); `labelmap` the
+    reference segmentation on the same grid, if one was given.
     """
 
     preset: Preset
@@ -33,6 +33,7 @@ class SeriesModel:
     deformation: Deformation
     ref_net: RefNet | None
     reference: np.ndarray
+    follow_ups: dict[float, np.ndarray]
     labelmap: np.ndarray | None
 
     def normalised_time(self, t: float) -> float:
@@ -43,16 +44,20 @@ class SeriesModel:
     def device(self) -> torch.device:
         return next(self.deformation.parameters()).device
 
-    def prior(self) -> nn.Module:
-        """The prior that predicted images are sampled from: Ref-Net, or the normalised reference."""
-        if self.prior_kind == "refnet":
-            return self.ref_net
-        return ImagePrior(torch.from_numpy(self.window.normalise(self.reference))).to(self.device)
+    @property
+    def scanned_times(self) -> list[float]:
+        """Every scanned time, in increasing order."""
+        return sorted([self.reference_time, *self.follow_ups])
 
-    def displacement_grid(self, t: float) -> torch.Tensor:
-        """Displacement [1, 3, D, H, W] (grid_sample units) on the velocity grid at user time t."""
+    def scan(self, t: float) -> sitk.Image:
+        """The scan at scanned time t on the reference grid, in its own units."""
+        return self.grid.image(self.reference if t == self.reference_time else self.follow_ups[t])
+
+    def displacement_grid(self, t: float, inverse: bool = False) -> torch.Tensor:
+        """Displacement [1, 3, D, H, W] (grid_sample units) on the velocity grid at user time t
+        (inverse: reference points -> time-t points)."""
         with torch.no_grad():
-            return self.deformation.displacement([self.normalised_time(t)], chunk=65536)
+            return self.deformation.displacement([self.normalised_time(t)], chunk=65536, inverse=inverse)
 
     def save(self, path) -> None:
         torch.save({
@@ -64,6 +69,7 @@ class SeriesModel:
             "deformation": self.deformation.state_dict(),
             "ref_net": self.ref_net.state_dict() if self.ref_net is not None else None,
             "reference": torch.from_numpy(self.reference),
+            "follow_ups": [[t, torch.from_numpy(a)] for t, a in self.follow_ups.items()],
             "labelmap": torch.from_numpy(self.labelmap.astype(np.int32)) if self.labelmap is not None else None,
         }, path)
 
@@ -83,6 +89,7 @@ class SeriesModel:
         return cls(preset, Grid.from_dict(data["grid"]), data["reference_time"],
                    tuple(data["time_range"]), IntensityWindow(*data["window"]), data["prior_kind"],
                    deformation.to(device), ref_net, data["reference"].cpu().numpy(),
+                   {float(t): a.cpu().numpy() for t, a in data["follow_ups"]},
                    labelmap.cpu().numpy() if labelmap is not None else None)
 
 

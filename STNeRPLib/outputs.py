@@ -55,7 +55,8 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
     if warped.labelmap is not None:
         write_image(point.grid.image(warped.labelmap.astype(np.uint16)), folder / files["labelmap"])
     metrics = time_point_metrics(model, point, warped, field_image, jacobian, series)
-    entry = {"time": point.time, "scanned": point.image is not None, **files, "metrics": metrics}
+    entry = {"time": point.time, "scanned": point.image is not None, **files,
+             "image_sources": warped.image_sources, "metrics": metrics}
     return Written(entry, field_image, warped.labelmap)
 
 

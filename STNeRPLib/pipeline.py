@@ -125,7 +125,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     window = IntensityWindow.for_image(reference, options.intensity)
     reference_array = sitk.GetArrayFromImage(reference)
     background = float(reference_array.min())
-    prealignments, targets = {}, []
+    prealignments, targets, scans = {}, [], {}
     times = [reference_time] + [t for t, _ in follow_ups]
     time_range = (min(times), max(times))
     for t, image in follow_ups:
@@ -137,6 +137,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
         elif not Grid.of(image).matches(grid):
             reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
         resampled = sitk.GetArrayFromImage(onto_grid(image, reference, transform, background))
+        scans[t] = resampled
         targets.append((normalise_time(t, time_range), _tensor(window.normalise(resampled), device)))
     reference_volume = _tensor(window.normalise(reference_array), device)
     targets.insert(0, (normalise_time(reference_time, time_range), reference_volume))
@@ -152,7 +153,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     fit_deformation(deformation, prior, targets, preset, reporter.progress, generator)
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
     model = SeriesModel(preset, grid, reference_time, time_range, window, options.prior, deformation,
-                        ref_net, reference_array, labelmap)
+                        ref_net, reference_array, scans, labelmap)
     return model, prealignments
 
 

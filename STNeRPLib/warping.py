@@ -1,6 +1,15 @@
-"""Outputs of a trained model on any grid: the displacement field (mm, LPS), the predicted image
-and the propagated labelmap (nearest neighbour, paper eq. 7-8). Evaluated in slabs of slices,
-so memory stays bounded on large grids."""
+"""Outputs of a trained model on any grid: the displacement field (mm, LPS), the propagated
+labelmap (nearest neighbour, paper eq. 7-8) and the predicted image. The field and labels are
+evaluated in slabs of slices, so memory stays bounded on large grids.
+
+The predicted image is made from the scans, resampled with cubic B-splines:
+- at an unscanned time t between two scans a < t < b: motion-compensated interpolation, each
+  scan carried to t through the learned deformation (point q -> phi_s^-1(q + u_t(q)), s = a, b)
+  and the two blended linearly in time;
+- otherwise (a scanned time, or outside the scanned range): the reference resampled through u_t.
+Ref-Net is the prior Def-Net is trained against (paper eq. 6), not the renderer: the default
+preset's Ref-Net reproduces the reference to ~36 dB, which would cap every predicted image.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,11 +28,13 @@ CHUNK_VOXELS = 1 << 18
 @dataclass
 class Warped:
     """Per voxel of the target grid, [z, y, x]: displacement u (…, 3) in mm (LPS) to the reference
-    point, the predicted image in the reference's units, and the propagated labelmap (or None)."""
+    point, the predicted image in the scans' units, and the propagated labelmap (or None).
+    `image_sources` are the scanned times whose images the predicted image is made from."""
 
     displacement: np.ndarray
     image: np.ndarray
     labelmap: np.ndarray | None
+    image_sources: list[float]
 
 
 def affine_matrix(transform: sitk.Transform) -> np.ndarray:
@@ -45,38 +56,72 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
     q + u(q) is the reference point of the time-t image's own point q.
     """
     displacement = model.displacement_grid(t)
-    prior = model.prior() if model.prior_kind == "refnet" else None
-    reference = torch.from_numpy(model.reference).to(model.device)[None, None]
+    sources = interpolation_weights(model.scanned_times, t) if prealignment is None else {}
+    inverses = [model.displacement_grid(s, inverse=True) for s in sources]
     inverse = np.linalg.inv(prealignment) if prealignment is not None else None
     slab = max(1, CHUNK_VOXELS // (target.size[0] * target.size[1]))
-    parts = [_warp_slab(model, displacement, prior, reference, target, inverse, z, min(z + slab, target.size[2]))
+    parts = [_warp_slab(model, displacement, inverses, target, inverse, z, min(z + slab, target.size[2]))
              for z in range(0, target.size[2], slab)]
-    field, image, labels = (np.concatenate(p) if p[0] is not None else None for p in zip(*parts))
+    field, labels, *carried = (np.concatenate(p) if p[0] is not None else None for p in zip(*parts))
     shape = target.shape
-    return Warped(field.reshape(*shape, 3), image.reshape(shape),
-                  labels.reshape(shape) if labels is not None else None)
+    field = field.reshape(*shape, 3)
+    if sources:
+        image = sum(w * _resample(model.scan(s), c.reshape(*shape, 3), target) for (s, w), c in
+                    zip(sources.items(), carried))
+    else:
+        sources = {model.reference_time: 1.0}
+        image = _resample(model.scan(model.reference_time), field, target)
+    return Warped(field, image.astype(np.float32), labels.reshape(shape) if labels is not None else None,
+                  list(sources))
 
 
-def _warp_slab(model, displacement, prior, reference, target: Grid, inverse, z0: int, z1: int):
+def interpolation_weights(scanned: list[float], t: float) -> dict[float, float]:
+    """{a: (b - t) / (b - a), b: (t - a) / (b - a)} for the scans a < t < b around an unscanned
+    time t; empty when t is scanned or outside the scanned range."""
+    before = [s for s in scanned if s < t]
+    after = [s for s in scanned if s > t]
+    if t in scanned or not before or not after:
+        return {}
+    a, b = before[-1], after[0]
+    return {a: (b - t) / (b - a), b: (t - a) / (b - a)}
+
+
+def _warp_slab(model, displacement, inverses, target: Grid, inverse, z0: int, z1: int):
+    """Displacement (mm), labels and, per carried scan, the displacement to its points, of one slab."""
     q = target.points(z0, z1)
     p = q if inverse is None else q @ inverse[:3, :3].T + inverse[:3, 3]
-    scale = model.grid.unit_scale()
-    c = model.grid.to_index(p) / scale * 2 - 1
-    c_t = torch.as_tensor(c, dtype=torch.float32, device=model.device)
     with torch.no_grad():
-        moved_c = c_t + sample(displacement, c_t[None])[0]
-        if prior is not None:
-            image = model.window.restore(_chunked(prior, moved_c).cpu().numpy())
-        else:
-            image = sample(reference, moved_c[None])[0, :, 0].cpu().numpy()
-    moved_index = (moved_c.cpu().numpy().astype(np.float64) + 1) / 2 * scale
-    mapped = model.grid.to_physical(moved_index)
+        moved = _to_unit(model.grid, p, model.device)
+        moved = moved + sample(displacement, moved[None])[0]
+        carried = [moved + sample(w, moved[None])[0] for w in inverses]
+    moved_index = _to_index(model.grid, moved)
     labels = _nearest_labels(model.labelmap, moved_index) if model.labelmap is not None else None
-    return (mapped - q).astype(np.float32), image.astype(np.float32), labels
+    return (_mm_from(model.grid, moved_index, q), labels,
+            *(_mm_from(model.grid, _to_index(model.grid, c), q) for c in carried))
 
 
-def _chunked(net, points: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    return torch.cat([net(part) for part in points.split(chunk)])
+def _to_unit(grid: Grid, points: np.ndarray, device) -> torch.Tensor:
+    """LPS points (N, 3) in mm -> grid_sample coordinates of `grid`."""
+    return torch.as_tensor(grid.to_index(points) / grid.unit_scale() * 2 - 1, dtype=torch.float32, device=device)
+
+
+def _to_index(grid: Grid, c: torch.Tensor) -> np.ndarray:
+    return (c.cpu().numpy().astype(np.float64) + 1) / 2 * grid.unit_scale()
+
+
+def _mm_from(grid: Grid, index: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Displacement in mm from the points q to the points at continuous `index` of `grid`."""
+    return (grid.to_physical(index) - q).astype(np.float32)
+
+
+def _resample(scan: sitk.Image, displacement: np.ndarray, target: Grid) -> np.ndarray:
+    """`scan` at q + displacement(q) for every voxel q of target (cubic B-spline; beyond the scan,
+    its nearest border value)."""
+    field = target.image(displacement.astype(np.float64), vector=True)
+    transform = sitk.DisplacementFieldTransform(field)
+    resampled = sitk.Resample(scan, target.size, transform, sitk.sitkBSpline, target.origin, target.spacing,
+                              target.direction, 0.0, sitk.sitkFloat32, True)
+    return sitk.GetArrayFromImage(resampled)
 
 
 def _nearest_labels(labelmap: np.ndarray, index: np.ndarray) -> np.ndarray:

@@ -3,13 +3,14 @@ ground truth at trained phases, the tumour propagated with high Dice, nothing fo
 motion at a held-out phase predicted from the neighbouring times.
 
 Measured (6 phases, 4.5 x 4.5 x 6.4 mm, phase 2 held out): TRE 0.36-0.74 mm at trained phases
-against 1.41-5.29 mm unregistered; 0.68 mm at the held-out phase against 4.02 mm."""
+against 1.41-5.29 mm unregistered; 0.68 mm at the held-out phase against 4.02 mm; there the
+predicted image scores 36.6 dB PSNR against 35.6 dB for linear interpolation of phases 1 and 3."""
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from STNeRPLib.geometry import Grid
-from STNeRPLib.metrics import (dice_per_label, folding_statistics, jacobian_determinant, map_points, psnr,
+from STNeRPLib.metrics import (dice_per_label, folding_statistics, jacobian_determinant, map_points, psnr, ssim,
                                target_registration_error)
 from STNeRPLib.phantom import breathing_series
 from STNeRPLib.pipeline import Options, fit
@@ -79,4 +80,7 @@ def test_held_out_phase_predicted_from_its_neighbours(result):
     normal = lambda image: model.window.normalise(sitk.GetArrayFromImage(image))  # noqa: E731
     truth = normal(series.images[HELD_OUT])
     predicted = model.window.normalise(outputs[HELD_OUT].image)
-    assert psnr(predicted, truth) > psnr(normal(series.images[0]), truth) + 3   # beats "no motion"
+    assert outputs[HELD_OUT].image_sources == [HELD_OUT - 1, HELD_OUT + 1]
+    linear = 0.5 * normal(series.images[HELD_OUT - 1]) + 0.5 * normal(series.images[HELD_OUT + 1])
+    assert psnr(predicted, truth) > psnr(linear, truth) + 0.5, (psnr(predicted, truth), psnr(linear, truth))
+    assert ssim(predicted, truth) > ssim(linear, truth)
