@@ -22,8 +22,9 @@ is scored by the same code from its field:
 - wall time of the whole series and per registered time point, and peak RSS of the child.
 
 For STNeRP with continuous time, a held-out run trains without one time point and predicts the
-image there; it is compared with linear intensity interpolation of its two neighbours and with
-the best peer's pairwise result at that time (a peer that saw the image).
+image there (STNeRPLib.warping: motion-compensated interpolation of the two scans around it); it
+is compared with linear intensity interpolation of its two neighbours and with the best peer's
+pairwise result at that time (a peer that saw the image).
 
 Results: benchmarks/results/benchmark_<date>.md and .json, with the machine description.
 """
@@ -326,7 +327,7 @@ def child(job: dict) -> None:
 
 
 def run_heldout(method: str, series, work: Path, job: dict) -> dict:
-    """Train without time index h, predict there: model image, warped reference; vs linear
+    """Train without time index h, predict there: predicted image, warped reference; vs linear
     interpolation of the neighbours h - 1 and h + 1."""
     import SimpleITK as sitk
     from STNeRPLib import metrics
@@ -345,7 +346,7 @@ def run_heldout(method: str, series, work: Path, job: dict) -> dict:
     w = (t - t0) / (t1 - t0)
     linear = _window((1 - w) * sitk.GetArrayFromImage(series.image(h - 1)) + w * sitk.GetArrayFromImage(series.image(h + 1)))
     return {"heldout_index": h, "heldout_time": t, "train_seconds": info["wall_seconds"],
-            "model_image_psnr": metrics.psnr(predicted, actual), "model_image_ssim": metrics.ssim(predicted, actual),
+            "predicted_image_psnr": metrics.psnr(predicted, actual), "predicted_image_ssim": metrics.ssim(predicted, actual),
             "warped_reference_psnr": scores["psnr"], "warped_reference_ssim": scores["ssim"],
             "tre_mean": scores["tre_mean"], "dice": scores["dice"], "folded_voxels": scores["folded_voxels"],
             "linear_psnr": metrics.psnr(linear, actual), "linear_ssim": metrics.ssim(linear, actual),
@@ -478,19 +479,19 @@ def markdown(report: dict) -> str:
         lines.append("")
         if series.get("heldout"):
             lines += ["Held-out time point (STNeRP trained without it; peers registered it directly):", "",
-                      "| method | held-out t | PSNR model image | SSIM model image | PSNR warped ref | linear interp. PSNR / SSIM "
-                      "| best peer (by TRE) PSNR / SSIM | model − linear dB | TRE mm |", "|---" * 9 + "|"]
+                      "| method | held-out t | PSNR predicted image | SSIM predicted image | PSNR warped ref | linear interp. PSNR / SSIM "
+                      "| best peer (by TRE) PSNR / SSIM | predicted − linear dB | TRE mm |", "|---" * 9 + "|"]
             for method, h in series["heldout"].items():
                 if not h.get("ok"):
                     lines.append(f"| {method_label(method)} | failed: {h.get('error', '?')[:80]} |" + " |" * 7)
                     continue
                 peer = h.get("best_peer") or {}
                 lines.append(
-                    f"| {method_label(method)} | {h['heldout_time']:g} | {_fmt(h['model_image_psnr'])} | "
-                    f"{_fmt(h['model_image_ssim'], 3)} | {_fmt(h['warped_reference_psnr'])} | "
+                    f"| {method_label(method)} | {h['heldout_time']:g} | {_fmt(h['predicted_image_psnr'])} | "
+                    f"{_fmt(h['predicted_image_ssim'], 3)} | {_fmt(h['warped_reference_psnr'])} | "
                     f"{_fmt(h['linear_psnr'])} / {_fmt(h['linear_ssim'], 3)} | "
                     f"{method_label(peer['method']) if peer else '–'} {_fmt(peer.get('psnr'))} / {_fmt(peer.get('ssim'), 3)} | "
-                    f"{_fmt(h['model_image_psnr'] - h['linear_psnr'])} | {_fmt(h['tre_mean'])} |")
+                    f"{_fmt(h['predicted_image_psnr'] - h['linear_psnr'])} | {_fmt(h['tre_mean'])} |")
             lines.append("")
     if report.get("flops"):
         f = report["flops"]
@@ -571,8 +572,8 @@ def targets(report: dict) -> list[dict]:
                 "text": f"{d['summary']['folded_voxels']} folded voxels (min det J {d['summary']['jacobian_min']:.3f})"})
     h = (series.get("heldout") or {}).get("stnerp_default")
     if h and h.get("ok"):
-        gain = h["model_image_psnr"] - h["linear_psnr"]
-        out.append({"met": gain >= 2.0, "text": f"held-out phase {h['heldout_time']:g}: PSNR {h['model_image_psnr']:.2f} dB "
+        gain = h["predicted_image_psnr"] - h["linear_psnr"]
+        out.append({"met": gain >= 2.0, "text": f"held-out phase {h['heldout_time']:g}: PSNR {h['predicted_image_psnr']:.2f} dB "
                                                 f"vs linear interpolation {h['linear_psnr']:.2f} dB ({gain:+.2f} dB; target +2)"})
     m = report.get("memory_check")
     if m and "peak_rss_mb" in m:
