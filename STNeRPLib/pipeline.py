@@ -15,12 +15,12 @@ from .geometry import Grid
 from .io import read_image, read_labelmap, read_landmarks
 from .metrics import map_points, target_registration_error
 from .model import SeriesModel, new_ref_net, normalise_time
-from .preprocessing import IntensityWindow, affine_prealignment, onto_grid
+from .preprocessing import IntensityWindow, affine_prealignment, inside_field_of_view, onto_grid
 from .presets import Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
 from .record import RunRecord
-from .training import fit_deformation, fit_reference
+from .training import Target, fit_deformation, fit_reference
 from .outputs import TimePoint, write_metrics_table, write_time_point
 from .warping import affine_matrix
 
@@ -138,9 +138,11 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
             reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
         resampled = sitk.GetArrayFromImage(onto_grid(image, reference, transform, background))
         scans[t] = resampled
-        targets.append((normalise_time(t, time_range), _tensor(window.normalise(resampled), device)))
+        inside = inside_field_of_view(image, reference, transform)
+        targets.append(Target(normalise_time(t, time_range), _tensor(window.normalise(resampled), device),
+                              None if inside.all() else torch.from_numpy(inside).to(device)))
     reference_volume = _tensor(window.normalise(reference_array), device)
-    targets.insert(0, (normalise_time(reference_time, time_range), reference_volume))
+    targets.insert(0, Target(normalise_time(reference_time, time_range), reference_volume))
 
     ref_net, prior = None, ImagePrior(reference_volume)
     if options.prior == "refnet":
@@ -148,7 +150,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
         fit_reference(ref_net, reference_volume, preset, reporter.progress, generator)
         ref_net.requires_grad_(False)
         prior = ImagePrior(evaluate_on_grid(ref_net, reference_volume.shape)) if preset.prior_cache else ref_net
-    pairwise = None if options.temporal else [t for t, _ in targets]
+    pairwise = None if options.temporal else [target.time for target in targets]
     deformation = Deformation(preset, velocity_shape(grid, preset), pairwise, generator).to(device)
     fit_deformation(deformation, prior, targets, preset, reporter.progress, generator)
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None

@@ -60,3 +60,12 @@ def onto_grid(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transfo
     """`image` resampled (linearly) onto the grid of `grid_image` through transform (grid -> image)."""
     return sitk.Resample(image, grid_image, transform or sitk.Transform(), sitk.sitkLinear,
                          background, sitk.sitkFloat32)
+
+
+def inside_field_of_view(image: sitk.Image, grid_image: sitk.Image,
+                         transform: sitk.Transform | None) -> np.ndarray:
+    """bool [z, y, x] on the grid of `grid_image`: the voxels that onto_grid takes from inside `image`."""
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    inside = sitk.Resample(ones, grid_image, transform or sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return sitk.GetArrayViewFromImage(inside) > 0

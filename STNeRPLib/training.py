@@ -1,9 +1,8 @@
 """Fitting Ref-Net to the reference (paper eq. 3) and Def-Net to the series (paper eq. 6)."""
 from __future__ import annotations
 
-from typing import Callable
-
 import math
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -15,6 +14,15 @@ from .presets import Preset
 
 Progress = Callable[[str, int, int, float], None]
 """progress(stage, iteration, total, loss): called after every iteration."""
+
+
+class Target(NamedTuple):
+    """One scan to fit: normalised time, volume [D, H, W] on the reference grid (normalised
+    intensities), and the voxels inside the scan's field of view (bool [D, H, W]; None: all)."""
+
+    time: float
+    volume: torch.Tensor
+    inside: torch.Tensor | None = None
 
 
 def fit_reference(net: RefNet, volume: torch.Tensor, preset: Preset, progress: Progress,
@@ -33,19 +41,20 @@ def fit_reference(net: RefNet, volume: torch.Tensor, preset: Preset, progress: P
     return loss.item()
 
 
-def fit_deformation(deformation: Deformation, prior: nn.Module,
-                    targets: list[tuple[float, torch.Tensor]], preset: Preset,
+def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Target], preset: Preset,
                     progress: Progress, generator: torch.Generator) -> float:
-    """Fit Def-Net so that prior(c + u(c, t)) matches every target f_t(c) (paper eq. 6).
+    """Fit Def-Net so that prior(c + u(c, t)) matches every target f_t(c) (paper eq. 6), over the
+    voxels inside each target's field of view.
 
-    targets: (normalised time, volume [D, H, W] on the reference grid, normalised intensities).
     The prior is frozen. Each iteration takes `preset.def_times` random time points (all when 0).
-    Returns the last loss (mean squared error over all sampled voxels).
+    Returns the last loss (mean squared error over the sampled voxels inside the fields of view).
     """
     prior.requires_grad_(False)
-    times = [t for t, _ in targets]
-    volumes = torch.stack([v.reshape(-1) for _, v in targets])
-    shape = targets[0][1].shape
+    times = [target.time for target in targets]
+    volumes = torch.stack([target.volume.reshape(-1) for target in targets])
+    weights = torch.stack([torch.ones_like(target.volume.reshape(-1)) if target.inside is None
+                           else target.inside.reshape(-1).to(volumes.dtype) for target in targets])
+    shape = targets[0].volume.shape
     points = identity_grid(shape, volumes.device).reshape(-1, 3)
     optimizer = torch.optim.Adam(deformation.parameters(), lr=preset.def_lr)
     schedule = _cosine(optimizer, preset.def_iterations, preset.lr_final)
@@ -57,7 +66,9 @@ def fit_deformation(deformation: Deformation, prior: nn.Module,
         c = points[chosen]                                                # [T, N, 3]
         u = sample(deformation.displacement([times[i] for i in which]), c)  # [T, N, 3]
         predicted = prior((c + u).reshape(-1, 3)).reshape(c.shape[:2])
-        loss = torch.mean((predicted - torch.gather(volumes[which], 1, chosen)) ** 2)
+        weight = torch.gather(weights[which], 1, chosen)
+        error = (predicted - torch.gather(volumes[which], 1, chosen)) ** 2
+        loss = torch.sum(weight * error) / weight.sum().clamp(min=1)
         _step(optimizer, loss, schedule)
         progress("defnet", iteration, preset.def_iterations, loss.item())
     return loss.item()

@@ -95,3 +95,15 @@ def test_prealignment_is_part_of_the_exported_field(oblique):
     warped = warp(model, 1.0, own, prealignments[1.0])
     blob_voxels = sitk.GetArrayFromImage(follow_up) > 0
     assert np.allclose(warped.displacement[blob_voxels].mean(axis=0), -shift, atol=0.6)
+
+
+def test_voxels_outside_a_follow_ups_field_of_view_do_not_pull_the_field():
+    """A follow-up that saw only part of the reference's field of view (a smaller CBCT, say), with no
+    motion: the padding outside its view must not be matched, so u stays ~0 where it did see."""
+    grid = Grid((32, 32, 24), (2.0, 2.0, 2.5), (-31.0, -31.0, -29.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    cropped = Grid((20, 32, 24), grid.spacing, grid.origin, grid.direction)   # x < 7 mm only
+    options = Options(DEFAULT.with_iterations(150), prior="image")
+    model, _ = fit(blobs(grid), 0.0, [(1.0, blobs(cropped))], None, options, QUIET)
+    u = warp(model, 1.0, cropped).displacement
+    seen = sitk.GetArrayFromImage(blobs(cropped)) > -500
+    assert np.linalg.norm(u, axis=-1)[seen].max() < 0.5, np.linalg.norm(u, axis=-1)[seen].max()
