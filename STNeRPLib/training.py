@@ -52,8 +52,8 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     prior.requires_grad_(False)
     times = [target.time for target in targets]
     volumes = torch.stack([target.volume.reshape(-1) for target in targets])
-    weights = torch.stack([torch.ones_like(target.volume.reshape(-1)) if target.inside is None
-                           else target.inside.reshape(-1).to(volumes.dtype) for target in targets])
+    inside = torch.stack([torch.ones_like(target.volume.reshape(-1), dtype=torch.bool) if target.inside is None
+                          else target.inside.reshape(-1) for target in targets])
     shape = targets[0].volume.shape
     points = identity_grid(shape, volumes.device).reshape(-1, 3)
     optimizer = torch.optim.Adam(deformation.parameters(), lr=preset.def_lr)
@@ -66,7 +66,7 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
         c = points[chosen]                                                # [T, N, 3]
         u = sample(deformation.displacement([times[i] for i in which]), c)  # [T, N, 3]
         predicted = prior((c + u).reshape(-1, 3)).reshape(c.shape[:2])
-        weight = torch.gather(weights[which], 1, chosen)
+        weight = torch.gather(inside[which], 1, chosen).to(volumes.dtype)
         error = (predicted - torch.gather(volumes[which], 1, chosen)) ** 2
         loss = torch.sum(weight * error) / weight.sum().clamp(min=1)
         _step(optimizer, loss, schedule)
