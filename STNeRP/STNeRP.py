@@ -52,6 +52,14 @@ Method: ST-NeRP, spatial-temporal neural representation learning with prior embe
 patient-specific imaging study. Background-process pattern after SlicerMONAIAuto3DSeg; torch through
 SlicerPyTorch.
 """
+        slicer.app.connect("startupCompleted()", self.observeSceneLoading)
+
+    @staticmethod
+    def observeSceneLoading():
+        """Slicer reads saved grid transforms back with cubic interpolation: after every scene
+        load, STNeRP's transforms are set linear again, so they map points as ITK does."""
+        slicer.mrmlScene.AddObserver(slicer.mrmlScene.EndImportEvent,
+                                     lambda scene, event: scene_io.restore_grid_interpolation(scene))
 
 
 #

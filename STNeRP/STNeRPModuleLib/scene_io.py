@@ -377,6 +377,17 @@ def read_displacement_transform(scene, path, name, linear=True):
     return node
 
 
+def restore_grid_interpolation(scene):
+    """Linear interpolation again on the STNeRP grid transforms of a scene just loaded (Slicer
+    does not save the mode and reads grids as cubic); returns how many nodes were changed."""
+    grids = [scene.GetNthNodeByClass(i, "vtkMRMLGridTransformNode")
+             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLGridTransformNode"))]
+    nodes = [n for n in grids if n.GetAttribute("STNeRP.Interpolation") == "linear"]
+    for node in nodes:
+        set_grid_interpolation_linear(node)
+    return len(nodes)
+
+
 def set_grid_interpolation_linear(transform_node):
     """Linear interpolation on every grid of a transform node (Slicer sets cubic on read)."""
     changed = 0

@@ -601,3 +601,27 @@ def test_module_logic_adapter_reads_parameter_node(sample, monkeypatch):
     assert [t for t, _ in logic.inputsFromParameterNode(pn).followups] == [1.0, 2.0, 3.5]
     sample["scene"].RemoveNode(seq)
     sample["scene"].RemoveNode(pn)
+
+
+def test_module_grid_interpolation_restored_after_scene_reload(trained, tmp_path):
+    """Slicer reads grid transforms back as cubic; the module sets them linear again (as ITK)."""
+    scene = trained["scene"]
+    path = str(tmp_path / "scene.mrml")       # the grids stay in the run folder, referenced
+    scene.SetURL(path)
+    assert scene.Commit(path)
+    other, _ = new_scene()
+    other.SetURL(path)
+    other.Import()
+    grids = [other.GetNthNodeByClass(i, "vtkMRMLGridTransformNode")
+             for i in range(other.GetNumberOfNodesByClass("vtkMRMLGridTransformNode"))]
+    ours = [g for g in grids if g.GetAttribute("STNeRP.Interpolation") == "linear"]
+    assert any(_grid_mode(g) == "cubic" for g in ours)   # what Slicer does when it reads a grid file
+    assert scene_io.restore_grid_interpolation(other) == len(ours)
+    assert all(_grid_mode(g) == "linear" for g in ours)
+
+
+def _grid_mode(node) -> str:
+    transform = node.GetTransformFromParent()
+    while transform.IsA("vtkGeneralTransform"):
+        transform = transform.GetConcatenatedTransform(0)
+    return transform.GetInterpolationModeAsString().lower()
