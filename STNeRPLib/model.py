@@ -20,8 +20,9 @@ class SeriesModel:
     """Trained Def-Net(s) and prior, with the reference grid, times and intensity window.
 
     `reference` is the reference image in its own units, [z, y, x]; `follow_ups` the other
-    scans, resampled onto the reference grid (in their units, per scanned time); `labelmap` the
-    reference segmentation on the same grid, if one was given.
+    scans, resampled onto the reference grid (in their units, per scanned time); `views` the
+    fields of view (bool, reference grid) of the follow-ups that do not cover the whole reference
+    grid; `labelmap` the reference segmentation on the same grid, if one was given.
     """
 
     preset: Preset
@@ -34,6 +35,7 @@ class SeriesModel:
     ref_net: RefNet | None
     reference: np.ndarray
     follow_ups: dict[float, np.ndarray]
+    views: dict[float, np.ndarray]
     labelmap: np.ndarray | None
 
     def normalised_time(self, t: float) -> float:
@@ -53,6 +55,10 @@ class SeriesModel:
         """The scan at scanned time t on the reference grid, in its own units."""
         return self.grid.image(self.reference if t == self.reference_time else self.follow_ups[t])
 
+    def field_of_view(self, t: float) -> sitk.Image | None:
+        """uint8 mask of the scan at time t's field of view on the reference grid (None: all of it)."""
+        return self.grid.image(self.views[t].astype(np.uint8)) if t in self.views else None
+
     def displacement_grid(self, t: float, inverse: bool = False) -> torch.Tensor:
         """Displacement [1, 3, D, H, W] (grid_sample units) on the velocity grid at user time t
         (inverse: reference points -> time-t points)."""
@@ -70,6 +76,7 @@ class SeriesModel:
             "ref_net": self.ref_net.state_dict() if self.ref_net is not None else None,
             "reference": torch.from_numpy(self.reference),
             "follow_ups": [[t, torch.from_numpy(a)] for t, a in self.follow_ups.items()],
+            "views": [[t, torch.from_numpy(a)] for t, a in self.views.items()],
             "labelmap": torch.from_numpy(self.labelmap.astype(np.int32)) if self.labelmap is not None else None,
         }, path)
 
@@ -90,6 +97,7 @@ class SeriesModel:
                    tuple(data["time_range"]), IntensityWindow(*data["window"]), data["prior_kind"],
                    deformation.to(device), ref_net, data["reference"].cpu().numpy(),
                    {float(t): a.cpu().numpy() for t, a in data["follow_ups"]},
+                   {float(t): a.cpu().numpy() for t, a in data["views"]},
                    labelmap.cpu().numpy() if labelmap is not None else None)
 
 

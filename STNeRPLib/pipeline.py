@@ -125,7 +125,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     window = IntensityWindow.for_image(reference, options.intensity)
     reference_array = sitk.GetArrayFromImage(reference)
     background = float(reference_array.min())
-    prealignments, targets, scans = {}, [], {}
+    prealignments, targets, scans, views = {}, [], {}, {}
     times = [reference_time] + [t for t, _ in follow_ups]
     time_range = (min(times), max(times))
     for t, image in follow_ups:
@@ -139,8 +139,10 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
         resampled = sitk.GetArrayFromImage(onto_grid(image, reference, transform, background))
         scans[t] = resampled
         inside = inside_field_of_view(image, reference, transform)
+        if not inside.all():
+            views[t] = inside
         targets.append(Target(normalise_time(t, time_range), _tensor(window.normalise(resampled), device),
-                              None if inside.all() else torch.from_numpy(inside).to(device)))
+                              torch.from_numpy(inside).to(device) if t in views else None))
     reference_volume = _tensor(window.normalise(reference_array), device)
     targets.insert(0, Target(normalise_time(reference_time, time_range), reference_volume))
 
@@ -155,7 +157,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     fit_deformation(deformation, prior, targets, preset, reporter.progress, generator)
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
     model = SeriesModel(preset, grid, reference_time, time_range, window, options.prior, deformation,
-                        ref_net, reference_array, scans, labelmap)
+                        ref_net, reference_array, scans, views, labelmap)
     return model, prealignments
 
 

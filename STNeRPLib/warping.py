@@ -5,7 +5,7 @@ evaluated in slabs of slices, so memory stays bounded on large grids.
 The predicted image is made from the scans, resampled with cubic B-splines:
 - at an unscanned time t between two scans a < t < b: motion-compensated interpolation, each
   scan carried to t through the learned deformation (point q -> phi_s^-1(q + u_t(q)), s = a, b)
-  and the two blended linearly in time;
+  and the two blended linearly in time, each only where it lies inside that scan's field of view;
 - otherwise (a scanned time, or outside the scanned range): the reference resampled through u_t.
 Ref-Net is the prior Def-Net is trained against (paper eq. 6), not the renderer: the default
 preset's Ref-Net reproduces the reference to ~36 dB, which would cap every predicted image.
@@ -66,13 +66,29 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
     shape = target.shape
     field = field.reshape(*shape, 3)
     if sources:
-        image = sum(w * _resample(model.scan(s), c.reshape(*shape, 3), target) for (s, w), c in
-                    zip(sources.items(), carried))
+        image = _blend(model, sources, [c.reshape(*shape, 3) for c in carried], field, target)
     else:
         sources = {model.reference_time: 1.0}
         image = _resample(model.scan(model.reference_time), field, target)
     return Warped(field, image.astype(np.float32), labels.reshape(shape) if labels is not None else None,
                   list(sources))
+
+
+def _blend(model: SeriesModel, sources: dict[float, float], carried: list[np.ndarray], field: np.ndarray,
+           target: Grid) -> np.ndarray:
+    """Weighted sum of the carried scans, each counted only inside its field of view (weights
+    renormalised); where no scan saw the point, the reference resampled through u_t."""
+    total, weight = np.zeros(target.shape), np.zeros(target.shape)
+    for (s, w), displacement in zip(sources.items(), carried):
+        view = model.field_of_view(s)
+        seen = w if view is None else w * _resample(view, displacement, target, sitk.sitkNearestNeighbor)
+        total += seen * _resample(model.scan(s), displacement, target)
+        weight += seen
+    image = np.divide(total, weight, out=np.zeros(target.shape), where=weight > 0)
+    unseen = weight <= 0
+    if unseen.any():
+        image[unseen] = _resample(model.scan(model.reference_time), field, target)[unseen]
+    return image
 
 
 def interpolation_weights(scanned: list[float], t: float) -> dict[float, float]:
@@ -114,12 +130,13 @@ def _mm_from(grid: Grid, index: np.ndarray, q: np.ndarray) -> np.ndarray:
     return (grid.to_physical(index) - q).astype(np.float32)
 
 
-def _resample(scan: sitk.Image, displacement: np.ndarray, target: Grid) -> np.ndarray:
-    """`scan` at q + displacement(q) for every voxel q of target (cubic B-spline; beyond the scan,
-    its nearest border value)."""
+def _resample(scan: sitk.Image, displacement: np.ndarray, target: Grid,
+              interpolator: int = sitk.sitkBSpline) -> np.ndarray:
+    """`scan` at q + displacement(q) for every voxel q of target (cubic B-spline by default; beyond
+    the scan, its nearest border value)."""
     field = target.image(displacement.astype(np.float64), vector=True)
     transform = sitk.DisplacementFieldTransform(field)
-    resampled = sitk.Resample(scan, target.size, transform, sitk.sitkBSpline, target.origin, target.spacing,
+    resampled = sitk.Resample(scan, target.size, transform, interpolator, target.origin, target.spacing,
                               target.direction, 0.0, sitk.sitkFloat32, True)
     return sitk.GetArrayFromImage(resampled)
 

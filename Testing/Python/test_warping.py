@@ -107,3 +107,17 @@ def test_voxels_outside_a_follow_ups_field_of_view_do_not_pull_the_field():
     u = warp(model, 1.0, cropped).displacement
     seen = sitk.GetArrayFromImage(blobs(cropped)) > -500
     assert np.linalg.norm(u, axis=-1)[seen].max() < 0.5, np.linalg.norm(u, axis=-1)[seen].max()
+
+
+def test_predicted_image_between_scans_takes_each_scan_only_where_it_saw():
+    """No motion; the scan at time 2 saw only x < 7 mm. At the unscanned time 1.5 the predicted
+    image is the anatomy everywhere, not half the padding of the cropped scan."""
+    grid = Grid((32, 32, 24), (2.0, 2.0, 2.5), (-31.0, -31.0, -29.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    cropped = Grid((20, 32, 24), grid.spacing, grid.origin, grid.direction)
+    options = Options(DEFAULT.with_iterations(150), prior="image")
+    model, _ = fit(blobs(grid), 0.0, [(1.0, blobs(grid)), (2.0, blobs(cropped))], None, options, QUIET)
+    warped = warp(model, 1.5, grid)
+    assert warped.image_sources == [1.0, 2.0]
+    error = np.abs(warped.image - sitk.GetArrayFromImage(blobs(grid)))
+    unseen_by_2 = error[:, :, 20:]                                     # x >= 9 mm: only time 1 saw it
+    assert unseen_by_2.max() < 40 and error.mean() < 5, (unseen_by_2.max(), error.mean())   # HU
