@@ -379,35 +379,40 @@ def read_displacement_transform(scene, path, name, linear=True):
 
 def restore_grid_interpolation(scene):
     """Linear interpolation again on the STNeRP grid transforms of a scene just loaded (Slicer
-    does not save the mode and reads grids as cubic); returns how many nodes were changed."""
+    does not save the mode and reads grids as cubic); returns how many nodes were changed. A node
+    whose grid could not be read is left alone: this runs in a scene-load observer."""
     grids = [scene.GetNthNodeByClass(i, "vtkMRMLGridTransformNode")
              for i in range(scene.GetNumberOfNodesByClass("vtkMRMLGridTransformNode"))]
     nodes = [n for n in grids if n.GetAttribute("STNeRP.Interpolation") == "linear"]
     for node in nodes:
-        set_grid_interpolation_linear(node)
+        for grid in _grid_transforms(node):
+            grid.SetInterpolationModeToLinear()
     return len(nodes)
 
 
 def set_grid_interpolation_linear(transform_node):
     """Linear interpolation on every grid of a transform node (Slicer sets cubic on read)."""
-    changed = 0
-    for direction in (transform_node.GetTransformFromParent(),):
-        stack = [direction]
-        while stack:
-            t = stack.pop()
-            if t is None:
-                continue
-            if hasattr(t, "GetNumberOfConcatenatedTransforms") and t.IsA("vtkGeneralTransform"):
-                for i in range(t.GetNumberOfConcatenatedTransforms()):
-                    stack.append(t.GetConcatenatedTransform(i))
-                continue
-            if t.IsA("vtkGridTransform"):
-                t.SetInterpolationModeToLinear()
-                changed += 1
-    if changed == 0:
+    grids = _grid_transforms(transform_node)
+    if not grids:
         raise RuntimeError("transform '%s' holds no displacement grid" % transform_node.GetName())
+    for grid in grids:
+        grid.SetInterpolationModeToLinear()
     transform_node.SetAttribute("STNeRP.Interpolation", "linear")
-    return changed
+    return len(grids)
+
+
+def _grid_transforms(transform_node):
+    """Every vtkGridTransform in a node's from-parent transform (through concatenations)."""
+    grids, stack = [], [transform_node.GetTransformFromParent()]
+    while stack:
+        t = stack.pop()
+        if t is None:
+            continue
+        if hasattr(t, "GetNumberOfConcatenatedTransforms") and t.IsA("vtkGeneralTransform"):
+            stack.extend(t.GetConcatenatedTransform(i) for i in range(t.GetNumberOfConcatenatedTransforms()))
+        elif t.IsA("vtkGridTransform"):
+            grids.append(t)
+    return grids
 
 
 def set_registration_references(transform_node, fixed_node=None, moving_node=None):
