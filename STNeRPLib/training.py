@@ -66,8 +66,9 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
         c = points[chosen]                                                # [T, N, 3]
         u = sample(deformation.displacement([times[i] for i in which]), c)  # [T, N, 3]
         predicted = prior((c + u).reshape(-1, 3)).reshape(c.shape[:2])
-        weight = torch.gather(inside[which], 1, chosen).to(volumes.dtype)
-        error = (predicted - torch.gather(volumes[which], 1, chosen)) ** 2
+        voxels = (chosen + volumes.shape[1] * torch.tensor(which, device=chosen.device)[:, None]).reshape(-1)
+        weight = inside.reshape(-1)[voxels].reshape(chosen.shape).to(volumes.dtype)
+        error = (predicted - volumes.reshape(-1)[voxels].reshape(chosen.shape)) ** 2
         loss = torch.sum(weight * error) / weight.sum().clamp(min=1)
         _step(optimizer, loss, schedule)
         progress("defnet", iteration, preset.def_iterations, loss.item())
