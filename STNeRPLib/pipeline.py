@@ -44,18 +44,22 @@ class Series:
 
 @dataclass(frozen=True)
 class Options:
-    """How to fit: preset, prior ('refnet' or 'image'), continuous time or pairwise ("w/o t"),
-    scheme ('long': reference -> each; 'short': previous -> next), affine pre-alignment,
-    intensity normalisation ('ct' or 'percentile'), device and seed."""
+    """How to fit: preset, prior ('refnet' or 'image'; None: the preset's), continuous time or
+    pairwise ("w/o t"), scheme ('long': reference -> each; 'short': previous -> next), affine
+    pre-alignment, intensity normalisation ('ct' or 'percentile'), device and seed."""
 
     preset: Preset
-    prior: str = "refnet"
+    prior: str | None = None
     temporal: bool = True
     scheme: str = "long"
     prealign: bool = False
     intensity: str = "ct"
     device: str = "auto"
     seed: int = 0
+
+    def __post_init__(self):
+        if self.prior is None:
+            object.__setattr__(self, "prior", self.preset.prior)
 
     def to_dict(self) -> dict:
         return {"preset": self.preset.to_dict(), "prior": self.prior, "temporal": self.temporal,
@@ -146,12 +150,14 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     reference_volume = _tensor(window.normalise(reference_array), device)
     targets.insert(0, Target(normalise_time(reference_time, time_range), reference_volume))
 
-    ref_net, prior = None, ImagePrior(reference_volume)
+    ref_net, prior = None, reference_volume
     if options.prior == "refnet":
         ref_net = new_ref_net(preset, generator).to(device)
         fit_reference(ref_net, reference_volume, preset, reporter.progress, generator)
         ref_net.requires_grad_(False)
-        prior = ImagePrior(evaluate_on_grid(ref_net, reference_volume.shape)) if preset.prior_cache else ref_net
+        prior = evaluate_on_grid(ref_net, reference_volume.shape) if preset.prior_cache else ref_net
+    if isinstance(prior, torch.Tensor):
+        prior = ImagePrior(prior, preset.prior_interpolation)
     pairwise = None if options.temporal else [target.time for target in targets]
     deformation = Deformation(preset, velocity_shape(grid, preset), pairwise, generator).to(device)
     fit_deformation(deformation, prior, targets, preset, reporter.progress, generator)

@@ -43,8 +43,9 @@ def parser() -> argparse.ArgumentParser:
                        help="also write outputs at these times (e.g. never scanned)")
     train.add_argument("--preset", choices=sorted(PRESETS), default="default")
     train.add_argument("--iterations", type=int, metavar="N", help="iterations of each network (overrides the preset)")
-    train.add_argument("--prior", choices=["refnet", "image"], default="refnet",
-                       help="Ref-Net (ST-NeRP) or trilinear sampling of the reference ('w/o prior')")
+    train.add_argument("--prior", choices=["refnet", "image"],
+                       help="what Def-Net deforms: Ref-Net (the paper; the paper preset's) or the reference "
+                            "image ('w/o prior'; the default preset's, sampled by cubic B-spline)")
     train.add_argument("--pairwise", action="store_true", help="one network per follow-up, no time input ('w/o t')")
     train.add_argument("--scheme", choices=["long", "short"], default="long",
                        help="long: reference -> each; short: previous -> next")

@@ -318,7 +318,7 @@ class STNeRPCoreLogic:
                 ground_truth=files.get("ground_truth"),
                 predict_times=settings.get("predict_times") or inputs.predict_times,
                 preset=settings.get("preset", "default"), iterations=settings.get("iterations"),
-                device=settings.get("device", "auto"), prior=settings.get("prior", "refnet"),
+                device=settings.get("device", "auto"), prior=settings.get("prior", "preset"),
                 prealign=settings.get("prealign", "none"))
         except Exception:
             shutil.rmtree(temp_dir, ignore_errors=True)

@@ -15,7 +15,7 @@ DEFAULTS = {
     "Preset": "default",
     "Iterations": "0",            # 0 = the preset's number
     "Device": "auto",
-    "Prior": "refnet",
+    "Prior": "preset",            # preset | refnet | image ("preset": the preset's prior)
     "Prealign": "none",
     "PredictTimes": "[]",         # extra unscanned times predicted at the end of training
     "OutputDirectory": "",        # "" = under the application's temporary folder
@@ -119,7 +119,7 @@ def settings(node):
         "preset": node.GetParameter("Preset") or "default",
         "iterations": get_int(node, "Iterations", 0) or None,
         "device": node.GetParameter("Device") or "auto",
-        "prior": node.GetParameter("Prior") or "refnet",
+        "prior": node.GetParameter("Prior") or "preset",
         "prealign": node.GetParameter("Prealign") or "none",
         "predict_times": [float(t) for t in (get_json(node, "PredictTimes") or [])],
         "create_sequences": get_bool(node, "CreateSequences"),

@@ -25,7 +25,7 @@ EXIT_INTERRUPTED = 130
 
 PRESETS = ("default", "paper")
 DEVICES = ("auto", "cpu", "cuda")
-PRIORS = ("refnet", "image")
+PRIORS = ("preset", "refnet", "image")  # "preset": the preset's own prior
 PREALIGN = ("none", "affine")
 
 
@@ -58,7 +58,7 @@ def worker_environment(extra_paths=()):
 
 def train_arguments(reference, reference_time, followups, output, segmentation=None, landmarks=None,
                     ground_truth=(), predict_times=(), preset="default", iterations=None, device="auto",
-                    prior="refnet", prealign="none"):
+                    prior="preset", prealign="none"):
     """Arguments after ``python -m STNeRPLib`` for ``train`` (see the worker contract).
 
     ``followups``: [(path, time)], ``ground_truth``: [(labelmap path, time)]."""
@@ -86,7 +86,10 @@ def train_arguments(reference, reference_time, followups, output, segmentation=N
     args += ["--output", output, "--preset", preset]
     if iterations:
         args += ["--iterations", str(int(iterations))]
-    args += ["--device", device, "--prior", prior, "--prealign", prealign, "--json-events"]
+    args += ["--device", device]
+    if prior != "preset":
+        args += ["--prior", prior]
+    args += ["--prealign", prealign, "--json-events"]
     return args
 
 

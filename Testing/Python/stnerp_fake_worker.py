@@ -175,7 +175,7 @@ def main(argv=None):
     t.add_argument("--preset", default="default")
     t.add_argument("--iterations", type=int)
     t.add_argument("--device", default="auto")
-    t.add_argument("--prior", default="refnet")
+    t.add_argument("--prior")
     t.add_argument("--prealign", default="none")
     t.add_argument("--json-events", action="store_true")
     p = sub.add_parser("predict")

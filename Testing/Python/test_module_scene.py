@@ -236,6 +236,8 @@ def test_module_train_arguments_follow_contract():
                     "--predict-times", "0.5", "1.75", "--output", "OUT", "--preset", "paper",
                     "--iterations", "30", "--device", "cpu", "--prior", "image", "--prealign", "affine",
                     "--json-events"]
+    default_prior = worker_process.train_arguments("r.nrrd", 0, [("a.nrrd", 1)], "OUT")
+    assert "--prior" not in default_prior, "the preset's own prior is the worker's default"
     assert worker_process.predict_arguments("RUN", [1.5], "NEW") == [
         "predict", "--run", "RUN", "--times", "1.5", "--output", "NEW", "--json-events"]
     with pytest.raises(ValueError):

@@ -1,0 +1,85 @@
+"""The prior Def-Net deforms: interpolation of a volume on the reference grid, and which prior a
+preset asks for."""
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from STNeRPLib.integration import identity_grid
+from STNeRPLib.pipeline import Options
+from STNeRPLib.presets import DEFAULT, PAPER
+from STNeRPLib.priors import ImagePrior, evaluate_on_grid
+
+SHAPE = (9, 11, 13)  # D, H, W
+
+
+def smooth_volume(shift_x: float = 0.0) -> np.ndarray:
+    """An analytic smooth volume sampled at the voxel centres, moved by shift_x voxels along x."""
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in SHAPE), indexing="ij")
+    x = x + shift_x
+    return np.sin(1.5 * x + 0.3 * y) + np.cos(0.7 * y - 0.5 * z) + 0.5 * np.sin(1.3 * x - 0.8 * z)
+
+
+def to_unit(index_xyz: np.ndarray) -> torch.Tensor:
+    """Voxel indices (x, y, z) -> grid_sample coordinates in [-1, 1]."""
+    extent = np.array(SHAPE[::-1]) - 1
+    return torch.from_numpy(2 * index_xyz / extent - 1).float()
+
+
+def test_cubic_matches_scipy_bspline_inside_and_border_outside():
+    volume = np.random.default_rng(0).standard_normal(SHAPE)
+    prior = ImagePrior(torch.from_numpy(volume).float(), "cubic")
+    index = np.random.default_rng(1).uniform(-2, np.array(SHAPE[::-1]) + 1, (400, 3))
+    clamped = np.clip(index, 0, np.array(SHAPE[::-1]) - 1)
+    expected = ndimage.map_coordinates(volume, clamped[:, ::-1].T, order=3, mode="mirror")
+    np.testing.assert_allclose(prior(to_unit(index)).numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "cubic"])
+def test_prior_reproduces_the_volume_at_voxel_centres(interpolation):
+    volume = torch.from_numpy(np.random.default_rng(2).standard_normal(SHAPE)).float()
+    prior = ImagePrior(volume, interpolation)
+    np.testing.assert_allclose(evaluate_on_grid(prior, SHAPE).numpy(), volume.numpy(), atol=1e-5)
+
+
+def test_cubic_gradient_matches_finite_differences():
+    prior = ImagePrior(torch.from_numpy(smooth_volume()).double(), "cubic")
+    c = (identity_grid(SHAPE, dtype=torch.float64).reshape(-1, 3)[::7] * 0.9 + 0.013).requires_grad_(True)
+    prior(c).sum().backward()
+    step = 1e-6
+    for axis in range(3):
+        offset = torch.zeros(3, dtype=torch.float64)
+        offset[axis] = step
+        numeric = (prior(c.detach() + offset) - prior(c.detach() - offset)) / (2 * step)
+        np.testing.assert_allclose(c.grad[:, axis].numpy(), numeric.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def best_shift(interpolation: str, true_shift: float) -> float:
+    """The x shift (voxels) minimising the MSE between the prior moved by it and the moved volume,
+    over the interior voxels: the sub-voxel bias of a registration against this prior."""
+    prior = ImagePrior(torch.from_numpy(smooth_volume()).float(), interpolation)
+    target = smooth_volume(true_shift)[2:-2, 2:-2, 2:-3]
+    z, y, x = np.meshgrid(*(np.arange(2, n - 2 - (i == 2)) for i, n in enumerate(SHAPE)), indexing="ij")
+    centres = np.stack([x, y, z], axis=-1).reshape(-1, 3).astype(np.float64)
+    candidates = np.linspace(true_shift - 0.3, true_shift + 0.3, 601)
+    losses = [np.mean((prior(to_unit(centres + [s, 0, 0])).numpy() - target.reshape(-1)) ** 2) for s in candidates]
+    return float(candidates[int(np.argmin(losses))])
+
+
+def test_cubic_prior_has_less_sub_voxel_bias_than_trilinear():
+    cubic, linear = best_shift("cubic", 0.3), best_shift("linear", 0.3)
+    assert abs(cubic - 0.3) < 0.01, cubic
+    assert abs(linear - 0.3) > 3 * abs(cubic - 0.3), (linear, cubic)
+
+
+def test_unknown_interpolation_is_refused():
+    with pytest.raises(ValueError, match="linear"):
+        ImagePrior(torch.zeros(SHAPE), "nearest")
+
+
+def test_options_take_the_presets_prior_unless_given():
+    assert Options(DEFAULT).prior == DEFAULT.prior == "image"
+    assert Options(PAPER).prior == PAPER.prior == "refnet"
+    assert PAPER.prior_interpolation == "linear", "the paper's 'w/o prior' samples trilinearly"
+    assert Options(DEFAULT, prior="refnet").prior == "refnet"
+    assert Options(DEFAULT).to_dict()["prior"] == "image"
