@@ -52,11 +52,12 @@ sys.path.insert(0, str(ROOT))
 RESULTS = HERE / "results"
 THREADS = 2
 
-STNERP_METHODS = {
-    "stnerp_default": {"label": "STNeRP default", "preset": "default", "prior": "refnet", "temporal": True},
-    "stnerp_paper": {"label": "STNeRP paper", "preset": "paper", "prior": "refnet", "temporal": True},
-    "stnerp_noprior": {"label": "STNeRP default w/o prior", "preset": "default", "prior": "image", "temporal": True},
-    "stnerp_not": {"label": "STNeRP default w/o t", "preset": "default", "prior": "refnet", "temporal": False},
+STNERP_METHODS = {  # prior None: the preset's own (default preset: the image, cubic B-spline; paper: Ref-Net)
+    "stnerp_default": {"label": "STNeRP default", "preset": "default", "prior": None, "temporal": True},
+    "stnerp_paper": {"label": "STNeRP paper", "preset": "paper", "prior": None, "temporal": True},
+    "stnerp_refnet": {"label": "STNeRP default with Ref-Net prior", "preset": "default", "prior": "refnet",
+                      "temporal": True},
+    "stnerp_not": {"label": "STNeRP default w/o t", "preset": "default", "prior": None, "temporal": False},
 }
 PEER_METHODS = ["ants_syn", "ants_synonly_cc", "elastix_bspline", "elastix_bspline_multires", "sitk_demons"]
 ALL_METHODS = list(STNERP_METHODS) + PEER_METHODS + ["none"]
@@ -234,7 +235,7 @@ def stnerp_flops(model, series, n_times: int, training_seconds: float | None) ->
     with torch's FlopCounterMode on one batch (matmuls; = 3 x forward multiply-adds x 2), times
     points x iterations; plus an analytic estimate of scaling and squaring and of the trilinear
     look-ups, which FlopCounterMode does not count (~60 FLOPs a grid point and composition
-    forward, x3 with backward)."""
+    forward, x3 with backward; a cubic B-spline look-up of the prior ~170: 64 taps and their weights)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     preset = model.preset
@@ -266,8 +267,10 @@ def stnerp_flops(model, series, n_times: int, training_seconds: float | None) ->
     def_train, _ = per_point(lambda c, t: net(c, t), [(3,), (1,)])
     breakdown["defnet_training"] = def_train * velocity_points * n_times * preset.def_iterations
     def_points = preset.def_points if 0 < preset.def_points < voxels else voxels
-    breakdown["integration_and_sampling_training"] = 3 * 60.0 * preset.def_iterations * n_times * (
-        velocity_points * preset.squaring_steps + 2 * def_points)
+    volume_prior = model.prior_kind == "image" or preset.prior_cache
+    prior_lookup = 170.0 if volume_prior and preset.prior_interpolation == "cubic" else 60.0
+    breakdown["integration_and_sampling_training"] = 3.0 * preset.def_iterations * n_times * (
+        60.0 * velocity_points * preset.squaring_steps + (60.0 + prior_lookup) * def_points)
     total = float(sum(breakdown.values()))
     out = {"training_flops": total, "breakdown": {k: float(v) for k, v in breakdown.items()}}
     if training_seconds:
@@ -527,7 +530,8 @@ def configs(methods, args) -> dict:
             p = PRESETS[spec["preset"]]
             text = (f"preset '{p.name}' (Ref-Net {p.ref_depth}x{p.ref_width}, {p.ref_iterations} it., "
                     f"{p.ref_points or 'all'} points; Def-Net {p.def_depth}x{p.def_width}, {p.def_iterations} it., "
-                    f"velocity spacing {p.velocity_spacing or 'image grid'} mm), prior={spec['prior']}, "
+                    f"velocity spacing {p.velocity_spacing or 'image grid'} mm), prior={spec['prior'] or p.prior} "
+                    f"({p.prior_interpolation} interpolation of the prior volume), "
                     f"temporal={spec['temporal']}; whole series fitted once")
             if m == "stnerp_paper":
                 text += (f"; run on a {tuple(args.paper_size)} grid (same field of view) with "
