@@ -23,7 +23,8 @@ from . import worker_process
 
 logger = logging.getLogger(__name__)
 
-#: progress bar share of each worker stage (start, end)
+#: progress bar share of each worker stage (start, end); Def-Net takes Ref-Net's share too when
+#: the run has no Ref-Net stage (the image prior, the default preset's)
 STAGE_RANGES = {"load": (0.0, 0.05), "refnet": (0.05, 0.35), "defnet": (0.35, 0.9), "outputs": (0.9, 1.0)}
 
 SEGMENT_MAP_FILE = "slicer_segment_map.json"
@@ -95,9 +96,12 @@ def sequence_item_at_time(sequence_node, t):
     return None
 
 
-def progress_fraction(event):
-    """0..1 for a progress event (stage share + iteration within the stage)."""
+def progress_fraction(event, ref_net=True):
+    """0..1 for a progress event (stage share + iteration within the stage); ref_net: whether the
+    run fitted Ref-Net before Def-Net."""
     lo, hi = STAGE_RANGES.get(event.get("stage"), (0.0, 1.0))
+    if event.get("stage") == "defnet" and not ref_net:
+        lo = STAGE_RANGES["refnet"][0]
     total = event.get("total") or 0
     it = event.get("iteration") or 0
     frac = min(max(float(it) / float(total), 0.0), 1.0) if total else 0.0
@@ -138,6 +142,7 @@ class Job:
         self.started = None
         self.error_event = None
         self.done_event = None
+        self._ref_net = False
 
     @property
     def finished(self):
@@ -173,7 +178,8 @@ class Job:
         for event in events:
             kind = event.get("event")
             if kind == "progress":
-                self.progress = progress_fraction(event)
+                self._ref_net = self._ref_net or event.get("stage") == "refnet"
+                self.progress = progress_fraction(event, self._ref_net)
                 self.status_text = describe_progress(event)
             elif kind == "log":
                 self.log_lines.append(event.get("text", ""))

@@ -247,6 +247,16 @@ def test_module_train_arguments_follow_contract():
     assert worker_process.parse_line("stderr", '{"event":"done"}')["event"] == "log"
 
 
+def test_module_progress_fills_the_bar_whether_or_not_ref_net_is_fitted():
+    def at(stage, iteration, total, ref_net):
+        return core_logic.progress_fraction({"stage": stage, "iteration": iteration, "total": total}, ref_net)
+    assert at("refnet", 0, 600, True) == pytest.approx(0.05)
+    assert at("defnet", 0, 1000, True) == pytest.approx(0.35)
+    assert at("defnet", 0, 1000, False) == pytest.approx(0.05), "no Ref-Net stage: Def-Net starts where it would"
+    assert at("defnet", 500, 1000, False) == pytest.approx(0.475)
+    assert at("defnet", 1000, 1000, False) == at("defnet", 1000, 1000, True) == pytest.approx(0.9)
+
+
 def test_module_helpers_import_without_qt():
     import subprocess
     code = ("import sys; sys.path.insert(0, %r); import STNeRPModuleLib.core_logic, STNeRPModuleLib.scene_io, "
