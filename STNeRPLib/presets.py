@@ -75,14 +75,13 @@ DEFAULT = Preset(
     velocity_spacing=32.0, prior="image", prior_interpolation="cubic", prior_cache=True, lr_final=0.1,
     def_times=3, def_omega=10.0,
 )
-"""Measured on the 96 x 96 x 64 breathing phantom (benchmarks/preset_study.py; mean TRE over nine
-phases, mm): the reference sampled by a cubic B-spline is a more faithful prior than Ref-Net's
-rendering (36 dB) and costs no training (TRE 0.23 vs 0.27 at equal Def-Net settings; trilinear
-sampling 0.42, its sub-voxel blur and gradient jumps bias the fit). A 32 mm velocity grid (16 and
-24 mm: equal TRE) and 3 random time points per iteration keep each Def-Net iteration cheap; omega 10
-and width 128 fit the motion better than omega 5 and width 64 (0.23 vs 0.31), 1000 iterations better
-than 600 (0.19 vs 0.23); larger Fourier scales (sigma 2: 0.63) or omega 15 are worse. Ref-Net's
-settings apply with `--prior refnet`: more, smaller batches and a cosine learning-rate decay fit the
-reference better per second."""
+"""Measured on the 96 x 96 x 64 breathing phantom (mean TRE over the nine follow-up phases, mm;
+README, Presets): cubic B-spline sampling of the prior beat trilinear (Ref-Net's cached rendering
+0.37 -> 0.31, the reference image 0.42 -> 0.33; trilinear blurs by sub-voxel position and its
+gradient jumps at voxel faces); with Def-Net at omega 10 and width 128 the image beat Ref-Net's
+rendering (0.23 vs 0.27) at no training cost; 1000 Def-Net iterations 0.19 (600: 0.23). A 16 or
+24 mm velocity grid was no better than 32 mm; sigma 2 (0.63) and omega 15 (0.25) were worse.
+Ref-Net's settings apply with `--prior refnet`: more, smaller batches and a cosine learning-rate
+decay fit the reference better per second."""
 
 PRESETS = {preset.name: preset for preset in (DEFAULT, PAPER)}

@@ -5,6 +5,8 @@ Every prior maps reference-grid coordinates c in [-1, 1]^3 (N, 3) to normalised 
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -40,7 +42,7 @@ class ImagePrior(nn.Module):
         """Intensities (N,) at coordinates c (N, 3) in [-1, 1], (x, y, z) order; differentiable in c."""
         if not self.cubic:
             return sample(self.volume, c[None])[0, :, 0]
-        depth, height, width = self.shape
+        _, height, width = self.shape
         index = torch.minimum((c + 1) / 2 * self.extent, self.extent).clamp(min=0)
         base = torch.floor(index)
         weights = _cubic_bspline_weights(index - base)  # (N, 3, 4): x, y, z taps
@@ -61,7 +63,7 @@ def _cubic_bspline_weights(f: torch.Tensor) -> torch.Tensor:
 
 def evaluate_on_grid(prior: nn.Module, shape: tuple[int, int, int], chunk: int = 65536) -> torch.Tensor:
     """The prior at every voxel centre of a (D, H, W) grid spanning [-1, 1]^3, without gradients."""
-    device = next(prior.parameters(), torch.empty(0)).device
+    device = next(itertools.chain(prior.parameters(), prior.buffers()), torch.empty(0)).device
     points = identity_grid(shape, device).reshape(-1, 3)
     with torch.no_grad():
         values = torch.cat([prior(points[i:i + chunk]) for i in range(0, len(points), chunk)])
