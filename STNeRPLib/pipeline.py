@@ -61,6 +61,12 @@ class Options:
         if self.prior is None:
             object.__setattr__(self, "prior", self.preset.prior)
 
+    @property
+    def prior_is_volume(self) -> bool:
+        """Whether Def-Net deforms a volume on the reference grid (the reference image, or Ref-Net's
+        cached rendering), sampled with the preset's prior_interpolation, rather than Ref-Net itself."""
+        return self.prior == "image" or self.preset.prior_cache
+
     def to_dict(self) -> dict:
         return {"preset": self.preset.to_dict(), "prior": self.prior, "temporal": self.temporal,
                 "scheme": self.scheme, "prealign": self.prealign, "intensity": self.intensity,
@@ -150,14 +156,15 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     reference_volume = _tensor(window.normalise(reference_array), device)
     targets.insert(0, Target(normalise_time(reference_time, time_range), reference_volume))
 
-    ref_net, prior = None, reference_volume
+    ref_net = None
     if options.prior == "refnet":
         ref_net = new_ref_net(preset, generator).to(device)
         fit_reference(ref_net, reference_volume, preset, reporter.progress, generator)
         ref_net.requires_grad_(False)
-        prior = evaluate_on_grid(ref_net, reference_volume.shape) if preset.prior_cache else ref_net
-    if isinstance(prior, torch.Tensor):
-        prior = ImagePrior(prior, preset.prior_interpolation)
+    prior = ref_net
+    if options.prior_is_volume:
+        volume = reference_volume if ref_net is None else evaluate_on_grid(ref_net, reference_volume.shape)
+        prior = ImagePrior(volume, preset.prior_interpolation)
     pairwise = None if options.temporal else [target.time for target in targets]
     deformation = Deformation(preset, velocity_shape(grid, preset), pairwise, generator).to(device)
     fit_deformation(deformation, prior, targets, preset, reporter.progress, generator)

@@ -69,7 +69,7 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
         image = _blend(model, sources, [c.reshape(*shape, 3) for c in carried], field, target)
     else:
         sources = {model.reference_time: 1.0}
-        image = _resample(model.scan(model.reference_time), field, target)
+        image = _resample(model.scan(model.reference_time), _transform(field, target), target)
     return Warped(field, image.astype(np.float32), labels.reshape(shape) if labels is not None else None,
                   list(sources))
 
@@ -80,14 +80,14 @@ def _blend(model: SeriesModel, sources: dict[float, float], carried: list[np.nda
     renormalised); where no scan saw the point, the reference resampled through u_t."""
     total, weight = np.zeros(target.shape), np.zeros(target.shape)
     for (s, w), displacement in zip(sources.items(), carried):
-        view = model.field_of_view(s)
-        seen = w if view is None else w * _resample(view, displacement, target, sitk.sitkNearestNeighbor)
-        total += seen * _resample(model.scan(s), displacement, target)
+        transform, view = _transform(displacement, target), model.field_of_view(s)
+        seen = w if view is None else w * _resample(view, transform, target, sitk.sitkNearestNeighbor)
+        total += seen * _resample(model.scan(s), transform, target)
         weight += seen
     image = np.divide(total, weight, out=np.zeros(target.shape), where=weight > 0)
     unseen = weight <= 0
     if unseen.any():
-        image[unseen] = _resample(model.scan(model.reference_time), field, target)[unseen]
+        image[unseen] = _resample(model.scan(model.reference_time), _transform(field, target), target)[unseen]
     return image
 
 
@@ -130,12 +130,15 @@ def _mm_from(grid: Grid, index: np.ndarray, q: np.ndarray) -> np.ndarray:
     return (grid.to_physical(index) - q).astype(np.float32)
 
 
-def _resample(scan: sitk.Image, displacement: np.ndarray, target: Grid,
+def _transform(displacement: np.ndarray, target: Grid) -> sitk.DisplacementFieldTransform:
+    """The displacement (mm, [z, y, x, 3] on target) as an ITK transform q -> q + displacement(q)."""
+    return sitk.DisplacementFieldTransform(target.image(displacement.astype(np.float64), vector=True))
+
+
+def _resample(scan: sitk.Image, transform: sitk.Transform, target: Grid,
               interpolator: int = sitk.sitkBSpline) -> np.ndarray:
-    """`scan` at q + displacement(q) for every voxel q of target (cubic B-spline by default; beyond
-    the scan, its nearest border value)."""
-    field = target.image(displacement.astype(np.float64), vector=True)
-    transform = sitk.DisplacementFieldTransform(field)
+    """`scan` at transform(q) for every voxel q of target (cubic B-spline by default; beyond the
+    scan, its nearest border value)."""
     resampled = sitk.Resample(scan, target.size, transform, interpolator, target.origin, target.spacing,
                               target.direction, 0.0, sitk.sitkFloat32, True)
     return sitk.GetArrayFromImage(resampled)

@@ -268,7 +268,8 @@ def stnerp_flops(model, series, n_times: int, training_seconds: float | None) ->
     def_train, _ = per_point(lambda c, t: net(c, t), [(3,), (1,)])
     breakdown["defnet_training"] = def_train * velocity_points * n_times * preset.def_iterations
     def_points = preset.def_points if 0 < preset.def_points < voxels else voxels
-    volume_prior = model.prior_kind == "image" or preset.prior_cache
+    from STNeRPLib.pipeline import Options
+    volume_prior = Options(preset, prior=model.prior_kind).prior_is_volume
     prior_lookup = 170.0 if volume_prior and preset.prior_interpolation == "cubic" else 60.0
     breakdown["integration_and_sampling_training"] = 3.0 * preset.def_iterations * n_times * (
         60.0 * velocity_points * preset.squaring_steps + (60.0 + prior_lookup) * def_points)
@@ -530,19 +531,17 @@ def markdown(report: dict) -> str:
 
 def configs(methods, args) -> dict:
     from benchmarks import peers
-    from STNeRPLib.presets import PRESETS
     out = {}
     for m in methods:
         if m in STNERP_METHODS:
-            spec = STNERP_METHODS[m]
-            p = PRESETS[spec["preset"]]
-            prior = spec["prior"] or p.prior
+            options = _stnerp_options(m, None)
+            p = options.preset
             ref_net = (f"Ref-Net {p.ref_depth}x{p.ref_width}, {p.ref_iterations} it., {p.ref_points or 'all'} points; "
-                       if prior == "refnet" else "")
-            volume = f", {p.prior_interpolation} interpolation" if prior == "image" or p.prior_cache else ""
+                       if options.prior == "refnet" else "")
+            volume = f", {p.prior_interpolation} interpolation" if options.prior_is_volume else ""
             text = (f"preset '{p.name}' ({ref_net}Def-Net {p.def_depth}x{p.def_width}, {p.def_iterations} it., "
-                    f"velocity spacing {p.velocity_spacing or 'image grid'} mm), prior={prior}{volume}, "
-                    f"temporal={spec['temporal']}; whole series fitted once")
+                    f"velocity spacing {p.velocity_spacing or 'image grid'} mm), prior={options.prior}{volume}, "
+                    f"temporal={options.temporal}; whole series fitted once")
             if m == "stnerp_paper":
                 text += (f"; run on a {tuple(args.paper_size)} grid (same field of view) with "
                          f"{args.paper_iterations} iterations per network instead of 2000 (does not fit a CPU)")
