@@ -2,7 +2,6 @@
 (Dice) and landmark pairs (TRE), at any time the run wrote, scanned or predicted."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,8 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .geometry import Grid
-from .io import read_image, read_labelmap, read_landmarks, write_json
+from .contract import STATUS_COMPLETE, read_run, write_json
+from .io import read_image, read_labelmap, read_landmarks
 from .metrics import dice_per_label, map_points, psnr, ssim, target_registration_error
 from .preprocessing import IntensityWindow
 from .progress import Reporter
@@ -18,10 +18,12 @@ from .progress import Reporter
 
 def load_record(run: Path) -> dict:
     """The run.json of a run folder."""
-    path = Path(run) / "run.json"
-    if not path.is_file():
-        raise InputError(f"{run} holds no run.json: give the output folder of a stnerp run")
-    return json.loads(path.read_text())
+    try:
+        return read_run(run)
+    except FileNotFoundError:
+        raise InputError(f"{run} holds no run.json: give the output folder of a stnerp run") from None
+    except (OSError, ValueError) as error:
+        raise InputError(f"the run.json of {run} cannot be read ({error}): give a stnerp run folder") from None
 
 
 def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[tuple[str, float]],
@@ -30,7 +32,7 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
     into the run folder, prints a table and returns the rows."""
     run = Path(run)
     record = load_record(run)
-    if record["status"] != "complete":
+    if record.get("status") != STATUS_COMPLETE:
         raise InputError(f"run {run} is {record['status']}, not complete: evaluate a complete run")
     entries = {float(e["time"]): e for e in record["time_points"]}
     window = IntensityWindow(*record["intensity_window"])

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import csv
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -74,21 +72,6 @@ def write_image(image: sitk.Image, path: Path) -> None:
     """Write an image (compressed), creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(image, str(path), useCompression=True)
-
-
-def write_json(data: dict, path: Path) -> None:
-    """Write JSON atomically: a reader sees the old or the new file, never half of one."""
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=_plain))
-    os.replace(temporary, path)
-
-
-def _plain(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
 def _read(path: Path, what: str) -> sitk.Image:

@@ -1,9 +1,10 @@
 """Progress for people (a bar on stderr) or for the Slicer module (JSON lines on stdout)."""
 from __future__ import annotations
 
-import json
 import sys
 import time
+
+from .contract import EVENT_DONE, EVENT_ERROR, EVENT_PROGRESS, json_line
 
 
 class Reporter:
@@ -31,7 +32,7 @@ class Reporter:
         elapsed = now - self._stage_start
         eta = elapsed / iteration * (total - iteration) if iteration else None
         if self.json_events:
-            self._emit(event="progress", stage=stage, iteration=iteration, total=total,
+            self._emit(event=EVENT_PROGRESS, stage=stage, iteration=iteration, total=total,
                        loss=loss, eta=None if eta is None else round(eta, 1))
         else:
             self._bar(stage, iteration, total, loss, eta)
@@ -42,17 +43,17 @@ class Reporter:
 
     def done(self, status: str, output: str) -> None:
         if self.json_events:
-            self._emit(event="done", status=status, output=output)
+            self._emit(event=EVENT_DONE, status=status, output=output)
         else:
             self.message(f"{status}: {output}")
 
     def error(self, message: str) -> None:
         if self.json_events:
-            self._emit(event="error", message=message)
+            self._emit(event=EVENT_ERROR, message=message)
         print(f"error: {message}", file=sys.stderr, flush=True)
 
     def _emit(self, **event) -> None:
-        print(json.dumps(event), flush=True)
+        print(json_line(event), flush=True)
 
     def _bar(self, stage, iteration, total, loss, eta) -> None:
         filled = int(30 * iteration / max(total, 1))

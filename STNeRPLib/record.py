@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from . import __version__
-from .io import write_json
+from . import contract
 
 
 class RunRecord:
@@ -23,7 +23,7 @@ class RunRecord:
     def __init__(self, folder: Path, command: str, inputs: dict, parameters: dict):
         self.folder = folder
         self.data = {
-            "status": "running", "error": None, "command": command,
+            "status": contract.STATUS_RUNNING, "error": None, "command": command,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": None,
             "inputs": inputs, "parameters": parameters, "versions": versions(),
             "reference_time": inputs.get("reference_time"),
@@ -44,7 +44,7 @@ class RunRecord:
         self.set(status=status, error=error, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     def _write(self) -> None:
-        write_json(self.data, self.folder / "run.json")
+        contract.write_run(self.folder, self.data)
 
 
 def versions() -> dict:

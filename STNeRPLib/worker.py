@@ -1,18 +1,23 @@
 """The `stnerp` command: train on a series, predict new times, evaluate, or run the demo.
 
 The Slicer module runs it in a background process with --json-events; batch users run it
-from a shell. Exit codes: 0 done, 2 bad input, 130 interrupted (SIGINT/SIGTERM), 1 other failure.
+from a shell. Choices, exit codes, events and the run folder are the worker contract
+(contract.py): 0 done, 2 bad input, 130 interrupted (SIGINT/SIGTERM, or standard input closed
+with --cancel-on-stdin-close), 1 other failure.
 """
 from __future__ import annotations
 
+import _thread
 import argparse
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Callable
 
+from . import contract
 from .errors import InputError
 from .pipeline import Options, load_series, run_prediction, run_training
 from .presets import PRESETS, Preset
@@ -23,7 +28,10 @@ from .record import RunRecord
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     reporter = Reporter(json_events=args.json_events)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background job inherits it ignored
+        signal.signal(signum, _interrupt)
+    if args.cancel_on_stdin_close:
+        threading.Thread(target=_interrupt_when_stdin_closes, daemon=True).start()
     return args.command(args, reporter)
 
 
@@ -41,25 +49,25 @@ def parser() -> argparse.ArgumentParser:
                        help="a ground-truth labelmap at a scanned time, for Dice")
     train.add_argument("--predict-times", nargs="+", type=float, default=[], metavar="T",
                        help="also write outputs at these times (e.g. never scanned)")
-    train.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    train.add_argument("--preset", choices=contract.PRESET_NAMES, default=contract.DEFAULT_PRESET)
     train.add_argument("--iterations", type=int, metavar="N", help="iterations of each network (overrides the preset)")
-    train.add_argument("--prior", choices=["refnet", "image"],
+    train.add_argument("--prior", choices=contract.PRIORS,
                        help="what Def-Net deforms: Ref-Net (the paper; the paper preset's) or the reference "
                             "image ('w/o prior'; the default preset's, sampled by cubic B-spline)")
     train.add_argument("--pairwise", action="store_true", help="one network per follow-up, no time input ('w/o t')")
-    train.add_argument("--scheme", choices=["long", "short"], default="long",
+    train.add_argument("--scheme", choices=contract.SCHEMES, default="long",
                        help="long: reference -> each; short: previous -> next")
-    train.add_argument("--prealign", choices=["none", "affine"], default="none",
+    train.add_argument("--prealign", choices=contract.PREALIGNMENTS, default="none",
                        help="affine pre-alignment of each follow-up to the reference")
-    train.add_argument("--intensity", choices=["ct", "percentile"], default="ct",
+    train.add_argument("--intensity", choices=contract.INTENSITIES, default="ct",
                        help="normalisation: CT window -1000..500 HU, or 0.5-99.5 percentiles (non-CT)")
-    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    train.add_argument("--device", choices=contract.DEVICES, default="auto")
     train.add_argument("--seed", type=int, default=0)
     predict = _command(commands, "predict", _predict, "query a trained run at new times, without retraining")
     predict.add_argument("--run", required=True, type=Path, metavar="DIR", help="folder of a complete training run")
     predict.add_argument("--times", required=True, nargs="+", type=float, metavar="T")
     demo = _command(commands, "demo", _demo, "run the whole pipeline on the built-in phantom and print metrics")
-    demo.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    demo.add_argument("--preset", choices=contract.PRESET_NAMES, default=contract.DEFAULT_PRESET)
     demo.add_argument("--iterations", type=int, metavar="N")
     demo.add_argument("--size", nargs=3, type=int, default=[96, 96, 64], metavar=("X", "Y", "Z"))
     demo.add_argument("--longitudinal", action="store_true", help="the shrinking-tumour fractions instead of breathing")
@@ -84,6 +92,8 @@ def _command(commands, name: str, function: Callable, text: str) -> argparse.Arg
                              help="new folder for the phantom and the run (default runs/demo-<date>)")
     command.add_argument("--json-events", action="store_true",
                          help="print newline-delimited JSON events on stdout (for the Slicer module)")
+    command.add_argument(contract.STDIN_CANCEL_FLAG, action="store_true",
+                         help="stop as on Ctrl-C when standard input closes (for the Slicer module)")
     return command
 
 
@@ -151,7 +161,7 @@ def _is_number(text: str) -> bool:
 def _complete_model(run: Path) -> Path:
     from .evaluation import load_record
     record = load_record(run)
-    if record.get("status") != "complete" or not record.get("model"):
+    if not contract.is_complete(record) or not record.get("model"):
         raise InputError(f"run {run} is not complete (status: {record.get('status')}): train it again")
     return run / record["model"]
 
@@ -160,15 +170,15 @@ def _recorded(folder: Path, command: str, inputs: dict, parameters: dict,
               body: Callable[[RunRecord], None], reporter: Reporter) -> int:
     """Run body with a run record in `folder` that ends complete, failed or interrupted."""
     try:
-        if (folder / "run.json").exists():
+        if (folder / contract.RUN_FILE).exists():
             raise InputError(f"output folder {folder} already holds a run: choose a new folder")
         record = RunRecord(folder, command, inputs, parameters)
     except InputError as error:
         reporter.error(str(error))
-        return 2
+        return contract.EXIT_BAD_INPUT
     status = _guarded(lambda: body(record), reporter, record)
-    if status == 0:
-        reporter.done("complete", str(folder))
+    if status == contract.EXIT_OK:
+        reporter.done(contract.STATUS_COMPLETE, str(folder))
     return status
 
 
@@ -176,14 +186,16 @@ def _guarded(body: Callable[[], object], reporter: Reporter, record: RunRecord |
     """Run body; report bad input (2), an interruption (130) or a failure (1) in one line."""
     try:
         body()
-        return 0
+        return contract.EXIT_OK
     except InputError as error:
-        return _fail(reporter, record, "failed", str(error), 2)
+        return _fail(reporter, record, contract.STATUS_FAILED, str(error), contract.EXIT_BAD_INPUT)
     except KeyboardInterrupt:
-        return _fail(reporter, record, "interrupted", "interrupted: outputs are incomplete", 130)
+        return _fail(reporter, record, contract.STATUS_INTERRUPTED, "interrupted: outputs are incomplete",
+                     contract.EXIT_INTERRUPTED)
     except Exception as error:  # the log keeps the details; the user gets one line
         traceback.print_exc(file=sys.stderr)
-        return _fail(reporter, record, "failed", f"internal error: {type(error).__name__}: {error}", 1)
+        return _fail(reporter, record, contract.STATUS_FAILED, f"internal error: {type(error).__name__}: {error}",
+                     contract.EXIT_FAILURE)
 
 
 def _fail(reporter: Reporter, record: RunRecord | None, status: str, message: str, code: int) -> int:
@@ -194,7 +206,18 @@ def _fail(reporter: Reporter, record: RunRecord | None, status: str, message: st
 
 
 def _interrupt(signum, frame) -> None:
+    """Stop the run once: later signals are ignored, so they cannot cut short the writing of
+    the run folder as interrupted."""
+    for other in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(other, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+def _interrupt_when_stdin_closes() -> None:
+    """Read standard input to its end, then interrupt the main thread (as Ctrl-C would)."""
+    for _ in sys.stdin:
+        pass
+    _thread.interrupt_main()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,189 @@
+"""The worker contract: what the `stnerp` command accepts and says, and the run folder it writes.
+
+One definition shared by the worker (its argparse), the Slicer module (its combo boxes, the
+command line it builds, the events it reads, the run folders it imports) and the test stand-in
+worker. Torch-free and Qt-free, so Slicer's own Python can import it. See ARCHITECTURE.md,
+"The worker contract".
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from decimal import Decimal
+from pathlib import Path
+
+from .presets import PRESETS
+
+# -- choices ---------------------------------------------------------------------------------
+PRESET_NAMES: tuple[str, ...] = tuple(sorted(PRESETS))
+DEFAULT_PRESET = "default"
+DEVICES = ("auto", "cpu", "cuda")
+#: what Def-Net deforms: Ref-Net (the paper) or the reference image ("w/o prior")
+PRIORS = ("refnet", "image")
+PREALIGNMENTS = ("none", "affine")
+INTENSITIES = ("ct", "percentile")
+SCHEMES = ("long", "short")
+
+# -- exit codes ------------------------------------------------------------------------------
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+# -- events (one JSON object per stdout line with --json-events) -----------------------------
+EVENT_PROGRESS = "progress"   # stage, iteration, total, loss, eta (s)
+EVENT_DONE = "done"           # status, output
+EVENT_ERROR = "error"         # message (one line)
+STAGE_REFNET = "refnet"
+STAGE_DEFNET = "defnet"
+STAGE_OUTPUTS = "outputs"
+STAGES = (STAGE_REFNET, STAGE_DEFNET, STAGE_OUTPUTS)
+
+#: with this flag the worker stops as on SIGINT when its standard input closes: the Slicer module
+#: cancels by closing the pipe (Windows has no SIGTERM for a windowless process), and a worker
+#: whose parent died stops too
+STDIN_CANCEL_FLAG = "--cancel-on-stdin-close"
+
+# -- the run folder --------------------------------------------------------------------------
+RUN_FILE = "run.json"
+STATUS_RUNNING = "running"
+STATUS_COMPLETE = "complete"
+STATUS_INTERRUPTED = "interrupted"
+STATUS_FAILED = "failed"
+#: files of one time point, keys of its run.json entry (paths relative to the run folder)
+TIME_POINT_FILES = ("displacement", "jacobian", "labelmap", "image")
+
+
+def time_point_folder(t: float) -> str:
+    """Folder of the outputs at time t: 't_' and the shortest text that reads back as t."""
+    return "t_" + format_time(t)
+
+
+def format_time(t: float) -> str:
+    """Shortest text of a time that reads back as the same number: 1.0 -> '1', 2.5 -> '2.5'."""
+    t = float(t)
+    return str(int(t)) if t.is_integer() and abs(t) < 1e15 else repr(t)
+
+
+def read_run(folder: str | os.PathLike) -> dict:
+    """The run.json of a run folder; OSError or ValueError when it is missing or unreadable."""
+    with open(Path(folder) / RUN_FILE, encoding="utf-8") as handle:
+        record = json.load(handle)
+    if not isinstance(record, dict):
+        raise ValueError(f"{Path(folder) / RUN_FILE} is not a run record")
+    return record
+
+
+def write_run(folder: str | os.PathLike, record: dict) -> None:
+    write_json(record, Path(folder) / RUN_FILE)
+
+
+def write_json(data: dict, path: str | os.PathLike) -> None:
+    """Write JSON atomically (a reader sees the old or the new file, never half of one); NaN and
+    infinity are written as null, so the file is strict JSON."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(_strict(data), indent=2, default=_plain, allow_nan=False),
+                         encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def json_line(event: dict) -> str:
+    """One event as one line of strict JSON (NaN and infinity as null)."""
+    return json.dumps(_strict(event), default=_plain, allow_nan=False)
+
+
+def _strict(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def _plain(value):
+    """numpy scalars and paths, which json cannot write by itself."""
+    if hasattr(value, "item"):
+        return _strict(value.item())
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def is_complete(record: dict) -> bool:
+    return record.get("status") == STATUS_COMPLETE
+
+
+# -- command lines ---------------------------------------------------------------------------
+def _number(value: float) -> str:
+    """A number as command-line text: positional notation (argparse takes '-1e-05' for an option,
+    '-0.00001' for a value), no trailing '.0', reading back as the same float."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"time {value} is not a finite number")
+    text = format(Decimal(repr(value)), "f")
+    return text[:-2] if text.endswith(".0") else text
+
+
+def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[tuple[str, float]],
+                    output: str, *, segmentation: str | None = None, landmarks: str | None = None,
+                    ground_truth: Sequence[tuple[str, float]] = (), predict_times: Sequence[float] = (),
+                    preset: str = DEFAULT_PRESET, iterations: int | None = None, device: str = "auto",
+                    prior: str | None = None, prealign: str = "none", json_events: bool = True,
+                    stdin_cancel: bool = False) -> list[str]:
+    """Arguments of `stnerp train` (after `python -m STNeRPLib`). Paths must be absolute: the
+    worker may run in another working directory. prior None: the preset's own."""
+    if not follow_ups:
+        raise ValueError("at least one follow-up image is needed")
+    _check_choice("preset", preset, PRESET_NAMES)
+    _check_choice("device", device, DEVICES)
+    _check_choice("prealign", prealign, PREALIGNMENTS)
+    if prior is not None:
+        _check_choice("prior", prior, PRIORS)
+    paths = [reference, output, segmentation, landmarks] + [p for p, _ in follow_ups] + [p for p, _ in ground_truth]
+    _check_absolute(paths)
+    args = ["train", "--reference", reference, f"--reference-time={_number(reference_time)}"]
+    for path, t in follow_ups:
+        args += ["--follow-up", path, _number(t)]
+    for flag, path in (("--segmentation", segmentation), ("--landmarks", landmarks)):
+        if path:
+            args += [flag, path]
+    for path, t in ground_truth:
+        args += ["--ground-truth", path, _number(t)]
+    if predict_times:
+        args += ["--predict-times"] + [_number(t) for t in predict_times]
+    args += ["--output", output, "--preset", preset, "--device", device, "--prealign", prealign]
+    if iterations:
+        args += ["--iterations", str(int(iterations))]
+    if prior is not None:
+        args += ["--prior", prior]
+    return args + _flags(json_events, stdin_cancel)
+
+
+def predict_arguments(run: str, times: Sequence[float], output: str, *, json_events: bool = True,
+                      stdin_cancel: bool = False) -> list[str]:
+    """Arguments of `stnerp predict`: query a complete run at `times` (absolute paths)."""
+    if not times:
+        raise ValueError("at least one time is needed")
+    _check_absolute([run, output])
+    return (["predict", "--run", run, "--times"] + [_number(t) for t in times] + ["--output", output]
+            + _flags(json_events, stdin_cancel))
+
+
+def _flags(json_events: bool, stdin_cancel: bool) -> list[str]:
+    return (["--json-events"] if json_events else []) + ([STDIN_CANCEL_FLAG] if stdin_cancel else [])
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def _check_absolute(paths: Sequence[str | None]) -> None:
+    relative = [p for p in paths if p and not os.path.isabs(p)]
+    if relative:
+        raise ValueError(f"path {relative[0]!r} is relative: the worker needs absolute paths")
