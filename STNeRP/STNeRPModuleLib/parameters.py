@@ -1,8 +1,22 @@
 """The module's parameter node: plain vtkMRMLScriptedModuleNode parameters and node references,
 so the settings are saved with the scene (.mrml/.mrb) and work in the slicer-core wheel too
-(which has no parameterNodeWrapper)."""
+(which has no parameterNodeWrapper).
+
+A follow-up row (volume, time, landmarks, ground-truth segmentation) is one unit: each row has a
+key, its nodes are single references under roles named with that key, and its time is stored
+with the key. When the scene removes a row's volume, the row goes with it and the other rows
+keep their times; a row without landmarks simply has no landmarks reference (an empty ID would
+remove a reference instead of adding one).
+"""
+from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+
+from STNeRPLib import contract
+
+from . import panel, run_import
+from .core_logic import JobInputs, follow_ups_from_sequence
 
 MODULE_NAME = "STNeRP"
 
@@ -10,30 +24,45 @@ MODULE_NAME = "STNeRP"
 DEFAULTS = {
     "FollowUpMode": "volumes",    # volumes | sequence
     "ReferenceTime": "0",
-    "FollowUpTimes": "[]",        # JSON list, same order as the FollowUpVolume references
-    "SegmentIDs": "[]",           # JSON list of the chosen segment IDs ([] = all)
-    "Preset": "default",
+    "FollowUpRows": "[]",         # JSON [{"key": "1", "time": 1.0}, ...] in table order
+    "ExcludedSegmentIDs": "[]",   # JSON: segments left out (new segments are propagated)
+    "Preset": contract.DEFAULT_PRESET,
     "Iterations": "0",            # 0 = the preset's number
     "Device": "auto",
-    "Prior": "preset",            # preset | refnet | image ("preset": the preset's prior)
+    "Prior": "preset",            # "preset": the preset's own prior, else one of contract.PRIORS
     "Prealign": "none",
     "PredictTimes": "[]",         # extra unscanned times predicted at the end of training
-    "OutputDirectory": "",        # "" = under the application's temporary folder
     "CreateSequences": "true",
     "PredictTime": "0.5",
-    "LastRunDirectory": "",
+    "LastRunDirectory": "",       # absolute folder of the last complete training run
     "LastSegmentMap": "[]",
     "LastTimes": "[]",
 }
 
+#: prior choices of the panel: the preset's own, or one of the worker's
+PRIOR_CHOICES = ("preset",) + contract.PRIORS
+
 #: node reference roles
 REFERENCE_VOLUME = "ReferenceVolume"
-FOLLOW_UP_VOLUME = "FollowUpVolume"          # multiple, ordered
-FOLLOW_UP_LANDMARKS = "FollowUpLandmarks"    # multiple, same order as FollowUpVolume ("" = none)
 FOLLOW_UP_SEQUENCE = "FollowUpSequence"
 SEGMENTATION = "Segmentation"
 REFERENCE_LANDMARKS = "ReferenceLandmarks"
 LAST_REFERENCE_VOLUME = "LastReferenceVolume"
+#: roles of a follow-up row's nodes, completed by "_" and the row's key
+ROW_VOLUME = "FollowUpVolume"
+ROW_LANDMARKS = "FollowUpLandmarks"
+ROW_GROUND_TRUTH = "FollowUpGroundTruth"
+ROW_ROLES = (ROW_VOLUME, ROW_LANDMARKS, ROW_GROUND_TRUTH)
+
+
+@dataclass
+class FollowUp:
+    """One row of the follow-up table."""
+
+    volume: object
+    time: float
+    landmarks: object = None
+    ground_truth: object = None
 
 
 def initialize(node):
@@ -57,70 +86,106 @@ def create_parameter_node(scene):
     return initialize(node)
 
 
-def get_json(node, key):
-    text = node.GetParameter(key) or DEFAULTS.get(key, "null")
+def get_json(node, key: str):
     try:
-        return json.loads(text)
+        return json.loads(node.GetParameter(key) or DEFAULTS.get(key, "null"))
     except ValueError:
         return json.loads(DEFAULTS.get(key, "null"))
 
 
-def set_json(node, key, value):
+def set_json(node, key: str, value) -> None:
     node.SetParameter(key, json.dumps(value))
 
 
-def get_float(node, key, default=0.0):
+def get_float(node, key: str, default: float = 0.0) -> float:
     try:
         return float(node.GetParameter(key))
     except (TypeError, ValueError):
         return default
 
 
-def get_int(node, key, default=0):
+def get_int(node, key: str, default: int = 0) -> int:
     try:
         return int(float(node.GetParameter(key)))
     except (TypeError, ValueError):
         return default
 
 
-def get_bool(node, key):
+def get_bool(node, key: str) -> bool:
     return (node.GetParameter(key) or "").lower() in ("1", "true", "yes", "on")
 
 
-def set_follow_ups(node, items):
-    """items: [(volume node, time, landmarks node or None)] in table order."""
-    node.RemoveNodeReferenceIDs(FOLLOW_UP_VOLUME)
-    node.RemoveNodeReferenceIDs(FOLLOW_UP_LANDMARKS)
-    times = []
-    for volume, time, landmarks in items:
-        node.AddNodeReferenceID(FOLLOW_UP_VOLUME, volume.GetID() if volume is not None else "")
-        node.AddNodeReferenceID(FOLLOW_UP_LANDMARKS, landmarks.GetID() if landmarks is not None else "")
-        times.append(float(time))
-    set_json(node, "FollowUpTimes", times)
+def _role(role: str, key: str) -> str:
+    return f"{role}_{key}"
 
 
-def get_follow_ups(node):
-    """[(volume node, time, landmarks node or None)] stored by :func:`set_follow_ups`."""
-    times = get_json(node, "FollowUpTimes") or []
-    out = []
-    for i in range(node.GetNumberOfNodeReferences(FOLLOW_UP_VOLUME)):
-        volume = node.GetNthNodeReference(FOLLOW_UP_VOLUME, i)
-        landmarks = (node.GetNthNodeReference(FOLLOW_UP_LANDMARKS, i)
-                     if i < node.GetNumberOfNodeReferences(FOLLOW_UP_LANDMARKS) else None)
-        time = times[i] if i < len(times) else float(i + 1)
+def set_follow_ups(node, rows: list[FollowUp]) -> None:
+    """Store the follow-up table: one key per row, its nodes under that key's roles."""
+    was_modifying = node.StartModify()
+    for entry in get_json(node, "FollowUpRows") or []:
+        for role in ROW_ROLES:
+            node.RemoveNodeReferenceIDs(_role(role, entry["key"]))
+    stored = []
+    for index, row in enumerate(rows, 1):
+        key = str(index)
+        for role, member in zip(ROW_ROLES, (row.volume, row.landmarks, row.ground_truth)):
+            if member is not None:
+                node.SetNodeReferenceID(_role(role, key), member.GetID())
+        stored.append({"key": key, "time": float(row.time)})
+    set_json(node, "FollowUpRows", stored)
+    node.EndModify(was_modifying)
+
+
+def get_follow_ups(node) -> list[FollowUp]:
+    """The follow-up rows whose volume is still in the scene, in table order."""
+    rows = []
+    for entry in get_json(node, "FollowUpRows") or []:
+        key = entry["key"]
+        volume = node.GetNodeReference(_role(ROW_VOLUME, key))
         if volume is not None:
-            out.append((volume, float(time), landmarks))
-    return out
+            rows.append(FollowUp(volume, float(entry["time"]), node.GetNodeReference(_role(ROW_LANDMARKS, key)),
+                                 node.GetNodeReference(_role(ROW_GROUND_TRUTH, key))))
+    return rows
 
 
-def settings(node):
-    """Worker settings from the parameter node."""
+def settings(node) -> dict:
+    """Worker settings from the parameter node (prior None: the preset's own)."""
+    prior = node.GetParameter("Prior") or "preset"
     return {
-        "preset": node.GetParameter("Preset") or "default",
+        "preset": node.GetParameter("Preset") or contract.DEFAULT_PRESET,
         "iterations": get_int(node, "Iterations", 0) or None,
         "device": node.GetParameter("Device") or "auto",
-        "prior": node.GetParameter("Prior") or "preset",
+        "prior": None if prior == "preset" else prior,
         "prealign": node.GetParameter("Prealign") or "none",
         "predict_times": [float(t) for t in (get_json(node, "PredictTimes") or [])],
         "create_sequences": get_bool(node, "CreateSequences"),
     }
+
+
+def job_inputs(node) -> JobInputs:
+    """What the panel's parameter node asks to train on (not yet validated)."""
+    reference_time = get_float(node, "ReferenceTime")
+    sequence_mode = node.GetParameter("FollowUpMode") == "sequence"
+    rows = [] if sequence_mode else get_follow_ups(node)
+    if sequence_mode:
+        sequence = node.GetNodeReference(FOLLOW_UP_SEQUENCE)
+        follow_ups = follow_ups_from_sequence(sequence, reference_time) if sequence is not None else []
+    else:
+        follow_ups = [(row.time, row.volume) for row in rows]
+    segmentation = node.GetNodeReference(SEGMENTATION)
+    return JobInputs(
+        node.GetNodeReference(REFERENCE_VOLUME), follow_ups, reference_time=reference_time,
+        segmentation_node=segmentation,
+        segment_ids=panel.chosen_segment_ids(segmentation, get_json(node, "ExcludedSegmentIDs") or []),
+        reference_landmarks=node.GetNodeReference(REFERENCE_LANDMARKS),
+        follow_up_landmarks=[(row.time, row.landmarks) for row in rows if row.landmarks is not None],
+        ground_truth=[(row.time, row.ground_truth) for row in rows if row.ground_truth is not None],
+        predict_times=[float(t) for t in get_json(node, "PredictTimes") or []])
+
+
+def record_training(node, job) -> None:
+    """Remember a complete training run in the parameter node (saved with the scene), so the
+    time slider can query it later."""
+    node.SetParameter("LastRunDirectory", job.run_dir)
+    set_json(node, "LastSegmentMap", job.segment_map)
+    set_json(node, "LastTimes", run_import.run_times(job.run_dir))

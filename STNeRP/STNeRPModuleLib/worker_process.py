@@ -1,11 +1,15 @@
 """The STNeRPLib worker as a background process, without Qt.
 
 The worker prints one JSON object per stdout line (``--json-events``); anything else (stderr,
-non-JSON stdout) is log. Two reader threads put everything into one queue; the GUI drains it
+non-JSON stdout) is log. Two reader threads put everything into one queue; the panel drains it
 with :meth:`WorkerProcess.poll` from a timer, so it never blocks. :meth:`WorkerProcess.cancel`
-ends the whole process tree (its own session / process group on POSIX, ``taskkill /T`` on
-Windows).
+returns at once: it closes the worker's standard input, and the worker, started with the
+contract's stdin-cancel flag, stops as on Ctrl-C and marks its run interrupted (one way on every
+platform: on Windows a windowless process refuses a polite taskkill, and two interruptions, a
+signal and the pipe, could cut the worker's own clean-up short). :meth:`poll` kills the whole
+process tree once the worker has ended (what it started) or when it outlives a grace period.
 """
+from __future__ import annotations
 
 import json
 import os
@@ -17,25 +21,13 @@ import sys
 import threading
 import time
 
-#: exit codes of the worker contract
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+from STNeRPLib import contract
 
-PRESETS = ("default", "paper")
-DEVICES = ("auto", "cpu", "cuda")
-PRIORS = ("preset", "refnet", "image")  # "preset": the preset's own prior
-PREALIGN = ("none", "affine")
+#: seconds a cancelled worker has to write its run folder as interrupted before it is killed
+CANCEL_GRACE = 10.0
 
 
-def _num(value):
-    """Text of a number for the command line (no locale, no trailing .0 noise)."""
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
-
-
-def lib_parent_directory():
+def lib_parent_directory() -> str | None:
     """Folder that holds the STNeRPLib package (the scripted-modules folder in an installed
     extension, the repository root in a source tree), or None when it cannot be found."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -45,61 +37,19 @@ def lib_parent_directory():
     return None
 
 
-def worker_environment(extra_paths=()):
-    """Environment for the worker: STNeRPLib importable, unbuffered output."""
+def worker_environment() -> dict:
+    """Environment for the worker: STNeRPLib importable, unbuffered UTF-8 output (the panel
+    decodes every line as UTF-8, whatever the console code page on Windows)."""
     env = dict(os.environ)
-    paths = [p for p in list(extra_paths) + [lib_parent_directory()] if p]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
+    paths = [p for p in (lib_parent_directory(), env.get("PYTHONPATH")) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    env["PYTHONUTF8"] = "1"
     return env
 
 
-def train_arguments(reference, reference_time, followups, output, segmentation=None, landmarks=None,
-                    ground_truth=(), predict_times=(), preset="default", iterations=None, device="auto",
-                    prior="preset", prealign="none"):
-    """Arguments after ``python -m STNeRPLib`` for ``train`` (see the worker contract).
-
-    ``followups``: [(path, time)], ``ground_truth``: [(labelmap path, time)]."""
-    if not followups:
-        raise ValueError("at least one follow-up image is needed")
-    if preset not in PRESETS:
-        raise ValueError("preset must be one of %s" % (PRESETS,))
-    if device not in DEVICES:
-        raise ValueError("device must be one of %s" % (DEVICES,))
-    if prior not in PRIORS:
-        raise ValueError("prior must be one of %s" % (PRIORS,))
-    if prealign not in PREALIGN:
-        raise ValueError("prealign must be one of %s" % (PREALIGN,))
-    args = ["train", "--reference", reference, "--reference-time", _num(reference_time)]
-    for path, t in followups:
-        args += ["--follow-up", path, _num(t)]
-    if segmentation:
-        args += ["--segmentation", segmentation]
-    if landmarks:
-        args += ["--landmarks", landmarks]
-    for path, t in ground_truth or ():
-        args += ["--ground-truth", path, _num(t)]
-    if predict_times:
-        args += ["--predict-times"] + [_num(t) for t in predict_times]
-    args += ["--output", output, "--preset", preset]
-    if iterations:
-        args += ["--iterations", str(int(iterations))]
-    args += ["--device", device]
-    if prior != "preset":
-        args += ["--prior", prior]
-    args += ["--prealign", prealign, "--json-events"]
-    return args
-
-
-def predict_arguments(run_dir, times, output):
-    if not times:
-        raise ValueError("at least one time is needed")
-    return ["predict", "--run", run_dir, "--times"] + [_num(t) for t in times] + ["--output", output, "--json-events"]
-
-
-def default_python_executable():
+def default_python_executable() -> str:
     """PythonSlicer inside the Slicer application (it has Slicer's packages and torch from the
     PyTorch extension); the current interpreter elsewhere (tests, headless use)."""
     exe_dir = os.path.dirname(sys.executable)
@@ -114,42 +64,39 @@ def default_python_executable():
     return sys.executable
 
 
-def parse_line(source, line):
+def parse_line(source: str, line: str) -> dict:
     """One output line -> an event dict. JSON objects on stdout are worker events; everything
     else becomes {"event": "log", "source": ..., "text": ...}."""
     text = line.rstrip("\r\n")
-    if source == "stdout":
-        stripped = text.strip()
-        if stripped.startswith("{"):
-            try:
-                event = json.loads(stripped)
-            except ValueError:
-                event = None
-            if isinstance(event, dict) and "event" in event:
-                return event
+    if source == "stdout" and text.strip().startswith("{"):
+        try:
+            event = json.loads(text)
+        except ValueError:
+            event = None
+        if isinstance(event, dict) and "event" in event:
+            return event
     return {"event": "log", "source": source, "text": text}
 
 
 class WorkerProcess:
     """One worker process. Events come out of :meth:`poll` in order; the last one is
-    ``{"event": "exit", "returncode": n}``."""
+    ``{"event": "exit", "returncode": n, "cancelled": bool}``."""
 
-    def __init__(self, command, env=None, cwd=None):
+    def __init__(self, command: list[str], env: dict | None = None, grace: float = CANCEL_GRACE):
         self.command = [str(c) for c in command]
         self.env = env
-        self.cwd = cwd
-        self.process = None
-        self.returncode = None
+        self.grace = grace
+        self.process: subprocess.Popen | None = None
+        self.returncode: int | None = None
         self.cancelled = False
-        self._queue = queue.Queue()
-        self._threads = []
+        self._kill_at: float | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._threads: list[threading.Thread] = []
         self._exit_reported = False
 
-    # -- life cycle ------------------------------------------------------------------------
-    def start(self):
-        kwargs = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                      env=self.env, cwd=self.cwd, bufsize=1, universal_newlines=True,
-                      encoding="utf-8", errors="replace")
+    def start(self) -> WorkerProcess:
+        kwargs = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+                      bufsize=1, text=True, encoding="utf-8", errors="replace")
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
         else:
@@ -161,7 +108,7 @@ class WorkerProcess:
             self._threads.append(thread)
         return self
 
-    def _read(self, source, stream):
+    def _read(self, source: str, stream) -> None:
         try:
             for line in iter(stream.readline, ""):
                 self._queue.put(parse_line(source, line))
@@ -174,82 +121,69 @@ class WorkerProcess:
                 pass
 
     @property
-    def running(self):
+    def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def poll(self):
-        """Events ready now (never blocks). Adds the exit event once the process has ended and
-        both streams are read to the end."""
-        events = []
-        while True:
-            try:
-                events.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
+    @property
+    def finished(self) -> bool:
+        return self._exit_reported
+
+    def poll(self) -> list[dict]:
+        """Events ready now (never blocks). Kills the process tree when a cancelled worker
+        outlives its grace period; adds the exit event once the process has ended and both
+        streams are read to the end."""
+        if self.cancelled and (not self.running or time.monotonic() >= self._kill_at):
+            kill_process_tree(self.process)  # the worker, or what it left running after it stopped
+        events = self._drain()
         if (not self._exit_reported and self.process is not None and self.process.poll() is not None
                 and not any(t.is_alive() for t in self._threads)):
-            while True:  # what the readers put in after the first drain
-                try:
-                    events.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            events += self._drain()  # what the readers put in after the first drain
             self.returncode = self.process.returncode
             self._exit_reported = True
             events.append({"event": "exit", "returncode": self.returncode, "cancelled": self.cancelled})
         return events
 
-    @property
-    def finished(self):
-        return self._exit_reported
+    def _drain(self) -> list[dict]:
+        events = []
+        while True:
+            try:
+                events.append(self._queue.get_nowait())
+            except queue.Empty:
+                return events
 
-    def wait(self, timeout=None, on_event=None):
+    def wait(self, timeout: float | None = None) -> list[dict]:
         """Block until the process ends (tests, the headless path). Returns every event."""
         deadline = None if timeout is None else time.monotonic() + timeout
         out = []
         while not self._exit_reported:
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("worker did not finish within %s s" % timeout)
+                raise TimeoutError(f"worker did not finish within {timeout} s")
             events = self.poll()
-            for e in events:
-                if on_event:
-                    on_event(e)
             out += events
             if not events:
                 time.sleep(0.05)
         return out
 
-    def cancel(self, grace=5.0):
-        """Stop the whole process tree: SIGTERM to the process group (the worker writes its
-        run folder as interrupted), SIGKILL after ``grace`` seconds; taskkill /T on Windows."""
-        if self.process is None or self.process.poll() is not None:
+    def cancel(self) -> None:
+        """Ask the worker to stop and return at once; :meth:`poll` finishes the job."""
+        if not self.running or self.cancelled:
             return
         self.cancelled = True
-        kill_process_tree(self.process, grace)
-
-
-def kill_process_tree(process, grace=5.0):
-    if os.name == "nt":
-        subprocess.run(["taskkill", "/PID", str(process.pid), "/T"], capture_output=True)
+        self._kill_at = time.monotonic() + self.grace
         try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            subprocess.run(["taskkill", "/F", "/PID", str(process.pid), "/T"], capture_output=True)
-            process.wait()
+            self.process.stdin.close()
+        except OSError:
+            pass
+
+
+def kill_process_tree(process: subprocess.Popen) -> None:
+    """Kill a process and every process it started: its process group on POSIX (started as a
+    session leader, so the group's ID is its PID, valid while any member lives), /T on Windows."""
+    if os.name == "nt":
+        if process.poll() is None:
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True)
         return
     try:
-        pgid = os.getpgid(process.pid)
-    except ProcessLookupError:
-        return
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:  # whatever is left of the group (children that ignored SIGTERM)
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    process.wait()

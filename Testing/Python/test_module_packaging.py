@@ -57,7 +57,10 @@ def test_module_cmake_lists_every_python_and_resource_file():
     # the module is built by Slicer's macro; top-level files go beside it in the scripted-modules folder
     assert "slicerMacroBuildScriptedModule" in text and "SCRIPTS ${MODULE_PYTHON_SCRIPTS}" in text
     assert "Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR" in text and "Slicer_QTSCRIPTEDMODULES_LIB_DIR" in text
-    assert "foreach(_file IN LISTS ENGINE_PYTHON_SCRIPTS MODULE_RESOURCES)" in text
+    assert "foreach(_file IN LISTS ENGINE_PYTHON_SCRIPTS MODULE_RESOURCES SELF_TEST_FILES)" in text
+    # the self-test finds its stand-in worker beside the module, where this list installs it
+    assert cmake_list(text, "SELF_TEST_FILES") == ["Testing/Python/stnerp_standin_worker.py"]
+    assert '"Testing", "Python", "stnerp_standin_worker.py"' in read("STNeRP", "STNeRP.py")
 
 
 def test_module_extension_description_matches_s4ext():

@@ -22,7 +22,7 @@ import vtk  # noqa: E402
 
 from STNeRPLib import phantom  # noqa: E402
 
-from STNeRPModuleLib import core_logic, scene_io  # noqa: E402
+from STNeRPModuleLib import core_logic, run_import, scene_files, scene_utils  # noqa: E402
 from test_module_scene import new_scene  # noqa: E402
 
 
@@ -33,12 +33,12 @@ def test_module_real_worker_end_to_end(tmp_path):
     for i, (t, image) in enumerate(zip(series.times, series.images)):
         path = str(tmp_path / ("phase_%d.nrrd" % i))
         sitk.WriteImage(image, path)
-        volumes.append((float(t), scene_io.read_volume(scene, path, "phase %d" % i)))
+        volumes.append((float(t), scene_files.read_volume(scene, path, "phase %d" % i)))
     lab_path = str(tmp_path / "label.nrrd")
     sitk.WriteImage(series.labelmaps[0], lab_path)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "contours")
     seg.CreateDefaultDisplayNodes()
-    assert seg_logic.ImportLabelmapToSegmentationNode(scene_io.read_volume_detached(lab_path, labelmap=True), seg)
+    assert seg_logic.ImportLabelmapToSegmentationNode(scene_files.read_volume_detached(lab_path, labelmap=True), seg)
     segmentation = seg.GetSegmentation()
     names = []
     for i in range(segmentation.GetNumberOfSegments()):
@@ -50,20 +50,20 @@ def test_module_real_worker_end_to_end(tmp_path):
     fu_pts = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "phase 1 landmarks")
     points_t, points_ref = series.landmarks[1]
     for p, q in list(zip(points_t, points_ref))[:5]:
-        fu_pts.AddControlPoint(vtk.vtkVector3d(*scene_io.lps_to_ras(p)))
-        ref_pts.AddControlPoint(vtk.vtkVector3d(*scene_io.lps_to_ras(q)))
+        fu_pts.AddControlPoint(vtk.vtkVector3d(*scene_utils.lps_to_ras(p)))
+        ref_pts.AddControlPoint(vtk.vtkVector3d(*scene_utils.lps_to_ras(q)))
 
-    logic = core_logic.STNeRPCoreLogic(scene, seg_logic, python_executable=sys.executable,
-                                       temp_root=str(tmp_path / "tmp"), runs_root=str(tmp_path / "runs"))
+    logic = core_logic.STNeRPCoreLogic(scene, seg_logic, str(tmp_path / "runs"), temp_root=str(tmp_path / "tmp"),
+                                       worker_command=[sys.executable, "-m", "STNeRPLib"])
     inputs = core_logic.JobInputs(volumes[0][1], volumes[1:], reference_time=volumes[0][0], segmentation_node=seg,
-                                  reference_landmarks=ref_pts, followup_landmarks=[(volumes[1][0], fu_pts)],
+                                  reference_landmarks=ref_pts, follow_up_landmarks=[(volumes[1][0], fu_pts)],
                                   predict_times=[1.5])
     n_nodes = scene.GetNumberOfNodes()
     job = logic.start_training(inputs, {"iterations": 20, "device": "cpu"})
     start = time.monotonic()
     job.wait(timeout=240)
     assert job.state == "complete", (job.message, job.log_lines[-20:])
-    record = scene_io.read_run_json(job.run_dir)
+    record = run_import.read_record(job.run_dir)
     times = sorted(float(tp["time"]) for tp in record["time_points"])
     assert {1.0, 1.5, 2.0} <= set(times)  # the worker may also list the reference time
     result = job.result
@@ -80,13 +80,14 @@ def test_module_real_worker_end_to_end(tmp_path):
         tx = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
         for idx in ([10, 12, 8], [24, 30, 16], [35, 20, 20]):
             p = field.TransformContinuousIndexToPhysicalPoint([i + 0.37 for i in idx])
-            q = entry["transform"].GetTransformFromParent().TransformPoint(scene_io.lps_to_ras(p))
-            assert np.allclose(scene_io.ras_to_lps(q), tx.TransformPoint(p), atol=1e-3)
+            q = entry["transform"].GetTransformFromParent().TransformPoint(scene_utils.lps_to_ras(p))
+            assert np.allclose(scene_utils.ras_to_lps(q), tx.TransformPoint(p), atol=1e-3)
     assert result.sequences["transform"].GetNumberOfDataNodes() == len(times)
     assert result.table.GetTable().GetNumberOfRows() == len(times)
     # the time slider: query the trained model at a new time, after the input folder is gone
     assert not os.path.exists(job.temp_dir)
-    predicted = logic.start_prediction(job.run_dir, [0.5], reference_volume=volumes[0][1]).wait(timeout=120)
+    predicted = logic.start_prediction(job.run_dir, [0.5], str(tmp_path / "p0.5"),
+                                       reference_volume=volumes[0][1]).wait(timeout=120)
     assert predicted.state == "complete", (predicted.message, predicted.log_lines[-20:])
     entry = predicted.result.time_points[0.5]
     assert {"transform", "segmentation", "jacobian", "image"} <= set(entry)

@@ -1,6 +1,6 @@
 """Scene side of the STNeRP Slicer module, against a real MRML scene (slicer-core wheel, no Qt).
 
-The worker is replaced by ``stnerp_fake_worker.py``, which speaks the worker contract but
+The worker is replaced by ``stnerp_standin_worker.py``, which speaks the worker contract but
 writes known analytic fields, so every number the module puts in the scene can be checked.
 """
 
@@ -21,10 +21,13 @@ import vtk  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "STNeRP"))
+sys.path.insert(0, ROOT)
 
-from STNeRPModuleLib import core_logic, parameters, scene_io, worker_process  # noqa: E402
+from STNeRPLib import contract  # noqa: E402
+from STNeRPModuleLib import (core_logic, panel, parameters, predictions, run_import, scene_files,  # noqa: E402
+                             scene_utils, worker_process)
 
-FAKE_WORKER = [sys.executable, os.path.join(HERE, "stnerp_fake_worker.py")]
+STANDIN_WORKER = [sys.executable, os.path.join(HERE, "stnerp_standin_worker.py")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -32,7 +35,7 @@ FAKE_WORKER = [sys.executable, os.path.join(HERE, "stnerp_fake_worker.py")]
 
 
 def new_scene():
-    scene_io.register_segmentation_converters()
+    scene_utils.register_segmentation_converters()
     scene = slicer.vtkMRMLScene()
     seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
     seg_logic.SetMRMLScene(scene)
@@ -40,6 +43,12 @@ def new_scene():
     seq_logic.SetMRMLScene(scene)
     scene._stnerp_logics = (seg_logic, seq_logic)  # keep them alive with the scene
     return scene, seg_logic
+
+
+def ijk_to_ras_matrix(volume_node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
 def oblique_direction(left_handed=False):
@@ -95,16 +104,16 @@ def sample(tmp_path_factory):
     image, label = phantom_arrays()
     ref_img = make_image(image, direction)
     sitk.WriteImage(ref_img, os.path.join(folder, "ref.nrrd"))
-    reference = scene_io.read_volume(scene, os.path.join(folder, "ref.nrrd"), "reference")
+    reference = scene_files.read_volume(scene, os.path.join(folder, "ref.nrrd"), "reference")
     followups = []
     for t in (1.0, 2.0, 3.5):
         moved = make_image(np.roll(image, int(t), axis=0), direction)
         path = os.path.join(folder, "fu_%g.nrrd" % t)
         sitk.WriteImage(moved, path)
-        followups.append((t, scene_io.read_volume(scene, path, "follow-up %g" % t)))
+        followups.append((t, scene_files.read_volume(scene, path, "follow-up %g" % t)))
     lab_path = os.path.join(folder, "label.nrrd")
     sitk.WriteImage(make_image(label, direction), lab_path)
-    labelmap = scene_io.read_volume_detached(lab_path, labelmap=True)
+    labelmap = scene_files.read_volume_detached(lab_path, labelmap=True)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reference segmentation")
     seg.CreateDefaultDisplayNodes()
     seg.SetReferenceImageGeometryParameterFromVolumeNode(reference)
@@ -125,7 +134,7 @@ def sample(tmp_path_factory):
 def trained(sample, tmp_path_factory):
     """One fake training run imported into the sample scene (shared by several tests)."""
     scene = sample["scene"]
-    logic = core_logic.STNeRPCoreLogic(scene, sample["seg_logic"], worker_command=FAKE_WORKER,
+    logic = core_logic.STNeRPCoreLogic(scene, sample["seg_logic"], worker_command=STANDIN_WORKER,
                                        temp_root=str(tmp_path_factory.mktemp("tmp")),
                                        runs_root=str(tmp_path_factory.mktemp("runs")))
     inputs = core_logic.JobInputs(sample["reference"], sample["followups"], reference_time=0.0,
@@ -141,7 +150,7 @@ def trained(sample, tmp_path_factory):
             time.sleep(0.05)
     assert job.state == "complete", (job.message, job.log_lines)
     return dict(sample, logic=logic, job=job, result=job.result, events=events, temp_dir=temp_dir,
-                n_before=n_before, record=scene_io.read_run_json(job.run_dir))
+                n_before=n_before, record=run_import.read_record(job.run_dir))
 
 
 def physical_points(image, n=40, margin=2, seed=0):
@@ -167,18 +176,18 @@ def test_module_volume_export_import_keeps_geometry(tmp_path, kind):
     rng = np.random.default_rng(1)
     original = make_image(rng.normal(size=SIZE[::-1]).astype(np.float32), direction)
     sitk.WriteImage(original, str(tmp_path / "in.nrrd"))
-    node = scene_io.read_volume(scene, str(tmp_path / "in.nrrd"), "v")
+    node = scene_files.read_volume(scene, str(tmp_path / "in.nrrd"), "v")
     # the node's IJK->RAS maps voxel centres to the same physical points (possibly K flipped)
-    m = scene_io.ijk_to_ras_matrix(node)
-    arr = scene_io.volume_array(node)
+    m = ijk_to_ras_matrix(node)
+    arr = scene_files.volume_array(node)
     for ijk in [(0, 0, 0), (5, 7, 3), (31, 27, 15)]:
         ras = m @ np.array(list(ijk) + [1.0])
-        lps = scene_io.ras_to_lps(ras[:3])
+        lps = scene_utils.ras_to_lps(ras[:3])
         cidx = original.TransformPhysicalPointToContinuousIndex(lps)
         assert np.allclose(cidx, np.round(cidx), atol=1e-6)
         value = original[[int(round(c)) for c in cidx]]
         assert arr[ijk[2], ijk[1], ijk[0]] == pytest.approx(value)
-    scene_io.write_volume(node, str(tmp_path / "out.nrrd"))
+    scene_files.write_volume(node, str(tmp_path / "out.nrrd"))
     back = sitk.ReadImage(str(tmp_path / "out.nrrd"))
     assert np.allclose(back.GetSpacing(), SPACING)
     # same values at the same physical points
@@ -189,7 +198,8 @@ def test_module_volume_export_import_keeps_geometry(tmp_path, kind):
 def test_module_export_does_not_change_scene(sample, tmp_path):
     scene = sample["scene"]
     n = scene.GetNumberOfNodes()
-    logic = core_logic.STNeRPCoreLogic(scene, sample["seg_logic"], worker_command=FAKE_WORKER)
+    logic = core_logic.STNeRPCoreLogic(scene, sample["seg_logic"], str(tmp_path / "runs"),
+                                       worker_command=STANDIN_WORKER)
     inputs = core_logic.JobInputs(sample["reference"], sample["followups"],
                                   segmentation_node=sample["segmentation"])
     files, segment_map = logic.export_inputs(inputs, str(tmp_path))
@@ -202,7 +212,7 @@ def test_module_export_does_not_change_scene(sample, tmp_path):
     a, b = sitk.GetArrayFromImage(res), sitk.GetArrayFromImage(original)
     assert dice(a == 1, b == 5) > 0.97 and dice(a == 2, b == 9) > 0.97
     assert set(np.unique(exported)) == {0, 1, 2}
-    assert [t for _, t in files["followups"]] == [1.0, 2.0, 3.5]
+    assert [t for _, t in files["follow_ups"]] == [1.0, 2.0, 3.5]
 
 
 def test_module_landmarks_csv_is_lps_and_paired(tmp_path):
@@ -213,7 +223,7 @@ def test_module_landmarks_csv_is_lps_and_paired(tmp_path):
     ref.AddControlPoint(vtk.vtkVector3d(4, 5, 6), "B")
     fu.AddControlPoint(vtk.vtkVector3d(40, 50, 60), "B")  # paired by label, not by index
     fu.AddControlPoint(vtk.vtkVector3d(10, 20, 30), "A")
-    n = scene_io.export_landmarks_csv(str(tmp_path / "l.csv"), ref, [(2.0, fu)])
+    n = scene_files.export_landmarks_csv(str(tmp_path / "l.csv"), ref, [(2.0, fu)])
     assert n == 2
     lines = open(tmp_path / "l.csv").read().split()
     assert lines[0] == "time,x,y,z,ref_x,ref_y,ref_z"
@@ -226,22 +236,43 @@ def test_module_landmarks_csv_is_lps_and_paired(tmp_path):
 
 
 def test_module_train_arguments_follow_contract():
-    args = worker_process.train_arguments("r.nrrd", 0, [("a.nrrd", 1), ("b.nrrd", 2.5)], "OUT",
-                                          segmentation="s.nrrd", landmarks="l.csv", ground_truth=[("g.nrrd", 1)],
-                                          predict_times=[0.5, 1.75], preset="paper", iterations=30, device="cpu",
-                                          prior="image", prealign="affine")
-    assert args == ["train", "--reference", "r.nrrd", "--reference-time", "0",
-                    "--follow-up", "a.nrrd", "1", "--follow-up", "b.nrrd", "2.5",
-                    "--segmentation", "s.nrrd", "--landmarks", "l.csv", "--ground-truth", "g.nrrd", "1",
-                    "--predict-times", "0.5", "1.75", "--output", "OUT", "--preset", "paper",
-                    "--iterations", "30", "--device", "cpu", "--prior", "image", "--prealign", "affine",
-                    "--json-events"]
-    default_prior = worker_process.train_arguments("r.nrrd", 0, [("a.nrrd", 1)], "OUT")
+    args = contract.train_arguments("/d/r.nrrd", 0, [("/d/a.nrrd", 1), ("/d/b.nrrd", -2.5)], "/OUT",
+                                    segmentation="/d/s.nrrd", landmarks="/d/l.csv", ground_truth=[("/d/g.nrrd", 1)],
+                                    predict_times=[0.5, -1e-5], preset="paper", iterations=30, device="cpu",
+                                    prior="image", prealign="affine", stdin_cancel=True)
+    assert args == ["train", "--reference", "/d/r.nrrd", "--reference-time=0",
+                    "--follow-up", "/d/a.nrrd", "1", "--follow-up", "/d/b.nrrd", "-2.5",
+                    "--segmentation", "/d/s.nrrd", "--landmarks", "/d/l.csv", "--ground-truth", "/d/g.nrrd", "1",
+                    "--predict-times", "0.5", "-0.00001", "--output", "/OUT", "--preset", "paper",
+                    "--device", "cpu", "--prealign", "affine", "--iterations", "30", "--prior", "image",
+                    "--json-events", "--cancel-on-stdin-close"]
+    default_prior = contract.train_arguments("/r.nrrd", 0, [("/a.nrrd", 1)], "/OUT")
     assert "--prior" not in default_prior, "the preset's own prior is the worker's default"
-    assert worker_process.predict_arguments("RUN", [1.5], "NEW") == [
-        "predict", "--run", "RUN", "--times", "1.5", "--output", "NEW", "--json-events"]
+    assert contract.predict_arguments("/RUN", [1.5], "/NEW") == [
+        "predict", "--run", "/RUN", "--times", "1.5", "--output", "/NEW", "--json-events"]
     with pytest.raises(ValueError):
-        worker_process.train_arguments("r", 0, [], "OUT")
+        contract.train_arguments("/r", 0, [], "/OUT")
+
+
+@pytest.mark.parametrize("relative", ["reference", "follow-up", "output"])
+def test_module_worker_gets_no_relative_path(relative):
+    paths = {"reference": "/r.nrrd", "follow-up": "/a.nrrd", "output": "/OUT"}
+    paths[relative] = "relative/" + relative
+    with pytest.raises(ValueError, match="relative"):
+        contract.train_arguments(paths["reference"], 0, [(paths["follow-up"], 1)], paths["output"])
+
+
+def test_module_worker_parses_every_time_the_module_writes(tmp_path):
+    """The real worker's command line reads back the exact times the module writes, negative and
+    tiny ones too (argparse takes '-1e-05' for an option)."""
+    from STNeRPLib.worker import parser
+    times = [-1e-5, -1000.0, 0.1 + 0.2, 20260108.0]
+    args = parser().parse_args(contract.train_arguments(
+        "/r.nrrd", -2.5, [("/a.nrrd", t) for t in times], "/OUT", predict_times=times, stdin_cancel=True))
+    assert args.reference_time == -2.5
+    assert [float(t) for _, t in args.follow_up] == times
+    assert args.predict_times == times
+    assert args.cancel_on_stdin_close
     assert worker_process.parse_line("stdout", '{"event":"done","status":"complete","output":"X"}\n')["event"] == "done"
     assert worker_process.parse_line("stdout", "plain text")["event"] == "log"
     assert worker_process.parse_line("stderr", '{"event":"done"}')["event"] == "log"
@@ -250,19 +281,21 @@ def test_module_train_arguments_follow_contract():
 def test_module_progress_fills_the_bar_whether_or_not_ref_net_is_fitted():
     def at(stage, iteration, total, ref_net):
         return core_logic.progress_fraction({"stage": stage, "iteration": iteration, "total": total}, ref_net)
-    assert at("refnet", 0, 600, True) == pytest.approx(0.05)
+    assert at("refnet", 0, 600, True) == pytest.approx(0.0)
     assert at("defnet", 0, 1000, True) == pytest.approx(0.35)
-    assert at("defnet", 0, 1000, False) == pytest.approx(0.05), "no Ref-Net stage: Def-Net starts where it would"
-    assert at("defnet", 500, 1000, False) == pytest.approx(0.475)
+    assert at("defnet", 0, 1000, False) == pytest.approx(0.0), "no Ref-Net stage: Def-Net starts at 0"
+    assert at("defnet", 500, 1000, False) == pytest.approx(0.45)
     assert at("defnet", 1000, 1000, False) == at("defnet", 1000, 1000, True) == pytest.approx(0.9)
 
 
 def test_module_helpers_import_without_qt():
     import subprocess
-    code = ("import sys; sys.path.insert(0, %r); import STNeRPModuleLib.core_logic, STNeRPModuleLib.scene_io, "
-            "STNeRPModuleLib.parameters, STNeRPModuleLib.worker_process; "
-            "bad = [m for m in ('qt', 'ctk', 'PythonQt', 'slicer.ScriptedLoadableModule') if m in sys.modules]; "
-            "assert not bad, bad" % os.path.join(ROOT, "STNeRP"))
+    modules = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "STNeRP", "STNeRPModuleLib"))
+                     if f.endswith(".py") and f != "__init__.py")
+    code = ("import sys; sys.path[:0] = [%r, %r]; " % (os.path.join(ROOT, "STNeRP"), ROOT)
+            + "; ".join("import STNeRPModuleLib.%s" % m for m in modules)
+            + "; bad = [m for m in ('qt', 'ctk', 'PythonQt', 'slicer.ScriptedLoadableModule', 'torch') "
+              "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -289,8 +322,8 @@ def test_module_transform_maps_points_like_the_field(trained):
         from_parent = node.GetTransformFromParent()
         for p in physical_points(field):
             expected = np.array(itk_tx.TransformPoint(p.tolist()))
-            got_ras = from_parent.TransformPoint(scene_io.lps_to_ras(p))
-            assert np.allclose(scene_io.ras_to_lps(got_ras), expected, atol=1e-3)
+            got_ras = from_parent.TransformPoint(scene_utils.lps_to_ras(p))
+            assert np.allclose(scene_utils.ras_to_lps(got_ras), expected, atol=1e-3)
     # registration references: fixed = the follow-up, moving = the reference
     node = trained["result"].time_points[2.0]["transform"]
     fixed = node.GetNodeReference(slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole())
@@ -319,7 +352,7 @@ def test_module_hardened_reference_segmentation_matches_worker_labelmap(trained)
     copy.GetSegmentation().GetSegmentIDs(ids)
     assert seg_logic.ExportSegmentsToLabelmapNode(copy, ids, out, fixed, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
     path = os.path.join(trained["folder"], "hardened.nrrd")
-    scene_io.write_volume(out, path)
+    scene_files.write_volume(out, path)
     hardened = sitk.Resample(sitk.ReadImage(path), worker, sitk.Transform(), sitk.sitkNearestNeighbor)
     a, b = sitk.GetArrayFromImage(hardened), sitk.GetArrayFromImage(worker)
     for pos, value in ((1, 1), (2, 2)):  # positions in ids == the segment map values here
@@ -353,10 +386,10 @@ def test_module_jacobian_display_is_centred_at_one(trained):
     entry = trained["result"].time_points[3.5]
     display = entry["jacobian"].GetDisplayNode()
     assert display.GetLevel() == pytest.approx(1.0)
-    values = scene_io.volume_array(entry["jacobian"])
+    values = scene_files.volume_array(entry["jacobian"])
     assert display.GetWindow() >= 2 * max(1 - np.percentile(values, 1), np.percentile(values, 99) - 1) - 1e-6
     color = display.GetColorNode()
-    assert color is trained["result"].color_table
+    assert color.GetAttribute("Category") == "STNeRP"
     rgba_low, rgba_mid, rgba_high = [0] * 4, [0] * 4, [0] * 4
     n = color.GetNumberOfColors()
     color.GetColor(0, rgba_low)
@@ -368,7 +401,7 @@ def test_module_jacobian_display_is_centred_at_one(trained):
 def test_module_sequences_browser_and_table(trained):
     result, record = trained["result"], trained["record"]
     times = sorted(float(tp["time"]) for tp in record["time_points"])
-    assert times == [0.5, 1.0, 2.0, 3.5]
+    assert times == [0.0, 0.5, 1.0, 2.0, 3.5], "the reference time too, as the worker writes it"
     for kind in ("transform", "segmentation", "image", "jacobian"):
         seq = result.sequences[kind]
         assert seq.GetNumberOfDataNodes() == len(times)
@@ -377,7 +410,7 @@ def test_module_sequences_browser_and_table(trained):
     browser = result.browser
     assert browser.GetMasterSequenceNode() is result.sequences["transform"]
     assert browser.GetNumberOfSynchronizedSequenceNodes() == 3
-    browser.SetSelectedItemNumber(2)
+    browser.SetSelectedItemNumber(times.index(2.0))
     proxy = browser.GetProxyNode(result.sequences["transform"])
     assert proxy is not None
     p = [5.0, -3.0, 40.0]
@@ -413,10 +446,10 @@ def test_module_results_are_new_nodes_under_one_folder(trained):
     assert trained["segmentation"].GetSegmentation().GetNumberOfSegments() == 2
 
 
-def test_module_prediction_at_new_time_without_retraining(trained):
+def test_module_prediction_at_new_time_without_retraining(trained, tmp_path):
     scene = trained["scene"]
     n = scene.GetNumberOfNodes()
-    job = trained["logic"].start_prediction(trained["job"].run_dir, [1.5],
+    job = trained["logic"].start_prediction(trained["job"].run_dir, [1.5], str(tmp_path / "p1.5"),
                                             reference_volume=trained["reference"]).wait(timeout=60)
     assert job.state == "complete", job.message
     entry = job.result.time_points[1.5]
@@ -433,7 +466,7 @@ def test_module_parameter_node_is_saved_with_scene(trained, tmp_path):
     node.SetParameter("Preset", "paper")
     node.SetParameter("Iterations", "123")
     node.SetNodeReferenceID(parameters.REFERENCE_VOLUME, trained["reference"].GetID())
-    parameters.set_follow_ups(node, [(v, t, None) for t, v in trained["followups"]])
+    parameters.set_follow_ups(node, [parameters.FollowUp(v, t) for t, v in trained["followups"]])
     assert parameters.create_parameter_node(scene) is node  # singleton
     path = str(tmp_path / "scene.mrml")
     scene.SetURL(path)
@@ -446,7 +479,7 @@ def test_module_parameter_node_is_saved_with_scene(trained, tmp_path):
     assert loaded.GetParameter("Preset") == "paper"
     assert parameters.settings(loaded)["iterations"] == 123
     assert loaded.GetNodeReference(parameters.REFERENCE_VOLUME).GetName() == "reference"
-    assert [t for _, t, _ in parameters.get_follow_ups(loaded)] == [1.0, 2.0, 3.5]
+    assert [row.time for row in parameters.get_follow_ups(loaded)] == [1.0, 2.0, 3.5]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,9 +487,9 @@ def test_module_parameter_node_is_saved_with_scene(trained, tmp_path):
 
 
 def _run_with_mode(sample, tmp_path, mode, monkeypatch, cancel_after=None):
-    monkeypatch.setenv("STNERP_FAKE_MODE", mode)
+    monkeypatch.setenv("STNERP_STANDIN_MODE", mode)
     scene = sample["scene"]
-    logic = core_logic.STNeRPCoreLogic(scene, sample["seg_logic"], worker_command=FAKE_WORKER,
+    logic = core_logic.STNeRPCoreLogic(scene, sample["seg_logic"], worker_command=STANDIN_WORKER,
                                        temp_root=str(tmp_path / "tmp"), runs_root=str(tmp_path / "runs"))
     inputs = core_logic.JobInputs(sample["reference"], sample["followups"][:1],
                                   segmentation_node=sample["segmentation"])
@@ -480,7 +513,7 @@ def _run_with_mode(sample, tmp_path, mode, monkeypatch, cancel_after=None):
 def test_module_failed_run_leaves_scene_unchanged(sample, tmp_path, monkeypatch):
     job = _run_with_mode(sample, tmp_path, "fail", monkeypatch)
     assert job.state == "failed"
-    assert job.message == "fake failure: out of memory on the device"
+    assert job.message == "stand-in failure: out of memory on the device"
 
 
 def test_module_incomplete_run_is_not_imported(sample, tmp_path, monkeypatch):
@@ -494,14 +527,14 @@ def test_module_cancel_kills_worker_and_leaves_scene_unchanged(sample, tmp_path,
     pid = job.process.process.pid
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)  # the whole process group is gone
-    assert scene_io.read_run_json(job.run_dir)["status"] == "interrupted"
+    assert run_import.read_record(job.run_dir)["status"] == "interrupted"
 
 
 def test_module_cancel_kills_grandchildren(tmp_path):
     script = ("import subprocess, sys, time; "
               "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
               "print(p.pid, flush=True); time.sleep(120)")
-    proc = worker_process.WorkerProcess([sys.executable, "-c", script]).start()
+    proc = worker_process.WorkerProcess([sys.executable, "-c", script], grace=2).start()
     child = None
     deadline = time.monotonic() + 20
     while child is None and time.monotonic() < deadline:
@@ -510,7 +543,7 @@ def test_module_cancel_kills_grandchildren(tmp_path):
                 child = int(e["text"])
         time.sleep(0.02)
     assert child
-    proc.cancel(grace=2)
+    proc.cancel()
     proc.wait(timeout=10)
     time.sleep(0.2)
     try:
@@ -526,7 +559,7 @@ def test_module_import_error_rolls_back(trained, tmp_path):
     scene = trained["scene"]
     broken = str(tmp_path / "broken")
     shutil.copytree(trained["job"].run_dir, broken, ignore=shutil.ignore_patterns("predictions"))
-    record = scene_io.read_run_json(broken)
+    record = run_import.read_record(broken)
     last = sorted(record["time_points"], key=lambda tp: tp["time"])[-1]
     with open(os.path.join(broken, last["image"]), "w") as f:
         f.write("not an image")
@@ -536,7 +569,7 @@ def test_module_import_error_rolls_back(trained, tmp_path):
     sh.GetItemChildren(sh.GetSceneItemID(), items)
     n_items = items.GetNumberOfIds()
     with pytest.raises(Exception):
-        scene_io.import_run(scene, broken, trained["seg_logic"], segment_map=trained["job"].segment_map)
+        run_import.import_run(scene, broken, trained["seg_logic"], segment_map=trained["job"].segment_map)
     assert scene.GetNumberOfNodes() == n
     sh.GetItemChildren(sh.GetSceneItemID(), items)
     assert items.GetNumberOfIds() == n_items
@@ -547,8 +580,8 @@ def test_module_follow_ups_from_a_volume_sequence(sample):
     seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "4D CT")
     seq.SetIndexType(slicer.vtkMRMLSequenceNode.NumericIndex)
     for t, node in [(0.0, sample["reference"])] + list(sample["followups"]):
-        seq.SetDataNodeAtValue(node, scene_io.format_time(t))
-    items = core_logic.followups_from_sequence(seq, reference_time=0.0)
+        seq.SetDataNodeAtValue(node, contract.format_time(t))
+    items = core_logic.follow_ups_from_sequence(seq, reference_time=0.0)
     assert [t for t, _ in items] == [1.0, 2.0, 3.5]
     assert all(n.GetImageData() is not None for _, n in items)
     scene.RemoveNode(seq)
@@ -557,62 +590,41 @@ def test_module_follow_ups_from_a_volume_sequence(sample):
 def test_module_remove_imported_restores_scene(trained, tmp_path):
     scene = trained["scene"]
     n = scene.GetNumberOfNodes()
-    result = scene_io.import_run(scene, trained["job"].run_dir, trained["seg_logic"],
+    result = run_import.import_run(scene, trained["job"].run_dir, trained["seg_logic"],
                                  segment_map=trained["job"].segment_map, name="again")
     assert scene.GetNumberOfNodes() > n
     before = {scene.GetNthNode(i).GetID() for i in range(n)}
-    scene_io.remove_imported(scene, result)
+    run_import.remove_imported(scene, result)
     left = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
     assert scene.GetNumberOfNodes() == n, [(x.GetID(), x.GetName()) for x in left if x.GetID() not in before]
 
 
-def test_module_logic_adapter_reads_parameter_node(sample, monkeypatch):
-    """STNeRP.py's STNeRPLogic with stand-ins for what only the application has (qt, the
-    ScriptedLoadableModule base classes, slicer.mrmlScene): parameter node -> job inputs."""
-    import types
-    qt_stub = types.ModuleType("qt")
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class _Base:
-        def __init__(self, *args, **kwargs):
-            pass
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest"):
-        setattr(slm, name, type(name, (_Base,), {}))
-
-    class ScriptedLoadableModuleLogic(_Base):
-        def getParameterNode(self):
-            return parameters.create_parameter_node(slicer.mrmlScene)
-    slm.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
-    monkeypatch.setitem(sys.modules, "qt", qt_stub)
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
-    monkeypatch.setattr(slicer, "mrmlScene", sample["scene"], raising=False)
-    monkeypatch.delitem(sys.modules, "STNeRP", raising=False)
-    import importlib
-    module = importlib.import_module("STNeRP")
-    logic = module.STNeRPLogic()
-    old = sample["scene"].GetSingletonNode(parameters.MODULE_NAME, "vtkMRMLScriptedModuleNode")
+def test_module_parameter_node_gives_the_job_inputs(sample):
+    """Parameter node -> job inputs: follow-up rows with their own times, or a volume sequence
+    whose index values are the times (the item at the reference time left out)."""
+    scene = sample["scene"]
+    old = scene.GetSingletonNode(parameters.MODULE_NAME, "vtkMRMLScriptedModuleNode")
     if old is not None:  # left by the save-with-scene test
-        sample["scene"].RemoveNode(old)
-    pn = logic.getParameterNode()
-    assert pn.GetParameter("Preset") == "default"
+        scene.RemoveNode(old)
+    pn = parameters.create_parameter_node(scene)
+    assert pn.GetParameter("Preset") == contract.DEFAULT_PRESET
     pn.SetNodeReferenceID(parameters.REFERENCE_VOLUME, sample["reference"].GetID())
     pn.SetNodeReferenceID(parameters.SEGMENTATION, sample["segmentation"].GetID())
-    parameters.set_follow_ups(pn, [(v, t * 10, None) for t, v in sample["followups"]])
+    parameters.set_follow_ups(pn, [parameters.FollowUp(v, t * 10) for t, v in sample["followups"]])
     pn.SetParameter("ReferenceTime", "5")
-    inputs = logic.inputsFromParameterNode(pn)
+    inputs = parameters.job_inputs(pn)
     inputs.validate()
     assert inputs.reference_volume is sample["reference"] and inputs.reference_time == 5.0
-    assert [t for t, _ in inputs.followups] == [10.0, 20.0, 35.0]
+    assert [t for t, _ in inputs.follow_ups] == [10.0, 20.0, 35.0]
     assert inputs.segmentation_node is sample["segmentation"]
-    # sequence mode: times from the sequence's index values, the reference time skipped
-    seq = sample["scene"].AddNewNodeByClass("vtkMRMLSequenceNode", "4D")
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "4D")
     for t, node in [(5.0, sample["reference"])] + list(sample["followups"]):
-        seq.SetDataNodeAtValue(node, scene_io.format_time(t))
+        sequence.SetDataNodeAtValue(node, contract.format_time(t))
     pn.SetParameter("FollowUpMode", "sequence")
-    pn.SetNodeReferenceID(parameters.FOLLOW_UP_SEQUENCE, seq.GetID())
-    assert [t for t, _ in logic.inputsFromParameterNode(pn).followups] == [1.0, 2.0, 3.5]
-    sample["scene"].RemoveNode(seq)
-    sample["scene"].RemoveNode(pn)
+    pn.SetNodeReferenceID(parameters.FOLLOW_UP_SEQUENCE, sequence.GetID())
+    assert [t for t, _ in parameters.job_inputs(pn).follow_ups] == [1.0, 2.0, 3.5]
+    scene.RemoveNode(sequence)
+    scene.RemoveNode(pn)
 
 
 def test_module_grid_interpolation_restored_after_scene_reload(trained, tmp_path):
@@ -628,7 +640,7 @@ def test_module_grid_interpolation_restored_after_scene_reload(trained, tmp_path
              for i in range(other.GetNumberOfNodesByClass("vtkMRMLGridTransformNode"))]
     ours = [g for g in grids if g.GetAttribute("STNeRP.Interpolation") == "linear"]
     assert any(_grid_mode(g) == "cubic" for g in ours)   # what Slicer does when it reads a grid file
-    assert scene_io.restore_grid_interpolation(other) == len(ours)
+    assert scene_files.restore_grid_interpolation(other) == len(ours)
     assert all(_grid_mode(g) == "linear" for g in ours)
 
 
