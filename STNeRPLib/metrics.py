@@ -1,6 +1,6 @@
 """Image-similarity, overlap, deformation-regularity and landmark metrics.
 
-Conventions (see DESIGN.md): SimpleITK images live in LPS physical space (mm), a point is
+Conventions (ARCHITECTURE.md): SimpleITK images live in LPS physical space (mm), a point is
 ``origin + direction @ (spacing * index)`` with index (i, j, k) = (x, y, z), and numpy arrays
 from ``sitk.GetArrayFromImage`` are ordered [z, y, x]. A displacement field ``u`` is a
 3-component SimpleITK vector image in mm (LPS) on the time-t grid; it maps a time-t point

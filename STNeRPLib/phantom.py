@@ -1,6 +1,6 @@
 """Deterministic thorax-like 4D CT phantom with exact ground truth.
 
-Conventions (DESIGN.md): millimetres, ITK LPS physical space (x = patient Left, y = Posterior,
+Conventions (ARCHITECTURE.md): millimetres, ITK LPS physical space (x = patient Left, y = Posterior,
 z = Superior); numpy arrays from SimpleITK are indexed [z, y, x]. A ground-truth displacement
 u_t maps a point q of the time-t image to the matching point q + u_t(q) of the reference image.
 

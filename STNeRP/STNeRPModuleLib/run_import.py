@@ -166,7 +166,8 @@ def _set_registration_references(transform_node, fixed_node, moving_node) -> Non
 
 # -- Jacobian display ------------------------------------------------------------------------
 def create_diverging_color_table(scene, name: str = "STNeRP Jacobian", n: int = 256):
-    """Blue (compression, det J < 1) - white (1, volume preserved) - red (expansion, det J > 1)."""
+    """Blue (det J < 1: the tissue at t is larger than in the reference) - white (1, volume kept) -
+    red (det J > 1: smaller than in the reference); see ARCHITECTURE.md, "Jacobian determinant"."""
     table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
     table.SetTypeToUser()
     table.SetNumberOfColors(n)
