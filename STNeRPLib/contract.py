@@ -7,9 +7,13 @@ worker. Torch-free and Qt-free, so Slicer's own Python can import it. See ARCHIT
 """
 from __future__ import annotations
 
+import _thread
 import json
 import math
 import os
+import signal
+import sys
+import threading
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -45,6 +49,31 @@ STAGES = (STAGE_REFNET, STAGE_DEFNET, STAGE_OUTPUTS)
 #: cancels by closing the pipe (Windows has no SIGTERM for a windowless process), and a worker
 #: whose parent died stops too
 STDIN_CANCEL_FLAG = "--cancel-on-stdin-close"
+
+def stop_on_interruption(stdin_cancel: bool) -> None:
+    """Turn SIGTERM, SIGINT (installed explicitly: a background job inherits it ignored) and, with
+    stdin_cancel, the end of standard input into one KeyboardInterrupt in the main thread."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _interrupt)
+    if stdin_cancel:
+        threading.Thread(target=_interrupt_when_stdin_closes, daemon=True).start()
+
+
+def _interrupt(signum, frame) -> None:
+    """Stop once: later signals are ignored, so they cannot cut short the writing of the run
+    folder as interrupted."""
+    for other in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(other, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _interrupt_when_stdin_closes() -> None:
+    """Read standard input to its end, then interrupt the main thread as Ctrl-C would (through
+    the SIGINT handler, so only once)."""
+    for _ in sys.stdin:
+        pass
+    _thread.interrupt_main()
+
 
 # -- the run folder --------------------------------------------------------------------------
 RUN_FILE = "run.json"

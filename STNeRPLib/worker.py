@@ -7,11 +7,8 @@ with --cancel-on-stdin-close), 1 other failure.
 """
 from __future__ import annotations
 
-import _thread
 import argparse
-import signal
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -28,10 +25,7 @@ from .record import RunRecord
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     reporter = Reporter(json_events=args.json_events)
-    for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background job inherits it ignored
-        signal.signal(signum, _interrupt)
-    if args.cancel_on_stdin_close:
-        threading.Thread(target=_interrupt_when_stdin_closes, daemon=True).start()
+    contract.stop_on_interruption(args.cancel_on_stdin_close)
     return args.command(args, reporter)
 
 
@@ -203,21 +197,6 @@ def _fail(reporter: Reporter, record: RunRecord | None, status: str, message: st
         record.finish(status, message)
     reporter.error(message)
     return code
-
-
-def _interrupt(signum, frame) -> None:
-    """Stop the run once: later signals are ignored, so they cannot cut short the writing of
-    the run folder as interrupted."""
-    for other in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(other, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
-def _interrupt_when_stdin_closes() -> None:
-    """Read standard input to its end, then interrupt the main thread (as Ctrl-C would)."""
-    for _ in sys.stdin:
-        pass
-    _thread.interrupt_main()
 
 
 if __name__ == "__main__":

@@ -60,17 +60,23 @@ def write_volume(volume_node, path: str, compression: bool = False) -> str:
 
 def read_volume(scene, path: str, name: str, node_class: str = "vtkMRMLScalarVolumeNode"):
     """Read an image file (absolute path) into a NEW volume node of the scene, with display node."""
+    node = _read(scene, scene.AddNewNodeByClass(node_class, name), slicer.vtkMRMLVolumeArchetypeStorageNode(), path)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def _read(scene, node, storage, path: str):
+    """Read a file (absolute path) into a node of the scene through a storage node kept in the
+    scene (so the node can be saved with it); the node keeps its name."""
     if not os.path.isfile(_absolute(path)):
         raise OSError(f"missing file {path}")
-    node = scene.AddNewNodeByClass(node_class, name)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    name = node.GetName()
     storage.SetFileName(path)
     scene.AddNode(storage)
     node.SetAndObserveStorageNodeID(storage.GetID())
     if not storage.ReadData(node):
-        raise OSError(f"could not read volume {path}")
+        raise OSError(f"could not read {path}")
     node.SetName(name)
-    node.CreateDefaultDisplayNodes()
     return node
 
 
@@ -272,16 +278,8 @@ def read_displacement_transform(scene, path: str, name: str, linear: bool = True
     """Read a worker displacement field (ITK, LPS, time-t point -> reference point) into a
     NEW grid transform node. Slicer stores it as the *from parent* transform; the grid is
     switched to linear interpolation so the node maps points exactly as ITK does."""
-    if not os.path.isfile(_absolute(path)):
-        raise OSError(f"missing file {path}")
-    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
-    storage = slicer.vtkMRMLTransformStorageNode()
-    storage.SetFileName(path)
-    scene.AddNode(storage)
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    if not storage.ReadData(node):
-        raise OSError(f"could not read transform {path}")
-    node.SetName(name)
+    node = _read(scene, scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name),
+                 slicer.vtkMRMLTransformStorageNode(), path)
     if linear:
         set_grid_interpolation_linear(node)
     return node

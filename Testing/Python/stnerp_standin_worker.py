@@ -12,13 +12,10 @@ u_t(p) = (t - t_ref) * a(p), a(p) = (1.5 sin(2 pi z / 40), 1.0 cos(2 pi x / 50),
 """
 from __future__ import annotations
 
-import _thread
 import argparse
 import math
 import os
-import signal
 import sys
-import threading
 import time
 
 import numpy as np
@@ -159,24 +156,9 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
-def _interrupt(*_) -> None:
-    for other in (signal.SIGTERM, signal.SIGINT):  # once, as the worker
-        signal.signal(other, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
-def _interrupt_when_stdin_closes() -> None:
-    for _ in sys.stdin:
-        pass
-    _thread.interrupt_main()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
-    if args.cancel_on_stdin_close:
-        threading.Thread(target=_interrupt_when_stdin_closes, daemon=True).start()
+    contract.stop_on_interruption(args.cancel_on_stdin_close)
     os.makedirs(args.output)
     record = {"status": contract.STATUS_RUNNING, "error": None, "command": args.command,
               "reference_time": getattr(args, "reference_time", None), "time_points": []}
