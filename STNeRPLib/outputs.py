@@ -40,10 +40,17 @@ class Written:
     labelmap: np.ndarray | None
 
 
+def time_folder(t: float) -> str:
+    """Folder name of time t's outputs: t_<t> written short ('t_1.5', 't_2') where that reads back as
+    exactly t, else in full ('t_20260101.0', not 't_2.02601e+07'), so distinct times never share one."""
+    short = f"{t:g}"
+    return f"t_{short}" if float(short) == t else f"t_{t!r}"
+
+
 def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series: Series | None) -> Written:
     """Write displacement, Jacobian, labelmap and predicted image at one time, with their metrics."""
     warped = warp(model, point.time, point.grid, point.prealignment)
-    name = f"t_{point.time:g}"
+    name = time_folder(point.time)
     field_image = point.grid.image(warped.displacement.astype(np.float64), vector=True)
     jacobian = jacobian_determinant(field_image)
     files = {"displacement": f"{name}/displacement.nrrd", "jacobian": f"{name}/jacobian.nrrd",
