@@ -11,6 +11,7 @@ from .errors import InputError
 from .geometry import Grid
 
 FORMATS = "NRRD, NIfTI, MHA or a DICOM series folder"
+MAX_LABEL = 65535  # labelmaps are kept and written as UInt16
 
 
 def read_image(path: str | Path, what: str) -> sitk.Image:
@@ -34,6 +35,9 @@ def read_labelmap(path: str | Path, grid: Grid, what: str) -> sitk.Image:
     if not np.any(array):
         raise InputError(f"{what} {path} is empty (no voxel is labelled): give a labelmap with at "
                          "least one label")
+    if array.max() > MAX_LABEL:
+        raise InputError(f"{what} {path} has label {int(array.max())}, above {MAX_LABEL}, the largest "
+                         "label kept: renumber its labels")
     if not Grid.of(image).matches(grid):
         raise InputError(f"{what} {path} is on another grid than its image: resample it onto "
                          "that image's grid (same size, spacing, origin, direction)")

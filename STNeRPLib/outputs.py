@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import SimpleITK as sitk
 
+from .contract import time_point_folder
 from .geometry import Grid
 from .io import write_image
 from .metrics import (dice_per_label, folding_statistics, jacobian_determinant, map_points, psnr, ssim,
@@ -43,7 +44,7 @@ class Written:
 def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series: Series | None) -> Written:
     """Write displacement, Jacobian, labelmap and predicted image at one time, with their metrics."""
     warped = warp(model, point.time, point.grid, point.prealignment)
-    name = f"t_{point.time:g}"
+    name = time_point_folder(point.time)
     field_image = point.grid.image(warped.displacement.astype(np.float64), vector=True)
     jacobian = jacobian_determinant(field_image)
     files = {"displacement": f"{name}/displacement.nrrd", "jacobian": f"{name}/jacobian.nrrd",

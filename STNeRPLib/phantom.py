@@ -298,6 +298,10 @@ class PhantomSeries:
         """Ground-truth displacement u_t (VectorFloat64, mm, LPS) at any real time t."""
         return self._phantom.frame(t)[2]
 
+    def landmarks_at(self, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """Landmarks at any real time t: (time-t points, their exact reference points), (N, 3) mm."""
+        return self._phantom.landmarks(t)
+
 
 def _series(phantom: _Phantom, times: list[float]) -> PhantomSeries:
     images, labelmaps, displacements = zip(*(phantom.frame(t) for t in times))

@@ -9,6 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .contract import time_point_folder
 from .deformation import Deformation
 from .errors import InputError
 from .geometry import Grid
@@ -102,12 +103,14 @@ def load_series(reference: str, reference_time: float, follow_ups: list[tuple[st
 
 
 def _check_times(times: list[float]) -> None:
+    """Every time finite, and no two times writing into one output folder."""
     if not all(math.isfinite(t) for t in times):
         raise InputError("a time value is not a finite number: give each image a number (phase or days)")
-    if len(set(times)) != len(times):
-        duplicate = next(t for t in times if times.count(t) > 1)
-        raise InputError(f"time {duplicate:g} is given to more than one image: give every image its "
-                         "own time")
+    folders = [time_point_folder(t) for t in times]
+    if len(set(folders)) != len(folders):
+        duplicate = next(t for t, f in zip(times, folders) if folders.count(f) > 1)
+        raise InputError(f"time {duplicate!r} is given more than once (images and --predict-times "
+                         "together): give every image and prediction its own time")
 
 
 def pick_device(name: str) -> torch.device:
@@ -191,6 +194,7 @@ def run_training(series: Series, options: Options, folder: Path, reporter: Repor
                  predict_times: list[float] = (), record: RunRecord | None = None) -> RunRecord:
     """Fit the series and write every output into `folder`; the record ends 'complete'."""
     record = record or RunRecord(folder, "train", {}, options.to_dict())
+    _check_times([t for t, _ in series.images] + list(predict_times))
     if options.scheme == "short":
         if predict_times:
             raise InputError("predicting new times needs the long-range scheme: drop --predict-times "

@@ -102,6 +102,16 @@ def interpolation_weights(scanned: list[float], t: float) -> dict[float, float]:
     return {a: (b - t) / (b - a), b: (t - a) / (b - a)}
 
 
+def linear_interpolation(scans: dict[float, np.ndarray], t: float) -> np.ndarray:
+    """The baseline for a predicted image at an unscanned time t: the two scans around t blended
+    voxel by voxel with interpolation_weights, in the scans' own units and without motion. Normalise
+    (clip) the blend afterwards, as the predicted image is: both are blends of scans, windowed once."""
+    weights = interpolation_weights(sorted(scans), t)
+    if not weights:
+        raise ValueError(f"time {t:g} does not lie between two scans")
+    return sum(w * np.asarray(scans[s], np.float64) for s, w in weights.items())
+
+
 def _warp_slab(model, displacement, inverses, target: Grid, inverse, z0: int, z1: int):
     """Displacement (mm), labels and, per carried scan, the displacement to its points, of one slab."""
     q = target.points(z0, z1)

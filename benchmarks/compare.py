@@ -344,7 +344,7 @@ def run_heldout(method: str, series, work: Path, job: dict) -> dict:
     import SimpleITK as sitk
     from STNeRPLib import metrics
     from STNeRPLib.geometry import Grid
-    from STNeRPLib.warping import warp
+    from STNeRPLib.warping import linear_interpolation, warp
     h = job["heldout"]
     model, _, info = run_stnerp(method, series, work, job.get("iterations"), skip=h)
     t = series.times[h]
@@ -354,9 +354,8 @@ def run_heldout(method: str, series, work: Path, job: dict) -> dict:
     field = Grid.of(actual_image).image(warped.displacement.astype(np.float64), vector=True)
     scores = evaluate_field(series, h, field)
     predicted = _window(warped.image)
-    t0, t1 = series.times[h - 1], series.times[h + 1]
-    w = (t - t0) / (t1 - t0)
-    linear = _window((1 - w) * sitk.GetArrayFromImage(series.image(h - 1)) + w * sitk.GetArrayFromImage(series.image(h + 1)))
+    linear = _window(linear_interpolation({series.times[k]: sitk.GetArrayFromImage(series.image(k))
+                                           for k in (h - 1, h + 1)}, t))
     return {"heldout_index": h, "heldout_time": t, "train_seconds": info["wall_seconds"],
             "predicted_image_psnr": metrics.psnr(predicted, actual), "predicted_image_ssim": metrics.ssim(predicted, actual),
             "warped_reference_psnr": scores["psnr"], "warped_reference_ssim": scores["ssim"],

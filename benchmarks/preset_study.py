@@ -35,7 +35,7 @@ from STNeRPLib.pipeline import Options, fit  # noqa: E402
 from STNeRPLib.presets import DEFAULT  # noqa: E402
 from STNeRPLib.priors import evaluate_on_grid  # noqa: E402
 from STNeRPLib.progress import Reporter  # noqa: E402
-from STNeRPLib.warping import warp  # noqa: E402
+from STNeRPLib.warping import linear_interpolation, warp  # noqa: E402
 
 VARIANTS: dict[str, tuple[str | None, dict]] = {
     # name: (prior, None: the preset's; overrides of DEFAULT)
@@ -101,7 +101,8 @@ def evaluate(series, name: str, prior: str | None, overrides: dict, holdout: int
     if holdout is not None:
         measured = _measure(model, series, holdout, grid)
         predicted = window.normalise(measured["image"])
-        linear = 0.5 * (normalised[holdout - 1] + normalised[holdout + 1])
+        scans = {series.times[k]: sitk.GetArrayFromImage(series.images[k]) for k in (holdout - 1, holdout + 1)}
+        linear = window.normalise(linear_interpolation(scans, series.times[holdout]))
         actual = normalised[holdout]
         row.update(ho_psnr=psnr(predicted, actual), ho_ssim=ssim(predicted, actual),
                    lin_psnr=psnr(linear, actual), lin_ssim=ssim(linear, actual),

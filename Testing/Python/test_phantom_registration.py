@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from baselines import MISTAKES, baseline_scores, scores, table
+
 from STNeRPLib.geometry import Grid
 from STNeRPLib.metrics import (dice_per_label, folding_statistics, jacobian_determinant, map_points, psnr, ssim,
                                target_registration_error)
@@ -16,7 +18,7 @@ from STNeRPLib.phantom import breathing_series
 from STNeRPLib.pipeline import Options, fit
 from STNeRPLib.presets import DEFAULT
 from STNeRPLib.progress import Reporter
-from STNeRPLib.warping import warp
+from STNeRPLib.warping import linear_interpolation, warp
 
 HELD_OUT = 2
 
@@ -44,6 +46,31 @@ def tre(series, grid, outputs, k) -> tuple[float, float]:
     return registered["tre_mean"], target_registration_error(points, reference_points)["tre_mean"]
 
 
+@pytest.fixture(scope="module")
+def mistakes(result):
+    """Per phase 1-5: the run's scores and those of every mistake (baselines.py), printed."""
+    series, _, grid, _, outputs = result
+    out = {}
+    for k in range(1, 6):
+        t = series.times[k]
+        out[k] = scores(series, t, field(grid, outputs[k])), baseline_scores(series, t)
+        print(table(f"phase {k}{' (held out)' if k == HELD_OUT else ''}", *out[k]))
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_every_phase_beats_every_mistake(mistakes, k):
+    """TRE below 0.6 x, and PSNR (reference through the field) 1 dB above, the best of no
+    registration, sign flipped, LPS/RAS mixed and one phase off, at trained phases and at the
+    held-out phase 2. Measured (TRE mm / PSNR dB, run vs best mistake): phase 1 0.44 / 36.36 vs
+    0.91 (mixed) / 33.22; held-out 2 0.58 / 33.69 vs 1.33 (one off) / 31.55; 3 0.44 / 34.04 vs
+    1.33 / 31.35; 4 0.39 / 34.44 vs 1.33 / 31.54; 5 0.39 / 36.50 vs 0.91 / 33.23."""
+    method, baselines = mistakes[k]
+    for name in MISTAKES:
+        assert method["tre"] < 0.6 * baselines[name]["tre"], (k, name, method, baselines[name])
+        assert method["psnr"] > baselines[name]["psnr"] + 1.0, (k, name, method, baselines[name])
+
+
 def test_landmarks_recovered_at_trained_phases(result):
     series, _, grid, trained, outputs = result
     errors = np.array([tre(series, grid, outputs, k) for k in trained])
@@ -62,13 +89,17 @@ def test_dense_displacement_close_to_ground_truth(result):
     assert np.mean(errors) < 0.25 * np.mean(motions), (errors, motions)
 
 
-def test_tumour_propagated_and_nothing_folded(result):
+def test_tumour_propagated_and_nothing_folded(result, mistakes):
+    """Dice of every label within 0.05 of what the exact motion scores (nearest-neighbour lookup on
+    this grid caps the ~5-voxel tumour at 0.80-0.90). At phases 1 and 5 no registration scores as
+    high (tumour 0.897), so Dice alone cannot tell; at phase 3 it falls 0.28 short (0.517 vs 0.800),
+    and there this test fails for no registration."""
     series, _, grid, trained, outputs = result
+    assert mistakes[3][1]["exact"]["dice"][1] - mistakes[3][1]["none"]["dice"][1] > 0.05
     for k in trained + [HELD_OUT]:
         dice = dice_per_label(outputs[k].labelmap, sitk.GetArrayFromImage(series.labelmaps[k]))
-        # the tumour is ~5 voxels across: even the exact field reaches only ~0.85 with
-        # nearest-neighbour lookup on this grid
-        assert dice[1] > 0.75 and dice[2] > 0.95 and dice[3] > 0.95, (k, dice)
+        exact = mistakes[k][1]["exact"]["dice"]
+        assert all(dice[label] > exact[label] - 0.05 for label in (1, 2, 3)), (k, dice, exact)
         jacobian = sitk.GetArrayFromImage(jacobian_determinant(field(grid, outputs[k])))
         assert folding_statistics(jacobian)["folded_voxels"] == 0
 
@@ -81,6 +112,7 @@ def test_held_out_phase_predicted_from_its_neighbours(result):
     truth = normal(series.images[HELD_OUT])
     predicted = model.window.normalise(outputs[HELD_OUT].image)
     assert outputs[HELD_OUT].image_sources == [HELD_OUT - 1, HELD_OUT + 1]
-    linear = 0.5 * normal(series.images[HELD_OUT - 1]) + 0.5 * normal(series.images[HELD_OUT + 1])
+    scans = {series.times[k]: sitk.GetArrayFromImage(series.images[k]) for k in (HELD_OUT - 1, HELD_OUT + 1)}
+    linear = model.window.normalise(linear_interpolation(scans, series.times[HELD_OUT]))
     assert psnr(predicted, truth) > psnr(linear, truth) + 0.5, (psnr(predicted, truth), psnr(linear, truth))
     assert ssim(predicted, truth) > ssim(linear, truth)

@@ -1,5 +1,10 @@
 """The stnerp worker as a real subprocess: a whole run with JSON events, prediction from the saved
-model, interruption, and bad input answered by one line, exit code 2 and no complete run."""
+model, interruption, and bad input answered by one line, exit code 2 and no complete run.
+
+Accuracy is asserted against what the run's mistakes would score (baselines.py: no registration,
+sign flipped, LPS/RAS mixed, one time step off, each from the phantom's exact motion), not against
+fixed figures: the tables are printed (pytest -s) and listed in the docstrings of the tests."""
+import csv
 import json
 import signal
 import subprocess
@@ -10,9 +15,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from baselines import MISTAKES, baseline_scores, dice, normalised, psnr_db, scores, table, vector_image
+from STNeRPLib.geometry import Grid
 from STNeRPLib.phantom import breathing_series, write_series
 
 QUICK = ["--iterations", "15", "--prior", "image"]
+# 150 iterations: enough for the 9 mm phantom to beat every mistake by a margin (15 were not:
+# LPS/RAS mixed then scored a lower TRE than the run at phases 1 and 3).
+ACCURATE = ["--iterations", "150", "--prior", "image"]
 
 
 def stnerp(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -50,8 +60,12 @@ def trained(phantom, tmp_path_factory):
     args = train_args(files, series.times, output) + [
         "--segmentation", files["labelmaps"][0], "--landmarks", files["landmarks"],
         "--ground-truth", files["labelmaps"][2], series.times[2], "--predict-times", 1.5,
-        "--json-events", *QUICK]
+        "--json-events", *ACCURATE]
     return stnerp(*args), output
+
+
+def read_array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
 def test_training_run_writes_every_output(trained, phantom):
@@ -72,13 +86,136 @@ def test_training_run_writes_every_output(trained, phantom):
         labels = sitk.GetArrayFromImage(sitk.ReadImage(str(output / point["labelmap"])))
         assert set(np.unique(labels)) == {0, 1, 2, 3}                # every label kept
         assert point["metrics"]["folded_voxels"] == 0
-    scanned = run["time_points"][1]["metrics"]
-    assert scanned["psnr"] > 20 and scanned["tre_mean"] is not None
-    assert run["time_points"][2]["metrics"]["dice"]["1"] > 0.5
     assert run["time_points"][4]["scanned"] is False and run["time_points"][4]["metrics"]["psnr"] is None
-    header = (output / "metrics.csv").read_text().splitlines()[0]
-    assert header.startswith("time,scanned,folded_voxels") and "dice_1" in header
-    assert run["versions"]["torch"] and run["parameters"]["preset"]["def_iterations"] == 15
+    assert run["versions"]["torch"] and run["parameters"]["preset"]["def_iterations"] == 150
+
+
+MARGIN_TRE, MARGIN_PSNR_DB = 0.7, 1.5
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_registration_beats_every_mistake(trained, phantom, k):
+    """The run's field at a scanned phase scores a TRE below 0.7 x, and a PSNR (reference resampled
+    through it) 1.5 dB above, the best of no registration, sign flipped, LPS/RAS mixed and one
+    phase off. Measured (150 iterations; TRE mm / PSNR dB): run 0.94 / 31.95, 1.24 / 30.17,
+    0.98 / 31.71 at phases 1, 2, 3; best mistake 2.04 / 28.14 (mixed / none), 2.79 / 27.16
+    (off by one), 2.04 / 28.14. Dice is not asserted here: on the 9 mm grid the tumour is ~3
+    voxels and the exact field scores 0.737 at phase 2 against 0.842 for no registration."""
+    series, _ = phantom
+    _, output = trained
+    method = scores(series, k, sitk.ReadImage(str(output / f"t_{k}/displacement.nrrd")))
+    mistakes = baseline_scores(series, k)
+    print(table(f"phase {k}", method, mistakes))
+    for name in MISTAKES:
+        assert method["tre"] < MARGIN_TRE * mistakes[name]["tre"], (name, method, mistakes[name])
+        assert method["psnr"] > mistakes[name]["psnr"] + MARGIN_PSNR_DB, (name, method, mistakes[name])
+
+
+def test_unscanned_time_beats_every_mistake(trained, phantom):
+    """At 1.5, never scanned: the field's TRE on the phantom's landmarks at 1.5 is below 0.7 x every
+    mistake's (exact motion at 1.5 with each mistake; one step off: u(0.5), as u(2.5) = u(1.5)).
+    Measured: 1.19 mm against 4.29 (none), 8.58 (flipped), 3.38 (mixed), 3.56 (one off).
+    The predicted image (the motion-compensated blend of phases 1 and 2) against the phantom's
+    image at 1.5: 38.55 dB, far above the unwarped reference (24.63) but BELOW linear
+    interpolation of phases 1 and 2 (39.74) on this 9 mm grid after 150 iterations; asserted: above
+    the reference by 1.5 dB and within 1.5 dB of linear interpolation."""
+    from STNeRPLib.warping import linear_interpolation
+    series, _ = phantom
+    _, output = trained
+    method = scores(series, 1.5, sitk.ReadImage(str(output / "t_1.5/displacement.nrrd")))
+    mistakes = baseline_scores(series, 1.5)
+    print(table("time 1.5", method, mistakes))
+    for name in MISTAKES:
+        assert method["tre"] < MARGIN_TRE * mistakes[name]["tre"], (name, method, mistakes[name])
+    truth = normalised(sitk.GetArrayFromImage(series.image_at(1.5)))
+    predicted = psnr_db(normalised(read_array(output / "t_1.5/image.nrrd")), truth)
+    scans = {t: sitk.GetArrayFromImage(series.images[int(t)]) for t in (1.0, 2.0)}
+    linear = psnr_db(normalised(linear_interpolation(scans, 1.5)), truth)
+    unwarped = psnr_db(normalised(sitk.GetArrayFromImage(series.images[0])), truth)
+    print(f"time 1.5 image PSNR: predicted {predicted:.2f} dB, linear interpolation {linear:.2f}, reference {unwarped:.2f}")
+    assert predicted > unwarped + MARGIN_PSNR_DB and predicted > linear - 1.5, (predicted, linear, unwarped)
+
+
+def test_reported_metrics_match_independent_computation(trained, phantom):
+    """run.json's PSNR (its image.nrrd against the scan), Dice (its labelmap.nrrd against the
+    ground truth) and TRE (landmarks through its displacement.nrrd) equal the same figures
+    computed here from the files, and metrics.csv holds run.json's values."""
+    series, _ = phantom
+    _, output = trained
+    run = record(output)
+    points = {p["time"]: p for p in run["time_points"]}
+    for k in (1, 2, 3):
+        entry = points[float(k)]
+        image = normalised(read_array(output / entry["image"]))
+        assert entry["metrics"]["psnr"] == pytest.approx(psnr_db(image, normalised(sitk.GetArrayFromImage(series.images[k]))), abs=1e-3)
+        method = scores(series, k, sitk.ReadImage(str(output / entry["displacement"])))
+        assert entry["metrics"]["tre_mean"] == pytest.approx(method["tre"], abs=1e-4)
+    labels = read_array(output / points[2.0]["labelmap"])
+    truth = sitk.GetArrayFromImage(series.labelmaps[2])
+    assert points[2.0]["metrics"]["dice"] == {str(k): pytest.approx(dice(labels, truth, k), abs=1e-9) for k in (1, 2, 3)}
+    with (output / "metrics.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["time"]) for r in rows] == [p["time"] for p in run["time_points"]]
+    for row, entry in zip(rows, run["time_points"]):
+        m = entry["metrics"]
+        assert row["scanned"] == str(entry["scanned"])
+        for column in ("folded_voxels", "jacobian_min", "jacobian_max", "psnr", "ssim", "tre_mean", "tre_max"):
+            assert (row[column] == "") if m[column] is None else float(row[column]) == pytest.approx(m[column]), column
+        for label in ("1", "2", "3"):
+            expected = m["dice"].get(label)
+            assert (row[f"dice_{label}"] == "") if expected is None else float(row[f"dice_{label}"]) == pytest.approx(expected)
+
+
+def test_jacobian_output_is_the_determinant_of_the_written_field(trained):
+    """jacobian.nrrd equals ITK's DisplacementFieldJacobianDeterminant of displacement.nrrd (an
+    independent finite-difference implementation) inside the grid; at its one-voxel border the
+    engine takes one-sided differences, ITK another scheme."""
+    _, output = trained
+    for point in record(output)["time_points"]:
+        field = sitk.ReadImage(str(output / point["displacement"]))
+        written = sitk.ReadImage(str(output / point["jacobian"]))
+        assert Grid.of(written).matches(Grid.of(field))
+        independent = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field))
+        inner = (slice(1, -1),) * 3
+        assert np.allclose(sitk.GetArrayFromImage(written)[inner], independent[inner], atol=1e-5), point["time"]
+
+
+def test_image_output_at_a_scanned_time_is_the_reference_through_the_field(trained, phantom):
+    """At a scanned time image.nrrd is the reference resampled through displacement.nrrd (cubic
+    B-spline, the engine's documented renderer), computed here with SimpleITK."""
+    series, _ = phantom
+    _, output = trained
+    for k in (1, 2, 3):
+        field = sitk.ReadImage(str(output / f"t_{k}/displacement.nrrd"))
+        transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+        expected = sitk.Resample(series.images[0], field, transform, sitk.sitkBSpline, 0.0, sitk.sitkFloat32, True)
+        written = sitk.ReadImage(str(output / f"t_{k}/image.nrrd"))
+        assert np.allclose(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(expected), atol=0.05), k
+
+
+def test_inhale_compresses_the_lungs_in_the_jacobian_map(trained, phantom):
+    """det J of the map time-t point -> reference point: at inhale (phase 2) the time-t lungs are
+    larger than the reference's, so a time-t voxel maps to a smaller reference volume: mean det J
+    in the lungs < 1 in the exact field (0.910) and in the run's jacobian.nrrd (0.916 measured)."""
+    series, _ = phantom
+    _, output = trained
+    lungs = np.isin(sitk.GetArrayFromImage(series.labelmaps[2]), (2, 3))
+    exact = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(series.displacements[2]))[lungs].mean()
+    written = read_array(output / "t_2/jacobian.nrrd")[lungs].mean()
+    assert exact < 0.95 and written < 0.95, (exact, written)
+    assert abs(written - exact) < 0.5 * (1 - exact), (written, exact)
+
+
+# |u| at the reference time, measured on this run: max 9.72 mm, mean 1.52 mm (mm, LPS). Bounds are
+# the measured values x 1.5, to be tightened once u(reference time) = 0 by construction.
+REFERENCE_U_MAX_MM, REFERENCE_U_MEAN_MM = 9.72 * 1.5, 1.52 * 1.5
+
+
+def test_displacement_at_the_reference_time_is_bounded(trained):
+    _, output = trained
+    length = np.linalg.norm(read_array(output / "t_0/displacement.nrrd"), axis=-1)
+    print(f"|u| at the reference time: max {length.max():.2f} mm, mean {length.mean():.2f} mm")
+    assert length.max() < REFERENCE_U_MAX_MM and length.mean() < REFERENCE_U_MEAN_MM
 
 
 def test_predict_from_saved_model(trained, tmp_path):
@@ -87,6 +224,16 @@ def test_predict_from_saved_model(trained, tmp_path):
     assert result.returncode == 0, result.stderr
     run = record(tmp_path / "p")
     assert run["status"] == "complete" and [p["time"] for p in run["time_points"]] == [2.25, -0.5]
+    # continuity in time: u(2.25) lies near the segment from u(2) to u(3), much nearer than u(2)
+    # and u(3) lie to each other; u(-0.5) is nearer u(0) than u(1) is
+    u = {t: read_array(output / f"t_{t}/displacement.nrrd") for t in (0, 1, 2, 3)}
+    between = read_array(tmp_path / "p/t_2.25/displacement.nrrd")
+    step = u[3] - u[2]
+    along = np.clip(np.sum((between - u[2]) * step, -1) / np.maximum(np.sum(step * step, -1), 1e-12), 0, 1)
+    off_segment = np.linalg.norm(between - u[2] - along[..., None] * step, axis=-1).mean()
+    assert off_segment < 0.25 * np.linalg.norm(step, axis=-1).mean(), off_segment
+    before = read_array(tmp_path / "p/t_-0.5/displacement.nrrd")
+    assert np.linalg.norm(before - u[0], axis=-1).mean() < np.linalg.norm(u[1] - u[0], axis=-1).mean()
     # the model reproduces the trained run's own output at a trained time
     again = stnerp("predict", "--run", output, "--times", 1.5, "--output", tmp_path / "q")
     assert again.returncode == 0, again.stderr
@@ -95,21 +242,54 @@ def test_predict_from_saved_model(trained, tmp_path):
     assert np.allclose(before, after, atol=1e-5)
 
 
-def test_sigterm_marks_the_run_interrupted(phantom, tmp_path):
-    series, files = phantom
-    output = tmp_path / "stopped"
-    args = train_args(files, series.times, output) + ["--iterations", "100000", "--json-events"]
-    process = subprocess.Popen([sys.executable, "-m", "STNeRPLib", *map(str, args)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:                          # wait until training runs
-        if json.loads(line)["event"] == "progress":
+def _ignore_sigint() -> None:
+    """As a shell starts a background job (`stnerp train ... &`): SIGINT ignored on entry, so the
+    worker handles it only if it installs its own handler."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _interrupt_at(stage: str, signum: int, args: list, output: Path) -> None:
+    """Start the worker, send `signum` at its first progress event of `stage`, and check the run
+    ends interrupted: rc 130, a last JSON error event, run.json 'interrupted', no traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "STNeRPLib", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint)
+    for line in process.stdout:
+        event = json.loads(line)
+        if event["event"] == "progress" and event["stage"] == stage:
             break
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
+    process.send_signal(signum)
+    try:
+        stdout, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail(f"the worker ignored {signal.Signals(signum).name} during {stage}")
+    assert process.returncode == 130, stderr
     assert events(stdout)[-1]["event"] == "error"
     assert record(output)["status"] == "interrupted"
     assert "Traceback" not in stderr
+
+
+SIGINT_UNHANDLED = pytest.mark.xfail(strict=True, reason="the worker installs no SIGINT handler yet: a "
+                                     "worker started with SIGINT ignored (a background job) never stops")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=SIGINT_UNHANDLED)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_signal_during_defnet_marks_the_run_interrupted(signum, phantom, tmp_path):
+    series, files = phantom
+    output = tmp_path / "stopped"
+    args = train_args(files, series.times, output) + ["--iterations", "100000", "--json-events"]
+    _interrupt_at("defnet", signum, args, output)
+
+
+def test_cancel_while_writing_outputs_marks_the_run_interrupted(phantom, tmp_path):
+    """SIGTERM after the first time point is written (40 more to write): no complete run."""
+    series, files = phantom
+    output = tmp_path / "stopped"
+    args = train_args(files, series.times, output) + ["--iterations", "5", "--json-events", "--prior", "image",
+                                                      "--predict-times", *np.linspace(0.05, 2.95, 40).round(3)]
+    _interrupt_at("outputs", signal.SIGTERM, args, output)
 
 
 def bad_run(tmp_path, *args) -> tuple[subprocess.CompletedProcess, Path]:
@@ -140,7 +320,8 @@ def image_file(tmp_path, name, array, like=None):
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "2d", "4d", "nan", "single", "duplicate",
-                                  "empty labelmap", "labelmap grid", "time not a number"])
+                                  "empty labelmap", "labelmap grid", "time not a number",
+                                  "label above 65535", "predict a scanned time"])
 def test_bad_input(case, phantom, tmp_path):
     series, files = phantom
     reference, follow_up = files["images"][0], files["images"][1]
@@ -157,11 +338,14 @@ def test_bad_input(case, phantom, tmp_path):
         "labelmap grid": ["--follow-up", follow_up, 1, "--segmentation",
                           image_file(tmp_path, "other.nrrd", np.ones((8, 8, 8), np.uint8))],
         "time not a number": ["--follow-up", follow_up, "one"],
+        "label above 65535": ["--follow-up", follow_up, 1, "--segmentation", _large_label(tmp_path, series.labelmaps[0])],
+        "predict a scanned time": ["--follow-up", follow_up, 1, "--predict-times", 1.0, "--iterations", 5],
     }[case]
     words = {"missing": ["not found"], "corrupt": ["cannot read"], "2d": ["2-D"], "4d": ["4-D"],
              "nan": ["NaN"], "single": ["only one time point"], "duplicate": ["time 1"],
              "empty labelmap": ["empty"], "labelmap grid": ["another grid"],
-             "time not a number": ["not a number"]}[case]
+             "time not a number": ["not a number"], "label above 65535": ["70000", "65535"],
+             "predict a scanned time": ["time 1.0", "more than once"]}[case]
     result, output = bad_run(tmp_path, "train", "--reference", reference, *arguments)
     assert_rejected(result, output, *words)
 
@@ -173,6 +357,13 @@ def test_existing_run_is_not_overwritten(trained, phantom, tmp_path):
     result = stnerp(*train_args(files, series.times, output), *QUICK)
     assert result.returncode == 2 and "already holds a run" in result.stderr
     assert (output / "run.json").read_text() == before
+
+
+def _large_label(tmp_path, labelmap):
+    """The reference labelmap as UInt32 with the tumour numbered 70000 (UInt16 would wrap it to 4464)."""
+    array = sitk.GetArrayFromImage(labelmap).astype(np.uint32)
+    array[array == 1] = 70000
+    return image_file(tmp_path, "large.nrrd", array, labelmap)
 
 
 def _corrupt(tmp_path):
@@ -217,3 +408,125 @@ def test_pairwise_model_refuses_new_times(phantom, tmp_path):
     series, files = phantom
     result = stnerp(*train_args(files, series.times, tmp_path / "pw"), "--pairwise", "--predict-times", 1.5, *QUICK)
     assert result.returncode == 2 and "cannot predict new times" in result.stderr
+
+
+def test_short_scheme_chains_fields_newest_first(phantom, tmp_path):
+    """--scheme short: a landmark of time 3 reaches the reference through f3 (3 -> 2), then f2, then
+    f1. run.json's TRE at time 3 is that chain's, computed here from the written fields, and it is
+    lower than the chain applied in reverse order (f1, f2, f3). Measured (150 iterations): 1.52 mm
+    newest first, 1.58 mm reversed, 2.79 mm unregistered: the fields nearly commute, so the order
+    is pinned by run.json's TRE equalling the newest-first chain to 1e-4 mm, 600 x below the gap."""
+    series, files = phantom
+    output = tmp_path / "short"
+    result = stnerp(*train_args(files, series.times, output), "--landmarks", files["landmarks"],
+                    "--scheme", "short", *ACCURATE)
+    assert result.returncode == 0, result.stderr
+    fields = [sitk.ReadImage(str(output / f"t_{k}/displacement.nrrd")) for k in (1, 2, 3)]
+    points, reference_points = series.landmarks[3]
+
+    def chained_tre(order) -> float:
+        mapped = points
+        for field in order:
+            transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+            mapped = np.array([transform.TransformPoint(tuple(map(float, p))) for p in mapped])
+        return float(np.linalg.norm(mapped - reference_points, axis=1).mean())
+
+    newest_first, reversed_order = chained_tre(fields[::-1]), chained_tre(fields)
+    unregistered = float(np.linalg.norm(points - reference_points, axis=1).mean())
+    print(f"short scheme TRE at time 3: newest first {newest_first:.2f} mm, reversed {reversed_order:.2f} mm, "
+          f"unregistered {unregistered:.2f} mm")
+    assert record(output)["time_points"][2]["metrics"]["tre_mean"] == pytest.approx(newest_first, abs=1e-4)
+    assert newest_first < reversed_order and newest_first < 0.7 * unregistered
+    assert abs(reversed_order - newest_first) > 0.01
+
+
+def test_reference_need_not_be_the_earliest_time(phantom, tmp_path):
+    """Reference at time 2, follow-ups at 0, 1 and 3: the run completes with the reference's entry
+    first, predicts 0.5 and 2.5 from the scans around them, and registers time 0 to the reference:
+    TRE of the phantom's landmarks (phase-0 points, matching phase-2 points) below 0.7 x what no
+    registration, the sign flipped and LPS/RAS mixed score with the exact landmark motion.
+    Measured: 1.25 mm against 5.57 (none), 11.13 (flipped), 3.93 (mixed)."""
+    series, files = phantom
+    output = tmp_path / "middle"
+    time_2, reference_2 = series.landmarks[2]              # phase-2 points, their phase-0 points
+    landmarks = tmp_path / "landmarks.csv"
+    with landmarks.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["time", "x", "y", "z", "ref_x", "ref_y", "ref_z"])
+        writer.writerows([0.0, *a, *b] for a, b in zip(reference_2, time_2))
+    args = ["train", "--reference", files["images"][2], "--reference-time", 2, "--output", output,
+            "--landmarks", landmarks, "--predict-times", 0.5, 2.5, "--segmentation", files["labelmaps"][2]]
+    for k in (0, 1, 3):
+        args += ["--follow-up", files["images"][k], k]
+    result = stnerp(*args, *ACCURATE)
+    assert result.returncode == 0, result.stderr
+    points = record(output)["time_points"]
+    assert [p["time"] for p in points] == [2.0, 0.0, 1.0, 3.0, 0.5, 2.5]
+    assert [p["image_sources"] for p in points[4:]] == [[0.0, 1.0], [2.0, 3.0]]
+    motion = time_2 - reference_2                           # exact u at the landmarks
+    # error of q + m(u) for each mistake m: none u, flipped 2u, mixed (x and y negated) (2ux, 2uy, 0)
+    mistakes = {"none": motion, "flipped": 2 * motion, "mixed": motion * np.array([2.0, 2.0, 0.0])}
+    floors = {name: float(np.linalg.norm(error, axis=1).mean()) for name, error in mistakes.items()}
+    tre = points[1]["metrics"]["tre_mean"]
+    print(f"reference at time 2, TRE at time 0: {tre:.2f} mm; mistakes {floors}")
+    assert all(tre < 0.7 * floor for floor in floors.values()), (tre, floors)
+
+
+def test_times_written_as_dates_get_their_own_folders(phantom, tmp_path):
+    """20260101, 20260108 and 20260115 would all be written 't_2.02601e+07' by '{t:g}': each time
+    point must get its own folder and files."""
+    series, files = phantom
+    output = tmp_path / "dates"
+    times = [20260101.0, 20260108.0, 20260115.0]
+    args = ["train", "--reference", files["images"][0], "--reference-time", times[0], "--output", output]
+    for path, t in zip(files["images"][1:], times[1:]):
+        args += ["--follow-up", path, t]
+    result = stnerp(*args, *QUICK)
+    assert result.returncode == 0, result.stderr
+    points = record(output)["time_points"]
+    assert [p["time"] for p in points] == times
+    folders = [Path(p["displacement"]).parent.name for p in points]
+    assert folders == ["t_20260101", "t_20260108", "t_20260115"]
+    assert all((output / p["displacement"]).is_file() for p in points)
+
+
+def test_evaluate_command_scores_a_run_against_ground_truth(trained, phantom, tmp_path):
+    """stnerp evaluate with the phase-1 image, the phase-2 labelmap and the landmarks: its
+    evaluation.json holds the PSNR, Dice and TRE computed here from the run's files."""
+    series, files = phantom
+    _, output = trained
+    run = tmp_path / "run"
+    import shutil
+    shutil.copytree(output, run)                            # evaluate writes into the run folder
+    result = stnerp("evaluate", "--run", run, "--image", files["images"][1], 1, "--ground-truth",
+                    files["labelmaps"][2], 2, "--landmarks", files["landmarks"])
+    assert result.returncode == 0, result.stderr
+    rows = {r["time"]: r for r in json.loads((run / "evaluation.json").read_text())["rows"]}
+    image = normalised(read_array(run / "t_1/image.nrrd"))
+    assert rows[1.0]["psnr"] == pytest.approx(psnr_db(image, normalised(sitk.GetArrayFromImage(series.images[1]))), abs=1e-3)
+    labels, truth = read_array(run / "t_2/labelmap.nrrd"), sitk.GetArrayFromImage(series.labelmaps[2])
+    assert rows[2.0]["dice"] == {str(k): pytest.approx(dice(labels, truth, k)) for k in (1, 2, 3)}
+    for k in (1, 2, 3):
+        method = scores(series, k, sitk.ReadImage(str(run / f"t_{k}/displacement.nrrd")))
+        points, reference_points = series.landmarks[k]
+        assert rows[float(k)]["tre_mean"] == pytest.approx(method["tre"], abs=1e-4)
+        assert rows[float(k)]["tre_none"] == pytest.approx(np.linalg.norm(points - reference_points, axis=1).mean())
+    assert "| time |" in result.stderr          # the table goes to the log (stderr)
+
+
+def test_readme_demo_command_at_small_size(tmp_path):
+    """`stnerp demo --size 32 32 24 --iterations 10` (the README's first command, small) exits 0
+    and prints its figures; its held-out PSNR is evaluation.json's, and its linear-interpolation
+    PSNR is the scans blended in HU and windowed after (computed here)."""
+    from STNeRPLib.demo import demo_series
+    output = tmp_path / "demo"
+    result = stnerp("demo", "--size", 32, 32, 24, "--iterations", 10, "--output", output)
+    assert result.returncode == 0, result.stderr
+    printed = result.stderr                                  # messages go to the log (stderr)
+    assert "trained time points: TRE" in printed and "held-out time 3" in printed
+    rows = {r["time"]: r for r in json.loads((output / "run/evaluation.json").read_text())["rows"]}
+    assert f"PSNR {rows[3.0]['psnr']:.2f} dB" in printed
+    series, held_out = demo_series(False, (32, 32, 24))
+    scan = lambda k: sitk.GetArrayFromImage(series.images[k]).astype(np.float64)  # noqa: E731
+    linear = psnr_db(normalised(0.5 * scan(2) + 0.5 * scan(4)), normalised(scan(3)))
+    assert f"linear interpolation of its neighbours: PSNR {linear:.2f} dB" in printed
