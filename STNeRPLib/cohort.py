@@ -228,8 +228,8 @@ def summary_entry(patient: str, folder: Path, wall_time: float | None = None,
             "run": str(folder), "time_points": points}
 
 
-def failed_entry(patient: str, error: str) -> dict:
-    return {"patient": patient, "status": "failed", "skipped": False, "error": error,
+def failed_entry(patient: str, error: str, status: str = "failed") -> dict:
+    return {"patient": patient, "status": status, "skipped": False, "error": error,
             "wall_time_s": None, "run": None, "time_points": []}
 
 
@@ -285,7 +285,7 @@ class Progress:
         """Handler of the workers' events (timestamp, event): their train progress, until the patient ends."""
         message = {key: value for key, value in event[1].items() if key != "worker"}  # Dask adds "worker"
         with self.lock:
-            if self.json_events and message.get("event") == "progress" and message.get("patient") not in self.finished:
+            if message.get("event") == "progress" and message.get("patient") not in self.finished:
                 _print_json(message)
 
     def patient_done(self, entry: dict) -> None:
@@ -299,7 +299,8 @@ class Progress:
                 else:
                     events.error(entry["error"])
             note = " (complete before, skipped)" if entry["skipped"] else ""
-            self.bar.message(f"{entry['patient']}: {entry['status']}{note}"
+            over_bar = "\r\033[K" if sys.stderr.isatty() else ""   # a terminal's bar line has no newline yet
+            self.bar.message(f"{over_bar}{entry['patient']}: {entry['status']}{note}"
                              + (f": {entry['error']}" if entry["error"] else ""))
             self.bar.progress("patients", self.count, self.total)
 
@@ -310,7 +311,8 @@ def _print_json(event: dict) -> None:
 
 def run_batch(args: argparse.Namespace, reporter: Reporter) -> int:
     """The batch command. Exit code 0 when every series is complete, 1 when any failed (the
-    summaries say which and why), 2 when the manifest, the options or the cluster are unusable."""
+    summaries say which and why), 2 when the manifest, the options or the cluster are unusable,
+    130 when interrupted (the series not ended are 'interrupted' in the summaries)."""
     try:
         _check_sizes(args)
         patients = read_cohort(args.cohort)
@@ -334,11 +336,16 @@ def run_batch(args: argparse.Namespace, reporter: Reporter) -> int:
     status = 0
     if pending:
         try:
-            entries.update(_run_on_dask(args, pending, progress))
+            _run_on_dask(args, pending, progress, entries)
         except InputError as error:
             reporter.error(str(error))
             status = 2
-    ordered = [entries.get(p.id) or failed_entry(p.id, "not run: the cluster was unusable") for p in patients]
+        except KeyboardInterrupt:
+            reporter.error("interrupted: rerun the same command to finish the cohort")
+            status = 130
+    unfinished = "the batch stopped before this series ended: rerun the same command"
+    ended = "interrupted" if status == 130 else "failed"
+    ordered = [entries.get(p.id) or failed_entry(p.id, unfinished, ended) for p in patients]
     write_summary(ordered, args.cohort, args.output)
     failed = sum(entry["status"] != "complete" for entry in ordered)
     reporter.done("failed" if failed else "complete", str(args.output))
@@ -351,12 +358,13 @@ def _check_sizes(args: argparse.Namespace) -> None:
             raise InputError(f"{flag} is {value}: give at least 1")
 
 
-def _run_on_dask(args: argparse.Namespace, pending: dict[str, argparse.Namespace],
-                 progress: Progress) -> dict[str, dict]:
+def _run_on_dask(args: argparse.Namespace, pending: dict[str, argparse.Namespace], progress: Progress,
+                 entries: dict[str, dict]) -> None:
+    """Run the pending series as tasks, adding each one's summary entry to `entries` as it ends."""
     from distributed import as_completed
-    entries = {}
     with _client(args) as client:
-        client.subscribe_topic(EVENT_TOPIC, progress.forward)
+        if args.json_events:
+            client.subscribe_topic(EVENT_TOPIC, progress.forward)
         workers = client.scheduler_info()["workers"].values()
         resources = {SERIES_RESOURCE: 1} if any(SERIES_RESOURCE in w.get("resources", {}) for w in workers) else None
         batch = uuid.uuid4().hex[:8]
@@ -371,8 +379,6 @@ def _run_on_dask(args: argparse.Namespace, pending: dict[str, argparse.Namespace
                 entry = failed_entry(patient, f"the task failed on the cluster: {type(error).__name__}: {error}")
             entries[patient] = entry
             progress.patient_done(entry)
-        client.unsubscribe_topic(EVENT_TOPIC)
-    return entries
 
 
 @contextmanager
