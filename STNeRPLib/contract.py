@@ -114,30 +114,31 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
     infinity are written as null, so the file is strict JSON."""
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(_strict(data), indent=2, default=_plain, allow_nan=False),
+    temporary.write_text(json.dumps(finite_or_none(data), indent=2, default=_plain, allow_nan=False),
                          encoding="utf-8")
     os.replace(temporary, path)
 
 
 def json_line(event: dict) -> str:
     """One event as one line of strict JSON (NaN and infinity as null)."""
-    return json.dumps(_strict(event), default=_plain, allow_nan=False)
+    return json.dumps(finite_or_none(event), default=_plain, allow_nan=False)
 
 
-def _strict(value):
+def finite_or_none(value):
+    """The same data with every NaN or infinite float replaced by None (JSON null)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
+        return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
+        return [finite_or_none(v) for v in value]
     return value
 
 
 def _plain(value):
     """numpy scalars and paths, which json cannot write by itself."""
     if hasattr(value, "item"):
-        return _strict(value.item())
+        return finite_or_none(value.item())
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"cannot write {type(value).__name__} as JSON")

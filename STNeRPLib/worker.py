@@ -1,4 +1,4 @@
-"""The `stnerp` command: train on a series, predict new times, evaluate, or run the demo.
+"""The `stnerp` command: train on a series or a cohort, predict new times, evaluate, or run the demo.
 
 The Slicer module runs it in a background process with --json-events; batch users run it
 from a shell. Choices, exit codes, events and the run folder are the worker contract
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 def parser() -> argparse.ArgumentParser:
     main_parser = argparse.ArgumentParser(prog="stnerp", description=__doc__.splitlines()[0])
     commands = main_parser.add_subparsers(required=True, metavar="COMMAND")
-    train = _command(commands, "train", _train, "fit ST-NeRP to a series and write every output")
+    train = _command(commands, "train", train_command, "fit ST-NeRP to a series and write every output")
     train.add_argument("--reference", required=True, metavar="PATH", help="reference image (the planning CT, or phase 0)")
     train.add_argument("--reference-time", type=float, default=0.0, metavar="T", help="time of the reference (default 0)")
     train.add_argument("--follow-up", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
@@ -41,22 +41,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--landmarks", metavar="CSV", help="landmark pairs for TRE: time,x,y,z,ref_x,ref_y,ref_z (LPS mm)")
     train.add_argument("--ground-truth", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
                        help="a ground-truth labelmap at a scanned time, for Dice")
-    train.add_argument("--predict-times", nargs="+", type=float, default=[], metavar="T",
-                       help="also write outputs at these times (e.g. never scanned)")
-    train.add_argument("--preset", choices=contract.PRESET_NAMES, default=contract.DEFAULT_PRESET)
-    train.add_argument("--iterations", type=int, metavar="N", help="iterations of each network (overrides the preset)")
-    train.add_argument("--prior", choices=contract.PRIORS,
-                       help="what Def-Net deforms: Ref-Net (the paper; the paper preset's) or the reference "
-                            "image ('w/o prior'; the default preset's, sampled by cubic B-spline)")
-    train.add_argument("--pairwise", action="store_true", help="one network per follow-up, no time input ('w/o t')")
-    train.add_argument("--scheme", choices=contract.SCHEMES, default="long",
-                       help="long: reference -> each; short: previous -> next")
-    train.add_argument("--prealign", choices=contract.PREALIGNMENTS, default="none",
-                       help="affine pre-alignment of each follow-up to the reference")
-    train.add_argument("--intensity", choices=contract.INTENSITIES, default="ct",
-                       help="normalisation: CT window -1000..500 HU, or 0.5-99.5 percentiles (non-CT)")
-    train.add_argument("--device", choices=contract.DEVICES, default="auto")
-    train.add_argument("--seed", type=int, default=0)
+    add_fit_options(train)
     predict = _command(commands, "predict", _predict, "query a trained run at new times, without retraining")
     predict.add_argument("--run", required=True, type=Path, metavar="DIR", help="folder of a complete training run")
     predict.add_argument("--times", required=True, nargs="+", type=float, metavar="T")
@@ -73,7 +58,37 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ground-truth", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
                           help="a ground-truth labelmap at a time of the run (Dice)")
     evaluate.add_argument("--landmarks", metavar="CSV", help="landmark pairs (TRE)")
+    batch = _command(commands, "batch", _batch, "train every series of a cohort on Dask (one run folder per patient)")
+    batch.add_argument("--cohort", required=True, type=Path, metavar="CSV",
+                       help="cohort manifest: patient,role,path,time rows (see README, Cohorts)")
+    batch.add_argument("--output", required=True, type=Path, metavar="DIR",
+                       help="folder of the cohort: DIR/<patient>/ per series, summary.csv and summary.json")
+    batch.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler (default: a local cluster)")
+    batch.add_argument("--workers", type=int, metavar="N", help="local cluster: worker processes (default: cores / K)")
+    batch.add_argument("--threads-per-worker", type=int, metavar="K",
+                       help="local cluster: torch and ITK threads of each worker's series (default: 1)")
+    add_fit_options(batch)
     return main_parser
+
+
+def add_fit_options(command: argparse.ArgumentParser) -> None:
+    """How to fit a series: the options of train, which batch applies to every series of a cohort."""
+    command.add_argument("--predict-times", nargs="+", type=float, default=[], metavar="T",
+                         help="also write outputs at these times (e.g. never scanned)")
+    command.add_argument("--preset", choices=contract.PRESET_NAMES, default=contract.DEFAULT_PRESET)
+    command.add_argument("--iterations", type=int, metavar="N", help="iterations of each network (overrides the preset)")
+    command.add_argument("--prior", choices=contract.PRIORS,
+                         help="what Def-Net deforms: Ref-Net (the paper; the paper preset's) or the reference "
+                              "image ('w/o prior'; the default preset's, sampled by cubic B-spline)")
+    command.add_argument("--pairwise", action="store_true", help="one network per follow-up, no time input ('w/o t')")
+    command.add_argument("--scheme", choices=contract.SCHEMES, default="long",
+                         help="long: reference -> each; short: previous -> next")
+    command.add_argument("--prealign", choices=contract.PREALIGNMENTS, default="none",
+                         help="affine pre-alignment of each follow-up to the reference")
+    command.add_argument("--intensity", choices=contract.INTENSITIES, default="ct",
+                         help="normalisation: CT window -1000..500 HU, or 0.5-99.5 percentiles (non-CT)")
+    command.add_argument("--device", choices=contract.DEVICES, default="auto")
+    command.add_argument("--seed", type=int, default=0)
 
 
 def _command(commands, name: str, function: Callable, text: str) -> argparse.ArgumentParser:
@@ -98,13 +113,23 @@ def _preset(args) -> Preset:
     return preset.with_iterations(args.iterations) if args.iterations else preset
 
 
-def _train(args, reporter: Reporter) -> int:
-    options = Options(_preset(args), args.prior, not args.pairwise, args.scheme, args.prealign == "affine",
-                      args.intensity, args.device, args.seed)
-    inputs = {"reference": args.reference, "reference_time": args.reference_time,
-              "follow_ups": [[p, t] for p, t in args.follow_up], "segmentation": args.segmentation,
-              "landmarks": args.landmarks, "ground_truth": [[p, t] for p, t in args.ground_truth],
-              "predict_times": args.predict_times}
+def train_options(args) -> Options:
+    """The Options of a train run (or of each series of a batch) from its command-line arguments."""
+    return Options(_preset(args), args.prior, not args.pairwise, args.scheme, args.prealign == "affine",
+                   args.intensity, args.device, args.seed)
+
+
+def train_inputs(args) -> dict:
+    """The inputs of a train run as its run.json records them."""
+    return {"reference": args.reference, "reference_time": args.reference_time,
+            "follow_ups": [[p, t] for p, t in args.follow_up], "segmentation": args.segmentation,
+            "landmarks": args.landmarks, "ground_truth": [[p, t] for p, t in args.ground_truth],
+            "predict_times": args.predict_times}
+
+
+def train_command(args, reporter: Reporter) -> int:
+    """The train command: one series into the new run folder args.output (batch runs it per series)."""
+    options, inputs = train_options(args), train_inputs(args)
 
     def body(record: RunRecord) -> None:
         series = load_series(args.reference, args.reference_time, _timed(args.follow_up),
@@ -128,6 +153,11 @@ def _demo(args, reporter: Reporter) -> int:
               "held_out_time": series.times[held_out]}
     return _recorded(folder / "run", "demo", inputs, preset.to_dict(),
                      lambda record: run_demo(folder, series, held_out, preset, record, reporter), reporter)
+
+
+def _batch(args, reporter: Reporter) -> int:
+    from .cohort import run_batch
+    return run_batch(args, reporter)
 
 
 def _evaluate(args, reporter: Reporter) -> int:
