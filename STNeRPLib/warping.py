@@ -98,14 +98,21 @@ def inverse_displacement(model: SeriesModel, t: float, prealignment: np.ndarray 
         r = grid.points(z0, z1)
         with torch.no_grad():
             c = _to_unit(grid, r, model.device)[None]
-            w = sample(inverse, c)
-            for _ in range(INVERSE_STEPS):
-                w = -sample(forward, c + w)
-        p = grid.to_physical(_to_index(grid, (c + w)[0]))
+            moved = c + invert(forward, inverse, c)
+        p = grid.to_physical(_to_index(grid, moved[0]))
         if prealignment is not None:
             p = p @ prealignment[:3, :3].T + prealignment[:3, 3]
         field[z0:z1] = (p - r).reshape(z1 - z0, *grid.shape[1:], 3)
     return field
+
+
+def invert(forward: torch.Tensor, start: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Displacement w at unit points c [1, N, 3] such that c + w + forward(c + w) = c: the inverse
+    of the forward displacement [1, 3, D, H, W], by fixed-point iteration from `start` (exp(-v))."""
+    w = sample(start, c)
+    for _ in range(INVERSE_STEPS):
+        w = -sample(forward, c + w)
+    return w
 
 
 def _blend(model: SeriesModel, sources: dict[float, float], carried: list[np.ndarray], field: np.ndarray,
