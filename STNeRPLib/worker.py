@@ -55,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
                        help="normalisation: CT window -1000..500 HU, or 0.5-99.5 percentiles (non-CT)")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--label-names", metavar="JSON", help='names of the labels, e.g. {"1": "GTV"} (for the report)')
+    train.add_argument("--no-report", action="store_true", help="do not write report/index.html at the end")
     predict = _command(commands, "predict", _predict, "query a trained run at new times, without retraining")
     predict.add_argument("--run", required=True, type=Path, metavar="DIR", help="folder of a complete training run")
     predict.add_argument("--times", required=True, nargs="+", type=float, metavar="T")
@@ -63,6 +65,12 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--iterations", type=int, metavar="N")
     demo.add_argument("--size", nargs=3, type=int, default=[96, 96, 64], metavar=("X", "Y", "Z"))
     demo.add_argument("--longitudinal", action="store_true", help="the shrinking-tumour fractions instead of breathing")
+    demo.add_argument("--no-report", action="store_true", help="do not write report/index.html at the end")
+    report = _command(commands, "report", _report, "write RUN/report/index.html: figures and tables of a run")
+    report.add_argument("--run", required=True, type=Path, metavar="DIR", help="folder of a run")
+    report.add_argument("--label-names", metavar="JSON", help='names of the labels, e.g. {"1": "GTV"}')
+    report.add_argument("--curve-times", type=int, default=50, metavar="N",
+                        help="times at which the model is queried for the curves over time (default 50)")
     evaluate = _command(commands, "evaluate", _evaluate, "compare a run's outputs with ground truth")
     evaluate.add_argument("--run", required=True, type=Path, metavar="DIR")
     evaluate.add_argument("--image", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
@@ -99,13 +107,34 @@ def _train(args, reporter: Reporter) -> int:
     inputs = {"reference": args.reference, "reference_time": args.reference_time,
               "follow_ups": [[p, t] for p, t in args.follow_up], "segmentation": args.segmentation,
               "landmarks": args.landmarks, "ground_truth": [[p, t] for p, t in args.ground_truth],
-              "predict_times": args.predict_times}
+              "predict_times": args.predict_times, "label_names": args.label_names}
 
     def body(record: RunRecord) -> None:
         series = load_series(args.reference, args.reference_time, _timed(args.follow_up),
                              args.segmentation, args.landmarks, _timed(args.ground_truth))
         run_training(series, options, args.output, reporter, args.predict_times, record)
+        if not args.no_report:
+            _report_quietly(record, reporter)
     return _recorded(args.output, "train", inputs, options.to_dict(), body, reporter)
+
+
+def _report_quietly(record: RunRecord, reporter: Reporter) -> None:
+    """Write the report of a complete run; a failure is a warning, never a failed run."""
+    from .report import write_report
+    reporter.message("writing the report")
+    try:
+        page = write_report(record.folder)
+    except Exception as error:  # the run's outputs are whole: only the report is missing
+        traceback.print_exc(file=sys.stderr)
+        reporter.message(f"warning: the report was not written: {type(error).__name__}: {error}")
+        return
+    record.set(report=str(page.relative_to(record.folder)))
+
+
+def _report(args, reporter: Reporter) -> int:
+    from .report import write_report
+    return _guarded(lambda: reporter.message(f"report: {write_report(args.run, args.curve_times, args.label_names)}"),
+                    reporter)
 
 
 def _predict(args, reporter: Reporter) -> int:
@@ -121,8 +150,12 @@ def _demo(args, reporter: Reporter) -> int:
     series, held_out = demo_series(args.longitudinal, tuple(args.size))
     inputs = {"phantom": "longitudinal" if args.longitudinal else "breathing", "size": args.size,
               "held_out_time": series.times[held_out]}
-    return _recorded(folder / "run", "demo", inputs, preset.to_dict(),
-                     lambda record: run_demo(folder, series, held_out, preset, record, reporter), reporter)
+
+    def body(record: RunRecord) -> None:
+        run_demo(folder, series, held_out, preset, record, reporter)
+        if not args.no_report:
+            _report_quietly(record, reporter)
+    return _recorded(folder / "run", "demo", inputs, preset.to_dict(), body, reporter)
 
 
 def _evaluate(args, reporter: Reporter) -> int:
