@@ -5,10 +5,12 @@ Memory stays bounded: the slice figures read three slices per volume; the per-st
 statistics read one labelmap and one det J volume at a time; the curves over time are computed
 on the model's coarse velocity grid and a subsample of each structure's reference voxels.
 
-Structure volume at an unscanned time t is computed from the model's inverse map
-phi_t^-1 (reference -> time t): V_t(S) = integral over the reference structure of
-det(grad phi_t^-1), summed over (a subsample of) its reference voxels. This is exact change of
-variables, needs no labelmap at t, and uses the same inverse as inverse_displacement.nrrd.
+Structure volume at any time t is computed from the model's maps, not from a labelmap at t:
+V_t(S) = integral over the reference structure of det(grad phi_t^-1) (change of variables), with
+det(grad phi_t^-1)(r) = 1 / det(grad phi_t)(phi_t^-1(r)): the inverse point from the same
+fixed-point inverse as inverse_displacement.nrrd, det J of the forward map there by central
+differences of half a voxel, summed over (a subsample of) the structure's reference voxels.
+Counting voxels of a nearest-neighbour labelmap at t instead errs by whole boundary voxels.
 """
 from __future__ import annotations
 
@@ -34,7 +36,6 @@ from .warping import _to_index, invert
 
 FOCUS = re.compile(r"tumou?r|gtv|ctv|itv|ptv|target|lesion|nodule", re.IGNORECASE)
 HISTOGRAM_EDGES = np.linspace(0.0, 2.5, 101)
-CURVE_NODES = 64            # at most this many velocity-grid nodes per axis for det J over time
 CURVE_POINTS = 20000        # at most this many reference voxels per structure for the curves
 JACOBIAN_CAPTION = (
     "det J is the Jacobian determinant of the map p -> p + u_t(p) that takes a point p of the "
@@ -307,9 +308,8 @@ def structure_curves(model: SeriesModel, times: np.ndarray) -> Curves:
 
     Centroids are in the reference grid's frame (any affine pre-alignment is left out)."""
     grid = model.grid
-    shape = tuple(min(n, CURVE_NODES) for n in model.deformation.velocity_shape)
-    nodes = identity_grid(shape).reshape(1, -1, 3)
     voxel_ml = abs(np.linalg.det(grid.index_to_mm)) / 1000
+    step = 1.0 / grid.unit_scale()                                   # half a voxel, unit coordinates
     points, counts = {}, {}
     for label in np.unique(model.labelmap[model.labelmap > 0]):
         flat = np.flatnonzero(model.labelmap == label)
@@ -322,11 +322,9 @@ def structure_curves(model: SeriesModel, times: np.ndarray) -> Curves:
     for t in times:
         forward, start = model.displacement_grid(float(t)), model.displacement_grid(float(t), inverse=True)
         with torch.no_grad():
-            w_nodes = invert(forward, start, nodes)[0].T.reshape(1, 3, *shape)
-            determinant = _unit_jacobian(w_nodes)
             for label, c in points.items():
                 moved = c + invert(forward, start, c)
-                d = sample(determinant, c)[0, :, 0].double().numpy()
+                d = 1.0 / _determinant(forward, moved, step)                # det grad phi^-1 at c
                 at_t = grid.to_physical(_to_index(grid, moved[0]))
                 motion = np.linalg.norm(at_t - grid.to_physical(_to_index(grid, c[0])), axis=1)
                 rows[label].append((counts[label] * voxel_ml * d.mean(), (at_t * d[:, None]).sum(0) / d.sum(),
@@ -339,14 +337,16 @@ def structure_curves(model: SeriesModel, times: np.ndarray) -> Curves:
     return curves
 
 
-def _unit_jacobian(displacement: torch.Tensor) -> torch.Tensor:
-    """det(I + grad w) [1, 1, D, H, W] of a displacement [1, 3, D, H, W] in unit coordinates
-    (central differences); the same in mm, as the unit -> mm map is affine."""
-    w = displacement[0].double().numpy()
-    steps = [2.0 / (n - 1) for n in w.shape[1:]]                      # z, y, x
-    grads = np.gradient(w, *steps, axis=(1, 2, 3))                    # d w / d (z, y, x)
-    jacobian = np.moveaxis(np.stack(grads[::-1], axis=-1), 0, -2) + np.eye(3)   # [..., component, (x, y, z)]
-    return torch.as_tensor(np.linalg.det(jacobian), dtype=torch.float32)[None, None]
+def _determinant(displacement: torch.Tensor, c: torch.Tensor, step: np.ndarray) -> np.ndarray:
+    """det(I + grad u) of the map c -> c + u(c) at unit points c [1, N, 3], by central differences
+    of `step` (unit coordinates per axis x, y, z); the same in mm, as unit -> mm is affine."""
+    columns = []
+    for axis in range(3):
+        offset = torch.zeros(3, dtype=c.dtype)
+        offset[axis] = float(step[axis])
+        columns.append((sample(displacement, c + offset) - sample(displacement, c - offset)) / (2 * offset[axis]))
+    gradient = torch.stack(columns, dim=-1)[0].double().numpy()        # [N, component, axis]
+    return np.linalg.det(gradient + np.eye(3))
 
 
 def curve_figures(curves: Curves, statistics: dict[float, dict[int, Structure]], record: dict,
