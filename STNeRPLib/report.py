@@ -113,9 +113,9 @@ def write_report(run: Path, curve_times: int = 50, label_names: str | None = Non
         written.append(_loss_figure(run / (record.get("losses") or "losses.csv")))
     for figure in written:
         (folder / figure.file).write_bytes(figure.png)
-    _write_statistics_csv(statistics, names, folder / "jacobian_by_structure.csv")
+    write_statistics_csv(statistics, names, folder / "jacobian_by_structure.csv")
     if curves is not None:
-        _write_curves_csv(curves, names, folder / "structures_over_time.csv")
+        write_curves_csv(curves, names, folder / "structures_over_time.csv")
     page = folder / "index.html"
     page.write_text(render_html(run, record, written, statistics, names, curves is not None))
     return page
@@ -390,7 +390,7 @@ def _loss_figure(path: Path) -> Figure:
                   figures.loss_curves({k: (np.array(i), np.array(v)) for k, (i, v) in losses.items()}))
 
 
-def _write_statistics_csv(statistics: dict[float, dict[int, Structure]], names: Names, path: Path) -> None:
+def write_statistics_csv(statistics: dict[float, dict[int, Structure]], names: Names, path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["time", "label", "name", "voxels", "volume_ml", "jacobian_mean", "jacobian_min",
@@ -401,7 +401,7 @@ def _write_statistics_csv(statistics: dict[float, dict[int, Structure]], names: 
                                  s.folded])
 
 
-def _write_curves_csv(curves: Curves, names: Names, path: Path) -> None:
+def write_curves_csv(curves: Curves, names: Names, path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["time", "label", "name", "volume_ml", "centroid_l", "centroid_p", "centroid_s",
