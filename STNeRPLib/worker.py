@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--label-names", metavar="JSON", help='names of the labels, e.g. {"1": "GTV"} (for the report)')
     train.add_argument("--no-report", action="store_true", help="do not write report/index.html at the end")
+    train.add_argument("--dicom-out", type=Path, metavar="DIR",
+                       help="also write, per follow-up, an RT Structure Set and a Deformable Spatial "
+                            "Registration (inputs must be DICOM series folders)")
     predict = _command(commands, "predict", _predict, "query a trained run at new times, without retraining")
     predict.add_argument("--run", required=True, type=Path, metavar="DIR", help="folder of a complete training run")
     predict.add_argument("--times", required=True, nargs="+", type=float, metavar="T")
@@ -71,6 +74,10 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--label-names", metavar="JSON", help='names of the labels, e.g. {"1": "GTV"}')
     report.add_argument("--curve-times", type=int, default=50, metavar="N",
                         help="times at which the model is queried for the curves over time (default 50)")
+    dicom = _command(commands, "dicom", _dicom, "write a run's contours and deformations as DICOM (RTSTRUCT, REG)")
+    dicom.add_argument("--run", required=True, type=Path, metavar="DIR", help="folder of a complete run on DICOM series")
+    dicom.add_argument("--dicom-out", required=True, type=Path, metavar="DIR")
+    dicom.add_argument("--label-names", metavar="JSON", help='names of the labels, e.g. {"1": "GTV"}')
     evaluate = _command(commands, "evaluate", _evaluate, "compare a run's outputs with ground truth")
     evaluate.add_argument("--run", required=True, type=Path, metavar="DIR")
     evaluate.add_argument("--image", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
@@ -115,7 +122,25 @@ def _train(args, reporter: Reporter) -> int:
         run_training(series, options, args.output, reporter, args.predict_times, record)
         if not args.no_report:
             _report_quietly(record, reporter)
-    return _recorded(args.output, "train", inputs, options.to_dict(), body, reporter)
+    if args.dicom_out:
+        from .dicom_out import check_dicom_inputs
+        status = _guarded(lambda: check_dicom_inputs(args.reference, _timed(args.follow_up)), reporter)
+        if status:
+            return status
+    status = _recorded(args.output, "train", inputs, options.to_dict(), body, reporter)
+    if status == 0 and args.dicom_out:      # the run stays complete whatever happens here
+        return _dicom_from(args.output, args.dicom_out, args.label_names, reporter)
+    return status
+
+
+def _dicom(args, reporter: Reporter) -> int:
+    return _dicom_from(args.run, args.dicom_out, args.label_names, reporter)
+
+
+def _dicom_from(run: Path, folder: Path, label_names: str | None, reporter: Reporter) -> int:
+    from .dicom_out import write_dicom
+    return _guarded(lambda: reporter.message(f"DICOM: {len(write_dicom(run, folder, label_names))} files in {folder}"),
+                    reporter)
 
 
 def _report_quietly(record: RunRecord, reporter: Reporter) -> None:
