@@ -98,11 +98,8 @@ def write_report(run: Path, curve_times: int = 50, label_names: str | None = Non
     folder.mkdir(exist_ok=True)
     names = structure_names(record, run, label_names)
     model = _continuous_model(run, record)
-    written: list[Figure] = []
-    statistics: dict[float, dict[int, Structure]] = {}
-    for entry in record["time_points"]:
-        statistics[entry["time"]] = structures_at(run, entry)
-        written += time_point_figures(run, record, entry, statistics[entry["time"]], names, model)
+    written: list[Figure] = []                   # in page order: over time first, then per time point
+    statistics = {entry["time"]: structures_at(run, entry) for entry in record["time_points"]}
     curves = None
     if model is not None and model.labelmap is not None:
         times = sorted({*np.linspace(*_time_span(record, model), curve_times).tolist(),
@@ -111,6 +108,8 @@ def write_report(run: Path, curve_times: int = 50, label_names: str | None = Non
         written += curve_figures(curves, statistics, record, names)
     if (run / (record.get("losses") or "losses.csv")).is_file():
         written.append(_loss_figure(run / (record.get("losses") or "losses.csv")))
+    for entry in record["time_points"]:
+        written += time_point_figures(run, record, entry, statistics[entry["time"]], names, model)
     for figure in written:
         (folder / figure.file).write_bytes(figure.png)
     write_statistics_csv(statistics, names, folder / "jacobian_by_structure.csv")
@@ -417,9 +416,10 @@ def render_html(run: Path, record: dict, written: list[Figure], statistics: dict
                 has_curves: bool) -> str:
     """The page: summary, metrics table, figures with captions, inputs, parameters, versions."""
     e = html.escape
+    seed = record.get("parameters", {}).get("seed")
     parts = [f"<h1>STNeRP run report</h1><p>{e(str(run.resolve()))} &mdash; {e(record['command'])}, "
-             f"status <b>{e(record['status'])}</b>, started {e(str(record.get('started')))}, seed "
-             f"{e(str(record.get('parameters', {}).get('seed')))}</p>",
+             f"status <b>{e(record['status'])}</b>, started {e(str(record.get('started')))}, "
+             f"{'seed ' + e(str(seed)) if seed is not None else 'seed not recorded'}</p>",
              "<h2>Metrics</h2>", _metrics_table(record, names)]
     if not has_curves:
         parts.append("<p>No curves over time: the run has no saved continuous-time model with a "

@@ -10,9 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from scipy import ndimage
 
+from STNeRPLib.model import SeriesModel
 from STNeRPLib.phantom import breathing_series, write_series
+from STNeRPLib.warping import map_to_reference
 
 NAMES = {"1": "tumour", "2": "right lung", "3": "left lung"}
 
@@ -85,6 +90,24 @@ def test_volume_curves_agree_with_the_propagated_labelmaps(run):
         assert abs(float(model["mean_jacobian"]) - float(r["jacobian_mean"])) < 0.04, (r, model)
     times = sorted({t for t, _ in curve})
     assert len(times) >= 50 and times[0] == 0.0 and times[-1] == 2.0
+
+
+def test_volume_curves_equal_the_partial_volume_of_the_forward_map(run):
+    """Two independent integrals of the same model: the curve (det J of the inverse map over the
+    reference structure) and the time-t voxels' partial-volume share of the reference structure
+    at their reference points (trilinear), at every written time."""
+    record = json.loads((run / "run.json").read_text())
+    model = SeriesModel.load(run / record["model"], torch.device("cpu"))
+    curve = {(float(r["time"]), int(r["label"])): float(r["volume_ml"])
+             for r in rows(run / "report" / "structures_over_time.csv")}
+    voxel_ml = np.prod(model.grid.spacing) / 1000
+    for entry in record["time_points"]:
+        reference_points = map_to_reference(model, entry["time"], model.grid.points())
+        index = model.grid.to_index(reference_points)[:, ::-1].T          # (z, y, x) rows
+        for label in (1, 2, 3):
+            share = ndimage.map_coordinates((model.labelmap == label).astype(float), index, order=1)
+            volume = share.sum() * voxel_ml
+            assert abs(curve[(entry["time"], label)] / volume - 1) < 0.03, (entry["time"], label, volume)
 
 
 def test_report_command_writes_the_report_of_a_run(run, tmp_path):
