@@ -17,3 +17,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e '.[test]'
+# The report's browser test opens the report in the system's Chromium; install it where we may
+# (root with apt, as in CI). Without it that test skips and says why.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  { apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; } >/dev/null 2>&1 \
+    || echo "setup.sh: could not install chromium; the report's browser test will skip" >&2
+fi

@@ -3,6 +3,7 @@ exact ground truth and a held-out time point predicted without ever being scanne
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,9 @@ def run_demo(folder: Path, series: PhantomSeries, held_out: int, preset: Preset,
                          str(files["labelmaps"][0]), str(landmarks),
                          [(str(files["labelmaps"][k]), times[k]) for k in trained[1:]])
     run = folder / "run"
+    record.set(inputs={**record.data["inputs"], "reference": str(files["images"][0]), "reference_time": times[0],
+                       "follow_ups": [[str(files["images"][k]), times[k]] for k in trained[1:]],
+                       "segmentation": str(files["labelmaps"][0]), "label_names": str(_label_names(folder / "phantom"))})
     run_training(inputs, Options(preset), run, reporter, [times[held_out]], record)
     rows = evaluate_run(run, [(str(p), t) for p, t in zip(files["images"], times)],
                         [(str(p), t) for p, t in zip(files["labelmaps"], times)],
@@ -113,3 +117,10 @@ def _landmarks_subset(path: Path, times: list[float], folder: Path) -> Path:
         writer.writeheader()
         writer.writerows(r for r in rows if float(r["time"]) in times)
     return subset
+
+
+def _label_names(folder: Path) -> Path:
+    """labels.json: the phantom's structure names, for the report."""
+    path = folder / "labels.json"
+    path.write_text(json.dumps({"1": "tumour", "2": "right lung", "3": "left lung"}))
+    return path

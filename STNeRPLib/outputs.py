@@ -16,7 +16,7 @@ from .io import write_image
 from .metrics import (dice_per_label, folding_statistics, jacobian_determinant, map_points, psnr, ssim,
                       target_registration_error)
 from .model import SeriesModel
-from .warping import warp
+from .warping import inverse_displacement, warp
 
 if TYPE_CHECKING:
     from .pipeline import Series
@@ -42,13 +42,14 @@ class Written:
 
 
 def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series: Series | None) -> Written:
-    """Write displacement, Jacobian, labelmap and predicted image at one time, with their metrics."""
+    """Write displacement, Jacobian, labelmap, predicted image and the inverse displacement
+    (reference -> time t, on the reference grid) at one time, with their metrics."""
     warped = warp(model, point.time, point.grid, point.prealignment)
     name = time_point_folder(point.time)
     field_image = point.grid.image(warped.displacement.astype(np.float64), vector=True)
     jacobian = jacobian_determinant(field_image)
     files = {"displacement": f"{name}/displacement.nrrd", "jacobian": f"{name}/jacobian.nrrd",
-             "image": f"{name}/image.nrrd",
+             "image": f"{name}/image.nrrd", "inverse_displacement": f"{name}/inverse_displacement.nrrd",
              "labelmap": f"{name}/labelmap.nrrd" if warped.labelmap is not None else None}
     write_image(field_image, folder / files["displacement"])
     write_image(jacobian, folder / files["jacobian"])
@@ -56,8 +57,11 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
     if warped.labelmap is not None:
         write_image(point.grid.image(warped.labelmap.astype(np.uint16)), folder / files["labelmap"])
     metrics = time_point_metrics(model, point, warped, field_image, jacobian, series)
+    inverse = inverse_displacement(model, point.time, point.prealignment)
+    write_image(model.grid.image(inverse.astype(np.float64), vector=True), folder / files["inverse_displacement"])
     entry = {"time": point.time, "scanned": point.image is not None, **files,
-             "image_sources": warped.image_sources, "metrics": metrics}
+             "image_sources": warped.image_sources, "metrics": metrics,
+             "prealignment": point.prealignment.tolist() if point.prealignment is not None else None}
     return Written(entry, field_image, warped.labelmap)
 
 

@@ -1,6 +1,7 @@
 """A whole run: load and check a series, fit ST-NeRP, write every output with its metrics."""
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from .presets import Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
 from .record import RunRecord
-from .training import Target, fit_deformation, fit_reference
+from .training import Progress, Target, fit_deformation, fit_reference
 from .outputs import TimePoint, write_metrics_table, write_time_point
 from .warping import affine_matrix
 
@@ -123,13 +124,15 @@ def pick_device(name: str) -> torch.device:
 
 
 def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[float, sitk.Image]],
-        segmentation: sitk.Image | None, options: Options, reporter: Reporter
-        ) -> tuple[SeriesModel, dict[float, np.ndarray]]:
+        segmentation: sitk.Image | None, options: Options, reporter: Reporter,
+        losses: list[tuple[str, int, float]] | None = None) -> tuple[SeriesModel, dict[float, np.ndarray]]:
     """Fit Ref-Net (or take the image as prior) and Def-Net to a series.
 
     Returns the model and, per follow-up time, the 4x4 affine pre-alignment (reference points ->
-    time-t image points) through which that image was resampled, if any.
+    time-t image points) through which that image was resampled, if any. `losses`, if given,
+    receives (stage, iteration, loss) of every training iteration.
     """
+    progress = reporter.progress if losses is None else _logged(reporter.progress, losses)
     device = pick_device(options.device)
     generator = torch.Generator().manual_seed(options.seed)
     torch.manual_seed(options.seed)
@@ -162,7 +165,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     ref_net = None
     if options.prior == "refnet":
         ref_net = new_ref_net(preset, generator).to(device)
-        fit_reference(ref_net, reference_volume, preset, reporter.progress, generator)
+        fit_reference(ref_net, reference_volume, preset, progress, generator)
         ref_net.requires_grad_(False)
     prior = ref_net
     if options.prior_is_volume:
@@ -170,11 +173,27 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
         prior = ImagePrior(volume, preset.prior_interpolation)
     pairwise = None if options.temporal else [target.time for target in targets]
     deformation = Deformation(preset, velocity_shape(grid, preset), pairwise, generator).to(device)
-    fit_deformation(deformation, prior, targets, preset, reporter.progress, generator)
+    fit_deformation(deformation, prior, targets, preset, progress, generator)
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
     model = SeriesModel(preset, grid, reference_time, time_range, window, options.prior, deformation,
                         ref_net, reference_array, scans, views, labelmap)
     return model, prealignments
+
+
+def _logged(progress: Progress, losses: list[tuple[str, int, float]]) -> Progress:
+    """`progress` that also appends (stage, iteration, loss) to `losses`."""
+    def logged(stage: str, iteration: int, total: int, loss: float) -> None:
+        losses.append((stage, iteration, loss))
+        progress(stage, iteration, total, loss)
+    return logged
+
+
+def write_losses(losses: list[tuple[str, int, float]], path: Path) -> None:
+    """losses.csv: stage, iteration, loss (mean squared error of normalised intensities)."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["stage", "iteration", "loss"])
+        writer.writerows(losses)
 
 
 def velocity_shape(grid: Grid, preset: Preset) -> tuple[int, int, int]:
@@ -217,10 +236,12 @@ def _run_long_range(series, options, folder, reporter, record, predict_times) ->
     if predict_times and not options.temporal:
         raise InputError("a pairwise (w/o t) model cannot predict new times: drop --predict-times "
                          "or train with continuous time")
+    losses: list[tuple[str, int, float]] = []
     model, prealignments = fit(series.reference, series.reference_time, series.follow_ups,
-                               series.segmentation, options, reporter)
+                               series.segmentation, options, reporter, losses)
     model.save(folder / "model.pt")
-    record.set(model="model.pt", intensity_window=[model.window.low, model.window.high])
+    write_losses(losses, folder / "losses.csv")
+    record.set(model="model.pt", intensity_window=[model.window.low, model.window.high], losses="losses.csv")
     points = [TimePoint(t, Grid.of(image), image, prealignments.get(t)) for t, image in series.images]
     points += [TimePoint(t, model.grid) for t in predict_times]
     for index, point in enumerate(points, 1):
@@ -235,10 +256,15 @@ def _run_short_range(series, options, folder, reporter, record) -> None:
     labelmap = sitk.GetArrayFromImage(series.segmentation) if series.segmentation is not None else None
     unchained = replace(series, landmarks={})      # TRE is measured along the chain, below
     chain: list[sitk.Image] = []
+    losses: list[tuple[str, int, float]] = []
     for index, ((t0, image0), (t1, image1)) in enumerate(zip(images, images[1:]), 1):
         reporter.message(f"short-range pair {index}/{len(images) - 1}: time {t0:g} -> {t1:g}")
         segmentation = _labelmap_image(labelmap, image0) if labelmap is not None else None
-        model, prealignments = fit(image0, t0, [(t1, image1)], segmentation, options, reporter)
+        pair: list[tuple[str, int, float]] = []
+        model, prealignments = fit(image0, t0, [(t1, image1)], segmentation, options, reporter, pair)
+        losses += [(f"{stage} {t0:g}->{t1:g}", i, loss) for stage, i, loss in pair]
+        write_losses(losses, folder / "losses.csv")
+        record.set(losses="losses.csv")
         record.set(intensity_window=[model.window.low, model.window.high])
         point = TimePoint(t1, Grid.of(image1), image1, prealignments.get(t1))
         written = write_time_point(model, point, folder, unchained)

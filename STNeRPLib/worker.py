@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--ground-truth", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
                        help="a ground-truth labelmap at a scanned time, for Dice")
     add_fit_options(train)
+    train.add_argument("--dicom-out", type=Path, metavar="DIR",
+                       help="also write, per follow-up, an RT Structure Set and a Deformable Spatial "
+                            "Registration (inputs must be DICOM series folders)")
     predict = _command(commands, "predict", _predict, "query a trained run at new times, without retraining")
     predict.add_argument("--run", required=True, type=Path, metavar="DIR", help="folder of a complete training run")
     predict.add_argument("--times", required=True, nargs="+", type=float, metavar="T")
@@ -51,6 +54,16 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", nargs=3, type=int, default=[96, 96, 64], metavar=("X", "Y", "Z"),
                       help="voxels of the phantom grid; the field of view stays the whole thorax")
     demo.add_argument("--longitudinal", action="store_true", help="the shrinking-tumour fractions instead of breathing")
+    demo.add_argument("--no-report", action="store_true", help="do not write report/index.html at the end")
+    report = _command(commands, "report", _report, "write RUN/report/index.html: figures and tables of a run")
+    report.add_argument("--run", required=True, type=Path, metavar="DIR", help="folder of a run")
+    report.add_argument("--label-names", metavar="JSON", help='names of the labels, e.g. {"1": "GTV"}')
+    report.add_argument("--curve-times", type=int, default=50, metavar="N",
+                        help="times at which the model is queried for the curves over time (default 50)")
+    dicom = _command(commands, "dicom", _dicom, "write a run's contours and deformations as DICOM (RTSTRUCT, REG)")
+    dicom.add_argument("--run", required=True, type=Path, metavar="DIR", help="folder of a complete run on DICOM series")
+    dicom.add_argument("--dicom-out", required=True, type=Path, metavar="DIR")
+    dicom.add_argument("--label-names", metavar="JSON", help='names of the labels, e.g. {"1": "GTV"}')
     evaluate = _command(commands, "evaluate", _evaluate, "compare a run's outputs with ground truth")
     evaluate.add_argument("--run", required=True, type=Path, metavar="DIR")
     evaluate.add_argument("--image", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
@@ -68,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
     batch.add_argument("--threads-per-worker", type=int, metavar="K",
                        help="local cluster: torch and ITK threads of each worker's series (default: 1)")
     add_fit_options(batch)
+    batch.set_defaults(dicom_out=None)
     return main_parser
 
 
@@ -89,6 +103,8 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
                          help="normalisation: CT window -1000..500 HU, or 0.5-99.5 percentiles (non-CT)")
     command.add_argument("--device", choices=contract.DEVICES, default="auto")
     command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--label-names", metavar="JSON", help='names of the labels, e.g. {"1": "GTV"} (for the report)')
+    command.add_argument("--no-report", action="store_true", help="do not write report/index.html at the end")
 
 
 def _command(commands, name: str, function: Callable, text: str) -> argparse.ArgumentParser:
@@ -124,7 +140,7 @@ def train_inputs(args) -> dict:
     return {"reference": args.reference, "reference_time": args.reference_time,
             "follow_ups": [[p, t] for p, t in args.follow_up], "segmentation": args.segmentation,
             "landmarks": args.landmarks, "ground_truth": [[p, t] for p, t in args.ground_truth],
-            "predict_times": args.predict_times}
+            "predict_times": args.predict_times, "label_names": args.label_names}
 
 
 def train_command(args, reporter: Reporter) -> int:
@@ -135,7 +151,46 @@ def train_command(args, reporter: Reporter) -> int:
         series = load_series(args.reference, args.reference_time, _timed(args.follow_up),
                              args.segmentation, args.landmarks, _timed(args.ground_truth))
         run_training(series, options, args.output, reporter, args.predict_times, record)
-    return _recorded(args.output, "train", inputs, options.to_dict(), body, reporter)
+        if not args.no_report:
+            _report_quietly(record, reporter)
+    if args.dicom_out:
+        from .dicom_out import check_dicom_inputs
+        status = _guarded(lambda: check_dicom_inputs(args.reference, _timed(args.follow_up)), reporter)
+        if status:
+            return status
+    status = _recorded(args.output, "train", inputs, options.to_dict(), body, reporter)
+    if status == 0 and args.dicom_out:      # the run stays complete whatever happens here
+        return _dicom_from(args.output, args.dicom_out, args.label_names, reporter)
+    return status
+
+
+def _dicom(args, reporter: Reporter) -> int:
+    return _dicom_from(args.run, args.dicom_out, args.label_names, reporter)
+
+
+def _dicom_from(run: Path, folder: Path, label_names: str | None, reporter: Reporter) -> int:
+    from .dicom_out import write_dicom
+    return _guarded(lambda: reporter.message(f"DICOM: {len(write_dicom(run, folder, label_names))} files in {folder}"),
+                    reporter)
+
+
+def _report_quietly(record: RunRecord, reporter: Reporter) -> None:
+    """Write the report of a complete run; a failure is a warning, never a failed run."""
+    from .report import write_report
+    reporter.message("writing the report")
+    try:
+        page = write_report(record.folder)
+    except Exception as error:  # the run's outputs are whole: only the report is missing
+        traceback.print_exc(file=sys.stderr)
+        reporter.message(f"warning: the report was not written: {type(error).__name__}: {error}")
+        return
+    record.set(report=str(page.relative_to(record.folder)))
+
+
+def _report(args, reporter: Reporter) -> int:
+    from .report import write_report
+    return _guarded(lambda: reporter.message(f"report: {write_report(args.run, args.curve_times, args.label_names)}"),
+                    reporter)
 
 
 def _predict(args, reporter: Reporter) -> int:
@@ -151,8 +206,12 @@ def _demo(args, reporter: Reporter) -> int:
     series, held_out = demo_series(args.longitudinal, tuple(args.size))
     inputs = {"phantom": "longitudinal" if args.longitudinal else "breathing", "size": args.size,
               "held_out_time": series.times[held_out]}
-    return _recorded(folder / "run", "demo", inputs, preset.to_dict(),
-                     lambda record: run_demo(folder, series, held_out, preset, record, reporter), reporter)
+
+    def body(record: RunRecord) -> None:
+        run_demo(folder, series, held_out, preset, record, reporter)
+        if not args.no_report:
+            _report_quietly(record, reporter)
+    return _recorded(folder / "run", "demo", inputs, preset.to_dict(), body, reporter)
 
 
 def _batch(args, reporter: Reporter) -> int:

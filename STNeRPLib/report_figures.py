@@ -1,0 +1,179 @@
+"""The report's figures (matplotlib, Agg): slices of det J, |u| and contours per time point, det J
+histograms per structure, and curves over time. Each function returns PNG bytes."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+
+DPI = 90
+COLOURS = plt.get_cmap("tab10")
+
+
+@dataclass
+class Plane:
+    """One slice through the focus point: arrays [rows, columns] in index order, their extent in mm
+    (left, right, bottom, top for imshow), axis names, and which row is drawn at the top."""
+
+    name: str
+    jacobian: np.ndarray
+    magnitude: np.ndarray
+    image: np.ndarray
+    labels: np.ndarray | None
+    extent: tuple[float, float, float, float]
+    xlabel: str
+    ylabel: str
+    origin: str
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def jacobian_norm(planes: list[Plane]) -> TwoSlopeNorm:
+    """Diverging colour scale centred at det J = 1, symmetric about 1, at least 1 +- 0.1."""
+    values = np.concatenate([p.jacobian.ravel() for p in planes])
+    span = max(0.1, float(np.max(np.abs(values - 1))))
+    return TwoSlopeNorm(vcenter=1.0, vmin=1.0 - span, vmax=1.0 + span)
+
+
+def time_point_slices(planes: list[Plane], names: dict[int, str], title: str, image_kind: str) -> bytes:
+    """Rows: the planes; columns: det J (diverging at 1), |u| (mm), contours over the image."""
+    figure, axes = plt.subplots(len(planes), 3, figsize=(11, 3.4 * len(planes)), squeeze=False, layout="constrained")
+    norm = jacobian_norm(planes)
+    magnitude_max = max(float(p.magnitude.max()) for p in planes) or 1.0
+    for row, plane in zip(axes, planes):
+        common = {"extent": plane.extent, "origin": plane.origin, "interpolation": "nearest"}
+        jac = row[0].imshow(plane.jacobian, cmap="RdBu_r", norm=norm, **common)
+        mag = row[1].imshow(plane.magnitude, cmap="viridis", vmin=0, vmax=magnitude_max, **common)
+        low, high = np.percentile(plane.image, [1, 99])
+        row[2].imshow(plane.image, cmap="gray", vmin=low, vmax=high if high > low else low + 1, **common)
+        if plane.labels is not None:
+            _contours(row[2], plane, names)
+        for ax, what in zip(row, ("det J", "|u| (mm)", f"structures over the {image_kind}")):
+            ax.set_title(f"{plane.name}: {what}", fontsize=9)
+            ax.set_xlabel(plane.xlabel, fontsize=8)
+            ax.set_ylabel(plane.ylabel, fontsize=8)
+            ax.tick_params(labelsize=7)
+        figure.colorbar(jac, ax=row[0], shrink=0.9).ax.tick_params(labelsize=7)
+        figure.colorbar(mag, ax=row[1], shrink=0.9).ax.tick_params(labelsize=7)
+    figure.suptitle(title)
+    return _png(figure)
+
+
+def _contours(ax, plane: Plane, names: dict[int, str]) -> None:
+    rows, columns = plane.labels.shape
+    left, right, bottom, top = plane.extent
+    # voxel centres in mm, matching imshow's extent and origin (row 0 at `top` when origin is upper)
+    first, last = (top, bottom) if plane.origin == "upper" else (bottom, top)
+    x = left + (np.arange(columns) + 0.5) * (right - left) / columns
+    y = first + (np.arange(rows) + 0.5) * (last - first) / rows
+    handles = []
+    for label in np.unique(plane.labels[plane.labels > 0])[::-1]:     # the lowest label (tumour) on top
+        mask = plane.labels == label
+        if not mask.all():
+            colour = COLOURS(label % 10)
+            ax.contour(x, y, mask.astype(float), levels=[0.5], colors=[colour], linewidths=1.2)
+            handles.append(plt.Line2D([], [], color=colour, label=names[label]))
+    if handles:
+        ax.legend(handles=handles, fontsize=7, loc="lower right", framealpha=0.6)
+
+
+def jacobian_histograms(histograms: dict[int, np.ndarray], edges: np.ndarray, names: dict[int, str],
+                        title: str) -> bytes:
+    """det J histogram per structure (fraction of its voxels per bin), a line at det J = 1."""
+    figure, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
+    centres = (edges[:-1] + edges[1:]) / 2
+    for label, counts in histograms.items():
+        total = counts.sum()
+        if total:
+            ax.step(centres, counts / total, where="mid", color=COLOURS(label % 10), label=names[label])
+    ax.axvline(1.0, color="k", lw=0.8, ls=":")
+    ax.set_xlabel("det J (reference volume / time-t volume)")
+    ax.set_ylabel("fraction of voxels")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return _png(figure)
+
+
+def volumes_over_time(times: np.ndarray, volumes: dict[int, np.ndarray], written: dict[int, list],
+                      reference_index: int, names: dict[int, str]) -> bytes:
+    """Structure volume against time: the model's curve, and the propagated labelmaps' volumes at
+    the written time points (circles); left in mL, right relative to the reference time."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
+    for label, curve in volumes.items():
+        colour = COLOURS(label % 10)
+        base = curve[reference_index]
+        left.plot(times, curve, color=colour, label=names[label])
+        right.plot(times, 100 * curve / base, color=colour, label=names[label])
+        if written.get(label):
+            t, v = (np.asarray(a) for a in zip(*written[label]))
+            left.plot(t, v, "o", color=colour, mfc="none")
+            right.plot(t, 100 * v / base, "o", color=colour, mfc="none")
+    left.plot([], [], "o", color="grey", mfc="none", label="propagated labelmap at a written time")
+    left.set_ylabel("volume (mL)")
+    left.set_yscale("log")
+    right.set_ylabel("volume (% of the reference)")
+    for ax in (left, right):
+        ax.set_xlabel("time")
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    return _png(figure)
+
+
+def centroid_trajectory(times: np.ndarray, centroid: np.ndarray, scanned_times: list[float], name: str) -> bytes:
+    """Centroid of one structure against time, per LPS axis, relative to the reference time."""
+    figure, ax = plt.subplots(figsize=(7, 3.2), layout="constrained")
+    for axis, text in enumerate(("L (x: + towards patient left)", "P (y: + towards posterior)",
+                                 "S (z: + towards superior)")):
+        ax.plot(times, centroid[:, axis], label=text)
+    for t in scanned_times:
+        ax.axvline(t, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("time (dotted: scanned)")
+    ax.set_ylabel("centroid shift (mm, LPS)")
+    ax.set_title(f"{name}: centroid relative to the reference", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _png(figure)
+
+
+def motion_and_jacobian(times: np.ndarray, max_motion: dict[int, np.ndarray], mean_jacobian: dict[int, np.ndarray],
+                        scanned_times: list[float], names: dict[int, str]) -> bytes:
+    """Max |u| (mm) and mean det J per structure against time."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2), layout="constrained")
+    for label in max_motion:
+        colour = COLOURS(label % 10)
+        left.plot(times, max_motion[label], color=colour, label=names[label])
+        right.plot(times, mean_jacobian[label], color=colour, label=names[label])
+    for ax in (left, right):
+        for t in scanned_times:
+            ax.axvline(t, color="grey", lw=0.6, ls=":")
+        ax.set_xlabel("time (dotted: scanned)")
+        ax.grid(alpha=0.3)
+    left.set_ylabel("max |u| in the structure (mm)")
+    right.set_ylabel("mean det J in the structure")
+    right.axhline(1.0, color="k", lw=0.8)
+    left.legend(fontsize=7)
+    return _png(figure)
+
+
+def loss_curves(losses: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """Training loss (MSE of normalised intensities) per stage against iteration."""
+    figure, ax = plt.subplots(figsize=(7, 3.2), layout="constrained")
+    for stage, (iterations, values) in losses.items():
+        ax.plot(iterations, values, lw=0.8, label=stage)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (MSE, normalised intensity)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _png(figure)

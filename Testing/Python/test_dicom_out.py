@@ -1,0 +1,159 @@
+"""DICOM out: a phantom series written as DICOM CT series, trained with --dicom-out; the RT
+Structure Sets and Deformable Spatial Registrations read back with pydicom reference the
+follow-up's series and frames of reference, contours lie on the propagated labelmap's boundary,
+and the registration grid is the run's displacement field."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+pydicom = pytest.importorskip("pydicom")
+pytest.importorskip("pydicomrt")
+from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
+
+from STNeRPLib.phantom import breathing_series  # noqa: E402
+
+REG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.3"
+
+
+def stnerp(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "STNeRPLib", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def write_ct_series(image: sitk.Image, folder: Path, study: str, frame: str, description: str) -> list[str]:
+    """One CT slice file per z (axial, identity direction), int16 HU; returns the SOP instance UIDs."""
+    folder.mkdir(parents=True)
+    array = np.rint(sitk.GetArrayFromImage(image)).astype(np.int16)
+    series, uids = generate_uid(), []
+    sx, sy, sz = image.GetSpacing()
+    for k, plane in enumerate(array):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"{k:03d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.PatientName, ds.PatientID, ds.Modality = "Phantom^STNeRP", "STNERP-1", "CT"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = description, 1, k + 1
+        ds.StudyDate = ds.SeriesDate = "20260101"
+        ds.ImagePositionPatient = list(image.TransformIndexToPhysicalPoint((0, 0, k)))
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = [sy, sx], sz
+        ds.Rows, ds.Columns = plane.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = plane.tobytes()
+        ds.save_as(ds.filename, enforce_file_format=True)
+        uids.append(ds.SOPInstanceUID)
+    return uids
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dicom")
+    series = breathing_series(size=(32, 32, 24), spacing=(9.0, 9.0, 10.0), n_phases=3, noise_hu=0)
+    frame = generate_uid()                  # one scanner frame, as in 4D CT
+    folders, uids = [], []
+    for k, image in enumerate(series.images):
+        folders.append(root / f"phase_{k}")
+        uids.append(write_ct_series(image, folders[-1], generate_uid(), frame, f"phase {k}"))
+    labelmap = root / "labelmap_0.nrrd"
+    sitk.WriteImage(series.labelmaps[0], str(labelmap))
+    names = root / "labels.json"
+    names.write_text(json.dumps({"1": "GTV", "2": "right lung", "3": "left lung"}))
+    args = ["train", "--reference", folders[0], "--output", root / "run", "--iterations", "30", "--prior", "image",
+            "--segmentation", labelmap, "--label-names", names, "--dicom-out", root / "out", "--no-report"]
+    for folder, t in zip(folders[1:], series.times[1:]):
+        args += ["--follow-up", folder, t]
+    result = stnerp(*args)
+    assert result.returncode == 0, result.stderr
+    return root, folders, uids, json.loads((root / "run" / "run.json").read_text()), frame
+
+
+def test_rtstruct_references_the_follow_up_series(exported):
+    root, folders, uids, _, frame = exported
+    for k in (1, 2):
+        rs = pydicom.dcmread(root / "out" / f"t_{k}" / "RTSTRUCT.dcm")
+        follow_up = pydicom.dcmread(folders[k] / "000.dcm", stop_before_pixels=True)
+        assert rs.Modality == "RTSTRUCT" and rs.StudyInstanceUID == follow_up.StudyInstanceUID
+        assert rs.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == frame
+        referenced = {i.ReferencedSOPInstanceUID for c in rs.ROIContourSequence for s in c.ContourSequence
+                      for i in s.ContourImageSequence}
+        assert referenced and referenced <= set(uids[k])
+        assert {r.ROIName for r in rs.StructureSetROISequence} == {"GTV", "right lung", "left lung"}
+
+
+def boundary_faces(plane: np.ndarray) -> np.ndarray:
+    """(i, j) midpoints of the faces between an inside pixel and an outside pixel (or the image
+    edge) of a 2-D mask [j, i]."""
+    padded = np.pad(plane, 1)
+    faces = []
+    for axis, half in ((0, (0.5, 0.0)), (1, (0.0, 0.5))):    # faces between rows, between columns
+        j, i = np.nonzero(np.diff(padded.astype(np.int8), axis=axis))
+        faces.append(np.stack([j, i], axis=1) - 1 + np.asarray(half))
+    return np.concatenate(faces)[:, ::-1]
+
+
+def test_contour_points_lie_within_half_a_voxel_of_the_labelmap_boundary(exported):
+    root, _, _, record, _ = exported
+    for entry in record["time_points"][1:]:
+        labels = sitk.ReadImage(str(root / "run" / entry["labelmap"]))
+        array = sitk.GetArrayFromImage(labels)
+        rs = pydicom.dcmread(root / "out" / f"t_{entry['time']:g}" / "RTSTRUCT.dcm")
+        numbers = {r.ROINumber: r.ROINumber for r in rs.StructureSetROISequence}
+        checked = 0
+        for roi in rs.ROIContourSequence:
+            mask = array == numbers[roi.ReferencedROINumber]
+            for contour in roi.ContourSequence:
+                points = np.reshape(np.asarray(contour.ContourData, float), (-1, 3))
+                index = np.array([labels.TransformPhysicalPointToContinuousIndex(p) for p in points])
+                assert np.allclose(index[:, 2], np.rint(index[:, 2]), atol=1e-3)   # on a slice
+                faces = boundary_faces(mask[int(round(index[0, 2]))])
+                distance = np.linalg.norm(index[:, None, :2] - faces[None], axis=2).min(axis=1)
+                assert distance.max() <= 0.5 + 1e-3, distance.max()
+                checked += len(index)
+        assert checked > 50
+
+
+def test_registration_grid_is_the_displacement_field(exported):
+    root, folders, uids, record, frame = exported
+    for entry in record["time_points"][1:]:
+        t = entry["time"]
+        reg = pydicom.dcmread(root / "out" / f"t_{t:g}" / "REG.dcm")
+        assert reg.SOPClassUID == REG_SOP_CLASS and reg.FrameOfReferenceUID == frame
+        item = reg.DeformableRegistrationSequence[0]
+        assert item.SourceFrameOfReferenceUID == frame
+        assert {i.ReferencedSOPInstanceUID for i in item.ReferencedImageSequence} == set(uids[0])
+        follow_up = pydicom.dcmread(folders[int(t)] / "000.dcm", stop_before_pixels=True)
+        assert reg.StudyInstanceUID == follow_up.StudyInstanceUID
+        grid = item.DeformableRegistrationGridSequence[0]
+        field = sitk.ReadImage(str(root / "run" / entry["displacement"]))
+        assert [int(v) for v in grid.GridDimensions] == list(field.GetSize())
+        assert np.allclose([float(v) for v in grid.GridResolution], field.GetSpacing())
+        assert np.allclose([float(v) for v in grid.ImagePositionPatient], field.GetOrigin())
+        direction = np.reshape(field.GetDirection(), (3, 3))
+        assert np.allclose([float(v) for v in grid.ImageOrientationPatient], [*direction[:, 0], *direction[:, 1]])
+        vectors = np.frombuffer(grid.VectorGridData, "<f4").reshape(*field.GetSize()[::-1], 3)
+        expected = sitk.GetArrayFromImage(field)
+        assert np.abs(expected).max() > 1.0
+        assert np.allclose(vectors, expected, atol=1e-4)
+
+
+def test_dicom_out_refuses_inputs_that_are_not_dicom(tmp_path):
+    series = breathing_series(size=(16, 16, 8), spacing=(18.0, 18.0, 30.0), n_phases=2, noise_hu=0)
+    paths = []
+    for k, image in enumerate(series.images):
+        paths.append(tmp_path / f"image_{k}.nrrd")
+        sitk.WriteImage(image, str(paths[-1]))
+    result = stnerp("train", "--reference", paths[0], "--follow-up", paths[1], 1, "--output", tmp_path / "run",
+                    "--dicom-out", tmp_path / "out")
+    assert result.returncode == 2 and "DICOM series folders" in result.stderr
+    assert not (tmp_path / "run").exists()

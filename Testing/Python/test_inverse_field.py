@@ -1,0 +1,109 @@
+"""The exported inverse field (reference -> time t, on the reference grid): forward then inverse
+returns time-t points to where they started, with and without affine pre-alignment, and it
+carries reference landmarks onto the time-t landmarks as well as the forward field carries
+time-t landmarks onto the reference ones."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from STNeRPLib.model import SeriesModel
+from STNeRPLib.warping import map_to_reference
+from STNeRPLib.metrics import map_points, target_registration_error
+from STNeRPLib.phantom import breathing_series, write_series
+
+
+def stnerp(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "STNeRPLib", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    series = breathing_series(size=(48, 48, 40), spacing=(3.0, 3.0, 3.0), n_phases=3, noise_hu=0)
+    return series, write_series(series, tmp_path_factory.mktemp("phantom"))
+
+
+@pytest.fixture(scope="module", params=["none", "affine"])
+def run(request, phantom, tmp_path_factory):
+    series, files = phantom
+    output = tmp_path_factory.mktemp("runs") / request.param
+    args = ["train", "--reference", files["images"][0], "--output", output, "--iterations", "60",
+            "--prior", "image", "--prealign", request.param, "--landmarks", files["landmarks"]]
+    for path, t in zip(files["images"][1:], series.times[1:]):
+        args += ["--follow-up", path, t]
+    result = stnerp(*args)
+    assert result.returncode == 0, result.stderr
+    return series, output, json.loads((output / "run.json").read_text())
+
+
+def fields(output, entry) -> tuple[sitk.Image, sitk.Image]:
+    return (sitk.ReadImage(str(output / entry["displacement"])),
+            sitk.ReadImage(str(output / entry["inverse_displacement"])))
+
+
+def test_inverse_field_lies_on_the_reference_grid(run):
+    series, output, record = run
+    reference = series.images[0]
+    for entry in record["time_points"]:
+        _, inverse = fields(output, entry)
+        assert inverse.GetNumberOfComponentsPerPixel() == 3
+        assert inverse.GetSize() == reference.GetSize()
+        assert np.allclose(inverse.GetOrigin(), reference.GetOrigin())
+        assert np.allclose(inverse.GetSpacing(), reference.GetSpacing())
+        assert np.allclose(inverse.GetDirection(), reference.GetDirection())
+
+
+def body_points(image: sitk.Image, count: int = 400) -> np.ndarray:
+    """LPS points of `count` voxel centres inside the body (> -500 HU), away from the border."""
+    body = np.argwhere(sitk.GetArrayFromImage(image)[2:-2, 2:-2, 2:-2] > -500) + 2   # [z, y, x]
+    chosen = body[np.linspace(0, len(body) - 1, count).astype(int)]
+    return np.array([image.TransformIndexToPhysicalPoint([int(i) for i in v[::-1]]) for v in chosen])
+
+
+def test_inverse_samples_invert_the_model_map_exactly(run):
+    """At reference voxels r (no interpolation of the file): the model's forward map takes
+    r + w(r) back to r."""
+    series, output, record = run
+    model = SeriesModel.load(output / record["model"], torch.device("cpu"))
+    reference = series.images[0]
+    for entry in record["time_points"][1:]:
+        _, inverse = fields(output, entry)
+        r = body_points(reference)
+        index = np.array([reference.TransformPhysicalPointToIndex(tuple(p)) for p in r])
+        w = sitk.GetArrayFromImage(inverse)[index[:, 2], index[:, 1], index[:, 0]]
+        prealignment = np.array(entry["prealignment"]) if entry["prealignment"] else None
+        back = map_to_reference(model, entry["time"], r + w, prealignment)
+        assert np.linalg.norm(w, axis=1).max() > 2.0
+        assert np.linalg.norm(back - r, axis=1).max() < 0.05
+
+
+def test_forward_then_inverse_returns_points_inside_the_body(run):
+    series, output, record = run
+    for k, entry in enumerate(record["time_points"][1:], 1):
+        forward, inverse = fields(output, entry)
+        points = body_points(series.images[k])
+        reference_points = map_points(forward, points)
+        moved = np.linalg.norm(reference_points - points, axis=1).max()
+        back = map_points(inverse, reference_points)
+        error = np.linalg.norm(back - points, axis=1)
+        assert moved > 2.0, moved                      # the test means something: points moved
+        # Both files are sampled on 3 mm voxels and interpolated linearly; the model's map is
+        # piecewise trilinear on its coarse velocity grid, so interpolation errs most at its kinks.
+        assert np.quantile(error, 0.95) < 0.05 and error.mean() < 0.01 and error.max() < 0.15, (k, error.max(), moved)
+
+
+def test_inverse_maps_reference_landmarks_to_time_t_landmarks(run):
+    series, output, record = run
+    for entry in record["time_points"][1:]:
+        points, reference_points = series.landmarks[series.times.index(entry["time"])]
+        _, inverse = fields(output, entry)
+        inverse_tre = target_registration_error(map_points(inverse, reference_points), points)["tre_mean"]
+        unregistered = target_registration_error(reference_points, points)["tre_mean"]
+        forward_tre = entry["metrics"]["tre_mean"]
+        assert inverse_tre < 0.5 * unregistered, (inverse_tre, unregistered)
+        assert abs(inverse_tre - forward_tre) < 0.25 * unregistered, (inverse_tre, forward_tre)

@@ -1,0 +1,172 @@
+"""`stnerp report` and the report that `stnerp train` writes: one self-contained page with every
+figure, structure names in its tables, structure volume curves that agree with the propagated
+labelmaps, a report failure that only warns, and the page as a browser shows it."""
+import base64
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from STNeRPLib.model import SeriesModel
+from STNeRPLib.phantom import breathing_series, write_series
+from STNeRPLib.warping import map_to_reference
+
+NAMES = {"1": "tumour", "2": "right lung", "3": "left lung"}
+
+
+def stnerp(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "STNeRPLib", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantom")
+    series = breathing_series(size=(32, 32, 24), spacing=(9.0, 9.0, 10.0), n_phases=3, noise_hu=0)
+    files = write_series(series, folder)
+    names = folder / "labels.json"
+    names.write_text(json.dumps(NAMES))
+    return series, files, names
+
+
+def train(phantom, output: Path, *extra) -> subprocess.CompletedProcess:
+    series, files, _ = phantom
+    args = ["train", "--reference", files["images"][0], "--output", output, "--iterations", "40", "--prior", "image",
+            "--segmentation", files["labelmaps"][0], *extra]
+    for path, t in zip(files["images"][1:], series.times[1:]):
+        args += ["--follow-up", path, t]
+    return stnerp(*args)
+
+
+@pytest.fixture(scope="module")
+def run(phantom, tmp_path_factory):
+    series, files, names = phantom
+    output = tmp_path_factory.mktemp("runs") / "train"
+    result = train(phantom, output, "--label-names", names, "--predict-times", 1.5,
+                   "--ground-truth", files["labelmaps"][2], series.times[2])
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+def rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_train_writes_a_self_contained_report_with_every_figure(run):
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "complete" and record["report"] == "report/index.html"
+    page = (run / "report" / "index.html").read_text()
+    pngs = sorted((run / "report").glob("*.png"))
+    names = {p.name for p in pngs}
+    for t in ("0", "1", "1.5", "2"):
+        assert {f"t_{t}_slices.png", f"t_{t}_jacobian_histogram.png"} <= names
+    assert {"volumes.png", "centroid.png", "motion_and_jacobian.png", "losses.png"} <= names
+    inlined = re.findall(r'<img [^>]*src="data:image/png;base64,([^"]+)"', page)
+    assert sorted(base64.b64decode(s) for s in inlined) == sorted(p.read_bytes() for p in pngs)
+    assert not re.search(r'(src|href)="(?!data:)', page)             # nothing loaded from elsewhere
+    assert "Dice tumour" in page and "Dice 1" not in page             # structures by name
+    assert "reference volume" in page                                # the det J caption says which way
+
+
+def test_volume_curves_agree_with_the_propagated_labelmaps(run):
+    """The model's curve (inverse map, integrated over the reference structure) against voxel
+    counts of the propagated labelmap at each written time; the lungs are large enough for 4 %."""
+    curve = {(float(r["time"]), r["name"]): r for r in rows(run / "report" / "structures_over_time.csv")}
+    written = rows(run / "report" / "jacobian_by_structure.csv")
+    assert {r["name"] for r in written} == set(NAMES.values())
+    lungs = [r for r in written if "lung" in r["name"]]
+    for r in lungs:
+        model = curve[(float(r["time"]), r["name"])]
+        assert abs(float(model["volume_ml"]) / float(r["volume_ml"]) - 1) < 0.04, (r, model)
+        assert abs(float(model["mean_jacobian"]) - float(r["jacobian_mean"])) < 0.04, (r, model)
+    times = sorted({t for t, _ in curve})
+    assert len(times) >= 50 and times[0] == 0.0 and times[-1] == 2.0
+
+
+def test_volume_curves_equal_the_partial_volume_of_the_forward_map(run):
+    """Two independent integrals of the same model: the curve (det J of the inverse map over the
+    reference structure) and the time-t voxels' partial-volume share of the reference structure
+    at their reference points (trilinear), at every written time."""
+    record = json.loads((run / "run.json").read_text())
+    model = SeriesModel.load(run / record["model"], torch.device("cpu"))
+    curve = {(float(r["time"]), int(r["label"])): float(r["volume_ml"])
+             for r in rows(run / "report" / "structures_over_time.csv")}
+    voxel_ml = np.prod(model.grid.spacing) / 1000
+    for entry in record["time_points"]:
+        reference_points = map_to_reference(model, entry["time"], model.grid.points())
+        index = model.grid.to_index(reference_points)[:, ::-1].T          # (z, y, x) rows
+        for label in (1, 2, 3):
+            share = ndimage.map_coordinates((model.labelmap == label).astype(float), index, order=1)
+            volume = share.sum() * voxel_ml
+            assert abs(curve[(entry["time"], label)] / volume - 1) < 0.03, (entry["time"], label, volume)
+
+
+def test_report_command_writes_the_report_of_a_run(run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "report")
+    result = stnerp("report", "--run", copy, "--curve-times", 4)
+    assert result.returncode == 0, result.stderr
+    times = {float(r["time"]) for r in rows(copy / "report" / "structures_over_time.csv")}
+    assert len(times) == 6                            # 0, 2/3, 4/3, 2 and the written 1, 1.5
+    assert (copy / "report" / "index.html").is_file()
+
+
+def test_report_of_a_folder_without_a_run_is_refused(tmp_path):
+    result = stnerp("report", "--run", tmp_path)
+    assert result.returncode == 2 and "run.json" in result.stderr
+
+
+def test_report_failure_leaves_the_run_complete(phantom, tmp_path):
+    bad = tmp_path / "names.json"
+    bad.write_text("[1, 2")
+    result = train(phantom, tmp_path / "run", "--label-names", bad)
+    assert result.returncode == 0, result.stderr
+    assert "warning: the report was not written" in result.stderr
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "complete" and "report" not in record
+
+
+def test_no_report_flag(phantom, tmp_path):
+    result = train(phantom, tmp_path / "run", "--no-report")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "run" / "report").exists()
+
+
+def chromium() -> str | None:
+    """A Chromium for playwright: the system's, or playwright's own download."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_report_opens_in_a_real_browser(run):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    executable = chromium()
+    with sync_api.sync_playwright() as p:
+        if executable is None and not Path(p.chromium.executable_path).exists():
+            pytest.skip("no Chromium: install the system's (apt-get install chromium) or `playwright install chromium`")
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 1400})
+            problems = []
+            page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto((run / "report" / "index.html").as_uri())
+            page.wait_for_load_state("load")
+            images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+        finally:
+            browser.close()
+    assert len(images) == len(list((run / "report").glob("*.png")))
+    assert all(complete and width > 0 for complete, width in images), images
+    assert problems == []
