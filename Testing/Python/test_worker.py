@@ -6,6 +6,7 @@ sign flipped, LPS/RAS mixed, one time step off, each from the phantom's exact mo
 fixed figures: the tables are printed (pytest -s) and listed in the docstrings of the tests."""
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from baselines import MISTAKES, baseline_scores, dice, normalised, psnr_db, scores, table, vector_image
+from baselines import MISTAKES, baseline_scores, dice, normalised, psnr_db, scores, table
 from STNeRPLib.geometry import Grid
 from STNeRPLib.phantom import breathing_series, write_series
 
@@ -496,7 +497,6 @@ def test_evaluate_command_scores_a_run_against_ground_truth(trained, phantom, tm
     series, files = phantom
     _, output = trained
     run = tmp_path / "run"
-    import shutil
     shutil.copytree(output, run)                            # evaluate writes into the run folder
     result = stnerp("evaluate", "--run", run, "--image", files["images"][1], 1, "--ground-truth",
                     files["labelmaps"][2], 2, "--landmarks", files["landmarks"])
