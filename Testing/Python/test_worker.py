@@ -260,7 +260,7 @@ def _interrupt_at(stage: str, signum: int, args: list, output: Path) -> None:
             break
     process.send_signal(signum)
     try:
-        stdout, stderr = process.communicate(timeout=30)
+        stdout, stderr = process.communicate(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
         process.communicate()
