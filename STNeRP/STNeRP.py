@@ -106,6 +106,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.removeFollowUpButton.connect("clicked(bool)", self.onRemoveFollowUp)
         ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         ui.predictButton.connect("clicked(bool)", self.onPredictButton)
+        ui.openReportButton.connect("clicked(bool)", self.onOpenReport)
         ui.timeSlider.connect("valueChanged(double)", self.onTimeSliderChanged)
 
         self._showRunsFolder()
@@ -386,6 +387,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasRun = pn is not None and bool(pn.GetParameter("LastRunDirectory"))
         self.ui.predictButton.enabled = hasRun and not training
         self.ui.timeSlider.enabled = hasRun and not training
+        self.ui.openReportButton.enabled = pn is not None and panel.report_page(pn.GetParameter("LastRunDirectory")) is not None
 
     def _updateRunSection(self):
         pn = self._parameterNode
@@ -416,6 +418,11 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._parameterNode.SetParameter("PredictTime", repr(float(value)))
         self.onPredictButton()
+
+    def onOpenReport(self):
+        page = panel.report_page(self._parameterNode.GetParameter("LastRunDirectory"))
+        if page is not None:
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(page))
 
     def onPredictButton(self):
         with slicer.util.tryWithErrorDisplay("Failed to start the prediction.", waitCursor=True):
@@ -549,9 +556,12 @@ class STNeRPLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def showResult(result):
-        """Show the last time point's predicted image and segmentation."""
+        """Show the last time point's predicted image and segmentation, and the structure volumes
+        against time when the run wrote its report."""
         if result is None or not result.time_points:
             return
+        if result.chart is not None:
+            slicer.modules.plots.logic().ShowChartInLayout(result.chart)
         last = result.time_points[max(result.time_points)]
         if last.get("image") is not None:
             slicer.util.setSliceViewerLayers(background=last["image"], fit=True)

@@ -81,8 +81,12 @@ STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
 STATUS_INTERRUPTED = "interrupted"
 STATUS_FAILED = "failed"
-#: files of one time point, keys of its run.json entry (paths relative to the run folder)
-TIME_POINT_FILES = ("displacement", "jacobian", "labelmap", "image")
+#: files of one time point, keys of its run.json entry (paths relative to the run folder):
+#: u_t (time t -> reference, on the time-t grid), its Jacobian determinant, the propagated
+#: labelmap, the predicted image, and the exact inverse map (reference -> time t, on the reference grid)
+TIME_POINT_FILES = ("displacement", "jacobian", "labelmap", "image", "inverse_displacement")
+#: the run's report page, relative to the run folder (run.json "report" once written)
+REPORT_PAGE = "report/index.html"
 
 
 def time_point_folder(t: float) -> str:

@@ -10,6 +10,8 @@ import tempfile
 
 import vtk
 
+from STNeRPLib import contract
+
 #: the oldest torch the worker runs with (torch.load(weights_only=...), torch.func)
 MINIMUM_TORCH = (2, 0)
 #: folder name of the runs under the user's default scene folder
@@ -99,6 +101,13 @@ def chosen_segment_ids(segmentation_node, excluded_ids) -> list[str]:
     if segmentation_node is not None and not chosen:
         raise PanelError("Every segment is unchecked: check the segments to propagate, or choose no segmentation.")
     return chosen
+
+
+# -- report ----------------------------------------------------------------------------------
+def report_page(run_dir: str) -> str | None:
+    """The run's report page (absolute path) if the run wrote one, else None."""
+    page = os.path.join(run_dir, *contract.REPORT_PAGE.split("/")) if run_dir else ""
+    return page if page and os.path.isfile(page) else None
 
 
 # -- torch -----------------------------------------------------------------------------------

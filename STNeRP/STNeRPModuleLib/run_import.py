@@ -13,13 +13,13 @@ import vtk
 import slicer
 from STNeRPLib import contract
 
-from . import scene_files
+from . import plots, scene_files
 from .scene_utils import (KIND_ATTRIBUTE, RUN_ATTRIBUTE, TIME_ATTRIBUTE, SceneTransaction, place_in_folder,
                           remove_folder, remove_nodes)
 
 #: kinds of node per time point, and their sequences' titles, in the browser's order
 SEQUENCE_TITLES = {"transform": "transforms", "segmentation": "segmentations", "image": "predicted images",
-                   "jacobian": "Jacobians"}
+                   "jacobian": "Jacobians", "inverse": "reference to t"}
 
 
 class RunFolderError(RuntimeError):
@@ -37,6 +37,8 @@ class ImportedRun:
     sequences: dict = field(default_factory=dict)     # kind -> sequence node
     browser: object = None
     table: object = None
+    chart: object = None                              # structure volume against time (report data)
+    jacobian_table: object = None                     # det J statistics per segment (report data)
     nodes: list = field(default_factory=list)         # every node the import added
 
 
@@ -96,6 +98,7 @@ def import_run(scene, run_dir: str, segmentations_logic, name: str = "STNeRP", s
         result.table = create_metrics_table(scene, name + " metrics", time_points, segment_map)
         result.table.SetAttribute(RUN_ATTRIBUTE, run_dir)
         place_in_folder(sh, result.table, result.folder_item)
+        _import_report_data(scene, result, name, segment_map)
         result.nodes = transaction.added_nodes()
     return result
 
@@ -118,6 +121,9 @@ def _import_time_point(scene, run_dir: str, tp: dict, label: str, segmentations_
         entry["jacobian"] = read_jacobian(scene, _run_path(run_dir, tp["jacobian"]), label + " Jacobian", colors)
     if tp.get("image"):
         entry["image"] = scene_files.read_volume(scene, _run_path(run_dir, tp["image"]), label + " predicted image")
+    if tp.get("inverse_displacement"):
+        entry["inverse"] = scene_files.read_inverse_transform(
+            scene, _run_path(run_dir, tp["inverse_displacement"]), label + " reference to t")
     return entry
 
 
@@ -140,6 +146,20 @@ def _create_sequences(scene, result: ImportedRun, name: str) -> None:
         proxy = result.browser.GetProxyNode(sequence)
         if proxy is not None:
             place_in_folder(sh, proxy, result.folder_item)
+
+
+def _import_report_data(scene, result: ImportedRun, name: str, segment_map) -> None:
+    """The report's structure volume against time (a plot chart) and det J statistics per segment
+    (a table), named after the segments, when the run wrote its report."""
+    names = {int(e["value"]): e["name"] for e in segment_map or []}
+    try:
+        result.chart = plots.structure_volume_plot(scene, result.run_dir, names, prefix=name)[0]
+        result.jacobian_table = plots.jacobian_statistics_table(scene, result.run_dir, names, prefix=name)
+    except plots.ReportDataMissing:
+        return
+    sh = scene.GetSubjectHierarchyNode()
+    for node in (result.chart, result.jacobian_table):
+        place_in_folder(sh, node, result.folder_item)
 
 
 def remove_imported(scene, result: ImportedRun | None) -> None:

@@ -285,6 +285,16 @@ def read_displacement_transform(scene, path: str, name: str, linear: bool = True
     return node
 
 
+def read_inverse_transform(scene, path: str, name: str):
+    """Read the exact inverse field (reference point -> time-t point, on the reference grid) into a
+    NEW grid transform node whose *to parent* direction is that map: markups, models and
+    closed-surface segments of the reference placed under it are shown at time t, without
+    Slicer inverting a grid iteratively (which fails to converge on large deformations)."""
+    node = read_displacement_transform(scene, path, name)
+    node.Inverse()
+    return node
+
+
 def observe_scene_loading(scene) -> None:
     """Restore linear interpolation on STNeRP grids after every scene load into `scene`
     (idempotent: the module may ask at start-up and again when loaded later)."""
@@ -329,8 +339,9 @@ def set_grid_interpolation_linear(transform_node):
 
 
 def _grid_transforms(transform_node):
-    """Every vtkGridTransform in a node's from-parent transform (through concatenations)."""
-    grids, stack = [], [transform_node.GetTransformFromParent()]
+    """Every vtkGridTransform of a node (through concatenations and inversions), whichever
+    direction holds it."""
+    grids, stack = [], [transform_node.GetTransformFromParent(), transform_node.GetTransformToParent()]
     while stack:
         t = stack.pop()
         if t is None:

@@ -31,19 +31,41 @@ def emit(**event) -> None:
     sys.stdout.flush()
 
 
-def displacement(grid: sitk.Image, scale: float) -> sitk.Image:
-    """The analytic field times `scale` on the grid of `grid` (vector float64, LPS mm)."""
-    size = grid.GetSize()
-    index = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in size], indexing="ij"), axis=-1)
-    direction = np.array(grid.GetDirection()).reshape(3, 3)
-    points = np.array(grid.GetOrigin()) + (index * np.array(grid.GetSpacing())) @ direction.T
+def analytic(points: np.ndarray, scale: float) -> np.ndarray:
+    """u at physical points [..., 3] (LPS mm): the analytic field times `scale`."""
     u = np.zeros_like(points)
     u[..., 0] = 1.5 * np.sin(2 * math.pi * points[..., 2] / 40.0)
     u[..., 1] = 1.0 * np.cos(2 * math.pi * points[..., 0] / 50.0)
     u[..., 2] = 0.6
-    image = sitk.GetImageFromArray(np.transpose(u * scale, (2, 1, 0, 3)), isVector=True)
+    return u * scale
+
+
+def grid_points(grid: sitk.Image) -> np.ndarray:
+    """Physical points (LPS mm) of every voxel of `grid`, [i, j, k, 3]."""
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in grid.GetSize()], indexing="ij"), axis=-1)
+    direction = np.array(grid.GetDirection()).reshape(3, 3)
+    return np.array(grid.GetOrigin()) + (index * np.array(grid.GetSpacing())) @ direction.T
+
+
+def field_image(values: np.ndarray, grid: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.transpose(values, (2, 1, 0, 3)), isVector=True)
     image.CopyInformation(grid)
     return image
+
+
+def displacement(grid: sitk.Image, scale: float) -> sitk.Image:
+    """The analytic field times `scale` on the grid of `grid` (vector float64, LPS mm)."""
+    return field_image(analytic(grid_points(grid), scale), grid)
+
+
+def inverse_displacement(grid: sitk.Image, scale: float, iterations: int = 100) -> sitk.Image:
+    """w on the reference grid with r + w(r) + u(r + w(r)) = r: the inverse map, by fixed-point
+    iteration on the analytic field (no interpolation)."""
+    points = grid_points(grid)
+    w = -analytic(points, scale)
+    for _ in range(iterations):
+        w = -analytic(points + w, scale)
+    return field_image(w, grid)
 
 
 def write_time_point(run_dir: str, t: float, t_ref: float, grid: sitk.Image, reference: sitk.Image,
@@ -59,6 +81,7 @@ def write_time_point(run_dir: str, t: float, t_ref: float, grid: sitk.Image, ref
     sitk.WriteImage(jacobian, os.path.join(run_dir, files["jacobian"]))
     image = sitk.Resample(reference, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     sitk.WriteImage(image, os.path.join(run_dir, files["image"]))
+    sitk.WriteImage(inverse_displacement(reference, t - t_ref), os.path.join(run_dir, files["inverse_displacement"]))
     values = sitk.GetArrayFromImage(jacobian)
     metrics = {"folded_voxels": int((values <= 0).sum()), "jacobian_min": float(values.min()),
                "jacobian_max": float(values.max()), "psnr": None, "ssim": None, "dice": {},

@@ -22,7 +22,7 @@ import vtk  # noqa: E402
 
 from STNeRPLib import phantom  # noqa: E402
 
-from STNeRPModuleLib import core_logic, run_import, scene_files, scene_utils  # noqa: E402
+from STNeRPModuleLib import core_logic, panel, run_import, scene_files, scene_utils  # noqa: E402
 from test_module_scene import new_scene  # noqa: E402
 
 
@@ -82,7 +82,16 @@ def test_module_real_worker_end_to_end(tmp_path):
             p = field.TransformContinuousIndexToPhysicalPoint([i + 0.37 for i in idx])
             q = entry["transform"].GetTransformFromParent().TransformPoint(scene_utils.lps_to_ras(p))
             assert np.allclose(scene_utils.ras_to_lps(q), tx.TransformPoint(p), atol=1e-3)
+            # the reference-to-t node (the engine's exact inverse, to-parent) carries it back to p
+            back = entry["inverse"].GetTransformToParent().TransformPoint(q)
+            assert np.allclose(scene_utils.ras_to_lps(back), p, atol=0.05)
     assert result.sequences["transform"].GetNumberOfDataNodes() == len(times)
+    # the report: its page for "Open report", its structure volumes as a Slicer plot named by segment
+    assert panel.report_page(job.run_dir) == os.path.join(job.run_dir, "report", "index.html")
+    series_names = [result.chart.GetNthPlotSeriesNode(i).GetName()
+                    for i in range(result.chart.GetNumberOfPlotSeriesNodes())]
+    assert series_names == [f"STNeRP {os.path.basename(job.run_dir)} {name} volume" for name in names]
+    assert result.jacobian_table.GetTable().GetNumberOfRows() == len(times) * len(names)
     assert result.table.GetTable().GetNumberOfRows() == len(times)
     # the time slider: query the trained model at a new time, after the input folder is gone
     assert not os.path.exists(job.temp_dir)

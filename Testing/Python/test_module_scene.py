@@ -331,6 +331,31 @@ def test_module_transform_maps_points_like_the_field(trained):
     assert fixed.GetName() == "follow-up 2" and moving.GetName() == "reference"
 
 
+def test_module_reference_to_t_transform_moves_reference_points_to_time_t(trained):
+    """The exact inverse, loaded in its to-parent direction: reference markups placed under it are
+    shown at time t, where the forward field carries them back to within 0.05 mm (the stand-in's
+    fields are exact at the voxels; between them linear interpolation of the forward field adds
+    up to h^2/8 |u''| = 0.03 mm at t = 1, 0.1 mm at t = 3.5 on this 2.5 mm grid)."""
+    reference = sitk.ReadImage(os.path.join(trained["job"].run_dir, "reference.nrrd"))
+    rng = np.random.default_rng(3)   # voxel centres: the inverse grid is read where it was written
+    index = rng.integers(6, np.array(reference.GetSize()) - 6, size=(40, 3))
+    points = np.array([reference.TransformIndexToPhysicalPoint([int(i) for i in idx]) for idx in index])
+    for t in (0.5, 1.0):
+        entry = trained["result"].time_points[t]
+        markups = trained["scene"].AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "reference points")
+        for r in points:
+            markups.AddControlPoint(vtk.vtkVector3d(*scene_utils.lps_to_ras(r)))
+        markups.SetAndObserveTransformNodeID(entry["inverse"].GetID())
+        forward = entry["transform"].GetTransformFromParent()
+        for i, r in enumerate(points):
+            shown = [0.0, 0.0, 0.0]
+            markups.GetNthControlPointPositionWorld(i, shown)
+            assert np.linalg.norm(np.array(shown) - scene_utils.lps_to_ras(r)) >= 0.6 * t - 1e-6, "the point moved"
+            back = scene_utils.ras_to_lps(forward.TransformPoint(shown))
+            assert np.allclose(back, r, atol=0.05), (t, r, back)
+        trained["scene"].RemoveNode(markups)
+
+
 def test_module_hardened_reference_segmentation_matches_worker_labelmap(trained):
     scene, seg_logic = trained["scene"], trained["seg_logic"]
     tlogic = slicer.vtkSlicerTransformLogic()
@@ -402,14 +427,14 @@ def test_module_sequences_browser_and_table(trained):
     result, record = trained["result"], trained["record"]
     times = sorted(float(tp["time"]) for tp in record["time_points"])
     assert times == [0.0, 0.5, 1.0, 2.0, 3.5], "the reference time too, as the worker writes it"
-    for kind in ("transform", "segmentation", "image", "jacobian"):
+    for kind in run_import.SEQUENCE_TITLES:
         seq = result.sequences[kind]
         assert seq.GetNumberOfDataNodes() == len(times)
         assert [float(seq.GetNthIndexValue(i)) for i in range(len(times))] == times
         assert seq.GetIndexName() == "time"
     browser = result.browser
     assert browser.GetMasterSequenceNode() is result.sequences["transform"]
-    assert browser.GetNumberOfSynchronizedSequenceNodes() == 3
+    assert browser.GetNumberOfSynchronizedSequenceNodes() == len(run_import.SEQUENCE_TITLES) - 1
     browser.SetSelectedItemNumber(times.index(2.0))
     proxy = browser.GetProxyNode(result.sequences["transform"])
     assert proxy is not None
@@ -453,7 +478,7 @@ def test_module_prediction_at_new_time_without_retraining(trained, tmp_path):
                                             reference_volume=trained["reference"]).wait(timeout=60)
     assert job.state == "complete", job.message
     entry = job.result.time_points[1.5]
-    assert set(entry) == {"transform", "segmentation", "jacobian", "image"}
+    assert set(entry) == {"transform", "segmentation", "jacobian", "image", "inverse"}
     assert not job.result.sequences and job.result.browser is None
     names = [entry["segmentation"].GetSegmentation().GetNthSegment(i).GetName() for i in range(2)]
     assert names == ["Liver", "Tumor"]  # the segment map saved in the run folder
