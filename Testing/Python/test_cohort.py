@@ -143,7 +143,7 @@ def test_series_of_a_killed_worker_is_rerun_to_completion(phantom_folder, tmp_pa
                           f"pk,follow-up,{phantom_folder}/data/image_1.nrrd,1\n")
     output = tmp_path / "runs"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={"series": 1},
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
         batch = subprocess.Popen(batch_command(cohort, output, "--scheduler", cluster.scheduler_address,
                                                "--iterations", "200", "--prior", "image"),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
