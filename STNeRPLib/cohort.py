@@ -389,8 +389,10 @@ def _client(args: argparse.Namespace) -> Iterator:
         workers = gpus
     print(f"local cluster: {workers} worker(s) x {threads} thread(s)" + (f", {gpus} GPUs" if gpus > 1 else ""),
           file=sys.stderr, flush=True)
+    # dashboard_address ":0": the scheduler's HTTP server takes a free port, so batches and other
+    # Dask users on one machine do not collide on 8787.
     with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                      resources={SERIES_RESOURCE: 1}, dashboard_address=None) as cluster, Client(cluster) as client:
+                      resources={SERIES_RESOURCE: 1}, dashboard_address=":0") as cluster, Client(cluster) as client:
         if gpus > 1:
             client.register_plugin(OneGPUPerWorker(gpus))
         yield client

@@ -137,15 +137,18 @@ def test_rerun_skips_complete_runs_and_retries_the_failed_one(first_batch):
 
 
 def test_series_of_a_killed_worker_is_rerun_to_completion(phantom_folder, tmp_path):
+    """Also: a worker declaring series=1 gives its series all its threads (torch in the workers
+    starts at 1 thread: Dask sets OMP_NUM_THREADS=1 for them)."""
+    import torch
     from distributed import Client, LocalCluster
     cohort = write_cohort(tmp_path, "patient,role,path,time\n"
                           f"pk,reference,{phantom_folder}/data/image_0.nrrd,0\n"
                           f"pk,follow-up,{phantom_folder}/data/image_1.nrrd,1\n")
     output = tmp_path / "runs"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={"series": 1},
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, resources={"series": 1},
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
         batch = subprocess.Popen(batch_command(cohort, output, "--scheduler", cluster.scheduler_address,
-                                               "--iterations", "200", "--prior", "image"),
+                                               "--iterations", "100", "--prior", "image"),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             killed = _kill_worker_running(client, "pk", output / "pk" / "run.json")
@@ -153,6 +156,7 @@ def test_series_of_a_killed_worker_is_rerun_to_completion(phantom_folder, tmp_pa
         finally:
             batch.kill()
         assert killed not in client.run(os.getpid).values()
+        assert sorted(client.run(torch.get_num_threads).values()) == [1, 2]   # the one that ran it: 2
     assert batch.returncode == 0, stderr
     record = json.loads((output / "pk" / "run.json").read_text())
     assert record["status"] == "complete" and [p["time"] for p in record["time_points"]] == [0.0, 1.0]
