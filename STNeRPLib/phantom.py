@@ -26,6 +26,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.special import expit
 
+from .geometry import Grid
+
 Motion = Callable[[np.ndarray, float], np.ndarray]  # (points (..., 3) mm, t) -> u (..., 3) mm
 
 # Grid: the volume is centred on this point (mm), so the origin is non-zero and not symmetric.
@@ -227,16 +229,10 @@ def _grid(size, spacing) -> sitk.Image:
     return grid
 
 
-def _physical(grid: sitk.Image, index: np.ndarray) -> np.ndarray:
-    """LPS points (mm) of continuous (i, j, k) indices (..., 3): origin + direction @ (spacing * idx)."""
-    direction = np.array(grid.GetDirection()).reshape(3, 3)
-    return np.array(grid.GetOrigin()) + (index * np.array(grid.GetSpacing())) @ direction.T
-
-
 def _voxel_centres(grid: sitk.Image) -> np.ndarray:
     """LPS points (mm) of all voxel centres, shape (nz, ny, nx, 3)."""
-    k, j, i = np.meshgrid(*(np.arange(n) for n in reversed(grid.GetSize())), indexing="ij")
-    return _physical(grid, np.stack([i, j, k], axis=-1))
+    geometry = Grid.of(grid)
+    return geometry.points().reshape(*geometry.shape, 3)
 
 
 def _image(array: np.ndarray, grid: sitk.Image, is_vector: bool = False) -> sitk.Image:
@@ -267,7 +263,7 @@ class _Phantom:
         """Vessel points inside the lungs at time t, and their exact reference points."""
         rng = np.random.default_rng([self.seed, _LANDMARK_STREAM])
         index = rng.uniform(0.0, np.array(self.grid.GetSize()) - 1.0, (N_LANDMARK_CANDIDATES, 3))
-        q = _physical(self.grid, index)
+        q = Grid.of(self.grid).to_physical(index)
         ref = q + self.motion(q, t)
         lung = np.isin(self.anatomy.sample(ref)[1], (2, 3))
         keep = np.flatnonzero(lung & (self.anatomy.vessels(ref) > LANDMARK_VESSEL_MIN))[:N_LANDMARKS]

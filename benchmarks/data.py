@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from STNeRPLib import phantom  # noqa: E402
+from STNeRPLib.geometry import Grid  # noqa: E402
 from STNeRPLib.metrics import jacobian_determinant  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -42,13 +43,6 @@ PHANTOM_LABELS = {1: "tumour", 2: "right lung", 3: "left lung"}
 CHEST_SI_AMP, CHEST_SI_WIDTH, CHEST_MIDLINE_STILL, CHEST_MIDLINE_WIDTH = 12.0, 70.0, 0.5, 35.0
 CHEST_AP_AMP, CHEST_AP_EDGE, CHEST_LR_AMP, CHEST_LR_WIDTH, CHEST_CHEST_WIDTH = 4.0, 25.0, 2.0, 60.0, 90.0
 TAPER_MM, CHEST_NOISE_HU, CHEST_LANDMARKS = 30.0, 10.0, 100
-
-
-def _physical_points(image: sitk.Image) -> np.ndarray:
-    k, j, i = np.meshgrid(*(np.arange(n) for n in image.GetSize()[::-1]), indexing="ij")
-    index = np.stack([i, j, k], -1).astype(np.float64)
-    matrix = np.reshape(image.GetDirection(), (3, 3)) @ np.diag(image.GetSpacing())
-    return index @ matrix.T + np.asarray(image.GetOrigin())
 
 
 def body_mask(image: sitk.Image, threshold: float = -500.0) -> np.ndarray:
@@ -176,7 +170,7 @@ def chest_series(folder: Path, spacing_mm: float, n_phases: int, heldout: int, s
     grid.SetSpacing((spacing_mm,) * 3)
     high = origin + extent
     motion = chest_motion((origin, high), n_phases)
-    points = _physical_points(grid)
+    points = Grid.of(grid).points().reshape(*Grid.of(grid).shape, 3)
 
     def lookup(volume, p, order):
         index = np.moveaxis(((p - origin) / fine)[..., ::-1], -1, 0)  # (k, j, i) for [z, y, x]
