@@ -212,7 +212,8 @@ def time_point_figures(run: Path, record: dict, entry: dict, structures: dict[in
         focus, where = np.asarray(reader.GetSize()) // 2, "the image centre"
     scan = _scan_path(record, t)
     image_kind = "scan" if scan is not None else "predicted image"
-    planes = [_plane(run, entry, reader, axis, int(focus[axis]), scan) for axis in (2, 1, 0)]
+    series = sitk.GetArrayFromImage(read_image(scan, "scan")) if scan is not None and scan.is_dir() else None
+    planes = [_plane(run, entry, reader, axis, int(focus[axis]), scan, series) for axis in (2, 1, 0)]
     title = f"time {t:g}" + ("" if entry.get("scanned") else " (not scanned: predicted)")
     folded = entry["metrics"]["folded_voxels"]
     caption = (f"Slices through {where} at time {t:g}. {JACOBIAN_CAPTION} |u|: length of the displacement "
@@ -249,15 +250,16 @@ def _slice(path: Path, axis: int, index: int) -> np.ndarray:
 
 
 def _plane(run: Path, entry: dict, reader: sitk.ImageFileReader, axis: int, index: int,
-           scan: Path | None) -> figures.Plane:
-    """The slice through `index` along `axis` of every map of the time point."""
+           scan: Path | None, series: np.ndarray | None) -> figures.Plane:
+    """The slice through `index` along `axis` of every map of the time point, and of the scan
+    (a file, or `series`: a DICOM series read whole)."""
     size, spacing = reader.GetSize(), reader.GetSpacing()
     direction = np.reshape(reader.GetDirection(), (3, 3))
     across, up = [a for a in (0, 1, 2) if a != axis]              # columns, rows
     if scan is None:
         image = _slice(run / entry["image"], axis, index)
-    elif scan.is_dir():                                           # a DICOM series: read whole
-        image = np.take(sitk.GetArrayFromImage(read_image(scan, "scan")), index, axis=2 - axis)
+    elif series is not None:
+        image = np.take(series, index, axis=2 - axis)
     else:
         image = _slice(scan, axis, index)
     width, height = size[across] * spacing[across], size[up] * spacing[up]
