@@ -367,7 +367,8 @@ def curve_figures(curves: Curves, statistics: dict[float, dict[int, Structure]],
                figures.volumes_over_time(curves.times, curves.volume, written, reference_index, names)),
         Figure("centroid.png", f"{names[focus]}: centroid trajectory",
                "Centroid of the structure at time t (weighted by its volume), minus its position at the "
-               "reference time, in mm along the LPS axes of the reference image.",
+               "reference time, in mm along the LPS axes of the reference image (in the reference "
+               "grid's frame: an affine pre-alignment, if any, is left out).",
                figures.centroid_trajectory(curves.times, shift, scanned_times, names[focus])),
         Figure("motion_and_jacobian.png", "Motion and volume change per structure over time",
                "Left: largest displacement of the structure's points between the reference and t (mm). "
