@@ -213,7 +213,8 @@ def time_point_figures(run: Path, record: dict, entry: dict, structures: dict[in
         focus, where = np.asarray(reader.GetSize()) // 2, "the image centre"
     scan = _scan_path(record, t)
     image_kind = "scan" if scan is not None else "predicted image"
-    planes = [_plane(run, entry, reader, axis, int(focus[axis]), scan) for axis in (2, 1, 0)]
+    series = sitk.GetArrayFromImage(read_image(scan, "scan")) if scan is not None and scan.is_dir() else None
+    planes = [_plane(run, entry, reader, axis, int(focus[axis]), scan, series) for axis in (2, 1, 0)]
     title = f"time {t:g}" + ("" if entry.get("scanned") else " (not scanned: predicted)")
     folded = entry["metrics"]["folded_voxels"]
     caption = (f"Slices through {where} at time {t:g}. {JACOBIAN_CAPTION} |u|: length of the displacement "
@@ -250,15 +251,16 @@ def _slice(path: Path, axis: int, index: int) -> np.ndarray:
 
 
 def _plane(run: Path, entry: dict, reader: sitk.ImageFileReader, axis: int, index: int,
-           scan: Path | None) -> figures.Plane:
-    """The slice through `index` along `axis` of every map of the time point."""
+           scan: Path | None, series: np.ndarray | None) -> figures.Plane:
+    """The slice through `index` along `axis` of every map of the time point, and of the scan
+    (a file, or `series`: a DICOM series read whole)."""
     size, spacing = reader.GetSize(), reader.GetSpacing()
     direction = np.reshape(reader.GetDirection(), (3, 3))
     across, up = [a for a in (0, 1, 2) if a != axis]              # columns, rows
     if scan is None:
         image = _slice(run / entry["image"], axis, index)
-    elif scan.is_dir():                                           # a DICOM series: read whole
-        image = np.take(sitk.GetArrayFromImage(read_image(scan, "scan")), index, axis=2 - axis)
+    elif series is not None:
+        image = np.take(series, index, axis=2 - axis)
     else:
         image = _slice(scan, axis, index)
     width, height = size[across] * spacing[across], size[up] * spacing[up]
@@ -366,7 +368,8 @@ def curve_figures(curves: Curves, statistics: dict[float, dict[int, Structure]],
                figures.volumes_over_time(curves.times, curves.volume, written, reference_index, names)),
         Figure("centroid.png", f"{names[focus]}: centroid trajectory",
                "Centroid of the structure at time t (weighted by its volume), minus its position at the "
-               "reference time, in mm along the LPS axes of the reference image.",
+               "reference time, in mm along the LPS axes of the reference image (in the reference "
+               "grid's frame: an affine pre-alignment, if any, is left out).",
                figures.centroid_trajectory(curves.times, shift, scanned_times, names[focus])),
         Figure("motion_and_jacobian.png", "Motion and volume change per structure over time",
                "Left: largest displacement of the structure's points between the reference and t (mm). "

@@ -70,12 +70,18 @@ def exported(tmp_path_factory):
     names = root / "labels.json"
     names.write_text(json.dumps({"1": "GTV", "2": "right lung", "3": "left lung"}))
     args = ["train", "--reference", folders[0], "--output", root / "run", "--iterations", "30", "--prior", "image",
-            "--segmentation", labelmap, "--label-names", names, "--dicom-out", root / "out", "--no-report"]
+            "--segmentation", labelmap, "--label-names", names, "--dicom-out", root / "out"]
     for folder, t in zip(folders[1:], series.times[1:]):
         args += ["--follow-up", folder, t]
     result = stnerp(*args)
     assert result.returncode == 0, result.stderr
     return root, folders, uids, json.loads((root / "run" / "run.json").read_text()), frame
+
+
+def test_report_draws_contours_over_the_dicom_scans(exported):
+    root, *_ = exported
+    page = (root / "run" / "report" / "index.html").read_text()
+    assert page.count("over the scan at time") == 3 and "over the predicted image" not in page
 
 
 def test_rtstruct_references_the_follow_up_series(exported):
