@@ -9,10 +9,16 @@ import SimpleITK as sitk
 import torch
 
 from .deformation import Deformation
+from .errors import InputError
 from .geometry import Grid
 from .networks import RefNet
 from .preprocessing import IntensityWindow
 from .presets import Preset
+
+
+MODEL_FORMAT = 2
+"""Version of model.pt. 2: Def-Net's velocity is anchored at the reference time (Deformation), and
+pairwise models hold no network for the reference time. 1 (no "format" key): not anchored; refused."""
 
 
 @dataclass
@@ -67,6 +73,7 @@ class SeriesModel:
 
     def save(self, path) -> None:
         torch.save({
+            "format": MODEL_FORMAT,
             "preset": self.preset.to_dict(), "grid": self.grid.to_dict(),
             "reference_time": self.reference_time, "time_range": list(self.time_range),
             "window": [self.window.low, self.window.high], "prior_kind": self.prior_kind,
@@ -83,9 +90,15 @@ class SeriesModel:
     @classmethod
     def load(cls, path, device: torch.device) -> "SeriesModel":
         data = torch.load(path, map_location=device, weights_only=True)
+        if data.get("format", 1) != MODEL_FORMAT:
+            raise InputError(f"model {path} is in format {data.get('format', 1)} of an older STNeRP, whose field is "
+                             f"not the identity at the reference time; this version reads format {MODEL_FORMAT}: "
+                             "train the series again")
         preset = Preset(**data["preset"])
         generator = torch.Generator().manual_seed(0)  # every random buffer is overwritten by the state
-        deformation = Deformation(preset, tuple(data["velocity_shape"]), data["pairwise_times"], generator)
+        reference_time = normalise_time(data["reference_time"], tuple(data["time_range"]))
+        deformation = Deformation(preset, tuple(data["velocity_shape"]), reference_time, data["pairwise_times"],
+                                  generator)
         deformation.load_state_dict(data["deformation"])
         ref_net = None
         if data["ref_net"] is not None:

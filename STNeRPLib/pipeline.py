@@ -154,7 +154,6 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
         targets.append(Target(normalise_time(t, time_range), _tensor(window.normalise(resampled), device),
                               torch.from_numpy(inside).to(device) if t in views else None))
     reference_volume = _tensor(window.normalise(reference_array), device)
-    targets.insert(0, Target(normalise_time(reference_time, time_range), reference_volume))
 
     ref_net = None
     if options.prior == "refnet":
@@ -166,7 +165,8 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
         volume = reference_volume if ref_net is None else evaluate_on_grid(ref_net, reference_volume.shape)
         prior = ImagePrior(volume, preset.prior_interpolation)
     pairwise = None if options.temporal else [target.time for target in targets]
-    deformation = Deformation(preset, velocity_shape(grid, preset), pairwise, generator).to(device)
+    deformation = Deformation(preset, velocity_shape(grid, preset), normalise_time(reference_time, time_range),
+                              pairwise, generator).to(device)
     fit_deformation(deformation, prior, targets, preset, reporter.progress, generator)
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
     model = SeriesModel(preset, grid, reference_time, time_range, window, options.prior, deformation,

@@ -46,7 +46,9 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     """Fit Def-Net so that prior(c + u(c, t)) matches every target f_t(c) (paper eq. 6), over the
     voxels inside each target's field of view.
 
-    The prior is frozen. Each iteration takes `preset.def_times` random time points (all when 0).
+    The prior is frozen. The targets are the follow-ups: at the reference time u = 0 by construction
+    (Deformation), so the reference would add no gradient. Each iteration takes `preset.def_times`
+    random time points (all when 0).
     Returns the last loss (mean squared error over the sampled voxels inside the fields of view).
     """
     prior.requires_grad_(False)

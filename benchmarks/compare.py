@@ -266,7 +266,8 @@ def stnerp_flops(model, series, n_times: int, training_seconds: float | None) ->
     n_times = min(per_iteration, n_times) if per_iteration and per_iteration > 0 else n_times
     net = model.deformation.nets[0]
     def_train, _ = per_point(lambda c, t: net(c, t), [(3,), (1,)])
-    breakdown["defnet_training"] = def_train * velocity_points * n_times * preset.def_iterations
+    anchor = 1 if model.deformation.pairwise_times is None else 0  # net(c, t_ref), once per iteration
+    breakdown["defnet_training"] = def_train * velocity_points * (n_times + anchor) * preset.def_iterations
     def_points = preset.def_points if 0 < preset.def_points < voxels else voxels
     from STNeRPLib.pipeline import Options
     volume_prior = Options(preset, prior=model.prior_kind).prior_is_volume
