@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from . import threads
 from .errors import InputError
 from .pipeline import Options, load_series, run_prediction, run_training
 from .presets import PRESETS, Preset
@@ -23,6 +24,7 @@ from .record import RunRecord
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     reporter = Reporter(json_events=args.json_events)
+    reporter.message(f"computing with {threads.use(args.threads).describe()}")
     signal.signal(signal.SIGTERM, _interrupt)
     return args.command(args, reporter)
 
@@ -70,7 +72,17 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ground-truth", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
                           help="a ground-truth labelmap at a time of the run (Dice)")
     evaluate.add_argument("--landmarks", metavar="CSV", help="landmark pairs (TRE)")
+    for command in (train, predict, demo, evaluate):
+        command.add_argument("--threads", type=_positive, metavar="N",
+                             help="threads to compute with (default: the usable CPUs, less those other "
+                                  "processes keep busy)")
     return main_parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number >= 1")
+    return int(text)
 
 
 def _command(commands, name: str, function: Callable, text: str) -> argparse.ArgumentParser:
