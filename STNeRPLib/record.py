@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from . import threads
 from . import __version__
 from . import contract
 
@@ -27,6 +28,7 @@ class RunRecord:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": None,
             "inputs": inputs, "parameters": parameters, "versions": versions(),
             "reference_time": inputs.get("reference_time"),
+            "threads": threads.record(),
             "model": None, "metrics_table": None, "time_points": [],
         }
         folder.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import contract
+from . import threads
 from .errors import InputError
 from .pipeline import Options, load_series, run_prediction, run_training
 from .presets import PRESETS, Preset
@@ -25,6 +26,7 @@ from .record import RunRecord
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     reporter = Reporter(json_events=args.json_events)
+    reporter.message(f"computing with {threads.use(args.threads).describe()}")
     contract.stop_on_interruption(args.cancel_on_stdin_close)
     return args.command(args, reporter)
 
@@ -81,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
     batch.add_argument("--threads-per-worker", type=int, metavar="K",
                        help="local cluster: torch and ITK threads of each worker's series (default: 1)")
     add_fit_options(batch)
-    batch.set_defaults(dicom_out=None)
+    batch.set_defaults(dicom_out=None, threads=None)   # each series takes --threads-per-worker
     return main_parser
 
 
@@ -107,6 +109,12 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--no-report", action="store_true", help="do not write report/index.html at the end")
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number >= 1")
+    return int(text)
+
+
 def _command(commands, name: str, function: Callable, text: str) -> argparse.ArgumentParser:
     command = commands.add_parser(name, help=text, description=text)
     command.set_defaults(command=function)
@@ -120,6 +128,10 @@ def _command(commands, name: str, function: Callable, text: str) -> argparse.Arg
                          help="print newline-delimited JSON events on stdout (for the Slicer module)")
     command.add_argument(contract.STDIN_CANCEL_FLAG, action="store_true",
                          help="stop as on Ctrl-C when standard input closes (for the Slicer module)")
+    if name != "batch":
+        command.add_argument("--threads", type=_positive, metavar="N",
+                             help="threads to compute with (default: the usable CPUs, less those other "
+                                  "processes keep busy)")
     return command
 
 

@@ -29,9 +29,11 @@ def normalised(array: np.ndarray) -> np.ndarray:
 
 
 def resampled(image: sitk.Image, field: sitk.Image, interpolator=sitk.sitkLinear) -> np.ndarray:
-    """image at q + u(q) for every voxel q of the field's grid."""
+    """image at q + u(q) for every voxel q of the field's grid; outside the image, its lowest value
+    (air for a CT, label 0 for a labelmap), as the engine pads."""
     transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
-    return sitk.GetArrayFromImage(sitk.Resample(image, field, transform, interpolator, 0.0, image.GetPixelID()))
+    outside = float(sitk.GetArrayViewFromImage(image).min())
+    return sitk.GetArrayFromImage(sitk.Resample(image, field, transform, interpolator, outside, image.GetPixelID()))
 
 
 def psnr_db(a: np.ndarray, b: np.ndarray) -> float:

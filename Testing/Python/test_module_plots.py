@@ -8,13 +8,10 @@ import numpy as np
 import pytest
 
 import slicer
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the slicer-core wheel is not installed", allow_module_level=True)
 
 from STNeRPLib.report import Curves, Names, Structure, write_curves_csv, write_statistics_csv  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(os.path.dirname(os.path.dirname(HERE)), "STNeRP"), os.path.dirname(os.path.dirname(HERE))]
 
 from STNeRPModuleLib import plots, scene_utils  # noqa: E402
 

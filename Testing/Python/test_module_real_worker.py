@@ -10,13 +10,9 @@ import pytest
 
 import slicer  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the slicer-core wheel is not installed", allow_module_level=True)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(ROOT, "STNeRP"))
-sys.path.insert(0, ROOT)
 
 import vtk  # noqa: E402
 

@@ -13,15 +13,11 @@ import pytest
 
 import slicer  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the slicer-core wheel is not installed", allow_module_level=True)
 
 import vtk  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(ROOT, "STNeRP"))
-sys.path.insert(0, ROOT)
 
 from STNeRPLib import contract  # noqa: E402
 from STNeRPModuleLib import (core_logic, panel, parameters, predictions, run_import, scene_files,  # noqa: E402

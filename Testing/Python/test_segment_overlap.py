@@ -11,11 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 import slicer  # noqa: E402
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the slicer-core wheel is not installed", allow_module_level=True)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(os.path.dirname(os.path.dirname(HERE)), "STNeRP"), os.path.dirname(os.path.dirname(HERE))]
 
 from STNeRPModuleLib import scene_files, scene_utils  # noqa: E402
 

@@ -1,0 +1,85 @@
+"""How many threads the worker computes with: the CPUs it may use, fewer when others keep them busy.
+
+torch's intra-op threads wait for each other at the end of every operation, so one thread that
+shares its core with another busy process holds the whole team back (issue 11: a 10-phase fit took
+224 s instead of 27 s beside one CPU-heavy process on 2 cores; demons, 31 -> 50 s). The worker
+therefore leaves to other processes the cores they keep busy, judged once at its start from the
+1-minute load average (Linux counts processes waiting for disk in it too: a busy disk looks like
+busy cores, which errs towards fewer threads).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """The thread count used, and what it was decided from (load: 1-minute load average, None
+    where the system has none; own_load: this process's share of it; requested: --threads)."""
+
+    threads: int
+    allowed_cpus: int
+    machine_cpus: int
+    load: float | None
+    own_load: float
+    requested: int | None
+
+    def describe(self) -> str:
+        if self.requested is not None:
+            return f"{self.threads} thread(s), as asked (--threads)"
+        load = "unknown" if self.load is None else f"{self.load:.2f}"
+        return (f"{self.threads} thread(s): {self.allowed_cpus} CPU(s) usable of {self.machine_cpus}, "
+                f"1-minute load {load} ({self.own_load:.2f} of it this process)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_threads(allowed_cpus: int, machine_cpus: int, load: float | None, own_load: float = 0.0,
+                   requested: int | None = None) -> int:
+    """Threads to use: `requested` if given; else the usable CPUs, less the cores other processes
+    keep busy (load - own_load, rounded to the nearest core) when fewer than that are free on the
+    machine; at least 1. Unknown load (None): every usable CPU."""
+    if requested is not None:
+        return max(1, requested)
+    if load is None:
+        return max(1, allowed_cpus)
+    busy = math.floor(max(0.0, load - own_load) + 0.5)
+    return max(1, min(allowed_cpus, machine_cpus - busy))
+
+
+def measure(requested: int | None = None) -> ThreadChoice:
+    """The choice for this process now (usable CPUs: its affinity where the system has one)."""
+    machine = os.cpu_count() or 1
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    # A process busy for s CPU-seconds has added about s / 60 to the 1-minute average (s << 60).
+    own = 0.0 if load is None else min(load, time.process_time() / 60)
+    return ThreadChoice(choose_threads(allowed, machine, load, own, requested), allowed, machine, load, own,
+                        requested)
+
+
+_applied: ThreadChoice | None = None
+
+
+def use(requested: int | None = None) -> ThreadChoice:
+    """Decide now (measure) and use the result for torch's intra-op work and as ITK's global default."""
+    global _applied
+    import SimpleITK as sitk
+    import torch
+    choice = measure(requested)
+    torch.set_num_threads(choice.threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(choice.threads)
+    _applied = choice
+    return choice
+
+
+def record() -> dict:
+    """For run.json: the choice applied in this process, or torch's thread count if none was."""
+    if _applied is not None:
+        return _applied.to_dict()
+    import torch
+    return {"threads": torch.get_num_threads()}

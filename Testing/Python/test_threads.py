@@ -1,0 +1,78 @@
+"""The worker's thread policy: every usable CPU on an idle machine, fewer when other processes keep
+cores busy, what --threads asks when given; applied to torch and ITK, logged and recorded."""
+import json
+import subprocess
+import sys
+
+import pytest
+import SimpleITK as sitk
+import torch
+
+from STNeRPLib import threads
+from STNeRPLib.phantom import breathing_series, write_series
+from STNeRPLib.threads import choose_threads
+
+
+@pytest.mark.parametrize("allowed, machine, load, own, expected", [
+    (2, 2, 0.1, 0.0, 2),     # idle machine: every CPU
+    (2, 2, 0.4, 0.0, 2),     # a little background work does not cost a core
+    (2, 2, 1.0, 0.0, 1),     # one busy process (a CPU burner) keeps a core: leave it
+    (2, 2, 1.0, 1.0, 2),     # ...unless the load is this process's own
+    (2, 2, 6.0, 0.0, 1),     # an overloaded machine: still one thread
+    (4, 4, 1.4, 0.0, 3),
+    (4, 4, 1.6, 0.0, 2),
+    (2, 64, 30.0, 0.0, 2),   # 2 usable CPUs of a big, half-busy machine: both still free
+    (8, 8, None, 0.0, 8),    # no load average on this system: every usable CPU
+])
+def test_threads_leave_the_cores_other_processes_keep_busy(allowed, machine, load, own, expected):
+    assert choose_threads(allowed, machine, load, own) == expected
+
+
+def test_threads_asked_for_are_used_whatever_the_load():
+    assert choose_threads(2, 2, 6.0, requested=3) == 3
+    assert choose_threads(2, 2, 0.0, requested=1) == 1
+
+
+def test_use_sets_torch_and_itk_threads():
+    before = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        choice = threads.use(1)
+        assert choice.threads == torch.get_num_threads() == sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1
+        assert threads.record()["threads"] == 1 and threads.record()["requested"] == 1
+    finally:
+        torch.set_num_threads(before[0])
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before[1])
+
+
+def stnerp(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "STNeRPLib", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    series = breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 14.0), n_phases=2, noise_hu=0)
+    return write_series(series, tmp_path_factory.mktemp("phantom"))
+
+
+def test_worker_logs_and_records_its_thread_choice(phantom, tmp_path):
+    result = stnerp("train", "--reference", phantom["images"][0], "--follow-up", phantom["images"][1], 1,
+                    "--iterations", 5, "--threads", 1, "--output", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert "computing with 1 thread(s), as asked (--threads)" in result.stderr
+    recorded = json.loads((tmp_path / "run/run.json").read_text())["threads"]
+    assert recorded["threads"] == 1 and recorded["requested"] == 1 and recorded["allowed_cpus"] >= 1
+    automatic = stnerp("train", "--reference", phantom["images"][0], "--follow-up", phantom["images"][1], 1,
+                       "--iterations", 5, "--output", tmp_path / "auto")
+    assert automatic.returncode == 0, automatic.stderr
+    recorded = json.loads((tmp_path / "auto/run.json").read_text())["threads"]
+    assert recorded["requested"] is None and 1 <= recorded["threads"] <= recorded["allowed_cpus"]
+    assert recorded["load"] is not None and f"1-minute load {recorded['load']:.2f}" in automatic.stderr
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two"])
+def test_worker_refuses_a_thread_count_that_is_not_a_positive_number(bad, phantom, tmp_path):
+    result = stnerp("train", "--reference", phantom["images"][0], "--follow-up", phantom["images"][1], 1,
+                    "--threads", bad, "--output", tmp_path / "run")
+    assert result.returncode == 2 and "--threads" in result.stderr and "whole number >= 1" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,150 @@
+"""Wall time of STNeRP and of SimpleITK demons with and without CPU burners beside them (issue 11).
+
+    .venv/bin/python benchmarks/under_load.py --burner 1                     # the breathing phantom
+    .venv/bin/python benchmarks/under_load.py --burner 1 --size 48 48 32 --iterations 100
+
+A clinician's workstation is never idle (Slicer renders while the worker trains). Each method
+runs on benchmarks/data.py's breathing series, in its own child process, first on the machine as
+it is, then beside `--burner N` burner processes (each a plain Python busy loop: one core each),
+started `--warmup` seconds before the method so that the 1-minute load average, which STNeRP's
+thread policy reads (STNeRPLib/threads.py), has seen them. Printed: wall time of the whole series
+(STNeRP: fit + every output, as benchmarks/compare.py times it; demons: every pair + its field and
+Jacobian) without and with the burners, and the slowdown ratio.
+
+Methods: `stnerp` (default preset, threads by the worker's policy), `stnerp_all_cpus` (default
+preset, one thread per usable CPU whatever the load: the behaviour before the policy) and
+`sitk_demons` (benchmarks/peers.py, ITK threads = usable CPUs, as the tool's own default).
+The figures are only as good as the machine is quiet: with other work on it, both runs of a
+method see different loads. The load average is printed beside each figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+METHODS = ("stnerp", "stnerp_all_cpus", "sitk_demons")
+BURNER = "while True:\n    pass\n"
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def child(method: str, folder: Path, iterations: int | None) -> dict:
+    """Run one method on the series in `folder` (in this process) and return its wall time."""
+    import SimpleITK as sitk
+    import torch
+    from benchmarks import compare, data
+    from STNeRPLib import threads
+    series = data.Series(folder)
+    work = Path(tempfile.mkdtemp(prefix=f"under_load_{method}_"))
+    if method == "stnerp":
+        used = threads.use().threads
+    else:
+        used = usable_cpus()
+        torch.set_num_threads(used)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(used)
+    if method == "sitk_demons":
+        _, info = compare.run_peer(method, series, work)
+    else:
+        _, _, info = compare.run_stnerp("stnerp_default", series, work, iterations)
+    return {"wall_seconds": info["wall_seconds"], "threads": used}
+
+
+def run_child(method: str, folder: Path, iterations: int | None) -> dict:
+    """The method in a fresh process (so the thread policy measures the load as it is now)."""
+    env = {**os.environ, "BENCHMARK_THREADS": str(usable_cpus()), "PYTHONWARNINGS": "ignore"}
+    job = json.dumps({"method": method, "folder": str(folder), "iterations": iterations})
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", job], env=env,
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def start_burners(count: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", BURNER]) for _ in range(count)]
+
+
+def stop_burners(burners: list[subprocess.Popen]) -> None:
+    for burner in burners:
+        burner.kill()
+        burner.wait()
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def measure(methods: list[str], folder: Path, burners: int, warmup: float, iterations: int | None) -> dict:
+    """Every method without, then with, the burners: {method: {"idle": ..., "burner": ...}}."""
+    results = {m: {} for m in methods}
+    for method in methods:
+        before = load()
+        results[method]["idle"] = run_child(method, folder, iterations) | {"load": f"{before} -> {load()}"}
+        print(f"{method:16s} without burner: {results[method]['idle']['wall_seconds']:7.1f} s "
+              f"({results[method]['idle']['threads']} threads; load {results[method]['idle']['load']})", flush=True)
+    running = start_burners(burners)
+    try:
+        time.sleep(warmup)
+        for method in methods:
+            before = load()
+            results[method]["burner"] = run_child(method, folder, iterations) | {"load": f"{before} -> {load()}"}
+            print(f"{method:16s} with {burners} burner(s): {results[method]['burner']['wall_seconds']:7.1f} s "
+                  f"({results[method]['burner']['threads']} threads; load {results[method]['burner']['load']})",
+                  flush=True)
+    finally:
+        stop_burners(running)
+    return results
+
+
+def table(results: dict, burners: int) -> str:
+    lines = [f"| method | without burner (s) | with {burners} burner(s) (s) | slowdown | threads (without, with) |",
+             "|---|---|---|---|---|"]
+    for method, r in results.items():
+        idle, busy = r["idle"], r["burner"]
+        lines.append(f"| {method} | {idle['wall_seconds']:.1f} | {busy['wall_seconds']:.1f} | "
+                     f"{busy['wall_seconds'] / idle['wall_seconds']:.2f}x | {idle['threads']}, {busy['threads']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--burner", type=int, default=1, metavar="N", help="burner processes (one core each)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {list(METHODS)}")
+    parser.add_argument("--size", type=int, nargs=3, default=(96, 96, 64), metavar=("X", "Y", "Z"),
+                        help="phantom voxels; the field of view stays 288 x 288 x 256 mm")
+    parser.add_argument("--phases", type=int, default=10)
+    parser.add_argument("--iterations", type=int, help="STNeRP iterations per network (default: the preset's)")
+    parser.add_argument("--warmup", type=float, default=60.0,
+                        help="seconds the burners run before the first method (the load average lags)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        job = json.loads(args.child)
+        print(json.dumps(child(job["method"], Path(job["folder"]), job["iterations"])))
+        return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.burner < 1 or any(m not in METHODS for m in methods):
+        parser.error(f"--burner must be >= 1 and methods among {list(METHODS)}")
+    from benchmarks import data
+    spacing = tuple(extent / n for extent, n in zip((288.0, 288.0, 256.0), args.size))
+    with tempfile.TemporaryDirectory(prefix="under_load_") as scratch:
+        folder = data.phantom_series(Path(scratch) / "breathing", "breathing", tuple(args.size), spacing,
+                                     args.phases, heldout=3)
+        print(f"breathing phantom {tuple(args.size)} voxels, {args.phases} phases; {usable_cpus()} usable CPUs; "
+              f"{args.burner} burner(s), {args.warmup:g} s warm-up; load at start {load()}", flush=True)
+        results = measure(methods, folder, args.burner, args.warmup, args.iterations)
+    print(table(results, args.burner))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
