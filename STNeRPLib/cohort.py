@@ -47,8 +47,6 @@ EVENT_TOPIC = "stnerp-progress"
 # Exceptions escaping a task (not the series' own failures, which are in its summary entry) are
 # retried; a task whose worker dies is rescheduled by the scheduler (distributed.scheduler.allowed-failures).
 RETRIES = 2
-# What a train run writes at the top of its folder; its t_<time>/ folders hold only .nrrd images.
-RUN_FILES = frozenset({contract.RUN_FILE, contract.RUN_FILE + ".tmp", "model.pt", "metrics.csv"})
 POINT_METRICS = ("tre_mean", "tre_std", "tre_max", "folded_voxels", "jacobian_min", "jacobian_max")
 _PATIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -122,7 +120,7 @@ def run_state(series: argparse.Namespace) -> str:
     if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
         return "new"
     record = _read_record(folder)
-    if record is None or record.get("command") != "train" or not _holds_only_a_run(folder):
+    if record is None or record.get("command") != "train" or not contract.holds_only_a_run(folder):
         raise InputError(f"{folder} holds files that are not a stnerp train run: move them away or "
                          "choose another --output")
     if record.get("status") != STATUS_COMPLETE:
@@ -133,16 +131,6 @@ def run_state(series: argparse.Namespace) -> str:
         raise InputError(f"{folder} holds a complete run of other inputs or options: move it away to "
                          "train this series again, or choose another --output")
     return "complete"
-
-
-def _holds_only_a_run(folder: Path) -> bool:
-    for entry in folder.iterdir():
-        if entry.is_dir() and entry.name.startswith("t_"):
-            if not all(file.is_file() and file.suffix == ".nrrd" for file in entry.iterdir()):
-                return False
-        elif not (entry.is_file() and entry.name in RUN_FILES):
-            return False
-    return True
 
 
 def _read_record(folder: Path) -> dict | None:

@@ -86,7 +86,23 @@ STATUS_FAILED = "failed"
 #: labelmap, the predicted image, and the exact inverse map (reference -> time t, on the reference grid)
 TIME_POINT_FILES = ("displacement", "jacobian", "labelmap", "image", "inverse_displacement")
 #: the run's report page, relative to the run folder (run.json "report" once written)
-REPORT_PAGE = "report/index.html"
+REPORT_FOLDER = "report"
+REPORT_PAGE = f"{REPORT_FOLDER}/index.html"
+#: what else a run writes at the top of its folder: the model, the metrics table, the training losses
+MODEL_FILE, METRICS_FILE, LOSSES_FILE = "model.pt", "metrics.csv", "losses.csv"
+RUN_FILES = (RUN_FILE, RUN_FILE + ".tmp", MODEL_FILE, METRICS_FILE, LOSSES_FILE)
+
+
+def holds_only_a_run(folder: str | os.PathLike) -> bool:
+    """Whether a folder holds nothing but a run's own files: those above, its report folder and
+    its t_<time>/ folders of images (so that removing it loses nothing else)."""
+    for entry in Path(folder).iterdir():
+        if entry.is_dir() and entry.name.startswith("t_"):
+            if not all(file.is_file() and file.suffix == ".nrrd" for file in entry.iterdir()):
+                return False
+        elif not ((entry.is_file() and entry.name in RUN_FILES) or (entry.is_dir() and entry.name == REPORT_FOLDER)):
+            return False
+    return True
 
 
 def time_point_folder(t: float) -> str:

@@ -26,7 +26,8 @@ from .record import RunRecord
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     reporter = Reporter(json_events=args.json_events)
-    reporter.message(f"computing with {threads.use(args.threads).describe()}")
+    if "threads" in vars(args):   # every command but batch, whose series take --threads-per-worker
+        reporter.message(f"computing with {threads.use(args.threads).describe()}")
     contract.stop_on_interruption(args.cancel_on_stdin_close)
     return args.command(args, reporter)
 
@@ -83,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     batch.add_argument("--threads-per-worker", type=int, metavar="K",
                        help="local cluster: torch and ITK threads of each worker's series (default: 1)")
     add_fit_options(batch)
-    batch.set_defaults(dicom_out=None, threads=None)   # each series takes --threads-per-worker
+    batch.set_defaults(dicom_out=None)
     return main_parser
 
 

@@ -92,6 +92,8 @@ def import_run(scene, run_dir: str, segmentations_logic, name: str = "STNeRP", s
                 node.SetAttribute(TIME_ATTRIBUTE, repr(t))
                 node.SetAttribute(KIND_ATTRIBUTE, kind)
                 place_in_folder(sh, node, result.folder_item)
+            if entry.get("segmentation") is not None and fixed is not None:
+                _place_under_study(sh, entry["segmentation"], fixed)
             result.time_points[t] = entry
         if create_sequences and len(result.time_points) > 1:
             _create_sequences(scene, result, name)
@@ -125,6 +127,15 @@ def _import_time_point(scene, run_dir: str, tp: dict, label: str, segmentations_
         entry["inverse"] = scene_files.read_inverse_transform(
             scene, _run_path(run_dir, tp["inverse_displacement"]), label + " reference to t")
     return entry
+
+
+def _place_under_study(sh, segmentation, scan) -> None:
+    """Put the contours propagated to a scan under that scan's DICOM study, when it has one, so
+    that Slicer's DICOM export (SlicerRT's RT Structure Set) references the right patient, study
+    and frame of reference."""
+    study = sh.GetItemParent(sh.GetItemByDataNode(scan))
+    if study and sh.IsItemLevel(study, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMLevelStudy()):
+        sh.SetItemParent(sh.GetItemByDataNode(segmentation), study)
 
 
 def _create_sequences(scene, result: ImportedRun, name: str) -> None:

@@ -258,16 +258,14 @@ def test_threads_share_the_cores_without_oversubscribing():
 def test_a_complete_run_of_other_options_is_refused_not_redone(tmp_path):
     """A complete run made by `stnerp train` with the batch's files and options is skipped; the same
     folder under other options is refused and left as it is."""
-    from STNeRPLib.worker import parser, train_options
+    from STNeRPLib.worker import parser, train_inputs, train_options
     (patient,) = read_cohort(write_cohort(tmp_path, "patient,role,path,time\na,reference,ct0.nrrd,0\n"
                                           "a,follow-up,ct1.nrrd,1\n"))
     folder = tmp_path / "runs" / "a"
     trained = parser().parse_args(["train", "--reference", str(tmp_path / "ct0.nrrd"), "--follow-up",
                                    str(tmp_path / "ct1.nrrd"), "1", "--iterations", "10", "--output", str(folder)])
     record = {"command": "train", "status": "complete", "parameters": train_options(trained).to_dict(),
-              "inputs": {"reference": str(tmp_path / "ct0.nrrd"), "reference_time": 0.0,
-                         "follow_ups": [[str(tmp_path / "ct1.nrrd"), "1"]], "segmentation": None,
-                         "landmarks": None, "ground_truth": [], "predict_times": []}}
+              "inputs": train_inputs(trained)}
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps(record))
 

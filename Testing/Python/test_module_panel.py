@@ -502,3 +502,21 @@ def test_panel_offers_a_follow_up_that_is_not_the_reference_nor_a_labelmap():
     assert panel.default_follow_up(scene, cts[0]) is cts[1]
     assert panel.default_follow_up(scene, cts[0], cts[1:2]) is cts[2]
     assert panel.default_follow_up(scene, cts[0], cts[1:]) is None
+
+
+def test_panel_contours_go_under_the_follow_ups_dicom_study(series, tmp_path):
+    """Propagated contours sit under the study of the scan they belong to, where Slicer's DICOM
+    export (SlicerRT) takes them to an RT Structure Set of that study; scans without a study
+    keep their contours in the run's folder."""
+    sh = series.scene.GetSubjectHierarchyNode()
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "patient")
+    study = sh.CreateStudyItem(patient, "fraction 2 CT")
+    sh.CreateItem(study, series.follow_ups[1])      # as the DICOM module loads a series
+    pn = parameter_node(series)
+    pn.SetNodeReferenceID(parameters.SEGMENTATION, series.segmentation.GetID())
+    job = core(series, tmp_path).start_training(parameters.job_inputs(pn), {}).wait(timeout=60)
+    assert job.state == "complete", job.message
+    parent = {t: sh.GetItemParent(sh.GetItemByDataNode(e["segmentation"])) for t, e in job.result.time_points.items()}
+    assert parent[2.0] == study
+    assert parent[1.0] == parent[3.5] == job.result.folder_item
+    assert sh.GetItemParent(sh.GetItemByDataNode(job.result.time_points[2.0]["transform"])) == job.result.folder_item
