@@ -139,8 +139,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event):
         """Node IDs are reused by the next scene: forget every node of this one."""
         if self._job is not None:
-            self._job.cancel()
-            self._job = None
+            self._job.cancel()   # still polled: it ends cancelled, imports nothing, removes its inputs
         self._closePredictions()
         self._observeSegmentation(None)
         self.setParameterNode(None)
@@ -448,9 +447,14 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTimer(self):
         try:
             if self._job is not None:
-                self._showEvents(self._job, self._job.poll())
+                job = self._job
+                self._showEvents(job.poll())
+                self.ui.progressBar.value = int(1000 * job.progress)
+                self.ui.statusLabel.text = job.status_text
+                if job.finished:
+                    self._onTrainingFinished(job)
             if self._predictions is not None:
-                self._showEvents(self._predictions.job, self._predictions.poll())
+                self._showEvents(self._predictions.poll())
                 self.ui.predictButton.toolTip = self._predictions.message or ""
         except Exception as error:  # never leave the timer running on an unexpected error
             logging.exception("STNeRP: polling the worker failed")
@@ -459,23 +463,18 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is None and (self._predictions is None or not self._predictions.busy):
             self.timer.stop()
 
-    def _showEvents(self, job, events):
+    def _showEvents(self, events):
         for event in events:
             kind = event.get("event")
             if kind == "log":
                 self.ui.logTextEdit.appendPlainText(event.get("text", ""))
             elif kind == contract.EVENT_ERROR:
                 self.ui.logTextEdit.appendPlainText(f"ERROR: {event.get('message')}")
-            elif kind == "finished" and job is self._job:
-                self._onTrainingFinished(job, event)
-        if job is not None and job is self._job:
-            self.ui.progressBar.value = int(1000 * job.progress)
-            self.ui.statusLabel.text = job.status_text
 
-    def _onTrainingFinished(self, job, event):
+    def _onTrainingFinished(self, job):
         self._job = None
-        self.ui.logTextEdit.appendPlainText(f"[{event.get('state')}] {event.get('message') or job.status_text}")
-        if job.state == "complete":
+        self.ui.logTextEdit.appendPlainText(f"[{job.state}] {job.message or job.status_text}")
+        if job.state == "complete" and self._parameterNode is not None:
             parameters.record_training(self._parameterNode, job)
             self.logic.showResult(job.result)
         elif job.state == "failed":

@@ -136,6 +136,7 @@ class Job:
         self.result: run_import.ImportedRun | None = None
         self.started: float | None = None
         self.error_event: dict | None = None
+        self.cancel_requested = False
         self._ref_net = False
 
     @property
@@ -157,8 +158,10 @@ class Job:
         return self
 
     def cancel(self) -> None:
-        """Ask the worker to stop; returns at once (poll() reports the end)."""
+        """Ask the worker to stop; returns at once (poll() reports the end). A cancelled job imports
+        nothing, even when its worker had finished before it was told (e.g. on a scene close)."""
         if self.state == "running":
+            self.cancel_requested = True
             self.status_text = "Cancelling..."
             self.process.cancel()
 
@@ -198,7 +201,7 @@ class Job:
     def _finish(self, exit_event: dict) -> dict:
         returncode = exit_event.get("returncode")
         try:
-            if exit_event.get("cancelled") or returncode == contract.EXIT_INTERRUPTED:
+            if self.cancel_requested or returncode == contract.EXIT_INTERRUPTED:
                 self.state, self.message = "cancelled", "Cancelled."
             elif returncode != contract.EXIT_OK:
                 self.state, self.message = "failed", self._failure_message(returncode)

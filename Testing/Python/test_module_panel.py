@@ -239,6 +239,19 @@ def test_panel_cancel_returns_at_once_and_the_poll_ends_the_job(series, tmp_path
     assert series.scene.GetNumberOfNodes() == nodes
 
 
+def test_panel_job_cancelled_after_its_worker_finished_imports_nothing(series, tmp_path):
+    """A scene close cancels the job: if the worker had just finished, nothing is imported into
+    the next scene."""
+    inputs = parameters.job_inputs(parameter_node(series))
+    nodes = series.scene.GetNumberOfNodes()
+    job = core(series, tmp_path).start_training(inputs, {})
+    job.process.process.wait(timeout=60)          # finished, not yet polled
+    job.cancel()
+    job.wait(timeout=30)
+    assert job.state == "cancelled" and job.result is None
+    assert series.scene.GetNumberOfNodes() == nodes
+
+
 def test_panel_cancel_by_closing_stdin_stops_the_real_worker_cleanly(tmp_path):
     """The worker contract's cancel (no signal: what works for a windowless process on
     Windows) ends the real worker as interrupted, exit code 130."""
