@@ -2,7 +2,6 @@
 (Dice) and landmark pairs (TRE), at any time the run wrote, scanned or predicted."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +13,7 @@ from .io import read_image, read_labelmap, read_landmarks, write_json
 from .metrics import dice_per_label, map_points, psnr, ssim, target_registration_error
 from .preprocessing import IntensityWindow
 from .progress import Reporter
-
-
-def load_record(run: Path) -> dict:
-    """The run.json of a run folder."""
-    path = Path(run) / "run.json"
-    if not path.is_file():
-        raise InputError(f"{run} holds no run.json: give the output folder of a stnerp run")
-    return json.loads(path.read_text())
+from .record import load_record, require_complete
 
 
 def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[tuple[str, float]],
@@ -30,8 +22,7 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
     into the run folder, prints a table and returns the rows."""
     run = Path(run)
     record = load_record(run)
-    if record["status"] != "complete":
-        raise InputError(f"run {run} is {record['status']}, not complete: evaluate a complete run")
+    require_complete(run, record)
     entries = {float(e["time"]): e for e in record["time_points"]}
     window = IntensityWindow(*record["intensity_window"])
     pairs = read_landmarks(landmarks) if landmarks else {}
@@ -55,9 +46,20 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
         rows[t].update(target_registration_error(map_points(field, points), reference_points))
         rows[t]["tre_none"] = target_registration_error(points, reference_points)["tre_mean"]
     result = [r for r in rows.values() if len(r) > 1]
-    write_json({"run": str(run), "rows": result}, run / "evaluation.json")
+    path = _new_evaluation_path(run)
+    write_json({"run": str(run), "rows": result}, path)
     reporter.message(format_table(result))
+    reporter.message(f"evaluation written to {path}")
     return result
+
+
+def _new_evaluation_path(run: Path) -> Path:
+    """evaluation.json, or evaluation-2.json, -3, ... when evaluated before: never overwritten."""
+    path, number = run / "evaluation.json", 1
+    while path.exists():
+        number += 1
+        path = run / f"evaluation-{number}.json"
+    return path
 
 
 def format_table(rows: list[dict]) -> str:

@@ -80,14 +80,19 @@ def time_point_metrics(model: SeriesModel, point: TimePoint, warped, field_image
 
 
 def write_metrics_table(entries: list[dict], path: Path) -> None:
-    """metrics.csv: one row per time point; Dice columns per label."""
+    """metrics.csv: one row per time point; Dice columns per label. Column names carry their units
+    (psnr_db, tre_*_mm); the run.json metrics keys are the names without them."""
     labels = sorted({label for e in entries for label in e["metrics"]["dice"]}, key=int)
-    columns = ["time", "scanned", "folded_voxels", "jacobian_min", "jacobian_max", "psnr", "ssim",
-               "tre_mean", "tre_std", "tre_max"] + [f"dice_{label}" for label in labels]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(columns)
+        writer.writerow(["time", "scanned"] + [f"{key}{unit}" for key, unit in METRIC_UNITS.items()]
+                        + [f"dice_{label}" for label in labels])
         for e in entries:
             m = e["metrics"]
-            row = [e["time"], e["scanned"]] + [m[c] for c in columns[2:10]]
+            row = [e["time"], e["scanned"]] + [m[key] for key in METRIC_UNITS]
             writer.writerow(row + [m["dice"].get(label) for label in labels])
+
+
+METRIC_UNITS = {"folded_voxels": "", "jacobian_min": "", "jacobian_max": "", "psnr": "_db", "ssim": "",
+                "tre_mean": "_mm", "tre_std": "_mm", "tre_max": "_mm"}
+"""metrics.csv columns after time and scanned: run.json metric key -> unit suffix of the column name."""
