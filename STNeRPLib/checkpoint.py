@@ -8,6 +8,7 @@ held until the iteration under way has finished, so the saved state is always co
 """
 from __future__ import annotations
 
+import io
 import os
 import signal
 import threading
@@ -88,10 +89,38 @@ class Checkpoint:
 
 
 def save_atomically(state: dict, path: Path) -> None:
-    """torch.save through a temporary file synced to disk, then renamed over `path`."""
+    """torch.save through a temporary file synced to disk, then renamed over `path`. A failed write
+    (full disk) raises its OSError, naming `path`."""
     temporary = path.with_suffix(path.suffix + ".tmp")
-    with open(temporary, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(temporary, "wb") as handle:
+            writer = _KeepsWriteError(handle)
+            try:
+                torch.save(state, writer)
+            except RuntimeError:         # torch reports a failed write as a RuntimeError
+                if writer.error is None:
+                    raise
+                raise writer.error from None
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from None
     os.replace(temporary, path)
+
+
+class _KeepsWriteError(io.RawIOBase):
+    """A binary file that keeps the OSError of its first failed write."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise

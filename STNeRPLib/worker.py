@@ -6,6 +6,7 @@ from a shell. Exit codes: 0 done, 2 bad input, 130 interrupted (SIGINT/SIGTERM),
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import signal
 import sys
@@ -253,7 +254,15 @@ def _guarded(body: Callable[[], object], reporter: Reporter, record: RunRecord |
         return _fail(reporter, record, "interrupted", "interrupted: outputs are incomplete", 130)
     except Exception as error:  # the log keeps the details; the user gets one line
         traceback.print_exc(file=sys.stderr)
-        return _fail(reporter, record, "failed", f"internal error: {type(error).__name__}: {error}", 1)
+        return _fail(reporter, record, "failed", _failure(error), 1)
+
+
+def _failure(error: Exception) -> str:
+    """One line for an unexpected failure; a full disk (or file-size limit) says what to do."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return (f"cannot write {error.filename or 'an output'}: {error.strerror}: free disk space, then run "
+                "again (train: the same arguments plus --resume)")
+    return f"internal error: {type(error).__name__}: {error}"
 
 
 def _check_new_folder(folder: Path) -> None:

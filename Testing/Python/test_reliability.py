@@ -466,3 +466,21 @@ def test_resume_refuses_what_it_cannot_continue(case, phantom, uninterrupted, tm
     (output / "run.json").write_text(json.dumps({**record(uninterrupted), "status": "interrupted"}))
     result = stnerp(*train_args(files, output), *RESUMABLE[:-3], "--resume")
     assert_one_line_error(result, "--resume needs the arguments", "predict_times")
+
+
+def test_failed_write_ends_failed_in_one_line_and_resume_completes_it(phantom, uninterrupted, tmp_path):
+    """A full disk, as a file-size limit: the checkpoint cannot be written (EFBIG)."""
+    import resource
+    _, files = phantom
+    output = tmp_path / "full"
+    args = train_args(files, output) + RESUMABLE
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))  # noqa: E731
+    result = stnerp(*args, "--json-events", preexec_fn=limit)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "File too large" in lines[0] and "--resume" in lines[0]
+    assert error_events(result.stdout)
+    assert record(output)["status"] == "failed" and not (output / "model.pt").exists()
+    resumed = stnerp(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    _same_outputs(output, uninterrupted)
