@@ -44,7 +44,7 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
     """Write displacement, Jacobian, labelmap and predicted image at one time, with their metrics."""
     warped = warp(model, point.time, point.grid, point.prealignment)
     name = f"t_{point.time:g}"
-    field_image = point.grid.image(warped.displacement.astype(np.float64), vector=True)
+    field_image = point.grid.image(warped.displacement, vector=True)      # float32: as computed
     jacobian = jacobian_determinant(field_image)
     files = {"displacement": f"{name}/displacement.nrrd", "jacobian": f"{name}/jacobian.nrrd",
              "image": f"{name}/image.nrrd",

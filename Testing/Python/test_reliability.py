@@ -484,3 +484,33 @@ def test_failed_write_ends_failed_in_one_line_and_resume_completes_it(phantom, u
     resumed = stnerp(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     _same_outputs(output, uninterrupted)
+
+
+# 8. Memory -------------------------------------------------------------------------------------
+
+def test_displacement_is_float32_on_disk(trained):
+    point = record(trained)["time_points"][1]
+    field = sitk.ReadImage(str(trained / point["displacement"]))
+    assert field.GetPixelID() == sitk.sitkVectorFloat32 and field.GetNumberOfComponentsPerPixel() == 3
+
+
+@pytest.mark.parametrize("slab", [1, 2, 5])
+def test_jacobian_in_slabs_equals_the_whole_volume_at_once(slab):
+    from STNeRPLib.metrics import jacobian_determinant
+    rng = np.random.default_rng(3)
+    field = sitk.GetImageFromArray(rng.normal(0, 2, (7, 6, 5, 3)).astype(np.float32), isVector=True)
+    field.SetSpacing((1.5, 0.8, 2.5))
+    field.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    whole = sitk.GetArrayFromImage(jacobian_determinant(field, slab=7))
+    assert np.array_equal(sitk.GetArrayFromImage(jacobian_determinant(field, slab=slab)), whole)
+    assert np.ptp(whole) > 1                                  # a field that is not trivial
+
+
+@pytest.mark.parametrize("slab", [1, 3])
+def test_ssim_in_slabs_equals_the_whole_volume_at_once(slab):
+    from STNeRPLib.metrics import ssim
+    rng = np.random.default_rng(4)
+    a = rng.random((16, 14, 13))
+    b = a + rng.normal(0, 0.2, a.shape)
+    whole = ssim(a, b, slab=100)
+    assert ssim(a, b, slab=slab) == pytest.approx(whole, rel=1e-12) and 0.1 < whole < 0.9
