@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .geometry import Grid
-from .io import read_image, read_labelmap, read_landmarks, write_json
+from .io import check_landmarks_inside, read_image, read_labelmap, read_landmarks, write_json
 from .metrics import dice_per_label, map_points, psnr, ssim, target_registration_error
 from .preprocessing import IntensityWindow
 from .progress import Reporter
@@ -43,6 +43,7 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
         rows[t]["dice"] = {str(k): v for k, v in dice.items()}
     for t, (points, reference_points) in pairs.items():
         field = _output(run, _entry(entries, t, landmarks), "displacement")
+        check_landmarks_inside(points, Grid.of(field), f"landmark at time {t:g}", f"the run's time-{t:g} grid")
         rows[t].update(target_registration_error(map_points(field, points), reference_points))
         rows[t]["tre_none"] = target_registration_error(points, reference_points)["tre_mean"]
     result = [r for r in rows.values() if len(r) > 1]

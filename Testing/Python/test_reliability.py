@@ -250,6 +250,15 @@ def test_bad_landmarks_are_refused_in_one_line(case, phantom, tmp_path):
     assert_one_line_error(result, *words)
 
 
+def test_evaluate_refuses_a_landmark_outside_the_image(trained, phantom, tmp_path):
+    series, _ = phantom
+    inside = list(series.images[0].TransformIndexToPhysicalPoint((12, 12, 8)))
+    path = _landmarks(tmp_path, [[1, *inside, *inside], [1, 5000, 5000, 5000, *inside]])
+    result = stnerp("evaluate", "--run", trained, "--landmarks", path)
+    assert_one_line_error(result, "number 2", "outside the run's time-1 grid")
+    assert not (trained / "evaluation.json").exists()
+
+
 def test_ground_truth_without_segmentation_is_refused(phantom, tmp_path):
     _, files = phantom
     result = stnerp(*train_args(files, tmp_path / "run"), "--ground-truth", files["labelmaps"][1], 1, *QUICK)
