@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import InputError
+
 STAGES = ("refnet", "defnet")
 """Training stages in order: Ref-Net (paper eq. 3), then Def-Net (eq. 6)."""
 
@@ -28,7 +30,7 @@ class Checkpoint:
     def __init__(self, path: Path, every: int):
         self.path = Path(path)
         self.every = every
-        self.saved = torch.load(self.path, weights_only=True) if self.path.exists() else None
+        self.saved = _load(self.path) if self.path.exists() else None
         self.modules: dict[str, nn.Module] = {}
         self._stop = False
 
@@ -86,6 +88,14 @@ class Checkpoint:
     def remove(self) -> None:
         """Delete the checkpoint once the model it led to is saved."""
         self.path.unlink(missing_ok=True)
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise InputError(f"checkpoint {path} is damaged ({type(error).__name__}): delete it to train the "
+                         "run from the start with --resume") from None
 
 
 def save_atomically(state: dict, path: Path) -> None:

@@ -391,6 +391,12 @@ def _kill_when(process: subprocess.Popen, stage: str, iteration: int) -> None:
     assert process.returncode == -signal.SIGKILL
 
 
+def _first_iteration(stdout: str, stage: str) -> int:
+    """The first iteration a run reported for `stage` (the first event of a stage is never skipped)."""
+    return next(e["iteration"] for e in map(json.loads, stdout.splitlines())
+                if e["event"] == "progress" and e["stage"] == stage)
+
+
 def _same_outputs(run: Path, other: Path) -> None:
     a, b = record(run), record(other)
     assert [p["time"] for p in a["time_points"]] == [p["time"] for p in b["time_points"]]
@@ -415,8 +421,9 @@ def test_kill_9_mid_def_net_then_resume_is_bit_identical(phantom, uninterrupted,
     assert_one_line_error(evaluated, "process is gone", "--resume")
     again = stnerp(*args)
     assert_one_line_error(again, "already holds a run", "--resume")
-    resumed = stnerp(*args, "--resume")
+    resumed = stnerp(*args, "--resume", "--json-events")
     assert resumed.returncode == 0, resumed.stderr
+    assert _first_iteration(resumed.stdout, "defnet") > 20            # continued, not restarted
     run = record(output)
     assert run["status"] == "complete" and len(run["resumed"]) == 1
     assert not (output / "checkpoint.pt").exists()
@@ -437,8 +444,9 @@ def test_sigterm_then_resume_is_bit_identical(phantom, uninterrupted, tmp_path):
     process.communicate(timeout=60)
     assert process.returncode == 130
     assert record(output)["status"] == "interrupted" and (output / "checkpoint.pt").exists()
-    resumed = stnerp(*args, "--resume")
+    resumed = stnerp(*args, "--resume", "--json-events")
     assert resumed.returncode == 0, resumed.stderr
+    assert _first_iteration(resumed.stdout, "defnet") > 5              # from the checkpoint of the signal
     _same_outputs(output, uninterrupted)
 
 
@@ -523,3 +531,22 @@ def test_ssim_in_slabs_equals_the_whole_volume_at_once(slab):
     b = a + rng.normal(0, 0.2, a.shape)
     whole = ssim(a, b, slab=100)
     assert ssim(a, b, slab=slab) == pytest.approx(whole, rel=1e-12) and 0.1 < whole < 0.9
+
+
+def test_kill_9_mid_ref_net_then_resume_is_bit_identical(phantom, tmp_path):
+    _, files = phantom
+    args = ["--prior", "refnet", "--iterations", "40", "--checkpoint-every", "5"]
+    whole = stnerp(*train_args(files, tmp_path / "whole", order=[1, 2]), *args)
+    assert whole.returncode == 0, whole.stderr
+    output = tmp_path / "killed"
+    _kill_when(start(*train_args(files, output, order=[1, 2]), *args, "--json-events"), "refnet", 15)
+    assert torch_load_stage(output / "checkpoint.pt") == "refnet"
+    resumed = stnerp(*train_args(files, output, order=[1, 2]), *args, "--resume", "--json-events")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _first_iteration(resumed.stdout, "refnet") > 10
+    _same_outputs(output, tmp_path / "whole")
+
+
+def torch_load_stage(path: Path) -> str:
+    import torch
+    return torch.load(path, weights_only=True)["stage"]
