@@ -18,10 +18,13 @@ from .record import RunRecord
 
 
 def demo_series(longitudinal: bool, size: tuple[int, int, int]) -> tuple[PhantomSeries, int]:
-    """The phantom series and the index of the time point held out of training."""
+    """The phantom series and the index of the time point held out of training. Whatever the size
+    (voxels per axis), the field of view is the default one (96 x 96 x 64 voxels of 3 x 3 x 4 mm):
+    the spacing scales, so the tumour and every organ stay in view."""
+    spacing = tuple(d * n / s for d, n, s in zip((3.0, 3.0, 4.0), (96, 96, 64), size))
     if longitudinal:
-        return longitudinal_series(size=size), 2
-    return breathing_series(size=size), 3
+        return longitudinal_series(size=size, spacing=spacing), 2
+    return breathing_series(size=size, spacing=spacing), 3
 
 
 def run_demo(folder: Path, series: PhantomSeries, held_out: int, preset: Preset,

@@ -91,7 +91,8 @@ def parser() -> argparse.ArgumentParser:
     demo = _command(commands, "demo", _demo, "run the whole pipeline on the built-in phantom and print metrics")
     demo.add_argument("--preset", choices=sorted(PRESETS), default="default")
     demo.add_argument("--iterations", type=int, metavar="N")
-    demo.add_argument("--size", nargs=3, type=int, default=[96, 96, 64], metavar=("X", "Y", "Z"))
+    demo.add_argument("--size", nargs=3, type=int, default=[96, 96, 64], metavar=("X", "Y", "Z"),
+                      help="voxels per axis (the field of view stays the same: the spacing scales)")
     demo.add_argument("--longitudinal", action="store_true", help="the shrinking-tumour fractions instead of breathing")
     evaluate = _command(commands, "evaluate", _evaluate, "compare a run's outputs with ground truth")
     evaluate.add_argument("--run", required=True, type=Path, metavar="DIR")

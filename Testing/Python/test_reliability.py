@@ -550,3 +550,12 @@ def test_kill_9_mid_ref_net_then_resume_is_bit_identical(phantom, tmp_path):
 def torch_load_stage(path: Path) -> str:
     import torch
     return torch.load(path, weights_only=True)["stage"]
+
+
+def test_demo_at_a_small_size_keeps_the_tumour_in_view(tmp_path):
+    result = stnerp("demo", "--size", 24, 24, 16, "--iterations", 10, "--output", tmp_path / "demo")
+    assert result.returncode == 0, result.stderr
+    run = record(tmp_path / "demo" / "run")
+    assert run["status"] == "complete"
+    assert all("1" in p["metrics"]["dice"] for p in run["time_points"] if p["metrics"]["dice"])
+    assert "tumour Dice" in result.stderr
