@@ -208,11 +208,17 @@ def _extent(image: sitk.Image) -> str:
     return " x ".join(f"[{a:.0f}, {b:.0f}]" for a, b in zip(low, high))
 
 
-def check_query_times(times: list[float], time_range: tuple[float, float], reporter: Reporter) -> None:
-    """Refuse a time that is not finite or lies more than EXTRAPOLATION_LIMIT times the scanned
-    span outside the scanned range; warn (stderr) about each time outside the scanned range."""
+def check_query_times(times: list[float], time_range: tuple[float, float], reporter: Reporter,
+                      scanned: list[float] = ()) -> None:
+    """Refuse a time that is not finite, lies more than EXTRAPOLATION_LIMIT times the scanned span
+    outside the scanned range, is asked twice or is a `scanned` time (written anyway; its folder
+    would be overwritten); warn (stderr) about each time outside the scanned range."""
     low, high = time_range
     span = high - low
+    repeated = [t for k, t in enumerate(times) if t in times[:k] or t in scanned]
+    if repeated:
+        raise InputError(f"time {repeated[0]:g} is asked for twice, or is a scanned time (whose outputs are "
+                         "written anyway): give each time once")
     for t in times:
         if not math.isfinite(t):
             raise InputError(f"time {t} is not a finite number: give each time as a number (phase or days)")
@@ -255,7 +261,7 @@ def run_training(series: Series, options: Options, folder: Path, reporter: Repor
     """
     record = record or RunRecord(folder, "train", {}, options.to_dict())
     times = [t for t, _ in series.images]
-    check_query_times(list(predict_times), (min(times), max(times)), reporter)
+    check_query_times(list(predict_times), (min(times), max(times)), reporter, times)
     device = pick_device(options.device)
     record.set(device=str(device), threads=torch.get_num_threads())
     if options.scheme == "short":

@@ -146,6 +146,9 @@ def test_read_only_output_folder_gives_one_line(phantom, tmp_path):
     (["--predict-times", "inf"], ["not a finite number"]),
     (["--predict-times", "1e6"], ["time 1e+06", "spans"]),
     (["--predict-times", "-1e300"], ["spans"]),
+    (["--predict-times", "1.5", "2"], ["time 2", "scanned time"]),
+    (["--predict-times", "1.5", "1.5"], ["time 1.5", "twice"]),
+    (["--reference-time", "nan"], ["not a finite number"]),
 ])
 def test_train_refuses_bad_numbers(extra, words, phantom, tmp_path):
     _, files = phantom
@@ -157,7 +160,8 @@ def test_train_refuses_bad_numbers(extra, words, phantom, tmp_path):
 
 
 @pytest.mark.parametrize("times, words", [(["nan"], ["not a finite number"]), (["inf"], ["not a finite number"]),
-                                          (["1e300"], ["spans"]), (["2", "-1e6"], ["time -1e+06", "spans"])])
+                                          (["1e300"], ["spans"]), (["2", "-1e6"], ["time -1e+06", "spans"]),
+                                          (["2.5", "2.5"], ["time 2.5", "twice"])])
 def test_predict_refuses_non_finite_and_far_times(times, words, trained, tmp_path):
     result = stnerp("predict", "--run", trained, "--times", *times, "--output", tmp_path / "p")
     assert_one_line_error(result, *words)
