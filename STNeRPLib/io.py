@@ -93,18 +93,20 @@ def check_landmarks_inside(points: np.ndarray, grid: Grid, what: str, image: str
 
 
 def file_sha256(path: str | Path) -> str | None:
-    """SHA-256 of a file, or of a folder's files (names and contents, in name order); None if absent."""
+    """SHA-256 of a file, or of the files directly in a folder (a DICOM series: names and contents,
+    in name order); None if it is absent or cannot be read (reading it reports why)."""
     path = Path(path)
-    if not path.exists():
+    try:
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        digest = hashlib.sha256()
+        for file in files:
+            if path.is_dir():
+                digest.update(file.name.encode())
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    except OSError:
         return None
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
     return digest.hexdigest()
 
 

@@ -563,3 +563,15 @@ def test_demo_at_a_small_size_keeps_the_tumour_in_view(tmp_path):
     assert run["status"] == "complete"
     assert all("1" in p["metrics"]["dice"] for p in run["time_points"] if p["metrics"]["dice"])
     assert "tumour Dice" in result.stderr
+
+
+def test_folder_checksum_covers_its_files_and_not_subfolders(tmp_path):
+    from STNeRPLib.io import file_sha256
+    (tmp_path / "a.dcm").write_bytes(b"one")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.dcm").write_bytes(b"two")
+    before = file_sha256(tmp_path)
+    (tmp_path / "sub" / "b.dcm").write_bytes(b"changed")
+    assert file_sha256(tmp_path) == before
+    (tmp_path / "a.dcm").write_bytes(b"changed")
+    assert file_sha256(tmp_path) != before and file_sha256(tmp_path / "absent") is None
