@@ -140,12 +140,13 @@ def _read_record(folder: Path) -> dict | None:
         return None
 
 
-def start_over(folder: Path) -> None:
-    """Clear this tool's unfinished run so the series trains again from its start.
-
-    The one place where an interrupted run would instead be resumed, once the engine can
-    (train --resume); run_state has checked that the folder holds only this tool's run."""
-    shutil.rmtree(folder)
+def continue_or_start_over(series: argparse.Namespace) -> None:
+    """An unfinished run of this tool (interrupted, failed, or killed with its worker) continues
+    from its checkpoint (train --resume); a short-range run cannot, and trains again from its start
+    (run_state has checked that the folder holds only this tool's run)."""
+    series.resume = series.scheme != "short"
+    if not series.resume:
+        shutil.rmtree(series.output)
 
 
 def run_series(patient: str, series: argparse.Namespace) -> dict:
@@ -161,7 +162,7 @@ def run_series(patient: str, series: argparse.Namespace) -> dict:
         if state == "complete":
             return summary_entry(patient, series.output, skipped=True)
         if state == "unfinished":
-            start_over(series.output)
+            continue_or_start_over(series)
     except InputError as error:
         return failed_entry(patient, str(error))
     events = PatientEvents(patient, lambda event: worker.log_event(EVENT_TOPIC, event))

@@ -90,7 +90,10 @@ REPORT_FOLDER = "report"
 REPORT_PAGE = f"{REPORT_FOLDER}/index.html"
 #: what else a run writes at the top of its folder: the model, the metrics table, the training losses
 MODEL_FILE, METRICS_FILE, LOSSES_FILE = "model.pt", "metrics.csv", "losses.csv"
-RUN_FILES = (RUN_FILE, RUN_FILE + ".tmp", MODEL_FILE, METRICS_FILE, LOSSES_FILE)
+#: the training checkpoint, while a run is unfinished (train --resume continues from it)
+CHECKPOINT_FILE = "checkpoint.pt"
+RUN_FILES = (RUN_FILE, RUN_FILE + ".tmp", MODEL_FILE, METRICS_FILE, LOSSES_FILE, CHECKPOINT_FILE,
+             CHECKPOINT_FILE + ".tmp")
 
 
 def holds_only_a_run(folder: str | os.PathLike) -> bool:

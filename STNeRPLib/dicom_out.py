@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from .contract import is_complete, time_point_folder
 from .errors import InputError
-from .evaluation import load_record
+from .record import load_record
 from .report import FOCUS, structure_names
 
 TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",

@@ -9,21 +9,12 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .geometry import Grid
-from .contract import STATUS_COMPLETE, read_run, write_json
-from .io import read_image, read_labelmap, read_landmarks
+from .contract import write_json
+from .io import check_landmarks_inside, read_image, read_labelmap, read_landmarks
 from .metrics import dice_per_label, map_points, psnr, ssim, target_registration_error
 from .preprocessing import IntensityWindow
 from .progress import Reporter
-
-
-def load_record(run: Path) -> dict:
-    """The run.json of a run folder."""
-    try:
-        return read_run(run)
-    except FileNotFoundError:
-        raise InputError(f"{run} holds no run.json: give the output folder of a stnerp run") from None
-    except (OSError, ValueError) as error:
-        raise InputError(f"the run.json of {run} cannot be read ({error}): give a stnerp run folder") from None
+from .record import load_record, require_complete
 
 
 def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[tuple[str, float]],
@@ -32,8 +23,7 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
     into the run folder, prints a table and returns the rows."""
     run = Path(run)
     record = load_record(run)
-    if record.get("status") != STATUS_COMPLETE:
-        raise InputError(f"run {run} is {record['status']}, not complete: evaluate a complete run")
+    require_complete(run, record)
     entries = {float(e["time"]): e for e in record["time_points"]}
     window = IntensityWindow(*record["intensity_window"])
     pairs = read_landmarks(landmarks) if landmarks else {}
@@ -54,12 +44,24 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
         rows[t]["dice"] = {str(k): v for k, v in dice.items()}
     for t, (points, reference_points) in pairs.items():
         field = _output(run, _entry(entries, t, landmarks), "displacement")
+        check_landmarks_inside(points, Grid.of(field), f"landmark at time {t:g}", f"the run's time-{t:g} grid")
         rows[t].update(target_registration_error(map_points(field, points), reference_points))
         rows[t]["tre_none"] = target_registration_error(points, reference_points)["tre_mean"]
     result = [r for r in rows.values() if len(r) > 1]
-    write_json({"run": str(run), "rows": result}, run / "evaluation.json")
+    path = _new_evaluation_path(run)
+    write_json({"run": str(run), "rows": result}, path)
     reporter.message(format_table(result))
+    reporter.message(f"evaluation written to {path}")
     return result
+
+
+def _new_evaluation_path(run: Path) -> Path:
+    """evaluation.json, or evaluation-2.json, -3, ... when evaluated before: never overwritten."""
+    path, number = run / "evaluation.json", 1
+    while path.exists():
+        number += 1
+        path = run / f"evaluation-{number}.json"
+    return path
 
 
 def format_table(rows: list[dict]) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,9 @@ def read_image(path: str | Path, what: str) -> sitk.Image:
     if not np.isfinite(array).all():
         raise InputError(f"{what} {path} contains NaN or infinite voxels: fill them (e.g. with the "
                          "background value) before registering")
+    if array.min() == array.max():
+        raise InputError(f"{what} {path} is constant (every voxel is {float(array.min()):g}): there is "
+                         "nothing to register; give the real scan")
     return sitk.Cast(image, sitk.sitkFloat32)
 
 
@@ -55,21 +59,57 @@ def read_landmarks(path: str | Path) -> dict[float, tuple[np.ndarray, np.ndarray
     path = Path(path)
     if not path.is_file():
         raise InputError(f"landmark file not found: {path}: check the path")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in LANDMARK_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise InputError(f"landmark file {path} lacks the columns {', '.join(missing)}: "
-                             f"its header must be {','.join(LANDMARK_COLUMNS)} (LPS mm)")
-        try:
-            rows = [[float(row[c]) for c in LANDMARK_COLUMNS] for row in reader]
-        except (TypeError, ValueError):
-            raise InputError(f"landmark file {path} has a row that is not all numbers") from None
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in LANDMARK_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(f"landmark file {path} lacks the columns {', '.join(missing)}: "
+                                 f"its header must be {','.join(LANDMARK_COLUMNS)} (LPS mm)")
+            try:
+                rows = [[float(row[c]) for c in LANDMARK_COLUMNS] for row in reader]
+            except (TypeError, ValueError):
+                raise InputError(f"landmark file {path} has a row that is not all numbers") from None
+    except UnicodeDecodeError:
+        raise InputError(f"landmark file {path} is not a text (CSV) file: give a CSV with the header "
+                         f"{','.join(LANDMARK_COLUMNS)}") from None
     if not rows:
         raise InputError(f"landmark file {path} has no landmarks")
     table = np.asarray(rows)
+    if not np.isfinite(table).all():
+        row = int(np.flatnonzero(~np.isfinite(table).all(axis=1))[0]) + 1
+        raise InputError(f"landmark file {path} has a value that is not finite (NaN or inf) in landmark row "
+                         f"{row}: give every coordinate as a number or delete the row")
     return {float(t): (table[table[:, 0] == t, 1:4], table[table[:, 0] == t, 4:7])
             for t in np.unique(table[:, 0])}
+
+
+def check_landmarks_inside(points: np.ndarray, grid: Grid, what: str, image: str) -> None:
+    """Refuse landmarks (N, 3, LPS mm) that lie outside the grid's voxel-centre box (half a voxel of slack)."""
+    index = grid.to_index(points)
+    outside = np.flatnonzero(((index < -0.5) | (index > np.asarray(grid.size) - 0.5)).any(axis=1))
+    if outside.size:
+        p = points[outside[0]]
+        raise InputError(f"{what} number {outside[0] + 1} ({p[0]:g}, {p[1]:g}, {p[2]:g}) mm lies outside "
+                         f"{image} ({outside.size} of {len(points)} do): check its coordinates (LPS mm)")
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """SHA-256 of a file, or of the files directly in a folder (a DICOM series: names and contents,
+    in name order); None if it is absent or cannot be read (reading it reports why)."""
+    path = Path(path)
+    try:
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        digest = hashlib.sha256()
+        for file in files:
+            if path.is_dir():
+                digest.update(file.name.encode())
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def write_image(image: sitk.Image, path: Path) -> None:

@@ -41,22 +41,39 @@ def psnr(
     return float(10.0 * np.log10(data_range**2 / mse))
 
 
-def ssim(image: np.ndarray, reference: np.ndarray, data_range: float = 1.0) -> float:
+def ssim(image: np.ndarray, reference: np.ndarray, data_range: float = 1.0, slab: int | None = None) -> float:
     """Mean structural similarity (Wang et al. 2004) of a 2-D or 3-D array pair.
 
     Gaussian window with sigma 1.5 voxels (truncated at 3.5 sigma, reflective borders),
     K1 = 0.01, K2 = 0.03, population covariances; the mean excludes a border strip of the
     window radius. Matches ``skimage.metrics.structural_similarity(..., gaussian_weights=True,
-    sigma=1.5, use_sample_covariance=False, data_range=data_range)``.
+    sigma=1.5, use_sample_covariance=False, data_range=data_range)``. Computed in slabs of
+    `slab` planes along the first axis (default: about SSIM_SLAB_VOXELS voxels each, with a halo
+    of the window radius: the same local values as at once) so memory stays bounded.
     """
-    x = np.asarray(image, dtype=np.float64)
-    y = np.asarray(reference, dtype=np.float64)
-    if x.shape != y.shape:
-        raise ValueError(f"shape mismatch: {x.shape} vs {y.shape}")
+    if np.shape(image) != np.shape(reference):
+        raise ValueError(f"shape mismatch: {np.shape(image)} vs {np.shape(reference)}")
+    shape = np.shape(image)
     pad = int(_SSIM_TRUNCATE * _SSIM_SIGMA + 0.5)
-    if min(x.shape) < 2 * pad + 1:
-        raise ValueError(f"every axis must have at least {2 * pad + 1} voxels, got {x.shape}")
+    if min(shape) < 2 * pad + 1:
+        raise ValueError(f"every axis must have at least {2 * pad + 1} voxels, got {shape}")
+    slab = slab or max(1, SSIM_SLAB_VOXELS // int(np.prod(shape[1:])))
+    total, count = 0.0, 0
+    for a in range(pad, shape[0] - pad, slab):
+        b = min(a + slab, shape[0] - pad)
+        local = _ssim_map(np.asarray(image[a - pad:b + pad], dtype=np.float64),
+                          np.asarray(reference[a - pad:b + pad], dtype=np.float64), data_range)
+        interior = local[(slice(pad, pad + b - a),) + tuple(slice(pad, n - pad) for n in shape[1:])]
+        total += float(interior.sum())
+        count += interior.size
+    return total / count
 
+
+SSIM_SLAB_VOXELS = 1 << 20
+
+
+def _ssim_map(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
+    """Local SSIM of every voxel of x and y (reflective borders)."""
     def smooth(a: np.ndarray) -> np.ndarray:
         return ndimage.gaussian_filter(a, sigma=_SSIM_SIGMA, truncate=_SSIM_TRUNCATE, mode="reflect")
 
@@ -66,9 +83,7 @@ def ssim(image: np.ndarray, reference: np.ndarray, data_range: float = 1.0) -> f
     vxy = smooth(x * y) - mx * my
     c1 = (_SSIM_K1 * data_range) ** 2
     c2 = (_SSIM_K2 * data_range) ** 2
-    s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    interior = tuple(slice(pad, n - pad) for n in s.shape)
-    return float(s[interior].mean())
+    return ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
 
 
 def dice_per_label(
@@ -95,24 +110,35 @@ def dice_per_label(
     return scores
 
 
-def jacobian_determinant(displacement: sitk.Image) -> sitk.Image:
-    """Jacobian determinant det(I + du/dx) of the map x -> x + u(x).
+def jacobian_determinant(displacement: sitk.Image, slab: int | None = None) -> sitk.Image:
+    """Jacobian determinant det(I + du/dx) of the map x -> x + u(x) (3-D).
 
     Derivatives are taken in physical space (mm), honouring spacing and direction:
     du/dx = (du/di) S^-1 D^T with D the direction matrix and S = diag(spacing); central
-    differences inside the grid, one-sided at its borders. Returns a float32 scalar image
-    with the geometry of ``displacement``.
+    differences inside the grid, one-sided at its borders. Computed in slabs of `slab` slices
+    (default: about JACOBIAN_SLAB_VOXELS voxels each, with a one-slice halo: the same numbers as
+    at once) so memory stays bounded. Returns a float32 scalar image with the geometry of
+    ``displacement``.
     """
-    dim = displacement.GetDimension()
-    u = sitk.GetArrayViewFromImage(displacement).astype(np.float64)  # [z, y, x, component]
-    # grad[..., c, a] = d u_c / d index_a, index axes a = (i, j, k) are array axes reversed.
-    grad = np.stack(np.gradient(u, axis=tuple(range(dim - 1, -1, -1))), axis=-1)
-    direction = np.asarray(displacement.GetDirection()).reshape(dim, dim)
+    u = sitk.GetArrayViewFromImage(displacement)  # [z, y, x, component], not copied
+    depth = u.shape[0]
+    slab = slab or max(1, JACOBIAN_SLAB_VOXELS // (u.shape[1] * u.shape[2]))
+    direction = np.asarray(displacement.GetDirection()).reshape(3, 3)
     index_per_mm = np.diag(1.0 / np.asarray(displacement.GetSpacing())) @ direction.T
-    jacobian = np.eye(dim) + grad @ index_per_mm
-    out = sitk.GetImageFromArray(np.linalg.det(jacobian).astype(np.float32))
+    determinant = np.empty(u.shape[:3], dtype=np.float32)
+    for z0 in range(0, depth, slab):
+        z1 = min(z0 + slab, depth)
+        low, high = max(z0 - 1, 0), min(z1 + 1, depth)
+        part = u[low:high].astype(np.float64)
+        # grad[..., c, a] = d u_c / d index_a, index axes a = (i, j, k) are array axes reversed.
+        grad = np.stack(np.gradient(part, axis=(2, 1, 0)), axis=-1)
+        determinant[z0:z1] = np.linalg.det(np.eye(3) + grad @ index_per_mm)[z0 - low:z1 - low]
+    out = sitk.GetImageFromArray(determinant)
     out.CopyInformation(displacement)
     return out
+
+
+JACOBIAN_SLAB_VOXELS = 1 << 18
 
 
 def folding_statistics(jacobian: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float | int]:

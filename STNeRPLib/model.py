@@ -3,12 +3,15 @@ the propagated labelmap at any time, saved to and loaded from one file."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .checkpoint import save_atomically
 from .deformation import Deformation
+from .errors import InputError
 from .geometry import Grid
 from .networks import RefNet
 from .preprocessing import IntensityWindow
@@ -66,7 +69,8 @@ class SeriesModel:
             return self.deformation.displacement([self.normalised_time(t)], chunk=65536, inverse=inverse)
 
     def save(self, path) -> None:
-        torch.save({
+        """Write the model atomically (a reader sees the old file or the whole new one)."""
+        save_atomically({
             "preset": self.preset.to_dict(), "grid": self.grid.to_dict(),
             "reference_time": self.reference_time, "time_range": list(self.time_range),
             "window": [self.window.low, self.window.high], "prior_kind": self.prior_kind,
@@ -78,11 +82,17 @@ class SeriesModel:
             "follow_ups": [[t, torch.from_numpy(a)] for t, a in self.follow_ups.items()],
             "views": [[t, torch.from_numpy(a)] for t, a in self.views.items()],
             "labelmap": torch.from_numpy(self.labelmap.astype(np.int32)) if self.labelmap is not None else None,
-        }, path)
+        }, Path(path))
 
     @classmethod
     def load(cls, path, device: torch.device) -> "SeriesModel":
-        data = torch.load(path, map_location=device, weights_only=True)
+        """The model saved at `path`; InputError when the file is missing or damaged."""
+        try:
+            data = torch.load(path, map_location=device, weights_only=True)
+        except FileNotFoundError:
+            raise InputError(f"model file not found: {path}: give the folder of a complete training run") from None
+        except Exception as error:  # torch raises many types for a damaged file
+            raise InputError(f"model file {path} is damaged ({type(error).__name__}): train the run again") from None
         preset = Preset(**data["preset"])
         generator = torch.Generator().manual_seed(0)  # every random buffer is overwritten by the state
         deformation = Deformation(preset, tuple(data["velocity_shape"]), data["pairwise_times"], generator)

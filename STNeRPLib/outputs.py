@@ -46,7 +46,7 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
     (reference -> time t, on the reference grid) at one time, with their metrics."""
     warped = warp(model, point.time, point.grid, point.prealignment)
     name = time_point_folder(point.time)
-    field_image = point.grid.image(warped.displacement.astype(np.float64), vector=True)
+    field_image = point.grid.image(warped.displacement, vector=True)      # float32: as computed
     jacobian = jacobian_determinant(field_image)
     files = {"displacement": f"{name}/displacement.nrrd", "jacobian": f"{name}/jacobian.nrrd",
              "image": f"{name}/image.nrrd", "inverse_displacement": f"{name}/inverse_displacement.nrrd",
@@ -58,7 +58,7 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
         write_image(point.grid.image(warped.labelmap.astype(np.uint16)), folder / files["labelmap"])
     metrics = time_point_metrics(model, point, warped, field_image, jacobian, series)
     inverse = inverse_displacement(model, point.time, point.prealignment)
-    write_image(model.grid.image(inverse.astype(np.float64), vector=True), folder / files["inverse_displacement"])
+    write_image(model.grid.image(inverse.astype(np.float32), vector=True), folder / files["inverse_displacement"])
     entry = {"time": point.time, "scanned": point.image is not None, **files,
              "image_sources": warped.image_sources, "metrics": metrics,
              "prealignment": point.prealignment.tolist() if point.prealignment is not None else None}
@@ -85,14 +85,19 @@ def time_point_metrics(model: SeriesModel, point: TimePoint, warped, field_image
 
 
 def write_metrics_table(entries: list[dict], path: Path) -> None:
-    """metrics.csv: one row per time point; Dice columns per label."""
+    """metrics.csv: one row per time point; Dice columns per label. Column names carry their units
+    (psnr_db, tre_*_mm); the run.json metrics keys are the names without them."""
     labels = sorted({label for e in entries for label in e["metrics"]["dice"]}, key=int)
-    columns = ["time", "scanned", "folded_voxels", "jacobian_min", "jacobian_max", "psnr", "ssim",
-               "tre_mean", "tre_std", "tre_max"] + [f"dice_{label}" for label in labels]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(columns)
+        writer.writerow(["time", "scanned"] + [f"{key}{unit}" for key, unit in METRIC_UNITS.items()]
+                        + [f"dice_{label}" for label in labels])
         for e in entries:
             m = e["metrics"]
-            row = [e["time"], e["scanned"]] + [m[c] for c in columns[2:10]]
+            row = [e["time"], e["scanned"]] + [m[key] for key in METRIC_UNITS]
             writer.writerow(row + [m["dice"].get(label) for label in labels])
+
+
+METRIC_UNITS = {"folded_voxels": "", "jacobian_min": "", "jacobian_max": "", "psnr": "_db", "ssim": "",
+                "tre_mean": "_mm", "tre_std": "_mm", "tre_max": "_mm"}
+"""metrics.csv columns after time and scanned: run.json metric key -> unit suffix of the column name."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -10,11 +11,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .contract import time_point_folder
+from .checkpoint import Checkpoint
 from .deformation import Deformation
 from .errors import InputError
 from .geometry import Grid
-from .io import read_image, read_labelmap, read_landmarks
+from .io import check_landmarks_inside, read_image, read_labelmap, read_landmarks
 from .metrics import map_points, target_registration_error
 from .model import SeriesModel, new_ref_net, normalise_time
 from .preprocessing import IntensityWindow, affine_prealignment, inside_field_of_view, onto_grid
@@ -78,14 +79,18 @@ class Options:
 def load_series(reference: str, reference_time: float, follow_ups: list[tuple[str, float]],
                 segmentation: str | None = None, landmarks: str | None = None,
                 ground_truth: list[tuple[str, float]] = ()) -> Series:
-    """Read and check every input; raises InputError with a one-line message on bad input."""
+    """Read and check every input; raises InputError with a one-line message on bad input.
+    Follow-ups are kept in time order, whatever order they were given in."""
     if not follow_ups:
         raise InputError("only one time point was given: give at least one follow-up image with "
                          "its time (--follow-up PATH TIME)")
     times = [reference_time] + [t for _, t in follow_ups]
     _check_times(times)
+    if ground_truth and not segmentation:
+        raise InputError("--ground-truth needs --segmentation: Dice compares the propagated reference "
+                         "segmentation with it; give the reference labelmap too")
     series = Series(read_image(reference, "reference image"), reference_time,
-                    [(t, read_image(p, f"follow-up image at time {t:g}")) for p, t in follow_ups])
+                    [(t, read_image(p, f"follow-up image at time {t:g}")) for p, t in sorted(follow_ups, key=lambda f: f[1])])
     scanned = dict(series.images)
     if segmentation:
         series.segmentation = read_labelmap(segmentation, Grid.of(series.reference), "segmentation")
@@ -95,6 +100,10 @@ def load_series(reference: str, reference_time: float, follow_ups: list[tuple[st
         if unknown:
             raise InputError(f"landmarks are given at time {unknown[0]:g}, which is not a scanned time: "
                              "use the times of the images")
+        for t, (points, reference_points) in series.landmarks.items():
+            check_landmarks_inside(points, Grid.of(scanned[t]), f"landmark at time {t:g}", f"the time-{t:g} image")
+            check_landmarks_inside(reference_points, Grid.of(series.reference), f"landmark at time {t:g}",
+                                   "the reference image (ref_x, ref_y, ref_z)")
     for path, t in ground_truth:
         if t not in scanned:
             raise InputError(f"ground-truth labelmap {path} is at time {t:g}, which is not a scanned "
@@ -107,11 +116,13 @@ def _check_times(times: list[float]) -> None:
     """Every time finite, and no two times writing into one output folder."""
     if not all(math.isfinite(t) for t in times):
         raise InputError("a time value is not a finite number: give each image a number (phase or days)")
-    folders = [time_point_folder(t) for t in times]
-    if len(set(folders)) != len(folders):
-        duplicate = next(t for t, f in zip(times, folders) if folders.count(f) > 1)
-        raise InputError(f"time {duplicate!r} is given more than once (images and --predict-times "
-                         "together): give every image and prediction its own time")
+    if not math.isfinite(max(times) - min(times)):
+        raise InputError(f"the times span {min(times):g} to {max(times):g}, too wide to compute with: "
+                         "give times in smaller units")
+    if len(set(times)) != len(times):
+        duplicate = next(t for t in times if times.count(t) > 1)
+        raise InputError(f"time {duplicate:g} is given to more than one image: give every image its "
+                         "own time")
 
 
 def pick_device(name: str) -> torch.device:
@@ -125,12 +136,14 @@ def pick_device(name: str) -> torch.device:
 
 def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[float, sitk.Image]],
         segmentation: sitk.Image | None, options: Options, reporter: Reporter,
-        losses: list[tuple[str, int, float]] | None = None) -> tuple[SeriesModel, dict[float, np.ndarray]]:
+        losses: list[tuple[str, int, float]] | None = None, checkpoint: Checkpoint | None = None
+        ) -> tuple[SeriesModel, dict[float, np.ndarray]]:
     """Fit Ref-Net (or take the image as prior) and Def-Net to a series.
 
     Returns the model and, per follow-up time, the 4x4 affine pre-alignment (reference points ->
     time-t image points) through which that image was resampled, if any. `losses`, if given,
-    receives (stage, iteration, loss) of every training iteration.
+    receives (stage, iteration, loss) of every training iteration. With a checkpoint, training
+    starts from its state, saves into it and holds SIGINT/SIGTERM to the iteration's end.
     """
     progress = reporter.progress if losses is None else _logged(reporter.progress, losses)
     device = pick_device(options.device)
@@ -155,6 +168,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
         resampled = sitk.GetArrayFromImage(onto_grid(image, reference, transform, background))
         scans[t] = resampled
         inside = inside_field_of_view(image, reference, transform)
+        _check_overlap(inside, t, image, reference)
         if not inside.all():
             views[t] = inside
         targets.append(Target(normalise_time(t, time_range), _tensor(window.normalise(resampled), device),
@@ -162,18 +176,19 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     reference_volume = _tensor(window.normalise(reference_array), device)
     targets.insert(0, Target(normalise_time(reference_time, time_range), reference_volume))
 
-    ref_net = None
-    if options.prior == "refnet":
-        ref_net = new_ref_net(preset, generator).to(device)
-        fit_reference(ref_net, reference_volume, preset, progress, generator)
-        ref_net.requires_grad_(False)
-    prior = ref_net
-    if options.prior_is_volume:
-        volume = reference_volume if ref_net is None else evaluate_on_grid(ref_net, reference_volume.shape)
-        prior = ImagePrior(volume, preset.prior_interpolation)
-    pairwise = None if options.temporal else [target.time for target in targets]
-    deformation = Deformation(preset, velocity_shape(grid, preset), pairwise, generator).to(device)
-    fit_deformation(deformation, prior, targets, preset, progress, generator)
+    with checkpoint.holding_signals() if checkpoint is not None else nullcontext():
+        ref_net = None
+        if options.prior == "refnet":
+            ref_net = new_ref_net(preset, generator).to(device)
+            fit_reference(ref_net, reference_volume, preset, progress, generator, checkpoint)
+            ref_net.requires_grad_(False)
+        prior = ref_net
+        if options.prior_is_volume:
+            volume = reference_volume if ref_net is None else evaluate_on_grid(ref_net, reference_volume.shape)
+            prior = ImagePrior(volume, preset.prior_interpolation)
+        pairwise = None if options.temporal else [target.time for target in targets]
+        deformation = Deformation(preset, velocity_shape(grid, preset), pairwise, generator).to(device)
+        fit_deformation(deformation, prior, targets, preset, progress, generator, checkpoint)
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
     model = SeriesModel(preset, grid, reference_time, time_range, window, options.prior, deformation,
                         ref_net, reference_array, scans, views, labelmap)
@@ -196,6 +211,52 @@ def write_losses(losses: list[tuple[str, int, float]], path: Path) -> None:
         writer.writerows(losses)
 
 
+def _check_overlap(inside: np.ndarray, t: float, image: sitk.Image, reference: sitk.Image) -> None:
+    """Refuse a follow-up that covers no voxel of the reference grid (nothing to register)."""
+    if inside.any():
+        return
+    raise InputError(f"the follow-up image at time {t:g} does not overlap the reference in space: it spans "
+                     f"{_extent(image)} mm, the reference {_extent(reference)} mm (LPS); check their origins "
+                     "or use --prealign affine")
+
+
+def _extent(image: sitk.Image) -> str:
+    """The image's voxel-centre bounding box in LPS mm, as text."""
+    grid = Grid.of(image)
+    corners = grid.to_physical(np.array([[i, j, k] for i in (0, grid.size[0] - 1) for j in (0, grid.size[1] - 1)
+                                         for k in (0, grid.size[2] - 1)], dtype=float))
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    return " x ".join(f"[{a:.0f}, {b:.0f}]" for a, b in zip(low, high))
+
+
+def check_query_times(times: list[float], time_range: tuple[float, float], reporter: Reporter,
+                      scanned: list[float] = ()) -> None:
+    """Refuse a time that is not finite, lies more than EXTRAPOLATION_LIMIT times the scanned span
+    outside the scanned range, is asked twice or is a `scanned` time (written anyway; its folder
+    would be overwritten); warn (stderr) about each time outside the scanned range."""
+    low, high = time_range
+    span = high - low
+    repeated = [t for k, t in enumerate(times) if t in times[:k] or t in scanned]
+    if repeated:
+        raise InputError(f"time {repeated[0]:g} is asked for twice, or is a scanned time (whose outputs are "
+                         "written anyway): give each time once")
+    for t in times:
+        if not math.isfinite(t):
+            raise InputError(f"time {t} is not a finite number: give each time as a number (phase or days)")
+        outside = max(low - t, t - high, 0.0)
+        if outside > EXTRAPOLATION_LIMIT * span:
+            raise InputError(f"time {t:g} is {outside / span:.3g} scanned spans outside the scanned times "
+                             f"{low:g}..{high:g}; at most {EXTRAPOLATION_LIMIT:g} spans are allowed: give a "
+                             f"time within {low - EXTRAPOLATION_LIMIT * span:g}..{high + EXTRAPOLATION_LIMIT * span:g}")
+        if outside > 0:
+            reporter.message(f"warning: time {t:g} is outside the scanned times {low:g}..{high:g} "
+                             f"({outside / span:.3g} spans): the model extrapolates there")
+
+
+EXTRAPOLATION_LIMIT = 10.0
+"""How far outside the scanned times a prediction may go, in scanned spans (last - first time)."""
+
+
 def velocity_shape(grid: Grid, preset: Preset) -> tuple[int, int, int]:
     """(D, H, W) of the velocity grid: the image grid, or about velocity_spacing mm apart (>= 4 points)."""
     if preset.velocity_spacing <= 0:
@@ -210,17 +271,28 @@ def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def run_training(series: Series, options: Options, folder: Path, reporter: Reporter,
-                 predict_times: list[float] = (), record: RunRecord | None = None) -> RunRecord:
-    """Fit the series and write every output into `folder`; the record ends 'complete'."""
+                 predict_times: list[float] = (), record: RunRecord | None = None,
+                 checkpoint_every: int = 0) -> RunRecord:
+    """Fit the series and write every output into `folder`; the record ends 'complete'.
+
+    With checkpoint_every > 0 (long-range scheme), training is checkpointed into the folder every
+    that many iterations and on SIGINT/SIGTERM. Whatever an earlier attempt left in the folder is
+    taken up: a checkpoint is trained on from, a saved model and the time points already in the
+    record are kept (outputs resume at the first missing time point).
+    """
     record = record or RunRecord(folder, "train", {}, options.to_dict())
-    _check_times([t for t, _ in series.images] + list(predict_times))
+    times = [t for t, _ in series.images]
+    check_query_times(list(predict_times), (min(times), max(times)), reporter, times)
+    device = pick_device(options.device)
+    record.set(device=str(device))
     if options.scheme == "short":
         if predict_times:
             raise InputError("predicting new times needs the long-range scheme: drop --predict-times "
                              "or use --scheme long")
         _run_short_range(series, options, folder, reporter, record)
     else:
-        _run_long_range(series, options, folder, reporter, record, list(predict_times))
+        checkpoint = Checkpoint(folder / "checkpoint.pt", checkpoint_every) if checkpoint_every > 0 else None
+        _run_long_range(series, options, folder, reporter, record, list(predict_times), checkpoint)
     return _complete(record, folder)
 
 
@@ -232,20 +304,29 @@ def _complete(record: RunRecord, folder: Path) -> RunRecord:
     return record
 
 
-def _run_long_range(series, options, folder, reporter, record, predict_times) -> None:
+def _run_long_range(series, options, folder, reporter, record, predict_times, checkpoint) -> None:
     if predict_times and not options.temporal:
         raise InputError("a pairwise (w/o t) model cannot predict new times: drop --predict-times "
                          "or train with continuous time")
-    losses: list[tuple[str, int, float]] = []
-    model, prealignments = fit(series.reference, series.reference_time, series.follow_ups,
-                               series.segmentation, options, reporter, losses)
-    model.save(folder / "model.pt")
-    write_losses(losses, folder / "losses.csv")
-    record.set(model="model.pt", intensity_window=[model.window.low, model.window.high], losses="losses.csv")
+    if record.data.get("model"):              # resumed after training: outputs only
+        model = SeriesModel.load(folder / record.data["model"], pick_device(options.device))
+        prealignments = {float(t): np.asarray(m) for t, m in record.data["prealignments"]}
+    else:
+        losses: list[tuple[str, int, float]] = []
+        model, prealignments = fit(series.reference, series.reference_time, series.follow_ups,
+                                   series.segmentation, options, reporter, losses, checkpoint)
+        model.save(folder / "model.pt")
+        write_losses(losses, folder / "losses.csv")
+        record.set(model="model.pt", intensity_window=[model.window.low, model.window.high], losses="losses.csv",
+                   prealignments=[[t, m.tolist()] for t, m in prealignments.items()])
+        if checkpoint is not None:
+            checkpoint.remove()
     points = [TimePoint(t, Grid.of(image), image, prealignments.get(t)) for t, image in series.images]
     points += [TimePoint(t, model.grid) for t in predict_times]
+    written = {entry["time"] for entry in record.data["time_points"]}
     for index, point in enumerate(points, 1):
-        record.add_time_point(write_time_point(model, point, folder, series).entry)
+        if point.time not in written:
+            record.add_time_point(write_time_point(model, point, folder, series).entry)
         reporter.progress("outputs", index, len(points))
 
 
@@ -293,6 +374,7 @@ def run_prediction(model_path: Path, times: list[float], folder: Path, reporter:
                    record: RunRecord) -> RunRecord:
     """Query a saved model at new times (no retraining) and write their outputs on the reference grid."""
     model = SeriesModel.load(model_path, pick_device("auto"))
+    check_query_times(times, model.time_range, reporter)
     record.set(intensity_window=[model.window.low, model.window.high])
     if model.deformation.pairwise_times is not None:
         raise InputError("this model was trained pairwise (w/o t) and cannot predict new times: "

@@ -29,7 +29,7 @@ import torch
 from . import report_figures as figures
 from .contract import is_complete, time_point_folder
 from .errors import InputError
-from .evaluation import load_record
+from .record import load_record
 from .integration import identity_grid, sample
 from .io import read_image
 from .model import SeriesModel

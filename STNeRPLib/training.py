@@ -7,6 +7,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from .checkpoint import Checkpoint
 from .deformation import Deformation
 from .integration import identity_grid, sample
 from .networks import RefNet
@@ -26,28 +27,33 @@ class Target(NamedTuple):
 
 
 def fit_reference(net: RefNet, volume: torch.Tensor, preset: Preset, progress: Progress,
-                  generator: torch.Generator) -> float:
-    """Fit Ref-Net to a normalised volume [D, H, W] by MSE (Adam); returns the last loss."""
+                  generator: torch.Generator, checkpoint: Checkpoint | None = None) -> float:
+    """Fit Ref-Net to a normalised volume [D, H, W] by MSE (Adam); returns the last loss (nan when
+    the checkpoint had it fitted already). With a checkpoint, start from its state and save into it."""
     points = identity_grid(volume.shape, volume.device).reshape(-1, 3)
     values = volume.reshape(-1)
     optimizer = torch.optim.Adam(net.parameters(), lr=preset.ref_lr)
     schedule = _cosine(optimizer, preset.ref_iterations, preset.lr_final)
     loss = torch.tensor(float("nan"))
-    for iteration in range(1, preset.ref_iterations + 1):
+    start = _restore(checkpoint, "refnet", ("ref_net", net), optimizer, schedule, generator, preset.ref_iterations)
+    for iteration in range(start + 1, preset.ref_iterations + 1):
         chosen = _choose(len(values), preset.ref_points, generator, volume.device)
         loss = torch.mean((net(points[chosen]) - values[chosen]) ** 2)
         _step(optimizer, loss, schedule)
         progress("refnet", iteration, preset.ref_iterations, loss.item())
+        if checkpoint is not None:
+            checkpoint.after("refnet", iteration, optimizer, schedule, generator)
     return loss.item()
 
 
 def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Target], preset: Preset,
-                    progress: Progress, generator: torch.Generator) -> float:
+                    progress: Progress, generator: torch.Generator, checkpoint: Checkpoint | None = None) -> float:
     """Fit Def-Net so that prior(c + u(c, t)) matches every target f_t(c) (paper eq. 6), over the
     voxels inside each target's field of view.
 
     The prior is frozen. Each iteration takes `preset.def_times` random time points (all when 0).
     Returns the last loss (mean squared error over the sampled voxels inside the fields of view).
+    With a checkpoint, start from its state and save into it.
     """
     prior.requires_grad_(False)
     times = [target.time for target in targets]
@@ -59,7 +65,9 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     optimizer = torch.optim.Adam(deformation.parameters(), lr=preset.def_lr)
     schedule = _cosine(optimizer, preset.def_iterations, preset.lr_final)
     loss = torch.tensor(float("nan"))
-    for iteration in range(1, preset.def_iterations + 1):
+    start = _restore(checkpoint, "defnet", ("deformation", deformation), optimizer, schedule, generator,
+                     preset.def_iterations)
+    for iteration in range(start + 1, preset.def_iterations + 1):
         which = _choose_times(len(times), preset.def_times, generator)
         chosen = torch.stack([_choose(volumes.shape[1], preset.def_points, generator, volumes.device)
                               for _ in which])
@@ -72,7 +80,17 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
         loss = torch.sum(weight * error) / weight.sum().clamp(min=1)
         _step(optimizer, loss, schedule)
         progress("defnet", iteration, preset.def_iterations, loss.item())
+        if checkpoint is not None:
+            checkpoint.after("defnet", iteration, optimizer, schedule, generator)
     return loss.item()
+
+
+def _restore(checkpoint: Checkpoint | None, stage: str, module, optimizer, schedule, generator,
+             total: int) -> int:
+    """The last iteration of `stage` already done (0 without a checkpoint)."""
+    if checkpoint is None:
+        return 0
+    return checkpoint.restore(stage, module, optimizer, schedule, generator, total)
 
 
 def _choose(count: int, wanted: int, generator: torch.Generator, device) -> torch.Tensor:
