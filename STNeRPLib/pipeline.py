@@ -319,8 +319,8 @@ def _run_long_range(series, options, folder, reporter, record, predict_times, ch
         write_losses(losses, folder / "losses.csv")
         record.set(model="model.pt", intensity_window=[model.window.low, model.window.high], losses="losses.csv",
                    prealignments=[[t, m.tolist()] for t, m in prealignments.items()])
-        if checkpoint is not None:
-            checkpoint.remove()
+    if checkpoint is not None:              # the saved model supersedes it
+        checkpoint.remove()
     points = [TimePoint(t, Grid.of(image), image, prealignments.get(t)) for t, image in series.images]
     points += [TimePoint(t, model.grid) for t in predict_times]
     written = {entry["time"] for entry in record.data["time_points"]}
