@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from STNeRPLib.io import write_json
+from STNeRPLib.contract import write_json
 from STNeRPLib.phantom import breathing_series, write_series
 
 QUICK = ["--iterations", "15"]
@@ -354,7 +354,7 @@ def test_run_json_records_provenance(trained, phantom):
     assert inputs["sha256"][str(reference)] == hashlib.sha256(reference.read_bytes()).hexdigest()
     assert set(inputs["sha256"]) == {str(Path(p).absolute()) for p in
                                      [*files["images"], files["labelmaps"][0], files["landmarks"]]}
-    assert run["device"] == "cpu" and isinstance(run["threads"], int) and run["threads"] >= 1
+    assert run["device"] == "cpu" and isinstance(run["threads"]["threads"], int) and run["threads"]["threads"] >= 1
     assert run["command_line"][-4:] == ["--landmarks", str(files["landmarks"]), "--iterations", "15"]
     commit = run["versions"]["git_commit"]
     assert commit is None or len(commit) == 40
