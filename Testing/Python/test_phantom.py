@@ -1,7 +1,6 @@
 """Tests of the thorax phantom: geometry, determinism and that its ground truth is exact."""
 
 import csv
-import time
 
 import numpy as np
 import pytest
@@ -84,13 +83,11 @@ def test_anatomy_intensities(breathing_fine):
     assert image.max() > 600  # bone
 
 
-def test_default_grid_and_build_time():
-    start = time.perf_counter()
+def test_default_grid():
+    """The default phantom's grid (its build time is a benchmark figure, not a test)."""
     series = phantom.breathing_series()
-    elapsed = time.perf_counter() - start
     assert series.images[0].GetSize() == (96, 96, 64)
     assert np.allclose(series.images[0].GetOrigin(), (-142.5, -160.0, -120.0))
-    assert elapsed < 10.0  # ~4 s on one core; generous for a shared machine
 
 
 def test_deterministic():
