@@ -10,7 +10,7 @@ The manifest (cohort.csv) is a long table written by hand, one file per row:
 role is reference | follow-up | segmentation | landmarks | ground-truth; time (phase or days) is
 given for reference, follow-up and ground-truth rows and left empty for the others; relative paths
 are resolved against the manifest's folder; blank lines and lines starting with # are skipped.
-Each series runs the code of `stnerp train` (worker.train_command) in a Dask worker, into
+Each series runs the code of `stnerp train` (commands.train_command) in a Dask worker, into
 DIR/<patient>/ with its own run.json; a rerun skips complete runs and starts unfinished ones over.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .errors import InputError
 from . import contract
 from .contract import STATUS_COMPLETE, finite_or_none, json_line, read_run, write_json
 from .progress import Reporter
-from .worker import _timed, train_command, train_inputs, train_options
+from .commands import timed, train_command, train_inputs, train_options
 
 COLUMNS = ("patient", "role", "path", "time")
 ROLES = ("reference", "follow-up", "segmentation", "landmarks", "ground-truth")
@@ -103,7 +103,7 @@ def series_args(patient: Patient, batch: argparse.Namespace) -> argparse.Namespa
         if len(found[role]) > most or (role == "reference" and not found[role]):
             raise InputError(f"{len(found[role])} {role} rows: give exactly one reference row and at "
                              "most one segmentation and one landmarks row per patient")
-    (reference, reference_time), = _timed(found["reference"])
+    (reference, reference_time), = timed(found["reference"])
     series = argparse.Namespace(**vars(batch))
     series.reference, series.reference_time = reference, reference_time
     series.follow_up, series.ground_truth = found["follow-up"], found["ground-truth"]

@@ -12,11 +12,12 @@ import SimpleITK as sitk
 from .evaluation import evaluate_run
 from .metrics import psnr, ssim
 from .phantom import PhantomSeries, breathing_series, longitudinal_series, write_series
-from .pipeline import Options, load_series, run_training
+from .pipeline import run_training
 from .preprocessing import IntensityWindow
-from .presets import Preset
+from .presets import Options, Preset
 from .progress import Reporter
 from .record import RunRecord
+from .series import load_series
 from .warping import linear_interpolation
 
 

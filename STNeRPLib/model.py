@@ -18,6 +18,10 @@ from .preprocessing import IntensityWindow
 from .presets import Preset
 
 
+#: version of the model file's layout; a file of another version is refused with one line
+MODEL_FORMAT = 1
+
+
 @dataclass
 class SeriesModel:
     """Trained Def-Net(s) and prior, with the reference grid, times and intensity window.
@@ -71,7 +75,7 @@ class SeriesModel:
     def save(self, path) -> None:
         """Write the model atomically (a reader sees the old file or the whole new one)."""
         save_atomically({
-            "preset": self.preset.to_dict(), "grid": self.grid.to_dict(),
+            "format": MODEL_FORMAT, "preset": self.preset.to_dict(), "grid": self.grid.to_dict(),
             "reference_time": self.reference_time, "time_range": list(self.time_range),
             "window": [self.window.low, self.window.high], "prior_kind": self.prior_kind,
             "velocity_shape": list(self.deformation.velocity_shape),
@@ -93,6 +97,10 @@ class SeriesModel:
             raise InputError(f"model file not found: {path}: give the folder of a complete training run") from None
         except Exception as error:  # torch raises many types for a damaged file
             raise InputError(f"model file {path} is damaged ({type(error).__name__}): train the run again") from None
+        found = data.get("format", 1)   # files written before the version was recorded are format 1
+        if found != MODEL_FORMAT:
+            raise InputError(f"model file {path} is of format {found}, this STNeRP reads format {MODEL_FORMAT}: "
+                             "train the run again with this version")
         preset = Preset(**data["preset"])
         generator = torch.Generator().manual_seed(0)  # every random buffer is overwritten by the state
         deformation = Deformation(preset, tuple(data["velocity_shape"]), data["pairwise_times"], generator)

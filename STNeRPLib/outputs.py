@@ -19,7 +19,7 @@ from .model import SeriesModel
 from .warping import inverse_displacement, warp
 
 if TYPE_CHECKING:
-    from .pipeline import Series
+    from .series import Series
 
 
 @dataclass

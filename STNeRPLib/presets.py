@@ -85,3 +85,34 @@ Ref-Net's settings apply with `--prior refnet`: more, smaller batches and a cosi
 decay fit the reference better per second."""
 
 PRESETS = {preset.name: preset for preset in (DEFAULT, PAPER)}
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to fit: preset, prior ('refnet' or 'image'; None: the preset's), continuous time or
+    pairwise ("w/o t"), scheme ('long': reference -> each; 'short': previous -> next), affine
+    pre-alignment, intensity normalisation ('ct' or 'percentile'), device and seed."""
+
+    preset: Preset
+    prior: str | None = None
+    temporal: bool = True
+    scheme: str = "long"
+    prealign: bool = False
+    intensity: str = "ct"
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.prior is None:
+            object.__setattr__(self, "prior", self.preset.prior)
+
+    @property
+    def prior_is_volume(self) -> bool:
+        """Whether Def-Net deforms a volume on the reference grid (the reference image, or Ref-Net's
+        cached rendering), sampled with the preset's prior_interpolation, rather than Ref-Net itself."""
+        return self.prior == "image" or self.preset.prior_cache
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset.to_dict(), "prior": self.prior, "temporal": self.temporal,
+                "scheme": self.scheme, "prealign": self.prealign, "intensity": self.intensity,
+                "device": self.device, "seed": self.seed}

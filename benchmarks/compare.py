@@ -193,7 +193,7 @@ def run_peer(name: str, series, work: Path) -> tuple[list, dict]:
 
 
 def _stnerp_options(method: str, iterations: int | None):
-    from STNeRPLib.pipeline import Options
+    from STNeRPLib.presets import Options
     from STNeRPLib.presets import PRESETS
     spec = STNERP_METHODS[method]
     preset = PRESETS[spec["preset"]]
@@ -268,7 +268,7 @@ def stnerp_flops(model, series, n_times: int, training_seconds: float | None) ->
     def_train, _ = per_point(lambda c, t: net(c, t), [(3,), (1,)])
     breakdown["defnet_training"] = def_train * velocity_points * n_times * preset.def_iterations
     def_points = preset.def_points if 0 < preset.def_points < voxels else voxels
-    from STNeRPLib.pipeline import Options
+    from STNeRPLib.presets import Options
     volume_prior = Options(preset, prior=model.prior_kind).prior_is_volume
     prior_lookup = 170.0 if volume_prior and preset.prior_interpolation == "cubic" else 60.0
     breakdown["integration_and_sampling_training"] = 3.0 * preset.def_iterations * n_times * (

@@ -31,7 +31,8 @@ from STNeRPLib import phantom  # noqa: E402
 from STNeRPLib.geometry import Grid  # noqa: E402
 from STNeRPLib.metrics import (dice_per_label, folding_statistics, jacobian_determinant,  # noqa: E402
                                map_points, psnr, ssim, target_registration_error)
-from STNeRPLib.pipeline import Options, fit  # noqa: E402
+from STNeRPLib.pipeline import fit  # noqa: E402
+from STNeRPLib.presets import Options  # noqa: E402
 from STNeRPLib.presets import DEFAULT  # noqa: E402
 from STNeRPLib.priors import evaluate_on_grid  # noqa: E402
 from STNeRPLib.progress import Reporter  # noqa: E402

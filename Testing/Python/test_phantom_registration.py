@@ -15,7 +15,8 @@ from STNeRPLib.geometry import Grid
 from STNeRPLib.metrics import (dice_per_label, folding_statistics, jacobian_determinant, map_points, psnr, ssim,
                                target_registration_error)
 from STNeRPLib.phantom import breathing_series
-from STNeRPLib.pipeline import Options, fit
+from STNeRPLib.pipeline import fit
+from STNeRPLib.presets import Options
 from STNeRPLib.presets import DEFAULT
 from STNeRPLib.progress import Reporter
 from STNeRPLib.warping import linear_interpolation, warp

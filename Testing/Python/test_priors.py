@@ -6,7 +6,7 @@ import torch
 from scipy import ndimage
 
 from STNeRPLib.integration import identity_grid
-from STNeRPLib.pipeline import Options
+from STNeRPLib.presets import Options
 from STNeRPLib.presets import DEFAULT, PAPER
 from STNeRPLib.priors import ImagePrior, evaluate_on_grid
 

@@ -6,7 +6,8 @@ import pytest
 import SimpleITK as sitk
 
 from STNeRPLib.geometry import Grid
-from STNeRPLib.pipeline import Options, fit
+from STNeRPLib.pipeline import fit
+from STNeRPLib.presets import Options
 from STNeRPLib.presets import DEFAULT
 from STNeRPLib.progress import Reporter
 from STNeRPLib.warping import warp

@@ -1,0 +1,268 @@
+"""What each `stnerp` command does, given its parsed arguments: train (also each series of a
+batch), predict, demo, report, dicom, evaluate. Each ends with an exit code of the worker contract
+and, for those that write a run folder, a run.json that ends complete, failed or interrupted;
+bad input is one line (InputError) with exit code 2."""
+from __future__ import annotations
+
+import errno
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from . import contract
+from .errors import InputError
+from .io import file_sha256
+from .pipeline import run_prediction, run_training
+from .presets import PRESETS, Options, Preset
+from .progress import Reporter
+from .record import RunRecord, killed, load_record, require_complete
+from .series import load_series
+
+MAX_SEED = 2**63 - 1
+
+
+def _preset(args) -> Preset:
+    """The chosen preset, with --iterations (at least 1) applied to both networks."""
+    if args.iterations is None:
+        return PRESETS[args.preset]
+    if args.iterations < 1:
+        raise InputError(f"--iterations {args.iterations} is not a positive number: give at least 1, "
+                         "or leave it out for the preset's")
+    return PRESETS[args.preset].with_iterations(args.iterations)
+
+
+def train_options(args) -> Options:
+    """The Options of a train run (or of each series of a batch) from its command-line arguments;
+    InputError for a value out of range."""
+    if not 0 <= args.seed <= MAX_SEED:
+        raise InputError(f"--seed {args.seed} is out of range: give a whole number from 0 to {MAX_SEED}")
+    if args.checkpoint_every < 0:
+        raise InputError("--checkpoint-every must be 0 (no checkpoints) or a positive number of iterations")
+    return Options(_preset(args), args.prior, not args.pairwise, args.scheme, args.prealign == "affine",
+                   args.intensity, args.device, args.seed)
+
+
+def train_inputs(args) -> dict:
+    """The inputs of a train run as its run.json records them: absolute paths, each file's SHA-256."""
+    follow_ups, ground_truth = timed(args.follow_up), timed(args.ground_truth)
+    paths = [args.reference, *(p for p, _ in follow_ups), args.segmentation, args.landmarks,
+             *(p for p, _ in ground_truth)]
+    return {"reference": _absolute(args.reference), "reference_time": args.reference_time,
+            "follow_ups": [[_absolute(p), t] for p, t in follow_ups], "segmentation": _absolute(args.segmentation),
+            "landmarks": _absolute(args.landmarks), "ground_truth": [[_absolute(p), t] for p, t in ground_truth],
+            "predict_times": args.predict_times, "label_names": args.label_names,
+            "sha256": {_absolute(p): file_sha256(p) for p in paths if p}}
+
+
+def _absolute(path: str | None) -> str | None:
+    return str(Path(path).absolute()) if path else None
+
+
+def train_command(args, reporter: Reporter) -> int:
+    """The train command: one series into args.output, new or resumed (batch runs it per series)."""
+    try:
+        options, inputs = train_options(args), train_inputs(args)
+    except InputError as error:
+        reporter.error(str(error))
+        return contract.EXIT_BAD_INPUT
+
+    def body(record: RunRecord) -> None:
+        series = load_series(args.reference, args.reference_time, timed(args.follow_up),
+                             args.segmentation, args.landmarks, timed(args.ground_truth))
+        run_training(series, options, args.output, reporter, args.predict_times, record, args.checkpoint_every)
+        if not args.no_report:
+            _report_quietly(record, reporter)
+    if args.dicom_out:
+        from .dicom_out import check_dicom_inputs
+        status = _guarded(lambda: check_dicom_inputs(args.reference, timed(args.follow_up)), reporter)
+        if status:
+            return status
+    status = _recorded(args.output, "train", inputs, options.to_dict(), body, reporter, args, resume=args.resume)
+    if status == contract.EXIT_OK and args.dicom_out:      # the run stays complete whatever happens here
+        return _dicom_from(args.output, args.dicom_out, args.label_names, reporter)
+    return status
+
+
+def dicom_command(args, reporter: Reporter) -> int:
+    return _dicom_from(args.run, args.dicom_out, args.label_names, reporter)
+
+
+def _dicom_from(run: Path, folder: Path, label_names: str | None, reporter: Reporter) -> int:
+    from .dicom_out import write_dicom
+    return _guarded(lambda: reporter.message(f"DICOM: {len(write_dicom(run, folder, label_names))} files in {folder}"),
+                    reporter)
+
+
+def _report_quietly(record: RunRecord, reporter: Reporter) -> None:
+    """Write the report of a complete run; a failure is a warning, never a failed run."""
+    from .report import write_report
+    reporter.message("writing the report")
+    try:
+        page = write_report(record.folder)
+    except Exception as error:  # the run's outputs are whole: only the report is missing
+        traceback.print_exc(file=sys.stderr)
+        reporter.message(f"warning: the report was not written: {type(error).__name__}: {error}")
+        return
+    record.set(report=str(page.relative_to(record.folder)))
+
+
+def report_command(args, reporter: Reporter) -> int:
+    from .report import write_report
+    return _guarded(lambda: reporter.message(f"report: {write_report(args.run, args.curve_times, args.label_names)}"),
+                    reporter)
+
+
+def predict_command(args, reporter: Reporter) -> int:
+    def body(record: RunRecord) -> None:
+        run_prediction(_complete_model(args.run), args.times, args.output, reporter, record)
+    inputs = {"run": str(args.run.absolute()), "times": args.times}
+    return _recorded(args.output, "predict", inputs, {}, body, reporter, args)
+
+
+def demo_command(args, reporter: Reporter) -> int:
+    from .demo import demo_series, run_demo
+    try:
+        preset = _preset(args)
+    except InputError as error:
+        reporter.error(str(error))
+        return contract.EXIT_BAD_INPUT
+    folder = args.output or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    series, held_out = demo_series(args.longitudinal, tuple(args.size))
+    inputs = {"phantom": "longitudinal" if args.longitudinal else "breathing", "size": args.size,
+              "held_out_time": series.times[held_out]}
+
+    def body(record: RunRecord) -> None:
+        run_demo(folder, series, held_out, preset, record, reporter)
+        if not args.no_report:
+            _report_quietly(record, reporter)
+    return _recorded(folder / "run", "demo", inputs, preset.to_dict(), body, reporter, args, root=folder)
+
+
+def evaluate_command(args, reporter: Reporter) -> int:
+    from .evaluation import evaluate_run
+    return _guarded(lambda: evaluate_run(args.run, timed(args.image), timed(args.ground_truth),
+                                         args.landmarks, reporter), reporter)
+
+
+def timed(pairs: list[list[str]]) -> list[tuple[str, float]]:
+    """(path, time) pairs from the command line, with the time checked to be a number."""
+    try:
+        return [(path, float(time)) for path, time in pairs]
+    except ValueError:
+        bad = next(t for _, t in pairs if not is_number(t))
+        raise InputError(f"time '{bad}' is not a number: give each image's time as a number") from None
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _complete_model(run: Path) -> Path:
+    record = load_record(run)
+    if record.get("command") == "predict":
+        raise InputError(f"{run} holds a prediction (stnerp predict), not a trained model: give the "
+                         "folder of the training run it came from")
+    require_complete(run, record)
+    if not record.get("model"):
+        raise InputError(f"run {run} saved no model: train it again")
+    return run / record["model"]
+
+
+def _recorded(folder: Path, command: str, inputs: dict, parameters: dict, body: Callable[[RunRecord], None],
+              reporter: Reporter, args, resume: bool = False, root: Path | None = None) -> int:
+    """Run body with a run record in `folder` that ends complete, failed or interrupted. The folder
+    (or `root`, the folder holding it) must be new or empty, unless resuming the run in it."""
+    try:
+        if resume:
+            _check_resumable(folder, command, inputs, parameters)
+            record = RunRecord.reopen(folder)
+        else:
+            _check_new_folder(root or folder)
+            record = RunRecord(folder, command, inputs, parameters)
+        record.set(command_line=[sys.executable, "-m", "STNeRPLib", *args.argv])
+    except InputError as error:
+        reporter.error(str(error))
+        return contract.EXIT_BAD_INPUT
+    except OSError as error:
+        reporter.error(f"cannot write the output folder {folder}: {error.strerror or error}: "
+                       "choose a folder you can write to")
+        return contract.EXIT_BAD_INPUT
+    status = _guarded(lambda: body(record), reporter, record)
+    if status == contract.EXIT_OK:
+        reporter.done(contract.STATUS_COMPLETE, str(folder))
+    return status
+
+
+def _guarded(body: Callable[[], object], reporter: Reporter, record: RunRecord | None = None) -> int:
+    """Run body; report bad input (2), an interruption (130) or a failure (1) in one line."""
+    try:
+        body()
+        return contract.EXIT_OK
+    except InputError as error:
+        return _fail(reporter, record, contract.STATUS_FAILED, str(error), contract.EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        return _fail(reporter, record, contract.STATUS_INTERRUPTED, "interrupted: outputs are incomplete",
+                     contract.EXIT_INTERRUPTED)
+    except Exception as error:  # the log keeps the details; the user gets one line
+        traceback.print_exc(file=sys.stderr)
+        return _fail(reporter, record, contract.STATUS_FAILED, _failure(error), contract.EXIT_FAILURE)
+
+
+def _failure(error: Exception) -> str:
+    """One line for an unexpected failure; a full disk (or file-size limit) says what to do."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return (f"cannot write {error.filename or 'an output'}: {error.strerror}: free disk space, then run "
+                "again (train: the same arguments plus --resume)")
+    return f"internal error: {type(error).__name__}: {error}"
+
+
+def _check_new_folder(folder: Path) -> None:
+    """Refuse an output path that is a file or a folder holding anything (a run, or the user's files)."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--output {folder} is a file: give the path of a new folder")
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if contract.RUN_FILE in names:
+        raise InputError(f"output folder {folder} already holds a run: choose a new folder "
+                         "(or add --resume to continue an unfinished training run)")
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise InputError(f"output folder {folder} is not empty (it holds {shown}): choose a new or "
+                         "empty folder; nothing was written")
+
+
+def _check_resumable(folder: Path, command: str, inputs: dict, parameters: dict) -> None:
+    """Refuse to resume a run that is not an unfinished run of the same inputs and parameters."""
+    data = load_record(folder)
+    if data.get("command") != command:
+        raise InputError(f"{folder} holds a {data.get('command')} run, not a {command} run: nothing to resume")
+    if data["status"] == contract.STATUS_COMPLETE:
+        raise InputError(f"run {folder} is already complete: nothing to resume")
+    if data["status"] == contract.STATUS_RUNNING and not killed(data):
+        raise InputError(f"run {folder} is still running (process {data.get('pid')}): wait for it or stop it first")
+    if data["parameters"].get("scheme") == "short":
+        raise InputError("--resume works for the long-range scheme only: run --scheme short again into a new folder")
+    recorded = {"inputs": data["inputs"], "parameters": data["parameters"]}
+    given = json.loads(json.dumps({"inputs": inputs, "parameters": parameters}))
+    for part in ("inputs", "parameters"):
+        for key in sorted(set(recorded[part]) | set(given[part])):
+            if recorded[part].get(key) != given[part].get(key):
+                raise InputError(f"--resume needs the arguments of the run in {folder}: {part[:-1]} '{key}' "
+                                 "differs (or an input file changed); give the same arguments")
+
+
+def _fail(reporter: Reporter, record: RunRecord | None, status: str, message: str, code: int) -> int:
+    """Record the end (if the record can still be written) and report the error line, always."""
+    if record is not None:
+        try:
+            record.finish(status, message)
+        except OSError as error:
+            message += f" (run.json could not be updated: {error.strerror or error})"
+    reporter.error(message)
+    return code

@@ -1,0 +1,79 @@
+"""A series as the engine takes it: read and checked inputs (reference, follow-ups with their
+times, segmentation, landmarks, ground truth). Every problem is an InputError of one line."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .geometry import Grid
+from .io import check_landmarks_inside, read_image, read_labelmap, read_landmarks
+
+
+@dataclass
+class Series:
+    """A checked series: reference and follow-ups (time, image), optional segmentation and ground truth."""
+
+    reference: sitk.Image
+    reference_time: float
+    follow_ups: list[tuple[float, sitk.Image]]
+    segmentation: sitk.Image | None = None
+    landmarks: dict[float, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    ground_truth: dict[float, sitk.Image] = field(default_factory=dict)
+
+    @property
+    def images(self) -> list[tuple[float, sitk.Image]]:
+        """Every scanned (time, image), the reference first."""
+        return [(self.reference_time, self.reference)] + self.follow_ups
+
+
+def load_series(reference: str, reference_time: float, follow_ups: list[tuple[str, float]],
+                segmentation: str | None = None, landmarks: str | None = None,
+                ground_truth: list[tuple[str, float]] = ()) -> Series:
+    """Read and check every input; raises InputError with a one-line message on bad input.
+    Follow-ups are kept in time order, whatever order they were given in."""
+    if not follow_ups:
+        raise InputError("only one time point was given: give at least one follow-up image with "
+                         "its time (--follow-up PATH TIME)")
+    times = [reference_time] + [t for _, t in follow_ups]
+    _check_times(times)
+    if ground_truth and not segmentation:
+        raise InputError("--ground-truth needs --segmentation: Dice compares the propagated reference "
+                         "segmentation with it; give the reference labelmap too")
+    series = Series(read_image(reference, "reference image"), reference_time,
+                    [(t, read_image(p, f"follow-up image at time {t:g}")) for p, t in sorted(follow_ups, key=lambda f: f[1])])
+    scanned = dict(series.images)
+    if segmentation:
+        series.segmentation = read_labelmap(segmentation, Grid.of(series.reference), "segmentation")
+    if landmarks:
+        series.landmarks = read_landmarks(landmarks)
+        unknown = sorted(set(series.landmarks) - set(scanned))
+        if unknown:
+            raise InputError(f"landmarks are given at time {unknown[0]:g}, which is not a scanned time: "
+                             "use the times of the images")
+        for t, (points, reference_points) in series.landmarks.items():
+            check_landmarks_inside(points, Grid.of(scanned[t]), f"landmark at time {t:g}", f"the time-{t:g} image")
+            check_landmarks_inside(reference_points, Grid.of(series.reference), f"landmark at time {t:g}",
+                                   "the reference image (ref_x, ref_y, ref_z)")
+    for path, t in ground_truth:
+        if t not in scanned:
+            raise InputError(f"ground-truth labelmap {path} is at time {t:g}, which is not a scanned "
+                             "time: use the time of its image")
+        series.ground_truth[t] = read_labelmap(path, Grid.of(scanned[t]), f"ground-truth labelmap at time {t:g}")
+    return series
+
+
+def _check_times(times: list[float]) -> None:
+    """Every time finite, and no two times writing into one output folder."""
+    if not all(math.isfinite(t) for t in times):
+        raise InputError("a time value is not a finite number: give each image a number (phase or days)")
+    if not math.isfinite(max(times) - min(times)):
+        raise InputError(f"the times span {min(times):g} to {max(times):g}, too wide to compute with: "
+                         "give times in smaller units")
+    if len(set(times)) != len(times):
+        duplicate = next(t for t in times if times.count(t) > 1)
+        raise InputError(f"time {duplicate:g} is given to more than one image: give every image its "
+                         "own time")
