@@ -284,7 +284,6 @@ def stnerp_flops(model, series, n_times: int, training_seconds: float | None) ->
 def child(job: dict) -> None:
     """Run one (method, series) job and write its JSON result."""
     _set_threads()
-    import SimpleITK as sitk
     from benchmarks import data
     series = data.Series(Path(job["series"]))
     method = job["method"]

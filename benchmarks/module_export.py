@@ -12,7 +12,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import SimpleITK as sitk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,8 +21,6 @@ import sys
 import threading
 import time
 
-from STNeRPLib import contract
-
 #: seconds a cancelled worker has to write its run folder as interrupted before it is killed
 CANCEL_GRACE = 10.0
 

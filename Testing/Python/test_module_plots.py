@@ -2,7 +2,6 @@
 wheel): structure volume against time as table + plot series + chart nodes, and det J
 statistics per segment as a table, from the CSV files the engine's report writes."""
 import os
-import sys
 
 import numpy as np
 import pytest

@@ -6,13 +6,9 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
-import slicer  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 
 import vtk  # noqa: E402
 

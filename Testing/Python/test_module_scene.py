@@ -20,8 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 from STNeRPLib import contract  # noqa: E402
-from STNeRPModuleLib import (core_logic, panel, parameters, predictions, run_import, scene_files,  # noqa: E402
-                             scene_utils, worker_process)
+from STNeRPModuleLib import (core_logic, parameters, run_import, scene_files, scene_utils,  # noqa: E402
+                             worker_process)
 
 STANDIN_WORKER = [sys.executable, os.path.join(HERE, "stnerp_standin_worker.py")]
 

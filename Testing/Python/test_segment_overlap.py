@@ -4,10 +4,8 @@ one of them. Pinned here as found (real MRML scene, slicer-core wheel): the segm
 export order takes the shared voxels, so the earlier one is exported (and propagated) smaller
 than drawn."""
 import os
-import sys
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 
 import slicer  # noqa: E402
