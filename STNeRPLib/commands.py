@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import contract
+from .contract import MAX_SEED, is_number
 from .errors import InputError
 from .io import file_sha256
 from .pipeline import run_prediction, run_training
@@ -20,9 +21,6 @@ from .presets import PRESETS, Options, Preset
 from .progress import Reporter
 from .record import RunRecord, killed, load_record, require_complete
 from .series import load_series
-
-MAX_SEED = 2**63 - 1
-
 
 def _preset(args) -> Preset:
     """The chosen preset, with --iterations (at least 1) applied to both networks."""
@@ -154,14 +152,6 @@ def timed(pairs: list[list[str]]) -> list[tuple[str, float]]:
     except ValueError:
         bad = next(t for _, t in pairs if not is_number(t))
         raise InputError(f"time '{bad}' is not a number: give each image's time as a number") from None
-
-
-def is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def _complete_model(run: Path) -> Path:

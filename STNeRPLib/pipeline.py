@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from .checkpoint import Checkpoint
+from .contract import EXTRAPOLATION_LIMIT
 from .deformation import Deformation
 from .errors import InputError
 from .geometry import Grid
@@ -156,8 +157,6 @@ def check_query_times(times: list[float], time_range: tuple[float, float], repor
                              f"({outside / span:.3g} spans): the model extrapolates there")
 
 
-EXTRAPOLATION_LIMIT = 10.0
-"""How far outside the scanned times a prediction may go, in scanned spans (last - first time)."""
 
 
 def velocity_shape(grid: Grid, preset: Preset) -> tuple[int, int, int]:

@@ -12,7 +12,6 @@ u_t(p) = (t - t_ref) * a(p), a(p) = (1.5 sin(2 pi z / 40), 1.0 cos(2 pi x / 50),
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -153,34 +152,8 @@ def predict(args, record: dict) -> int:
     return contract.EXIT_OK
 
 
-def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="stnerp_standin_worker")
-    commands = main.add_subparsers(dest="command", required=True)
-    train_parser = commands.add_parser("train")
-    train_parser.add_argument("--reference", required=True)
-    train_parser.add_argument("--reference-time", type=float, default=0.0)
-    train_parser.add_argument("--follow-up", nargs=2, action="append", required=True)
-    train_parser.add_argument("--segmentation")
-    train_parser.add_argument("--landmarks")
-    train_parser.add_argument("--ground-truth", nargs=2, action="append", default=[])
-    train_parser.add_argument("--predict-times", nargs="+", type=float, default=[])
-    train_parser.add_argument("--preset", choices=contract.PRESET_NAMES)
-    train_parser.add_argument("--iterations", type=int)
-    train_parser.add_argument("--device", choices=contract.DEVICES)
-    train_parser.add_argument("--prior", choices=contract.PRIORS)
-    train_parser.add_argument("--prealign", choices=contract.PREALIGNMENTS)
-    predict_parser = commands.add_parser("predict")
-    predict_parser.add_argument("--run", required=True)
-    predict_parser.add_argument("--times", nargs="+", type=float, required=True)
-    for command in (train_parser, predict_parser):
-        command.add_argument("--output", required=True)
-        command.add_argument("--json-events", action="store_true")
-        command.add_argument(contract.STDIN_CANCEL_FLAG, action="store_true")
-    return main
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = contract.parse_arguments(sys.argv[1:] if argv is None else argv)   # the worker's own command line
     contract.stop_on_interruption(args.cancel_on_stdin_close)
     os.makedirs(args.output)
     record = {"status": contract.STATUS_RUNNING, "error": None, "command": args.command,

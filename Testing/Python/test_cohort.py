@@ -259,7 +259,7 @@ def test_a_complete_run_of_other_options_is_refused_not_redone(tmp_path):
     """A complete run made by `stnerp train` with the batch's files and options is skipped; the same
     folder under other options is refused and left as it is."""
     from STNeRPLib.commands import train_inputs, train_options
-    from STNeRPLib.worker import parser
+    from STNeRPLib.contract import parser
     (patient,) = read_cohort(write_cohort(tmp_path, "patient,role,path,time\na,reference,ct0.nrrd,0\n"
                                           "a,follow-up,ct1.nrrd,1\n"))
     folder = tmp_path / "runs" / "a"

@@ -261,7 +261,7 @@ def test_module_worker_gets_no_relative_path(relative):
 def test_module_worker_parses_every_time_the_module_writes(tmp_path):
     """The real worker's command line reads back the exact times the module writes, negative and
     tiny ones too (argparse takes '-1e-05' for an option)."""
-    from STNeRPLib.worker import parser
+    from STNeRPLib.contract import parser
     times = [-1e-5, -1000.0, 0.1 + 0.2, 20260108.0]
     args = parser().parse_args(contract.train_arguments(
         "/r.nrrd", -2.5, [("/a.nrrd", t) for t in times], "/OUT", predict_times=times, stdin_cancel=True))
