@@ -105,6 +105,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.addFollowUpButton.connect("clicked(bool)", self.onAddFollowUp)
         ui.removeFollowUpButton.connect("clicked(bool)", self.onRemoveFollowUp)
         ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
         ui.predictButton.connect("clicked(bool)", self.onPredictButton)
         ui.openReportButton.connect("clicked(bool)", self.onOpenReport)
         ui.timeSlider.connect("valueChanged(double)", self.onTimeSliderChanged)
@@ -381,6 +382,10 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.applyButton.toolTip = str(error)
         self.ui.applyButton.text = "Cancel" if training else "Apply"
         self.ui.applyButton.enabled = training or ready
+        unfinished = pn.GetParameter("UnfinishedRunDirectory") if pn is not None else ""
+        self.ui.resumeButton.visible = bool(unfinished) and panel.resumable_run(unfinished)
+        self.ui.resumeButton.enabled = ready and not training
+        self.ui.resumeButton.toolTip = f"Continue {unfinished} from its last checkpoint (same inputs and settings)."
         self.ui.inputsCollapsibleButton.enabled = not training
         self.ui.settingsCollapsibleButton.enabled = not training
         hasRun = pn is not None and bool(pn.GetParameter("LastRunDirectory"))
@@ -410,6 +415,15 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self.ui.logTextEdit.clear()
             self._job = self.logic.startTraining(self._parameterNode)
+            self._showStart(self._job)
+
+    def onResumeButton(self):
+        with slicer.util.tryWithErrorDisplay("Failed to resume STNeRP.", waitCursor=True):
+            self.updateParameterNodeFromGUI()
+            if not self.ensureTorch():
+                return
+            self.ui.logTextEdit.clear()
+            self._job = self.logic.startTraining(self._parameterNode, resume=True)
             self._showStart(self._job)
 
     def onTimeSliderChanged(self, value):
@@ -474,8 +488,9 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onTrainingFinished(self, job):
         self._job = None
         self.ui.logTextEdit.appendPlainText(f"[{job.state}] {job.message or job.status_text}")
-        if job.state == "complete" and self._parameterNode is not None:
+        if self._parameterNode is not None:
             parameters.record_training(self._parameterNode, job)
+        if job.state == "complete":
             self.logic.showResult(job.result)
         elif job.state == "failed":
             slicer.util.errorDisplay(f"STNeRP failed: {job.message}", detailedText="\n".join(job.log_lines[-200:]))
@@ -534,14 +549,16 @@ class STNeRPLogic(ScriptedLoadableModuleLogic):
         return core_logic.STNeRPCoreLogic(slicer.mrmlScene, slicer.modules.segmentations.logic(), self.runsFolder(),
                                           temp_root=os.path.join(slicer.app.temporaryPath, "STNeRP"))
 
-    def startTraining(self, pn, workerCommand=None):
+    def startTraining(self, pn, workerCommand=None, resume=False):
+        """Train on the parameter node's inputs; resume: continue its unfinished run instead."""
         inputs = parameters.job_inputs(pn)
         inputs.validate()
         pn.SetNodeReferenceID(parameters.LAST_REFERENCE_VOLUME, inputs.reference_volume.GetID())
         core = self.core()
         if workerCommand:
             core.worker_command = list(workerCommand)
-        return core.start_training(inputs, parameters.settings(pn))
+        runDir = pn.GetParameter("UnfinishedRunDirectory") if resume else None
+        return core.start_training(inputs, parameters.settings(pn), run_dir=runDir, resume=resume)
 
     def timeSliderPredictions(self, pn, workerCommand=None):
         runDir = pn.GetParameter("LastRunDirectory")

@@ -19,7 +19,7 @@ from .io import file_sha256
 from .pipeline import run_prediction, run_training
 from .presets import PRESETS, Options, Preset
 from .progress import Reporter
-from .record import RunRecord, killed, load_record, require_complete
+from .record import RunRecord, load_record, require_complete
 from .series import load_series
 
 def _preset(args) -> Preset:
@@ -234,7 +234,7 @@ def _check_resumable(folder: Path, command: str, inputs: dict, parameters: dict)
         raise InputError(f"{folder} holds a {data.get('command')} run, not a {command} run: nothing to resume")
     if data["status"] == contract.STATUS_COMPLETE:
         raise InputError(f"run {folder} is already complete: nothing to resume")
-    if data["status"] == contract.STATUS_RUNNING and not killed(data):
+    if data["status"] == contract.STATUS_RUNNING and not contract.killed(data):
         raise InputError(f"run {folder} is still running (process {data.get('pid')}): wait for it or stop it first")
     if data["parameters"].get("scheme") == "short":
         raise InputError("--resume works for the long-range scheme only: run --scheme short again into a new folder")

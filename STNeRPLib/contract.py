@@ -173,6 +173,27 @@ def is_complete(record: dict) -> bool:
     return record.get("status") == STATUS_COMPLETE
 
 
+def killed(record: dict) -> bool:
+    """Whether a "running" record's process is gone (killed without a chance to record it)."""
+    if record.get("status") != STATUS_RUNNING or not record.get("pid"):
+        return False
+    try:
+        os.kill(int(record["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:      # alive, another user's
+        return False
+    return False
+
+
+def resumable(record: dict) -> bool:
+    """Whether `train --resume` can continue a run: a long-range training run that was
+    interrupted, failed, or killed (see killed)."""
+    unfinished = record.get("status") in (STATUS_INTERRUPTED, STATUS_FAILED) or killed(record)
+    return (record.get("command") == "train" and unfinished
+            and (record.get("parameters") or {}).get("scheme") != "short")
+
+
 # -- command lines ---------------------------------------------------------------------------
 def _number(value: float) -> str:
     """A number as command-line text: positional notation (argparse takes '-1e-05' for an option,
@@ -188,8 +209,8 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
                     output: str, *, segmentation: str | None = None, landmarks: str | None = None,
                     ground_truth: Sequence[tuple[str, float]] = (), predict_times: Sequence[float] = (),
                     preset: str = DEFAULT_PRESET, iterations: int | None = None, device: str = "auto",
-                    prior: str | None = None, prealign: str = "none", json_events: bool = True,
-                    stdin_cancel: bool = False) -> list[str]:
+                    prior: str | None = None, prealign: str = "none", resume: bool = False,
+                    json_events: bool = True, stdin_cancel: bool = False) -> list[str]:
     """Arguments of `stnerp train` (after `python -m STNeRPLib`). Paths must be absolute: the
     worker may run in another working directory. prior None: the preset's own."""
     if not follow_ups:
@@ -216,6 +237,8 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
         args += ["--iterations", str(int(iterations))]
     if prior is not None:
         args += ["--prior", prior]
+    if resume:
+        args += ["--resume"]
     return args + _flags(json_events, stdin_cancel)
 
 

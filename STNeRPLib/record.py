@@ -73,25 +73,12 @@ def load_record(run: Path) -> dict:
     return data
 
 
-def killed(data: dict) -> bool:
-    """Whether a "running" record's process is gone (killed without a chance to record it)."""
-    if data.get("status") != contract.STATUS_RUNNING or not data.get("pid"):
-        return False
-    try:
-        os.kill(int(data["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:      # alive, another user's
-        return False
-    return False
-
-
 def require_complete(run: Path, data: dict) -> None:
     """InputError unless the run is complete, saying how to finish it."""
     status = data.get("status")
     if status == contract.STATUS_COMPLETE:
         return
-    if status == contract.STATUS_RUNNING and not killed(data):
+    if status == contract.STATUS_RUNNING and not contract.killed(data):
         raise InputError(f"run {run} is still running (process {data.get('pid')}): wait until it is complete")
     how = "its process is gone" if status == contract.STATUS_RUNNING else status
     if data.get("command") == "train":

@@ -296,10 +296,15 @@ class STNeRPCoreLogic:
 
     # -- jobs ------------------------------------------------------------------------------
     def start_training(self, inputs: JobInputs, settings: dict | None = None, run_dir: str | None = None,
-                       name: str | None = None) -> Job:
-        """Export the inputs and start `train` in the background. Returns the running Job."""
+                       name: str | None = None, resume: bool = False) -> Job:
+        """Export the inputs and start `train` in the background. Returns the running Job.
+
+        resume: continue the unfinished run in run_dir from its checkpoint (train --resume). The
+        inputs are exported again to the folder the run recorded, so the worker sees the same paths,
+        and it checks their SHA-256: inputs changed since are refused in one line."""
         settings = dict(settings or {})
-        temp_dir = os.path.abspath(tempfile.mkdtemp(prefix="STNeRP-inputs-", dir=self._temp_root()))
+        temp_dir = self._resumed_inputs_folder(run_dir) if resume else os.path.abspath(
+            tempfile.mkdtemp(prefix="STNeRP-inputs-", dir=self._temp_root()))
         try:
             files, segment_map = self.export_inputs(inputs, temp_dir)
             run_dir = os.path.abspath(run_dir or self.new_run_directory())
@@ -309,7 +314,7 @@ class STNeRPCoreLogic:
                 ground_truth=files["ground_truth"], predict_times=settings.get("predict_times") or inputs.predict_times,
                 preset=settings.get("preset", contract.DEFAULT_PRESET), iterations=settings.get("iterations"),
                 device=settings.get("device", "auto"), prior=settings.get("prior"),
-                prealign=settings.get("prealign", "none"), stdin_cancel=True)
+                prealign=settings.get("prealign", "none"), resume=resume, stdin_cancel=True)
         except Exception:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
@@ -318,6 +323,17 @@ class STNeRPCoreLogic:
         options = dict(name=name or f"STNeRP {os.path.basename(run_dir)}", reference_volume=inputs.reference_volume,
                        fixed_volumes=fixed, create_sequences=settings.get("create_sequences", True))
         return Job(self, "train", self.worker_command + args, run_dir, temp_dir, options, segment_map).start()
+
+    @staticmethod
+    def _resumed_inputs_folder(run_dir: str) -> str:
+        """The (re-created) folder the unfinished run's inputs were exported to."""
+        try:
+            reference = contract.read_run(run_dir)["inputs"]["reference"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ValueError(f"{run_dir} holds no unfinished STNeRP run to resume.") from None
+        folder = os.path.dirname(reference)
+        os.makedirs(folder, exist_ok=True)
+        return folder
 
     def start_prediction(self, run_dir: str, times: list[float], output_dir: str, segment_map=None,
                          reference_volume=None, name: str | None = None) -> Job:

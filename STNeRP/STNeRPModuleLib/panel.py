@@ -103,6 +103,15 @@ def chosen_segment_ids(segmentation_node, excluded_ids) -> list[str]:
     return chosen
 
 
+# -- unfinished runs -------------------------------------------------------------------------
+def resumable_run(run_dir: str) -> bool:
+    """Whether the run in run_dir can be continued from its checkpoint (train --resume)."""
+    try:
+        return bool(run_dir) and contract.resumable(contract.read_run(run_dir))
+    except (OSError, ValueError):
+        return False
+
+
 # -- report ----------------------------------------------------------------------------------
 def report_page(run_dir: str) -> str | None:
     """The run's report page (absolute path) if the run wrote one, else None."""

@@ -35,6 +35,7 @@ DEFAULTS = {
     "CreateSequences": "true",
     "PredictTime": "0.5",
     "LastRunDirectory": "",       # absolute folder of the last complete training run
+    "UnfinishedRunDirectory": "", # a cancelled or failed training run that Resume can continue
     "LastSegmentMap": "[]",
     "LastTimes": "[]",
 }
@@ -184,8 +185,11 @@ def job_inputs(node) -> JobInputs:
 
 
 def record_training(node, job) -> None:
-    """Remember a complete training run in the parameter node (saved with the scene), so the
-    time slider can query it later."""
+    """Remember how a training job ended in the parameter node (saved with the scene): a complete
+    run for the time slider, an unfinished one for Resume."""
+    node.SetParameter("UnfinishedRunDirectory", job.run_dir if panel.resumable_run(job.run_dir) else "")
+    if job.state != "complete":
+        return
     node.SetParameter("LastRunDirectory", job.run_dir)
     set_json(node, "LastSegmentMap", job.segment_map)
     set_json(node, "LastTimes", run_import.run_times(job.run_dir))

@@ -533,3 +533,32 @@ def test_panel_contours_go_under_the_follow_ups_dicom_study(series, tmp_path):
     assert parent[2.0] == study
     assert parent[1.0] == parent[3.5] == job.result.folder_item
     assert sh.GetItemParent(sh.GetItemByDataNode(job.result.time_points[2.0]["transform"])) == job.result.folder_item
+
+
+def test_panel_resumes_a_cancelled_run_from_its_checkpoint(series, tmp_path):
+    """Cancel mid-training with the real worker, then Resume: the inputs are exported again to the
+    paths the run recorded (same SHA-256), train --resume continues the run to complete."""
+    pn = parameter_node(series, times=(1.0, 2.0, 3.0))
+    pn.SetParameter("Iterations", "400")
+    logic = core(series, tmp_path, worker=[sys.executable, "-m", "STNeRPLib"])
+    settings = dict(parameters.settings(pn), device="cpu")
+    job = logic.start_training(parameters.job_inputs(pn), settings)
+    iterations = 0
+    while iterations < 150:
+        for event in job.poll():
+            if event.get("stage") == contract.STAGE_DEFNET:
+                iterations = event["iteration"]
+        assert not job.finished, job.log_lines[-5:]
+        time.sleep(0.05)
+    job.cancel()
+    job.wait(timeout=60)
+    assert job.state == "cancelled"
+    parameters.record_training(pn, job)
+    assert pn.GetParameter("UnfinishedRunDirectory") == job.run_dir and not pn.GetParameter("LastRunDirectory")
+    resumed = logic.start_training(parameters.job_inputs(pn), settings, run_dir=job.run_dir, resume=True)
+    resumed.wait(timeout=300)
+    assert resumed.state == "complete", resumed.message
+    record = run_import.read_record(job.run_dir)
+    assert record["status"] == contract.STATUS_COMPLETE and len(record["resumed"]) == 1
+    parameters.record_training(pn, resumed)
+    assert pn.GetParameter("LastRunDirectory") == job.run_dir and not pn.GetParameter("UnfinishedRunDirectory")
