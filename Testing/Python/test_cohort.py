@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,17 +15,13 @@ from STNeRPLib.cohort import (cluster_size, read_cohort, run_state, series_args,
                               write_summary)
 from STNeRPLib.errors import InputError
 from STNeRPLib.phantom import breathing_series, write_series
+from worker_cli import WORKER, stnerp
 
 QUICK = ["--iterations", "10", "--prior", "image"]
 
 
-def stnerp(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "STNeRPLib", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, **kwargs)
-
-
 def batch_command(cohort: Path, output: Path, *extra) -> list:
-    return [sys.executable, "-m", "STNeRPLib", "batch", "--cohort", str(cohort), "--output", str(output),
+    return [*WORKER, "batch", "--cohort", str(cohort), "--output", str(output),
             *map(str, extra)]
 
 

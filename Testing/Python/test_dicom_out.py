@@ -3,8 +3,6 @@ Structure Sets and Deformable Spatial Registrations read back with pydicom refer
 follow-up's series and frames of reference, contours lie on the propagated labelmap's boundary,
 and the registration grid is the run's displacement field."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +15,9 @@ from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 from STNeRPLib.phantom import breathing_series  # noqa: E402
+from worker_cli import stnerp
 
 REG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.3"
-
-
-def stnerp(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "STNeRPLib", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
 
 
 def write_ct_series(image: sitk.Image, folder: Path, study: str, frame: str, description: str) -> list[str]:

@@ -3,8 +3,6 @@ returns time-t points to where they started, with and without affine pre-alignme
 carries reference landmarks onto the time-t landmarks as well as the forward field carries
 time-t landmarks onto the reference ones."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,11 +13,7 @@ from STNeRPLib.model import SeriesModel
 from STNeRPLib.warping import map_to_reference
 from STNeRPLib.metrics import map_points, target_registration_error
 from STNeRPLib.phantom import breathing_series, write_series
-
-
-def stnerp(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "STNeRPLib", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+from worker_cli import stnerp
 
 
 @pytest.fixture(scope="module")

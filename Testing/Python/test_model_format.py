@@ -1,17 +1,11 @@
 """model.pt records the version of its layout; a file of another version is refused in one line."""
-import subprocess
-import sys
 
 import SimpleITK as sitk
 import torch
 
 from STNeRPLib.model import MODEL_FORMAT
 from STNeRPLib.phantom import breathing_series
-
-
-def stnerp(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "STNeRPLib", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+from worker_cli import stnerp
 
 
 def test_model_of_another_format_is_refused_in_one_line(tmp_path):

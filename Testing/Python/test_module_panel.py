@@ -18,6 +18,7 @@ import vtk
 import slicer
 
 from test_module_scene import ROOT, STANDIN_WORKER, make_image, new_scene, oblique_direction, phantom_arrays
+from worker_cli import WORKER
 
 from STNeRPLib import contract  # noqa: E402
 from STNeRPModuleLib import (core_logic, panel, parameters, predictions, run_import, scene_files,  # noqa: E402
@@ -263,7 +264,7 @@ def test_panel_cancel_by_closing_stdin_stops_the_real_worker_cleanly(tmp_path):
         sitk.WriteImage(image, paths[-1])
     args = contract.train_arguments(paths[0], 0, [(paths[1], 1)], str(tmp_path / "run"), iterations=100000,
                                     device="cpu", stdin_cancel=True)
-    process = worker_process.WorkerProcess([sys.executable, "-m", "STNeRPLib"] + args,
+    process = worker_process.WorkerProcess([*WORKER, *args],
                                            env=worker_process.worker_environment()).start()
     events = []
     while not any(e.get("stage") == contract.STAGE_DEFNET for e in events):
@@ -475,7 +476,7 @@ def test_standin_writes_the_run_folder_the_real_worker_writes(series, tmp_path):
         sitk.WriteImage(image, paths[-1])
     sitk.WriteImage(data.labelmaps[0], str(tmp_path / "labels.nrrd"))
     records = {}
-    for name, worker in (("real", [sys.executable, "-m", "STNeRPLib"]), ("stand-in", STANDIN_WORKER)):
+    for name, worker in (("real", WORKER), ("stand-in", STANDIN_WORKER)):
         args = contract.train_arguments(paths[0], 0, [(paths[1], 1)], str(tmp_path / name),
                                         segmentation=str(tmp_path / "labels.nrrd"), predict_times=[0.5],
                                         iterations=3, device="cpu")
@@ -540,7 +541,7 @@ def test_panel_resumes_a_cancelled_run_from_its_checkpoint(series, tmp_path):
     paths the run recorded (same SHA-256), train --resume continues the run to complete."""
     pn = parameter_node(series, times=(1.0, 2.0, 3.0))
     pn.SetParameter("Iterations", "400")
-    logic = core(series, tmp_path, worker=[sys.executable, "-m", "STNeRPLib"])
+    logic = core(series, tmp_path, worker=WORKER)
     settings = dict(parameters.settings(pn), device="cpu")
     job = logic.start_training(parameters.job_inputs(pn), settings)
     iterations = 0

@@ -2,7 +2,6 @@
 breathing phantom and loads its outputs into a slicer-core MRML scene."""
 
 import os
-import sys
 import time
 
 import numpy as np
@@ -16,6 +15,7 @@ from STNeRPLib import phantom  # noqa: E402
 
 from STNeRPModuleLib import core_logic, panel, run_import, scene_files, scene_utils  # noqa: E402
 from test_module_scene import new_scene  # noqa: E402
+from worker_cli import WORKER
 
 
 def test_module_real_worker_end_to_end(tmp_path):
@@ -46,7 +46,7 @@ def test_module_real_worker_end_to_end(tmp_path):
         ref_pts.AddControlPoint(vtk.vtkVector3d(*scene_utils.lps_to_ras(q)))
 
     logic = core_logic.STNeRPCoreLogic(scene, seg_logic, str(tmp_path / "runs"), temp_root=str(tmp_path / "tmp"),
-                                       worker_command=[sys.executable, "-m", "STNeRPLib"])
+                                       worker_command=WORKER)
     inputs = core_logic.JobInputs(volumes[0][1], volumes[1:], reference_time=volumes[0][0], segmentation_node=seg,
                                   reference_landmarks=ref_pts, follow_up_landmarks=[(volumes[1][0], fu_pts)],
                                   predict_times=[1.5])

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +16,13 @@ import SimpleITK as sitk
 
 from STNeRPLib.contract import write_json
 from STNeRPLib.phantom import breathing_series, write_series
+from worker_cli import WORKER, stnerp
 
 QUICK = ["--iterations", "15"]
 
 
-def stnerp(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "STNeRPLib", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, **kwargs)
-
-
 def start(*args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "STNeRPLib", *map(str, args)], stdout=subprocess.PIPE,
+    return subprocess.Popen([*WORKER, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 

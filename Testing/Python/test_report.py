@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +17,9 @@ from scipy import ndimage
 from STNeRPLib.model import SeriesModel
 from STNeRPLib.phantom import breathing_series, write_series
 from STNeRPLib.warping import map_to_reference
+from worker_cli import stnerp
 
 NAMES = {"1": "tumour", "2": "right lung", "3": "left lung"}
-
-
-def stnerp(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "STNeRPLib", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

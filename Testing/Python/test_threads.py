@@ -1,8 +1,6 @@
 """The worker's thread policy: every usable CPU on an idle machine, fewer when other processes keep
 cores busy, what --threads asks when given; applied to torch and ITK, logged and recorded."""
 import json
-import subprocess
-import sys
 
 import pytest
 import SimpleITK as sitk
@@ -11,6 +9,7 @@ import torch
 from STNeRPLib import threads
 from STNeRPLib.phantom import breathing_series, write_series
 from STNeRPLib.threads import choose_threads
+from worker_cli import stnerp
 
 
 @pytest.mark.parametrize("allowed, machine, load, own, expected", [
@@ -42,11 +41,6 @@ def test_use_sets_torch_and_itk_threads():
     finally:
         torch.set_num_threads(before[0])
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before[1])
-
-
-def stnerp(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "STNeRPLib", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +18,12 @@ import SimpleITK as sitk
 from baselines import MISTAKES, baseline_scores, dice, normalised, psnr_db, scores, table
 from STNeRPLib.geometry import Grid
 from STNeRPLib.phantom import breathing_series, write_series
+from worker_cli import WORKER, stnerp
 
 QUICK = ["--iterations", "15", "--prior", "image"]
 # 150 iterations: enough for the 9 mm phantom to beat every mistake by a margin (15 were not:
 # LPS/RAS mixed then scored a lower TRE than the run at phases 1 and 3).
 ACCURATE = ["--iterations", "150", "--prior", "image"]
-
-
-def stnerp(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "STNeRPLib", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +251,7 @@ def _ignore_sigint() -> None:
 def _interrupt_at(stage: str, signum: int, args: list, output: Path) -> None:
     """Start the worker, send `signum` at its first progress event of `stage`, and check the run
     ends interrupted: rc 130, a last JSON error event, run.json 'interrupted', no traceback."""
-    process = subprocess.Popen([sys.executable, "-m", "STNeRPLib", *map(str, args)], stdout=subprocess.PIPE,
+    process = subprocess.Popen([*WORKER, *map(str, args)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint)
     for line in process.stdout:
         event = json.loads(line)
