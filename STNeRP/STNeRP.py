@@ -383,7 +383,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.text = "Cancel" if training else "Apply"
         self.ui.applyButton.enabled = training or ready
         unfinished = pn.GetParameter("UnfinishedRunDirectory") if pn is not None else ""
-        self.ui.resumeButton.visible = bool(unfinished) and panel.resumable_run(unfinished)
+        self.ui.resumeButton.visible = bool(unfinished)   # set only for a resumable run (record_training)
         self.ui.resumeButton.enabled = ready and not training
         self.ui.resumeButton.toolTip = f"Continue {unfinished} from its last checkpoint (same inputs and settings)."
         self.ui.inputsCollapsibleButton.enabled = not training

@@ -236,6 +236,14 @@ class Job:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+def prediction_import_options(times: list[float], reference_volume=None, name: str | None = None) -> dict:
+    """How a prediction folder is imported: named after its times, no fixed volumes (nothing was
+    scanned then), sequences only for several times."""
+    label = ", ".join(contract.format_time(t) for t in times)
+    return dict(name=name or f"STNeRP prediction t={label}", reference_volume=reference_volume,
+                fixed_volumes={}, create_sequences=len(times) > 1)
+
+
 class STNeRPCoreLogic:
     """Scene-side logic of the module. runs_root and temp_root are absolute folders; the worker
     command defaults to ``[PythonSlicer, "-m", "STNeRPLib"]`` (tests pass a stand-in)."""
@@ -342,9 +350,7 @@ class STNeRPCoreLogic:
         segment_map = self.load_segment_map(run_dir) if segment_map is None else segment_map
         args = contract.predict_arguments(os.path.abspath(run_dir), times, os.path.abspath(output_dir),
                                           stdin_cancel=True)
-        label = ", ".join(contract.format_time(t) for t in times)
-        options = dict(name=name or f"STNeRP prediction t={label}", reference_volume=reference_volume,
-                       fixed_volumes={}, create_sequences=len(times) > 1)
+        options = prediction_import_options(times, reference_volume, name)
         return Job(self, "predict", self.worker_command + args, output_dir, None, options, segment_map).start()
 
     def _temp_root(self) -> str | None:

@@ -16,7 +16,7 @@ from typing import Callable
 from STNeRPLib import contract
 
 from . import run_import
-from .core_logic import PREDICTIONS_FOLDER, Job, STNeRPCoreLogic
+from .core_logic import PREDICTIONS_FOLDER, Job, STNeRPCoreLogic, prediction_import_options
 
 
 def prediction_folder(run_dir: str, t: float) -> str:
@@ -36,6 +36,7 @@ class TimeSliderPredictions:
         self.quiet = quiet
         self.clock = clock
         self.job: Job | None = None
+        self._job_time: float | None = None   # the time self.job predicts
         self.shown: run_import.ImportedRun | None = None
         self.shown_time: float | None = None
         self.message: str | None = None       # why the last prediction failed
@@ -87,31 +88,27 @@ class TimeSliderPredictions:
     def _start(self, t: float) -> None:
         folder = prediction_folder(self.run_dir, t)
         if _complete(folder):
-            self._show(t, self.logic.import_results(folder, segment_map=self.segment_map, **self._options(t)))
+            options = prediction_import_options([t], self.reference_volume)
+            self._show(t, self.logic.import_results(folder, segment_map=self.segment_map, **options))
             return
         if os.path.isdir(folder):   # an interrupted or failed prediction of ours: done again
             shutil.rmtree(folder)
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         self.job = self.logic.start_prediction(self.run_dir, [t], folder, segment_map=self.segment_map,
-                                               reference_volume=self.reference_volume,
-                                               name=self._options(t)["name"])
-        self.job.time = t
+                                               reference_volume=self.reference_volume)
+        self._job_time = t
 
     def _finished(self, job: Job) -> None:
         self.job = None
         if job.state == "complete":
-            self._show(job.time, job.result)
+            self._show(self._job_time, job.result)
             self.message, self._failed_time = None, None
         elif job.state == "failed":
-            self.message, self._failed_time = job.message, job.time
+            self.message, self._failed_time = job.message, self._job_time
 
     def _show(self, t: float, result: run_import.ImportedRun) -> None:
         run_import.remove_imported(self.logic.scene, self.shown)
         self.shown, self.shown_time = result, t
-
-    def _options(self, t: float) -> dict:
-        return dict(name=f"STNeRP prediction t={contract.format_time(t)}", reference_volume=self.reference_volume,
-                    fixed_volumes={}, create_sequences=False)
 
 
 def _complete(folder: str) -> bool:

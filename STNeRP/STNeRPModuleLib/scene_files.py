@@ -110,10 +110,10 @@ def segment_terminology(segment) -> str:
     from Slicer 5.10; before, the entry is the tag named by GetTerminologyEntryTagName()."""
     if hasattr(segment, "GetTerminology"):
         return segment.GetTerminology() or ""
-    return tagged_terminology(segment)
+    return _tagged_terminology(segment)
 
 
-def tagged_terminology(segment) -> str:
+def _tagged_terminology(segment) -> str:
     """The terminology tag of a segment, as Slicer <= 5.8 keeps it."""
     value = vtk.reference("")
     if not segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), value):
@@ -191,15 +191,14 @@ def export_segmentation_labelmap(scene, segmentation_node, segment_ids, referenc
     return segment_map
 
 
-def import_segmentation(scene, labelmap_path, name, segment_map, segmentations_logic, geometry_node=None):
+def import_segmentation(scene, labelmap_path, name, segment_map, segmentations_logic):
     """Read a worker labelmap into a NEW segmentation node: one segment per entry of the
     segment map (names, colours, terminology restored; a label missing from the file gives an
     empty segment, so every time point has the same segments)."""
     labelmap = read_volume_detached(labelmap_path, labelmap=True)
     seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     seg_node.CreateDefaultDisplayNodes()
-    geometry = geometry_node if geometry_node is not None else labelmap
-    seg_node.SetReferenceImageGeometryParameterFromVolumeNode(geometry)
+    seg_node.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
     if not segmentations_logic.ImportLabelmapToSegmentationNode(labelmap, seg_node):
         raise RuntimeError(f"could not import labelmap {labelmap_path}")
     segmentation = seg_node.GetSegmentation()
@@ -274,14 +273,13 @@ def export_landmarks_csv(path, reference_markups, followup_markups):
 # -- transforms ------------------------------------------------------------------------------
 
 
-def read_displacement_transform(scene, path: str, name: str, linear: bool = True):
+def read_displacement_transform(scene, path: str, name: str):
     """Read a worker displacement field (ITK, LPS, time-t point -> reference point) into a
     NEW grid transform node. Slicer stores it as the *from parent* transform; the grid is
     switched to linear interpolation so the node maps points exactly as ITK does."""
     node = _read(scene, scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name),
                  slicer.vtkMRMLTransformStorageNode(), path)
-    if linear:
-        set_grid_interpolation_linear(node)
+    set_grid_interpolation_linear(node)
     return node
 
 

@@ -85,7 +85,6 @@ class WorkerProcess:
         self.env = env
         self.grace = grace
         self.process: subprocess.Popen | None = None
-        self.returncode: int | None = None
         self.cancelled = False
         self._kill_at: float | None = None
         self._queue: queue.Queue = queue.Queue()
@@ -136,9 +135,8 @@ class WorkerProcess:
         if (not self._exit_reported and self.process is not None and self.process.poll() is not None
                 and not any(t.is_alive() for t in self._threads)):
             events += self._drain()  # what the readers put in after the first drain
-            self.returncode = self.process.returncode
             self._exit_reported = True
-            events.append({"event": "exit", "returncode": self.returncode, "cancelled": self.cancelled})
+            events.append({"event": "exit", "returncode": self.process.returncode, "cancelled": self.cancelled})
         return events
 
     def _drain(self) -> list[dict]:
