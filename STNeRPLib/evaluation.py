@@ -11,7 +11,7 @@ from .errors import InputError
 from .geometry import Grid
 from .contract import write_json
 from .io import check_landmarks_inside, read_image, read_labelmap, read_landmarks
-from .metrics import dice_per_label, map_points, psnr, ssim, target_registration_error
+from .metrics import score_time_point, target_registration_error
 from .preprocessing import IntensityWindow
 from .progress import Reporter
 from .record import load_record, require_complete
@@ -27,32 +27,38 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
     entries = {float(e["time"]): e for e in record["time_points"]}
     window = IntensityWindow(*record["intensity_window"])
     pairs = read_landmarks(landmarks) if landmarks else {}
-    rows = {t: {"time": t} for t in sorted(entries)}
+    parts: dict[float, dict] = {t: {} for t in sorted(entries)}
     for path, t in images:
         predicted = _output(run, _entry(entries, t, path), "image")
         actual = read_image(path, f"image at time {t:g}")
         _same_grid(actual, predicted, path)
-        a, p = (window.normalise(sitk.GetArrayFromImage(i)) for i in (actual, predicted))
-        rows[t].update(psnr=psnr(p, a), ssim=ssim(p, a))
+        parts[t]["images"] = tuple(window.normalise(sitk.GetArrayFromImage(i)) for i in (predicted, actual))
     for path, t in ground_truth:
         entry = _entry(entries, t, path)
         if not entry.get("labelmap"):
             raise InputError(f"run {run} propagated no labelmap: train it with --segmentation")
         predicted = _output(run, entry, "labelmap")
         truth = read_labelmap(path, Grid.of(predicted), f"ground-truth labelmap at time {t:g}")
-        dice = dice_per_label(sitk.GetArrayFromImage(predicted), sitk.GetArrayFromImage(truth))
-        rows[t]["dice"] = {str(k): v for k, v in dice.items()}
+        parts[t]["labelmaps"] = (sitk.GetArrayFromImage(predicted), sitk.GetArrayFromImage(truth))
     for t, (points, reference_points) in pairs.items():
         field = _output(run, _entry(entries, t, landmarks), "displacement")
         check_landmarks_inside(points, Grid.of(field), f"landmark at time {t:g}", f"the run's time-{t:g} grid")
-        rows[t].update(target_registration_error(map_points(field, points), reference_points))
-        rows[t]["tre_none"] = target_registration_error(points, reference_points)["tre_mean"]
-    result = [r for r in rows.values() if len(r) > 1]
+        parts[t].update(field=field, landmarks=(points, reference_points))
+    rows = [_row(t, given) for t, given in parts.items() if given]
     path = _new_evaluation_path(run)
-    write_json({"run": str(run), "rows": result}, path)
-    reporter.message(format_table(result))
+    write_json({"run": str(run), "rows": rows}, path)
+    reporter.message(format_table(rows))
     reporter.message(f"evaluation written to {path}")
-    return result
+    return rows
+
+
+def _row(t: float, given: dict) -> dict:
+    """One evaluation row: the scores of what was given at time t, and the landmarks' error
+    without registration (tre_none, mm) beside their TRE."""
+    row = {"time": t, **score_time_point(**given)}
+    if "landmarks" in given:
+        row["tre_none"] = target_registration_error(*given["landmarks"])["tre_mean"]
+    return row
 
 
 def _new_evaluation_path(run: Path) -> Path:

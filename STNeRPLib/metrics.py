@@ -185,3 +185,42 @@ def map_points(displacement: sitk.Image, points: np.ndarray) -> np.ndarray:
     transform = sitk.DisplacementFieldTransform(field)
     points = np.asarray(points, dtype=np.float64)
     return np.array([transform.TransformPoint(tuple(p)) for p in points]).reshape(points.shape)
+
+
+METRIC_KEYS = ("folded_voxels", "jacobian_min", "jacobian_max", "psnr", "ssim", "dice", "tre_mean", "tre_std",
+               "tre_max")
+"""The metrics of a field at one time point, as run.json, metrics.csv, evaluation.json and the
+benchmarks name them."""
+
+
+def score_time_point(*, field: sitk.Image | None = None, jacobian: np.ndarray | None = None,
+                     images: tuple[np.ndarray, np.ndarray] | None = None,
+                     labelmaps: tuple[np.ndarray, np.ndarray] | None = None, labels: Iterable[int] | None = None,
+                     landmarks: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Every metric of a field u at one time point, from the parts that are known there: the one
+    definition used by a run's outputs, ``stnerp evaluate`` and the benchmarks.
+
+    ``field``: u (mm, LPS, time-t grid, q -> q + u(q)); ``jacobian``: its det J array, computed from
+    ``field`` when not given (folding statistics need one of them). ``images``: (predicted, actual)
+    intensities normalised to [0, 1] (PSNR, SSIM). ``labelmaps``: (propagated, true) label arrays,
+    Dice over ``labels`` (default: every label present). ``landmarks``: (points q in the time-t image,
+    their true reference points), TRE in mm through ``field``. Returns every key of METRIC_KEYS; a
+    part not given scores None (Dice: an empty dict); Dice keys are label strings.
+    """
+    scores: dict = dict.fromkeys(METRIC_KEYS)
+    scores["dice"] = {}
+    if jacobian is None and field is not None:
+        jacobian = sitk.GetArrayFromImage(jacobian_determinant(field))
+    if jacobian is not None:
+        scores.update(folding_statistics(jacobian))
+    if images is not None:
+        predicted, actual = images
+        scores.update(psnr=psnr(predicted, actual), ssim=ssim(predicted, actual))
+    if labelmaps is not None:
+        scores["dice"] = {str(k): v for k, v in dice_per_label(*labelmaps, labels).items()}
+    if landmarks is not None:
+        if field is None:
+            raise ValueError("landmarks need the field that maps them")
+        points, reference_points = landmarks
+        scores.update(target_registration_error(map_points(field, points), reference_points))
+    return scores

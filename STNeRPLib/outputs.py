@@ -13,8 +13,7 @@ import SimpleITK as sitk
 from .contract import time_point_folder
 from .geometry import Grid
 from .io import write_image
-from .metrics import (dice_per_label, folding_statistics, jacobian_determinant, map_points, psnr, ssim,
-                      target_registration_error)
+from .metrics import jacobian_determinant, score_time_point
 from .model import SeriesModel
 from .warping import inverse_displacement, warp
 
@@ -69,19 +68,15 @@ def time_point_metrics(model: SeriesModel, point: TimePoint, warped, field_image
                        jacobian: sitk.Image, series: Series | None) -> dict:
     """Folding and Jacobian range always; PSNR/SSIM against the scanned image; Dice and TRE where
     ground truth is given. PSNR and SSIM are on intensities normalised to [0, 1]."""
-    metrics = folding_statistics(sitk.GetArrayViewFromImage(jacobian))
-    metrics.update(psnr=None, ssim=None, dice={}, tre_mean=None, tre_std=None, tre_max=None)
+    images = labelmaps = landmarks = None
     if point.image is not None:
-        actual = model.window.normalise(sitk.GetArrayFromImage(point.image))
-        predicted = model.window.normalise(warped.image)
-        metrics.update(psnr=psnr(predicted, actual), ssim=ssim(predicted, actual))
+        images = (model.window.normalise(warped.image), model.window.normalise(sitk.GetArrayFromImage(point.image)))
     if series is not None and point.time in series.ground_truth and warped.labelmap is not None:
-        truth = sitk.GetArrayFromImage(series.ground_truth[point.time])
-        metrics["dice"] = {str(k): v for k, v in dice_per_label(warped.labelmap, truth).items()}
+        labelmaps = (warped.labelmap, sitk.GetArrayFromImage(series.ground_truth[point.time]))
     if series is not None and point.time in series.landmarks:
-        points, reference_points = series.landmarks[point.time]
-        metrics.update(target_registration_error(map_points(field_image, points), reference_points))
-    return metrics
+        landmarks = series.landmarks[point.time]
+    return score_time_point(field=field_image, jacobian=sitk.GetArrayViewFromImage(jacobian), images=images,
+                            labelmaps=labelmaps, landmarks=landmarks)
 
 
 def write_metrics_table(entries: list[dict], path: Path) -> None:

@@ -197,3 +197,31 @@ def test_map_points_affine_field_on_oblique_grid():
     expected = points @ AFFINE.T + OFFSET  # linear interpolation is exact for an affine field
     assert np.abs(metrics.map_points(field, points) - expected).max() < 1e-9
     assert metrics.map_points(field, np.empty((0, 3))).shape == (0, 3)
+
+
+def test_score_time_point_gives_each_known_part_its_closed_form_and_none_for_the_rest():
+    """A uniform 2 mm shift in L: det J = 1, landmarks land 2 mm along x; images 0.1 apart give
+    PSNR 20 dB; two 4-voxel-deep boxes overlapping by half give Dice 0.5; nothing given scores None."""
+    shape = (12, 14, 16)
+    u = np.zeros(shape + (3,))
+    u[..., 0] = 2.0
+    field = sitk.GetImageFromArray(u, isVector=True)
+    field.SetSpacing((1.5, 1.0, 2.0))
+    points = np.array([[3.0, 4.0, 5.0], [6.0, 2.0, 8.0]])
+    reference = points + [2.0, 0.0, 0.0]
+    reference[1, 2] += 3.0
+    actual = np.full(shape, 0.5)
+    truth, propagated = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    truth[0:4], propagated[2:6] = 1, 1  # slices 2-3 shared: 2 * 2 / (4 + 4)
+    scores = metrics.score_time_point(field=field, images=(actual + 0.1, actual), labelmaps=(propagated, truth),
+                                      landmarks=(points, reference))
+    assert set(scores) == set(metrics.METRIC_KEYS)
+    assert (scores["folded_voxels"], scores["jacobian_min"], scores["jacobian_max"]) == (0, pytest.approx(1.0),
+                                                                                         pytest.approx(1.0))
+    assert scores["psnr"] == pytest.approx(20.0)
+    assert scores["dice"] == {"1": pytest.approx(0.5)}
+    assert (scores["tre_mean"], scores["tre_max"]) == (pytest.approx(1.5), pytest.approx(3.0))
+    nothing = metrics.score_time_point(images=(actual, actual))
+    assert nothing["folded_voxels"] is None and nothing["tre_mean"] is None and nothing["dice"] == {}
+    with pytest.raises(ValueError, match="landmarks need the field"):
+        metrics.score_time_point(landmarks=(points, reference))
