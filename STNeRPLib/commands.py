@@ -132,11 +132,13 @@ def demo_command(args, reporter: Reporter) -> int:
     inputs = {"phantom": "longitudinal" if args.longitudinal else "breathing", "size": args.size,
               "held_out_time": series.times[held_out]}
 
+    options = Options(preset)
+
     def body(record: RunRecord) -> None:
-        run_demo(folder, series, held_out, preset, record, reporter)
+        run_demo(folder, series, held_out, options, record, reporter)
         if not args.no_report:
             _report_quietly(record, reporter)
-    return _recorded(folder / "run", "demo", inputs, preset.to_dict(), body, reporter, args, root=folder)
+    return _recorded(folder / "run", "demo", inputs, options.to_dict(), body, reporter, args, root=folder)
 
 
 def evaluate_command(args, reporter: Reporter) -> int:

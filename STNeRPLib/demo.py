@@ -14,7 +14,7 @@ from .metrics import psnr, ssim
 from .phantom import PhantomSeries, breathing_series, longitudinal_series, write_series
 from .pipeline import run_training
 from .preprocessing import IntensityWindow
-from .presets import Options, Preset
+from .presets import Options
 from .progress import Reporter
 from .record import RunRecord
 from .series import load_series
@@ -34,7 +34,7 @@ def demo_series(longitudinal: bool, size: tuple[int, int, int]) -> tuple[Phantom
     return breathing_series(size=size, spacing=spacing), 3
 
 
-def run_demo(folder: Path, series: PhantomSeries, held_out: int, preset: Preset,
+def run_demo(folder: Path, series: PhantomSeries, held_out: int, options: Options,
              record: RunRecord, reporter: Reporter) -> dict:
     """Write the phantom to folder/phantom, train on every time but `held_out` into folder/run,
     predict the held-out time, evaluate everything and print a summary; returns the summary."""
@@ -50,7 +50,7 @@ def run_demo(folder: Path, series: PhantomSeries, held_out: int, preset: Preset,
     record.set(inputs={**record.data["inputs"], "reference": str(files["images"][0]), "reference_time": times[0],
                        "follow_ups": [[str(files["images"][k]), times[k]] for k in trained[1:]],
                        "segmentation": str(files["labelmaps"][0]), "label_names": str(_label_names(folder / "phantom"))})
-    run_training(inputs, Options(preset), run, reporter, [times[held_out]], record)
+    run_training(inputs, options, run, reporter, [times[held_out]], record)
     rows = evaluate_run(run, [(str(p), t) for p, t in zip(files["images"], times)],
                         [(str(p), t) for p, t in zip(files["labelmaps"], times)],
                         str(files["landmarks"]), reporter)

@@ -524,3 +524,6 @@ def test_readme_demo_command_at_small_size(tmp_path):
     scan = lambda k: sitk.GetArrayFromImage(series.images[k]).astype(np.float64)  # noqa: E731
     linear = psnr_db(normalised(0.5 * scan(2) + 0.5 * scan(4)), normalised(scan(3)))
     assert f"linear interpolation of its neighbours: PSNR {linear:.2f} dB" in printed
+    parameters = json.loads((output / "run/run.json").read_text())["parameters"]
+    assert (parameters["seed"], parameters["prior"], parameters["preset"]["def_iterations"]) == (0, "image", 10)
+    assert "seed 0" in (output / "run/report/index.html").read_text()
