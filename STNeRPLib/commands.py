@@ -9,6 +9,7 @@ import json
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -73,22 +74,28 @@ def train_command(args, reporter: Reporter) -> int:
         run_training(series, options, args.output, reporter, args.predict_times, record, args.checkpoint_every)
         if not args.no_report:
             _report_quietly(record, reporter)
+    export = None
     if args.dicom_out:
         from .dicom_out import check_dicom_inputs
-        status = _guarded(lambda: check_dicom_inputs(args.reference, timed(args.follow_up)), reporter)
+
+        def checks() -> None:
+            _check_new_folder(args.dicom_out, "--dicom-out")
+            check_dicom_inputs(args.reference, timed(args.follow_up))
+        status = _guarded(checks, reporter)
         if status:
             return status
-    status = _recorded(args.output, "train", inputs, options.to_dict(), body, reporter, args, resume=args.resume)
-    if status == contract.EXIT_OK and args.dicom_out:      # the run stays complete whatever happens here
-        return _dicom_from(args.output, args.dicom_out, args.label_names, reporter)
-    return status
+        export = partial(_dicom_from, args.output, args.dicom_out, args.label_names, reporter)
+    return _recorded(args.output, "train", inputs, options.to_dict(), body, reporter, args, resume=args.resume,
+                     then=export)
 
 
 def dicom_command(args, reporter: Reporter) -> int:
-    return _dicom_from(args.run, args.dicom_out, args.label_names, reporter)
+    status = _guarded(lambda: _check_new_folder(args.dicom_out, "--dicom-out"), reporter)
+    return status or _dicom_from(args.run, args.dicom_out, args.label_names, reporter)
 
 
 def _dicom_from(run: Path, folder: Path, label_names: str | None, reporter: Reporter) -> int:
+    """Export a complete run's contours and fields as DICOM; a failure leaves the run complete."""
     from .dicom_out import write_dicom
     return _guarded(lambda: reporter.message(f"DICOM: {len(write_dicom(run, folder, label_names))} files in {folder}"),
                     reporter)
@@ -168,9 +175,12 @@ def _complete_model(run: Path) -> Path:
 
 
 def _recorded(folder: Path, command: str, inputs: dict, parameters: dict, body: Callable[[RunRecord], None],
-              reporter: Reporter, args, resume: bool = False, root: Path | None = None) -> int:
+              reporter: Reporter, args, resume: bool = False, root: Path | None = None,
+              then: Callable[[], int] | None = None) -> int:
     """Run body with a run record in `folder` that ends complete, failed or interrupted. The folder
-    (or `root`, the folder holding it) must be new or empty, unless resuming the run in it."""
+    (or `root`, the folder holding it) must be new or empty, unless resuming the run in it. `then`
+    runs after a complete body (its exit status is the command's; the run stays complete); the
+    done event comes last, when everything the command was asked for is written."""
     try:
         if resume:
             _check_resumable(folder, command, inputs, parameters)
@@ -187,6 +197,8 @@ def _recorded(folder: Path, command: str, inputs: dict, parameters: dict, body: 
                        "choose a folder you can write to")
         return contract.EXIT_BAD_INPUT
     status = _guarded(lambda: body(record), reporter, record)
+    if status == contract.EXIT_OK and then is not None:
+        status = then()
     if status == contract.EXIT_OK:
         reporter.done(contract.STATUS_COMPLETE, str(folder))
     return status
@@ -215,17 +227,17 @@ def _failure(error: Exception) -> str:
     return f"internal error: {type(error).__name__}: {error}"
 
 
-def _check_new_folder(folder: Path) -> None:
+def _check_new_folder(folder: Path, option: str = "--output") -> None:
     """Refuse an output path that is a file or a folder holding anything (a run, or the user's files)."""
     if folder.exists() and not folder.is_dir():
-        raise InputError(f"--output {folder} is a file: give the path of a new folder")
+        raise InputError(f"{option} {folder} is a file: give the path of a new folder")
     names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     if contract.RUN_FILE in names:
         raise InputError(f"output folder {folder} already holds a run: choose a new folder "
                          "(or add --resume to continue an unfinished training run)")
     if names:
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        raise InputError(f"output folder {folder} is not empty (it holds {shown}): choose a new or "
+        raise InputError(f"{option} folder {folder} is not empty (it holds {shown}): choose a new or "
                          "empty folder; nothing was written")
 
 

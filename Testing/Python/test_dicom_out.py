@@ -69,7 +69,7 @@ def exported(tmp_path_factory):
         args += ["--follow-up", folder, t]
     result = stnerp(*args)
     assert result.returncode == 0, result.stderr
-    return root, folders, uids, json.loads((root / "run" / "run.json").read_text()), frame
+    return root, folders, uids, json.loads((root / "run" / "run.json").read_text()), frame, result.stderr
 
 
 def test_report_draws_contours_over_the_dicom_scans(exported):
@@ -79,7 +79,7 @@ def test_report_draws_contours_over_the_dicom_scans(exported):
 
 
 def test_rtstruct_references_the_follow_up_series(exported):
-    root, folders, uids, _, frame = exported
+    root, folders, uids, _, frame, _ = exported
     for k in (1, 2):
         rs = pydicom.dcmread(root / "out" / f"t_{k}" / "RTSTRUCT.dcm")
         follow_up = pydicom.dcmread(folders[k] / "000.dcm", stop_before_pixels=True)
@@ -103,7 +103,7 @@ def boundary_faces(plane: np.ndarray) -> np.ndarray:
 
 
 def test_contour_points_lie_within_half_a_voxel_of_the_labelmap_boundary(exported):
-    root, _, _, record, _ = exported
+    root, _, _, record, _, _ = exported
     for entry in record["time_points"][1:]:
         labels = sitk.ReadImage(str(root / "run" / entry["labelmap"]))
         array = sitk.GetArrayFromImage(labels)
@@ -124,7 +124,7 @@ def test_contour_points_lie_within_half_a_voxel_of_the_labelmap_boundary(exporte
 
 
 def test_registration_grid_is_the_displacement_field(exported):
-    root, folders, uids, record, frame = exported
+    root, folders, uids, record, frame, _ = exported
     for entry in record["time_points"][1:]:
         t = entry["time"]
         reg = pydicom.dcmread(root / "out" / f"t_{t:g}" / "REG.dcm")
@@ -145,6 +145,30 @@ def test_registration_grid_is_the_displacement_field(exported):
         expected = sitk.GetArrayFromImage(field)
         assert np.abs(expected).max() > 1.0
         assert np.allclose(vectors, expected, atol=1e-4)
+
+
+def test_train_with_dicom_out_says_complete_only_after_the_dicom_files_are_written(exported):
+    """The 'complete' line (the done event with --json-events) ends the command: it comes after
+    the DICOM export, so whoever waits for it finds the files there."""
+    log = exported[-1].splitlines()
+    dicom = next(i for i, line in enumerate(log) if line.startswith("DICOM: "))
+    complete = next(i for i, line in enumerate(log) if line.startswith("complete: "))
+    assert dicom < complete
+
+
+def test_dicom_out_refuses_a_folder_holding_files_before_training(exported, tmp_path):
+    """--dicom-out into a folder with the user's files is refused before anything runs (exit 2);
+    the files are untouched and no run folder is made."""
+    root, folders, *_ = exported
+    mine = tmp_path / "out" / "t_1" / "RTSTRUCT.dcm"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("mine")
+    result = stnerp("train", "--reference", folders[0], "--follow-up", folders[1], 1, "--output", tmp_path / "run",
+                    "--dicom-out", tmp_path / "out")
+    assert result.returncode == 2 and "--dicom-out" in result.stderr and "not empty" in result.stderr
+    assert mine.read_text() == "mine" and not (tmp_path / "run").exists()
+    again = stnerp("dicom", "--run", root / "run", "--dicom-out", tmp_path / "out")
+    assert again.returncode == 2 and mine.read_text() == "mine"
 
 
 def test_dicom_out_refuses_inputs_that_are_not_dicom(tmp_path):
