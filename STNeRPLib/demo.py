@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .contract import write_json
 from .evaluation import evaluate_run
 from .metrics import psnr, ssim
 from .phantom import PhantomSeries, breathing_series, longitudinal_series, write_series
@@ -34,10 +35,15 @@ def demo_series(longitudinal: bool, size: tuple[int, int, int]) -> tuple[Phantom
     return breathing_series(size=size, spacing=spacing), 3
 
 
+DEMO_SUMMARY = "summary.json"
+"""The demo's figures (as printed) in its output folder, beside phantom/ and run/."""
+
+
 def run_demo(folder: Path, series: PhantomSeries, held_out: int, options: Options,
              record: RunRecord, reporter: Reporter) -> dict:
     """Write the phantom to folder/phantom, train on every time but `held_out` into folder/run,
-    predict the held-out time, evaluate everything and print a summary; returns the summary."""
+    predict the held-out time, evaluate everything, print the summary and write it to
+    folder/summary.json; returns the summary."""
     files = write_series(series, folder / "phantom")
     trained = [k for k in range(len(series.times)) if k != held_out]
     times = series.times
@@ -56,6 +62,7 @@ def run_demo(folder: Path, series: PhantomSeries, held_out: int, options: Option
                         str(files["landmarks"]), reporter)
     summary = summarise(rows, series, held_out, record.data["intensity_window"],
                         record.data["time_points"])
+    write_json(summary, folder / DEMO_SUMMARY)
     reporter.message(format_summary(summary))
     return summary
 

@@ -520,6 +520,8 @@ def test_readme_demo_command_at_small_size(tmp_path):
     assert "trained time points: TRE" in printed and "held-out time 3" in printed
     rows = {r["time"]: r for r in json.loads((output / "run/evaluation.json").read_text())["rows"]}
     assert f"PSNR {rows[3.0]['psnr']:.2f} dB" in printed
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["held_out"]["psnr"] == rows[3.0]["psnr"] and summary["held_out_time"] == 3.0
     series, held_out = demo_series(False, (32, 32, 24))
     scan = lambda k: sitk.GetArrayFromImage(series.images[k]).astype(np.float64)  # noqa: E731
     linear = psnr_db(normalised(0.5 * scan(2) + 0.5 * scan(4)), normalised(scan(3)))
