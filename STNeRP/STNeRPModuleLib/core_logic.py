@@ -161,7 +161,7 @@ class Job:
             raise
         self.state = "running"
         self.status_text = "Starting..."
-        self.log_lines.append("$ " + " ".join(self.command))
+        self.log_lines.append(f"$ {' '.join(self.command)}")
         return self
 
     def cancel(self) -> None:
@@ -236,7 +236,8 @@ class Job:
         if self.error_event and self.error_event.get("message"):
             return str(self.error_event["message"])
         last = next((line.strip() for line in reversed(self.log_lines) if line.strip()), None)
-        return f"worker exited with code {returncode}" + (f": {last}" if last else "")
+        detail = f": {last}" if last else ""
+        return f"worker exited with code {returncode}{detail}"
 
     def _cleanup(self) -> None:
         if self.temp_dir and os.path.isdir(self.temp_dir):

@@ -140,7 +140,7 @@ def torch_problem() -> str | None:
 
 def torch_requirement() -> str:
     """The version requirement to give the PyTorch extension's installer."""
-    return ">=" + ".".join(map(str, MINIMUM_TORCH))
+    return f">={'.'.join(map(str, MINIMUM_TORCH))}"
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

@@ -88,7 +88,7 @@ def import_run(scene: slicer.vtkMRMLScene, run_dir: str,
         for tp in time_points:
             t = float(tp["time"])
             if tp.get("jacobian") and colors is None:
-                colors = create_diverging_color_table(scene, name + " Jacobian colors")
+                colors = create_diverging_color_table(scene, f"{name} Jacobian colors")
             fixed = next((v for k, v in (fixed_volumes or {}).items() if abs(float(k) - t) < 1e-9), None)
             entry = _import_time_point(scene, run_dir, tp, f"{name} t={contract.format_time(t)}",
                                        segmentations_logic, segment_map or [], colors, fixed, reference_volume)
@@ -102,7 +102,7 @@ def import_run(scene: slicer.vtkMRMLScene, run_dir: str,
             result.time_points[t] = entry
         if create_sequences and len(result.time_points) > 1:
             _create_sequences(scene, result, name)
-        result.table = create_metrics_table(scene, name + " metrics", time_points, segment_map)
+        result.table = create_metrics_table(scene, f"{name} metrics", time_points, segment_map)
         result.table.SetAttribute(RUN_ATTRIBUTE, run_dir)
         place_in_folder(sh, result.table, result.folder_item)
         _import_report_data(scene, result, name, segment_map)
@@ -118,21 +118,21 @@ def _import_time_point(scene: slicer.vtkMRMLScene, run_dir: str, tp: dict, label
     entry = {}
     if tp.get("displacement"):
         node = scene_files.read_displacement_transform(scene, _run_path(run_dir, tp["displacement"]),
-                                                       label + " transform")
+                                                       f"{label} transform")
         _set_registration_references(node, fixed, reference_volume)
         entry["transform"] = node
     if tp.get("labelmap"):
         if not segment_map:
             raise RunFolderError("the run has labelmaps but no segment map was given")
         entry["segmentation"] = scene_files.import_segmentation(
-            scene, _run_path(run_dir, tp["labelmap"]), label + " segmentation", segment_map, segmentations_logic)
+            scene, _run_path(run_dir, tp["labelmap"]), f"{label} segmentation", segment_map, segmentations_logic)
     if tp.get("jacobian"):
-        entry["jacobian"] = read_jacobian(scene, _run_path(run_dir, tp["jacobian"]), label + " Jacobian", colors)
+        entry["jacobian"] = read_jacobian(scene, _run_path(run_dir, tp["jacobian"]), f"{label} Jacobian", colors)
     if tp.get("image"):
-        entry["image"] = scene_files.read_volume(scene, _run_path(run_dir, tp["image"]), label + " predicted image")
+        entry["image"] = scene_files.read_volume(scene, _run_path(run_dir, tp["image"]), f"{label} predicted image")
     if tp.get("inverse_displacement"):
         entry["inverse"] = scene_files.read_inverse_transform(
-            scene, _run_path(run_dir, tp["inverse_displacement"]), label + " reference to t")
+            scene, _run_path(run_dir, tp["inverse_displacement"]), f"{label} reference to t")
     return entry
 
 
@@ -159,7 +159,7 @@ def _create_sequences(scene: slicer.vtkMRMLScene, result: ImportedRun, name: str
     if not result.sequences:
         return
     order = list(result.sequences.values())
-    result.browser = create_browser(scene, name + " browser", order)
+    result.browser = create_browser(scene, f"{name} browser", order)
     place_in_folder(sh, result.browser, result.folder_item)
     for sequence in order:
         proxy = result.browser.GetProxyNode(sequence)
@@ -292,7 +292,7 @@ def create_metrics_table(scene: slicer.vtkMRMLScene, name: str, time_points: Ite
     columns = [("time", "time"), ("scanned", "scanned"), ("folded_voxels", "folded voxels"),
                ("jacobian_min", "Jacobian min"), ("jacobian_max", "Jacobian max"),
                ("psnr", "PSNR (dB)"), ("ssim", "SSIM")]
-    columns += [("dice:" + k, "Dice " + names.get(k, "label " + k)) for k in dice_keys]
+    columns += [(f"dice:{k}", f"Dice {names.get(k, f'label {k}')}") for k in dice_keys]
     columns += [("tre_mean", "TRE mean (mm)"), ("tre_std", "TRE std (mm)"), ("tre_max", "TRE max (mm)")]
     table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     table = table_node.GetTable()
