@@ -423,7 +423,12 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateParameterNodeFromGUI()
             if not self.ensureTorch():
                 return
+            overlap = self.logic.segmentOverlapWarning(self._parameterNode)
+            if overlap and not slicer.util.confirmOkCancelDisplay(overlap, windowTitle="STNeRP: overlapping segments"):
+                return
             self.ui.logTextEdit.clear()
+            if overlap:
+                self.ui.logTextEdit.appendPlainText(overlap)
             self._job = self.logic.startTraining(self._parameterNode)
             self._showStart(self._job)
 
@@ -567,6 +572,10 @@ class STNeRPLogic(ScriptedLoadableModuleLogic):
             core.worker_command = list(workerCommand)
         runDir = pn.GetParameter("UnfinishedRunDirectory") if resume else None
         return core.start_training(inputs, parameters.settings(pn), run_dir=runDir, resume=resume)
+
+    def segmentOverlapWarning(self, pn: slicer.vtkMRMLScriptedModuleNode) -> str | None:
+        """One line naming the chosen segments that overlap, to confirm before Apply (None: none do)."""
+        return self.core().segment_overlap_warning(parameters.job_inputs(pn))
 
     def timeSliderPredictions(self, pn: slicer.vtkMRMLScriptedModuleNode,
                               workerCommand: list[str] | None = None) -> predictions.TimeSliderPredictions:

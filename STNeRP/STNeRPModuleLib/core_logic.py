@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import slicer
 from STNeRPLib import contract
 
-from . import run_import, scene_files
+from . import run_import, scene_files, segment_overlap
 from .worker_process import WorkerProcess, default_python_executable, worker_environment
 
 logger = logging.getLogger(__name__)
@@ -298,6 +298,16 @@ class STNeRPCoreLogic:
             if scene_files.export_landmarks_csv(path, inputs.reference_landmarks, inputs.follow_up_landmarks):
                 files["landmarks"] = path
         return files, segment_map
+
+    def segment_overlap_warning(self, inputs: JobInputs) -> str | None:
+        """One line naming the chosen segments that share voxels on the reference volume's grid and
+        how many (the worker takes one label per voxel); None when none do. Asked before Apply."""
+        if inputs.segmentation_node is None or inputs.reference_volume is None:
+            return None
+        segment_map = scene_files.segment_map_for(inputs.segmentation_node, inputs.segment_ids or None)
+        voxels = scene_files.segment_voxels(self.scene, inputs.segmentation_node, [e["id"] for e in segment_map],
+                                            inputs.reference_volume, self.segmentations_logic)
+        return segment_overlap.describe(segment_overlap.overlaps(voxels), [e["name"] for e in segment_map])
 
     def _export_ground_truth(self, inputs: JobInputs, folder: str, segment_map: list[dict]) -> list[tuple[str, float]]:
         """Ground-truth segmentations as labelmaps on their follow-up's grid, with the reference's

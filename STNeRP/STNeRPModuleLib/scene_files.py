@@ -23,6 +23,7 @@ import vtk
 
 import slicer
 
+from . import segment_overlap
 from .scene_utils import TemporaryNodes, ras_to_lps
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,8 @@ def export_segmentation_labelmap(scene: slicer.vtkMRMLScene, segmentation_node: 
                                  segment_ids: Sequence[str] | None, reference_volume: slicer.vtkMRMLVolumeNode,
                                  path: str, segmentations_logic: slicer.vtkSlicerSegmentationsModuleLogic,
                                  segment_map: list[dict] | None = None) -> list[dict]:
-    """Write the chosen segments as one integer labelmap on the reference volume's grid.
+    """Write the chosen segments as one integer labelmap on the reference volume's grid; a voxel
+    in several segments goes to the smallest of them (segment_overlap).
 
     Returns the segment map (list of dicts value/id/name/color/terminology) that
     :func:`import_segmentation` uses to restore names, colours and terminology. Segments are
@@ -175,26 +177,42 @@ def export_segmentation_labelmap(scene: slicer.vtkMRMLScene, segmentation_node: 
                 ordered.append((sid, entry["value"]))
         if not ordered:
             raise ValueError(f"no segment of '{segmentation_node.GetName()}' matches the reference segments")
-    ids = vtk.vtkStringArray()
-    for sid, _ in ordered:
-        ids.InsertNextValue(sid)
     # ExportSegmentsToLabelmapNode needs the labelmap node in the scene: add a temporary one
     with TemporaryNodes(scene):
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "STNeRP export")
-        ok = segmentations_logic.ExportSegmentsToLabelmapNode(
-            segmentation_node, ids, labelmap, reference_volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
-        if not ok:
-            raise RuntimeError(f"could not export segmentation '{segmentation_node.GetName()}'")
-        # positions 1..n -> the wanted label values
+        voxels = _export_each(segmentation_node, [sid for sid, _ in ordered], reference_volume, labelmap,
+                              segmentations_logic)
         arr = volume_array(labelmap)
-        wanted = np.zeros(len(ordered) + 1, dtype=np.int32)
-        for pos, (_, value) in enumerate(ordered):
-            wanted[pos + 1] = value
-        if not all(wanted[i] == i for i in range(len(wanted))):
-            arr[...] = wanted[arr.astype(np.int64)].astype(arr.dtype)
-            labelmap.GetImageData().Modified()
+        arr[...] = segment_overlap.labelmap(voxels, [value for _, value in ordered], arr.size).reshape(arr.shape)
+        labelmap.GetImageData().Modified()
         write_volume(labelmap, path)
     return segment_map
+
+
+def segment_voxels(scene: slicer.vtkMRMLScene, segmentation_node: slicer.vtkMRMLSegmentationNode,
+                   segment_ids: Sequence[str], reference_volume: slicer.vtkMRMLVolumeNode,
+                   segmentations_logic: slicer.vtkSlicerSegmentationsModuleLogic) -> list[np.ndarray]:
+    """Each segment's voxels on the reference volume's grid (sorted flat indices of its (k, j, i)
+    array), as Slicer's export paints the segment alone; the scene is left as it was."""
+    with TemporaryNodes(scene):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "STNeRP export")
+        return _export_each(segmentation_node, segment_ids, reference_volume, labelmap, segmentations_logic)
+
+
+def _export_each(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_ids: Sequence[str],
+                 reference_volume: slicer.vtkMRMLVolumeNode, labelmap: slicer.vtkMRMLLabelMapVolumeNode,
+                 segmentations_logic: slicer.vtkSlicerSegmentationsModuleLogic) -> list[np.ndarray]:
+    """Export the segments one at a time into `labelmap` (a node of the scene; it keeps the grid);
+    returns each one's voxels as sorted flat indices."""
+    out = []
+    for sid in segment_ids:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(sid)
+        if not segmentations_logic.ExportSegmentsToLabelmapNode(
+                segmentation_node, ids, labelmap, reference_volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
+            raise RuntimeError(f"could not export segment '{sid}' of '{segmentation_node.GetName()}'")
+        out.append(np.flatnonzero(volume_array(labelmap)))
+    return out
 
 
 def import_segmentation(scene: slicer.vtkMRMLScene, labelmap_path: str, name: str, segment_map: list[dict],
