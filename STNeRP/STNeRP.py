@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import qt
 import slicer
@@ -29,12 +31,15 @@ from slicer.util import VTKObservationMixin
 from STNeRPLib import contract
 from STNeRPModuleLib import core_logic, panel, parameters, predictions, run_import, scene_files
 
+if TYPE_CHECKING:
+    from STNeRPLib.phantom import PhantomSeries
+
 #: application setting that holds the user's runs folder ("" = the default)
 RUNS_FOLDER_SETTING = "STNeRP/RunsFolder"
 
 
 class STNeRP(ScriptedLoadableModule):
-    def __init__(self, parent):
+    def __init__(self, parent: qt.QObject) -> None:
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "ST-NeRP"
         self.parent.categories = ["Registration"]
@@ -61,18 +66,20 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     POLL_INTERVAL_MS = 200
 
-    def __init__(self, parent=None):
+    # the panel's state (set on the instance as it changes)
+    logic: STNeRPLogic | None = None
+    _parameterNode: slicer.vtkMRMLScriptedModuleNode | None = None
+    _segmentationNode: slicer.vtkMRMLSegmentationNode | None = None
+    _updatingGUI: bool = False
+    _job: core_logic.Job | None = None
+    _predictions: predictions.TimeSliderPredictions | None = None
+
+    def __init__(self, parent: qt.QWidget | None = None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._segmentationNode = None
-        self._updatingGUI = False
-        self._job = None
-        self._predictions = None
 
     # -- set-up ----------------------------------------------------------------------------
-    def setup(self):
+    def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/STNeRP.ui"))
         self.layout.addWidget(uiWidget)
@@ -87,33 +94,35 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        ui = self.ui
-        for selector in (ui.referenceVolumeSelector, ui.followUpSequenceSelector, ui.segmentationSelector,
-                         ui.referenceLandmarksSelector):
-            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
-        ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
-        ui.referenceTimeSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
-        for combo in (ui.followUpModeComboBox, ui.presetComboBox, ui.deviceComboBox, ui.priorComboBox):
-            combo.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
-        ui.iterationsSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
-        ui.prealignCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
-        ui.createSequencesCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
-        ui.predictTimesLineEdit.connect("editingFinished()", self.updateParameterNodeFromGUI)
-        ui.segmentsListWidget.connect("itemChanged(QListWidgetItem*)", self.updateParameterNodeFromGUI)
-        ui.followUpTable.connect("cellChanged(int,int)", self.updateParameterNodeFromGUI)
-        ui.runsFolderButton.connect("directoryChanged(QString)", self.onRunsFolderChanged)
-        ui.addFollowUpButton.connect("clicked(bool)", self.onAddFollowUp)
-        ui.removeFollowUpButton.connect("clicked(bool)", self.onRemoveFollowUp)
-        ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
-        ui.predictButton.connect("clicked(bool)", self.onPredictButton)
-        ui.openReportButton.connect("clicked(bool)", self.onOpenReport)
-        ui.timeSlider.connect("valueChanged(double)", self.onTimeSliderChanged)
-
+        for widget, signal, slot in self._connections():
+            widget.connect(signal, slot)
         self._showRunsFolder()
         self.initializeParameterNode()
 
-    def _fillComboBoxes(self):
+    def _connections(self) -> list[tuple[qt.QObject, str, Callable[..., None]]]:
+        """(widget, Qt signal, handler) of every control: a setting goes to the parameter node, an
+        action to its handler."""
+        ui, toParameterNode = self.ui, self.updateParameterNodeFromGUI
+        settings = [(selector, "currentNodeChanged(vtkMRMLNode*)")
+                    for selector in (ui.referenceVolumeSelector, ui.followUpSequenceSelector,
+                                     ui.segmentationSelector, ui.referenceLandmarksSelector)]
+        settings += [(combo, "currentIndexChanged(int)")
+                     for combo in (ui.followUpModeComboBox, ui.presetComboBox, ui.deviceComboBox, ui.priorComboBox)]
+        settings += [(ui.referenceTimeSpinBox, "valueChanged(double)"), (ui.iterationsSpinBox, "valueChanged(int)"),
+                     (ui.prealignCheckBox, "toggled(bool)"), (ui.createSequencesCheckBox, "toggled(bool)"),
+                     (ui.predictTimesLineEdit, "editingFinished()"),
+                     (ui.segmentsListWidget, "itemChanged(QListWidgetItem*)"),
+                     (ui.followUpTable, "cellChanged(int,int)")]
+        actions = [(ui.segmentationSelector, "currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged),
+                   (ui.runsFolderButton, "directoryChanged(QString)", self.onRunsFolderChanged),
+                   (ui.timeSlider, "valueChanged(double)", self.onTimeSliderChanged)]
+        actions += [(button, "clicked(bool)", slot) for button, slot in (
+            (ui.addFollowUpButton, self.onAddFollowUp), (ui.removeFollowUpButton, self.onRemoveFollowUp),
+            (ui.applyButton, self.onApplyButton), (ui.resumeButton, self.onResumeButton),
+            (ui.predictButton, self.onPredictButton), (ui.openReportButton, self.onOpenReport))]
+        return [(widget, signal, toParameterNode) for widget, signal in settings] + actions
+
+    def _fillComboBoxes(self) -> None:
         """The choices the worker contract offers (one definition, in STNeRPLib.contract)."""
         for combo, choices in ((self.ui.presetComboBox, contract.PRESET_NAMES),
                                (self.ui.deviceComboBox, contract.DEVICES),
@@ -122,7 +131,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for choice in choices:
                 combo.addItem(choice)
 
-    def cleanup(self):
+    def cleanup(self) -> None:
         self.removeObservers()
         if self._job is not None:
             self._job.cancel()
@@ -130,14 +139,14 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if hasattr(self, "timer"):
             self.timer.stop()
 
-    def enter(self):
+    def enter(self) -> None:
         self.initializeParameterNode()
 
-    def exit(self):
+    def exit(self) -> None:
         if self._parameterNode is not None:
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
-    def onSceneStartClose(self, caller, event):
+    def onSceneStartClose(self, caller: slicer.vtkMRMLScene, event: str) -> None:
         """Node IDs are reused by the next scene: forget every node of this one."""
         if self._job is not None:
             self._job.cancel()   # still polled: it ends cancelled, imports nothing, removes its inputs
@@ -145,11 +154,11 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observeSegmentation(None)
         self.setParameterNode(None)
 
-    def onSceneEndClose(self, caller, event):
+    def onSceneEndClose(self, caller: slicer.vtkMRMLScene, event: str) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
 
-    def initializeParameterNode(self):
+    def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         pn = self._parameterNode
         if pn is not None and pn.GetNodeReference(parameters.REFERENCE_VOLUME) is None:
@@ -157,7 +166,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if reference is not None:
                 pn.SetNodeReferenceID(parameters.REFERENCE_VOLUME, reference.GetID())
 
-    def setParameterNode(self, node):
+    def setParameterNode(self, node: slicer.vtkMRMLScriptedModuleNode | None) -> None:
         if self._parameterNode is not None:
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self._parameterNode = node
@@ -166,7 +175,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromParameterNode()
 
     # -- parameter node <-> GUI ------------------------------------------------------------
-    def updateGUIFromParameterNode(self, caller=None, event=None):
+    def updateGUIFromParameterNode(self, caller: slicer.vtkMRMLScriptedModuleNode | None = None,
+                                   event: str | None = None) -> None:
         pn = self._parameterNode
         if pn is None or self._updatingGUI:
             return
@@ -201,7 +211,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._updatingGUI = False
 
-    def updateParameterNodeFromGUI(self, *args):
+    def updateParameterNodeFromGUI(self, *args: Any) -> None:
         pn = self._parameterNode
         if pn is None or self._updatingGUI:
             return
@@ -231,30 +241,30 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pn.EndModify(wasModified)
 
     @staticmethod
-    def _setComboText(combo, text):
+    def _setComboText(combo: qt.QComboBox, text: str | None) -> None:
         index = combo.findText(text or "")
         if index >= 0:
             combo.currentIndex = index
 
     # -- runs folder -----------------------------------------------------------------------
-    def onRunsFolderChanged(self, path):
+    def onRunsFolderChanged(self, path: str) -> None:
         qt.QSettings().setValue(RUNS_FOLDER_SETTING, path)
         self._showRunsFolder()
 
-    def _showRunsFolder(self):
+    def _showRunsFolder(self) -> None:
         """Show the folder runs really go to (a ctkDirectoryButton that was never set shows '.')."""
         button = self.ui.runsFolderButton
         button.blockSignals(True)
         try:
             button.directory = self.logic.runsFolder()
-            button.toolTip = "Runs are written to " + button.directory
+            button.toolTip = f"Runs are written to {button.directory}"
         except panel.PanelError as error:
             button.toolTip = str(error)
         finally:
             button.blockSignals(False)
 
     # -- follow-up table -------------------------------------------------------------------
-    def _updateFollowUpTable(self, rows):
+    def _updateFollowUpTable(self, rows: list[parameters.FollowUp]) -> None:
         table = self.ui.followUpTable
         table.blockSignals(True)
         try:
@@ -270,7 +280,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             table.blockSignals(False)
 
-    def _cellComboBox(self, row, column, nodeType):
+    def _cellComboBox(self, row: int, column: int, nodeType: str) -> slicer.qMRMLNodeComboBox:
         """The node selector in a cell of the follow-up table (made on first use); its changes
         go to the parameter node."""
         table = self.ui.followUpTable
@@ -285,7 +295,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table.setCellWidget(row, column, combo)
         return combo
 
-    def _followUpsFromTable(self):
+    def _followUpsFromTable(self) -> list[parameters.FollowUp]:
         table = self.ui.followUpTable
         rows = []
         for index in range(table.rowCount):
@@ -302,7 +312,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             rows.append(parameters.FollowUp(volume, t, landmarks, truth))
         return rows
 
-    def _defaultFollowUpSelection(self, rows):
+    def _defaultFollowUpSelection(self, rows: list[parameters.FollowUp]) -> None:
         """Offer a volume that is neither the reference nor already a follow-up."""
         reference = self._parameterNode.GetNodeReference(parameters.REFERENCE_VOLUME)
         current = self.ui.followUpVolumeSelector.currentNode()
@@ -310,7 +320,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             candidate = panel.default_follow_up(slicer.mrmlScene, reference, [row.volume for row in rows])
             self.ui.followUpVolumeSelector.setCurrentNode(candidate)
 
-    def onAddFollowUp(self):
+    def onAddFollowUp(self) -> None:
         volume = self.ui.followUpVolumeSelector.currentNode()
         pn = self._parameterNode
         if volume is None or pn is None:
@@ -321,17 +331,17 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         used = [row.time for row in rows] + [parameters.get_float(pn, "ReferenceTime")]
         parameters.set_follow_ups(pn, rows + [parameters.FollowUp(volume, max(used) + 1.0)])
 
-    def onRemoveFollowUp(self):
+    def onRemoveFollowUp(self) -> None:
         selected = {index.row() for index in self.ui.followUpTable.selectedIndexes()}
         rows = parameters.get_follow_ups(self._parameterNode)
         parameters.set_follow_ups(self._parameterNode, [row for i, row in enumerate(rows) if i not in selected])
 
     # -- segments --------------------------------------------------------------------------
-    def onSegmentationChanged(self, node):
+    def onSegmentationChanged(self, node: slicer.vtkMRMLNode | None) -> None:
         if self._parameterNode is not None and not self._updatingGUI:
             parameters.set_json(self._parameterNode, "ExcludedSegmentIDs", [])
 
-    def _observeSegmentation(self, node):
+    def _observeSegmentation(self, node: slicer.vtkMRMLSegmentationNode | None) -> None:
         """Keep the segment list in step with the segmentation (segments added or removed later)."""
         if node is self._segmentationNode:
             return
@@ -344,11 +354,11 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.addObserver(node, event, self.onSegmentsModified)
         self._segmentationNode = node
 
-    def onSegmentsModified(self, caller, event):
+    def onSegmentsModified(self, caller: slicer.vtkMRMLSegmentationNode, event: str) -> None:
         self._updateSegmentList()
         self._updateButtons()
 
-    def _updateSegmentList(self):
+    def _updateSegmentList(self) -> None:
         listWidget = self.ui.segmentsListWidget
         excluded = parameters.get_json(self._parameterNode, "ExcludedSegmentIDs") or []
         listWidget.blockSignals(True)
@@ -363,13 +373,13 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             listWidget.blockSignals(False)
 
-    def _uncheckedSegments(self):
+    def _uncheckedSegments(self) -> list[str]:
         listWidget = self.ui.segmentsListWidget
         items = [listWidget.item(i) for i in range(listWidget.count)]
         return [item.data(qt.Qt.UserRole) for item in items if item.checkState() != qt.Qt.Checked]
 
     # -- buttons and the run section -------------------------------------------------------
-    def _updateButtons(self):
+    def _updateButtons(self) -> None:
         pn = self._parameterNode
         training = self._job is not None
         ready = False
@@ -393,7 +403,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.timeSlider.enabled = hasRun and not training
         self.ui.openReportButton.enabled = pn is not None and panel.report_page(pn.GetParameter("LastRunDirectory")) is not None
 
-    def _updateRunSection(self):
+    def _updateRunSection(self) -> None:
         pn = self._parameterNode
         self.ui.runDirectoryLabel.text = pn.GetParameter("LastRunDirectory") or "(none yet)"
         times = parameters.get_json(pn, "LastTimes") or []
@@ -405,7 +415,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.timeSlider.value = parameters.get_float(pn, "PredictTime", (lo + hi) / 2.0)
 
     # -- actions ---------------------------------------------------------------------------
-    def onApplyButton(self):
+    def onApplyButton(self) -> None:
         if self._job is not None:
             self._job.cancel()   # returns at once; the timer sees the worker end
             return
@@ -413,11 +423,16 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateParameterNodeFromGUI()
             if not self.ensureTorch():
                 return
+            overlap = self.logic.segmentOverlapWarning(self._parameterNode)
+            if overlap and not slicer.util.confirmOkCancelDisplay(overlap, windowTitle="STNeRP: overlapping segments"):
+                return
             self.ui.logTextEdit.clear()
+            if overlap:
+                self.ui.logTextEdit.appendPlainText(overlap)
             self._job = self.logic.startTraining(self._parameterNode)
             self._showStart(self._job)
 
-    def onResumeButton(self):
+    def onResumeButton(self) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to resume STNeRP.", waitCursor=True):
             self.updateParameterNodeFromGUI()
             if not self.ensureTorch():
@@ -426,18 +441,18 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job = self.logic.startTraining(self._parameterNode, resume=True)
             self._showStart(self._job)
 
-    def onTimeSliderChanged(self, value):
+    def onTimeSliderChanged(self, value: float) -> None:
         if self._parameterNode is None or self._updatingGUI:
             return
         self._parameterNode.SetParameter("PredictTime", repr(float(value)))
         self.onPredictButton()
 
-    def onOpenReport(self):
+    def onOpenReport(self) -> None:
         page = panel.report_page(self._parameterNode.GetParameter("LastRunDirectory"))
         if page is not None:
             qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(page))
 
-    def onPredictButton(self):
+    def onPredictButton(self) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to start the prediction.", waitCursor=True):
             if self._predictions is None or self._predictions.run_dir != self._parameterNode.GetParameter("LastRunDirectory"):
                 self._closePredictions()
@@ -445,12 +460,12 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._predictions.request(float(self.ui.timeSlider.value))
             self.timer.start()
 
-    def _closePredictions(self):
+    def _closePredictions(self) -> None:
         if self._predictions is not None:
             self._predictions.close()
             self._predictions = None
 
-    def _showStart(self, job):
+    def _showStart(self, job: core_logic.Job) -> None:
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = job.status_text
         for line in job.log_lines:
@@ -458,7 +473,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.start()
         self._updateButtons()
 
-    def onTimer(self):
+    def onTimer(self) -> None:
         try:
             if self._job is not None:
                 job = self._job
@@ -477,7 +492,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is None and (self._predictions is None or not self._predictions.busy):
             self.timer.stop()
 
-    def _showEvents(self, events):
+    def _showEvents(self, events: list[dict]) -> None:
         for event in events:
             kind = event.get("event")
             if kind == "log":
@@ -485,7 +500,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif kind == contract.EVENT_ERROR:
                 self.ui.logTextEdit.appendPlainText(f"ERROR: {event.get('message')}")
 
-    def _onTrainingFinished(self, job):
+    def _onTrainingFinished(self, job: core_logic.Job) -> None:
         self._job = None
         self.ui.logTextEdit.appendPlainText(f"[{job.state}] {job.message or job.status_text}")
         if self._parameterNode is not None:
@@ -497,7 +512,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
         self.updateGUIFromParameterNode()
 
-    def ensureTorch(self):
+    def ensureTorch(self) -> bool:
         """torch is needed by the worker (which shares Slicer's Python packages): offer to install
         it through the PyTorch extension, after the user's confirmation."""
         problem = panel.torch_problem()
@@ -519,7 +534,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                               torchVersionRequirement=panel.torch_requirement())
         self.ui.statusLabel.text = ""
         if torch is None or panel.torch_problem() is not None:
-            slicer.util.warningDisplay("STNeRP cannot run without PyTorch " + panel.torch_requirement() + ".")
+            slicer.util.warningDisplay(f"STNeRP cannot run without PyTorch {panel.torch_requirement()}.")
             return False
         return True
 
@@ -528,28 +543,26 @@ class STNeRPLogic(ScriptedLoadableModuleLogic):
     """Adapter between the application and the Qt-free STNeRPModuleLib: asks the application for
     the scene, the module logics, the runs folder setting and the temporary folder."""
 
-    def __init__(self):
-        ScriptedLoadableModuleLogic.__init__(self)
-
-    def setDefaultParameters(self, parameterNode):
+    def setDefaultParameters(self, parameterNode: slicer.vtkMRMLScriptedModuleNode) -> None:
         parameters.initialize(parameterNode)
 
-    def getParameterNode(self):
+    def getParameterNode(self) -> slicer.vtkMRMLScriptedModuleNode | None:
         node = ScriptedLoadableModuleLogic.getParameterNode(self)
         return parameters.initialize(node) if node is not None else None
 
     @staticmethod
-    def runsFolder():
+    def runsFolder() -> str:
         """The absolute, writable folder new runs go to (PanelError with one line if none)."""
         chosen = str(qt.QSettings().value(RUNS_FOLDER_SETTING, "") or "")
         return panel.runs_folder(chosen, panel.default_runs_folders(slicer.app.defaultScenePath,
                                                                     slicer.app.temporaryPath))
 
-    def core(self):
+    def core(self) -> core_logic.STNeRPCoreLogic:
         return core_logic.STNeRPCoreLogic(slicer.mrmlScene, slicer.modules.segmentations.logic(), self.runsFolder(),
                                           temp_root=os.path.join(slicer.app.temporaryPath, "STNeRP"))
 
-    def startTraining(self, pn, workerCommand=None, resume=False):
+    def startTraining(self, pn: slicer.vtkMRMLScriptedModuleNode, workerCommand: list[str] | None = None,
+                      resume: bool = False) -> core_logic.Job:
         """Train on the parameter node's inputs; resume: continue its unfinished run instead."""
         inputs = parameters.job_inputs(pn)
         inputs.validate()
@@ -560,7 +573,12 @@ class STNeRPLogic(ScriptedLoadableModuleLogic):
         runDir = pn.GetParameter("UnfinishedRunDirectory") if resume else None
         return core.start_training(inputs, parameters.settings(pn), run_dir=runDir, resume=resume)
 
-    def timeSliderPredictions(self, pn, workerCommand=None):
+    def segmentOverlapWarning(self, pn: slicer.vtkMRMLScriptedModuleNode) -> str | None:
+        """One line naming the chosen segments that overlap, to confirm before Apply (None: none do)."""
+        return self.core().segment_overlap_warning(parameters.job_inputs(pn))
+
+    def timeSliderPredictions(self, pn: slicer.vtkMRMLScriptedModuleNode,
+                              workerCommand: list[str] | None = None) -> predictions.TimeSliderPredictions:
         runDir = pn.GetParameter("LastRunDirectory")
         if not runDir or not os.path.isdir(runDir):
             raise ValueError("No trained run: press Apply first.")
@@ -571,7 +589,7 @@ class STNeRPLogic(ScriptedLoadableModuleLogic):
                                                  pn.GetNodeReference(parameters.LAST_REFERENCE_VOLUME))
 
     @staticmethod
-    def showResult(result):
+    def showResult(result: run_import.ImportedRun | None) -> None:
         """Show the last time point's predicted image and segmentation, and the structure volumes
         against time when the run wrote its report."""
         if result is None or not result.time_points:
@@ -586,7 +604,7 @@ class STNeRPLogic(ScriptedLoadableModuleLogic):
             segmentation.GetDisplayNode().SetVisibility(True)
 
     @staticmethod
-    def runSynchronously(job, timeout=None):
+    def runSynchronously(job: core_logic.Job, timeout: float | None = None) -> core_logic.Job:
         """Poll a job until it ends, keeping the application responsive (self-test)."""
         start = time.monotonic()
         while not job.finished:
@@ -603,10 +621,10 @@ class STNeRPTest(ScriptedLoadableModuleTest):
     factory Slicer: the PyTorch extension installs it only on demand) a stand-in worker writes a
     real run folder; with torch the real worker trains for a few iterations too."""
 
-    def setUp(self):
+    def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
-    def runTest(self):
+    def runTest(self) -> None:
         self.setUp()
         self.test_STNeRP_sceneSide()
         self.setUp()
@@ -617,12 +635,13 @@ class STNeRPTest(ScriptedLoadableModuleTest):
         else:
             self.delayDisplay(f"Real training skipped: {panel.torch_problem()}")
 
-    def _standIn(self):
+    def _standIn(self) -> list[str]:
         moduleDir = os.path.dirname(slicer.modules.stnerp.path)
         script = os.path.join(moduleDir, "Testing", "Python", "stnerp_standin_worker.py")
         return [core_logic.default_python_executable(), script]
 
-    def _loadSample(self, nPhases=3):
+    def _loadSample(self, nPhases: int = 3) -> tuple[PhantomSeries, list[slicer.vtkMRMLScalarVolumeNode],
+                                                     slicer.vtkMRMLSegmentationNode]:
         import SimpleITK as sitk
         from STNeRPLib import phantom
         series = phantom.breathing_series(size=(48, 48, 32), n_phases=nPhases)
@@ -637,7 +656,9 @@ class STNeRPTest(ScriptedLoadableModuleTest):
         sitk.WriteImage(series.labelmaps[0], labelPath)
         return series, volumes, slicer.util.loadSegmentation(labelPath)
 
-    def _parameterNode(self, logic, series, volumes, segmentation, iterations):
+    def _parameterNode(self, logic: STNeRPLogic, series: PhantomSeries,
+                       volumes: list[slicer.vtkMRMLScalarVolumeNode], segmentation: slicer.vtkMRMLSegmentationNode,
+                       iterations: int) -> slicer.vtkMRMLScriptedModuleNode:
         pn = logic.getParameterNode()
         pn.SetNodeReferenceID(parameters.REFERENCE_VOLUME, volumes[0].GetID())
         pn.SetParameter("ReferenceTime", repr(float(series.times[0])))
@@ -647,7 +668,8 @@ class STNeRPTest(ScriptedLoadableModuleTest):
         pn.SetParameter("Device", "cpu")
         return pn
 
-    def _checkRun(self, job, series, segmentation):
+    def _checkRun(self, job: core_logic.Job, series: PhantomSeries,
+                  segmentation: slicer.vtkMRMLSegmentationNode) -> None:
         self.assertEqual(job.state, "complete", job.message)
         names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
                  for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
@@ -661,7 +683,7 @@ class STNeRPTest(ScriptedLoadableModuleTest):
             self.assertAlmostEqual(entry["jacobian"].GetDisplayNode().GetLevel(), 1.0)
         self.assertEqual(job.result.sequences["transform"].GetNumberOfDataNodes(), len(times))
 
-    def test_STNeRP_sceneSide(self):
+    def test_STNeRP_sceneSide(self) -> None:
         self.delayDisplay("Stand-in worker: the scene side without torch")
         series, volumes, segmentation = self._loadSample()
         logic = STNeRPLogic()
@@ -681,7 +703,7 @@ class STNeRPTest(ScriptedLoadableModuleTest):
         slider.close()
         self.delayDisplay("Scene side passed")
 
-    def test_STNeRP_cancel(self):
+    def test_STNeRP_cancel(self) -> None:
         series, volumes, segmentation = self._loadSample()
         logic = STNeRPLogic()
         pn = self._parameterNode(logic, series, volumes, segmentation, iterations=3)
@@ -703,7 +725,7 @@ class STNeRPTest(ScriptedLoadableModuleTest):
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
         self.delayDisplay("Cancel passed")
 
-    def test_STNeRP_realTraining(self):
+    def test_STNeRP_realTraining(self) -> None:
         self.delayDisplay("Real worker: a tiny training")
         series, volumes, segmentation = self._loadSample()
         logic = STNeRPLogic()

@@ -20,9 +20,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import slicer
 from STNeRPLib import contract
 
-from . import run_import, scene_files
+from . import run_import, scene_files, segment_overlap
 from .worker_process import WorkerProcess, default_python_executable, worker_environment
 
 logger = logging.getLogger(__name__)
@@ -44,15 +45,15 @@ class JobInputs:
     """What the user picked in the panel. follow_ups, follow_up_landmarks, ground_truth:
     [(time, node)] (scene nodes, or data nodes of a sequence)."""
 
-    reference_volume: object
-    follow_ups: list
+    reference_volume: slicer.vtkMRMLScalarVolumeNode | None
+    follow_ups: list[tuple[float, slicer.vtkMRMLScalarVolumeNode]]
     reference_time: float = 0.0
-    segmentation_node: object = None
-    segment_ids: list = field(default_factory=list)     # [] = every segment
-    reference_landmarks: object = None
-    follow_up_landmarks: list = field(default_factory=list)
-    ground_truth: list = field(default_factory=list)
-    predict_times: list = field(default_factory=list)
+    segmentation_node: slicer.vtkMRMLSegmentationNode | None = None
+    segment_ids: list[str] = field(default_factory=list)     # [] = every segment
+    reference_landmarks: slicer.vtkMRMLMarkupsFiducialNode | None = None
+    follow_up_landmarks: list[tuple[float, slicer.vtkMRMLMarkupsFiducialNode]] = field(default_factory=list)
+    ground_truth: list[tuple[float, slicer.vtkMRMLSegmentationNode]] = field(default_factory=list)
+    predict_times: list[float] = field(default_factory=list)
 
     def validate(self) -> None:
         """ValueError with one line for the user when the inputs cannot be trained on."""
@@ -74,7 +75,8 @@ class JobInputs:
             raise ValueError("Ground-truth segmentations need a reference segmentation.")
 
 
-def follow_ups_from_sequence(sequence_node, reference_time: float | None = None) -> list:
+def follow_ups_from_sequence(sequence_node: slicer.vtkMRMLSequenceNode, reference_time: float | None = None
+                             ) -> list[tuple[float, slicer.vtkMRMLScalarVolumeNode]]:
     """[(time, volume node)] of a volume sequence (4D CT), times from its index values; the item
     at `reference_time` (if any) is left out."""
     out = []
@@ -115,29 +117,34 @@ def describe_progress(event: dict) -> str:
     return text
 
 
+@dataclass(eq=False)
 class Job:
-    """A running worker and what happens when it ends. Call :meth:`poll` regularly."""
+    """A running worker and what happens when it ends. Call :meth:`poll` regularly.
 
-    def __init__(self, logic: STNeRPCoreLogic, kind: str, command: list[str], run_dir: str,
-                 temp_dir: str | None, import_options: dict, segment_map: list):
-        self.logic = logic
-        self.kind = kind
-        self.command = command
-        self.run_dir = run_dir
-        self.temp_dir = temp_dir
-        self.import_options = import_options
-        self.segment_map = segment_map
-        self.process = WorkerProcess(command, env=worker_environment())
-        self.state = "created"
-        self.progress = 0.0
-        self.status_text = ""
-        self.message: str | None = None  # one line for the user when failed
-        self.log_lines: list[str] = []
-        self.result: run_import.ImportedRun | None = None
-        self.started: float | None = None
-        self.error_event: dict | None = None
-        self.cancel_requested = False
-        self._ref_net = False
+    command: the worker's command line; run_dir: the folder it writes; temp_dir: its exported
+    inputs, removed when the job ends (None: nothing to remove); import_options: keywords of
+    :meth:`STNeRPCoreLogic.import_results`."""
+
+    logic: STNeRPCoreLogic
+    command: list[str]
+    run_dir: str
+    temp_dir: str | None
+    import_options: dict
+    segment_map: list[dict]
+    state: str = field(default="created", init=False)
+    progress: float = field(default=0.0, init=False)
+    status_text: str = field(default="", init=False)
+    message: str | None = field(default=None, init=False)   # one line for the user when failed
+    log_lines: list[str] = field(default_factory=list, init=False)
+    result: run_import.ImportedRun | None = field(default=None, init=False)
+    started: float | None = field(default=None, init=False)
+    error_event: dict | None = field(default=None, init=False)
+    cancel_requested: bool = field(default=False, init=False)
+    _ref_net: bool = field(default=False, init=False)
+    process: WorkerProcess = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.process = WorkerProcess(self.command, env=worker_environment())
 
     @property
     def finished(self) -> bool:
@@ -154,7 +161,7 @@ class Job:
             raise
         self.state = "running"
         self.status_text = "Starting..."
-        self.log_lines.append("$ " + " ".join(self.command))
+        self.log_lines.append(f"$ {' '.join(self.command)}")
         return self
 
     def cancel(self) -> None:
@@ -229,14 +236,16 @@ class Job:
         if self.error_event and self.error_event.get("message"):
             return str(self.error_event["message"])
         last = next((line.strip() for line in reversed(self.log_lines) if line.strip()), None)
-        return f"worker exited with code {returncode}" + (f": {last}" if last else "")
+        detail = f": {last}" if last else ""
+        return f"worker exited with code {returncode}{detail}"
 
     def _cleanup(self) -> None:
         if self.temp_dir and os.path.isdir(self.temp_dir):
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def prediction_import_options(times: list[float], reference_volume=None, name: str | None = None) -> dict:
+def prediction_import_options(times: list[float], reference_volume: slicer.vtkMRMLScalarVolumeNode | None = None,
+                              name: str | None = None) -> dict:
     """How a prediction folder is imported: named after its times, no fixed volumes (nothing was
     scanned then), sequences only for several times."""
     label = ", ".join(contract.format_time(t) for t in times)
@@ -248,8 +257,8 @@ class STNeRPCoreLogic:
     """Scene-side logic of the module. runs_root and temp_root are absolute folders; the worker
     command defaults to ``[PythonSlicer, "-m", "STNeRPLib"]`` (tests pass a stand-in)."""
 
-    def __init__(self, scene, segmentations_logic, runs_root: str, temp_root: str | None = None,
-                 worker_command: list[str] | None = None):
+    def __init__(self, scene: slicer.vtkMRMLScene, segmentations_logic: slicer.vtkSlicerSegmentationsModuleLogic,
+                 runs_root: str, temp_root: str | None = None, worker_command: list[str] | None = None) -> None:
         for folder in (runs_root, temp_root):
             if folder and not os.path.isabs(folder):
                 raise ValueError(f"folder {folder!r} is relative: give an absolute folder")
@@ -270,7 +279,7 @@ class STNeRPCoreLogic:
             path = os.path.join(self.runs_root, f"{prefix}-{stamp}-{n}")
         return path
 
-    def export_inputs(self, inputs: JobInputs, folder: str) -> tuple[dict, list]:
+    def export_inputs(self, inputs: JobInputs, folder: str) -> tuple[dict, list[dict]]:
         """Write the inputs as files into `folder` (absolute); returns (files, segment map)."""
         inputs.validate()
         files = {"reference": scene_files.write_volume(inputs.reference_volume, os.path.join(folder, "reference.nrrd"))}
@@ -290,7 +299,17 @@ class STNeRPCoreLogic:
                 files["landmarks"] = path
         return files, segment_map
 
-    def _export_ground_truth(self, inputs: JobInputs, folder: str, segment_map: list) -> list:
+    def segment_overlap_warning(self, inputs: JobInputs) -> str | None:
+        """One line naming the chosen segments that share voxels on the reference volume's grid and
+        how many (the worker takes one label per voxel); None when none do. Asked before Apply."""
+        if inputs.segmentation_node is None or inputs.reference_volume is None:
+            return None
+        segment_map = scene_files.segment_map_for(inputs.segmentation_node, inputs.segment_ids or None)
+        voxels = scene_files.segment_voxels(self.scene, inputs.segmentation_node, [e["id"] for e in segment_map],
+                                            inputs.reference_volume, self.segmentations_logic)
+        return segment_overlap.describe(segment_overlap.overlaps(voxels), [e["name"] for e in segment_map])
+
+    def _export_ground_truth(self, inputs: JobInputs, folder: str, segment_map: list[dict]) -> list[tuple[str, float]]:
         """Ground-truth segmentations as labelmaps on their follow-up's grid, with the reference's
         label values (segments matched by name)."""
         grids = dict(inputs.follow_ups)
@@ -330,7 +349,7 @@ class STNeRPCoreLogic:
         fixed[inputs.reference_time] = inputs.reference_volume
         options = dict(name=name or f"STNeRP {os.path.basename(run_dir)}", reference_volume=inputs.reference_volume,
                        fixed_volumes=fixed, create_sequences=settings.get("create_sequences", True))
-        return Job(self, "train", self.worker_command + args, run_dir, temp_dir, options, segment_map).start()
+        return Job(self, self.worker_command + args, run_dir, temp_dir, options, segment_map).start()
 
     @staticmethod
     def _resumed_inputs_folder(run_dir: str) -> str:
@@ -343,15 +362,16 @@ class STNeRPCoreLogic:
         os.makedirs(folder, exist_ok=True)
         return folder
 
-    def start_prediction(self, run_dir: str, times: list[float], output_dir: str, segment_map=None,
-                         reference_volume=None, name: str | None = None) -> Job:
+    def start_prediction(self, run_dir: str, times: list[float], output_dir: str, segment_map: list[dict] | None = None,
+                         reference_volume: slicer.vtkMRMLScalarVolumeNode | None = None,
+                         name: str | None = None) -> Job:
         """Query a trained run at new times (no retraining) into `output_dir` (absolute); imports
         the predicted transform, contours, Jacobian and image."""
         segment_map = self.load_segment_map(run_dir) if segment_map is None else segment_map
         args = contract.predict_arguments(os.path.abspath(run_dir), times, os.path.abspath(output_dir),
                                           stdin_cancel=True)
         options = prediction_import_options(times, reference_volume, name)
-        return Job(self, "predict", self.worker_command + args, output_dir, None, options, segment_map).start()
+        return Job(self, self.worker_command + args, output_dir, None, options, segment_map).start()
 
     def _temp_root(self) -> str | None:
         if self.temp_root:
@@ -359,7 +379,8 @@ class STNeRPCoreLogic:
         return self.temp_root
 
     # -- results ---------------------------------------------------------------------------
-    def import_results(self, run_dir: str, segment_map=None, **options) -> run_import.ImportedRun:
+    def import_results(self, run_dir: str, segment_map: list[dict] | None = None,
+                       **options: object) -> run_import.ImportedRun:
         result = run_import.import_run(self.scene, run_dir, self.segmentations_logic, segment_map=segment_map,
                                        **options)
         if segment_map:
@@ -367,15 +388,15 @@ class STNeRPCoreLogic:
         return result
 
     @staticmethod
-    def save_segment_map(run_dir: str, segment_map: list) -> None:
+    def save_segment_map(run_dir: str, segment_map: list[dict]) -> None:
         try:
             with open(os.path.join(run_dir, SEGMENT_MAP_FILE), "w", encoding="utf-8") as handle:
                 json.dump(segment_map, handle, indent=1)
         except OSError:
-            logger.warning("STNeRP: could not write the segment map into %s", run_dir)
+            logger.warning(f"STNeRP: could not write the segment map into {run_dir}")
 
     @staticmethod
-    def load_segment_map(run_dir: str) -> list:
+    def load_segment_map(run_dir: str) -> list[dict]:
         path = os.path.join(run_dir, SEGMENT_MAP_FILE)
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as handle:

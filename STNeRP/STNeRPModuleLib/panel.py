@@ -7,9 +7,11 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import tempfile
+from collections.abc import Collection, Sequence
 
 import vtk
 
+import slicer
 from STNeRPLib import contract
 
 #: the oldest torch the worker runs with (torch.load(weights_only=...), torch.func)
@@ -59,27 +61,29 @@ def _writable(folder: str) -> bool:
 
 
 # -- volumes ---------------------------------------------------------------------------------
-def scalar_volumes(scene) -> list:
+def scalar_volumes(scene: slicer.vtkMRMLScene) -> list[slicer.vtkMRMLScalarVolumeNode]:
     """Scalar volumes of the scene that the volume selectors show (labelmaps left out)."""
     nodes = (scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
              for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")))
     return [n for n in nodes if not n.IsA("vtkMRMLLabelMapVolumeNode") and not n.GetHideFromEditors()]
 
 
-def default_reference(scene):
+def default_reference(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLScalarVolumeNode | None:
     """The first scalar volume, or None."""
     volumes = scalar_volumes(scene)
     return volumes[0] if volumes else None
 
 
-def default_follow_up(scene, reference, used=()):
+def default_follow_up(scene: slicer.vtkMRMLScene, reference: slicer.vtkMRMLScalarVolumeNode | None,
+                      used: Sequence[slicer.vtkMRMLScalarVolumeNode] = ()) -> slicer.vtkMRMLScalarVolumeNode | None:
     """The first scalar volume that is neither the reference nor already a follow-up, or None."""
     taken = [reference, *used]
     return next((v for v in scalar_volumes(scene) if all(v is not n for n in taken)), None)
 
 
 # -- segments --------------------------------------------------------------------------------
-def segments(segmentation_node, excluded_ids) -> list[tuple[str, str, bool]]:
+def segments(segmentation_node: slicer.vtkMRMLSegmentationNode | None,
+             excluded_ids: Collection[str]) -> list[tuple[str, str, bool]]:
     """(segment ID, name, checked) of every segment now in the segmentation: a segment added
     later is checked, a deleted one is gone."""
     if segmentation_node is None:
@@ -94,7 +98,8 @@ def segments(segmentation_node, excluded_ids) -> list[tuple[str, str, bool]]:
     return out
 
 
-def chosen_segment_ids(segmentation_node, excluded_ids) -> list[str]:
+def chosen_segment_ids(segmentation_node: slicer.vtkMRMLSegmentationNode | None,
+                       excluded_ids: Collection[str]) -> list[str]:
     """IDs of the segments to propagate, in the segmentation's order; PanelError when every
     segment is left out."""
     chosen = [sid for sid, _, checked in segments(segmentation_node, excluded_ids) if checked]
@@ -135,7 +140,7 @@ def torch_problem() -> str | None:
 
 def torch_requirement() -> str:
     """The version requirement to give the PyTorch extension's installer."""
-    return ">=" + ".".join(map(str, MINIMUM_TORCH))
+    return f">={'.'.join(map(str, MINIMUM_TORCH))}"
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

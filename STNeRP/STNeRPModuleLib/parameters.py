@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
+import slicer
 from STNeRPLib import contract
 
 from . import panel, run_import
-from .core_logic import JobInputs, follow_ups_from_sequence
+from .core_logic import Job, JobInputs, follow_ups_from_sequence
 
 MODULE_NAME = "STNeRP"
 
@@ -60,13 +62,13 @@ ROW_ROLES = (ROW_VOLUME, ROW_LANDMARKS, ROW_GROUND_TRUTH)
 class FollowUp:
     """One row of the follow-up table."""
 
-    volume: object
+    volume: slicer.vtkMRMLScalarVolumeNode
     time: float
-    landmarks: object = None
-    ground_truth: object = None
+    landmarks: slicer.vtkMRMLMarkupsFiducialNode | None = None
+    ground_truth: slicer.vtkMRMLSegmentationNode | None = None
 
 
-def initialize(node):
+def initialize(node: slicer.vtkMRMLScriptedModuleNode) -> slicer.vtkMRMLScriptedModuleNode:
     """Set every missing parameter to its default (existing values are kept)."""
     node.SetAttribute("ModuleName", MODULE_NAME)
     for key, value in DEFAULTS.items():
@@ -75,9 +77,8 @@ def initialize(node):
     return node
 
 
-def create_parameter_node(scene):
+def create_parameter_node(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLScriptedModuleNode:
     """A parameter node for the scene (the app uses ScriptedLoadableModuleLogic.getParameterNode)."""
-    import slicer
     node = scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
     if node is None:
         node = slicer.vtkMRMLScriptedModuleNode()
@@ -87,32 +88,32 @@ def create_parameter_node(scene):
     return initialize(node)
 
 
-def get_json(node, key: str):
+def get_json(node: slicer.vtkMRMLScriptedModuleNode, key: str) -> Any:
     try:
         return json.loads(node.GetParameter(key) or DEFAULTS.get(key, "null"))
     except ValueError:
         return json.loads(DEFAULTS.get(key, "null"))
 
 
-def set_json(node, key: str, value) -> None:
+def set_json(node: slicer.vtkMRMLScriptedModuleNode, key: str, value: Any) -> None:
     node.SetParameter(key, json.dumps(value))
 
 
-def get_float(node, key: str, default: float = 0.0) -> float:
+def get_float(node: slicer.vtkMRMLScriptedModuleNode, key: str, default: float = 0.0) -> float:
     try:
         return float(node.GetParameter(key))
     except (TypeError, ValueError):
         return default
 
 
-def get_int(node, key: str, default: int = 0) -> int:
+def get_int(node: slicer.vtkMRMLScriptedModuleNode, key: str, default: int = 0) -> int:
     try:
         return int(float(node.GetParameter(key)))
     except (TypeError, ValueError):
         return default
 
 
-def get_bool(node, key: str) -> bool:
+def get_bool(node: slicer.vtkMRMLScriptedModuleNode, key: str) -> bool:
     return (node.GetParameter(key) or "").lower() in ("1", "true", "yes", "on")
 
 
@@ -120,7 +121,7 @@ def _role(role: str, key: str) -> str:
     return f"{role}_{key}"
 
 
-def set_follow_ups(node, rows: list[FollowUp]) -> None:
+def set_follow_ups(node: slicer.vtkMRMLScriptedModuleNode, rows: list[FollowUp]) -> None:
     """Store the follow-up table: one key per row, its nodes under that key's roles."""
     was_modifying = node.StartModify()
     for entry in get_json(node, "FollowUpRows") or []:
@@ -137,7 +138,7 @@ def set_follow_ups(node, rows: list[FollowUp]) -> None:
     node.EndModify(was_modifying)
 
 
-def get_follow_ups(node) -> list[FollowUp]:
+def get_follow_ups(node: slicer.vtkMRMLScriptedModuleNode) -> list[FollowUp]:
     """The follow-up rows whose volume is still in the scene, in table order."""
     rows = []
     for entry in get_json(node, "FollowUpRows") or []:
@@ -149,7 +150,7 @@ def get_follow_ups(node) -> list[FollowUp]:
     return rows
 
 
-def settings(node) -> dict:
+def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
     """Worker settings from the parameter node (prior None: the preset's own)."""
     prior = node.GetParameter("Prior") or "preset"
     return {
@@ -163,7 +164,7 @@ def settings(node) -> dict:
     }
 
 
-def job_inputs(node) -> JobInputs:
+def job_inputs(node: slicer.vtkMRMLScriptedModuleNode) -> JobInputs:
     """What the panel's parameter node asks to train on (not yet validated)."""
     reference_time = get_float(node, "ReferenceTime")
     sequence_mode = node.GetParameter("FollowUpMode") == "sequence"
@@ -184,7 +185,7 @@ def job_inputs(node) -> JobInputs:
         predict_times=[float(t) for t in get_json(node, "PredictTimes") or []])
 
 
-def record_training(node, job) -> None:
+def record_training(node: slicer.vtkMRMLScriptedModuleNode, job: Job) -> None:
     """Remember how a training job ended in the parameter node (saved with the scene): a complete
     run for the time slider, an unfinished one for Resume."""
     node.SetParameter("UnfinishedRunDirectory", job.run_dir if panel.resumable_run(job.run_dir) else "")

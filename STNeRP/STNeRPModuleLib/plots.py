@@ -6,6 +6,7 @@ det J at many times, from the model) and ``jacobian_by_structure.csv`` (det J st
 each propagated structure at every written time point). These functions turn them into MRML
 table, plot series and plot chart nodes. Functions take the scene; nothing asks ``slicer.app``.
 """
+from __future__ import annotations
 
 import csv
 import os
@@ -27,7 +28,7 @@ class ReportDataMissing(RuntimeError):
     """The run folder has no report data (run ``stnerp report --run RUN`` first)."""
 
 
-def _rows(run_dir, relative):
+def _rows(run_dir: str, relative: str) -> list[dict[str, str]]:
     path = os.path.join(run_dir, relative)
     if not os.path.isfile(path):
         raise ReportDataMissing(f"{path} not found: write the run's report first (stnerp report --run {run_dir})")
@@ -35,17 +36,19 @@ def _rows(run_dir, relative):
         return list(csv.DictReader(handle))
 
 
-def _name(row, names):
+def _name(row: dict[str, str], names: dict[int, str] | None) -> str:
     """The structure's name: from `names` (label value -> segment name) if given, else the report's."""
     return (names or {}).get(int(row["label"]), row["name"])
 
 
-def _tag(node, run_dir):
+def _tag(node: slicer.vtkMRMLNode, run_dir: str) -> slicer.vtkMRMLNode:
     node.SetAttribute(RUN_ATTRIBUTE, run_dir)
     return node
 
 
-def structure_volume_plot(scene, run_dir, names=None, prefix="STNeRP"):
+def structure_volume_plot(scene: slicer.vtkMRMLScene, run_dir: str, names: dict[int, str] | None = None,
+                          prefix: str = "STNeRP") -> tuple[slicer.vtkMRMLPlotChartNode, slicer.vtkMRMLTableNode,
+                                                         list[slicer.vtkMRMLPlotSeriesNode]]:
     """NEW table, plot series (one per structure) and chart nodes: structure volume (mL) against time.
 
     names: optional {label value: segment name}. Returns (chart node, table node, [series nodes]).
@@ -84,7 +87,8 @@ def structure_volume_plot(scene, run_dir, names=None, prefix="STNeRP"):
     return chart, table_node, series
 
 
-def jacobian_statistics_table(scene, run_dir, names=None, prefix="STNeRP"):
+def jacobian_statistics_table(scene: slicer.vtkMRMLScene, run_dir: str, names: dict[int, str] | None = None,
+                              prefix: str = "STNeRP") -> slicer.vtkMRMLTableNode:
     """A NEW table node: one row per time point and structure, with the structure's name, its
     volume (mL) and det J mean, min, max and folded voxels over it (det J of the map time t ->
     reference: reference volume / time-t volume)."""

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
+import slicer
 from STNeRPLib import contract
 
 from . import run_import
@@ -24,26 +26,31 @@ def prediction_folder(run_dir: str, t: float) -> str:
     return os.path.join(run_dir, PREDICTIONS_FOLDER, contract.time_point_folder(t))
 
 
+@dataclass(eq=False)
 class TimeSliderPredictions:
-    """Predictions of one trained run for the time slider. Call :meth:`poll` regularly."""
+    """Predictions of one trained run for the time slider. Call :meth:`poll` regularly.
 
-    def __init__(self, logic: STNeRPCoreLogic, run_dir: str, segment_map=None, reference_volume=None,
-                 quiet: float = 0.3, clock: Callable[[], float] = time.monotonic):
-        self.logic = logic
-        self.run_dir = run_dir
-        self.segment_map = segment_map
-        self.reference_volume = reference_volume
-        self.quiet = quiet
-        self.clock = clock
-        self.job: Job | None = None
-        self._job_time: float | None = None   # the time self.job predicts
-        self.shown: run_import.ImportedRun | None = None
-        self.shown_time: float | None = None
-        self.message: str | None = None       # why the last prediction failed
-        self._wanted: float | None = None
-        self._asked_at = 0.0
-        self._failed_time: float | None = None
-        scene = logic.scene
+    segment_map: the run's labels -> segments (scene_files.segment_map_for); quiet: seconds without a new request
+    before one is started; clock: seconds, monotonic (tests pass their own)."""
+
+    logic: STNeRPCoreLogic
+    run_dir: str
+    segment_map: list[dict] | None = None
+    reference_volume: slicer.vtkMRMLScalarVolumeNode | None = None
+    quiet: float = 0.3
+    clock: Callable[[], float] = time.monotonic
+    job: Job | None = field(default=None, init=False)
+    _job_time: float | None = field(default=None, init=False)   # the time self.job predicts
+    shown: run_import.ImportedRun | None = field(default=None, init=False)
+    shown_time: float | None = field(default=None, init=False)
+    message: str | None = field(default=None, init=False)       # why the last prediction failed
+    _wanted: float | None = field(default=None, init=False)
+    _asked_at: float = field(default=0.0, init=False)
+    _failed_time: float | None = field(default=None, init=False)
+    _close_observer: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        scene = self.logic.scene
         self._close_observer = scene.AddObserver(scene.StartCloseEvent, lambda caller, event: self.forget())
 
     @property

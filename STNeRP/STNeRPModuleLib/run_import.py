@@ -5,6 +5,7 @@ them with a browser; a metrics table. A failed import leaves the scene as it was
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,13 +34,13 @@ class ImportedRun:
 
     run_dir: str
     folder_item: int = 0
-    time_points: dict = field(default_factory=dict)   # time -> {kind: node}
-    sequences: dict = field(default_factory=dict)     # kind -> sequence node
-    browser: object = None
-    table: object = None
-    chart: object = None                              # structure volume against time (report data)
-    jacobian_table: object = None                     # det J statistics per segment (report data)
-    nodes: list = field(default_factory=list)         # every node the import added
+    time_points: dict[float, dict[str, slicer.vtkMRMLNode]] = field(default_factory=dict)   # time -> {kind: node}
+    sequences: dict[str, slicer.vtkMRMLSequenceNode] = field(default_factory=dict)        # kind -> sequence
+    browser: slicer.vtkMRMLSequenceBrowserNode | None = None
+    table: slicer.vtkMRMLTableNode | None = None
+    chart: slicer.vtkMRMLPlotChartNode | None = None      # structure volume against time (report data)
+    jacobian_table: slicer.vtkMRMLTableNode | None = None  # det J statistics per segment (report data)
+    nodes: list[slicer.vtkMRMLNode] = field(default_factory=list)   # every node the import added
 
 
 def read_record(run_dir: str) -> dict:
@@ -61,8 +62,12 @@ def run_times(run_dir: str) -> list[float]:
     return sorted(float(tp["time"]) for tp in record.get("time_points") or [])
 
 
-def import_run(scene, run_dir: str, segmentations_logic, name: str = "STNeRP", segment_map=None,
-               reference_volume=None, fixed_volumes=None, create_sequences: bool = True) -> ImportedRun:
+def import_run(scene: slicer.vtkMRMLScene, run_dir: str,
+               segmentations_logic: slicer.vtkSlicerSegmentationsModuleLogic, name: str = "STNeRP",
+               segment_map: list[dict] | None = None,
+               reference_volume: slicer.vtkMRMLScalarVolumeNode | None = None,
+               fixed_volumes: dict[float, slicer.vtkMRMLScalarVolumeNode] | None = None,
+               create_sequences: bool = True) -> ImportedRun:
     """Load a complete worker run folder (absolute path) as NEW nodes under one subject-hierarchy
     folder. On any error every node added so far is removed again and the error is raised.
     fixed_volumes: {time: volume node}, the fixed-node reference of each transform."""
@@ -83,7 +88,7 @@ def import_run(scene, run_dir: str, segmentations_logic, name: str = "STNeRP", s
         for tp in time_points:
             t = float(tp["time"])
             if tp.get("jacobian") and colors is None:
-                colors = create_diverging_color_table(scene, name + " Jacobian colors")
+                colors = create_diverging_color_table(scene, f"{name} Jacobian colors")
             fixed = next((v for k, v in (fixed_volumes or {}).items() if abs(float(k) - t) < 1e-9), None)
             entry = _import_time_point(scene, run_dir, tp, f"{name} t={contract.format_time(t)}",
                                        segmentations_logic, segment_map or [], colors, fixed, reference_volume)
@@ -97,7 +102,7 @@ def import_run(scene, run_dir: str, segmentations_logic, name: str = "STNeRP", s
             result.time_points[t] = entry
         if create_sequences and len(result.time_points) > 1:
             _create_sequences(scene, result, name)
-        result.table = create_metrics_table(scene, name + " metrics", time_points, segment_map)
+        result.table = create_metrics_table(scene, f"{name} metrics", time_points, segment_map)
         result.table.SetAttribute(RUN_ATTRIBUTE, run_dir)
         place_in_folder(sh, result.table, result.folder_item)
         _import_report_data(scene, result, name, segment_map)
@@ -105,31 +110,34 @@ def import_run(scene, run_dir: str, segmentations_logic, name: str = "STNeRP", s
     return result
 
 
-def _import_time_point(scene, run_dir: str, tp: dict, label: str, segmentations_logic, segment_map,
-                       colors, fixed, reference_volume) -> dict:
+def _import_time_point(scene: slicer.vtkMRMLScene, run_dir: str, tp: dict, label: str,
+                       segmentations_logic: slicer.vtkSlicerSegmentationsModuleLogic, segment_map: list[dict],
+                       colors: slicer.vtkMRMLColorTableNode | None, fixed: slicer.vtkMRMLScalarVolumeNode | None,
+                       reference_volume: slicer.vtkMRMLScalarVolumeNode | None) -> dict[str, slicer.vtkMRMLNode]:
     """The nodes of one time point: {kind: node} for the files its run.json entry names."""
     entry = {}
     if tp.get("displacement"):
         node = scene_files.read_displacement_transform(scene, _run_path(run_dir, tp["displacement"]),
-                                                       label + " transform")
+                                                       f"{label} transform")
         _set_registration_references(node, fixed, reference_volume)
         entry["transform"] = node
     if tp.get("labelmap"):
         if not segment_map:
             raise RunFolderError("the run has labelmaps but no segment map was given")
         entry["segmentation"] = scene_files.import_segmentation(
-            scene, _run_path(run_dir, tp["labelmap"]), label + " segmentation", segment_map, segmentations_logic)
+            scene, _run_path(run_dir, tp["labelmap"]), f"{label} segmentation", segment_map, segmentations_logic)
     if tp.get("jacobian"):
-        entry["jacobian"] = read_jacobian(scene, _run_path(run_dir, tp["jacobian"]), label + " Jacobian", colors)
+        entry["jacobian"] = read_jacobian(scene, _run_path(run_dir, tp["jacobian"]), f"{label} Jacobian", colors)
     if tp.get("image"):
-        entry["image"] = scene_files.read_volume(scene, _run_path(run_dir, tp["image"]), label + " predicted image")
+        entry["image"] = scene_files.read_volume(scene, _run_path(run_dir, tp["image"]), f"{label} predicted image")
     if tp.get("inverse_displacement"):
         entry["inverse"] = scene_files.read_inverse_transform(
-            scene, _run_path(run_dir, tp["inverse_displacement"]), label + " reference to t")
+            scene, _run_path(run_dir, tp["inverse_displacement"]), f"{label} reference to t")
     return entry
 
 
-def _place_under_study(sh, segmentation, scan) -> None:
+def _place_under_study(sh: slicer.vtkMRMLSubjectHierarchyNode, segmentation: slicer.vtkMRMLSegmentationNode,
+                       scan: slicer.vtkMRMLScalarVolumeNode) -> None:
     """Put the contours propagated to a scan under that scan's DICOM study, when it has one, so
     that Slicer's DICOM export (SlicerRT's RT Structure Set) references the right patient, study
     and frame of reference."""
@@ -138,7 +146,7 @@ def _place_under_study(sh, segmentation, scan) -> None:
         sh.SetItemParent(sh.GetItemByDataNode(segmentation), study)
 
 
-def _create_sequences(scene, result: ImportedRun, name: str) -> None:
+def _create_sequences(scene: slicer.vtkMRMLScene, result: ImportedRun, name: str) -> None:
     """A sequence per kind that every time point has, and one browser playing them in sync."""
     sh = scene.GetSubjectHierarchyNode()
     for kind, title in SEQUENCE_TITLES.items():
@@ -151,7 +159,7 @@ def _create_sequences(scene, result: ImportedRun, name: str) -> None:
     if not result.sequences:
         return
     order = list(result.sequences.values())
-    result.browser = create_browser(scene, name + " browser", order)
+    result.browser = create_browser(scene, f"{name} browser", order)
     place_in_folder(sh, result.browser, result.folder_item)
     for sequence in order:
         proxy = result.browser.GetProxyNode(sequence)
@@ -159,7 +167,8 @@ def _create_sequences(scene, result: ImportedRun, name: str) -> None:
             place_in_folder(sh, proxy, result.folder_item)
 
 
-def _import_report_data(scene, result: ImportedRun, name: str, segment_map) -> None:
+def _import_report_data(scene: slicer.vtkMRMLScene, result: ImportedRun, name: str,
+                        segment_map: list[dict] | None) -> None:
     """The report's structure volume against time (a plot chart) and det J statistics per segment
     (a table), named after the segments, when the run wrote its report."""
     names = {int(e["value"]): e["name"] for e in segment_map or []}
@@ -173,7 +182,7 @@ def _import_report_data(scene, result: ImportedRun, name: str, segment_map) -> N
         place_in_folder(sh, node, result.folder_item)
 
 
-def remove_imported(scene, result: ImportedRun | None) -> None:
+def remove_imported(scene: slicer.vtkMRMLScene, result: ImportedRun | None) -> None:
     """Remove what an import added (nodes, storage and display nodes, proxies, its folder) and is
     still in the scene; after a scene close nothing of it is, and nothing is removed."""
     if result is None:
@@ -188,7 +197,9 @@ def _run_path(run_dir: str, relative: str) -> str:
     return os.path.normpath(relative if os.path.isabs(relative) else os.path.join(run_dir, relative))
 
 
-def _set_registration_references(transform_node, fixed_node, moving_node) -> None:
+def _set_registration_references(transform_node: slicer.vtkMRMLTransformNode,
+                                 fixed_node: slicer.vtkMRMLScalarVolumeNode | None,
+                                 moving_node: slicer.vtkMRMLScalarVolumeNode | None) -> None:
     if fixed_node is not None:
         transform_node.SetNodeReferenceID(slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole(), fixed_node.GetID())
     if moving_node is not None:
@@ -196,7 +207,8 @@ def _set_registration_references(transform_node, fixed_node, moving_node) -> Non
 
 
 # -- Jacobian display ------------------------------------------------------------------------
-def create_diverging_color_table(scene, name: str = "STNeRP Jacobian", n: int = 256):
+def create_diverging_color_table(scene: slicer.vtkMRMLScene, name: str = "STNeRP Jacobian",
+                                 n: int = 256) -> slicer.vtkMRMLColorTableNode:
     """Blue (det J < 1: the tissue at t is larger than in the reference) - white (1, volume kept) -
     red (det J > 1: smaller than in the reference); see ARCHITECTURE.md, "Jacobian determinant"."""
     table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
@@ -213,7 +225,8 @@ def create_diverging_color_table(scene, name: str = "STNeRP Jacobian", n: int = 
     return table
 
 
-def jacobian_window(values, percentile: float = 99.0, minimum_half_width: float = 0.05) -> tuple[float, float]:
+def jacobian_window(values: Iterable[float] | np.ndarray, percentile: float = 99.0,
+                    minimum_half_width: float = 0.05) -> tuple[float, float]:
     """(window, level) of a Jacobian map: centred at 1, symmetric, wide enough for the 1st and
     99th percentiles (so the colour of 1 is always the middle of the diverging table)."""
     values = np.asarray(values, dtype=float)
@@ -226,7 +239,8 @@ def jacobian_window(values, percentile: float = 99.0, minimum_half_width: float 
     return 2.0 * half, 1.0
 
 
-def read_jacobian(scene, path: str, name: str, color_table):
+def read_jacobian(scene: slicer.vtkMRMLScene, path: str, name: str,
+                  color_table: slicer.vtkMRMLColorTableNode) -> slicer.vtkMRMLScalarVolumeNode:
     node = scene_files.read_volume(scene, path, name)
     window, level = jacobian_window(scene_files.volume_array(node))
     display = node.GetDisplayNode()
@@ -238,7 +252,8 @@ def read_jacobian(scene, path: str, name: str, color_table):
 
 
 # -- sequences and tables --------------------------------------------------------------------
-def create_sequence(scene, name: str, items, index_name: str = "time", index_unit: str = ""):
+def create_sequence(scene: slicer.vtkMRMLScene, name: str, items: Iterable[tuple[float, slicer.vtkMRMLNode]],
+                    index_name: str = "time", index_unit: str = "") -> slicer.vtkMRMLSequenceNode:
     """A NEW sequence node holding copies of `items` [(time, node)], numeric index = time."""
     sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
     sequence.SetIndexName(index_name)
@@ -249,7 +264,8 @@ def create_sequence(scene, name: str, items, index_name: str = "time", index_uni
     return sequence
 
 
-def create_browser(scene, name: str, sequences):
+def create_browser(scene: slicer.vtkMRMLScene, name: str,
+                   sequences: Sequence[slicer.vtkMRMLSequenceNode]) -> slicer.vtkMRMLSequenceBrowserNode:
     """A NEW sequence browser playing `sequences` in sync (the first is the master). The
     Sequences logic of the scene must be registered first (it creates the proxy nodes)."""
     browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", name)
@@ -260,14 +276,15 @@ def create_browser(scene, name: str, sequences):
     return browser
 
 
-def _metric_number(value) -> float:
+def _metric_number(value: object) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
         return float("nan")
 
 
-def create_metrics_table(scene, name: str, time_points, segment_map=None):
+def create_metrics_table(scene: slicer.vtkMRMLScene, name: str, time_points: Iterable[dict],
+                         segment_map: list[dict] | None = None) -> slicer.vtkMRMLTableNode:
     """A NEW table node: one row per time point, columns time, scanned, folded voxels,
     Jacobian min/max, PSNR, SSIM, Dice per segment (by name), TRE mean/std/max."""
     names = {str(e["value"]): e["name"] for e in (segment_map or [])}
@@ -275,7 +292,7 @@ def create_metrics_table(scene, name: str, time_points, segment_map=None):
     columns = [("time", "time"), ("scanned", "scanned"), ("folded_voxels", "folded voxels"),
                ("jacobian_min", "Jacobian min"), ("jacobian_max", "Jacobian max"),
                ("psnr", "PSNR (dB)"), ("ssim", "SSIM")]
-    columns += [("dice:" + k, "Dice " + names.get(k, "label " + k)) for k in dice_keys]
+    columns += [(f"dice:{k}", f"Dice {names.get(k, f'label {k}')}") for k in dice_keys]
     columns += [("tre_mean", "TRE mean (mm)"), ("tre_std", "TRE std (mm)"), ("tre_max", "TRE max (mm)")]
     table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     table = table_node.GetTable()
@@ -290,7 +307,7 @@ def create_metrics_table(scene, name: str, time_points, segment_map=None):
     return table_node
 
 
-def _cell(tp: dict, key: str):
+def _cell(tp: dict, key: str) -> object:
     metrics = tp.get("metrics") or {}
     if key == "time":
         return tp["time"]

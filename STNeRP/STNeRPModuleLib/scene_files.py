@@ -16,12 +16,14 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import vtk
 
 import slicer
 
+from . import segment_overlap
 from .scene_utils import TemporaryNodes, ras_to_lps
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ def _absolute(path: str) -> str:
 
 
 # -- volumes ---------------------------------------------------------------------------------
-def write_volume(volume_node, path: str, compression: bool = False) -> str:
+def write_volume(volume_node: slicer.vtkMRMLVolumeNode, path: str, compression: bool = False) -> str:
     """Write a (scalar or labelmap) volume node to an absolute path (NRRD), keeping its geometry.
 
     Uncompressed by default: the worker's inputs are written while the panel waits, and gzip
@@ -48,8 +50,8 @@ def write_volume(volume_node, path: str, compression: bool = False) -> str:
     if volume_node is None or volume_node.GetImageData() is None:
         raise ValueError(f"volume {volume_node.GetName() if volume_node else None!r} has no image data")
     if volume_node.GetParentTransformNode() is not None:
-        logger.warning("STNeRP: volume '%s' is under a transform; the transform is not applied to the "
-                       "exported file", volume_node.GetName())
+        logger.warning(f"STNeRP: volume '{volume_node.GetName()}' is under a transform; the transform is not "
+                       "applied to the exported file")
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(_absolute(path))
     storage.SetUseCompression(1 if compression else 0)
@@ -58,14 +60,16 @@ def write_volume(volume_node, path: str, compression: bool = False) -> str:
     return path
 
 
-def read_volume(scene, path: str, name: str, node_class: str = "vtkMRMLScalarVolumeNode"):
+def read_volume(scene: slicer.vtkMRMLScene, path: str, name: str,
+                node_class: str = "vtkMRMLScalarVolumeNode") -> slicer.vtkMRMLScalarVolumeNode:
     """Read an image file (absolute path) into a NEW volume node of the scene, with display node."""
     node = _read(scene, scene.AddNewNodeByClass(node_class, name), slicer.vtkMRMLVolumeArchetypeStorageNode(), path)
     node.CreateDefaultDisplayNodes()
     return node
 
 
-def _read(scene, node, storage, path: str):
+def _read(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLStorableNode, storage: slicer.vtkMRMLStorageNode,
+          path: str) -> slicer.vtkMRMLStorableNode:
     """Read a file (absolute path) into a node of the scene through a storage node kept in the
     scene (so the node can be saved with it); the node keeps its name."""
     if not os.path.isfile(_absolute(path)):
@@ -80,7 +84,7 @@ def _read(scene, node, storage, path: str):
     return node
 
 
-def read_volume_detached(path: str, labelmap: bool = False):
+def read_volume_detached(path: str, labelmap: bool = False) -> slicer.vtkMRMLScalarVolumeNode:
     """Read an image file (absolute path) into a volume node that is NOT in any scene."""
     node = slicer.vtkMRMLLabelMapVolumeNode() if labelmap else slicer.vtkMRMLScalarVolumeNode()
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
@@ -90,7 +94,7 @@ def read_volume_detached(path: str, labelmap: bool = False):
     return node
 
 
-def volume_array(volume_node) -> np.ndarray:
+def volume_array(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
     """Voxel array (k, j, i) of a volume node (no copy)."""
     from vtk.util import numpy_support
     image = volume_node.GetImageData()
@@ -105,7 +109,7 @@ def volume_array(volume_node) -> np.ndarray:
 # -- segmentations ---------------------------------------------------------------------------
 
 
-def segment_terminology(segment) -> str:
+def segment_terminology(segment: slicer.vtkSegment) -> str:
     """Terminology entry of a segment as text ('' when none). vtkSegment.GetTerminology exists
     from Slicer 5.10; before, the entry is the tag named by GetTerminologyEntryTagName()."""
     if hasattr(segment, "GetTerminology"):
@@ -113,7 +117,7 @@ def segment_terminology(segment) -> str:
     return _tagged_terminology(segment)
 
 
-def _tagged_terminology(segment) -> str:
+def _tagged_terminology(segment: slicer.vtkSegment) -> str:
     """The terminology tag of a segment, as Slicer <= 5.8 keeps it."""
     value = vtk.reference("")
     if not segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), value):
@@ -121,7 +125,7 @@ def _tagged_terminology(segment) -> str:
     return str(value)
 
 
-def set_segment_terminology(segment, text: str) -> None:
+def set_segment_terminology(segment: slicer.vtkSegment, text: str | None) -> None:
     if not text:
         return
     if hasattr(segment, "SetTerminology"):
@@ -130,7 +134,8 @@ def set_segment_terminology(segment, text: str) -> None:
         segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), text)
 
 
-def segment_map_for(segmentation_node, segment_ids=None):
+def segment_map_for(segmentation_node: slicer.vtkMRMLSegmentationNode,
+                    segment_ids: Sequence[str] | None = None) -> list[dict]:
     """The value -> segment description used for the worker's labelmap: label value i+1 for
     the i-th selected segment (the order ExportSegmentsToLabelmapNode uses)."""
     segmentation = segmentation_node.GetSegmentation()
@@ -149,9 +154,12 @@ def segment_map_for(segmentation_node, segment_ids=None):
     return out
 
 
-def export_segmentation_labelmap(scene, segmentation_node, segment_ids, reference_volume, path,
-                                 segmentations_logic, segment_map=None):
-    """Write the chosen segments as one integer labelmap on the reference volume's grid.
+def export_segmentation_labelmap(scene: slicer.vtkMRMLScene, segmentation_node: slicer.vtkMRMLSegmentationNode,
+                                 segment_ids: Sequence[str] | None, reference_volume: slicer.vtkMRMLVolumeNode,
+                                 path: str, segmentations_logic: slicer.vtkSlicerSegmentationsModuleLogic,
+                                 segment_map: list[dict] | None = None) -> list[dict]:
+    """Write the chosen segments as one integer labelmap on the reference volume's grid; a voxel
+    in several segments goes to the smallest of them (segment_overlap).
 
     Returns the segment map (list of dicts value/id/name/color/terminology) that
     :func:`import_segmentation` uses to restore names, colours and terminology. Segments are
@@ -169,29 +177,47 @@ def export_segmentation_labelmap(scene, segmentation_node, segment_ids, referenc
                 ordered.append((sid, entry["value"]))
         if not ordered:
             raise ValueError(f"no segment of '{segmentation_node.GetName()}' matches the reference segments")
-    ids = vtk.vtkStringArray()
-    for sid, _ in ordered:
-        ids.InsertNextValue(sid)
     # ExportSegmentsToLabelmapNode needs the labelmap node in the scene: add a temporary one
     with TemporaryNodes(scene):
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "STNeRP export")
-        ok = segmentations_logic.ExportSegmentsToLabelmapNode(
-            segmentation_node, ids, labelmap, reference_volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
-        if not ok:
-            raise RuntimeError(f"could not export segmentation '{segmentation_node.GetName()}'")
-        # positions 1..n -> the wanted label values
+        voxels = _export_each(segmentation_node, [sid for sid, _ in ordered], reference_volume, labelmap,
+                              segmentations_logic)
         arr = volume_array(labelmap)
-        wanted = np.zeros(len(ordered) + 1, dtype=np.int32)
-        for pos, (_, value) in enumerate(ordered):
-            wanted[pos + 1] = value
-        if not all(wanted[i] == i for i in range(len(wanted))):
-            arr[...] = wanted[arr.astype(np.int64)].astype(arr.dtype)
-            labelmap.GetImageData().Modified()
+        arr[...] = segment_overlap.labelmap(voxels, [value for _, value in ordered], arr.size).reshape(arr.shape)
+        labelmap.GetImageData().Modified()
         write_volume(labelmap, path)
     return segment_map
 
 
-def import_segmentation(scene, labelmap_path, name, segment_map, segmentations_logic):
+def segment_voxels(scene: slicer.vtkMRMLScene, segmentation_node: slicer.vtkMRMLSegmentationNode,
+                   segment_ids: Sequence[str], reference_volume: slicer.vtkMRMLVolumeNode,
+                   segmentations_logic: slicer.vtkSlicerSegmentationsModuleLogic) -> list[np.ndarray]:
+    """Each segment's voxels on the reference volume's grid (sorted flat indices of its (k, j, i)
+    array), as Slicer's export paints the segment alone; the scene is left as it was."""
+    with TemporaryNodes(scene):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "STNeRP export")
+        return _export_each(segmentation_node, segment_ids, reference_volume, labelmap, segmentations_logic)
+
+
+def _export_each(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_ids: Sequence[str],
+                 reference_volume: slicer.vtkMRMLVolumeNode, labelmap: slicer.vtkMRMLLabelMapVolumeNode,
+                 segmentations_logic: slicer.vtkSlicerSegmentationsModuleLogic) -> list[np.ndarray]:
+    """Export the segments one at a time into `labelmap` (a node of the scene; it keeps the grid);
+    returns each one's voxels as sorted flat indices."""
+    out = []
+    for sid in segment_ids:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(sid)
+        if not segmentations_logic.ExportSegmentsToLabelmapNode(
+                segmentation_node, ids, labelmap, reference_volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
+            raise RuntimeError(f"could not export segment '{sid}' of '{segmentation_node.GetName()}'")
+        out.append(np.flatnonzero(volume_array(labelmap)))
+    return out
+
+
+def import_segmentation(scene: slicer.vtkMRMLScene, labelmap_path: str, name: str, segment_map: list[dict],
+                        segmentations_logic: slicer.vtkSlicerSegmentationsModuleLogic
+                        ) -> slicer.vtkMRMLSegmentationNode:
     """Read a worker labelmap into a NEW segmentation node: one segment per entry of the
     segment map (names, colours, terminology restored; a label missing from the file gives an
     empty segment, so every time point has the same segments)."""
@@ -220,14 +246,14 @@ def import_segmentation(scene, labelmap_path, name, segment_map, segmentations_l
     # labels the map does not know (should not happen) keep default names
     for value, sid in by_value.items():
         if value not in known:
-            logger.warning("STNeRP: label %d of %s is not in the segment map", value, labelmap_path)
+            logger.warning(f"STNeRP: label {value} of {labelmap_path} is not in the segment map")
     return seg_node
 
 
 # -- landmarks -------------------------------------------------------------------------------
 
 
-def markups_points_ras(markups_node):
+def markups_points_ras(markups_node: slicer.vtkMRMLMarkupsNode) -> tuple[list[str], np.ndarray]:
     """(labels, Nx3 RAS world positions) of a markups point list."""
     labels, points = [], []
     for i in range(markups_node.GetNumberOfControlPoints()):
@@ -238,7 +264,8 @@ def markups_points_ras(markups_node):
     return labels, np.array(points, dtype=float).reshape(-1, 3)
 
 
-def _pair_points(ref_labels, ref_points, labels, points):
+def _pair_points(ref_labels: list[str], ref_points: np.ndarray, labels: list[str],
+                 points: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Pair by label when all labels are unique and shared, else by index."""
     if (len(set(ref_labels)) == len(ref_labels) and len(set(labels)) == len(labels)
             and set(labels) <= set(ref_labels) and labels):
@@ -248,7 +275,8 @@ def _pair_points(ref_labels, ref_points, labels, points):
     return [(points[i], ref_points[i]) for i in range(n)]
 
 
-def export_landmarks_csv(path, reference_markups, followup_markups):
+def export_landmarks_csv(path: str, reference_markups: slicer.vtkMRMLMarkupsNode,
+                         followup_markups: Sequence[tuple[float, slicer.vtkMRMLMarkupsNode | None]]) -> int:
     """Write the worker's landmark CSV (time,x,y,z,ref_x,ref_y,ref_z; LPS mm).
 
     ``followup_markups``: list of (time, markups node) with points in the time-t image; each
@@ -273,7 +301,7 @@ def export_landmarks_csv(path, reference_markups, followup_markups):
 # -- transforms ------------------------------------------------------------------------------
 
 
-def read_displacement_transform(scene, path: str, name: str):
+def read_displacement_transform(scene: slicer.vtkMRMLScene, path: str, name: str) -> slicer.vtkMRMLGridTransformNode:
     """Read a worker displacement field (ITK, LPS, time-t point -> reference point) into a
     NEW grid transform node. Slicer stores it as the *from parent* transform; the grid is
     switched to linear interpolation so the node maps points exactly as ITK does."""
@@ -283,7 +311,7 @@ def read_displacement_transform(scene, path: str, name: str):
     return node
 
 
-def read_inverse_transform(scene, path: str, name: str):
+def read_inverse_transform(scene: slicer.vtkMRMLScene, path: str, name: str) -> slicer.vtkMRMLGridTransformNode:
     """Read the exact inverse field (reference point -> time-t point, on the reference grid) into a
     NEW grid transform node whose *to parent* direction is that map: markups, models and
     closed-surface segments of the reference placed under it are shown at time t, without
@@ -293,7 +321,7 @@ def read_inverse_transform(scene, path: str, name: str):
     return node
 
 
-def observe_scene_loading(scene) -> None:
+def observe_scene_loading(scene: slicer.vtkMRMLScene) -> None:
     """Restore linear interpolation on STNeRP grids after every scene load into `scene`
     (idempotent: the module may ask at start-up and again when loaded later)."""
     if id(scene) in _OBSERVED_SCENES:
@@ -302,7 +330,7 @@ def observe_scene_loading(scene) -> None:
     _OBSERVED_SCENES.add(id(scene))
 
 
-def restore_grid_interpolation(scene) -> int:
+def restore_grid_interpolation(scene: slicer.vtkMRMLScene) -> int:
     """Linear interpolation again on the STNeRP grid transforms of a scene just loaded, in the
     scene and inside its sequences (Slicer does not save the mode and reads grids as cubic);
     returns how many nodes were changed. A node whose grid could not be read is left alone: this
@@ -314,7 +342,7 @@ def restore_grid_interpolation(scene) -> int:
     return len(nodes)
 
 
-def _transform_nodes(scene) -> list:
+def _transform_nodes(scene: slicer.vtkMRMLScene) -> list[slicer.vtkMRMLGridTransformNode]:
     """Grid transform nodes of the scene and the data nodes of its sequences."""
     nodes = [scene.GetNthNodeByClass(i, "vtkMRMLGridTransformNode")
              for i in range(scene.GetNumberOfNodesByClass("vtkMRMLGridTransformNode"))]
@@ -325,7 +353,7 @@ def _transform_nodes(scene) -> list:
     return nodes
 
 
-def set_grid_interpolation_linear(transform_node):
+def set_grid_interpolation_linear(transform_node: slicer.vtkMRMLTransformNode) -> int:
     """Linear interpolation on every grid of a transform node (Slicer sets cubic on read)."""
     grids = _grid_transforms(transform_node)
     if not grids:
@@ -336,7 +364,7 @@ def set_grid_interpolation_linear(transform_node):
     return len(grids)
 
 
-def _grid_transforms(transform_node):
+def _grid_transforms(transform_node: slicer.vtkMRMLTransformNode) -> list[vtk.vtkGridTransform]:
     """Every vtkGridTransform of a node (through concatenations and inversions), whichever
     direction holds it."""
     grids, stack = [], [transform_node.GetTransformFromParent(), transform_node.GetTransformToParent()]

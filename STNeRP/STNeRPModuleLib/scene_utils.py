@@ -6,6 +6,8 @@ Files are LPS (ITK), the scene is RAS: x and y change sign between the two.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
+from types import TracebackType
 
 import vtk
 
@@ -21,11 +23,11 @@ TIME_ATTRIBUTE = "STNeRP.Time"
 KIND_ATTRIBUTE = "STNeRP.Kind"
 
 
-def lps_to_ras(point) -> list[float]:
+def lps_to_ras(point: Sequence[float]) -> list[float]:
     return [-float(point[0]), -float(point[1]), float(point[2])]
 
 
-def ras_to_lps(point) -> list[float]:
+def ras_to_lps(point: Sequence[float]) -> list[float]:
     return [-float(point[0]), -float(point[1]), float(point[2])]
 
 
@@ -40,7 +42,7 @@ def register_segmentation_converters() -> None:
             factory.RegisterConverterRule(cls())
 
 
-def remove_nodes(scene, nodes) -> None:
+def remove_nodes(scene: slicer.vtkMRMLScene, nodes: Iterable[slicer.vtkMRMLNode | None]) -> None:
     """Remove those of `nodes` that are still in the scene: sequence browsers first (a live
     browser would re-create the proxy nodes removed before it), then the others in reverse order
     of creation. Nodes of a closed scene are not in it, so a stale list removes nothing."""
@@ -51,7 +53,7 @@ def remove_nodes(scene, nodes) -> None:
             scene.RemoveNode(node)
 
 
-def folder_exists(scene, item: int) -> bool:
+def folder_exists(scene: slicer.vtkMRMLScene, item: int) -> bool:
     """Whether a subject-hierarchy item is in the scene's hierarchy (asked without the error log
     that a name lookup of a removed item writes)."""
     sh = scene.GetSubjectHierarchyNode()
@@ -62,7 +64,7 @@ def folder_exists(scene, item: int) -> bool:
     return children.IsId(item) >= 0
 
 
-def remove_folder(scene, item: int, run_dir: str) -> None:
+def remove_folder(scene: slicer.vtkMRMLScene, item: int, run_dir: str) -> None:
     """Remove a folder item this module made for `run_dir` (item IDs are reused after a scene
     close: the run attribute tells ours from a user's)."""
     sh = scene.GetSubjectHierarchyNode()
@@ -70,7 +72,7 @@ def remove_folder(scene, item: int, run_dir: str) -> None:
         sh.RemoveItem(item, False, True)
 
 
-def place_in_folder(sh, node, folder_item: int) -> None:
+def place_in_folder(sh: slicer.vtkMRMLSubjectHierarchyNode, node: slicer.vtkMRMLNode, folder_item: int) -> None:
     """Put a node under a subject-hierarchy folder (creating its item when no subject
     hierarchy logic made one, as in the slicer-core wheel)."""
     item = sh.GetItemByDataNode(node)
@@ -84,16 +86,16 @@ class SceneTransaction:
     """Removes every node added to the scene (and a subject-hierarchy folder) when the block
     raises, so a failed import leaves the scene as it was."""
 
-    def __init__(self, scene):
+    def __init__(self, scene: slicer.vtkMRMLScene) -> None:
         self.scene = scene
-        self.folder_item = None
+        self.folder_item: int | None = None
         self._before: set[str] = set()
 
     def __enter__(self) -> SceneTransaction:
         self._before = {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}
         return self
 
-    def added_nodes(self) -> list:
+    def added_nodes(self) -> list[slicer.vtkMRMLNode]:
         nodes = (self.scene.GetNthNode(i) for i in range(self.scene.GetNumberOfNodes()))
         return [node for node in nodes if node.GetID() not in self._before]
 
@@ -104,7 +106,8 @@ class SceneTransaction:
             sh.RemoveItem(self.folder_item, False, True)
         self.folder_item = None
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
         if exc_type is not None:
             try:
                 self.rollback()
@@ -116,6 +119,7 @@ class SceneTransaction:
 class TemporaryNodes(SceneTransaction):
     """Every node added inside the block is removed at its end (export helpers)."""
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
         self.rollback()
         return False

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import TextIO
 
 #: seconds a cancelled worker has to write its run folder as interrupted before it is killed
 CANCEL_GRACE = 10.0
@@ -35,7 +36,7 @@ def lib_parent_directory() -> str | None:
     return None
 
 
-def worker_environment() -> dict:
+def worker_environment() -> dict[str, str]:
     """Environment for the worker: STNeRPLib importable, unbuffered UTF-8 output (the panel
     decodes every line as UTF-8, whatever the console code page on Windows)."""
     env = dict(os.environ)
@@ -80,7 +81,7 @@ class WorkerProcess:
     """One worker process. Events come out of :meth:`poll` in order; the last one is
     ``{"event": "exit", "returncode": n, "cancelled": bool}``."""
 
-    def __init__(self, command: list[str], env: dict | None = None, grace: float = CANCEL_GRACE):
+    def __init__(self, command: list[str], env: dict[str, str] | None = None, grace: float = CANCEL_GRACE) -> None:
         self.command = [str(c) for c in command]
         self.env = env
         self.grace = grace
@@ -105,7 +106,7 @@ class WorkerProcess:
             self._threads.append(thread)
         return self
 
-    def _read(self, source: str, stream) -> None:
+    def _read(self, source: str, stream: TextIO) -> None:
         try:
             for line in iter(stream.readline, ""):
                 self._queue.put(parse_line(source, line))

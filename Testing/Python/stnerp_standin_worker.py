@@ -12,6 +12,7 @@ u_t(p) = (t - t_ref) * a(p), a(p) = (1.5 sin(2 pi z / 40), 1.0 cos(2 pi x / 50),
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -25,7 +26,7 @@ sys.path.insert(0, os.environ.get("STNERP_LIB_PARENT", os.path.dirname(os.path.d
 from STNeRPLib import contract  # noqa: E402
 
 
-def emit(**event) -> None:
+def emit(**event: object) -> None:
     sys.stdout.write(contract.json_line(event) + "\n")
     sys.stdout.flush()
 
@@ -103,7 +104,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> dict:
             for v in labels}
 
 
-def train(args, record: dict) -> int:
+def train(args: argparse.Namespace, record: dict) -> int:
     mode = os.environ.get("STNERP_STANDIN_MODE", "ok")
     if mode == "fail":
         emit(event=contract.EVENT_ERROR, message="stand-in failure: out of memory on the device")
@@ -140,7 +141,7 @@ def train(args, record: dict) -> int:
     return contract.EXIT_OK
 
 
-def predict(args, record: dict) -> int:
+def predict(args: argparse.Namespace, record: dict) -> int:
     base = contract.read_run(args.run)
     reference = sitk.ReadImage(os.path.join(args.run, "reference.nrrd"))
     label_path = os.path.join(args.run, "reference_labelmap.nrrd")

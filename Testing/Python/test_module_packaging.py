@@ -17,12 +17,12 @@ def read(*parts):
 def cmake_list(text, name, substitutions=None):
     """Entries of ``set(NAME ...)`` in a CMake file (comments removed)."""
     text = re.sub(r"#[^\n]*", "", text)
-    match = re.search(r"set\(\s*%s\s+(.*?)\)" % re.escape(name), text, re.S)
-    assert match, "set(%s ...) not found" % name
+    match = re.search(rf"set\(\s*{re.escape(name)}\s+(.*?)\)", text, re.S)
+    assert match, f"set({name} ...) not found"
     out = []
     for item in match.group(1).split():
         for key, value in (substitutions or {}).items():
-            item = item.replace("${%s}" % key, value)
+            item = item.replace(f"${{{key}}}", value)
         out.append(item)
     return out
 
@@ -49,10 +49,10 @@ def test_module_cmake_lists_every_python_and_resource_file():
     engine = set(cmake_list(text, "ENGINE_PYTHON_SCRIPTS"))
     resources = set(cmake_list(text, "MODULE_RESOURCES"))
     for listed in module | engine | resources:
-        assert os.path.isfile(os.path.join(ROOT, listed)), "CMake lists a missing file: %s" % listed
+        assert os.path.isfile(os.path.join(ROOT, listed)), f"CMake lists a missing file: {listed}"
     missing = (files_under("STNeRP", ".py") - module) | (files_under("STNeRPLib", ".py") - engine) \
         | (files_under("Resources") - resources)
-    assert not missing, "files not packaged by STNeRP/CMakeLists.txt: %s" % sorted(missing)
+    assert not missing, f"files not packaged by STNeRP/CMakeLists.txt: {sorted(missing)}"
     assert "Resources/UI/STNeRP.ui" in resources and "Resources/Icons/STNeRP.png" in resources
     # the module is built by Slicer's macro; top-level files go beside it in the scripted-modules folder
     assert "slicerMacroBuildScriptedModule" in text and "SCRIPTS ${MODULE_PYTHON_SCRIPTS}" in text
@@ -97,7 +97,7 @@ def test_module_widget_names_exist_in_ui_file():
     used = set(re.findall(r"\bui\.([A-Za-z_]\w*)", source))
     assert used, "no ui.<name> found in STNeRP.py"
     missing = used - names
-    assert not missing, "STNeRP.py uses widgets the .ui file does not have: %s" % sorted(missing)
+    assert not missing, f"STNeRP.py uses widgets the .ui file does not have: {sorted(missing)}"
     # every MRML widget gets the scene, every custom class is declared
     receivers = {c.findtext("receiver") for c in tree.iter("connection")}
     mrml = {w.get("name") for w in tree.iter("widget") if w.get("class").startswith("qMRML")} - {"STNeRP"}

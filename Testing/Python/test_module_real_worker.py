@@ -23,9 +23,9 @@ def test_module_real_worker_end_to_end(tmp_path):
     scene, seg_logic = new_scene()
     volumes = []
     for i, (t, image) in enumerate(zip(series.times, series.images)):
-        path = str(tmp_path / ("phase_%d.nrrd" % i))
+        path = str(tmp_path / f"phase_{i}.nrrd")
         sitk.WriteImage(image, path)
-        volumes.append((float(t), scene_files.read_volume(scene, path, "phase %d" % i)))
+        volumes.append((float(t), scene_files.read_volume(scene, path, f"phase {i}")))
     lab_path = str(tmp_path / "label.nrrd")
     sitk.WriteImage(series.labelmaps[0], lab_path)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "contours")
@@ -35,7 +35,7 @@ def test_module_real_worker_end_to_end(tmp_path):
     names = []
     for i in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(i)
-        segment.SetName("structure %d" % segment.GetLabelValue())
+        segment.SetName(f"structure {segment.GetLabelValue()}")
         names.append(segment.GetName())
     # landmarks of phase 1 for TRE
     ref_pts = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "ref landmarks")
@@ -94,4 +94,4 @@ def test_module_real_worker_end_to_end(tmp_path):
     assert {"transform", "segmentation", "jacobian", "image"} <= set(entry)
     assert [entry["segmentation"].GetSegmentation().GetNthSegment(i).GetName()
             for i in range(entry["segmentation"].GetSegmentation().GetNumberOfSegments())] == names
-    print("real worker run: %.1f s" % (time.monotonic() - start))
+    print(f"real worker run: {time.monotonic() - start:.1f} s")

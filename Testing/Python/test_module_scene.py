@@ -104,9 +104,9 @@ def sample(tmp_path_factory):
     followups = []
     for t in (1.0, 2.0, 3.5):
         moved = make_image(np.roll(image, int(t), axis=0), direction)
-        path = os.path.join(folder, "fu_%g.nrrd" % t)
+        path = os.path.join(folder, f"fu_{t:g}.nrrd")
         sitk.WriteImage(moved, path)
-        followups.append((t, scene_files.read_volume(scene, path, "follow-up %g" % t)))
+        followups.append((t, scene_files.read_volume(scene, path, f"follow-up {t:g}")))
     lab_path = os.path.join(folder, "label.nrrd")
     sitk.WriteImage(make_image(label, direction), lab_path)
     labelmap = scene_files.read_volume_detached(lab_path, labelmap=True)
@@ -288,8 +288,8 @@ def test_module_helpers_import_without_qt():
     import subprocess
     modules = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "STNeRP", "STNeRPModuleLib"))
                      if f.endswith(".py") and f != "__init__.py")
-    code = ("import sys; sys.path[:0] = [%r, %r]; " % (os.path.join(ROOT, "STNeRP"), ROOT)
-            + "; ".join("import STNeRPModuleLib.%s" % m for m in modules)
+    code = (f"import sys; sys.path[:0] = [{os.path.join(ROOT, 'STNeRP')!r}, {ROOT!r}]; "
+            + "; ".join(f"import STNeRPModuleLib.{m}" for m in modules)
             + "; bad = [m for m in ('qt', 'ctk', 'PythonQt', 'slicer.ScriptedLoadableModule', 'torch') "
               "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -569,7 +569,7 @@ def test_module_cancel_kills_grandchildren(tmp_path):
     time.sleep(0.2)
     try:
         os.kill(child, 0)
-        alive = open("/proc/%d/stat" % child).read().split()[2] != "Z"
+        alive = open(f"/proc/{child}/stat").read().split()[2] != "Z"
     except (ProcessLookupError, FileNotFoundError):
         alive = False
     assert not alive
