@@ -21,6 +21,9 @@ class Preset:
     `lr_final` is the fraction of the initial learning rate reached at the last iteration by a
     cosine decay (1.0: constant, as the paper). `def_times` is the number of time points drawn
     at random per Def-Net iteration (0: every time point, as the paper's objective).
+    `def_sampling` is how Def-Net's voxels are drawn: "uniform", or "gradient" (half of the
+    probability uniform, half in proportion to the target's intensity gradient magnitude: more
+    points at edges, vessels and the tumour's boundary, where the motion shows).
     """
 
     name: str
@@ -48,6 +51,7 @@ class Preset:
     prior_cache: bool = False
     lr_final: float = 1.0
     def_times: int = 0
+    def_sampling: str = "uniform"
 
     def to_dict(self) -> dict:
         return asdict(self)

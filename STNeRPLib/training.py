@@ -51,38 +51,94 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     """Fit Def-Net so that prior(c + u(c, t)) matches every target f_t(c) (paper eq. 6), over the
     voxels inside each target's field of view.
 
-    The prior is frozen. Each iteration takes `preset.def_times` random time points (all when 0).
-    Returns the last loss (mean squared error over the sampled voxels inside the fields of view).
-    With a checkpoint, start from its state and save into it.
+    The prior is frozen. Each iteration takes `preset.def_times` random time points (all when 0) and
+    evaluates them as one batch. Returns the last loss (mean squared error over the sampled voxels
+    inside the fields of view). With a checkpoint, start from its state and save into it.
     """
     prior.requires_grad_(False)
-    times = [target.time for target in targets]
-    volumes = torch.stack([target.volume.reshape(-1) for target in targets])
-    inside = torch.stack([torch.ones_like(target.volume.reshape(-1), dtype=torch.bool) if target.inside is None
-                          else target.inside.reshape(-1) for target in targets])
-    shape = targets[0].volume.shape
-    points = identity_grid(shape, volumes.device).reshape(-1, 3)
+    series = _Stacked.of(targets, preset.def_sampling)
     optimizer = torch.optim.Adam(deformation.parameters(), lr=preset.def_lr)
     schedule = _cosine(optimizer, preset.def_iterations, preset.lr_final)
     loss = torch.tensor(float("nan"))
     start = _restore(checkpoint, "defnet", ("deformation", deformation), optimizer, schedule, generator,
                      preset.def_iterations)
     for iteration in range(start + 1, preset.def_iterations + 1):
-        which = _choose_times(len(times), preset.def_times, generator)
-        chosen = torch.stack([_choose(volumes.shape[1], preset.def_points, generator, volumes.device)
-                              for _ in which])
-        c = points[chosen]                                                # [T, N, 3]
-        u = sample(deformation.displacement([times[i] for i in which]), c)  # [T, N, 3]
-        predicted = prior((c + u).reshape(-1, 3)).reshape(c.shape[:2])
-        voxels = (chosen + volumes.shape[1] * torch.tensor(which, device=chosen.device)[:, None]).reshape(-1)
-        weight = inside.reshape(-1)[voxels].reshape(chosen.shape).to(volumes.dtype)
-        error = (predicted - volumes.reshape(-1)[voxels].reshape(chosen.shape)) ** 2
-        loss = torch.sum(weight * error) / weight.sum().clamp(min=1)
+        which = _choose_times(len(series.times), preset.def_times, generator)
+        voxels = series.choose_voxels(which, preset.def_points, generator)
+        loss = _mean_squared_error(deformation, prior, series, which, voxels)
         _step(optimizer, loss, schedule)
         progress("defnet", iteration, preset.def_iterations, loss.item())
         if checkpoint is not None:
             checkpoint.after("defnet", iteration, optimizer, schedule, generator)
     return loss.item()
+
+
+class _Stacked(NamedTuple):
+    """The targets as one tensor: times, volumes [T, V] (V voxels each), the inside masks [T, V]
+    (None when every target covers the whole grid), the grid points [V, 3] in [-1, 1], and for
+    non-uniform sampling the cumulative sampling distribution of target k shifted to (k, k + 1]
+    ([T * V], float64; None: uniform)."""
+
+    times: list[float]
+    volumes: torch.Tensor
+    inside: torch.Tensor | None
+    points: torch.Tensor
+    cumulative: torch.Tensor | None
+
+    @classmethod
+    def of(cls, targets: list[Target], sampling: str = "uniform") -> "_Stacked":
+        volumes = torch.stack([target.volume.reshape(-1) for target in targets])
+        inside = None
+        if any(target.inside is not None for target in targets):
+            inside = torch.stack([torch.ones_like(target.volume.reshape(-1), dtype=torch.bool) if target.inside is None
+                                  else target.inside.reshape(-1) for target in targets])
+        points = identity_grid(targets[0].volume.shape, volumes.device).reshape(-1, 3)
+        cumulative = None
+        if sampling == "gradient":
+            density = torch.stack([_gradient_density(target.volume) for target in targets])
+            density = density * (inside if inside is not None else 1)
+            density = density.double() / density.sum(dim=1, keepdim=True)
+            cumulative = (torch.cumsum(density, dim=1) + torch.arange(len(targets), device=density.device)[:, None])
+            cumulative = cumulative.reshape(-1)
+        elif sampling != "uniform":
+            raise ValueError(f"unknown sampling {sampling!r}: use 'uniform' or 'gradient'")
+        return cls([target.time for target in targets], volumes, inside, points, cumulative)
+
+    def choose_voxels(self, which: list[int], wanted: int, generator: torch.Generator) -> torch.Tensor:
+        """Indices [len(which), N] into the flattened volumes: `wanted` random voxels of each chosen
+        target (with replacement), or all of them when wanted is 0."""
+        count = self.volumes.shape[1]
+        offsets = torch.tensor(which, device=self.volumes.device)[:, None] * count
+        if wanted <= 0 or wanted >= count:
+            return offsets + torch.arange(count, device=self.volumes.device)
+        if self.cumulative is None:
+            return offsets + torch.randint(count, (len(which), wanted), generator=generator).to(self.volumes.device)
+        level = torch.tensor(which, dtype=torch.float64)[:, None] + torch.rand((len(which), wanted), generator=generator,
+                                                                                 dtype=torch.float64)
+        chosen = torch.searchsorted(self.cumulative, level.to(self.cumulative.device))
+        return torch.minimum(chosen, offsets + count - 1)
+
+
+def _gradient_density(volume: torch.Tensor) -> torch.Tensor:
+    """Sampling density [V] of a volume [D, H, W]: 1/2 uniform, 1/2 in proportion to the magnitude of
+    its central-difference gradient (per voxel, in intensity per voxel)."""
+    gradient = torch.gradient(volume)
+    magnitude = torch.sqrt(sum(g ** 2 for g in gradient)).reshape(-1)
+    return 0.5 / magnitude.numel() + 0.5 * magnitude / magnitude.sum().clamp(min=1e-12)
+
+
+def _mean_squared_error(deformation: Deformation, prior: nn.Module, series: _Stacked, which: list[int],
+                        voxels: torch.Tensor) -> torch.Tensor:
+    """Mean of (prior(c + u(c, t)) - f_t(c))^2 over the chosen voxels (flattened indices [T, N])
+    inside their target's field of view; every chosen time in one batch."""
+    c = series.points[voxels % series.volumes.shape[1]]                            # [T, N, 3]
+    u = sample(deformation.displacement([series.times[i] for i in which]), c)      # [T, N, 3]
+    predicted = prior((c + u).reshape(-1, 3)).reshape(voxels.shape)
+    error = (predicted - series.volumes.reshape(-1)[voxels]) ** 2
+    if series.inside is None:
+        return error.mean()
+    weight = series.inside.reshape(-1)[voxels].to(error.dtype)
+    return torch.sum(weight * error) / weight.sum().clamp(min=1)
 
 
 def _restore(checkpoint: Checkpoint | None, stage: str, module, optimizer, schedule, generator,
