@@ -24,6 +24,9 @@ class Preset:
     `def_sampling` is how Def-Net's voxels are drawn: "uniform", or "gradient" (half of the
     probability uniform, half in proportion to the target's intensity gradient magnitude: more
     points at edges, vessels and the tumour's boundary, where the motion shows).
+    `similarity` is Def-Net's loss: "mse" (mean squared intensity error, the paper's) or "lncc"
+    (1 - mean squared local normalised cross-correlation over 3 x 3 x 3-voxel windows, voxels 2 apart:
+    insensitive to a local linear change of intensity, as between CT and CBCT or with contrast).
     """
 
     name: str
@@ -52,6 +55,7 @@ class Preset:
     lr_final: float = 1.0
     def_times: int = 0
     def_sampling: str = "uniform"
+    similarity: str = "mse"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -56,6 +56,9 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "velocity-16mm": (None, {"velocity_spacing": 16.0}),
     "defnet-600": (None, {"def_iterations": 600}),
     "gradient-sampling": (None, {"def_sampling": "gradient"}),
+    "lncc": (None, {"similarity": "lncc"}),
+    "points-2048": (None, {"def_points": 2048}),
+    "fine-12mm-sigma2": (None, {"velocity_spacing": 12.0, "def_sigma": 2.0}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
 HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5}
