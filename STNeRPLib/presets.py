@@ -21,9 +21,6 @@ class Preset:
     `lr_final` is the fraction of the initial learning rate reached at the last iteration by a
     cosine decay (1.0: constant, as the paper). `def_times` is the number of time points drawn
     at random per Def-Net iteration (0: every time point, as the paper's objective).
-    `def_sampling` is how Def-Net's voxels are drawn: "uniform", or "gradient" (half of the
-    probability uniform, half in proportion to the target's intensity gradient magnitude: more
-    points at edges, vessels and the tumour's boundary, where the motion shows).
     `similarity` is Def-Net's loss: "mse" (mean squared intensity error, the paper's) or "lncc"
     (1 - mean squared local normalised cross-correlation over 3 x 3 x 3-voxel windows, voxels 2 apart:
     insensitive to a local linear change of intensity, as between CT and CBCT or with contrast).
@@ -54,7 +51,6 @@ class Preset:
     prior_cache: bool = False
     lr_final: float = 1.0
     def_times: int = 0
-    def_sampling: str = "uniform"
     similarity: str = "mse"
 
     def to_dict(self) -> dict:

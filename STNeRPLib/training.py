@@ -57,11 +57,10 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     With a checkpoint, start from its state and save into it.
     """
     prior.requires_grad_(False)
-    series = _Stacked.of(targets, preset.def_sampling)
+    series = _Stacked.of(targets)
     if preset.similarity not in SIMILARITY:
         raise ValueError(f"unknown similarity {preset.similarity!r}: use one of {', '.join(SIMILARITY)}")
-    window = WINDOW.numel() if preset.similarity == "lncc" else 1
-    loss_of = SIMILARITY[preset.similarity]
+    loss_of, wanted = SIMILARITY[preset.similarity], _draws(preset)
     optimizer = torch.optim.Adam(deformation.parameters(), lr=preset.def_lr)
     schedule = _cosine(optimizer, preset.def_iterations, preset.lr_final)
     loss = torch.tensor(float("nan"))
@@ -69,8 +68,7 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
                      preset.def_iterations)
     for iteration in range(start + 1, preset.def_iterations + 1):
         which = _choose_times(len(series.times), preset.def_times, generator)
-        voxels = series.choose_voxels(which, max(preset.def_points // window, 1) if preset.def_points > 0 else 0,
-                                      generator)
+        voxels = series.choose_voxels(which, wanted, generator)
         loss = loss_of(deformation, prior, series, which, voxels)
         _step(optimizer, loss, schedule)
         progress("defnet", iteration, preset.def_iterations, loss.item())
@@ -79,38 +77,34 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     return loss.item()
 
 
+def _draws(preset: Preset) -> int:
+    """Voxels (mse) or LNCC window centres drawn per chosen time, so that about `def_points` voxels
+    are looked up per time (0: every voxel)."""
+    if preset.def_points <= 0 or preset.similarity != "lncc":
+        return preset.def_points
+    return max(preset.def_points // len(WINDOW), 1)
+
+
 class _Stacked(NamedTuple):
     """The targets as one tensor: times, volumes [T, V] (V voxels each), the inside masks [T, V]
-    (None when every target covers the whole grid), the grid points [V, 3] in [-1, 1], and for
-    non-uniform sampling the cumulative sampling distribution of target k shifted to (k, k + 1]
-    ([T * V], float64; None: uniform), and the grid's shape (D, H, W)."""
+    (None when every target covers the whole grid), the grid points [V, 3] in [-1, 1] and the
+    grid's shape (D, H, W)."""
 
     times: list[float]
     volumes: torch.Tensor
     inside: torch.Tensor | None
     points: torch.Tensor
-    cumulative: torch.Tensor | None
     shape: tuple[int, int, int]
 
     @classmethod
-    def of(cls, targets: list[Target], sampling: str = "uniform") -> "_Stacked":
+    def of(cls, targets: list[Target]) -> "_Stacked":
         volumes = torch.stack([target.volume.reshape(-1) for target in targets])
         inside = None
         if any(target.inside is not None for target in targets):
             inside = torch.stack([torch.ones_like(target.volume.reshape(-1), dtype=torch.bool) if target.inside is None
                                   else target.inside.reshape(-1) for target in targets])
         points = identity_grid(targets[0].volume.shape, volumes.device).reshape(-1, 3)
-        cumulative = None
-        if sampling == "gradient":
-            density = torch.stack([_gradient_density(target.volume) for target in targets])
-            density = density * (inside if inside is not None else 1)
-            density = density.double() / density.sum(dim=1, keepdim=True)
-            cumulative = (torch.cumsum(density, dim=1) + torch.arange(len(targets), device=density.device)[:, None])
-            cumulative = cumulative.reshape(-1)
-        elif sampling != "uniform":
-            raise ValueError(f"unknown sampling {sampling!r}: use 'uniform' or 'gradient'")
-        return cls([target.time for target in targets], volumes, inside, points, cumulative,
-                   tuple(targets[0].volume.shape))
+        return cls([target.time for target in targets], volumes, inside, points, tuple(targets[0].volume.shape))
 
     def choose_voxels(self, which: list[int], wanted: int, generator: torch.Generator) -> torch.Tensor:
         """Indices [len(which), N] into the flattened volumes: `wanted` random voxels of each chosen
@@ -119,20 +113,7 @@ class _Stacked(NamedTuple):
         offsets = torch.tensor(which, device=self.volumes.device)[:, None] * count
         if wanted <= 0 or wanted >= count:
             return offsets + torch.arange(count, device=self.volumes.device)
-        if self.cumulative is None:
-            return offsets + torch.randint(count, (len(which), wanted), generator=generator).to(self.volumes.device)
-        level = torch.tensor(which, dtype=torch.float64)[:, None] + torch.rand((len(which), wanted), generator=generator,
-                                                                                 dtype=torch.float64)
-        chosen = torch.searchsorted(self.cumulative, level.to(self.cumulative.device))
-        return torch.minimum(chosen, offsets + count - 1)
-
-
-def _gradient_density(volume: torch.Tensor) -> torch.Tensor:
-    """Sampling density [V] of a volume [D, H, W]: 1/2 uniform, 1/2 in proportion to the magnitude of
-    its central-difference gradient (per voxel, in intensity per voxel)."""
-    gradient = torch.gradient(volume)
-    magnitude = torch.sqrt(sum(g ** 2 for g in gradient)).reshape(-1)
-    return 0.5 / magnitude.numel() + 0.5 * magnitude / magnitude.sum().clamp(min=1e-12)
+        return offsets + torch.randint(count, (len(which), wanted), generator=generator).to(self.volumes.device)
 
 
 def _mean_squared_error(deformation: Deformation, prior: nn.Module, series: _Stacked, which: list[int],

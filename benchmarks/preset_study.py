@@ -5,8 +5,9 @@ Series: the 10-phase breathing phantom and the 5-fraction longitudinal phantom (
 benchmarks/data.py chest_series, 3 mm). Each is fitted with one time point held out, through the real
 engine (pipeline.fit, warping.warp); printed per configuration: Ref-Net PSNR, fit wall time, Ref-Net
 and Def-Net iterations/s (measured in-process), mean/max TRE over the trained time points (mm),
-label-1 Dice (tumour; the aorta on the chest), folded voxels (det J <= 0), and at the held-out time
-the predicted image's PSNR/SSIM beside linear intensity interpolation of its two neighbours.
+label-1 Dice (tumour; the aorta on the chest), folded voxels (det J <= 0), at the held-out time
+the predicted image's PSNR/SSIM beside linear intensity interpolation of its two neighbours, and the
+largest |u| (mm) at the reference time (0 by definition).
 
     .venv/bin/python benchmarks/preset_study.py                     # default, trilinear prior, Ref-Net prior
     .venv/bin/python benchmarks/preset_study.py --variants all      # every variant below
@@ -55,7 +56,6 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "all-times": (None, {"def_times": 0}),
     "velocity-16mm": (None, {"velocity_spacing": 16.0}),
     "defnet-600": (None, {"def_iterations": 600}),
-    "gradient-sampling": (None, {"def_sampling": "gradient"}),
     "lncc": (None, {"similarity": "lncc"}),
     "points-2048": (None, {"def_points": 2048}),
     "fine-12mm-sigma2": (None, {"velocity_spacing": 12.0, "def_sigma": 2.0}),
@@ -128,6 +128,8 @@ def evaluate(series: StudySeries, name: str, prior: str | None, overrides: dict,
            "ref_psnr": float("nan"), "load": os.getloadavg()[0]}
     if model.ref_net is not None:
         row["ref_psnr"] = psnr(evaluate_on_grid(model.ref_net, normalised[0].shape).numpy(), normalised[0])
+    at_reference = warp(model, series.times[0], grid).displacement
+    row["u_ref_max"] = float(np.linalg.norm(at_reference, axis=-1).max())
     tre, tre_max, dice, folded = [], [], [], 0
     for k in keep[1:]:
         measured = _measure(model, series, k, grid)
@@ -165,7 +167,8 @@ def _measure(model, series, k: int, grid: Grid) -> dict:
 COLUMNS = [("series", "{:<12s}"), ("name", "{:<14s}"), ("ref_psnr", "{:8.2f}"), ("wall", "{:7.1f}"), ("ref_its", "{:7.1f}"),
            ("def_its", "{:7.1f}"), ("tre_mean", "{:8.2f}"), ("tre_max", "{:7.2f}"), ("dice_min", "{:8.3f}"),
            ("folded", "{:6d}"), ("ho_psnr", "{:7.2f}"), ("lin_psnr", "{:8.2f}"), ("ho_ssim", "{:7.4f}"),
-           ("lin_ssim", "{:8.4f}"), ("ho_tre", "{:6.2f}"), ("load", "{:5.2f}")]
+           ("lin_ssim", "{:8.4f}"), ("ho_tre", "{:6.2f}"), ("u_ref_max", "{:9.3f}"),
+           ("load", "{:5.2f}")]
 
 
 def print_row(row: dict) -> None:
@@ -183,9 +186,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the series' seed (training's seed stays 0)")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/stnerp_preset_study"))
     parser.add_argument("--out", type=Path, help="write the rows to OUT.json and OUT.md")
+    parser.add_argument("--profile", type=int, metavar="N", default=0,
+                        help="instead: profile N Def-Net iterations of the default preset on the first series")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        profile(load_series(args.series.split(",")[0], args.seed, args.scratch), args.profile)
+        return
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     print(f"DEFAULT = {DEFAULT}")
     print(f"torch threads {torch.get_num_threads()}; series seed {args.seed}; wall = whole fit (s); "
@@ -203,6 +211,33 @@ def main() -> None:
             print_row(rows[-1])
             if args.out:
                 write_results(args.out, rows, vars(args), start_load)
+
+
+def profile(series: StudySeries, iterations: int) -> None:
+    """Where Def-Net training's time goes (torch.profiler, operators by self time), and its matrix
+    FLOPs (torch's FlopCounterMode over one iteration: the MLP's and the cubic look-up's products)
+    per second against the measured fp32 matmul rate at the same thread count."""
+    from torch.profiler import profile as torch_profile
+    from torch.utils.flop_counter import FlopCounterMode
+    from benchmarks.compare import matmul_gflops
+    threads = torch.get_num_threads()
+    follow_ups = list(zip(series.times[1:], series.images[1:]))
+    counted = dataclasses.replace(DEFAULT, def_iterations=1)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fit(series.images[0], series.times[0], follow_ups, None, Options(counted), StageTimer())
+    options = Options(dataclasses.replace(DEFAULT, def_iterations=iterations))
+    timer = StageTimer()
+    with torch_profile() as recorded:
+        fit(series.images[0], series.times[0], follow_ups, None, options, timer)
+    print(recorded.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    timer = StageTimer()
+    fit(series.images[0], series.times[0], follow_ups, None, options, timer)   # unprofiled rate
+    rate, matmul = timer.rate("defnet"), matmul_gflops(threads)
+    achieved = counter.get_total_flops() * rate / 1e9
+    print(f"{series.name}: {rate:.1f} Def-Net iterations/s ({threads} threads, load {os.getloadavg()[0]:.2f}); "
+          f"{counter.get_total_flops() / 1e6:.0f} MFLOP of matrix products per iteration = {achieved:.1f} GFLOP/s, "
+          f"{100 * achieved / matmul:.1f} % of the measured matmul rate {matmul:.1f} GFLOP/s")
 
 
 def write_results(out: Path, rows: list[dict], args: dict, start_load) -> None:
