@@ -9,6 +9,7 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -24,13 +25,16 @@ from .record import RunRecord, load_record, require_complete
 from .series import load_series
 
 def _preset(args) -> Preset:
-    """The chosen preset, with --iterations (at least 1) applied to both networks."""
+    """The chosen preset, with --iterations (at least 1) applied to both networks and --similarity."""
+    preset = PRESETS[args.preset]
+    if getattr(args, "similarity", None) is not None:
+        preset = replace(preset, similarity=args.similarity)
     if args.iterations is None:
-        return PRESETS[args.preset]
+        return preset
     if args.iterations < 1:
         raise InputError(f"--iterations {args.iterations} is not a positive number: give at least 1, "
                          "or leave it out for the preset's")
-    return PRESETS[args.preset].with_iterations(args.iterations)
+    return preset.with_iterations(args.iterations)
 
 
 def train_options(args) -> Options:

@@ -31,6 +31,8 @@ PRIORS = ("refnet", "image")
 PREALIGNMENTS = ("none", "affine")
 INTENSITIES = ("ct", "percentile")
 SCHEMES = ("long", "short")
+#: Def-Net's loss: mean squared error (the paper) or local normalised cross-correlation
+SIMILARITIES = ("mse", "lncc")
 
 # -- exit codes ------------------------------------------------------------------------------
 EXIT_OK = 0
@@ -372,6 +374,9 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--prior", choices=PRIORS,
                          help="what Def-Net deforms: Ref-Net (the paper; the paper preset's) or the reference "
                               "image ('w/o prior'; the default preset's, sampled by cubic B-spline)")
+    command.add_argument("--similarity", choices=SIMILARITIES,
+                         help="Def-Net's loss: mse (the presets') or lncc, local normalised cross-correlation "
+                              "(for intensities that change between scans: CBCT, contrast)")
     command.add_argument("--pairwise", action="store_true", help="one network per follow-up, no time input ('w/o t')")
     command.add_argument("--scheme", choices=SCHEMES, default="long",
                          help="long: reference -> each; short: previous -> next")

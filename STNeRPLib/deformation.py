@@ -33,20 +33,29 @@ class Deformation(nn.Module):
             for _ in range(count))
         self.register_buffer("grid", identity_grid(self.velocity_shape).reshape(-1, 3), persistent=False)
 
-    def velocity(self, t: float, chunk: int | None = None) -> torch.Tensor:
-        """Velocity [1, 3, D, H, W] at normalised time t (chunked evaluation when chunk is given)."""
-        net = self.nets[self._net_index(t)]
-        time = self.grid.new_full((1, 1), t)
-        chunk = chunk or len(self.grid)
-        v = torch.cat([net(c, time.expand(len(c), 1)) for c in self.grid.split(chunk)])
-        return v.T.reshape(1, 3, *self.velocity_shape)
+    def velocity(self, times: list[float], chunk: int | None = None) -> torch.Tensor:
+        """Velocities [len(times), 3, D, H, W] at normalised times. Continuous time evaluates every
+        time in one batch of (grid point, time) rows (few large matrix products, not one set per
+        time); `chunk` bounds the rows per network call."""
+        if self.pairwise_times is not None:
+            return torch.cat([self._evaluate(self.nets[self._net_index(t)], [t], chunk) for t in times])
+        return self._evaluate(self.nets[0], times, chunk)
+
+    def _evaluate(self, net: DefNet, times: list[float], chunk: int | None) -> torch.Tensor:
+        """net at every grid point and each time, as [len(times), 3, D, H, W]."""
+        count = len(self.grid)
+        c = self.grid.repeat(len(times), 1)
+        t = torch.tensor(times, dtype=c.dtype, device=c.device).repeat_interleave(count)[:, None]
+        chunk = chunk or len(c)
+        v = torch.cat([net(c[i:i + chunk], t[i:i + chunk]) for i in range(0, len(c), chunk)])
+        return v.reshape(len(times), count, 3).permute(0, 2, 1).reshape(len(times), 3, *self.velocity_shape)
 
     def displacement(self, times: list[float], chunk: int | None = None, inverse: bool = False) -> torch.Tensor:
         """Displacements [len(times), 3, D, H, W] at normalised times, by scaling and squaring.
 
         inverse: exp(-v) instead of exp(v), the inverse map (reference points -> time-t points).
         """
-        velocity = torch.cat([self.velocity(t, chunk) for t in times])
+        velocity = self.velocity(times, chunk)
         return scaling_and_squaring(-velocity if inverse else velocity, self.steps)
 
     def _net_index(self, t: float) -> int:

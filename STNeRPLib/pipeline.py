@@ -6,10 +6,12 @@ import math
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
 import torch
+from torch import nn
 
 from .checkpoint import Checkpoint
 from .contract import EXTRAPOLATION_LIMIT
@@ -18,6 +20,7 @@ from .errors import InputError
 from .geometry import Grid
 from .metrics import map_points, target_registration_error
 from .model import SeriesModel, new_ref_net, normalise_time
+from .networks import RefNet
 from .preprocessing import IntensityWindow, affine_prealignment, inside_field_of_view, onto_grid
 from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
@@ -51,52 +54,101 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     """
     progress = reporter.progress if losses is None else _logged(reporter.progress, losses)
     device = pick_device(options.device)
-    generator = torch.Generator().manual_seed(options.seed)
-    torch.manual_seed(options.seed)
-    preset = options.preset
-    grid = Grid.of(reference)
+    generator = _seeded(options.seed)
     window = IntensityWindow.for_image(reference, options.intensity)
-    reference_array = sitk.GetArrayFromImage(reference)
-    background = float(reference_array.min())
-    prealignments, targets, scans, views = {}, [], {}, {}
     times = [reference_time] + [t for t, _ in follow_ups]
     time_range = (min(times), max(times))
+    scans = _onto_reference_grid(reference, follow_ups, options, reporter)
+    targets = _targets(reference, reference_time, scans, window, time_range, device)
+    with checkpoint.holding_signals() if checkpoint is not None else nullcontext():
+        ref_net = _fit_ref_net(targets[0].volume, options, progress, generator, checkpoint)
+        prior = _prior(targets[0].volume, ref_net, options)
+        deformation = _new_deformation(Grid.of(reference), options, targets, generator, device)
+        fit_deformation(deformation, prior, targets, options.preset, progress, generator, checkpoint)
+    labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
+    model = SeriesModel(options.preset, Grid.of(reference), reference_time, time_range, window, options.prior,
+                        deformation, ref_net, sitk.GetArrayFromImage(reference), scans.arrays, scans.views, labelmap)
+    return model, scans.prealignments
+
+
+class _Resampled(NamedTuple):
+    """Follow-ups on the reference grid, by time: the resampled arrays, the masks of the voxels inside
+    each scan's field of view (only for scans that do not cover the whole grid) and the 4x4 affine
+    pre-alignments (reference points -> time-t image points; only with --prealign affine)."""
+
+    arrays: dict[float, np.ndarray]
+    views: dict[float, np.ndarray]
+    prealignments: dict[float, np.ndarray]
+
+
+def _seeded(seed: int) -> torch.Generator:
+    """The generator of every random draw of a fit (Fourier features, sampling), and torch's global
+    seed (the networks' initial weights): a fit is reproducible from its seed."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]], options: Options,
+                         reporter: Reporter) -> _Resampled:
+    """Each follow-up resampled onto the reference grid (through its affine pre-alignment with
+    --prealign affine; beyond the scan, the reference's background); a follow-up that does not overlap
+    the reference is refused."""
+    background = float(sitk.GetArrayViewFromImage(reference).min())
+    grid = Grid.of(reference)
+    resampled = _Resampled({}, {}, {})
     for t, image in follow_ups:
         transform = None
         if options.prealign:
             reporter.message(f"affine pre-alignment of time {t:g}")
             transform = affine_prealignment(reference, image)
-            prealignments[t] = affine_matrix(transform)
+            resampled.prealignments[t] = affine_matrix(transform)
         elif not Grid.of(image).matches(grid):
             reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
-        resampled = sitk.GetArrayFromImage(onto_grid(image, reference, transform, background))
-        scans[t] = resampled
+        resampled.arrays[t] = sitk.GetArrayFromImage(onto_grid(image, reference, transform, background))
         inside = inside_field_of_view(image, reference, transform)
         _check_overlap(inside, t, image, reference)
         if not inside.all():
-            views[t] = inside
-        targets.append(Target(normalise_time(t, time_range), _tensor(window.normalise(resampled), device),
-                              torch.from_numpy(inside).to(device) if t in views else None))
-    reference_volume = _tensor(window.normalise(reference_array), device)
-    targets.insert(0, Target(normalise_time(reference_time, time_range), reference_volume))
+            resampled.views[t] = inside
+    return resampled
 
-    with checkpoint.holding_signals() if checkpoint is not None else nullcontext():
-        ref_net = None
-        if options.prior == "refnet":
-            ref_net = new_ref_net(preset, generator).to(device)
-            fit_reference(ref_net, reference_volume, preset, progress, generator, checkpoint)
-            ref_net.requires_grad_(False)
-        prior = ref_net
-        if options.prior_is_volume:
-            volume = reference_volume if ref_net is None else evaluate_on_grid(ref_net, reference_volume.shape)
-            prior = ImagePrior(volume, preset.prior_interpolation)
-        pairwise = None if options.temporal else [target.time for target in targets]
-        deformation = Deformation(preset, velocity_shape(grid, preset), pairwise, generator).to(device)
-        fit_deformation(deformation, prior, targets, preset, progress, generator, checkpoint)
-    labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
-    model = SeriesModel(preset, grid, reference_time, time_range, window, options.prior, deformation,
-                        ref_net, reference_array, scans, views, labelmap)
-    return model, prealignments
+
+def _targets(reference: sitk.Image, reference_time: float, scans: _Resampled, window: IntensityWindow,
+             time_range: tuple[float, float], device: torch.device) -> list[Target]:
+    """What Def-Net fits: the reference first, then every follow-up, at normalised times, with
+    normalised intensities."""
+    def target(t: float, array: np.ndarray) -> Target:
+        view = scans.views.get(t)
+        return Target(normalise_time(t, time_range), _tensor(window.normalise(array), device),
+                      torch.from_numpy(view).to(device) if view is not None else None)
+    return [target(reference_time, sitk.GetArrayFromImage(reference))] + [
+        target(t, array) for t, array in scans.arrays.items()]
+
+
+def _fit_ref_net(reference: torch.Tensor, options: Options, progress: Progress, generator: torch.Generator,
+                 checkpoint: Checkpoint | None) -> RefNet | None:
+    """Ref-Net fitted to the normalised reference and frozen, when it is the prior (else None)."""
+    if options.prior != "refnet":
+        return None
+    ref_net = new_ref_net(options.preset, generator).to(reference.device)
+    fit_reference(ref_net, reference, options.preset, progress, generator, checkpoint)
+    return ref_net.requires_grad_(False)
+
+
+def _prior(reference: torch.Tensor, ref_net: RefNet | None, options: Options) -> nn.Module:
+    """What Def-Net deforms: Ref-Net itself, or a volume (the reference, or Ref-Net's rendering)
+    interpolated as the preset says."""
+    if not options.prior_is_volume:
+        return ref_net
+    volume = reference if ref_net is None else evaluate_on_grid(ref_net, reference.shape)
+    return ImagePrior(volume, options.preset.prior_interpolation)
+
+
+def _new_deformation(grid: Grid, options: Options, targets: list[Target], generator: torch.Generator,
+                     device: torch.device) -> Deformation:
+    """An untrained Def-Net on the preset's velocity grid: one network of (x, t), or with pairwise
+    training ("w/o t") one network of x per target time."""
+    pairwise = None if options.temporal else [target.time for target in targets]
+    return Deformation(options.preset, velocity_shape(grid, options.preset), pairwise, generator).to(device)
 
 
 def _logged(progress: Progress, losses: list[tuple[str, int, float]]) -> Progress:

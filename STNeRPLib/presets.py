@@ -21,6 +21,9 @@ class Preset:
     `lr_final` is the fraction of the initial learning rate reached at the last iteration by a
     cosine decay (1.0: constant, as the paper). `def_times` is the number of time points drawn
     at random per Def-Net iteration (0: every time point, as the paper's objective).
+    `similarity` is Def-Net's loss: "mse" (mean squared intensity error, the paper's) or "lncc"
+    (1 - mean squared local normalised cross-correlation over 3 x 3 x 3-voxel windows, voxels 2 apart:
+    insensitive to a local linear change of intensity, as between CT and CBCT or with contrast).
     """
 
     name: str
@@ -48,6 +51,7 @@ class Preset:
     prior_cache: bool = False
     lr_final: float = 1.0
     def_times: int = 0
+    similarity: str = "mse"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -51,38 +51,125 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     """Fit Def-Net so that prior(c + u(c, t)) matches every target f_t(c) (paper eq. 6), over the
     voxels inside each target's field of view.
 
-    The prior is frozen. Each iteration takes `preset.def_times` random time points (all when 0).
-    Returns the last loss (mean squared error over the sampled voxels inside the fields of view).
+    The prior is frozen. Each iteration takes `preset.def_times` random time points (all when 0) and
+    evaluates them as one batch. Returns the last loss (`preset.similarity`: mean squared error over
+    the sampled voxels inside the fields of view, or 1 - LNCC over sampled windows).
     With a checkpoint, start from its state and save into it.
     """
     prior.requires_grad_(False)
-    times = [target.time for target in targets]
-    volumes = torch.stack([target.volume.reshape(-1) for target in targets])
-    inside = torch.stack([torch.ones_like(target.volume.reshape(-1), dtype=torch.bool) if target.inside is None
-                          else target.inside.reshape(-1) for target in targets])
-    shape = targets[0].volume.shape
-    points = identity_grid(shape, volumes.device).reshape(-1, 3)
+    series = _Stacked.of(targets)
+    if preset.similarity not in SIMILARITY:
+        raise ValueError(f"unknown similarity {preset.similarity!r}: use one of {', '.join(SIMILARITY)}")
+    loss_of, wanted = SIMILARITY[preset.similarity], _draws(preset)
     optimizer = torch.optim.Adam(deformation.parameters(), lr=preset.def_lr)
     schedule = _cosine(optimizer, preset.def_iterations, preset.lr_final)
     loss = torch.tensor(float("nan"))
     start = _restore(checkpoint, "defnet", ("deformation", deformation), optimizer, schedule, generator,
                      preset.def_iterations)
     for iteration in range(start + 1, preset.def_iterations + 1):
-        which = _choose_times(len(times), preset.def_times, generator)
-        chosen = torch.stack([_choose(volumes.shape[1], preset.def_points, generator, volumes.device)
-                              for _ in which])
-        c = points[chosen]                                                # [T, N, 3]
-        u = sample(deformation.displacement([times[i] for i in which]), c)  # [T, N, 3]
-        predicted = prior((c + u).reshape(-1, 3)).reshape(c.shape[:2])
-        voxels = (chosen + volumes.shape[1] * torch.tensor(which, device=chosen.device)[:, None]).reshape(-1)
-        weight = inside.reshape(-1)[voxels].reshape(chosen.shape).to(volumes.dtype)
-        error = (predicted - volumes.reshape(-1)[voxels].reshape(chosen.shape)) ** 2
-        loss = torch.sum(weight * error) / weight.sum().clamp(min=1)
+        which = _choose_times(len(series.times), preset.def_times, generator)
+        voxels = series.choose_voxels(which, wanted, generator)
+        loss = loss_of(deformation, prior, series, which, voxels)
         _step(optimizer, loss, schedule)
         progress("defnet", iteration, preset.def_iterations, loss.item())
         if checkpoint is not None:
             checkpoint.after("defnet", iteration, optimizer, schedule, generator)
     return loss.item()
+
+
+def _draws(preset: Preset) -> int:
+    """Voxels (mse) or LNCC window centres drawn per chosen time, so that about `def_points` voxels
+    are looked up per time (0: every voxel)."""
+    if preset.def_points <= 0 or preset.similarity != "lncc":
+        return preset.def_points
+    return max(preset.def_points // len(WINDOW), 1)
+
+
+class _Stacked(NamedTuple):
+    """The targets as one tensor: times, volumes [T, V] (V voxels each), the inside masks [T, V]
+    (None when every target covers the whole grid), the grid points [V, 3] in [-1, 1] and the
+    grid's shape (D, H, W)."""
+
+    times: list[float]
+    volumes: torch.Tensor
+    inside: torch.Tensor | None
+    points: torch.Tensor
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, targets: list[Target]) -> "_Stacked":
+        volumes = torch.stack([target.volume.reshape(-1) for target in targets])
+        inside = None
+        if any(target.inside is not None for target in targets):
+            inside = torch.stack([torch.ones_like(target.volume.reshape(-1), dtype=torch.bool) if target.inside is None
+                                  else target.inside.reshape(-1) for target in targets])
+        points = identity_grid(targets[0].volume.shape, volumes.device).reshape(-1, 3)
+        return cls([target.time for target in targets], volumes, inside, points, tuple(targets[0].volume.shape))
+
+    def choose_voxels(self, which: list[int], wanted: int, generator: torch.Generator) -> torch.Tensor:
+        """Indices [len(which), N] into the flattened volumes: `wanted` random voxels of each chosen
+        target (with replacement), or all of them when wanted is 0."""
+        count = self.volumes.shape[1]
+        offsets = torch.tensor(which, device=self.volumes.device)[:, None] * count
+        if wanted <= 0 or wanted >= count:
+            return offsets + torch.arange(count, device=self.volumes.device)
+        return offsets + torch.randint(count, (len(which), wanted), generator=generator).to(self.volumes.device)
+
+
+def _mean_squared_error(deformation: Deformation, prior: nn.Module, series: _Stacked, which: list[int],
+                        voxels: torch.Tensor) -> torch.Tensor:
+    """Mean of (prior(c + u(c, t)) - f_t(c))^2 over the chosen voxels (flattened indices [T, N])
+    inside their target's field of view; every chosen time in one batch."""
+    predicted, observed = _predicted(deformation, prior, series, which, voxels)
+    error = (predicted - observed) ** 2
+    if series.inside is None:
+        return error.mean()
+    weight = series.inside.reshape(-1)[voxels].to(error.dtype)
+    return torch.sum(weight * error) / weight.sum().clamp(min=1)
+
+
+WINDOW = torch.stack(torch.meshgrid(*[torch.arange(-2, 3, 2)] * 3, indexing="ij"), dim=-1).reshape(-1, 3)
+"""Offsets (dz, dy, dx) in voxels of an LNCC window around its centre: 3 x 3 x 3 voxels, 2 apart."""
+
+
+def _local_ncc_loss(deformation: Deformation, prior: nn.Module, series: _Stacked, which: list[int],
+                    centres: torch.Tensor) -> torch.Tensor:
+    """1 - mean over windows of the squared normalised cross-correlation of prior(c + u(c, t)) and
+    f_t(c) (LNCC), over WINDOW around each chosen centre (flattened indices [T, N]; windows clipped at
+    the grid's faces); windows reaching outside their target's field of view do not count."""
+    voxels = _windows(centres, series.shape)                                      # [T, N, W]
+    predicted, observed = _predicted(deformation, prior, series, which, voxels.reshape(len(which), -1))
+    predicted, observed = predicted.reshape(voxels.shape), observed.reshape(voxels.shape)
+    p = predicted - predicted.mean(dim=-1, keepdim=True)
+    f = observed - observed.mean(dim=-1, keepdim=True)
+    ncc2 = (p * f).sum(-1) ** 2 / ((p * p).sum(-1) * (f * f).sum(-1) + 1e-5)
+    if series.inside is None:
+        return 1 - ncc2.mean()
+    weight = series.inside.reshape(-1)[voxels].all(dim=-1).to(ncc2.dtype)
+    return 1 - torch.sum(weight * ncc2) / weight.sum().clamp(min=1)
+
+
+def _windows(centres: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Flattened voxel indices [..., W] of the LNCC window around each flattened index `centres`."""
+    count = shape[0] * shape[1] * shape[2]
+    target, voxel = centres // count, centres % count
+    zyx = torch.stack([voxel // (shape[1] * shape[2]), voxel // shape[2] % shape[1], voxel % shape[2]], dim=-1)
+    high = torch.tensor(shape, device=centres.device) - 1
+    moved = torch.minimum((zyx[..., None, :] + WINDOW.to(centres.device)).clamp(min=0), high)
+    return target[..., None] * count + (moved[..., 0] * shape[1] + moved[..., 1]) * shape[2] + moved[..., 2]
+
+
+def _predicted(deformation: Deformation, prior: nn.Module, series: _Stacked, which: list[int],
+               voxels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """prior(c + u(c, t)) and f_t(c) at the chosen voxels (flattened indices [T, N]), every time of
+    `which` in one batch."""
+    c = series.points[voxels % series.volumes.shape[1]]                            # [T, N, 3]
+    u = sample(deformation.displacement([series.times[i] for i in which]), c)      # [T, N, 3]
+    predicted = prior((c + u).reshape(-1, 3)).reshape(voxels.shape)
+    return predicted, series.volumes.reshape(-1)[voxels]
+
+
+SIMILARITY = {"mse": _mean_squared_error, "lncc": _local_ncc_loss}
 
 
 def _restore(checkpoint: Checkpoint | None, stage: str, module, optimizer, schedule, generator,

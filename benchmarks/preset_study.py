@@ -1,22 +1,29 @@
-"""Speed and accuracy of the DEFAULT preset (and variants) on the built-in breathing phantom.
+"""Speed and accuracy of the DEFAULT preset (and variants) on three series.
 
-Fits the 10-phase phantom (96 x 96 x 64 voxels of 3 x 3 x 4 mm) with one phase held out, through
-the real engine (pipeline.fit, warping.warp), and prints per configuration: Ref-Net PSNR, fit wall
-time, Ref-Net and Def-Net iterations/s (measured in-process), mean/max TRE over the trained
-phases (mm), tumour (label 1) Dice, folded voxels (det J <= 0), and at the held-out phase the
-predicted image's PSNR/SSIM beside linear intensity interpolation of its two neighbours.
+Series: the 10-phase breathing phantom and the 5-fraction longitudinal phantom (shrinking tumour),
+96 x 96 x 64 voxels of 3 x 3 x 4 mm, and the chest series (real anatomy, simulated breathing motion;
+benchmarks/data.py chest_series, 3 mm). Each is fitted with one time point held out, through the real
+engine (pipeline.fit, warping.warp); printed per configuration: Ref-Net PSNR, fit wall time, Ref-Net
+and Def-Net iterations/s (measured in-process), mean/max TRE over the trained time points (mm),
+label-1 Dice (tumour; the aorta on the chest), folded voxels (det J <= 0), at the held-out time
+the predicted image's PSNR/SSIM beside linear intensity interpolation of its two neighbours, and the
+largest |u| (mm) at the reference time (0 by definition).
 
     .venv/bin/python benchmarks/preset_study.py                     # default, trilinear prior, Ref-Net prior
     .venv/bin/python benchmarks/preset_study.py --variants all      # every variant below
-    .venv/bin/python benchmarks/preset_study.py --variants default --holdout 3
+    .venv/bin/python benchmarks/preset_study.py --variants default --series breathing --seed 1
 
+--seed is the series' seed (phantom anatomy and noise; the chest's noise and landmarks): tune on one
+seed, report on another. --out writes the rows as JSON and Markdown with the commit and the load.
 Timings depend on the machine's load: the load average is printed beside them.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import data  # noqa: E402
 from STNeRPLib import phantom  # noqa: E402
 from STNeRPLib.geometry import Grid  # noqa: E402
 from STNeRPLib.metrics import (dice_per_label, folding_statistics, jacobian_determinant,  # noqa: E402
@@ -48,8 +56,38 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "all-times": (None, {"def_times": 0}),
     "velocity-16mm": (None, {"velocity_spacing": 16.0}),
     "defnet-600": (None, {"def_iterations": 600}),
+    "lncc": (None, {"similarity": "lncc"}),
+    "points-2048": (None, {"def_points": 2048}),
+    "fine-12mm-sigma2": (None, {"velocity_spacing": 12.0, "def_sigma": 2.0}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
+HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5}
+SERIES = list(HOLDOUT)
+
+
+@dataclasses.dataclass
+class StudySeries:
+    """A series with exact ground truth: per time index its time, image, labelmap, landmarks."""
+
+    name: str
+    times: list[float]
+    images: list[sitk.Image]
+    labelmaps: list[sitk.Image]
+    landmarks: list[tuple[np.ndarray, np.ndarray]]
+
+
+def load_series(name: str, seed: int, scratch: Path) -> StudySeries:
+    """The named series at `seed` (the chest series is written once to `scratch` and read back)."""
+    if name == "chest":
+        folder = scratch / f"chest_3mm_seed{seed}"
+        if not (folder / "meta.json").exists():
+            data.chest_series(folder, 3.0, 10, HOLDOUT["chest"], seed)
+        s = data.Series(folder)
+        count = range(len(s.times))
+        return StudySeries(name, s.times, [s.image(k) for k in count], [s.labelmap(k) for k in count],
+                           [s.landmarks(k) for k in count])
+    s = phantom.breathing_series(seed=seed) if name == "breathing" else phantom.longitudinal_series(seed=seed)
+    return StudySeries(name, s.times, s.images, s.labelmaps, s.landmarks)
 
 
 class StageTimer(Reporter):
@@ -75,10 +113,10 @@ class StageTimer(Reporter):
         return (count - 1) / (last - first)
 
 
-def evaluate(series, name: str, prior: str | None, overrides: dict, holdout: int | None, seed: int) -> dict:
-    """Fit the series without phase `holdout` and measure everything at every phase."""
+def evaluate(series: StudySeries, name: str, prior: str | None, overrides: dict, holdout: int | None) -> dict:
+    """Fit the series without time index `holdout` and measure everything at every time point."""
     keep = [k for k in range(len(series.times)) if k != holdout]
-    options = Options(dataclasses.replace(DEFAULT, **overrides), prior=prior, seed=seed)
+    options = Options(dataclasses.replace(DEFAULT, **overrides), prior=prior)
     timer = StageTimer()
     start = time.perf_counter()
     model, _ = fit(series.images[0], series.times[0], [(series.times[k], series.images[k]) for k in keep[1:]],
@@ -86,10 +124,12 @@ def evaluate(series, name: str, prior: str | None, overrides: dict, holdout: int
     wall = time.perf_counter() - start
     grid, window = Grid.of(series.images[0]), model.window
     normalised = [window.normalise(sitk.GetArrayFromImage(image)) for image in series.images]
-    row = {"name": name, "wall": wall, "ref_its": timer.rate("refnet"), "def_its": timer.rate("defnet"),
+    row = {"series": series.name, "name": name, "wall": wall, "ref_its": timer.rate("refnet"), "def_its": timer.rate("defnet"),
            "ref_psnr": float("nan"), "load": os.getloadavg()[0]}
     if model.ref_net is not None:
         row["ref_psnr"] = psnr(evaluate_on_grid(model.ref_net, normalised[0].shape).numpy(), normalised[0])
+    at_reference = warp(model, series.times[0], grid).displacement
+    row["u_ref_max"] = float(np.linalg.norm(at_reference, axis=-1).max())
     tre, tre_max, dice, folded = [], [], [], 0
     for k in keep[1:]:
         measured = _measure(model, series, k, grid)
@@ -124,42 +164,105 @@ def _measure(model, series, k: int, grid: Grid) -> dict:
             "image": warped.image}
 
 
-COLUMNS = [("name", "{:<14s}"), ("ref_psnr", "{:8.2f}"), ("wall", "{:7.1f}"), ("ref_its", "{:7.1f}"),
+COLUMNS = [("series", "{:<12s}"), ("name", "{:<14s}"), ("ref_psnr", "{:8.2f}"), ("wall", "{:7.1f}"), ("ref_its", "{:7.1f}"),
            ("def_its", "{:7.1f}"), ("tre_mean", "{:8.2f}"), ("tre_max", "{:7.2f}"), ("dice_min", "{:8.3f}"),
            ("folded", "{:6d}"), ("ho_psnr", "{:7.2f}"), ("lin_psnr", "{:8.2f}"), ("ho_ssim", "{:7.4f}"),
-           ("lin_ssim", "{:8.4f}"), ("ho_tre", "{:6.2f}"), ("load", "{:5.2f}")]
+           ("lin_ssim", "{:8.4f}"), ("ho_tre", "{:6.2f}"), ("u_ref_max", "{:9.3f}"),
+           ("load", "{:5.2f}")]
 
 
 def print_row(row: dict) -> None:
-    cells = []
-    for key, fmt in COLUMNS:
-        value = row.get(key, float("nan"))
-        cells.append(fmt.format(value) if value is not None else "-")
-    print(" ".join(cells), flush=True)
+    print(" ".join(fmt.format(row.get(key, float("nan"))) for key, fmt in COLUMNS), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(QUICK),
                         help=f"comma-separated names, or 'all' (known: {', '.join(VARIANTS)})")
-    parser.add_argument("--holdout", type=int, default=5, help="phase left out of training (-1: none)")
+    parser.add_argument("--series", default=",".join(SERIES), help=f"comma-separated, of {', '.join(SERIES)}")
+    parser.add_argument("--holdout", type=int, default=None,
+                        help=f"time index left out of training (-1: none; default per series {HOLDOUT})")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the series' seed (training's seed stays 0)")
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/stnerp_preset_study"))
+    parser.add_argument("--out", type=Path, help="write the rows to OUT.json and OUT.md")
+    parser.add_argument("--profile", type=int, metavar="N", default=0,
+                        help="instead: profile N Def-Net iterations of the default preset on the first series")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        profile(load_series(args.series.split(",")[0], args.seed, args.scratch), args.profile)
+        return
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
-    holdout = None if args.holdout < 0 else args.holdout
-    series = phantom.breathing_series()
     print(f"DEFAULT = {DEFAULT}")
-    print(f"torch threads {torch.get_num_threads()}; held-out phase {holdout}; wall = whole fit (s); "
-          "its = iterations/s; TRE in mm over trained phases; ho_* at the held-out phase; "
+    print(f"torch threads {torch.get_num_threads()}; series seed {args.seed}; wall = whole fit (s); "
+          "its = iterations/s; TRE in mm over trained time points; ho_* at the held-out time point; "
           "lin_* = linear interpolation of its neighbours")
     print(" ".join(f"{key:>{len(fmt.format(0) if 's' not in fmt else fmt.format('x'))}s}"
                    for key, fmt in COLUMNS))
-    for name in names:
-        prior, overrides = VARIANTS[name]
-        print_row(evaluate(series, name, prior, overrides, holdout, args.seed))
+    rows, start_load = [], os.getloadavg()
+    for series_name in args.series.split(","):
+        series = load_series(series_name, args.seed, args.scratch)
+        holdout = HOLDOUT[series_name] if args.holdout is None else (None if args.holdout < 0 else args.holdout)
+        for name in names:
+            prior, overrides = VARIANTS[name]
+            rows.append(evaluate(series, name, prior, overrides, holdout))
+            print_row(rows[-1])
+            if args.out:
+                write_results(args.out, rows, vars(args), start_load)
+
+
+def profile(series: StudySeries, iterations: int) -> None:
+    """Where Def-Net training's time goes (torch.profiler, operators by self time), and its matrix
+    FLOPs (torch's FlopCounterMode over one iteration: the MLP's and the cubic look-up's products)
+    per second against the measured fp32 matmul rate at the same thread count."""
+    from torch.profiler import profile as torch_profile
+    from torch.utils.flop_counter import FlopCounterMode
+    from benchmarks.compare import matmul_gflops
+    threads = torch.get_num_threads()
+    follow_ups = list(zip(series.times[1:], series.images[1:]))
+    counted = dataclasses.replace(DEFAULT, def_iterations=1)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fit(series.images[0], series.times[0], follow_ups, None, Options(counted), StageTimer())
+    options = Options(dataclasses.replace(DEFAULT, def_iterations=iterations))
+    timer = StageTimer()
+    with torch_profile() as recorded:
+        fit(series.images[0], series.times[0], follow_ups, None, options, timer)
+    print(recorded.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    timer = StageTimer()
+    fit(series.images[0], series.times[0], follow_ups, None, options, timer)   # unprofiled rate
+    rate, matmul = timer.rate("defnet"), matmul_gflops(threads)
+    achieved = counter.get_total_flops() * rate / 1e9
+    print(f"{series.name}: {rate:.1f} Def-Net iterations/s ({threads} threads, load {os.getloadavg()[0]:.2f}); "
+          f"{counter.get_total_flops() / 1e6:.0f} MFLOP of matrix products per iteration = {achieved:.1f} GFLOP/s, "
+          f"{100 * achieved / matmul:.1f} % of the measured matmul rate {matmul:.1f} GFLOP/s")
+
+
+def write_results(out: Path, rows: list[dict], args: dict, start_load) -> None:
+    """OUT.json (rows, the commit, arguments, torch threads, load at start and now) and OUT.md (the table)."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "STNeRPLib"], capture_output=True,
+                           text=True, cwd=Path(__file__).parent).stdout.strip()
+    meta = {"commit": commit, "uncommitted_changes": bool(dirty), "arguments": {k: str(v) for k, v in args.items()},
+            "torch_threads": torch.get_num_threads(), "load_start": start_load, "load_end": os.getloadavg(),
+            "default_preset": DEFAULT.to_dict(), "variants": {k: VARIANTS[k] for k in {r["name"] for r in rows}}}
+    out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    lines = [f"# preset_study: commit {commit[:10]}{' (+ uncommitted changes)' if dirty else ''}", "",
+             f"Series seed {args['seed']}; torch threads {meta['torch_threads']}; load average at start "
+             f"{' '.join(f'{x:.2f}' for x in start_load)}, at end {' '.join(f'{x:.2f}' for x in meta['load_end'])} "
+             "(2 cores shared with other jobs). wall = whole fit (s); TRE mm over trained time points; "
+             "ho_* at the held-out time point, lin_* = linear interpolation of its neighbours.", "",
+             "| " + " | ".join(key for key, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(key), fmt) for key, fmt in COLUMNS) + " |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value).strip()
 
 
 if __name__ == "__main__":
