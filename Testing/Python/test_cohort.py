@@ -134,7 +134,6 @@ def test_rerun_skips_complete_runs_and_retries_the_failed_one(first_batch):
 def test_series_of_a_killed_worker_is_rerun_to_completion(phantom_folder, tmp_path):
     """Also: a worker declaring series=1 gives its series all its threads (torch in the workers
     starts at 1 thread: Dask sets OMP_NUM_THREADS=1 for them)."""
-    import torch
     from distributed import Client, LocalCluster
     cohort = write_cohort(tmp_path, "patient,role,path,time\n"
                           f"pk,reference,{phantom_folder}/data/image_0.nrrd,0\n"
@@ -151,9 +150,9 @@ def test_series_of_a_killed_worker_is_rerun_to_completion(phantom_folder, tmp_pa
         finally:
             batch.kill()
         assert killed not in client.run(os.getpid).values()
-        assert sorted(client.run(torch.get_num_threads).values()) == [1, 2]   # the one that ran it: 2
     assert batch.returncode == 0, stderr
     record = json.loads((output / "pk" / "run.json").read_text())
+    assert record["threads"]["threads"] == 2      # as counted by torch in the task that trained it
     assert record["status"] == "complete" and [p["time"] for p in record["time_points"]] == [0.0, 1.0]
     assert summary(output)["pk"]["status"] == "complete"
     assert (output / "pk" / "t_1" / "displacement.nrrd").is_file()
