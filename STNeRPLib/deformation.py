@@ -16,13 +16,15 @@ from .presets import Preset
 class Deformation(nn.Module):
     """Def-Net(s) evaluated on a velocity grid of shape (D, H, W) and integrated over [0, 1].
 
-    Continuous time: one Def-Net of (x, y, z, t). Pairwise ("w/o t"): one Def-Net of (x, y, z)
-    per training time, queried only at that time.
+    Continuous time: one Def-Net of (x, y, z, t); with the preset's anchor_reference, minus its value
+    at `anchor` (the reference's normalised time), so the reference time is the identity exactly.
+    Pairwise ("w/o t"): one Def-Net of (x, y, z) per training time, queried only at that time.
     """
 
     def __init__(self, preset: Preset, velocity_shape: tuple[int, int, int],
-                 pairwise_times: list[float] | None, generator: torch.Generator):
+                 pairwise_times: list[float] | None, generator: torch.Generator, anchor: float | None = None):
         super().__init__()
+        self.anchor = anchor if preset.anchor_reference and pairwise_times is None else None
         self.steps = preset.squaring_steps
         self.velocity_shape = tuple(velocity_shape)
         self.pairwise_times = pairwise_times
@@ -35,11 +37,14 @@ class Deformation(nn.Module):
 
     def velocity(self, times: list[float], chunk: int | None = None) -> torch.Tensor:
         """Velocities [len(times), 3, D, H, W] at normalised times. Continuous time evaluates every
-        time in one batch of (grid point, time) rows (few large matrix products, not one set per
-        time); `chunk` bounds the rows per network call."""
+        time (and the anchor) in one batch of (grid point, time) rows (few large matrix products, not
+        one set per time); `chunk` bounds the rows per network call."""
         if self.pairwise_times is not None:
             return torch.cat([self._evaluate(self.nets[self._net_index(t)], [t], chunk) for t in times])
-        return self._evaluate(self.nets[0], times, chunk)
+        if self.anchor is None:
+            return self._evaluate(self.nets[0], times, chunk)
+        v = self._evaluate(self.nets[0], list(times) + [self.anchor], chunk)
+        return v[:-1] - v[-1:]
 
     def _evaluate(self, net: DefNet, times: list[float], chunk: int | None) -> torch.Tensor:
         """net at every grid point and each time, as [len(times), 3, D, H, W]."""

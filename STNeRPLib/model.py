@@ -103,7 +103,8 @@ class SeriesModel:
                              "train the run again with this version")
         preset = Preset(**data["preset"])
         generator = torch.Generator().manual_seed(0)  # every random buffer is overwritten by the state
-        deformation = Deformation(preset, tuple(data["velocity_shape"]), data["pairwise_times"], generator)
+        deformation = Deformation(preset, tuple(data["velocity_shape"]), data["pairwise_times"], generator,
+                                  normalise_time(data["reference_time"], tuple(data["time_range"])))
         deformation.load_state_dict(data["deformation"])
         ref_net = None
         if data["ref_net"] is not None:

@@ -148,7 +148,8 @@ def _new_deformation(grid: Grid, options: Options, targets: list[Target], genera
     """An untrained Def-Net on the preset's velocity grid: one network of (x, t), or with pairwise
     training ("w/o t") one network of x per target time."""
     pairwise = None if options.temporal else [target.time for target in targets]
-    return Deformation(options.preset, velocity_shape(grid, options.preset), pairwise, generator).to(device)
+    return Deformation(options.preset, velocity_shape(grid, options.preset), pairwise, generator,
+                       targets[0].time).to(device)
 
 
 def _logged(progress: Progress, losses: list[tuple[str, int, float]]) -> Progress:

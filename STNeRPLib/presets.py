@@ -24,6 +24,9 @@ class Preset:
     `similarity` is Def-Net's loss: "mse" (mean squared intensity error, the paper's) or "lncc"
     (1 - mean squared local normalised cross-correlation over 3 x 3 x 3-voxel windows, voxels 2 apart:
     insensitive to a local linear change of intensity, as between CT and CBCT or with contrast).
+    `anchor_reference` makes the reference time the identity exactly: the continuous-time velocity is
+    Def-Net(x, t) - Def-Net(x, t_ref), so u(x, t_ref) = 0 (the paper has no anchor; off by default:
+    README, Presets, gives the figures for and against).
     """
 
     name: str
@@ -52,6 +55,7 @@ class Preset:
     lr_final: float = 1.0
     def_times: int = 0
     similarity: str = "mse"
+    anchor_reference: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

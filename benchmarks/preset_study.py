@@ -49,6 +49,7 @@ from STNeRPLib.warping import linear_interpolation, warp  # noqa: E402
 VARIANTS: dict[str, tuple[str | None, dict]] = {
     # name: (prior, None: the preset's; overrides of DEFAULT)
     "default": (None, {}),
+    "anchored": (None, {"anchor_reference": True}),
     "linear-prior": (None, {"prior_interpolation": "linear"}),
     "refnet-prior": ("refnet", {}),
     "refnet-direct": ("refnet", {"prior_cache": False}),
