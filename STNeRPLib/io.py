@@ -15,18 +15,26 @@ FORMATS = "NRRD, NIfTI, MHA or a DICOM series folder"
 MAX_LABEL = 65535  # labelmaps are kept and written as UInt16
 
 
+COMPACT_PIXELS = (sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkFloat32)
+"""Pixel types an image is kept in as read (a CT's int16 takes half the memory of float32); any
+other is cast to float32, as every image was before."""
+
+
 def read_image(path: str | Path, what: str) -> sitk.Image:
-    """Read a 3-D scalar image as float32 (units as stored, e.g. HU), checking it is usable."""
+    """Read a 3-D scalar image (units as stored, e.g. HU), checking it is usable. Kept in its own
+    pixel type when that is one of COMPACT_PIXELS (every value exact in float32), else float32."""
     image = _read(Path(path), what)
     _check_volume(image, path, what)
     array = sitk.GetArrayViewFromImage(image)
-    if not np.isfinite(array).all():
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise InputError(f"{what} {path} contains NaN or infinite voxels: fill them (e.g. with the "
                          "background value) before registering")
-    if array.min() == array.max():
-        raise InputError(f"{what} {path} is constant (every voxel is {float(array.min()):g}): there is "
+    low, high = array.min(), array.max()
+    if low == high:
+        raise InputError(f"{what} {path} is constant (every voxel is {float(low):g}): there is "
                          "nothing to register; give the real scan")
-    return sitk.Cast(image, sitk.sitkFloat32)
+    del array                 # a view: it must not outlive the image it points into
+    return image if image.GetPixelID() in COMPACT_PIXELS else sitk.Cast(image, sitk.sitkFloat32)
 
 
 def read_labelmap(path: str | Path, grid: Grid, what: str) -> sitk.Image:

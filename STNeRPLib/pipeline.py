@@ -18,7 +18,7 @@ from .errors import InputError
 from .geometry import Grid
 from .metrics import map_points, target_registration_error
 from .model import SeriesModel, new_ref_net, normalise_time
-from .preprocessing import IntensityWindow, affine_prealignment, inside_field_of_view, onto_grid
+from .preprocessing import IntensityWindow, affine_prealignment, on_grid
 from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
@@ -56,8 +56,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     preset = options.preset
     grid = Grid.of(reference)
     window = IntensityWindow.for_image(reference, options.intensity)
-    reference_array = sitk.GetArrayFromImage(reference)
-    background = float(reference_array.min())
+    background = float(sitk.GetArrayViewFromImage(reference).min())
     prealignments, targets, scans, views = {}, [], {}, {}
     times = [reference_time] + [t for t, _ in follow_ups]
     time_range = (min(times), max(times))
@@ -69,16 +68,13 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
             prealignments[t] = affine_matrix(transform)
         elif not Grid.of(image).matches(grid):
             reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
-        resampled = sitk.GetArrayFromImage(onto_grid(image, reference, transform, background))
-        scans[t] = resampled
-        inside = inside_field_of_view(image, reference, transform)
-        _check_overlap(inside, t, image, reference)
-        if not inside.all():
+        scans[t], inside = on_grid(image, reference, transform, background)
+        if inside is not None:
+            _check_overlap(inside, t, image, reference)
             views[t] = inside
-        targets.append(Target(normalise_time(t, time_range), _tensor(window.normalise(resampled), device),
-                              torch.from_numpy(inside).to(device) if t in views else None))
-    reference_volume = _tensor(window.normalise(reference_array), device)
-    targets.insert(0, Target(normalise_time(reference_time, time_range), reference_volume))
+        targets.append(Target(normalise_time(t, time_range), scans[t], window, inside))
+    reference_volume = _tensor(window.normalise(sitk.GetArrayViewFromImage(reference)), device)
+    targets.insert(0, Target(normalise_time(reference_time, time_range), reference, window))
 
     with checkpoint.holding_signals() if checkpoint is not None else nullcontext():
         ref_net = None
@@ -95,7 +91,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
         fit_deformation(deformation, prior, targets, preset, progress, generator, checkpoint)
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
     model = SeriesModel(preset, grid, reference_time, time_range, window, options.prior, deformation,
-                        ref_net, reference_array, scans, views, labelmap)
+                        ref_net, reference, scans, views, labelmap)
     return model, prealignments
 
 
