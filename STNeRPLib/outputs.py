@@ -43,40 +43,45 @@ class Written:
 
 def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series: Series | None) -> Written:
     """Write displacement, Jacobian, labelmap, predicted image and the inverse displacement
-    (reference -> time t, on the reference grid) at one time, with their metrics."""
+    (reference -> time t, on the reference grid) at one time, with their metrics. Each whole-volume
+    array is let go as soon as it is written and measured (memory: about two fields at a time)."""
     warped = warp(model, point.time, point.grid, point.prealignment)
     name = time_point_folder(point.time)
-    field_image = point.grid.image(warped.displacement, vector=True)      # float32: as computed
-    jacobian = jacobian_determinant(field_image)
     files = {"displacement": f"{name}/displacement.nrrd", "jacobian": f"{name}/jacobian.nrrd",
              "image": f"{name}/image.nrrd", "inverse_displacement": f"{name}/inverse_displacement.nrrd",
              "labelmap": f"{name}/labelmap.nrrd" if warped.labelmap is not None else None}
+    field_image = point.grid.image(warped.displacement, vector=True)      # float32: as computed
+    warped.displacement = None                                           # the image holds it now
     write_image(field_image, folder / files["displacement"])
+    jacobian = jacobian_determinant(field_image)
     write_image(jacobian, folder / files["jacobian"])
+    metrics = folding_statistics(sitk.GetArrayViewFromImage(jacobian))
+    del jacobian
     write_image(point.grid.image(warped.image), folder / files["image"])
     if warped.labelmap is not None:
-        write_image(point.grid.image(warped.labelmap.astype(np.uint16)), folder / files["labelmap"])
-    metrics = time_point_metrics(model, point, warped, field_image, jacobian, series)
-    inverse = inverse_displacement(model, point.time, point.prealignment)
-    write_image(model.grid.image(inverse.astype(np.float32), vector=True), folder / files["inverse_displacement"])
+        write_image(point.grid.image(warped.labelmap.astype(np.uint16, copy=False)), folder / files["labelmap"])
+    metrics.update(time_point_metrics(model, point, warped, field_image, series))
+    labelmap, sources = warped.labelmap, warped.image_sources
+    del warped
+    inverse = model.grid.image(inverse_displacement(model, point.time, point.prealignment), vector=True)
+    write_image(inverse, folder / files["inverse_displacement"])
     entry = {"time": point.time, "scanned": point.image is not None, **files,
-             "image_sources": warped.image_sources, "metrics": metrics,
+             "image_sources": sources, "metrics": metrics,
              "prealignment": point.prealignment.tolist() if point.prealignment is not None else None}
-    return Written(entry, field_image, warped.labelmap)
+    return Written(entry, field_image, labelmap)
 
 
 def time_point_metrics(model: SeriesModel, point: TimePoint, warped, field_image: sitk.Image,
-                       jacobian: sitk.Image, series: Series | None) -> dict:
-    """Folding and Jacobian range always; PSNR/SSIM against the scanned image; Dice and TRE where
-    ground truth is given. PSNR and SSIM are on intensities normalised to [0, 1]."""
-    metrics = folding_statistics(sitk.GetArrayViewFromImage(jacobian))
-    metrics.update(psnr=None, ssim=None, dice={}, tre_mean=None, tre_std=None, tre_max=None)
+                       series: Series | None) -> dict:
+    """PSNR/SSIM against the scanned image; Dice and TRE where ground truth is given (the folding
+    statistics come from the Jacobian, beside). PSNR and SSIM are on intensities normalised to [0, 1]."""
+    metrics = {"psnr": None, "ssim": None, "dice": {}, "tre_mean": None, "tre_std": None, "tre_max": None}
     if point.image is not None:
-        actual = model.window.normalise(sitk.GetArrayFromImage(point.image))
+        actual = model.window.normalise(sitk.GetArrayViewFromImage(point.image))
         predicted = model.window.normalise(warped.image)
         metrics.update(psnr=psnr(predicted, actual), ssim=ssim(predicted, actual))
     if series is not None and point.time in series.ground_truth and warped.labelmap is not None:
-        truth = sitk.GetArrayFromImage(series.ground_truth[point.time])
+        truth = sitk.GetArrayViewFromImage(series.ground_truth[point.time])
         metrics["dice"] = {str(k): v for k, v in dice_per_label(warped.labelmap, truth).items()}
     if series is not None and point.time in series.landmarks:
         points, reference_points = series.landmarks[point.time]
