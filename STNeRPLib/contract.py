@@ -384,6 +384,9 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
                          help="save a training checkpoint in the output folder every N iterations "
                               "(and when interrupted); 0: none")
+    command.add_argument("--skip-memory-check", action="store_true",
+                         help="start even when the series' estimated peak memory exceeds the memory available "
+                              "(the out-of-memory killer may then stop it: continue with --resume)")
     command.add_argument("--label-names", metavar="JSON", help='names of the labels, e.g. {"1": "GTV"} (for the report)')
     command.add_argument("--no-report", action="store_true", help="do not write report/index.html at the end")
 

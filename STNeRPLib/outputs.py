@@ -45,11 +45,14 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
     """Write displacement, Jacobian, labelmap, predicted image and the inverse displacement
     (reference -> time t, on the reference grid) at one time, with their metrics. Each whole-volume
     array is let go as soon as it is written and measured (memory: about two fields at a time)."""
-    warped = warp(model, point.time, point.grid, point.prealignment)
     name = time_point_folder(point.time)
     files = {"displacement": f"{name}/displacement.nrrd", "jacobian": f"{name}/jacobian.nrrd",
              "image": f"{name}/image.nrrd", "inverse_displacement": f"{name}/inverse_displacement.nrrd",
-             "labelmap": f"{name}/labelmap.nrrd" if warped.labelmap is not None else None}
+             "labelmap": f"{name}/labelmap.nrrd" if model.labelmap is not None else None}
+    inverse = model.grid.image(inverse_displacement(model, point.time, point.prealignment), vector=True)
+    write_image(inverse, folder / files["inverse_displacement"])
+    del inverse
+    warped = warp(model, point.time, point.grid, point.prealignment)
     field_image = point.grid.image(warped.displacement, vector=True)      # float32: as computed
     warped.displacement = None                                           # the image holds it now
     write_image(field_image, folder / files["displacement"])
@@ -61,14 +64,10 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
     if warped.labelmap is not None:
         write_image(point.grid.image(warped.labelmap.astype(np.uint16, copy=False)), folder / files["labelmap"])
     metrics.update(time_point_metrics(model, point, warped, field_image, series))
-    labelmap, sources = warped.labelmap, warped.image_sources
-    del warped
-    inverse = model.grid.image(inverse_displacement(model, point.time, point.prealignment), vector=True)
-    write_image(inverse, folder / files["inverse_displacement"])
     entry = {"time": point.time, "scanned": point.image is not None, **files,
-             "image_sources": sources, "metrics": metrics,
+             "image_sources": warped.image_sources, "metrics": metrics,
              "prealignment": point.prealignment.tolist() if point.prealignment is not None else None}
-    return Written(entry, field_image, labelmap)
+    return Written(entry, field_image, warped.labelmap)
 
 
 def time_point_metrics(model: SeriesModel, point: TimePoint, warped, field_image: sitk.Image,

@@ -173,10 +173,10 @@ def run_training(series: Series, options: Options, folder: Path, reporter: Repor
                  checkpoint_every: int = 0) -> RunRecord:
     """Fit the series and write every output into `folder`; the record ends 'complete'.
 
-    With checkpoint_every > 0 (long-range scheme), training is checkpointed into the folder every
-    that many iterations and on SIGINT/SIGTERM. Whatever an earlier attempt left in the folder is
-    taken up: a checkpoint is trained on from, a saved model and the time points already in the
-    record are kept (outputs resume at the first missing time point).
+    With checkpoint_every > 0, training is checkpointed into the folder every that many iterations
+    and on SIGINT/SIGTERM. Whatever an earlier attempt left in the folder is taken up: a checkpoint
+    is trained on from, a saved model and the time points already in the record are kept (outputs
+    resume at the first missing time point; the short-range scheme at its first pair not written).
     """
     record = record or RunRecord(folder, "train", {}, options.to_dict())
     times = [t for t, _ in series.images]
@@ -187,11 +187,16 @@ def run_training(series: Series, options: Options, folder: Path, reporter: Repor
         if predict_times:
             raise InputError("predicting new times needs the long-range scheme: drop --predict-times "
                              "or use --scheme long")
-        _run_short_range(series, options, folder, reporter, record)
+        _run_short_range(series, options, folder, reporter, record, checkpoint_every)
     else:
-        checkpoint = Checkpoint(folder / "checkpoint.pt", checkpoint_every) if checkpoint_every > 0 else None
-        _run_long_range(series, options, folder, reporter, record, list(predict_times), checkpoint)
+        _run_long_range(series, options, folder, reporter, record, list(predict_times),
+                        _checkpoint(folder, checkpoint_every))
     return _complete(record, folder)
+
+
+def _checkpoint(folder: Path, every: int) -> Checkpoint | None:
+    """The run's checkpoint.pt (holding a saved state, if an earlier attempt left one); None for every 0."""
+    return Checkpoint(folder / "checkpoint.pt", every) if every > 0 else None
 
 
 def _complete(record: RunRecord, folder: Path) -> RunRecord:
@@ -228,31 +233,52 @@ def _run_long_range(series, options, folder, reporter, record, predict_times, ch
         reporter.progress("outputs", index, len(points))
 
 
-def _run_short_range(series, options, folder, reporter, record) -> None:
+def _run_short_range(series, options, folder, reporter, record, checkpoint_every: int) -> None:
     """Register each scan to the one before it (f_{t-1} -> f_t). Fields map time-t points to the
-    previous scan; labelmaps and landmarks are carried along the chain from the reference."""
+    previous scan; labelmaps and landmarks are carried along the chain from the reference.
+
+    Resumable pair by pair: a pair whose time point is in the record is kept (its labelmap is read
+    back to carry on), the first one missing trains from the checkpoint, if any. Each pair's fit
+    starts from the seed, so a resumed run ends as an uninterrupted one."""
     images = series.images
     labelmap = sitk.GetArrayFromImage(series.segmentation) if series.segmentation is not None else None
     unchained = replace(series, landmarks={})      # TRE is measured along the chain, below
-    chain: list[sitk.Image] = []
-    losses: list[tuple[str, int, float]] = []
+    done = {entry["time"]: entry for entry in record.data["time_points"]}
+    losses = [row for row in _read_losses(folder / "losses.csv") if row[0].split("->")[-1] in
+              {f"{t:g}" for t in done}]
     for index, ((t0, image0), (t1, image1)) in enumerate(zip(images, images[1:]), 1):
+        if t1 in done:
+            if labelmap is not None:
+                labelmap = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / done[t1]["labelmap"])))
+            continue
         reporter.message(f"short-range pair {index}/{len(images) - 1}: time {t0:g} -> {t1:g}")
         segmentation = _labelmap_image(labelmap, image0) if labelmap is not None else None
         pair: list[tuple[str, int, float]] = []
-        model, prealignments = fit(image0, t0, [(t1, image1)], segmentation, options, reporter, pair)
+        checkpoint = _checkpoint(folder, checkpoint_every)
+        model, prealignments = fit(image0, t0, [(t1, image1)], segmentation, options, reporter, pair, checkpoint)
         losses += [(f"{stage} {t0:g}->{t1:g}", i, loss) for stage, i, loss in pair]
         write_losses(losses, folder / "losses.csv")
         record.set(losses="losses.csv")
         record.set(intensity_window=[model.window.low, model.window.high])
         point = TimePoint(t1, Grid.of(image1), image1, prealignments.get(t1))
         written = write_time_point(model, point, folder, unchained)
+        del model
         written.entry["reference_time"] = t0
-        chain.insert(0, written.field)
         if t1 in series.landmarks:
+            chain = [folder / e["displacement"] for e in [written.entry, *reversed(record.data["time_points"])]]
             written.entry["metrics"].update(_chained_tre(chain, *series.landmarks[t1]))
         labelmap = written.labelmap
+        if checkpoint is not None:           # this pair is written: its checkpoint is done with
+            checkpoint.remove()
         record.add_time_point(written.entry)
+
+
+def _read_losses(path: Path) -> list[tuple[str, int, float]]:
+    """The rows of a losses.csv (none if it is not there)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return [(stage, int(iteration), float(loss)) for stage, iteration, loss in list(csv.reader(handle))[1:]]
 
 
 def _labelmap_image(array: np.ndarray, like: sitk.Image) -> sitk.Image:
@@ -261,10 +287,11 @@ def _labelmap_image(array: np.ndarray, like: sitk.Image) -> sitk.Image:
     return image
 
 
-def _chained_tre(chain: list[sitk.Image], points: np.ndarray, reference_points: np.ndarray) -> dict:
-    """TRE of points carried through the chain of fields (newest first) back to the reference."""
-    for field_image in chain:
-        points = map_points(field_image, points)
+def _chained_tre(chain: list[Path], points: np.ndarray, reference_points: np.ndarray) -> dict:
+    """TRE of points carried through the chain of displacement files (newest first) back to the
+    reference; one field in memory at a time."""
+    for path in chain:
+        points = map_points(sitk.ReadImage(str(path)), points)
     return target_registration_error(points, reference_points)
 
 
