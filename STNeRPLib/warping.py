@@ -69,19 +69,18 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
     image = np.empty(target.shape, np.float32)
     labels = np.empty(target.shape, model.labelmap.dtype) if model.labelmap is not None else None
     for z0, z1 in slabs(target):
-        q = target.points(z0, z1)
+        slab = target.slab(z0, z1)
+        q = target.points(z0, z1)            # as the whole grid computes them (not slab.points())
         with torch.no_grad():
             moved = _moved(model, displacement, q, inverse)
-            carried = [moved + sample(w, moved[None])[0] for w in inverses]
+            carried = [_to_index(model.grid, moved + sample(w, moved[None])[0]) for w in inverses]
         moved_index = _to_index(model.grid, moved)
         if labels is not None:
-            labels[z0:z1] = _nearest_labels(model.labelmap, moved_index).reshape(labels[z0:z1].shape)
-        field[z0:z1] = _mm_from(model.grid, moved_index, q).reshape(field[z0:z1].shape)
-        slab = target.slab(z0, z1)
+            labels[z0:z1] = _nearest_labels(model.labelmap, moved_index).reshape(slab.shape)
+        field[z0:z1] = _mm_from(model.grid, moved_index, q).reshape(*slab.shape, 3)
         if sources:
-            carried_index = [_to_index(model.grid, c) for c in carried]
-            image[z0:z1] = _blend(model, sources, [(_mm_from(model.grid, c, q).reshape(field[z0:z1].shape), c)
-                                                   for c in carried_index], (field[z0:z1], moved_index), slab)
+            carried = [(_mm_from(model.grid, c, q).reshape(*slab.shape, 3), c) for c in carried]
+            image[z0:z1] = _blend(model, sources, carried, (field[z0:z1], moved_index), slab)
         else:
             image[z0:z1] = _resample(model, model.reference_time, field[z0:z1], moved_index, slab)
     return Warped(field, image, labels, list(sources) or [model.reference_time])
