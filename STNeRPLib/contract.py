@@ -187,11 +187,10 @@ def killed(record: dict) -> bool:
 
 
 def resumable(record: dict) -> bool:
-    """Whether `train --resume` can continue a run: a long-range training run that was
+    """Whether `train --resume` can continue a run: a training run (either scheme) that was
     interrupted, failed, or killed (see killed)."""
     unfinished = record.get("status") in (STATUS_INTERRUPTED, STATUS_FAILED) or killed(record)
-    return (record.get("command") == "train" and unfinished
-            and (record.get("parameters") or {}).get("scheme") != "short")
+    return record.get("command") == "train" and unfinished
 
 
 # -- command lines ---------------------------------------------------------------------------
