@@ -12,6 +12,7 @@ import SimpleITK as sitk
 from .errors import InputError
 from .geometry import Grid
 from .io import check_landmarks_inside, held_bytes, image_information, read_image, read_labelmap, read_landmarks
+from .warping import SLAB_VOXELS
 
 
 @dataclass
@@ -81,8 +82,11 @@ def _check_times(times: list[float]) -> None:
 
 
 BASE_BYTES = 600e6
-"""Python, torch, SimpleITK and the networks, before any image (measured ~0.5 GB), plus one slab's
-working set of the outputs."""
+"""Python, torch, SimpleITK and the networks, before any image (measured ~0.5 GB)."""
+SLAB_BYTES_PER_VOXEL = 160
+"""The working set of one output slab (warping.SLAB_VOXELS voxels), per voxel of it: points and
+indices in float64, the slab's field for the resampling transform and its copy (measured ~135 at
+256x256x150: 1.54 GB peak less what else is held)."""
 WORK_BYTES_PER_VOXEL = 36
 """Beyond the scans, per voxel of the reference grid, the most that is held at once (bytes): while
 training, the normalised reference (4) and its cubic B-spline prior (16 kept, 28 while built:
@@ -96,12 +100,14 @@ mask of its field of view."""
 def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], segmentation: str | None = None,
                         prealign: bool = False) -> float:
     """The peak resident memory of a train run on these inputs, in bytes, from the image headers
-    alone (no voxel is read): the scans as held (read_image), the segmentation (twice, uint16) and the
-    working set of WORK_BYTES_PER_VOXEL on the reference grid. InputError for a missing or unreadable
+    alone (no voxel is read): the scans as held (read_image), the segmentation (twice, uint16), the
+    working set of WORK_BYTES_PER_VOXEL on the reference grid and that of one output slab. InputError for a missing or unreadable
     image, as reading it would."""
     size, pixel, grid = image_information(reference, "reference image")
     voxels = math.prod(size)
-    total = BASE_BYTES + voxels * (held_bytes(pixel) + WORK_BYTES_PER_VOXEL)
+    plane = math.prod(size[:2])
+    slab = plane * min(max(1, SLAB_VOXELS // plane), math.prod(size[2:]))
+    total = BASE_BYTES + slab * SLAB_BYTES_PER_VOXEL + voxels * (held_bytes(pixel) + WORK_BYTES_PER_VOXEL)
     for path, t in follow_ups:
         other_size, other_pixel, other_grid = image_information(path, f"follow-up image at time {t:g}")
         total += math.prod(other_size) * held_bytes(other_pixel)
