@@ -57,9 +57,13 @@ def train_inputs(args) -> dict:
 
 def _check_memory(args, reporter: Reporter) -> None:
     """Refuse, before anything is read or written, a series whose estimated peak memory (from the
-    image headers) exceeds the memory available now."""
-    estimate = estimate_peak_bytes(args.reference, timed(args.follow_up), args.segmentation,
-                                   args.prealign == "affine")
+    image headers) exceeds the memory available now. An image whose header cannot be read is left
+    to load_series, which reports it in the run's record."""
+    try:
+        estimate = estimate_peak_bytes(args.reference, timed(args.follow_up), args.segmentation,
+                                       args.prealign == "affine")
+    except InputError:
+        return
     note = check_memory(estimate)
     if note:
         reporter.message(note)
