@@ -20,7 +20,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import sys
 import threading
 import time
@@ -142,11 +141,9 @@ def _read_record(folder: Path) -> dict | None:
 
 def continue_or_start_over(series: argparse.Namespace) -> None:
     """An unfinished run of this tool (interrupted, failed, or killed with its worker) continues
-    from its checkpoint (train --resume); a short-range run cannot, and trains again from its start
-    (run_state has checked that the folder holds only this tool's run)."""
-    series.resume = series.scheme != "short"
-    if not series.resume:
-        shutil.rmtree(series.output)
+    from its checkpoint (train --resume), in either scheme (run_state has checked that the folder
+    holds only this tool's run)."""
+    series.resume = True
 
 
 def run_series(patient: str, series: argparse.Namespace) -> dict:

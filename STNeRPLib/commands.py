@@ -22,7 +22,7 @@ from .pipeline import run_prediction, run_training
 from .presets import PRESETS, Options, Preset
 from .progress import Reporter
 from .record import RunRecord, load_record, require_complete
-from .series import load_series
+from .series import check_memory, estimate_peak_bytes, load_series
 
 def _preset(args) -> Preset:
     """The chosen preset, with --iterations (at least 1) applied to both networks and --similarity."""
@@ -60,6 +60,20 @@ def train_inputs(args) -> dict:
             "sha256": {_absolute(p): file_sha256(p) for p in paths if p}}
 
 
+def _check_memory(args, reporter: Reporter) -> None:
+    """Refuse, before anything is read or written, a series whose estimated peak memory (from the
+    image headers) exceeds the memory available now. An image whose header cannot be read is left
+    to load_series, which reports it in the run's record."""
+    try:
+        estimate = estimate_peak_bytes(args.reference, timed(args.follow_up), args.segmentation,
+                                       args.prealign == "affine")
+    except InputError:
+        return
+    note = check_memory(estimate)
+    if note:
+        reporter.message(note)
+
+
 def _absolute(path: str | None) -> str | None:
     return str(Path(path).absolute()) if path else None
 
@@ -68,6 +82,8 @@ def train_command(args, reporter: Reporter) -> int:
     """The train command: one series into args.output, new or resumed (batch runs it per series)."""
     try:
         options, inputs = train_options(args), train_inputs(args)
+        if not args.skip_memory_check:
+            _check_memory(args, reporter)
     except InputError as error:
         reporter.error(str(error))
         return contract.EXIT_BAD_INPUT
@@ -254,8 +270,6 @@ def _check_resumable(folder: Path, command: str, inputs: dict, parameters: dict)
         raise InputError(f"run {folder} is already complete: nothing to resume")
     if data["status"] == contract.STATUS_RUNNING and not contract.killed(data):
         raise InputError(f"run {folder} is still running (process {data.get('pid')}): wait for it or stop it first")
-    if data["parameters"].get("scheme") == "short":
-        raise InputError("--resume works for the long-range scheme only: run --scheme short again into a new folder")
     recorded = {"inputs": data["inputs"], "parameters": data["parameters"]}
     given = json.loads(json.dumps({"inputs": inputs, "parameters": parameters}))
     for part in ("inputs", "parameters"):

@@ -189,11 +189,10 @@ def killed(record: dict) -> bool:
 
 
 def resumable(record: dict) -> bool:
-    """Whether `train --resume` can continue a run: a long-range training run that was
+    """Whether `train --resume` can continue a run: a training run (either scheme) that was
     interrupted, failed, or killed (see killed)."""
     unfinished = record.get("status") in (STATUS_INTERRUPTED, STATUS_FAILED) or killed(record)
-    return (record.get("command") == "train" and unfinished
-            and (record.get("parameters") or {}).get("scheme") != "short")
+    return record.get("command") == "train" and unfinished
 
 
 # -- command lines ---------------------------------------------------------------------------
@@ -389,6 +388,9 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
                          help="save a training checkpoint in the output folder every N iterations "
                               "(and when interrupted); 0: none")
+    command.add_argument("--skip-memory-check", action="store_true",
+                         help="start even when the series' estimated peak memory exceeds the memory available "
+                              "(the out-of-memory killer may then stop it: continue with --resume)")
     command.add_argument("--label-names", metavar="JSON", help='names of the labels, e.g. {"1": "GTV"} (for the report)')
     command.add_argument("--no-report", action="store_true", help="do not write report/index.html at the end")
 

@@ -57,6 +57,12 @@ class Grid:
                               np.arange(self.size[0]), indexing="ij")
         return self.to_physical(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(float))
 
+    def slab(self, z_start: int, z_stop: int) -> "Grid":
+        """The grid of slices z_start..z_stop of this one (same points, same spacing and direction)."""
+        origin = self.to_physical(np.array([[0.0, 0.0, float(z_start)]]))[0]
+        return Grid((self.size[0], self.size[1], z_stop - z_start), self.spacing, tuple(float(v) for v in origin),
+                    self.direction)
+
     def image(self, array: np.ndarray, vector: bool = False) -> sitk.Image:
         """A SimpleITK image on this grid from a [z, y, x] (or [z, y, x, c] with vector=True) array."""
         image = sitk.GetImageFromArray(array, isVector=vector)

@@ -15,18 +15,58 @@ FORMATS = "NRRD, NIfTI, MHA or a DICOM series folder"
 MAX_LABEL = 65535  # labelmaps are kept and written as UInt16
 
 
+COMPACT_PIXELS = {sitk.sitkInt8: 1, sitk.sitkUInt8: 1, sitk.sitkInt16: 2, sitk.sitkUInt16: 2, sitk.sitkFloat32: 4}
+"""Pixel types an image is kept in as read, with their bytes (a CT's int16 takes half the memory of
+float32); any other is cast to float32, as every image was before."""
+
+
+def held_bytes(pixel: int) -> int:
+    """Bytes per voxel of an image of this pixel type as read_image keeps it."""
+    return COMPACT_PIXELS.get(pixel, 4)
+
+
+def image_information(path: str | Path, what: str) -> tuple[tuple[int, ...], int, Grid | None]:
+    """(size, pixel type, grid) of an image from its header alone, no voxel read; a DICOM series
+    folder from its first file and its count of files (grid None: not known without reading them)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} not found: {path}: check the path")
+    reader = sitk.ImageFileReader()
+    try:
+        if path.is_dir():
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]) if series else ()
+            if not files:
+                raise InputError(f"{what} folder {path} holds no DICOM series: give an image file or a "
+                                 "folder with one DICOM series")
+            reader.SetFileName(files[0])
+            reader.ReadImageInformation()
+            return (*reader.GetSize()[:2], len(files)), reader.GetPixelID(), None
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise InputError(f"cannot read {what} {path}: it is not an image in a format SimpleITK "
+                         f"reads ({FORMATS}) or the file is damaged") from None
+    size = tuple(reader.GetSize())
+    grid = Grid(size, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()) if len(size) == 3 else None
+    return size, reader.GetPixelID(), grid
+
+
 def read_image(path: str | Path, what: str) -> sitk.Image:
-    """Read a 3-D scalar image as float32 (units as stored, e.g. HU), checking it is usable."""
+    """Read a 3-D scalar image (units as stored, e.g. HU), checking it is usable. Kept in its own
+    pixel type when that is one of COMPACT_PIXELS (every value exact in float32), else float32."""
     image = _read(Path(path), what)
     _check_volume(image, path, what)
     array = sitk.GetArrayViewFromImage(image)
-    if not np.isfinite(array).all():
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise InputError(f"{what} {path} contains NaN or infinite voxels: fill them (e.g. with the "
                          "background value) before registering")
-    if array.min() == array.max():
-        raise InputError(f"{what} {path} is constant (every voxel is {float(array.min()):g}): there is "
+    low, high = array.min(), array.max()
+    if low == high:
+        raise InputError(f"{what} {path} is constant (every voxel is {float(low):g}): there is "
                          "nothing to register; give the real scan")
-    return sitk.Cast(image, sitk.sitkFloat32)
+    del array                 # a view: it must not outlive the image it points into
+    return image if image.GetPixelID() in COMPACT_PIXELS else sitk.Cast(image, sitk.sitkFloat32)
 
 
 def read_labelmap(path: str | Path, grid: Grid, what: str) -> sitk.Image:

@@ -29,13 +29,22 @@ def psnr(
 ) -> float:
     """Peak signal-to-noise ratio 10 log10(data_range^2 / MSE) in dB.
 
-    The MSE is taken over the voxels where ``mask`` is true (all voxels if None).
+    The MSE is taken over the voxels where ``mask`` is true (all voxels if None), in float64,
+    in slabs along the first axis (memory: one slab).
     Returns +inf when the images are identical there.
     """
-    diff = np.asarray(image, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
-    if mask is not None:
-        diff = diff[np.asarray(mask, dtype=bool)]
-    mse = float(np.mean(diff * diff))
+    image, reference = np.asarray(image), np.asarray(reference)
+    if image.shape != reference.shape:
+        raise ValueError(f"shape mismatch: {image.shape} vs {reference.shape}")
+    total, count = 0.0, 0
+    step = max(1, SSIM_SLAB_VOXELS // max(1, int(np.prod(image.shape[1:]))))
+    for a in range(0, max(len(image), 1), step):
+        diff = np.asarray(image[a:a + step], dtype=np.float64) - np.asarray(reference[a:a + step], dtype=np.float64)
+        if mask is not None:
+            diff = diff[np.asarray(mask[a:a + step], dtype=bool)]
+        total += float(np.sum(diff * diff))
+        count += diff.size
+    mse = total / count if count else float("nan")
     if mse == 0.0:
         return float("inf")
     return float(10.0 * np.log10(data_range**2 / mse))
@@ -132,7 +141,7 @@ def jacobian_determinant(displacement: sitk.Image, slab: int | None = None) -> s
         part = u[low:high].astype(np.float64)
         # grad[..., c, a] = d u_c / d index_a, index axes a = (i, j, k) are array axes reversed.
         grad = np.stack(np.gradient(part, axis=(2, 1, 0)), axis=-1)
-        determinant[z0:z1] = np.linalg.det(np.eye(3) + grad @ index_per_mm)[z0 - low:z1 - low]
+        determinant[z0:z1] = _det3(np.eye(3) + grad[z0 - low:z1 - low] @ index_per_mm)
     out = sitk.GetImageFromArray(determinant)
     out.CopyInformation(displacement)
     return out
@@ -141,12 +150,20 @@ def jacobian_determinant(displacement: sitk.Image, slab: int | None = None) -> s
 JACOBIAN_SLAB_VOXELS = 1 << 18
 
 
+def _det3(m: np.ndarray) -> np.ndarray:
+    """Determinants of 3x3 matrices (..., 3, 3) by cofactors (float64; a few times faster than
+    np.linalg.det's LU, equal to it within float64 rounding)."""
+    return (m[..., 0, 0] * (m[..., 1, 1] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 1])
+            - m[..., 0, 1] * (m[..., 1, 0] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 0])
+            + m[..., 0, 2] * (m[..., 1, 0] * m[..., 2, 1] - m[..., 1, 1] * m[..., 2, 0]))
+
+
 def folding_statistics(jacobian: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float | int]:
     """Folding summary of a Jacobian-determinant array, over ``mask`` if given.
 
     Returns ``folded_voxels`` (count of det J <= 0), ``jacobian_min`` and ``jacobian_max``.
     """
-    values = np.asarray(jacobian, dtype=np.float64)
+    values = np.asarray(jacobian)              # not copied: min and max are exact in any precision
     if mask is not None:
         values = values[np.asarray(mask, dtype=bool)]
     return {
@@ -180,11 +197,22 @@ def map_points(displacement: sitk.Image, points: np.ndarray) -> np.ndarray:
     u is linearly interpolated from the field; points outside the field's grid get zero
     displacement (ITK's behaviour). ``displacement`` is left untouched.
     """
-    # The transform takes ownership of (and empties) the image it is given: pass a copy.
-    field = sitk.Cast(displacement, sitk.sitkVectorFloat64)
-    transform = sitk.DisplacementFieldTransform(field)
     points = np.asarray(points, dtype=np.float64)
-    return np.array([transform.TransformPoint(tuple(p)) for p in points]).reshape(points.shape)
+    flat = points.reshape(-1, 3)
+    size = np.asarray(displacement.GetSize())
+    index = np.array([displacement.TransformPhysicalPointToContinuousIndex(tuple(p)) for p in flat]).reshape(-1, 3)
+    inside = np.all((index >= -0.5) & (index < size - 0.5), axis=1)      # ITK's IsInsideBuffer
+    mapped = flat.copy()
+    if inside.any():
+        # Only the voxels around the points are read: the field cropped to their bounding box plus two
+        # voxels (not a float64 copy of the whole field). The transform takes ownership of (and
+        # empties) the image it is given: the crop is a copy.
+        low = np.clip(np.floor(index[inside].min(axis=0)) - 2, 0, size - 1).astype(int)
+        high = np.clip(np.ceil(index[inside].max(axis=0)) + 3, low + 1, size).astype(int)
+        crop = displacement[int(low[0]):int(high[0]), int(low[1]):int(high[1]), int(low[2]):int(high[2])]
+        transform = sitk.DisplacementFieldTransform(sitk.Cast(crop, sitk.sitkVectorFloat64))
+        mapped[inside] = [transform.TransformPoint(tuple(p)) for p in flat[inside]]
+    return mapped.reshape(points.shape)
 
 
 METRIC_KEYS = ("folded_voxels", "jacobian_min", "jacobian_max", "psnr", "ssim", "dice", "tre_mean", "tre_std",
@@ -200,8 +228,8 @@ def score_time_point(*, field: sitk.Image | None = None, jacobian: np.ndarray | 
     """Every metric of a field u at one time point, from the parts that are known there: the one
     definition used by a run's outputs, ``stnerp evaluate`` and the benchmarks.
 
-    ``field``: u (mm, LPS, time-t grid, q -> q + u(q)); ``jacobian``: its det J array, computed from
-    ``field`` when not given (folding statistics need one of them). ``images``: (predicted, actual)
+    ``field``: u (mm, LPS, time-t grid, q -> q + u(q)); ``jacobian``: its det J array (folding
+    statistics; not computed here, so a caller can let the Jacobian go once written). ``images``: (predicted, actual)
     intensities normalised to [0, 1] (PSNR, SSIM). ``labelmaps``: (propagated, true) label arrays,
     Dice over ``labels`` (default: every label present). ``landmarks``: (points q in the time-t image,
     their true reference points), TRE in mm through ``field``. Returns every key of METRIC_KEYS; a
@@ -209,8 +237,6 @@ def score_time_point(*, field: sitk.Image | None = None, jacobian: np.ndarray | 
     """
     scores: dict = dict.fromkeys(METRIC_KEYS)
     scores["dice"] = {}
-    if jacobian is None and field is not None:
-        jacobian = sitk.GetArrayFromImage(jacobian_determinant(field))
     if jacobian is not None:
         scores.update(folding_statistics(jacobian))
     if images is not None:

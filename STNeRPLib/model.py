@@ -2,6 +2,7 @@
 the propagated labelmap at any time, saved to and loaded from one file."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,9 @@ MODEL_FORMAT = 1
 class SeriesModel:
     """Trained Def-Net(s) and prior, with the reference grid, times and intensity window.
 
-    `reference` is the reference image in its own units, [z, y, x]; `follow_ups` the other
-    scans, resampled onto the reference grid (in their units, per scanned time); `views` the
+    `reference` is the reference image in its own units and pixel type; `follow_ups` the other
+    scans on the reference grid (in their units, per scanned time; a scan already on that grid is
+    the image as read, not a copy, so the scans are held once); `views` the
     fields of view (bool, reference grid) of the follow-ups that do not cover the whole reference
     grid; `labelmap` the reference segmentation on the same grid, if one was given.
     """
@@ -40,8 +42,8 @@ class SeriesModel:
     prior_kind: str
     deformation: Deformation
     ref_net: RefNet | None
-    reference: np.ndarray
-    follow_ups: dict[float, np.ndarray]
+    reference: sitk.Image
+    follow_ups: dict[float, sitk.Image]
     views: dict[float, np.ndarray]
     labelmap: np.ndarray | None
 
@@ -59,8 +61,8 @@ class SeriesModel:
         return sorted([self.reference_time, *self.follow_ups])
 
     def scan(self, t: float) -> sitk.Image:
-        """The scan at scanned time t on the reference grid, in its own units."""
-        return self.grid.image(self.reference if t == self.reference_time else self.follow_ups[t])
+        """The scan at scanned time t on the reference grid, in its own units (not a copy)."""
+        return self.reference if t == self.reference_time else self.follow_ups[t]
 
     def field_of_view(self, t: float) -> sitk.Image | None:
         """uint8 mask of the scan at time t's field of view on the reference grid (None: all of it)."""
@@ -82,8 +84,8 @@ class SeriesModel:
             "pairwise_times": self.deformation.pairwise_times,
             "deformation": self.deformation.state_dict(),
             "ref_net": self.ref_net.state_dict() if self.ref_net is not None else None,
-            "reference": torch.from_numpy(self.reference),
-            "follow_ups": [[t, torch.from_numpy(a)] for t, a in self.follow_ups.items()],
+            "reference": _tensor_view(self.reference),
+            "follow_ups": [[t, _tensor_view(a)] for t, a in self.follow_ups.items()],
             "views": [[t, torch.from_numpy(a)] for t, a in self.views.items()],
             "labelmap": torch.from_numpy(self.labelmap.astype(np.int32)) if self.labelmap is not None else None,
         }, Path(path))
@@ -112,12 +114,21 @@ class SeriesModel:
             ref_net.load_state_dict(data["ref_net"])
             ref_net.to(device)
         labelmap = data["labelmap"]
-        return cls(preset, Grid.from_dict(data["grid"]), data["reference_time"],
+        grid = Grid.from_dict(data["grid"])
+        return cls(preset, grid, data["reference_time"],
                    tuple(data["time_range"]), IntensityWindow(*data["window"]), data["prior_kind"],
-                   deformation.to(device), ref_net, data["reference"].cpu().numpy(),
-                   {float(t): a.cpu().numpy() for t, a in data["follow_ups"]},
+                   deformation.to(device), ref_net, grid.image(data["reference"].cpu().numpy()),
+                   {float(t): grid.image(a.cpu().numpy()) for t, a in data["follow_ups"]},
                    {float(t): a.cpu().numpy() for t, a in data["views"]},
                    labelmap.cpu().numpy() if labelmap is not None else None)
+
+
+def _tensor_view(image: sitk.Image) -> torch.Tensor:
+    """The image's voxels [z, y, x] as a tensor sharing its buffer (no copy; read-only: use it only
+    while the image lives, here to save it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(sitk.GetArrayViewFromImage(image))
 
 
 def normalise_time(t: float, time_range: tuple[float, float]) -> float:

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from .contract import time_point_folder
 from .geometry import Grid
 from .io import write_image
-from .metrics import jacobian_determinant, score_time_point
+from .metrics import folding_statistics, jacobian_determinant, score_time_point
 from .model import SeriesModel
 from .warping import inverse_displacement, warp
 
@@ -42,22 +42,27 @@ class Written:
 
 def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series: Series | None) -> Written:
     """Write displacement, Jacobian, labelmap, predicted image and the inverse displacement
-    (reference -> time t, on the reference grid) at one time, with their metrics."""
-    warped = warp(model, point.time, point.grid, point.prealignment)
+    (reference -> time t, on the reference grid) at one time, with their metrics. Each whole-volume
+    array is let go as soon as it is written and measured (memory: about two fields at a time)."""
     name = time_point_folder(point.time)
-    field_image = point.grid.image(warped.displacement, vector=True)      # float32: as computed
-    jacobian = jacobian_determinant(field_image)
     files = {"displacement": f"{name}/displacement.nrrd", "jacobian": f"{name}/jacobian.nrrd",
              "image": f"{name}/image.nrrd", "inverse_displacement": f"{name}/inverse_displacement.nrrd",
-             "labelmap": f"{name}/labelmap.nrrd" if warped.labelmap is not None else None}
+             "labelmap": f"{name}/labelmap.nrrd" if model.labelmap is not None else None}
+    inverse = model.grid.image(inverse_displacement(model, point.time, point.prealignment), vector=True)
+    write_image(inverse, folder / files["inverse_displacement"])
+    del inverse
+    warped = warp(model, point.time, point.grid, point.prealignment)
+    field_image = point.grid.image(warped.displacement, vector=True)      # float32: as computed
+    warped.displacement = None                                           # the image holds it now
     write_image(field_image, folder / files["displacement"])
+    jacobian = jacobian_determinant(field_image)
     write_image(jacobian, folder / files["jacobian"])
+    folding = folding_statistics(sitk.GetArrayViewFromImage(jacobian))
+    del jacobian
     write_image(point.grid.image(warped.image), folder / files["image"])
     if warped.labelmap is not None:
-        write_image(point.grid.image(warped.labelmap.astype(np.uint16)), folder / files["labelmap"])
-    metrics = time_point_metrics(model, point, warped, field_image, jacobian, series)
-    inverse = inverse_displacement(model, point.time, point.prealignment)
-    write_image(model.grid.image(inverse.astype(np.float32), vector=True), folder / files["inverse_displacement"])
+        write_image(point.grid.image(warped.labelmap.astype(np.uint16, copy=False)), folder / files["labelmap"])
+    metrics = {**time_point_metrics(model, point, warped, field_image, series), **folding}
     entry = {"time": point.time, "scanned": point.image is not None, **files,
              "image_sources": warped.image_sources, "metrics": metrics,
              "prealignment": point.prealignment.tolist() if point.prealignment is not None else None}
@@ -65,18 +70,19 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
 
 
 def time_point_metrics(model: SeriesModel, point: TimePoint, warped, field_image: sitk.Image,
-                       jacobian: sitk.Image, series: Series | None) -> dict:
-    """Folding and Jacobian range always; PSNR/SSIM against the scanned image; Dice and TRE where
-    ground truth is given. PSNR and SSIM are on intensities normalised to [0, 1]."""
+                       series: Series | None) -> dict:
+    """PSNR/SSIM against the scanned image; Dice and TRE where ground truth is given (folding
+    statistics: None here, they come from the Jacobian, written and let go before). PSNR and SSIM are
+    on intensities normalised to [0, 1]."""
     images = labelmaps = landmarks = None
     if point.image is not None:
-        images = (model.window.normalise(warped.image), model.window.normalise(sitk.GetArrayFromImage(point.image)))
+        images = (model.window.normalise(warped.image),
+                  model.window.normalise(sitk.GetArrayViewFromImage(point.image)))
     if series is not None and point.time in series.ground_truth and warped.labelmap is not None:
-        labelmaps = (warped.labelmap, sitk.GetArrayFromImage(series.ground_truth[point.time]))
+        labelmaps = (warped.labelmap, sitk.GetArrayViewFromImage(series.ground_truth[point.time]))
     if series is not None and point.time in series.landmarks:
         landmarks = series.landmarks[point.time]
-    return score_time_point(field=field_image, jacobian=sitk.GetArrayViewFromImage(jacobian), images=images,
-                            labelmaps=labelmaps, landmarks=landmarks)
+    return score_time_point(field=field_image, images=images, labelmaps=labelmaps, landmarks=landmarks)
 
 
 def write_metrics_table(entries: list[dict], path: Path) -> None:

@@ -21,7 +21,7 @@ from .geometry import Grid
 from .metrics import map_points, target_registration_error
 from .model import SeriesModel, new_ref_net, normalise_time
 from .networks import RefNet
-from .preprocessing import IntensityWindow, affine_prealignment, inside_field_of_view, onto_grid
+from .preprocessing import IntensityWindow, affine_prealignment, on_grid
 from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
@@ -59,24 +59,26 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     times = [reference_time] + [t for t, _ in follow_ups]
     time_range = (min(times), max(times))
     scans = _onto_reference_grid(reference, follow_ups, options, reporter)
-    targets = _targets(reference, reference_time, scans, window, time_range, device)
+    targets = _targets(reference, reference_time, scans, window, time_range)
+    reference_volume = _tensor(window.normalise(sitk.GetArrayViewFromImage(reference)), device)
     with checkpoint.holding_signals() if checkpoint is not None else nullcontext():
-        ref_net = _fit_ref_net(targets[0].volume, options, progress, generator, checkpoint)
-        prior = _prior(targets[0].volume, ref_net, options)
+        ref_net = _fit_ref_net(reference_volume, options, progress, generator, checkpoint)
+        prior = _prior(reference_volume, ref_net, options)
         deformation = _new_deformation(Grid.of(reference), options, targets, generator, device)
         fit_deformation(deformation, prior, targets, options.preset, progress, generator, checkpoint)
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
     model = SeriesModel(options.preset, Grid.of(reference), reference_time, time_range, window, options.prior,
-                        deformation, ref_net, sitk.GetArrayFromImage(reference), scans.arrays, scans.views, labelmap)
+                        deformation, ref_net, reference, scans.images, scans.views, labelmap)
     return model, scans.prealignments
 
 
 class _Resampled(NamedTuple):
-    """Follow-ups on the reference grid, by time: the resampled arrays, the masks of the voxels inside
-    each scan's field of view (only for scans that do not cover the whole grid) and the 4x4 affine
-    pre-alignments (reference points -> time-t image points; only with --prealign affine)."""
+    """Follow-ups on the reference grid, by time: the scans there (a scan already on that grid is
+    itself, in its own pixel type; others resampled), the masks of the voxels inside each scan's field
+    of view (only for scans that do not cover the whole grid) and the 4x4 affine pre-alignments
+    (reference points -> time-t image points; only with --prealign affine)."""
 
-    arrays: dict[float, np.ndarray]
+    images: dict[float, sitk.Image]
     views: dict[float, np.ndarray]
     prealignments: dict[float, np.ndarray]
 
@@ -104,24 +106,19 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
             resampled.prealignments[t] = affine_matrix(transform)
         elif not Grid.of(image).matches(grid):
             reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
-        resampled.arrays[t] = sitk.GetArrayFromImage(onto_grid(image, reference, transform, background))
-        inside = inside_field_of_view(image, reference, transform)
-        _check_overlap(inside, t, image, reference)
-        if not inside.all():
+        resampled.images[t], inside = on_grid(image, reference, transform, background)
+        if inside is not None:
+            _check_overlap(inside, t, image, reference)
             resampled.views[t] = inside
     return resampled
 
 
 def _targets(reference: sitk.Image, reference_time: float, scans: _Resampled, window: IntensityWindow,
-             time_range: tuple[float, float], device: torch.device) -> list[Target]:
-    """What Def-Net fits: the reference first, then every follow-up, at normalised times, with
-    normalised intensities."""
-    def target(t: float, array: np.ndarray) -> Target:
-        view = scans.views.get(t)
-        return Target(normalise_time(t, time_range), _tensor(window.normalise(array), device),
-                      torch.from_numpy(view).to(device) if view is not None else None)
-    return [target(reference_time, sitk.GetArrayFromImage(reference))] + [
-        target(t, array) for t, array in scans.arrays.items()]
+             time_range: tuple[float, float]) -> list[Target]:
+    """What Def-Net fits: the reference first, then every follow-up, at normalised times (intensities
+    normalised by `window` where sampled)."""
+    return [Target(normalise_time(reference_time, time_range), reference, window)] + [
+        Target(normalise_time(t, time_range), image, window, scans.views.get(t)) for t, image in scans.images.items()]
 
 
 def _fit_ref_net(reference: torch.Tensor, options: Options, progress: Progress, generator: torch.Generator,
@@ -230,10 +227,10 @@ def run_training(series: Series, options: Options, folder: Path, reporter: Repor
                  checkpoint_every: int = 0) -> RunRecord:
     """Fit the series and write every output into `folder`; the record ends 'complete'.
 
-    With checkpoint_every > 0 (long-range scheme), training is checkpointed into the folder every
-    that many iterations and on SIGINT/SIGTERM. Whatever an earlier attempt left in the folder is
-    taken up: a checkpoint is trained on from, a saved model and the time points already in the
-    record are kept (outputs resume at the first missing time point).
+    With checkpoint_every > 0, training is checkpointed into the folder every that many iterations
+    and on SIGINT/SIGTERM. Whatever an earlier attempt left in the folder is taken up: a checkpoint
+    is trained on from, a saved model and the time points already in the record are kept (outputs
+    resume at the first missing time point; the short-range scheme at its first pair not written).
     """
     record = record or RunRecord(folder, "train", {}, options.to_dict())
     times = [t for t, _ in series.images]
@@ -244,11 +241,16 @@ def run_training(series: Series, options: Options, folder: Path, reporter: Repor
         if predict_times:
             raise InputError("predicting new times needs the long-range scheme: drop --predict-times "
                              "or use --scheme long")
-        _run_short_range(series, options, folder, reporter, record)
+        _run_short_range(series, options, folder, reporter, record, checkpoint_every)
     else:
-        checkpoint = Checkpoint(folder / "checkpoint.pt", checkpoint_every) if checkpoint_every > 0 else None
-        _run_long_range(series, options, folder, reporter, record, list(predict_times), checkpoint)
+        _run_long_range(series, options, folder, reporter, record, list(predict_times),
+                        _checkpoint(folder, checkpoint_every))
     return _complete(record, folder)
+
+
+def _checkpoint(folder: Path, every: int) -> Checkpoint | None:
+    """The run's checkpoint.pt (holding a saved state, if an earlier attempt left one); None for every 0."""
+    return Checkpoint(folder / "checkpoint.pt", every) if every > 0 else None
 
 
 def _complete(record: RunRecord, folder: Path) -> RunRecord:
@@ -285,31 +287,52 @@ def _run_long_range(series, options, folder, reporter, record, predict_times, ch
         reporter.progress("outputs", index, len(points))
 
 
-def _run_short_range(series, options, folder, reporter, record) -> None:
+def _run_short_range(series, options, folder, reporter, record, checkpoint_every: int) -> None:
     """Register each scan to the one before it (f_{t-1} -> f_t). Fields map time-t points to the
-    previous scan; labelmaps and landmarks are carried along the chain from the reference."""
+    previous scan; labelmaps and landmarks are carried along the chain from the reference.
+
+    Resumable pair by pair: a pair whose time point is in the record is kept (its labelmap is read
+    back to carry on), the first one missing trains from the checkpoint, if any. Each pair's fit
+    starts from the seed, so a resumed run ends as an uninterrupted one."""
     images = series.images
     labelmap = sitk.GetArrayFromImage(series.segmentation) if series.segmentation is not None else None
     unchained = replace(series, landmarks={})      # TRE is measured along the chain, below
-    chain: list[sitk.Image] = []
-    losses: list[tuple[str, int, float]] = []
+    done = {entry["time"]: entry for entry in record.data["time_points"]}
+    losses = [row for row in _read_losses(folder / "losses.csv") if row[0].split("->")[-1] in
+              {f"{t:g}" for t in done}]
     for index, ((t0, image0), (t1, image1)) in enumerate(zip(images, images[1:]), 1):
+        if t1 in done:
+            if labelmap is not None:
+                labelmap = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / done[t1]["labelmap"])))
+            continue
         reporter.message(f"short-range pair {index}/{len(images) - 1}: time {t0:g} -> {t1:g}")
         segmentation = _labelmap_image(labelmap, image0) if labelmap is not None else None
         pair: list[tuple[str, int, float]] = []
-        model, prealignments = fit(image0, t0, [(t1, image1)], segmentation, options, reporter, pair)
+        checkpoint = _checkpoint(folder, checkpoint_every)
+        model, prealignments = fit(image0, t0, [(t1, image1)], segmentation, options, reporter, pair, checkpoint)
         losses += [(f"{stage} {t0:g}->{t1:g}", i, loss) for stage, i, loss in pair]
         write_losses(losses, folder / "losses.csv")
         record.set(losses="losses.csv")
         record.set(intensity_window=[model.window.low, model.window.high])
         point = TimePoint(t1, Grid.of(image1), image1, prealignments.get(t1))
         written = write_time_point(model, point, folder, unchained)
+        del model
         written.entry["reference_time"] = t0
-        chain.insert(0, written.field)
         if t1 in series.landmarks:
+            chain = [folder / e["displacement"] for e in [written.entry, *reversed(record.data["time_points"])]]
             written.entry["metrics"].update(_chained_tre(chain, *series.landmarks[t1]))
         labelmap = written.labelmap
+        if checkpoint is not None:           # this pair is written: its checkpoint is done with
+            checkpoint.remove()
         record.add_time_point(written.entry)
+
+
+def _read_losses(path: Path) -> list[tuple[str, int, float]]:
+    """The rows of a losses.csv (none if it is not there)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return [(stage, int(iteration), float(loss)) for stage, iteration, loss in list(csv.reader(handle))[1:]]
 
 
 def _labelmap_image(array: np.ndarray, like: sitk.Image) -> sitk.Image:
@@ -318,10 +341,11 @@ def _labelmap_image(array: np.ndarray, like: sitk.Image) -> sitk.Image:
     return image
 
 
-def _chained_tre(chain: list[sitk.Image], points: np.ndarray, reference_points: np.ndarray) -> dict:
-    """TRE of points carried through the chain of fields (newest first) back to the reference."""
-    for field_image in chain:
-        points = map_points(field_image, points)
+def _chained_tre(chain: list[Path], points: np.ndarray, reference_points: np.ndarray) -> dict:
+    """TRE of points carried through the chain of displacement files (newest first) back to the
+    reference; one field in memory at a time."""
+    for path in chain:
+        points = map_points(sitk.ReadImage(str(path)), points)
     return target_registration_error(points, reference_points)
 
 

@@ -23,11 +23,16 @@ class IntensityWindow:
         """'ct': the fixed CT_WINDOW in HU; 'percentile': the image's 0.5th to 99.5th percentile."""
         if method == "ct":
             return cls(*CT_WINDOW)
-        low, high = np.percentile(sitk.GetArrayViewFromImage(image), [0.5, 99.5])
+        low, high = np.percentile(np.asarray(sitk.GetArrayViewFromImage(image), np.float32), [0.5, 99.5])
         return cls(float(low), float(high) if high > low else float(low) + 1.0)
 
     def normalise(self, array: np.ndarray) -> np.ndarray:
-        return np.clip((array - self.low) / (self.high - self.low), 0.0, 1.0).astype(np.float32)
+        """float32 in [0, 1]; integers are computed in float32 (an int16 scan gives the same numbers
+        as its float32 copy), floats in their own precision."""
+        array = np.asarray(array)
+        if array.dtype.kind in "iub":
+            array = array.astype(np.float32)
+        return np.clip((array - self.low) / (self.high - self.low), 0.0, 1.0).astype(np.float32, copy=False)
 
     def restore(self, array: np.ndarray) -> np.ndarray:
         return (array * (self.high - self.low) + self.low).astype(np.float32)
@@ -69,3 +74,17 @@ def inside_field_of_view(image: sitk.Image, grid_image: sitk.Image,
     ones.CopyInformation(image)
     inside = sitk.Resample(ones, grid_image, transform or sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     return sitk.GetArrayViewFromImage(inside) > 0
+
+
+def on_grid(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transform | None,
+            background: float) -> tuple[sitk.Image, np.ndarray | None]:
+    """`image` on the grid of `grid_image` (onto_grid) and the voxels it covers there
+    (inside_field_of_view; None: all). An image already on exactly that grid, without a transform,
+    is returned itself: no resampled copy, in its own pixel type."""
+    same = (transform is None and image.GetSize() == grid_image.GetSize()
+            and image.GetSpacing() == grid_image.GetSpacing() and image.GetOrigin() == grid_image.GetOrigin()
+            and image.GetDirection() == grid_image.GetDirection())
+    if same:
+        return image, None
+    inside = inside_field_of_view(image, grid_image, transform)
+    return onto_grid(image, grid_image, transform, background), None if inside.all() else inside

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
 from .geometry import Grid
-from .io import check_landmarks_inside, read_image, read_labelmap, read_landmarks
+from .io import check_landmarks_inside, held_bytes, image_information, read_image, read_labelmap, read_landmarks
+from .warping import SLAB_VOXELS
 
 
 @dataclass
@@ -77,3 +79,55 @@ def _check_times(times: list[float]) -> None:
         duplicate = next(t for t in times if times.count(t) > 1)
         raise InputError(f"time {duplicate:g} is given to more than one image: give every image its "
                          "own time")
+
+
+BASE_BYTES = 600e6
+"""Python, torch, SimpleITK and the networks, before any image (measured ~0.5 GB)."""
+SLAB_BYTES_PER_VOXEL = 160
+"""The working set of one output slab (warping.SLAB_VOXELS voxels), per voxel of it: points and
+indices in float64, the slab's field for the resampling transform and its copy (measured ~135 at
+256x256x150: 1.54 GB peak less what else is held)."""
+WORK_BYTES_PER_VOXEL = 36
+"""Beyond the scans, per voxel of the reference grid, the most that is held at once (bytes): while
+training, the normalised reference (4) and its cubic B-spline prior (16 kept, 28 while built:
+float64 coefficients and their padded copy); while writing a time point, the field (12) and its
+image (12), the predicted image (4), the labelmap (2) and the Jacobian (4)."""
+RESAMPLED_BYTES_PER_VOXEL = 5
+"""Per follow-up not on the reference grid (or pre-aligned): its float32 copy on that grid and the
+mask of its field of view."""
+
+
+def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], segmentation: str | None = None,
+                        prealign: bool = False) -> float:
+    """The peak resident memory of a train run on these inputs, in bytes, from the image headers
+    alone (no voxel is read): the scans as held (read_image), the segmentation (twice, uint16), the
+    working set of WORK_BYTES_PER_VOXEL on the reference grid and that of one output slab. InputError for a missing or unreadable
+    image, as reading it would."""
+    size, pixel, grid = image_information(reference, "reference image")
+    voxels = math.prod(size)
+    plane = math.prod(size[:2])
+    slab = plane * min(max(1, SLAB_VOXELS // plane), math.prod(size[2:]))
+    total = BASE_BYTES + slab * SLAB_BYTES_PER_VOXEL + voxels * (held_bytes(pixel) + WORK_BYTES_PER_VOXEL)
+    for path, t in follow_ups:
+        other_size, other_pixel, other_grid = image_information(path, f"follow-up image at time {t:g}")
+        total += math.prod(other_size) * held_bytes(other_pixel)
+        if prealign or grid is None or other_grid != grid:
+            total += voxels * RESAMPLED_BYTES_PER_VOXEL
+    if segmentation:
+        total += voxels * 4
+    return total
+
+
+def check_memory(estimate: float, meminfo: Path = Path("/proc/meminfo")) -> str | None:
+    """InputError when the estimated peak exceeds the memory available now (MemAvailable); a note
+    instead where that cannot be read (not Linux)."""
+    try:
+        available = next(int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines()
+                         if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return f"note: the free memory could not be read ({meminfo}); this run needs about {estimate / 1e9:.1f} GB"
+    if estimate > available:
+        raise InputError(f"this series needs about {estimate / 1e9:.1f} GB of memory, {available / 1e9:.1f} GB is "
+                         "available: close other programs, use a machine with more memory, or crop or downsample "
+                         "the images (--skip-memory-check runs it anyway)")
+    return None

@@ -4,13 +4,16 @@ from __future__ import annotations
 import math
 from typing import Callable, NamedTuple
 
+import numpy as np
+import SimpleITK as sitk
 import torch
 from torch import nn
 
 from .checkpoint import Checkpoint
 from .deformation import Deformation
-from .integration import identity_grid, sample
+from .integration import sample
 from .networks import RefNet
+from .preprocessing import IntensityWindow
 from .presets import Preset
 
 Progress = Callable[[str, int, int, float], None]
@@ -18,19 +21,32 @@ Progress = Callable[[str, int, int, float], None]
 
 
 class Target(NamedTuple):
-    """One scan to fit: normalised time, volume [D, H, W] on the reference grid (normalised
-    intensities), and the voxels inside the scan's field of view (bool [D, H, W]; None: all)."""
+    """One scan to fit: normalised time, the scan on the reference grid (in its own units and pixel
+    type, normalised by `window` only where sampled: no normalised copy of the series is held), and
+    the voxels inside the scan's field of view (bool [D, H, W]; None: all)."""
 
     time: float
-    volume: torch.Tensor
-    inside: torch.Tensor | None = None
+    scan: sitk.Image
+    window: IntensityWindow
+    inside: np.ndarray | None = None
+
+    def values(self, index: torch.Tensor) -> torch.Tensor:
+        """Normalised intensities at flat voxel indices (the same numbers as normalising it whole)."""
+        voxels = sitk.GetArrayViewFromImage(self.scan).reshape(-1)[index.cpu().numpy()]
+        return torch.from_numpy(self.window.normalise(voxels)).to(index.device)
+
+    def weight(self, index: torch.Tensor) -> torch.Tensor:
+        """1 at flat voxel indices inside the field of view, 0 outside (float32)."""
+        if self.inside is None:
+            return torch.ones(index.shape, device=index.device)
+        return torch.from_numpy(self.inside.reshape(-1)[index.cpu().numpy()].astype(np.float32)).to(index.device)
 
 
 def fit_reference(net: RefNet, volume: torch.Tensor, preset: Preset, progress: Progress,
                   generator: torch.Generator, checkpoint: Checkpoint | None = None) -> float:
     """Fit Ref-Net to a normalised volume [D, H, W] by MSE (Adam); returns the last loss (nan when
     the checkpoint had it fitted already). With a checkpoint, start from its state and save into it."""
-    points = identity_grid(volume.shape, volume.device).reshape(-1, 3)
+    points = GridPoints(volume.shape, volume.device)
     values = volume.reshape(-1)
     optimizer = torch.optim.Adam(net.parameters(), lr=preset.ref_lr)
     schedule = _cosine(optimizer, preset.ref_iterations, preset.lr_final)
@@ -57,7 +73,7 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     With a checkpoint, start from its state and save into it.
     """
     prior.requires_grad_(False)
-    series = _Stacked.of(targets)
+    series = _Series.of(targets, next(deformation.parameters()).device)
     if preset.similarity not in SIMILARITY:
         raise ValueError(f"unknown similarity {preset.similarity!r}: use one of {', '.join(SIMILARITY)}")
     loss_of, wanted = SIMILARITY[preset.similarity], _draws(preset)
@@ -85,46 +101,49 @@ def _draws(preset: Preset) -> int:
     return max(preset.def_points // len(WINDOW), 1)
 
 
-class _Stacked(NamedTuple):
-    """The targets as one tensor: times, volumes [T, V] (V voxels each), the inside masks [T, V]
-    (None when every target covers the whole grid), the grid points [V, 3] in [-1, 1] and the
-    grid's shape (D, H, W)."""
+class _Series(NamedTuple):
+    """The targets as the training reads them: normalised times, the targets (raw scans, normalised
+    where sampled: no stacked or normalised copy of the series), the grid points looked up by index,
+    the grid's shape (D, H, W) and whether any target has a field of view smaller than the grid."""
 
     times: list[float]
-    volumes: torch.Tensor
-    inside: torch.Tensor | None
-    points: torch.Tensor
+    targets: list[Target]
+    points: GridPoints
     shape: tuple[int, int, int]
+    partial: bool
 
     @classmethod
-    def of(cls, targets: list[Target]) -> "_Stacked":
-        volumes = torch.stack([target.volume.reshape(-1) for target in targets])
-        inside = None
-        if any(target.inside is not None for target in targets):
-            inside = torch.stack([torch.ones_like(target.volume.reshape(-1), dtype=torch.bool) if target.inside is None
-                                  else target.inside.reshape(-1) for target in targets])
-        points = identity_grid(targets[0].volume.shape, volumes.device).reshape(-1, 3)
-        return cls([target.time for target in targets], volumes, inside, points, tuple(targets[0].volume.shape))
+    def of(cls, targets: list[Target], device) -> "_Series":
+        shape = tuple(sitk.GetArrayViewFromImage(targets[0].scan).shape)
+        return cls([target.time for target in targets], targets, GridPoints(shape, device), shape,
+                   any(target.inside is not None for target in targets))
 
     def choose_voxels(self, which: list[int], wanted: int, generator: torch.Generator) -> torch.Tensor:
-        """Indices [len(which), N] into the flattened volumes: `wanted` random voxels of each chosen
-        target (with replacement), or all of them when wanted is 0."""
-        count = self.volumes.shape[1]
-        offsets = torch.tensor(which, device=self.volumes.device)[:, None] * count
+        """Voxel indices [len(which), N] into each chosen target's flattened grid: `wanted` random
+        voxels (with replacement), or all of them when wanted is 0."""
+        count, device = self.points.count, self.points.axes[0].device
         if wanted <= 0 or wanted >= count:
-            return offsets + torch.arange(count, device=self.volumes.device)
-        return offsets + torch.randint(count, (len(which), wanted), generator=generator).to(self.volumes.device)
+            return torch.arange(count, device=device).expand(len(which), count)
+        return torch.randint(count, (len(which), wanted), generator=generator).to(device)
+
+    def observed(self, which: list[int], voxels: torch.Tensor) -> torch.Tensor:
+        """Normalised intensities [T, N] of the chosen targets at their voxels."""
+        return torch.stack([self.targets[i].values(voxels[k]) for k, i in enumerate(which)])
+
+    def weight(self, which: list[int], voxels: torch.Tensor) -> torch.Tensor:
+        """1 where a chosen target's voxel is inside its field of view, else 0 ([T, ...] float32)."""
+        return torch.stack([self.targets[i].weight(voxels[k]) for k, i in enumerate(which)])
 
 
-def _mean_squared_error(deformation: Deformation, prior: nn.Module, series: _Stacked, which: list[int],
+def _mean_squared_error(deformation: Deformation, prior: nn.Module, series: _Series, which: list[int],
                         voxels: torch.Tensor) -> torch.Tensor:
     """Mean of (prior(c + u(c, t)) - f_t(c))^2 over the chosen voxels (flattened indices [T, N])
     inside their target's field of view; every chosen time in one batch."""
     predicted, observed = _predicted(deformation, prior, series, which, voxels)
     error = (predicted - observed) ** 2
-    if series.inside is None:
+    if not series.partial:
         return error.mean()
-    weight = series.inside.reshape(-1)[voxels].to(error.dtype)
+    weight = series.weight(which, voxels)
     return torch.sum(weight * error) / weight.sum().clamp(min=1)
 
 
@@ -132,7 +151,7 @@ WINDOW = torch.stack(torch.meshgrid(*[torch.arange(-2, 3, 2)] * 3, indexing="ij"
 """Offsets (dz, dy, dx) in voxels of an LNCC window around its centre: 3 x 3 x 3 voxels, 2 apart."""
 
 
-def _local_ncc_loss(deformation: Deformation, prior: nn.Module, series: _Stacked, which: list[int],
+def _local_ncc_loss(deformation: Deformation, prior: nn.Module, series: _Series, which: list[int],
                     centres: torch.Tensor) -> torch.Tensor:
     """1 - mean over windows of the squared normalised cross-correlation of prior(c + u(c, t)) and
     f_t(c) (LNCC), over WINDOW around each chosen centre (flattened indices [T, N]; windows clipped at
@@ -143,33 +162,47 @@ def _local_ncc_loss(deformation: Deformation, prior: nn.Module, series: _Stacked
     p = predicted - predicted.mean(dim=-1, keepdim=True)
     f = observed - observed.mean(dim=-1, keepdim=True)
     ncc2 = (p * f).sum(-1) ** 2 / ((p * p).sum(-1) * (f * f).sum(-1) + 1e-5)
-    if series.inside is None:
+    if not series.partial:
         return 1 - ncc2.mean()
-    weight = series.inside.reshape(-1)[voxels].all(dim=-1).to(ncc2.dtype)
+    weight = series.weight(which, voxels).reshape(voxels.shape).amin(dim=-1)
     return 1 - torch.sum(weight * ncc2) / weight.sum().clamp(min=1)
 
 
 def _windows(centres: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Flattened voxel indices [..., W] of the LNCC window around each flattened index `centres`."""
-    count = shape[0] * shape[1] * shape[2]
-    target, voxel = centres // count, centres % count
-    zyx = torch.stack([voxel // (shape[1] * shape[2]), voxel // shape[2] % shape[1], voxel % shape[2]], dim=-1)
+    """Flat voxel indices [..., W] of the LNCC window around each flat voxel index `centres`."""
+    zyx = torch.stack([centres // (shape[1] * shape[2]), centres // shape[2] % shape[1], centres % shape[2]], dim=-1)
     high = torch.tensor(shape, device=centres.device) - 1
     moved = torch.minimum((zyx[..., None, :] + WINDOW.to(centres.device)).clamp(min=0), high)
-    return target[..., None] * count + (moved[..., 0] * shape[1] + moved[..., 1]) * shape[2] + moved[..., 2]
+    return (moved[..., 0] * shape[1] + moved[..., 1]) * shape[2] + moved[..., 2]
 
 
-def _predicted(deformation: Deformation, prior: nn.Module, series: _Stacked, which: list[int],
+def _predicted(deformation: Deformation, prior: nn.Module, series: _Series, which: list[int],
                voxels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """prior(c + u(c, t)) and f_t(c) at the chosen voxels (flattened indices [T, N]), every time of
-    `which` in one batch."""
-    c = series.points[voxels % series.volumes.shape[1]]                            # [T, N, 3]
+    """prior(c + u(c, t)) and f_t(c) at the chosen voxels (flat indices [T, N] into each chosen
+    target's grid), every time of `which` in one batch."""
+    c = series.points[voxels]                                                      # [T, N, 3]
     u = sample(deformation.displacement([series.times[i] for i in which]), c)      # [T, N, 3]
     predicted = prior((c + u).reshape(-1, 3)).reshape(voxels.shape)
-    return predicted, series.volumes.reshape(-1)[voxels]
+    return predicted, series.observed(which, voxels)
 
 
 SIMILARITY = {"mse": _mean_squared_error, "lncc": _local_ncc_loss}
+
+
+class GridPoints:
+    """The identity_grid coordinates of a (D, H, W) grid, [-1, 1] (x, y, z), looked up by flat voxel
+    index without holding the whole grid (12 bytes per voxel): the same numbers as
+    identity_grid(shape).reshape(-1, 3)[index]."""
+
+    def __init__(self, shape: tuple[int, int, int], device):
+        self.shape = tuple(shape)
+        self.count = self.shape[0] * self.shape[1] * self.shape[2]
+        self.axes = [torch.linspace(-1, 1, n, device=device) for n in self.shape]   # z, y, x
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        _, height, width = self.shape
+        z, y, x = index // (height * width), index // width % height, index % width
+        return torch.stack([self.axes[2][x], self.axes[1][y], self.axes[0][z]], dim=-1)
 
 
 def _restore(checkpoint: Checkpoint | None, stage: str, module, optimizer, schedule, generator,

@@ -22,7 +22,12 @@ from .geometry import Grid
 from .integration import sample
 from .model import SeriesModel
 
-CHUNK_VOXELS = 1 << 18
+SLAB_VOXELS = 1 << 22
+"""Voxels per slab of slices in which every output is evaluated (memory: the outputs and one slab)."""
+SPLINE_MARGIN = 24
+"""Slices of the scan kept beyond those a slab samples when it is resampled: the cubic B-spline
+coefficients of the cropped scan then equal the whole scan's to 0.27**24 ~ 1e-14 of the intensities
+(the prefilter's pole is sqrt(3) - 2), far below float32 rounding."""
 
 
 @dataclass
@@ -49,7 +54,8 @@ def affine_matrix(transform: sitk.Transform) -> np.ndarray:
 
 
 def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | None = None) -> Warped:
-    """Evaluate the model at user time t on every voxel of `target`.
+    """Evaluate the model at user time t on every voxel of `target`, in slabs of slices (memory: the
+    outputs and one slab; the same numbers as at once, up to float32 rounding of the image).
 
     prealignment: 4x4 affine mapping reference-grid points to points of the time-t image (the
     training data were resampled through it); the returned displacement includes it, so
@@ -59,19 +65,31 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
     sources = interpolation_weights(model.scanned_times, t) if prealignment is None else {}
     inverses = [model.displacement_grid(s, inverse=True) for s in sources]
     inverse = np.linalg.inv(prealignment) if prealignment is not None else None
-    slab = max(1, CHUNK_VOXELS // (target.size[0] * target.size[1]))
-    parts = [_warp_slab(model, displacement, inverses, target, inverse, z, min(z + slab, target.size[2]))
-             for z in range(0, target.size[2], slab)]
-    field, labels, *carried = (np.concatenate(p) if p[0] is not None else None for p in zip(*parts))
-    shape = target.shape
-    field = field.reshape(*shape, 3)
-    if sources:
-        image = _blend(model, sources, [c.reshape(*shape, 3) for c in carried], field, target)
-    else:
-        sources = {model.reference_time: 1.0}
-        image = _resample(model.scan(model.reference_time), _transform(field, target), target)
-    return Warped(field, image.astype(np.float32), labels.reshape(shape) if labels is not None else None,
-                  list(sources))
+    field = np.empty((*target.shape, 3), np.float32)
+    image = np.empty(target.shape, np.float32)
+    labels = np.empty(target.shape, model.labelmap.dtype) if model.labelmap is not None else None
+    for z0, z1 in slabs(target):
+        slab = target.slab(z0, z1)
+        q = target.points(z0, z1)            # as the whole grid computes them (not slab.points())
+        with torch.no_grad():
+            moved = _moved(model, displacement, q, inverse)
+            carried = [_to_index(model.grid, moved + sample(w, moved[None])[0]) for w in inverses]
+        moved_index = _to_index(model.grid, moved)
+        if labels is not None:
+            labels[z0:z1] = _nearest_labels(model.labelmap, moved_index).reshape(slab.shape)
+        field[z0:z1] = _mm_from(model.grid, moved_index, q).reshape(*slab.shape, 3)
+        if sources:
+            carried = [(_mm_from(model.grid, c, q).reshape(*slab.shape, 3), c) for c in carried]
+            image[z0:z1] = _blend(model, sources, carried, (field[z0:z1], moved_index), slab)
+        else:
+            image[z0:z1] = _resample(model, model.reference_time, field[z0:z1], moved_index, slab)
+    return Warped(field, image, labels, list(sources) or [model.reference_time])
+
+
+def slabs(grid: Grid) -> list[tuple[int, int]]:
+    """(first, end) slice of each slab of about SLAB_VOXELS voxels of the grid (at least one slice)."""
+    depth = max(1, SLAB_VOXELS // (grid.size[0] * grid.size[1]))
+    return [(z, min(z + depth, grid.size[2])) for z in range(0, grid.size[2], depth)]
 
 
 INVERSE_STEPS = 20
@@ -91,10 +109,8 @@ def inverse_displacement(model: SeriesModel, t: float, prealignment: np.ndarray 
     forward = model.displacement_grid(t)
     inverse = model.displacement_grid(t, inverse=True)
     grid = model.grid
-    slab = max(1, CHUNK_VOXELS // (grid.size[0] * grid.size[1]))
     field = np.empty((*grid.shape, 3), np.float32)
-    for z0 in range(0, grid.size[2], slab):
-        z1 = min(z0 + slab, grid.size[2])
+    for z0, z1 in slabs(grid):
         r = grid.points(z0, z1)
         with torch.no_grad():
             c = _to_unit(grid, r, model.device)[None]
@@ -115,20 +131,21 @@ def invert(forward: torch.Tensor, start: torch.Tensor, c: torch.Tensor) -> torch
     return w
 
 
-def _blend(model: SeriesModel, sources: dict[float, float], carried: list[np.ndarray], field: np.ndarray,
-           target: Grid) -> np.ndarray:
-    """Weighted sum of the carried scans, each counted only inside its field of view (weights
-    renormalised); where no scan saw the point, the reference resampled through u_t."""
-    total, weight = np.zeros(target.shape), np.zeros(target.shape)
-    for (s, w), displacement in zip(sources.items(), carried):
-        transform, view = _transform(displacement, target), model.field_of_view(s)
-        seen = w if view is None else w * _resample(view, transform, target, sitk.sitkNearestNeighbor)
-        total += seen * _resample(model.scan(s), transform, target)
+def _blend(model: SeriesModel, sources: dict[float, float], carried: list[tuple[np.ndarray, np.ndarray]],
+           reference: tuple[np.ndarray, np.ndarray], slab: Grid) -> np.ndarray:
+    """Weighted sum of the carried scans on one slab, each counted only inside its field of view
+    (weights renormalised); where no scan saw the point, the reference resampled through u_t.
+    carried: per source, the displacement (mm, [z, y, x, 3] on the slab) to its points and their
+    reference-grid indices; reference: the same for u_t."""
+    total, weight = np.zeros(slab.shape), np.zeros(slab.shape)
+    for (s, w), (displacement, index) in zip(sources.items(), carried):
+        seen = w if s not in model.views else w * _resample(model, s, displacement, index, slab, view=True)
+        total += seen * _resample(model, s, displacement, index, slab)
         weight += seen
-    image = np.divide(total, weight, out=np.zeros(target.shape), where=weight > 0)
+    image = np.divide(total, weight, out=np.zeros(slab.shape), where=weight > 0)
     unseen = weight <= 0
     if unseen.any():
-        image[unseen] = _resample(model.scan(model.reference_time), _transform(field, target), target)[unseen]
+        image[unseen] = _resample(model, model.reference_time, *reference, slab)[unseen]
     return image
 
 
@@ -151,18 +168,6 @@ def linear_interpolation(scans: dict[float, np.ndarray], t: float) -> np.ndarray
     if not weights:
         raise ValueError(f"time {t:g} does not lie between two scans")
     return sum(w * np.asarray(scans[s], np.float64) for s, w in weights.items())
-
-
-def _warp_slab(model, displacement, inverses, target: Grid, inverse, z0: int, z1: int):
-    """Displacement (mm), labels and, per carried scan, the displacement to its points, of one slab."""
-    q = target.points(z0, z1)
-    with torch.no_grad():
-        moved = _moved(model, displacement, q, inverse)
-        carried = [moved + sample(w, moved[None])[0] for w in inverses]
-    moved_index = _to_index(model.grid, moved)
-    labels = _nearest_labels(model.labelmap, moved_index) if model.labelmap is not None else None
-    return (_mm_from(model.grid, moved_index, q), labels,
-            *(_mm_from(model.grid, _to_index(model.grid, c), q) for c in carried))
 
 
 def map_to_reference(model: SeriesModel, t: float, points: np.ndarray,
@@ -196,17 +201,20 @@ def _mm_from(grid: Grid, index: np.ndarray, q: np.ndarray) -> np.ndarray:
     return (grid.to_physical(index) - q).astype(np.float32)
 
 
-def _transform(displacement: np.ndarray, target: Grid) -> sitk.DisplacementFieldTransform:
-    """The displacement (mm, [z, y, x, 3] on target) as an ITK transform q -> q + displacement(q)."""
-    return sitk.DisplacementFieldTransform(target.image(displacement.astype(np.float64), vector=True))
-
-
-def _resample(scan: sitk.Image, transform: sitk.Transform, target: Grid,
-              interpolator: int = sitk.sitkBSpline) -> np.ndarray:
-    """`scan` at transform(q) for every voxel q of target (cubic B-spline by default; beyond the
-    scan, its nearest border value)."""
-    resampled = sitk.Resample(scan, target.size, transform, interpolator, target.origin, target.spacing,
-                              target.direction, 0.0, sitk.sitkFloat32, True)
+def _resample(model: SeriesModel, s: float, displacement: np.ndarray, index: np.ndarray, slab: Grid,
+              view: bool = False) -> np.ndarray:
+    """The scan at scanned time s (view: its field-of-view mask, nearest neighbour) at q + displacement(q)
+    for every voxel q of `slab` (cubic B-spline; beyond the scan, its nearest border value). `index`:
+    those points' continuous indices (x, y, z) on the reference grid; only the slices they reach,
+    plus SPLINE_MARGIN, are taken from the scan."""
+    depth = model.grid.size[2]
+    low = int(np.clip(np.floor(index[:, 2].min()) - SPLINE_MARGIN, 0, depth - 1))
+    high = int(np.clip(np.ceil(index[:, 2].max()) + SPLINE_MARGIN, low, depth - 1)) + 1
+    scan = model.field_of_view(s) if view else model.scan(s)
+    transform = sitk.DisplacementFieldTransform(slab.image(displacement.astype(np.float64), vector=True))
+    resampled = sitk.Resample(scan[:, :, low:high], slab.size, transform,
+                              sitk.sitkNearestNeighbor if view else sitk.sitkBSpline, slab.origin, slab.spacing,
+                              slab.direction, 0.0, sitk.sitkFloat32, True)
     return sitk.GetArrayFromImage(resampled)
 
 

@@ -213,8 +213,9 @@ def test_score_time_point_gives_each_known_part_its_closed_form_and_none_for_the
     actual = np.full(shape, 0.5)
     truth, propagated = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
     truth[0:4], propagated[2:6] = 1, 1  # slices 2-3 shared: 2 * 2 / (4 + 4)
-    scores = metrics.score_time_point(field=field, images=(actual + 0.1, actual), labelmaps=(propagated, truth),
-                                      landmarks=(points, reference))
+    jacobian = sitk.GetArrayFromImage(metrics.jacobian_determinant(field))
+    scores = metrics.score_time_point(field=field, jacobian=jacobian, images=(actual + 0.1, actual),
+                                      labelmaps=(propagated, truth), landmarks=(points, reference))
     assert set(scores) == set(metrics.METRIC_KEYS)
     assert (scores["folded_voxels"], scores["jacobian_min"], scores["jacobian_max"]) == (0, pytest.approx(1.0),
                                                                                          pytest.approx(1.0))

@@ -466,6 +466,45 @@ def test_kill_9_during_outputs_resumes_at_the_first_missing_time_point(phantom, 
     _same_outputs(output, uninterrupted)
 
 
+SHORT = ["--scheme", "short", "--iterations", "40", "--checkpoint-every", "10"]
+
+
+def test_kill_9_mid_short_range_then_resume_is_bit_identical(phantom, tmp_path):
+    """--scheme short resumes pair by pair: the pairs written are kept, the pair under way continues
+    from its checkpoint; fields, labelmaps and chained TRE as an uninterrupted run's."""
+    _, files = phantom
+    extra = ["--segmentation", files["labelmaps"][0], "--landmarks", files["landmarks"], *SHORT]
+    whole = stnerp(*train_args(files, tmp_path / "whole"), *extra)
+    assert whole.returncode == 0, whole.stderr
+    output = tmp_path / "killed"
+    args = train_args(files, output) + extra
+    process = start(*args, "--json-events")
+    pair, last = 1, 0
+    for line in process.stdout:                  # Def-Net's iterations start again at each pair
+        event = json.loads(line)
+        if event["event"] == "progress" and event["stage"] == "defnet":
+            pair, last = pair + (event["iteration"] < last), event["iteration"]
+            if pair == 2 and last >= 25:
+                process.kill()
+                break
+    process.wait(timeout=60)
+    assert [p["time"] for p in record(output)["time_points"]] == [1.0]
+    assert (output / "checkpoint.pt").exists()
+    first = (output / "t_1/displacement.nrrd").stat().st_mtime_ns
+    resumed = stnerp(*args, "--resume", "--json-events")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _first_iteration(resumed.stdout, "defnet") > 20            # pair 2 continued, not restarted
+    assert "pair 1/3" not in resumed.stderr and (output / "t_1/displacement.nrrd").stat().st_mtime_ns == first
+    assert not (output / "checkpoint.pt").exists()
+    _same_outputs(output, tmp_path / "whole")
+    a, b = record(output), record(tmp_path / "whole")
+    for p, q in zip(a["time_points"], b["time_points"]):
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(output / p["labelmap"]))),
+                              sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "whole" / q["labelmap"]))))
+        assert p["metrics"] == q["metrics"] and p["reference_time"] == q["reference_time"]
+    assert a["status"] == "complete" and a["time_points"][2]["metrics"]["tre_mean"] is not None
+
+
 @pytest.mark.parametrize("case", ["different arguments", "complete run", "no run"])
 def test_resume_refuses_what_it_cannot_continue(case, phantom, uninterrupted, tmp_path):
     _, files = phantom

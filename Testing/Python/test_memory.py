@@ -1,0 +1,175 @@
+"""Clinical sizes within a memory budget (issue 12): outputs evaluated in slabs give the numbers of a
+whole-volume evaluation, scans are held in their own pixel type without changing any result, and a
+series too large for the memory available is refused before anything is read or written."""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from STNeRPLib import warping
+from STNeRPLib.errors import InputError
+from STNeRPLib.geometry import Grid
+from STNeRPLib.phantom import breathing_series, write_series
+from STNeRPLib.pipeline import fit
+from STNeRPLib.presets import DEFAULT, Options
+from STNeRPLib.progress import Reporter
+from STNeRPLib.series import check_memory, estimate_peak_bytes
+from worker_cli import WORKER, stnerp
+
+QUIET = Reporter(interval=1e9)
+
+
+def smooth_volume(grid: Grid, shift_mm=(0.0, 0.0, 0.0)) -> sitk.Image:
+    """Gaussian blobs (HU-like) at fixed physical positions, moved by shift_mm."""
+    points = grid.points() - np.asarray(shift_mm)
+    value = np.full(len(points), -800.0)
+    for centre, height in zip([[-8, 4, -30], [6, -6, 0], [0, 8, 25]], [900, 1200, 700]):
+        value += height * np.exp(-np.sum((points - np.asarray(centre)) ** 2, axis=1) / (2 * 6.0 ** 2))
+    return grid.image(value.reshape(grid.shape).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def tall_model():
+    """A model of three scans on a grid of 72 slices: the reference, a shifted scan, and one on a
+    narrower grid (resampled, with a field of view)."""
+    rotation = sitk.VersorTransform((0.2, -1, 0.4), 0.3).GetMatrix()
+    grid = Grid((16, 14, 72), (2.0, 2.2, 1.25), (-15.0, -14.0, -45.0), rotation)
+    narrow = Grid((10, 14, 72), grid.spacing, grid.origin, grid.direction)
+    labels = (sitk.GetArrayFromImage(smooth_volume(grid)) > -300).astype(np.uint16)
+    scans = [(1.0, smooth_volume(grid, (2.0, -1.0, 3.0))), (2.0, smooth_volume(narrow, (1.0, 0.0, 5.0)))]
+    model, _ = fit(smooth_volume(grid), 0.0, scans, grid.image(labels), Options(DEFAULT.with_iterations(40)), QUIET)
+    return model, grid, narrow
+
+
+@pytest.mark.parametrize("t, on", [(1.0, "reference grid"), (1.5, "reference grid"), (2.0, "narrow grid")])
+def test_warp_in_slabs_equals_the_whole_volume_at_once(t, on, tall_model, monkeypatch):
+    """Field and labels identical; the predicted image (each slab resamples only the slices of the scan
+    it reaches, plus SPLINE_MARGIN) equal to float32 rounding."""
+    model, grid, narrow = tall_model
+    target = grid if on == "reference grid" else narrow
+    whole = warping.warp(model, t, target)
+    monkeypatch.setattr(warping, "SLAB_VOXELS", target.size[0] * target.size[1] * 3)
+    assert len(warping.slabs(target)) == 24
+    slabbed = warping.warp(model, t, target)
+    assert np.array_equal(slabbed.displacement, whole.displacement)
+    assert np.array_equal(slabbed.labelmap, whole.labelmap) and whole.labelmap.any()
+    assert slabbed.image_sources == whole.image_sources
+    rounding = np.spacing(np.float32(np.abs(whole.image).max()))
+    assert np.abs(slabbed.image - whole.image).max() <= 2 * rounding
+    assert np.ptp(whole.image) > 500 and np.abs(whole.displacement).max() > 0.5       # not trivial
+
+
+def test_inverse_in_slabs_equals_the_whole_volume_at_once(tall_model, monkeypatch):
+    model, grid, _ = tall_model
+    whole = warping.inverse_displacement(model, 1.0)
+    monkeypatch.setattr(warping, "SLAB_VOXELS", grid.size[0] * grid.size[1] * 5)
+    assert np.array_equal(warping.inverse_displacement(model, 1.0), whole) and np.abs(whole).max() > 0.5
+
+
+@pytest.fixture(scope="module")
+def phantom_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantom")
+    series = breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, noise_hu=10)
+    files = write_series(series, folder)
+    files["int16"] = []
+    for k, path in enumerate(files["images"]):        # whole HU values, as a CT is stored
+        rounded = sitk.Round(sitk.ReadImage(str(path)))
+        files["int16"].append(folder / f"int16_{k}.nrrd")
+        files["images"][k] = folder / f"float32_{k}.nrrd"
+        sitk.WriteImage(sitk.Cast(rounded, sitk.sitkInt16), str(files["int16"][-1]))
+        sitk.WriteImage(sitk.Cast(rounded, sitk.sitkFloat32), str(files["images"][k]))
+    return files
+
+
+def _train(images, files, output, *extra):
+    args = ["train", "--reference", images[0], "--reference-time", 0, "--output", output,
+            "--segmentation", files["labelmaps"][0], "--iterations", 15, "--no-report", *extra]
+    for k, path in enumerate(images[1:], 1):
+        args += ["--follow-up", path, k]
+    return stnerp(*args)
+
+
+def test_int16_scans_are_held_as_int16_and_give_the_same_outputs_as_float32(phantom_files, tmp_path):
+    as_int16 = _train(phantom_files["int16"], phantom_files, tmp_path / "int16", "--predict-times", 1.5)
+    as_float = _train(phantom_files["images"], phantom_files, tmp_path / "float32", "--predict-times", 1.5)
+    assert as_int16.returncode == 0 and as_float.returncode == 0, as_int16.stderr + as_float.stderr
+    run = json.loads((tmp_path / "int16" / "run.json").read_text())
+    assert len(run["time_points"]) == 4
+    for point in run["time_points"]:
+        for kind in ("displacement", "jacobian", "image", "labelmap", "inverse_displacement"):
+            a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "int16" / point[kind])))
+            b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "float32" / point[kind])))
+            assert np.array_equal(a, b), (point["time"], kind)
+    model = torch.load(tmp_path / "int16" / "model.pt", weights_only=True)
+    assert model["reference"].dtype == torch.int16 and model["follow_ups"][0][1].dtype == torch.int16
+
+
+def _huge_raw_nrrd(folder: Path, name: str) -> Path:
+    """A detached NRRD header of 4096^3 int16 voxels (128 GiB) over a sparse data file: no disk used."""
+    data = folder / f"{name}.raw"
+    with data.open("wb") as handle:
+        handle.truncate(4096 ** 3 * 2)
+    header = folder / f"{name}.nhdr"
+    header.write_text("NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\n"
+                      "sizes: 4096 4096 4096\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n"
+                      "kinds: domain domain domain\nendian: little\nencoding: raw\n"
+                      f"space origin: (0,0,0)\ndata file: {data.name}\n")
+    return header
+
+
+def test_series_larger_than_the_free_memory_is_refused_before_reading(tmp_path):
+    reference, follow_up = _huge_raw_nrrd(tmp_path, "reference"), _huge_raw_nrrd(tmp_path, "follow_up")
+    output = tmp_path / "run"
+    result = stnerp("train", "--reference", reference, "--follow-up", follow_up, 1, "--output", output,
+                    "--json-events")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "GB of memory" in lines[0] and "available" in lines[0], result.stderr
+    assert "--skip-memory-check" in lines[0]
+    needed = float(lines[0].split("needs about ")[1].split(" GB")[0])
+    assert needed > 4096 ** 3 * 2 * 2 / 1e9                    # at least the two scans as stored
+    assert [json.loads(line)["event"] for line in result.stdout.splitlines()] == ["error"]
+    assert not output.exists()
+
+
+def test_check_memory_compares_with_mem_available(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16000000 kB\nMemFree:  100 kB\nMemAvailable:    2000000 kB\n")
+    assert check_memory(1.9e9, meminfo) is None
+    with pytest.raises(InputError, match=r"needs about 2\.1 GB of memory, 2\.0 GB is available"):
+        check_memory(2.1e9, meminfo)
+    assert "could not be read" in check_memory(2.1e9, tmp_path / "absent")
+
+
+MEASURE = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], capture_output=True); " \
+          "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
+
+
+def test_memory_estimate_is_not_below_the_measured_peak(tmp_path):
+    """At 96 x 96 x 64 int16, 4 phases, with a segmentation: the estimate from the headers lies between
+    the measured peak and twice it (benchmarks/memory_check.py measures the clinical size)."""
+    series = breathing_series(n_phases=4, noise_hu=10)
+    files = write_series(series, tmp_path)
+    images = []
+    for k, path in enumerate(files["images"]):
+        images.append(tmp_path / f"int16_{k}.nrrd")
+        sitk.WriteImage(sitk.Cast(sitk.Round(sitk.ReadImage(str(path))), sitk.sitkInt16), str(images[-1]))
+    follow_ups = [(str(p), float(k)) for k, p in enumerate(images[1:], 1)]
+    estimate = estimate_peak_bytes(str(images[0]), follow_ups, str(files["labelmaps"][0]))
+    command = [*WORKER, "train", "--reference", str(images[0]), "--output", str(tmp_path / "run"),
+               "--segmentation", str(files["labelmaps"][0]), "--iterations", "5", "--no-report", "--threads", "1"]
+    for path, t in follow_ups:
+        command += ["--follow-up", path, str(t)]
+    peak = int(subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True,
+                              timeout=300).stdout)
+    assert (tmp_path / "run" / "run.json").exists() and json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "complete"
+    assert peak <= estimate <= 2 * peak, (peak / 1e9, estimate / 1e9)
