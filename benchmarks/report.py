@@ -137,6 +137,11 @@ def _wall(row: dict) -> str:
     return f"{w['median']:.1f} ({w['min']:.1f}–{w['max']:.1f}), N = {w['n']}"
 
 
+def _peak(row: dict) -> float | None:
+    """Peak RSS (MB) of a row, if measured as the process's own VmHWM."""
+    return row.get("peak_rss_mb") if row.get("peak_rss_source") == "VmHWM" else None
+
+
 def _load(values) -> str:
     return " ".join(f"{v:.2f}" for v in values)
 
@@ -147,7 +152,7 @@ def header(report: dict) -> list[str]:
     lines = [f"# STNeRP benchmark — {report['date']}", "",
              f"Commit `{report['commit'][:12]}`{dirty}. Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB "
              f"RAM, {m['platform']}; versions {', '.join(f'{k} {v}' for k, v in m['versions'].items() if v)}. "
-             f"{report['threads']} threads for every method. Load average (1, 5, 15 min) at start "
+             f"{report['threads']} thread(s) for every method. Load average (1, 5, 15 min) at start "
              f"{_load(report['load_start'])}, at end {_load(report.get('load_end', []))}: others shared the "
              f"{m['cores']} cores when it was above ~{report['threads']}, which is why the timed methods are "
              "interleaved and repeated.", "",
@@ -156,7 +161,8 @@ def header(report: dict) -> list[str]:
              "every output (STNeRP: displacement, Jacobian, labelmap, predicted image, inverse displacement of "
              "every time point, and the model; peers: displacement and Jacobian of every pair); imports are "
              "outside it. Scores are those of the first repeat (the spread of the mean TRE over the repeats "
-             "is in the JSON, `tre_mean_runs`). Peak RSS: the method's own process (ru_maxrss).", ""]
+             "is in the JSON, `tre_mean_runs`). Peak RSS: the high-water mark of the method's own process "
+             "(VmHWM), the largest over the repeats.", ""]
     if report.get("quick"):
         lines += ["**Quick mode** (half-size volumes, few iterations): for development, not for figures.", ""]
     if report.get("partial"):
@@ -185,7 +191,11 @@ def series_table(name: str, entry: dict) -> list[str]:
         dice = " | ".join(_fmt(s["dice"].get(k), 3) for k in labels)
         lines.append(f"| {methods.label(method)} | {_fmt(s['tre_mean'])} ± {_fmt(s['tre_std'])} "
                      f"({_fmt(s['tre_max'], 1)}) | {_fmt(s['dense_error_mean'])} | {dice} | {s['folded_voxels']} | "
-                     f"{_fmt(s['psnr'])} | {_fmt(s['ssim'], 3)} | {_wall(r)} | {_fmt(r.get('peak_rss_mb'), 0)} |")
+                     f"{_fmt(s['psnr'])} | {_fmt(s['ssim'], 3)} | {_wall(r)} | {_fmt(_peak(r), 0)} |")
+    if any(r.get("ok") and methods.kind(m) != "baseline" and _peak(r) is None
+           for m, r in entry["methods"].items()):
+        lines += ["", "(Peak RSS not shown: this file's runs recorded ru_maxrss, which Linux carries over from "
+                  "the parent process across fork and exec, so every method read the benchmark parent's size.)"]
     lines.append("")
     return lines + heldout_table(entry)
 

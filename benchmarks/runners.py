@@ -123,8 +123,9 @@ def available(method: str, peers_python: Path | None) -> bool:
 
 
 def run_job(job: dict, python: str, timeout: float) -> dict:
-    """Run methods.py for `job` in a child process (killed after `timeout` s); its result plus the
-    child's own peak RSS (os.wait4: ru_maxrss of that child alone) and its process time."""
+    """Run methods.py for `job` in a child process (killed after `timeout` s); its result and its
+    process time. (Its peak memory is the child's own VmHWM, read by the child: os.wait4's
+    ru_maxrss would not do, Linux carries the parent's high-water mark over fork and exec.)"""
     out = Path(job["work"]) / "result.json"
     Path(job["work"]).mkdir(parents=True, exist_ok=True)
     job = {**job, "out": str(out)}
@@ -146,7 +147,7 @@ def run_job(job: dict, python: str, timeout: float) -> dict:
             if not line:
                 break
             log.append(line.decode(errors="replace"))
-    _, status, usage = os.wait4(process.pid, 0)
+    status = process.wait()
     if out.exists():
         result = json.loads(out.read_text())
     else:
@@ -154,7 +155,6 @@ def run_job(job: dict, python: str, timeout: float) -> dict:
                   "error": f"timed out after {timeout:g} s" if killed else f"child exited with status {status}"}
     if not result.get("ok"):
         result["log"] = "".join(log[-30:])
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024.0
     result["process_seconds"] = time.perf_counter() - start
     return result
 
@@ -233,8 +233,7 @@ def _combine(runs: list[dict], registered: int) -> dict:
     first = ok[0]
     return {"ok": True, "failed_runs": len(runs) - len(ok), "wall": scoring.spread([r["wall_seconds"] for r in ok]),
             "tre_mean_runs": scoring.spread([r["summary"]["tre_mean"] for r in ok]),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
-            "peak_rss_mb_run": max(r["peak_rss_mb_run"] for r in ok),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "peak_rss_source": ok[0].get("peak_rss_source"),
             "registered_time_points": registered, "summary": first["summary"], "per_time": first["per_time"]}
 
 

@@ -127,7 +127,7 @@ def test_rotation_puts_every_method_first_once_in_as_many_repeats():
 
 def test_row_reports_median_wall_time_of_the_runs_that_finished():
     def run(wall, tre, ok=True):
-        return {"ok": ok, "wall_seconds": wall, "peak_rss_mb": 100.0, "peak_rss_mb_run": 90.0,
+        return {"ok": ok, "wall_seconds": wall, "peak_rss_mb": 100.0, "peak_rss_source": "VmHWM",
                 "summary": {"tre_mean": tre}, "per_time": [], "error": None if ok else "timed out"}
     row = runners._combine([run(30.0, 0.2), run(99.0, 0.2, ok=False), run(20.0, 0.25), run(40.0, 0.2)], 9)
     assert row["wall"] == {"n": 3, "median": 30.0, "min": 20.0, "max": 40.0}
@@ -173,3 +173,17 @@ def test_child_process_runs_a_method_and_a_timeout_kills_it(series, tmp_path):
     assert scored["per_time"][1]["tre_mean"] < zero["tre_mean"]       # demons registered something
     killed = runners.run_job({**job, "work": str(tmp_path / "killed")}, sys.executable, timeout=0.5)
     assert not killed["ok"] and killed["error"].startswith("timed out")
+
+
+def test_child_peak_memory_is_its_own_not_the_parents(series, tmp_path):
+    """Linux carries a process's high-water RSS over fork and exec into ru_maxrss, so a child of a
+    large parent read the parent's size (every method showed 687 MB on 2026-12-01). The child's
+    own VmHWM is what the benchmark reports."""
+    ballast = np.ones(400 * 2**20 // 8)            # 400 MB touched in this (the parent) process
+    job = {"method": "sitk_demons", "series": str(series.folder), "threads": 1, "heldout": None,
+           "work": str(tmp_path / "run")}
+    result = runners.run_job(job, sys.executable, timeout=600)
+    assert result["ok"], result.get("log")
+    assert result["peak_rss_source"] == "VmHWM"
+    assert 30 < result["peak_rss_mb"] < 350, result["peak_rss_mb"]
+    assert ballast.sum() > 0
