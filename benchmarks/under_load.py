@@ -8,7 +8,7 @@ runs on benchmarks/data.py's breathing series, in its own child process, first o
 it is, then beside `--burner N` burner processes (each a plain Python busy loop: one core each),
 started `--warmup` seconds before the method so that the 1-minute load average, which STNeRP's
 thread policy reads (STNeRPLib/threads.py), has seen them. Printed: wall time of the whole series
-(STNeRP: fit + every output, as benchmarks/compare.py times it; demons: every pair + its field and
+(STNeRP: fit + every output, as benchmarks/methods.py times it; demons: every pair + its field and
 Jacobian) without and with the burners, and the slowdown ratio.
 
 Methods: `stnerp` (default preset, threads by the worker's policy), `stnerp_all_cpus` (default
@@ -43,7 +43,7 @@ def child(method: str, folder: Path, iterations: int | None) -> dict:
     """Run one method on the series in `folder` (in this process) and return its wall time."""
     import SimpleITK as sitk
     import torch
-    from benchmarks import compare, data
+    from benchmarks import data, methods
     from STNeRPLib import threads
     series = data.Series(folder)
     work = Path(tempfile.mkdtemp(prefix=f"under_load_{method}_"))
@@ -54,9 +54,9 @@ def child(method: str, folder: Path, iterations: int | None) -> dict:
         torch.set_num_threads(used)
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(used)
     if method == "sitk_demons":
-        _, info = compare.run_peer(method, series, work)
+        info = methods.run_peer({"method": method}, series, work)
     else:
-        _, _, info = compare.run_stnerp("stnerp_default", series, work, iterations)
+        info = methods.run_stnerp({"method": "stnerp_default", "iterations": iterations}, series, work)
     return {"wall_seconds": info["wall_seconds"], "threads": used}
 
 

@@ -1,0 +1,189 @@
+"""The benchmark's scoring, repeats and provenance (benchmarks/scoring.py, runners.py, report.py),
+on a tiny phantom series written to disk, against closed forms: the exact field scores TRE 0, a
+zero field scores what the unregistered images score, a constant shift inverts and blends in
+time exactly, the median of repeats and the rotation of the run order, and the keys every result
+file must carry. The child process is the real one (benchmarks/methods.py), run on demons."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from benchmarks import data, report, runners, scoring
+from STNeRPLib import metrics, phantom
+from STNeRPLib.geometry import Grid
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory) -> data.Series:
+    s = phantom.breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 16.0), n_phases=4, seed=2)
+    folder = data.write_series(tmp_path_factory.mktemp("series") / "breathing", "breathing", "tiny", s.times,
+                               s.images, s.labelmaps, s.displacements, [data.body_mask(i) for i in s.images],
+                               s.landmarks, data.PHANTOM_LABELS, 2, {"seed": 2, "count": 4})
+    return data.Series(folder)
+
+
+def _zero(like: sitk.Image) -> sitk.Image:
+    zero = sitk.Image(like.GetSize(), sitk.sitkVectorFloat64)
+    zero.CopyInformation(like)
+    return zero
+
+
+def test_exact_field_scores_zero_tre_and_zero_dense_error(series):
+    """TRE 0 up to the linear interpolation of the sampled exact field between voxels (12 mm apart)."""
+    scores = scoring.score_field(series, 2, series.displacement(2))
+    assert scores["tre_mean"] < 0.1 and scores["tre_max"] < 0.3
+    assert scores["dense_error_mean"] == 0.0 and scores["dense_error_max"] == 0.0
+    assert scores["folded_voxels"] == 0
+
+
+def test_zero_field_scores_what_the_unregistered_images_score(series):
+    k = 2
+    scores = scoring.score_field(series, k, _zero(series.image(k)))
+    points, reference = series.landmarks(k)
+    distances = np.linalg.norm(points - reference, axis=1)
+    assert scores["tre_mean"] == pytest.approx(distances.mean(), rel=1e-9)
+    assert scores["tre_max"] == pytest.approx(distances.max(), rel=1e-9)
+    truth = np.linalg.norm(sitk.GetArrayFromImage(series.displacement(k)), axis=-1)[series.body(k)]
+    assert scores["dense_error_mean"] == pytest.approx(truth.mean(), rel=1e-9)
+    assert scores["dense_error_mean"] > 1.0                       # the tiny series does move
+    reference_image = scoring.windowed(sitk.GetArrayFromImage(series.image(0)))
+    actual = scoring.windowed(sitk.GetArrayFromImage(series.image(k)))
+    assert scores["psnr"] == pytest.approx(metrics.psnr(reference_image, actual), abs=1e-4)
+    dice = metrics.dice_per_label(sitk.GetArrayFromImage(series.labelmap(0)),
+                                  sitk.GetArrayFromImage(series.labelmap(k)), [1, 2, 3])
+    assert scores["dice"] == pytest.approx({str(label): value for label, value in dice.items()})
+    assert scores["folded_voxels"] == 0 and scores["jacobian_min"] == pytest.approx(1.0)
+
+
+def test_exact_field_beats_zero_field_in_image_and_lung_scores(series):
+    """(The tumour is a few 12 mm voxels here: its Dice is too coarse to order the two.)"""
+    exact = scoring.score_field(series, 2, series.displacement(2))
+    zero = scoring.score_field(series, 2, _zero(series.image(2)))
+    assert exact["psnr"] > zero["psnr"] + 3 and exact["ssim"] > zero["ssim"]
+    assert exact["dice"]["2"] > zero["dice"]["2"] and exact["dice"]["3"] > zero["dice"]["3"]
+
+
+def _shifted(shift: np.ndarray) -> sitk.Image:
+    """A smooth image f(q + shift) on a 20^3 grid of 2 mm (f: a sum of Gaussian blobs, HU)."""
+    grid = sitk.Image((20, 20, 20), sitk.sitkFloat32)
+    grid.SetSpacing((2.0, 2.0, 2.0))
+    points = Grid.of(grid).points().reshape(20, 20, 20, 3) + shift
+    centres = np.array([[12.0, 15.0, 20.0], [25.0, 22.0, 14.0], [18.0, 28.0, 27.0]])
+    f = sum(np.exp(-np.sum((points - c) ** 2, axis=-1) / (2 * 4.0**2)) for c in centres)
+    image = sitk.GetImageFromArray((-800.0 + 900.0 * f).astype(np.float32))
+    image.CopyInformation(grid)
+    return image
+
+
+def _constant_field(like: sitk.Image, value) -> sitk.Image:
+    return Grid.of(like).image(np.broadcast_to(np.asarray(value, float), (*Grid.of(like).shape, 3)).copy(),
+                               vector=True)
+
+
+def test_constant_shift_inverts_and_blends_in_time_exactly():
+    like = _shifted(np.zeros(3))
+    c = np.array([1.5, -0.75, 2.25])
+    inverse = sitk.GetArrayFromImage(scoring.invert(_constant_field(like, c)))
+    assert np.abs(inverse + c).max() < 1e-9
+    blended = scoring.in_time({2.0: _constant_field(like, 2 * c), 4.0: _constant_field(like, 4 * c)}, 3.5)
+    assert np.abs(sitk.GetArrayFromImage(blended) - 3.5 * c).max() < 1e-9
+
+
+def test_motion_compensated_interpolation_with_the_exact_motion_beats_linear_interpolation():
+    """Scans at t = 0, 2, 4 of f moving by t * c: u_t = t * c maps a time-t point to the reference.
+    Carrying the scans at 2 and 4 through the exact motion reproduces the image at 3; blending them
+    in place does not."""
+    c = np.array([1.2, 0.0, -0.8])  # mm per unit time
+    reference = _shifted(np.zeros(3))
+    scans = {t: _shifted(t * c) for t in (2.0, 4.0)}
+    fields = {t: _constant_field(reference, t * c) for t in (2.0, 4.0)}
+    actual = sitk.GetArrayFromImage(_shifted(3 * c))
+    predicted = scoring.motion_compensated(scans, {t: scoring.invert(f) for t, f in fields.items()},
+                                           scoring.in_time(fields, 3.0), 3.0)
+    interior = (slice(4, -4),) * 3
+    error = np.abs(predicted - actual)[interior].max()
+    linear_error = np.abs(scoring.linear(scans, 3.0) - actual)[interior].max()
+    assert error < 5.0 and linear_error > 10 * error
+    assert scoring.score_image(predicted, actual)["psnr"] > scoring.score_image(scoring.linear(scans, 3.0), actual)["psnr"]
+
+
+def test_spread_is_the_median_with_min_max_and_count():
+    assert scoring.spread([3.0, 1.0, 2.0]) == {"n": 3, "median": 2.0, "min": 1.0, "max": 3.0}
+    assert scoring.spread([10.0, 1.0, 2.0, 3.0])["median"] == 2.5
+
+
+def test_rotation_puts_every_method_first_once_in_as_many_repeats():
+    order = ["stnerp_default", "sitk_demons", "ants_syn"]
+    firsts = [runners.rotated(order, r)[0] for r in range(3)]
+    assert sorted(firsts) == sorted(order)
+    assert all(sorted(runners.rotated(order, r)) == sorted(order) for r in range(5))
+    assert runners.rotated(order, 3) == order
+
+
+def test_row_reports_median_wall_time_of_the_runs_that_finished():
+    def run(wall, tre, ok=True):
+        return {"ok": ok, "wall_seconds": wall, "peak_rss_mb": 100.0, "peak_rss_source": "VmHWM",
+                "summary": {"tre_mean": tre}, "per_time": [], "error": None if ok else "timed out"}
+    row = runners._combine([run(30.0, 0.2), run(99.0, 0.2, ok=False), run(20.0, 0.25), run(40.0, 0.2)], 9)
+    assert row["wall"] == {"n": 3, "median": 30.0, "min": 20.0, "max": 40.0}
+    assert row["failed_runs"] == 1
+    assert row["summary"] == {"tre_mean": 0.2}          # the first run's scores
+    assert row["tre_mean_runs"]["max"] == 0.25
+    assert runners._combine([run(1.0, 0.1, ok=False)], 9) == {"ok": False, "error": "timed out"}
+
+
+def test_tuning_series_is_the_breathing_phantom_of_seed_0_only():
+    meta = {"name": "breathing", "seed": 0, "size": [96, 96, 64], "count": 10}
+    assert runners.role(meta) == "tuning"
+    assert runners.role({**meta, "seed": 1}) == "reporting"
+    assert runners.role({**meta, "name": "longitudinal", "count": 5}) == "reporting"
+    assert runners.role({**meta, "size": [48, 48, 32]}) == "reporting"
+
+
+def test_result_file_records_its_provenance(tmp_path):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=report.ROOT, capture_output=True, text=True).stdout.strip()
+    configs = {"none": "u = 0"}
+    result = report.finish({**report.provenance(2, configs, None), "series": {}}, partial=False)
+    text = report.write(result, tmp_path / "benchmark_test")
+    written = json.loads((tmp_path / "benchmark_test.json").read_text())
+    assert set(report.PROVENANCE_KEYS) <= set(written)
+    assert written["commit"] == head and len(head) == 40
+    assert isinstance(written["dirty"], bool)
+    assert len(written["load_start"]) == 3 and len(written["load_end"]) == 3
+    assert written["threads"] == 2 and written["configs"] == configs
+    assert written["machine"]["cores"] >= 1 and written["date"].endswith("UTC")
+    assert head[:12] in text and "Load average" in text
+    assert (tmp_path / "benchmark_test.md").read_text() == text
+
+
+def test_child_process_runs_a_method_and_a_timeout_kills_it(series, tmp_path):
+    job = {"method": "sitk_demons", "series": str(series.folder), "threads": 1, "heldout": None}
+    result = runners.run_job({**job, "work": str(tmp_path / "run")}, sys.executable, timeout=600)
+    assert result["ok"], result.get("log")
+    assert sorted(int(k) for k in result["fields"]) == [1, 2, 3]
+    assert result["wall_seconds"] > 0 and result["peak_rss_mb"] > 50
+    assert result["thread_choice"]["threads"] == 1
+    scored = runners._score_run(series, result)
+    zero = scoring.score_field(series, 2, _zero(series.image(2)))
+    assert scored["per_time"][1]["tre_mean"] < zero["tre_mean"]       # demons registered something
+    killed = runners.run_job({**job, "work": str(tmp_path / "killed")}, sys.executable, timeout=0.5)
+    assert not killed["ok"] and killed["error"].startswith("timed out")
+
+
+def test_child_peak_memory_is_its_own_not_the_parents(series, tmp_path):
+    """Linux carries a process's high-water RSS over fork and exec into ru_maxrss, so a child of a
+    large parent read the parent's size (every method showed 687 MB on 2026-12-01). The child's
+    own VmHWM is what the benchmark reports."""
+    ballast = np.ones(400 * 2**20 // 8)            # 400 MB touched in this (the parent) process
+    job = {"method": "sitk_demons", "series": str(series.folder), "threads": 1, "heldout": None,
+           "work": str(tmp_path / "run")}
+    result = runners.run_job(job, sys.executable, timeout=600)
+    assert result["ok"], result.get("log")
+    assert result["peak_rss_source"] == "VmHWM"
+    assert 30 < result["peak_rss_mb"] < 350, result["peak_rss_mb"]
+    assert ballast.sum() > 0

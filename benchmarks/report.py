@@ -1,0 +1,245 @@
+"""The benchmark's result files: provenance, the markdown tables and the targets of issue 4.
+
+Every result (benchmarks/results/benchmark_<date>.json and .md) records where it came from
+(PROVENANCE_KEYS): the commit and whether the tree had uncommitted changes, the date (UTC), the
+machine, the load average at the start and the end, the thread count, and every method's settings.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import methods
+
+ROOT = Path(__file__).resolve().parents[1]
+PROVENANCE_KEYS = ("commit", "dirty", "date", "machine", "load_start", "load_end", "threads", "configs")
+
+
+def git_state(root: Path = ROOT) -> tuple[str, bool]:
+    """The commit checked out in `root` and whether its tracked files have uncommitted changes."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                            capture_output=True, text=True, check=True)
+    return commit.stdout.strip(), bool(status.stdout.strip())
+
+
+def _version(package: str, python: str | None) -> str | None:
+    """A package's version in this interpreter, or in `python` (the peers' venv)."""
+    if python:
+        code = f"from importlib import metadata; print(metadata.version({package!r}))"
+        found = subprocess.run([python, "-c", code], capture_output=True, text=True)
+        return found.stdout.strip() or None
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine(peers_python: str | None) -> dict:
+    """CPU, cores, RAM, platform and the versions of what the methods run on."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+               platform.processor())
+    meminfo = Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []
+    memory = next((int(line.split()[1]) / 1024**2 for line in meminfo if line.startswith("MemTotal")), None)
+    versions = {"python": platform.python_version(),
+                **{p: _version(p, None) for p in ("torch", "SimpleITK", "numpy", "scipy")},
+                **{f"{p} (peers)": _version(p, peers_python) for p in ("antspyx", "itk-elastix", "numpy")}}
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(memory, 1) if memory else None,
+            "platform": platform.platform(), "versions": versions}
+
+
+def provenance(threads: int, configs: dict, peers_python: str | None) -> dict:
+    """Everything PROVENANCE_KEYS names but the load at the end (`finish` adds it)."""
+    commit, dirty = git_state()
+    return {"commit": commit, "dirty": dirty,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(peers_python), "load_start": os.getloadavg(), "threads": threads, "configs": configs}
+
+
+def finish(report: dict, partial: bool) -> dict:
+    report["load_end"] = os.getloadavg()
+    report["partial"] = partial
+    report["targets"] = {name: targets(entry) for name, entry in report["series"].items() if "methods" in entry}
+    return report
+
+
+def write(report: dict, stem: Path) -> str:
+    """stem.json and stem.md; returns the markdown."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    text = markdown(report)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=float))
+    stem.with_suffix(".md").write_text(text)
+    return text
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def targets(entry: dict) -> list[dict]:
+    """Issue 4's targets for STNeRP default on one series: faster (median wall time) than the fastest
+    peer, mean TRE at most the most accurate peer's, tumour/first-structure Dice at least the best
+    peer's, no folds, and at the held-out time a predicted image >= linear interpolation + 2 dB."""
+    rows = entry["methods"]
+    d = rows.get("stnerp_default")
+    if not d or not d.get("ok"):
+        return []
+    ok = {m: r for m, r in rows.items() if methods.kind(m) == "peer" and r.get("ok")}
+    first = next(iter(d["summary"]["dice"]), None)
+    out = []
+    if ok:
+        fast = min(ok, key=lambda m: ok[m]["wall"]["median"])
+        out.append({"met": d["wall"]["median"] < ok[fast]["wall"]["median"],
+                    "text": f"median wall time {d['wall']['median']:.1f} s vs fastest peer {methods.label(fast)} "
+                            f"{ok[fast]['wall']['median']:.1f} s (N = {d['wall']['n']})"})
+        best = min(ok, key=lambda m: ok[m]["summary"]["tre_mean"])
+        out.append({"met": d["summary"]["tre_mean"] <= ok[best]["summary"]["tre_mean"],
+                    "text": f"mean TRE {d['summary']['tre_mean']:.2f} mm vs most accurate peer "
+                            f"{methods.label(best)} {ok[best]['summary']['tre_mean']:.2f} mm"})
+        if first is not None:
+            top = max(ok, key=lambda m: ok[m]["summary"]["dice"][first])
+            exact = rows.get("exact", {})
+            ceiling = f"; exact motion {exact['summary']['dice'][first]:.3f}" if exact.get("ok") else ""
+            out.append({"met": d["summary"]["dice"][first] >= ok[top]["summary"]["dice"][first],
+                        "text": f"Dice of label {first} {d['summary']['dice'][first]:.3f} vs best peer "
+                                f"{methods.label(top)} {ok[top]['summary']['dice'][first]:.3f}{ceiling}"})
+    out.append({"met": d["summary"]["folded_voxels"] == 0,
+                "text": f"{d['summary']['folded_voxels']} folded voxels (min det J {d['summary']['jacobian_min']:.3f})"})
+    h, linear = entry.get("heldout", {}).get("stnerp_default"), entry.get("heldout", {}).get("none")
+    if h and h.get("ok") and linear and "predicted" in h:
+        gain = h["predicted"]["psnr"] - linear["predicted"]["psnr"]
+        out.append({"met": gain >= 2.0, "text": f"held-out t = {h['time']:g}: predicted image "
+                                                f"{h['predicted']['psnr']:.2f} dB vs linear interpolation "
+                                                f"{linear['predicted']['psnr']:.2f} dB ({gain:+.2f} dB; target +2)"})
+    return out
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _wall(row: dict) -> str:
+    w = row.get("wall")
+    if not w:
+        return "–"
+    return f"{w['median']:.1f} ({w['min']:.1f}–{w['max']:.1f}), N = {w['n']}"
+
+
+def _peak(row: dict) -> float | None:
+    """Peak RSS (MB) of a row, if measured as the process's own VmHWM."""
+    return row.get("peak_rss_mb") if row.get("peak_rss_source") == "VmHWM" else None
+
+
+def _load(values) -> str:
+    return " ".join(f"{v:.2f}" for v in values)
+
+
+def header(report: dict) -> list[str]:
+    m = report["machine"]
+    dirty = " **with uncommitted changes**" if report["dirty"] else ""
+    lines = [f"# STNeRP benchmark — {report['date']}", "",
+             f"Commit `{report['commit'][:12]}`{dirty}. Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB "
+             f"RAM, {m['platform']}; versions {', '.join(f'{k} {v}' for k, v in m['versions'].items() if v)}. "
+             f"{report['threads']} thread(s) for every method. Load average (1, 5, 15 min) at start "
+             f"{_load(report['load_start'])}, at end {_load(report.get('load_end', []))}: others shared the "
+             f"{m['cores']} cores when it was above ~{report['threads']}, which is why the timed methods are "
+             "interleaved and repeated.", "",
+             "Wall time: median (min–max) over N repeats, every method once per repeat, the order rotated "
+             "by one place each repeat; it covers reading the images, the registration or fit, and writing "
+             "every output (STNeRP: displacement, Jacobian, labelmap, predicted image, inverse displacement of "
+             "every time point, and the model; peers: displacement and Jacobian of every pair); imports are "
+             "outside it. Scores are those of the first repeat (the spread of the mean TRE over the repeats "
+             "is in the JSON, `tre_mean_runs`). Peak RSS: the high-water mark of the method's own process "
+             "(VmHWM), the largest over the repeats.", ""]
+    if report.get("quick"):
+        lines += ["**Quick mode** (half-size volumes, few iterations): for development, not for figures.", ""]
+    if report.get("partial"):
+        lines = ["**Partial: the benchmark was still running (or was interrupted).**", ""] + lines
+    return lines
+
+
+def series_table(name: str, entry: dict) -> list[str]:
+    meta = entry["meta"]
+    labels = meta["labels"]
+    role = ("**tuning series** (the default preset was tuned on it: its figures flatter STNeRP)"
+            if entry["role"] == "tuning" else "**reporting series** (not used to tune the default preset)")
+    lines = [f"## {name}: {meta['description']}", "", f"{role}. Grid {meta['size']} voxels of "
+             f"{[round(s, 2) for s in meta['spacing']]} mm; {len(meta['times'])} time points (reference = first); "
+             f"peers make {len(meta['times']) - 1} pairwise registrations. Dice: "
+             f"{', '.join(f'{k} = {v}' for k, v in labels.items())}.", "",
+             "| method | TRE mean ± std (max) mm | dense err mm | " + " | ".join(f"Dice {k}" for k in labels)
+             + " | det J ≤ 0 | PSNR dB | SSIM | wall s, median (min–max) | peak RSS MB |",
+             "|---" * (8 + len(labels)) + "|"]
+    for method, r in entry["methods"].items():
+        if not r.get("ok"):
+            lines.append(f"| {methods.label(method)} | failed: {str(r.get('error', '?'))[:80]} |"
+                         + " |" * (6 + len(labels)))
+            continue
+        s = r["summary"]
+        dice = " | ".join(_fmt(s["dice"].get(k), 3) for k in labels)
+        lines.append(f"| {methods.label(method)} | {_fmt(s['tre_mean'])} ± {_fmt(s['tre_std'])} "
+                     f"({_fmt(s['tre_max'], 1)}) | {_fmt(s['dense_error_mean'])} | {dice} | {s['folded_voxels']} | "
+                     f"{_fmt(s['psnr'])} | {_fmt(s['ssim'], 3)} | {_wall(r)} | {_fmt(_peak(r), 0)} |")
+    if any(r.get("ok") and methods.kind(m) != "baseline" and _peak(r) is None
+           for m, r in entry["methods"].items()):
+        lines += ["", "(Peak RSS not shown: this file's runs recorded ru_maxrss, which Linux carries over from "
+                  "the parent process across fork and exec, so every method read the benchmark parent's size.)"]
+    lines.append("")
+    return lines + heldout_table(entry)
+
+
+def heldout_table(entry: dict) -> list[str]:
+    rows = entry.get("heldout") or {}
+    if not rows:
+        return []
+    h = entry["meta"]["heldout"]
+    times = entry["meta"]["times"]
+    lines = [f"Held-out time {times[h]:g}: like with like. Every method predicts the image at {times[h]:g} from the "
+             f"scans at {times[h - 1]:g} and {times[h + 1]:g} only, by STNeRP's own recipe (each scan carried to "
+             f"{times[h]:g} through the method's motion, cubic B-spline, blended linearly in time): STNeRP trained "
+             "without that time; a peer registered the reference to those two scans, its u at the held-out time "
+             "is its two fields blended linearly in time; 'no registration' is linear interpolation of the two "
+             "scans; the exact motion is the recipe's ceiling. TRE and warped-reference PSNR are of that u. "
+             "The last column is a peer's own pairwise registration of the held-out image (it saw the image).", "",
+             "| method | predicted image PSNR dB / SSIM | − linear interpolation dB | u at held-out time: TRE mm, "
+             "warped-reference PSNR dB | peer registered to the held-out image: TRE mm, PSNR dB |",
+             "|---|---|---|---|---|"]
+    linear = rows.get("none", {}).get("predicted", {}).get("psnr")
+    for method, r in rows.items():
+        if not r.get("ok"):
+            lines.append(f"| {methods.label(method)} | failed: {str(r.get('error', '?'))[:80]} | | | |")
+            continue
+        p, f, seen = r["predicted"], r["field"], r.get("registered_at_h")
+        gain = _fmt(p["psnr"] - linear) if linear is not None else "–"
+        registered = f"{_fmt(seen['tre_mean'])}, {_fmt(seen['psnr'])}" if seen else "–"
+        lines.append(f"| {methods.label(method)} | {_fmt(p['psnr'])} / {_fmt(p['ssim'], 3)} | {gain} | "
+                     f"{_fmt(f['tre_mean'])}, {_fmt(f['psnr'])} | {registered} |")
+    return lines + [""]
+
+
+def markdown(report: dict) -> str:
+    lines = header(report)
+    for name, entry in report["series"].items():
+        if "methods" not in entry:
+            lines += [f"## {name}: skipped ({entry.get('skipped', '?')})", ""]
+            continue
+        lines += series_table(name, entry)
+    for name, items in (report.get("targets") or {}).items():
+        if items:
+            lines += [f"## Issue 4 targets on {name} (STNeRP default)", ""]
+            lines += [f"- {'met' if t['met'] else 'MISSED'}: {t['text']}" for t in items] + [""]
+    lines += ["## Settings", ""] + [f"- {methods.label(m)}: {text}" for m, text in report["configs"].items()]
+    lines += [f"- skipped (package missing): {', '.join(report['skipped_methods'])}"] if report.get("skipped_methods") else []
+    return "\n".join(lines) + "\n"
