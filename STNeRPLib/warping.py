@@ -212,9 +212,15 @@ def _resample(model: SeriesModel, s: float, displacement: np.ndarray, index: np.
     high = int(np.clip(np.ceil(index[:, 2].max()) + SPLINE_MARGIN, low, depth - 1)) + 1
     scan = model.field_of_view(s) if view else model.scan(s)
     transform = sitk.DisplacementFieldTransform(slab.image(displacement.astype(np.float64), vector=True))
-    resampled = sitk.Resample(scan[:, :, low:high], slab.size, transform,
-                              sitk.sitkNearestNeighbor if view else sitk.sitkBSpline, slab.origin, slab.spacing,
-                              slab.direction, 0.0, sitk.sitkFloat32, True)
+    return resample_onto(scan[:, :, low:high], transform, slab, sitk.sitkNearestNeighbor if view else sitk.sitkBSpline)
+
+
+def resample_onto(scan: sitk.Image, transform: sitk.Transform, target: Grid,
+                  interpolator: int = sitk.sitkBSpline) -> np.ndarray:
+    """`scan` at transform(q) for every voxel q of `target`, float32 (cubic B-spline by default; beyond
+    the scan, its nearest border value): how the predicted image carries a scan."""
+    resampled = sitk.Resample(scan, target.size, transform, interpolator, target.origin, target.spacing,
+                              target.direction, 0.0, sitk.sitkFloat32, True)
     return sitk.GetArrayFromImage(resampled)
 
 

@@ -23,11 +23,11 @@ import SimpleITK as sitk
 
 from benchmarks.data import Series
 from STNeRPLib.geometry import Grid
-from STNeRPLib.metrics import score_time_point
+from STNeRPLib.metrics import jacobian_determinant, score_time_point
 from STNeRPLib.preprocessing import CT_WINDOW, IntensityWindow
 # warping's resampler and field->transform are the recipe of STNeRP's predicted image; the peers'
 # motion-compensated interpolation uses the very same ones, so only the motion differs.
-from STNeRPLib.warping import _resample, _transform, interpolation_weights, linear_interpolation
+from STNeRPLib.warping import interpolation_weights, linear_interpolation, resample_onto
 
 WINDOW = IntensityWindow(*CT_WINDOW)
 INVERSE_STEPS = 20  # fixed-point iterations inverting a field (as warping.INVERSE_STEPS)
@@ -57,7 +57,7 @@ def score_field(series: Series, k: int, field: sitk.Image) -> dict:
     warped = resample_through(series.image(0), field, sitk.sitkLinear, -1000.0)
     labels = resample_through(series.labelmap(0), field, sitk.sitkNearestNeighbor, 0)
     scores = score_time_point(
-        field=field,
+        field=field, jacobian=sitk.GetArrayFromImage(jacobian_determinant(field)),
         images=(windowed(sitk.GetArrayFromImage(warped)), windowed(sitk.GetArrayFromImage(series.image(k)))),
         labelmaps=(sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(series.labelmap(k))),
         labels=[int(i) for i in series.meta["labels"]], landmarks=series.landmarks(k))
@@ -120,8 +120,8 @@ def motion_compensated(scans: dict[float, sitk.Image], inverses: dict[float, sit
     u = sitk.Cast(u_t, sitk.sitkVectorFloat64)
     blend = np.zeros(grid.shape)
     for s, weight in interpolation_weights(sorted(scans), t).items():
-        carried = sitk.GetArrayFromImage(u + resample_through(inverses[s], u, sitk.sitkLinear, 0.0))
-        blend += weight * _resample(scans[s], _transform(carried, grid), grid)
+        carried = u + resample_through(inverses[s], u, sitk.sitkLinear, 0.0)
+        blend += weight * resample_onto(scans[s], sitk.DisplacementFieldTransform(carried), grid)
     return blend
 
 
