@@ -21,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import commit_label  # noqa: E402
+
 from STNeRPLib.cohort import available_cores  # noqa: E402
 from STNeRPLib.phantom import breathing_series, write_series  # noqa: E402
 
@@ -60,13 +62,6 @@ def run(manifest: Path, output: Path, workers: int, threads: int, iterations: in
             "load_after": [round(v, 2) for v in os.getloadavg()]}
 
 
-def commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    return head + (" (with uncommitted changes)" if dirty else "")
-
-
 def markdown(report: dict) -> str:
     lines = [f"# Cohort throughput ({report['date']})", "",
              f"Commit {report['commit']}; {report['cores']} cores; {report['patients']} breathing phantoms of "
@@ -90,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--note", default="", help="what else ran on the machine")
     args = parser.parse_args(argv)
-    report = {"date": time.strftime("%Y-%m-%d_%H%M"), "commit": commit(), "cores": available_cores(),
+    report = {"date": time.strftime("%Y-%m-%d_%H%M"), "commit": commit_label(), "cores": available_cores(),
               "patients": args.patients, "size": list(args.size), "phases": args.phases,
               "iterations": args.iterations, "note": args.note, "runs": []}
     with tempfile.TemporaryDirectory() as scratch:

@@ -31,6 +31,8 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import commit_label  # noqa: E402
+
 from STNeRPLib.phantom import breathing_series  # noqa: E402
 
 FIELD_OF_VIEW_MM = (288.0, 288.0, 256.0)   # the default phantom's: 96 x 96 x 64 voxels of 3 x 3 x 4 mm
@@ -161,10 +163,7 @@ def run_worker(files: dict, output: Path, iterations: int, threads: int) -> dict
 
 def machine() -> dict:
     meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True).stdout.strip())
-    return {"commit": commit + ("+uncommitted changes" if dirty else ""), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    return {"commit": commit_label(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "cores": os.cpu_count(), "mem_total_gb": round(int(meminfo["MemTotal"].split()[0]) / 1e6, 1),
             "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
 

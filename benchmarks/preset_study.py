@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import data  # noqa: E402
+from benchmarks.provenance import git_state  # noqa: E402
 from STNeRPLib import phantom  # noqa: E402
 from STNeRPLib.geometry import Grid  # noqa: E402
 from STNeRPLib.metrics import (dice_per_label, folding_statistics, jacobian_determinant,  # noqa: E402
@@ -243,10 +243,7 @@ def profile(series: StudySeries, iterations: int) -> None:
 
 def write_results(out: Path, rows: list[dict], args: dict, start_load) -> None:
     """OUT.json (rows, the commit, arguments, torch threads, load at start and now) and OUT.md (the table)."""
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "STNeRPLib"], capture_output=True,
-                           text=True, cwd=Path(__file__).parent).stdout.strip()
+    commit, dirty = git_state()
     meta = {"commit": commit, "uncommitted_changes": bool(dirty), "arguments": {k: str(v) for k, v in args.items()},
             "torch_threads": torch.get_num_threads(), "load_start": start_load, "load_end": os.getloadavg(),
             "default_preset": DEFAULT.to_dict(), "variants": {k: VARIANTS[k] for k in {r["name"] for r in rows}}}

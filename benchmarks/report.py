@@ -17,17 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import methods
+from benchmarks.provenance import git_state
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVENANCE_KEYS = ("commit", "dirty", "date", "machine", "load_start", "load_end", "threads", "configs")
-
-
-def git_state(root: Path = ROOT) -> tuple[str, bool]:
-    """The commit checked out in `root` and whether its tracked files have uncommitted changes."""
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                            capture_output=True, text=True, check=True)
-    return commit.stdout.strip(), bool(status.stdout.strip())
 
 
 def _version(package: str, python: str | None) -> str | None:

@@ -28,6 +28,7 @@ from typing import Callable
 import SimpleITK as sitk
 
 from benchmarks import data, methods, peers, scoring
+from benchmarks.provenance import load_average
 from STNeRPLib import phantom
 
 HERE = Path(__file__).resolve().parent
@@ -280,5 +281,3 @@ def _score_heldout(series: data.Series, method: str, h: int, result: dict | None
             "field": scoring.score_field(series, h, u_t)}
 
 
-def load_average() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())

@@ -31,6 +31,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.provenance import load_average  # noqa: E402
+
 METHODS = ("stnerp", "stnerp_all_cpus", "sitk_demons")
 BURNER = "while True:\n    pass\n"
 
@@ -79,24 +81,20 @@ def stop_burners(burners: list[subprocess.Popen]) -> None:
         burner.wait()
 
 
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def measure(methods: list[str], folder: Path, burners: int, warmup: float, iterations: int | None) -> dict:
     """Every method without, then with, the burners: {method: {"idle": ..., "burner": ...}}."""
     results = {m: {} for m in methods}
     for method in methods:
-        before = load()
-        results[method]["idle"] = run_child(method, folder, iterations) | {"load": f"{before} -> {load()}"}
+        before = load_average()
+        results[method]["idle"] = run_child(method, folder, iterations) | {"load": f"{before} -> {load_average()}"}
         print(f"{method:16s} without burner: {results[method]['idle']['wall_seconds']:7.1f} s "
               f"({results[method]['idle']['threads']} threads; load {results[method]['idle']['load']})", flush=True)
     running = start_burners(burners)
     try:
         time.sleep(warmup)
         for method in methods:
-            before = load()
-            results[method]["burner"] = run_child(method, folder, iterations) | {"load": f"{before} -> {load()}"}
+            before = load_average()
+            results[method]["burner"] = run_child(method, folder, iterations) | {"load": f"{before} -> {load_average()}"}
             print(f"{method:16s} with {burners} burner(s): {results[method]['burner']['wall_seconds']:7.1f} s "
                   f"({results[method]['burner']['threads']} threads; load {results[method]['burner']['load']})",
                   flush=True)
@@ -140,7 +138,7 @@ def main(argv=None) -> int:
         folder = data.phantom_series(Path(scratch) / "breathing", "breathing", tuple(args.size), spacing,
                                      args.phases, heldout=3)
         print(f"breathing phantom {tuple(args.size)} voxels, {args.phases} phases; {usable_cpus()} usable CPUs; "
-              f"{args.burner} burner(s), {args.warmup:g} s warm-up; load at start {load()}", flush=True)
+              f"{args.burner} burner(s), {args.warmup:g} s warm-up; load at start {load_average()}", flush=True)
         results = measure(methods, folder, args.burner, args.warmup, args.iterations)
     print(table(results, args.burner))
     return 0

@@ -187,3 +187,20 @@ def test_child_peak_memory_is_its_own_not_the_parents(series, tmp_path):
     assert result["peak_rss_source"] == "VmHWM"
     assert 30 < result["peak_rss_mb"] < 350, result["peak_rss_mb"]
     assert ballast.sum() > 0
+
+
+def test_provenance_sees_uncommitted_changes_from_any_working_directory(tmp_path, monkeypatch):
+    """preset_study asked git about 'STNeRPLib' from benchmarks/ and recorded changed code as clean;
+    every script now asks provenance.git_state, which looks at the whole checkout."""
+    from benchmarks import provenance
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "code.py").write_text("x = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "first"]):
+        subprocess.run(git + args, check=True)
+    monkeypatch.chdir(tmp_path)
+    commit, dirty = provenance.git_state(repo)
+    assert len(commit) == 40 and not dirty
+    (repo / "pkg" / "code.py").write_text("x = 2\n")
+    assert provenance.git_state(repo)[1] and provenance.commit_label(repo).endswith("(with uncommitted changes)")
