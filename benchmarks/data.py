@@ -151,9 +151,16 @@ def _bounds(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     return corners.min(axis=0), corners.max(axis=0)
 
 
+def _spline(array: np.ndarray) -> np.ndarray:
+    """Cubic B-spline coefficients of an array for _sample (order 3), with the boundary condition
+    _sample evaluates them with ('nearest'): the spline then passes through every sample, the
+    faces included (the default 'mirror' prefilter is off by tens of HU at the faces)."""
+    return ndimage.spline_filter(np.asarray(array, np.float64), order=3, mode="nearest")
+
+
 def _sample(volume: np.ndarray, source: Grid, points: np.ndarray, order: int) -> np.ndarray:
     """Values of a [z, y, x] array on grid `source` at LPS points (..., 3) mm. Order 3 expects
-    ndimage.spline_filter coefficients; points outside the grid take the border value."""
+    _spline coefficients; points outside the grid take the border value."""
     index = source.to_index(points.reshape(-1, 3))[:, ::-1].T  # (k, j, i) rows for [z, y, x]
     values = ndimage.map_coordinates(volume, index, order=order, mode="nearest", prefilter=False)
     return values.reshape(points.shape[:-1])
@@ -268,7 +275,7 @@ def chest_series(folder: Path, spacing_mm: float, n_phases: int, heldout: int, s
     grid.SetSpacing((spacing_mm,) * 3)
     bounds = (origin, origin + extent)
     times, images, labelmaps, fields, _, marks, jac_min = _warped_series(
-        ct, ndimage.spline_filter(smooth, order=3), labels, np.ones(labels.shape, bool), grid, bounds,
+        ct, _spline(smooth), labels, np.ones(labels.shape, bool), grid, bounds,
         chest_motion(bounds, n_phases), n_phases, _lung_landmarks(labels, Grid.of(ct)), seed, CHEST_NOISE_HU)
     bodies = [np.ones(Grid.of(grid).shape, bool) for _ in times]  # the crop lies inside the body
     names[CHEST_LUNG_LABEL] = f"lung (HU < {CHEST_LUNG_HU:g})"
@@ -317,9 +324,8 @@ def chest_native_series(folder: Path, n_phases: int = 10, heldout: int = 3, seed
     grid.SetDirection(ct.GetDirection())
     grid.SetOrigin(ct.TransformIndexToPhysicalPoint([int(i) for i in low]))
     bounds = _bounds(Grid.of(grid))
-    coefficients = ndimage.spline_filter(sitk.GetArrayFromImage(ct).astype(np.float64), order=3)
     times, images, labelmaps, fields, bodies, marks, jac_min = _warped_series(
-        ct, coefficients, labels, body, grid, bounds, chest_motion(bounds, n_phases), n_phases,
+        ct, _spline(sitk.GetArrayFromImage(ct)), labels, body, grid, bounds, chest_motion(bounds, n_phases), n_phases,
         _lung_landmarks(labels, Grid.of(ct), body), seed, CHEST_NOISE_HU)
     names[CHEST_LUNG_LABEL] = "lungs (largest air components inside the body)"
     description = (f"real anatomy, simulated motion: TotalSegmentator chest CT at its native 1.5 mm, cropped to "
@@ -350,7 +356,7 @@ def sliding_indicator(grid: Grid, region: np.ndarray):
     """s(p) in [0, 1] at LPS points (..., 3): the in-plane `region` [y, x] of the axis-aligned `grid`
     smoothed by a Gaussian of ABDOMEN_BAND_MM, cubic splines in x and y, independent of z."""
     sigma = ABDOMEN_BAND_MM / np.asarray(grid.spacing)[[1, 0]]
-    coefficients = ndimage.spline_filter(ndimage.gaussian_filter(region.astype(np.float64), sigma), order=3)
+    coefficients = _spline(ndimage.gaussian_filter(region.astype(np.float64), sigma))
 
     def s(p: np.ndarray) -> np.ndarray:
         index = grid.to_index(p.reshape(-1, 3))[:, [1, 0]].T  # (j, i) rows for [y, x]
@@ -410,9 +416,8 @@ def abdomen_series(folder: Path, n_phases: int = 10, heldout: int = 3, seed: int
         n = ABDOMEN_LANDMARKS
         return _pick([(organ, int(0.4 * n)), (band, int(0.8 * n)), (inside, n)])
 
-    coefficients = ndimage.spline_filter(sitk.GetArrayFromImage(ct).astype(np.float64), order=3)
     times, images, labelmaps, fields, bodies, marks, jac_min = _warped_series(
-        ct, coefficients, labels, body, ct, _bounds(source), motion, n_phases, choose, seed, CHEST_NOISE_HU)
+        ct, _spline(sitk.GetArrayFromImage(ct)), labels, body, ct, _bounds(source), motion, n_phases, choose, seed, CHEST_NOISE_HU)
     description = (f"real anatomy, simulated motion with sliding: TotalSegmentator abdomen CT (3 mm), "
                    f"{n_phases} phases: organs slide {ABDOMEN_SI_AMP:g} mm inferiorly against the wall across a "
                    f"{ABDOMEN_BAND_MM:g} mm (Gaussian sigma) band, anterior wall {ABDOMEN_AP_AMP:g} mm "
