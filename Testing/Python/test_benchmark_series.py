@@ -186,17 +186,21 @@ PEER_CASES = [("sitk_demons_fullres", "SimpleITK"), ("ants_synonly_cc_fullres", 
 
 @pytest.mark.parametrize("name,package", PEER_CASES, ids=[c[0] for c in PEER_CASES])
 def test_fullres_peer_registers_the_sliding_abdomen(abdomen, name, package):
-    """The peers at their best, on a 48 x 40 x 30 block of the abdomen (flipped x and y axes) at
-    peak: the field is on the fixed grid, lowers TRE well below no registration, folds nothing."""
+    """The peers at their best, on a 36 x 32 x 24 block of the abdomen (flipped x and y axes) at
+    peak (small: ANTs' full-resolution level costs ~1 s a thousand voxels here): the field is on the
+    fixed grid, is closer to the truth than no registration, lowers TRE well, folds nothing."""
     if os.environ.get("STNERP_PEERS_REQUIRED") == "1":
         importlib.import_module(package)
     else:
         pytest.importorskip(package)
-    block = (slice(30, 78), slice(30, 70), slice(0, 30))              # (x, y, z) index ranges
+    block = (slice(44, 80), slice(40, 72), slice(3, 27))              # (x, y, z) index ranges
     fixed, moving = abdomen.image(1)[block], abdomen.image(0)[block]
     field = peers.register(name, fixed, moving)
     assert field.GetSize() == fixed.GetSize()
     assert np.allclose(field.GetOrigin(), fixed.GetOrigin()) and np.allclose(field.GetDirection(), fixed.GetDirection())
+    truth = sitk.GetArrayFromImage(abdomen.displacement(1)[block])[3:-3, 3:-3, 3:-3]
+    error = np.linalg.norm(sitk.GetArrayFromImage(field)[3:-3, 3:-3, 3:-3] - truth, axis=-1).mean()
+    assert error < 0.5 * np.linalg.norm(truth, axis=-1).mean(), (name, error)
     points, reference_points = abdomen.landmarks(1)
     index = np.array([fixed.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in points])
     inside = np.all((index > 2) & (index < np.asarray(fixed.GetSize()) - 3), axis=1)
