@@ -181,6 +181,18 @@ def test_abdomen_organs_slide_against_a_still_wall(abdomen):
     assert shear > 1.0, shear
 
 
+def test_demons_does_not_misregister_the_lungs_of_the_same_ct(chest_native):
+    """Both images are the same CT (HU calibrated): the demons peer must compare them as they are.
+    Its former histogram matching (SimpleITK's, threshold at the mean intensity) left the lungs out
+    of the match and extrapolated them ~100 HU off, and demons then moved the lateral lungs by up
+    to 14 mm (here, at peak and the coarse level alone: dense error 2.9 mm with it, 0.9 mm without;
+    over the 10-phase series 1.4 mm TRE)."""
+    fixed, moving = chest_native.image(1), chest_native.image(0)
+    u = sitk.GetArrayFromImage(peers.demons_register(fixed, moving, (50, 0, 0)))  # the coarse level alone: fast
+    error = np.linalg.norm(u - sitk.GetArrayFromImage(chest_native.displacement(1)), axis=-1)
+    assert error.mean() < 1.5, error.mean()
+
+
 PEER_CASES = [("sitk_demons_fullres", "SimpleITK"), ("ants_synonly_cc_fullres", "ants")]
 
 
