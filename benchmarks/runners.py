@@ -84,12 +84,28 @@ def _chest(folder: Path, settings: SeriesSettings) -> Path | None:
     return folder
 
 
+def _real(builder: Callable[..., Path], available: Callable[[], bool]) -> Callable[[Path, SeriesSettings], Path | None]:
+    """A builder of a real-anatomy series at its own resolution (10 phases, phase 3 held out; quick:
+    3 phases, phase 1 held out), None when its CT is not in ../shared/data."""
+    def build(folder: Path, settings: SeriesSettings) -> Path | None:
+        if not available():
+            return None
+        count, heldout = (3, 1) if settings.quick else (10, 3)
+        folder = builder(folder, count, heldout, settings.seed)
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps({**meta, "seed": settings.seed, "count": count}, indent=1))
+        return folder
+    return build
+
+
 SERIES: dict[str, Callable[[Path, SeriesSettings], Path | None]] = {
     # name -> builder(folder, settings): the series folder (benchmarks/data.py's layout), None if
     # its data are missing. Held-out index: the third scan after the reference (phase 3, day 14).
     "breathing": _phantom("breathing", 10, 3),
     "longitudinal": _phantom("longitudinal", 5, 2),
     "chest": _chest,
+    "chest_native": _real(data.chest_native_series, data.chest_available),       # 1.5 mm, issue 11
+    "abdomen": _real(data.abdomen_series, data.abdomen_available),              # sliding organs, issue 11
 }
 
 
