@@ -159,7 +159,8 @@ def run_job(job: dict, python: str, timeout: float) -> dict:
         if time.perf_counter() > start + timeout and not killed:
             process.kill()
             killed = True
-        if selector.select(timeout=1.0):
+        left = start + timeout - time.perf_counter()
+        if selector.select(timeout=1.0 if killed else min(1.0, max(left, 0.0))):
             line = process.stdout.readline()
             if not line:
                 break

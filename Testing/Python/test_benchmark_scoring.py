@@ -171,7 +171,7 @@ def test_child_process_runs_a_method_and_a_timeout_kills_it(series, tmp_path):
     scored = runners._score_run(series, result)
     zero = scoring.score_field(series, 2, _zero(series.image(2)))
     assert scored["per_time"][1]["tre_mean"] < zero["tre_mean"]       # demons registered something
-    killed = runners.run_job({**job, "work": str(tmp_path / "killed")}, sys.executable, timeout=0.5)
+    killed = runners.run_job({**job, "work": str(tmp_path / "killed")}, sys.executable, timeout=0.01)
     assert not killed["ok"] and killed["error"].startswith("timed out")
 
 
