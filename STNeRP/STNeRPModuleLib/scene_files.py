@@ -186,6 +186,11 @@ def export_segmentation_labelmap(scene: slicer.vtkMRMLScene, segmentation_node: 
         arr[...] = segment_overlap.labelmap(voxels, [value for _, value in ordered], arr.size).reshape(arr.shape)
         labelmap.GetImageData().Modified()
         write_volume(labelmap, path)
+    if len(ordered) == len(segment_map):
+        values = [value for _, value in ordered]
+        inside = segment_overlap.nested(voxels)
+        for position, entry in enumerate(segment_map):
+            entry["contains"] = [values[i] for i in inside.get(position, [])]
     return segment_map
 
 
@@ -225,8 +230,9 @@ def import_segmentation(scene: slicer.vtkMRMLScene, labelmap_path: str, name: st
     seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     seg_node.CreateDefaultDisplayNodes()
     seg_node.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
-    if not segmentations_logic.ImportLabelmapToSegmentationNode(labelmap, seg_node):
-        raise RuntimeError(f"could not import labelmap {labelmap_path}")
+    for layer in _layers(labelmap, segment_map):
+        if not segmentations_logic.ImportLabelmapToSegmentationNode(layer, seg_node):
+            raise RuntimeError(f"could not import labelmap {labelmap_path}")
     segmentation = seg_node.GetSegmentation()
     by_value = {}
     for i in range(segmentation.GetNumberOfSegments()):
@@ -248,6 +254,36 @@ def import_segmentation(scene: slicer.vtkMRMLScene, labelmap_path: str, name: st
         if value not in known:
             logger.warning(f"STNeRP: label {value} of {labelmap_path} is not in the segment map")
     return seg_node
+
+
+def _layers(labelmap: slicer.vtkMRMLLabelMapVolumeNode, segment_map: list[dict]) -> list[slicer.vtkMRMLLabelMapVolumeNode]:
+    """The labelmap as Slicer should import it: whole, when no segment contains others; else one
+    layer per segment that contains others (its label and theirs, as its value) and one for the
+    rest, so nested contours come back whole (segment_overlap.nested)."""
+    containing = [e for e in segment_map if e.get("contains")]
+    if not containing:
+        return [labelmap]
+    labels = volume_array(labelmap).copy()
+    layers = []
+    for entry in containing:
+        layer = _with_voxels(labelmap, np.where(np.isin(labels, [entry["value"], *entry["contains"]]),
+                                                 entry["value"], 0))
+        layers.append(layer)
+    outer = [int(e["value"]) for e in containing]
+    layers.append(_with_voxels(labelmap, np.where(np.isin(labels, outer), 0, labels)))
+    return layers
+
+
+def _with_voxels(labelmap: slicer.vtkMRMLLabelMapVolumeNode, voxels: np.ndarray) -> slicer.vtkMRMLLabelMapVolumeNode:
+    """A detached copy of `labelmap` (its geometry) holding `voxels` ((k, j, i) array)."""
+    copy = slicer.vtkMRMLLabelMapVolumeNode()
+    copy.CopyOrientation(labelmap)
+    image = vtk.vtkImageData()
+    image.DeepCopy(labelmap.GetImageData())
+    copy.SetAndObserveImageData(image)
+    volume_array(copy)[...] = voxels
+    image.Modified()
+    return copy
 
 
 # -- landmarks -------------------------------------------------------------------------------

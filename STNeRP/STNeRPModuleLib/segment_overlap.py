@@ -5,8 +5,9 @@ Slicer's own merged export (vtkSegmentation::GenerateMergedLabelmap, used by
 ExportSegmentsToLabelmapNode) paints the segments in the order given and gives a shared voxel to the
 later one, silently: radiotherapy contours nested by design (GTV inside CTV inside PTV) would reach
 the worker as one PTV, the inner contours empty. Here each shared voxel goes to the smallest segment
-that holds it, so a contour inside another keeps its whole extent and the larger one is propagated
-without it; the panel names the segments and voxel counts before Apply.
+that holds it, so a contour inside another keeps its whole extent; the larger one is propagated
+without it and re-united with the segments wholly inside it when the result is imported (nested);
+the panel names the segments and voxel counts before Apply.
 
 A segment is given as the sorted flat indices of its voxels on one grid (numpy.flatnonzero).
 """
@@ -44,6 +45,18 @@ def overlaps(voxels: Sequence[np.ndarray]) -> list[Overlap]:
             shared = np.intersect1d(voxels[loses], voxels[kept], assume_unique=True).size
             if shared:
                 out.append(Overlap(kept, loses, int(shared)))
+    return out
+
+
+def nested(voxels: Sequence[np.ndarray]) -> dict[int, list[int]]:
+    """For each segment (by position), the smaller segments lying wholly inside it: their labels
+    hold part of its extent in the labelmap, so an import re-unites them with it."""
+    out: dict[int, list[int]] = {}
+    for outer, big in enumerate(voxels):
+        inner = [i for i, small in enumerate(voxels)
+                 if i != outer and 0 < len(small) < len(big) and np.isin(small, big, assume_unique=True).all()]
+        if inner:
+            out[outer] = inner
     return out
 
 

@@ -88,3 +88,19 @@ def test_overlap_warning_names_the_segments_and_the_voxels_they_share(tmp_path):
 
 def _id(node: slicer.vtkMRMLSegmentationNode, name: str) -> str:
     return node.GetSegmentation().GetSegmentIdBySegmentName(name)
+
+
+def test_nested_contours_come_back_whole_from_the_worker_labelmap(tmp_path):
+    """The worker's labelmap holds one label per voxel (the PTV label only on the PTV's ring), but
+    the imported PTV is the whole PTV again: each segment is re-united with the segments drawn
+    inside it. Here the 'worker' returns the exported labelmap unchanged (no motion)."""
+    masks = {"GTV": GTV, "CTV": CTV, "PTV": PTV}
+    scene, seg_logic, reference, node = _scene_with_segments(tmp_path, masks)
+    path = str(tmp_path / "exported.nrrd")
+    segment_map = scene_files.export_segmentation_labelmap(scene, node, None, reference, path, seg_logic)
+    imported = scene_files.import_segmentation(scene, path, "propagated", segment_map, seg_logic)
+    names = [e["name"] for e in segment_map]
+    ids = [imported.GetSegmentation().GetSegmentIdBySegmentName(name) for name in names]
+    voxels = scene_files.segment_voxels(scene, imported, ids, reference, seg_logic)
+    for name, found in zip(names, voxels):
+        np.testing.assert_array_equal(found, np.flatnonzero(masks[name]), err_msg=name)
