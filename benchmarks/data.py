@@ -116,16 +116,18 @@ class Series:
 # ----------------------------------------------------------------------------- phantoms
 
 
-def phantom_series(folder: Path, kind: str, size, spacing, count: int, heldout: int) -> Path:
+def phantom_series(folder: Path, kind: str, size, spacing, count: int, heldout: int, seed: int = 0) -> Path:
+    """The breathing (count phases) or longitudinal (count weekly fractions) phantom of `seed`
+    (anatomy, noise, landmarks) written as a benchmark series."""
     if kind == "breathing":
-        s = phantom.breathing_series(size=size, spacing=spacing, n_phases=count)
-        description = f"breathing phantom, {count} phases"
+        s = phantom.breathing_series(size=size, spacing=spacing, n_phases=count, seed=seed)
+        description = f"breathing phantom, {count} phases, seed {seed}"
     else:
-        s = phantom.longitudinal_series(size=size, spacing=spacing, n_fractions=count)
-        description = f"longitudinal phantom, {count} weekly fractions"
+        s = phantom.longitudinal_series(size=size, spacing=spacing, n_fractions=count, seed=seed)
+        description = f"longitudinal phantom, {count} weekly fractions, seed {seed}"
     bodies = [body_mask(image) for image in s.images]
     return write_series(folder, kind, description, s.times, s.images, s.labelmaps, s.displacements,
-                        bodies, s.landmarks, PHANTOM_LABELS, heldout)
+                        bodies, s.landmarks, PHANTOM_LABELS, heldout, {"seed": seed, "count": count})
 
 
 # ----------------------------------------------------------------------------- CT with simulated motion

@@ -29,7 +29,6 @@ import SimpleITK as sitk
 
 from benchmarks import data, methods, peers, scoring
 from benchmarks.provenance import load_average
-from STNeRPLib import phantom
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -58,20 +57,10 @@ class SeriesSettings:
 
 
 def _phantom(kind: str, count: int, heldout: int) -> Callable[[Path, SeriesSettings], Path]:
-    """A builder of a phantom series with the settings' seed (data.phantom_series has no seed; at
-    merge, give it one and this becomes a call of it)."""
+    """A builder of a phantom series with the settings' grid and seed."""
     def build(folder: Path, settings: SeriesSettings) -> Path:
         size, spacing = settings.phantom_grid
-        if kind == "breathing":
-            s = phantom.breathing_series(size=size, spacing=spacing, n_phases=count, seed=settings.seed)
-            description = f"breathing phantom, {count} phases, seed {settings.seed}"
-        else:
-            s = phantom.longitudinal_series(size=size, spacing=spacing, n_fractions=count, seed=settings.seed)
-            description = f"longitudinal phantom, {count} weekly fractions, seed {settings.seed}"
-        bodies = [data.body_mask(image) for image in s.images]
-        return data.write_series(folder, kind, description, s.times, s.images, s.labelmaps, s.displacements,
-                                 bodies, s.landmarks, data.PHANTOM_LABELS, heldout,
-                                 {"seed": settings.seed, "count": count})
+        return data.phantom_series(folder, kind, size, spacing, count, heldout, settings.seed)
     return build
 
 
