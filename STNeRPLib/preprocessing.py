@@ -38,17 +38,23 @@ class IntensityWindow:
         return (array * (self.high - self.low) + self.low).astype(np.float32)
 
 
+PREALIGNMENT_SEED = 1
+"""Seed of the pre-alignment's voxel sampling (any fixed non-zero value)."""
+
+
 def affine_prealignment(reference: sitk.Image, image: sitk.Image) -> sitk.AffineTransform:
     """Affine transform mapping reference points (LPS mm) to matching points of `image`.
 
-    Mattes mutual information, three resolution levels, geometric-centre initialisation.
+    Mattes mutual information on a random 20 % of the voxels drawn with a fixed seed (SimpleITK's
+    seed 0 means the wall clock: runs would differ), three resolution levels, geometric-centre
+    initialisation.
     """
     initial = sitk.CenteredTransformInitializer(
         reference, image, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.GEOMETRY)
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.2, seed=0)
+    method.SetMetricSamplingPercentage(0.2, seed=PREALIGNMENT_SEED)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
                                                     numberOfIterations=200)
