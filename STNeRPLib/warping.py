@@ -93,6 +93,10 @@ def slabs(grid: Grid) -> list[tuple[int, int]]:
 
 
 INVERSE_STEPS = 20
+"""Most fixed-point iterations of the inverse; a point stops earlier once converged."""
+INVERSE_TOLERANCE = 1e-6
+"""A point's inverse has converged when one iteration moves it by at most this, in grid_sample units
+(1e-6 x (n - 1) / 2 voxels: 1.5e-4 mm on 512 voxels of 0.6 mm), near float32 rounding of the units."""
 
 
 def inverse_displacement(model: SeriesModel, t: float, prealignment: np.ndarray | None = None) -> np.ndarray:
@@ -124,10 +128,18 @@ def inverse_displacement(model: SeriesModel, t: float, prealignment: np.ndarray 
 
 def invert(forward: torch.Tensor, start: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Displacement w at unit points c [1, N, 3] such that c + w + forward(c + w) = c: the inverse
-    of the forward displacement [1, 3, D, H, W], by fixed-point iteration from `start` (exp(-v))."""
+    of the forward displacement [1, 3, D, H, W], by fixed-point iteration from `start` (exp(-v)).
+    Each point iterates until a step moves it by at most INVERSE_TOLERANCE (at most INVERSE_STEPS
+    times), so a point's result does not depend on which other points are inverted with it."""
     w = sample(start, c)
+    active, c_active, w_active = torch.arange(c.shape[1], device=c.device), c, w.clone()
     for _ in range(INVERSE_STEPS):
-        w = -sample(forward, c + w)
+        step = -sample(forward, c_active + w_active)
+        going = (step - w_active).abs().amax(dim=2)[0] > INVERSE_TOLERANCE
+        w[:, active] = step
+        active, c_active, w_active = active[going], c_active[:, going], step[:, going]
+        if len(active) == 0:
+            break
     return w
 
 

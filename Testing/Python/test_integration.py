@@ -57,3 +57,21 @@ def test_sample_matches_grid_values_at_grid_points():
     volume = torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(1, 1, 4, 5, 6)
     points = identity_grid((4, 5, 6)).reshape(1, -1, 3)
     assert torch.allclose(sample(volume, points)[0, :, 0], volume.reshape(-1), atol=1e-4)
+
+
+def test_fixed_point_inverse_leaves_each_point_within_tolerance_whatever_points_it_is_inverted_with():
+    """warping.invert stops each point once converged: every point's forward map returns it to
+    where it started to within INVERSE_TOLERANCE, and a point's result does not depend on the batch."""
+    from STNeRPLib.warping import INVERSE_TOLERANCE, invert
+
+    shape = (12, 14, 10)
+    velocity = smooth_velocity(shape, 0.08, seed=3)
+    forward, start = scaling_and_squaring(velocity, 7), scaling_and_squaring(-velocity, 7)
+    c = torch.rand(1, 4000, 3, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    w = invert(forward, start, c)
+    residual = (w + sample(forward, c + w)).abs().max()
+    start_error = (sample(start, c) + sample(forward, c + sample(start, c))).abs().max()
+    assert start_error > 100 * INVERSE_TOLERANCE     # exp(-v) alone is not the inverse here
+    assert residual <= INVERSE_TOLERANCE
+    alone = torch.cat([invert(forward, start, c[:, i:i + 500]) for i in range(0, 4000, 500)], dim=1)
+    assert torch.equal(alone, w)
