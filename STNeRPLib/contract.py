@@ -176,16 +176,52 @@ def is_complete(record: dict) -> bool:
 
 
 def killed(record: dict) -> bool:
-    """Whether a "running" record's process is gone (killed without a chance to record it)."""
+    """Whether a "running" record's process is gone (killed without a chance to record it): no
+    process has its `pid`, or the one that has it is not the one that wrote the record (its
+    `process_start` differs: the PID was reused, or the machine restarted)."""
     if record.get("status") != STATUS_RUNNING or not record.get("pid"):
         return False
-    try:
-        os.kill(int(record["pid"]), 0)
-    except ProcessLookupError:
+    pid = int(record["pid"])
+    if not process_alive(pid):
         return True
-    except PermissionError:      # alive, another user's
+    started, recorded = process_start(pid), record.get("process_start")
+    return started is not None and recorded is not None and started != recorded
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this PID exists, without signalling it. (On Windows, os.kill(pid, 0)
+    is not a check: signal 0 is CTRL_C_EVENT, a Ctrl+C to the process group.)"""
+    if sys.platform == "win32":
+        import _winapi
+        try:
+            handle = _winapi.OpenProcess(_SYNCHRONIZE, False, pid)
+        except OSError as error:          # no such process (87), or another user's (5): alive
+            return getattr(error, "winerror", None) == _ACCESS_DENIED
+        try:
+            return _winapi.WaitForSingleObject(handle, 0) == _winapi.WAIT_TIMEOUT
+        finally:
+            _winapi.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    return False
+    except PermissionError:      # alive, another user's
+        return True
+    return True
+
+
+_SYNCHRONIZE, _ACCESS_DENIED = 0x00100000, 5
+
+
+def process_start(pid: int) -> str | None:
+    """Identity of the process now holding `pid`: the boot's id and the process's start time in
+    clock ticks since boot ("boot/ticks"), from Linux's /proc; None where that cannot be read."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{boot}/{stat[stat.rindex(')') + 2:].split()[19]}"     # field 22, after "pid (comm) "
 
 
 def resumable(record: dict) -> bool:

@@ -1,8 +1,8 @@
 """The record of a run (run.json): inputs, parameters, versions, outputs and status.
 
 Status is "running" while a run works, then "complete", "interrupted" or "failed"; only a
-complete run's outputs are whole. A "running" record whose process (`pid`) is gone was killed
-(SIGKILL, power cut, out of memory). The file is replaced atomically on every change.
+complete run's outputs are whole. A "running" record whose process (`pid`, `process_start`) is gone
+was killed (SIGKILL, power cut, out of memory). The file is replaced atomically on every change.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class RunRecord:
         self.data = data or {
             "status": contract.STATUS_RUNNING, "error": None, "command": command,
             "started": _now(), "finished": None, "pid": os.getpid(),
+            "process_start": contract.process_start(os.getpid()),
             "inputs": inputs, "parameters": parameters, "versions": versions(),
             "reference_time": inputs.get("reference_time"),
             "threads": threads.record(),
@@ -40,7 +41,8 @@ class RunRecord:
     def reopen(cls, folder: Path) -> "RunRecord":
         """The record of an unfinished run, running again in this process (its outputs kept)."""
         data = load_record(folder)
-        data.update(status=contract.STATUS_RUNNING, error=None, finished=None, pid=os.getpid())
+        data.update(status=contract.STATUS_RUNNING, error=None, finished=None, pid=os.getpid(),
+                    process_start=contract.process_start(os.getpid()))
         data.setdefault("resumed", []).append(_now())
         return cls(folder, data["command"], data["inputs"], data["parameters"], data)
 

@@ -406,6 +406,27 @@ def _same_outputs(run: Path, other: Path) -> None:
             assert np.array_equal(x, y), (point["time"], kind)
 
 
+def test_killed_run_whose_pid_another_process_now_holds_is_still_seen_as_killed(phantom, tmp_path):
+    """PID reuse: after kill -9 the record's PID may belong to a new, unrelated process; the run is
+    still the killed one (its recorded process start differs), so predict names it and --resume works."""
+    _, files = phantom
+    output = tmp_path / "killed"
+    args = train_args(files, output) + RESUMABLE
+    _kill_when(start(*args, "--json-events"), "defnet", 5)
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        data = record(output)
+        assert data["status"] == "running"
+        write_json({**data, "pid": stranger.pid}, output / "run.json")
+        predicted = stnerp("predict", "--run", output, "--times", 1.5, "--output", tmp_path / "p")
+        assert_one_line_error(predicted, "process is gone", "--resume")
+        resumed = stnerp(*args, "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert record(output)["status"] == "complete"
+    finally:
+        stranger.kill()
+
+
 def test_kill_9_mid_def_net_then_resume_is_bit_identical(phantom, uninterrupted, tmp_path):
     _, files = phantom
     output = tmp_path / "killed"
