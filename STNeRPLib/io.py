@@ -153,9 +153,16 @@ def file_sha256(path: str | Path) -> str | None:
 
 
 def write_image(image: sitk.Image, path: Path) -> None:
-    """Write an image (compressed), creating its folder."""
+    """Write an image, creating its folder: labelmaps (integer pixels) gzip-compressed, floating-point
+    images raw. gzip shrinks a float32 field by only 9-22 % and took a third of a time point's
+    output time (256x256x150: displacement 118 -> 107 MB in 3.4 s instead of 0.14 s), while a
+    labelmap shrinks ~100x."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), useCompression=True)
+    floating = image.GetPixelID() in _FLOATING_PIXELS
+    sitk.WriteImage(image, str(path), useCompression=not floating)
+
+
+_FLOATING_PIXELS = {sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64}
 
 
 def _read(path: Path, what: str) -> sitk.Image:
