@@ -27,10 +27,9 @@ from STNeRPLib.metrics import jacobian_determinant, score_time_point
 from STNeRPLib.preprocessing import CT_WINDOW, IntensityWindow
 # warping's resampler and field->transform are the recipe of STNeRP's predicted image; the peers'
 # motion-compensated interpolation uses the very same ones, so only the motion differs.
-from STNeRPLib.warping import interpolation_weights, linear_interpolation, resample_onto
+from STNeRPLib.warping import INVERSE_STEPS, interpolation_weights, linear_interpolation, resample_onto
 
 WINDOW = IntensityWindow(*CT_WINDOW)
-INVERSE_STEPS = 20  # fixed-point iterations inverting a field (as warping.INVERSE_STEPS)
 
 
 def windowed(array: np.ndarray) -> np.ndarray:
@@ -94,7 +93,8 @@ def score_image(predicted: np.ndarray, actual: np.ndarray) -> dict:
 def invert(field: sitk.Image) -> sitk.Image:
     """w on the field's grid with r + w(r) + u(r + w(r)) = r: the inverse of q -> q + u(q), by the
     fixed-point iteration w <- -u(r + w) that STNeRPLib.warping.invert runs (converges where
-    |grad u| < 1; the grids here are shared by every time point)."""
+    |grad u| < 1; the grids here are shared by every time point), from w = 0 for its full
+    INVERSE_STEPS (a peer has no exp(-v) to start from)."""
     w = sitk.Image(field.GetSize(), sitk.sitkVectorFloat64)
     w.CopyInformation(field)
     for _ in range(INVERSE_STEPS):
