@@ -1,6 +1,9 @@
 """The worker's thread policy: every usable CPU on an idle machine, fewer when other processes keep
 cores busy, what --threads asks when given; applied to torch and ITK, logged and recorded."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import SimpleITK as sitk
@@ -56,6 +59,7 @@ def test_worker_logs_and_records_its_thread_choice(phantom, tmp_path):
     assert "computing with 1 thread(s), as asked (--threads)" in result.stderr
     recorded = json.loads((tmp_path / "run/run.json").read_text())["threads"]
     assert recorded["threads"] == 1 and recorded["requested"] == 1 and recorded["allowed_cpus"] >= 1
+    assert recorded["blas_threads"] == 1
     automatic = stnerp("train", "--reference", phantom["images"][0], "--follow-up", phantom["images"][1], 1,
                        "--iterations", 5, "--output", tmp_path / "auto")
     assert automatic.returncode == 0, automatic.stderr
@@ -70,3 +74,13 @@ def test_worker_refuses_a_thread_count_that_is_not_a_positive_number(bad, phanto
                     "--threads", bad, "--output", tmp_path / "run")
     assert result.returncode == 2 and "--threads" in result.stderr and "whole number >= 1" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_use_limits_numpys_blas_to_one_thread_whatever_torch_gets():
+    """numpy's BLAS team busy-waits beside torch's on shared cores (0.62x the output wall time with 1)."""
+    script = ("from STNeRPLib import threads; from threadpoolctl import threadpool_info; threads.use(2); "
+              "print(sorted({p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas'}))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "OPENBLAS_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[1]"
