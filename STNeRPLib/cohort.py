@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 from distributed import WorkerPlugin
 
 from .errors import InputError
-from . import contract
+from . import contract, threads
 from .contract import STATUS_COMPLETE, finite_or_none, json_line, read_run, write_json
 from .progress import Reporter
 from .commands import timed, train_command, train_inputs, train_options
@@ -148,11 +148,11 @@ def continue_or_start_over(series: argparse.Namespace) -> None:
 
 def run_series(patient: str, series: argparse.Namespace) -> dict:
     """Dask task: train one patient's series into series.output exactly as `stnerp train` does,
-    with torch and ITK limited to this worker's share of threads. Returns its summary entry; the
-    series' own failures are in the entry, never raised."""
+    with this worker's share of threads (threads.use, as --threads would). Returns its summary
+    entry; the series' own failures are in the entry, never raised."""
     from distributed import get_worker
     worker = get_worker()
-    set_threads(worker_share(worker.state.nthreads, worker.state.total_resources))
+    threads.use(worker_share(worker.state.nthreads, worker.state.total_resources))
     started = time.monotonic()
     try:
         state = run_state(series)
@@ -170,14 +170,6 @@ def run_series(patient: str, series: argparse.Namespace) -> dict:
 def worker_share(nthreads: int, resources: dict) -> int:
     """Threads for one series: all the worker's when it declares series=1, else one per task slot."""
     return max(1, nthreads // int(resources.get(SERIES_RESOURCE, nthreads)))
-
-
-def set_threads(count: int) -> None:
-    """Limit torch (intra-op) and ITK filters to `count` threads in this process."""
-    import SimpleITK as sitk
-    import torch
-    torch.set_num_threads(count)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(count)
 
 
 class PatientEvents(Reporter):

@@ -153,6 +153,7 @@ def test_series_of_a_killed_worker_is_rerun_to_completion(phantom_folder, tmp_pa
     assert batch.returncode == 0, stderr
     record = json.loads((output / "pk" / "run.json").read_text())
     assert record["threads"]["threads"] == 2      # as counted by torch in the task that trained it
+    assert record["threads"]["requested"] == 2 and record["threads"]["blas_threads"] == 1   # threads.use, as --threads
     assert record["status"] == "complete" and [p["time"] for p in record["time_points"]] == [0.0, 1.0]
     assert summary(output)["pk"]["status"] == "complete"
     assert (output / "pk" / "t_1" / "displacement.nrrd").is_file()
