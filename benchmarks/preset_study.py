@@ -69,6 +69,8 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "levels-2-early": (None, {"velocity_levels": 2, "level_sigma": 4.0, "level_start": 0.2}),
     "levels-2-wide": (None, {"velocity_levels": 2, "level_sigma": 4.0, "level_width": 64}),
     "levels-3-early": (None, {"velocity_levels": 3, "level_sigma": 4.0, "level_start": 0.2}),
+    "levels-2-early-sigma2": (None, {"velocity_levels": 2, "level_start": 0.2}),
+    "levels-2-early-narrow": (None, {"velocity_levels": 2, "level_sigma": 4.0, "level_start": 0.2, "level_width": 16}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
 HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5}
