@@ -71,6 +71,10 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "levels-3-early": (None, {"velocity_levels": 3, "level_sigma": 4.0, "level_start": 0.2}),
     "levels-2-early-sigma2": (None, {"velocity_levels": 2, "level_start": 0.2}),
     "levels-2-early-narrow": (None, {"velocity_levels": 2, "level_sigma": 4.0, "level_start": 0.2, "level_width": 16}),
+    "levels-2-sigma8-narrow": (None, {"velocity_levels": 2, "level_sigma": 8.0, "level_start": 0.2, "level_width": 16}),
+    "levels-3-early-narrow": (None, {"velocity_levels": 3, "level_sigma": 4.0, "level_start": 0.2, "level_width": 16}),
+    "levels-2-anchored": (None, {"velocity_levels": 2, "level_sigma": 4.0, "level_start": 0.2, "level_width": 16,
+                                 "anchor_reference": True}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
 HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5}
