@@ -30,7 +30,8 @@ class Preset:
     `velocity_levels` > 1 makes the velocity coarse to fine: each further level halves the grid spacing
     and adds a residual Def-Net (`level_width` wide, Fourier sigma `level_sigma` at the first finer level,
     doubled at each further one, output zero at its start) to the coarser velocity upsampled; the first finer level is switched on after `level_start`
-    of Def-Net's iterations, the others evenly between then and the end (deformation.Deformation).
+    of Def-Net's iterations, the others evenly between then and the end (deformation.Deformation). The
+    level_* values are the best measured (README, Presets); one level, the default, leaves them unread.
     """
 
     name: str
@@ -61,9 +62,9 @@ class Preset:
     similarity: str = "mse"
     anchor_reference: bool = False
     velocity_levels: int = 1
-    level_start: float = 0.5
-    level_width: int = 32
-    level_sigma: float = 2.0
+    level_start: float = 0.2
+    level_width: int = 16
+    level_sigma: float = 4.0
 
     def level_iteration(self, level: int) -> int:
         """The Def-Net iteration from which velocity level `level` (0: the coarsest) is trained."""

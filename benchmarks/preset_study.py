@@ -63,18 +63,7 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "fine-12mm-sigma2": (None, {"velocity_spacing": 12.0, "def_sigma": 2.0}),
     "levels-2": (None, {"velocity_levels": 2}),
     "levels-3": (None, {"velocity_levels": 3}),
-    "levels-2-sigma4": (None, {"velocity_levels": 2, "level_sigma": 4.0}),
-    "levels-2-sigma8": (None, {"velocity_levels": 2, "level_sigma": 8.0}),
-    "levels-3-sigma4": (None, {"velocity_levels": 3, "level_sigma": 4.0}),
-    "levels-2-early": (None, {"velocity_levels": 2, "level_sigma": 4.0, "level_start": 0.2}),
-    "levels-2-wide": (None, {"velocity_levels": 2, "level_sigma": 4.0, "level_width": 64}),
-    "levels-3-early": (None, {"velocity_levels": 3, "level_sigma": 4.0, "level_start": 0.2}),
-    "levels-2-early-sigma2": (None, {"velocity_levels": 2, "level_start": 0.2}),
-    "levels-2-early-narrow": (None, {"velocity_levels": 2, "level_sigma": 4.0, "level_start": 0.2, "level_width": 16}),
-    "levels-2-sigma8-narrow": (None, {"velocity_levels": 2, "level_sigma": 8.0, "level_start": 0.2, "level_width": 16}),
-    "levels-3-early-narrow": (None, {"velocity_levels": 3, "level_sigma": 4.0, "level_start": 0.2, "level_width": 16}),
-    "levels-2-anchored": (None, {"velocity_levels": 2, "level_sigma": 4.0, "level_start": 0.2, "level_width": 16,
-                                 "anchor_reference": True}),
+    "levels-2-anchored": (None, {"velocity_levels": 2, "anchor_reference": True}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
 HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5}

@@ -118,3 +118,19 @@ def test_worker_refuses_velocity_levels_it_cannot_make(tiny, tmp_path, arguments
     assert refused.returncode == 2
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and named in errors[0], refused.stderr
+
+
+def test_anchored_levelled_velocity_is_zero_at_the_anchor_on_every_level():
+    """With anchor_reference each level subtracts its own value at the reference time."""
+    torch.manual_seed(3)
+    preset = dataclasses.replace(LEVELLED, anchor_reference=True)
+    deformation = Deformation(preset, (5, 6, 7), None, torch.Generator().manual_seed(0), 0.4)
+    with torch.no_grad():
+        for parameter in deformation.parameters():        # both levels far from zero
+            parameter.add_(0.1 * torch.randn(parameter.shape))
+        v = deformation.velocity([0.4, 0.9])
+        finer_alone = deformation.velocity([0.9]) - F.interpolate(deformation.velocity([0.9], levels=1),
+                                                                  size=(9, 11, 13), mode="trilinear",
+                                                                  align_corners=True)
+    assert float(v[0].abs().max()) == 0.0
+    assert float(v[1].abs().max()) > 1e-2 and float(finer_alone.abs().max()) > 1e-3
