@@ -25,16 +25,29 @@ from .record import RunRecord, load_record, require_complete
 from .series import check_memory, estimate_peak_bytes, load_series
 
 def _preset(args) -> Preset:
-    """The chosen preset, with --iterations (at least 1) applied to both networks and --similarity."""
+    """The chosen preset, with --iterations (at least 1) applied to both networks, --similarity and
+    --velocity-levels."""
     preset = PRESETS[args.preset]
     if getattr(args, "similarity", None) is not None:
         preset = replace(preset, similarity=args.similarity)
+    if getattr(args, "velocity_levels", None) is not None:
+        preset = replace(preset, velocity_levels=_velocity_levels(args.velocity_levels, preset))
     if args.iterations is None:
         return preset
     if args.iterations < 1:
         raise InputError(f"--iterations {args.iterations} is not a positive number: give at least 1, "
                          "or leave it out for the preset's")
     return preset.with_iterations(args.iterations)
+
+
+def _velocity_levels(levels: int, preset: Preset) -> int:
+    """--velocity-levels checked: at least 1, and 1 when the preset's velocity grid is the image grid."""
+    if levels < 1:
+        raise InputError(f"--velocity-levels {levels} is not a positive number: give at least 1 (one grid)")
+    if levels > 1 and preset.velocity_spacing <= 0:
+        raise InputError(f"--velocity-levels {levels}: the {preset.name} preset's velocity grid is the image grid "
+                         "already, which has no finer level; leave --velocity-levels out or use --preset default")
+    return levels
 
 
 def train_options(args) -> Options:

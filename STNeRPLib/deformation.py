@@ -6,6 +6,7 @@ a point c at time t to its matching reference point c + u(c, t) (paper eq. 4).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .integration import identity_grid, scaling_and_squaring
@@ -14,11 +15,18 @@ from .presets import Preset
 
 
 class Deformation(nn.Module):
-    """Def-Net(s) evaluated on a velocity grid of shape (D, H, W) and integrated over [0, 1].
+    """Def-Net(s) evaluated on a velocity grid and integrated over [0, 1].
 
     Continuous time: one Def-Net of (x, y, z, t); with the preset's anchor_reference, minus its value
     at `anchor` (the reference's normalised time), so the reference time is the identity exactly.
     Pairwise ("w/o t"): one Def-Net of (x, y, z) per training time, queried only at that time.
+
+    Coarse to fine (preset.velocity_levels L > 1): `velocity_shape` (D, H, W) is the coarsest grid;
+    level l has 2^l (n - 1) + 1 points per axis (half the spacing of level l - 1, its nodes among
+    them) and its own smaller Def-Net(s) (preset.level_width, Fourier sigma level_sigma 2^(l-1)) whose
+    output layer starts at zero. The velocity of the first `levels` levels is the coarser levels'
+    velocity upsampled (trilinear) to the finest of them plus that level's residual, integrated on
+    that finest grid: with one level it is the single-grid model exactly.
     """
 
     def __init__(self, preset: Preset, velocity_shape: tuple[int, int, int],
@@ -26,41 +34,63 @@ class Deformation(nn.Module):
         super().__init__()
         self.anchor = anchor if preset.anchor_reference and pairwise_times is None else None
         self.steps = preset.squaring_steps
-        self.velocity_shape = tuple(velocity_shape)
+        self.shapes = [tuple(2 ** level * (n - 1) + 1 for n in velocity_shape)
+                       for level in range(preset.velocity_levels)]
+        self.velocity_shape = self.shapes[-1]
         self.pairwise_times = pairwise_times
         count = len(pairwise_times) if pairwise_times else 1
         self.nets = nn.ModuleList(
             DefNet(preset.def_width, preset.def_depth, preset.def_fourier_width, preset.def_sigma,
                    preset.def_time_sigma, preset.def_omega, temporal=pairwise_times is None, generator=generator)
             for _ in range(count))
-        self.register_buffer("grid", identity_grid(self.velocity_shape).reshape(-1, 3), persistent=False)
+        # Finer levels draw their Fourier features from a generator of their own, so that adding them
+        # leaves the coarse level's draws (and the training's samples) as with one level.
+        finer = torch.Generator().manual_seed(generator.initial_seed() + 1)
+        self.finer = nn.ModuleList(
+            nn.ModuleList(_residual_net(preset, level, pairwise_times is None, finer) for _ in range(count))
+            for level in range(1, preset.velocity_levels))
+        for level, shape in enumerate(self.shapes):
+            self.register_buffer(f"grid{level}", identity_grid(shape).reshape(-1, 3), persistent=False)
 
-    def velocity(self, times: list[float], chunk: int | None = None) -> torch.Tensor:
-        """Velocities [len(times), 3, D, H, W] at normalised times. Continuous time evaluates every
-        time (and the anchor) in one batch of (grid point, time) rows (few large matrix products, not
-        one set per time); `chunk` bounds the rows per network call."""
+    def velocity(self, times: list[float], chunk: int | None = None, levels: int | None = None) -> torch.Tensor:
+        """Velocities [len(times), 3, D, H, W] at normalised times on the grid of the finest of the first
+        `levels` levels (None: all of them). Continuous time evaluates every time (and the anchor) in
+        one batch of (grid point, time) rows (few large matrix products, not one set per time); `chunk`
+        bounds the rows per network call."""
+        levels = len(self.shapes) if levels is None else levels
+        velocity = self._level(self.nets, 0, times, chunk)
+        for level in range(1, levels):
+            coarse = F.interpolate(velocity, size=self.shapes[level], mode="trilinear", align_corners=True)
+            velocity = coarse + self._level(self.finer[level - 1], level, times, chunk)
+        return velocity
+
+    def _level(self, nets: nn.ModuleList, level: int, times: list[float], chunk: int | None) -> torch.Tensor:
+        """One level's velocity [len(times), 3, *shapes[level]] (minus its value at the anchor)."""
         if self.pairwise_times is not None:
-            return torch.cat([self._evaluate(self.nets[self._net_index(t)], [t], chunk) for t in times])
+            return torch.cat([self._evaluate(nets[self._net_index(t)], level, [t], chunk) for t in times])
         if self.anchor is None:
-            return self._evaluate(self.nets[0], times, chunk)
-        v = self._evaluate(self.nets[0], list(times) + [self.anchor], chunk)
+            return self._evaluate(nets[0], level, times, chunk)
+        v = self._evaluate(nets[0], level, list(times) + [self.anchor], chunk)
         return v[:-1] - v[-1:]
 
-    def _evaluate(self, net: DefNet, times: list[float], chunk: int | None) -> torch.Tensor:
-        """net at every grid point and each time, as [len(times), 3, D, H, W]."""
-        count = len(self.grid)
-        c = self.grid.repeat(len(times), 1)
+    def _evaluate(self, net: DefNet, level: int, times: list[float], chunk: int | None) -> torch.Tensor:
+        """net at every point of the level's grid and each time, as [len(times), 3, *shapes[level]]."""
+        grid = getattr(self, f"grid{level}")
+        count = len(grid)
+        c = grid.repeat(len(times), 1)
         t = torch.tensor(times, dtype=c.dtype, device=c.device).repeat_interleave(count)[:, None]
         chunk = chunk or len(c)
         v = torch.cat([net(c[i:i + chunk], t[i:i + chunk]) for i in range(0, len(c), chunk)])
-        return v.reshape(len(times), count, 3).permute(0, 2, 1).reshape(len(times), 3, *self.velocity_shape)
+        return v.reshape(len(times), count, 3).permute(0, 2, 1).reshape(len(times), 3, *self.shapes[level])
 
-    def displacement(self, times: list[float], chunk: int | None = None, inverse: bool = False) -> torch.Tensor:
-        """Displacements [len(times), 3, D, H, W] at normalised times, by scaling and squaring.
+    def displacement(self, times: list[float], chunk: int | None = None, inverse: bool = False,
+                     levels: int | None = None) -> torch.Tensor:
+        """Displacements [len(times), 3, D, H, W] at normalised times, by scaling and squaring of the
+        velocity of the first `levels` levels (None: all) on the finest of their grids.
 
         inverse: exp(-v) instead of exp(v), the inverse map (reference points -> time-t points).
         """
-        velocity = self.velocity(times, chunk)
+        velocity = self.velocity(times, chunk, levels)
         return scaling_and_squaring(-velocity if inverse else velocity, self.steps)
 
     def _net_index(self, t: float) -> int:
@@ -70,3 +100,13 @@ class Deformation(nn.Module):
             if abs(trained - t) < 1e-9:
                 return index
         raise ValueError("a pairwise (w/o t) model only knows the times it was trained on")
+
+
+def _residual_net(preset: Preset, level: int, temporal: bool, generator: torch.Generator) -> DefNet:
+    """Level `level`'s Def-Net: preset.level_width wide, Fourier sigma level_sigma 2^(level - 1), output
+    layer zero (the level starts as no change to the coarser levels' velocity)."""
+    net = DefNet(preset.level_width, preset.def_depth, preset.def_fourier_width, preset.level_sigma * 2 ** (level - 1),
+                 preset.def_time_sigma, preset.def_omega, temporal=temporal, generator=generator)
+    with torch.no_grad():
+        net.mlp[-1].weight.zero_()
+    return net

@@ -80,7 +80,7 @@ class SeriesModel:
             "format": MODEL_FORMAT, "preset": self.preset.to_dict(), "grid": self.grid.to_dict(),
             "reference_time": self.reference_time, "time_range": list(self.time_range),
             "window": [self.window.low, self.window.high], "prior_kind": self.prior_kind,
-            "velocity_shape": list(self.deformation.velocity_shape),
+            "velocity_shape": list(self.deformation.shapes[0]),   # the coarsest level's
             "pairwise_times": self.deformation.pairwise_times,
             "deformation": self.deformation.state_dict(),
             "ref_net": self.ref_net.state_dict() if self.ref_net is not None else None,

@@ -27,6 +27,11 @@ class Preset:
     `anchor_reference` makes the reference time the identity exactly: the continuous-time velocity is
     Def-Net(x, t) - Def-Net(x, t_ref), so u(x, t_ref) = 0 (the paper has no anchor; off by default:
     README, Presets, gives the figures for and against).
+    `velocity_levels` > 1 makes the velocity coarse to fine: each further level halves the grid spacing
+    and adds a residual Def-Net (`level_width` wide, Fourier sigma `level_sigma` at the first finer level,
+    doubled at each further one, output zero at its start) to the coarser velocity upsampled; the first finer level is switched on after `level_start`
+    of Def-Net's iterations, the others evenly between then and the end (deformation.Deformation). The
+    level_* values are the best measured (README, Presets); one level, the default, leaves them unread.
     """
 
     name: str
@@ -56,6 +61,17 @@ class Preset:
     def_times: int = 0
     similarity: str = "mse"
     anchor_reference: bool = False
+    velocity_levels: int = 1
+    level_start: float = 0.2
+    level_width: int = 16
+    level_sigma: float = 4.0
+
+    def level_iteration(self, level: int) -> int:
+        """The Def-Net iteration from which velocity level `level` (0: the coarsest) is trained."""
+        if level == 0:
+            return 1
+        first = self.level_start + (1 - self.level_start) * (level - 1) / (self.velocity_levels - 1)
+        return int(round(first * self.def_iterations)) + 1
 
     def to_dict(self) -> dict:
         return asdict(self)

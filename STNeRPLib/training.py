@@ -68,7 +68,7 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     voxels inside each target's field of view.
 
     The prior is frozen. Each iteration takes `preset.def_times` random time points (all when 0) and
-    evaluates them as one batch. Returns the last loss (`preset.similarity`: mean squared error over
+    evaluates them as one batch, through the velocity levels switched on by then (Preset.level_iteration). Returns the last loss (`preset.similarity`: mean squared error over
     the sampled voxels inside the fields of view, or 1 - LNCC over sampled windows).
     With a checkpoint, start from its state and save into it.
     """
@@ -85,7 +85,8 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     for iteration in range(start + 1, preset.def_iterations + 1):
         which = _choose_times(len(series.times), preset.def_times, generator)
         voxels = series.choose_voxels(which, wanted, generator)
-        loss = loss_of(deformation, prior, series, which, voxels)
+        levels = sum(iteration >= preset.level_iteration(level) for level in range(preset.velocity_levels))
+        loss = loss_of(deformation, prior, series, which, voxels, levels)
         _step(optimizer, loss, schedule)
         progress("defnet", iteration, preset.def_iterations, loss.item())
         if checkpoint is not None:
@@ -136,10 +137,11 @@ class _Series(NamedTuple):
 
 
 def _mean_squared_error(deformation: Deformation, prior: nn.Module, series: _Series, which: list[int],
-                        voxels: torch.Tensor) -> torch.Tensor:
+                        voxels: torch.Tensor, levels: int) -> torch.Tensor:
     """Mean of (prior(c + u(c, t)) - f_t(c))^2 over the chosen voxels (flattened indices [T, N])
-    inside their target's field of view; every chosen time in one batch."""
-    predicted, observed = _predicted(deformation, prior, series, which, voxels)
+    inside their target's field of view; every chosen time in one batch; u of the first `levels`
+    velocity levels."""
+    predicted, observed = _predicted(deformation, prior, series, which, voxels, levels)
     error = (predicted - observed) ** 2
     if not series.partial:
         return error.mean()
@@ -152,12 +154,13 @@ WINDOW = torch.stack(torch.meshgrid(*[torch.arange(-2, 3, 2)] * 3, indexing="ij"
 
 
 def _local_ncc_loss(deformation: Deformation, prior: nn.Module, series: _Series, which: list[int],
-                    centres: torch.Tensor) -> torch.Tensor:
+                    centres: torch.Tensor, levels: int) -> torch.Tensor:
     """1 - mean over windows of the squared normalised cross-correlation of prior(c + u(c, t)) and
     f_t(c) (LNCC), over WINDOW around each chosen centre (flattened indices [T, N]; windows clipped at
-    the grid's faces); windows reaching outside their target's field of view do not count."""
+    the grid's faces); windows reaching outside their target's field of view do not count. u of the
+    first `levels` velocity levels."""
     voxels = _windows(centres, series.shape)                                      # [T, N, W]
-    predicted, observed = _predicted(deformation, prior, series, which, voxels.reshape(len(which), -1))
+    predicted, observed = _predicted(deformation, prior, series, which, voxels.reshape(len(which), -1), levels)
     predicted, observed = predicted.reshape(voxels.shape), observed.reshape(voxels.shape)
     p = predicted - predicted.mean(dim=-1, keepdim=True)
     f = observed - observed.mean(dim=-1, keepdim=True)
@@ -177,11 +180,11 @@ def _windows(centres: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor
 
 
 def _predicted(deformation: Deformation, prior: nn.Module, series: _Series, which: list[int],
-               voxels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               voxels: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """prior(c + u(c, t)) and f_t(c) at the chosen voxels (flat indices [T, N] into each chosen
-    target's grid), every time of `which` in one batch."""
+    target's grid), every time of `which` in one batch; u of the first `levels` velocity levels."""
     c = series.points[voxels]                                                      # [T, N, 3]
-    u = sample(deformation.displacement([series.times[i] for i in which]), c)      # [T, N, 3]
+    u = sample(deformation.displacement([series.times[i] for i in which], levels=levels), c)   # [T, N, 3]
     predicted = prior((c + u).reshape(-1, 3)).reshape(voxels.shape)
     return predicted, series.observed(which, voxels)
 
