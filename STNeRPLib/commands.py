@@ -25,11 +25,13 @@ from .record import RunRecord, load_record, require_complete
 from .series import check_memory, estimate_peak_bytes, load_series
 
 def _preset(args) -> Preset:
-    """The chosen preset, with --iterations (at least 1) applied to both networks, --similarity and
-    --velocity-levels."""
+    """The chosen preset, with --iterations (at least 1) applied to both networks, --similarity,
+    --anchor-reference and --velocity-levels."""
     preset = PRESETS[args.preset]
     if getattr(args, "similarity", None) is not None:
         preset = replace(preset, similarity=args.similarity)
+    if getattr(args, "anchor_reference", False):
+        preset = replace(preset, anchor_reference=True)
     if getattr(args, "velocity_levels", None) is not None:
         preset = replace(preset, velocity_levels=_velocity_levels(args.velocity_levels, preset))
     if args.iterations is None:

@@ -412,6 +412,9 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--similarity", choices=SIMILARITIES,
                          help="Def-Net's loss: mse (the presets') or lncc, local normalised cross-correlation "
                               "(for intensities that change between scans: CBCT, contrast)")
+    command.add_argument("--anchor-reference", action="store_true",
+                         help="make the reference time the identity exactly: velocity Def-Net(x, t) - Def-Net(x, t_ref) "
+                              "(default: the preset's, off)")
     command.add_argument("--velocity-levels", type=int, metavar="L",
                          help="coarse-to-fine velocity: L grids, each of half the previous spacing, the finer "
                               "ones switched on late in training (default: the preset's, 1)")
