@@ -20,6 +20,7 @@ import resource
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -41,6 +42,9 @@ STNERP = {
     "stnerp_refnet": {"label": "STNeRP default with Ref-Net prior", "preset": "default", "prior": "refnet",
                       "temporal": True},
     "stnerp_not": {"label": "STNeRP default w/o t", "preset": "default", "prior": None, "temporal": False},
+    "stnerp_levels_anchored": {"label": "STNeRP --velocity-levels 2 --anchor-reference", "preset": "default",
+                               "prior": None, "temporal": True,
+                               "overrides": {"velocity_levels": 2, "anchor_reference": True}},
 }
 BASELINES = {
     "none": {"label": "no registration", "config": "u = 0; at a held-out time: linear interpolation of the "
@@ -56,7 +60,7 @@ BASELINES = {
 def stnerp_options(method: str, iterations: int | None = None) -> Options:
     """The Options of an STNeRP variant (both networks' iterations overridden if given)."""
     spec = STNERP[method]
-    preset = PRESETS[spec["preset"]]
+    preset = replace(PRESETS[spec["preset"]], **spec.get("overrides", {}))
     if iterations:
         preset = preset.with_iterations(iterations)
     return Options(preset, prior=spec["prior"], temporal=spec["temporal"])
@@ -86,8 +90,9 @@ def config(method: str, iterations: int | None = None) -> str:
     ref_net = (f"Ref-Net {p.ref_depth}x{p.ref_width}, {p.ref_iterations} it., {p.ref_points or 'all'} points; "
                if options.prior == "refnet" else "")
     volume = f", {p.prior_interpolation} interpolation" if options.prior_is_volume else ""
+    extra = "".join(f", {key}={value}" for key, value in STNERP[method].get("overrides", {}).items())
     return (f"preset '{p.name}' ({ref_net}Def-Net {p.def_depth}x{p.def_width}, {p.def_iterations} it., "
-            f"velocity spacing {p.velocity_spacing or 'image grid'} mm), prior={options.prior}{volume}, "
+            f"velocity spacing {p.velocity_spacing or 'image grid'} mm{extra}), prior={options.prior}{volume}, "
             f"temporal={options.temporal}, seed {options.seed}; whole series fitted once")
 
 
