@@ -221,13 +221,28 @@ def main() -> None:
                 write_results(args.out, rows, vars(args), start_load)
 
 
+def matmul_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
+    """The machine's fp32 matrix-product rate at `threads` torch threads, GFLOP/s (best of 3 timings of
+    `repeats` n x n products): what Def-Net's training throughput is measured against."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 * repeats / best / 1e9
+
+
 def profile(series: StudySeries, iterations: int) -> None:
     """Where Def-Net training's time goes (torch.profiler, operators by self time), and its matrix
     FLOPs (torch's FlopCounterMode over one iteration: the MLP's and the cubic look-up's products)
     per second against the measured fp32 matmul rate at the same thread count."""
     from torch.profiler import profile as torch_profile
     from torch.utils.flop_counter import FlopCounterMode
-    from benchmarks.compare import matmul_gflops
     threads = torch.get_num_threads()
     follow_ups = list(zip(series.times[1:], series.images[1:]))
     counted = dataclasses.replace(DEFAULT, def_iterations=1)
