@@ -33,10 +33,10 @@ class TimePoint:
 
 @dataclass
 class Written:
-    """What write_time_point wrote: the run.json entry, and the field and labelmap still in memory."""
+    """What write_time_point wrote: the run.json entry, and the labelmap still in memory (the short-range
+    scheme carries it to the next pair)."""
 
     entry: dict
-    field: sitk.Image
     labelmap: np.ndarray | None
 
 
@@ -66,7 +66,7 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
     entry = {"time": point.time, "scanned": point.image is not None, **files,
              "image_sources": warped.image_sources, "metrics": metrics,
              "prealignment": point.prealignment.tolist() if point.prealignment is not None else None}
-    return Written(entry, field_image, warped.labelmap)
+    return Written(entry, warped.labelmap)
 
 
 def time_point_metrics(model: SeriesModel, point: TimePoint, warped, field_image: sitk.Image,

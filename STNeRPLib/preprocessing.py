@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from .geometry import Grid
+
 CT_WINDOW = (-1000.0, 500.0)
 """HU mapped to [0, 1]: air to soft tissue and trabecular bone, where lung and tumour contrast lies."""
 
@@ -87,10 +89,7 @@ def on_grid(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transform
     """`image` on the grid of `grid_image` (onto_grid) and the voxels it covers there
     (inside_field_of_view; None: all). An image already on exactly that grid, without a transform,
     is returned itself: no resampled copy, in its own pixel type."""
-    same = (transform is None and image.GetSize() == grid_image.GetSize()
-            and image.GetSpacing() == grid_image.GetSpacing() and image.GetOrigin() == grid_image.GetOrigin()
-            and image.GetDirection() == grid_image.GetDirection())
-    if same:
+    if transform is None and Grid.of(image) == Grid.of(grid_image):
         return image, None
     inside = inside_field_of_view(image, grid_image, transform)
     return onto_grid(image, grid_image, transform, background), None if inside.all() else inside

@@ -28,10 +28,11 @@ class Preset:
     Def-Net(x, t) - Def-Net(x, t_ref), so u(x, t_ref) = 0 (the paper has no anchor; off by default:
     README, Presets, gives the figures for and against).
     `velocity_levels` > 1 makes the velocity coarse to fine: each further level halves the grid spacing
-    and adds a residual Def-Net (`level_width` wide, Fourier sigma `level_sigma` at the first finer level,
-    doubled at each further one, output zero at its start) to the coarser velocity upsampled; the first finer level is switched on after `level_start`
-    of Def-Net's iterations, the others evenly between then and the end (deformation.Deformation). The
-    level_* values are the best measured (README, Presets); one level, the default, leaves them unread.
+    and adds a residual Def-Net (`level_width` wide, Fourier sigma `level_sigma` at the first finer
+    level, doubled at each further one, output zero at its start) to the coarser velocity upsampled;
+    the first finer level is switched on after `level_start` of Def-Net's iterations, the others evenly
+    between then and the end (deformation.Deformation). The level_* values are the best measured
+    (README, Presets); one level, the default, leaves them unread.
     """
 
     name: str

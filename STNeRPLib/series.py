@@ -101,8 +101,8 @@ def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], seg
                         prealign: bool = False) -> float:
     """The peak resident memory of a train run on these inputs, in bytes, from the image headers
     alone (no voxel is read): the scans as held (read_image), the segmentation (twice, uint16), the
-    working set of WORK_BYTES_PER_VOXEL on the reference grid and that of one output slab. InputError for a missing or unreadable
-    image, as reading it would."""
+    working set of WORK_BYTES_PER_VOXEL on the reference grid and that of one output slab. InputError
+    for a missing or unreadable image, as reading it would."""
     size, pixel, grid = image_information(reference, "reference image")
     voxels = math.prod(size)
     plane = math.prod(size[:2])

@@ -70,7 +70,8 @@ _applied: ThreadChoice | None = None
 
 
 def use(requested: int | None = None) -> ThreadChoice:
-    """Decide now (measure) and use the result for torch's intra-op work and as ITK's global default."""
+    """Decide now (measure) and use the result for torch's intra-op work and as ITK's global default;
+    numpy's BLAS gets BLAS_THREADS."""
     global _applied
     import SimpleITK as sitk
     import torch

@@ -68,8 +68,9 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     voxels inside each target's field of view.
 
     The prior is frozen. Each iteration takes `preset.def_times` random time points (all when 0) and
-    evaluates them as one batch, through the velocity levels switched on by then (Preset.level_iteration). Returns the last loss (`preset.similarity`: mean squared error over
-    the sampled voxels inside the fields of view, or 1 - LNCC over sampled windows).
+    evaluates them as one batch, through the velocity levels switched on by then
+    (Preset.level_iteration). Returns the last loss (`preset.similarity`: mean squared error over the
+    sampled voxels inside the fields of view, or 1 - LNCC over sampled windows).
     With a checkpoint, start from its state and save into it.
     """
     prior.requires_grad_(False)

@@ -82,7 +82,7 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
             carried = [(_mm_from(model.grid, c, q).reshape(*slab.shape, 3), c) for c in carried]
             image[z0:z1] = _blend(model, sources, carried, (field[z0:z1], moved_index), slab)
         else:
-            image[z0:z1] = _resample(model, model.reference_time, field[z0:z1], moved_index, slab)
+            image[z0:z1] = _resample(model, model.reference_time, _transform(field[z0:z1], slab), moved_index, slab)
     return Warped(field, image, labels, list(sources) or [model.reference_time])
 
 
@@ -148,16 +148,18 @@ def _blend(model: SeriesModel, sources: dict[float, float], carried: list[tuple[
     """Weighted sum of the carried scans on one slab, each counted only inside its field of view
     (weights renormalised); where no scan saw the point, the reference resampled through u_t.
     carried: per source, the displacement (mm, [z, y, x, 3] on the slab) to its points and their
-    reference-grid indices; reference: the same for u_t."""
+    reference-grid indices; reference: the same for u_t. Each is made a transform once, when used."""
     total, weight = np.zeros(slab.shape), np.zeros(slab.shape)
     for (s, w), (displacement, index) in zip(sources.items(), carried):
-        seen = w if s not in model.views else w * _resample(model, s, displacement, index, slab, view=True)
-        total += seen * _resample(model, s, displacement, index, slab)
+        transform = _transform(displacement, slab)
+        seen = w if s not in model.views else w * _resample(model, s, transform, index, slab, view=True)
+        total += seen * _resample(model, s, transform, index, slab)
         weight += seen
     image = np.divide(total, weight, out=np.zeros(slab.shape), where=weight > 0)
     unseen = weight <= 0
     if unseen.any():
-        image[unseen] = _resample(model, model.reference_time, *reference, slab)[unseen]
+        displacement, index = reference
+        image[unseen] = _resample(model, model.reference_time, _transform(displacement, slab), index, slab)[unseen]
     return image
 
 
@@ -213,9 +215,14 @@ def _mm_from(grid: Grid, index: np.ndarray, q: np.ndarray) -> np.ndarray:
     return (grid.to_physical(index) - q).astype(np.float32)
 
 
-def _resample(model: SeriesModel, s: float, displacement: np.ndarray, index: np.ndarray, slab: Grid,
-              view: bool = False) -> np.ndarray:
-    """The scan at scanned time s (view: its field-of-view mask, nearest neighbour) at q + displacement(q)
+def _transform(displacement: np.ndarray, slab: Grid) -> sitk.DisplacementFieldTransform:
+    """A displacement (mm, [z, y, x, 3] on `slab`) as the ITK transform q -> q + displacement(q)."""
+    return sitk.DisplacementFieldTransform(slab.image(displacement.astype(np.float64), vector=True))
+
+
+def _resample(model: SeriesModel, s: float, transform: sitk.DisplacementFieldTransform, index: np.ndarray,
+              slab: Grid, view: bool = False) -> np.ndarray:
+    """The scan at scanned time s (view: its field-of-view mask, nearest neighbour) at transform(q)
     for every voxel q of `slab` (cubic B-spline; beyond the scan, its nearest border value). `index`:
     those points' continuous indices (x, y, z) on the reference grid; only the slices they reach,
     plus SPLINE_MARGIN, are taken from the scan."""
@@ -223,7 +230,6 @@ def _resample(model: SeriesModel, s: float, displacement: np.ndarray, index: np.
     low = int(np.clip(np.floor(index[:, 2].min()) - SPLINE_MARGIN, 0, depth - 1))
     high = int(np.clip(np.ceil(index[:, 2].max()) + SPLINE_MARGIN, low, depth - 1)) + 1
     scan = model.field_of_view(s) if view else model.scan(s)
-    transform = sitk.DisplacementFieldTransform(slab.image(displacement.astype(np.float64), vector=True))
     return resample_onto(scan[:, :, low:high], transform, slab, sitk.sitkNearestNeighbor if view else sitk.sitkBSpline)
 
 
