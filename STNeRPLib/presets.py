@@ -98,7 +98,7 @@ DEFAULT = Preset(
     def_width=128, def_depth=3, def_fourier_width=32, def_sigma=1.0, def_time_sigma=0.5, def_lr=1e-3,
     def_iterations=1000, def_points=4096,
     velocity_spacing=32.0, prior="image", prior_interpolation="cubic", prior_cache=True, lr_final=0.1,
-    def_times=3, def_omega=10.0,
+    def_times=3, def_omega=10.0, anchor_reference=True,
 )
 """Measured on the 96 x 96 x 64 breathing phantom (mean TRE over the nine follow-up phases, mm;
 README, Presets): cubic B-spline sampling of the prior beat trilinear (Ref-Net's cached rendering

@@ -42,6 +42,8 @@ STNERP = {
     "stnerp_refnet": {"label": "STNeRP default with Ref-Net prior", "preset": "default", "prior": "refnet",
                       "temporal": True},
     "stnerp_not": {"label": "STNeRP default w/o t", "preset": "default", "prior": None, "temporal": False},
+    "stnerp_unanchored": {"label": "STNeRP default without the reference anchor", "preset": "default",
+                          "prior": None, "temporal": True, "overrides": {"anchor_reference": False}},
     "stnerp_levels_anchored": {"label": "STNeRP --velocity-levels 2 --anchor-reference", "preset": "default",
                                "prior": None, "temporal": True,
                                "overrides": {"velocity_levels": 2, "anchor_reference": True}},
