@@ -107,9 +107,11 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     for selector in (ui.referenceVolumeSelector, ui.followUpSequenceSelector,
                                      ui.segmentationSelector, ui.referenceLandmarksSelector)]
         settings += [(combo, "currentIndexChanged(int)")
-                     for combo in (ui.followUpModeComboBox, ui.presetComboBox, ui.deviceComboBox, ui.priorComboBox)]
+                     for combo in (ui.followUpModeComboBox, ui.presetComboBox, ui.deviceComboBox, ui.priorComboBox,
+                                   ui.similarityComboBox)]
         settings += [(ui.referenceTimeSpinBox, "valueChanged(double)"), (ui.iterationsSpinBox, "valueChanged(int)"),
-                     (ui.prealignCheckBox, "toggled(bool)"), (ui.createSequencesCheckBox, "toggled(bool)"),
+                     (ui.velocityLevelsSpinBox, "valueChanged(int)"), (ui.prealignCheckBox, "toggled(bool)"),
+                     (ui.anchorReferenceCheckBox, "toggled(bool)"), (ui.createSequencesCheckBox, "toggled(bool)"),
                      (ui.predictTimesLineEdit, "editingFinished()"),
                      (ui.segmentsListWidget, "itemChanged(QListWidgetItem*)"),
                      (ui.followUpTable, "cellChanged(int,int)")]
@@ -126,7 +128,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The choices the worker contract offers (one definition, in STNeRPLib.contract)."""
         for combo, choices in ((self.ui.presetComboBox, contract.PRESET_NAMES),
                                (self.ui.deviceComboBox, contract.DEVICES),
-                               (self.ui.priorComboBox, parameters.PRIOR_CHOICES)):
+                               (self.ui.priorComboBox, parameters.PRIOR_CHOICES),
+                               (self.ui.similarityComboBox, parameters.SIMILARITY_CHOICES)):
             combo.clear()
             for choice in choices:
                 combo.addItem(choice)
@@ -198,6 +201,9 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setComboText(ui.priorComboBox, pn.GetParameter("Prior"))
             ui.iterationsSpinBox.value = parameters.get_int(pn, "Iterations")
             ui.prealignCheckBox.checked = pn.GetParameter("Prealign") == "affine"
+            self._setComboText(ui.similarityComboBox, pn.GetParameter("Similarity"))
+            ui.velocityLevelsSpinBox.value = parameters.get_int(pn, "VelocityLevels")
+            ui.anchorReferenceCheckBox.checked = parameters.get_bool(pn, "AnchorReference")
             ui.createSequencesCheckBox.checked = parameters.get_bool(pn, "CreateSequences")
             ui.predictTimesLineEdit.text = " ".join(
                 contract.format_time(t) for t in parameters.get_json(pn, "PredictTimes") or [])
@@ -229,6 +235,9 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pn.SetParameter("Prior", ui.priorComboBox.currentText)
             pn.SetParameter("Iterations", str(int(ui.iterationsSpinBox.value)))
             pn.SetParameter("Prealign", "affine" if ui.prealignCheckBox.checked else "none")
+            pn.SetParameter("Similarity", ui.similarityComboBox.currentText)
+            pn.SetParameter("VelocityLevels", str(int(ui.velocityLevelsSpinBox.value)))
+            pn.SetParameter("AnchorReference", "true" if ui.anchorReferenceCheckBox.checked else "false")
             pn.SetParameter("CreateSequences", "true" if ui.createSequencesCheckBox.checked else "false")
             try:
                 times = [float(v) for v in ui.predictTimesLineEdit.text.replace(",", " ").split()]

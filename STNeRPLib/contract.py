@@ -246,10 +246,12 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
                     output: str, *, segmentation: str | None = None, landmarks: str | None = None,
                     ground_truth: Sequence[tuple[str, float]] = (), predict_times: Sequence[float] = (),
                     preset: str = DEFAULT_PRESET, iterations: int | None = None, device: str = "auto",
-                    prior: str | None = None, prealign: str = "none", resume: bool = False,
+                    prior: str | None = None, prealign: str = "none", similarity: str | None = None,
+                    velocity_levels: int | None = None, anchor_reference: bool = False, resume: bool = False,
                     json_events: bool = True, stdin_cancel: bool = False) -> list[str]:
     """Arguments of `stnerp train` (after `python -m STNeRPLib`). Paths must be absolute: the
-    worker may run in another working directory. prior None: the preset's own."""
+    worker may run in another working directory. prior, similarity, velocity_levels None and
+    anchor_reference False: the preset's own (no flag)."""
     if not follow_ups:
         raise ValueError("at least one follow-up image is needed")
     _check_choice("preset", preset, PRESET_NAMES)
@@ -257,6 +259,8 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
     _check_choice("prealign", prealign, PREALIGNMENTS)
     if prior is not None:
         _check_choice("prior", prior, PRIORS)
+    if similarity is not None:
+        _check_choice("similarity", similarity, SIMILARITIES)
     paths = [reference, output, segmentation, landmarks] + [p for p, _ in follow_ups] + [p for p, _ in ground_truth]
     _check_absolute(paths)
     args = ["train", "--reference", reference, f"--reference-time={_number(reference_time)}"]
@@ -274,6 +278,12 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
         args += ["--iterations", str(int(iterations))]
     if prior is not None:
         args += ["--prior", prior]
+    if similarity is not None:
+        args += ["--similarity", similarity]
+    if velocity_levels is not None:
+        args += ["--velocity-levels", str(int(velocity_levels))]
+    if anchor_reference:
+        args += ["--anchor-reference"]
     if resume:
         args += ["--resume"]
     return args + _flags(json_events, stdin_cancel)

@@ -341,7 +341,9 @@ class STNeRPCoreLogic:
                 ground_truth=files["ground_truth"], predict_times=settings.get("predict_times") or inputs.predict_times,
                 preset=settings.get("preset", contract.DEFAULT_PRESET), iterations=settings.get("iterations"),
                 device=settings.get("device", "auto"), prior=settings.get("prior"),
-                prealign=settings.get("prealign", "none"), resume=resume, stdin_cancel=True)
+                prealign=settings.get("prealign", "none"), similarity=settings.get("similarity"),
+                velocity_levels=settings.get("velocity_levels"),
+                anchor_reference=settings.get("anchor_reference", False), resume=resume, stdin_cancel=True)
         except Exception:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise

@@ -33,6 +33,9 @@ DEFAULTS = {
     "Device": "auto",
     "Prior": "preset",            # "preset": the preset's own prior, else one of contract.PRIORS
     "Prealign": "none",
+    "Similarity": "preset",       # "preset": the preset's own loss, else one of contract.SIMILARITIES
+    "VelocityLevels": "0",        # 0 = the preset's number of velocity grids
+    "AnchorReference": "false",   # "true": the transform at the reference time is the identity
     "PredictTimes": "[]",         # extra unscanned times predicted at the end of training
     "CreateSequences": "true",
     "PredictTime": "0.5",
@@ -44,6 +47,8 @@ DEFAULTS = {
 
 #: prior choices of the panel: the preset's own, or one of the worker's
 PRIOR_CHOICES = ("preset",) + contract.PRIORS
+#: similarity choices of the panel: the preset's own, or one of the worker's
+SIMILARITY_CHOICES = ("preset",) + contract.SIMILARITIES
 
 #: node reference roles
 REFERENCE_VOLUME = "ReferenceVolume"
@@ -151,14 +156,19 @@ def get_follow_ups(node: slicer.vtkMRMLScriptedModuleNode) -> list[FollowUp]:
 
 
 def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
-    """Worker settings from the parameter node (prior None: the preset's own)."""
+    """Worker settings from the parameter node (prior, similarity, velocity_levels None and
+    anchor_reference False: the preset's own)."""
     prior = node.GetParameter("Prior") or "preset"
+    similarity = node.GetParameter("Similarity") or "preset"
     return {
         "preset": node.GetParameter("Preset") or contract.DEFAULT_PRESET,
         "iterations": get_int(node, "Iterations", 0) or None,
         "device": node.GetParameter("Device") or "auto",
         "prior": None if prior == "preset" else prior,
         "prealign": node.GetParameter("Prealign") or "none",
+        "similarity": None if similarity == "preset" else similarity,
+        "velocity_levels": get_int(node, "VelocityLevels", 0) or None,
+        "anchor_reference": get_bool(node, "AnchorReference"),
         "predict_times": [float(t) for t in (get_json(node, "PredictTimes") or [])],
         "create_sequences": get_bool(node, "CreateSequences"),
     }

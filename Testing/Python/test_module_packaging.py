@@ -109,6 +109,21 @@ def test_module_widget_names_exist_in_ui_file():
     assert root_widget.get("class") == "qMRMLWidget" and root_widget.get("name") == "STNeRP"
 
 
+def test_module_ui_form_rows_hold_one_control_each():
+    """Two items at the same row and column of a form layout overlap on screen: every (row, column)
+    of each QFormLayout is taken once, and each row that has a field has its label."""
+    tree = ET.parse(os.path.join(ROOT, "Resources", "UI", "STNeRP.ui"))
+    for layout in tree.iter("layout"):
+        if layout.get("class") != "QFormLayout":
+            continue
+        cells = [(item.get("row"), item.get("column")) for item in layout.findall("item")]
+        assert len(cells) == len(set(cells)), f"{layout.get('name')}: two items share a cell"
+        spanned = {item.get("row") for item in layout.findall("item") if item.get("colspan") == "2"}
+        fields = {row for row, column in cells if column == "1"}
+        labels = {row for row, column in cells if column == "0"}
+        assert fields <= labels | spanned, f"{layout.get('name')}: a field without a label"
+
+
 def test_module_file_has_slicer_template_classes():
     source = read("STNeRP", "STNeRP.py")
     for cls in ("class STNeRP(ScriptedLoadableModule)", "class STNeRPWidget(ScriptedLoadableModuleWidget",

@@ -101,6 +101,30 @@ def test_panel_apply_writes_and_reads_the_run_in_the_runs_folder_whatever_the_wo
     assert storage.GetFileName().startswith(job.run_dir)
 
 
+@pytest.mark.parametrize("chosen, similarity, levels, anchored", [
+    ({}, None, None, False),
+    ({"Similarity": "lncc", "VelocityLevels": "2", "AnchorReference": "true"}, "lncc", 2, True),
+    ({"Similarity": "mse", "VelocityLevels": "1"}, "mse", 1, False),
+])
+def test_panel_accuracy_options_reach_the_worker_only_when_chosen(series, tmp_path, monkeypatch, chosen, similarity,
+                                                                   levels, anchored):
+    """Similarity, velocity levels and the reference anchor go from the parameter node through the
+    Logic to the worker's command line; left at "preset" (the defaults) no flag is passed, so the
+    preset's own value holds."""
+    logic = adapter(monkeypatch, series, settings={"STNeRP/RunsFolder": str(tmp_path / "runs")},
+                    scene_path=str(tmp_path / "Documents"), temporary=str(tmp_path / "temp"))
+    pn = parameter_node(series)
+    for key, value in chosen.items():
+        pn.SetParameter(key, value)
+    job = logic.startTraining(pn, STANDIN_WORKER).wait(timeout=60)
+    assert job.state == "complete", job.message
+    worker_args = job.command[len(STANDIN_WORKER):]
+    given = contract.parse_arguments(worker_args)
+    assert (given.similarity, given.velocity_levels, given.anchor_reference) == (similarity, levels, anchored)
+    if not chosen:
+        assert not {"--similarity", "--velocity-levels", "--anchor-reference"} & set(worker_args)
+
+
 def adapter(monkeypatch, series, settings, scene_path, temporary):
     """STNeRP.py's STNeRPLogic with stand-ins for what only the application has: qt.QSettings,
     the ScriptedLoadableModule base classes, slicer.app and slicer.modules."""

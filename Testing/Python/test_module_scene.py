@@ -235,12 +235,14 @@ def test_module_train_arguments_follow_contract():
     args = contract.train_arguments("/d/r.nrrd", 0, [("/d/a.nrrd", 1), ("/d/b.nrrd", -2.5)], "/OUT",
                                     segmentation="/d/s.nrrd", landmarks="/d/l.csv", ground_truth=[("/d/g.nrrd", 1)],
                                     predict_times=[0.5, -1e-5], preset="paper", iterations=30, device="cpu",
-                                    prior="image", prealign="affine", stdin_cancel=True)
+                                    prior="image", prealign="affine", similarity="lncc", velocity_levels=2,
+                                    anchor_reference=True, stdin_cancel=True)
     assert args == ["train", "--reference", "/d/r.nrrd", "--reference-time=0",
                     "--follow-up", "/d/a.nrrd", "1", "--follow-up", "/d/b.nrrd", "-2.5",
                     "--segmentation", "/d/s.nrrd", "--landmarks", "/d/l.csv", "--ground-truth", "/d/g.nrrd", "1",
                     "--predict-times", "0.5", "-0.00001", "--output", "/OUT", "--preset", "paper",
                     "--device", "cpu", "--prealign", "affine", "--iterations", "30", "--prior", "image",
+                    "--similarity", "lncc", "--velocity-levels", "2", "--anchor-reference",
                     "--json-events", "--cancel-on-stdin-close"]
     default_prior = contract.train_arguments("/r.nrrd", 0, [("/a.nrrd", 1)], "/OUT")
     assert "--prior" not in default_prior, "the preset's own prior is the worker's default"
@@ -248,6 +250,8 @@ def test_module_train_arguments_follow_contract():
         "predict", "--run", "/RUN", "--times", "1.5", "--output", "/NEW", "--json-events"]
     with pytest.raises(ValueError):
         contract.train_arguments("/r", 0, [], "/OUT")
+    with pytest.raises(ValueError, match="similarity"):
+        contract.train_arguments("/r.nrrd", 0, [("/a.nrrd", 1)], "/OUT", similarity="ncc")
 
 
 @pytest.mark.parametrize("relative", ["reference", "follow-up", "output"])
@@ -486,6 +490,8 @@ def test_module_parameter_node_is_saved_with_scene(trained, tmp_path):
     node = parameters.create_parameter_node(scene)
     node.SetParameter("Preset", "paper")
     node.SetParameter("Iterations", "123")
+    for key, value in (("Similarity", "lncc"), ("VelocityLevels", "2"), ("AnchorReference", "true")):
+        node.SetParameter(key, value)
     node.SetNodeReferenceID(parameters.REFERENCE_VOLUME, trained["reference"].GetID())
     parameters.set_follow_ups(node, [parameters.FollowUp(v, t) for t, v in trained["followups"]])
     assert parameters.create_parameter_node(scene) is node  # singleton
@@ -498,7 +504,9 @@ def test_module_parameter_node_is_saved_with_scene(trained, tmp_path):
     loaded = other.GetSingletonNode(parameters.MODULE_NAME, "vtkMRMLScriptedModuleNode")
     assert loaded is not None
     assert loaded.GetParameter("Preset") == "paper"
-    assert parameters.settings(loaded)["iterations"] == 123
+    kept = parameters.settings(loaded)
+    assert kept["iterations"] == 123
+    assert (kept["similarity"], kept["velocity_levels"], kept["anchor_reference"]) == ("lncc", 2, True)
     assert loaded.GetNodeReference(parameters.REFERENCE_VOLUME).GetName() == "reference"
     assert [row.time for row in parameters.get_follow_ups(loaded)] == [1.0, 2.0, 3.5]
 
