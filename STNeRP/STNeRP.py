@@ -108,10 +108,10 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                      ui.segmentationSelector, ui.referenceLandmarksSelector)]
         settings += [(combo, "currentIndexChanged(int)")
                      for combo in (ui.followUpModeComboBox, ui.presetComboBox, ui.deviceComboBox, ui.priorComboBox,
-                                   ui.similarityComboBox)]
+                                   ui.similarityComboBox, ui.anchorReferenceComboBox)]
         settings += [(ui.referenceTimeSpinBox, "valueChanged(double)"), (ui.iterationsSpinBox, "valueChanged(int)"),
                      (ui.velocityLevelsSpinBox, "valueChanged(int)"), (ui.prealignCheckBox, "toggled(bool)"),
-                     (ui.anchorReferenceCheckBox, "toggled(bool)"), (ui.createSequencesCheckBox, "toggled(bool)"),
+                     (ui.createSequencesCheckBox, "toggled(bool)"),
                      (ui.predictTimesLineEdit, "editingFinished()"),
                      (ui.segmentsListWidget, "itemChanged(QListWidgetItem*)"),
                      (ui.followUpTable, "cellChanged(int,int)")]
@@ -129,7 +129,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for combo, choices in ((self.ui.presetComboBox, contract.PRESET_NAMES),
                                (self.ui.deviceComboBox, contract.DEVICES),
                                (self.ui.priorComboBox, parameters.PRIOR_CHOICES),
-                               (self.ui.similarityComboBox, parameters.SIMILARITY_CHOICES)):
+                               (self.ui.similarityComboBox, parameters.SIMILARITY_CHOICES),
+                               (self.ui.anchorReferenceComboBox, parameters.ANCHOR_CHOICES)):
             combo.clear()
             for choice in choices:
                 combo.addItem(choice)
@@ -203,7 +204,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.prealignCheckBox.checked = pn.GetParameter("Prealign") == "affine"
             self._setComboText(ui.similarityComboBox, pn.GetParameter("Similarity"))
             ui.velocityLevelsSpinBox.value = parameters.get_int(pn, "VelocityLevels")
-            ui.anchorReferenceCheckBox.checked = parameters.get_bool(pn, "AnchorReference")
+            self._setComboText(ui.anchorReferenceComboBox, pn.GetParameter("AnchorReference"))
             ui.createSequencesCheckBox.checked = parameters.get_bool(pn, "CreateSequences")
             ui.predictTimesLineEdit.text = " ".join(
                 contract.format_time(t) for t in parameters.get_json(pn, "PredictTimes") or [])
@@ -237,7 +238,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pn.SetParameter("Prealign", "affine" if ui.prealignCheckBox.checked else "none")
             pn.SetParameter("Similarity", ui.similarityComboBox.currentText)
             pn.SetParameter("VelocityLevels", str(int(ui.velocityLevelsSpinBox.value)))
-            pn.SetParameter("AnchorReference", "true" if ui.anchorReferenceCheckBox.checked else "false")
+            pn.SetParameter("AnchorReference", ui.anchorReferenceComboBox.currentText)
             pn.SetParameter("CreateSequences", "true" if ui.createSequencesCheckBox.checked else "false")
             try:
                 times = [float(v) for v in ui.predictTimesLineEdit.text.replace(",", " ").split()]

@@ -30,8 +30,8 @@ def _preset(args) -> Preset:
     preset = PRESETS[args.preset]
     if getattr(args, "similarity", None) is not None:
         preset = replace(preset, similarity=args.similarity)
-    if getattr(args, "anchor_reference", False):
-        preset = replace(preset, anchor_reference=True)
+    if getattr(args, "anchor_reference", None) is not None:
+        preset = replace(preset, anchor_reference=args.anchor_reference)
     if getattr(args, "velocity_levels", None) is not None:
         preset = replace(preset, velocity_levels=_velocity_levels(args.velocity_levels, preset))
     if args.iterations is None:

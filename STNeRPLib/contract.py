@@ -247,11 +247,11 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
                     ground_truth: Sequence[tuple[str, float]] = (), predict_times: Sequence[float] = (),
                     preset: str = DEFAULT_PRESET, iterations: int | None = None, device: str = "auto",
                     prior: str | None = None, prealign: str = "none", similarity: str | None = None,
-                    velocity_levels: int | None = None, anchor_reference: bool = False, resume: bool = False,
+                    velocity_levels: int | None = None, anchor_reference: bool | None = None, resume: bool = False,
                     json_events: bool = True, stdin_cancel: bool = False) -> list[str]:
     """Arguments of `stnerp train` (after `python -m STNeRPLib`). Paths must be absolute: the
-    worker may run in another working directory. prior, similarity, velocity_levels None and
-    anchor_reference False: the preset's own (no flag)."""
+    worker may run in another working directory. prior, similarity, velocity_levels and
+    anchor_reference None: the preset's own (no flag)."""
     if not follow_ups:
         raise ValueError("at least one follow-up image is needed")
     _check_choice("preset", preset, PRESET_NAMES)
@@ -282,8 +282,8 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
         args += ["--similarity", similarity]
     if velocity_levels is not None:
         args += ["--velocity-levels", str(int(velocity_levels))]
-    if anchor_reference:
-        args += ["--anchor-reference"]
+    if anchor_reference is not None:
+        args += ["--anchor-reference" if anchor_reference else "--no-anchor-reference"]
     if resume:
         args += ["--resume"]
     return args + _flags(json_events, stdin_cancel)
@@ -422,9 +422,9 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--similarity", choices=SIMILARITIES,
                          help="Def-Net's loss: mse (the presets') or lncc, local normalised cross-correlation "
                               "(for intensities that change between scans: CBCT, contrast)")
-    command.add_argument("--anchor-reference", action="store_true",
+    command.add_argument("--anchor-reference", action=argparse.BooleanOptionalAction,
                          help="make the reference time the identity exactly: velocity Def-Net(x, t) - Def-Net(x, t_ref) "
-                              "(default: the preset's, off)")
+                              "(default: the preset's: on in default, off in paper)")
     command.add_argument("--velocity-levels", type=int, metavar="L",
                          help="coarse-to-fine velocity: L grids, each of half the previous spacing, the finer "
                               "ones switched on late in training (default: the preset's, 1)")

@@ -343,7 +343,7 @@ class STNeRPCoreLogic:
                 device=settings.get("device", "auto"), prior=settings.get("prior"),
                 prealign=settings.get("prealign", "none"), similarity=settings.get("similarity"),
                 velocity_levels=settings.get("velocity_levels"),
-                anchor_reference=settings.get("anchor_reference", False), resume=resume, stdin_cancel=True)
+                anchor_reference=settings.get("anchor_reference"), resume=resume, stdin_cancel=True)
         except Exception:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise

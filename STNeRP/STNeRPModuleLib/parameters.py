@@ -35,7 +35,7 @@ DEFAULTS = {
     "Prealign": "none",
     "Similarity": "preset",       # "preset": the preset's own loss, else one of contract.SIMILARITIES
     "VelocityLevels": "0",        # 0 = the preset's number of velocity grids
-    "AnchorReference": "false",   # "true": the transform at the reference time is the identity
+    "AnchorReference": "preset",  # "on": the transform at the reference time is the identity; "off"; "preset"
     "PredictTimes": "[]",         # extra unscanned times predicted at the end of training
     "CreateSequences": "true",
     "PredictTime": "0.5",
@@ -49,6 +49,8 @@ DEFAULTS = {
 PRIOR_CHOICES = ("preset",) + contract.PRIORS
 #: similarity choices of the panel: the preset's own, or one of the worker's
 SIMILARITY_CHOICES = ("preset",) + contract.SIMILARITIES
+#: reference-anchor choices of the panel: the preset's own, on or off
+ANCHOR_CHOICES = ("preset", "on", "off")
 
 #: node reference roles
 REFERENCE_VOLUME = "ReferenceVolume"
@@ -156,10 +158,11 @@ def get_follow_ups(node: slicer.vtkMRMLScriptedModuleNode) -> list[FollowUp]:
 
 
 def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
-    """Worker settings from the parameter node (prior, similarity, velocity_levels None and
-    anchor_reference False: the preset's own)."""
+    """Worker settings from the parameter node (prior, similarity, velocity_levels and
+    anchor_reference None: the preset's own)."""
     prior = node.GetParameter("Prior") or "preset"
     similarity = node.GetParameter("Similarity") or "preset"
+    anchor = node.GetParameter("AnchorReference") or "preset"
     return {
         "preset": node.GetParameter("Preset") or contract.DEFAULT_PRESET,
         "iterations": get_int(node, "Iterations", 0) or None,
@@ -168,7 +171,7 @@ def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
         "prealign": node.GetParameter("Prealign") or "none",
         "similarity": None if similarity == "preset" else similarity,
         "velocity_levels": get_int(node, "VelocityLevels", 0) or None,
-        "anchor_reference": get_bool(node, "AnchorReference"),
+        "anchor_reference": None if anchor not in ("on", "off") else anchor == "on",
         "predict_times": [float(t) for t in (get_json(node, "PredictTimes") or [])],
         "create_sequences": get_bool(node, "CreateSequences"),
     }

@@ -102,9 +102,9 @@ def test_panel_apply_writes_and_reads_the_run_in_the_runs_folder_whatever_the_wo
 
 
 @pytest.mark.parametrize("chosen, similarity, levels, anchored", [
-    ({}, None, None, False),
-    ({"Similarity": "lncc", "VelocityLevels": "2", "AnchorReference": "true"}, "lncc", 2, True),
-    ({"Similarity": "mse", "VelocityLevels": "1"}, "mse", 1, False),
+    ({}, None, None, None),
+    ({"Similarity": "lncc", "VelocityLevels": "2", "AnchorReference": "on"}, "lncc", 2, True),
+    ({"Similarity": "mse", "VelocityLevels": "1", "AnchorReference": "off"}, "mse", 1, False),
 ])
 def test_panel_accuracy_options_reach_the_worker_only_when_chosen(series, tmp_path, monkeypatch, chosen, similarity,
                                                                    levels, anchored):
@@ -122,7 +122,7 @@ def test_panel_accuracy_options_reach_the_worker_only_when_chosen(series, tmp_pa
     given = contract.parse_arguments(worker_args)
     assert (given.similarity, given.velocity_levels, given.anchor_reference) == (similarity, levels, anchored)
     if not chosen:
-        assert not {"--similarity", "--velocity-levels", "--anchor-reference"} & set(worker_args)
+        assert not {"--similarity", "--velocity-levels", "--anchor-reference", "--no-anchor-reference"} & set(worker_args)
 
 
 def adapter(monkeypatch, series, settings, scene_path, temporary):

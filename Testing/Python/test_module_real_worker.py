@@ -1,5 +1,5 @@
 """End to end: the module's logic runs the real STNeRPLib worker (tiny iterations; two velocity
-levels and the reference anchor, as the panel's advanced settings give them) on the engine's
+levels and the reference anchor switched off, as the panel's advanced settings give them) on the engine's
 breathing phantom and loads its outputs into a slicer-core MRML scene."""
 
 import os
@@ -53,7 +53,7 @@ def test_module_real_worker_end_to_end(tmp_path):
                                   predict_times=[1.5])
     # the panel's accuracy options, as the parameter node hands them to the logic
     pn = parameters.create_parameter_node(scene)
-    for key, value in (("Iterations", "20"), ("Device", "cpu"), ("VelocityLevels", "2"), ("AnchorReference", "true")):
+    for key, value in (("Iterations", "20"), ("Device", "cpu"), ("VelocityLevels", "2"), ("AnchorReference", "off")):
         pn.SetParameter(key, value)
     n_nodes = scene.GetNumberOfNodes()
     job = logic.start_training(inputs, parameters.settings(pn))
@@ -62,12 +62,7 @@ def test_module_real_worker_end_to_end(tmp_path):
     assert job.state == "complete", (job.message, job.log_lines[-20:])
     record = run_import.read_record(job.run_dir)
     preset = record["parameters"]["preset"]
-    assert (preset["velocity_levels"], preset["anchor_reference"], preset["def_iterations"]) == (2, True, 20)
-    # anchored: the field at the reference time is the identity (float32 rounding of grid points only)
-    at_reference = [tp for tp in record["time_points"] if float(tp["time"]) == volumes[0][0]]
-    assert at_reference, "the run lists the reference time"
-    field = sitk.ReadImage(os.path.join(job.run_dir, at_reference[0]["displacement"]))
-    assert float(np.abs(sitk.GetArrayFromImage(field)).max()) < 1e-4
+    assert (preset["velocity_levels"], preset["anchor_reference"], preset["def_iterations"]) == (2, False, 20)
     times = sorted(float(tp["time"]) for tp in record["time_points"])
     assert {1.0, 1.5, 2.0} <= set(times)  # the worker may also list the reference time
     result = job.result

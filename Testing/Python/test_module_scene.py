@@ -246,6 +246,9 @@ def test_module_train_arguments_follow_contract():
                     "--json-events", "--cancel-on-stdin-close"]
     default_prior = contract.train_arguments("/r.nrrd", 0, [("/a.nrrd", 1)], "/OUT")
     assert "--prior" not in default_prior, "the preset's own prior is the worker's default"
+    assert not {"--anchor-reference", "--no-anchor-reference"} & set(default_prior), "the preset's own anchor"
+    unanchored = contract.train_arguments("/r.nrrd", 0, [("/a.nrrd", 1)], "/OUT", anchor_reference=False)
+    assert contract.parse_arguments(unanchored).anchor_reference is False
     assert contract.predict_arguments("/RUN", [1.5], "/NEW") == [
         "predict", "--run", "/RUN", "--times", "1.5", "--output", "/NEW", "--json-events"]
     with pytest.raises(ValueError):
@@ -490,7 +493,7 @@ def test_module_parameter_node_is_saved_with_scene(trained, tmp_path):
     node = parameters.create_parameter_node(scene)
     node.SetParameter("Preset", "paper")
     node.SetParameter("Iterations", "123")
-    for key, value in (("Similarity", "lncc"), ("VelocityLevels", "2"), ("AnchorReference", "true")):
+    for key, value in (("Similarity", "lncc"), ("VelocityLevels", "2"), ("AnchorReference", "off")):
         node.SetParameter(key, value)
     node.SetNodeReferenceID(parameters.REFERENCE_VOLUME, trained["reference"].GetID())
     parameters.set_follow_ups(node, [parameters.FollowUp(v, t) for t, v in trained["followups"]])
@@ -506,7 +509,7 @@ def test_module_parameter_node_is_saved_with_scene(trained, tmp_path):
     assert loaded.GetParameter("Preset") == "paper"
     kept = parameters.settings(loaded)
     assert kept["iterations"] == 123
-    assert (kept["similarity"], kept["velocity_levels"], kept["anchor_reference"]) == ("lncc", 2, True)
+    assert (kept["similarity"], kept["velocity_levels"], kept["anchor_reference"]) == ("lncc", 2, False)
     assert loaded.GetNodeReference(parameters.REFERENCE_VOLUME).GetName() == "reference"
     assert [row.time for row in parameters.get_follow_ups(loaded)] == [1.0, 2.0, 3.5]
 

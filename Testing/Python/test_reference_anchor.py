@@ -1,5 +1,6 @@
-"""The preset option anchor_reference: the velocity is Def-Net(x, t) - Def-Net(x, t_ref), so the
-reference time is the identity exactly, also after the model is saved and loaded."""
+"""The preset option anchor_reference (on in the default preset): the velocity is
+Def-Net(x, t) - Def-Net(x, t_ref), so the reference time is the identity exactly, also after the
+model is saved and loaded; --no-anchor-reference switches it off."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,8 @@ from STNeRPLib.pipeline import fit
 from STNeRPLib.presets import DEFAULT, Options
 from STNeRPLib.progress import Reporter
 
-ANCHORED = dataclasses.replace(DEFAULT, anchor_reference=True)
+ANCHORED = DEFAULT
+FREE = dataclasses.replace(DEFAULT, anchor_reference=False)
 
 
 def _perturbed(preset, anchor: float) -> Deformation:
@@ -27,7 +29,7 @@ def _perturbed(preset, anchor: float) -> Deformation:
 
 
 def test_anchored_velocity_is_zero_at_the_anchor_and_the_difference_elsewhere():
-    anchored, free = _perturbed(ANCHORED, 0.4), _perturbed(DEFAULT, 0.4)
+    anchored, free = _perturbed(ANCHORED, 0.4), _perturbed(FREE, 0.4)
     with torch.no_grad():
         v, w = anchored.velocity([0.0, 0.4, 1.0]), free.velocity([0.0, 0.4, 1.0])
         u = anchored.displacement([0.4])
@@ -47,14 +49,14 @@ def test_saved_anchored_model_is_the_identity_at_the_reference_time(tmp_path):
     at_reference = loaded.displacement_grid(2.0)
     assert float(at_reference.abs().max()) < 0.01 / max(series.images[0].GetSpacing())
     assert float(loaded.displacement_grid(3.0).abs().max()) > 1e-4
-    unanchored, _ = fit(series.images[0], 2.0, follow_ups, None, Options(DEFAULT.with_iterations(20), seed=0), Reporter())
+    unanchored, _ = fit(series.images[0], 2.0, follow_ups, None, Options(FREE.with_iterations(20), seed=0), Reporter())
     assert float(unanchored.displacement_grid(2.0).abs().max()) > 1e-4     # what the anchor removes
 
 
 def test_worker_with_anchor_reference_writes_the_identity_at_the_reference_time(tmp_path):
-    """`stnerp train --anchor-reference`: the reference time's displacement file is zero everywhere, up
-    to the float32 rounding of grid coordinates (~1e-6 mm), and the preset recorded in run.json says so;
-    without the flag it is not."""
+    """`stnerp train` (the default preset anchors): the reference time's displacement file is zero
+    everywhere, up to the float32 rounding of grid coordinates (~1e-6 mm), and the preset recorded in
+    run.json says so; with --no-anchor-reference it is not."""
     import json
 
     import SimpleITK as sitk
@@ -65,13 +67,13 @@ def test_worker_with_anchor_reference_writes_the_identity_at_the_reference_time(
     files = write_series(breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 14.0), n_phases=3, noise_hu=0),
                          tmp_path / "data")
     largest = {}
-    for flag in ([], ["--anchor-reference"]):
-        output = tmp_path / ("anchored" if flag else "default")
+    for flag in ([], ["--no-anchor-reference"]):
+        output = tmp_path / ("free" if flag else "default")
         result = stnerp("train", "--reference", files["images"][0], "--follow-up", files["images"][1], 1,
                         "--follow-up", files["images"][2], 2, "--iterations", 30, "--output", output, *flag)
         assert result.returncode == 0, result.stderr
         record = json.loads((output / "run.json").read_text())
-        assert record["parameters"]["preset"]["anchor_reference"] is bool(flag)
+        assert record["parameters"]["preset"]["anchor_reference"] is (not flag)
         at_reference = sitk.ReadImage(str(output / record["time_points"][0]["displacement"]))
-        largest[bool(flag)] = float(np.abs(sitk.GetArrayFromImage(at_reference)).max())
+        largest[not flag] = float(np.abs(sitk.GetArrayFromImage(at_reference)).max())
     assert largest[True] < 1e-4 and largest[False] > 0.01
