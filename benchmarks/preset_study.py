@@ -50,7 +50,7 @@ from STNeRPLib.warping import linear_interpolation, warp  # noqa: E402
 VARIANTS: dict[str, tuple[str | None, dict]] = {
     # name: (prior, None: the preset's; overrides of DEFAULT)
     "default": (None, {}),
-    "anchored": (None, {"anchor_reference": True}),
+    "unanchored": (None, {"anchor_reference": False}),
     "linear-prior": (None, {"prior_interpolation": "linear"}),
     "refnet-prior": ("refnet", {}),
     "refnet-direct": ("refnet", {"prior_cache": False}),
@@ -62,8 +62,8 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "points-2048": (None, {"def_points": 2048}),
     "fine-12mm-sigma2": (None, {"velocity_spacing": 12.0, "def_sigma": 2.0}),
     "levels-2": (None, {"velocity_levels": 2}),
+    "levels-2-unanchored": (None, {"velocity_levels": 2, "anchor_reference": False}),
     "levels-3": (None, {"velocity_levels": 3}),
-    "levels-2-anchored": (None, {"velocity_levels": 2, "anchor_reference": True}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
 HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5}
