@@ -58,6 +58,7 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "all-times": (None, {"def_times": 0}),
     "velocity-16mm": (None, {"velocity_spacing": 16.0}),
     "defnet-600": (None, {"def_iterations": 600}),
+    "defnet-450": (None, {"def_iterations": 450}),
     "lncc": (None, {"similarity": "lncc"}),
     "points-2048": (None, {"def_points": 2048}),
     "fine-12mm-sigma2": (None, {"velocity_spacing": 12.0, "def_sigma": 2.0}),
