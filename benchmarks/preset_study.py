@@ -86,10 +86,11 @@ def load_series(name: str, seed: int, scratch: Path) -> StudySeries:
     """The named series at `seed` (the chest and abdomen series are written once to `scratch` and read back)."""
     if name in ("chest", "abdomen"):
         folder = scratch / f"{name}_3mm_seed{seed}"
-        if not (folder / "meta.json").exists() and name == "chest":
-            data.chest_series(folder, 3.0, 10, HOLDOUT[name], seed)
-        elif not (folder / "meta.json").exists():
-            data.abdomen_series(folder, 10, HOLDOUT[name], seed)
+        if not (folder / "meta.json").exists():
+            if name == "chest":
+                data.chest_series(folder, 3.0, 10, HOLDOUT[name], seed)
+            else:
+                data.abdomen_series(folder, 10, HOLDOUT[name], seed)
         s = data.Series(folder)
         count = range(len(s.times))
         return StudySeries(name, s.times, [s.image(k) for k in count], [s.labelmap(k) for k in count],

@@ -49,8 +49,9 @@ DEFAULTS = {
 PRIOR_CHOICES = ("preset",) + contract.PRIORS
 #: similarity choices of the panel: the preset's own, or one of the worker's
 SIMILARITY_CHOICES = ("preset",) + contract.SIMILARITIES
-#: reference-anchor choices of the panel: the preset's own, on or off
-ANCHOR_CHOICES = ("preset", "on", "off")
+#: reference-anchor choices of the panel and the worker's anchor_reference each stands for (None: the preset's own)
+ANCHOR_SETTINGS = {"preset": None, "on": True, "off": False}
+ANCHOR_CHOICES = tuple(ANCHOR_SETTINGS)
 
 #: node reference roles
 REFERENCE_VOLUME = "ReferenceVolume"
@@ -162,7 +163,6 @@ def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
     anchor_reference None: the preset's own)."""
     prior = node.GetParameter("Prior") or "preset"
     similarity = node.GetParameter("Similarity") or "preset"
-    anchor = node.GetParameter("AnchorReference") or "preset"
     return {
         "preset": node.GetParameter("Preset") or contract.DEFAULT_PRESET,
         "iterations": get_int(node, "Iterations", 0) or None,
@@ -171,7 +171,7 @@ def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
         "prealign": node.GetParameter("Prealign") or "none",
         "similarity": None if similarity == "preset" else similarity,
         "velocity_levels": get_int(node, "VelocityLevels", 0) or None,
-        "anchor_reference": None if anchor not in ("on", "off") else anchor == "on",
+        "anchor_reference": ANCHOR_SETTINGS.get(node.GetParameter("AnchorReference")),
         "predict_times": [float(t) for t in (get_json(node, "PredictTimes") or [])],
         "create_sequences": get_bool(node, "CreateSequences"),
     }
