@@ -14,6 +14,11 @@ from torch import nn
 
 from .integration import identity_grid, sample
 
+BLOCK_LAYOUT_BYTES = 256 * 2 ** 20
+"""The most memory the cubic prior's table may take in 4 x 4 blocks (16 coefficients per voxel: a
+2.4-million-voxel reference, the benchmark's 1.5 mm chest, takes 151 MB); larger references use runs
+of 4 (a 512 x 512 x 300 CT: 1.3 GB instead of 5 GB)."""
+
 
 class ImagePrior(nn.Module):
     """A volume [D, H, W] on the reference grid, interpolated "linear" (trilinear) or "cubic"
@@ -22,6 +27,11 @@ class ImagePrior(nn.Module):
     Cubic is the more faithful: trilinear interpolation blurs by an amount that depends on the
     sub-voxel position and its gradient jumps at voxel faces, which biases the registration
     towards whole-voxel shifts.
+
+    The cubic look-up reads 4 x 4 x 4 B-spline coefficients per point from a table whose entries are
+    contiguous runs of them: a 4 x 4 (y, x) block per voxel when that table fits BLOCK_LAYOUT_BYTES
+    (4 reads of 64 bytes, one cache line each, per point), else a run of 4 along x (16 reads, a
+    quarter of the memory). Both give the same numbers; training is bound by these reads' cache misses.
     """
 
     def __init__(self, volume: torch.Tensor, interpolation: str):
@@ -34,8 +44,11 @@ class ImagePrior(nn.Module):
             return
         coefficients = ndimage.spline_filter(volume.detach().cpu().double().numpy(), order=3, mode="mirror")
         padded = torch.from_numpy(np.pad(coefficients, [(1, 2)] * 3, mode="reflect")).to(volume)
-        # rows[(z, y, x)] = the 4 coefficients x-1 .. x+2 of padded row (z, y): one contiguous read per row
-        self.register_buffer("rows", padded.unfold(2, 4, 1).reshape(-1, 4).contiguous())
+        block_bytes = padded[:, 3:, 3:].numel() * 16 * padded.element_size()
+        self.block = 4 if block_bytes <= BLOCK_LAYOUT_BYTES else 1
+        # entries[(z, y, x)] = the coefficients (y-1 .. y-2+block, x-1 .. x+2) of padded slice z, contiguous
+        entries = padded.unfold(1, self.block, 1).unfold(2, 4, 1)          # [D+3, H+4-block, W, block, 4]
+        self.register_buffer("entries", entries.reshape(-1, 4 * self.block).contiguous(), persistent=False)
         self.register_buffer("extent", torch.tensor(self.shape[::-1], dtype=volume.dtype) - 1)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
@@ -47,9 +60,11 @@ class ImagePrior(nn.Module):
         base = torch.floor(index)
         weights = _cubic_bspline_weights(index - base)  # (N, 3, 4): x, y, z taps
         x, y, z = base.long().unbind(1)
-        taps = torch.arange(4, device=c.device)
-        row = ((z[:, None, None] + taps[:, None]) * (height + 3) + y[:, None, None] + taps) * width + x[:, None, None]
-        values = self.rows.index_select(0, row.reshape(-1)).reshape(len(c), 4, 4, 4)  # z, y, x taps
+        z_taps = torch.arange(4, device=c.device)[:, None]
+        y_taps = torch.arange(0, 4, self.block, device=c.device)
+        entry = ((z[:, None, None] + z_taps) * (height + 4 - self.block) + y[:, None, None] + y_taps) * width
+        entry = entry + x[:, None, None]
+        values = self.entries.index_select(0, entry.reshape(-1)).reshape(len(c), 4, 4, 4)  # z, y, x taps
         values = torch.einsum("nzyx,nx->nzy", values, weights[:, 0])
         values = torch.einsum("nzy,ny->nz", values, weights[:, 1])
         return torch.einsum("nz,nz->n", values, weights[:, 2])

@@ -8,6 +8,7 @@ from scipy import ndimage
 from STNeRPLib.integration import identity_grid
 from STNeRPLib.presets import Options
 from STNeRPLib.presets import DEFAULT, PAPER
+from STNeRPLib import priors
 from STNeRPLib.priors import ImagePrior, evaluate_on_grid
 
 SHAPE = (9, 11, 13)  # D, H, W
@@ -26,7 +27,16 @@ def to_unit(index_xyz: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(2 * index_xyz / extent - 1).float()
 
 
-def test_cubic_matches_scipy_bspline_inside_and_border_outside():
+@pytest.fixture(params=["blocks", "runs"])
+def cubic_layout(request, monkeypatch):
+    """Both layouts of the cubic prior's coefficient table: 4 x 4 blocks (the budget allows them at
+    these sizes) and runs of 4 (no budget)."""
+    if request.param == "runs":
+        monkeypatch.setattr(priors, "BLOCK_LAYOUT_BYTES", 0)
+    return request.param
+
+
+def test_cubic_matches_scipy_bspline_inside_and_border_outside(cubic_layout):
     volume = np.random.default_rng(0).standard_normal(SHAPE)
     prior = ImagePrior(torch.from_numpy(volume).float(), "cubic")
     index = np.random.default_rng(1).uniform(-2, np.array(SHAPE[::-1]) + 1, (400, 3))
@@ -42,7 +52,7 @@ def test_prior_reproduces_the_volume_at_voxel_centres(interpolation):
     np.testing.assert_allclose(evaluate_on_grid(prior, SHAPE).numpy(), volume.numpy(), atol=1e-5)
 
 
-def test_cubic_gradient_matches_finite_differences():
+def test_cubic_gradient_matches_finite_differences(cubic_layout):
     prior = ImagePrior(torch.from_numpy(smooth_volume()).double(), "cubic")
     c = (identity_grid(SHAPE, dtype=torch.float64).reshape(-1, 3)[::7] * 0.9 + 0.013).requires_grad_(True)
     prior(c).sum().backward()
@@ -52,6 +62,15 @@ def test_cubic_gradient_matches_finite_differences():
         offset[axis] = step
         numeric = (prior(c.detach() + offset) - prior(c.detach() - offset)) / (2 * step)
         np.testing.assert_allclose(c.grad[:, axis].numpy(), numeric.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_cubic_table_takes_blocks_within_the_budget_and_runs_of_4_beyond(monkeypatch):
+    volume = torch.zeros(SHAPE)
+    padded_voxels = (SHAPE[0] + 3) * SHAPE[1] * SHAPE[2]
+    monkeypatch.setattr(priors, "BLOCK_LAYOUT_BYTES", padded_voxels * 16 * 4)
+    assert ImagePrior(volume, "cubic").entries.shape == (padded_voxels, 16)
+    monkeypatch.setattr(priors, "BLOCK_LAYOUT_BYTES", padded_voxels * 16 * 4 - 1)
+    assert ImagePrior(volume, "cubic").entries.shape == ((SHAPE[0] + 3) * (SHAPE[1] + 3) * SHAPE[2], 4)
 
 
 def best_shift(interpolation: str, true_shift: float) -> float:
