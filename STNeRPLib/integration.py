@@ -27,16 +27,20 @@ def sample(volume: torch.Tensor, points: torch.Tensor, mode: str = "bilinear") -
     return values[:, :, :, 0, 0].transpose(1, 2)
 
 
-def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Displacement of c -> c + first(c) followed by x -> x + second(x): first + second(c + first)."""
-    grid = identity_grid(first.shape[2:], first.device, first.dtype) + first.permute(0, 2, 3, 4, 1)
+def compose(first: torch.Tensor, second: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
+    """Displacement of c -> c + first(c) followed by x -> x + second(x): first + second(c + first).
+    `identity`: identity_grid of the fields' grid, if the caller holds it."""
+    if identity is None:
+        identity = identity_grid(first.shape[2:], first.device, first.dtype)
+    grid = identity + first.permute(0, 2, 3, 4, 1)
     moved = F.grid_sample(second, grid, mode="bilinear", padding_mode="border", align_corners=True)
     return first + moved
 
 
 def scaling_and_squaring(velocity: torch.Tensor, steps: int) -> torch.Tensor:
     """Displacement exp(v) - Id of a stationary velocity field [B, 3, D, H, W], by 2**steps composition."""
+    identity = identity_grid(velocity.shape[2:], velocity.device, velocity.dtype)
     displacement = velocity / (2 ** steps)
     for _ in range(steps):
-        displacement = compose(displacement, displacement)
+        displacement = compose(displacement, displacement, identity)
     return displacement
