@@ -57,6 +57,7 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "constant-lr": (None, {"lr_final": 1.0}),
     "all-times": (None, {"def_times": 0}),
     "velocity-16mm": (None, {"velocity_spacing": 16.0}),
+    "defnet-800": (None, {"def_iterations": 800}),
     "defnet-600": (None, {"def_iterations": 600}),
     "defnet-450": (None, {"def_iterations": 450}),
     "lncc": (None, {"similarity": "lncc"}),
