@@ -130,7 +130,18 @@ def invert(forward: torch.Tensor, start: torch.Tensor, c: torch.Tensor) -> torch
     """Displacement w at unit points c [1, N, 3] such that c + w + forward(c + w) = c: the inverse
     of the forward displacement [1, 3, D, H, W], by fixed-point iteration from `start` (exp(-v)).
     Each point iterates until a step moves it by at most INVERSE_TOLERANCE (at most INVERSE_STEPS
-    times), so a point's result does not depend on which other points are inverted with it."""
+    times), so a point's result does not depend on which other points are inverted with it; hence
+    the points are taken INVERSE_CHUNK at a time, whose iterations stay in the CPU's cache."""
+    return torch.cat([_invert(forward, start, c[:, i:i + INVERSE_CHUNK])
+                      for i in range(0, c.shape[1], INVERSE_CHUNK)], dim=1)
+
+
+INVERSE_CHUNK = 1 << 18
+"""Points inverted together (3 MB per coordinate array): 4 million points took 1.6 s in chunks of this
+size against 2.3 s at once (1 thread), the same numbers."""
+
+
+def _invert(forward: torch.Tensor, start: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     w = sample(start, c)
     active, c_active, w_active = torch.arange(c.shape[1], device=c.device), c, w.clone()
     for _ in range(INVERSE_STEPS):

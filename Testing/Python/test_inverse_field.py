@@ -101,3 +101,18 @@ def test_inverse_maps_reference_landmarks_to_time_t_landmarks(run):
         forward_tre = entry["metrics"]["tre_mean"]
         assert inverse_tre < 0.5 * unregistered, (inverse_tre, unregistered)
         assert abs(inverse_tre - forward_tre) < 0.25 * unregistered, (inverse_tre, forward_tre)
+
+
+def test_inverse_of_points_taken_in_chunks_equals_all_at_once(monkeypatch):
+    from STNeRPLib import warping
+    from STNeRPLib.integration import scaling_and_squaring
+    velocity = torch.randn(1, 3, 6, 7, 8, generator=torch.Generator().manual_seed(0)) * 0.05
+    forward, start = scaling_and_squaring(velocity, 7), scaling_and_squaring(-velocity, 7)
+    c = torch.rand(1, 1000, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    whole = warping.invert(forward, start, c)
+    monkeypatch.setattr(warping, "INVERSE_CHUNK", 37)
+    chunked = warping.invert(forward, start, c)
+    assert chunked.shape == (1, 1000, 3)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    residual = (whole + warping.sample(forward, c + whole)).abs().max()
+    assert residual < 1e-5, residual
