@@ -33,8 +33,8 @@ def test_grid_points_follow_array_order():
     image = oblique_image()
     grid = Grid.of(image)
     points = grid.points().reshape(*grid.shape, 3)
-    k, j, i = 4, 2, 6
-    assert np.allclose(points[k, j, i], image.TransformIndexToPhysicalPoint((i, j, k)))
+    for k, j, i in np.ndindex(*grid.shape):
+        assert np.allclose(points[k, j, i], image.TransformIndexToPhysicalPoint((i, j, k)), atol=1e-9)
     assert np.allclose(grid.points(3, 5), points[3:5].reshape(-1, 3))
 
 
