@@ -213,8 +213,12 @@ def _moved(model: SeriesModel, displacement: torch.Tensor, q: np.ndarray, invers
 
 
 def _to_unit(grid: Grid, points: np.ndarray, device) -> torch.Tensor:
-    """LPS points (N, 3) in mm -> grid_sample coordinates of `grid`."""
-    return torch.as_tensor(grid.to_index(points) / grid.unit_scale() * 2 - 1, dtype=torch.float32, device=device)
+    """LPS points (N, 3) in mm -> grid_sample coordinates of `grid` (in place on one array: these
+    are whole slabs of points)."""
+    unit = grid.to_index(points)
+    unit *= 2 / grid.unit_scale()
+    unit -= 1
+    return torch.as_tensor(unit, dtype=torch.float32, device=device)
 
 
 def _to_index(grid: Grid, c: torch.Tensor) -> np.ndarray:
