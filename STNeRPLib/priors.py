@@ -44,11 +44,11 @@ class ImagePrior(nn.Module):
             return
         coefficients = ndimage.spline_filter(volume.detach().cpu().double().numpy(), order=3, mode="mirror")
         padded = torch.from_numpy(np.pad(coefficients, [(1, 2)] * 3, mode="reflect")).to(volume)
-        block_bytes = padded[:, 3:, 3:].numel() * 16 * padded.element_size()
-        self.block = 4 if block_bytes <= BLOCK_LAYOUT_BYTES else 1
+        depth, height, width = self.shape
+        block = 4 if (depth + 3) * height * width * 16 * padded.element_size() <= BLOCK_LAYOUT_BYTES else 1
         # entries[(z, y, x)] = the coefficients (y-1 .. y-2+block, x-1 .. x+2) of padded slice z, contiguous
-        entries = padded.unfold(1, self.block, 1).unfold(2, 4, 1)          # [D+3, H+4-block, W, block, 4]
-        self.register_buffer("entries", entries.reshape(-1, 4 * self.block).contiguous(), persistent=False)
+        entries = padded.unfold(1, block, 1).unfold(2, 4, 1)               # [D+3, H+4-block, W, block, 4]
+        self.register_buffer("entries", entries.reshape(-1, 4 * block).contiguous(), persistent=False)
         self.register_buffer("extent", torch.tensor(self.shape[::-1], dtype=volume.dtype) - 1)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
@@ -60,9 +60,10 @@ class ImagePrior(nn.Module):
         base = torch.floor(index)
         weights = _cubic_bspline_weights(index - base)  # (N, 3, 4): x, y, z taps
         x, y, z = base.long().unbind(1)
+        block = self.entries.shape[1] // 4                                  # y taps per entry: 4 or 1
         z_taps = torch.arange(4, device=c.device)[:, None]
-        y_taps = torch.arange(0, 4, self.block, device=c.device)
-        entry = ((z[:, None, None] + z_taps) * (height + 4 - self.block) + y[:, None, None] + y_taps) * width
+        y_taps = torch.arange(0, 4, block, device=c.device)
+        entry = ((z[:, None, None] + z_taps) * (height + 4 - block) + y[:, None, None] + y_taps) * width
         entry = entry + x[:, None, None]
         values = self.entries.index_select(0, entry.reshape(-1)).reshape(len(c), 4, 4, 4)  # z, y, x taps
         values = torch.einsum("nzyx,nx->nzy", values, weights[:, 0])
