@@ -33,6 +33,9 @@ class Preset:
     the first finer level is switched on after `level_start` of Def-Net's iterations, the others evenly
     between then and the end (deformation.Deformation). The level_* values are the best measured
     (README, Presets); one level, the default, leaves them unread.
+    `stop_on_convergence` makes `def_iterations` the most Def-Net runs: its learning rate stays at
+    `def_lr` until the loss stops improving (schedule.DecaySchedule), then falls to `lr_final` of it by
+    a cosine over `decay_iterations` more, and the fit ends there (off: the cosine spans def_iterations).
     """
 
     name: str
@@ -66,6 +69,8 @@ class Preset:
     level_start: float = 0.2
     level_width: int = 16
     level_sigma: float = 4.0
+    stop_on_convergence: bool = False
+    decay_iterations: int = 300
 
     def level_iteration(self, level: int) -> int:
         """The Def-Net iteration from which velocity level `level` (0: the coarsest) is trained."""

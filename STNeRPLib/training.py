@@ -1,7 +1,6 @@
 """Fitting Ref-Net to the reference (paper eq. 3) and Def-Net to the series (paper eq. 6)."""
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -15,6 +14,7 @@ from .integration import sample
 from .networks import RefNet
 from .preprocessing import IntensityWindow
 from .presets import Preset
+from .schedule import DecaySchedule
 
 Progress = Callable[[str, int, int, float], None]
 """progress(stage, iteration, total, loss): called after every iteration."""
@@ -49,7 +49,7 @@ def fit_reference(net: RefNet, volume: torch.Tensor, preset: Preset, progress: P
     points = GridPoints(volume.shape, volume.device)
     values = volume.reshape(-1)
     optimizer = torch.optim.Adam(net.parameters(), lr=preset.ref_lr)
-    schedule = _cosine(optimizer, preset.ref_iterations, preset.lr_final)
+    schedule = DecaySchedule(optimizer, preset.ref_iterations, preset.lr_final)
     loss = torch.tensor(float("nan"))
     start = _restore(checkpoint, "refnet", ("ref_net", net), optimizer, schedule, generator, preset.ref_iterations)
     for iteration in range(start + 1, preset.ref_iterations + 1):
@@ -69,8 +69,10 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
 
     The prior is frozen. Each iteration takes `preset.def_times` random time points (all when 0) and
     evaluates them as one batch, through the velocity levels switched on by then
-    (Preset.level_iteration). Returns the last loss (`preset.similarity`: mean squared error over the
-    sampled voxels inside the fields of view, or 1 - LNCC over sampled windows).
+    (Preset.level_iteration). With `preset.stop_on_convergence`, def_iterations is the most: the fit
+    ends `decay_iterations` after the loss stops improving (schedule.DecaySchedule), and progress
+    reports the new total from then on. Returns the last loss (`preset.similarity`: mean squared error
+    over the sampled voxels inside the fields of view, or 1 - LNCC over sampled windows).
     With a checkpoint, start from its state and save into it.
     """
     prior.requires_grad_(False)
@@ -79,20 +81,31 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
         raise ValueError(f"unknown similarity {preset.similarity!r}: use one of {', '.join(SIMILARITY)}")
     loss_of, wanted = SIMILARITY[preset.similarity], _draws(preset)
     optimizer = torch.optim.Adam(deformation.parameters(), lr=preset.def_lr)
-    schedule = _cosine(optimizer, preset.def_iterations, preset.lr_final)
+    schedule = _deformation_schedule(optimizer, preset)
     loss = torch.tensor(float("nan"))
-    start = _restore(checkpoint, "defnet", ("deformation", deformation), optimizer, schedule, generator,
-                     preset.def_iterations)
-    for iteration in range(start + 1, preset.def_iterations + 1):
+    iteration = _restore(checkpoint, "defnet", ("deformation", deformation), optimizer, schedule, generator,
+                         preset.def_iterations)
+    while iteration < schedule.end:
+        iteration += 1
         which = _choose_times(len(series.times), preset.def_times, generator)
         voxels = series.choose_voxels(which, wanted, generator)
         levels = sum(iteration >= preset.level_iteration(level) for level in range(preset.velocity_levels))
-        loss = loss_of(deformation, prior, series, which, voxels, levels)
+        loss, per_time = loss_of(deformation, prior, series, which, voxels, levels)
+        schedule.observe(iteration, which, per_time.tolist())
         _step(optimizer, loss, schedule)
-        progress("defnet", iteration, preset.def_iterations, loss.item())
+        progress("defnet", iteration, schedule.end, loss.item())
         if checkpoint is not None:
             checkpoint.after("defnet", iteration, optimizer, schedule, generator)
     return loss.item()
+
+
+def _deformation_schedule(optimizer: torch.optim.Optimizer, preset: Preset) -> DecaySchedule:
+    """Def-Net's learning rate: a cosine decay over def_iterations, or with stop_on_convergence a
+    constant rate until a plateau (looked for once the finest velocity level is on), then the decay."""
+    if not preset.stop_on_convergence:
+        return DecaySchedule(optimizer, preset.def_iterations, preset.lr_final)
+    return DecaySchedule(optimizer, preset.def_iterations, preset.lr_final, decay=preset.decay_iterations,
+                         earliest=preset.level_iteration(preset.velocity_levels - 1))
 
 
 def _draws(preset: Preset) -> int:
@@ -138,16 +151,17 @@ class _Series(NamedTuple):
 
 
 def _mean_squared_error(deformation: Deformation, prior: nn.Module, series: _Series, which: list[int],
-                        voxels: torch.Tensor, levels: int) -> torch.Tensor:
+                        voxels: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of (prior(c + u(c, t)) - f_t(c))^2 over the chosen voxels (flattened indices [T, N])
-    inside their target's field of view; every chosen time in one batch; u of the first `levels`
-    velocity levels."""
+    inside their target's field of view, and (detached) its mean at each chosen time [T]; every
+    chosen time in one batch; u of the first `levels` velocity levels."""
     predicted, observed = _predicted(deformation, prior, series, which, voxels, levels)
     error = (predicted - observed) ** 2
     if not series.partial:
-        return error.mean()
+        return error.mean(), error.detach().mean(dim=1)
     weight = series.weight(which, voxels)
-    return torch.sum(weight * error) / weight.sum().clamp(min=1)
+    per_time = (weight * error.detach()).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+    return torch.sum(weight * error) / weight.sum().clamp(min=1), per_time
 
 
 WINDOW = torch.stack(torch.meshgrid(*[torch.arange(-2, 3, 2)] * 3, indexing="ij"), dim=-1).reshape(-1, 3)
@@ -155,11 +169,11 @@ WINDOW = torch.stack(torch.meshgrid(*[torch.arange(-2, 3, 2)] * 3, indexing="ij"
 
 
 def _local_ncc_loss(deformation: Deformation, prior: nn.Module, series: _Series, which: list[int],
-                    centres: torch.Tensor, levels: int) -> torch.Tensor:
+                    centres: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """1 - mean over windows of the squared normalised cross-correlation of prior(c + u(c, t)) and
     f_t(c) (LNCC), over WINDOW around each chosen centre (flattened indices [T, N]; windows clipped at
-    the grid's faces); windows reaching outside their target's field of view do not count. u of the
-    first `levels` velocity levels."""
+    the grid's faces), and (detached) the same at each chosen time [T]; windows reaching outside their
+    target's field of view do not count. u of the first `levels` velocity levels."""
     voxels = _windows(centres, series.shape)                                      # [T, N, W]
     predicted, observed = _predicted(deformation, prior, series, which, voxels.reshape(len(which), -1), levels)
     predicted, observed = predicted.reshape(voxels.shape), observed.reshape(voxels.shape)
@@ -167,9 +181,10 @@ def _local_ncc_loss(deformation: Deformation, prior: nn.Module, series: _Series,
     f = observed - observed.mean(dim=-1, keepdim=True)
     ncc2 = (p * f).sum(-1) ** 2 / ((p * p).sum(-1) * (f * f).sum(-1) + 1e-5)
     if not series.partial:
-        return 1 - ncc2.mean()
+        return 1 - ncc2.mean(), 1 - ncc2.detach().mean(dim=1)
     weight = series.weight(which, voxels).reshape(voxels.shape).amin(dim=-1)
-    return 1 - torch.sum(weight * ncc2) / weight.sum().clamp(min=1)
+    per_time = 1 - (weight * ncc2.detach()).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+    return 1 - torch.sum(weight * ncc2) / weight.sum().clamp(min=1), per_time
 
 
 def _windows(centres: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -231,17 +246,7 @@ def _choose_times(count: int, wanted: int, generator: torch.Generator) -> list[i
     return torch.randperm(count, generator=generator)[:wanted].tolist()
 
 
-def _cosine(optimizer: torch.optim.Optimizer, iterations: int,
-            final: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine decay of the learning rate from its initial value to `final` times it at the last step."""
-    def factor(step: int) -> float:
-        progress = min(step / max(iterations - 1, 1), 1.0)
-        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-          schedule: torch.optim.lr_scheduler.LambdaLR) -> None:
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, schedule: DecaySchedule) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -66,6 +66,9 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "levels-2": (None, {"velocity_levels": 2}),
     "levels-2-unanchored": (None, {"velocity_levels": 2, "anchor_reference": False}),
     "levels-3": (None, {"velocity_levels": 3}),
+    "converge": (None, {"stop_on_convergence": True}),
+    "converge-decay-400": (None, {"stop_on_convergence": True, "decay_iterations": 400}),
+    "converge-decay-200": (None, {"stop_on_convergence": True, "decay_iterations": 200}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
 HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5}
@@ -115,6 +118,10 @@ class StageTimer(Reporter):
     def message(self, text: str) -> None:
         pass
 
+    def iterations(self, stage: str) -> int:
+        """The last iteration of the stage (0 if it did not run)."""
+        return int(self.stages.get(stage, [0, 0, 0])[2])
+
     def rate(self, stage: str) -> float:
         """Iterations per second after the first iteration (nan if the stage did not run)."""
         if stage not in self.stages or self.stages[stage][2] < 2:
@@ -135,7 +142,7 @@ def evaluate(series: StudySeries, name: str, prior: str | None, overrides: dict,
     grid, window = Grid.of(series.images[0]), model.window
     normalised = [window.normalise(sitk.GetArrayFromImage(image)) for image in series.images]
     row = {"series": series.name, "name": name, "wall": wall, "ref_its": timer.rate("refnet"), "def_its": timer.rate("defnet"),
-           "ref_psnr": float("nan"), "load": os.getloadavg()[0]}
+           "def_n": timer.iterations("defnet"), "ref_psnr": float("nan"), "load": os.getloadavg()[0]}
     if model.ref_net is not None:
         row["ref_psnr"] = psnr(evaluate_on_grid(model.ref_net, normalised[0].shape).numpy(), normalised[0])
     at_reference = warp(model, series.times[0], grid).displacement
@@ -172,8 +179,8 @@ def _measure(model, series, k: int, grid: Grid) -> dict:
             "folded": scores["folded_voxels"], "image": warped.image}
 
 
-COLUMNS = [("series", "{:<12s}"), ("name", "{:<14s}"), ("ref_psnr", "{:8.2f}"), ("wall", "{:7.1f}"), ("ref_its", "{:7.1f}"),
-           ("def_its", "{:7.1f}"), ("tre_mean", "{:8.2f}"), ("tre_max", "{:7.2f}"), ("dice_min", "{:8.3f}"),
+COLUMNS = [("series", "{:<12s}"), ("name", "{:<18s}"), ("ref_psnr", "{:8.2f}"), ("wall", "{:7.1f}"), ("ref_its", "{:7.1f}"),
+           ("def_its", "{:7.1f}"), ("def_n", "{:5d}"), ("tre_mean", "{:8.2f}"), ("tre_max", "{:7.2f}"), ("dice_min", "{:8.3f}"),
            ("folded", "{:6d}"), ("ho_psnr", "{:7.2f}"), ("lin_psnr", "{:8.2f}"), ("ho_ssim", "{:7.4f}"),
            ("lin_ssim", "{:8.4f}"), ("ho_tre", "{:6.2f}"), ("u_ref_max", "{:9.3f}"),
            ("load", "{:5.2f}")]
