@@ -44,6 +44,8 @@ STNERP = {
     "stnerp_not": {"label": "STNeRP default w/o t", "preset": "default", "prior": None, "temporal": False},
     "stnerp_unanchored": {"label": "STNeRP default without the reference anchor", "preset": "default",
                           "prior": None, "temporal": True, "overrides": {"anchor_reference": False}},
+    "stnerp_converge": {"label": "STNeRP default stopping on convergence", "preset": "default", "prior": None,
+                        "temporal": True, "overrides": {"stop_on_convergence": True}},
     "stnerp_levels_anchored": {"label": "STNeRP --velocity-levels 2 (anchored, as the default)", "preset": "default",
                                "prior": None, "temporal": True, "overrides": {"velocity_levels": 2}},
 }
