@@ -26,12 +26,14 @@ from .series import check_memory, estimate_peak_bytes, load_series
 
 def _preset(args) -> Preset:
     """The chosen preset, with --iterations (at least 1) applied to both networks, --similarity,
-    --anchor-reference and --velocity-levels."""
+    --anchor-reference, --stop-on-convergence and --velocity-levels."""
     preset = PRESETS[args.preset]
     if getattr(args, "similarity", None) is not None:
         preset = replace(preset, similarity=args.similarity)
     if getattr(args, "anchor_reference", None) is not None:
         preset = replace(preset, anchor_reference=args.anchor_reference)
+    if getattr(args, "stop_on_convergence", None) is not None:
+        preset = replace(preset, stop_on_convergence=args.stop_on_convergence)
     if getattr(args, "velocity_levels", None) is not None:
         preset = replace(preset, velocity_levels=_velocity_levels(args.velocity_levels, preset))
     if args.iterations is None:

@@ -247,11 +247,12 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
                     ground_truth: Sequence[tuple[str, float]] = (), predict_times: Sequence[float] = (),
                     preset: str = DEFAULT_PRESET, iterations: int | None = None, device: str = "auto",
                     prior: str | None = None, prealign: str = "none", similarity: str | None = None,
-                    velocity_levels: int | None = None, anchor_reference: bool | None = None, resume: bool = False,
+                    velocity_levels: int | None = None, anchor_reference: bool | None = None,
+                    stop_on_convergence: bool | None = None, resume: bool = False,
                     json_events: bool = True, stdin_cancel: bool = False) -> list[str]:
     """Arguments of `stnerp train` (after `python -m STNeRPLib`). Paths must be absolute: the
-    worker may run in another working directory. prior, similarity, velocity_levels and
-    anchor_reference None: the preset's own (no flag)."""
+    worker may run in another working directory. prior, similarity, velocity_levels,
+    anchor_reference and stop_on_convergence None: the preset's own (no flag)."""
     if not follow_ups:
         raise ValueError("at least one follow-up image is needed")
     _check_choice("preset", preset, PRESET_NAMES)
@@ -284,6 +285,8 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
         args += ["--velocity-levels", str(int(velocity_levels))]
     if anchor_reference is not None:
         args += ["--anchor-reference" if anchor_reference else "--no-anchor-reference"]
+    if stop_on_convergence is not None:
+        args += ["--stop-on-convergence" if stop_on_convergence else "--no-stop-on-convergence"]
     if resume:
         args += ["--resume"]
     return args + _flags(json_events, stdin_cancel)
@@ -415,7 +418,8 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
                          help="also write outputs at these times (e.g. never scanned); at most "
                               f"{EXTRAPOLATION_LIMIT:g} scanned spans outside the scanned times")
     command.add_argument("--preset", choices=PRESET_NAMES, default=DEFAULT_PRESET)
-    command.add_argument("--iterations", type=int, metavar="N", help="iterations of each network (overrides the preset)")
+    command.add_argument("--iterations", type=int, metavar="N", help="iterations of each network (overrides the preset; the most "
+                                                                      "Def-Net runs with --stop-on-convergence)")
     command.add_argument("--prior", choices=PRIORS,
                          help="what Def-Net deforms: Ref-Net (the paper; the paper preset's) or the reference "
                               "image ('w/o prior'; the default preset's, sampled by cubic B-spline)")
@@ -425,6 +429,9 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--anchor-reference", action=argparse.BooleanOptionalAction,
                          help="make the reference time the identity exactly: velocity Def-Net(x, t) - Def-Net(x, t_ref) "
                               "(default: the preset's: on in default, off in paper)")
+    command.add_argument("--stop-on-convergence", action=argparse.BooleanOptionalAction,
+                         help="end Def-Net's fit a decay of the learning rate after its loss stops improving, "
+                              "--iterations being the most (default: the preset's, off: a fixed count)")
     command.add_argument("--velocity-levels", type=int, metavar="L",
                          help="coarse-to-fine velocity: L grids, each of half the previous spacing, the finer "
                               "ones switched on late in training (default: the preset's, 1)")

@@ -236,17 +236,18 @@ def test_module_train_arguments_follow_contract():
                                     segmentation="/d/s.nrrd", landmarks="/d/l.csv", ground_truth=[("/d/g.nrrd", 1)],
                                     predict_times=[0.5, -1e-5], preset="paper", iterations=30, device="cpu",
                                     prior="image", prealign="affine", similarity="lncc", velocity_levels=2,
-                                    anchor_reference=True, stdin_cancel=True)
+                                    anchor_reference=True, stop_on_convergence=True, stdin_cancel=True)
     assert args == ["train", "--reference", "/d/r.nrrd", "--reference-time=0",
                     "--follow-up", "/d/a.nrrd", "1", "--follow-up", "/d/b.nrrd", "-2.5",
                     "--segmentation", "/d/s.nrrd", "--landmarks", "/d/l.csv", "--ground-truth", "/d/g.nrrd", "1",
                     "--predict-times", "0.5", "-0.00001", "--output", "/OUT", "--preset", "paper",
                     "--device", "cpu", "--prealign", "affine", "--iterations", "30", "--prior", "image",
                     "--similarity", "lncc", "--velocity-levels", "2", "--anchor-reference",
-                    "--json-events", "--cancel-on-stdin-close"]
+                    "--stop-on-convergence", "--json-events", "--cancel-on-stdin-close"]
     default_prior = contract.train_arguments("/r.nrrd", 0, [("/a.nrrd", 1)], "/OUT")
     assert "--prior" not in default_prior, "the preset's own prior is the worker's default"
     assert not {"--anchor-reference", "--no-anchor-reference"} & set(default_prior), "the preset's own anchor"
+    assert not {"--stop-on-convergence", "--no-stop-on-convergence"} & set(default_prior), "the preset's own stop"
     unanchored = contract.train_arguments("/r.nrrd", 0, [("/a.nrrd", 1)], "/OUT", anchor_reference=False)
     assert contract.parse_arguments(unanchored).anchor_reference is False
     assert contract.predict_arguments("/RUN", [1.5], "/NEW") == [

@@ -2,17 +2,20 @@
 (preset stop_on_convergence): constant until the loss plateaus, then a cosine decay that ends the fit."""
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from STNeRPLib.checkpoint import Checkpoint
-from STNeRPLib.phantom import breathing_series
+from STNeRPLib.phantom import breathing_series, write_series
 from STNeRPLib.pipeline import fit
 from STNeRPLib.presets import DEFAULT, Options
 from STNeRPLib.progress import Reporter
 from STNeRPLib.schedule import PLATEAU_PATIENCE, PLATEAU_WINDOW, DecaySchedule
+from worker_cli import stnerp
 
 
 def _rates(schedule: DecaySchedule, losses) -> list[float]:
@@ -126,3 +129,23 @@ def test_a_converging_fit_interrupted_in_its_decay_resumes_bit_identical(tiny, t
     assert resumed_reports.reports[0] == (end - 9, end)     # restored inside the decay, with its end
     for name, value in whole.deformation.state_dict().items():
         assert torch.equal(value, resumed.deformation.state_dict()[name]), name
+
+
+def test_worker_stops_on_convergence_when_asked_and_records_it(tmp_path):
+    """`stnerp train --stop-on-convergence --iterations 2000` on a small noise-free phantom: Def-Net's
+    losses end long before 2000 iterations, and run.json's preset says it stopped on convergence; without
+    the flag (the default preset) all 40 iterations of `--iterations 40` run."""
+    files = write_series(breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, noise_hu=0),
+                         tmp_path / "data")
+    ran = {}
+    for flag, iterations in ((["--stop-on-convergence"], 2000), ([], 40)):
+        output = tmp_path / ("converging" if flag else "default")
+        result = stnerp("train", "--reference", files["images"][0], "--follow-up", files["images"][1], 1,
+                        "--follow-up", files["images"][2], 2, "--iterations", iterations, "--output", output, *flag)
+        assert result.returncode == 0, result.stderr
+        record = json.loads((output / "run.json").read_text())
+        assert record["parameters"]["preset"]["stop_on_convergence"] is bool(flag)
+        with open(output / "losses.csv") as handle:
+            ran[bool(flag)] = sum(row["stage"] == "defnet" for row in csv.DictReader(handle))
+    assert PLATEAU_WINDOW * (PLATEAU_PATIENCE + 1) + DEFAULT.decay_iterations <= ran[True] < 2000
+    assert ran[False] == 40
