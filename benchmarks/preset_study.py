@@ -69,6 +69,7 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "converge": (None, {"stop_on_convergence": True}),
     "converge-decay-400": (None, {"stop_on_convergence": True, "decay_iterations": 400}),
     "converge-decay-200": (None, {"stop_on_convergence": True, "decay_iterations": 200}),
+    "levels-2-converge": (None, {"velocity_levels": 2, "stop_on_convergence": True}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
 HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5}
