@@ -46,6 +46,9 @@ STNERP = {
                           "prior": None, "temporal": True, "overrides": {"anchor_reference": False}},
     "stnerp_converge": {"label": "STNeRP default stopping on convergence", "preset": "default", "prior": None,
                         "temporal": True, "overrides": {"stop_on_convergence": True}},
+    "stnerp_levels_converge": {"label": "STNeRP --velocity-levels 2 --stop-on-convergence", "preset": "default",
+                               "prior": None, "temporal": True,
+                               "overrides": {"velocity_levels": 2, "stop_on_convergence": True}},
     "stnerp_levels_anchored": {"label": "STNeRP --velocity-levels 2 (anchored, as the default)", "preset": "default",
                                "prior": None, "temporal": True, "overrides": {"velocity_levels": 2}},
 }
