@@ -108,7 +108,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                      ui.segmentationSelector, ui.referenceLandmarksSelector)]
         settings += [(combo, "currentIndexChanged(int)")
                      for combo in (ui.followUpModeComboBox, ui.presetComboBox, ui.deviceComboBox, ui.priorComboBox,
-                                   ui.similarityComboBox, ui.anchorReferenceComboBox)]
+                                   ui.similarityComboBox, ui.anchorReferenceComboBox, ui.stopOnConvergenceComboBox)]
         settings += [(ui.referenceTimeSpinBox, "valueChanged(double)"), (ui.iterationsSpinBox, "valueChanged(int)"),
                      (ui.velocityLevelsSpinBox, "valueChanged(int)"), (ui.prealignCheckBox, "toggled(bool)"),
                      (ui.createSequencesCheckBox, "toggled(bool)"),
@@ -130,7 +130,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                (self.ui.deviceComboBox, contract.DEVICES),
                                (self.ui.priorComboBox, parameters.PRIOR_CHOICES),
                                (self.ui.similarityComboBox, parameters.SIMILARITY_CHOICES),
-                               (self.ui.anchorReferenceComboBox, parameters.ANCHOR_CHOICES)):
+                               (self.ui.anchorReferenceComboBox, parameters.SWITCH_CHOICES),
+                               (self.ui.stopOnConvergenceComboBox, parameters.SWITCH_CHOICES)):
             combo.clear()
             for choice in choices:
                 combo.addItem(choice)
@@ -205,6 +206,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setComboText(ui.similarityComboBox, pn.GetParameter("Similarity"))
             ui.velocityLevelsSpinBox.value = parameters.get_int(pn, "VelocityLevels")
             self._setComboText(ui.anchorReferenceComboBox, pn.GetParameter("AnchorReference"))
+            self._setComboText(ui.stopOnConvergenceComboBox, pn.GetParameter("StopOnConvergence"))
             ui.createSequencesCheckBox.checked = parameters.get_bool(pn, "CreateSequences")
             ui.predictTimesLineEdit.text = " ".join(
                 contract.format_time(t) for t in parameters.get_json(pn, "PredictTimes") or [])
@@ -239,6 +241,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pn.SetParameter("Similarity", ui.similarityComboBox.currentText)
             pn.SetParameter("VelocityLevels", str(int(ui.velocityLevelsSpinBox.value)))
             pn.SetParameter("AnchorReference", ui.anchorReferenceComboBox.currentText)
+            pn.SetParameter("StopOnConvergence", ui.stopOnConvergenceComboBox.currentText)
             pn.SetParameter("CreateSequences", "true" if ui.createSequencesCheckBox.checked else "false")
             try:
                 times = [float(v) for v in ui.predictTimesLineEdit.text.replace(",", " ").split()]

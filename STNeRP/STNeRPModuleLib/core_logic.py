@@ -343,7 +343,8 @@ class STNeRPCoreLogic:
                 device=settings.get("device", "auto"), prior=settings.get("prior"),
                 prealign=settings.get("prealign", "none"), similarity=settings.get("similarity"),
                 velocity_levels=settings.get("velocity_levels"),
-                anchor_reference=settings.get("anchor_reference"), resume=resume, stdin_cancel=True)
+                anchor_reference=settings.get("anchor_reference"),
+                stop_on_convergence=settings.get("stop_on_convergence"), resume=resume, stdin_cancel=True)
         except Exception:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise

@@ -36,6 +36,7 @@ DEFAULTS = {
     "Similarity": "preset",       # "preset": the preset's own loss, else one of contract.SIMILARITIES
     "VelocityLevels": "0",        # 0 = the preset's number of velocity grids
     "AnchorReference": "preset",  # "on": the transform at the reference time is the identity; "off"; "preset"
+    "StopOnConvergence": "preset",  # "on": Def-Net's fit ends once its loss stops improving; "off"; "preset"
     "PredictTimes": "[]",         # extra unscanned times predicted at the end of training
     "CreateSequences": "true",
     "PredictTime": "0.5",
@@ -49,9 +50,10 @@ DEFAULTS = {
 PRIOR_CHOICES = ("preset",) + contract.PRIORS
 #: similarity choices of the panel: the preset's own, or one of the worker's
 SIMILARITY_CHOICES = ("preset",) + contract.SIMILARITIES
-#: reference-anchor choices of the panel and the worker's anchor_reference each stands for (None: the preset's own)
-ANCHOR_SETTINGS = {"preset": None, "on": True, "off": False}
-ANCHOR_CHOICES = tuple(ANCHOR_SETTINGS)
+#: choices of the panel's on/off settings (anchor reference time, stop on convergence) and the worker option
+#: value each stands for (None: the preset's own)
+SWITCH_SETTINGS = {"preset": None, "on": True, "off": False}
+SWITCH_CHOICES = tuple(SWITCH_SETTINGS)
 
 #: node reference roles
 REFERENCE_VOLUME = "ReferenceVolume"
@@ -159,8 +161,8 @@ def get_follow_ups(node: slicer.vtkMRMLScriptedModuleNode) -> list[FollowUp]:
 
 
 def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
-    """Worker settings from the parameter node (prior, similarity, velocity_levels and
-    anchor_reference None: the preset's own)."""
+    """Worker settings from the parameter node (prior, similarity, velocity_levels, anchor_reference and
+    stop_on_convergence None: the preset's own)."""
     prior = node.GetParameter("Prior") or "preset"
     similarity = node.GetParameter("Similarity") or "preset"
     return {
@@ -171,7 +173,8 @@ def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
         "prealign": node.GetParameter("Prealign") or "none",
         "similarity": None if similarity == "preset" else similarity,
         "velocity_levels": get_int(node, "VelocityLevels", 0) or None,
-        "anchor_reference": ANCHOR_SETTINGS.get(node.GetParameter("AnchorReference")),
+        "anchor_reference": SWITCH_SETTINGS.get(node.GetParameter("AnchorReference")),
+        "stop_on_convergence": SWITCH_SETTINGS.get(node.GetParameter("StopOnConvergence")),
         "predict_times": [float(t) for t in (get_json(node, "PredictTimes") or [])],
         "create_sequences": get_bool(node, "CreateSequences"),
     }

@@ -494,7 +494,8 @@ def test_module_parameter_node_is_saved_with_scene(trained, tmp_path):
     node = parameters.create_parameter_node(scene)
     node.SetParameter("Preset", "paper")
     node.SetParameter("Iterations", "123")
-    for key, value in (("Similarity", "lncc"), ("VelocityLevels", "2"), ("AnchorReference", "off")):
+    for key, value in (("Similarity", "lncc"), ("VelocityLevels", "2"), ("AnchorReference", "off"),
+                       ("StopOnConvergence", "on")):
         node.SetParameter(key, value)
     node.SetNodeReferenceID(parameters.REFERENCE_VOLUME, trained["reference"].GetID())
     parameters.set_follow_ups(node, [parameters.FollowUp(v, t) for t, v in trained["followups"]])
@@ -510,7 +511,8 @@ def test_module_parameter_node_is_saved_with_scene(trained, tmp_path):
     assert loaded.GetParameter("Preset") == "paper"
     kept = parameters.settings(loaded)
     assert kept["iterations"] == 123
-    assert (kept["similarity"], kept["velocity_levels"], kept["anchor_reference"]) == ("lncc", 2, False)
+    assert (kept["similarity"], kept["velocity_levels"], kept["anchor_reference"], kept["stop_on_convergence"]) == (
+        "lncc", 2, False, True)
     assert loaded.GetNodeReference(parameters.REFERENCE_VOLUME).GetName() == "reference"
     assert [row.time for row in parameters.get_follow_ups(loaded)] == [1.0, 2.0, 3.5]
 
