@@ -275,7 +275,8 @@ def _run_long_range(series, options, folder, reporter, record, predict_times, ch
         model.save(folder / "model.pt")
         write_losses(losses, folder / "losses.csv")
         record.set(model="model.pt", intensity_window=[model.window.low, model.window.high], losses="losses.csv",
-                   prealignments=[[t, m.tolist()] for t, m in prealignments.items()])
+                   prealignments=[[t, m.tolist()] for t, m in prealignments.items()],
+                   defnet_iterations=_last_iteration(losses, "defnet"))
     if checkpoint is not None:              # the saved model supersedes it
         checkpoint.remove()
     points = [TimePoint(t, Grid.of(image), image, prealignments.get(t)) for t, image in series.images]
@@ -285,6 +286,12 @@ def _run_long_range(series, options, folder, reporter, record, predict_times, ch
         if point.time not in written:
             record.add_time_point(write_time_point(model, point, folder, series).entry)
         reporter.progress("outputs", index, len(points))
+
+
+def _last_iteration(losses: list[tuple[str, int, float]], stage: str) -> int | None:
+    """The last iteration `stage` ran (None when it ran none: resumed after it); with stopping on
+    convergence it may be below the preset's count."""
+    return max((iteration for name, iteration, _ in losses if name == stage), default=None)
 
 
 def _run_short_range(series, options, folder, reporter, record, checkpoint_every: int) -> None:

@@ -133,8 +133,9 @@ def test_a_converging_fit_interrupted_in_its_decay_resumes_bit_identical(tiny, t
 
 def test_worker_stops_on_convergence_when_asked_and_records_it(tmp_path):
     """`stnerp train --stop-on-convergence --iterations 2000` on a small noise-free phantom: Def-Net's
-    losses end long before 2000 iterations, and run.json's preset says it stopped on convergence; without
-    the flag (the default preset) all 40 iterations of `--iterations 40` run."""
+    losses end long before 2000 iterations, and run.json's preset says it stopped on convergence and
+    `defnet_iterations` how many it ran; without the flag (the default preset) all 40 iterations of
+    `--iterations 40` run."""
     files = write_series(breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, noise_hu=0),
                          tmp_path / "data")
     ran = {}
@@ -147,5 +148,6 @@ def test_worker_stops_on_convergence_when_asked_and_records_it(tmp_path):
         assert record["parameters"]["preset"]["stop_on_convergence"] is bool(flag)
         with open(output / "losses.csv") as handle:
             ran[bool(flag)] = sum(row["stage"] == "defnet" for row in csv.DictReader(handle))
+        assert record["defnet_iterations"] == ran[bool(flag)]
     assert PLATEAU_WINDOW * (PLATEAU_PATIENCE + 1) + DEFAULT.decay_iterations <= ran[True] < 2000
     assert ran[False] == 40
