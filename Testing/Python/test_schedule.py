@@ -151,3 +151,16 @@ def test_worker_stops_on_convergence_when_asked_and_records_it(tmp_path):
         assert record["defnet_iterations"] == ran[bool(flag)]
     assert PLATEAU_WINDOW * (PLATEAU_PATIENCE + 1) + DEFAULT.decay_iterations <= ran[True] < 2000
     assert ran[False] == 40
+
+
+@pytest.mark.parametrize("similarity", ["mse", "lncc"])
+def test_a_converging_fit_to_scans_with_a_smaller_field_of_view_stops_early(tiny, similarity):
+    """Follow-ups that cover 10 of the reference's 16 slices take both losses' weighted path (each time
+    point's loss over the voxels inside its field of view); the plateau is still found and the fit ends
+    before its most iterations."""
+    cropped = [image[:, :, 3:13] for image in tiny.images[1:]]             # 10 of 16 slices
+    reporter = _Totals()
+    preset = dataclasses.replace(CONVERGING, similarity=similarity)
+    fit(tiny.images[0], tiny.times[0], list(zip(tiny.times[1:], cropped)), None, Options(preset, seed=0), reporter)
+    last, total = reporter.reports[-1]
+    assert last == total < CONVERGING.def_iterations
