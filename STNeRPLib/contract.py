@@ -418,8 +418,9 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
                          help="also write outputs at these times (e.g. never scanned); at most "
                               f"{EXTRAPOLATION_LIMIT:g} scanned spans outside the scanned times")
     command.add_argument("--preset", choices=PRESET_NAMES, default=DEFAULT_PRESET)
-    command.add_argument("--iterations", type=int, metavar="N", help="iterations of each network (overrides the preset; the most "
-                                                                      "Def-Net runs with --stop-on-convergence)")
+    command.add_argument("--iterations", type=int, metavar="N",
+                         help="iterations of each network (overrides the preset; with --stop-on-convergence, "
+                              "the most Def-Net runs)")
     command.add_argument("--prior", choices=PRIORS,
                          help="what Def-Net deforms: Ref-Net (the paper; the paper preset's) or the reference "
                               "image ('w/o prior'; the default preset's, sampled by cubic B-spline)")
@@ -430,8 +431,9 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
                          help="make the reference time the identity exactly: velocity Def-Net(x, t) - Def-Net(x, t_ref) "
                               "(default: the preset's: on in default, off in paper)")
     command.add_argument("--stop-on-convergence", action=argparse.BooleanOptionalAction,
-                         help="end Def-Net's fit a decay of the learning rate after its loss stops improving, "
-                              "--iterations being the most (default: the preset's, off: a fixed count)")
+                         help="end Def-Net's fit once its loss stops improving, after a decay of the learning "
+                              "rate; --iterations is then the most it runs (default: the preset's; off in both "
+                              "presets: a fixed count)")
     command.add_argument("--velocity-levels", type=int, metavar="L",
                          help="coarse-to-fine velocity: L grids, each of half the previous spacing, the finer "
                               "ones switched on late in training (default: the preset's, 1)")
