@@ -142,7 +142,8 @@ def test_worker_stops_on_convergence_when_asked_and_records_it(tmp_path):
     for flag, iterations in ((["--stop-on-convergence"], 2000), ([], 40)):
         output = tmp_path / ("converging" if flag else "default")
         result = stnerp("train", "--reference", files["images"][0], "--follow-up", files["images"][1], 1,
-                        "--follow-up", files["images"][2], 2, "--iterations", iterations, "--output", output, *flag)
+                        "--follow-up", files["images"][2], 2, "--iterations", iterations, "--output", output,
+                        "--no-report", *flag)
         assert result.returncode == 0, result.stderr
         record = json.loads((output / "run.json").read_text())
         assert record["parameters"]["preset"]["stop_on_convergence"] is bool(flag)
