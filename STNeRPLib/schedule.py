@@ -52,13 +52,14 @@ class DecaySchedule(torch.optim.lr_scheduler.LRScheduler):
     def get_lr(self) -> list[float]:
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
 
-    def observe(self, iteration: int, times: list[int], losses: list[float]) -> None:
-        """Take iteration `iteration`'s loss at each time point it drew (indices `times`); every
-        PLATEAU_WINDOW iterations, while the rate is still constant, check for a plateau and, on one,
-        begin the decay after this iteration."""
+    def observe(self, iteration: int, times: list[int], losses: torch.Tensor) -> None:
+        """Take iteration `iteration`'s loss at each time point it drew (indices `times`, losses [T]);
+        every PLATEAU_WINDOW iterations, while the rate is still constant, check for a plateau and, on
+        one, begin the decay after this iteration. Without a decay to start it reads nothing (no
+        device-to-host copy per iteration)."""
         if self.decay is None or iteration >= self.decay_start:
             return
-        for index, loss in zip(times, losses):
+        for index, loss in zip(times, losses.tolist()):
             previous = self.running.get(index, loss)
             self.running[index] = PLATEAU_SMOOTHING * previous + (1 - PLATEAU_SMOOTHING) * loss
         if iteration % PLATEAU_WINDOW:

@@ -91,7 +91,7 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
         voxels = series.choose_voxels(which, wanted, generator)
         levels = sum(iteration >= preset.level_iteration(level) for level in range(preset.velocity_levels))
         loss, per_time = loss_of(deformation, prior, series, which, voxels, levels)
-        schedule.observe(iteration, which, per_time.tolist())
+        schedule.observe(iteration, which, per_time)
         _step(optimizer, loss, schedule)
         progress("defnet", iteration, schedule.end, loss.item())
         if checkpoint is not None:
@@ -102,9 +102,8 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
 def _deformation_schedule(optimizer: torch.optim.Optimizer, preset: Preset) -> DecaySchedule:
     """Def-Net's learning rate: a cosine decay over def_iterations, or with stop_on_convergence a
     constant rate until a plateau (looked for once the finest velocity level is on), then the decay."""
-    if not preset.stop_on_convergence:
-        return DecaySchedule(optimizer, preset.def_iterations, preset.lr_final)
-    return DecaySchedule(optimizer, preset.def_iterations, preset.lr_final, decay=preset.decay_iterations,
+    decay = preset.decay_iterations if preset.stop_on_convergence else None
+    return DecaySchedule(optimizer, preset.def_iterations, preset.lr_final, decay=decay,
                          earliest=preset.level_iteration(preset.velocity_levels - 1))
 
 

@@ -26,7 +26,7 @@ def _rates(schedule: DecaySchedule, losses) -> list[float]:
         iteration += 1
         rates.append(optimizer.param_groups[0]["lr"])
         drawn = losses(iteration)
-        schedule.observe(iteration, list(drawn), list(drawn.values()))
+        schedule.observe(iteration, list(drawn), torch.tensor(list(drawn.values()), dtype=torch.float64))
         optimizer.step()
         schedule.step()
     return rates
