@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 if [ "${1:-}" = peers ]; then
     [ -x .venv-peers/bin/python ] || python3 -m venv .venv-peers
     .venv-peers/bin/python -m pip install -q --upgrade pip
-    .venv-peers/bin/python -m pip install -q antspyx==0.6.3 itk-elastix==0.25.4 SimpleITK scipy pytest
+    .venv-peers/bin/python -m pip install -q antspyx==0.6.3 itk-elastix==0.25.4 SimpleITK scipy pytest pytest-xdist
     .venv-peers/bin/python -m pip install -q --no-deps -e .
     exit 0
 fi

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -194,6 +195,8 @@ def main() -> int:
     parser.add_argument("--budget-gb", type=float, default=8.0)
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/stnerp_memory_check"))
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--keep-output", action="store_true",
+                        help="keep the run's outputs in --scratch (removed after measuring: GBs per run)")
     args = parser.parse_args()
     size = tuple(args.size)
     name = "x".join(map(str, size)) + f"x{args.phases}"
@@ -203,6 +206,8 @@ def main() -> int:
     before = machine()
     print(f"[memory check] training into {output}; load average {' '.join(before['loadavg'])}", flush=True)
     run = run_worker(files, output, args.iterations, args.threads)
+    if not args.keep_output:
+        shutil.rmtree(output, ignore_errors=True)
     result = {"size": list(size), "phases": args.phases, "iterations": args.iterations, "threads": args.threads,
               "budget_gb": args.budget_gb, "machine": before,
               "loadavg_after": Path("/proc/loadavg").read_text().split()[:3], "run": run}

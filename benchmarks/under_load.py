@@ -48,17 +48,17 @@ def child(method: str, folder: Path, iterations: int | None) -> dict:
     from benchmarks import data, methods
     from STNeRPLib import threads
     series = data.Series(folder)
-    work = Path(tempfile.mkdtemp(prefix=f"under_load_{method}_"))
     if method == "stnerp":
         used = threads.use().threads
     else:
         used = usable_cpus()
         torch.set_num_threads(used)
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(used)
-    if method == "sitk_demons":
-        info = methods.run_peer({"method": method}, series, work)
-    else:
-        info = methods.run_stnerp({"method": "stnerp_default", "iterations": iterations}, series, work)
+    with tempfile.TemporaryDirectory(prefix=f"under_load_{method}_") as work:
+        if method == "sitk_demons":
+            info = methods.run_peer({"method": method}, series, Path(work))
+        else:
+            info = methods.run_stnerp({"method": "stnerp_default", "iterations": iterations}, series, Path(work))
     return {"wall_seconds": info["wall_seconds"], "threads": used}
 
 
