@@ -26,7 +26,8 @@ class Deformation(nn.Module):
     them) and its own smaller Def-Net(s) (preset.level_width, Fourier sigma level_sigma 2^(l-1)) whose
     output layer starts at zero. The velocity of the first `levels` levels is the coarser levels'
     velocity upsampled (trilinear) to the finest of them plus that level's residual, integrated on
-    that finest grid: with one level it is the single-grid model exactly.
+    that finest grid: with one level it is the single-grid model exactly. `kept` levels (all unless
+    keep_levels dropped finer ones; saved with the state) make the velocity when `levels` is not given.
     """
 
     def __init__(self, preset: Preset, velocity_shape: tuple[int, int, int],
@@ -36,7 +37,6 @@ class Deformation(nn.Module):
         self.steps = preset.squaring_steps
         self.shapes = [tuple(2 ** level * (n - 1) + 1 for n in velocity_shape)
                        for level in range(preset.velocity_levels)]
-        self.velocity_shape = self.shapes[-1]
         self.pairwise_times = pairwise_times
         count = len(pairwise_times) if pairwise_times else 1
         self.nets = nn.ModuleList(
@@ -51,13 +51,28 @@ class Deformation(nn.Module):
             for level in range(1, preset.velocity_levels))
         for level, shape in enumerate(self.shapes):
             self.register_buffer(f"grid{level}", identity_grid(shape).reshape(-1, 3), persistent=False)
+        self.register_buffer("levels_kept", torch.tensor(len(self.shapes)))
+
+    @property
+    def kept(self) -> int:
+        """How many levels (coarsest first) the velocity is made of."""
+        return int(self.levels_kept)
+
+    @property
+    def velocity_shape(self) -> tuple[int, int, int]:
+        """The grid (D, H, W) on which the velocity is integrated: the finest kept level's."""
+        return self.shapes[self.kept - 1]
+
+    def keep_levels(self, count: int) -> None:
+        """Make the velocity of the `count` coarsest levels only, from now on."""
+        self.levels_kept.fill_(count)
 
     def velocity(self, times: list[float], chunk: int | None = None, levels: int | None = None) -> torch.Tensor:
         """Velocities [len(times), 3, D, H, W] at normalised times on the grid of the finest of the first
-        `levels` levels (None: all of them). Continuous time evaluates every time (and the anchor) in
+        `levels` levels (None: the kept ones; never more than those). Continuous time evaluates every time (and the anchor) in
         one batch of (grid point, time) rows (few large matrix products, not one set per time); `chunk`
         bounds the rows per network call."""
-        levels = len(self.shapes) if levels is None else levels
+        levels = self.kept if levels is None else min(levels, self.kept)
         velocity = self._level(self.nets, 0, times, chunk)
         for level in range(1, levels):
             coarse = F.interpolate(velocity, size=self.shapes[level], mode="trilinear", align_corners=True)
@@ -86,7 +101,7 @@ class Deformation(nn.Module):
     def displacement(self, times: list[float], chunk: int | None = None, inverse: bool = False,
                      levels: int | None = None) -> torch.Tensor:
         """Displacements [len(times), 3, D, H, W] at normalised times, by scaling and squaring of the
-        velocity of the first `levels` levels (None: all) on the finest of their grids.
+        velocity of the first `levels` levels (None: the kept ones) on the finest of their grids.
 
         inverse: exp(-v) instead of exp(v), the inverse map (reference points -> time-t points).
         """

@@ -66,6 +66,9 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
         prior = _prior(reference_volume, ref_net, options)
         deformation = _new_deformation(Grid.of(reference), options, targets, generator, device)
         fit_deformation(deformation, prior, targets, options.preset, progress, generator, checkpoint)
+    if options.preset.adaptive_levels and options.preset.velocity_levels > 1:
+        reporter.message(f"velocity levels kept: {deformation.kept} of {options.preset.velocity_levels} "
+                         "(a finer level is kept where it lowers the loss)")
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
     model = SeriesModel(options.preset, Grid.of(reference), reference_time, time_range, window, options.prior,
                         deformation, ref_net, reference, scans.images, scans.views, labelmap)
@@ -276,7 +279,7 @@ def _run_long_range(series, options, folder, reporter, record, predict_times, ch
         write_losses(losses, folder / "losses.csv")
         record.set(model="model.pt", intensity_window=[model.window.low, model.window.high], losses="losses.csv",
                    prealignments=[[t, m.tolist()] for t, m in prealignments.items()],
-                   defnet_iterations=_last_iteration(losses, "defnet"))
+                   defnet_iterations=_last_iteration(losses, "defnet"), velocity_levels_kept=model.deformation.kept)
     if checkpoint is not None:              # the saved model supersedes it
         checkpoint.remove()
     points = [TimePoint(t, Grid.of(image), image, prealignments.get(t)) for t, image in series.images]

@@ -13,7 +13,7 @@ from .deformation import Deformation
 from .integration import sample
 from .networks import RefNet
 from .preprocessing import IntensityWindow
-from .presets import Preset
+from .presets import LEVEL_GAIN, Preset
 from .schedule import DecaySchedule
 
 Progress = Callable[[str, int, int, float], None]
@@ -69,7 +69,8 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
 
     The prior is frozen. Each iteration takes `preset.def_times` random time points (all when 0) and
     evaluates them as one batch, through the velocity levels switched on by then
-    (Preset.level_iteration). With `preset.stop_on_convergence`, def_iterations is the most: the fit
+    (Preset.level_iteration) and kept (with `preset.adaptive_levels`, each finer level is kept or dropped
+    at Preset.level_decision: _try_level). With `preset.stop_on_convergence`, def_iterations is the most: the fit
     ends `decay_iterations` after the loss stops improving (schedule.DecaySchedule), and progress
     reports the new total from then on. Returns the last loss (`preset.similarity`: mean squared error
     over the sampled voxels inside the fields of view, or 1 - LNCC over sampled windows).
@@ -83,6 +84,7 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     optimizer = torch.optim.Adam(deformation.parameters(), lr=preset.def_lr)
     schedule = _deformation_schedule(optimizer, preset)
     loss = torch.tensor(float("nan"))
+    trial_seed = generator.initial_seed() + 2          # +1 is the finer levels' (Deformation)
     iteration = _restore(checkpoint, "defnet", ("deformation", deformation), optimizer, schedule, generator,
                          preset.def_iterations)
     while iteration < schedule.end:
@@ -93,6 +95,8 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
         loss, per_time = loss_of(deformation, prior, series, which, voxels, levels)
         schedule.observe(iteration, which, per_time)
         _step(optimizer, loss, schedule)
+        if preset.adaptive_levels:
+            _try_level(deformation, prior, series, loss_of, preset, iteration, trial_seed)
         progress("defnet", iteration, schedule.end, loss.item())
         if checkpoint is not None:
             checkpoint.after("defnet", iteration, optimizer, schedule, generator)
@@ -104,7 +108,28 @@ def _deformation_schedule(optimizer: torch.optim.Optimizer, preset: Preset) -> D
     constant rate until a plateau (looked for once the finest velocity level is on), then the decay."""
     decay = preset.decay_iterations if preset.stop_on_convergence else None
     return DecaySchedule(optimizer, preset.def_iterations, preset.lr_final, decay=decay,
-                         earliest=preset.level_iteration(preset.velocity_levels - 1))
+                         earliest=preset.levels_settled())
+
+
+TRIAL_DRAWS = 16
+"""The sample on which a finer level is judged: TRIAL_DRAWS x a training iteration's draws, per time point."""
+
+
+def _try_level(deformation: Deformation, prior: nn.Module, series: "_Series", loss_of, preset: Preset,
+               iteration: int, seed: int) -> None:
+    """At the end of a finer level's trial (Preset.level_decision), drop it and every finer level unless
+    it lowers the loss (mean over every time point, a fixed sample drawn from `seed`) by more than
+    LEVEL_GAIN against the kept coarser levels alone."""
+    level = next((level for level in range(1, deformation.kept) if preset.level_decision(level) == iteration), None)
+    if level is None:
+        return
+    everything = list(range(len(series.times)))
+    voxels = series.choose_voxels(everything, TRIAL_DRAWS * _draws(preset), torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        with_level = loss_of(deformation, prior, series, everything, voxels, level + 1)[1].mean()
+        without = loss_of(deformation, prior, series, everything, voxels, level)[1].mean()
+    if with_level > (1 - LEVEL_GAIN) * without:
+        deformation.keep_levels(level)
 
 
 def _draws(preset: Preset) -> int:

@@ -70,6 +70,8 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "converge-decay-400": (None, {"stop_on_convergence": True, "decay_iterations": 400}),
     "converge-decay-200": (None, {"stop_on_convergence": True, "decay_iterations": 200}),
     "levels-2-converge": (None, {"velocity_levels": 2, "stop_on_convergence": True}),
+    "levels-auto": (None, {"velocity_levels": 2, "adaptive_levels": True}),
+    "levels-auto-converge": (None, {"velocity_levels": 2, "adaptive_levels": True, "stop_on_convergence": True}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
 HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5}
@@ -143,7 +145,8 @@ def evaluate(series: StudySeries, name: str, prior: str | None, overrides: dict,
     grid, window = Grid.of(series.images[0]), model.window
     normalised = [window.normalise(sitk.GetArrayFromImage(image)) for image in series.images]
     row = {"series": series.name, "name": name, "wall": wall, "ref_its": timer.rate("refnet"), "def_its": timer.rate("defnet"),
-           "def_n": timer.iterations("defnet"), "ref_psnr": float("nan"), "load": os.getloadavg()[0]}
+           "def_n": timer.iterations("defnet"), "levels": model.deformation.kept, "ref_psnr": float("nan"),
+           "load": os.getloadavg()[0]}
     if model.ref_net is not None:
         row["ref_psnr"] = psnr(evaluate_on_grid(model.ref_net, normalised[0].shape).numpy(), normalised[0])
     at_reference = warp(model, series.times[0], grid).displacement
@@ -181,7 +184,7 @@ def _measure(model, series, k: int, grid: Grid) -> dict:
 
 
 COLUMNS = [("series", "{:<12s}"), ("name", "{:<18s}"), ("ref_psnr", "{:8.2f}"), ("wall", "{:7.1f}"), ("ref_its", "{:7.1f}"),
-           ("def_its", "{:7.1f}"), ("def_n", "{:5d}"), ("tre_mean", "{:8.2f}"), ("tre_max", "{:7.2f}"), ("dice_min", "{:8.3f}"),
+           ("def_its", "{:7.1f}"), ("def_n", "{:5d}"), ("levels", "{:6d}"), ("tre_mean", "{:8.2f}"), ("tre_max", "{:7.2f}"), ("dice_min", "{:8.3f}"),
            ("folded", "{:6d}"), ("ho_psnr", "{:7.2f}"), ("lin_psnr", "{:8.2f}"), ("ho_ssim", "{:7.4f}"),
            ("lin_ssim", "{:8.4f}"), ("ho_tre", "{:6.2f}"), ("u_ref_max", "{:9.3f}"),
            ("load", "{:5.2f}")]
