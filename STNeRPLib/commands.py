@@ -19,7 +19,7 @@ from .contract import MAX_SEED, is_number
 from .errors import InputError
 from .io import file_sha256
 from .pipeline import run_prediction, run_training
-from .presets import PRESETS, Options, Preset
+from .presets import AUTO_LEVELS, PRESETS, Options, Preset
 from .progress import Reporter
 from .record import RunRecord, load_record, require_complete
 from .series import check_memory, estimate_peak_bytes, load_series
@@ -35,7 +35,7 @@ def _preset(args) -> Preset:
     if getattr(args, "stop_on_convergence", None) is not None:
         preset = replace(preset, stop_on_convergence=args.stop_on_convergence)
     if getattr(args, "velocity_levels", None) is not None:
-        preset = replace(preset, velocity_levels=_velocity_levels(args.velocity_levels, preset))
+        preset = _velocity_levels(args.velocity_levels, preset)
     if args.iterations is None:
         return preset
     if args.iterations < 1:
@@ -44,14 +44,21 @@ def _preset(args) -> Preset:
     return preset.with_iterations(args.iterations)
 
 
-def _velocity_levels(levels: int, preset: Preset) -> int:
-    """--velocity-levels checked: at least 1, and 1 when the preset's velocity grid is the image grid."""
-    if levels < 1:
-        raise InputError(f"--velocity-levels {levels} is not a positive number: give at least 1 (one grid)")
+def _velocity_levels(text: str, preset: Preset) -> Preset:
+    """The preset with --velocity-levels: L levels, every one kept, or 'auto' (AUTO_LEVELS levels, each
+    finer one kept where it lowers the loss: adaptive_levels); InputError for fewer than 1, or for a finer
+    level where the preset's velocity grid is the image grid."""
+    if text == "auto":
+        levels, adaptive = AUTO_LEVELS, True
+    elif text.lstrip("-").isdigit() and int(text) >= 1:
+        levels, adaptive = int(text), False
+    else:
+        raise InputError(f"--velocity-levels {text} is neither a positive number nor auto: give 1 (one grid), "
+                         "2, or auto")
     if levels > 1 and preset.velocity_spacing <= 0:
-        raise InputError(f"--velocity-levels {levels}: the {preset.name} preset's velocity grid is the image grid "
+        raise InputError(f"--velocity-levels {text}: the {preset.name} preset's velocity grid is the image grid "
                          "already, which has no finer level; leave --velocity-levels out or use --preset default")
-    return levels
+    return replace(preset, velocity_levels=levels, adaptive_levels=adaptive)
 
 
 def train_options(args) -> Options:

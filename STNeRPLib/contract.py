@@ -247,12 +247,12 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
                     ground_truth: Sequence[tuple[str, float]] = (), predict_times: Sequence[float] = (),
                     preset: str = DEFAULT_PRESET, iterations: int | None = None, device: str = "auto",
                     prior: str | None = None, prealign: str = "none", similarity: str | None = None,
-                    velocity_levels: int | None = None, anchor_reference: bool | None = None,
+                    velocity_levels: int | str | None = None, anchor_reference: bool | None = None,
                     stop_on_convergence: bool | None = None, resume: bool = False,
                     json_events: bool = True, stdin_cancel: bool = False) -> list[str]:
     """Arguments of `stnerp train` (after `python -m STNeRPLib`). Paths must be absolute: the
-    worker may run in another working directory. prior, similarity, velocity_levels,
-    anchor_reference and stop_on_convergence None: the preset's own (no flag)."""
+    worker may run in another working directory. velocity_levels: a count or "auto". prior, similarity,
+    velocity_levels, anchor_reference and stop_on_convergence None: the preset's own (no flag)."""
     if not follow_ups:
         raise ValueError("at least one follow-up image is needed")
     _check_choice("preset", preset, PRESET_NAMES)
@@ -282,7 +282,7 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
     if similarity is not None:
         args += ["--similarity", similarity]
     if velocity_levels is not None:
-        args += ["--velocity-levels", str(int(velocity_levels))]
+        args += ["--velocity-levels", "auto" if velocity_levels == "auto" else str(int(velocity_levels))]
     if anchor_reference is not None:
         args += ["--anchor-reference" if anchor_reference else "--no-anchor-reference"]
     if stop_on_convergence is not None:
@@ -434,9 +434,10 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
                          help="end Def-Net's fit once its loss stops improving, after a decay of the learning "
                               "rate; --iterations is then the most it runs (default: the preset's; off in both "
                               "presets: a fixed count)")
-    command.add_argument("--velocity-levels", type=int, metavar="L",
+    command.add_argument("--velocity-levels", metavar="L|auto",
                          help="coarse-to-fine velocity: L grids, each of half the previous spacing, the finer "
-                              "ones switched on late in training (default: the preset's, 1)")
+                              "ones switched on late in training; auto: two, the finer one kept only where it "
+                              "lowers the loss (default: the preset's)")
     command.add_argument("--pairwise", action="store_true", help="one network per follow-up, no time input ('w/o t')")
     command.add_argument("--scheme", choices=SCHEMES, default="long",
                          help="long: reference -> each; short: previous -> next")

@@ -48,9 +48,14 @@ STNERP = {
                         "temporal": True, "overrides": {"stop_on_convergence": True}},
     "stnerp_levels_converge": {"label": "STNeRP --velocity-levels 2 --stop-on-convergence", "preset": "default",
                                "prior": None, "temporal": True,
-                               "overrides": {"velocity_levels": 2, "stop_on_convergence": True}},
+                               "overrides": {"velocity_levels": 2, "adaptive_levels": False,
+                                             "stop_on_convergence": True}},
     "stnerp_levels_anchored": {"label": "STNeRP --velocity-levels 2 (anchored, as the default)", "preset": "default",
-                               "prior": None, "temporal": True, "overrides": {"velocity_levels": 2}},
+                               "prior": None, "temporal": True,
+                               "overrides": {"velocity_levels": 2, "adaptive_levels": False}},
+    "stnerp_one_level": {"label": "STNeRP --velocity-levels 1 (the default before adaptive levels)",
+                         "preset": "default", "prior": None, "temporal": True,
+                         "overrides": {"velocity_levels": 1, "adaptive_levels": False}},
 }
 BASELINES = {
     "none": {"label": "no registration", "config": "u = 0; at a held-out time: linear interpolation of the "

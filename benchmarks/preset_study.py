@@ -50,6 +50,7 @@ from STNeRPLib.warping import linear_interpolation, warp  # noqa: E402
 VARIANTS: dict[str, tuple[str | None, dict]] = {
     # name: (prior, None: the preset's; overrides of DEFAULT)
     "default": (None, {}),
+    "one-level": (None, {"velocity_levels": 1, "adaptive_levels": False}),
     "unanchored": (None, {"anchor_reference": False}),
     "linear-prior": (None, {"prior_interpolation": "linear"}),
     "refnet-prior": ("refnet", {}),
@@ -63,13 +64,13 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "lncc": (None, {"similarity": "lncc"}),
     "points-2048": (None, {"def_points": 2048}),
     "fine-12mm-sigma2": (None, {"velocity_spacing": 12.0, "def_sigma": 2.0}),
-    "levels-2": (None, {"velocity_levels": 2}),
-    "levels-2-unanchored": (None, {"velocity_levels": 2, "anchor_reference": False}),
-    "levels-3": (None, {"velocity_levels": 3}),
+    "levels-2": (None, {"velocity_levels": 2, "adaptive_levels": False}),
+    "levels-2-unanchored": (None, {"velocity_levels": 2, "adaptive_levels": False, "anchor_reference": False}),
+    "levels-3": (None, {"velocity_levels": 3, "adaptive_levels": False}),
     "converge": (None, {"stop_on_convergence": True}),
     "converge-decay-400": (None, {"stop_on_convergence": True, "decay_iterations": 400}),
     "converge-decay-200": (None, {"stop_on_convergence": True, "decay_iterations": 200}),
-    "levels-2-converge": (None, {"velocity_levels": 2, "stop_on_convergence": True}),
+    "levels-2-converge": (None, {"velocity_levels": 2, "adaptive_levels": False, "stop_on_convergence": True}),
     "levels-auto": (None, {"velocity_levels": 2, "adaptive_levels": True}),
     "levels-auto-converge": (None, {"velocity_levels": 2, "adaptive_levels": True, "stop_on_convergence": True}),
 }

@@ -111,6 +111,7 @@ def test_worker_trains_and_predicts_with_velocity_levels(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("arguments, named", [(["--velocity-levels", 0], "--velocity-levels 0"),
+                                              (["--velocity-levels", "two"], "neither a positive number nor auto"),
                                               (["--velocity-levels", 2, "--preset", "paper"], "image grid")])
 def test_worker_refuses_velocity_levels_it_cannot_make(tiny, tmp_path, arguments, named):
     p0, p1, _ = _files(tiny, tmp_path)
