@@ -63,6 +63,7 @@ def test_module_real_worker_end_to_end(tmp_path):
     record = run_import.read_record(job.run_dir)
     preset = record["parameters"]["preset"]
     assert (preset["velocity_levels"], preset["anchor_reference"], preset["def_iterations"]) == (2, False, 20)
+    assert preset["adaptive_levels"] is False and record["velocity_levels_kept"] == 2   # a count is forced
     times = sorted(float(tp["time"]) for tp in record["time_points"])
     assert {1.0, 1.5, 2.0} <= set(times)  # the worker may also list the reference time
     result = job.result

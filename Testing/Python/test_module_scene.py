@@ -250,6 +250,8 @@ def test_module_train_arguments_follow_contract():
     assert not {"--stop-on-convergence", "--no-stop-on-convergence"} & set(default_prior), "the preset's own stop"
     unanchored = contract.train_arguments("/r.nrrd", 0, [("/a.nrrd", 1)], "/OUT", anchor_reference=False)
     assert contract.parse_arguments(unanchored).anchor_reference is False
+    auto = contract.train_arguments("/r.nrrd", 0, [("/a.nrrd", 1)], "/OUT", velocity_levels="auto")
+    assert auto[auto.index("--velocity-levels") + 1] == "auto"
     assert contract.predict_arguments("/RUN", [1.5], "/NEW") == [
         "predict", "--run", "/RUN", "--times", "1.5", "--output", "/NEW", "--json-events"]
     with pytest.raises(ValueError):

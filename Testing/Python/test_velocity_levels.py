@@ -19,7 +19,8 @@ from STNeRPLib.presets import DEFAULT, Options
 from STNeRPLib.progress import Reporter
 from worker_cli import stnerp
 
-LEVELLED = dataclasses.replace(DEFAULT, velocity_levels=2)
+ONE_LEVEL = dataclasses.replace(DEFAULT, velocity_levels=1, adaptive_levels=False)
+LEVELLED = dataclasses.replace(DEFAULT, velocity_levels=2, adaptive_levels=False)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_finer_level_starts_as_the_coarse_velocity_upsampled():
 def test_coarse_level_trains_as_a_single_grid_until_the_finer_level_is_switched_on(tiny):
     """With the switch after the last iteration the coarse network ends bit-identical to a one-level fit
     (the finer level draws nothing from the fit's generators) and the finer level is untouched."""
-    single = _fit(tiny, DEFAULT.with_iterations(12))
+    single = _fit(tiny, ONE_LEVEL.with_iterations(12))
     never = _fit(tiny, dataclasses.replace(LEVELLED, level_start=1.0).with_iterations(12))
     for name, value in single.deformation.nets.state_dict().items():
         assert torch.equal(value, never.deformation.nets.state_dict()[name]), name
@@ -73,12 +74,14 @@ def test_saved_levelled_model_gives_the_same_field_after_loading(tiny, tmp_path)
 
 
 def test_model_saved_before_velocity_levels_loads_as_one_level(tiny, tmp_path):
-    """A model file written before the option existed (no velocity_levels in its preset) still loads."""
-    model = _fit(tiny, DEFAULT.with_iterations(5))
+    """A model file written before the options existed (no velocity_levels or adaptive_levels in its
+    preset, no levels_kept in its state) still loads, as the one level it was."""
+    model = _fit(tiny, ONE_LEVEL.with_iterations(5))
     model.save(tmp_path / "model.pt")
     data = torch.load(tmp_path / "model.pt", weights_only=True)
-    for key in ("velocity_levels", "level_start", "level_width", "level_sigma"):
+    for key in ("velocity_levels", "level_start", "level_width", "level_sigma", "adaptive_levels"):
         del data["preset"][key]
+    del data["deformation"]["levels_kept"]
     torch.save(data, tmp_path / "old.pt")
     loaded = SeriesModel.load(tmp_path / "old.pt", torch.device("cpu"))
     assert loaded.preset.velocity_levels == 1
