@@ -104,9 +104,9 @@ def test_panel_apply_writes_and_reads_the_run_in_the_runs_folder_whatever_the_wo
 @pytest.mark.parametrize("chosen, similarity, levels, anchored, stopping", [
     ({}, None, None, None, None),
     ({"Similarity": "lncc", "VelocityLevels": "2", "AnchorReference": "on", "StopOnConvergence": "on"},
-     "lncc", 2, True, True),
+     "lncc", "2", True, True),
     ({"Similarity": "mse", "VelocityLevels": "1", "AnchorReference": "off", "StopOnConvergence": "off"},
-     "mse", 1, False, False),
+     "mse", "1", False, False),
 ])
 def test_panel_accuracy_options_reach_the_worker_only_when_chosen(series, tmp_path, monkeypatch, chosen, similarity,
                                                                    levels, anchored, stopping):

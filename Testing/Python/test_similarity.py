@@ -62,7 +62,8 @@ def test_lncc_registers_follow_ups_whose_contrast_changed(contrast_changed, tmp_
 
 @pytest.mark.parametrize("pairwise", [None, [0.0, 0.4, 1.0]])
 def test_velocity_of_several_times_equals_each_time_alone(pairwise):
-    """One batched evaluation of several times (and a chunked one) gives each time's own velocity."""
+    """One batched evaluation of several times (and a chunked one) gives each time's own velocity, through
+    both of the default's velocity levels."""
     torch.manual_seed(3)
     deformation = Deformation(DEFAULT, (5, 6, 7), pairwise, torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -72,7 +73,8 @@ def test_velocity_of_several_times_equals_each_time_alone(pairwise):
         together = deformation.velocity(times)
         chunked = deformation.velocity(times, chunk=37)
         alone = torch.cat([deformation.velocity([t]) for t in times])
-    assert together.shape == (3, 3, 5, 6, 7)
+    assert together.shape == (3, 3, 9, 11, 13)          # the 16 mm level's grid
     assert float(alone.abs().max()) > 1e-3
-    np.testing.assert_allclose(together.numpy(), alone.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(chunked.numpy(), alone.numpy(), rtol=1e-5, atol=1e-5)
+    # float32 products of another blocking: up to 4e-5 relative on the finer level (|v| ~ 0.4)
+    np.testing.assert_allclose(together.numpy(), alone.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(chunked.numpy(), alone.numpy(), rtol=1e-4, atol=1e-5)
