@@ -125,9 +125,12 @@ def _try_level(deformation: Deformation, prior: nn.Module, series: "_Series", lo
         return
     everything = list(range(len(series.times)))
     voxels = series.choose_voxels(everything, TRIAL_DRAWS * _draws(preset), torch.Generator().manual_seed(seed))
+    with_level, without = 0.0, 0.0
     with torch.no_grad():
-        with_level = loss_of(deformation, prior, series, everything, voxels, level + 1)[1].mean()
-        without = loss_of(deformation, prior, series, everything, voxels, level)[1].mean()
+        for index in everything:          # one time point at a time: the prior's lookup of a whole sample
+            which, drawn = [index], voxels[index:index + 1]       # of every time costs ~0.4 GB
+            with_level += float(loss_of(deformation, prior, series, which, drawn, level + 1)[1][0])
+            without += float(loss_of(deformation, prior, series, which, drawn, level)[1][0])
     if with_level > (1 - LEVEL_GAIN) * without:
         deformation.keep_levels(level)
 
