@@ -65,7 +65,8 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
         ref_net = _fit_ref_net(reference_volume, options, progress, generator, checkpoint)
         prior = _prior(reference_volume, ref_net, options)
         deformation = _new_deformation(Grid.of(reference), options, targets, generator, device)
-        fit_deformation(deformation, prior, targets, options.preset, progress, generator, checkpoint)
+        fit_deformation(deformation, prior, targets, options.preset, progress, generator, checkpoint,
+                        reporter.message)
     if options.preset.adaptive_levels and options.preset.velocity_levels > 1:
         reporter.message(f"velocity levels kept: {deformation.kept} of {options.preset.velocity_levels} "
                          "(a finer level is kept where it lowers the loss)")

@@ -21,6 +21,7 @@ class Reporter:
         self._stage = None
         self._stage_start = 0.0
         self._last = 0.0
+        self._bar_open = False           # a terminal's bar line awaits its end
 
     def progress(self, stage: str, iteration: int, total: int, loss: float | None = None) -> None:
         now = time.monotonic()
@@ -38,7 +39,10 @@ class Reporter:
             self._bar(stage, iteration, total, loss, eta)
 
     def message(self, text: str) -> None:
-        """A line for the log (stderr), never mixed into the JSON events."""
+        """A line for the log (stderr), never mixed into the JSON events; below a bar left mid-line."""
+        if self._bar_open:
+            print(file=sys.stderr)
+            self._bar_open = False
         print(text, file=sys.stderr, flush=True)
 
     def done(self, status: str, output: str) -> None:
@@ -64,3 +68,4 @@ class Reporter:
             text += f" eta {eta:.0f}s"
         end = "\n" if iteration >= total or not sys.stderr.isatty() else ""
         print(("\r" if sys.stderr.isatty() else "") + text, end=end, file=sys.stderr, flush=True)
+        self._bar_open = not end

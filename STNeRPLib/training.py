@@ -63,7 +63,8 @@ def fit_reference(net: RefNet, volume: torch.Tensor, preset: Preset, progress: P
 
 
 def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Target], preset: Preset,
-                    progress: Progress, generator: torch.Generator, checkpoint: Checkpoint | None = None) -> float:
+                    progress: Progress, generator: torch.Generator, checkpoint: Checkpoint | None = None,
+                    message: Callable[[str], None] = lambda text: None) -> float:
     """Fit Def-Net so that prior(c + u(c, t)) matches every target f_t(c) (paper eq. 6), over the
     voxels inside each target's field of view.
 
@@ -72,7 +73,7 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     (Preset.level_iteration) and kept (with `preset.adaptive_levels`, each finer level is kept or dropped
     at Preset.level_decision: _try_level). With `preset.stop_on_convergence`, def_iterations is the most: the fit
     ends `decay_iterations` after the loss stops improving (schedule.DecaySchedule), and progress
-    reports the new total from then on. Returns the last loss (`preset.similarity`: mean squared error
+    reports the new total from then on; `message` receives each level decision in words. Returns the last loss (`preset.similarity`: mean squared error
     over the sampled voxels inside the fields of view, or 1 - LNCC over sampled windows).
     With a checkpoint, start from its state and save into it.
     """
@@ -96,7 +97,7 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
         schedule.observe(iteration, which, per_time)
         _step(optimizer, loss, schedule)
         if preset.adaptive_levels:
-            _try_level(deformation, prior, series, loss_of, preset, iteration, trial_seed)
+            _try_level(deformation, prior, series, loss_of, preset, iteration, trial_seed, message)
         progress("defnet", iteration, schedule.end, loss.item())
         if checkpoint is not None:
             checkpoint.after("defnet", iteration, optimizer, schedule, generator)
@@ -116,10 +117,10 @@ TRIAL_DRAWS = 16
 
 
 def _try_level(deformation: Deformation, prior: nn.Module, series: "_Series", loss_of, preset: Preset,
-               iteration: int, seed: int) -> None:
+               iteration: int, seed: int, message: Callable[[str], None]) -> None:
     """At the end of a finer level's trial (Preset.level_decision), drop it and every finer level unless
     it lowers the loss (mean over every time point, a fixed sample drawn from `seed`) by more than
-    LEVEL_GAIN against the kept coarser levels alone."""
+    LEVEL_GAIN against the kept coarser levels alone; say which, with the ratio, to `message`."""
     level = next((level for level in range(1, deformation.kept) if preset.level_decision(level) == iteration), None)
     if level is None:
         return
@@ -131,8 +132,12 @@ def _try_level(deformation: Deformation, prior: nn.Module, series: "_Series", lo
             which, drawn = [index], voxels[index:index + 1]       # of every time costs ~0.4 GB
             with_level += float(loss_of(deformation, prior, series, which, drawn, level + 1)[1][0])
             without += float(loss_of(deformation, prior, series, which, drawn, level)[1][0])
-    if with_level > (1 - LEVEL_GAIN) * without:
+    kept = with_level <= (1 - LEVEL_GAIN) * without
+    if not kept:
         deformation.keep_levels(level)
+    message(f"velocity level {level + 1} at Def-Net iteration {iteration}: the loss with it is "
+            f"{with_level / max(without, 1e-12):.3f} x the loss without it (kept below {1 - LEVEL_GAIN:.2f}): "
+            + ("kept" if kept else "dropped"))
 
 
 def _draws(preset: Preset) -> int:

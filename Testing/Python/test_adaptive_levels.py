@@ -60,11 +60,14 @@ def test_finer_level_is_kept_only_if_it_lowers_the_loss_by_more_than_the_gain(ti
 
     targets = _targets(tiny)
     series = training._Series.of(targets, torch.device("cpu"))
+    said = []
     for iteration in (DECISION - 1, DECISION + 1):
-        training._try_level(deformation, None, series, loss_of, ADAPTIVE, iteration, seed=5)
-    assert asked == [] and deformation.kept == 2
-    training._try_level(deformation, None, series, loss_of, ADAPTIVE, DECISION, seed=5)
-    assert sorted(asked) == [1, 2] and deformation.kept == kept
+        training._try_level(deformation, None, series, loss_of, ADAPTIVE, iteration, 5, said.append)
+    assert asked == [] and said == [] and deformation.kept == 2
+    training._try_level(deformation, None, series, loss_of, ADAPTIVE, DECISION, 5, said.append)
+    assert set(asked) == {1, 2} and deformation.kept == kept
+    assert len(said) == 1 and f"{ratio:.3f} x the loss without it" in said[0]
+    assert said[0].endswith("kept" if kept == 2 else "dropped")
 
 
 def _targets(series) -> list[training.Target]:
@@ -133,6 +136,9 @@ def test_worker_with_auto_levels_records_and_says_how_many_it_kept(tmp_path):
     preset = record["parameters"]["preset"]
     assert preset["velocity_levels"] == 2 and preset["adaptive_levels"] is True
     assert record["velocity_levels_kept"] in (1, 2) and record["defnet_iterations"] == 40
-    assert f"velocity levels kept: {record['velocity_levels_kept']} of 2" in result.stdout + result.stderr
+    decision = "kept" if record["velocity_levels_kept"] == 2 else "dropped"
+    assert f"velocity levels kept: {record['velocity_levels_kept']} of 2" in result.stderr
+    said = [line for line in result.stderr.splitlines() if line.startswith(f"velocity level 2 at Def-Net iteration {DECISION}:")]
+    assert len(said) == 1 and said[0].endswith(decision) and " x the loss without it" in said[0], result.stderr
     state = torch.load(output / "model.pt", weights_only=True)["deformation"]
     assert int(state["levels_kept"]) == record["velocity_levels_kept"]
