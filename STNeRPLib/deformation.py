@@ -69,9 +69,9 @@ class Deformation(nn.Module):
 
     def velocity(self, times: list[float], chunk: int | None = None, levels: int | None = None) -> torch.Tensor:
         """Velocities [len(times), 3, D, H, W] at normalised times on the grid of the finest of the first
-        `levels` levels (None: the kept ones; never more than those). Continuous time evaluates every time (and the anchor) in
-        one batch of (grid point, time) rows (few large matrix products, not one set per time); `chunk`
-        bounds the rows per network call."""
+        `levels` levels (None: the kept ones; never more than those). Continuous time evaluates every
+        time (and the anchor) in one batch of (grid point, time) rows (few large matrix products, not one
+        set per time); `chunk` bounds the rows per network call."""
         levels = self.kept if levels is None else min(levels, self.kept)
         velocity = self._level(self.nets, 0, times, chunk)
         for level in range(1, levels):

@@ -70,12 +70,13 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
 
     The prior is frozen. Each iteration takes `preset.def_times` random time points (all when 0) and
     evaluates them as one batch, through the velocity levels switched on by then
-    (Preset.level_iteration) and kept (with `preset.adaptive_levels`, each finer level is kept or dropped
-    at Preset.level_decision: _try_level). With `preset.stop_on_convergence`, def_iterations is the most: the fit
-    ends `decay_iterations` after the loss stops improving (schedule.DecaySchedule), and progress
-    reports the new total from then on; `message` receives each level decision in words. Returns the last loss (`preset.similarity`: mean squared error
-    over the sampled voxels inside the fields of view, or 1 - LNCC over sampled windows).
-    With a checkpoint, start from its state and save into it.
+    (Preset.level_iteration) and kept: with `preset.adaptive_levels` each finer level is kept or
+    dropped at Preset.level_decision (_try_level), and `message` receives the decision in words. With
+    `preset.stop_on_convergence`, def_iterations is the most: the fit ends `decay_iterations` after the
+    loss stops improving (schedule.DecaySchedule), and progress reports the new total from then on.
+    Returns the last loss (`preset.similarity`: mean squared error over the sampled voxels inside the
+    fields of view, or 1 - LNCC over sampled windows). With a checkpoint, start from its state and
+    save into it.
     """
     prior.requires_grad_(False)
     series = _Series.of(targets, next(deformation.parameters()).device)
