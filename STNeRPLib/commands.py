@@ -50,7 +50,7 @@ def _velocity_levels(text: str, preset: Preset) -> Preset:
     level where the preset's velocity grid is the image grid."""
     if text == "auto":
         levels, adaptive = AUTO_LEVELS, True
-    elif text.lstrip("-").isdigit() and int(text) >= 1:
+    elif text.isdigit() and int(text) >= 1:
         levels, adaptive = int(text), False
     else:
         raise InputError(f"--velocity-levels {text} is neither a positive number nor auto: give 1 (one grid), "

@@ -14,7 +14,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "STNeRP")]
 
 
-
 def _share_the_cpus(workers: int) -> None:
     """Give this worker's torch (where installed: the peers' venv has none) and ITK its share."""
     import SimpleITK as sitk
