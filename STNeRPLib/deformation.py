@@ -70,8 +70,7 @@ class Deformation(nn.Module):
     def velocity(self, times: list[float], chunk: int | None = None, levels: int | None = None) -> torch.Tensor:
         """Velocities [len(times), 3, D, H, W] at normalised times on the grid of the finest of the first
         `levels` levels (None: the kept ones; never more than those). Continuous time evaluates every
-        time (and the anchor) in one batch of (grid point, time) rows (few large matrix products, not one
-        set per time); `chunk` bounds the rows per network call."""
+        time (and the anchor) in one batch (DefNet.forward); `chunk` bounds the grid points per network pass."""
         levels = self.kept if levels is None else min(levels, self.kept)
         velocity = self._level(self.nets, 0, times, chunk)
         for level in range(1, levels):
@@ -91,12 +90,8 @@ class Deformation(nn.Module):
     def _evaluate(self, net: DefNet, level: int, times: list[float], chunk: int | None) -> torch.Tensor:
         """net at every point of the level's grid and each time, as [len(times), 3, *shapes[level]]."""
         grid = getattr(self, f"grid{level}")
-        count = len(grid)
-        c = grid.repeat(len(times), 1)
-        t = torch.tensor(times, dtype=c.dtype, device=c.device).repeat_interleave(count)[:, None]
-        chunk = chunk or len(c)
-        v = torch.cat([net(c[i:i + chunk], t[i:i + chunk]) for i in range(0, len(c), chunk)])
-        return v.reshape(len(times), count, 3).permute(0, 2, 1).reshape(len(times), 3, *self.shapes[level])
+        v = net(grid, torch.tensor(times, dtype=grid.dtype, device=grid.device), chunk)       # [T, N, 3]
+        return v.permute(0, 2, 1).reshape(len(times), 3, *self.shapes[level])
 
     def displacement(self, times: list[float], chunk: int | None = None, inverse: bool = False,
                      levels: int | None = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ class FourierFeatures(nn.Module):
     def out_features(self) -> int:
         return 2 * self.B.shape[0]
 
-    def forward(self, p: torch.Tensor) -> torch.Tensor:
-        projection = (2 * math.pi) * p @ self.B.T
+    def forward(self, p: torch.Tensor, columns: int | None = None) -> torch.Tensor:
+        """gamma(p) for p (N, d); with `columns` k, of the first k coordinates alone (p is (N, k))."""
+        projection = (2 * math.pi) * p @ self.B[:, :columns].T
         return torch.cat([torch.cos(projection), torch.sin(projection)], dim=-1)

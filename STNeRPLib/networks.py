@@ -112,9 +112,35 @@ class DefNet(nn.Module):
         self.encoding = FourierFeatures(len(sigmas), fourier_width, sigmas, generator)
         self.mlp = siren(self.encoding.out_features, width, depth, 3, omega, output_scale=0.01)
 
-    def forward(self, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """c: (N, 3) in [-1, 1]; t: (N, 1) normalised time in [0, 1] (ignored if not temporal)."""
-        p = (c + 1) / 2
+    def forward(self, c: torch.Tensor, times: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Velocities [T, N, 3] at every point c (N, 3) in [-1, 1] and each normalised time of
+        `times` (T,) in [0, 1] (ignored if not temporal); `chunk` bounds the points per pass.
+
+        The Fourier features of space are computed once for all times: time only shifts the phase
+        of each frequency, cos(s + a) = cos s cos a - sin s sin a (and sin alike), which folds into
+        the first layer as one weight matrix per time. The same network as the encoding of (c, t)
+        row by row, without its cosines and sines for every (point, time) pair.
+        """
+        first, rest = self.mlp[0], self.mlp[1:]
+        weights = self._first_weights(times)                                       # [T, 2F, width]
+        chunk = chunk or len(c)
+        velocities = []
+        for start in range(0, len(c), chunk):
+            features = self.encoding((c[start:start + chunk] + 1) / 2, columns=3)   # [n, 2F]
+            z = torch.matmul(features, weights) + first.linear.bias                # [T, n, width]
+            velocities.append(rest(ScaledSine.apply(z, first.omega)))
+        return torch.cat(velocities, dim=1) if len(velocities) > 1 else velocities[0]
+
+    def _first_weights(self, times: torch.Tensor) -> torch.Tensor:
+        """The first layer's weights [T, 2F, width] on the spatial features [cos s, sin s], with the
+        phase a = 2 pi B_t t of each time folded in (a = 0 when not temporal)."""
+        weight = self.mlp[0].linear.weight                                         # [width, 2F]
+        cosine, sine = weight.chunk(2, dim=1)                                      # on cos, on sin
         if self.temporal:
-            p = torch.cat([p, t], dim=-1)
-        return self.mlp(self.encoding(p))
+            phase = (2 * math.pi) * times[:, None] * self.encoding.B[:, 3]         # [T, F]
+        else:
+            phase = torch.zeros(len(times), self.encoding.B.shape[0], dtype=weight.dtype, device=weight.device)
+        cos_a, sin_a = torch.cos(phase)[:, None, :], torch.sin(phase)[:, None, :]  # [T, 1, F]
+        on_cos = cosine * cos_a + sine * sin_a
+        on_sin = sine * cos_a - cosine * sin_a
+        return torch.cat([on_cos, on_sin], dim=2).transpose(1, 2)

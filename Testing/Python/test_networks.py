@@ -1,7 +1,9 @@
-"""SIREN's sine activation as one operation: the same numbers and derivatives as torch's own."""
+"""SIREN's sine activation as one operation, and Def-Net with time folded into its first layer: the
+same numbers and derivatives as the plain computation."""
+import pytest
 import torch
 
-from STNeRPLib.networks import ScaledSine
+from STNeRPLib.networks import DefNet, ScaledSine
 
 
 def test_scaled_sine_matches_torch_in_value_and_derivative():
@@ -25,3 +27,31 @@ def test_scaled_sine_takes_a_dtype_numpy_lacks():
     out.sum().backward()
     torch.testing.assert_close(out, torch.sin(10.0 * z.detach()))
     torch.testing.assert_close(z.grad, 10.0 * torch.cos(10.0 * z.detach()))
+
+
+def _row_by_row(net: DefNet, c: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """The network as its definition reads: the Fourier features of each (c, t) row, then the SIREN."""
+    rows = [(c + 1) / 2]
+    if net.temporal:
+        rows = [torch.cat([(c + 1) / 2, t.expand(len(c), 1)], dim=1) for t in times]
+    return torch.stack([net.mlp(net.encoding(p)) for p in rows])
+
+
+@pytest.mark.parametrize("temporal", [True, False])
+def test_def_net_folding_time_into_its_first_layer_is_the_row_by_row_network(temporal):
+    net = DefNet(32, 3, 16, 2.0, 0.5, 10.0, temporal=temporal, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        net.mlp[-1].weight.mul_(100.0)             # SIREN's small output layer would hide a difference
+    c = torch.rand(500, 3, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    times = torch.tensor([0.0, 0.37, 1.0]) if temporal else torch.tensor([0.5])
+    folded = net(c, times, chunk=128)
+    folded.square().sum().backward()
+    folded_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    expected = _row_by_row(net, c, times)
+    expected.square().sum().backward()
+    assert folded.shape == (len(times), 500, 3)
+    assert float(expected.detach().abs().max()) > 0.1
+    torch.testing.assert_close(folded, expected, rtol=0, atol=2e-5)
+    for got, wanted in zip(folded_grads, (p.grad for p in net.parameters())):
+        torch.testing.assert_close(got, wanted, rtol=1e-4, atol=1e-4)
