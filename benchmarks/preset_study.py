@@ -207,12 +207,13 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/stnerp_preset_study"))
     parser.add_argument("--out", type=Path, help="write the rows to OUT.json and OUT.md")
     parser.add_argument("--profile", type=int, metavar="N", default=0,
-                        help="instead: profile N Def-Net iterations of the default preset on the first series")
+                        help="instead: profile N Def-Net iterations of the first variant on the first series")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.profile:
-        profile(load_series(args.series.split(",")[0], args.seed, args.scratch), args.profile)
+        variant = args.variants.split(",")[0]
+        profile(load_series(args.series.split(",")[0], args.seed, args.scratch), variant, args.profile)
         return
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     print(f"DEFAULT = {DEFAULT}")
@@ -252,19 +253,23 @@ def matmul_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n ** 3 * repeats / best / 1e9
 
 
-def profile(series: StudySeries, iterations: int) -> None:
+def profile(series: StudySeries, variant: str, iterations: int) -> None:
     """Where Def-Net training's time goes (torch.profiler, operators by self time), and its matrix
-    FLOPs (torch's FlopCounterMode over one iteration: the MLP's and the cubic look-up's products)
-    per second against the measured fp32 matmul rate at the same thread count."""
+    FLOPs (torch's FlopCounterMode over one iteration at every velocity level: the MLPs' and the cubic
+    look-up's products) per second against the measured fp32 matmul rate at the same thread count.
+    Every level of the variant trains from the first iteration (level_start 0), so a variant with a
+    fixed count (one-level, levels-2) is profiled in its steady state; an adaptive one decides at 20 %."""
     from torch.profiler import profile as torch_profile
     from torch.utils.flop_counter import FlopCounterMode
     threads = torch.get_num_threads()
     follow_ups = list(zip(series.times[1:], series.images[1:]))
-    counted = dataclasses.replace(DEFAULT, def_iterations=1)
+    prior, overrides = VARIANTS[variant]
+    preset = dataclasses.replace(DEFAULT, **overrides, level_start=0.0)
     counter = FlopCounterMode(display=False)
     with counter:
-        fit(series.images[0], series.times[0], follow_ups, None, Options(counted), StageTimer())
-    options = Options(dataclasses.replace(DEFAULT, def_iterations=iterations))
+        fit(series.images[0], series.times[0], follow_ups, None,
+            Options(dataclasses.replace(preset, def_iterations=1), prior=prior), StageTimer())
+    options = Options(dataclasses.replace(preset, def_iterations=iterations), prior=prior)
     timer = StageTimer()
     with torch_profile() as recorded:
         fit(series.images[0], series.times[0], follow_ups, None, options, timer)
@@ -273,7 +278,7 @@ def profile(series: StudySeries, iterations: int) -> None:
     fit(series.images[0], series.times[0], follow_ups, None, options, timer)   # unprofiled rate
     rate, matmul = timer.rate("defnet"), matmul_gflops(threads)
     achieved = counter.get_total_flops() * rate / 1e9
-    print(f"{series.name}: {rate:.1f} Def-Net iterations/s ({threads} threads, load {os.getloadavg()[0]:.2f}); "
+    print(f"{series.name}, {variant}: {rate:.1f} Def-Net iterations/s ({threads} threads, load {os.getloadavg()[0]:.2f}); "
           f"{counter.get_total_flops() / 1e6:.0f} MFLOP of matrix products per iteration = {achieved:.1f} GFLOP/s, "
           f"{100 * achieved / matmul:.1f} % of the measured matmul rate {matmul:.1f} GFLOP/s")
 

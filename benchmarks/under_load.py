@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/under_load.py --burner 1                     # the breathing phantom
     .venv/bin/python benchmarks/under_load.py --burner 1 --size 48 48 32 --iterations 100
+    .venv/bin/python benchmarks/under_load.py --kind longitudinal              # where the 16 mm level is kept
 
 A clinician's workstation is never idle (Slicer renders while the worker trains). Each method
-runs on benchmarks/data.py's breathing series, in its own child process, first on the machine as
+runs on benchmarks/data.py's breathing (or `--kind longitudinal`) phantom, in its own child process, first on the machine as
 it is, then beside `--burner N` burner processes (each a plain Python busy loop: one core each),
 started `--warmup` seconds before the method so that the 1-minute load average, which STNeRP's
 thread policy reads (STNeRPLib/threads.py), has seen them. Printed: wall time of the whole series
@@ -119,7 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {list(METHODS)}")
     parser.add_argument("--size", type=int, nargs=3, default=(96, 96, 64), metavar=("X", "Y", "Z"),
                         help="phantom voxels; the field of view stays 288 x 288 x 256 mm")
-    parser.add_argument("--phases", type=int, default=10)
+    parser.add_argument("--kind", choices=("breathing", "longitudinal"), default="breathing",
+                        help="the phantom: breathing phases, or weekly fractions of a shrinking tumour")
+    parser.add_argument("--phases", type=int, default=10, help="phases or fractions")
     parser.add_argument("--iterations", type=int, help="STNeRP iterations per network (default: the preset's)")
     parser.add_argument("--warmup", type=float, default=60.0,
                         help="seconds the burners run before the first method (the load average lags)")
@@ -135,9 +138,9 @@ def main(argv=None) -> int:
     from benchmarks import data
     spacing = tuple(extent / n for extent, n in zip((288.0, 288.0, 256.0), args.size))
     with tempfile.TemporaryDirectory(prefix="under_load_") as scratch:
-        folder = data.phantom_series(Path(scratch) / "breathing", "breathing", tuple(args.size), spacing,
+        folder = data.phantom_series(Path(scratch) / args.kind, args.kind, tuple(args.size), spacing,
                                      args.phases, heldout=3)
-        print(f"breathing phantom {tuple(args.size)} voxels, {args.phases} phases; {usable_cpus()} usable CPUs; "
+        print(f"{args.kind} phantom {tuple(args.size)} voxels, {args.phases} phases; {usable_cpus()} usable CPUs; "
               f"{args.burner} burner(s), {args.warmup:g} s warm-up; load at start {load_average()}", flush=True)
         results = measure(methods, folder, args.burner, args.warmup, args.iterations)
     print(table(results, args.burner))
