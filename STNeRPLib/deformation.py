@@ -27,7 +27,8 @@ class Deformation(nn.Module):
     output layer starts at zero. The velocity of the first `levels` levels is the coarser levels'
     velocity upsampled (trilinear) to the finest of them plus that level's residual, integrated on
     that finest grid: with one level it is the single-grid model exactly. `kept` levels (all unless
-    keep_levels dropped finer ones; saved with the state) make the velocity when `levels` is not given.
+    keep_levels dropped finer ones) make the velocity when `levels` is not given; `trial_ratios` are
+    the evidence of each adaptive decision. Both are saved with the state.
     """
 
     def __init__(self, preset: Preset, velocity_shape: tuple[int, int, int],
@@ -52,6 +53,7 @@ class Deformation(nn.Module):
         for level, shape in enumerate(self.shapes):
             self.register_buffer(f"grid{level}", identity_grid(shape).reshape(-1, 3), persistent=False)
         self.register_buffer("levels_kept", torch.tensor(len(self.shapes)))
+        self.register_buffer("level_ratios", torch.full((len(self.shapes) - 1,), float("nan")))
 
     @property
     def kept(self) -> int:
@@ -63,9 +65,25 @@ class Deformation(nn.Module):
         """The grid (D, H, W) on which the velocity is integrated: the finest kept level's."""
         return self.shapes[self.kept - 1]
 
+    @property
+    def trial_ratios(self) -> list[float | None]:
+        """Per finer level (the second coarsest first): the loss with it / the loss without it at its
+        adaptive trial, None where no trial was made."""
+        return [None if ratio != ratio else float(ratio) for ratio in self.level_ratios.tolist()]
+
     def keep_levels(self, count: int) -> None:
         """Make the velocity of the `count` coarsest levels only, from now on."""
         self.levels_kept.fill_(count)
+
+    def record_trial(self, level: int, ratio: float) -> None:
+        """Record the loss ratio with / without finer level `level` (>= 1) found by its trial."""
+        self.level_ratios[level - 1] = ratio
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # States saved before adaptive levels hold neither buffer: every level kept, none tried.
+        for name in ("levels_kept", "level_ratios"):
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def velocity(self, times: list[float], chunk: int | None = None, levels: int | None = None) -> torch.Tensor:
         """Velocities [len(times), 3, D, H, W] at normalised times on the grid of the finest of the first

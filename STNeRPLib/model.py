@@ -107,8 +107,7 @@ class SeriesModel:
         generator = torch.Generator().manual_seed(0)  # every random buffer is overwritten by the state
         deformation = Deformation(preset, tuple(data["velocity_shape"]), data["pairwise_times"], generator,
                                   normalise_time(data["reference_time"], tuple(data["time_range"])))
-        # Files written before adaptive levels hold no levels_kept: every level was kept.
-        deformation.load_state_dict({"levels_kept": deformation.levels_kept, **data["deformation"]})
+        deformation.load_state_dict(data["deformation"])
         ref_net = None
         if data["ref_net"] is not None:
             ref_net = new_ref_net(preset, generator)

@@ -280,7 +280,8 @@ def _run_long_range(series, options, folder, reporter, record, predict_times, ch
         write_losses(losses, folder / "losses.csv")
         record.set(model="model.pt", intensity_window=[model.window.low, model.window.high], losses="losses.csv",
                    prealignments=[[t, m.tolist()] for t, m in prealignments.items()],
-                   defnet_iterations=_last_iteration(losses, "defnet"), velocity_levels_kept=model.deformation.kept)
+                   defnet_iterations=_last_iteration(losses, "defnet"), velocity_levels_kept=model.deformation.kept,
+                   velocity_level_ratios=model.deformation.trial_ratios)
     if checkpoint is not None:              # the saved model supersedes it
         checkpoint.remove()
     points = [TimePoint(t, Grid.of(image), image, prealignments.get(t)) for t, image in series.images]

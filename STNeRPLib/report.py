@@ -33,6 +33,7 @@ from .record import load_record
 from .integration import identity_grid, sample
 from .io import read_image
 from .model import SeriesModel
+from .presets import LEVEL_GAIN
 from .warping import _to_index, invert
 
 FOCUS = re.compile(r"tumou?r|gtv|ctv|itv|ptv|target|lesion|nodule", re.IGNORECASE)
@@ -418,13 +419,14 @@ def write_curves_csv(curves: Curves, names: Names, path: Path) -> None:
 
 def render_html(run: Path, record: dict, written: list[Figure], statistics: dict, names: Names,
                 has_curves: bool) -> str:
-    """The page: summary, metrics table, figures with captions, inputs, parameters, versions."""
+    """The page: summary, the fit (trained runs), metrics table, figures with captions, inputs, parameters,
+    versions."""
     e = html.escape
     seed = record.get("parameters", {}).get("seed")
     parts = [f"<h1>STNeRP run report</h1><p>{e(str(run.resolve()))} &mdash; {e(record['command'])}, "
              f"status <b>{e(record['status'])}</b>, started {e(str(record.get('started')))}, "
              f"{'seed ' + e(str(seed)) if seed is not None else 'seed not recorded'}</p>",
-             "<h2>Metrics</h2>", _metrics_table(record, names)]
+             *_fit_section(record), "<h2>Metrics</h2>", _metrics_table(record, names)]
     if not has_curves:
         parts.append("<p>No curves over time: the run has no saved continuous-time model with a "
                      "segmentation (pairwise, short-range, prediction run, or no segmentation).</p>")
@@ -440,6 +442,22 @@ def render_html(run: Path, record: dict, written: list[Figure], statistics: dict
              "img{max-width:100%}figcaption{font-size:90%;color:#444;max-width:60em}")
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>STNeRP report: "
             f"{e(run.name)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def _fit_section(record: dict) -> list[str]:
+    """What training did, where run.json says (a trained run): Def-Net's iterations run and, with
+    velocity levels, how many were kept and each adaptive trial's loss ratio with / without its level."""
+    if "defnet_iterations" not in record:
+        return []
+    preset = record.get("parameters", {}).get("preset", {})
+    rows = [["Def-Net iterations run", f"{record['defnet_iterations']} of {preset.get('def_iterations', '?')}"],
+            ["velocity levels kept", f"{record.get('velocity_levels_kept', 1)} of {preset.get('velocity_levels', 1)}"]]
+    for level, ratio in enumerate(record.get("velocity_level_ratios") or [], 2):
+        if ratio is not None:
+            decision = "kept" if ratio <= 1 - LEVEL_GAIN else "dropped"
+            rows.append([f"velocity level {level}: loss with it / without it at its trial",
+                         f"{ratio:.3f} ({decision}: kept below {1 - LEVEL_GAIN:.2f})"])
+    return ["<h2>Fit</h2>", _grid(["", ""], rows)]
 
 
 def _metrics_table(record: dict, names: Names) -> str:

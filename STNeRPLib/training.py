@@ -133,12 +133,13 @@ def _try_level(deformation: Deformation, prior: nn.Module, series: "_Series", lo
             which, drawn = [index], voxels[index:index + 1]       # of every time costs ~0.4 GB
             with_level += float(loss_of(deformation, prior, series, which, drawn, level + 1)[1][0])
             without += float(loss_of(deformation, prior, series, which, drawn, level)[1][0])
-    kept = with_level <= (1 - LEVEL_GAIN) * without
+    ratio = with_level / max(without, 1e-12)
+    kept = ratio <= 1 - LEVEL_GAIN
+    deformation.record_trial(level, ratio)
     if not kept:
         deformation.keep_levels(level)
-    message(f"velocity level {level + 1} at Def-Net iteration {iteration}: the loss with it is "
-            f"{with_level / max(without, 1e-12):.3f} x the loss without it (kept below {1 - LEVEL_GAIN:.2f}): "
-            + ("kept" if kept else "dropped"))
+    message(f"velocity level {level + 1} at Def-Net iteration {iteration}: the loss with it is {ratio:.3f} x "
+            f"the loss without it (kept below {1 - LEVEL_GAIN:.2f}): " + ("kept" if kept else "dropped"))
 
 
 def _draws(preset: Preset) -> int:

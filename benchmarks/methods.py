@@ -155,7 +155,8 @@ def run_stnerp(job: dict, series: Series, work: Path) -> dict:
     total = time.perf_counter() - start
     return {"wall_seconds": total, "fit_seconds": fit_seconds, "outputs_seconds": total - fit_seconds,
             "seconds_per_time": per_time, **_peak_rss(), "fields": fields,
-            "images": predicted, "options": options.to_dict(), "velocity_levels_kept": model.deformation.kept}
+            "images": predicted, "options": options.to_dict(), "velocity_levels_kept": model.deformation.kept,
+            "velocity_level_ratios": model.deformation.trial_ratios}
 
 
 def run_peer(job: dict, series: Series, work: Path) -> dict:

@@ -7,7 +7,8 @@ against the wall across a 3 mm band; data.abdomen_series, 3 mm; skipped with a m
 not in ../shared/data). Each is fitted with one time point held out, through the real
 engine (pipeline.fit, warping.warp); printed per configuration: Ref-Net PSNR, fit wall time, Ref-Net
 and Def-Net iterations/s (measured in-process), mean/max TRE over the trained time points (mm),
-label-1 Dice (tumour; the aorta on the chest; the spleen on the abdomen), folded voxels (det J <= 0), at the held-out time
+label-1 Dice (tumour; the aorta on the chest; the spleen on the abdomen), folded voxels (det J <= 0), the
+velocity levels kept and the first adaptive trial's loss ratio (with / without the finer level), at the held-out time
 the predicted image's PSNR/SSIM beside linear intensity interpolation of its two neighbours, and the
 largest |u| (mm) at the reference time (0 by definition).
 
@@ -145,9 +146,10 @@ def evaluate(series: StudySeries, name: str, prior: str | None, overrides: dict,
     wall = time.perf_counter() - start
     grid, window = Grid.of(series.images[0]), model.window
     normalised = [window.normalise(sitk.GetArrayFromImage(image)) for image in series.images]
-    row = {"series": series.name, "name": name, "wall": wall, "ref_its": timer.rate("refnet"), "def_its": timer.rate("defnet"),
-           "def_n": timer.iterations("defnet"), "levels": model.deformation.kept, "ref_psnr": float("nan"),
-           "load": os.getloadavg()[0]}
+    ratio = next((r for r in model.deformation.trial_ratios if r is not None), float("nan"))
+    row = {"series": series.name, "name": name, "wall": wall, "ref_its": timer.rate("refnet"),
+           "def_its": timer.rate("defnet"), "def_n": timer.iterations("defnet"), "levels": model.deformation.kept,
+           "ratio": ratio, "ref_psnr": float("nan"), "load": os.getloadavg()[0]}
     if model.ref_net is not None:
         row["ref_psnr"] = psnr(evaluate_on_grid(model.ref_net, normalised[0].shape).numpy(), normalised[0])
     at_reference = warp(model, series.times[0], grid).displacement
@@ -185,7 +187,7 @@ def _measure(model, series, k: int, grid: Grid) -> dict:
 
 
 COLUMNS = [("series", "{:<12s}"), ("name", "{:<18s}"), ("ref_psnr", "{:8.2f}"), ("wall", "{:7.1f}"), ("ref_its", "{:7.1f}"),
-           ("def_its", "{:7.1f}"), ("def_n", "{:5d}"), ("levels", "{:6d}"), ("tre_mean", "{:8.2f}"), ("tre_max", "{:7.2f}"), ("dice_min", "{:8.3f}"),
+           ("def_its", "{:7.1f}"), ("def_n", "{:5d}"), ("levels", "{:6d}"), ("ratio", "{:6.3f}"), ("tre_mean", "{:8.2f}"), ("tre_max", "{:7.2f}"), ("dice_min", "{:8.3f}"),
            ("folded", "{:6d}"), ("ho_psnr", "{:7.2f}"), ("lin_psnr", "{:8.2f}"), ("ho_ssim", "{:7.4f}"),
            ("lin_ssim", "{:8.4f}"), ("ho_tre", "{:6.2f}"), ("u_ref_max", "{:9.3f}"),
            ("load", "{:5.2f}")]

@@ -63,9 +63,10 @@ def test_finer_level_is_kept_only_if_it_lowers_the_loss_by_more_than_the_gain(ti
     said = []
     for iteration in (DECISION - 1, DECISION + 1):
         training._try_level(deformation, None, series, loss_of, ADAPTIVE, iteration, 5, said.append)
-    assert asked == [] and said == [] and deformation.kept == 2
+    assert asked == [] and said == [] and deformation.kept == 2 and deformation.trial_ratios == [None]
     training._try_level(deformation, None, series, loss_of, ADAPTIVE, DECISION, 5, said.append)
     assert set(asked) == {1, 2} and deformation.kept == kept
+    assert deformation.trial_ratios == [pytest.approx(ratio)]
     assert len(said) == 1 and f"{ratio:.3f} x the loss without it" in said[0]
     assert said[0].endswith("kept" if kept == 2 else "dropped")
 
@@ -140,5 +141,22 @@ def test_worker_with_auto_levels_records_and_says_how_many_it_kept(tmp_path):
     assert f"velocity levels kept: {record['velocity_levels_kept']} of 2" in result.stderr
     said = [line for line in result.stderr.splitlines() if line.startswith(f"velocity level 2 at Def-Net iteration {DECISION}:")]
     assert len(said) == 1 and said[0].endswith(decision) and " x the loss without it" in said[0], result.stderr
+    ratio, = record["velocity_level_ratios"]
+    assert f": the loss with it is {ratio:.3f} x" in said[0]
+    assert (ratio <= 1 - LEVEL_GAIN) == (decision == "kept")
     state = torch.load(output / "model.pt", weights_only=True)["deformation"]
     assert int(state["levels_kept"]) == record["velocity_levels_kept"]
+
+
+def test_a_state_saved_before_adaptive_levels_loads_with_every_level_kept_and_none_tried():
+    """Model files and checkpoints written before the decision was saved lack both buffers."""
+    generator = torch.Generator().manual_seed(0)
+    saved = Deformation(ADAPTIVE, (3, 3, 3), None, generator, 0.0)
+    saved.keep_levels(1)
+    saved.record_trial(1, 0.98)
+    state = {k: v for k, v in saved.state_dict().items() if k not in ("levels_kept", "level_ratios")}
+    loaded = Deformation(ADAPTIVE, (3, 3, 3), None, generator, 0.0)
+    loaded.load_state_dict(state)
+    assert loaded.kept == 2 and loaded.trial_ratios == [None]
+    loaded.load_state_dict(saved.state_dict())
+    assert loaded.kept == 1 and loaded.trial_ratios == [pytest.approx(0.98)]

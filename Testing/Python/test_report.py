@@ -72,6 +72,16 @@ def test_train_writes_a_self_contained_report_with_every_figure(run):
     assert "reference volume" in page                                # the det J caption says which way
 
 
+def test_report_says_how_the_fit_went_as_run_json_records_it(run):
+    record = json.loads((run / "run.json").read_text())
+    page = (run / "report" / "index.html").read_text()
+    ratio, = record["velocity_level_ratios"]
+    decision = "kept" if record["velocity_levels_kept"] == 2 else "dropped"
+    assert "<td>Def-Net iterations run</td><td>40 of 40</td>" in page
+    assert f"<td>velocity levels kept</td><td>{record['velocity_levels_kept']} of 2</td>" in page
+    assert f"<td>{ratio:.3f} ({decision}: kept below 0.95)</td>" in page
+
+
 def test_volume_curves_agree_with_the_propagated_labelmaps(run):
     """The model's curve (inverse map, integrated over the reference structure) against voxel
     counts of the propagated labelmap at each written time; the lungs are large enough for 4 %."""

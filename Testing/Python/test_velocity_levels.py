@@ -75,13 +75,13 @@ def test_saved_levelled_model_gives_the_same_field_after_loading(tiny, tmp_path)
 
 def test_model_saved_before_velocity_levels_loads_as_one_level(tiny, tmp_path):
     """A model file written before the options existed (no velocity_levels or adaptive_levels in its
-    preset, no levels_kept in its state) still loads, as the one level it was."""
+    preset, no levels_kept or level_ratios in its state) still loads, as the one level it was."""
     model = _fit(tiny, ONE_LEVEL.with_iterations(5))
     model.save(tmp_path / "model.pt")
     data = torch.load(tmp_path / "model.pt", weights_only=True)
     for key in ("velocity_levels", "level_start", "level_width", "level_sigma", "adaptive_levels"):
         del data["preset"][key]
-    del data["deformation"]["levels_kept"]
+    del data["deformation"]["levels_kept"], data["deformation"]["level_ratios"]
     torch.save(data, tmp_path / "old.pt")
     loaded = SeriesModel.load(tmp_path / "old.pt", torch.device("cpu"))
     assert loaded.preset.velocity_levels == 1
