@@ -16,7 +16,8 @@ Methods: `stnerp` (default preset, threads by the worker's policy), `stnerp_all_
 preset, one thread per usable CPU whatever the load: the behaviour before the policy) and
 `sitk_demons` (benchmarks/peers.py, ITK threads = usable CPUs, as the tool's own default).
 The figures are only as good as the machine is quiet: with other work on it, both runs of a
-method see different loads. The load average is printed beside each figure.
+method see different loads. Each run without burners therefore first waits for the 1-minute load
+to fall below `--quiet` (0.5). The load average is printed beside each figure.
 """
 from __future__ import annotations
 
@@ -82,10 +83,22 @@ def stop_burners(burners: list[subprocess.Popen]) -> None:
         burner.wait()
 
 
-def measure(methods: list[str], folder: Path, burners: int, warmup: float, iterations: int | None) -> dict:
-    """Every method without, then with, the burners: {method: {"idle": ..., "burner": ...}}."""
+def settle(quiet: float, most: float = 600.0) -> None:
+    """Wait (at most `most` s) until the 1-minute load average is below `quiet`: the thread policy
+    reads it, so a run started just after other work would take fewer threads than on an idle machine."""
+    start = time.monotonic()
+    while os.getloadavg()[0] >= quiet and time.monotonic() - start < most:
+        time.sleep(5)
+    print(f"waited {time.monotonic() - start:.0f} s for the load to fall below {quiet:g}: {load_average()}", flush=True)
+
+
+def measure(methods: list[str], folder: Path, burners: int, warmup: float, iterations: int | None,
+            quiet: float) -> dict:
+    """Every method without, then with, the burners: {method: {"idle": ..., "burner": ...}}; each run
+    without them waits for the load to fall below `quiet`."""
     results = {m: {} for m in methods}
     for method in methods:
+        settle(quiet)
         before = load_average()
         results[method]["idle"] = run_child(method, folder, iterations) | {"load": f"{before} -> {load_average()}"}
         print(f"{method:16s} without burner: {results[method]['idle']['wall_seconds']:7.1f} s "
@@ -126,6 +139,9 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, help="STNeRP iterations per network (default: the preset's)")
     parser.add_argument("--warmup", type=float, default=60.0,
                         help="seconds the burners run before the first method (the load average lags)")
+    parser.add_argument("--quiet", type=float, default=0.5,
+                        help="before each run without burners, wait (up to 10 min) for the 1-minute load "
+                             "to fall below this")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -142,7 +158,7 @@ def main(argv=None) -> int:
                                      args.phases, heldout=3)
         print(f"{args.kind} phantom {tuple(args.size)} voxels, {args.phases} phases; {usable_cpus()} usable CPUs; "
               f"{args.burner} burner(s), {args.warmup:g} s warm-up; load at start {load_average()}", flush=True)
-        results = measure(methods, folder, args.burner, args.warmup, args.iterations)
+        results = measure(methods, folder, args.burner, args.warmup, args.iterations, args.quiet)
     print(table(results, args.burner))
     return 0
 
