@@ -83,7 +83,7 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     if preset.similarity not in SIMILARITY:
         raise ValueError(f"unknown similarity {preset.similarity!r}: use one of {', '.join(SIMILARITY)}")
     loss_of, wanted = SIMILARITY[preset.similarity], _draws(preset)
-    optimizer = torch.optim.Adam(deformation.parameters(), lr=preset.def_lr)
+    optimizer = _deformation_optimizer(deformation, preset)
     schedule = _deformation_schedule(optimizer, preset)
     loss = torch.tensor(float("nan"))
     trial_seed = generator.initial_seed() + 2          # +1 is the finer levels' (Deformation)
@@ -103,6 +103,16 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
         if checkpoint is not None:
             checkpoint.after("defnet", iteration, optimizer, schedule, generator)
     return loss.item()
+
+
+def _deformation_optimizer(deformation: Deformation, preset: Preset) -> torch.optim.Adam:
+    """Adam over Def-Net(s) at def_lr, the finer velocity levels' at level_lr_scale x def_lr."""
+    finer = list(deformation.finer.parameters())
+    known = {id(p) for p in finer}
+    groups = [{"params": [p for p in deformation.parameters() if id(p) not in known]}]
+    if finer:
+        groups.append({"params": finer, "lr": preset.level_lr_scale * preset.def_lr})
+    return torch.optim.Adam(groups, lr=preset.def_lr)
 
 
 def _deformation_schedule(optimizer: torch.optim.Optimizer, preset: Preset) -> DecaySchedule:

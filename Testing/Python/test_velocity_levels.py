@@ -11,10 +11,12 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from STNeRPLib import training
 from STNeRPLib.deformation import Deformation
 from STNeRPLib.model import SeriesModel
 from STNeRPLib.phantom import breathing_series
 from STNeRPLib.pipeline import fit
+from STNeRPLib.preprocessing import IntensityWindow
 from STNeRPLib.presets import DEFAULT, Options
 from STNeRPLib.progress import Reporter
 from worker_cli import stnerp
@@ -31,6 +33,30 @@ def tiny():
 def _fit(series, preset):
     follow_ups = [(series.times[k], series.images[k]) for k in (1, 2)]
     return fit(series.images[0], series.times[0], follow_ups, None, Options(preset, seed=0), Reporter())[0]
+
+
+class _Ramp(torch.nn.Module):
+    """A prior whose intensity rises along x: every displacement changes the loss."""
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        return 0.5 + 0.4 * points[..., 0]
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_finer_levels_learn_at_level_lr_scale_times_def_lr(tiny, scale):
+    """Adam's first step moves each weight by its learning rate (g / |g|): the coarse output layer by
+    def_lr, the finer one (the only finer weights with a gradient at its zero start) by scale x def_lr."""
+    preset = dataclasses.replace(LEVELLED, level_start=0.0, level_lr_scale=scale, def_iterations=1)
+    deformation = Deformation(preset, (3, 3, 3), None, torch.Generator().manual_seed(0), 0.0)
+    coarse, fine = deformation.nets[0].mlp[-1].weight, deformation.finer[0][0].mlp[-1].weight
+    before = coarse.detach().clone(), fine.detach().clone()
+    window = IntensityWindow.for_image(tiny.images[0], "ct")
+    targets = [training.Target(t, image, window) for t, image in zip(tiny.times, tiny.images)]
+    training.fit_deformation(deformation, _Ramp(), targets, preset, lambda *args: None,
+                             torch.Generator().manual_seed(1))
+    coarse_step, fine_step = (float((w.detach() - b).abs().max()) for w, b in zip((coarse, fine), before))
+    assert coarse_step == pytest.approx(preset.def_lr, rel=1e-3)
+    assert fine_step == pytest.approx(scale * preset.def_lr, rel=1e-3)
 
 
 def test_finer_level_starts_as_the_coarse_velocity_upsampled():
