@@ -5,6 +5,8 @@ a point c at time t to its matching reference point c + u(c, t) (paper eq. 4).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,7 +71,7 @@ class Deformation(nn.Module):
     def trial_ratios(self) -> list[float | None]:
         """Per finer level (the second coarsest first): the loss with it / the loss without it at its
         adaptive trial, None where no trial was made."""
-        return [None if ratio != ratio else float(ratio) for ratio in self.level_ratios.tolist()]
+        return [None if math.isnan(ratio) else ratio for ratio in self.level_ratios.tolist()]
 
     def keep_levels(self, count: int) -> None:
         """Make the velocity of the `count` coarsest levels only, from now on."""

@@ -34,6 +34,7 @@ from .integration import identity_grid, sample
 from .io import read_image
 from .model import SeriesModel
 from .presets import LEVEL_GAIN
+from .training import keeps_level
 from .warping import _to_index, invert
 
 FOCUS = re.compile(r"tumou?r|gtv|ctv|itv|ptv|target|lesion|nodule", re.IGNORECASE)
@@ -454,7 +455,7 @@ def _fit_section(record: dict) -> list[str]:
             ["velocity levels kept", f"{record.get('velocity_levels_kept', 1)} of {preset.get('velocity_levels', 1)}"]]
     for level, ratio in enumerate(record.get("velocity_level_ratios") or [], 2):
         if ratio is not None:
-            decision = "kept" if ratio <= 1 - LEVEL_GAIN else "dropped"
+            decision = "kept" if keeps_level(ratio) else "dropped"
             rows.append([f"velocity level {level}: loss with it / without it at its trial",
                          f"{ratio:.3f} ({decision}: kept below {1 - LEVEL_GAIN:.2f})"])
     return ["<h2>Fit</h2>", _grid(["", ""], rows)]

@@ -108,8 +108,7 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
 def _deformation_optimizer(deformation: Deformation, preset: Preset) -> torch.optim.Adam:
     """Adam over Def-Net(s) at def_lr, the finer velocity levels' at level_lr_scale x def_lr."""
     finer = list(deformation.finer.parameters())
-    known = {id(p) for p in finer}
-    groups = [{"params": [p for p in deformation.parameters() if id(p) not in known]}]
+    groups = [{"params": list(deformation.nets.parameters())}]
     if finer:
         groups.append({"params": finer, "lr": preset.level_lr_scale * preset.def_lr})
     return torch.optim.Adam(groups, lr=preset.def_lr)
@@ -144,12 +143,17 @@ def _try_level(deformation: Deformation, prior: nn.Module, series: "_Series", lo
             with_level += float(loss_of(deformation, prior, series, which, drawn, level + 1)[1][0])
             without += float(loss_of(deformation, prior, series, which, drawn, level)[1][0])
     ratio = with_level / max(without, 1e-12)
-    kept = ratio <= 1 - LEVEL_GAIN
+    kept = keeps_level(ratio)
     deformation.record_trial(level, ratio)
     if not kept:
         deformation.keep_levels(level)
     message(f"velocity level {level + 1} at Def-Net iteration {iteration}: the loss with it is {ratio:.3f} x "
             f"the loss without it (kept below {1 - LEVEL_GAIN:.2f}): " + ("kept" if kept else "dropped"))
+
+
+def keeps_level(ratio: float) -> bool:
+    """The adaptive rule: a finer level whose trial gave loss with it / loss without it = `ratio` is kept."""
+    return ratio <= 1 - LEVEL_GAIN
 
 
 def _draws(preset: Preset) -> int:
