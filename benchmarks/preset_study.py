@@ -75,8 +75,7 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "levels-auto": (None, {"velocity_levels": 2, "adaptive_levels": True}),
     "levels-auto-converge": (None, {"velocity_levels": 2, "adaptive_levels": True, "stop_on_convergence": True}),
     "finer-lr-1": (None, {"level_lr_scale": 1.0}),
-    "steps-5": (None, {"squaring_steps": 5}),
-    "steps-6": (None, {"squaring_steps": 6}),
+    "steps-7": (None, {"squaring_steps": 7}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
 HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5}
