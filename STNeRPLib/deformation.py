@@ -30,7 +30,8 @@ class Deformation(nn.Module):
     velocity upsampled (trilinear) to the finest of them plus that level's residual, integrated on
     that finest grid: with one level it is the single-grid model exactly. `kept` levels (all unless
     keep_levels dropped finer ones) make the velocity when `levels` is not given; `trial_ratios` are
-    the evidence of each adaptive decision. Both are saved with the state.
+    the evidence of each adaptive decision, made on the losses its trial summed (add_trial_losses).
+    All three are saved with the state, so a fit resumed inside a trial decides as one not stopped.
     """
 
     def __init__(self, preset: Preset, velocity_shape: tuple[int, int, int],
@@ -56,6 +57,7 @@ class Deformation(nn.Module):
             self.register_buffer(f"grid{level}", identity_grid(shape).reshape(-1, 3), persistent=False)
         self.register_buffer("levels_kept", torch.tensor(len(self.shapes)))
         self.register_buffer("level_ratios", torch.full((len(self.shapes) - 1,), float("nan")))
+        self.register_buffer("trial_losses", torch.zeros(len(self.shapes) - 1, 2, dtype=torch.float64))
 
     @property
     def kept(self) -> int:
@@ -77,13 +79,21 @@ class Deformation(nn.Module):
         """Make the velocity of the `count` coarsest levels only, from now on."""
         self.levels_kept.fill_(count)
 
-    def record_trial(self, level: int, ratio: float) -> None:
-        """Record the loss ratio with / without finer level `level` (>= 1) found by its trial."""
-        self.level_ratios[level - 1] = ratio
+    def add_trial_losses(self, level: int, with_level: float, without: float) -> None:
+        """Add one iteration's losses with and without finer level `level` (>= 1) to its trial's sums."""
+        self.trial_losses[level - 1, 0] += with_level
+        self.trial_losses[level - 1, 1] += without
+
+    def record_trial(self, level: int) -> float:
+        """Record and return the trial's summed loss with / without finer level `level` (>= 1)."""
+        with_level, without = self.trial_losses[level - 1].tolist()
+        self.level_ratios[level - 1] = with_level / max(without, 1e-12)
+        return float(self.level_ratios[level - 1])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # States saved before adaptive levels hold neither buffer: every level kept, none tried.
-        for name in ("levels_kept", "level_ratios"):
+        # States saved before adaptive levels hold none of these: every level kept, none tried; before
+        # the summed trial, no sums (a checkpoint inside a trial then decides on the iterations after it).
+        for name in ("levels_kept", "level_ratios", "trial_losses"):
             state_dict.setdefault(prefix + name, getattr(self, name).clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

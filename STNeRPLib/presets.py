@@ -8,6 +8,10 @@ AUTO_LEVELS = 2
 """Velocity levels tried by `--velocity-levels auto` (a third, 8 mm, level was not better: README, Presets)."""
 LEVEL_TRIAL = 0.2
 """Fraction of Def-Net's iterations a finer velocity level is trained before adaptive_levels decides."""
+LEVEL_WINDOW = 0.5
+"""Fraction of a finer level's trial, its last iterations, whose training losses with the level and
+without it (the same drawn voxels) are summed for adaptive_levels' decision: one look at the end moved
+the ratio by up to 0.05 from one check to the next, 50 iterations apart (README, Presets)."""
 LEVEL_GAIN = 0.05
 """Relative fall of the loss that a finer velocity level must bring to be kept (adaptive_levels). Two
 levels against one after the trial, 60,000 voxels of every time point (seed 0): breathing phantom
@@ -46,8 +50,9 @@ class Preset:
     iteration's samples). The level_* values are the best measured (README, Presets); one level leaves
     them unread.
     `adaptive_levels` tries each finer level for LEVEL_TRIAL of Def-Net's iterations and keeps it only
-    if it then lowers the loss over a fixed sample of every time point by more than LEVEL_GAIN against
-    the same fit without it; otherwise the fit goes on without it (and the levels above it).
+    if, summed over the trial's last LEVEL_WINDOW, it lowers the training loss by more than LEVEL_GAIN
+    against the same fit without it on the same voxels; otherwise the fit goes on without it (and the
+    levels above it).
     `stop_on_convergence` makes `def_iterations` the most Def-Net runs: its learning rate stays at
     `def_lr` until the loss stops improving (schedule.DecaySchedule), then falls to `lr_final` of it by
     a cosine over `decay_iterations` more, and the fit ends there (off: the cosine spans def_iterations).
@@ -100,6 +105,13 @@ class Preset:
         """With adaptive_levels, the Def-Net iteration after which finer level `level` (>= 1) is kept or
         dropped: LEVEL_TRIAL of def_iterations after it was switched on."""
         return self.level_iteration(level) + int(round(LEVEL_TRIAL * self.def_iterations)) - 1
+
+    def level_window(self, level: int) -> range:
+        """With adaptive_levels, the Def-Net iterations whose losses decide finer level `level` (>= 1):
+        the last LEVEL_WINDOW of its trial (at least one), ending at its decision."""
+        decision = self.level_decision(level)
+        length = max(int(round(LEVEL_WINDOW * LEVEL_TRIAL * self.def_iterations)), 1)
+        return range(max(decision - length + 1, self.level_iteration(level)), decision + 1)
 
     def levels_settled(self) -> int:
         """The Def-Net iteration from which the velocity levels no longer change: the finest one's

@@ -86,7 +86,6 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     optimizer = _deformation_optimizer(deformation, preset)
     schedule = _deformation_schedule(optimizer, preset)
     loss = torch.tensor(float("nan"))
-    trial_seed = generator.initial_seed() + 2          # +1 is the finer levels' (Deformation)
     iteration = _restore(checkpoint, "defnet", ("deformation", deformation), optimizer, schedule, generator,
                          preset.def_iterations)
     while iteration < schedule.end:
@@ -95,10 +94,12 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
         voxels = series.choose_voxels(which, wanted, generator)
         levels = sum(iteration >= preset.level_iteration(level) for level in range(preset.velocity_levels))
         loss, per_time = loss_of(deformation, prior, series, which, voxels, levels)
+        if preset.adaptive_levels:
+            _weigh_level(deformation, prior, series, loss_of, preset, iteration, (which, voxels, levels), loss)
         schedule.observe(iteration, which, per_time)
         _step(optimizer, loss, schedule)
         if preset.adaptive_levels:
-            _try_level(deformation, prior, series, loss_of, preset, iteration, trial_seed, message)
+            _try_level(deformation, preset, iteration, message)
         progress("defnet", iteration, schedule.end, loss.item())
         if checkpoint is not None:
             checkpoint.after("defnet", iteration, optimizer, schedule, generator)
@@ -122,29 +123,33 @@ def _deformation_schedule(optimizer: torch.optim.Optimizer, preset: Preset) -> D
                          earliest=preset.levels_settled())
 
 
-TRIAL_DRAWS = 16
-"""The sample on which a finer level is judged: TRIAL_DRAWS x a training iteration's draws, per time point."""
+def _trial_level(deformation: Deformation, preset: Preset, iteration: int) -> int | None:
+    """The finer level (>= 1, still kept) whose trial window (Preset.level_window) holds `iteration`."""
+    return next((level for level in range(1, deformation.kept) if iteration in preset.level_window(level)), None)
 
 
-def _try_level(deformation: Deformation, prior: nn.Module, series: "_Series", loss_of, preset: Preset,
-               iteration: int, seed: int, message: Callable[[str], None]) -> None:
+def _weigh_level(deformation: Deformation, prior: nn.Module, series: "_Series", loss_of, preset: Preset,
+                 iteration: int, drawn: tuple[list[int], torch.Tensor, int], loss: torch.Tensor) -> None:
+    """Inside a finer level's trial window, add this iteration's training loss (with the level) and the
+    loss of the same times and voxels without it (no gradient) to the level's trial sums."""
+    level = _trial_level(deformation, preset, iteration)
+    which, voxels, levels = drawn
+    if level is None or levels != level + 1:
+        return
+    with torch.no_grad():
+        without = loss_of(deformation, prior, series, which, voxels, level)[0]
+    deformation.add_trial_losses(level, loss.item(), without.item())
+
+
+def _try_level(deformation: Deformation, preset: Preset, iteration: int, message: Callable[[str], None]) -> None:
     """At the end of a finer level's trial (Preset.level_decision), drop it and every finer level unless
-    it lowers the loss (mean over every time point, a fixed sample drawn from `seed`) by more than
-    LEVEL_GAIN against the kept coarser levels alone; say which, with the ratio, to `message`."""
+    its summed training loss over the trial's window is more than LEVEL_GAIN below the same sum without
+    it; say which, with the ratio, to `message`."""
     level = next((level for level in range(1, deformation.kept) if preset.level_decision(level) == iteration), None)
     if level is None:
         return
-    everything = list(range(len(series.times)))
-    voxels = series.choose_voxels(everything, TRIAL_DRAWS * _draws(preset), torch.Generator().manual_seed(seed))
-    with_level, without = 0.0, 0.0
-    with torch.no_grad():
-        for index in everything:          # one time point at a time: the prior's lookup of a whole sample
-            which, drawn = [index], voxels[index:index + 1]       # of every time costs ~0.4 GB
-            with_level += float(loss_of(deformation, prior, series, which, drawn, level + 1)[1][0])
-            without += float(loss_of(deformation, prior, series, which, drawn, level)[1][0])
-    ratio = with_level / max(without, 1e-12)
+    ratio = deformation.record_trial(level)
     kept = keeps_level(ratio)
-    deformation.record_trial(level, ratio)
     if not kept:
         deformation.keep_levels(level)
     message(f"velocity level {level + 1} at Def-Net iteration {iteration}: the loss with it is {ratio:.3f} x "

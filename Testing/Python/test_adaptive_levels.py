@@ -46,29 +46,49 @@ def _fit(series, reporter=None, checkpoint=None) -> SeriesModel:
                reporter or Reporter(), checkpoint=checkpoint)[0]
 
 
-@pytest.mark.parametrize("ratio, kept", [(1 - LEVEL_GAIN - 0.01, 2), (1 - LEVEL_GAIN + 0.01, 1), (1.10, 1)])
-def test_finer_level_is_kept_only_if_it_lowers_the_loss_by_more_than_the_gain(tiny, ratio, kept):
-    """The rule on its own: a loss whose value with the finer level is `ratio` x its value without it;
-    nothing is decided before or after the level's decision iteration."""
+def _trial(tiny, with_level: dict[int, float]) -> tuple[Deformation, list[int], list[str]]:
+    """Run the rule on its own from the level's switch-on to past its decision, with a training loss of
+    with_level.get(iteration, 1.0) and a loss without the level of 1.0: the deformation, the iterations
+    at which the loss without the level was asked for, and what was said."""
     deformation = Deformation(ADAPTIVE, (3, 3, 3), None, torch.Generator().manual_seed(0), 0.0)
-    asked = []
+    series = training._Series.of(_targets(tiny), torch.device("cpu"))
+    asked, said = [], []
+    for iteration in range(ADAPTIVE.level_iteration(1), DECISION + 3):
+        def loss_of(deformation, prior, series, which, voxels, levels):
+            assert levels == 1
+            asked.append(iteration)
+            return torch.tensor(1.0), torch.ones(len(which))
 
-    def loss_of(deformation, prior, series, which, voxels, levels):
-        asked.append(levels)
-        per_time = torch.full((len(which),), ratio if levels == 2 else 1.0)
-        return per_time.mean(), per_time
+        drawn = ([0], series.choose_voxels([0], 8, torch.Generator().manual_seed(0)), 2)
+        loss = torch.tensor(with_level.get(iteration, 1.0))
+        training._weigh_level(deformation, None, series, loss_of, ADAPTIVE, iteration, drawn, loss)
+        training._try_level(deformation, ADAPTIVE, iteration, said.append)
+        assert (said == []) == (iteration < DECISION)
+    return deformation, asked, said
 
-    targets = _targets(tiny)
-    series = training._Series.of(targets, torch.device("cpu"))
-    said = []
-    for iteration in (DECISION - 1, DECISION + 1):
-        training._try_level(deformation, None, series, loss_of, ADAPTIVE, iteration, 5, said.append)
-    assert asked == [] and said == [] and deformation.kept == 2 and deformation.trial_ratios == [None]
-    training._try_level(deformation, None, series, loss_of, ADAPTIVE, DECISION, 5, said.append)
-    assert set(asked) == {1, 2} and deformation.kept == kept
-    assert deformation.trial_ratios == [pytest.approx(ratio)]
+
+WINDOW = ADAPTIVE.level_window(1)
+
+
+@pytest.mark.parametrize("ratio, kept", [(1 - LEVEL_GAIN - 0.01, 2), (1 - LEVEL_GAIN + 0.01, 1), (1.10, 1)])
+def test_finer_level_is_kept_only_if_it_lowers_the_trial_windows_loss_by_more_than_the_gain(tiny, ratio, kept):
+    """Losses with the level `ratio` x those without it over the window: decided once, at the decision,
+    from the window's iterations only (the loss without the level is computed there alone)."""
+    deformation, asked, said = _trial(tiny, {iteration: ratio for iteration in WINDOW})
+    assert asked == list(WINDOW) and WINDOW.stop - 1 == DECISION and len(WINDOW) > 1
+    assert deformation.kept == kept and deformation.trial_ratios == [pytest.approx(ratio)]
     assert len(said) == 1 and f"{ratio:.3f} x the loss without it" in said[0]
     assert said[0].endswith("kept" if kept == 2 else "dropped")
+
+
+def test_the_decision_sums_the_window_rather_than_reading_its_last_iteration(tiny):
+    """A level that lowers the loss by 10 % over its window but not at the decision's own iteration is
+    kept; losses before the window (here 3x) count for nothing."""
+    losses = {iteration: 0.9 for iteration in WINDOW} | {DECISION: 1.0}
+    losses |= {iteration: 3.0 for iteration in range(ADAPTIVE.level_iteration(1), WINDOW.start)}
+    deformation, _, said = _trial(tiny, losses)
+    expected = (0.9 * (len(WINDOW) - 1) + 1.0) / len(WINDOW)
+    assert deformation.kept == 2 and deformation.trial_ratios == [pytest.approx(expected)], said
 
 
 def _targets(series) -> list[training.Target]:
@@ -111,9 +131,10 @@ def test_a_kept_level_stays_in_the_field(tiny, monkeypatch):
     assert kept.displacement_grid(1.0).shape[2:] == kept.deformation.shapes[1]
 
 
-@pytest.mark.parametrize("stop", [DECISION - 3, DECISION + 3])
-def test_a_fit_interrupted_before_or_after_its_level_decision_resumes_bit_identical(tiny, tmp_path, monkeypatch,
-                                                                                    stop):
+@pytest.mark.parametrize("stop", [WINDOW.start, DECISION + 3])
+def test_a_fit_interrupted_inside_or_after_its_level_trial_resumes_bit_identical(tiny, tmp_path, monkeypatch, stop):
+    """Inside the trial's window the sums so far are in the checkpoint: the resumed fit records the
+    same ratio (level_ratios is in the compared state)."""
     monkeypatch.setattr(training, "LEVEL_GAIN", 1.0)
     whole = _fit(tiny)
     path = tmp_path / "checkpoint.pt"
@@ -153,8 +174,9 @@ def test_a_state_saved_before_adaptive_levels_loads_with_every_level_kept_and_no
     generator = torch.Generator().manual_seed(0)
     saved = Deformation(ADAPTIVE, (3, 3, 3), None, generator, 0.0)
     saved.keep_levels(1)
-    saved.record_trial(1, 0.98)
-    state = {k: v for k, v in saved.state_dict().items() if k not in ("levels_kept", "level_ratios")}
+    saved.add_trial_losses(1, 0.98, 1.0)
+    saved.record_trial(1)
+    state = {k: v for k, v in saved.state_dict().items() if k not in ("levels_kept", "level_ratios", "trial_losses")}
     loaded = Deformation(ADAPTIVE, (3, 3, 3), None, generator, 0.0)
     loaded.load_state_dict(state)
     assert loaded.kept == 2 and loaded.trial_ratios == [None]
