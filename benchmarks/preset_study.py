@@ -72,8 +72,6 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "converge-decay-400": (None, {"stop_on_convergence": True, "decay_iterations": 400}),
     "converge-decay-200": (None, {"stop_on_convergence": True, "decay_iterations": 200}),
     "levels-2-converge": (None, {"velocity_levels": 2, "adaptive_levels": False, "stop_on_convergence": True}),
-    "levels-auto": (None, {"velocity_levels": 2, "adaptive_levels": True}),
-    "levels-auto-converge": (None, {"velocity_levels": 2, "adaptive_levels": True, "stop_on_convergence": True}),
     "finer-lr-1": (None, {"level_lr_scale": 1.0}),
     "steps-7": (None, {"squaring_steps": 7}),
 }
