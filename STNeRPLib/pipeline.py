@@ -22,7 +22,7 @@ from .metrics import map_points, target_registration_error
 from .model import SeriesModel, new_ref_net, normalise_time
 from .networks import RefNet
 from .preprocessing import IntensityWindow, affine_prealignment, on_grid
-from .presets import Options, Preset
+from .presets import LEVEL_GAIN, Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
 from .record import RunRecord
@@ -281,7 +281,7 @@ def _run_long_range(series, options, folder, reporter, record, predict_times, ch
         record.set(model="model.pt", intensity_window=[model.window.low, model.window.high], losses="losses.csv",
                    prealignments=[[t, m.tolist()] for t, m in prealignments.items()],
                    defnet_iterations=_last_iteration(losses, "defnet"), velocity_levels_kept=model.deformation.kept,
-                   velocity_level_ratios=model.deformation.trial_ratios)
+                   velocity_level_ratios=model.deformation.trial_ratios, velocity_level_keep_below=1 - LEVEL_GAIN)
     if checkpoint is not None:              # the saved model supersedes it
         checkpoint.remove()
     points = [TimePoint(t, Grid.of(image), image, prealignments.get(t)) for t, image in series.images]

@@ -33,8 +33,6 @@ from .record import load_record
 from .integration import identity_grid, sample
 from .io import read_image
 from .model import SeriesModel
-from .presets import LEVEL_GAIN
-from .training import keeps_level
 from .warping import _to_index, invert
 
 FOCUS = re.compile(r"tumou?r|gtv|ctv|itv|ptv|target|lesion|nodule", re.IGNORECASE)
@@ -447,17 +445,20 @@ def render_html(run: Path, record: dict, written: list[Figure], statistics: dict
 
 def _fit_section(record: dict) -> list[str]:
     """What training did, where run.json says (a trained run): Def-Net's iterations run and, with
-    velocity levels, how many were kept and each adaptive trial's loss ratio with / without its level."""
+    velocity levels, how many were kept and each adaptive trial's loss ratio with / without its level,
+    with the decision the run took (from velocity_levels_kept: a record outlives a change of the bar)."""
     if "defnet_iterations" not in record:
         return []
     preset = record.get("parameters", {}).get("preset", {})
     rows = [["Def-Net iterations run", f"{record['defnet_iterations']} of {preset.get('def_iterations', '?')}"],
             ["velocity levels kept", f"{record.get('velocity_levels_kept', 1)} of {preset.get('velocity_levels', 1)}"]]
+    bar = record.get("velocity_level_keep_below")
     for level, ratio in enumerate(record.get("velocity_level_ratios") or [], 2):
         if ratio is not None:
-            decision = "kept" if keeps_level(ratio) else "dropped"
+            decision = "kept" if record.get("velocity_levels_kept", 1) >= level else "dropped"
+            rule = "" if bar is None else f": kept below {bar:.2f}"
             rows.append([f"velocity level {level}: loss with it / without it at its trial",
-                         f"{ratio:.3f} ({decision}: kept below {1 - LEVEL_GAIN:.2f})"])
+                         f"{ratio:.3f} ({decision}{rule})"])
     return ["<h2>Fit</h2>", _grid(["", ""], rows)]
 
 

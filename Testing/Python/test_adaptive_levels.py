@@ -160,7 +160,8 @@ def test_worker_with_auto_levels_records_and_says_how_many_it_kept(tmp_path):
     assert record["velocity_levels_kept"] in (1, 2) and record["defnet_iterations"] == 40
     decision = "kept" if record["velocity_levels_kept"] == 2 else "dropped"
     assert f"velocity levels kept: {record['velocity_levels_kept']} of 2" in result.stderr
-    said = [line for line in result.stderr.splitlines() if line.startswith(f"velocity level 2 at Def-Net iteration {DECISION}:")]
+    said = [line for line in result.stderr.splitlines()
+            if line.startswith(f"velocity level 2 at Def-Net iteration {DECISION}:")]
     assert len(said) == 1 and said[0].endswith(decision) and " x the loss without it" in said[0], result.stderr
     ratio, = record["velocity_level_ratios"]
     assert f": the loss with it is {ratio:.3f} x" in said[0]

@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from STNeRPLib.model import SeriesModel
 from STNeRPLib.phantom import breathing_series, write_series
+from STNeRPLib.presets import LEVEL_GAIN
 from STNeRPLib.warping import map_to_reference
 from worker_cli import stnerp
 
@@ -79,7 +80,8 @@ def test_report_says_how_the_fit_went_as_run_json_records_it(run):
     decision = "kept" if record["velocity_levels_kept"] == 2 else "dropped"
     assert "<td>Def-Net iterations run</td><td>40 of 40</td>" in page
     assert f"<td>velocity levels kept</td><td>{record['velocity_levels_kept']} of 2</td>" in page
-    assert f"<td>{ratio:.3f} ({decision}: kept below 0.95)</td>" in page
+    assert record["velocity_level_keep_below"] == pytest.approx(1 - LEVEL_GAIN)
+    assert f"<td>{ratio:.3f} ({decision}: kept below {1 - LEVEL_GAIN:.2f})</td>" in page
 
 
 def test_volume_curves_agree_with_the_propagated_labelmaps(run):
@@ -124,6 +126,20 @@ def test_report_command_writes_the_report_of_a_run(run, tmp_path):
     times = {float(r["time"]) for r in rows(copy / "report" / "structures_over_time.csv")}
     assert len(times) == 6                            # 0, 2/3, 4/3, 2 and the written 1, 1.5
     assert (copy / "report" / "index.html").is_file()
+
+
+def test_report_of_an_older_run_gives_the_level_decision_it_took_not_one_by_todays_bar(run, tmp_path):
+    """A run.json written under the 0.95 bar, before the bar was recorded: a ratio of 0.96 whose level
+    the run dropped is reported dropped, with no bar claimed."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    record = json.loads((copy / "run.json").read_text())
+    del record["velocity_level_keep_below"]
+    record.update(velocity_levels_kept=1, velocity_level_ratios=[0.96])
+    (copy / "run.json").write_text(json.dumps(record))
+    result = stnerp("report", "--run", copy, "--curve-times", 4)
+    assert result.returncode == 0, result.stderr
+    assert "<td>0.960 (dropped)</td>" in (copy / "report" / "index.html").read_text()
 
 
 def test_report_of_a_folder_without_a_run_is_refused(tmp_path):
