@@ -279,9 +279,7 @@ def _run_long_range(series, options, folder, reporter, record, predict_times, ch
         model.save(folder / "model.pt")
         write_losses(losses, folder / "losses.csv")
         record.set(model="model.pt", intensity_window=[model.window.low, model.window.high], losses="losses.csv",
-                   prealignments=[[t, m.tolist()] for t, m in prealignments.items()],
-                   defnet_iterations=_last_iteration(losses, "defnet"), velocity_levels_kept=model.deformation.kept,
-                   velocity_level_ratios=model.deformation.trial_ratios, velocity_level_keep_below=1 - LEVEL_GAIN)
+                   prealignments=[[t, m.tolist()] for t, m in prealignments.items()], **_fit_facts(model, losses))
     if checkpoint is not None:              # the saved model supersedes it
         checkpoint.remove()
     points = [TimePoint(t, Grid.of(image), image, prealignments.get(t)) for t, image in series.images]
@@ -291,6 +289,14 @@ def _run_long_range(series, options, folder, reporter, record, predict_times, ch
         if point.time not in written:
             record.add_time_point(write_time_point(model, point, folder, series).entry)
         reporter.progress("outputs", index, len(points))
+
+
+def _fit_facts(model: SeriesModel, losses: list[tuple[str, int, float]]) -> dict:
+    """What a fit did, as run.json records it (for the whole run, or per pair in the short-range scheme):
+    Def-Net iterations run, velocity levels kept, each adaptive trial's loss ratio and the bar it was
+    judged against."""
+    return {"defnet_iterations": _last_iteration(losses, "defnet"), "velocity_levels_kept": model.deformation.kept,
+            "velocity_level_ratios": model.deformation.trial_ratios, "velocity_level_keep_below": 1 - LEVEL_GAIN}
 
 
 def _last_iteration(losses: list[tuple[str, int, float]], stage: str) -> int | None:
@@ -328,8 +334,8 @@ def _run_short_range(series, options, folder, reporter, record, checkpoint_every
         record.set(intensity_window=[model.window.low, model.window.high])
         point = TimePoint(t1, Grid.of(image1), image1, prealignments.get(t1))
         written = write_time_point(model, point, folder, unchained)
+        written.entry.update(reference_time=t0, **_fit_facts(model, pair))
         del model
-        written.entry["reference_time"] = t0
         if t1 in series.landmarks:
             chain = [folder / e["displacement"] for e in [written.entry, *reversed(record.data["time_points"])]]
             written.entry["metrics"].update(_chained_tre(chain, *series.landmarks[t1]))

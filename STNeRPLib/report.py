@@ -444,22 +444,32 @@ def render_html(run: Path, record: dict, written: list[Figure], statistics: dict
 
 
 def _fit_section(record: dict) -> list[str]:
-    """What training did, where run.json says (a trained run): Def-Net's iterations run and, with
-    velocity levels, how many were kept and each adaptive trial's loss ratio with / without its level,
-    with the decision the run took (from velocity_levels_kept: a record outlives a change of the bar)."""
-    if "defnet_iterations" not in record:
-        return []
+    """What training did, where run.json says (a trained run; per pair in the short-range scheme):
+    Def-Net's iterations run and, with velocity levels, how many were kept and each adaptive trial's loss
+    ratio with / without its level, with the decision the run took (from velocity_levels_kept: a record
+    outlives a change of the bar)."""
     preset = record.get("parameters", {}).get("preset", {})
-    rows = [["Def-Net iterations run", f"{record['defnet_iterations']} of {preset.get('def_iterations', '?')}"],
-            ["velocity levels kept", f"{record.get('velocity_levels_kept', 1)} of {preset.get('velocity_levels', 1)}"]]
-    bar = record.get("velocity_level_keep_below")
-    for level, ratio in enumerate(record.get("velocity_level_ratios") or [], 2):
+    if "defnet_iterations" in record:
+        rows = _fit_rows(record, preset, "")
+    else:
+        rows = [row for entry in record["time_points"] if "defnet_iterations" in entry
+                for row in _fit_rows(entry, preset, f"pair {entry['reference_time']:g} → {entry['time']:g}: ")]
+    return ["<h2>Fit</h2>", _grid(["", ""], rows)] if rows else []
+
+
+def _fit_rows(facts: dict, preset: dict, prefix: str) -> list[list[str]]:
+    """The Fit table's rows for one fit's facts (pipeline._fit_facts), each name after `prefix`."""
+    kept = facts.get("velocity_levels_kept", 1)
+    rows = [[prefix + "Def-Net iterations run", f"{facts['defnet_iterations']} of {preset.get('def_iterations', '?')}"],
+            [prefix + "velocity levels kept", f"{kept} of {preset.get('velocity_levels', 1)}"]]
+    bar = facts.get("velocity_level_keep_below")
+    for level, ratio in enumerate(facts.get("velocity_level_ratios") or [], 2):
         if ratio is not None:
-            decision = "kept" if record.get("velocity_levels_kept", 1) >= level else "dropped"
+            decision = "kept" if kept >= level else "dropped"
             rule = "" if bar is None else f": kept below {bar:.2f}"
-            rows.append([f"velocity level {level}: loss with it / without it at its trial",
+            rows.append([prefix + f"velocity level {level}: loss with it / without it at its trial",
                          f"{ratio:.3f} ({decision}{rule})"])
-    return ["<h2>Fit</h2>", _grid(["", ""], rows)]
+    return rows
 
 
 def _metrics_table(record: dict, names: Names) -> str:

@@ -183,3 +183,28 @@ def test_a_state_saved_before_adaptive_levels_loads_with_every_level_kept_and_no
     assert loaded.kept == 2 and loaded.trial_ratios == [None]
     loaded.load_state_dict(saved.state_dict())
     assert loaded.kept == 1 and loaded.trial_ratios == [pytest.approx(0.98)]
+
+
+def test_short_range_run_records_and_reports_each_pairs_level_decision(tmp_path):
+    """The short-range scheme fits one model per pair: each pair's time point records what its fit did,
+    as the long-range run records it for the whole series, and the report gives every pair's decision."""
+    files = write_series(breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, noise_hu=0),
+                         tmp_path / "data")
+    output = tmp_path / "run"
+    result = stnerp("train", "--reference", files["images"][0], "--follow-up", files["images"][1], 1,
+                    "--follow-up", files["images"][2], 2, "--iterations", 40, "--velocity-levels", "auto",
+                    "--scheme", "short", "--output", output)
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if line.startswith("velocity level 2 at Def-Net iteration")]
+    entries = json.loads((output / "run.json").read_text())["time_points"]
+    page = (output / "report" / "index.html").read_text()
+    assert [entry["time"] for entry in entries] == [1, 2] and len(said) == 2
+    for entry, line in zip(entries, said):
+        ratio, = entry["velocity_level_ratios"]
+        kept = entry["velocity_levels_kept"]
+        assert entry["defnet_iterations"] == 40 and entry["velocity_level_keep_below"] == pytest.approx(1 - LEVEL_GAIN)
+        assert f"the loss with it is {ratio:.3f} x" in line and line.endswith("kept" if kept == 2 else "dropped")
+        pair = f"pair {entry['reference_time']:g} → {entry['time']:g}: "
+        assert f"<td>{pair}velocity levels kept</td><td>{kept} of 2</td>" in page
+        decision = "kept" if kept == 2 else "dropped"
+        assert f"<td>{pair}velocity level 2: loss with it / without it at its trial</td><td>{ratio:.3f} ({decision}" in page
