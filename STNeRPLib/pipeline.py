@@ -22,12 +22,12 @@ from .metrics import map_points, target_registration_error
 from .model import SeriesModel, new_ref_net, normalise_time
 from .networks import RefNet
 from .preprocessing import IntensityWindow, affine_prealignment, on_grid
-from .presets import LEVEL_GAIN, Options, Preset
+from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
 from .record import RunRecord
 from .series import Series
-from .training import Progress, Target, fit_deformation, fit_reference
+from .training import Progress, Target, fit_deformation, fit_reference, keep_below
 from .outputs import TimePoint, write_metrics_table, write_time_point
 from .warping import affine_matrix
 
@@ -296,7 +296,7 @@ def _fit_facts(model: SeriesModel, losses: list[tuple[str, int, float]]) -> dict
     Def-Net iterations run, velocity levels kept, each adaptive trial's loss ratio and the bar it was
     judged against."""
     return {"defnet_iterations": _last_iteration(losses, "defnet"), "velocity_levels_kept": model.deformation.kept,
-            "velocity_level_ratios": model.deformation.trial_ratios, "velocity_level_keep_below": 1 - LEVEL_GAIN}
+            "velocity_level_ratios": model.deformation.trial_ratios, "velocity_level_keep_below": keep_below()}
 
 
 def _last_iteration(losses: list[tuple[str, int, float]], stage: str) -> int | None:

@@ -149,16 +149,17 @@ def _try_level(deformation: Deformation, preset: Preset, iteration: int, message
     if level is None:
         return
     ratio = deformation.record_trial(level)
-    kept = keeps_level(ratio)
+    kept = ratio <= keep_below()
     if not kept:
         deformation.keep_levels(level)
     message(f"velocity level {level + 1} at Def-Net iteration {iteration}: the loss with it is {ratio:.3f} x "
-            f"the loss without it (kept below {1 - LEVEL_GAIN:.2f}): " + ("kept" if kept else "dropped"))
+            f"the loss without it (kept below {keep_below():.2f}): " + ("kept" if kept else "dropped"))
 
 
-def keeps_level(ratio: float) -> bool:
-    """The adaptive rule: a finer level whose trial gave loss with it / loss without it = `ratio` is kept."""
-    return ratio <= 1 - LEVEL_GAIN
+def keep_below() -> float:
+    """The adaptive rule's bar: a finer level whose trial gave summed loss with it / without it at or
+    below this is kept (1 - LEVEL_GAIN); run.json records it beside the ratios."""
+    return 1 - LEVEL_GAIN
 
 
 def _draws(preset: Preset) -> int:
