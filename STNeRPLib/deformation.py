@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .integration import identity_grid, scaling_and_squaring
+from .integration import identity_grid, refine, scaling_and_squaring
 from .networks import DefNet
 from .presets import Preset
 
@@ -41,6 +41,7 @@ class Deformation(nn.Module):
         self.steps = preset.squaring_steps
         self.shapes = [tuple(2 ** level * (n - 1) + 1 for n in velocity_shape)
                        for level in range(preset.velocity_levels)]
+        self.factors = [preset.refinement(level) for level in range(preset.velocity_levels)]
         self.pairwise_times = pairwise_times
         count = len(pairwise_times) if pairwise_times else 1
         self.nets = nn.ModuleList(
@@ -68,6 +69,12 @@ class Deformation(nn.Module):
     def velocity_shape(self) -> tuple[int, int, int]:
         """The grid (D, H, W) on which the velocity is integrated: the finest kept level's."""
         return self.shapes[self.kept - 1]
+
+    @property
+    def displacement_shape(self) -> tuple[int, int, int]:
+        """The grid (D, H, W) of `displacement`: the velocity grid, refined (preset.displacement_spacing)."""
+        factor = self.factors[self.kept - 1]
+        return tuple(factor * (n - 1) + 1 for n in self.velocity_shape)
 
     @property
     def trial_ratios(self) -> list[float | None]:
@@ -126,12 +133,14 @@ class Deformation(nn.Module):
     def displacement(self, times: list[float], chunk: int | None = None, inverse: bool = False,
                      levels: int | None = None) -> torch.Tensor:
         """Displacements [len(times), 3, D, H, W] at normalised times, by scaling and squaring of the
-        velocity of the first `levels` levels (None: the kept ones) on the finest of their grids.
+        velocity of the first `levels` levels (None: the kept ones) on the finest of their grids, then
+        refined by that level's factor (preset.displacement_spacing): interpolate it trilinearly.
 
         inverse: exp(-v) instead of exp(v), the inverse map (reference points -> time-t points).
         """
+        levels = self.kept if levels is None else min(levels, self.kept)
         velocity = self.velocity(times, chunk, levels)
-        return scaling_and_squaring(-velocity if inverse else velocity, self.steps)
+        return refine(scaling_and_squaring(-velocity if inverse else velocity, self.steps), self.factors[levels - 1])
 
     def _net_index(self, t: float) -> int:
         if self.pairwise_times is None:

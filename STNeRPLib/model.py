@@ -69,8 +69,8 @@ class SeriesModel:
         return self.grid.image(self.views[t].astype(np.uint8)) if t in self.views else None
 
     def displacement_grid(self, t: float, inverse: bool = False) -> torch.Tensor:
-        """Displacement [1, 3, D, H, W] (grid_sample units) on the velocity grid at user time t
-        (inverse: reference points -> time-t points)."""
+        """Displacement [1, 3, D, H, W] (grid_sample units) on the displacement grid (Deformation.displacement)
+        at user time t, to be interpolated trilinearly (inverse: reference points -> time-t points)."""
         with torch.no_grad():
             return self.deformation.displacement([self.normalised_time(t)], chunk=65536, inverse=inverse)
 

@@ -1,6 +1,7 @@
 """Hyperparameter presets: the paper's exact settings, and a default designed for a CPU."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, asdict, replace
 
 
@@ -57,6 +58,10 @@ class Preset:
     `stop_on_convergence` makes `def_iterations` the most Def-Net runs: its learning rate stays at
     `def_lr` until the loss stops improving (schedule.DecaySchedule), then falls to `lr_final` of it by
     a cosine over `decay_iterations` more, and the fit ends there (off: the cosine spans def_iterations).
+    `displacement_spacing` > 0 refines the integrated displacement, by cubic B-spline through the velocity
+    grid's nodes, to a grid at most that many mm apart (the velocity level's spacing divided by a whole
+    factor), between whose nodes it is interpolated trilinearly in training and in every output; 0 (as
+    before it existed) interpolates it trilinearly between the velocity grid's nodes.
     """
 
     name: str
@@ -94,6 +99,7 @@ class Preset:
     adaptive_levels: bool = False
     stop_on_convergence: bool = False
     decay_iterations: int = 300
+    displacement_spacing: float = 0.0
 
     def level_iteration(self, level: int) -> int:
         """The Def-Net iteration from which velocity level `level` (0: the coarsest) is trained."""
@@ -101,6 +107,13 @@ class Preset:
             return 1
         first = self.level_start + (1 - self.level_start) * (level - 1) / (self.velocity_levels - 1)
         return int(round(first * self.def_iterations)) + 1
+
+    def refinement(self, level: int) -> int:
+        """The factor by which the displacement of velocity level `level` (0: the coarsest) is refined
+        (displacement_spacing); 1 when it is not."""
+        if self.displacement_spacing <= 0 or self.velocity_spacing <= 0:
+            return 1
+        return max(1, math.ceil(self.velocity_spacing / 2 ** level / self.displacement_spacing - 1e-9))
 
     def level_decision(self, level: int) -> int:
         """With adaptive_levels, the Def-Net iteration after which finer level `level` (>= 1) is kept or

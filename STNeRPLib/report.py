@@ -291,9 +291,9 @@ def _scan_path(record: dict, t: float) -> Path | None:
 
 
 def _largest_motion_index(model: SeriesModel, t: float, entry: dict, reader: sitk.ImageFileReader) -> np.ndarray:
-    """Index (x, y, z) on the time-t grid of the velocity-grid node that moves most."""
+    """Index (x, y, z) on the time-t grid of the displacement-grid node that moves most."""
     displacement = model.displacement_grid(t)[0].reshape(3, -1).T
-    nodes = identity_grid(model.deformation.velocity_shape).reshape(-1, 3)
+    nodes = identity_grid(model.deformation.displacement_shape).reshape(-1, 3)
     reference = model.grid.to_physical(_to_index(model.grid, nodes))
     moved = model.grid.to_physical(_to_index(model.grid, nodes + displacement))
     point = reference[int(np.argmax(np.linalg.norm(moved - reference, axis=1)))]
