@@ -75,7 +75,8 @@ def _bspline_at(x: np.ndarray, n: int) -> np.ndarray:
     x in [0, n - 1], in node units."""
     first = np.minimum(np.floor(x), n - 2).astype(int)
     f = x - first
-    weights = [(1 - f) ** 3 / 6, (4 - 6 * f ** 2 + 3 * f ** 3) / 6, (1 + 3 * f + 3 * f ** 2 - 3 * f ** 3) / 6, f ** 3 / 6]
+    weights = [(1 - f) ** 3 / 6, (4 - 6 * f ** 2 + 3 * f ** 3) / 6,
+               (1 + 3 * f + 3 * f ** 2 - 3 * f ** 3) / 6, f ** 3 / 6]
     matrix = np.zeros((len(x), n))
     for tap, weight in enumerate(weights):
         k = np.abs(first - 1 + tap)                     # mirror about the first node ...

@@ -296,7 +296,8 @@ def _fit_facts(model: SeriesModel, losses: list[tuple[str, int, float]]) -> dict
     Def-Net iterations run, velocity levels kept, each adaptive trial's loss ratio and the bar it was
     judged against."""
     return {"defnet_iterations": _last_iteration(losses, "defnet"), "velocity_levels_kept": model.deformation.kept,
-            "velocity_level_ratios": model.deformation.trial_ratios, "velocity_level_keep_below": keep_below()}
+            "velocity_level_ratios": model.deformation.trial_ratios,
+            "velocity_level_keep_below": keep_below(model.preset)}
 
 
 def _last_iteration(losses: list[tuple[str, int, float]], stage: str) -> int | None:

@@ -13,7 +13,7 @@ from .deformation import Deformation
 from .integration import sample
 from .networks import RefNet
 from .preprocessing import IntensityWindow
-from .presets import LEVEL_GAIN, Preset
+from .presets import LEVEL_GAIN, LEVEL_GAIN_TRILINEAR, Preset
 from .schedule import DecaySchedule
 
 Progress = Callable[[str, int, int, float], None]
@@ -143,23 +143,24 @@ def _weigh_level(deformation: Deformation, prior: nn.Module, series: "_Series", 
 
 def _try_level(deformation: Deformation, preset: Preset, iteration: int, message: Callable[[str], None]) -> None:
     """At the end of a finer level's trial (Preset.level_decision), drop it and every finer level unless
-    its summed training loss over the trial's window is more than LEVEL_GAIN below the same sum without
-    it; say which, with the ratio, to `message`."""
+    its summed training loss over the trial's window is at or below keep_below(preset) of the same sum
+    without it; say which, with the ratio, to `message`."""
     level = next((level for level in range(1, deformation.kept) if preset.level_decision(level) == iteration), None)
     if level is None:
         return
     ratio = deformation.record_trial(level)
-    kept = ratio <= keep_below()
+    kept = ratio <= keep_below(preset)
     if not kept:
         deformation.keep_levels(level)
     message(f"velocity level {level + 1} at Def-Net iteration {iteration}: the loss with it is {ratio:.3f} x "
-            f"the loss without it (kept below {keep_below():.2f}): " + ("kept" if kept else "dropped"))
+            f"the loss without it (kept below {keep_below(preset):.2f}): " + ("kept" if kept else "dropped"))
 
 
-def keep_below() -> float:
+def keep_below(preset: Preset) -> float:
     """The adaptive rule's bar: a finer level whose trial gave summed loss with it / without it at or
-    below this is kept (1 - LEVEL_GAIN); run.json records it beside the ratios."""
-    return 1 - LEVEL_GAIN
+    below this is kept (1 - LEVEL_GAIN, or 1 - LEVEL_GAIN_TRILINEAR when the preset's displacement is
+    trilinear between the velocity nodes); run.json records it beside the ratios."""
+    return 1 - (LEVEL_GAIN if preset.displacement_spacing > 0 else LEVEL_GAIN_TRILINEAR)
 
 
 def _draws(preset: Preset) -> int:

@@ -74,8 +74,9 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "levels-2-converge": (None, {"velocity_levels": 2, "adaptive_levels": False, "stop_on_convergence": True}),
     "finer-lr-1": (None, {"level_lr_scale": 1.0}),
     "steps-7": (None, {"squaring_steps": 7}),
-    "cubic-8mm": (None, {"displacement_spacing": 8.0}),
-    "cubic-4mm": (None, {"displacement_spacing": 4.0}),
+    "displacement-trilinear": (None, {"displacement_spacing": 0.0}),
+    "displacement-6mm": (None, {"displacement_spacing": 6.0}),
+    "displacement-4mm": (None, {"displacement_spacing": 4.0}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
 HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5}

@@ -15,7 +15,7 @@ from STNeRPLib.model import SeriesModel
 from STNeRPLib.phantom import breathing_series, write_series
 from STNeRPLib.pipeline import fit
 from STNeRPLib.preprocessing import IntensityWindow
-from STNeRPLib.presets import DEFAULT, LEVEL_GAIN, Options
+from STNeRPLib.presets import DEFAULT, LEVEL_GAIN, LEVEL_GAIN_TRILINEAR, Options
 from STNeRPLib.progress import Reporter
 from worker_cli import stnerp
 
@@ -81,13 +81,26 @@ def test_finer_level_is_kept_only_if_it_lowers_the_trial_windows_loss_by_more_th
     assert said[0].endswith("kept" if kept == 2 else "dropped")
 
 
+@pytest.mark.parametrize("spacing, bar", [(8.0, 1 - LEVEL_GAIN), (0.0, 1 - LEVEL_GAIN_TRILINEAR)])
+def test_a_level_between_the_two_bars_is_kept_with_a_trilinear_displacement_and_dropped_with_a_refined_one(
+        spacing, bar):
+    """The bar follows the displacement's representation: 0.97 as before for a trilinear one, whose runs
+    (and checkpoints) keep the decisions they took, 0.92 for the cubic refinement."""
+    preset = dataclasses.replace(ADAPTIVE, displacement_spacing=spacing)
+    assert training.keep_below(preset) == pytest.approx(bar)
+    deformation = Deformation(preset, (3, 3, 3), None, torch.Generator().manual_seed(0), 0.0)
+    deformation.add_trial_losses(1, 0.95, 1.0)
+    training._try_level(deformation, preset, DECISION, lambda line: None)
+    assert deformation.kept == (2 if spacing == 0 else 1)
+
+
 def test_the_decision_sums_the_window_rather_than_reading_its_last_iteration(tiny):
-    """A level that lowers the loss by 10 % over its window but not at the decision's own iteration is
+    """A level that lowers the loss by 20 % over its window but not at the decision's own iteration is
     kept; losses before the window (here 3x) count for nothing."""
-    losses = {iteration: 0.9 for iteration in WINDOW} | {DECISION: 1.0}
+    losses = {iteration: 0.8 for iteration in WINDOW} | {DECISION: 1.0}
     losses |= {iteration: 3.0 for iteration in range(ADAPTIVE.level_iteration(1), WINDOW.start)}
     deformation, _, said = _trial(tiny, losses)
-    expected = (0.9 * (len(WINDOW) - 1) + 1.0) / len(WINDOW)
+    expected = (0.8 * (len(WINDOW) - 1) + 1.0) / len(WINDOW)
     assert deformation.kept == 2 and deformation.trial_ratios == [pytest.approx(expected)], said
 
 
@@ -115,7 +128,8 @@ def test_after_a_dropped_level_the_fit_and_its_saved_model_are_the_coarse_level_
     for name, value in dropped.deformation.finer.state_dict().items():
         assert torch.equal(value, at_decision[name]), name
     field = dropped.displacement_grid(1.0)
-    assert field.shape[2:] == dropped.deformation.shapes[0]
+    assert dropped.deformation.velocity_shape == dropped.deformation.shapes[0]
+    assert field.shape[2:] == dropped.deformation.displacement_shape
     with torch.no_grad():
         coarse = dropped.deformation.displacement([dropped.normalised_time(1.0)], chunk=65536, levels=1)
     assert torch.equal(field, coarse)
@@ -128,7 +142,8 @@ def test_a_kept_level_stays_in_the_field(tiny, monkeypatch):
     monkeypatch.setattr(training, "LEVEL_GAIN", -1.0)        # kept unless it doubles the loss
     kept = _fit(tiny)
     assert kept.deformation.kept == 2
-    assert kept.displacement_grid(1.0).shape[2:] == kept.deformation.shapes[1]
+    assert kept.deformation.velocity_shape == kept.deformation.shapes[1]
+    assert kept.displacement_grid(1.0).shape[2:] == kept.deformation.displacement_shape
 
 
 @pytest.mark.parametrize("stop", [WINDOW.start, DECISION + 3])
