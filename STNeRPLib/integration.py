@@ -1,4 +1,5 @@
-"""Scaling and squaring of a stationary velocity field on a grid (Arsigny 2006; paper eq. 5).
+"""Scaling and squaring of a stationary velocity field on a grid (Arsigny 2006; paper eq. 5), and the
+cubic B-spline refinement of the resulting displacement (`refine`).
 
 Fields are tensors [B, 3, D, H, W] whose channels are (x, y, z) displacements in
 torch.grid_sample units over the grid (align_corners=True: -1 and 1 are the first and
@@ -11,6 +12,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 
 def identity_grid(shape: tuple[int, int, int], device=None, dtype=torch.float32) -> torch.Tensor:
@@ -64,22 +66,7 @@ def refine(field: torch.Tensor, factor: int) -> torch.Tensor:
 
 @lru_cache(maxsize=64)
 def _refinement_matrix(n: int, factor: int) -> np.ndarray:
-    """((n - 1) factor + 1, n): the interpolating cubic B-spline of n node values at the refined nodes."""
-    if n == 1:
-        return np.ones((1, 1))
-    return _bspline_at(np.arange((n - 1) * factor + 1) / factor, n) @ np.linalg.inv(_bspline_at(np.arange(n), n))
-
-
-def _bspline_at(x: np.ndarray, n: int) -> np.ndarray:
-    """(len(x), n): weight of each of n coefficients (mirror boundary) in the cubic B-spline at positions
-    x in [0, n - 1], in node units."""
-    first = np.minimum(np.floor(x), n - 2).astype(int)
-    f = x - first
-    weights = [(1 - f) ** 3 / 6, (4 - 6 * f ** 2 + 3 * f ** 3) / 6,
-               (1 + 3 * f + 3 * f ** 2 - 3 * f ** 3) / 6, f ** 3 / 6]
-    matrix = np.zeros((len(x), n))
-    for tap, weight in enumerate(weights):
-        k = np.abs(first - 1 + tap)                     # mirror about the first node ...
-        k = np.where(k > n - 1, 2 * (n - 1) - k, k)     # ... and about the last
-        np.add.at(matrix, (np.arange(len(x)), k), weight)
-    return matrix
+    """((n - 1) factor + 1, n): the interpolating cubic B-spline (mirror boundary) of n node values at the
+    refined nodes; column j is the spline through the j-th unit vector."""
+    at = np.arange((n - 1) * factor + 1)[None] / factor
+    return np.stack([ndimage.map_coordinates(unit, at, order=3, mode="mirror") for unit in np.eye(n)], axis=1)
