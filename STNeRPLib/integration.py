@@ -58,10 +58,12 @@ def refine(field: torch.Tensor, factor: int) -> torch.Tensor:
     follows the cubic spline to within (spacing / factor)^2 / 8 of its second derivative."""
     if factor == 1:
         return field
-    for axis in (2, 3, 4):
-        matrix = torch.as_tensor(_refinement_matrix(field.shape[axis], factor), dtype=field.dtype, device=field.device)
-        field = torch.movedim(torch.tensordot(field, matrix, dims=([axis], [1])), -1, axis)
-    return field
+    depth, height, width = field.shape[2:]
+    along_z, along_y, along_x = (torch.as_tensor(_refinement_matrix(n, factor), dtype=field.dtype, device=field.device)
+                                 for n in (depth, height, width))
+    field = along_y @ (field @ along_x.T)                                 # [B, C, D, H', W'], contiguous
+    batch, plane = field.shape[:2], field.shape[3:]
+    return (along_z @ field.reshape(*batch, depth, -1)).reshape(*batch, -1, *plane)
 
 
 @lru_cache(maxsize=64)
