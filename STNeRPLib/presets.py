@@ -13,16 +13,16 @@ LEVEL_WINDOW = 0.5
 """Fraction of a finer level's trial, its last iterations, whose training losses with the level and
 without it (the same drawn voxels) are summed for adaptive_levels' decision: one look at the end moved
 the ratio by up to 0.05 from one check to the next, 50 iterations apart (README, Presets)."""
-LEVEL_GAIN = 0.03
+LEVEL_GAIN = 0.06
 """Relative fall of the summed trial loss (LEVEL_WINDOW) that a finer velocity level must bring to be kept
-(adaptive_levels), with the displacement trilinear between the velocity nodes (displacement_spacing 0, as in
+(adaptive_levels), with that level's displacement refined by cubic B-spline (displacement_spacing 8, as in
 DEFAULT). Loss with the 16 mm level / without it, preset study at series seeds 0 and 1: breathing phantom
-0.997-0.999, chest 0.991-0.992, shrinking tumour 0.936-0.950, sliding abdomen 0.750-0.771; 0.97 sits in the
-gap between the smooth motions and the shrinking tumour (README, Presets)."""
-LEVEL_GAIN_REFINED = 0.08
-"""The same with the displacement refined by cubic B-spline (displacement_spacing 8): breathing 0.940-0.941,
-chest 0.789-0.790, shrinking tumour 0.866-0.871, abdomen 0.496-0.502; 0.92 sits in the gap between the
-breathing phantom, which the refined level does not help, and the shrinking tumour."""
+0.997, chest 0.954-0.956, shrinking tumour 0.911-0.929, sliding abdomen 0.642-0.665; 0.94 sits in the gap
+between the chest, which the level does not help, and the shrinking tumour (README, Presets)."""
+LEVEL_GAIN_TRILINEAR = 0.03
+"""The same with the displacement trilinear between the velocity nodes (displacement_spacing 0, the default
+until 2026-12-02): breathing 0.997-0.999, chest 0.991-0.992, shrinking tumour 0.936-0.950, abdomen
+0.750-0.771; 0.97 sits in the gap between the smooth motions and the shrinking tumour."""
 
 
 @dataclass(frozen=True)
@@ -58,16 +58,18 @@ class Preset:
     them unread.
     `adaptive_levels` tries each finer level for LEVEL_TRIAL of Def-Net's iterations and keeps it only
     if, summed over the trial's last LEVEL_WINDOW, it lowers the training loss by more than LEVEL_GAIN
-    (LEVEL_GAIN_REFINED with displacement_spacing) against the same fit without it on the same
+    (LEVEL_GAIN_TRILINEAR without displacement_spacing) against the same fit without it on the same
     voxels; otherwise the fit goes on without it (and the
     levels above it).
     `stop_on_convergence` makes `def_iterations` the most Def-Net runs: its learning rate stays at
     `def_lr` until the loss stops improving (schedule.DecaySchedule), then falls to `lr_final` of it by
     a cosine over `decay_iterations` more, and the fit ends there (off: the cosine spans def_iterations).
-    `displacement_spacing` > 0 refines the integrated displacement, by cubic B-spline through the velocity
-    grid's nodes, to a grid at most that many mm apart (the velocity level's spacing divided by a whole
-    factor), between whose nodes it is interpolated trilinearly in training and in every output; 0 (as
-    before it existed) interpolates it trilinearly between the velocity grid's nodes.
+    `displacement_spacing` > 0 refines the integrated displacement of a velocity made with finer levels, by
+    cubic B-spline through the finest level's nodes, to a grid at most that many mm apart (that level's
+    spacing divided by a whole factor), between whose nodes it is interpolated trilinearly in training and
+    in every output. The coarsest level alone is never refined: it follows smooth motion, and refined it
+    registered low-contrast tissue worse (README, Presets). 0 (as before it existed) interpolates every
+    displacement trilinearly between the velocity grid's nodes.
     """
 
     name: str
@@ -115,9 +117,9 @@ class Preset:
         return int(round(first * self.def_iterations)) + 1
 
     def refinement(self, level: int) -> int:
-        """The factor by which the displacement of velocity level `level` (0: the coarsest) is refined
-        (displacement_spacing); 1 when it is not."""
-        if self.displacement_spacing <= 0 or self.velocity_spacing <= 0:
+        """The factor by which the displacement of a velocity whose finest level is `level` (0: the coarsest)
+        is refined (displacement_spacing); 1 when it is not, always for the coarsest level alone."""
+        if self.displacement_spacing <= 0 or self.velocity_spacing <= 0 or level == 0:
             return 1
         return max(1, math.ceil(self.velocity_spacing / 2 ** level / self.displacement_spacing - 1e-9))
 
@@ -166,7 +168,7 @@ DEFAULT = Preset(
     def_iterations=1000, def_points=4096,
     velocity_spacing=32.0, prior="image", prior_interpolation="cubic", prior_cache=True, lr_final=0.1,
     def_times=3, def_omega=10.0, anchor_reference=True, velocity_levels=AUTO_LEVELS, adaptive_levels=True,
-    level_lr_scale=3.0, squaring_steps=5,
+    level_lr_scale=3.0, squaring_steps=5, displacement_spacing=8.0,
 )
 """Measured on the 96 x 96 x 64 breathing phantom (mean TRE over the nine follow-up phases, mm;
 README, Presets): cubic B-spline sampling of the prior beat trilinear (Ref-Net's cached rendering
@@ -182,11 +184,10 @@ summed over the trial's last half since) kept it on the shrinking tumour
 dropped it on the breathing phantom and the chest (TRE and Dice as one level), for 20-25 % more time
 there and 1.4-2x where kept. 5 squaring steps instead of the paper's 7 took 1-19 % off the fit with the
 same TRE to 0.03 mm on the four study series at two seeds (a one-node motion integrates to within 0.003
-node of the converged exponential; 7 steps: 0.0006). The displacement refined by cubic B-spline to 8 mm
-(displacement_spacing) raised the shrinking tumour's lowest Dice 0.655 -> 0.796 and 0.622 -> 0.667 (seeds
-0, 1) but is not in the default: on the 64 x 64 x 40 phantom of the tests it registered the low-contrast
-inferior region worse (mean error in the body 0.97 -> 1.23 mm at the last phase, its image 3-5 dB lower at
-three seeds).
+node of the converged exponential; 7 steps: 0.0006). The kept 16 mm level's displacement refined by cubic
+B-spline to 8 mm raised the shrinking tumour's lowest Dice 0.655 -> 0.754 and 0.622 -> 0.684 (seeds 0, 1)
+and took the abdomen's TRE 0.81 -> 0.76 mm at seed 0, the rest as before; refining the 32 mm level alone as
+well registered low-contrast tissue worse on the tests' 64 x 64 x 40 phantom (its last phase 3-5 dB lower).
 Ref-Net's settings apply with `--prior refnet`: more, smaller batches and a cosine learning-rate
 decay fit the reference better per second."""
 

@@ -13,7 +13,7 @@ from .deformation import Deformation
 from .integration import sample
 from .networks import RefNet
 from .preprocessing import IntensityWindow
-from .presets import LEVEL_GAIN, LEVEL_GAIN_REFINED, Preset
+from .presets import LEVEL_GAIN, LEVEL_GAIN_TRILINEAR, Preset
 from .schedule import DecaySchedule
 
 Progress = Callable[[str, int, int, float], None]
@@ -158,9 +158,9 @@ def _try_level(deformation: Deformation, preset: Preset, iteration: int, message
 
 def keep_below(preset: Preset) -> float:
     """The adaptive rule's bar: a finer level whose trial gave summed loss with it / without it at or
-    below this is kept (1 - LEVEL_GAIN, or 1 - LEVEL_GAIN_REFINED when the preset refines the displacement
-    by cubic B-spline); run.json records it beside the ratios."""
-    return 1 - (LEVEL_GAIN_REFINED if preset.displacement_spacing > 0 else LEVEL_GAIN)
+    below this is kept (1 - LEVEL_GAIN, or 1 - LEVEL_GAIN_TRILINEAR when the preset's displacement is
+    trilinear between the velocity nodes); run.json records it beside the ratios."""
+    return 1 - (LEVEL_GAIN if preset.displacement_spacing > 0 else LEVEL_GAIN_TRILINEAR)
 
 
 def _draws(preset: Preset) -> int:

@@ -74,7 +74,7 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "levels-2-converge": (None, {"velocity_levels": 2, "adaptive_levels": False, "stop_on_convergence": True}),
     "finer-lr-1": (None, {"level_lr_scale": 1.0}),
     "steps-7": (None, {"squaring_steps": 7}),
-    "displacement-8mm": (None, {"displacement_spacing": 8.0}),
+    "displacement-trilinear": (None, {"displacement_spacing": 0.0}),
     "displacement-6mm": (None, {"displacement_spacing": 6.0}),
     "displacement-4mm": (None, {"displacement_spacing": 4.0}),
 }
