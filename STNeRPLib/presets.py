@@ -59,8 +59,7 @@ class Preset:
     `adaptive_levels` tries each finer level for LEVEL_TRIAL of Def-Net's iterations and keeps it only
     if, summed over the trial's last LEVEL_WINDOW, it lowers the training loss by more than LEVEL_GAIN
     (LEVEL_GAIN_TRILINEAR without displacement_spacing) against the same fit without it on the same
-    voxels; otherwise the fit goes on without it (and the
-    levels above it).
+    voxels; otherwise the fit goes on without it (and the levels above it).
     `stop_on_convergence` makes `def_iterations` the most Def-Net runs: its learning rate stays at
     `def_lr` until the loss stops improving (schedule.DecaySchedule), then falls to `lr_final` of it by
     a cosine over `decay_iterations` more, and the fit ends there (off: the cosine spans def_iterations).
