@@ -108,7 +108,7 @@ class Deformation(nn.Module):
         """Velocities [len(times), 3, D, H, W] at normalised times on the grid of the finest of the first
         `levels` levels (None: the kept ones; never more than those). Continuous time evaluates every
         time (and the anchor) in one batch (DefNet.forward); `chunk` bounds the grid points per network pass."""
-        levels = self.kept if levels is None else min(levels, self.kept)
+        levels = self._levels_used(levels)
         velocity = self._level(self.nets, 0, times, chunk)
         for level in range(1, levels):
             coarse = F.interpolate(velocity, size=self.shapes[level], mode="trilinear", align_corners=True)
@@ -138,9 +138,14 @@ class Deformation(nn.Module):
 
         inverse: exp(-v) instead of exp(v), the inverse map (reference points -> time-t points).
         """
-        levels = self.kept if levels is None else min(levels, self.kept)
+        levels = self._levels_used(levels)
         velocity = self.velocity(times, chunk, levels)
         return refine(scaling_and_squaring(-velocity if inverse else velocity, self.steps), self.factors[levels - 1])
+
+    def _levels_used(self, levels: int | None) -> int:
+        """How many levels (coarsest first) make the velocity: `levels`, never more than the kept ones
+        (None: the kept ones)."""
+        return self.kept if levels is None else min(levels, self.kept)
 
     def _net_index(self, t: float) -> int:
         if self.pairwise_times is None:
