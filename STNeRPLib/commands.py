@@ -300,9 +300,36 @@ def _check_resumable(folder: Path, command: str, inputs: dict, parameters: dict)
     given = json.loads(json.dumps({"inputs": inputs, "parameters": parameters}))
     for part in ("inputs", "parameters"):
         for key in sorted(set(recorded[part]) | set(given[part])):
-            if recorded[part].get(key) != given[part].get(key):
-                raise InputError(f"--resume needs the arguments of the run in {folder}: {part[:-1]} '{key}' "
-                                 "differs (or an input file changed); give the same arguments")
+            then, now = recorded[part].get(key, ABSENT), given[part].get(key, ABSENT)
+            if then != now:
+                raise InputError(_not_resumable(folder, part[:-1], key, then, now))
+
+
+ABSENT = "absent"
+"""How a resume error shows a setting or argument that one side (the run's record, or this call) lacks."""
+
+
+def _not_resumable(folder: Path, part: str, key: str, then, now) -> str:
+    """One line on why the run in `folder` cannot be resumed with these arguments: the input file that
+    changed, or the argument (or preset setting) that differs, its value then and now, and the way out."""
+    if key == "sha256":
+        changed = next(path for path in sorted(set(then) | set(now)) if then.get(path) != now.get(path))
+        return (f"--resume cannot continue the run in {folder}: input file {changed} changed since the run "
+                "started; restore it, or train again in a new folder")
+    if isinstance(then, dict) and isinstance(now, dict):
+        names = [name for name in sorted(set(then) | set(now)) if then.get(name, ABSENT) != now.get(name, ABSENT)]
+        shown = "; ".join(f"{name} {_shown(then.get(name, ABSENT))} then, {_shown(now.get(name, ABSENT))} now"
+                          for name in names[:3]) + (f"; {len(names) - 3} more" if len(names) > 3 else "")
+        return (f"--resume needs the arguments of the run in {folder}: its {part} '{key}' differs ({shown}); give "
+                "the arguments it was started with, or, if you did, another version of STNeRP started it: train "
+                "again in a new folder")
+    return (f"--resume needs the arguments of the run in {folder}: {part} '{key}' was {_shown(then)} then, "
+            f"{_shown(now)} now; give the arguments it was started with, or train again in a new folder")
+
+
+def _shown(value) -> str:
+    """A recorded value as the user typed it (JSON, so a list reads [1.5, 4.0]); ABSENT as the word."""
+    return value if value is ABSENT else json.dumps(value)
 
 
 def _fail(reporter: Reporter, record: RunRecord | None, status: str, message: str, code: int) -> int:

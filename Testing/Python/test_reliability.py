@@ -541,7 +541,37 @@ def test_resume_refuses_what_it_cannot_continue(case, phantom, uninterrupted, tm
     output.mkdir()
     (output / "run.json").write_text(json.dumps({**record(uninterrupted), "status": "interrupted"}))
     result = stnerp(*train_args(files, output), *RESUMABLE[:-3], "--resume")
-    assert_one_line_error(result, "--resume needs the arguments", "predict_times")
+    assert_one_line_error(result, "--resume needs the arguments", "predict_times", "[1.5, 4.0] then, [] now")
+
+
+def _interrupted_copy(run: Path, folder: Path, change) -> Path:
+    """`folder` holding run's record, marked interrupted and changed by `change` (a function of the record)."""
+    folder.mkdir()
+    data = {**record(run), "status": "interrupted"}
+    change(data)
+    (folder / "run.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_resume_of_a_run_started_by_another_version_names_the_setting_and_the_way_out(phantom, uninterrupted,
+                                                                                       tmp_path):
+    """A run started by a version whose preset lacked a setting (as displacement_spacing before 2026-12-02)
+    cannot be continued by this one: the error names the setting, both values, and a new folder."""
+    _, files = phantom
+    output = _interrupted_copy(uninterrupted, tmp_path / "older",
+                               lambda data: data["parameters"]["preset"].pop("displacement_spacing"))
+    result = stnerp(*train_args(files, output), *RESUMABLE, "--resume")
+    assert_one_line_error(result, "preset", "displacement_spacing absent then, 8.0 now", "another version",
+                          "new folder")
+
+
+def test_resume_after_an_input_file_changed_names_the_file(phantom, uninterrupted, tmp_path):
+    _, files = phantom
+    changed = str(Path(files["images"][1]).absolute())
+    output = _interrupted_copy(uninterrupted, tmp_path / "changed",
+                               lambda data: data["inputs"]["sha256"].update({changed: "0" * 64}))
+    result = stnerp(*train_args(files, output), *RESUMABLE, "--resume")
+    assert_one_line_error(result, f"input file {changed} changed since the run started", "new folder")
 
 
 def test_failed_write_ends_failed_in_one_line_and_resume_completes_it(phantom, uninterrupted, tmp_path):
