@@ -104,6 +104,10 @@ class Deformation(nn.Module):
             state_dict.setdefault(prefix + name, getattr(self, name).clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def identity_at(self, time: float) -> bool:
+        """Whether u is the identity at this normalised time by construction: the anchored reference time."""
+        return self.anchor is not None and time == self.anchor
+
     def velocity(self, times: list[float], chunk: int | None = None, levels: int | None = None) -> torch.Tensor:
         """Velocities [len(times), 3, D, H, W] at normalised times on the grid of the finest of the first
         `levels` levels (None: the kept ones; never more than those). Continuous time evaluates every

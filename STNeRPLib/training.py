@@ -253,11 +253,22 @@ def _windows(centres: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor
 def _predicted(deformation: Deformation, prior: nn.Module, series: _Series, which: list[int],
                voxels: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """prior(c + u(c, t)) and f_t(c) at the chosen voxels (flat indices [T, N] into each chosen
-    target's grid), every time of `which` in one batch; u of the first `levels` velocity levels."""
+    target's grid), every moving time of `which` in one batch; u of the first `levels` velocity levels.
+
+    A time at which u is the identity by construction (the anchored reference, Deformation.identity_at)
+    is not integrated: its rows are prior(c), without gradient, which is what the integration gave there
+    (u = 0 exactly, so its loss depends on no parameter)."""
     c = series.points[voxels]                                                      # [T, N, 3]
-    u = sample(deformation.displacement([series.times[i] for i in which], levels=levels), c)   # [T, N, 3]
-    predicted = prior((c + u).reshape(-1, 3)).reshape(voxels.shape)
-    return predicted, series.observed(which, voxels)
+    moving = [k for k, i in enumerate(which) if not deformation.identity_at(series.times[i])]
+    rows = dict.fromkeys(range(len(which)))
+    if moving:
+        u = sample(deformation.displacement([series.times[which[k]] for k in moving], levels=levels), c[moving])
+        rows.update(zip(moving, prior((c[moving] + u).reshape(-1, 3)).reshape(len(moving), -1)))
+    fixed = [k for k, row in rows.items() if row is None]
+    if fixed:
+        with torch.no_grad():
+            rows.update(zip(fixed, prior(c[fixed].reshape(-1, 3)).reshape(len(fixed), -1)))
+    return torch.stack(list(rows.values())), series.observed(which, voxels)
 
 
 SIMILARITY = {"mse": _mean_squared_error, "lncc": _local_ncc_loss}

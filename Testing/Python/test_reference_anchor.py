@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
+import SimpleITK as sitk
 import torch
 
 from STNeRPLib.deformation import Deformation
@@ -77,3 +79,40 @@ def test_worker_with_anchor_reference_writes_the_identity_at_the_reference_time(
         at_reference = sitk.ReadImage(str(output / record["time_points"][0]["displacement"]))
         largest[not flag] = float(np.abs(sitk.GetArrayFromImage(at_reference)).max())
     assert largest[True] < 1e-4 and largest[False] > 0.01
+
+
+def test_training_skips_integrating_the_anchored_reference_with_the_same_loss_and_gradients(monkeypatch):
+    """The reference is drawn among the training times; anchored, u is the identity there by construction,
+    so Def-Net's loss does not integrate it (the integration sees the follow-ups alone), and the loss and
+    every gradient equal those of integrating every drawn time."""
+    from STNeRPLib import training
+    from STNeRPLib.integration import sample
+    from STNeRPLib.preprocessing import IntensityWindow
+    from STNeRPLib.priors import ImagePrior
+
+    series = breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, noise_hu=0)
+    window = IntensityWindow.for_image(series.images[0], "ct")
+    targets = [training.Target(t, image, window) for t, image in zip((0.0, 0.5, 1.0), series.images)]
+    drawn = training._Series.of(targets, torch.device("cpu"))
+    prior = ImagePrior(torch.from_numpy(window.normalise(sitk.GetArrayFromImage(series.images[0]))).float(), "cubic")
+    deformation = _perturbed(ANCHORED, 0.0)
+    which, voxels = [2, 0, 1], drawn.choose_voxels([2, 0, 1], 512, torch.Generator().manual_seed(1))
+
+    integrated = []
+    displacement = deformation.displacement
+    monkeypatch.setattr(deformation, "displacement",
+                        lambda times, **kwargs: integrated.append(list(times)) or displacement(times, **kwargs))
+    loss, per_time = training._mean_squared_error(deformation, prior, drawn, which, voxels, 1)
+    gradients = torch.autograd.grad(loss, list(deformation.parameters()), allow_unused=True)
+    assert integrated == [[1.0, 0.5]]
+
+    c = drawn.points[voxels]
+    u = sample(displacement([drawn.times[i] for i in which], levels=1), c)
+    every = ((prior((c + u).reshape(-1, 3)).reshape(voxels.shape) - drawn.observed(which, voxels)) ** 2)
+    assert float(every[1].detach().abs().max()) < 1e-8                      # the reference's rows: no error left
+    assert loss.item() == pytest.approx(every.mean().item(), rel=1e-6)
+    np.testing.assert_allclose(per_time.numpy(), every.detach().mean(dim=1).numpy(), rtol=1e-5, atol=1e-9)
+    expected = torch.autograd.grad(every.mean(), list(deformation.parameters()), allow_unused=True)
+    compared = [(g, e) for g, e in zip(gradients, expected) if e is not None]
+    scale = max(float(e.abs().max()) for _, e in compared)        # the output bias cancels: float noise
+    assert compared and scale > 0 and all(torch.allclose(g, e, rtol=1e-4, atol=1e-6 * scale) for g, e in compared)
