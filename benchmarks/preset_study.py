@@ -58,6 +58,7 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "refnet-direct": ("refnet", {"prior_cache": False}),
     "constant-lr": (None, {"lr_final": 1.0}),
     "all-times": (None, {"def_times": 0}),
+    "times-2": (None, {"def_times": 2}),
     "velocity-16mm": (None, {"velocity_spacing": 16.0}),
     "defnet-800": (None, {"def_iterations": 800}),
     "defnet-600": (None, {"def_iterations": 600}),
