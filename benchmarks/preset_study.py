@@ -259,10 +259,16 @@ def matmul_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n ** 3 * repeats / best / 1e9
 
 
+FLOP_ITERATIONS = 100
+"""Def-Net iterations over which --profile counts the matrix FLOPs of an iteration (their mean): which times
+are drawn changes an iteration's work (the anchored reference is not integrated)."""
+
+
 def profile(series: StudySeries, variant: str, iterations: int) -> None:
     """Where Def-Net training's time goes (torch.profiler, operators by self time), and its matrix
-    FLOPs (torch's FlopCounterMode over one iteration at every velocity level: the MLPs' and the cubic
-    look-up's products) per second against the measured fp32 matmul rate at the same thread count.
+    FLOPs (torch's FlopCounterMode, the mean over FLOP_ITERATIONS iterations at every velocity level: the
+    MLPs' and the cubic look-up's products; an iteration that draws the anchored reference does less)
+    per second against the measured fp32 matmul rate at the same thread count.
     Every level of the variant trains from the first iteration (level_start 0), so a variant with a
     fixed count (one-level, levels-2) is profiled in its steady state; an adaptive one decides at 20 %."""
     from torch.profiler import profile as torch_profile
@@ -274,7 +280,8 @@ def profile(series: StudySeries, variant: str, iterations: int) -> None:
     counter = FlopCounterMode(display=False)
     with counter:
         fit(series.images[0], series.times[0], follow_ups, None,
-            Options(dataclasses.replace(preset, def_iterations=1), prior=prior), StageTimer())
+            Options(dataclasses.replace(preset, def_iterations=FLOP_ITERATIONS), prior=prior), StageTimer())
+    flops = counter.get_total_flops() / FLOP_ITERATIONS
     options = Options(dataclasses.replace(preset, def_iterations=iterations), prior=prior)
     timer = StageTimer()
     with torch_profile() as recorded:
@@ -283,9 +290,9 @@ def profile(series: StudySeries, variant: str, iterations: int) -> None:
     timer = StageTimer()
     fit(series.images[0], series.times[0], follow_ups, None, options, timer)   # unprofiled rate
     rate, matmul = timer.rate("defnet"), matmul_gflops(threads)
-    achieved = counter.get_total_flops() * rate / 1e9
+    achieved = flops * rate / 1e9
     print(f"{series.name}, {variant}: {rate:.1f} Def-Net iterations/s ({threads} threads, load {os.getloadavg()[0]:.2f}); "
-          f"{counter.get_total_flops() / 1e6:.0f} MFLOP of matrix products per iteration = {achieved:.1f} GFLOP/s, "
+          f"{flops / 1e6:.0f} MFLOP of matrix products per iteration = {achieved:.1f} GFLOP/s, "
           f"{100 * achieved / matmul:.1f} % of the measured matmul rate {matmul:.1f} GFLOP/s")
 
 
