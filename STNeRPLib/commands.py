@@ -305,8 +305,8 @@ def _check_resumable(folder: Path, command: str, inputs: dict, parameters: dict)
                 raise InputError(_not_resumable(folder, part[:-1], key, then, now))
 
 
-ABSENT = "absent"
-"""How a resume error shows a setting or argument that one side (the run's record, or this call) lacks."""
+ABSENT = object()
+"""A setting or argument that one side (the run's record, or this call) lacks; a resume error says "absent"."""
 
 
 def _not_resumable(folder: Path, part: str, key: str, then, now) -> str:
@@ -328,8 +328,8 @@ def _not_resumable(folder: Path, part: str, key: str, then, now) -> str:
 
 
 def _shown(value) -> str:
-    """A recorded value as the user typed it (JSON, so a list reads [1.5, 4.0]); ABSENT as the word."""
-    return value if value is ABSENT else json.dumps(value)
+    """A recorded value as the user typed it (JSON, so a list reads [1.5, 4.0]); ABSENT as "absent"."""
+    return "absent" if value is ABSENT else json.dumps(value)
 
 
 def _fail(reporter: Reporter, record: RunRecord | None, status: str, message: str, code: int) -> int:

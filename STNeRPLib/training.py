@@ -148,12 +148,12 @@ def _try_level(deformation: Deformation, preset: Preset, iteration: int, message
     level = next((level for level in range(1, deformation.kept) if preset.level_decision(level) == iteration), None)
     if level is None:
         return
-    ratio = deformation.record_trial(level)
-    kept = ratio <= keep_below(preset)
+    ratio, bar = deformation.record_trial(level), keep_below(preset)
+    kept = ratio <= bar
     if not kept:
         deformation.keep_levels(level)
     message(f"velocity level {level + 1} at Def-Net iteration {iteration}: the loss with it is {ratio:.3f} x "
-            f"the loss without it (kept below {keep_below(preset):.2f}): " + ("kept" if kept else "dropped"))
+            f"the loss without it (kept below {bar:.2f}): " + ("kept" if kept else "dropped"))
 
 
 def keep_below(preset: Preset) -> float:
@@ -259,16 +259,16 @@ def _predicted(deformation: Deformation, prior: nn.Module, series: _Series, whic
     is not integrated: its rows are prior(c), without gradient, which is what the integration gave there
     (u = 0 exactly, so its loss depends on no parameter)."""
     c = series.points[voxels]                                                      # [T, N, 3]
-    moving = [k for k, i in enumerate(which) if not deformation.identity_at(series.times[i])]
-    rows = dict.fromkeys(range(len(which)))
-    if moving:
-        u = sample(deformation.displacement([series.times[which[k]] for k in moving], levels=levels), c[moving])
-        rows.update(zip(moving, prior((c[moving] + u).reshape(-1, 3)).reshape(len(moving), -1)))
-    fixed = [k for k, row in rows.items() if row is None]
+    fixed = [k for k, i in enumerate(which) if deformation.identity_at(series.times[i])]
+    moving = [k for k in range(len(which)) if k not in fixed]
+    predicted = torch.empty(voxels.shape, dtype=c.dtype, device=c.device)
     if fixed:
         with torch.no_grad():
-            rows.update(zip(fixed, prior(c[fixed].reshape(-1, 3)).reshape(len(fixed), -1)))
-    return torch.stack(list(rows.values())), series.observed(which, voxels)
+            predicted[fixed] = prior(c[fixed].reshape(-1, 3)).reshape(len(fixed), -1)
+    if moving:
+        u = sample(deformation.displacement([series.times[which[k]] for k in moving], levels=levels), c[moving])
+        predicted[moving] = prior((c[moving] + u).reshape(-1, 3)).reshape(len(moving), -1)
+    return predicted, series.observed(which, voxels)
 
 
 SIMILARITY = {"mse": _mean_squared_error, "lncc": _local_ncc_loss}

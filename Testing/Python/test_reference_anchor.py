@@ -10,11 +10,15 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from STNeRPLib import training
 from STNeRPLib.deformation import Deformation
+from STNeRPLib.integration import sample
 from STNeRPLib.model import SeriesModel
 from STNeRPLib.phantom import breathing_series
 from STNeRPLib.pipeline import fit
+from STNeRPLib.preprocessing import IntensityWindow
 from STNeRPLib.presets import DEFAULT, Options
+from STNeRPLib.priors import ImagePrior
 from STNeRPLib.progress import Reporter
 
 ANCHORED = DEFAULT
@@ -85,11 +89,6 @@ def test_training_skips_integrating_the_anchored_reference_with_the_same_loss_an
     """The reference is drawn among the training times; anchored, u is the identity there by construction,
     so Def-Net's loss does not integrate it (the integration sees the follow-ups alone), and the loss and
     every gradient equal those of integrating every drawn time."""
-    from STNeRPLib import training
-    from STNeRPLib.integration import sample
-    from STNeRPLib.preprocessing import IntensityWindow
-    from STNeRPLib.priors import ImagePrior
-
     series = breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, noise_hu=0)
     window = IntensityWindow.for_image(series.images[0], "ct")
     targets = [training.Target(t, image, window) for t, image in zip((0.0, 0.5, 1.0), series.images)]
