@@ -2,7 +2,8 @@
 
 Every result (benchmarks/results/benchmark_<date>.json and .md) records where it came from
 (PROVENANCE_KEYS): the commit and whether the tree had uncommitted changes, the date (UTC), the
-machine, the load average at the start and the end, the thread count, and every method's settings.
+machine, the interpreter the peers ran under, the load average at the start and the end, the thread count,
+and every method's settings.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from benchmarks import methods
 from benchmarks.provenance import git_state
 
 ROOT = Path(__file__).resolve().parents[1]
-PROVENANCE_KEYS = ("commit", "dirty", "date", "machine", "load_start", "load_end", "threads", "configs")
+PROVENANCE_KEYS = ("commit", "dirty", "date", "machine", "peers_ran_under", "load_start", "load_end", "threads",
+                   "configs")
 
 
 def _version(package: str, python: str | None) -> str | None:
@@ -50,11 +53,14 @@ def machine(peers_python: str | None) -> dict:
 
 
 def provenance(threads: int, configs: dict, peers_python: str | None) -> dict:
-    """Everything PROVENANCE_KEYS names but the load at the end (`finish` adds it)."""
+    """Everything PROVENANCE_KEYS names but the load at the end (`finish` adds it). `peers_ran_under` is the
+    interpreter the peers ran under: the peers' venv, or this one when there is none (`--peers-python`, an
+    argument, may name a venv that does not exist)."""
     commit, dirty = git_state()
     return {"commit": commit, "dirty": dirty,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": machine(peers_python), "load_start": os.getloadavg(), "threads": threads, "configs": configs}
+            "machine": machine(peers_python), "peers_ran_under": peers_python or sys.executable,
+            "load_start": os.getloadavg(), "threads": threads, "configs": configs}
 
 
 def finish(report: dict, partial: bool) -> dict:
@@ -145,6 +151,7 @@ def header(report: dict) -> list[str]:
     lines = [f"# STNeRP benchmark — {report['date']}", "",
              f"Commit `{report['commit'][:12]}`{dirty}. Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB "
              f"RAM, {m['platform']}; versions {', '.join(f'{k} {v}' for k, v in m['versions'].items() if v)}. "
+             f"Peers ran under {report.get('peers_ran_under', 'an interpreter not recorded')}. "
              f"{report['threads']} thread(s) for every method. Load average (1, 5, 15 min) at start "
              f"{_load(report['load_start'])}, at end {_load(report.get('load_end', []))}: others shared the "
              f"{m['cores']} cores when it was above ~{report['threads']}, which is why the timed methods are "

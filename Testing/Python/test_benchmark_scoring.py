@@ -157,7 +157,8 @@ def test_result_file_records_its_provenance(tmp_path):
     assert len(written["load_start"]) == 3 and len(written["load_end"]) == 3
     assert written["threads"] == 2 and written["configs"] == configs
     assert written["machine"]["cores"] >= 1 and written["date"].endswith("UTC")
-    assert head[:12] in text and "Load average" in text
+    assert written["peers_ran_under"] == sys.executable                 # no peers' venv: this interpreter
+    assert head[:12] in text and "Load average" in text and f"Peers ran under {sys.executable}" in text
     assert (tmp_path / "benchmark_test.md").read_text() == text
 
 
