@@ -26,10 +26,12 @@ from .series import check_memory, estimate_peak_bytes, load_series
 
 def _preset(args) -> Preset:
     """The chosen preset, with --iterations (at least 1) applied to both networks, --similarity,
-    --anchor-reference, --stop-on-convergence and --velocity-levels."""
+    --label-interpolation, --anchor-reference, --stop-on-convergence and --velocity-levels."""
     preset = PRESETS[args.preset]
     if getattr(args, "similarity", None) is not None:
         preset = replace(preset, similarity=args.similarity)
+    if getattr(args, "label_interpolation", None) is not None:
+        preset = replace(preset, label_interpolation=args.label_interpolation)
     if getattr(args, "anchor_reference", None) is not None:
         preset = replace(preset, anchor_reference=args.anchor_reference)
     if getattr(args, "stop_on_convergence", None) is not None:

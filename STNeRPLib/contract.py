@@ -20,7 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from .errors import InputError
-from .presets import PRESETS
+from .presets import LABEL_INTERPOLATIONS, PRESETS
 
 # -- choices ---------------------------------------------------------------------------------
 PRESET_NAMES: tuple[str, ...] = tuple(sorted(PRESETS))
@@ -427,6 +427,9 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--similarity", choices=SIMILARITIES,
                          help="Def-Net's loss: mse (the presets') or lncc, local normalised cross-correlation "
                               "(for intensities that change between scans: CBCT, contrast)")
+    command.add_argument("--label-interpolation", choices=LABEL_INTERPOLATIONS,
+                         help="how the segmentation is carried to each time: linear, label-wise trilinear (the "
+                              "default preset's), or nearest, the nearest voxel's label (the paper's)")
     command.add_argument("--anchor-reference", action=argparse.BooleanOptionalAction,
                          help="make the reference time the identity exactly: velocity Def-Net(x, t) - Def-Net(x, t_ref) "
                               "(default: the preset's: on in default, off in paper)")

@@ -23,6 +23,8 @@ LEVEL_GAIN_TRILINEAR = 0.03
 """The same with the displacement trilinear between the velocity nodes (displacement_spacing 0, the default
 until 2026-12-02): breathing 0.997-0.999, chest 0.991-0.992, shrinking tumour 0.936-0.950, abdomen
 0.750-0.771; 0.97 sits in the gap between the smooth motions and the shrinking tumour."""
+LABEL_INTERPOLATIONS = ("nearest", "linear")
+"""How the reference segmentation is carried to each time (Preset.label_interpolation; warping.propagate_labels)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class Preset:
     in every output. The coarsest level alone is never refined: it follows smooth motion, and refined it
     registered low-contrast tissue worse (README, Presets). 0 (as before it existed) interpolates every
     displacement trilinearly between the velocity grid's nodes.
+    `label_interpolation` carries the segmentation to each time: "nearest" (the nearest reference voxel's
+    label, the paper's eq. 7-8) or "linear" (label-wise trilinear, warping.propagate_labels: boundaries
+    between voxel centres, not on their faces; the default's).
     """
 
     name: str
@@ -107,6 +112,7 @@ class Preset:
     stop_on_convergence: bool = False
     decay_iterations: int = 300
     displacement_spacing: float = 0.0
+    label_interpolation: str = "nearest"
 
     def level_iteration(self, level: int) -> int:
         """The Def-Net iteration from which velocity level `level` (0: the coarsest) is trained."""
@@ -167,7 +173,7 @@ DEFAULT = Preset(
     def_iterations=1000, def_points=4096,
     velocity_spacing=32.0, prior="image", prior_interpolation="cubic", prior_cache=True, lr_final=0.1,
     def_times=3, def_omega=10.0, anchor_reference=True, velocity_levels=AUTO_LEVELS, adaptive_levels=True,
-    level_lr_scale=3.0, squaring_steps=5, displacement_spacing=8.0,
+    level_lr_scale=3.0, squaring_steps=5, displacement_spacing=8.0, label_interpolation="linear",
 )
 """Measured on the 96 x 96 x 64 breathing phantom (mean TRE over the nine follow-up phases, mm;
 README, Presets): cubic B-spline sampling of the prior beat trilinear (Ref-Net's cached rendering

@@ -10,7 +10,7 @@ V_t(S) = integral over the reference structure of det(grad phi_t^-1) (change of 
 det(grad phi_t^-1)(r) = 1 / det(grad phi_t)(phi_t^-1(r)): the inverse point from the same
 fixed-point inverse as inverse_displacement.nrrd, det J of the forward map there by central
 differences of half a voxel, summed over (a subsample of) the structure's reference voxels.
-Counting voxels of a nearest-neighbour labelmap at t instead errs by whole boundary voxels.
+Counting voxels of the propagated labelmap at t instead errs by whole boundary voxels.
 """
 from __future__ import annotations
 
@@ -364,7 +364,7 @@ def curve_figures(curves: Curves, statistics: dict[float, dict[int, Structure]],
                f"Each structure's volume at {len(curves.times)} times, from the model: the reference "
                "structure's volume carried to time t by the inverse map (integral of its det J over the "
                "reference structure). Circles: volume of the propagated labelmap at the written time "
-               "points (nearest-neighbour voxels at t, pre-alignment included).",
+               "points (its voxels at t, pre-alignment included).",
                figures.volumes_over_time(curves.times, curves.volume, written, reference_index, names)),
         Figure("centroid.png", f"{names[focus]}: centroid trajectory",
                "Centroid of the structure at time t (weighted by its volume), minus its position at the "

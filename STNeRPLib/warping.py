@@ -1,6 +1,7 @@
 """Outputs of a trained model on any grid: the displacement field (mm, LPS), the propagated
-labelmap (nearest neighbour, paper eq. 7-8) and the predicted image. The field and labels are
-evaluated in slabs of slices, so memory stays bounded on large grids.
+labelmap (propagate_labels: label-wise trilinear, or nearest neighbour as the paper's eq. 7-8) and the
+predicted image. The field and labels are evaluated in slabs of slices, so memory stays bounded on
+large grids.
 
 The predicted image is made from the scans, resampled with cubic B-splines:
 - at an unscanned time t between two scans a < t < b: motion-compensated interpolation, each
@@ -12,6 +13,7 @@ preset's Ref-Net reproduces the reference to ~36 dB, which would cap every predi
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +23,7 @@ import torch
 from .geometry import Grid
 from .integration import sample
 from .model import SeriesModel
+from .presets import LABEL_INTERPOLATIONS
 
 SLAB_VOXELS = 1 << 22
 """Voxels per slab of slices in which every output is evaluated (memory: the outputs and one slab)."""
@@ -76,7 +79,8 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
             carried = [_to_index(model.grid, moved + sample(w, moved[None])[0]) for w in inverses]
         moved_index = _to_index(model.grid, moved)
         if labels is not None:
-            labels[z0:z1] = _nearest_labels(model.labelmap, moved_index).reshape(slab.shape)
+            labels[z0:z1] = propagate_labels(model.labelmap, moved_index,
+                                             model.preset.label_interpolation).reshape(slab.shape)
         field[z0:z1] = _mm_from(model.grid, moved_index, q).reshape(*slab.shape, 3)
         if sources:
             carried = [(_mm_from(model.grid, c, q).reshape(*slab.shape, 3), c) for c in carried]
@@ -257,12 +261,53 @@ def resample_onto(scan: sitk.Image, transform: sitk.Transform, target: Grid,
     return sitk.GetArrayFromImage(resampled)
 
 
-def _nearest_labels(labelmap: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Label of the nearest reference voxel to each continuous index (x, y, z); 0 outside."""
-    nearest = np.rint(index).astype(np.int64)
+def propagate_labels(labelmap: np.ndarray, index: np.ndarray, interpolation: str) -> np.ndarray:
+    """The reference labelmap [z, y, x] at continuous indices (N, 3), (x, y, z), of its grid.
+
+    "nearest": the label of the nearest voxel (paper eq. 7-8). "linear": label-wise trilinear, the
+    label whose indicator, interpolated trilinearly from the 8 voxels around the point, is largest
+    (ties to the smallest label), as ITK's LabelImageGenericInterpolateImageFunction with a linear
+    interpolator (SimpleITK's sitkLabelLinear, ANTs' GenericLabel): a boundary falls between voxel
+    centres where the structure's partial volume is one half, not on the faces of the voxels, so a
+    small structure is carried to within a fraction of a voxel (with the exact motion of the
+    longitudinal phantom, a 12 mm tumour on 3 mm voxels scores Dice 0.88-0.91 nearest, 0.91-0.98 linear).
+    Both give 0 where the nearest voxel lies outside the grid; "linear" takes the border voxels' labels
+    for the corners beyond it."""
+    if interpolation not in LABEL_INTERPOLATIONS:
+        raise ValueError(f"unknown label interpolation {interpolation!r}: use one of {', '.join(LABEL_INTERPOLATIONS)}")
     size = np.asarray(labelmap.shape[::-1])
+    nearest = np.rint(index).astype(np.int64)
     inside = np.all((nearest >= 0) & (nearest < size), axis=1)
     labels = np.zeros(len(index), dtype=labelmap.dtype)
-    i, j, k = nearest[inside].T
-    labels[inside] = labelmap[k, j, i]
+    if interpolation == "nearest":
+        i, j, k = nearest[inside].T
+        labels[inside] = labelmap[k, j, i]
+    else:
+        labels[inside] = _label_wise_linear(labelmap, index[inside])
+    return labels
+
+
+def _label_wise_linear(labelmap: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """propagate_labels' "linear" at indices (N, 3) whose nearest voxel is on the grid. Where the 8
+    voxels around a point share one label (most points) that is its label; elsewhere each corner's
+    label scores the summed trilinear weights of the corners holding it."""
+    size = np.asarray(labelmap.shape[::-1])
+    low = np.floor(index)
+    fraction = index - low
+    low = low.astype(np.int64)
+    axes = [(np.clip(low[:, a], 0, size[a] - 1), np.clip(low[:, a] + 1, 0, size[a] - 1)) for a in range(3)]
+    flat = labelmap.reshape(-1)
+    offsets = list(itertools.product((0, 1), repeat=3))                                # (dz, dy, dx)
+    corners = np.stack([flat[(axes[2][dz] * size[1] + axes[1][dy]) * size[0] + axes[0][dx]]
+                        for dz, dy, dx in offsets])                                     # [8, N]
+    labels = corners[0].copy()
+    mixed = np.flatnonzero(np.any(corners != labels, axis=0))
+    if len(mixed) == 0:
+        return labels
+    corners, f = corners[:, mixed], fraction[mixed]
+    weights = np.stack([np.prod(np.where(np.array([dx, dy, dz], bool), f, 1 - f), axis=1)
+                        for dz, dy, dx in offsets])                                     # [8, M]
+    scores = ((corners[:, None] == corners[None]) * weights[None]).sum(axis=1)          # corner c's label's weight
+    candidates = scores >= scores.max(axis=0) - 1e-12
+    labels[mixed] = np.where(candidates, corners, np.iinfo(corners.dtype).max).min(axis=0)
     return labels

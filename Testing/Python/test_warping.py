@@ -1,6 +1,8 @@
 """Exported outputs agree with ITK: the displacement field, read with SimpleITK and used to
 resample the reference, reproduces the engine's predicted image and propagated labelmap, on an
 oblique, anisotropic grid; affine pre-alignment is folded into the exported field."""
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -8,7 +10,7 @@ import SimpleITK as sitk
 from STNeRPLib.geometry import Grid
 from STNeRPLib.pipeline import fit
 from STNeRPLib.presets import Options
-from STNeRPLib.presets import DEFAULT
+from STNeRPLib.presets import DEFAULT, PAPER
 from STNeRPLib.progress import Reporter
 from STNeRPLib.warping import warp
 
@@ -66,13 +68,21 @@ def test_field_reproduces_predicted_image(trained, oblique):
     assert np.abs(itk - warped.image)[mask].max() < 0.5               # HU, over a ~2000 HU range
 
 
-def test_field_reproduces_propagated_labelmap(trained, oblique):
+@pytest.mark.parametrize("interpolation, itk_interpolator", [("linear", sitk.sitkLabelLinear),
+                                                            ("nearest", sitk.sitkNearestNeighbor)])
+def test_field_reproduces_propagated_labelmap(trained, oblique, interpolation, itk_interpolator):
+    """The engine's labelmap is ITK's of its own field, label-wise linear (the default) or nearest (the paper)."""
     model, _, labels = trained
+    model = dataclasses.replace(model, preset=dataclasses.replace(model.preset, label_interpolation=interpolation))
     warped = warp(model, 1.0, oblique)
-    itk = resample_with_field(labels, warped.displacement, oblique, sitk.sitkNearestNeighbor)
+    itk = resample_with_field(labels, warped.displacement, oblique, itk_interpolator)
     mask = inside(warped, oblique)
     assert (itk == warped.labelmap)[mask].mean() > 0.999              # ties at exact half-voxels aside
     assert set(np.unique(warped.labelmap)) == {0, 1, 2}
+
+
+def test_default_preset_propagates_labels_label_wise_linear():
+    assert DEFAULT.label_interpolation == "linear" and PAPER.label_interpolation == "nearest"
 
 
 def test_recovered_shift_in_mm(trained, oblique):
