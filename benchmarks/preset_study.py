@@ -65,6 +65,7 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "defnet-450": (None, {"def_iterations": 450}),
     "lncc": (None, {"similarity": "lncc"}),
     "points-2048": (None, {"def_points": 2048}),
+    "points-8192": (None, {"def_points": 8192}),
     "fine-12mm-sigma2": (None, {"velocity_spacing": 12.0, "def_sigma": 2.0}),
     "levels-2": (None, {"velocity_levels": 2, "adaptive_levels": False}),
     "levels-2-unanchored": (None, {"velocity_levels": 2, "adaptive_levels": False, "anchor_reference": False}),
