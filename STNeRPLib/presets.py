@@ -72,8 +72,9 @@ class Preset:
     registered low-contrast tissue worse (README, Presets). 0 (as before it existed) interpolates every
     displacement trilinearly between the velocity grid's nodes.
     `label_interpolation` carries the segmentation to each time: "nearest" (the nearest reference voxel's
-    label, the paper's eq. 7-8) or "linear" (label-wise trilinear, warping.propagate_labels: boundaries
-    between voxel centres, not on their faces; the default's).
+    label, the paper's eq. 7-8) or "linear" (label-wise trilinear, warping.propagate_labels: a boundary
+    follows the half level of the structure's interpolated indicator, not the staircase of voxel faces;
+    the default's).
     """
 
     name: str
