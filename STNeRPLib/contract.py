@@ -247,12 +247,13 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
                     ground_truth: Sequence[tuple[str, float]] = (), predict_times: Sequence[float] = (),
                     preset: str = DEFAULT_PRESET, iterations: int | None = None, device: str = "auto",
                     prior: str | None = None, prealign: str = "none", similarity: str | None = None,
-                    velocity_levels: int | str | None = None, anchor_reference: bool | None = None,
+                    label_interpolation: str | None = None, velocity_levels: int | str | None = None, anchor_reference: bool | None = None,
                     stop_on_convergence: bool | None = None, resume: bool = False,
                     json_events: bool = True, stdin_cancel: bool = False) -> list[str]:
     """Arguments of `stnerp train` (after `python -m STNeRPLib`). Paths must be absolute: the
     worker may run in another working directory. velocity_levels: a count or "auto". prior, similarity,
-    velocity_levels, anchor_reference and stop_on_convergence None: the preset's own (no flag)."""
+    label_interpolation, velocity_levels, anchor_reference and stop_on_convergence None: the preset's own
+    (no flag)."""
     if not follow_ups:
         raise ValueError("at least one follow-up image is needed")
     _check_choice("preset", preset, PRESET_NAMES)
@@ -262,6 +263,8 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
         _check_choice("prior", prior, PRIORS)
     if similarity is not None:
         _check_choice("similarity", similarity, SIMILARITIES)
+    if label_interpolation is not None:
+        _check_choice("label_interpolation", label_interpolation, LABEL_INTERPOLATIONS)
     paths = [reference, output, segmentation, landmarks] + [p for p, _ in follow_ups] + [p for p, _ in ground_truth]
     _check_absolute(paths)
     args = ["train", "--reference", reference, f"--reference-time={_number(reference_time)}"]
@@ -281,6 +284,8 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
         args += ["--prior", prior]
     if similarity is not None:
         args += ["--similarity", similarity]
+    if label_interpolation is not None:
+        args += ["--label-interpolation", label_interpolation]
     if velocity_levels is not None:
         args += ["--velocity-levels", "auto" if velocity_levels == "auto" else str(int(velocity_levels))]
     if anchor_reference is not None:

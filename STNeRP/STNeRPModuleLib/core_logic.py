@@ -342,6 +342,7 @@ class STNeRPCoreLogic:
                 preset=settings.get("preset", contract.DEFAULT_PRESET), iterations=settings.get("iterations"),
                 device=settings.get("device", "auto"), prior=settings.get("prior"),
                 prealign=settings.get("prealign", "none"), similarity=settings.get("similarity"),
+                label_interpolation=settings.get("label_interpolation"),
                 velocity_levels=settings.get("velocity_levels"),
                 anchor_reference=settings.get("anchor_reference"),
                 stop_on_convergence=settings.get("stop_on_convergence"), resume=resume, stdin_cancel=True)

@@ -34,6 +34,7 @@ DEFAULTS = {
     "Prior": "preset",            # "preset": the preset's own prior, else one of contract.PRIORS
     "Prealign": "none",
     "Similarity": "preset",       # "preset": the preset's own loss, else one of contract.SIMILARITIES
+    "LabelInterpolation": "preset",  # "preset": the preset's own, else one of contract.LABEL_INTERPOLATIONS
     "VelocityLevels": "0",        # 0 = the preset's number of velocity grids
     "AnchorReference": "preset",  # "on": the transform at the reference time is the identity; "off"; "preset"
     "StopOnConvergence": "preset",  # "on": Def-Net's fit ends once its loss stops improving; "off"; "preset"
@@ -50,6 +51,8 @@ DEFAULTS = {
 PRIOR_CHOICES = ("preset",) + contract.PRIORS
 #: similarity choices of the panel: the preset's own, or one of the worker's
 SIMILARITY_CHOICES = ("preset",) + contract.SIMILARITIES
+#: how the segments are carried to each time: the preset's own, or one of the worker's
+LABEL_INTERPOLATION_CHOICES = ("preset",) + contract.LABEL_INTERPOLATIONS
 #: choices of the panel's on/off settings (anchor reference time, stop on convergence) and the worker option
 #: value each stands for (None: the preset's own)
 SWITCH_SETTINGS = {"preset": None, "on": True, "off": False}
@@ -161,10 +164,11 @@ def get_follow_ups(node: slicer.vtkMRMLScriptedModuleNode) -> list[FollowUp]:
 
 
 def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
-    """Worker settings from the parameter node (prior, similarity, velocity_levels, anchor_reference and
-    stop_on_convergence None: the preset's own)."""
+    """Worker settings from the parameter node (prior, similarity, label_interpolation, velocity_levels,
+    anchor_reference and stop_on_convergence None: the preset's own)."""
     prior = node.GetParameter("Prior") or "preset"
     similarity = node.GetParameter("Similarity") or "preset"
+    label_interpolation = node.GetParameter("LabelInterpolation") or "preset"
     return {
         "preset": node.GetParameter("Preset") or contract.DEFAULT_PRESET,
         "iterations": get_int(node, "Iterations", 0) or None,
@@ -172,6 +176,7 @@ def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
         "prior": None if prior == "preset" else prior,
         "prealign": node.GetParameter("Prealign") or "none",
         "similarity": None if similarity == "preset" else similarity,
+        "label_interpolation": None if label_interpolation == "preset" else label_interpolation,
         "velocity_levels": get_int(node, "VelocityLevels", 0) or None,
         "anchor_reference": SWITCH_SETTINGS.get(node.GetParameter("AnchorReference")),
         "stop_on_convergence": SWITCH_SETTINGS.get(node.GetParameter("StopOnConvergence")),

@@ -235,15 +235,15 @@ def test_module_train_arguments_follow_contract():
     args = contract.train_arguments("/d/r.nrrd", 0, [("/d/a.nrrd", 1), ("/d/b.nrrd", -2.5)], "/OUT",
                                     segmentation="/d/s.nrrd", landmarks="/d/l.csv", ground_truth=[("/d/g.nrrd", 1)],
                                     predict_times=[0.5, -1e-5], preset="paper", iterations=30, device="cpu",
-                                    prior="image", prealign="affine", similarity="lncc", velocity_levels=2,
-                                    anchor_reference=True, stop_on_convergence=True, stdin_cancel=True)
+                                    prior="image", prealign="affine", similarity="lncc", label_interpolation="nearest",
+                                    velocity_levels=2, anchor_reference=True, stop_on_convergence=True, stdin_cancel=True)
     assert args == ["train", "--reference", "/d/r.nrrd", "--reference-time=0",
                     "--follow-up", "/d/a.nrrd", "1", "--follow-up", "/d/b.nrrd", "-2.5",
                     "--segmentation", "/d/s.nrrd", "--landmarks", "/d/l.csv", "--ground-truth", "/d/g.nrrd", "1",
                     "--predict-times", "0.5", "-0.00001", "--output", "/OUT", "--preset", "paper",
                     "--device", "cpu", "--prealign", "affine", "--iterations", "30", "--prior", "image",
-                    "--similarity", "lncc", "--velocity-levels", "2", "--anchor-reference",
-                    "--stop-on-convergence", "--json-events", "--cancel-on-stdin-close"]
+                    "--similarity", "lncc", "--label-interpolation", "nearest", "--velocity-levels", "2",
+                    "--anchor-reference", "--stop-on-convergence", "--json-events", "--cancel-on-stdin-close"]
     default_prior = contract.train_arguments("/r.nrrd", 0, [("/a.nrrd", 1)], "/OUT")
     assert "--prior" not in default_prior, "the preset's own prior is the worker's default"
     assert not {"--anchor-reference", "--no-anchor-reference"} & set(default_prior), "the preset's own anchor"
@@ -258,6 +258,8 @@ def test_module_train_arguments_follow_contract():
         contract.train_arguments("/r", 0, [], "/OUT")
     with pytest.raises(ValueError, match="similarity"):
         contract.train_arguments("/r.nrrd", 0, [("/a.nrrd", 1)], "/OUT", similarity="ncc")
+    with pytest.raises(ValueError, match="label_interpolation"):
+        contract.train_arguments("/r.nrrd", 0, [("/a.nrrd", 1)], "/OUT", label_interpolation="cubic")
 
 
 @pytest.mark.parametrize("relative", ["reference", "follow-up", "output"])
