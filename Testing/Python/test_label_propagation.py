@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from STNeRPLib.geometry import Grid
 from STNeRPLib.metrics import dice_per_label
@@ -71,27 +72,53 @@ def test_unknown_label_interpolation_is_refused():
         propagate_labels(np.zeros((2, 2, 2), np.uint16), np.zeros((1, 3)), "cubic")
 
 
+def _trained(folder, *flag: str) -> tuple[dict, object]:
+    """A real worker's run on a 3-phase phantom (100 iterations), and the phantom."""
+    series = breathing_series(size=(32, 32, 24), spacing=(9.0, 9.0, 10.0), n_phases=3, noise_hu=0)
+    files = write_series(series, folder / "series")
+    args = ["train", "--reference", files["images"][0], "--segmentation", files["labelmaps"][0], "--iterations", 100,
+            "--output", folder / "run", "--no-report", *flag]
+    for path, t in zip(files["images"][1:], series.times[1:]):
+        args += ["--follow-up", path, t]
+    result = stnerp(*args)
+    assert result.returncode == 0, result.stderr
+    return json.loads((folder / "run" / "run.json").read_text()), series
+
+
+def _carried(series, folder, point: dict) -> dict[int, np.ndarray]:
+    """The reference segmentation through a written time point's displacement.nrrd, by ITK, both ways."""
+    field = sitk.ReadImage(str(folder / point["displacement"]))
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    return {how: sitk.GetArrayFromImage(sitk.Resample(series.labelmaps[0], field, transform, how, 0))
+            for how in (sitk.sitkLabelLinear, sitk.sitkNearestNeighbor)}
+
+
 @pytest.mark.parametrize("flag, interpolator", [((), sitk.sitkLabelLinear),
                                                 (("--label-interpolation", "nearest"), sitk.sitkNearestNeighbor)])
 def test_train_writes_the_labelmap_its_field_carries(tmp_path, flag, interpolator):
     """stnerp train: the default carries the segmentation label-wise linear, --label-interpolation nearest as
     the paper; run.json records which, and each labelmap.nrrd is ITK's of the reference segmentation through
-    that time's displacement.nrrd (a real worker, a 3-phase phantom, 100 iterations)."""
-    series = breathing_series(size=(32, 32, 24), spacing=(9.0, 9.0, 10.0), n_phases=3, noise_hu=0)
-    files = write_series(series, tmp_path / "series")
-    args = ["train", "--reference", files["images"][0], "--segmentation", files["labelmaps"][0], "--iterations", 100,
-            "--output", tmp_path / "run", "--no-report", *flag]
-    for path, t in zip(files["images"][1:], series.times[1:]):
-        args += ["--follow-up", path, t]
-    result = stnerp(*args)
-    assert result.returncode == 0, result.stderr
-    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    that time's displacement.nrrd."""
+    run, series = _trained(tmp_path, *flag)
     assert run["parameters"]["preset"]["label_interpolation"] == ("nearest" if flag else "linear")
     for point in run["time_points"][1:]:
-        field = sitk.ReadImage(str(tmp_path / "run" / point["displacement"]))
-        transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
-        carried = {how: sitk.GetArrayFromImage(sitk.Resample(series.labelmaps[0], field, transform, how, 0))
-                   for how in (sitk.sitkLabelLinear, sitk.sitkNearestNeighbor)}
+        carried = _carried(series, tmp_path / "run", point)
         written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "run" / point["labelmap"])))
         assert (written != carried[interpolator]).sum() <= 2, point["time"]     # 0 when written; ties aside
         assert (carried[sitk.sitkLabelLinear] != carried[sitk.sitkNearestNeighbor]).sum() > 10   # 19 at t = 1
+
+
+def test_a_model_saved_before_the_option_predicts_its_labels_nearest(tmp_path):
+    """A model.pt written before label_interpolation existed (its preset without it) was trained, and its run's
+    labelmaps written, nearest-neighbour: `stnerp predict` from it carries them the same way."""
+    _, series = _trained(tmp_path)
+    model = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    del model["preset"]["label_interpolation"]
+    torch.save(model, tmp_path / "run" / "model.pt")
+    result = stnerp("predict", "--run", tmp_path / "run", "--times", 1, "--output", tmp_path / "new")
+    assert result.returncode == 0, result.stderr
+    point = json.loads((tmp_path / "new" / "run.json").read_text())["time_points"][0]
+    carried = _carried(series, tmp_path / "new", point)
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "new" / point["labelmap"])))
+    assert (written != carried[sitk.sitkNearestNeighbor]).sum() <= 2
+    assert (written != carried[sitk.sitkLabelLinear]).sum() > 10
