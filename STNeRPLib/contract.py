@@ -247,8 +247,9 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
                     ground_truth: Sequence[tuple[str, float]] = (), predict_times: Sequence[float] = (),
                     preset: str = DEFAULT_PRESET, iterations: int | None = None, device: str = "auto",
                     prior: str | None = None, prealign: str = "none", similarity: str | None = None,
-                    label_interpolation: str | None = None, velocity_levels: int | str | None = None, anchor_reference: bool | None = None,
-                    stop_on_convergence: bool | None = None, resume: bool = False,
+                    label_interpolation: str | None = None, velocity_levels: int | str | None = None,
+                    anchor_reference: bool | None = None, stop_on_convergence: bool | None = None,
+                    resume: bool = False,
                     json_events: bool = True, stdin_cancel: bool = False) -> list[str]:
     """Arguments of `stnerp train` (after `python -m STNeRPLib`). Paths must be absolute: the
     worker may run in another working directory. velocity_levels: a count or "auto". prior, similarity,

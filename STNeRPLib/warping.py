@@ -270,7 +270,8 @@ def propagate_labels(labelmap: np.ndarray, index: np.ndarray, interpolation: str
     interpolator (SimpleITK's sitkLabelLinear, ANTs' GenericLabel): a boundary follows the half level
     of the structure's trilinearly interpolated indicator, which cuts across voxel corners, instead of
     the staircase of voxel faces that "nearest" makes (with the exact motion of the longitudinal
-    phantom, a 12 mm tumour on 3 mm voxels scores Dice 0.88-0.91 nearest, 0.91-0.98 linear). Both give 0 where the nearest voxel lies outside the grid; "linear" takes the border voxels' labels
+    phantom, a 12 mm tumour on 3 mm voxels scores Dice 0.88-0.91 nearest, 0.91-0.98 linear).
+    Both give 0 where the nearest voxel lies outside the grid; "linear" takes the border voxels' labels
     for the corners beyond it."""
     if interpolation not in LABEL_INTERPOLATIONS:
         raise ValueError(f"unknown label interpolation {interpolation!r}: use one of {', '.join(LABEL_INTERPOLATIONS)}")

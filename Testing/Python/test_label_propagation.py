@@ -31,8 +31,8 @@ def test_label_wise_linear_follows_a_shrinking_ball_closer_than_nearest():
     """A 4.2 mm ball in a 2 mm shell, on 1 mm voxels, shrunk to 0.75 about its centre at 8 sub-voxel
     placements (u maps a point q of the shrunk time to the reference point c + (q - c) / 0.75), against
     the ball and shell drawn at that size: label-wise linear puts the boundary on the half level of the
-    interpolated indicator, not on the staircase of voxel faces, and scores the higher Dice at every placement (by 0.033 and 0.029 on
-    average when written)."""
+    interpolated indicator, not on the staircase of voxel faces, and scores the higher Dice at every
+    placement (by 0.033 and 0.029 on average when written)."""
     rng = np.random.default_rng(0)
     gains = []
     for _ in range(8):

@@ -235,8 +235,9 @@ def test_module_train_arguments_follow_contract():
     args = contract.train_arguments("/d/r.nrrd", 0, [("/d/a.nrrd", 1), ("/d/b.nrrd", -2.5)], "/OUT",
                                     segmentation="/d/s.nrrd", landmarks="/d/l.csv", ground_truth=[("/d/g.nrrd", 1)],
                                     predict_times=[0.5, -1e-5], preset="paper", iterations=30, device="cpu",
-                                    prior="image", prealign="affine", similarity="lncc", label_interpolation="nearest",
-                                    velocity_levels=2, anchor_reference=True, stop_on_convergence=True, stdin_cancel=True)
+                                    prior="image", prealign="affine", similarity="lncc",
+                                    label_interpolation="nearest", velocity_levels=2, anchor_reference=True,
+                                    stop_on_convergence=True, stdin_cancel=True)
     assert args == ["train", "--reference", "/d/r.nrrd", "--reference-time=0",
                     "--follow-up", "/d/a.nrrd", "1", "--follow-up", "/d/b.nrrd", "-2.5",
                     "--segmentation", "/d/s.nrrd", "--landmarks", "/d/l.csv", "--ground-truth", "/d/g.nrrd", "1",
