@@ -166,23 +166,27 @@ def get_follow_ups(node: slicer.vtkMRMLScriptedModuleNode) -> list[FollowUp]:
 def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
     """Worker settings from the parameter node (prior, similarity, label_interpolation, velocity_levels,
     anchor_reference and stop_on_convergence None: the preset's own)."""
-    prior = node.GetParameter("Prior") or "preset"
-    similarity = node.GetParameter("Similarity") or "preset"
-    label_interpolation = node.GetParameter("LabelInterpolation") or "preset"
     return {
         "preset": node.GetParameter("Preset") or contract.DEFAULT_PRESET,
         "iterations": get_int(node, "Iterations", 0) or None,
         "device": node.GetParameter("Device") or "auto",
-        "prior": None if prior == "preset" else prior,
+        "prior": _chosen(node, "Prior"),
         "prealign": node.GetParameter("Prealign") or "none",
-        "similarity": None if similarity == "preset" else similarity,
-        "label_interpolation": None if label_interpolation == "preset" else label_interpolation,
+        "similarity": _chosen(node, "Similarity"),
+        "label_interpolation": _chosen(node, "LabelInterpolation"),
         "velocity_levels": get_int(node, "VelocityLevels", 0) or None,
         "anchor_reference": SWITCH_SETTINGS.get(node.GetParameter("AnchorReference")),
         "stop_on_convergence": SWITCH_SETTINGS.get(node.GetParameter("StopOnConvergence")),
         "predict_times": [float(t) for t in (get_json(node, "PredictTimes") or [])],
         "create_sequences": get_bool(node, "CreateSequences"),
     }
+
+
+def _chosen(node: slicer.vtkMRMLScriptedModuleNode, key: str) -> str | None:
+    """A choice the panel offers beside "preset": None when left there (or absent: GetParameter gives ""),
+    so the worker gets no flag and the preset's own value holds."""
+    value = node.GetParameter(key) or "preset"
+    return None if value == "preset" else value
 
 
 def job_inputs(node: slicer.vtkMRMLScriptedModuleNode) -> JobInputs:
