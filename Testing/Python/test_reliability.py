@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from STNeRPLib.contract import write_json
 from STNeRPLib.phantom import breathing_series, write_series
@@ -390,6 +391,14 @@ def _kill_when(process: subprocess.Popen, stage: str, iteration: int) -> None:
     assert process.returncode == -signal.SIGKILL
 
 
+def _fits_reported(stdout: str, stage: str) -> list[int]:
+    """The first iteration reported of each fit of `stage` in a run's events (a fit starts where the
+    iteration falls: the short-range scheme fits pair after pair)."""
+    iterations = [e["iteration"] for e in map(json.loads, stdout.splitlines())
+                  if e["event"] == "progress" and e["stage"] == stage]
+    return [i for k, i in enumerate(iterations) if k == 0 or i < iterations[k - 1]]
+
+
 def _first_iteration(stdout: str, stage: str) -> int:
     """The first iteration a run reported for `stage` (the first event of a stage is never skipped)."""
     return next(e["iteration"] for e in map(json.loads, stdout.splitlines())
@@ -510,11 +519,15 @@ def test_kill_9_mid_short_range_then_resume_is_bit_identical(phantom, tmp_path):
                 break
     process.wait(timeout=60)
     assert [p["time"] for p in record(output)["time_points"]] == [1.0]
-    assert (output / "checkpoint.pt").exists()
+    # Pair 2's checkpoint (pair 1's is removed once written). The worker may have run ahead of the events
+    # read here, as far as the end of pair 2's fit (iteration 40): CI saw that once, under load.
+    saved = torch.load(output / "checkpoint.pt", weights_only=True)["iteration"]
+    assert saved >= 20
     first = (output / "t_1/displacement.nrrd").stat().st_mtime_ns
     resumed = stnerp(*args, "--resume", "--json-events")
     assert resumed.returncode == 0, resumed.stderr
-    assert _first_iteration(resumed.stdout, "defnet") > 20            # pair 2 continued, not restarted
+    fits = _fits_reported(resumed.stdout, "defnet")    # pair 2 continued (or left as done), not restarted; pair 3
+    assert len(fits) == (2 if saved < 40 else 1) and (saved == 40 or fits[0] == saved + 1), (saved, fits)
     assert "pair 1/3" not in resumed.stderr and (output / "t_1/displacement.nrrd").stat().st_mtime_ns == first
     assert not (output / "checkpoint.pt").exists()
     _same_outputs(output, tmp_path / "whole")
