@@ -34,20 +34,22 @@ class Checkpoint:
         self.modules: dict[str, nn.Module] = {}
         self._stop = False
 
-    def restore(self, stage: str, module: tuple[str, nn.Module], optimizer: torch.optim.Optimizer,
+    def restore(self, stage: str, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
                 schedule, generator: torch.Generator, total: int) -> int:
-        """Track `module`; load the saved state into it, the optimiser, schedule and generator.
+        """Track `modules` (name -> module); load the saved state into them, the optimiser, schedule and
+        generator. A module the checkpoint does not hold (saved by an older version) keeps its state.
 
         Returns the last iteration done of `stage`: 0 with nothing saved for it, `total` when the
-        checkpoint is of a later stage (the module's saved weights are then loaded alone)."""
-        name, net = module
-        self.modules[name] = net
+        checkpoint is of a later stage (the modules' saved states are then loaded alone)."""
+        self.modules.update(modules)
         if self.saved is None:
             return 0
         saved_stage = STAGES.index(self.saved["stage"])
         if saved_stage < STAGES.index(stage):
             return 0
-        net.load_state_dict(self.saved["modules"][name])
+        for name, module in modules.items():
+            if name in self.saved["modules"]:
+                module.load_state_dict(self.saved["modules"][name])
         if saved_stage > STAGES.index(stage):
             return total
         optimizer.load_state_dict(self.saved["optimizer"])

@@ -75,6 +75,10 @@ class Preset:
     label, the paper's eq. 7-8) or "linear" (label-wise trilinear, warping.propagate_labels: a boundary
     follows the half level of the structure's interpolated indicator, not the staircase of voxel faces;
     the default's).
+    `average_last` > 0 makes Def-Net's weights the mean of its weights over the fit's last fraction
+    `average_last` of iterations (Polyak-Ruppert tail averaging, averaging.WeightAverage; with
+    stop_on_convergence, of the iterations once the end is known); 0: the last iteration's weights, as
+    the paper.
     """
 
     name: str
@@ -114,6 +118,7 @@ class Preset:
     decay_iterations: int = 300
     displacement_spacing: float = 0.0
     label_interpolation: str = "nearest"
+    average_last: float = 0.0
 
     def level_iteration(self, level: int) -> int:
         """The Def-Net iteration from which velocity level `level` (0: the coarsest) is trained."""
@@ -175,6 +180,7 @@ DEFAULT = Preset(
     velocity_spacing=32.0, prior="image", prior_interpolation="cubic", prior_cache=True, lr_final=0.1,
     def_times=3, def_omega=10.0, anchor_reference=True, velocity_levels=AUTO_LEVELS, adaptive_levels=True,
     level_lr_scale=3.0, squaring_steps=5, displacement_spacing=8.0, label_interpolation="linear",
+    average_last=0.25,
 )
 """Measured on the 96 x 96 x 64 breathing phantom (mean TRE over the nine follow-up phases, mm;
 README, Presets): cubic B-spline sampling of the prior beat trilinear (Ref-Net's cached rendering

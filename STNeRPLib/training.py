@@ -8,6 +8,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from .averaging import WeightAverage
 from .checkpoint import Checkpoint
 from .deformation import Deformation
 from .integration import sample
@@ -51,7 +52,7 @@ def fit_reference(net: RefNet, volume: torch.Tensor, preset: Preset, progress: P
     optimizer = torch.optim.Adam(net.parameters(), lr=preset.ref_lr)
     schedule = DecaySchedule(optimizer, preset.ref_iterations, preset.lr_final)
     loss = torch.tensor(float("nan"))
-    start = _restore(checkpoint, "refnet", ("ref_net", net), optimizer, schedule, generator, preset.ref_iterations)
+    start = _restore(checkpoint, "refnet", {"ref_net": net}, optimizer, schedule, generator, preset.ref_iterations)
     for iteration in range(start + 1, preset.ref_iterations + 1):
         chosen = _choose(len(values), preset.ref_points, generator, volume.device)
         loss = torch.mean((net(points[chosen]) - values[chosen]) ** 2)
@@ -74,7 +75,8 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     dropped at Preset.level_decision (_try_level), and `message` receives the decision in words. With
     `preset.stop_on_convergence`, def_iterations is the most: the fit ends `decay_iterations` after the
     loss stops improving (schedule.DecaySchedule), and progress reports the new total from then on.
-    Returns the last loss (`preset.similarity`: mean squared error over the sampled voxels inside the
+    With `preset.average_last`, Def-Net ends with its weights averaged over the fit's last iterations
+    (averaging.WeightAverage). Returns the last iteration's loss (`preset.similarity`: mean squared error over the sampled voxels inside the
     fields of view, or 1 - LNCC over sampled windows). With a checkpoint, start from its state and
     save into it.
     """
@@ -86,8 +88,9 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     optimizer = _deformation_optimizer(deformation, preset)
     schedule = _deformation_schedule(optimizer, preset)
     loss = torch.tensor(float("nan"))
-    iteration = _restore(checkpoint, "defnet", ("deformation", deformation), optimizer, schedule, generator,
-                         preset.def_iterations)
+    average = WeightAverage(deformation)
+    iteration = _restore(checkpoint, "defnet", {"deformation": deformation, "weight_average": average}, optimizer,
+                         schedule, generator, preset.def_iterations)
     while iteration < schedule.end:
         iteration += 1
         which = _choose_times(len(series.times), preset.def_times, generator)
@@ -100,9 +103,12 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
         _step(optimizer, loss, schedule)
         if preset.adaptive_levels:
             _try_level(deformation, preset, iteration, message)
+        if iteration > (1 - preset.average_last) * schedule.end:
+            average.add()
         progress("defnet", iteration, schedule.end, loss.item())
         if checkpoint is not None:
             checkpoint.after("defnet", iteration, optimizer, schedule, generator)
+    average.apply()
     return loss.item()
 
 
@@ -290,12 +296,12 @@ class GridPoints:
         return torch.stack([self.axes[2][x], self.axes[1][y], self.axes[0][z]], dim=-1)
 
 
-def _restore(checkpoint: Checkpoint | None, stage: str, module, optimizer, schedule, generator,
-             total: int) -> int:
+def _restore(checkpoint: Checkpoint | None, stage: str, modules: dict[str, nn.Module], optimizer, schedule,
+             generator, total: int) -> int:
     """The last iteration of `stage` already done (0 without a checkpoint)."""
     if checkpoint is None:
         return 0
-    return checkpoint.restore(stage, module, optimizer, schedule, generator, total)
+    return checkpoint.restore(stage, modules, optimizer, schedule, generator, total)
 
 
 def _choose(count: int, wanted: int, generator: torch.Generator, device) -> torch.Tensor:

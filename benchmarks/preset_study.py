@@ -79,6 +79,8 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "displacement-trilinear": (None, {"displacement_spacing": 0.0}),
     "displacement-6mm": (None, {"displacement_spacing": 6.0}),
     "displacement-4mm": (None, {"displacement_spacing": 4.0}),
+    "last-iterate": (None, {"average_last": 0.0}),
+    "average-10pct": (None, {"average_last": 0.1}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
 HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5}

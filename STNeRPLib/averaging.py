@@ -1,0 +1,42 @@
+"""Tail averaging of a network's weights (Polyak-Ruppert averaging): the mean of the weights over a fit's
+last iterations, which a stochastic fit's last iterate only scatters around."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class WeightAverage(nn.Module):
+    """The running mean of `module`'s parameters over the iterations `add` was called at.
+
+    The mean and its count are buffers, so a checkpoint holding this module resumes the mean exactly
+    (training.fit_deformation saves it beside the network)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self._parameters_of = [module]          # a list, so the module is not registered as a child
+        for index, parameter in enumerate(module.parameters()):
+            self.register_buffer(f"mean{index}", torch.zeros_like(parameter, requires_grad=False))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+    def _means(self) -> list[torch.Tensor]:
+        return [getattr(self, f"mean{index}") for index in range(len(self._sources()))]
+
+    def _sources(self) -> list[nn.Parameter]:
+        return list(self._parameters_of[0].parameters())
+
+    def add(self) -> None:
+        """Take the module's present weights into the mean."""
+        self.count += 1
+        weight = 1.0 / int(self.count)
+        with torch.no_grad():
+            for parameter, mean in zip(self._sources(), self._means()):
+                mean.lerp_(parameter, weight)
+
+    def apply(self) -> None:
+        """Set the module's weights to the mean (nothing when no iteration was added)."""
+        if int(self.count) == 0:
+            return
+        with torch.no_grad():
+            for parameter, mean in zip(self._sources(), self._means()):
+                parameter.copy_(mean)
