@@ -6,19 +6,19 @@ from dataclasses import dataclass, asdict, replace
 
 
 AUTO_LEVELS = 2
-"""Velocity levels tried by `--velocity-levels auto` (a third, 8 mm, level was not better: README, Presets)."""
+"""Velocity levels tried by `--velocity-levels auto` (a third, 8 mm, level was not better: docs/presets.md)."""
 LEVEL_TRIAL = 0.2
 """Fraction of Def-Net's iterations a finer velocity level is trained before adaptive_levels decides."""
 LEVEL_WINDOW = 0.5
 """Fraction of a finer level's trial, its last iterations, whose training losses with the level and
 without it (the same drawn voxels) are summed for adaptive_levels' decision: one look at the end moved
-the ratio by up to 0.05 from one check to the next, 50 iterations apart (README, Presets)."""
+the ratio by up to 0.05 from one check to the next, 50 iterations apart (docs/presets.md)."""
 LEVEL_GAIN = 0.06
 """Relative fall of the summed trial loss (LEVEL_WINDOW) that a finer velocity level must bring to be kept
 (adaptive_levels), with that level's displacement refined by cubic B-spline (displacement_spacing 8, as in
 DEFAULT). Loss with the 16 mm level / without it, preset study at series seeds 0 and 1: breathing phantom
 0.997, chest 0.954-0.956, shrinking tumour 0.911-0.929, sliding abdomen 0.642-0.665; 0.94 sits in the gap
-between the chest, which the level does not help, and the shrinking tumour (README, Presets)."""
+between the chest, which the level does not help, and the shrinking tumour (docs/presets.md)."""
 LEVEL_GAIN_TRILINEAR = 0.03
 """The same with the displacement trilinear between the velocity nodes (displacement_spacing 0, the default
 until 2026-12-02): breathing 0.997-0.999, chest 0.991-0.992, shrinking tumour 0.936-0.950, abdomen
@@ -49,14 +49,14 @@ class Preset:
     insensitive to a local linear change of intensity, as between CT and CBCT or with contrast).
     `anchor_reference` makes the reference time the identity exactly: the continuous-time velocity is
     Def-Net(x, t) - Def-Net(x, t_ref), so u(x, t_ref) = 0 (the paper has no anchor; on in DEFAULT:
-    README, Presets, gives the figures for and against).
+    docs/presets.md gives the figures for and against).
     `velocity_levels` > 1 makes the velocity coarse to fine: each further level halves the grid spacing
     and adds a residual Def-Net (`level_width` wide, Fourier sigma `level_sigma` at the first finer
     level, doubled at each further one, output zero at its start) to the coarser velocity upsampled;
     the first finer level is switched on after `level_start` of Def-Net's iterations, the others evenly
     between then and the end (deformation.Deformation). The finer levels' Def-Nets learn at
     `level_lr_scale` x def_lr (1.0 before it existed; DEFAULT 3: each finer node sees few of an
-    iteration's samples). The level_* values are the best measured (README, Presets); one level leaves
+    iteration's samples). The level_* values are the best measured (docs/presets.md); one level leaves
     them unread.
     `adaptive_levels` tries each finer level for LEVEL_TRIAL of Def-Net's iterations and keeps it only
     if, summed over the trial's last LEVEL_WINDOW, it lowers the training loss by more than LEVEL_GAIN
@@ -69,7 +69,7 @@ class Preset:
     cubic B-spline through the finest level's nodes, to a grid at most that many mm apart (that level's
     spacing divided by a whole factor), between whose nodes it is interpolated trilinearly in training and
     in every output. The coarsest level alone is never refined: it follows smooth motion, and refined it
-    registered low-contrast tissue worse (README, Presets). 0 (as before it existed) interpolates every
+    registered low-contrast tissue worse (docs/presets.md). 0 (as before it existed) interpolates every
     displacement trilinearly between the velocity grid's nodes.
     `label_interpolation` carries the segmentation to each time: "nearest" (the nearest reference voxel's
     label, the paper's eq. 7-8) or "linear" (label-wise trilinear, warping.propagate_labels: a boundary
@@ -183,7 +183,7 @@ DEFAULT = Preset(
     average_last=0.25,
 )
 """Measured on the 96 x 96 x 64 breathing phantom (mean TRE over the nine follow-up phases, mm;
-README, Presets): cubic B-spline sampling of the prior beat trilinear (Ref-Net's cached rendering
+docs/presets.md): cubic B-spline sampling of the prior beat trilinear (Ref-Net's cached rendering
 0.37 -> 0.31, the reference image 0.42 -> 0.33; trilinear blurs by sub-voxel position and its
 gradient jumps at voxel faces); with Def-Net at omega 10 and width 128 the image beat Ref-Net's
 rendering (0.23 vs 0.27) at no training cost; 1000 Def-Net iterations 0.19 (600: 0.23). A 16 or

@@ -27,7 +27,7 @@ ACCURATE = ["--iterations", "150", "--prior", "image"]
 # The whole run below checks conventions (sign, LPS/RAS, time) against every mistake with the unanchored
 # fit: on this 4-phase 9 mm phantom the default's reference anchor fits worse (phase 3 at 150 iterations:
 # TRE 1.19 against 0.98 mm; PSNR 28.57 dB, where the lowest slice maps > 5 mm below the reference
-# volume, against 31.83), unlike the benchmark's 10-phase series (README, Presets).
+# volume, against 31.83), unlike the benchmark's 10-phase series (docs/presets.md).
 UNANCHORED = ["--no-anchor-reference"]
 
 
