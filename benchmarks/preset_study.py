@@ -81,6 +81,7 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "displacement-4mm": (None, {"displacement_spacing": 4.0}),
     "last-iterate": (None, {"average_last": 0.0}),
     "average-10pct": (None, {"average_last": 0.1}),
+    "average-half": (None, {"average_last": 0.5}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
 HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5}
