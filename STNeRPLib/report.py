@@ -458,10 +458,11 @@ def _fit_section(record: dict) -> list[str]:
 
 
 def _fit_rows(facts: dict, preset: dict, prefix: str) -> list[list[str]]:
-    """The Fit table's rows for one fit's facts (pipeline._fit_facts), each name after `prefix`."""
+    """The Fit table's rows for one fit's facts (pipeline._fit_facts) and preset, each name after `prefix`."""
     kept = facts.get("velocity_levels_kept", 1)
     rows = [[prefix + "Def-Net iterations run", f"{facts['defnet_iterations']} of {preset.get('def_iterations', '?')}"],
-            [prefix + "velocity levels kept", f"{kept} of {preset.get('velocity_levels', 1)}"]]
+            [prefix + "velocity levels kept", f"{kept} of {preset.get('velocity_levels', 1)}"],
+            [prefix + "Def-Net's final weights", _final_weights(preset.get("average_last", 0.0))]]
     bar = facts.get("velocity_level_keep_below")
     for level, ratio in enumerate(facts.get("velocity_level_ratios") or [], 2):
         if ratio is not None:
@@ -470,6 +471,13 @@ def _fit_rows(facts: dict, preset: dict, prefix: str) -> list[list[str]]:
             rows.append([prefix + f"velocity level {level}: loss with it / without it at its trial",
                          f"{ratio:.3f} ({decision}{rule})"])
     return rows
+
+
+def _final_weights(average_last: float) -> str:
+    """How the fit chose Def-Net's final weights (Preset.average_last; a record from before it: the last)."""
+    if average_last <= 0:
+        return "the last iteration's"
+    return f"the mean over its last {average_last:.0%} of iterations (tail averaging)"
 
 
 def _metrics_table(record: dict, names: Names) -> str:

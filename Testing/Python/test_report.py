@@ -82,6 +82,8 @@ def test_report_says_how_the_fit_went_as_run_json_records_it(run):
     assert f"<td>velocity levels kept</td><td>{record['velocity_levels_kept']} of 2</td>" in page
     assert record["velocity_level_keep_below"] == pytest.approx(1 - LEVEL_GAIN)
     assert f"<td>{ratio:.3f} ({decision}: kept below {1 - LEVEL_GAIN:.2f})</td>" in page
+    averaged = "the mean over its last 25% of iterations (tail averaging)"       # the default's average_last
+    assert f"<td>Def-Net&#x27;s final weights</td><td>{averaged}</td>" in page
 
 
 def test_volume_curves_agree_with_the_propagated_labelmaps(run):
