@@ -14,23 +14,21 @@ class WeightAverage(nn.Module):
 
     def __init__(self, module: nn.Module):
         super().__init__()
-        self._parameters_of = [module]          # a list, so the module is not registered as a child
-        for index, parameter in enumerate(module.parameters()):
+        self._sources = list(module.parameters())   # a plain list: the module's own, not registered here
+        for index, parameter in enumerate(self._sources):
             self.register_buffer(f"mean{index}", torch.zeros_like(parameter, requires_grad=False))
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
 
-    def _means(self) -> list[torch.Tensor]:
-        return [getattr(self, f"mean{index}") for index in range(len(self._sources()))]
-
-    def _sources(self) -> list[nn.Parameter]:
-        return list(self._parameters_of[0].parameters())
+    def _pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, its running mean) for each of the module's parameters."""
+        return [(parameter, getattr(self, f"mean{index}")) for index, parameter in enumerate(self._sources)]
 
     def add(self) -> None:
         """Take the module's present weights into the mean."""
         self.count += 1
         weight = 1.0 / int(self.count)
         with torch.no_grad():
-            for parameter, mean in zip(self._sources(), self._means()):
+            for parameter, mean in self._pairs():
                 mean.lerp_(parameter, weight)
 
     def apply(self) -> None:
@@ -38,5 +36,5 @@ class WeightAverage(nn.Module):
         if int(self.count) == 0:
             return
         with torch.no_grad():
-            for parameter, mean in zip(self._sources(), self._means()):
+            for parameter, mean in self._pairs():
                 parameter.copy_(mean)
