@@ -76,9 +76,9 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     `preset.stop_on_convergence`, def_iterations is the most: the fit ends `decay_iterations` after the
     loss stops improving (schedule.DecaySchedule), and progress reports the new total from then on.
     With `preset.average_last`, Def-Net ends with its weights averaged over the fit's last iterations
-    (averaging.WeightAverage). Returns the last iteration's loss (`preset.similarity`: mean squared error over the sampled voxels inside the
-    fields of view, or 1 - LNCC over sampled windows). With a checkpoint, start from its state and
-    save into it.
+    (averaging.WeightAverage). Returns the last iteration's loss (`preset.similarity`: mean squared error
+    over the sampled voxels inside the fields of view, or 1 - LNCC over sampled windows). With a
+    checkpoint, start from its state and save into it.
     """
     prior.requires_grad_(False)
     series = _Series.of(targets, next(deformation.parameters()).device)
