@@ -31,8 +31,9 @@ PRIORS = ("refnet", "image")
 PREALIGNMENTS = ("none", "affine")
 INTENSITIES = ("ct", "percentile")
 SCHEMES = ("long", "short")
-#: Def-Net's loss: mean squared error (the paper) or local normalised cross-correlation
-SIMILARITIES = ("mse", "lncc")
+#: Def-Net's loss: mean squared error (the paper), the Charbonnier penalty (squared error for small
+#: residuals, absolute for large) or local normalised cross-correlation
+SIMILARITIES = ("mse", "charbonnier", "lncc")
 
 # -- exit codes ------------------------------------------------------------------------------
 EXIT_OK = 0
@@ -431,8 +432,10 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
                          help="what Def-Net deforms: Ref-Net (the paper; the paper preset's) or the reference "
                               "image ('w/o prior'; the default preset's, sampled by cubic B-spline)")
     command.add_argument("--similarity", choices=SIMILARITIES,
-                         help="Def-Net's loss: mse (the presets') or lncc, local normalised cross-correlation "
-                              "(for intensities that change between scans: CBCT, contrast)")
+                         help="Def-Net's loss: mse (the presets'), charbonnier, squared error for small residuals and "
+                              "absolute for large (motion no smooth field follows: organs sliding, skin moving), "
+                              "or lncc, local normalised cross-correlation (for intensities that change between "
+                              "scans: CBCT, contrast)")
     command.add_argument("--label-interpolation", choices=LABEL_INTERPOLATIONS,
                          help="how the segmentation is carried to each time: linear, label-wise trilinear (the "
                               "default preset's), or nearest, the nearest voxel's label (the paper's)")

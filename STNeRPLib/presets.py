@@ -23,6 +23,11 @@ LEVEL_GAIN_TRILINEAR = 0.03
 """The same with the displacement trilinear between the velocity nodes (displacement_spacing 0, the default
 until 2026-12-02): breathing 0.997-0.999, chest 0.991-0.992, shrinking tumour 0.936-0.950, abdomen
 0.750-0.771; 0.97 sits in the gap between the smooth motions and the shrinking tumour."""
+CHARBONNIER_EPSILON = 0.01
+"""Where the Charbonnier penalty (`similarity` "charbonnier") turns from squared to absolute error, in
+normalised intensity (0.01: 15 HU in the CT window). Swept with two velocity levels on series seed 1
+(docs/presets.md): mean TRE on the shrinking tumour 0.336 / 0.324 / 0.357 mm and the sliding abdomen
+0.725 / 0.720 / 0.736 mm at 0.003 / 0.01 / 0.03."""
 LABEL_INTERPOLATIONS = ("nearest", "linear")
 """How the reference segmentation is carried to each time (Preset.label_interpolation; warping.propagate_labels)."""
 
@@ -44,7 +49,9 @@ class Preset:
     `lr_final` is the fraction of the initial learning rate reached at the last iteration by a
     cosine decay (1.0: constant, as the paper). `def_times` is the number of time points drawn
     at random per Def-Net iteration (0: every time point, as the paper's objective).
-    `similarity` is Def-Net's loss: "mse" (mean squared intensity error, the paper's) or "lncc"
+    `similarity` is Def-Net's loss: "mse" (mean squared intensity error, the paper's), "charbonnier" (the
+    squared error below CHARBONNIER_EPSILON, the absolute error above: a large residual no smooth field
+    removes, at skin that moves or organs that slide, pulls no harder for being large), or "lncc"
     (1 - mean squared local normalised cross-correlation over 3 x 3 x 3-voxel windows, voxels 2 apart:
     insensitive to a local linear change of intensity, as between CT and CBCT or with contrast).
     `anchor_reference` makes the reference time the identity exactly: the continuous-time velocity is
@@ -59,7 +66,8 @@ class Preset:
     iteration's samples). The level_* values are the best measured (docs/presets.md); one level leaves
     them unread.
     `adaptive_levels` tries each finer level for LEVEL_TRIAL of Def-Net's iterations and keeps it only
-    if, summed over the trial's last LEVEL_WINDOW, it lowers the training loss by more than LEVEL_GAIN
+    if, summed over the trial's last LEVEL_WINDOW, it lowers the mean squared error of the drawn voxels
+    (whatever `similarity` trains: the bars are calibrated on it) by more than LEVEL_GAIN
     (LEVEL_GAIN_TRILINEAR without displacement_spacing) against the same fit without it on the same
     voxels; otherwise the fit goes on without it (and the levels above it).
     `stop_on_convergence` makes `def_iterations` the most Def-Net runs: its learning rate stays at

@@ -14,7 +14,7 @@ from .deformation import Deformation
 from .integration import sample
 from .networks import RefNet
 from .preprocessing import IntensityWindow
-from .presets import LEVEL_GAIN, LEVEL_GAIN_TRILINEAR, Preset
+from .presets import CHARBONNIER_EPSILON, LEVEL_GAIN, LEVEL_GAIN_TRILINEAR, Preset
 from .schedule import DecaySchedule
 
 Progress = Callable[[str, int, int, float], None]
@@ -72,13 +72,14 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     The prior is frozen. Each iteration takes `preset.def_times` random time points (all when 0) and
     evaluates them as one batch, through the velocity levels switched on by then
     (Preset.level_iteration) and kept: with `preset.adaptive_levels` each finer level is kept or
-    dropped at Preset.level_decision (_try_level), and `message` receives the decision in words. With
+    dropped at Preset.level_decision (_try_level) on the mean squared error with and without it, whatever
+    the training loss (the bar is calibrated on it), and `message` receives the decision in words. With
     `preset.stop_on_convergence`, def_iterations is the most: the fit ends `decay_iterations` after the
     loss stops improving (schedule.DecaySchedule), and progress reports the new total from then on.
     With `preset.average_last`, Def-Net ends with its weights averaged over the fit's last iterations
-    (averaging.WeightAverage). Returns the last iteration's loss (`preset.similarity`: mean squared error
-    over the sampled voxels inside the fields of view, or 1 - LNCC over sampled windows). With a
-    checkpoint, start from its state and save into it.
+    (averaging.WeightAverage). Returns the last iteration's loss (`preset.similarity`: the mean squared
+    error or Charbonnier penalty over the sampled voxels inside the fields of view, or 1 - LNCC over
+    sampled windows). With a checkpoint, start from its state and save into it.
     """
     prior.requires_grad_(False)
     series = _Series.of(targets, next(deformation.parameters()).device)
@@ -98,7 +99,8 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
         levels = sum(iteration >= preset.level_iteration(level) for level in range(preset.velocity_levels))
         loss, per_time = loss_of(deformation, prior, series, which, voxels, levels)
         if preset.adaptive_levels:
-            _weigh_level(deformation, prior, series, loss_of, preset, iteration, (which, voxels, levels), loss)
+            _weigh_level(deformation, prior, series, _mean_squared_error, preset, iteration, (which, voxels, levels),
+                         loss if loss_of is _mean_squared_error else None)
         schedule.observe(iteration, which, per_time)
         _step(optimizer, loss, schedule)
         if preset.adaptive_levels:
@@ -134,16 +136,19 @@ def _trial_level(deformation: Deformation, preset: Preset, iteration: int) -> in
     return next((level for level in range(1, deformation.kept) if iteration in preset.level_window(level)), None)
 
 
-def _weigh_level(deformation: Deformation, prior: nn.Module, series: "_Series", loss_of, preset: Preset,
-                 iteration: int, drawn: tuple[list[int], torch.Tensor, int], loss: torch.Tensor) -> None:
-    """Inside a finer level's trial window, add this iteration's training loss (with the level) and the
-    loss of the same times and voxels without it (no gradient) to the level's trial sums."""
+def _weigh_level(deformation: Deformation, prior: nn.Module, series: "_Series", measure, preset: Preset,
+                 iteration: int, drawn: tuple[list[int], torch.Tensor, int], loss: torch.Tensor | None) -> None:
+    """Inside a finer level's trial window, add `measure` (the decision's loss function) of this iteration's
+    drawn times and voxels with the level (`loss`, the training loss, when that is the measure; None:
+    evaluated here) and without it (no gradient) to the level's trial sums."""
     level = _trial_level(deformation, preset, iteration)
     which, voxels, levels = drawn
     if level is None or levels != level + 1:
         return
     with torch.no_grad():
-        without = loss_of(deformation, prior, series, which, voxels, level)[0]
+        if loss is None:
+            loss = measure(deformation, prior, series, which, voxels, levels)[0]
+        without = measure(deformation, prior, series, which, voxels, level)[0]
     deformation.add_trial_losses(level, loss.item(), without.item())
 
 
@@ -211,18 +216,38 @@ class _Series(NamedTuple):
         return torch.stack([self.targets[i].weight(voxels[k]) for k, i in enumerate(which)])
 
 
-def _mean_squared_error(deformation: Deformation, prior: nn.Module, series: _Series, which: list[int],
-                        voxels: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of (prior(c + u(c, t)) - f_t(c))^2 over the chosen voxels (flattened indices [T, N])
-    inside their target's field of view, and (detached) its mean at each chosen time [T]; every
-    chosen time in one batch; u of the first `levels` velocity levels."""
-    predicted, observed = _predicted(deformation, prior, series, which, voxels, levels)
-    error = (predicted - observed) ** 2
-    if not series.partial:
-        return error.mean(), error.detach().mean(dim=1)
-    weight = series.weight(which, voxels)
-    per_time = (weight * error.detach()).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
-    return torch.sum(weight * error) / weight.sum().clamp(min=1), per_time
+def _squared(residual: torch.Tensor) -> torch.Tensor:
+    """The squared residual (mean squared error, the paper's eq. 6)."""
+    return residual ** 2
+
+
+def _charbonnier(residual: torch.Tensor) -> torch.Tensor:
+    """2 eps (sqrt(r^2 + eps^2) - eps), eps = CHARBONNIER_EPSILON: r^2 for |r| << eps, 2 eps |r| beyond,
+    so a residual no smooth field can remove (skin moving at the body's edge, organs sliding) pulls
+    no harder for being large."""
+    return 2 * CHARBONNIER_EPSILON * (torch.sqrt(residual ** 2 + CHARBONNIER_EPSILON ** 2) - CHARBONNIER_EPSILON)
+
+
+def _voxel_loss(penalty: Callable[[torch.Tensor], torch.Tensor]):
+    """The loss whose value is the mean of penalty(prior(c + u(c, t)) - f_t(c)) over the chosen voxels."""
+
+    def loss(deformation: Deformation, prior: nn.Module, series: _Series, which: list[int], voxels: torch.Tensor,
+             levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean of the penalty of prior(c + u(c, t)) - f_t(c) over the chosen voxels (flattened indices
+        [T, N]) inside their target's field of view, and (detached) its mean at each chosen time [T]; every
+        chosen time in one batch; u of the first `levels` velocity levels."""
+        predicted, observed = _predicted(deformation, prior, series, which, voxels, levels)
+        error = penalty(predicted - observed)
+        if not series.partial:
+            return error.mean(), error.detach().mean(dim=1)
+        weight = series.weight(which, voxels)
+        per_time = (weight * error.detach()).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+        return torch.sum(weight * error) / weight.sum().clamp(min=1), per_time
+
+    return loss
+
+
+_mean_squared_error = _voxel_loss(_squared)
 
 
 WINDOW = torch.stack(torch.meshgrid(*[torch.arange(-2, 3, 2)] * 3, indexing="ij"), dim=-1).reshape(-1, 3)
@@ -277,7 +302,7 @@ def _predicted(deformation: Deformation, prior: nn.Module, series: _Series, whic
     return predicted, series.observed(which, voxels)
 
 
-SIMILARITY = {"mse": _mean_squared_error, "lncc": _local_ncc_loss}
+SIMILARITY = {"mse": _mean_squared_error, "charbonnier": _voxel_loss(_charbonnier), "lncc": _local_ncc_loss}
 
 
 class GridPoints:

@@ -64,6 +64,8 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "defnet-600": (None, {"def_iterations": 600}),
     "defnet-450": (None, {"def_iterations": 450}),
     "lncc": (None, {"similarity": "lncc"}),
+    "charbonnier": (None, {"similarity": "charbonnier"}),
+    "charbonnier-levels-2": (None, {"similarity": "charbonnier", "velocity_levels": 2, "adaptive_levels": False}),
     "points-2048": (None, {"def_points": 2048}),
     "points-8192": (None, {"def_points": 8192}),
     "fine-12mm-sigma2": (None, {"velocity_spacing": 12.0, "def_sigma": 2.0}),
