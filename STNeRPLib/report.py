@@ -33,6 +33,7 @@ from .record import load_record
 from .integration import identity_grid, sample
 from .io import read_image
 from .model import SeriesModel
+from .presets import CHARBONNIER_EPSILON
 from .warping import _to_index, invert
 
 FOCUS = re.compile(r"tumou?r|gtv|ctv|itv|ptv|target|lesion|nodule", re.IGNORECASE)
@@ -462,6 +463,7 @@ def _fit_rows(facts: dict, preset: dict, prefix: str) -> list[list[str]]:
     kept = facts.get("velocity_levels_kept", 1)
     rows = [[prefix + "Def-Net iterations run", f"{facts['defnet_iterations']} of {preset.get('def_iterations', '?')}"],
             [prefix + "velocity levels kept", f"{kept} of {preset.get('velocity_levels', 1)}"],
+            [prefix + "Def-Net's loss", SIMILARITY_NAMES.get(preset.get("similarity", "mse"), "?")],
             [prefix + "Def-Net's final weights", _final_weights(preset.get("average_last", 0.0))]]
     bar = facts.get("velocity_level_keep_below")
     for level, ratio in enumerate(facts.get("velocity_level_ratios") or [], 2):
@@ -471,6 +473,13 @@ def _fit_rows(facts: dict, preset: dict, prefix: str) -> list[list[str]]:
             rows.append([prefix + f"velocity level {level}: loss with it / without it at its trial",
                          f"{ratio:.3f} ({decision}{rule})"])
     return rows
+
+
+SIMILARITY_NAMES = {"mse": "mean squared intensity error",
+                    "charbonnier": f"Charbonnier penalty (the squared error below {CHARBONNIER_EPSILON:g} of the "
+                                   "intensity window, the absolute error above)",
+                    "lncc": "local normalised cross-correlation"}
+"""Def-Net's loss (Preset.similarity, one of contract.SIMILARITIES) in words."""
 
 
 def _final_weights(average_last: float) -> str:

@@ -14,6 +14,8 @@ import pytest
 import torch
 from scipy import ndimage
 
+from STNeRPLib import report
+from STNeRPLib.contract import SIMILARITIES
 from STNeRPLib.model import SeriesModel
 from STNeRPLib.phantom import breathing_series, write_series
 from STNeRPLib.presets import LEVEL_GAIN
@@ -84,6 +86,11 @@ def test_report_says_how_the_fit_went_as_run_json_records_it(run):
     assert f"<td>{ratio:.3f} ({decision}: kept below {1 - LEVEL_GAIN:.2f})</td>" in page
     averaged = "the mean over its last 25% of iterations (tail averaging)"       # the default's average_last
     assert f"<td>Def-Net&#x27;s final weights</td><td>{averaged}</td>" in page
+    assert "<td>Def-Net&#x27;s loss</td><td>mean squared intensity error</td>" in page   # the default's similarity
+
+
+def test_the_report_names_every_similarity_the_worker_accepts():
+    assert set(report.SIMILARITY_NAMES) == set(SIMILARITIES)
 
 
 def test_volume_curves_agree_with_the_propagated_labelmaps(run):
