@@ -19,6 +19,10 @@ from .schedule import DecaySchedule
 
 Progress = Callable[[str, int, int, float], None]
 """progress(stage, iteration, total, loss): called after every iteration."""
+LossFunction = Callable[[Deformation, nn.Module, "_Series", list[int], torch.Tensor, int],
+                        tuple[torch.Tensor, torch.Tensor]]
+"""loss(deformation, prior, series, which, voxels, levels): Def-Net's loss over the drawn times and
+voxels with the first `levels` velocity levels, and (detached) its value at each drawn time."""
 
 
 class Target(NamedTuple):
@@ -136,7 +140,7 @@ def _trial_level(deformation: Deformation, preset: Preset, iteration: int) -> in
     return next((level for level in range(1, deformation.kept) if iteration in preset.level_window(level)), None)
 
 
-def _weigh_level(deformation: Deformation, prior: nn.Module, series: "_Series", measure, preset: Preset,
+def _weigh_level(deformation: Deformation, prior: nn.Module, series: "_Series", measure: LossFunction, preset: Preset,
                  iteration: int, drawn: tuple[list[int], torch.Tensor, int], loss: torch.Tensor | None) -> None:
     """Inside a finer level's trial window, add `measure` (the decision's loss function) of this iteration's
     drawn times and voxels with the level (`loss`, the training loss, when that is the measure; None:
@@ -228,7 +232,7 @@ def _charbonnier(residual: torch.Tensor) -> torch.Tensor:
     return 2 * CHARBONNIER_EPSILON * (torch.sqrt(residual ** 2 + CHARBONNIER_EPSILON ** 2) - CHARBONNIER_EPSILON)
 
 
-def _voxel_loss(penalty: Callable[[torch.Tensor], torch.Tensor]):
+def _voxel_loss(penalty: Callable[[torch.Tensor], torch.Tensor]) -> LossFunction:
     """The loss whose value is the mean of penalty(prior(c + u(c, t)) - f_t(c)) over the chosen voxels."""
 
     def loss(deformation: Deformation, prior: nn.Module, series: _Series, which: list[int], voxels: torch.Tensor,

@@ -53,6 +53,8 @@ STNERP = {
     "stnerp_levels_anchored": {"label": "STNeRP --velocity-levels 2 (anchored, as the default)", "preset": "default",
                                "prior": None, "temporal": True,
                                "overrides": {"velocity_levels": 2, "adaptive_levels": False}},
+    "stnerp_charbonnier": {"label": "STNeRP default --similarity charbonnier", "preset": "default", "prior": None,
+                           "temporal": True, "overrides": {"similarity": "charbonnier"}},
     "stnerp_one_level": {"label": "STNeRP --velocity-levels 1 (the default before adaptive levels)",
                          "preset": "default", "prior": None, "temporal": True,
                          "overrides": {"velocity_levels": 1, "adaptive_levels": False}},
