@@ -26,10 +26,15 @@ from .series import check_memory, estimate_peak_bytes, load_series
 
 def _preset(args) -> Preset:
     """The chosen preset, with --iterations (at least 1) applied to both networks, --similarity,
-    --label-interpolation, --anchor-reference, --stop-on-convergence and --velocity-levels."""
+    --structure-points, --label-interpolation, --anchor-reference, --stop-on-convergence and --velocity-levels."""
     preset = PRESETS[args.preset]
     if getattr(args, "similarity", None) is not None:
         preset = replace(preset, similarity=args.similarity)
+    if getattr(args, "structure_points", None) is not None:
+        if not 0 <= args.structure_points < 1:
+            raise InputError(f"--structure-points {args.structure_points:g} is not a fraction: give a number from 0 "
+                             "to below 1 (e.g. 0.1), or leave it out for the preset's")
+        preset = replace(preset, structure_points=args.structure_points)
     if getattr(args, "label_interpolation", None) is not None:
         preset = replace(preset, label_interpolation=args.label_interpolation)
     if getattr(args, "anchor_reference", None) is not None:
@@ -70,6 +75,9 @@ def train_options(args) -> Options:
         raise InputError(f"--seed {args.seed} is out of range: give a whole number from 0 to {MAX_SEED}")
     if args.checkpoint_every < 0:
         raise InputError("--checkpoint-every must be 0 (no checkpoints) or a positive number of iterations")
+    if getattr(args, "structure_points", None) and getattr(args, "segmentation", "batch") is None:
+        raise InputError("--structure-points draws voxels about the segmentation's structures: give --segmentation, "
+                         "or leave --structure-points out")
     return Options(_preset(args), args.prior, not args.pairwise, args.scheme, args.prealign == "affine",
                    args.intensity, args.device, args.seed)
 

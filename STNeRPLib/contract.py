@@ -436,6 +436,10 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
                               "absolute for large (motion no smooth field follows: organs sliding, skin moving), "
                               "or lncc, local normalised cross-correlation (for intensities that change between "
                               "scans: CBCT, contrast)")
+    command.add_argument("--structure-points", type=float, metavar="F",
+                         help="fraction of Def-Net's voxels drawn about the segmentation's structure boundaries "
+                              "(9 mm either side, as many per structure), so a small structure's contour weighs "
+                              "in the fit (default: the preset's, 0); e.g. 0.1 with --similarity charbonnier")
     command.add_argument("--label-interpolation", choices=LABEL_INTERPOLATIONS,
                          help="how the segmentation is carried to each time: linear, label-wise trilinear (the "
                               "default preset's), or nearest, the nearest voxel's label (the paper's)")

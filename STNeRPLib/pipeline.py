@@ -26,6 +26,7 @@ from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
 from .record import RunRecord
+from .sampling import structure_bands
 from .series import Series
 from .training import Progress, Target, fit_deformation, fit_reference, keep_below
 from .outputs import TimePoint, write_metrics_table, write_time_point
@@ -61,16 +62,18 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     scans = _onto_reference_grid(reference, follow_ups, options, reporter)
     targets = _targets(reference, reference_time, scans, window, time_range)
     reference_volume = _tensor(window.normalise(sitk.GetArrayViewFromImage(reference)), device)
+    labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
+    bands = structure_bands(labelmap, reference.GetSpacing()) \
+        if labelmap is not None and options.preset.structure_points > 0 else None
     with checkpoint.holding_signals() if checkpoint is not None else nullcontext():
         ref_net = _fit_ref_net(reference_volume, options, progress, generator, checkpoint)
         prior = _prior(reference_volume, ref_net, options)
         deformation = _new_deformation(Grid.of(reference), options, targets, generator, device)
         fit_deformation(deformation, prior, targets, options.preset, progress, generator, checkpoint,
-                        reporter.message)
+                        reporter.message, bands)
     if options.preset.adaptive_levels and options.preset.velocity_levels > 1:
         reporter.message(f"velocity levels kept: {deformation.kept} of {options.preset.velocity_levels} "
                          "(a finer level is kept where it lowers the loss)")
-    labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
     model = SeriesModel(options.preset, Grid.of(reference), reference_time, time_range, window, options.prior,
                         deformation, ref_net, reference, scans.images, scans.views, labelmap)
     return model, scans.prealignments

@@ -69,15 +69,18 @@ def fit_reference(net: RefNet, volume: torch.Tensor, preset: Preset, progress: P
 
 def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Target], preset: Preset,
                     progress: Progress, generator: torch.Generator, checkpoint: Checkpoint | None = None,
-                    message: Callable[[str], None] = lambda text: None) -> float:
+                    message: Callable[[str], None] = lambda text: None, bands: list[np.ndarray] | None = None
+                    ) -> float:
     """Fit Def-Net so that prior(c + u(c, t)) matches every target f_t(c) (paper eq. 6), over the
     voxels inside each target's field of view.
 
     The prior is frozen. Each iteration takes `preset.def_times` random time points (all when 0) and
     evaluates them as one batch, through the velocity levels switched on by then
     (Preset.level_iteration) and kept: with `preset.adaptive_levels` each finer level is kept or
-    dropped at Preset.level_decision (_try_level) on the mean squared error with and without it, whatever
-    the training loss (the bar is calibrated on it), and `message` receives the decision in words. With
+    dropped at Preset.level_decision (_try_level) on the mean squared error with and without it over the
+    uniformly drawn voxels, whatever the training loss (the bar is calibrated on it), and `message`
+    receives the decision in words. With `bands` (sampling.structure_bands of the reference segmentation)
+    and `preset.structure_points`, that fraction of each time's voxels is drawn from the bands. With
     `preset.stop_on_convergence`, def_iterations is the most: the fit ends `decay_iterations` after the
     loss stops improving (schedule.DecaySchedule), and progress reports the new total from then on.
     With `preset.average_last`, Def-Net ends with its weights averaged over the fit's last iterations
@@ -86,10 +89,11 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     sampled windows). With a checkpoint, start from its state and save into it.
     """
     prior.requires_grad_(False)
-    series = _Series.of(targets, next(deformation.parameters()).device)
     if preset.similarity not in SIMILARITY:
         raise ValueError(f"unknown similarity {preset.similarity!r}: use one of {', '.join(SIMILARITY)}")
     loss_of, wanted = SIMILARITY[preset.similarity], _draws(preset)
+    series = _Series.of(targets, next(deformation.parameters()).device, bands,
+                        int(round(preset.structure_points * wanted)) if wanted > 0 else 0)
     optimizer = _deformation_optimizer(deformation, preset)
     schedule = _deformation_schedule(optimizer, preset)
     loss = torch.tensor(float("nan"))
@@ -103,8 +107,9 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
         levels = sum(iteration >= preset.level_iteration(level) for level in range(preset.velocity_levels))
         loss, per_time = loss_of(deformation, prior, series, which, voxels, levels)
         if preset.adaptive_levels:
-            _weigh_level(deformation, prior, series, _mean_squared_error, preset, iteration, (which, voxels, levels),
-                         loss if loss_of is _mean_squared_error else None)
+            uniform = voxels[:, series.band_draws:]
+            _weigh_level(deformation, prior, series, _mean_squared_error, preset, iteration, (which, uniform, levels),
+                         loss if loss_of is _mean_squared_error and not series.band_draws else None)
         schedule.observe(iteration, which, per_time)
         _step(optimizer, loss, schedule)
         if preset.adaptive_levels:
@@ -189,27 +194,37 @@ def _draws(preset: Preset) -> int:
 class _Series(NamedTuple):
     """The targets as the training reads them: normalised times, the targets (raw scans, normalised
     where sampled: no stacked or normalised copy of the series), the grid points looked up by index,
-    the grid's shape (D, H, W) and whether any target has a field of view smaller than the grid."""
+    the grid's shape (D, H, W), whether any target has a field of view smaller than the grid, and the
+    structure bands (flat voxel indices per structure, sampling.structure_bands) with how many of each
+    time's drawn voxels come from them (Preset.structure_points; 0 without a segmentation)."""
 
     times: list[float]
     targets: list[Target]
     points: GridPoints
     shape: tuple[int, int, int]
     partial: bool
+    bands: tuple[torch.Tensor, ...] = ()
+    band_draws: int = 0
 
     @classmethod
-    def of(cls, targets: list[Target], device) -> "_Series":
+    def of(cls, targets: list[Target], device, bands: list[np.ndarray] | None = None,
+           band_draws: int = 0) -> "_Series":
         shape = tuple(sitk.GetArrayViewFromImage(targets[0].scan).shape)
+        bands = tuple(torch.from_numpy(band).to(device) for band in bands or () if len(band))
         return cls([target.time for target in targets], targets, GridPoints(shape, device), shape,
-                   any(target.inside is not None for target in targets))
+                   any(target.inside is not None for target in targets), bands, band_draws if bands else 0)
 
     def choose_voxels(self, which: list[int], wanted: int, generator: torch.Generator) -> torch.Tensor:
         """Voxel indices [len(which), N] into each chosen target's flattened grid: `wanted` random
-        voxels (with replacement), or all of them when wanted is 0."""
+        voxels (with replacement), or all of them when wanted is 0. The first band_draws of them are
+        drawn from the structure bands, as many from each; the rest from the whole grid."""
         count, device = self.points.count, self.points.axes[0].device
         if wanted <= 0 or wanted >= count:
             return torch.arange(count, device=device).expand(len(which), count)
-        return torch.randint(count, (len(which), wanted), generator=generator).to(device)
+        drawn = [band[torch.randint(len(band), (len(which), share), generator=generator).to(device)]
+                 for band, share in zip(self.bands, _shares(self.band_draws, len(self.bands)))]
+        uniform = torch.randint(count, (len(which), wanted - self.band_draws), generator=generator).to(device)
+        return torch.cat(drawn + [uniform], dim=1)
 
     def observed(self, which: list[int], voxels: torch.Tensor) -> torch.Tensor:
         """Normalised intensities [T, N] of the chosen targets at their voxels."""
@@ -338,6 +353,11 @@ def _choose(count: int, wanted: int, generator: torch.Generator, device) -> torc
     if wanted <= 0 or wanted >= count:
         return torch.arange(count, device=device)
     return torch.randint(count, (wanted,), generator=generator).to(device)
+
+
+def _shares(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` whole shares differing by at most one (the first ones larger)."""
+    return [total // parts + (k < total % parts) for k in range(parts)] if parts else []
 
 
 def _choose_times(count: int, wanted: int, generator: torch.Generator) -> list[int]:

@@ -66,6 +66,8 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "lncc": (None, {"similarity": "lncc"}),
     "charbonnier": (None, {"similarity": "charbonnier"}),
     "charbonnier-levels-2": (None, {"similarity": "charbonnier", "velocity_levels": 2, "adaptive_levels": False}),
+    "structure-10pct": (None, {"structure_points": 0.1}),
+    "structure-10pct-charbonnier": (None, {"structure_points": 0.1, "similarity": "charbonnier"}),
     "points-2048": (None, {"def_points": 2048}),
     "points-8192": (None, {"def_points": 8192}),
     "fine-12mm-sigma2": (None, {"velocity_spacing": 12.0, "def_sigma": 2.0}),
