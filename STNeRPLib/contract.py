@@ -250,12 +250,12 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
                     prior: str | None = None, prealign: str = "none", similarity: str | None = None,
                     label_interpolation: str | None = None, velocity_levels: int | str | None = None,
                     anchor_reference: bool | None = None, stop_on_convergence: bool | None = None,
-                    resume: bool = False,
+                    structure_points: float | None = None, resume: bool = False,
                     json_events: bool = True, stdin_cancel: bool = False) -> list[str]:
     """Arguments of `stnerp train` (after `python -m STNeRPLib`). Paths must be absolute: the
     worker may run in another working directory. velocity_levels: a count or "auto". prior, similarity,
-    label_interpolation, velocity_levels, anchor_reference and stop_on_convergence None: the preset's own
-    (no flag)."""
+    label_interpolation, velocity_levels, anchor_reference, stop_on_convergence and structure_points None:
+    the preset's own (no flag); structure_points needs a segmentation."""
     if not follow_ups:
         raise ValueError("at least one follow-up image is needed")
     _check_choice("preset", preset, PRESET_NAMES)
@@ -294,6 +294,8 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
         args += ["--anchor-reference" if anchor_reference else "--no-anchor-reference"]
     if stop_on_convergence is not None:
         args += ["--stop-on-convergence" if stop_on_convergence else "--no-stop-on-convergence"]
+    if structure_points is not None:
+        args += ["--structure-points", _number(structure_points)]
     if resume:
         args += ["--resume"]
     return args + _flags(json_events, stdin_cancel)

@@ -345,7 +345,9 @@ class STNeRPCoreLogic:
                 label_interpolation=settings.get("label_interpolation"),
                 velocity_levels=settings.get("velocity_levels"),
                 anchor_reference=settings.get("anchor_reference"),
-                stop_on_convergence=settings.get("stop_on_convergence"), resume=resume, stdin_cancel=True)
+                stop_on_convergence=settings.get("stop_on_convergence"),
+                structure_points=settings.get("structure_points") if files.get("segmentation") else None,
+                resume=resume, stdin_cancel=True)
         except Exception:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise

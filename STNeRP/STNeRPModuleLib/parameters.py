@@ -38,6 +38,7 @@ DEFAULTS = {
     "VelocityLevels": "0",        # 0 = the preset's number of velocity grids
     "AnchorReference": "preset",  # "on": the transform at the reference time is the identity; "off"; "preset"
     "StopOnConvergence": "preset",  # "on": Def-Net's fit ends once its loss stops improving; "off"; "preset"
+    "StructurePoints": "0",       # 0 = the preset's; else the fraction of voxels drawn about the segments (with one)
     "PredictTimes": "[]",         # extra unscanned times predicted at the end of training
     "CreateSequences": "true",
     "PredictTime": "0.5",
@@ -165,7 +166,7 @@ def get_follow_ups(node: slicer.vtkMRMLScriptedModuleNode) -> list[FollowUp]:
 
 def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
     """Worker settings from the parameter node (prior, similarity, label_interpolation, velocity_levels,
-    anchor_reference and stop_on_convergence None: the preset's own)."""
+    anchor_reference, stop_on_convergence and structure_points None: the preset's own)."""
     return {
         "preset": node.GetParameter("Preset") or contract.DEFAULT_PRESET,
         "iterations": get_int(node, "Iterations", 0) or None,
@@ -177,6 +178,7 @@ def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
         "velocity_levels": get_int(node, "VelocityLevels", 0) or None,
         "anchor_reference": SWITCH_SETTINGS.get(node.GetParameter("AnchorReference")),
         "stop_on_convergence": SWITCH_SETTINGS.get(node.GetParameter("StopOnConvergence")),
+        "structure_points": get_float(node, "StructurePoints", 0.0) or None,
         "predict_times": [float(t) for t in (get_json(node, "PredictTimes") or [])],
         "create_sequences": get_bool(node, "CreateSequences"),
     }

@@ -129,6 +129,23 @@ def test_panel_accuracy_options_reach_the_worker_only_when_chosen(series, tmp_pa
                     "--no-anchor-reference", "--stop-on-convergence", "--no-stop-on-convergence"} & set(worker_args)
 
 
+@pytest.mark.parametrize("with_segmentation", [True, False])
+def test_panel_voxels_about_segments_reach_the_worker_only_with_a_segmentation(series, tmp_path, monkeypatch,
+                                                                                with_segmentation):
+    """Voxels about segments (StructurePoints) becomes --structure-points when a segmentation is chosen;
+    without one the worker would refuse the flag, so none is passed and the run goes on as the preset's."""
+    logic = adapter(monkeypatch, series, settings={"STNeRP/RunsFolder": str(tmp_path / "runs")},
+                    scene_path=str(tmp_path / "Documents"), temporary=str(tmp_path / "temp"))
+    pn = parameter_node(series)
+    if with_segmentation:
+        pn.SetNodeReferenceID(parameters.SEGMENTATION, series.segmentation.GetID())
+    pn.SetParameter("StructurePoints", "0.1")
+    job = logic.startTraining(pn, STANDIN_WORKER).wait(timeout=60)
+    assert job.state == "complete", job.message
+    given = contract.parse_arguments(job.command[len(STANDIN_WORKER):])
+    assert given.structure_points == (0.1 if with_segmentation else None)
+
+
 def adapter(monkeypatch, series, settings, scene_path, temporary):
     """STNeRP.py's STNeRPLogic with stand-ins for what only the application has: qt.QSettings,
     the ScriptedLoadableModule base classes, slicer.app and slicer.modules."""

@@ -500,7 +500,7 @@ def test_module_parameter_node_is_saved_with_scene(trained, tmp_path):
     node.SetParameter("Preset", "paper")
     node.SetParameter("Iterations", "123")
     for key, value in (("Similarity", "lncc"), ("LabelInterpolation", "nearest"), ("VelocityLevels", "2"),
-                       ("AnchorReference", "off"), ("StopOnConvergence", "on")):
+                       ("AnchorReference", "off"), ("StopOnConvergence", "on"), ("StructurePoints", "0.1")):
         node.SetParameter(key, value)
     node.SetNodeReferenceID(parameters.REFERENCE_VOLUME, trained["reference"].GetID())
     parameters.set_follow_ups(node, [parameters.FollowUp(v, t) for t, v in trained["followups"]])
@@ -518,7 +518,7 @@ def test_module_parameter_node_is_saved_with_scene(trained, tmp_path):
     assert kept["iterations"] == 123
     assert (kept["similarity"], kept["velocity_levels"], kept["anchor_reference"], kept["stop_on_convergence"]) == (
         "lncc", 2, False, True)
-    assert kept["label_interpolation"] == "nearest"
+    assert kept["label_interpolation"] == "nearest" and kept["structure_points"] == 0.1
     assert loaded.GetNodeReference(parameters.REFERENCE_VOLUME).GetName() == "reference"
     assert [row.time for row in parameters.get_follow_ups(loaded)] == [1.0, 2.0, 3.5]
 
