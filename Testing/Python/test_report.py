@@ -87,6 +87,13 @@ def test_report_says_how_the_fit_went_as_run_json_records_it(run):
     averaged = "the mean over its last 25% of iterations (tail averaging)"       # the default's average_last
     assert f"<td>Def-Net&#x27;s final weights</td><td>{averaged}</td>" in page
     assert "<td>Def-Net&#x27;s loss</td><td>mean squared intensity error</td>" in page   # the default's similarity
+    assert "<td>voxels drawn</td><td>uniformly</td>" in page                           # the default's draws
+
+
+def test_the_fit_table_says_a_share_of_the_voxels_was_drawn_about_the_structures():
+    rows = dict(report._fit_rows({"defnet_iterations": 10}, {"def_iterations": 10, "structure_points": 0.1}, ""))
+    assert rows["voxels drawn"] == ("10% about the segmentation's structures (9 mm either side of each boundary), "
+                                    "the rest uniformly")
 
 
 def test_the_report_names_every_similarity_the_worker_accepts():
