@@ -75,7 +75,7 @@ def train_options(args) -> Options:
         raise InputError(f"--seed {args.seed} is out of range: give a whole number from 0 to {MAX_SEED}")
     if args.checkpoint_every < 0:
         raise InputError("--checkpoint-every must be 0 (no checkpoints) or a positive number of iterations")
-    if getattr(args, "structure_points", None) and getattr(args, "segmentation", "batch") is None:
+    if getattr(args, "structure_points", None) and hasattr(args, "segmentation") and args.segmentation is None:
         raise InputError("--structure-points draws voxels about the segmentation's structures: give --segmentation, "
                          "or leave --structure-points out")
     return Options(_preset(args), args.prior, not args.pairwise, args.scheme, args.prealign == "affine",

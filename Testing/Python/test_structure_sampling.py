@@ -6,10 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from STNeRPLib import training
-from STNeRPLib.phantom import breathing_series, write_series
+from STNeRPLib.phantom import breathing_series, longitudinal_series, write_series
 from STNeRPLib.preprocessing import IntensityWindow
 from STNeRPLib.sampling import structure_bands
 from worker_cli import stnerp
@@ -33,6 +35,22 @@ def test_a_structures_band_holds_the_voxels_within_its_half_width_of_the_boundar
     small = np.unravel_index(bands[1], labelmap.shape)
     assert labelmap[small].max() == 7 and (labelmap[small] == 0).any()      # its whole body and its surround
     assert np.intersect1d(bands[0], bands[1]).size == 0
+
+
+def test_each_band_is_the_structure_dilated_minus_eroded_by_itks_ball_over_the_whole_grid():
+    """On the longitudinal phantom's reference (tumour and two lungs, 3 x 3 x 4 mm, band 9 mm): computed
+    within each structure's bounding box, every band equals the whole grid's dilation minus erosion by the
+    same ball (scipy, with ITK's ball; no structure touches the grid's faces)."""
+    labelmap = sitk.GetArrayFromImage(longitudinal_series(n_fractions=2).labelmaps[0])
+    single = np.zeros((5, 7, 7), np.uint8)
+    single[2, 3, 3] = 1
+    ball = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(single), [3, 3, 2])).astype(bool)
+    bands = structure_bands(labelmap, (3.0, 3.0, 4.0))
+    assert len(bands) == 3
+    for label, band in zip((1, 2, 3), bands):
+        structure = labelmap == label
+        expected = ndimage.binary_dilation(structure, ball) & ~ndimage.binary_erosion(structure, ball)
+        np.testing.assert_array_equal(band, np.flatnonzero(expected))
 
 
 def _series(bands, band_draws):
