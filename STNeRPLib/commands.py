@@ -29,7 +29,7 @@ def _preset(args) -> Preset:
     --structure-points, --label-interpolation, --anchor-reference, --stop-on-convergence and --velocity-levels."""
     preset = PRESETS[args.preset]
     if getattr(args, "similarity", None) is not None:
-        preset = replace(preset, similarity=args.similarity)
+        preset = replace(preset, similarity=args.similarity, structure_similarity=None)
     if getattr(args, "structure_points", None) is not None:
         if not 0 <= args.structure_points < 1:
             raise InputError(f"--structure-points {args.structure_points:g} is not a fraction: give a number from 0 "
@@ -78,7 +78,8 @@ def train_options(args) -> Options:
     if getattr(args, "structure_points", None) and hasattr(args, "segmentation") and args.segmentation is None:
         raise InputError("--structure-points draws voxels about the segmentation's structures: give --segmentation, "
                          "or leave --structure-points out")
-    return Options(_preset(args), args.prior, not args.pairwise, args.scheme, args.prealign == "affine",
+    preset = _preset(args).for_segmentation(getattr(args, "segmentation", None) is not None)
+    return Options(preset, args.prior, not args.pairwise, args.scheme, args.prealign == "affine",
                    args.intensity, args.device, args.seed)
 
 
@@ -195,7 +196,7 @@ def demo_command(args, reporter: Reporter) -> int:
     inputs = {"phantom": "longitudinal" if args.longitudinal else "breathing", "size": args.size,
               "held_out_time": series.times[held_out]}
 
-    options = Options(preset)
+    options = Options(preset.for_segmentation(True))   # the phantoms come with their segmentation
 
     def body(record: RunRecord) -> None:
         run_demo(folder, series, held_out, options, record, reporter)

@@ -434,14 +434,15 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
                          help="what Def-Net deforms: Ref-Net (the paper; the paper preset's) or the reference "
                               "image ('w/o prior'; the default preset's, sampled by cubic B-spline)")
     command.add_argument("--similarity", choices=SIMILARITIES,
-                         help="Def-Net's loss: mse (the presets'), charbonnier, squared error for small residuals and "
-                              "absolute for large (motion no smooth field follows: organs sliding, skin moving), "
+                         help="Def-Net's loss: mse, the mean squared error (the presets' without a segmentation); "
+                              "charbonnier, squared error for small residuals and absolute for large (motion no smooth "
+                              "field follows: organs sliding, skin moving; the default preset's with a segmentation); "
                               "or lncc, local normalised cross-correlation (for intensities that change between "
                               "scans: CBCT, contrast)")
     command.add_argument("--structure-points", type=float, metavar="F",
                          help="fraction of Def-Net's voxels drawn about the segmentation's structure boundaries "
                               "(9 mm either side, as many per structure), so a small structure's contour weighs "
-                              "in the fit (default: the preset's, 0); e.g. 0.1 with --similarity charbonnier")
+                              "in the fit (default: the preset's: 0.1 in default, 0 in paper; 0: uniformly)")
     command.add_argument("--label-interpolation", choices=LABEL_INTERPOLATIONS,
                          help="how the segmentation is carried to each time: linear, label-wise trilinear (the "
                               "default preset's), or nearest, the nearest voxel's label (the paper's)")

@@ -53,11 +53,13 @@ STNERP = {
     "stnerp_levels_anchored": {"label": "STNeRP --velocity-levels 2 (anchored, as the default)", "preset": "default",
                                "prior": None, "temporal": True,
                                "overrides": {"velocity_levels": 2, "adaptive_levels": False}},
-    "stnerp_charbonnier": {"label": "STNeRP default --similarity charbonnier", "preset": "default", "prior": None,
-                           "temporal": True, "overrides": {"similarity": "charbonnier"}},
-    "stnerp_charbonnier_structures": {"label": "STNeRP default --similarity charbonnier --structure-points 0.1",
-                                      "preset": "default", "prior": None, "temporal": True,
-                                      "overrides": {"similarity": "charbonnier", "structure_points": 0.1}},
+    "stnerp_charbonnier": {"label": "STNeRP default --similarity charbonnier --structure-points 0 (voxels drawn "
+                                    "uniformly)", "preset": "default", "prior": None, "temporal": True,
+                           "overrides": {"similarity": "charbonnier", "structure_similarity": None,
+                                         "structure_points": 0.0}},
+    "stnerp_uniform_mse": {"label": "STNeRP default --structure-points 0 (mse, voxels drawn uniformly: the default "
+                                    "before 2026-12-03)", "preset": "default", "prior": None, "temporal": True,
+                           "overrides": {"structure_points": 0.0}},
     "stnerp_one_level": {"label": "STNeRP --velocity-levels 1 (the default before adaptive levels)",
                          "preset": "default", "prior": None, "temporal": True,
                          "overrides": {"velocity_levels": 1, "adaptive_levels": False}},

@@ -13,6 +13,7 @@ from scipy import ndimage
 from STNeRPLib import training
 from STNeRPLib.phantom import breathing_series, longitudinal_series, write_series
 from STNeRPLib.preprocessing import IntensityWindow
+from STNeRPLib.presets import DEFAULT, PAPER
 from STNeRPLib.sampling import structure_bands
 from worker_cli import stnerp
 
@@ -99,6 +100,32 @@ def test_train_draws_about_the_segmentations_structures_and_records_the_fraction
     assert result.returncode == 0, result.stderr
     preset = json.loads((tmp_path / "run" / "run.json").read_text())["parameters"]["preset"]
     assert preset["structure_points"] == 0.1 and preset["similarity"] == "charbonnier"
+
+
+@pytest.mark.parametrize("extra, similarity, fraction", [
+    (("--segmentation", None), "charbonnier", 0.1),                          # the default preset, guided
+    ((), "mse", 0.0),                                                        # nothing to draw about
+    (("--segmentation", None, "--similarity", "mse"), "mse", 0.1),           # an explicit loss wins
+    (("--segmentation", None, "--structure-points", 0), "mse", 0.0),         # uniform draws: the plain loss
+    (("--segmentation", None, "--preset", "paper", "--iterations", 2), "mse", 0.0),
+])
+def test_the_default_preset_is_guided_by_a_segmentation_and_records_what_it_ran(on_disk, tmp_path, extra,
+                                                                                 similarity, fraction):
+    _, files = on_disk
+    extra = tuple(files["labelmaps"][0] if value is None else value for value in extra)
+    result = _train(files, tmp_path / "run", *extra)
+    assert result.returncode == 0, result.stderr
+    preset = json.loads((tmp_path / "run" / "run.json").read_text())["parameters"]["preset"]
+    assert (preset["similarity"], preset["structure_points"], preset["structure_similarity"]) == (
+        similarity, fraction, None)
+
+
+def test_a_preset_resolved_for_a_segmentation_stays_so():
+    guided, plain = DEFAULT.for_segmentation(True), DEFAULT.for_segmentation(False)
+    assert (guided.similarity, guided.structure_points) == ("charbonnier", 0.1)
+    assert (plain.similarity, plain.structure_points) == ("mse", 0.0)
+    assert guided.for_segmentation(True) == guided and plain.for_segmentation(True) == plain
+    assert PAPER.for_segmentation(True).similarity == PAPER.for_segmentation(False).similarity == "mse"
 
 
 @pytest.mark.parametrize("extra, says", [
