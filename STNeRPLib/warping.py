@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -73,21 +74,51 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
     labels = np.empty(target.shape, model.labelmap.dtype) if model.labelmap is not None else None
     for z0, z1 in slabs(target):
         slab = target.slab(z0, z1)
-        q = target.points(z0, z1)            # as the whole grid computes them (not slab.points())
-        with torch.no_grad():
-            moved = _moved(model, displacement, q, inverse)
-            carried = [_to_index(model.grid, moved + sample(w, moved[None])[0]) for w in inverses]
-        moved_index = _to_index(model.grid, moved)
+        moved, *carried = _mapped(model, target, (z0, z1), inverse, displacement, inverses)
         if labels is not None:
-            labels[z0:z1] = propagate_labels(model.labelmap, moved_index,
+            labels[z0:z1] = propagate_labels(model.labelmap, moved.index,
                                              model.preset.label_interpolation).reshape(slab.shape)
-        field[z0:z1] = _mm_from(model.grid, moved_index, q).reshape(*slab.shape, 3)
+        field[z0:z1] = moved.mm.reshape(*slab.shape, 3)
         if sources:
-            carried = [(_mm_from(model.grid, c, q).reshape(*slab.shape, 3), c) for c in carried]
-            image[z0:z1] = _blend(model, sources, carried, (field[z0:z1], moved_index), slab)
+            carried = [(c.mm.reshape(*slab.shape, 3), c.index) for c in carried]
+            image[z0:z1] = _blend(model, sources, carried, (field[z0:z1], moved.index), slab)
         else:
-            image[z0:z1] = _resample(model, model.reference_time, _transform(field[z0:z1], slab), moved_index, slab)
+            image[z0:z1] = _resample(model, model.reference_time, _transform(field[z0:z1], slab), moved.index, slab)
+        del moved, carried                   # before the next slab's are made
     return Warped(field, image, labels, list(sources) or [model.reference_time])
+
+
+class _Mapped(NamedTuple):
+    """Points of a slab mapped onto the reference grid: their continuous indices (x, y, z) there, (N, 3)
+    float64, and their displacement in mm (LPS) from the slab's voxel centres, (N, 3) float32."""
+
+    index: np.ndarray
+    mm: np.ndarray
+
+
+def _mapped(model: SeriesModel, target: Grid, rows: tuple[int, int], inverse: np.ndarray | None,
+            displacement: torch.Tensor, then: list[torch.Tensor]) -> list[_Mapped]:
+    """The voxel centres q of slices rows[0]..rows[1] of `target` mapped by q -> q + u(q) (`displacement`,
+    after undoing the pre-alignment `inverse`), then that point on through each field of `then`.
+
+    On the reference grid itself without a pre-alignment (every output of a series on one grid) the
+    points are unit coordinates and each displacement is scaled to mm directly; otherwise q is taken in
+    mm and mapped through the reference grid's index space. The two agree to float32 rounding (tested)."""
+    with torch.no_grad():
+        if inverse is None and target.matches(model.grid):
+            c = _unit_points(model.grid, *rows, model.device)
+            shift = sample(displacement, c[None])[0]
+            moved = c + shift
+            mapped = [_Mapped(_to_index(model.grid, moved), _unit_to_mm(model.grid, shift))]
+            for w in then:
+                onward = shift + sample(w, moved[None])[0]
+                mapped.append(_Mapped(_to_index(model.grid, c + onward), _unit_to_mm(model.grid, onward)))
+            return mapped
+        q = target.points(*rows)             # as the whole grid computes them (not slab.points())
+        moved = _moved(model, displacement, q, inverse)
+        points = [moved] + [moved + sample(w, moved[None])[0] for w in then]
+    indices = [_to_index(model.grid, p) for p in points]
+    return [_Mapped(index, _mm_from(model.grid, index, q)) for index in indices]
 
 
 def slabs(grid: Grid) -> list[tuple[int, int]]:
@@ -119,14 +150,16 @@ def inverse_displacement(model: SeriesModel, t: float, prealignment: np.ndarray 
     grid = model.grid
     field = np.empty((*grid.shape, 3), np.float32)
     for z0, z1 in slabs(grid):
-        r = grid.points(z0, z1)
         with torch.no_grad():
-            c = _to_unit(grid, r, model.device)[None]
-            moved = c + invert(forward, inverse, c)
-        p = grid.to_physical(_to_index(grid, moved[0]))
-        if prealignment is not None:
-            p = p @ prealignment[:3, :3].T + prealignment[:3, 3]
-        field[z0:z1] = (p - r).reshape(z1 - z0, *grid.shape[1:], 3)
+            c = _unit_points(grid, z0, z1, model.device)
+            w = invert(forward, inverse, c[None])[0]
+        if prealignment is None:
+            moved = _unit_to_mm(grid, w)
+        else:
+            r = grid.points(z0, z1)
+            p = grid.to_physical(_to_index(grid, c + w))
+            moved = p @ prealignment[:3, :3].T + prealignment[:3, 3] - r
+        field[z0:z1] = moved.reshape(z1 - z0, *grid.shape[1:], 3)
     return field
 
 
@@ -225,8 +258,27 @@ def _to_unit(grid: Grid, points: np.ndarray, device) -> torch.Tensor:
     return torch.as_tensor(unit, dtype=torch.float32, device=device)
 
 
+def _unit_points(grid: Grid, z_start: int, z_stop: int, device) -> torch.Tensor:
+    """grid_sample coordinates (x, y, z) [N, 3] of the voxel centres of slices z_start..z_stop of `grid` on
+    itself, in array (z, y, x) order: -1 + 2 index / (size - 1) per axis (the identity grid's)."""
+    z, y, x = (torch.linspace(-1, 1, n, device=device) for n in reversed(grid.size))
+    z, y, x = torch.meshgrid(z[z_start:z_stop], y, x, indexing="ij")
+    return torch.stack([x, y, z], dim=-1).reshape(-1, 3)
+
+
+def _unit_to_mm(grid: Grid, shift: torch.Tensor) -> np.ndarray:
+    """Displacements [N, 3] in grid_sample units of `grid` -> LPS mm, float32 (index steps of (size - 1) / 2
+    per unit, then direction @ diag(spacing))."""
+    per_unit = (grid.index_to_mm * (grid.unit_scale() / 2)).T.astype(np.float32)
+    return shift.cpu().numpy() @ per_unit
+
+
 def _to_index(grid: Grid, c: torch.Tensor) -> np.ndarray:
-    return (c.cpu().numpy().astype(np.float64) + 1) / 2 * grid.unit_scale()
+    """grid_sample coordinates [N, 3] of `grid` -> continuous indices (x, y, z), float64."""
+    index = c.cpu().numpy().astype(np.float64)
+    index += 1
+    index *= grid.unit_scale() / 2
+    return index
 
 
 def _mm_from(grid: Grid, index: np.ndarray, q: np.ndarray) -> np.ndarray:

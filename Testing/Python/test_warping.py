@@ -12,7 +12,7 @@ from STNeRPLib.pipeline import fit
 from STNeRPLib.presets import Options
 from STNeRPLib.presets import DEFAULT, PAPER
 from STNeRPLib.progress import Reporter
-from STNeRPLib.warping import warp
+from STNeRPLib.warping import map_to_reference, warp
 
 QUIET = Reporter(interval=1e9)
 
@@ -79,6 +79,21 @@ def test_field_reproduces_propagated_labelmap(trained, oblique, interpolation, i
     mask = inside(warped, oblique)
     assert (itk == warped.labelmap)[mask].mean() > 0.999              # ties at exact half-voxels aside
     assert set(np.unique(warped.labelmap)) == {0, 1, 2}
+
+
+def test_field_on_the_reference_grid_is_the_models_map_in_mm(trained, oblique):
+    """warp on the reference grid itself scales unit displacements to mm; map_to_reference and warp onto another
+    grid go through mm points. Both give q + u(q) at every voxel centre q of the oblique grid, at two times."""
+    model, _, _ = trained
+    points = oblique.points()
+    shifted = Grid(oblique.size, oblique.spacing, tuple(np.add(oblique.origin, 0.5)), oblique.direction)
+    for t in (1.0, 0.4):
+        warped = warp(model, t, oblique)
+        expected = map_to_reference(model, t, points) - points
+        assert np.abs(expected).max() > 1.0
+        assert np.abs(warped.displacement.reshape(-1, 3) - expected).max() < 1e-4        # mm
+        elsewhere = warp(model, t, shifted).displacement.reshape(-1, 3)
+        assert np.abs(elsewhere - (map_to_reference(model, t, shifted.points()) - shifted.points())).max() < 1e-4
 
 
 def test_default_preset_propagates_labels_label_wise_linear():
