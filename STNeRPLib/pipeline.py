@@ -67,6 +67,9 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
     bands = structure_bands(labelmap, reference.GetSpacing()) \
         if labelmap is not None and options.preset.structure_points > 0 else None
+    if bands is not None:
+        reporter.message(f"guided by the segmentation: {options.preset.structure_points:.0%} of the voxels drawn about "
+                         f"its {len(bands)} structures, Def-Net's loss {options.preset.similarity}")
     with checkpoint.holding_signals() if checkpoint is not None else nullcontext():
         ref_net = _fit_ref_net(reference_volume, options, progress, generator, checkpoint)
         prior = _prior(reference_volume, ref_net, options)

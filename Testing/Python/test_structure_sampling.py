@@ -118,6 +118,8 @@ def test_the_default_preset_is_guided_by_a_segmentation_and_records_what_it_ran(
     preset = json.loads((tmp_path / "run" / "run.json").read_text())["parameters"]["preset"]
     assert (preset["similarity"], preset["structure_points"], preset["structure_similarity"]) == (
         similarity, fraction, None)
+    guided = f"guided by the segmentation: 10% of the voxels drawn about its 3 structures, Def-Net's loss {similarity}"
+    assert (guided in result.stderr) == (fraction > 0), result.stderr                 # the log says so
 
 
 def test_a_preset_resolved_for_a_segmentation_stays_so():
