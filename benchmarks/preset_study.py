@@ -69,6 +69,8 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "charbonnier-levels-2": (None, {"similarity": "charbonnier", "structure_similarity": None, "structure_points": 0.0,
                                     "velocity_levels": 2, "adaptive_levels": False}),
     "structure-10pct-mse": (None, {"structure_similarity": None}),
+    "structure-5pct": (None, {"structure_points": 0.05}),
+    "structure-20pct": (None, {"structure_points": 0.2}),
     "points-2048": (None, {"def_points": 2048}),
     "points-8192": (None, {"def_points": 8192}),
     "fine-12mm-sigma2": (None, {"velocity_spacing": 12.0, "def_sigma": 2.0}),
