@@ -211,7 +211,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.velocityLevelsSpinBox.value = parameters.get_int(pn, "VelocityLevels")
             self._setComboText(ui.anchorReferenceComboBox, pn.GetParameter("AnchorReference"))
             self._setComboText(ui.stopOnConvergenceComboBox, pn.GetParameter("StopOnConvergence"))
-            ui.structurePointsSpinBox.value = parameters.get_float(pn, "StructurePoints")
+            ui.structurePointsSpinBox.value = parameters.get_float(pn, "StructurePoints",
+                                                                   parameters.STRUCTURE_POINTS_PRESET)
             ui.createSequencesCheckBox.checked = parameters.get_bool(pn, "CreateSequences")
             ui.predictTimesLineEdit.text = " ".join(
                 contract.format_time(t) for t in parameters.get_json(pn, "PredictTimes") or [])
@@ -248,7 +249,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pn.SetParameter("VelocityLevels", str(int(ui.velocityLevelsSpinBox.value)))
             pn.SetParameter("AnchorReference", ui.anchorReferenceComboBox.currentText)
             pn.SetParameter("StopOnConvergence", ui.stopOnConvergenceComboBox.currentText)
-            pn.SetParameter("StructurePoints", repr(float(ui.structurePointsSpinBox.value)))
+            pn.SetParameter("StructurePoints", parameters.structure_points_text(ui.structurePointsSpinBox.value))
             pn.SetParameter("CreateSequences", "true" if ui.createSequencesCheckBox.checked else "false")
             try:
                 times = [float(v) for v in ui.predictTimesLineEdit.text.replace(",", " ").split()]

@@ -38,7 +38,7 @@ DEFAULTS = {
     "VelocityLevels": "0",        # 0 = the preset's number of velocity grids
     "AnchorReference": "preset",  # "on": the transform at the reference time is the identity; "off"; "preset"
     "StopOnConvergence": "preset",  # "on": Def-Net's fit ends once its loss stops improving; "off"; "preset"
-    "StructurePoints": "0",       # 0 = the preset's; else the fraction of voxels drawn about the segments (with one)
+    "StructurePoints": "preset",  # the preset's share; else the fraction of voxels drawn about the segments (0: none)
     "PredictTimes": "[]",         # extra unscanned times predicted at the end of training
     "CreateSequences": "true",
     "PredictTime": "0.5",
@@ -58,6 +58,9 @@ LABEL_INTERPOLATION_CHOICES = ("preset",) + contract.LABEL_INTERPOLATIONS
 #: value each stands for (None: the preset's own)
 SWITCH_SETTINGS = {"preset": None, "on": True, "off": False}
 SWITCH_CHOICES = tuple(SWITCH_SETTINGS)
+
+#: the Voxels about segments spin box's minimum, shown as "preset": the preset's own share (no flag)
+STRUCTURE_POINTS_PRESET = -0.05
 
 #: node reference roles
 REFERENCE_VOLUME = "ReferenceVolume"
@@ -111,6 +114,19 @@ def get_json(node: slicer.vtkMRMLScriptedModuleNode, key: str) -> Any:
 
 def set_json(node: slicer.vtkMRMLScriptedModuleNode, key: str, value: Any) -> None:
     node.SetParameter(key, json.dumps(value))
+
+
+def structure_points(node: slicer.vtkMRMLScriptedModuleNode) -> float | None:
+    """The share of each iteration's voxels drawn about the segments (0: uniformly), or None for the preset's
+    own: "preset", the spin box's minimum, or "" in a scene saved before the parameter existed. A scene saved
+    while "0" stood for the preset's share (then none) keeps drawing uniformly, as it did."""
+    value = get_float(node, "StructurePoints", STRUCTURE_POINTS_PRESET)
+    return None if value < 0 else value
+
+
+def structure_points_text(value: float) -> str:
+    """The StructurePoints parameter for the Voxels about segments spin box's value (its minimum: "preset")."""
+    return "preset" if value < 0 else repr(float(value))
 
 
 def get_float(node: slicer.vtkMRMLScriptedModuleNode, key: str, default: float = 0.0) -> float:
@@ -178,7 +194,7 @@ def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
         "velocity_levels": get_int(node, "VelocityLevels", 0) or None,
         "anchor_reference": SWITCH_SETTINGS.get(node.GetParameter("AnchorReference")),
         "stop_on_convergence": SWITCH_SETTINGS.get(node.GetParameter("StopOnConvergence")),
-        "structure_points": get_float(node, "StructurePoints", 0.0) or None,
+        "structure_points": structure_points(node),
         "predict_times": [float(t) for t in (get_json(node, "PredictTimes") or [])],
         "create_sequences": get_bool(node, "CreateSequences"),
     }

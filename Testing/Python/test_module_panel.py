@@ -129,21 +129,34 @@ def test_panel_accuracy_options_reach_the_worker_only_when_chosen(series, tmp_pa
                     "--no-anchor-reference", "--stop-on-convergence", "--no-stop-on-convergence"} & set(worker_args)
 
 
-@pytest.mark.parametrize("with_segmentation", [True, False])
-def test_panel_voxels_about_segments_reach_the_worker_only_with_a_segmentation(series, tmp_path, monkeypatch,
-                                                                                with_segmentation):
-    """Voxels about segments (StructurePoints) becomes --structure-points when a segmentation is chosen;
-    without one the worker would refuse the flag, so none is passed and the run goes on as the preset's."""
+@pytest.mark.parametrize("with_segmentation, chosen, given", [
+    (True, "0.1", 0.1), (True, "0", 0.0),                  # a share, or uniform draws: both reach the worker
+    (True, "preset", None), (True, "", None),              # the preset's (a scene saved before the parameter: "")
+    (False, "0.1", None),                                  # no segmentation: nothing to draw about, no flag
+])
+def test_panel_voxels_about_segments_reach_the_worker_only_when_chosen_with_a_segmentation(
+        series, tmp_path, monkeypatch, with_segmentation, chosen, given):
+    """Voxels about segments (StructurePoints) becomes --structure-points when a segmentation is chosen and the
+    box is not at "preset"; without a segmentation the worker would refuse the flag, so none is passed."""
     logic = adapter(monkeypatch, series, settings={"STNeRP/RunsFolder": str(tmp_path / "runs")},
                     scene_path=str(tmp_path / "Documents"), temporary=str(tmp_path / "temp"))
     pn = parameter_node(series)
     if with_segmentation:
         pn.SetNodeReferenceID(parameters.SEGMENTATION, series.segmentation.GetID())
-    pn.SetParameter("StructurePoints", "0.1")
+    pn.SetParameter("StructurePoints", chosen)
     job = logic.startTraining(pn, STANDIN_WORKER).wait(timeout=60)
     assert job.state == "complete", job.message
-    given = contract.parse_arguments(job.command[len(STANDIN_WORKER):])
-    assert given.structure_points == (0.1 if with_segmentation else None)
+    assert contract.parse_arguments(job.command[len(STANDIN_WORKER):]).structure_points == given
+
+
+@pytest.mark.parametrize("shown, text", [(parameters.STRUCTURE_POINTS_PRESET, "preset"), (0.0, "0.0"), (0.15, "0.15")])
+def test_voxels_about_segments_box_and_parameter_round_trip(shown, text):
+    """The spin box's value becomes the parameter's text and back; its minimum stands for the preset's share."""
+    node = slicer.vtkMRMLScriptedModuleNode()
+    node.SetParameter("StructurePoints", parameters.structure_points_text(shown))
+    assert node.GetParameter("StructurePoints") == text
+    assert parameters.get_float(node, "StructurePoints", parameters.STRUCTURE_POINTS_PRESET) == shown
+    assert parameters.structure_points(node) == (None if shown < 0 else shown)
 
 
 def adapter(monkeypatch, series, settings, scene_path, temporary):
