@@ -20,9 +20,10 @@ from .schedule import DecaySchedule
 Progress = Callable[[str, int, int, float], None]
 """progress(stage, iteration, total, loss): called after every iteration."""
 LossFunction = Callable[[Deformation, nn.Module, "_Series", list[int], torch.Tensor, int],
-                        tuple[torch.Tensor, torch.Tensor]]
+                        tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 """loss(deformation, prior, series, which, voxels, levels): Def-Net's loss over the drawn times and
-voxels with the first `levels` velocity levels, and (detached) its value at each drawn time."""
+voxels with the first `levels` velocity levels, (detached) its value at each drawn time, and (detached)
+the residual prior(c + u(c, t)) - f_t(c) at each drawn voxel [T, N] (None for a loss over windows)."""
 
 
 class Target(NamedTuple):
@@ -105,11 +106,13 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
         which = _choose_times(len(series.times), preset.def_times, generator)
         voxels = series.choose_voxels(which, wanted, generator)
         levels = sum(iteration >= preset.level_iteration(level) for level in range(preset.velocity_levels))
-        loss, per_time = loss_of(deformation, prior, series, which, voxels, levels)
+        loss, per_time, residual = loss_of(deformation, prior, series, which, voxels, levels)
         if preset.adaptive_levels:
             uniform = voxels[:, series.band_draws:]
+            squared = None if residual is None else _masked_mean(residual[:, series.band_draws:] ** 2, series, which,
+                                                                 uniform)[0]
             _weigh_level(deformation, prior, series, _mean_squared_error, preset, iteration, (which, uniform, levels),
-                         loss if loss_of is _mean_squared_error and not series.band_draws else None)
+                         squared)
         schedule.observe(iteration, which, per_time)
         _step(optimizer, loss, schedule)
         if preset.adaptive_levels:
@@ -148,8 +151,8 @@ def _trial_level(deformation: Deformation, preset: Preset, iteration: int) -> in
 def _weigh_level(deformation: Deformation, prior: nn.Module, series: "_Series", measure: LossFunction, preset: Preset,
                  iteration: int, drawn: tuple[list[int], torch.Tensor, int], loss: torch.Tensor | None) -> None:
     """Inside a finer level's trial window, add `measure` (the decision's loss function) of this iteration's
-    drawn times and voxels with the level (`loss`, the training loss, when that is the measure; None:
-    evaluated here) and without it (no gradient) to the level's trial sums."""
+    drawn times and voxels with the level (`loss`: taken from the training pass's residuals where it has
+    them; None: evaluated here) and without it (no gradient) to the level's trial sums."""
     level = _trial_level(deformation, preset, iteration)
     which, voxels, levels = drawn
     if level is None or levels != level + 1:
@@ -251,19 +254,27 @@ def _voxel_loss(penalty: Callable[[torch.Tensor], torch.Tensor]) -> LossFunction
     """The loss whose value is the mean of penalty(prior(c + u(c, t)) - f_t(c)) over the chosen voxels."""
 
     def loss(deformation: Deformation, prior: nn.Module, series: _Series, which: list[int], voxels: torch.Tensor,
-             levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+             levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean of the penalty of prior(c + u(c, t)) - f_t(c) over the chosen voxels (flattened indices
-        [T, N]) inside their target's field of view, and (detached) its mean at each chosen time [T]; every
-        chosen time in one batch; u of the first `levels` velocity levels."""
+        [T, N]) inside their target's field of view, (detached) its mean at each chosen time [T], and the
+        residual (detached); every chosen time in one batch; u of the first `levels` velocity levels."""
         predicted, observed = _predicted(deformation, prior, series, which, voxels, levels)
-        error = penalty(predicted - observed)
-        if not series.partial:
-            return error.mean(), error.detach().mean(dim=1)
-        weight = series.weight(which, voxels)
-        per_time = (weight * error.detach()).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
-        return torch.sum(weight * error) / weight.sum().clamp(min=1), per_time
+        residual = predicted - observed
+        mean, per_time = _masked_mean(penalty(residual), series, which, voxels)
+        return mean, per_time, residual.detach()
 
     return loss
+
+
+def _masked_mean(error: torch.Tensor, series: _Series, which: list[int], voxels: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of `error` [T, N] at the chosen voxels inside their target's field of view, and (detached) at each
+    chosen time [T]."""
+    if not series.partial:
+        return error.mean(), error.detach().mean(dim=1)
+    weight = series.weight(which, voxels)
+    per_time = (weight * error.detach()).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+    return torch.sum(weight * error) / weight.sum().clamp(min=1), per_time
 
 
 _mean_squared_error = _voxel_loss(_squared)
@@ -274,7 +285,7 @@ WINDOW = torch.stack(torch.meshgrid(*[torch.arange(-2, 3, 2)] * 3, indexing="ij"
 
 
 def _local_ncc_loss(deformation: Deformation, prior: nn.Module, series: _Series, which: list[int],
-                    centres: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    centres: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, None]:
     """1 - mean over windows of the squared normalised cross-correlation of prior(c + u(c, t)) and
     f_t(c) (LNCC), over WINDOW around each chosen centre (flattened indices [T, N]; windows clipped at
     the grid's faces), and (detached) the same at each chosen time [T]; windows reaching outside their
@@ -286,10 +297,10 @@ def _local_ncc_loss(deformation: Deformation, prior: nn.Module, series: _Series,
     f = observed - observed.mean(dim=-1, keepdim=True)
     ncc2 = (p * f).sum(-1) ** 2 / ((p * p).sum(-1) * (f * f).sum(-1) + 1e-5)
     if not series.partial:
-        return 1 - ncc2.mean(), 1 - ncc2.detach().mean(dim=1)
+        return 1 - ncc2.mean(), 1 - ncc2.detach().mean(dim=1), None
     weight = series.weight(which, voxels).reshape(voxels.shape).amin(dim=-1)
     per_time = 1 - (weight * ncc2.detach()).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
-    return 1 - torch.sum(weight * ncc2) / weight.sum().clamp(min=1), per_time
+    return 1 - torch.sum(weight * ncc2) / weight.sum().clamp(min=1), per_time, None
 
 
 def _windows(centres: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:

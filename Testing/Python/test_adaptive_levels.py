@@ -104,10 +104,13 @@ def test_the_decision_sums_the_window_rather_than_reading_its_last_iteration(tin
     assert deformation.kept == 2 and deformation.trial_ratios == [pytest.approx(expected)], said
 
 
-def test_with_charbonnier_the_decision_reads_the_squared_error_with_and_without_the_level(tiny, monkeypatch):
+@pytest.mark.parametrize("segmented", [False, True])
+def test_with_charbonnier_the_decision_reads_the_squared_error_with_and_without_the_level(tiny, monkeypatch,
+                                                                                         segmented):
     """The bar is calibrated on squared errors (under the Charbonnier penalty the shrinking tumour's ratio,
     0.988, lies above the chest's, 0.981): the recorded ratio is the mean squared error's over the window's
-    own draws, whatever the training loss."""
+    own uniform draws, whatever the training loss, also when the default's segmentation guides the draws
+    (the squared error with the level then comes from the training pass's residuals)."""
     sums = torch.zeros(2, dtype=torch.float64)
     weigh = training._weigh_level
 
@@ -122,7 +125,9 @@ def test_with_charbonnier_the_decision_reads_the_squared_error_with_and_without_
     monkeypatch.setattr(training, "_weigh_level", summing)
     follow_ups = [(tiny.times[k], tiny.images[k]) for k in (1, 2)]
     preset = dataclasses.replace(ADAPTIVE, similarity="charbonnier")
-    model = fit(tiny.images[0], tiny.times[0], follow_ups, None, Options(preset, seed=0), Reporter())[0]
+    segmentation = tiny.labelmaps[0] if segmented else None
+    model = fit(tiny.images[0], tiny.times[0], follow_ups, segmentation, Options(preset, seed=0), Reporter())[0]
+    assert model.preset.structure_points == (0.1 if segmented else 0.0)
     assert float(sums[1]) > 0
     assert model.deformation.trial_ratios == [pytest.approx(float(sums[0] / sums[1]), rel=1e-6)]
 

@@ -101,7 +101,7 @@ def test_training_skips_integrating_the_anchored_reference_with_the_same_loss_an
     displacement = deformation.displacement
     monkeypatch.setattr(deformation, "displacement",
                         lambda times, **kwargs: integrated.append(list(times)) or displacement(times, **kwargs))
-    loss, per_time = training._mean_squared_error(deformation, prior, drawn, which, voxels, 1)
+    loss, per_time, _ = training._mean_squared_error(deformation, prior, drawn, which, voxels, 1)
     gradients = torch.autograd.grad(loss, list(deformation.parameters()), allow_unused=True)
     assert integrated == [[1.0, 0.5]]
 
