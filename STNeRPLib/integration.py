@@ -22,6 +22,28 @@ def identity_grid(shape: tuple[int, int, int], device=None, dtype=torch.float32)
     return torch.stack([x, y, z], dim=-1).unsqueeze(0)
 
 
+class GridPoints:
+    """The identity_grid coordinates of a (D, H, W) grid, [-1, 1] (x, y, z), looked up by flat voxel
+    index without holding the whole grid (12 bytes per voxel): the same numbers as
+    identity_grid(shape).reshape(-1, 3)[index]."""
+
+    def __init__(self, shape: tuple[int, int, int], device):
+        self.shape = tuple(shape)
+        self.count = self.shape[0] * self.shape[1] * self.shape[2]
+        self.axes = [torch.linspace(-1, 1, n, device=device) for n in self.shape]   # z, y, x
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        _, height, width = self.shape
+        z, y, x = index // (height * width), index // width % height, index % width
+        return torch.stack([self.axes[2][x], self.axes[1][y], self.axes[0][z]], dim=-1)
+
+    def slices(self, z_start: int, z_stop: int) -> torch.Tensor:
+        """The coordinates [N, 3] of every voxel of slices z_start..z_stop, in array (z, y, x) order (those
+        of their flat indices, without the index arithmetic)."""
+        z, y, x = torch.meshgrid(self.axes[0][z_start:z_stop], self.axes[1], self.axes[2], indexing="ij")
+        return torch.stack([x, y, z], dim=-1).reshape(-1, 3)
+
+
 def sample(volume: torch.Tensor, points: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Trilinear (or nearest) samples of volume [B, C, D, H, W] at points [B, N, 3] -> [B, N, C].
 

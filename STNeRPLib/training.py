@@ -11,7 +11,7 @@ from torch import nn
 from .averaging import WeightAverage
 from .checkpoint import Checkpoint
 from .deformation import Deformation
-from .integration import sample
+from .integration import GridPoints, sample
 from .networks import RefNet
 from .preprocessing import IntensityWindow
 from .presets import CHARBONNIER_EPSILON, LEVEL_GAIN, LEVEL_GAIN_TRILINEAR, Preset
@@ -333,22 +333,6 @@ def _predicted(deformation: Deformation, prior: nn.Module, series: _Series, whic
 
 
 SIMILARITY = {"mse": _mean_squared_error, "charbonnier": _voxel_loss(_charbonnier), "lncc": _local_ncc_loss}
-
-
-class GridPoints:
-    """The identity_grid coordinates of a (D, H, W) grid, [-1, 1] (x, y, z), looked up by flat voxel
-    index without holding the whole grid (12 bytes per voxel): the same numbers as
-    identity_grid(shape).reshape(-1, 3)[index]."""
-
-    def __init__(self, shape: tuple[int, int, int], device):
-        self.shape = tuple(shape)
-        self.count = self.shape[0] * self.shape[1] * self.shape[2]
-        self.axes = [torch.linspace(-1, 1, n, device=device) for n in self.shape]   # z, y, x
-
-    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
-        _, height, width = self.shape
-        z, y, x = index // (height * width), index // width % height, index % width
-        return torch.stack([self.axes[2][x], self.axes[1][y], self.axes[0][z]], dim=-1)
 
 
 def _restore(checkpoint: Checkpoint | None, stage: str, modules: dict[str, nn.Module], optimizer, schedule,

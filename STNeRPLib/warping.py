@@ -22,7 +22,7 @@ import SimpleITK as sitk
 import torch
 
 from .geometry import Grid
-from .integration import sample
+from .integration import GridPoints, sample
 from .model import SeriesModel
 from .presets import LABEL_INTERPOLATIONS
 
@@ -106,7 +106,7 @@ def _mapped(model: SeriesModel, target: Grid, rows: tuple[int, int], inverse: np
     mm and mapped through the reference grid's index space. The two agree to float32 rounding (tested)."""
     with torch.no_grad():
         if inverse is None and target.matches(model.grid):
-            c = _unit_points(model.grid, *rows, model.device)
+            c = GridPoints(model.grid.shape, model.device).slices(*rows)
             shift = sample(displacement, c[None])[0]
             moved = c + shift
             mapped = [_Mapped(_to_index(model.grid, moved), _unit_to_mm(model.grid, shift))]
@@ -151,7 +151,7 @@ def inverse_displacement(model: SeriesModel, t: float, prealignment: np.ndarray 
     field = np.empty((*grid.shape, 3), np.float32)
     for z0, z1 in slabs(grid):
         with torch.no_grad():
-            c = _unit_points(grid, z0, z1, model.device)
+            c = GridPoints(grid.shape, model.device).slices(z0, z1)
             w = invert(forward, inverse, c[None])[0]
         if prealignment is None:
             moved = _unit_to_mm(grid, w)
@@ -256,14 +256,6 @@ def _to_unit(grid: Grid, points: np.ndarray, device) -> torch.Tensor:
     unit *= 2 / grid.unit_scale()
     unit -= 1
     return torch.as_tensor(unit, dtype=torch.float32, device=device)
-
-
-def _unit_points(grid: Grid, z_start: int, z_stop: int, device) -> torch.Tensor:
-    """grid_sample coordinates (x, y, z) [N, 3] of the voxel centres of slices z_start..z_stop of `grid` on
-    itself, in array (z, y, x) order: -1 + 2 index / (size - 1) per axis (the identity grid's)."""
-    z, y, x = (torch.linspace(-1, 1, n, device=device) for n in reversed(grid.size))
-    z, y, x = torch.meshgrid(z[z_start:z_stop], y, x, indexing="ij")
-    return torch.stack([x, y, z], dim=-1).reshape(-1, 3)
 
 
 def _unit_to_mm(grid: Grid, shift: torch.Tensor) -> np.ndarray:
