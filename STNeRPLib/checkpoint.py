@@ -37,7 +37,8 @@ class Checkpoint:
     def restore(self, stage: str, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
                 schedule, generator: torch.Generator, total: int) -> int:
         """Track `modules` (name -> module); load the saved state into them, the optimiser, schedule and
-        generator. A module the checkpoint does not hold (saved by an older version) keeps its state.
+        generator. A checkpoint that holds no state for one of them (another version wrote it) is refused:
+        the run would go on unlike an uninterrupted one.
 
         Returns the last iteration done of `stage`: 0 with nothing saved for it, `total` when the
         checkpoint is of a later stage (the modules' saved states are then loaded alone)."""
@@ -47,9 +48,13 @@ class Checkpoint:
         saved_stage = STAGES.index(self.saved["stage"])
         if saved_stage < STAGES.index(stage):
             return 0
+        missing = [name for name in modules if name not in self.saved["modules"]]
+        if missing:
+            raise InputError(f"checkpoint {self.path} holds no {missing[0]} state: another version of STNeRP wrote "
+                             "it; train again in a new folder, or delete it to train this run from the start "
+                             "with --resume")
         for name, module in modules.items():
-            if name in self.saved["modules"]:
-                module.load_state_dict(self.saved["modules"][name])
+            module.load_state_dict(self.saved["modules"][name])
         if saved_stage > STAGES.index(stage):
             return total
         optimizer.load_state_dict(self.saved["optimizer"])

@@ -15,7 +15,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from STNeRPLib.checkpoint import Checkpoint
 from STNeRPLib.contract import write_json
+from STNeRPLib.errors import InputError
 from STNeRPLib.phantom import breathing_series, write_series
 from worker_cli import WORKER, stnerp
 
@@ -579,6 +581,28 @@ def test_resume_of_a_run_started_by_another_version_names_the_setting_and_the_wa
     result = stnerp(*train_args(files, output), *RESUMABLE, "--resume")
     assert_one_line_error(result, "preset", "displacement_spacing absent then, 8.0 now", "another version",
                           "new folder")
+
+
+def test_resume_from_a_checkpoint_without_a_modules_state_is_refused(tmp_path):
+    """A checkpoint written by a version that tracked fewer modules (as before Def-Net's weight average) must
+    not resume with that module's state fresh, silently unlike an uninterrupted run: one line, the way out,
+    and the checkpoint left as it was."""
+    generator = torch.Generator().manual_seed(0)
+    net = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(net.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    older = Checkpoint(tmp_path / "checkpoint.pt", every=1)
+    older.restore("defnet", {"deformation": net}, optimizer, schedule, generator, 10)
+    older.after("defnet", 3, optimizer, schedule, generator)
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    newer = Checkpoint(tmp_path / "checkpoint.pt", every=1)
+    with pytest.raises(InputError) as refused:
+        newer.restore("defnet", {"deformation": net, "weight_average": torch.nn.Linear(2, 2)}, optimizer, schedule,
+                      generator, 10)
+    message = str(refused.value)
+    assert "\n" not in message and "weight_average" in message and "another version" in message
+    assert "new folder" in message
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved
 
 
 def test_resume_after_an_input_file_changed_names_the_file(phantom, uninterrupted, tmp_path):
