@@ -64,6 +64,7 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "defnet-600": (None, {"def_iterations": 600}),
     "defnet-450": (None, {"def_iterations": 450}),
     "lncc": (None, {"similarity": "lncc", "structure_similarity": None}),
+    "lncc-uniform": (None, {"similarity": "lncc", "structure_similarity": None, "structure_points": 0.0}),
     "uniform-mse": (None, {"structure_points": 0.0}),
     "charbonnier": (None, {"similarity": "charbonnier", "structure_similarity": None, "structure_points": 0.0}),
     "charbonnier-levels-2": (None, {"similarity": "charbonnier", "structure_similarity": None, "structure_points": 0.0,
