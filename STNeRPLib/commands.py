@@ -19,14 +19,15 @@ from .contract import MAX_SEED, is_number
 from .errors import InputError
 from .io import file_sha256
 from .pipeline import run_prediction, run_training
-from .presets import AUTO_LEVELS, PRESETS, Options, Preset
+from .presets import AUTO_LEVELS, MAX_SMOOTHING_SIGMA, PRESETS, Options, Preset
 from .progress import Reporter
 from .record import RunRecord, load_record, require_complete
 from .series import check_memory, estimate_peak_bytes, load_series
 
 def _preset(args) -> Preset:
     """The chosen preset, with --iterations (at least 1) applied to both networks, --similarity,
-    --structure-points, --label-interpolation, --anchor-reference, --stop-on-convergence and --velocity-levels."""
+    --structure-points, --smoothing-sigma, --label-interpolation, --anchor-reference, --stop-on-convergence and
+    --velocity-levels."""
     preset = PRESETS[args.preset]
     if getattr(args, "similarity", None) is not None:
         preset = replace(preset, similarity=args.similarity, structure_similarity=None)
@@ -35,6 +36,11 @@ def _preset(args) -> Preset:
             raise InputError(f"--structure-points {args.structure_points:g} is not a fraction: give a number from 0 "
                              "to below 1 (e.g. 0.1), or leave it out for the preset's")
         preset = replace(preset, structure_points=args.structure_points)
+    if getattr(args, "smoothing_sigma", None) is not None:
+        if not 0 <= args.smoothing_sigma <= MAX_SMOOTHING_SIGMA:
+            raise InputError(f"--smoothing-sigma {args.smoothing_sigma:g} is out of range: give voxels from 0 (none) "
+                             f"to {MAX_SMOOTHING_SIGMA:g}, or leave it out for the preset's")
+        preset = replace(preset, smoothing_sigma=args.smoothing_sigma)
     if getattr(args, "label_interpolation", None) is not None:
         preset = replace(preset, label_interpolation=args.label_interpolation)
     if getattr(args, "anchor_reference", None) is not None:
@@ -95,13 +101,19 @@ def train_inputs(args) -> dict:
             "sha256": {_absolute(p): file_sha256(p) for p in paths if p}}
 
 
+def _smoothing_sigma(args) -> float:
+    """The smoothing of the scans the fit will see (voxels): --smoothing-sigma, else the preset's."""
+    given = getattr(args, "smoothing_sigma", None)
+    return PRESETS[args.preset].smoothing_sigma if given is None else given
+
+
 def _check_memory(args, reporter: Reporter) -> None:
     """Refuse, before anything is read or written, a series whose estimated peak memory (from the
     image headers) exceeds the memory available now. An image whose header cannot be read is left
     to load_series, which reports it in the run's record."""
     try:
         estimate = estimate_peak_bytes(args.reference, timed(args.follow_up), args.segmentation,
-                                       args.prealign == "affine")
+                                       args.prealign == "affine", _smoothing_sigma(args) > 0)
     except InputError:
         return
     note = check_memory(estimate)

@@ -21,7 +21,7 @@ from .geometry import Grid
 from .metrics import map_points, target_registration_error
 from .model import SeriesModel, new_ref_net, normalise_time
 from .networks import RefNet
-from .preprocessing import IntensityWindow, affine_prealignment, on_grid
+from .preprocessing import IntensityWindow, affine_prealignment, on_grid, smoothed
 from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
@@ -62,8 +62,11 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     times = [reference_time] + [t for t, _ in follow_ups]
     time_range = (min(times), max(times))
     scans = _onto_reference_grid(reference, follow_ups, options, reporter)
-    targets = _targets(reference, reference_time, scans, window, time_range)
-    reference_volume = _tensor(window.normalise(sitk.GetArrayViewFromImage(reference)), device)
+    sigma = options.preset.smoothing_sigma
+    fitted = smoothed(reference, sigma)
+    targets = _targets(fitted, reference_time, scans._replace(images={t: smoothed(image, sigma) for t, image in
+                                                                      scans.images.items()}), window, time_range)
+    reference_volume = _tensor(window.normalise(sitk.GetArrayViewFromImage(fitted)), device)
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
     bands = structure_bands(labelmap, reference.GetSpacing()) \
         if labelmap is not None and options.preset.structure_points > 0 else None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .geometry import Grid
 
@@ -93,3 +94,18 @@ def on_grid(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transform
         return image, None
     inside = inside_field_of_view(image, grid_image, transform)
     return onto_grid(image, grid_image, transform, background), None if inside.all() else inside
+
+
+def smoothed(image: sitk.Image, sigma: float) -> sitk.Image:
+    """The image Gaussian-smoothed by `sigma` voxels along each axis (nearest border), on its grid and in its own
+    pixel type (integers rounded: a smoothed copy of a scan takes what the scan does); the image itself when sigma
+    is 0 (Preset.smoothing_sigma: what Def-Net's fit sees)."""
+    if sigma <= 0:
+        return image
+    array = sitk.GetArrayViewFromImage(image)
+    result = ndimage.gaussian_filter(array.astype(np.float32), sigma, mode="nearest")
+    if array.dtype.kind in "iu":
+        np.rint(result, out=result)
+    smooth = sitk.GetImageFromArray(result.astype(array.dtype, copy=False))
+    smooth.CopyInformation(image)
+    return smooth

@@ -28,6 +28,9 @@ CHARBONNIER_EPSILON = 0.01
 normalised intensity (0.01: 15 HU in the CT window). Swept with two velocity levels on series seed 1
 (docs/presets.md): mean TRE on the shrinking tumour 0.336 / 0.324 / 0.357 mm and the sliding abdomen
 0.725 / 0.720 / 0.736 mm at 0.003 / 0.01 / 0.03."""
+MAX_SMOOTHING_SIGMA = 3.0
+"""The most smoothing_sigma (`--smoothing-sigma`) a run accepts, in voxels: beyond it the fit would see the
+anatomy itself blurred, not only the noise."""
 LABEL_INTERPOLATIONS = ("nearest", "linear")
 """How the reference segmentation is carried to each time (Preset.label_interpolation; warping.propagate_labels)."""
 
@@ -94,6 +97,9 @@ class Preset:
     `structure_similarity`, when set, is Def-Net's loss instead of `similarity` where voxels are drawn about
     a segmentation's structures (DEFAULT: "charbonnier", which alone lets a shrinking tumour go, and mse
     without a segmentation). `for_segmentation` resolves both for a series with or without one.
+    `smoothing_sigma` > 0 smooths the reference and every follow-up by a Gaussian of that many voxels along each
+    axis as Def-Net's fit (and Ref-Net's) sees them: the prior and the targets; every output carries the scans
+    unsmoothed. 0: as scanned (the paper).
     """
 
     name: str
@@ -136,6 +142,7 @@ class Preset:
     average_last: float = 0.0
     structure_points: float = 0.0
     structure_similarity: str | None = None
+    smoothing_sigma: float = 0.0
 
     def for_segmentation(self, segmented: bool) -> "Preset":
         """The preset as a fit of a series with (or without) a reference segmentation runs it: with one and

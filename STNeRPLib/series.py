@@ -98,21 +98,26 @@ mask of its field of view."""
 
 
 def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], segmentation: str | None = None,
-                        prealign: bool = False) -> float:
+                        prealign: bool = False, smoothing: bool = False) -> float:
     """The peak resident memory of a train run on these inputs, in bytes, from the image headers
-    alone (no voxel is read): the scans as held (read_image), the segmentation (twice, uint16), the
-    working set of WORK_BYTES_PER_VOXEL on the reference grid and that of one output slab. InputError
-    for a missing or unreadable image, as reading it would."""
+    alone (no voxel is read): the scans as held (read_image; twice with `smoothing`, Preset.smoothing_sigma:
+    the fit holds a smoothed copy of each), the segmentation (twice, uint16), the working set of
+    WORK_BYTES_PER_VOXEL on the reference grid and that of one output slab. InputError for a missing or
+    unreadable image, as reading it would."""
     size, pixel, grid = image_information(reference, "reference image")
     voxels = math.prod(size)
     plane = math.prod(size[:2])
     slab = plane * min(max(1, SLAB_VOXELS // plane), math.prod(size[2:]))
-    total = BASE_BYTES + slab * SLAB_BYTES_PER_VOXEL + voxels * (held_bytes(pixel) + WORK_BYTES_PER_VOXEL)
+    total = BASE_BYTES + slab * SLAB_BYTES_PER_VOXEL + voxels * ((2 if smoothing else 1) * held_bytes(pixel) + WORK_BYTES_PER_VOXEL)
     for path, t in follow_ups:
         other_size, other_pixel, other_grid = image_information(path, f"follow-up image at time {t:g}")
-        total += math.prod(other_size) * held_bytes(other_pixel)
-        if prealign or grid is None or other_grid != grid:
+        held = math.prod(other_size) * held_bytes(other_pixel)
+        total += held
+        resampled = prealign or grid is None or other_grid != grid
+        if resampled:
             total += voxels * RESAMPLED_BYTES_PER_VOXEL
+        if smoothing:                       # the smoothed copy of what the fit reads: the scan, or its float32 copy
+            total += voxels * 4 if resampled else held
     if segmentation:
         total += voxels * 4
     return total
