@@ -60,8 +60,8 @@ STNERP = {
     "stnerp_uniform_mse": {"label": "STNeRP default --structure-points 0 (mse, voxels drawn uniformly: the default "
                                     "before 2026-12-03)", "preset": "default", "prior": None, "temporal": True,
                            "overrides": {"structure_points": 0.0}},
-    "stnerp_unsmoothed": {"label": "STNeRP default --smoothing-sigma 0 (the scans fitted as given: the default "
-                                   "before 2026-12-03 10:30)", "preset": "default", "prior": None, "temporal": True,
+    "stnerp_unsmoothed": {"label": "STNeRP default --smoothing-sigma 0 (the scans fitted as given, as the default "
+                                   "did before smoothing)", "preset": "default", "prior": None, "temporal": True,
                           "overrides": {"smoothing_sigma": 0.0}},
     "stnerp_one_level": {"label": "STNeRP --velocity-levels 1 (the default before adaptive levels)",
                          "preset": "default", "prior": None, "temporal": True,
