@@ -214,7 +214,7 @@ DEFAULT = Preset(
     velocity_spacing=32.0, prior="image", prior_interpolation="cubic", prior_cache=True, lr_final=0.1,
     def_times=3, def_omega=10.0, anchor_reference=True, velocity_levels=AUTO_LEVELS, adaptive_levels=True,
     level_lr_scale=3.0, squaring_steps=5, displacement_spacing=8.0, label_interpolation="linear",
-    average_last=0.25, structure_points=0.1, structure_similarity="charbonnier", smoothing_sigma=0.5,
+    average_last=0.25, structure_points=0.1, structure_similarity="charbonnier",
 )
 """Measured on the 96 x 96 x 64 breathing phantom (mean TRE over the nine follow-up phases, mm;
 docs/presets.md): cubic B-spline sampling of the prior beat trilinear (Ref-Net's cached rendering
@@ -241,6 +241,9 @@ of 2026-12-03, seed 1): TRE lower on all five series (shrinking tumour 0.37 -> 0
 0.94/0.88/0.76/0.69 -> 0.95/0.90/0.96/0.92; abdomen 0.89 -> 0.82), the longitudinal held-out image
 +0.31 -> -0.13 dB against interpolation; without one, mse and uniform draws (Charbonnier alone lets the
 tumour go: its lowest Dice 0.57).
+Smoothing the scans the fit sees (smoothing_sigma 0.5 voxel) was measured and not taken (2026-12-03,
+docs/presets.md): it lowered the mean TRE of the phantoms and the 3 mm chest by 20-30 % but raised the native
+1.5 mm chest's (0.073 -> 0.081 mm, its max 0.71 -> 1.18) and the sliding abdomen's (0.820 -> 0.863).
 Ref-Net's settings apply with `--prior refnet`: more, smaller batches and a cosine learning-rate
 decay fit the reference better per second."""
 

@@ -466,6 +466,7 @@ def _fit_rows(facts: dict, preset: dict, prefix: str) -> list[list[str]]:
             [prefix + "velocity levels kept", f"{kept} of {preset.get('velocity_levels', 1)}"],
             [prefix + "Def-Net's loss", SIMILARITY_NAMES.get(preset.get("similarity", "mse"), "?")],
             [prefix + "voxels drawn", _voxels_drawn(preset.get("structure_points", 0.0))],
+            [prefix + "scans as fitted", _scans_fitted(preset.get("smoothing_sigma", 0.0))],
             [prefix + "Def-Net's final weights", _final_weights(preset.get("average_last", 0.0))]]
     bar = facts.get("velocity_level_keep_below")
     for level, ratio in enumerate(facts.get("velocity_level_ratios") or [], 2):
@@ -490,6 +491,13 @@ def _voxels_drawn(structure_points: float) -> str:
         return "uniformly"
     return (f"{structure_points:.0%} about the segmentation's structures ({STRUCTURE_BAND_MM:g} mm either side of "
             "each boundary), the rest uniformly")
+
+
+def _scans_fitted(smoothing_sigma: float) -> str:
+    """What the fit saw of the scans (Preset.smoothing_sigma; a record from before it: the scans as given)."""
+    if smoothing_sigma <= 0:
+        return "as scanned"
+    return f"smoothed by a Gaussian of {smoothing_sigma:g} voxel along each axis (the outputs resample them as scanned)"
 
 
 def _final_weights(average_last: float) -> str:

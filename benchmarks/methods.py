@@ -60,9 +60,9 @@ STNERP = {
     "stnerp_uniform_mse": {"label": "STNeRP default --structure-points 0 (mse, voxels drawn uniformly: the default "
                                     "before 2026-12-03)", "preset": "default", "prior": None, "temporal": True,
                            "overrides": {"structure_points": 0.0}},
-    "stnerp_unsmoothed": {"label": "STNeRP default --smoothing-sigma 0 (the scans fitted as given, as the default "
-                                   "did before smoothing)", "preset": "default", "prior": None, "temporal": True,
-                          "overrides": {"smoothing_sigma": 0.0}},
+    "stnerp_smoothed": {"label": "STNeRP default --smoothing-sigma 0.5 (the scans the fit sees smoothed by 0.5 "
+                                 "voxel; measured, not the default)", "preset": "default", "prior": None,
+                        "temporal": True, "overrides": {"smoothing_sigma": 0.5}},
     "stnerp_one_level": {"label": "STNeRP --velocity-levels 1 (the default before adaptive levels)",
                          "preset": "default", "prior": None, "temporal": True,
                          "overrides": {"velocity_levels": 1, "adaptive_levels": False}},

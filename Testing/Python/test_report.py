@@ -90,6 +90,14 @@ def test_report_says_how_the_fit_went_as_run_json_records_it(run):
     assert "<td>Def-Net&#x27;s loss</td><td>Charbonnier penalty (the squared error below 0.01" in page
     assert ("<td>voxels drawn</td><td>10% about the segmentation&#x27;s structures (9 mm either side of each "
             "boundary), the rest uniformly</td>") in page
+    assert "<td>scans as fitted</td><td>as scanned</td>" in page                  # the default smooths nothing
+
+
+@pytest.mark.parametrize("preset, says", [({}, "as scanned"), ({"smoothing_sigma": 0.0}, "as scanned"),
+                                          ({"smoothing_sigma": 1.25}, "smoothed by a Gaussian of 1.25 voxel")])
+def test_the_fit_table_says_what_the_fit_saw_of_the_scans(preset, says):
+    rows = dict(report._fit_rows({"defnet_iterations": 10}, {"def_iterations": 10, **preset}, ""))
+    assert rows["scans as fitted"].startswith(says)
 
 
 def test_the_fit_table_says_a_share_of_the_voxels_was_drawn_about_the_structures():
