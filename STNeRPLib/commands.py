@@ -101,19 +101,13 @@ def train_inputs(args) -> dict:
             "sha256": {_absolute(p): file_sha256(p) for p in paths if p}}
 
 
-def _smoothing_sigma(args) -> float:
-    """The smoothing of the scans the fit will see (voxels): --smoothing-sigma, else the preset's."""
-    given = getattr(args, "smoothing_sigma", None)
-    return PRESETS[args.preset].smoothing_sigma if given is None else given
-
-
-def _check_memory(args, reporter: Reporter) -> None:
+def _check_memory(args, options: Options, reporter: Reporter) -> None:
     """Refuse, before anything is read or written, a series whose estimated peak memory (from the
-    image headers) exceeds the memory available now. An image whose header cannot be read is left
-    to load_series, which reports it in the run's record."""
+    image headers) exceeds the memory available now, fitted with `options`. An image whose header cannot
+    be read is left to load_series, which reports it in the run's record."""
     try:
         estimate = estimate_peak_bytes(args.reference, timed(args.follow_up), args.segmentation,
-                                       args.prealign == "affine", _smoothing_sigma(args) > 0)
+                                       args.prealign == "affine", options.preset.smoothing_sigma > 0)
     except InputError:
         return
     note = check_memory(estimate)
@@ -130,7 +124,7 @@ def train_command(args, reporter: Reporter) -> int:
     try:
         options, inputs = train_options(args), train_inputs(args)
         if not args.skip_memory_check:
-            _check_memory(args, reporter)
+            _check_memory(args, options, reporter)
     except InputError as error:
         reporter.error(str(error))
         return contract.EXIT_BAD_INPUT

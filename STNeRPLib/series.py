@@ -108,7 +108,8 @@ def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], seg
     voxels = math.prod(size)
     plane = math.prod(size[:2])
     slab = plane * min(max(1, SLAB_VOXELS // plane), math.prod(size[2:]))
-    total = BASE_BYTES + slab * SLAB_BYTES_PER_VOXEL + voxels * ((2 if smoothing else 1) * held_bytes(pixel) + WORK_BYTES_PER_VOXEL)
+    copies = 2 if smoothing else 1
+    total = BASE_BYTES + slab * SLAB_BYTES_PER_VOXEL + voxels * (copies * held_bytes(pixel) + WORK_BYTES_PER_VOXEL)
     for path, t in follow_ups:
         other_size, other_pixel, other_grid = image_information(path, f"follow-up image at time {t:g}")
         held = math.prod(other_size) * held_bytes(other_pixel)

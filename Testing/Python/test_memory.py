@@ -179,8 +179,8 @@ def _peak_of_train(reference: Path, follow_ups, labelmap: str, output: Path, *ex
 
 def test_memory_estimate_is_not_below_the_measured_peak(tmp_path):
     """At 96 x 96 x 64 int16, 4 phases, with a segmentation: the estimate from the headers lies between
-    the measured peak and twice it (benchmarks/memory_check.py measures the clinical size). The default
-    preset fits smoothed copies of the scans: the estimate counts them."""
+    the measured peak and twice it (benchmarks/memory_check.py measures the clinical size), counting the
+    smoothed copies of the scans if the default preset fits such."""
     reference, follow_ups, labelmap = _int16_series(tmp_path)
     estimate = estimate_peak_bytes(str(reference), follow_ups, labelmap, smoothing=DEFAULT.smoothing_sigma > 0)
     peak = _peak_of_train(reference, follow_ups, labelmap, tmp_path / "run")
