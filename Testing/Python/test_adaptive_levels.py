@@ -1,5 +1,5 @@
 """Adaptive velocity levels (preset adaptive_levels, `--velocity-levels auto`): a finer level is tried for
-LEVEL_TRIAL of Def-Net's iterations and kept only where it lowers the loss by more than LEVEL_GAIN."""
+LEVEL_TRIAL Def-Net iterations and kept only where it lowers the loss by more than LEVEL_GAIN."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,12 +15,31 @@ from STNeRPLib.model import SeriesModel
 from STNeRPLib.phantom import breathing_series, write_series
 from STNeRPLib.pipeline import fit
 from STNeRPLib.preprocessing import IntensityWindow
-from STNeRPLib.presets import DEFAULT, LEVEL_GAIN, LEVEL_GAIN_TRILINEAR, Options
+from STNeRPLib.presets import DEFAULT, LEVEL_GAIN, LEVEL_GAIN_TRILINEAR, LEVEL_TRIAL, Options
 from STNeRPLib.progress import Reporter
 from worker_cli import stnerp
 
 ADAPTIVE = dataclasses.replace(DEFAULT, velocity_levels=2, adaptive_levels=True).with_iterations(40)
 DECISION = ADAPTIVE.level_decision(1)
+
+
+@pytest.mark.parametrize("iterations", [500, 600, 1000, 2000])
+def test_a_level_is_tried_for_the_same_number_of_iterations_however_long_the_fit(iterations):
+    """The trial's loss ratio depends on how long the level has learnt: with a fifth of a 600-iteration fit the
+    shrinking tumour's level was dropped (docs/presets.md). Its trial is LEVEL_TRIAL iterations at any length
+    that leaves room for it, its window the last half of them."""
+    preset = DEFAULT.with_iterations(iterations)
+    start = preset.level_iteration(1)
+    assert preset.level_decision(1) - start + 1 == LEVEL_TRIAL == 200
+    assert list(preset.level_window(1)) == list(range(start + 100, start + 200))
+    assert preset.levels_settled() == start + 200
+
+
+def test_in_a_short_fit_a_level_is_tried_for_half_the_iterations_left_after_it_comes_on():
+    assert ADAPTIVE.level_iteration(1) == 9 and DECISION == 24          # 40 iterations: 32 left, 16 tried
+    assert list(ADAPTIVE.level_window(1)) == list(range(17, 25))
+    single = dataclasses.replace(ADAPTIVE, def_iterations=2, ref_iterations=2)
+    assert single.level_decision(1) == single.level_iteration(1)         # always at least one
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def tiny():
 
 
 # One velocity level: with the default's adaptive levels the plateau is looked for only after the level
-# decision (Preset.levels_settled; at 2000 iterations, after iteration 800), which these tests do not need.
+# decision (Preset.levels_settled; at 2000 iterations, after iteration 600), which these tests do not need.
 CONVERGING = dataclasses.replace(DEFAULT, stop_on_convergence=True, decay_iterations=40, def_iterations=2000,
                                  velocity_levels=1, adaptive_levels=False)
 
