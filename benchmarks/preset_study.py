@@ -100,6 +100,9 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
 QUICK = ["default", "linear-prior", "refnet-prior"]
 HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5}
 SERIES = list(HOLDOUT)
+SHORT = {"breathing5": 2, "chest5": 2}
+"""Five-phase versions of two series (held-out phase 2): a short series beside the five fractions, for
+what depends on the series' length. Not in the default --series."""
 
 
 @dataclasses.dataclass
@@ -115,18 +118,20 @@ class StudySeries:
 
 def load_series(name: str, seed: int, scratch: Path) -> StudySeries:
     """The named series at `seed` (the chest and abdomen series are written once to `scratch` and read back)."""
-    if name in ("chest", "abdomen"):
+    phases = 5 if name in SHORT else 10
+    if name in ("chest", "chest5", "abdomen"):
         folder = scratch / f"{name}_3mm_seed{seed}"
         if not (folder / "meta.json").exists():
-            if name == "chest":
-                data.chest_series(folder, 3.0, 10, HOLDOUT[name], seed)
+            if name.startswith("chest"):
+                data.chest_series(folder, 3.0, phases, {**HOLDOUT, **SHORT}[name], seed)
             else:
                 data.abdomen_series(folder, 10, HOLDOUT[name], seed)
         s = data.Series(folder)
         count = range(len(s.times))
         return StudySeries(name, s.times, [s.image(k) for k in count], [s.labelmap(k) for k in count],
                            [s.landmarks(k) for k in count])
-    s = phantom.breathing_series(seed=seed) if name == "breathing" else phantom.longitudinal_series(seed=seed)
+    s = (phantom.breathing_series(n_phases=phases, seed=seed) if name.startswith("breathing")
+         else phantom.longitudinal_series(seed=seed))
     return StudySeries(name, s.times, s.images, s.labelmaps, s.landmarks)
 
 
@@ -223,7 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(QUICK),
                         help=f"comma-separated names, or 'all' (known: {', '.join(VARIANTS)})")
-    parser.add_argument("--series", default=",".join(SERIES), help=f"comma-separated, of {', '.join(SERIES)}")
+    parser.add_argument("--series", default=",".join(SERIES), help=f"comma-separated, of {', '.join([*SERIES, *SHORT])}")
     parser.add_argument("--holdout", type=int, default=None,
                         help=f"time index left out of training (-1: none; default per series {HOLDOUT})")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -252,7 +257,7 @@ def main() -> None:
             print(f"abdomen: skipped, its CT is not in {data.ABDOMEN_CT}", flush=True)
             continue
         series = load_series(series_name, args.seed, args.scratch)
-        holdout = HOLDOUT[series_name] if args.holdout is None else (None if args.holdout < 0 else args.holdout)
+        holdout = {**HOLDOUT, **SHORT}[series_name] if args.holdout is None else (None if args.holdout < 0 else args.holdout)
         for name in names:
             prior, overrides = VARIANTS[name]
             rows.append(evaluate(series, name, prior, overrides, holdout))
