@@ -63,6 +63,10 @@ STNERP = {
     "stnerp_smoothed": {"label": "STNeRP default --smoothing-sigma 0.5 (the scans the fit sees smoothed by 0.5 "
                                  "voxel; measured, not the default)", "preset": "default", "prior": None,
                         "temporal": True, "overrides": {"smoothing_sigma": 0.5}},
+    "stnerp_lncc": {"label": "STNeRP default --similarity lncc (local normalised cross-correlation, a tenth of the "
+                             "windows about the structures; an option for sliding organs, not the default)",
+                    "preset": "default", "prior": None, "temporal": True,
+                    "overrides": {"similarity": "lncc", "structure_similarity": None}},
     "stnerp_one_level": {"label": "STNeRP --velocity-levels 1 (the default before adaptive levels)",
                          "preset": "default", "prior": None, "temporal": True,
                          "overrides": {"velocity_levels": 1, "adaptive_levels": False}},
