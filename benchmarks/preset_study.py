@@ -99,11 +99,11 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "average-half": (None, {"average_last": 0.5}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
-HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5}
-SERIES = list(HOLDOUT)
-SHORT = {"breathing5": 2, "chest5": 2}
-"""Five-phase versions of two series (held-out phase 2): a short series beside the five fractions, for
-what depends on the series' length. Not in the default --series."""
+SERIES = ["breathing", "longitudinal", "chest", "abdomen"]
+SHORT = ["breathing5", "chest5"]
+"""Five-phase versions of two series: a short series beside the five fractions, for what depends on the
+series' length. Not in the default --series."""
+HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5, "breathing5": 2, "chest5": 2}
 
 
 @dataclasses.dataclass
@@ -124,7 +124,7 @@ def load_series(name: str, seed: int, scratch: Path) -> StudySeries:
         folder = scratch / f"{name}_3mm_seed{seed}"
         if not (folder / "meta.json").exists():
             if name.startswith("chest"):
-                data.chest_series(folder, 3.0, phases, {**HOLDOUT, **SHORT}[name], seed)
+                data.chest_series(folder, 3.0, phases, HOLDOUT[name], seed)
             else:
                 data.abdomen_series(folder, 10, HOLDOUT[name], seed)
         s = data.Series(folder)
@@ -257,8 +257,11 @@ def main() -> None:
         if series_name == "abdomen" and not data.abdomen_available():
             print(f"abdomen: skipped, its CT is not in {data.ABDOMEN_CT}", flush=True)
             continue
+        if series_name.startswith("chest") and not data.chest_available():
+            print(f"{series_name}: skipped, its CT is not in {data.CHEST_CT}", flush=True)
+            continue
         series = load_series(series_name, args.seed, args.scratch)
-        holdout = {**HOLDOUT, **SHORT}[series_name] if args.holdout is None else (None if args.holdout < 0 else args.holdout)
+        holdout = HOLDOUT[series_name] if args.holdout is None else (None if args.holdout < 0 else args.holdout)
         for name in names:
             prior, overrides = VARIANTS[name]
             rows.append(evaluate(series, name, prior, overrides, holdout))
