@@ -129,9 +129,11 @@ def slabs(grid: Grid) -> list[tuple[int, int]]:
 
 INVERSE_STEPS = 20
 """Most fixed-point iterations of the inverse; a point stops earlier once converged."""
-INVERSE_TOLERANCE = 1e-6
+INVERSE_TOLERANCE = 1e-5
 """A point's inverse has converged when one iteration moves it by at most this, in grid_sample units
-(1e-6 x (n - 1) / 2 voxels: 1.5e-4 mm on 512 voxels of 0.6 mm), near float32 rounding of the units."""
+(1e-5 x (n - 1) / 2 voxels: 1.5e-3 mm on 512 voxels of 0.6 mm). On the native 1.5 mm chest (120 x 123 x
+160 voxels) the map's largest residual was 5.3e-4 mm and the inversion took 0.69 s; at 1e-6, 5.7e-5 mm
+and 0.88 s (1 thread): the last decade of float32 precision bought nothing a contour can show."""
 
 
 def inverse_displacement(model: SeriesModel, t: float, prealignment: np.ndarray | None = None) -> np.ndarray:
