@@ -1,10 +1,11 @@
-"""Speed and accuracy of the DEFAULT preset (and variants) on three series.
+"""Speed and accuracy of the DEFAULT preset (and variants) on four series, and two short ones.
 
 Series: the 10-phase breathing phantom and the 5-fraction longitudinal phantom (shrinking tumour),
 96 x 96 x 64 voxels of 3 x 3 x 4 mm, the chest series (real anatomy, simulated breathing motion;
 benchmarks/data.py chest_series, 3 mm) and the abdomen series (real anatomy, organs sliding 10 mm
-against the wall across a 3 mm band; data.abdomen_series, 3 mm; skipped with a message when its CT is
-not in ../shared/data). Each is fitted with one time point held out, through the real
+against the wall across a 3 mm band; data.abdomen_series, 3 mm); on request (--series) the 5-phase
+breathing5 and chest5, for what depends on a series' length. The real-anatomy series are skipped with a
+message when their CT is not in ../shared/data. Each is fitted with one time point held out, through the real
 engine (pipeline.fit, warping.warp); printed per configuration: Ref-Net PSNR, fit wall time, Ref-Net
 and Def-Net iterations/s (measured in-process), mean/max TRE over the trained time points (mm),
 label-1 Dice (tumour; the aorta on the chest; the spleen on the abdomen), folded voxels (det J <= 0), the
