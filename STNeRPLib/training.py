@@ -1,6 +1,8 @@
 """Fitting Ref-Net to the reference (paper eq. 3) and Def-Net to the series (paper eq. 6)."""
 from __future__ import annotations
 
+import itertools
+from dataclasses import replace
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -14,7 +16,7 @@ from .deformation import Deformation
 from .integration import GridPoints, sample
 from .networks import RefNet
 from .preprocessing import IntensityWindow
-from .presets import CHARBONNIER_EPSILON, LEVEL_GAIN, LEVEL_GAIN_TRILINEAR, Preset
+from .presets import CHARBONNIER_EPSILON, LEVEL_GAIN, LEVEL_GAIN_TRILINEAR, LEVEL_TRIAL, Preset
 from .schedule import DecaySchedule
 
 Progress = Callable[[str, int, int, float], None]
@@ -101,6 +103,8 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     average = WeightAverage(deformation)
     iteration = _restore(checkpoint, "defnet", {"deformation": deformation, "weight_average": average}, optimizer,
                          schedule, generator, preset.def_iterations)
+    if preset.adaptive_levels:
+        _warn_of_short_trials(preset, message)
     while iteration < schedule.end:
         iteration += 1
         which = _choose_times(len(series.times), preset.def_times, generator)
@@ -162,6 +166,18 @@ def _weigh_level(deformation: Deformation, prior: nn.Module, series: "_Series", 
             loss = measure(deformation, prior, series, which, voxels, levels)[0]
         without = measure(deformation, prior, series, which, voxels, level)[0]
     deformation.add_trial_losses(level, loss.item(), without.item())
+
+
+def _warn_of_short_trials(preset: Preset, message: Callable[[str], None]) -> None:
+    """Say, for each finer level a fit this short tries for fewer than LEVEL_TRIAL iterations, that its ratio is
+    not the one the bar was set on, and how many iterations would give it the whole trial."""
+    for level in range(1, preset.velocity_levels):
+        trial = preset.level_trial(level)
+        if trial < LEVEL_TRIAL:
+            enough = next(n for n in itertools.count(preset.def_iterations)
+                          if replace(preset, def_iterations=n).level_trial(level) >= LEVEL_TRIAL)
+            message(f"warning: with {preset.def_iterations} Def-Net iterations velocity level {level + 1} is tried for "
+                    f"{trial}, not {LEVEL_TRIAL}: a level the series needs may be dropped (give at least {enough})")
 
 
 def _try_level(deformation: Deformation, preset: Preset, iteration: int, message: Callable[[str], None]) -> None:

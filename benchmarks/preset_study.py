@@ -66,6 +66,8 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "defnet-500": (None, {"def_iterations": 500}),
     "defnet-450": (None, {"def_iterations": 450}),
     "defnet-400": (None, {"def_iterations": 400}),
+    "defnet-300": (None, {"def_iterations": 300}),
+    "defnet-200": (None, {"def_iterations": 200}),
     "defnet-600-lr2": (None, {"def_iterations": 600, "def_lr": 2e-3}),
     "lncc": (None, {"similarity": "lncc", "structure_similarity": None}),
     "smooth-0.5": (None, {"smoothing_sigma": 0.5}),

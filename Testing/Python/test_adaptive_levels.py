@@ -42,6 +42,17 @@ def test_in_a_short_fit_a_level_is_tried_for_half_the_iterations_left_after_it_c
     assert single.level_decision(1) == single.level_iteration(1)         # always at least one
 
 
+@pytest.mark.parametrize("iterations, warned", [(40, True), (300, True), (499, True), (500, False), (1000, False)])
+def test_a_fit_too_short_for_a_whole_trial_warns_and_says_how_many_iterations_would_give_one(iterations, warned):
+    """At 200 iterations the shrinking tumour's level was tried for 80 and dropped at one seed of two
+    (docs/presets.md): a user who lowers --iterations that far is told, with the count that avoids it."""
+    said = []
+    training._warn_of_short_trials(DEFAULT.with_iterations(iterations), said.append)
+    trial = DEFAULT.with_iterations(iterations).level_trial(1)
+    assert said == ([f"warning: with {iterations} Def-Net iterations velocity level 2 is tried for {trial}, not 200: "
+                     "a level the series needs may be dropped (give at least 500)"] if warned else [])
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, noise_hu=0)
@@ -222,6 +233,7 @@ def test_worker_with_auto_levels_records_and_says_how_many_it_kept(tmp_path):
     assert record["velocity_levels_kept"] in (1, 2) and record["defnet_iterations"] == 40
     decision = "kept" if record["velocity_levels_kept"] == 2 else "dropped"
     assert f"velocity levels kept: {record['velocity_levels_kept']} of 2" in result.stderr
+    assert "warning: with 40 Def-Net iterations velocity level 2 is tried for 16, not 200" in result.stderr
     said = [line for line in result.stderr.splitlines()
             if line.startswith(f"velocity level 2 at Def-Net iteration {DECISION}:")]
     assert len(said) == 1 and said[0].endswith(decision) and " x the loss without it" in said[0], result.stderr
