@@ -445,8 +445,9 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
                               "in the fit (default: the preset's: 0.1 in default, 0 in paper; 0: uniformly)")
     command.add_argument("--smoothing-sigma", type=float, metavar="VOXELS",
                          help="Gaussian smoothing of the scans as Def-Net's fit sees them, in voxels along each axis "
-                              "(the outputs carry the scans unsmoothed); against the noise and the sub-voxel bias of "
-                              "interpolating it (default: the preset's; 0: none, as the paper)")
+                              "(the outputs carry the scans unsmoothed); against detail finer than the grid resolves, "
+                              "which helped coarse phantoms and hurt CT at its native resolution (default: the "
+                              "preset's; 0: none, as the paper)")
     command.add_argument("--label-interpolation", choices=LABEL_INTERPOLATIONS,
                          help="how the segmentation is carried to each time: linear, label-wise trilinear (the "
                               "default preset's), or nearest, the nearest voxel's label (the paper's)")

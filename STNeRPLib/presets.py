@@ -35,7 +35,7 @@ normalised intensity (0.01: 15 HU in the CT window). Swept with two velocity lev
 0.725 / 0.720 / 0.736 mm at 0.003 / 0.01 / 0.03."""
 MAX_SMOOTHING_SIGMA = 3.0
 """The most smoothing_sigma (`--smoothing-sigma`) a run accepts, in voxels: beyond it the fit would see the
-anatomy itself blurred, not only the noise."""
+anatomy itself blurred, not only detail finer than the grid resolves."""
 LABEL_INTERPOLATIONS = ("nearest", "linear")
 """How the reference segmentation is carried to each time (Preset.label_interpolation; warping.propagate_labels)."""
 
