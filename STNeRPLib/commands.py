@@ -26,8 +26,8 @@ from .series import check_memory, estimate_peak_bytes, load_series
 
 def _preset(args) -> Preset:
     """The chosen preset, with --iterations (at least 1) applied to both networks, --similarity,
-    --structure-points, --smoothing-sigma, --label-interpolation, --anchor-reference, --stop-on-convergence and
-    --velocity-levels."""
+    --structure-points, --smoothing-sigma, --label-interpolation, --anchor-reference, --body-mask,
+    --stop-on-convergence and --velocity-levels."""
     preset = PRESETS[args.preset]
     if getattr(args, "similarity", None) is not None:
         preset = replace(preset, similarity=args.similarity, structure_similarity=None)
@@ -45,6 +45,8 @@ def _preset(args) -> Preset:
         preset = replace(preset, label_interpolation=args.label_interpolation)
     if getattr(args, "anchor_reference", None) is not None:
         preset = replace(preset, anchor_reference=args.anchor_reference)
+    if getattr(args, "body_mask", None) is not None:
+        preset = replace(preset, body_mask=args.body_mask)
     if getattr(args, "stop_on_convergence", None) is not None:
         preset = replace(preset, stop_on_convergence=args.stop_on_convergence)
     if getattr(args, "velocity_levels", None) is not None:

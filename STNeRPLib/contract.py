@@ -448,6 +448,9 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
                               "(the outputs carry the scans unsmoothed); against detail finer than the grid resolves, "
                               "which helped coarse phantoms and hurt CT at its native resolution (default: the "
                               "preset's; 0: none, as the paper)")
+    command.add_argument("--body-mask", action=argparse.BooleanOptionalAction,
+                         help="draw Def-Net's voxels only in and about the body, not in the air around it, where "
+                              "they have no motion to follow (default: the preset's: on in default, off in paper)")
     command.add_argument("--label-interpolation", choices=LABEL_INTERPOLATIONS,
                          help="how the segmentation is carried to each time: linear, label-wise trilinear (the "
                               "default preset's), or nearest, the nearest voxel's label (the paper's)")

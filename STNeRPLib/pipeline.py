@@ -26,7 +26,7 @@ from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
 from .record import RunRecord
-from .sampling import structure_bands
+from .sampling import BODY_LEVEL, BODY_MARGIN_MM, body_voxels, structure_bands
 from .series import Series
 from .training import Progress, Target, fit_deformation, fit_reference, keep_below
 from .outputs import TimePoint, write_metrics_table, write_time_point
@@ -78,13 +78,24 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
         prior = _prior(reference_volume, ref_net, options)
         deformation = _new_deformation(Grid.of(reference), options, targets, generator, device)
         fit_deformation(deformation, prior, targets, options.preset, progress, generator, checkpoint,
-                        reporter.message, bands)
+                        reporter.message, bands, _body(targets, window, options.preset, reporter))
     if options.preset.adaptive_levels and options.preset.velocity_levels > 1:
         reporter.message(f"velocity levels kept: {deformation.kept} of {options.preset.velocity_levels} "
                          "(a finer level is kept where it lowers the loss)")
     model = SeriesModel(options.preset, Grid.of(reference), reference_time, time_range, window, options.prior,
                         deformation, ref_net, reference, scans.images, scans.views, labelmap)
     return model, scans.prealignments
+
+
+def _body(targets: list[Target], window: IntensityWindow, preset: Preset, reporter: Reporter) -> np.ndarray | None:
+    """With preset.body_mask, the voxels Def-Net draws from (sampling.body_voxels of every scan as fitted); None
+    without it or when every voxel is used (def_points 0)."""
+    if not preset.body_mask or preset.def_points <= 0:
+        return None
+    scans = [sitk.GetArrayViewFromImage(target.scan) for target in targets]
+    body = body_voxels(scans, window.low + BODY_LEVEL * (window.high - window.low), targets[0].scan.GetSpacing())
+    reporter.message(f"voxels drawn within {BODY_MARGIN_MM:g} mm of the body: {len(body) / scans[0].size:.0%} of the grid")
+    return body
 
 
 class _Resampled(NamedTuple):

@@ -105,6 +105,10 @@ class Preset:
     `smoothing_sigma` > 0 smooths the reference and every follow-up by a Gaussian of that many voxels along each
     axis as Def-Net's fit (and Ref-Net's) sees them: the prior and the targets; every output carries the scans
     unsmoothed. 0: as scanned (the paper).
+    `body_mask` draws Def-Net's uniform voxels (and LNCC's window centres) only within BODY_MARGIN_MM of the body,
+    where any scan is above BODY_LEVEL of the intensity window (sampling.body_voxels), as many per mm³ there as
+    over the whole grid: the air around the body, where a drawn voxel has no motion to follow, is not drawn
+    (False: the whole grid, the paper's; with def_points 0 every voxel is used either way).
     """
 
     name: str
@@ -148,6 +152,7 @@ class Preset:
     structure_points: float = 0.0
     structure_similarity: str | None = None
     smoothing_sigma: float = 0.0
+    body_mask: bool = False
 
     def for_segmentation(self, segmented: bool) -> "Preset":
         """The preset as a fit of a series with (or without) a reference segmentation runs it: with one and
@@ -225,7 +230,7 @@ DEFAULT = Preset(
     velocity_spacing=32.0, prior="image", prior_interpolation="cubic", prior_cache=True, lr_final=0.1,
     def_times=3, def_omega=10.0, anchor_reference=True, velocity_levels=AUTO_LEVELS, adaptive_levels=True,
     level_lr_scale=3.0, squaring_steps=5, displacement_spacing=8.0, label_interpolation="linear",
-    average_last=0.25, structure_points=0.1, structure_similarity="charbonnier",
+    average_last=0.25, structure_points=0.1, structure_similarity="charbonnier", body_mask=True,
 )
 """Measured on the 96 x 96 x 64 breathing phantom (mean TRE over the nine follow-up phases, mm;
 docs/presets.md): cubic B-spline sampling of the prior beat trilinear (Ref-Net's cached rendering

@@ -34,7 +34,7 @@ from .integration import identity_grid, sample
 from .io import read_image
 from .model import SeriesModel
 from .presets import CHARBONNIER_EPSILON
-from .sampling import STRUCTURE_BAND_MM
+from .sampling import BODY_LEVEL, BODY_MARGIN_MM, STRUCTURE_BAND_MM
 from .warping import _to_index, invert
 
 FOCUS = re.compile(r"tumou?r|gtv|ctv|itv|ptv|target|lesion|nodule", re.IGNORECASE)
@@ -465,7 +465,7 @@ def _fit_rows(facts: dict, preset: dict, prefix: str) -> list[list[str]]:
     rows = [[prefix + "Def-Net iterations run", f"{facts['defnet_iterations']} of {preset.get('def_iterations', '?')}"],
             [prefix + "velocity levels kept", f"{kept} of {preset.get('velocity_levels', 1)}"],
             [prefix + "Def-Net's loss", SIMILARITY_NAMES.get(preset.get("similarity", "mse"), "?")],
-            [prefix + "voxels drawn", _voxels_drawn(preset.get("structure_points", 0.0))],
+            [prefix + "voxels drawn", _voxels_drawn(preset.get("structure_points", 0.0), preset.get("body_mask", False))],
             [prefix + "scans as fitted", _scans_fitted(preset.get("smoothing_sigma", 0.0))],
             [prefix + "Def-Net's final weights", _final_weights(preset.get("average_last", 0.0))]]
     bar = facts.get("velocity_level_keep_below")
@@ -485,12 +485,15 @@ SIMILARITY_NAMES = {"mse": "mean squared intensity error",
 """Def-Net's loss (Preset.similarity, one of contract.SIMILARITIES) in words."""
 
 
-def _voxels_drawn(structure_points: float) -> str:
-    """Where Def-Net's voxels were drawn (Preset.structure_points; a record from before it: uniformly)."""
+def _voxels_drawn(structure_points: float, body_mask: bool) -> str:
+    """Where Def-Net's voxels were drawn (Preset.structure_points, Preset.body_mask; a record from before them:
+    uniformly over the grid)."""
+    uniformly = (f"uniformly within {BODY_MARGIN_MM:g} mm of the body (voxels above {BODY_LEVEL:.1%} of the intensity "
+                 "window: -900 HU in CT)" if body_mask else "uniformly over the grid")
     if structure_points <= 0:
-        return "uniformly"
+        return uniformly
     return (f"{structure_points:.0%} about the segmentation's structures ({STRUCTURE_BAND_MM:g} mm either side of "
-            "each boundary), the rest uniformly")
+            f"each boundary), the rest {uniformly}")
 
 
 def _scans_fitted(smoothing_sigma: float) -> str:

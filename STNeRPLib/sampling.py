@@ -2,6 +2,8 @@
 segmentation's structure boundaries (Preset.structure_points)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -32,3 +34,37 @@ def structure_bands(labelmap: np.ndarray, spacing_mm: tuple[float, float, float]
         inside = np.nonzero(dilated & ~eroded)
         bands.append(np.ravel_multi_index(tuple(i + b.start for i, b in zip(inside, box)), labelmap.shape))
     return bands
+
+
+
+BODY_LEVEL = 0.067
+"""Normalised intensity above which a voxel of a scan is body (in the CT window, -900 HU): the air around the
+body, below it, carries no motion for a drawn voxel to follow."""
+BODY_MARGIN_MM = 9.0
+"""How far about the body Def-Net's voxels are drawn, in mm: where the body's edge moves into air stays inside
+(as STRUCTURE_BAND_MM holds a boundary's positions over the series)."""
+
+
+def body_voxels(scans: list[np.ndarray], threshold: float, spacing_mm: tuple[float, float, float],
+                margin_mm: float = BODY_MARGIN_MM) -> np.ndarray:
+    """The flat indices (int32, ascending) of the voxels from which Def-Net draws: in each (z, y) row of the
+    grid, every voxel from the first to the last within `margin_mm` of a voxel above `threshold` in any of
+    `scans` ([z, y, x] arrays on one grid, in the scans' own units). A row is taken whole between its ends,
+    so what lies between two edges of the body (the lungs, the bowel's gas) is always drawn from, whatever
+    its intensity. spacing_mm is (x, y, z), as SimpleITK gives it."""
+    if math.prod(scans[0].shape) >= 2 ** 31:
+        raise ValueError(f"a grid of {scans[0].shape} voxels is too large to index in int32")
+    body = np.zeros(scans[0].shape, bool)
+    for scan in scans:
+        body |= scan > threshold
+    for axis, spacing in enumerate(spacing_mm[::-1]):
+        body = ndimage.maximum_filter1d(body, 2 * int(round(margin_mm / spacing)) + 1, axis=axis)
+    width = body.shape[2]
+    rows = body.reshape(-1, width)
+    first = np.argmax(rows, axis=1)
+    length = np.where(rows.any(axis=1), width - np.argmax(rows[:, ::-1], axis=1) - first, 0)
+    del body, rows
+    starts = np.arange(len(first), dtype=np.int64) * width + first - (np.cumsum(length) - length)
+    index = np.repeat(starts.astype(np.int32), length)
+    index += np.arange(len(index), dtype=np.int32)
+    return index

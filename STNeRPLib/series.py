@@ -90,7 +90,8 @@ indices in float64, the slab's field for the resampling transform and its copy (
 WORK_BYTES_PER_VOXEL = 36
 """Beyond the scans, per voxel of the reference grid, the most that is held at once (bytes): while
 training, the normalised reference (4) and its cubic B-spline prior (16 kept, 28 while built:
-float64 coefficients and their padded copy); while writing a time point, the field (12) and its
+float64 coefficients and their padded copy), then the body's voxel indices (4 kept, 8 while found:
+sampling.body_voxels); while writing a time point, the field (12) and its
 image (12), the predicted image (4), the labelmap (2) and the Jacobian (4)."""
 RESAMPLED_BYTES_PER_VOXEL = 5
 """Per follow-up not on the reference grid (or pre-aligned): its float32 copy on that grid and the

@@ -72,8 +72,8 @@ def fit_reference(net: RefNet, volume: torch.Tensor, preset: Preset, progress: P
 
 def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Target], preset: Preset,
                     progress: Progress, generator: torch.Generator, checkpoint: Checkpoint | None = None,
-                    message: Callable[[str], None] = lambda text: None, bands: list[np.ndarray] | None = None
-                    ) -> float:
+                    message: Callable[[str], None] = lambda text: None, bands: list[np.ndarray] | None = None,
+                    body: np.ndarray | None = None) -> float:
     """Fit Def-Net so that prior(c + u(c, t)) matches every target f_t(c) (paper eq. 6), over the
     voxels inside each target's field of view.
 
@@ -96,7 +96,7 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
         raise ValueError(f"unknown similarity {preset.similarity!r}: use one of {', '.join(SIMILARITY)}")
     loss_of, wanted = SIMILARITY[preset.similarity], _draws(preset)
     series = _Series.of(targets, next(deformation.parameters()).device, bands,
-                        int(round(preset.structure_points * wanted)) if wanted > 0 else 0)
+                        int(round(preset.structure_points * wanted)) if wanted > 0 else 0, body)
     optimizer = _deformation_optimizer(deformation, preset)
     schedule = _deformation_schedule(optimizer, preset)
     loss = torch.tensor(float("nan"))
@@ -224,14 +224,30 @@ class _Series(NamedTuple):
     partial: bool
     bands: tuple[torch.Tensor, ...] = ()
     band_draws: int = 0
+    body: torch.Tensor | None = None
 
     @classmethod
     def of(cls, targets: list[Target], device, bands: list[np.ndarray] | None = None,
-           band_draws: int = 0) -> "_Series":
+           band_draws: int = 0, body: np.ndarray | None = None) -> "_Series":
         shape = tuple(sitk.GetArrayViewFromImage(targets[0].scan).shape)
+        count = shape[0] * shape[1] * shape[2]
         bands = tuple(torch.from_numpy(band).to(device) for band in bands or () if len(band))
         return cls([target.time for target in targets], targets, GridPoints(shape, device), shape,
-                   any(target.inside is not None for target in targets), bands, band_draws if bands else 0)
+                   any(target.inside is not None for target in targets), bands, band_draws if bands else 0,
+                   torch.from_numpy(body).to(device) if body is not None and len(body) < count else None)
+
+    def uniform_draws(self, wanted: int) -> int:
+        """How many of a time's `wanted` draws are uniform: those not drawn from the structure bands, times the
+        share of the grid drawn from (the same density of draws in the body as over the whole grid)."""
+        share = 1.0 if self.body is None else len(self.body) / self.points.count
+        return max(int(round((wanted - self.band_draws) * share)), 1)
+
+    def _uniform(self, shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+        """Flat voxel indices drawn uniformly from the grid, or from the body (sampling.body_voxels)."""
+        device = self.points.axes[0].device
+        if self.body is None:
+            return torch.randint(self.points.count, shape, generator=generator).to(device)
+        return self.body[torch.randint(len(self.body), shape, generator=generator).to(device)].long()
 
     def choose_voxels(self, which: list[int], wanted: int, generator: torch.Generator) -> torch.Tensor:
         """Voxel indices [len(which), N] into each chosen target's flattened grid: `wanted` random
@@ -242,7 +258,7 @@ class _Series(NamedTuple):
             return torch.arange(count, device=device).expand(len(which), count)
         drawn = [band[torch.randint(len(band), (len(which), share), generator=generator).to(device)]
                  for band, share in zip(self.bands, _shares(self.band_draws, len(self.bands)))]
-        uniform = torch.randint(count, (len(which), wanted - self.band_draws), generator=generator).to(device)
+        uniform = self._uniform((len(which), self.uniform_draws(wanted)), generator)
         return torch.cat(drawn + [uniform], dim=1)
 
     def observed(self, which: list[int], voxels: torch.Tensor) -> torch.Tensor:

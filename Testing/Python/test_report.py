@@ -89,7 +89,8 @@ def test_report_says_how_the_fit_went_as_run_json_records_it(run):
     # the default preset guided by the run's segmentation
     assert "<td>Def-Net&#x27;s loss</td><td>Charbonnier penalty (the squared error below 0.01" in page
     assert ("<td>voxels drawn</td><td>10% about the segmentation&#x27;s structures (9 mm either side of each "
-            "boundary), the rest uniformly</td>") in page
+            "boundary), the rest uniformly within 9 mm of the body (voxels above 6.7% of the intensity window: "
+            "-900 HU in CT)</td>") in page
     assert "<td>scans as fitted</td><td>as scanned</td>" in page                  # the default smooths nothing
 
 
@@ -103,7 +104,16 @@ def test_the_fit_table_says_what_the_fit_saw_of_the_scans(preset, says):
 def test_the_fit_table_says_a_share_of_the_voxels_was_drawn_about_the_structures():
     rows = dict(report._fit_rows({"defnet_iterations": 10}, {"def_iterations": 10, "structure_points": 0.1}, ""))
     assert rows["voxels drawn"] == ("10% about the segmentation's structures (9 mm either side of each boundary), "
-                                    "the rest uniformly")
+                                    "the rest uniformly over the grid")
+
+
+@pytest.mark.parametrize("preset, says", [({}, "uniformly over the grid"),                 # a record from before it
+                                          ({"body_mask": False}, "uniformly over the grid"),
+                                          ({"body_mask": True}, "uniformly within 9 mm of the body (voxels above "
+                                                                "6.7% of the intensity window: -900 HU in CT)")])
+def test_the_fit_table_says_whether_the_voxels_were_drawn_in_the_body_only(preset, says):
+    rows = dict(report._fit_rows({"defnet_iterations": 10}, {"def_iterations": 10, **preset}, ""))
+    assert rows["voxels drawn"] == says
 
 
 def test_the_report_names_every_similarity_the_worker_accepts():
