@@ -83,7 +83,7 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "structure-5pct": (None, {"structure_points": 0.05}),
     "structure-20pct": (None, {"structure_points": 0.2}),
     "points-2048": (None, {"def_points": 2048}),
-    "body-mask": (None, {"body_mask": True}),
+    "whole-grid": (None, {"body_mask": False}),
     "points-8192": (None, {"def_points": 8192}),
     "fine-12mm-sigma2": (None, {"velocity_spacing": 12.0, "def_sigma": 2.0}),
     "levels-2": (None, {"velocity_levels": 2, "adaptive_levels": False}),
