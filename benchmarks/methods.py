@@ -67,6 +67,9 @@ STNERP = {
                              "windows about the structures; an option for sliding organs, not the default)",
                     "preset": "default", "prior": None, "temporal": True,
                     "overrides": {"similarity": "lncc", "structure_similarity": None}},
+    "stnerp_whole_grid": {"label": "STNeRP default --no-body-mask (voxels drawn over the whole grid, the air around "
+                                   "the body included: the default before 2026-12-03)", "preset": "default",
+                          "prior": None, "temporal": True, "overrides": {"body_mask": False}},
     "stnerp_one_level": {"label": "STNeRP --velocity-levels 1 (the default before adaptive levels)",
                          "preset": "default", "prior": None, "temporal": True,
                          "overrides": {"velocity_levels": 1, "adaptive_levels": False}},
