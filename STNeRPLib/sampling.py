@@ -1,5 +1,5 @@
-"""Where Def-Net's training draws voxels beyond the uniform draw: bands about the reference
-segmentation's structure boundaries (Preset.structure_points)."""
+"""Where Def-Net's training draws voxels: in and about the body (Preset.body_mask), and beyond the uniform draw,
+from bands about the reference segmentation's structure boundaries (Preset.structure_points)."""
 from __future__ import annotations
 
 import math
@@ -34,7 +34,6 @@ def structure_bands(labelmap: np.ndarray, spacing_mm: tuple[float, float, float]
         inside = np.nonzero(dilated & ~eroded)
         bands.append(np.ravel_multi_index(tuple(i + b.start for i, b in zip(inside, box)), labelmap.shape))
     return bands
-
 
 
 BODY_LEVEL = 0.067

@@ -83,7 +83,8 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     dropped at Preset.level_decision (_try_level) on the mean squared error with and without it over the
     uniformly drawn voxels, whatever the training loss (the bar is calibrated on it), and `message`
     receives the decision in words. With `bands` (sampling.structure_bands of the reference segmentation)
-    and `preset.structure_points`, that fraction of each time's voxels is drawn from the bands. With
+    and `preset.structure_points`, that fraction of each time's voxels is drawn from the bands. With `body`
+    (sampling.body_voxels), the other draws come from those voxels only, as densely as over the grid. With
     `preset.stop_on_convergence`, def_iterations is the most: the fit ends `decay_iterations` after the
     loss stops improving (schedule.DecaySchedule), and progress reports the new total from then on.
     With `preset.average_last`, Def-Net ends with its weights averaged over the fit's last iterations
