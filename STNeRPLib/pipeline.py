@@ -93,7 +93,7 @@ def _body(targets: list[Target], window: IntensityWindow, preset: Preset, report
     if not preset.body_mask or preset.def_points <= 0:
         return None
     scans = [sitk.GetArrayViewFromImage(target.scan) for target in targets]
-    body = body_voxels(scans, window.low + BODY_LEVEL * (window.high - window.low), targets[0].scan.GetSpacing())
+    body = body_voxels(scans, float(window.restore(np.float32(BODY_LEVEL))), targets[0].scan.GetSpacing())
     reporter.message(f"voxels drawn within {BODY_MARGIN_MM:g} mm of the body: {len(body) / scans[0].size:.0%} of the grid")
     return body
 

@@ -231,11 +231,11 @@ class _Series(NamedTuple):
     def of(cls, targets: list[Target], device, bands: list[np.ndarray] | None = None,
            band_draws: int = 0, body: np.ndarray | None = None) -> "_Series":
         shape = tuple(sitk.GetArrayViewFromImage(targets[0].scan).shape)
-        count = shape[0] * shape[1] * shape[2]
+        points = GridPoints(shape, device)
         bands = tuple(torch.from_numpy(band).to(device) for band in bands or () if len(band))
-        return cls([target.time for target in targets], targets, GridPoints(shape, device), shape,
+        return cls([target.time for target in targets], targets, points, shape,
                    any(target.inside is not None for target in targets), bands, band_draws if bands else 0,
-                   torch.from_numpy(body).to(device) if body is not None and len(body) < count else None)
+                   torch.from_numpy(body).to(device) if body is not None and len(body) < points.count else None)
 
     def uniform_draws(self, wanted: int) -> int:
         """How many of a time's `wanted` draws are uniform: those not drawn from the structure bands, times the
