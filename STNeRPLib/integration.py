@@ -47,11 +47,32 @@ class GridPoints:
 def sample(volume: torch.Tensor, points: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Trilinear (or nearest) samples of volume [B, C, D, H, W] at points [B, N, 3] -> [B, N, C].
 
-    Points outside the grid take the value at the nearest border.
+    Points outside the grid take the value at the nearest border. Torch's 3-D grid_sample shares out
+    the batch, never one batch's points, among its CPU threads; so many points of one batch, without
+    autograd (the outputs), are sampled as one batch per thread: the same values, each point's alone.
     """
+    pieces = _pieces(volume, points)
+    if pieces > 1:
+        count = points.shape[1]
+        padded = F.pad(points, (0, 0, 0, -count % pieces))
+        values = sample(volume.expand(pieces, -1, -1, -1, -1), padded.reshape(pieces, -1, 3), mode)
+        return values.reshape(1, -1, values.shape[2])[:, :count]
     grid = points[:, :, None, None, :]
     values = F.grid_sample(volume, grid, mode=mode, padding_mode="border", align_corners=True)
     return values[:, :, :, 0, 0].transpose(1, 2)
+
+
+PARALLEL_POINTS = 1 << 16
+"""Fewest points of one batch that `sample` shares out among torch's threads."""
+
+
+def _pieces(volume: torch.Tensor, points: torch.Tensor) -> int:
+    """Batches `sample` splits one batch of points into: one per torch thread for PARALLEL_POINTS or more
+    points on the CPU without autograd, else 1."""
+    if torch.is_grad_enabled() and (volume.requires_grad or points.requires_grad):
+        return 1
+    one_batch = volume.shape[0] == 1 and points.shape[0] == 1 and points.device.type == "cpu"
+    return torch.get_num_threads() if one_batch and points.shape[1] >= PARALLEL_POINTS else 1
 
 
 def compose(first: torch.Tensor, second: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:

@@ -74,6 +74,27 @@ def test_sample_matches_grid_values_at_grid_points():
     assert torch.allclose(sample(volume, points)[0, :, 0], volume.reshape(-1), atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_many_points_sampled_on_several_threads_take_each_points_one_thread_value(threads):
+    """sample shares one batch of PARALLEL_POINTS or more points (here not a multiple of the threads, some
+    beyond the grid) among torch's threads as batches of its own: every point's value is the one it has on
+    one thread, bit for bit, and in its place."""
+    from STNeRPLib.integration import PARALLEL_POINTS
+
+    volume = smooth_velocity((9, 11, 10), 1.0, seed=5)
+    points = torch.rand(1, PARALLEL_POINTS + 7, 3, generator=torch.Generator().manual_seed(1)) * 2.4 - 1.2
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = sample(volume, points)
+        torch.set_num_threads(threads)
+        shared = sample(volume, points)
+    finally:
+        torch.set_num_threads(before)
+    assert shared.shape == (1, PARALLEL_POINTS + 7, 3)
+    assert torch.equal(shared, alone)
+
+
 def test_fixed_point_inverse_leaves_each_point_within_tolerance_whatever_points_it_is_inverted_with():
     """warping.invert stops each point once converged: every point's forward map returns it to
     where it started to within INVERSE_TOLERANCE, and a point's result does not depend on the batch."""
