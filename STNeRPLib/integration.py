@@ -69,10 +69,12 @@ PARALLEL_POINTS = 1 << 16
 def _pieces(volume: torch.Tensor, points: torch.Tensor) -> int:
     """Batches `sample` splits one batch of points into: one per torch thread for PARALLEL_POINTS or more
     points on the CPU without autograd, else 1."""
+    if points.shape[1] < PARALLEL_POINTS or volume.shape[0] != 1 or points.shape[0] != 1 \
+            or points.device.type != "cpu":
+        return 1                        # checked first: training's calls end here
     if torch.is_grad_enabled() and (volume.requires_grad or points.requires_grad):
         return 1
-    one_batch = volume.shape[0] == 1 and points.shape[0] == 1 and points.device.type == "cpu"
-    return torch.get_num_threads() if one_batch and points.shape[1] >= PARALLEL_POINTS else 1
+    return torch.get_num_threads()
 
 
 def compose(first: torch.Tensor, second: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:

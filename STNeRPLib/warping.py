@@ -321,13 +321,14 @@ def propagate_labels(labelmap: np.ndarray, index: np.ndarray, interpolation: str
     for the corners beyond it."""
     if interpolation not in LABEL_INTERPOLATIONS:
         raise ValueError(f"unknown label interpolation {interpolation!r}: use one of {', '.join(LABEL_INTERPOLATIONS)}")
-    carry = _nearest_label if interpolation == "nearest" else _label_wise_linear
     labels = np.empty(len(index), dtype=labelmap.dtype)
     for start in range(0, len(index), LABEL_CHUNK):
         part = index[start:start + LABEL_CHUNK]
         nearest = np.rint(part)
         on_grid = np.all((nearest >= 0) & (nearest < labelmap.shape[::-1]), axis=1)
-        labels[start:start + LABEL_CHUNK] = np.where(on_grid, carry(labelmap, part), 0)
+        carried = (_nearest_label(labelmap, nearest) if interpolation == "nearest"
+                   else _label_wise_linear(labelmap, part))
+        labels[start:start + LABEL_CHUNK] = np.where(on_grid, carried, 0)
     return labels
 
 
@@ -356,11 +357,11 @@ CORNERS = list(itertools.product((0, 1), repeat=3))
 """The 8 corners of a voxel cell as (dz, dy, dx) offsets from its lowest."""
 
 
-def _nearest_label(labelmap: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """propagate_labels' "nearest" at indices (N, 3), the nearest voxel clamped to the grid (the caller
-    zeroes the points whose nearest voxel is off it)."""
+def _nearest_label(labelmap: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+    """propagate_labels' "nearest": the labels at the rounded indices `nearest` (N, 3), clamped to the grid
+    (the caller zeroes the points whose nearest voxel is off it)."""
     depth, rows, columns = labelmap.shape
-    x, y, z = np.rint(index).astype(_index_type(labelmap)).T
+    x, y, z = nearest.astype(_index_type(labelmap)).T
     flat = (np.clip(z, 0, depth - 1) * rows + np.clip(y, 0, rows - 1)) * columns + np.clip(x, 0, columns - 1)
     return labelmap.reshape(-1).take(flat)
 
