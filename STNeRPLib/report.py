@@ -1,9 +1,10 @@
 """`stnerp report`: one self-contained HTML page of a run (figures inlined as PNG), the same
 figures as PNG files beside it, and the numbers behind the structure curves as CSV.
 
-Memory stays bounded: the slice figures read three slices per volume; the per-structure
-statistics read one labelmap and one det J volume at a time; the curves over time are computed
-on the model's coarse velocity grid and a subsample of each structure's reference voxels.
+Memory stays bounded: the slice figures read one map of a time point at a time and keep three
+slices of it; the per-structure statistics read one labelmap and one det J volume at a time; the
+curves over time are computed on the model's coarse velocity grid and a subsample of each
+structure's reference voxels.
 
 Structure volume at any time t is computed from the model's maps, not from a labelmap at t:
 V_t(S) = integral over the reference structure of det(grad phi_t^-1) (change of variables), with
@@ -39,6 +40,7 @@ from .warping import _to_index, invert
 
 FOCUS = re.compile(r"tumou?r|gtv|ctv|itv|ptv|target|lesion|nodule", re.IGNORECASE)
 HISTOGRAM_EDGES = np.linspace(0.0, 2.5, 101)
+PLANE_AXES = (2, 1, 0)      # the slices figure's rows: axial, coronal, sagittal (index axes z, y, x)
 CURVE_POINTS = 20000        # at most this many reference voxels per structure for the curves
 JACOBIAN_CAPTION = (
     "det J is the Jacobian determinant of the map p -> p + u_t(p) that takes a point p of the "
@@ -216,7 +218,7 @@ def time_point_figures(run: Path, record: dict, entry: dict, structures: dict[in
     scan = _scan_path(record, t)
     image_kind = "scan" if scan is not None else "predicted image"
     series = sitk.GetArrayFromImage(read_image(scan, "scan")) if scan is not None and scan.is_dir() else None
-    planes = [_plane(run, entry, reader, axis, int(focus[axis]), scan, series) for axis in (2, 1, 0)]
+    planes = _planes(run, entry, reader, focus, scan, series)
     title = f"time {t:g}" + ("" if entry.get("scanned") else " (not scanned: predicted)")
     folded = entry["metrics"]["folded_voxels"]
     caption = (f"Slices through {where} at time {t:g}. {JACOBIAN_CAPTION} |u|: length of the displacement "
@@ -242,36 +244,45 @@ def _information(path: Path) -> sitk.ImageFileReader:
     return reader
 
 
-def _slice(path: Path, axis: int, index: int) -> np.ndarray:
-    """One slice (index along axis (x, y, z) = (0, 1, 2)) of an image file, [rows, columns(, c)]."""
-    reader = _information(path)
-    start, size = [0, 0, 0], list(reader.GetSize())
-    start[axis], size[axis] = int(np.clip(index, 0, size[axis] - 1)), 0
-    reader.SetExtractIndex(start)
-    reader.SetExtractSize(size)
-    return sitk.GetArrayFromImage(reader.Execute())
+def _planes(run: Path, entry: dict, reader: sitk.ImageFileReader, focus: np.ndarray, scan: Path | None,
+            series: np.ndarray | None) -> list[figures.Plane]:
+    """The planes through `focus` (index x, y, z) along each of PLANE_AXES of every map of the time
+    point and of the scan (a file, or `series`: a DICOM series read whole), each file read once."""
+    jacobian = _slices(run / entry["jacobian"], focus)
+    magnitude = [np.linalg.norm(s, axis=-1) for s in _slices(run / entry["displacement"], focus)]
+    if scan is None:
+        image = _slices(run / entry["image"], focus)
+    else:
+        image = _through(series, focus) if series is not None else _slices(scan, focus)
+    labels = _slices(run / entry["labelmap"], focus) if entry.get("labelmap") else [None] * len(PLANE_AXES)
+    return [_plane(reader, axis, *maps) for axis, *maps in zip(PLANE_AXES, jacobian, magnitude, image, labels)]
 
 
-def _plane(run: Path, entry: dict, reader: sitk.ImageFileReader, axis: int, index: int,
-           scan: Path | None, series: np.ndarray | None) -> figures.Plane:
-    """The slice through `index` along `axis` of every map of the time point, and of the scan
-    (a file, or `series`: a DICOM series read whole)."""
+def _slices(path: Path, focus: np.ndarray) -> list[np.ndarray]:
+    """The slices of an image file through `focus` along each of PLANE_AXES. The file is read whole
+    once: ITK's NRRD reader reads a whole file even for one slice."""
+    image = sitk.ReadImage(str(path))
+    return _through(sitk.GetArrayViewFromImage(image), focus)
+
+
+def _through(array: np.ndarray, focus: np.ndarray) -> list[np.ndarray]:
+    """Copies of the slices of `array` [z, y, x(, c)] through `focus` (x, y, z; clipped to the array)
+    along each of PLANE_AXES, each [rows, columns(, c)]."""
+    return [np.take(array, int(np.clip(focus[axis], 0, array.shape[2 - axis] - 1)), axis=2 - axis)
+            for axis in PLANE_AXES]
+
+
+def _plane(reader: sitk.ImageFileReader, axis: int, jacobian: np.ndarray, magnitude: np.ndarray,
+           image: np.ndarray, labels: np.ndarray | None) -> figures.Plane:
+    """One plane along `axis` of the time-t grid `reader` describes: its extent in mm and axis names."""
     size, spacing = reader.GetSize(), reader.GetSpacing()
     direction = np.reshape(reader.GetDirection(), (3, 3))
     across, up = [a for a in (0, 1, 2) if a != axis]              # columns, rows
-    if scan is None:
-        image = _slice(run / entry["image"], axis, index)
-    elif series is not None:
-        image = np.take(series, index, axis=2 - axis)
-    else:
-        image = _slice(scan, axis, index)
     width, height = size[across] * spacing[across], size[up] * spacing[up]
     origin = "upper" if up == 1 else "lower"                      # anterior / superior at the top
     extent = (0.0, width, height, 0.0) if origin == "upper" else (0.0, width, 0.0, height)
     return figures.Plane(
-        ("sagittal", "coronal", "axial")[axis], _slice(run / entry["jacobian"], axis, index),
-        np.linalg.norm(_slice(run / entry["displacement"], axis, index), axis=-1), image,
-        _slice(run / entry["labelmap"], axis, index) if entry.get("labelmap") else None, extent,
+        ("sagittal", "coronal", "axial")[axis], jacobian, magnitude, image, labels, extent,
         f"{_axis_name(direction[:, across])} (mm)", f"{_axis_name(direction[:, up])} (mm)", origin)
 
 

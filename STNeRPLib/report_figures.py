@@ -13,6 +13,10 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 DPI = 90
+# The slices figure's margins and gaps (fractions of the figure, of an axes): room for the suptitle,
+# each axes' title, tick labels and axis names, and the colour bars beside the first two columns. A fixed
+# layout: matplotlib's constrained layout took half the figure's time (0.45 of 0.90 s a time point).
+SLICES_GRID = {"left": 0.06, "right": 0.97, "top": 0.94, "bottom": 0.05, "wspace": 0.45, "hspace": 0.3}
 COLOURS = plt.get_cmap("tab10")
 
 
@@ -48,7 +52,8 @@ def jacobian_norm(planes: list[Plane]) -> TwoSlopeNorm:
 
 def time_point_slices(planes: list[Plane], names: dict[int, str], title: str, image_kind: str) -> bytes:
     """Rows: the planes; columns: det J (diverging at 1), |u| (mm), contours over the image."""
-    figure, axes = plt.subplots(len(planes), 3, figsize=(11, 3.4 * len(planes)), squeeze=False, layout="constrained")
+    figure, axes = plt.subplots(len(planes), 3, figsize=(11, 3.4 * len(planes)), squeeze=False,
+                                gridspec_kw=SLICES_GRID)
     norm = jacobian_norm(planes)
     magnitude_max = max(float(p.magnitude.max()) for p in planes) or 1.0
     for row, plane in zip(axes, planes):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
@@ -199,6 +200,34 @@ def test_no_report_flag(phantom, tmp_path):
     result = train(phantom, tmp_path / "run", "--no-report")
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "run" / "report").exists()
+
+
+def test_slice_figures_show_every_map_through_the_focus_along_each_axis(tmp_path):
+    """Each voxel's value says where it is (100 z + 10 y + x), so a plane taken along the wrong axis,
+    at the wrong index or transposed shows other numbers; a focus beyond the grid is clamped to it."""
+    z, y, x = np.meshgrid(np.arange(5), np.arange(6), np.arange(7), indexing="ij")     # [z, y, x]
+    where = (100 * z + 10 * y + x).astype(np.float32)
+    maps = {"jacobian": where, "image": where + 1000, "labelmap": (x % 3).astype(np.uint8),
+            "displacement": np.stack([3 * where, 4 * where, 0 * where], axis=-1)}       # |u| = 5 * where
+    entry = {}
+    for name, array in maps.items():
+        image = sitk.GetImageFromArray(array, isVector=array.ndim == 4)
+        image.SetSpacing((1.0, 2.0, 3.0))
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nrrd"))
+        entry[name] = f"{name}.nrrd"
+    reader = report._information(tmp_path / "jacobian.nrrd")
+    axial, coronal, sagittal = report._planes(tmp_path, entry, reader, np.array([9, -2, 3]), None, None)
+    assert (axial.name, coronal.name, sagittal.name) == ("axial", "coronal", "sagittal")
+    np.testing.assert_array_equal(axial.jacobian, 300 + 10 * np.arange(6)[:, None] + np.arange(7))   # z = 3: [y, x]
+    np.testing.assert_array_equal(coronal.jacobian, 100 * np.arange(5)[:, None] + np.arange(7))      # y = 0: [z, x]
+    np.testing.assert_array_equal(sagittal.jacobian, 100 * np.arange(5)[:, None] + 10 * np.arange(6) + 6)  # x = 6
+    for plane in (axial, coronal, sagittal):
+        np.testing.assert_allclose(plane.magnitude, 5 * plane.jacobian, rtol=1e-6)
+        np.testing.assert_array_equal(plane.image, plane.jacobian + 1000)
+    np.testing.assert_array_equal(axial.labels, np.broadcast_to(np.arange(7) % 3, (6, 7)))
+    assert sagittal.labels.tolist() == np.zeros((5, 6)).tolist()                       # x = 6: 6 % 3
+    assert axial.extent == (0.0, 7.0, 12.0, 0.0) and axial.origin == "upper"           # mm: 7 x 1, 6 x 2
+    assert sagittal.extent == (0.0, 12.0, 0.0, 15.0) and sagittal.origin == "lower"    # 6 x 2, 5 x 3
 
 
 def chromium() -> str | None:
