@@ -15,6 +15,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from . import threads
+
 _SSIM_SIGMA = 1.5
 _SSIM_TRUNCATE = 3.5  # gives the 11-tap window of Wang et al. 2004, as scikit-image does
 _SSIM_K1 = 0.01
@@ -58,8 +60,9 @@ def ssim(image: np.ndarray, reference: np.ndarray, data_range: float = 1.0, slab
     window radius. Matches ``skimage.metrics.structural_similarity(..., gaussian_weights=True,
     sigma=1.5, use_sample_covariance=False, data_range=data_range)``. Computed in slabs of
     `slab` planes along the first axis (default: about SSIM_SLAB_VOXELS voxels each, with a halo
-    of the window radius: the same local values as at once) so memory stays bounded. The local values
-    are computed in float32 and summed in float64 (the native chest's SSIM moved by 2e-8).
+    of the window radius: the same local values as at once) so memory stays bounded; on the worker's
+    threads (threads.map_ranges). The local values are computed in float32 and summed in float64 (the
+    native chest's SSIM moved by 2e-8).
     """
     if np.shape(image) != np.shape(reference):
         raise ValueError(f"shape mismatch: {np.shape(image)} vs {np.shape(reference)}")
@@ -68,15 +71,16 @@ def ssim(image: np.ndarray, reference: np.ndarray, data_range: float = 1.0, slab
     if min(shape) < 2 * pad + 1:
         raise ValueError(f"every axis must have at least {2 * pad + 1} voxels, got {shape}")
     slab = slab or max(1, SSIM_SLAB_VOXELS // int(np.prod(shape[1:])))
-    total, count = 0.0, 0
-    for a in range(pad, shape[0] - pad, slab):
-        b = min(a + slab, shape[0] - pad)
+
+    def slab_sum(start: int, end: int) -> tuple[float, int]:
+        a, b = start + pad, end + pad                 # the slab's interior planes
         local = _ssim_map(np.asarray(image[a - pad:b + pad], dtype=np.float32),
                           np.asarray(reference[a - pad:b + pad], dtype=np.float32), data_range)
         interior = local[(slice(pad, pad + b - a),) + tuple(slice(pad, n - pad) for n in shape[1:])]
-        total += float(interior.sum(dtype=np.float64))
-        count += interior.size
-    return total / count
+        return float(interior.sum(dtype=np.float64)), interior.size
+
+    sums = threads.map_ranges(slab_sum, shape[0] - 2 * pad, slab)
+    return sum(total for total, _ in sums) / sum(count for _, count in sums)
 
 
 SSIM_SLAB_VOXELS = 1 << 20
@@ -127,8 +131,8 @@ def jacobian_determinant(displacement: sitk.Image, slab: int | None = None) -> s
     du/dx = (du/di) S^-1 D^T with D the direction matrix and S = diag(spacing); central
     differences inside the grid, one-sided at its borders, in the field's own precision (float32
     fields: float32). Computed in slabs of `slab` slices (default: about JACOBIAN_SLAB_VOXELS voxels
-    each, with a one-slice halo: the same numbers as at once) so memory stays bounded. Returns a
-    float32 scalar image with the geometry of ``displacement``.
+    each, with a one-slice halo: the same numbers as at once) so memory stays bounded; on the worker's
+    threads (threads.map_ranges). Returns a float32 scalar image with the geometry of ``displacement``.
     """
     u = sitk.GetArrayViewFromImage(displacement)  # [z, y, x, component], not copied
     depth = u.shape[0]
@@ -136,13 +140,15 @@ def jacobian_determinant(displacement: sitk.Image, slab: int | None = None) -> s
     direction = np.asarray(displacement.GetDirection()).reshape(3, 3)
     index_per_mm = (np.diag(1.0 / np.asarray(displacement.GetSpacing())) @ direction.T).astype(u.dtype)
     determinant = np.empty(u.shape[:3], dtype=np.float32)
-    for z0 in range(0, depth, slab):
-        z1 = min(z0 + slab, depth)
+
+    def slab_of(z0: int, z1: int) -> None:
         low, high = max(z0 - 1, 0), min(z1 + 1, depth)
         rows = slice(z0 - low, z1 - low)
         # d[c][a] = d u_c / d index_a, index axes a = (i, j, k) are array axes reversed.
         d = [[g[rows] for g in np.gradient(u[low:high, :, :, c], axis=(2, 1, 0))] for c in range(3)]
         determinant[z0:z1] = _det3(_deformation_gradient(d, index_per_mm))
+
+    threads.map_ranges(slab_of, depth, slab)
     out = sitk.GetImageFromArray(determinant)
     out.CopyInformation(displacement)
     return out

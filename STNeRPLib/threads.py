@@ -8,14 +8,19 @@ therefore leaves to other processes the cores they keep busy, judged once at its
 busy cores, which errs towards fewer threads).
 
 numpy's BLAS (OpenBLAS) keeps a team of its own, which busy-waits beside torch's on shared cores;
-the engine's numpy products are (N, 3) @ (3, 3) point transforms, so it gets BLAS_THREADS.
+the engine's numpy products are (N, 3) @ (3, 3) point transforms, so it gets BLAS_THREADS. The outputs'
+own numpy loops (labels, det J, SSIM) share their ranges among the same number of threads (map_ranges).
 """
 from __future__ import annotations
 
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,26 @@ def use(requested: int | None = None) -> ThreadChoice:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(choice.threads)
     _applied = choice
     return choice
+
+
+def current() -> int:
+    """The threads this process computes with: use()'s choice; 1 where none was applied (a library
+    caller's numpy work then stays on its calling thread)."""
+    return _applied.threads if _applied is not None else 1
+
+
+def map_ranges(work: Callable[[int, int], T], total: int, size: int) -> list[T]:
+    """[work(start, end)] over consecutive ranges that cover 0..total, in order, computed on current()
+    threads at once with each range size / current() long: the ranges in flight hold together what one
+    range of `size` holds alone, so memory stays as with one thread. For numpy and scipy.ndimage work on
+    large arrays, which releases the GIL, each call writing only its own part of any output."""
+    count = current()
+    step = max(1, size // count)
+    ranges = [(start, min(start + step, total)) for start in range(0, total, step)]
+    if count == 1 or len(ranges) == 1:
+        return [work(start, end) for start, end in ranges]
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda bounds: work(*bounds), ranges))
 
 
 BLAS_THREADS = 1

@@ -4,12 +4,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from STNeRPLib import threads
+from STNeRPLib import metrics, threads, warping
 from STNeRPLib.phantom import breathing_series, write_series
 from STNeRPLib.threads import choose_threads
 from worker_cli import stnerp
@@ -84,3 +87,65 @@ def test_use_limits_numpys_blas_to_one_thread_whatever_torch_gets():
                             env={**os.environ, "OPENBLAS_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[1]"
+
+
+def computing_with(monkeypatch, count: int) -> None:
+    """As if the worker had chosen `count` threads (threads.use sets torch's and ITK's as well)."""
+    monkeypatch.setattr(threads, "_applied", threads.ThreadChoice(count, count, count, None, 0.0, count))
+
+
+@pytest.mark.parametrize("count, expected", [
+    (1, [(0, 6), (6, 12), (12, 18), (18, 20)]),
+    (2, [(0, 3), (3, 6), (6, 9), (9, 12), (12, 15), (15, 18), (18, 20)]),
+    (3, [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14), (14, 16), (16, 18), (18, 20)]),
+])
+def test_ranges_cover_the_total_in_order_a_share_each_on_as_many_threads_as_chosen(monkeypatch, count, expected):
+    computing_with(monkeypatch, count)
+    seen = set()
+
+    def work(start: int, end: int) -> tuple[int, int]:
+        seen.add(threading.get_ident())
+        time.sleep(0.01)
+        return start, end
+
+    assert threads.map_ranges(work, 20, 6) == expected
+    assert len(seen) == count
+
+
+def test_an_error_in_one_range_is_raised(monkeypatch):
+    computing_with(monkeypatch, 2)
+
+    def work(start: int, end: int) -> None:
+        if start == 4:
+            raise ValueError("range 4")
+
+    with pytest.raises(ValueError, match="range 4"):
+        threads.map_ranges(work, 10, 4)
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_labels_jacobian_and_ssim_on_several_threads_equal_one_threads(monkeypatch, count):
+    """Each range writes its own points or slices (labels, det J: the same numbers); SSIM sums its
+    slabs' local values in another grouping (float64 rounding)."""
+    rng = np.random.default_rng(7)
+    labelmap = rng.integers(0, 4, (20, 24, 28)).astype(np.uint16)
+    points = rng.uniform(-2, 30, (5000, 3))                            # some beyond the grid
+    field = sitk.GetImageFromArray(rng.normal(0, 0.3, (21, 18, 16, 3)).astype(np.float32), isVector=True)
+    field.SetSpacing((1.0, 1.5, 2.5))
+    field.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    image, reference = rng.random((30, 20, 20)), rng.random((30, 20, 20))
+    monkeypatch.setattr(warping, "LABEL_CHUNK", 1100)                  # 5 chunks at one thread, remainder
+
+    def outputs() -> tuple:
+        return (warping.propagate_labels(labelmap, points, "nearest"),
+                warping.propagate_labels(labelmap, points, "linear"),
+                sitk.GetArrayFromImage(metrics.jacobian_determinant(field, slab=5)),
+                metrics.ssim(image, reference, slab=7))
+
+    computing_with(monkeypatch, 1)
+    alone = outputs()
+    computing_with(monkeypatch, count)
+    shared = outputs()
+    for one, several in zip(alone[:3], shared[:3]):
+        np.testing.assert_array_equal(several, one)
+    assert shared[3] == pytest.approx(alone[3], abs=1e-12)
