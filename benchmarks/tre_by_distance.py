@@ -5,8 +5,9 @@ reference point from the surface of one structure of the reference labelmap (0 i
 longitudinal phantom, label 1 is the shrinking tumour, whose radial motion reaches ~30 mm into the lung.
 
 Inputs are files: a phantom folder as `phantom.write_series` writes it (image_<k>.nrrd, labelmap_0.nrrd,
-landmarks.csv, whose times order the images: image_<k> is the k-th) and run folders holding t_<time>/displacement.nrrd (STNeRP's run
-layout: u on the time-t grid, mapping a time-t point q to the reference point q + u(q), mm, LPS).
+landmarks.csv, whose times order the images: image_<k> is the k-th) and run folders holding
+t_<time>/displacement.nrrd (STNeRP's run layout: u on the time-t grid, mapping a time-t point q to the reference
+point q + u(q), mm, LPS).
 `--peer NAME` also registers each time point with a benchmark peer (benchmarks/peers.py) and scores it alike.
 
     .venv/bin/python benchmarks/tre_by_distance.py --phantom runs/demo-X/phantom --run default=runs/demo-X/run \
