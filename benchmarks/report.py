@@ -197,7 +197,27 @@ def series_table(name: str, entry: dict) -> list[str]:
         lines += ["", "(Peak RSS not shown: this file's runs recorded ru_maxrss, which Linux carries over from "
                   "the parent process across fork and exec, so every method read the benchmark parent's size.)"]
     lines.append("")
-    return lines + heldout_table(entry)
+    return lines + distance_table(entry) + heldout_table(entry)
+
+
+def distance_table(entry: dict) -> list[str]:
+    """Where each method's landmark error lies: mean (max) TRE and landmark count by the distance of the
+    landmarks' reference points from the series' first structure, over every registered time point."""
+    rows = {m: r["summary"]["tre_by_distance"] for m, r in entry["methods"].items()
+            if r.get("ok") and "tre_by_distance" in r["summary"]}
+    if not rows:
+        return []
+    first = next(iter(entry["meta"]["labels"].items()))
+    bands = next(iter(rows.values()))
+    lines = [f"TRE by the distance of the landmarks from label {first[0]} ({first[1]}; 0 inside it): mean (max) mm, "
+             "landmarks of every registered time point.", "",
+             "| method | " + " | ".join(f"{b['low_mm']:g}–{b['high_mm']:g} mm" for b in bands) + " |",
+             "|---" * (len(bands) + 1) + "|"]
+    for method, row in rows.items():
+        cells = ["–" if b["tre_mean"] is None
+                 else f"{_fmt(b['tre_mean'])} ({_fmt(b['tre_max'], 1)}), n = {b['count']}" for b in row]
+        lines.append(f"| {methods.label(method)} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def heldout_table(entry: dict) -> list[str]:

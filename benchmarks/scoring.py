@@ -10,7 +10,9 @@ one definition (STNeRPLib.metrics.score_time_point: folding, PSNR/SSIM, Dice, TR
   STNeRP's default carries it, warping.propagate_labels; nearest neighbour until 2026-12-02, which capped a
   small tumour's Dice below 0.9 even with the exact motion) against the time-k one;
 - landmarks: the series' exact correspondences;
-plus one figure only a benchmark can have: the dense error |u - u_true| over the body mask.
+plus one figure only a benchmark can have: the dense error |u - u_true| over the body mask; and where the landmark
+error lies: each landmark's error beside its distance from the first structure of the reference labelmap (the
+tumour, the aorta, the spleen), pooled over the time points by `summarise` into bands (tre_by_distance.py).
 
 At a held-out time h (between scans a and b) the predicted image of every method follows the
 recipe of STNeRP's own output (STNeRPLib.warping): each of the two scans is carried to h through
@@ -18,14 +20,17 @@ the method's motion and the two are blended linearly in time (`motion_compensate
 """
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
 from statistics import median
 
 import numpy as np
 import SimpleITK as sitk
 
+from benchmarks import tre_by_distance
 from benchmarks.data import Series
 from STNeRPLib.geometry import Grid
-from STNeRPLib.metrics import jacobian_determinant, score_time_point
+from STNeRPLib.metrics import jacobian_determinant, map_points, score_time_point
 from STNeRPLib.preprocessing import CT_WINDOW, IntensityWindow
 # warping's resampler and field->transform are the recipe of STNeRP's predicted image; the peers'
 # motion-compensated interpolation uses the very same ones, so only the motion differs.
@@ -62,7 +67,24 @@ def score_field(series: Series, k: int, field: sitk.Image) -> dict:
         images=(windowed(sitk.GetArrayFromImage(warped)), windowed(sitk.GetArrayFromImage(series.image(k)))),
         labelmaps=(sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(series.labelmap(k))),
         labels=[int(i) for i in series.meta["labels"]], landmarks=series.landmarks(k))
-    return {"time": series.times[k], **scores, **dense_error(field, series.displacement(k), series.body(k))}
+    return {"time": series.times[k], **scores, **dense_error(field, series.displacement(k), series.body(k)),
+            **landmark_errors(series, k, field)}
+
+
+def landmark_errors(series: Series, k: int, field: sitk.Image) -> dict:
+    """Each landmark's error |q + u(q) - reference| (mm) at time index k and its reference point's distance (mm)
+    from the surface of the series' first structure (0 inside it)."""
+    points, reference = series.landmarks(k)
+    errors = np.linalg.norm(map_points(field, points) - reference, axis=1)
+    distances = tre_by_distance.distances_at(_first_structure_distance(str(series.folder)), reference)
+    return {"landmark_errors": errors.tolist(), "landmark_distances": distances.tolist()}
+
+
+@lru_cache(maxsize=8)
+def _first_structure_distance(folder: str) -> sitk.Image:
+    """tre_by_distance.distance_from the first label of the series' reference labelmap (one per series)."""
+    series = Series(Path(folder))
+    return tre_by_distance.distance_from(series.labelmap(0), int(next(iter(series.meta["labels"]))))
 
 
 def summarise(per_time: list[dict], labels) -> dict:
@@ -78,7 +100,9 @@ def summarise(per_time: list[dict], labels) -> dict:
             "folded_voxels": int(sum(p["folded_voxels"] for p in per_time)),
             "jacobian_min": float(min(p["jacobian_min"] for p in per_time)),
             "psnr": mean("psnr"), "ssim": mean("ssim"), "dice": dice,
-            "dice_mean": float(np.nanmean(list(dice.values())))}
+            "dice_mean": float(np.nanmean(list(dice.values()))),
+            "tre_by_distance": tre_by_distance.binned(np.concatenate([p["landmark_errors"] for p in per_time]),
+                                                      np.concatenate([p["landmark_distances"] for p in per_time]))}
 
 
 def spread(values: list[float]) -> dict:

@@ -60,6 +60,31 @@ def test_zero_field_scores_what_the_unregistered_images_score(series):
     assert scores["folded_voxels"] == 0 and scores["jacobian_min"] == pytest.approx(1.0)
 
 
+def test_landmark_errors_pool_into_bands_of_distance_from_the_first_structure(series):
+    """A zero field's landmark errors are the landmarks' own motion; summarise pools every time point's into
+    the bands of their distance from label 1 (the tumour), every landmark in exactly one band, and the report
+    prints them per method."""
+    per_time = [scoring.score_field(series, k, _zero(series.image(k))) for k in (1, 2)]
+    moved = np.concatenate([np.linalg.norm(np.subtract(*series.landmarks(k)), axis=1) for k in (1, 2)])
+    np.testing.assert_allclose(np.concatenate([p["landmark_errors"] for p in per_time]), moved, rtol=1e-9)
+    tumour = sitk.GetArrayFromImage(series.labelmap(0)) == 1
+    inside = [tumour[series.labelmap(0).TransformPhysicalPointToIndex(tuple(p))[::-1]]
+              for k in (1, 2) for p in series.landmarks(k)[1]]
+    distances = np.concatenate([p["landmark_distances"] for p in per_time])
+    assert np.all(distances[np.array(inside, bool)] == 0) and np.all(distances >= 0)
+    bands = scoring.summarise(per_time, series.meta["labels"])["tre_by_distance"]
+    assert sum(b["count"] for b in bands) == len(moved)
+    for band in bands:
+        chosen = (distances >= band["low_mm"]) & (distances < band["high_mm"])
+        assert band["count"] == chosen.sum()
+        if chosen.any():
+            assert band["tre_mean"] == pytest.approx(moved[chosen].mean())
+    entry = {"meta": series.meta, "methods": {"none": {"ok": True, "summary": {"tre_by_distance": bands}}}}
+    table = report.distance_table(entry)
+    assert "label 1" in table[0] and len(table) == 6            # title, blank, head, rule, row, blank
+    assert table[-2].count("n = ") == sum(b["count"] > 0 for b in bands)
+
+
 def test_exact_field_beats_zero_field_in_image_and_lung_scores(series):
     """(The tumour is a few 12 mm voxels here: its Dice is too coarse to order the two.)"""
     exact = scoring.score_field(series, 2, series.displacement(2))
