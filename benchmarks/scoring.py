@@ -2,7 +2,7 @@
 
 A method's result at time index k is the displacement u on the time-k grid mapping a time-k point
 q to the reference point q + u(q) (mm, LPS; ARCHITECTURE.md). Its metrics there are the engine's
-one definition (STNeRPLib.metrics.score_time_point: folding, PSNR/SSIM, Dice, TRE), fed with:
+one definition (STNeRPLib.metrics.score_time_point: folding, PSNR/SSIM, Dice; its target_registration_error), fed with:
 - images: the reference resampled through u (linear; beyond the image its nearest border value:
   the anatomy continues past the field of view) against the time-k image, both through the CT
   window [-1000, 500] HU -> [0, 1];
@@ -30,7 +30,7 @@ import SimpleITK as sitk
 from benchmarks import tre_by_distance
 from benchmarks.data import Series
 from STNeRPLib.geometry import Grid
-from STNeRPLib.metrics import jacobian_determinant, map_points, score_time_point
+from STNeRPLib.metrics import jacobian_determinant, map_points, score_time_point, target_registration_error
 from STNeRPLib.preprocessing import CT_WINDOW, IntensityWindow
 # warping's resampler and field->transform are the recipe of STNeRP's predicted image; the peers'
 # motion-compensated interpolation uses the very same ones, so only the motion differs.
@@ -66,16 +66,17 @@ def score_field(series: Series, k: int, field: sitk.Image) -> dict:
         field=field, jacobian=sitk.GetArrayFromImage(jacobian_determinant(field)),
         images=(windowed(sitk.GetArrayFromImage(warped)), windowed(sitk.GetArrayFromImage(series.image(k)))),
         labelmaps=(sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(series.labelmap(k))),
-        labels=[int(i) for i in series.meta["labels"]], landmarks=series.landmarks(k))
-    return {"time": series.times[k], **scores, **dense_error(field, series.displacement(k), series.body(k)),
-            **landmark_errors(series, k, field)}
-
-
-def landmark_errors(series: Series, k: int, field: sitk.Image) -> dict:
-    """Each landmark's error |q + u(q) - reference| (mm) at time index k and its reference point's distance (mm)
-    from the surface of the series' first structure (0 inside it)."""
+        labels=[int(i) for i in series.meta["labels"]])
     points, reference = series.landmarks(k)
-    errors = np.linalg.norm(map_points(field, points) - reference, axis=1)
+    mapped = map_points(field, points)                  # once, for the TRE and for its bands
+    return {"time": series.times[k], **scores, **target_registration_error(mapped, reference),
+            **dense_error(field, series.displacement(k), series.body(k)), **landmark_errors(series, mapped, reference)}
+
+
+def landmark_errors(series: Series, mapped: np.ndarray, reference: np.ndarray) -> dict:
+    """Each landmark's error |q + u(q) - reference| (mm), from its mapped point q + u(q), and its reference point's
+    distance (mm) from the surface of the series' first structure (0 inside it)."""
+    errors = np.linalg.norm(mapped - reference, axis=1)
     distances = tre_by_distance.distances_at(_first_structure_distance(str(series.folder)), reference)
     return {"landmark_errors": errors.tolist(), "landmark_distances": distances.tolist()}
 

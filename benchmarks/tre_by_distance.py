@@ -117,9 +117,8 @@ def main() -> None:
     results = {}
     for name, by_time in fields.items():
         errors, references = landmark_errors(by_time, landmarks)
-        results[name] = [{"low_mm": 0.0, "high_mm": float("inf"), "count": len(errors),
-                          "tre_mean": float(errors.mean()), "tre_max": float(errors.max())},
-                         *binned(errors, distances_at(distance, references))]
+        distances = distances_at(distance, references)
+        results[name] = binned(errors, distances, (0.0, float("inf"))) + binned(errors, distances)
     text = table(results, args.label)
     print(text)
     if args.out:
