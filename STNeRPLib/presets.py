@@ -55,7 +55,9 @@ class Preset:
     `omega` is the SIREN frequency factor of Ref-Net, `def_omega` that of Def-Net (30 in both,
     SIREN's default, in the paper); a lower `def_omega` makes the velocity smoother in space and time.
     `lr_final` is the fraction of the initial learning rate reached at the last iteration by a
-    cosine decay (1.0: constant, as the paper). `def_times` is the number of time points drawn
+    cosine decay (1.0: constant, as the paper). `lr_hold` is the fraction of Def-Net's iterations run at def_lr
+    before that decay begins (0: it spans every iteration; stop_on_convergence holds the rate until the loss
+    stops improving instead, and leaves it unread). `def_times` is the number of time points drawn
     at random per Def-Net iteration (0: every time point, as the paper's objective).
     `similarity` is Def-Net's loss: "mse" (mean squared intensity error, the paper's), "charbonnier" (the
     squared error below CHARBONNIER_EPSILON, the absolute error above: a large residual no smooth field
@@ -80,7 +82,7 @@ class Preset:
     voxels; otherwise the fit goes on without it (and the levels above it).
     `stop_on_convergence` makes `def_iterations` the most Def-Net runs: its learning rate stays at
     `def_lr` until the loss stops improving (schedule.DecaySchedule), then falls to `lr_final` of it by
-    a cosine over `decay_iterations` more, and the fit ends there (off: the cosine spans def_iterations).
+    a cosine over `decay_iterations` more, and the fit ends there (off: lr_hold, then the cosine).
     `displacement_spacing` > 0 refines the integrated displacement of a velocity made with finer levels, by
     cubic B-spline through the finest level's nodes, to a grid at most that many mm apart (that level's
     spacing divided by a whole factor), between whose nodes it is interpolated trilinearly in training and
@@ -135,6 +137,7 @@ class Preset:
     def_omega: float = 30.0
     prior_cache: bool = False
     lr_final: float = 1.0
+    lr_hold: float = 0.0
     def_times: int = 0
     similarity: str = "mse"
     anchor_reference: bool = False
@@ -228,7 +231,7 @@ DEFAULT = Preset(
     def_width=128, def_depth=3, def_fourier_width=32, def_sigma=1.0, def_time_sigma=0.5, def_lr=1e-3,
     def_iterations=1000, def_points=4096,
     velocity_spacing=32.0, prior="image", prior_interpolation="cubic", prior_cache=True, lr_final=0.1,
-    def_times=3, def_omega=10.0, anchor_reference=True, velocity_levels=AUTO_LEVELS, adaptive_levels=True,
+    lr_hold=0.5, def_times=3, def_omega=10.0, anchor_reference=True, velocity_levels=AUTO_LEVELS, adaptive_levels=True,
     level_lr_scale=3.0, squaring_steps=5, displacement_spacing=8.0, label_interpolation="linear",
     average_last=0.25, structure_points=0.1, structure_similarity="charbonnier", body_mask=True,
 )
@@ -263,6 +266,10 @@ air) 0.88-0.89 x the time.
 Smoothing the scans the fit sees (smoothing_sigma 0.5 voxel) was measured and not taken (2026-12-03,
 docs/presets.md): it lowered the mean TRE of the phantoms and the 3 mm chest by 20-30 % but raised the native
 1.5 mm chest's (0.073 -> 0.081 mm, its max 0.71 -> 1.18) and the sliding abdomen's (0.820 -> 0.863).
+Def-Net's rate held at def_lr for half the iterations before its cosine decay (lr_hold 0.5; 2026-12-04, series
+seeds 0-2, docs/presets.md): mean TRE level or lower on 10 of the 12 series and seeds (the shrinking tumour 0.32 /
+0.32 / 0.30 -> 0.28 / 0.30 / 0.31 mm, the abdomen 0.69 / 0.73 / 0.69 -> 0.66 / 0.74 / 0.68), the held-out image
+higher on 10 of 12 (within 0.01 dB on the other two), in the same time.
 Ref-Net's settings apply with `--prior refnet`: more, smaller batches and a cosine learning-rate
 decay fit the reference better per second."""
 

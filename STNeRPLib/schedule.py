@@ -1,5 +1,6 @@
-"""The learning-rate schedule of a fit: a cosine decay over a fixed count of iterations, or, stopping on
-convergence, a constant rate until the loss stops improving and then a cosine decay of a fixed length.
+"""The learning-rate schedule of a fit: a constant rate for a fixed count of iterations (none at first) and then a
+cosine decay over the rest, or, stopping on convergence, a constant rate until the loss stops improving and then a
+cosine decay of a fixed length.
 
 The loss monitored for convergence is the mean over the series' time points of each time point's running
 mean of its own loss, so that which time points an iteration happened to draw (the extreme breathing
@@ -25,7 +26,8 @@ class DecaySchedule(torch.optim.lr_scheduler.LRScheduler):
     """Learning rate = initial rate x a factor falling from 1 to `final` by a half cosine between
     iterations `decay_start` and `end` (the last iteration, which runs at `final`).
 
-    Without `decay` the fit runs `iterations` iterations and decays over all of them. With `decay`
+    Without `decay` the fit runs `iterations` iterations: the rate stays at its initial value up to iteration
+    `hold` + 1 and then decays, reaching `final` at the last (hold 0: it decays from the first). With `decay`
     (stopping on convergence) `iterations` is the most: the rate stays at its initial value until
     `observe` finds a plateau at or after iteration `earliest`, and then decays over `decay` more
     iterations (`end` moves there); without a plateau the decay begins `decay` before `iterations`.
@@ -33,10 +35,10 @@ class DecaySchedule(torch.optim.lr_scheduler.LRScheduler):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, iterations: int, final: float,
-                 decay: int | None = None, earliest: int = 1):
+                 decay: int | None = None, earliest: int = 1, hold: int = 0):
         self.final = final
         self.end = iterations
-        self.decay_start = 0 if decay is None else max(iterations - decay, 0)
+        self.decay_start = min(hold, iterations - 1) if decay is None else max(iterations - decay, 0)
         self.decay = decay
         self.earliest = earliest
         self.running: dict[int, float] = {}

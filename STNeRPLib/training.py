@@ -141,11 +141,11 @@ def _deformation_optimizer(deformation: Deformation, preset: Preset) -> torch.op
 
 
 def _deformation_schedule(optimizer: torch.optim.Optimizer, preset: Preset) -> DecaySchedule:
-    """Def-Net's learning rate: a cosine decay over def_iterations, or with stop_on_convergence a
-    constant rate until a plateau (looked for once the finest velocity level is on), then the decay."""
+    """Def-Net's learning rate: constant for lr_hold of def_iterations, then a cosine decay over the rest; or with
+    stop_on_convergence constant until a plateau (looked for once the finest velocity level is on), then the decay."""
     decay = preset.decay_iterations if preset.stop_on_convergence else None
     return DecaySchedule(optimizer, preset.def_iterations, preset.lr_final, decay=decay,
-                         earliest=preset.levels_settled())
+                         earliest=preset.levels_settled(), hold=int(round(preset.lr_hold * preset.def_iterations)))
 
 
 def _trial_level(deformation: Deformation, preset: Preset, iteration: int) -> int | None:

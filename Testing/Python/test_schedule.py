@@ -15,6 +15,7 @@ from STNeRPLib.pipeline import fit
 from STNeRPLib.presets import DEFAULT, Options
 from STNeRPLib.progress import Reporter
 from STNeRPLib.schedule import PLATEAU_PATIENCE, PLATEAU_WINDOW, DecaySchedule
+from STNeRPLib.training import _deformation_schedule
 from worker_cli import stnerp
 
 
@@ -42,6 +43,21 @@ def test_cosine_runs_from_the_initial_rate_to_the_final_one_at_the_last_iteratio
     assert len(rates) == 10
     assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-4)
     assert all(later < earlier for earlier, later in zip(rates, rates[1:]))
+
+
+def test_a_hold_keeps_the_initial_rate_then_the_cosine_reaches_the_final_rate_at_the_last_iteration():
+    rates = _rates(_schedule(10, hold=4), lambda iteration: {0: 1.0})
+    assert len(rates) == 10
+    assert rates[:5] == pytest.approx([1e-3] * 5) and rates[-1] == pytest.approx(1e-4)
+    assert all(later < earlier for earlier, later in zip(rates[4:], rates[5:]))
+
+
+def test_def_nets_rate_is_held_for_the_presets_lr_hold_of_its_iterations():
+    preset = dataclasses.replace(DEFAULT, def_iterations=100, lr_hold=0.3, lr_final=0.1)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=preset.def_lr)
+    rates = _rates(_deformation_schedule(optimizer, preset), lambda iteration: {0: 1.0})
+    assert rates[:31] == pytest.approx([preset.def_lr] * 31) and rates[31] < preset.def_lr
+    assert rates[-1] == pytest.approx(preset.lr_final * preset.def_lr) and len(rates) == 100
 
 
 def test_a_plateau_begins_the_decay_and_ends_the_fit_decay_iterations_later():
