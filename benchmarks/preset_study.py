@@ -60,6 +60,8 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "constant-lr": (None, {"lr_final": 1.0}),
     "no-hold": (None, {"lr_hold": 0.0}),
     "hold-0.7": (None, {"lr_hold": 0.7}),
+    "width-96": (None, {"def_width": 96}),
+    "squaring-4": (None, {"squaring_steps": 4}),
     "all-times": (None, {"def_times": 0}),
     "times-2": (None, {"def_times": 2}),
     "velocity-16mm": (None, {"velocity_spacing": 16.0}),
