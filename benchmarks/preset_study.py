@@ -98,6 +98,8 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "converge-decay-200": (None, {"stop_on_convergence": True, "decay_iterations": 200}),
     "levels-2-converge": (None, {"velocity_levels": 2, "adaptive_levels": False, "stop_on_convergence": True}),
     "finer-lr-1": (None, {"level_lr_scale": 1.0}),
+    "finer-lr-2": (None, {"level_lr_scale": 2.0}),
+    "finer-lr-5": (None, {"level_lr_scale": 5.0}),
     "steps-7": (None, {"squaring_steps": 7}),
     "displacement-trilinear": (None, {"displacement_spacing": 0.0}),
     "displacement-6mm": (None, {"displacement_spacing": 6.0}),
