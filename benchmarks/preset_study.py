@@ -100,6 +100,8 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "finer-lr-1": (None, {"level_lr_scale": 1.0}),
     "finer-lr-2": (None, {"level_lr_scale": 2.0}),
     "finer-lr-5": (None, {"level_lr_scale": 5.0}),
+    "level-start-0.1": (None, {"level_start": 0.1}),
+    "level-start-0.3": (None, {"level_start": 0.3}),
     "steps-7": (None, {"squaring_steps": 7}),
     "displacement-trilinear": (None, {"displacement_spacing": 0.0}),
     "displacement-6mm": (None, {"displacement_spacing": 6.0}),
