@@ -23,7 +23,9 @@ LEVEL_GAIN = 0.06
 (adaptive_levels), with that level's displacement refined by cubic B-spline (displacement_spacing 8, as in
 DEFAULT). Loss with the 16 mm level / without it, preset study at series seeds 0 and 1: breathing phantom
 0.997, chest 0.954-0.956, shrinking tumour 0.911-0.929, sliding abdomen 0.642-0.665; 0.94 sits in the gap
-between the chest, which the level does not help, and the shrinking tumour (docs/presets.md)."""
+between the chest, which the level does not help, and the shrinking tumour (docs/presets.md). With the rate held
+for half the fit (lr_hold 0.5, seeds 0-2): breathing 0.998-0.999, chest 0.957-0.959, shrinking tumour 0.888-0.912,
+abdomen 0.695-0.755; still in the gap, nearer the tumour."""
 LEVEL_GAIN_TRILINEAR = 0.03
 """The same with the displacement trilinear between the velocity nodes (displacement_spacing 0, the default
 until 2026-12-02): breathing 0.997-0.999, chest 0.991-0.992, shrinking tumour 0.936-0.950, abdomen
