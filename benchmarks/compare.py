@@ -1,4 +1,4 @@
-"""Benchmark STNeRP against the pairwise tools users would pick instead (issue 4): the command line.
+"""Benchmark STNeRP against the pairwise tools users would pick instead (issues 4 and 11): the command line.
 
     .venv/bin/python benchmarks/compare.py --quick                    # development: small volumes
     .venv/bin/python benchmarks/compare.py --repeats 3                # every series and method

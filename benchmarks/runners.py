@@ -181,7 +181,10 @@ def _score_run(series: data.Series, result: dict) -> dict:
     """Score the fields a run wrote (every registered time point)."""
     fields = {int(k): sitk.ReadImage(path, sitk.sitkVectorFloat64) for k, path in result["fields"].items()}
     per_time = [scoring.score_field(series, k, fields[k]) for k in range(1, len(series.times))]
-    return {"per_time": per_time, "summary": scoring.summarise(per_time, series.meta["labels"])}
+    scores = {"per_time": per_time, "summary": scoring.summarise(per_time, series.meta["labels"])}
+    if 0 in fields:                                      # STNeRP writes the reference time too, a peer does not
+        scores["reference_displacement_max"] = scoring.largest_displacement(fields[0])
+    return scores
 
 
 @dataclass
@@ -241,7 +244,8 @@ def _combine(runs: list[dict], registered: int) -> dict:
     return {"ok": True, "failed_runs": len(runs) - len(ok), "wall": scoring.spread([r["wall_seconds"] for r in ok]),
             "tre_mean_runs": scoring.spread([r["summary"]["tre_mean"] for r in ok]),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "peak_rss_source": ok[0].get("peak_rss_source"),
-            "registered_time_points": registered, "summary": first["summary"], "per_time": first["per_time"]}
+            "registered_time_points": registered, "summary": first["summary"], "per_time": first["per_time"],
+            **{key: first[key] for key in ("reference_displacement_max",) if key in first}}
 
 
 # ----------------------------------------------------------------------------- held-out time

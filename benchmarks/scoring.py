@@ -57,6 +57,11 @@ def dense_error(field: sitk.Image, truth: sitk.Image, body: np.ndarray) -> dict:
     return {"dense_error_mean": float(error.mean()), "dense_error_max": float(error.max())}
 
 
+def largest_displacement(field: sitk.Image) -> float:
+    """max |u| (mm) over the field's grid: at the reference time, how far the run's motion is from the identity."""
+    return float(np.linalg.norm(sitk.GetArrayViewFromImage(field), axis=-1).max())
+
+
 def score_field(series: Series, k: int, field: sitk.Image) -> dict:
     """Every metric of the field u at time index k (see the module's docstring)."""
     field = sitk.Cast(field, sitk.sitkVectorFloat64)

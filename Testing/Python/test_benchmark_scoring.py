@@ -241,3 +241,63 @@ def test_preset_study_profile_prints_the_share_of_the_matmul_rate():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "% of the measured matmul rate" in result.stdout
+
+
+def _entry(name: str, tre: float, wall: float, reference: float | None, gain: float, dice: list[float]) -> dict:
+    """A benchmark entry with STNeRP's figures as given against demons' fixed ones: TRE 0.30 mm, wall 10 s, a
+    held-out image 30 dB where linear interpolation gives 28 dB and the exact motion 31 dB, tumour Dice 0.8 at
+    each of two times."""
+    def row(tre_mean, seconds, dices):
+        return {"ok": True, "wall": {"median": seconds, "n": 1}, "per_time": [{"dice": {"1": d}} for d in dices],
+                "summary": {"tre_mean": tre_mean, "folded_voxels": 0, "jacobian_min": 0.5}}
+    ours = row(tre, wall, dice)
+    if reference is not None:
+        ours["reference_displacement_max"] = reference
+    heldout = {"stnerp_default": {"ok": True, "time": 2, "predicted": {"psnr": 28.0 + gain}},
+               "none": {"ok": True, "predicted": {"psnr": 28.0}}, "exact": {"ok": True, "predicted": {"psnr": 31.0}}}
+    return {"meta": {"name": name, "labels": {"1": "tumour"}}, "heldout": heldout,
+            "methods": {"stnerp_default": ours, "sitk_demons": row(0.30, 10.0, [0.8, 0.8])}}
+
+
+def _verdicts(entry: dict) -> list:
+    return [target["met"] for target in report.targets(entry)]
+
+
+def test_issue_11_targets_meet_each_bar_at_the_bar_and_miss_it_just_beyond():
+    at_the_bars = _entry("longitudinal", tre=0.27, wall=7.0, reference=0.009, gain=2.0, dice=[0.8, 0.9])
+    assert _verdicts(at_the_bars) == [True, True, True, True, True, True]   # TRE, folds, wall, |u|, held-out, Dice
+    beyond = _entry("longitudinal", tre=0.271, wall=7.1, reference=0.01, gain=1.99, dice=[0.9, 0.79])
+    assert _verdicts(beyond) == [False, True, False, False, False, False]
+
+
+def test_issue_11_targets_say_what_a_file_did_not_measure_and_judge_dice_per_time_on_fractions_only():
+    entry = _entry("breathing", tre=0.2, wall=5.0, reference=None, gain=3.0, dice=[0.7, 0.7])
+    targets = report.targets(entry)
+    assert [t["met"] for t in targets] == [True, True, True, None, True]    # no per-time Dice on breathing
+    assert "not measured" in targets[3]["text"]
+    assert "+3.00 dB; the exact motion by the same recipe +3.00 dB" in targets[4]["text"]
+    assert "0.67 x the most accurate peer's" in targets[0]["text"] and "0.50 x demons'" in targets[2]["text"]
+
+
+def test_largest_displacement_is_the_longest_vector_in_mm():
+    field = sitk.GetImageFromArray(np.zeros((2, 3, 4, 3)), isVector=True)
+    array = sitk.GetArrayFromImage(field)
+    array[1, 2, 3] = (3.0, 4.0, 0.0)
+    array[0, 0, 0] = (-1.0, 0.0, 2.0)
+    assert scoring.largest_displacement(sitk.GetImageFromArray(array, isVector=True)) == pytest.approx(5.0)
+
+
+def test_a_run_that_wrote_the_reference_time_is_scored_for_its_largest_displacement_there(series, tmp_path):
+    fields = {}
+    for k in range(len(series.times)):
+        field = series.displacement(k) if k else _zero(series.image(0))
+        if k == 0:
+            array = sitk.GetArrayFromImage(field)
+            array[0, 0, 0] = (0.0, 0.006, 0.008)
+            field = Grid.of(series.image(0)).image(array, vector=True)
+        fields[str(k)] = str(tmp_path / f"displacement_{k}.nrrd")
+        sitk.WriteImage(field, fields[str(k)])
+    scored = runners._score_run(series, {"fields": fields})
+    assert scored["reference_displacement_max"] == pytest.approx(0.01)
+    del fields["0"]
+    assert "reference_displacement_max" not in runners._score_run(series, {"fields": fields})
