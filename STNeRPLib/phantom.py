@@ -7,7 +7,10 @@ u_t maps a point q of the time-t image to the matching point q + u_t(q) of the r
 Exact by construction: the reference anatomy is a continuous function F_ref(p) (analytic shapes
 plus a fixed smoothed random texture, sampled by trilinear interpolation), u_t(p) is analytic,
 and every image is sampled as image_t(q) = F_ref(q + u_t(q)) at the voxel centres, labels as
-label_t(q) = L_ref(q + u_t(q)). Noise is added to images only.
+label_t(q) = L_ref(q + u_t(q)). Noise is added to images only. With `supersampling` n > 1 each voxel is
+instead the mean of F_ref(p + u_t(p)) over n^3 points p spread evenly over it (a box point-spread function
+one voxel wide, as a scanner's detector integrates; the lung vessels, finer than the 3 mm grid, are then not
+aliased); labels, landmarks and displacements stay those of the voxel centres.
 
 The anatomy is fixed in millimetres: the default grid (96 x 96 x 64 voxels of 3 x 3 x 4 mm) holds
 the whole thorax. For a coarser phantom keep the field of view, e.g. size=(48, 48, 32) with
@@ -17,6 +20,7 @@ spacing=(6, 6, 8); a smaller field of view crops the anatomy.
 from __future__ import annotations
 
 import csv
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -244,20 +248,34 @@ def _image(array: np.ndarray, grid: sitk.Image, is_vector: bool = False) -> sitk
 class _Phantom:
     """Samples the anatomy through a motion model on one image grid."""
 
-    def __init__(self, size, spacing, motion: Motion, noise_hu: float, seed: int):
+    def __init__(self, size, spacing, motion: Motion, noise_hu: float, seed: int, supersampling: int = 1):
+        if supersampling < 1:
+            raise ValueError(f"supersampling must be at least 1, not {supersampling}")
         self.grid = _grid(size, spacing)
         self.points = _voxel_centres(self.grid)
         self.anatomy = _Anatomy(seed)
-        self.motion, self.noise_hu, self.seed = motion, noise_hu, seed
+        self.motion, self.noise_hu, self.seed, self.supersampling = motion, noise_hu, seed, supersampling
 
     def frame(self, t: float) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
         """(image float32 HU, labelmap uint8, displacement VectorFloat64 mm) at time t."""
         u = self.motion(self.points, t)
         hu, labels = self.anatomy.sample(self.points + u)
+        if self.supersampling > 1:
+            hu = self._integrated(t)
         time_key = int(np.float64(t).view(np.uint64))
         rng = np.random.default_rng([self.seed, _NOISE_STREAM, time_key])
         image = _image((hu + self.noise_hu * rng.standard_normal(hu.shape)).astype(np.float32), self.grid)
         return image, _image(labels, self.grid), _image(u, self.grid, is_vector=True)
+
+    def _integrated(self, t: float) -> np.ndarray:
+        """HU of every voxel at time t as the mean of F_ref(p + u_t(p)) over supersampling^3 points p spread
+        evenly over the voxel (offsets (i + 1/2) / n - 1/2 of a voxel along each axis)."""
+        n, spacing = self.supersampling, np.array(self.grid.GetSpacing())
+        total = np.zeros(self.points.shape[:-1])
+        for offset in itertools.product((np.arange(n) + 0.5) / n - 0.5, repeat=3):
+            p = self.points + np.array(offset) * spacing
+            total += self.anatomy.sample(p + self.motion(p, t))[0]
+        return total / n ** 3
 
     def landmarks(self, t: float) -> tuple[np.ndarray, np.ndarray]:
         """Vessel points inside the lungs at time t, and their exact reference points."""
@@ -311,13 +329,14 @@ def breathing_series(
     n_phases: int = 10,
     noise_hu: float = 10.0,
     seed: int = 0,
+    supersampling: int = 1,
 ) -> PhantomSeries:
     """4D CT breathing cycle: times are phase indices 0..n_phases-1, phase 0 is the reference.
 
     size is (x, y, z) voxels, spacing mm. Peak inhale (SI motion ~14 mm at the diaphragm) at
-    phase n_phases / 2; the motion is periodic in t with period n_phases.
+    phase n_phases / 2; the motion is periodic in t with period n_phases. supersampling: see the module.
     """
-    phantom = _Phantom(size, spacing, _breathing_motion(n_phases), noise_hu, seed)
+    phantom = _Phantom(size, spacing, _breathing_motion(n_phases), noise_hu, seed, supersampling)
     return _series(phantom, [float(k) for k in range(n_phases)])
 
 
@@ -327,16 +346,18 @@ def longitudinal_series(
     n_fractions: int = 5,
     noise_hu: float = 10.0,
     seed: int = 0,
+    supersampling: int = 1,
 ) -> PhantomSeries:
     """Weekly radiotherapy fractions: times in days 0, 7, ..., the first is the reference.
 
     The tumour radius shrinks to 60 % by the last fraction; the body loses ~3 mm near the skin and
-    drifts by a few mm (setup). Needs n_fractions >= 2.
+    drifts by a few mm (setup). Needs n_fractions >= 2. supersampling: see the module.
     """
     if n_fractions < 2:
         raise ValueError("longitudinal_series needs n_fractions >= 2")
     times = [FRACTION_INTERVAL_DAYS * k for k in range(n_fractions)]
-    return _series(_Phantom(size, spacing, _longitudinal_motion(times[-1]), noise_hu, seed), times)
+    motion = _longitudinal_motion(times[-1])
+    return _series(_Phantom(size, spacing, motion, noise_hu, seed, supersampling), times)
 
 
 def write_series(series: PhantomSeries, folder: Path) -> dict:

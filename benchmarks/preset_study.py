@@ -115,7 +115,13 @@ SERIES = ["breathing", "longitudinal", "chest", "abdomen"]
 SHORT = ["breathing5", "chest5"]
 """Five-phase versions of two series: a short series beside the five fractions, for what depends on the
 series' length. Not in the default --series."""
-HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5, "breathing5": 2, "chest5": 2}
+RENDERED = ["breathing-psf", "longitudinal-psf"]
+"""The two phantoms with each voxel the mean of PSF_SUPERSAMPLING^3 sub-voxel samples (phantom.py, `supersampling`:
+a box point-spread function one voxel wide) instead of the value at its centre, for what depends on the point
+sampling of vessels finer than the grid. Not in the default --series."""
+PSF_SUPERSAMPLING = 3
+HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5, "breathing5": 2, "chest5": 2,
+           "breathing-psf": 5, "longitudinal-psf": 2}
 
 
 @dataclasses.dataclass
@@ -143,8 +149,9 @@ def load_series(name: str, seed: int, scratch: Path) -> StudySeries:
         count = range(len(s.times))
         return StudySeries(name, s.times, [s.image(k) for k in count], [s.labelmap(k) for k in count],
                            [s.landmarks(k) for k in count])
-    s = (phantom.breathing_series(n_phases=phases, seed=seed) if name.startswith("breathing")
-         else phantom.longitudinal_series(seed=seed))
+    supersampling = PSF_SUPERSAMPLING if name in RENDERED else 1
+    s = (phantom.breathing_series(n_phases=phases, seed=seed, supersampling=supersampling)
+         if name.startswith("breathing") else phantom.longitudinal_series(seed=seed, supersampling=supersampling))
     return StudySeries(name, s.times, s.images, s.labelmaps, s.landmarks)
 
 
@@ -241,7 +248,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(QUICK),
                         help=f"comma-separated names, or 'all' (known: {', '.join(VARIANTS)})")
-    parser.add_argument("--series", default=",".join(SERIES), help=f"comma-separated, of {', '.join([*SERIES, *SHORT])}")
+    parser.add_argument("--series", default=",".join(SERIES),
+                        help=f"comma-separated, of {', '.join([*SERIES, *SHORT, *RENDERED])}")
     parser.add_argument("--holdout", type=int, default=None,
                         help=f"time index left out of training (-1: none; default per series {HOLDOUT})")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -251,6 +259,9 @@ def main() -> None:
     parser.add_argument("--profile", type=int, metavar="N", default=0,
                         help="instead: profile N Def-Net iterations of the first variant on the first series")
     args = parser.parse_args()
+    unknown = [name for name in args.series.split(",") if name not in HOLDOUT]
+    if unknown:
+        parser.error(f"unknown series {', '.join(unknown)}: use {', '.join(HOLDOUT)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.profile:

@@ -243,6 +243,16 @@ def test_preset_study_profile_prints_the_share_of_the_matmul_rate():
     assert "% of the measured matmul rate" in result.stdout
 
 
+def test_preset_study_refuses_an_unknown_series_instead_of_fitting_the_longitudinal_phantom():
+    """Any name it did not know fell through to the longitudinal phantom (and --profile profiled that)."""
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "preset_study.py"
+    result = subprocess.run([sys.executable, str(script), "--profile", "2", "--series", "longitudinal_psf"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "unknown series longitudinal_psf: use breathing, longitudinal" in result.stderr
+
+
 def _entry(name: str, tre: float, wall: float, reference: float | None, gain: float, dice: list[float]) -> dict:
     """A benchmark entry with STNeRP's figures as given against demons' fixed ones: TRE 0.30 mm, wall 10 s, a
     held-out image 30 dB where linear interpolation gives 28 dB and the exact motion 31 dB, tumour Dice 0.8 at

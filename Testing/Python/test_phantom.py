@@ -216,3 +216,31 @@ def test_write_series(longitudinal, tmp_path):
     last = table[table[:, 0] == 28.0]
     q, ref = longitudinal.landmarks[-1]
     assert np.allclose(last[:, 1:4], q, atol=1e-5) and np.allclose(last[:, 4:], ref, atol=1e-5)
+
+
+def test_supersampled_voxel_is_the_mean_of_its_sub_voxel_samples_and_the_rest_is_unchanged(longitudinal):
+    """supersampling 2: each voxel the mean of F_ref(p + u_t(p)) at the 8 points a quarter voxel either side of its
+    centre along each axis (computed here from the anatomy and the motion); labels, displacements and landmarks
+    stay the centre's."""
+    series = phantom.longitudinal_series(**FINE, noise_hu=0.0, supersampling=2)
+    t, k = series.times[3], 3
+    grid = series.images[k]
+    points = np.array([grid.TransformIndexToPhysicalPoint(index) for index in ((10, 20, 5), (30, 17, 21))])
+    spacing = np.array(grid.GetSpacing())
+    source = series._phantom
+    expected = []
+    for point in points:
+        offsets = np.array([[i, j, m] for i in (-0.25, 0.25) for j in (-0.25, 0.25) for m in (-0.25, 0.25)]) * spacing
+        p = point + offsets
+        expected.append(source.anatomy.sample(p + source.motion(p, t))[0].mean())
+    got = [array(grid)[z, y, x] for x, y, z in ((10, 20, 5), (30, 17, 21))]
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-3)
+    assert not np.allclose(array(grid), array(longitudinal.images[k]), atol=1.0)     # the point samples differ
+    np.testing.assert_array_equal(array(series.labelmaps[k]), array(longitudinal.labelmaps[k]))
+    np.testing.assert_array_equal(array(series.displacements[k]), array(longitudinal.displacements[k]))
+    np.testing.assert_array_equal(series.landmarks[k][0], longitudinal.landmarks[k][0])
+
+
+def test_supersampling_below_one_is_refused():
+    with pytest.raises(ValueError, match="supersampling must be at least 1"):
+        phantom.breathing_series(**COARSE, supersampling=0)
