@@ -44,6 +44,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="STNeRP iterations per network (default: the preset's; "
                                                   "--quick: 60)")
     p.add_argument("--chest-spacing", type=float, default=3.0, help="mm; the CT is 1.5 mm")
+    p.add_argument("--psf", action="store_true",
+                   help="render the phantoms through a one-voxel box point-spread function (each voxel the mean of "
+                        f"{data.PSF_SUPERSAMPLING}^3 sub-voxel samples) instead of sampling their voxel centres")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--peers-python", default=str(runners.PEERS_PYTHON),
                    help="interpreter for the peers (default .venv-peers, made by `bash setup.sh peers`; "
@@ -99,7 +102,8 @@ def main(argv=None) -> int:
               "arguments": vars(args), "series": {}}
     stem = Path(args.out) / ("benchmark_" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d_%H%M")
                              + ("_quick" if args.quick else ""))
-    settings = runners.SeriesSettings(quick=args.quick, seed=args.seed, chest_spacing=args.chest_spacing)
+    settings = runners.SeriesSettings(quick=args.quick, seed=args.seed, chest_spacing=args.chest_spacing,
+                                      supersampling=data.PSF_SUPERSAMPLING if args.psf else 1)
     scratch = Path(tempfile.mkdtemp(prefix="stnerp_bench_"))
     try:
         for name in series_names:

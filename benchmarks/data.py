@@ -116,18 +116,30 @@ class Series:
 # ----------------------------------------------------------------------------- phantoms
 
 
-def phantom_series(folder: Path, kind: str, size, spacing, count: int, heldout: int, seed: int = 0) -> Path:
+PSF_SUPERSAMPLING = 3
+"""Sub-voxel samples per axis of a phantom voxel rendered through a box point-spread function one voxel wide
+(`compare.py --psf`, preset_study.py's -psf series): each voxel the mean of 27 values instead of its centre's."""
+
+
+def phantom_series(folder: Path, kind: str, size, spacing, count: int, heldout: int, seed: int = 0,
+                   supersampling: int = 1) -> Path:
     """The breathing (count phases) or longitudinal (count weekly fractions) phantom of `seed`
-    (anatomy, noise, landmarks) written as a benchmark series."""
+    (anatomy, noise, landmarks) written as a benchmark series; with supersampling n > 1 each voxel rendered as
+    the mean of n^3 sub-voxel samples (phantom.py: a box point-spread function one voxel wide)."""
     if kind == "breathing":
-        s = phantom.breathing_series(size=size, spacing=spacing, n_phases=count, seed=seed)
+        s = phantom.breathing_series(size=size, spacing=spacing, n_phases=count, seed=seed,
+                                     supersampling=supersampling)
         description = f"breathing phantom, {count} phases, seed {seed}"
     else:
-        s = phantom.longitudinal_series(size=size, spacing=spacing, n_fractions=count, seed=seed)
+        s = phantom.longitudinal_series(size=size, spacing=spacing, n_fractions=count, seed=seed,
+                                        supersampling=supersampling)
         description = f"longitudinal phantom, {count} weekly fractions, seed {seed}"
+    if supersampling > 1:
+        description += f", each voxel the mean of {supersampling}^3 sub-voxel samples (a one-voxel box PSF)"
     bodies = [body_mask(image) for image in s.images]
-    return write_series(folder, kind, description, s.times, s.images, s.labelmaps, s.displacements,
-                        bodies, s.landmarks, PHANTOM_LABELS, heldout, {"seed": seed, "count": count})
+    return write_series(folder, kind, description, s.times, s.images, s.labelmaps, s.displacements, bodies,
+                        s.landmarks, PHANTOM_LABELS, heldout,
+                        {"seed": seed, "count": count, "supersampling": supersampling})
 
 
 # ----------------------------------------------------------------------------- CT with simulated motion

@@ -116,10 +116,9 @@ SHORT = ["breathing5", "chest5"]
 """Five-phase versions of two series: a short series beside the five fractions, for what depends on the
 series' length. Not in the default --series."""
 RENDERED = ["breathing-psf", "longitudinal-psf"]
-"""The two phantoms with each voxel the mean of PSF_SUPERSAMPLING^3 sub-voxel samples (phantom.py, `supersampling`:
-a box point-spread function one voxel wide) instead of the value at its centre, for what depends on the point
-sampling of vessels finer than the grid. Not in the default --series."""
-PSF_SUPERSAMPLING = 3
+"""The two phantoms with each voxel the mean of data.PSF_SUPERSAMPLING^3 sub-voxel samples (phantom.py,
+`supersampling`: a box point-spread function one voxel wide) instead of the value at its centre, for what depends
+on the point sampling of vessels finer than the grid. Not in the default --series."""
 HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5, "breathing5": 2, "chest5": 2,
            "breathing-psf": 5, "longitudinal-psf": 2}
 
@@ -149,7 +148,7 @@ def load_series(name: str, seed: int, scratch: Path) -> StudySeries:
         count = range(len(s.times))
         return StudySeries(name, s.times, [s.image(k) for k in count], [s.labelmap(k) for k in count],
                            [s.landmarks(k) for k in count])
-    supersampling = PSF_SUPERSAMPLING if name in RENDERED else 1
+    supersampling = data.PSF_SUPERSAMPLING if name in RENDERED else 1
     s = (phantom.breathing_series(n_phases=phases, seed=seed, supersampling=supersampling)
          if name.startswith("breathing") else phantom.longitudinal_series(seed=seed, supersampling=supersampling))
     return StudySeries(name, s.times, s.images, s.labelmaps, s.landmarks)

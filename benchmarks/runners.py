@@ -45,11 +45,13 @@ held out; the demo holds out phase 3). Rows on that series are tuning rows; ever
 class SeriesSettings:
     """quick: half-size phantoms (48 x 48 x 32 of 6 x 6 x 8 mm) and 6 mm chest, for development;
     seed: the phantoms' seed (anatomy, noise, landmarks) and the chest's (noise, landmarks);
-    chest_spacing: mm (the CT is 1.5 mm)."""
+    chest_spacing: mm (the CT is 1.5 mm); supersampling: the phantoms' voxels rendered as the mean of that many^3
+    sub-voxel samples (1: their centres' values, as before)."""
 
     quick: bool = False
     seed: int = 1
     chest_spacing: float = 3.0
+    supersampling: int = 1
 
     @property
     def phantom_grid(self) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
@@ -60,7 +62,8 @@ def _phantom(kind: str, count: int, heldout: int) -> Callable[[Path, SeriesSetti
     """A builder of a phantom series with the settings' grid and seed."""
     def build(folder: Path, settings: SeriesSettings) -> Path:
         size, spacing = settings.phantom_grid
-        return data.phantom_series(folder, kind, size, spacing, count, heldout, settings.seed)
+        return data.phantom_series(folder, kind, size, spacing, count, heldout, settings.seed,
+                                   settings.supersampling)
     return build
 
 
@@ -101,7 +104,8 @@ SERIES: dict[str, Callable[[Path, SeriesSettings], Path | None]] = {
 def role(meta: dict) -> str:
     """'tuning' for the series the default preset was tuned on, 'reporting' for every other."""
     same = (meta["name"] == TUNED_ON["series"] and meta.get("seed") == TUNED_ON["seed"]
-            and meta["size"] == TUNED_ON["size"] and meta.get("count") == TUNED_ON["count"])
+            and meta["size"] == TUNED_ON["size"] and meta.get("count") == TUNED_ON["count"]
+            and meta.get("supersampling", 1) == 1)
     return "tuning" if same else "reporting"
 
 

@@ -168,6 +168,21 @@ def test_tuning_series_is_the_breathing_phantom_of_seed_0_only():
     assert runners.role({**meta, "seed": 1}) == "reporting"
     assert runners.role({**meta, "name": "longitudinal", "count": 5}) == "reporting"
     assert runners.role({**meta, "size": [48, 48, 32]}) == "reporting"
+    assert runners.role({**meta, "supersampling": 1}) == "tuning"
+    assert runners.role({**meta, "supersampling": 3}) == "reporting"
+
+
+def test_a_phantom_series_rendered_through_the_box_psf_records_it_and_differs_only_in_its_images(tmp_path):
+    kwargs = dict(size=(24, 24, 16), spacing=(12.0, 12.0, 16.0), count=3, heldout=1, seed=2)
+    point = data.Series(data.phantom_series(tmp_path / "point", "longitudinal", **kwargs))
+    box = data.Series(data.phantom_series(tmp_path / "box", "longitudinal", **kwargs, supersampling=2))
+    assert box.meta["supersampling"] == 2 and point.meta["supersampling"] == 1
+    assert "mean of 2^3 sub-voxel samples" in box.meta["description"]
+    assert "sub-voxel" not in point.meta["description"]
+    for k in range(3):
+        assert np.abs(sitk.GetArrayFromImage(box.image(k)) - sitk.GetArrayFromImage(point.image(k))).max() > 50.0
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(box.labelmap(k)), sitk.GetArrayFromImage(point.labelmap(k)))
+        np.testing.assert_array_equal(box.landmarks(k)[0], point.landmarks(k)[0])
 
 
 def test_result_file_records_its_provenance(tmp_path):
