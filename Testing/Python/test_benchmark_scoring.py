@@ -181,7 +181,8 @@ def test_a_phantom_series_rendered_through_the_box_psf_records_it_and_differs_on
     assert "sub-voxel" not in point.meta["description"]
     for k in range(3):
         assert np.abs(sitk.GetArrayFromImage(box.image(k)) - sitk.GetArrayFromImage(point.image(k))).max() > 50.0
-        np.testing.assert_array_equal(sitk.GetArrayFromImage(box.labelmap(k)), sitk.GetArrayFromImage(point.labelmap(k)))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(box.labelmap(k)),
+                                      sitk.GetArrayFromImage(point.labelmap(k)))
         np.testing.assert_array_equal(box.landmarks(k)[0], point.landmarks(k)[0])
 
 
