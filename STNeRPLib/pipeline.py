@@ -52,9 +52,11 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     time-t image points) through which that image was resampled, if any. `losses`, if given,
     receives (stage, iteration, loss) of every training iteration. With a checkpoint, training
     starts from its state, saves into it and holds SIGINT/SIGTERM to the iteration's end. The preset is
-    resolved for the segmentation's presence (Preset.for_segmentation) and the model keeps it so.
+    resolved for the segmentation's presence and the number of scans (Preset.for_segmentation, for_scans) and
+    the model keeps it so.
     """
-    options = replace(options, preset=options.preset.for_segmentation(segmentation is not None))
+    preset = options.preset.for_segmentation(segmentation is not None).for_scans(1 + len(follow_ups))
+    options = replace(options, preset=preset)
     progress = reporter.progress if losses is None else _logged(reporter.progress, losses)
     device = pick_device(options.device)
     generator = _seeded(options.seed)
