@@ -1,4 +1,4 @@
-"""Def-Net's Fourier scale of time follows the series' length (Preset.time_sigma_scans, Preset.for_scans)."""
+"""Def-Net's Fourier scale of time follows the series' length (Preset.time_sigma_halved_below, for_scans)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,17 +13,17 @@ from STNeRPLib.presets import DEFAULT, PAPER, Options
 from STNeRPLib.progress import Reporter
 
 
-@pytest.mark.parametrize("scans, share", [(2, 0.5), (4, 0.5), (5, 0.5), (7, 0.75), (9, 1.0), (10, 1.0), (40, 1.0)])
-def test_a_series_shorter_than_time_sigma_scans_gets_a_slower_time_scale_down_to_half(scans, share):
+@pytest.mark.parametrize("scans, share", [(2, 0.5), (3, 0.5), (4, 0.5), (5, 1.0), (10, 1.0), (40, 1.0)])
+def test_a_series_of_fewer_than_time_sigma_halved_below_scans_gets_half_the_time_scale(scans, share):
     resolved = DEFAULT.for_scans(scans)
     assert resolved.def_time_sigma == pytest.approx(DEFAULT.def_time_sigma * share)
-    assert resolved.time_sigma_scans == 0 and resolved.for_scans(10) == resolved      # resolved once only
-    assert dataclasses.replace(resolved, def_time_sigma=DEFAULT.def_time_sigma, time_sigma_scans=9) == DEFAULT
+    assert resolved.time_sigma_halved_below == 0 and resolved.for_scans(2) == resolved      # resolved once only
+    assert dataclasses.replace(resolved, def_time_sigma=DEFAULT.def_time_sigma, time_sigma_halved_below=5) == DEFAULT
 
 
-def test_a_preset_without_time_sigma_scans_keeps_its_time_scale():
-    assert PAPER.for_scans(3) == PAPER and dataclasses.replace(DEFAULT, time_sigma_scans=0).for_scans(3).def_time_sigma \
-        == DEFAULT.def_time_sigma
+def test_a_preset_without_time_sigma_halved_below_keeps_its_time_scale():
+    assert PAPER.for_scans(3) == PAPER
+    assert dataclasses.replace(DEFAULT, time_sigma_halved_below=0).for_scans(3).def_time_sigma == DEFAULT.def_time_sigma
 
 
 def test_the_fit_of_a_short_series_varies_half_as_fast_in_time_and_its_model_keeps_that(tmp_path):
@@ -34,7 +34,7 @@ def test_the_fit_of_a_short_series_varies_half_as_fast_in_time_and_its_model_kee
     options = Options(DEFAULT.with_iterations(2), seed=0)
     model, _ = fit(series.images[0], 0.0, follow_ups, None, options, Reporter())
     unresolved, _ = fit(series.images[0], 0.0, follow_ups, None,
-                        Options(dataclasses.replace(options.preset, time_sigma_scans=0), seed=0), Reporter())
+                        Options(dataclasses.replace(options.preset, time_sigma_halved_below=0), seed=0), Reporter())
     model.save(tmp_path / "model.pt")
     loaded = SeriesModel.load(tmp_path / "model.pt", torch.device("cpu"))
     for fitted in (model, loaded):
