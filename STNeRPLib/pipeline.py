@@ -55,11 +55,11 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     resolved for the segmentation's presence and the number of scans (Preset.for_segmentation, for_scans) and
     the model keeps it so.
     """
-    requested = options.preset.for_segmentation(segmentation is not None)
-    options = replace(options, preset=requested.for_scans(1 + len(follow_ups)))
+    scans, requested = 1 + len(follow_ups), options.preset.for_segmentation(segmentation is not None)
+    options = replace(options, preset=requested.for_scans(scans))
     if options.temporal and options.preset.def_time_sigma != requested.def_time_sigma:
-        reporter.message(f"{1 + len(follow_ups)} scans, fewer than {requested.time_sigma_halved_below}: Def-Net's time "
-                         f"scale halved to {options.preset.def_time_sigma:g}")
+        reporter.message(f"{scans} scans, fewer than {requested.time_sigma_halved_below}: Def-Net's time scale halved "
+                         f"to {options.preset.def_time_sigma:g}")
     progress = reporter.progress if losses is None else _logged(reporter.progress, losses)
     device = pick_device(options.device)
     generator = _seeded(options.seed)
