@@ -3,8 +3,9 @@
 Series: the 10-phase breathing phantom and the 5-fraction longitudinal phantom (shrinking tumour),
 96 x 96 x 64 voxels of 3 x 3 x 4 mm, the chest series (real anatomy, simulated breathing motion;
 benchmarks/data.py chest_series, 3 mm) and the abdomen series (real anatomy, organs sliding 10 mm
-against the wall across a 3 mm band; data.abdomen_series, 3 mm); on request (--series) the 5-phase
-breathing5 and chest5, for what depends on a series' length. The real-anatomy series are skipped with a
+against the wall across a 3 mm band; data.abdomen_series, 3 mm); on request (--series) the breathing, chest
+and longitudinal series with 3 to 9 scans (`breathing5`, `chest7`, `longitudinal3`: OTHER_LENGTHS), for what
+depends on a series' length. The real-anatomy series are skipped with a
 message when their CT is not in ../shared/data. Each is fitted with one time point held out, through the real
 engine (pipeline.fit, warping.warp); printed per configuration: Ref-Net PSNR, fit wall time, Ref-Net
 and Def-Net iterations/s (measured in-process), mean/max TRE over the trained time points (mm),
@@ -109,18 +110,32 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "last-iterate": (None, {"average_last": 0.0}),
     "average-10pct": (None, {"average_last": 0.1}),
     "average-half": (None, {"average_last": 0.5}),
+    "time-sigma-0.5": (None, {"time_sigma_halved_below": 0}),
+    "time-sigma-0.25": (None, {"def_time_sigma": 0.25, "time_sigma_halved_below": 0}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
 SERIES = ["breathing", "longitudinal", "chest", "abdomen"]
-SHORT = ["breathing5", "chest5"]
-"""Five-phase versions of two series: a short series beside the five fractions, for what depends on the
-series' length. Not in the default --series."""
+LENGTHS = {"breathing": 10, "chest": 10, "longitudinal": 5}
+"""Scans in each series that comes in other lengths; `<series><N>` (breathing5, chest7, longitudinal3, N from 3 to
+9) is the series with N scans instead, the middle one held out: for what depends on a series' length (the time
+scale, Preset.for_scans). Not in the default --series."""
+OTHER_LENGTHS = [f"{kind}{count}" for kind, usual in LENGTHS.items() for count in range(3, 10) if count != usual]
+
+
+def series_length(name: str) -> int:
+    """The number of scans of the named series: OTHER_LENGTHS end in theirs, the others have their kind's (LENGTHS;
+    longitudinal-psf the longitudinal series') or 10."""
+    kind = name.rstrip("0123456789")
+    if kind != name:
+        return int(name[len(kind):])
+    return next((usual for kind, usual in LENGTHS.items() if name.startswith(kind)), 10)
+
 RENDERED = ["breathing-psf", "longitudinal-psf"]
 """The two phantoms with each voxel the mean of data.PSF_SUPERSAMPLING^3 sub-voxel samples (phantom.py,
 `supersampling`: a box point-spread function one voxel wide) instead of the value at its centre, for what depends
 on the point sampling of vessels finer than the grid. Not in the default --series."""
-HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5, "breathing5": 2, "chest5": 2,
-           "breathing-psf": 5, "longitudinal-psf": 2}
+HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5, "breathing-psf": 5, "longitudinal-psf": 2,
+           **{name: series_length(name) // 2 for name in OTHER_LENGTHS}}
 
 
 @dataclasses.dataclass
@@ -136,12 +151,12 @@ class StudySeries:
 
 def load_series(name: str, seed: int, scratch: Path) -> StudySeries:
     """The named series at `seed` (the chest and abdomen series are written once to `scratch` and read back)."""
-    phases = 5 if name in SHORT else 10
-    if name in ("chest", "chest5", "abdomen"):
+    scans = series_length(name)
+    if name.startswith("chest") or name == "abdomen":
         folder = scratch / f"{name}_3mm_seed{seed}"
         if not (folder / "meta.json").exists():
             if name.startswith("chest"):
-                data.chest_series(folder, 3.0, phases, HOLDOUT[name], seed)
+                data.chest_series(folder, 3.0, scans, HOLDOUT[name], seed)
             else:
                 data.abdomen_series(folder, 10, HOLDOUT[name], seed)
         s = data.Series(folder)
@@ -149,8 +164,9 @@ def load_series(name: str, seed: int, scratch: Path) -> StudySeries:
         return StudySeries(name, s.times, [s.image(k) for k in count], [s.labelmap(k) for k in count],
                            [s.landmarks(k) for k in count])
     supersampling = data.PSF_SUPERSAMPLING if name in RENDERED else 1
-    s = (phantom.breathing_series(n_phases=phases, seed=seed, supersampling=supersampling)
-         if name.startswith("breathing") else phantom.longitudinal_series(seed=seed, supersampling=supersampling))
+    s = (phantom.breathing_series(n_phases=scans, seed=seed, supersampling=supersampling)
+         if name.startswith("breathing")
+         else phantom.longitudinal_series(n_fractions=scans, seed=seed, supersampling=supersampling))
     return StudySeries(name, s.times, s.images, s.labelmaps, s.landmarks)
 
 
@@ -248,7 +264,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(QUICK),
                         help=f"comma-separated names, or 'all' (known: {', '.join(VARIANTS)})")
     parser.add_argument("--series", default=",".join(SERIES),
-                        help=f"comma-separated, of {', '.join([*SERIES, *SHORT, *RENDERED])}")
+                        help=f"comma-separated, of {', '.join([*SERIES, *RENDERED])}, or <series><N> (N scans: {', '.join(OTHER_LENGTHS)})")
     parser.add_argument("--holdout", type=int, default=None,
                         help=f"time index left out of training (-1: none; default per series {HOLDOUT})")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -327,3 +327,13 @@ def test_a_run_that_wrote_the_reference_time_is_scored_for_its_largest_displacem
     assert scored["reference_displacement_max"] == pytest.approx(0.01)
     del fields["0"]
     assert "reference_displacement_max" not in runners._score_run(series, {"fields": fields})
+
+
+def test_preset_study_fits_a_series_of_another_length_with_its_middle_scan_held_out():
+    """The time scale depends on the number of scans (Preset.for_scans); preset_study knew 5 and 10 phases only."""
+    from pathlib import Path
+    from benchmarks import preset_study
+    assert (preset_study.HOLDOUT["breathing7"], preset_study.HOLDOUT["longitudinal3"]) == (3, 1)
+    assert len(preset_study.load_series("breathing7", 1, Path("/nonexistent")).times) == 7
+    assert preset_study.load_series("longitudinal3", 1, Path("/nonexistent")).times == [0.0, 7.0, 14.0]
+    assert [preset_study.series_length(name) for name in ("longitudinal-psf", "breathing-psf", "abdomen")] == [5, 10, 10]
