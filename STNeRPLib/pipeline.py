@@ -321,10 +321,13 @@ def _run_long_range(series, options, folder, reporter, record, predict_times, ch
 def _fit_facts(model: SeriesModel, losses: list[tuple[str, int, float]]) -> dict:
     """What a fit did, as run.json records it (for the whole run, or per pair in the short-range scheme):
     Def-Net iterations run, velocity levels kept, each adaptive trial's loss ratio and the bar it was
-    judged against."""
+    judged against, and Def-Net's Fourier scale of time as fitted (Preset.for_scans; None without a
+    continuous time: one Def-Net per scan)."""
+    temporal = model.deformation.pairwise_times is None
     return {"defnet_iterations": _last_iteration(losses, "defnet"), "velocity_levels_kept": model.deformation.kept,
             "velocity_level_ratios": model.deformation.trial_ratios,
-            "velocity_level_keep_below": keep_below(model.preset)}
+            "velocity_level_keep_below": keep_below(model.preset),
+            "def_time_sigma": model.preset.def_time_sigma if temporal else None}
 
 
 def _last_iteration(losses: list[tuple[str, int, float]], stage: str) -> int | None:

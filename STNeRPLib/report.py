@@ -479,6 +479,8 @@ def _fit_rows(facts: dict, preset: dict, prefix: str) -> list[list[str]]:
             [prefix + "voxels drawn", _voxels_drawn(preset.get("structure_points", 0.0), preset.get("body_mask", False))],
             [prefix + "scans as fitted", _scans_fitted(preset.get("smoothing_sigma", 0.0))],
             [prefix + "Def-Net's final weights", _final_weights(preset.get("average_last", 0.0))]]
+    if facts.get("def_time_sigma") is not None:
+        rows.append([prefix + "Def-Net's time scale (Fourier σ of time)", _time_scale(facts["def_time_sigma"], preset)])
     bar = facts.get("velocity_level_keep_below")
     for level, ratio in enumerate(facts.get("velocity_level_ratios") or [], 2):
         if ratio is not None:
@@ -512,6 +514,15 @@ def _scans_fitted(smoothing_sigma: float) -> str:
     if smoothing_sigma <= 0:
         return "as scanned"
     return f"smoothed by a Gaussian of {smoothing_sigma:g} voxel along each axis (the outputs resample them as scanned)"
+
+
+def _time_scale(fitted: float, preset: dict) -> str:
+    """Def-Net's Fourier scale of time as fitted (time normalised to [0, 1] over the scanned range), and whether the
+    series was short enough to halve the preset's (Preset.for_scans)."""
+    if fitted >= preset.get("def_time_sigma", fitted):
+        return f"{fitted:g}"
+    return (f"{fitted:g}, half the preset's {preset['def_time_sigma']:g}: a series of fewer than "
+            f"{preset.get('time_sigma_halved_below', '?')} scans")
 
 
 def _final_weights(average_last: float) -> str:

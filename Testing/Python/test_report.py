@@ -93,6 +93,9 @@ def test_report_says_how_the_fit_went_as_run_json_records_it(run):
             "boundary), the rest uniformly within 9 mm of the body (voxels above 6.7% of the intensity window: "
             "-900 HU in CT)</td>") in page
     assert "<td>scans as fitted</td><td>as scanned</td>" in page                  # the default smooths nothing
+    assert record["def_time_sigma"] == 0.25                                     # 3 scans: the default's 0.5 halved
+    assert ("<td>Def-Net&#x27;s time scale (Fourier σ of time)</td><td>0.25, half the preset&#x27;s 0.5: a series of "
+            "fewer than 5 scans</td>") in page
 
 
 @pytest.mark.parametrize("preset, says", [({}, "as scanned"), ({"smoothing_sigma": 0.0}, "as scanned"),
@@ -115,6 +118,15 @@ def test_the_fit_table_says_a_share_of_the_voxels_was_drawn_about_the_structures
 def test_the_fit_table_says_whether_the_voxels_were_drawn_in_the_body_only(preset, says):
     rows = dict(report._fit_rows({"defnet_iterations": 10}, {"def_iterations": 10, **preset}, ""))
     assert rows["voxels drawn"] == says
+
+
+@pytest.mark.parametrize("facts, says", [({}, None),                                       # a record from before it
+                                         ({"def_time_sigma": None}, None),                 # one Def-Net per scan
+                                         ({"def_time_sigma": 0.5}, "0.5")])
+def test_the_fit_table_gives_the_time_scale_only_as_a_continuous_time_fit_recorded_it(facts, says):
+    preset = {"def_iterations": 10, "def_time_sigma": 0.5, "time_sigma_halved_below": 5}
+    rows = dict(report._fit_rows({"defnet_iterations": 10, **facts}, preset, ""))
+    assert rows.get("Def-Net's time scale (Fourier σ of time)") == says
 
 
 def test_the_report_names_every_similarity_the_worker_accepts():
