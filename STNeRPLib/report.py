@@ -480,7 +480,8 @@ def _fit_rows(facts: dict, preset: dict, prefix: str) -> list[list[str]]:
             [prefix + "scans as fitted", _scans_fitted(preset.get("smoothing_sigma", 0.0))],
             [prefix + "Def-Net's final weights", _final_weights(preset.get("average_last", 0.0))]]
     if facts.get("def_time_sigma") is not None:
-        rows.append([prefix + "Def-Net's time scale (Fourier σ of time)", _time_scale(facts["def_time_sigma"], preset)])
+        rows.append([prefix + "Def-Net's time scale (Fourier σ of time)",
+                     _time_scale(facts["def_time_sigma"], preset)])
     bar = facts.get("velocity_level_keep_below")
     for level, ratio in enumerate(facts.get("velocity_level_ratios") or [], 2):
         if ratio is not None:

@@ -264,7 +264,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(QUICK),
                         help=f"comma-separated names, or 'all' (known: {', '.join(VARIANTS)})")
     parser.add_argument("--series", default=",".join(SERIES),
-                        help=f"comma-separated, of {', '.join([*SERIES, *RENDERED])}, or <series><N> (N scans: {', '.join(OTHER_LENGTHS)})")
+                        help=f"comma-separated, of {', '.join([*SERIES, *RENDERED])}, or a series of N scans "
+                             f"({', '.join(OTHER_LENGTHS)})")
     parser.add_argument("--holdout", type=int, default=None,
                         help=f"time index left out of training (-1: none; default per series {HOLDOUT})")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

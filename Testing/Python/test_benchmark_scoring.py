@@ -336,4 +336,5 @@ def test_preset_study_fits_a_series_of_another_length_with_its_middle_scan_held_
     assert (preset_study.HOLDOUT["breathing7"], preset_study.HOLDOUT["longitudinal3"]) == (3, 1)
     assert len(preset_study.load_series("breathing7", 1, Path("/nonexistent")).times) == 7
     assert preset_study.load_series("longitudinal3", 1, Path("/nonexistent")).times == [0.0, 7.0, 14.0]
-    assert [preset_study.series_length(name) for name in ("longitudinal-psf", "breathing-psf", "abdomen")] == [5, 10, 10]
+    lengths = [preset_study.series_length(name) for name in ("longitudinal-psf", "breathing-psf", "abdomen")]
+    assert lengths == [5, 10, 10]
