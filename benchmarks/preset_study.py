@@ -134,8 +134,8 @@ RENDERED = ["breathing-psf", "longitudinal-psf"]
 """The two phantoms with each voxel the mean of data.PSF_SUPERSAMPLING^3 sub-voxel samples (phantom.py,
 `supersampling`: a box point-spread function one voxel wide) instead of the value at its centre, for what depends
 on the point sampling of vessels finer than the grid. Not in the default --series."""
-HOLDOUT = {"breathing": 5, "longitudinal": 2, "chest": 5, "abdomen": 5, "breathing-psf": 5, "longitudinal-psf": 2,
-           **{name: series_length(name) // 2 for name in OTHER_LENGTHS}}
+HOLDOUT = {name: series_length(name) // 2 for name in [*SERIES, *RENDERED, *OTHER_LENGTHS]}
+"""The time index each series holds out by default: its middle one."""
 
 
 @dataclasses.dataclass

@@ -44,4 +44,3 @@ def test_the_fit_of_a_short_series_varies_half_as_fast_in_time_and_its_model_kee
         reference = unresolved.deformation.nets[0].encoding.B
         torch.testing.assert_close(frequencies[:, 3], reference[:, 3] / 2)
         torch.testing.assert_close(frequencies[:, :3], reference[:, :3])
-
