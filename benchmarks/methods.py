@@ -197,7 +197,9 @@ def run_peer(job: dict, series: Series, work: Path) -> dict:
 
 
 def _warm_up(method: str) -> None:
-    """Imports and ITK's lazy module loading, outside the clock (imports are nobody's work)."""
+    """Imports and the lazy module loading of ITK and torch, outside the clock (imports are nobody's work)."""
+    if kind(method) == "stnerp":
+        import torch._dynamo  # noqa: F401  torch.optim's first optimizer imports it (~1.2 s, 800 modules)
     if kind(method) != "peer":
         return
     package = peers.PEERS[method]["package"]
@@ -221,10 +223,10 @@ def child(job: dict) -> dict:
     result = {"method": job["method"], "series": series.meta["name"], "ok": True,
               "thread_choice": choice.to_dict()}
     try:
+        _warm_up(job["method"])
         if kind(job["method"]) == "stnerp":
             result.update(run_stnerp(job, series, work))
         else:
-            _warm_up(job["method"])
             result.update(run_peer(job, series, work))
     except Exception as error:  # reported to the parent, not raised: one failure must not stop the rest
         result.update(ok=False, error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())

@@ -231,6 +231,17 @@ def test_child_peak_memory_is_its_own_not_the_parents(series, tmp_path):
     assert ballast.sum() > 0
 
 
+def test_stnerp_child_imports_nothing_once_its_clock_starts():
+    """torch.optim's first optimizer imports torch._dynamo (~1.2 s, 800 modules): inside STNeRP's clock it
+    was counted as fit time, while the peers' lazy ITK loading was warmed up outside theirs."""
+    code = ("import sys, torch; from benchmarks import methods; methods._warm_up('stnerp_default'); "
+            "before = set(sys.modules); torch.optim.Adam([torch.zeros(1, requires_grad=True)]); "
+            "print(sorted(name for name in set(sys.modules) - before if name.startswith('torch')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=runners.ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_provenance_sees_uncommitted_changes_from_any_working_directory(tmp_path, monkeypatch):
     """preset_study asked git about 'STNeRPLib' from benchmarks/ and recorded changed code as clean;
     every script now asks provenance.git_state, which looks at the whole checkout."""
