@@ -150,6 +150,8 @@ def _heldout_target(heldout: dict) -> list[dict]:
     gain = h["predicted"]["psnr"] - linear["predicted"]["psnr"]
     exact_gain = exact["predicted"]["psnr"] - linear["predicted"]["psnr"] if exact and exact.get("ok") else None
     ceiling = "" if exact_gain is None else f"; the exact motion by the same recipe {exact_gain:+.2f} dB"
+    if exact_gain is not None and exact_gain > 0:
+        ceiling += f", so {100 * gain / exact_gain:.0f} % of its gain"
     return [{"met": gain >= HELDOUT_GAIN_DB,
              "text": f"held-out t = {h['time']:g}: predicted image {h['predicted']['psnr']:.2f} dB vs linear "
                      f"interpolation {linear['predicted']['psnr']:.2f} dB ({gain:+.2f} dB{ceiling}; target "

@@ -316,6 +316,14 @@ def test_issue_11_targets_say_what_a_file_did_not_measure_and_judge_dice_per_tim
     assert "0.67 x the most accurate peer's" in targets[0]["text"] and "0.50 x demons'" in targets[2]["text"]
 
 
+def test_heldout_target_gives_the_share_of_the_exact_motions_gain():
+    """The held-out bar (+2 dB) can sit above what even the exact motion gains over interpolation (the
+    longitudinal series: +1.88 dB), so the target also says how much of that ceiling the prediction reached."""
+    entry = _entry("longitudinal", tre=0.2, wall=5.0, reference=0.0, gain=1.5, dice=[0.9, 0.9])
+    text = report.targets(entry)[4]["text"]
+    assert "+1.50 dB; the exact motion by the same recipe +3.00 dB, so 50 % of its gain; target +2" in text
+
+
 def test_largest_displacement_is_the_longest_vector_in_mm():
     field = sitk.GetImageFromArray(np.zeros((2, 3, 4, 3)), isVector=True)
     array = sitk.GetArrayFromImage(field)
