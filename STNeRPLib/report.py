@@ -523,7 +523,7 @@ def _time_scale(fitted: float, preset: dict) -> str:
     if fitted >= preset.get("def_time_sigma", fitted):
         return f"{fitted:g}"
     return (f"{fitted:g}, half the preset's {preset['def_time_sigma']:g}: a series of fewer than "
-            f"{preset.get('time_sigma_halved_below', '?')} scans")
+            f"{preset['time_sigma_halved_below']} scans")
 
 
 def _final_weights(average_last: float) -> str:

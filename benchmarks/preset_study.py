@@ -158,7 +158,7 @@ def load_series(name: str, seed: int, scratch: Path) -> StudySeries:
             if name.startswith("chest"):
                 data.chest_series(folder, 3.0, scans, HOLDOUT[name], seed)
             else:
-                data.abdomen_series(folder, 10, HOLDOUT[name], seed)
+                data.abdomen_series(folder, scans, HOLDOUT[name], seed)
         s = data.Series(folder)
         count = range(len(s.times))
         return StudySeries(name, s.times, [s.image(k) for k in count], [s.labelmap(k) for k in count],

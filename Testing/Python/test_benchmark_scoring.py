@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from benchmarks import data, report, runners, scoring
+from benchmarks import data, preset_study, report, runners, scoring
 from STNeRPLib import metrics, phantom
 from STNeRPLib.geometry import Grid
 
@@ -350,8 +351,6 @@ def test_a_run_that_wrote_the_reference_time_is_scored_for_its_largest_displacem
 
 def test_preset_study_fits_a_series_of_another_length_with_its_middle_scan_held_out():
     """The time scale depends on the number of scans (Preset.for_scans); preset_study knew 5 and 10 phases only."""
-    from pathlib import Path
-    from benchmarks import preset_study
     assert (preset_study.HOLDOUT["breathing7"], preset_study.HOLDOUT["longitudinal3"]) == (3, 1)
     assert len(preset_study.load_series("breathing7", 1, Path("/nonexistent")).times) == 7
     assert preset_study.load_series("longitudinal3", 1, Path("/nonexistent")).times == [0.0, 7.0, 14.0]
