@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(TIMED_DEFAULT + BASELINES_DEFAULT),
                    help=f"comma list of {methods.all_methods()}")
     p.add_argument("--heldout-methods", default="stnerp_default,sitk_demons,none,exact",
-                   help="methods (of --methods; STNeRP with continuous time) that predict the held-out image")
+                   help="methods (of --methods; STNeRP with continuous time and no --prealign) that "
+                        "predict the held-out image")
     p.add_argument("--repeats", type=int, default=1, help="runs of every timed method, interleaved (default 1)")
     p.add_argument("--seed", type=int, default=1,
                    help=f"phantom seed (default 1; the default preset was tuned on seed {runners.TUNED_ON['seed']})")
@@ -73,7 +74,7 @@ def plan_from(args, parse: argparse.ArgumentParser) -> tuple[runners.Plan, list[
     chosen = [m for m in chosen if m not in missing]
     iterations = args.iterations or (60 if args.quick else None)
     heldout = [m for m in _names(args.heldout_methods) if m in chosen
-               and (methods.kind(m) != "stnerp" or methods.STNERP[m]["temporal"])]
+               and (methods.kind(m) != "stnerp" or methods.predicts_unscanned_times(m))]
     return runners.Plan(timed=[m for m in chosen if methods.kind(m) != "baseline"],
                         baselines=[m for m in chosen if methods.kind(m) == "baseline"], heldout=heldout,
                         repeats=args.repeats, threads=args.threads, timeout=args.timeout,

@@ -70,6 +70,9 @@ STNERP = {
     "stnerp_whole_grid": {"label": "STNeRP default --no-body-mask (voxels drawn over the whole grid, the air around "
                                    "the body included: the default before 2026-12-03)", "preset": "default",
                           "prior": None, "temporal": True, "overrides": {"body_mask": False}},
+    "stnerp_prealign": {"label": "STNeRP default --prealign affine (each scan first registered to the reference by "
+                                 "an affine, Mattes MI, as the paper's preprocessing; Def-Net fits what remains)",
+                        "preset": "default", "prior": None, "temporal": True, "prealign": True},
     "stnerp_one_level": {"label": "STNeRP --velocity-levels 1 (the default before adaptive levels)",
                          "preset": "default", "prior": None, "temporal": True,
                          "overrides": {"velocity_levels": 1, "adaptive_levels": False}},
@@ -91,7 +94,14 @@ def stnerp_options(method: str, iterations: int | None = None) -> Options:
     preset = replace(PRESETS[spec["preset"]], **spec.get("overrides", {}))
     if iterations:
         preset = preset.with_iterations(iterations)
-    return Options(preset, prior=spec["prior"], temporal=spec["temporal"])
+    return Options(preset, prior=spec["prior"], temporal=spec["temporal"], prealign=spec.get("prealign", False))
+
+
+def predicts_unscanned_times(method: str) -> bool:
+    """Whether an STNeRP variant predicts a time it was not fitted on: continuous time, and no affine
+    pre-alignment (an affine is found for each scan, so a time between scans has none)."""
+    spec = STNERP[method]
+    return spec["temporal"] and not spec.get("prealign", False)
 
 
 def label(method: str) -> str:
@@ -158,15 +168,17 @@ def run_stnerp(job: dict, series: Series, work: Path) -> dict:
     indices = [k for k in range(len(series.times)) if k != skip]
     start = time.perf_counter()
     images = {k: series.image(k) for k in indices}
-    model, _ = fit(images[0], series.times[0], [(series.times[k], images[k]) for k in indices[1:]],
-                   series.labelmap(0), options, Reporter(interval=1e9))
+    follow_ups = [(series.times[k], images[k]) for k in indices[1:]]
+    model, prealignments = fit(images[0], series.times[0], follow_ups, series.labelmap(0), options,
+                               Reporter(interval=1e9))
     fit_seconds = time.perf_counter() - start
     model.save(work / "model.pt")
     per_time, fields, predicted = [], {}, {}
     for k in indices + ([skip] if skip is not None else []):
         t0 = time.perf_counter()
         grid = Grid.of(images[k]) if k in images else Grid.of(images[0])  # one grid per series here
-        entry = write_time_point(model, TimePoint(series.times[k], grid), work, None).entry
+        point = TimePoint(series.times[k], grid, prealignment=prealignments.get(series.times[k]))
+        entry = write_time_point(model, point, work, None).entry
         per_time.append(time.perf_counter() - t0)
         fields[k], predicted[k] = str(work / entry["displacement"]), str(work / entry["image"])
     total = time.perf_counter() - start

@@ -243,6 +243,47 @@ def test_stnerp_child_imports_nothing_once_its_clock_starts():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory) -> tuple[data.Series, list[np.ndarray]]:
+    """The tiny phantom's phase 0 and two copies moved rigidly by known shifts (mm, LPS): each follow-up
+    f_k(c) = f_0(c + s_k), so u_k = s_k everywhere and a landmark p of time k is reference point p + s_k."""
+    s = phantom.breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 16.0), n_phases=2, seed=2)
+    reference, labels = s.images[0], s.labelmaps[0]
+    shifts = [np.zeros(3), np.array([14.0, -10.0, 0.0]), np.array([-12.0, 8.0, 16.0])]
+    images, labelmaps, fields, landmarks = [], [], [], []
+    marks = s.landmarks[0][1]
+    for shift in shifts:
+        move = sitk.TranslationTransform(3, shift.tolist())
+        images.append(sitk.Resample(reference, reference, move, sitk.sitkLinear, -1000.0))
+        labelmaps.append(sitk.Resample(labels, labels, move, sitk.sitkNearestNeighbor, 0))
+        field = sitk.GetImageFromArray(np.broadcast_to(shift, (*sitk.GetArrayFromImage(reference).shape, 3)).copy(),
+                                       isVector=True)
+        field.CopyInformation(reference)
+        fields.append(field)
+        landmarks.append((marks - shift, marks))
+    folder = data.write_series(tmp_path_factory.mktemp("shifted") / "shifted", "shifted", "rigid shifts", [0.0, 1.0, 2.0],
+                               images, labelmaps, fields, [data.body_mask(i) for i in images], landmarks,
+                               data.PHANTOM_LABELS, 1, {"seed": 2, "count": 3})
+    return data.Series(folder), shifts
+
+
+def test_stnerp_child_with_prealignment_writes_the_affine_and_the_fit_as_one_field(shifted, tmp_path):
+    """With --prealign affine each scan is first registered by an affine and Def-Net fits what remains;
+    the benchmark's STNeRP child wrote Def-Net's part alone, dropping the affine (fit's second result).
+    After 10 Def-Net iterations the written field must hold the rigid shift the affine found."""
+    series, shifts = shifted
+    job = {"method": "stnerp_prealign", "series": str(series.folder), "threads": 1, "heldout": None,
+           "iterations": 10, "work": str(tmp_path / "run")}
+    result = runners.run_job(job, sys.executable, timeout=600)
+    assert result["ok"], result.get("log")
+    scored = runners._score_run(series, result)
+    for k in (1, 2):
+        unregistered = scoring.score_field(series, k, _zero(series.image(k)))["tre_mean"]
+        assert unregistered == pytest.approx(np.linalg.norm(shifts[k]), rel=1e-6)
+        registered = scored["per_time"][k - 1]["tre_mean"]
+        assert registered < 0.2 * unregistered, (k, registered, unregistered)
+
+
 def test_provenance_sees_uncommitted_changes_from_any_working_directory(tmp_path, monkeypatch):
     """preset_study asked git about 'STNeRPLib' from benchmarks/ and recorded changed code as clean;
     every script now asks provenance.git_state, which looks at the whole checkout."""
@@ -356,3 +397,14 @@ def test_preset_study_fits_a_series_of_another_length_with_its_middle_scan_held_
     assert preset_study.load_series("longitudinal3", 1, Path("/nonexistent")).times == [0.0, 7.0, 14.0]
     lengths = [preset_study.series_length(name) for name in ("longitudinal-psf", "breathing-psf", "abdomen")]
     assert lengths == [5, 10, 10]
+
+
+def test_heldout_images_are_predicted_only_by_methods_that_predict_unscanned_times():
+    """A pairwise (w/o t) model knows only its scans, and with --prealign each scan has its own affine, so a
+    time between scans has none: neither is asked for the held-out image; the default and the peers are."""
+    from benchmarks import compare
+    parse = compare.parser()
+    args = parse.parse_args(["--methods", "stnerp_default,stnerp_not,stnerp_prealign,sitk_demons,none",
+                             "--heldout-methods", "stnerp_default,stnerp_not,stnerp_prealign,sitk_demons,none"])
+    plan, _ = compare.plan_from(args, parse)
+    assert plan.heldout == ["stnerp_default", "sitk_demons", "none"]
