@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from benchmarks import data, preset_study, report, runners, scoring
+from benchmarks import compare, data, preset_study, report, runners, scoring
 from STNeRPLib import metrics, phantom
 from STNeRPLib.geometry import Grid
 
@@ -256,10 +256,7 @@ def shifted(tmp_path_factory) -> tuple[data.Series, list[np.ndarray]]:
         move = sitk.TranslationTransform(3, shift.tolist())
         images.append(sitk.Resample(reference, reference, move, sitk.sitkLinear, -1000.0))
         labelmaps.append(sitk.Resample(labels, labels, move, sitk.sitkNearestNeighbor, 0))
-        field = sitk.GetImageFromArray(np.broadcast_to(shift, (*sitk.GetArrayFromImage(reference).shape, 3)).copy(),
-                                       isVector=True)
-        field.CopyInformation(reference)
-        fields.append(field)
+        fields.append(_constant_field(reference, shift))
         landmarks.append((marks - shift, marks))
     folder = data.write_series(tmp_path_factory.mktemp("shifted") / "shifted", "shifted", "rigid shifts", [0.0, 1.0, 2.0],
                                images, labelmaps, fields, [data.body_mask(i) for i in images], landmarks,
@@ -402,7 +399,6 @@ def test_preset_study_fits_a_series_of_another_length_with_its_middle_scan_held_
 def test_heldout_images_are_predicted_only_by_methods_that_predict_unscanned_times():
     """A pairwise (w/o t) model knows only its scans, and with --prealign each scan has its own affine, so a
     time between scans has none: neither is asked for the held-out image; the default and the peers are."""
-    from benchmarks import compare
     parse = compare.parser()
     args = parse.parse_args(["--methods", "stnerp_default,stnerp_not,stnerp_prealign,sitk_demons,none",
                              "--heldout-methods", "stnerp_default,stnerp_not,stnerp_prealign,sitk_demons,none"])
