@@ -74,6 +74,20 @@ class JobInputs:
         if self.ground_truth and self.segmentation_node is None:
             raise ValueError("Ground-truth segmentations need a reference segmentation.")
 
+    def require_untransformed_volumes(self) -> None:
+        """ValueError with one line when the reference or a follow-up volume is under a transform: its file holds
+        the volume without it, so the run would register it, and place its results, elsewhere than Slicer shows it.
+        Segmentations and landmarks are exported where they are shown. Checked when the inputs are exported, not
+        by validate: the panel's Apply button follows the parameter node, which hardening a transform leaves as
+        it was, so a button disabled for it would stay disabled."""
+        named = [("The reference volume", self.reference_volume)]
+        named += [(f"The follow-up at time {contract.format_time(t)}", node) for t, node in self.follow_ups]
+        for what, volume in named:
+            transform = volume.GetParentTransformNode()
+            if transform is not None:
+                raise ValueError(f"{what} '{volume.GetName()}' is under the transform '{transform.GetName()}': Harden "
+                                 "it (Data module, right-click the volume) or remove the transform, then Apply again.")
+
 
 def follow_ups_from_sequence(sequence_node: slicer.vtkMRMLSequenceNode, reference_time: float | None = None
                              ) -> list[tuple[float, slicer.vtkMRMLScalarVolumeNode]]:
@@ -282,6 +296,7 @@ class STNeRPCoreLogic:
     def export_inputs(self, inputs: JobInputs, folder: str) -> tuple[dict, list[dict]]:
         """Write the inputs as files into `folder` (absolute); returns (files, segment map)."""
         inputs.validate()
+        inputs.require_untransformed_volumes()
         files = {"reference": scene_files.write_volume(inputs.reference_volume, os.path.join(folder, "reference.nrrd"))}
         files["follow_ups"] = [(scene_files.write_volume(node, os.path.join(folder, f"follow_up_{i:02d}.nrrd")), t)
                                for i, (t, node) in enumerate(sorted(inputs.follow_ups, key=lambda it: it[0]))]

@@ -17,7 +17,8 @@ import vtk
 
 import slicer
 
-from test_module_scene import ROOT, STANDIN_WORKER, make_image, new_scene, oblique_direction, phantom_arrays
+from test_module_scene import (ROOT, STANDIN_WORKER, ijk_to_ras_matrix, make_image, new_scene, oblique_direction,
+                               phantom_arrays)
 from worker_cli import WORKER
 
 from STNeRPLib import contract  # noqa: E402
@@ -281,6 +282,67 @@ def test_panel_exports_inputs_uncompressed(series, tmp_path):
     for path in [files["reference"]] + [p for p, _ in files["follow_ups"]]:
         header = open(path, "rb").read(2000).split(b"\n\n")[0].decode()
         assert "encoding: raw" in header, path
+
+
+def _translation(scene, name: str, ras_mm) -> slicer.vtkMRMLLinearTransformNode:
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    matrix = vtk.vtkMatrix4x4()
+    for axis in range(3):
+        matrix.SetElement(axis, 3, float(ras_mm[axis]))
+    transform.SetMatrixTransformToParent(matrix)
+    return transform
+
+
+@pytest.mark.parametrize("which", ["reference", "follow-up"])
+def test_panel_refuses_a_volume_under_a_transform_and_leaves_everything_as_it_was(series, tmp_path, which):
+    """A volume under a transform is shown where the transform puts it, but its file would hold it without: the
+    run would register, and its results would land, where the user does not see the volume. Apply refuses in one
+    line naming the volume and the transform; nothing is written and the scene is unchanged. The Apply button
+    stays enabled (validate passes): hardening leaves the parameter node as it was, so a disabled button would
+    not come back."""
+    volume = series.reference if which == "reference" else series.follow_ups[1]
+    volume.SetAndObserveTransformNodeID(_translation(series.scene, "setup shift", (0, 0, 5)).GetID())
+    inputs = parameters.job_inputs(parameter_node(series))
+    inputs.validate()
+    nodes = series.scene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match=f"'{volume.GetName()}' is under the transform 'setup shift': Harden"):
+        core(series, tmp_path).start_training(inputs, {})
+    assert series.scene.GetNumberOfNodes() == nodes
+    assert volume.GetParentTransformNode().GetName() == "setup shift"
+    assert not (tmp_path / "runs").exists() or not os.listdir(tmp_path / "runs")
+    assert not (tmp_path / "tmp").exists() or not os.listdir(tmp_path / "tmp")
+    with pytest.raises(ValueError, match="under a transform"):
+        scene_files.write_volume(volume, str(tmp_path / "volume.nrrd"))
+    assert not (tmp_path / "volume.nrrd").exists()
+    slicer.vtkSlicerTransformLogic().hardenTransform(volume)          # what the line tells the user to do
+    job = core(series, tmp_path).start_training(parameters.job_inputs(parameter_node(series)), {})
+    assert job.wait(timeout=60).state == "complete"
+
+
+def test_panel_takes_segments_and_landmarks_under_a_transform_where_they_are_shown(series, tmp_path):
+    """Only volumes are refused under a transform: contours and landmarks are exported where Slicer shows them,
+    in the reference volume's grid and in LPS mm."""
+    pn = parameter_node(series)
+    pn.SetNodeReferenceID(parameters.SEGMENTATION, series.segmentation.GetID())
+    plain, _ = core(series, tmp_path).export_inputs(parameters.job_inputs(pn), str(tmp_path / "plain"))
+    step = ijk_to_ras_matrix(series.reference)[:3, 0] * 2        # two voxels along the grid's i axis, in RAS mm
+    series.segmentation.SetAndObserveTransformNodeID(_translation(series.scene, "contours shift", step).GetID())
+    moved, _ = core(series, tmp_path).export_inputs(parameters.job_inputs(pn), str(tmp_path / "moved"))
+    before = sitk.GetArrayFromImage(sitk.ReadImage(plain["segmentation"]))
+    after = sitk.GetArrayFromImage(sitk.ReadImage(moved["segmentation"]))
+    assert before.any() and not before[:, :, -2:].any()
+    assert np.array_equal(after[:, :, 2:], before[:, :, :-2])
+    points = series.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "reference landmarks")
+    points.AddControlPoint(vtk.vtkVector3d(1, 2, 3), "A")
+    points.SetAndObserveTransformNodeID(_translation(series.scene, "points shift", (10, 0, 0)).GetID())
+    pn.SetNodeReferenceID(parameters.REFERENCE_LANDMARKS, points.GetID())
+    at_3_5 = series.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "landmarks at 3.5")
+    at_3_5.AddControlPoint(vtk.vtkVector3d(4, 5, 6), "A")
+    rows = parameters.get_follow_ups(pn)
+    rows[2].landmarks = at_3_5
+    parameters.set_follow_ups(pn, rows)
+    files, _ = core(series, tmp_path).export_inputs(parameters.job_inputs(pn), str(tmp_path / "points"))
+    assert [float(v) for v in open(files["landmarks"]).read().split()[1].split(",")] == [3.5, -4, -5, 6, -11, -2, 3]
 
 
 def test_panel_cancel_returns_at_once_and_the_poll_ends_the_job(series, tmp_path, monkeypatch):
