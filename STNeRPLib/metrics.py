@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from . import threads
+from .geometry import Grid
 
 _SSIM_SIGMA = 1.5
 _SSIM_TRUNCATE = 3.5  # gives the 11-tap window of Wang et al. 2004, as scikit-image does
@@ -127,18 +128,17 @@ def dice_per_label(
 def jacobian_determinant(displacement: sitk.Image, slab: int | None = None) -> sitk.Image:
     """Jacobian determinant det(I + du/dx) of the map x -> x + u(x) (3-D).
 
-    Derivatives are taken in physical space (mm), honouring spacing and direction:
-    du/dx = (du/di) S^-1 D^T with D the direction matrix and S = diag(spacing); central
-    differences inside the grid, one-sided at its borders, in the field's own precision (float32
-    fields: float32). Computed in slabs of `slab` slices (default: about JACOBIAN_SLAB_VOXELS voxels
+    Derivatives are taken in physical space (mm), honouring spacing and direction: du/dx = (du/di) (D S)^-1
+    with D the direction matrix and S = diag(spacing) (Grid.index_to_mm; D^-1 is D^T unless the grid's axes
+    are sheared); central differences inside the grid, one-sided at its borders, in the field's own precision
+    (float32 fields: float32). Computed in slabs of `slab` slices (default: about JACOBIAN_SLAB_VOXELS voxels
     each, with a one-slice halo: the same numbers as at once) so memory stays bounded; on the worker's
     threads (threads.map_ranges). Returns a float32 scalar image with the geometry of ``displacement``.
     """
     u = sitk.GetArrayViewFromImage(displacement)  # [z, y, x, component], not copied
     depth = u.shape[0]
     slab = slab or max(1, JACOBIAN_SLAB_VOXELS // (u.shape[1] * u.shape[2]))
-    direction = np.asarray(displacement.GetDirection()).reshape(3, 3)
-    index_per_mm = (np.diag(1.0 / np.asarray(displacement.GetSpacing())) @ direction.T).astype(u.dtype)
+    index_per_mm = np.linalg.inv(Grid.of(displacement).index_to_mm).astype(u.dtype)
     determinant = np.empty(u.shape[:3], dtype=np.float32)
 
     def slab_of(z0: int, z1: int) -> None:

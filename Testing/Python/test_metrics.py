@@ -123,6 +123,16 @@ def test_jacobian_of_affine_field_on_oblique_anisotropic_grid():
     assert np.abs(values - np.linalg.det(AFFINE)).max() < 1e-6
 
 
+def test_jacobian_of_affine_field_on_a_sheared_grid():
+    """A grid whose axes are not orthogonal (a NRRD's space directions may shear, as a gantry-tilted CT's slices
+    do): du/dx is du/di times the inverse of direction @ diag(spacing), not its transpose."""
+    sheared = OBLIQUE @ np.array([[1.0, 0.3, 0.0], [0.0, 1.0, 0.2], [0.0, 0.0, 1.0]])
+    sheared /= np.linalg.norm(sheared, axis=0)                     # unit columns, as ITK keeps them
+    field = make_field(affine_displacement, direction=sheared)
+    values = sitk.GetArrayFromImage(metrics.jacobian_determinant(field))
+    assert np.abs(values - np.linalg.det(AFFINE)).max() < 1e-6
+
+
 def test_jacobian_of_a_float32_field_is_float32_accurate():
     """The outputs' fields are float32 and their Jacobian is computed in float32: an affine field of
     up to 10 mm on the oblique anisotropic grid, rounded to float32, still gives det J to 2e-6."""
