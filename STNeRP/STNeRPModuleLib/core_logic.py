@@ -43,7 +43,8 @@ PREDICTIONS_FOLDER = "predictions"
 @dataclass
 class JobInputs:
     """What the user picked in the panel. follow_ups, follow_up_landmarks, ground_truth:
-    [(time, node)] (scene nodes, or data nodes of a sequence)."""
+    [(time, node)] (scene nodes, or data nodes of a sequence); sequence_proxies: the scene volumes that show
+    that sequence (its browsers' proxy nodes, sequence_proxies), [] for a table of follow-ups."""
 
     reference_volume: slicer.vtkMRMLScalarVolumeNode | None
     follow_ups: list[tuple[float, slicer.vtkMRMLScalarVolumeNode]]
@@ -54,6 +55,7 @@ class JobInputs:
     follow_up_landmarks: list[tuple[float, slicer.vtkMRMLMarkupsFiducialNode]] = field(default_factory=list)
     ground_truth: list[tuple[float, slicer.vtkMRMLSegmentationNode]] = field(default_factory=list)
     predict_times: list[float] = field(default_factory=list)
+    sequence_proxies: list[slicer.vtkMRMLScalarVolumeNode] = field(default_factory=list)
 
     def validate(self) -> None:
         """ValueError with one line for the user when the inputs cannot be trained on."""
@@ -87,6 +89,12 @@ class JobInputs:
             if transform is not None:
                 raise ValueError(f"{what} '{volume.GetName()}' is under the transform '{transform.GetName()}': Harden "
                                  "it (Data module, right-click the volume) or remove the transform, then Apply again.")
+        for proxy in self.sequence_proxies:
+            transform = proxy.GetParentTransformNode()
+            if transform is not None:
+                raise ValueError(f"The follow-up sequence is shown as '{proxy.GetName()}', under the transform "
+                                 f"'{transform.GetName()}', which its items do not hold: remove the transform from "
+                                 "it, then Apply again.")
 
 
 def follow_ups_from_sequence(sequence_node: slicer.vtkMRMLSequenceNode, reference_time: float | None = None
@@ -105,6 +113,16 @@ def follow_ups_from_sequence(sequence_node: slicer.vtkMRMLSequenceNode, referenc
         if node is not None and node.IsA("vtkMRMLScalarVolumeNode"):
             out.append((t, node))
     return out
+
+
+def sequence_proxies(sequence_node: slicer.vtkMRMLSequenceNode) -> list[slicer.vtkMRMLScalarVolumeNode]:
+    """The scene volumes through which Slicer shows a sequence: the proxy node of each browser that plays it."""
+    scene = sequence_node.GetScene()
+    browsers = [scene.GetNthNodeByClass(i, "vtkMRMLSequenceBrowserNode")
+                for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode"))]
+    proxies = [browser.GetProxyNode(sequence_node) for browser in browsers
+               if browser.IsSynchronizedSequenceNode(sequence_node, True)]
+    return [proxy for proxy in proxies if proxy is not None and proxy.IsA("vtkMRMLScalarVolumeNode")]
 
 
 def progress_fraction(event: dict, ref_net: bool = True) -> float:

@@ -18,7 +18,7 @@ import slicer
 from STNeRPLib import contract
 
 from . import panel, run_import
-from .core_logic import Job, JobInputs, follow_ups_from_sequence
+from .core_logic import Job, JobInputs, follow_ups_from_sequence, sequence_proxies
 
 MODULE_NAME = "STNeRP"
 
@@ -212,9 +212,9 @@ def job_inputs(node: slicer.vtkMRMLScriptedModuleNode) -> JobInputs:
     reference_time = get_float(node, "ReferenceTime")
     sequence_mode = node.GetParameter("FollowUpMode") == "sequence"
     rows = [] if sequence_mode else get_follow_ups(node)
-    if sequence_mode:
-        sequence = node.GetNodeReference(FOLLOW_UP_SEQUENCE)
-        follow_ups = follow_ups_from_sequence(sequence, reference_time) if sequence is not None else []
+    sequence = node.GetNodeReference(FOLLOW_UP_SEQUENCE) if sequence_mode else None
+    if sequence is not None:
+        follow_ups = follow_ups_from_sequence(sequence, reference_time)
     else:
         follow_ups = [(row.time, row.volume) for row in rows]
     segmentation = node.GetNodeReference(SEGMENTATION)
@@ -225,7 +225,8 @@ def job_inputs(node: slicer.vtkMRMLScriptedModuleNode) -> JobInputs:
         reference_landmarks=node.GetNodeReference(REFERENCE_LANDMARKS),
         follow_up_landmarks=[(row.time, row.landmarks) for row in rows if row.landmarks is not None],
         ground_truth=[(row.time, row.ground_truth) for row in rows if row.ground_truth is not None],
-        predict_times=[float(t) for t in get_json(node, "PredictTimes") or []])
+        predict_times=[float(t) for t in get_json(node, "PredictTimes") or []],
+        sequence_proxies=sequence_proxies(sequence) if sequence is not None else [])
 
 
 def record_training(node: slicer.vtkMRMLScriptedModuleNode, job: Job) -> None:

@@ -319,6 +319,28 @@ def test_panel_refuses_a_volume_under_a_transform_and_leaves_everything_as_it_wa
     assert job.wait(timeout=60).state == "complete"
 
 
+def test_panel_refuses_a_follow_up_sequence_shown_under_a_transform(series, tmp_path):
+    """A volume sequence (4D CT) is shown through its browser's proxy volume; a transform on the proxy moves what
+    the user sees, not the sequence's items the worker is given. Apply names the proxy and the transform."""
+    sequence = series.scene.AddNewNodeByClass("vtkMRMLSequenceNode", "4D CT")
+    for volume, t in zip(series.follow_ups, (1.0, 2.0, 3.5)):
+        sequence.SetDataNodeAtValue(volume, contract.format_time(t))
+    browser = series.scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "4D CT browser")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    series.scene._stnerp_logics[1].UpdateProxyNodesFromSequences(browser)
+    proxy = browser.GetProxyNode(sequence)
+    pn = parameter_node(series)
+    pn.SetParameter("FollowUpMode", "sequence")
+    pn.SetNodeReferenceID(parameters.FOLLOW_UP_SEQUENCE, sequence.GetID())
+    assert parameters.job_inputs(pn).sequence_proxies == [proxy]
+    proxy.SetAndObserveTransformNodeID(_translation(series.scene, "4D shift", (3, 0, 0)).GetID())
+    with pytest.raises(ValueError, match=f"shown as '{proxy.GetName()}', under the transform '4D shift'"):
+        core(series, tmp_path).start_training(parameters.job_inputs(pn), {})
+    proxy.SetAndObserveTransformNodeID(None)
+    files, _ = core(series, tmp_path).export_inputs(parameters.job_inputs(pn), str(tmp_path / "inputs"))
+    assert [t for _, t in files["follow_ups"]] == [1.0, 2.0, 3.5]
+
+
 def test_panel_takes_segments_and_landmarks_under_a_transform_where_they_are_shown(series, tmp_path):
     """Only volumes are refused under a transform: contours and landmarks are exported where Slicer shows them,
     in the reference volume's grid and in LPS mm."""
