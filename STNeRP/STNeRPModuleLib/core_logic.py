@@ -44,7 +44,7 @@ PREDICTIONS_FOLDER = "predictions"
 class JobInputs:
     """What the user picked in the panel. follow_ups, follow_up_landmarks, ground_truth:
     [(time, node)] (scene nodes, or data nodes of a sequence); sequence_proxies: the scene volumes that show
-    that sequence (its browsers' proxy nodes, sequence_proxies), [] for a table of follow-ups."""
+    that sequence (its browsers' proxy nodes, found by `sequence_proxies`), [] for a table of follow-ups."""
 
     reference_volume: slicer.vtkMRMLScalarVolumeNode | None
     follow_ups: list[tuple[float, slicer.vtkMRMLScalarVolumeNode]]

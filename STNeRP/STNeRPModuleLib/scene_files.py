@@ -47,7 +47,7 @@ def write_volume(volume_node: slicer.vtkMRMLVolumeNode, path: str, compression: 
     Uncompressed by default: the worker's inputs are written while the panel waits, and gzip
     costs seconds per volume. The storage node is not added to the scene, so the scene is not
     changed. A node under a transform is refused: the file would hold it where Slicer does not show it
-    (JobInputs.validate says so to the user first)."""
+    (JobInputs.require_untransformed_volumes says so to the user first)."""
     if volume_node is None or volume_node.GetImageData() is None:
         raise ValueError(f"volume {volume_node.GetName() if volume_node else None!r} has no image data")
     if volume_node.GetParentTransformNode() is not None:
