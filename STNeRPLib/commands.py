@@ -293,10 +293,13 @@ def _failure(error: Exception) -> str:
 
 
 def _check_new_folder(folder: Path, option: str = "--output") -> None:
-    """Refuse an output path that is a file or a folder holding anything (a run, or the user's files)."""
+    """Refuse an output path that is a file or a folder holding anything (a run, or the user's files), except the
+    record alone of a run that failed (as on a bad input): it wrote nothing else, and the new run replaces it."""
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{option} {folder} is a file: give the path of a new folder")
     names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if names == [contract.RUN_FILE] and _failed_record(folder):
+        return
     if contract.RUN_FILE in names:
         raise InputError(f"output folder {folder} already holds a run: choose a new folder "
                          "(or add --resume to continue an unfinished training run)")
@@ -304,6 +307,14 @@ def _check_new_folder(folder: Path, option: str = "--output") -> None:
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         raise InputError(f"{option} folder {folder} is not empty (it holds {shown}): choose a new or "
                          "empty folder; nothing was written")
+
+
+def _failed_record(folder: Path) -> bool:
+    """Whether the folder's run record is readable and says the run failed."""
+    try:
+        return load_record(folder).get("status") == contract.STATUS_FAILED
+    except InputError:
+        return False
 
 
 def _check_resumable(folder: Path, command: str, inputs: dict, parameters: dict) -> None:

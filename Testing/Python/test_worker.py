@@ -351,6 +351,21 @@ def test_bad_input(case, phantom, tmp_path):
     assert_rejected(result, output, *words)
 
 
+def test_a_folder_left_by_a_run_refused_on_its_inputs_takes_the_corrected_run(phantom, tmp_path):
+    """A run refused on its inputs leaves its record (failed, the error) and nothing else; the user fixes the input
+    and runs the same command again into the same folder, which works instead of asking for a new folder."""
+    series, files = phantom
+    output = tmp_path / "run"
+    wrong = train_args(files, series.times, output)
+    wrong[wrong.index("--follow-up") + 1] = tmp_path / "typo.nrrd"
+    refused = stnerp(*wrong, *QUICK)
+    assert refused.returncode == 2 and "not found" in refused.stderr
+    assert sorted(p.name for p in output.iterdir()) == ["run.json"] and record(output)["status"] == "failed"
+    corrected = stnerp(*train_args(files, series.times, output), *QUICK, "--no-report")
+    assert corrected.returncode == 0, corrected.stderr
+    assert record(output)["status"] == "complete" and (output / "model.pt").exists()
+
+
 def test_existing_run_is_not_overwritten(trained, phantom, tmp_path):
     series, files = phantom
     _, output = trained
