@@ -62,7 +62,11 @@ def read_cohort(path: Path) -> list[Patient]:
     """The patients of a manifest, in file order; InputError if the manifest itself is unusable."""
     if not path.is_file():
         raise InputError(f"cohort file not found: {path}: check the path")
-    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1)
+    try:
+        text = path.read_text(encoding="utf-8-sig")       # -sig: a byte order mark (Excel) is not a header
+    except UnicodeDecodeError:
+        raise InputError(f"cohort file {path} is not UTF-8 text: save it as CSV UTF-8") from None
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1)
              if line.strip() and not line.lstrip().startswith("#")]
     header = [name.strip().lower() for name in next(csv.reader([lines[0][1]]))] if lines else []
     missing = [column for column in COLUMNS if column not in header]

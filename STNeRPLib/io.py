@@ -100,7 +100,7 @@ def read_landmarks(path: str | Path) -> dict[float, tuple[np.ndarray, np.ndarray
     if not path.is_file():
         raise InputError(f"landmark file not found: {path}: check the path")
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:   # -sig: a byte order mark (Excel) is not a header
             reader = csv.DictReader(handle)
             missing = [c for c in LANDMARK_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:

@@ -134,7 +134,7 @@ def structure_names(record: dict, run: Path, label_names: str | None) -> Names:
     if source:
         path = Path(source)
         try:
-            names.update({int(k): str(v) for k, v in json.loads(path.read_text()).items()})
+            names.update({int(k): str(v) for k, v in json.loads(path.read_text(encoding="utf-8-sig")).items()})
         except (OSError, ValueError, AttributeError):
             raise InputError(f"label names {path} is not a JSON object of label number -> name, "
                              'e.g. {"1": "GTV"}: fix or drop it') from None

@@ -188,6 +188,19 @@ def test_cohort_paths_are_resolved_against_the_manifest_folder(tmp_path, monkeyp
     assert series.segmentation == "/abs/seg.nrrd" and series.output == tmp_path / "runs" / "a"
 
 
+def test_a_manifest_saved_with_a_byte_order_mark_is_read_and_one_in_another_encoding_named(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a byte order mark, which must not hide the first column; a file
+    in another encoding is refused in one line saying how to save it."""
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_bytes("patient,role,path,time\r\np01,reference,ct0.nrrd,0\r\np01,follow-up,ct1.nrrd,1\r\n"
+                       .encode("utf-8-sig"))
+    (patient,) = read_cohort(cohort)
+    assert patient.id == "p01"
+    cohort.write_bytes("patient,role,path,time\np01,reference,caf\xe9.nrrd,0\n".encode("latin-1"))
+    with pytest.raises(InputError, match="is not UTF-8 text: save it as CSV UTF-8"):
+        read_cohort(cohort)
+
+
 @pytest.mark.parametrize("rows, message", [
     ("a,reference,ct0.nrrd,0\na,segmentation,seg.nrrd,0\n", "has a time: leave the time column empty"),
     ("a,reference,ct0.nrrd,0\na,follow-up,ct1.nrrd,\n", "has no time: give its time"),

@@ -135,6 +135,14 @@ def test_landmarks(tmp_path):
     assert_one_line(error, "lacks the columns", "ref_x")
 
 
+def test_landmarks_saved_with_a_byte_order_mark_are_read(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a byte order mark; the header is the same header."""
+    path = tmp_path / "landmarks.csv"
+    path.write_bytes("time,x,y,z,ref_x,ref_y,ref_z\r\n1,0,0,0,1,2,3\r\n".encode("utf-8-sig"))
+    pairs = read_landmarks(path)
+    assert np.array_equal(pairs[1.0][1], [[1, 2, 3]])
+
+
 def _nrrd_encoding(path) -> str:
     header = path.read_bytes()[:2000].split(b"\n\n")[0].decode()
     return next(line.split(":")[1].strip() for line in header.splitlines() if line.startswith("encoding:"))

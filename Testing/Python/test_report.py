@@ -193,6 +193,14 @@ def test_report_of_an_older_run_gives_the_level_decision_it_took_not_one_by_toda
     assert "<td>0.960 (dropped)</td>" in (copy / "report" / "index.html").read_text()
 
 
+def test_label_names_saved_with_a_byte_order_mark_are_read(tmp_path):
+    """A JSON file saved by Windows editors as "UTF-8 with BOM" names the labels as the same file without it."""
+    path = tmp_path / "names.json"
+    path.write_bytes('{"1": "GTV", "2": "Lunge links"}'.encode("utf-8-sig"))
+    names = report.structure_names({"inputs": {}}, tmp_path, str(path))
+    assert (names[1], names[2], names[3]) == ("GTV", "Lunge links", "label 3")
+
+
 def test_report_of_a_folder_without_a_run_is_refused(tmp_path):
     result = stnerp("report", "--run", tmp_path)
     assert result.returncode == 2 and "run.json" in result.stderr
