@@ -82,6 +82,8 @@ def require_complete(run: Path, data: dict) -> None:
         return
     if status == contract.STATUS_RUNNING and not contract.killed(data):
         raise InputError(f"run {run} is still running (process {data.get('pid')}): wait until it is complete")
+    if status == contract.STATUS_FAILED and data.get("error"):
+        raise InputError(f"run {run} failed: {data['error']}")          # the error says what to do
     how = "its process is gone" if status == contract.STATUS_RUNNING else status
     if data.get("command") == "train":
         raise InputError(f"run {run} did not finish ({how}): continue it with the same stnerp train "

@@ -366,6 +366,21 @@ def test_a_folder_left_by_a_run_refused_on_its_inputs_takes_the_corrected_run(ph
     assert record(output)["status"] == "complete" and (output / "model.pt").exists()
 
 
+def test_using_a_run_that_failed_gives_the_error_it_failed_with(phantom, tmp_path):
+    """predict and evaluate on a run refused on its inputs say why it failed, not to --resume it (the same
+    arguments would fail the same way)."""
+    series, files = phantom
+    output = tmp_path / "run"
+    wrong = train_args(files, series.times, output)
+    wrong[wrong.index("--follow-up") + 1] = tmp_path / "typo.nrrd"
+    assert stnerp(*wrong, *QUICK).returncode == 2
+    predicted = stnerp("predict", "--run", output, "--times", 0.5, "--output", tmp_path / "p")
+    assert predicted.returncode == 2
+    error = [line for line in predicted.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "failed: follow-up image at time" in error[0] and "typo.nrrd" in error[0], error
+    assert "--resume" not in error[0]
+
+
 def test_existing_run_is_not_overwritten(trained, phantom, tmp_path):
     series, files = phantom
     _, output = trained
