@@ -24,6 +24,7 @@ import slicer
 from STNeRPLib import contract
 
 from . import run_import, scene_files, segment_overlap
+from .scene_utils import nodes_of_class
 from .worker_process import WorkerProcess, default_python_executable, worker_environment
 
 logger = logging.getLogger(__name__)
@@ -116,12 +117,10 @@ def follow_ups_from_sequence(sequence_node: slicer.vtkMRMLSequenceNode, referenc
 
 
 def sequence_proxies(sequence_node: slicer.vtkMRMLSequenceNode) -> list[slicer.vtkMRMLScalarVolumeNode]:
-    """The scene volumes through which Slicer shows a sequence: the proxy node of each browser that plays it."""
-    scene = sequence_node.GetScene()
-    browsers = [scene.GetNthNodeByClass(i, "vtkMRMLSequenceBrowserNode")
-                for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode"))]
-    proxies = [browser.GetProxyNode(sequence_node) for browser in browsers
-               if browser.IsSynchronizedSequenceNode(sequence_node, True)]
+    """The scene volumes through which Slicer shows a sequence: the proxy node of each browser that plays it
+    (GetProxyNode is None for a browser that does not, or whose proxy was deleted)."""
+    proxies = [browser.GetProxyNode(sequence_node)
+               for browser in nodes_of_class(sequence_node.GetScene(), "vtkMRMLSequenceBrowserNode")]
     return [proxy for proxy in proxies if proxy is not None and proxy.IsA("vtkMRMLScalarVolumeNode")]
 
 

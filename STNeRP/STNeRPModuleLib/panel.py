@@ -14,6 +14,8 @@ import vtk
 import slicer
 from STNeRPLib import contract
 
+from .scene_utils import nodes_of_class
+
 #: the oldest torch the worker runs with (torch.load(weights_only=...), torch.func)
 MINIMUM_TORCH = (2, 0)
 #: folder name of the runs under the user's default scene folder
@@ -63,9 +65,8 @@ def _writable(folder: str) -> bool:
 # -- volumes ---------------------------------------------------------------------------------
 def scalar_volumes(scene: slicer.vtkMRMLScene) -> list[slicer.vtkMRMLScalarVolumeNode]:
     """Scalar volumes of the scene that the volume selectors show (labelmaps left out)."""
-    nodes = (scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
-             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")))
-    return [n for n in nodes if not n.IsA("vtkMRMLLabelMapVolumeNode") and not n.GetHideFromEditors()]
+    return [n for n in nodes_of_class(scene, "vtkMRMLScalarVolumeNode")
+            if not n.IsA("vtkMRMLLabelMapVolumeNode") and not n.GetHideFromEditors()]
 
 
 def default_reference(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLScalarVolumeNode | None:

@@ -24,7 +24,7 @@ import vtk
 import slicer
 
 from . import segment_overlap
-from .scene_utils import TemporaryNodes, ras_to_lps
+from .scene_utils import TemporaryNodes, nodes_of_class, ras_to_lps
 
 logger = logging.getLogger(__name__)
 
@@ -380,10 +380,8 @@ def restore_grid_interpolation(scene: slicer.vtkMRMLScene) -> int:
 
 def _transform_nodes(scene: slicer.vtkMRMLScene) -> list[slicer.vtkMRMLGridTransformNode]:
     """Grid transform nodes of the scene and the data nodes of its sequences."""
-    nodes = [scene.GetNthNodeByClass(i, "vtkMRMLGridTransformNode")
-             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLGridTransformNode"))]
-    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceNode")):
-        sequence = scene.GetNthNodeByClass(i, "vtkMRMLSequenceNode")
+    nodes = nodes_of_class(scene, "vtkMRMLGridTransformNode")
+    for sequence in nodes_of_class(scene, "vtkMRMLSequenceNode"):
         data = (sequence.GetNthDataNode(k) for k in range(sequence.GetNumberOfDataNodes()))
         nodes += [n for n in data if n is not None and n.IsA("vtkMRMLGridTransformNode")]
     return nodes

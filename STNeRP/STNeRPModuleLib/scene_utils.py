@@ -42,6 +42,11 @@ def register_segmentation_converters() -> None:
             factory.RegisterConverterRule(cls())
 
 
+def nodes_of_class(scene: slicer.vtkMRMLScene, class_name: str) -> list[slicer.vtkMRMLNode]:
+    """The scene's nodes of a class (its subclasses included), in scene order."""
+    return [scene.GetNthNodeByClass(i, class_name) for i in range(scene.GetNumberOfNodesByClass(class_name))]
+
+
 def remove_nodes(scene: slicer.vtkMRMLScene, nodes: Iterable[slicer.vtkMRMLNode | None]) -> None:
     """Remove those of `nodes` that are still in the scene: sequence browsers first (a live
     browser would re-create the proxy nodes removed before it), then the others in reverse order

@@ -351,14 +351,19 @@ def test_bad_input(case, phantom, tmp_path):
     assert_rejected(result, output, *words)
 
 
+def refused_run(files, times, output, tmp_path):
+    """A train run into `output` with a mistyped follow-up path: refused on its inputs."""
+    wrong = train_args(files, times, output)
+    wrong[wrong.index("--follow-up") + 1] = tmp_path / "typo.nrrd"
+    return stnerp(*wrong, *QUICK)
+
+
 def test_a_folder_left_by_a_run_refused_on_its_inputs_takes_the_corrected_run(phantom, tmp_path):
     """A run refused on its inputs leaves its record (failed, the error) and nothing else; the user fixes the input
     and runs the same command again into the same folder, which works instead of asking for a new folder."""
     series, files = phantom
     output = tmp_path / "run"
-    wrong = train_args(files, series.times, output)
-    wrong[wrong.index("--follow-up") + 1] = tmp_path / "typo.nrrd"
-    refused = stnerp(*wrong, *QUICK)
+    refused = refused_run(files, series.times, output, tmp_path)
     assert refused.returncode == 2 and "not found" in refused.stderr
     assert sorted(p.name for p in output.iterdir()) == ["run.json"] and record(output)["status"] == "failed"
     corrected = stnerp(*train_args(files, series.times, output), *QUICK, "--no-report")
@@ -371,14 +376,10 @@ def test_using_a_run_that_failed_gives_the_error_it_failed_with(phantom, tmp_pat
     arguments would fail the same way)."""
     series, files = phantom
     output = tmp_path / "run"
-    wrong = train_args(files, series.times, output)
-    wrong[wrong.index("--follow-up") + 1] = tmp_path / "typo.nrrd"
-    assert stnerp(*wrong, *QUICK).returncode == 2
-    predicted = stnerp("predict", "--run", output, "--times", 0.5, "--output", tmp_path / "p")
-    assert predicted.returncode == 2
-    error = [line for line in predicted.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "failed: follow-up image at time" in error[0] and "typo.nrrd" in error[0], error
-    assert "--resume" not in error[0]
+    assert refused_run(files, series.times, output, tmp_path).returncode == 2
+    predicted = stnerp("predict", "--run", output, "--times", 0.5, "--output", tmp_path / "p", "--json-events")
+    assert_rejected(predicted, tmp_path / "p", "failed: follow-up image at time", "typo.nrrd")
+    assert "--resume" not in predicted.stderr
 
 
 def test_existing_run_is_not_overwritten(trained, phantom, tmp_path):
