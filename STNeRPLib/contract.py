@@ -29,7 +29,8 @@ DEVICES = ("auto", "cpu", "cuda")
 #: what Def-Net deforms: Ref-Net (the paper) or the reference image ("w/o prior")
 PRIORS = ("refnet", "image")
 PREALIGNMENTS = ("none", "affine")
-INTENSITIES = ("ct", "percentile")
+#: intensity normalisation: auto (the CT window for scans in Hounsfield units, else percentiles), ct, percentile
+INTENSITIES = ("auto", "ct", "percentile")
 SCHEMES = ("long", "short")
 #: Def-Net's loss: mean squared error (the paper), the Charbonnier penalty (squared error for small
 #: residuals, absolute for large) or local normalised cross-correlation
@@ -470,8 +471,10 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
                          help="long: reference -> each; short: previous -> next")
     command.add_argument("--prealign", choices=PREALIGNMENTS, default="none",
                          help="affine pre-alignment of each follow-up to the reference")
-    command.add_argument("--intensity", choices=INTENSITIES, default="ct",
-                         help="normalisation: CT window -1000..500 HU, or 0.5-99.5 percentiles (non-CT)")
+    command.add_argument("--intensity", choices=INTENSITIES, default="auto",
+                         help="normalisation: ct: the window -1000..500 HU; percentile: the reference's 0.5-99.5 "
+                              "percentiles (MR, CBCT in scanner units, CT stored without its rescale); auto: ct for "
+                              "scans in Hounsfield units, else percentile (default)")
     command.add_argument("--device", choices=DEVICES, default="auto")
     command.add_argument("--seed", type=int, default=0, help=f"random seed, 0..{MAX_SEED}")
     command.add_argument("--checkpoint-every", type=int, default=100, metavar="N",

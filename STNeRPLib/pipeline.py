@@ -21,7 +21,7 @@ from .geometry import Grid
 from .metrics import map_points, target_registration_error
 from .model import SeriesModel, new_ref_net, normalise_time
 from .networks import RefNet
-from .preprocessing import IntensityWindow, affine_prealignment, on_grid, smoothed
+from .preprocessing import IntensityWindow, affine_prealignment, intensity_method, on_grid, smoothed
 from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
@@ -63,7 +63,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     progress = reporter.progress if losses is None else _logged(reporter.progress, losses)
     device = pick_device(options.device)
     generator = _seeded(options.seed)
-    window = IntensityWindow.for_image(reference, options.intensity)
+    window = _window(reference, follow_ups, options.intensity, reporter)
     times = [reference_time] + [t for t, _ in follow_ups]
     time_range = (min(times), max(times))
     scans = _onto_reference_grid(reference, follow_ups, options, reporter)
@@ -90,6 +90,19 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     model = SeriesModel(options.preset, Grid.of(reference), reference_time, time_range, window, options.prior,
                         deformation, ref_net, reference, scans.images, scans.views, labelmap)
     return model, scans.prealignments
+
+
+def _window(reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]], requested: str,
+            reporter: Reporter) -> IntensityWindow:
+    """The intensity window of the series (preprocessing.intensity_method), said when it was chosen for the user."""
+    method = intensity_method(requested, reference, follow_ups)
+    window = IntensityWindow.for_image(reference, method)
+    if requested == "auto":
+        reporter.message(f"intensities: the CT window, {window.low:g} to {window.high:g} HU (the scans are in "
+                         "Hounsfield units)" if method == "ct" else
+                         f"intensities: the reference's 0.5th to 99.5th percentiles, {window.low:g} to "
+                         f"{window.high:g} (the scans are not in Hounsfield units)")
+    return window
 
 
 def _body(targets: list[Target], window: IntensityWindow, preset: Preset, reporter: Reporter) -> np.ndarray | None:

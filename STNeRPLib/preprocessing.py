@@ -8,10 +8,42 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .errors import InputError
 from .geometry import Grid
 
 CT_WINDOW = (-1000.0, 500.0)
 """HU mapped to [0, 1]: air to soft tissue and trabecular bone, where lung and tumour contrast lies."""
+
+AIR_HU = -200.0
+"""HU below which a voxel is air or lung (fat is about -100): a CT in Hounsfield units has such voxels around the
+body and in it, and so has a CBCT whose numbers are HU changed in contrast (0.6 x HU + 200 puts air at -400)."""
+
+AIR_SHARE = 0.005
+"""Share of the voxels below AIR_HU from which a scan reads as CT in Hounsfield units (in_hounsfield_units)."""
+
+
+def in_hounsfield_units(image: sitk.Image) -> bool:
+    """Whether a scan reads as CT in Hounsfield units: at least AIR_SHARE of its voxels below AIR_HU. A CT stored
+    without its rescale (air at 0, water at 1024), MR, PET and CBCT in scanner units have none."""
+    return float(np.mean(sitk.GetArrayViewFromImage(image) < AIR_HU)) >= AIR_SHARE
+
+
+def intensity_method(requested: str, reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]]) -> str:
+    """'ct' or 'percentile', the normalisation of a series: 'auto' takes 'ct' when the reference is in Hounsfield
+    units, else 'percentile'. One window, the reference's, normalises every scan, so InputError when the scans are
+    not all in one unit (in HU or not), or when 'ct' is asked of a reference not in HU."""
+    in_hu = in_hounsfield_units(reference)
+    for t, image in follow_ups:
+        if in_hounsfield_units(image) != in_hu:
+            raise InputError(f"the follow-up at time {t:g} is {'not ' if in_hu else ''}in Hounsfield units but the "
+                             f"reference is{'' if in_hu else ' not'} (in HU, over {AIR_SHARE:.1%} of a scan's voxels "
+                             f"are air, below {AIR_HU:g}): give every scan in one unit, e.g. rescaled to HU")
+    if requested == "ct" and not in_hu:
+        raise InputError(f"--intensity ct needs CT in Hounsfield units, but under {AIR_SHARE:.1%} of the reference's "
+                         f"voxels are air (below {AIR_HU:g}): give --intensity auto or percentile, or rescale to HU")
+    if requested == "auto":
+        return "ct" if in_hu else "percentile"
+    return requested
 
 
 @dataclass(frozen=True)
@@ -23,7 +55,8 @@ class IntensityWindow:
 
     @classmethod
     def for_image(cls, image: sitk.Image, method: str) -> "IntensityWindow":
-        """'ct': the fixed CT_WINDOW in HU; 'percentile': the image's 0.5th to 99.5th percentile."""
+        """'ct': the fixed CT_WINDOW in HU; 'percentile': the image's 0.5th to 99.5th percentile (intensity_method
+        chooses)."""
         if method == "ct":
             return cls(*CT_WINDOW)
         low, high = np.percentile(np.asarray(sitk.GetArrayViewFromImage(image), np.float32), [0.5, 99.5])

@@ -300,14 +300,15 @@ PRESETS = {preset.name: preset for preset in (DEFAULT, PAPER)}
 class Options:
     """How to fit: preset, prior ('refnet' or 'image'; None: the preset's), continuous time or
     pairwise ("w/o t"), scheme ('long': reference -> each; 'short': previous -> next), affine
-    pre-alignment, intensity normalisation ('ct' or 'percentile'), device and seed."""
+    pre-alignment, intensity normalisation ('auto', 'ct' or 'percentile': preprocessing.intensity_method), device
+    and seed."""
 
     preset: Preset
     prior: str | None = None
     temporal: bool = True
     scheme: str = "long"
     prealign: bool = False
-    intensity: str = "ct"
+    intensity: str = "auto"
     device: str = "auto"
     seed: int = 0
 
