@@ -185,9 +185,37 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     if len(series) > 1:
         raise InputError(f"{what} folder {folder} holds {len(series)} DICOM series: give a folder "
                          "with exactly one")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
-    return reader.Execute()
+    reader.SetFileNames(files)
+    reader.SetSpacingWarningRelThreshold(float("inf"))     # _require_even_slices says it instead, in one line
+    image = reader.Execute()
+    _require_even_slices(image, files, folder, what)
+    return image
+
+
+SLICE_TOLERANCE_MM = 0.1
+"""How far (mm) a DICOM slice may lie from its place in the evenly spaced volume read from its series: positions
+rounded to a hundredth of a millimetre stay well below; a missing slice is a whole slice spacing off."""
+
+
+def _require_even_slices(image: sitk.Image, files: tuple[str, ...], folder: Path, what: str) -> None:
+    """InputError unless every slice file lies where the volume puts it (within SLICE_TOLERANCE_MM). ITK reads a
+    series as evenly spaced, spacing its slices by the mean step, whatever their positions: a missing slice, a change
+    of slice spacing or a tilted gantry would move every slice's anatomy without a word."""
+    reader = sitk.ImageFileReader()
+    worst, name = 0.0, ""
+    for k, file in enumerate(files):
+        reader.SetFileName(file)
+        reader.ReadImageInformation()
+        error = float(np.linalg.norm(np.subtract(reader.GetOrigin(), image.TransformIndexToPhysicalPoint((0, 0, k)))))
+        if error > worst:
+            worst, name = error, Path(file).name
+    if worst > SLICE_TOLERANCE_MM:
+        raise InputError(f"{what} folder {folder} is a DICOM series whose slices are not evenly spaced ({name} lies "
+                         f"{worst:.1f} mm from its place in the volume: a missing slice, a change of slice spacing or a "
+                         "tilted gantry): resample it to even slices (3D Slicer does on DICOM import) and save it as "
+                         "NRRD, or give the whole series")
 
 
 def _check_volume(image: sitk.Image, path, what: str) -> None:

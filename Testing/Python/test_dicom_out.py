@@ -3,6 +3,7 @@ Structure Sets and Deformable Spatial Registrations read back with pydicom refer
 follow-up's series and frames of reference, contours lie on the propagated labelmap's boundary,
 and the registration grid is the run's displacement field."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ pytest.importorskip("pydicomrt")
 from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
+from STNeRPLib.io import read_image  # noqa: E402
 from STNeRPLib.phantom import breathing_series  # noqa: E402
-from worker_cli import stnerp
+from test_worker import assert_rejected  # noqa: E402
+from worker_cli import stnerp  # noqa: E402
 
 REG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.3"
 
@@ -181,3 +184,31 @@ def test_dicom_out_refuses_inputs_that_are_not_dicom(tmp_path):
                     "--dicom-out", tmp_path / "out")
     assert result.returncode == 2 and "DICOM series folders" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dicom_series_with_a_missing_slice_is_refused_in_one_line(exported, tmp_path):
+    """ITK reads a series as evenly spaced, its spacing the mean step: with slice 12 of 24 missing, it put the slices
+    at 10.45 mm steps instead of 10, moving the anatomy up to 5 mm without a word. Refused, naming the slice."""
+    root, folders, *_ = exported
+    gap = tmp_path / "gap"
+    shutil.copytree(folders[1], gap)
+    (gap / "012.dcm").unlink()
+    for inputs in (["--reference", folders[0], "--follow-up", gap, 1], ["--reference", gap, "--follow-up", folders[1], 1]):
+        output = tmp_path / f"run_{len(list(tmp_path.iterdir()))}"
+        result = stnerp("train", *inputs, "--output", output, "--json-events")
+        assert_rejected(result, output, "not evenly spaced", "011.dcm", "5.0 mm")
+        assert "WARNING" not in result.stderr
+
+
+def test_a_dicom_series_with_positions_rounded_to_a_hundredth_of_a_millimetre_is_read(exported, tmp_path):
+    """Scanners round slice positions: a few thousandths of a millimetre off even steps is no reason to refuse."""
+    root, folders, *_ = exported
+    rounded = tmp_path / "rounded"
+    shutil.copytree(folders[1], rounded)
+    for k, path in enumerate(sorted(rounded.iterdir())):
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 0.004 * (-1) ** k]
+        ds.save_as(path, enforce_file_format=True)
+    image, original = read_image(rounded, "follow-up"), read_image(folders[1], "follow-up")
+    assert image.GetSize() == original.GetSize()
+    assert np.allclose(image.GetSpacing(), original.GetSpacing(), atol=0.01)
