@@ -72,6 +72,10 @@ def read_image(path: str | Path, what: str) -> sitk.Image:
 def read_labelmap(path: str | Path, grid: Grid, what: str) -> sitk.Image:
     """Read an integer labelmap that lies on `grid` and labels at least one voxel."""
     image = _read(Path(path), what)
+    if image.GetNumberOfComponentsPerPixel() > 1 or image.GetDimension() == 4:
+        raise InputError(f"{what} {path} holds several layers (overlapping segments, as 3D Slicer saves a .seg.nrrd, "
+                         "or one volume per structure): give one labelmap, one label per voxel (in Slicer: "
+                         "Segmentations module, export to a labelmap volume, and save that)")
     _check_volume(image, path, what)
     array = sitk.GetArrayViewFromImage(image)
     if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)) or array.min() < 0:

@@ -321,7 +321,7 @@ def image_file(tmp_path, name, array, like=None):
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "2d", "4d", "nan", "single", "duplicate",
-                                  "empty labelmap", "labelmap grid", "time not a number",
+                                  "empty labelmap", "labelmap grid", "labelmap layers", "time not a number",
                                   "label above 65535", "predict a scanned time"])
 def test_bad_input(case, phantom, tmp_path):
     series, files = phantom
@@ -338,6 +338,7 @@ def test_bad_input(case, phantom, tmp_path):
                            image_file(tmp_path, "empty.nrrd", np.zeros(series.images[0].GetSize()[::-1], np.uint8), series.images[0])],
         "labelmap grid": ["--follow-up", follow_up, 1, "--segmentation",
                           image_file(tmp_path, "other.nrrd", np.ones((8, 8, 8), np.uint8))],
+        "labelmap layers": ["--follow-up", follow_up, 1, "--segmentation", _layers(tmp_path, series.labelmaps[0])],
         "time not a number": ["--follow-up", follow_up, "one"],
         "label above 65535": ["--follow-up", follow_up, 1, "--segmentation", _large_label(tmp_path, series.labelmaps[0])],
         "predict a scanned time": ["--follow-up", follow_up, 1, "--predict-times", 1.0, "--iterations", 5],
@@ -345,6 +346,7 @@ def test_bad_input(case, phantom, tmp_path):
     words = {"missing": ["not found"], "corrupt": ["cannot read"], "2d": ["2-D"], "4d": ["4-D"],
              "nan": ["NaN"], "single": ["only one time point"], "duplicate": ["time 1"],
              "empty labelmap": ["empty"], "labelmap grid": ["another grid"],
+             "labelmap layers": ["several layers", "one label per voxel"],
              "time not a number": ["not a number"], "label above 65535": ["70000", "65535"],
              "predict a scanned time": ["time 1", "scanned time"]}[case]
     result, output = bad_run(tmp_path, "train", "--reference", reference, *arguments)
@@ -396,6 +398,15 @@ def _large_label(tmp_path, labelmap):
     array = sitk.GetArrayFromImage(labelmap).astype(np.uint32)
     array[array == 1] = 70000
     return image_file(tmp_path, "large.nrrd", array, labelmap)
+
+
+def _layers(tmp_path, labelmap):
+    """The labelmap as a segmentation of two overlapping layers, the tumour in the second (as 3D Slicer saves a
+    .seg.nrrd whose segments overlap: one component per layer)."""
+    tumour = sitk.Cast(labelmap == 1, sitk.sitkUInt8)
+    path = tmp_path / "layers.seg.nrrd"
+    sitk.WriteImage(sitk.Compose(sitk.Cast(labelmap, sitk.sitkUInt8), tumour), str(path))
+    return path
 
 
 def _corrupt(tmp_path):
