@@ -34,6 +34,7 @@ from .record import load_record
 from .integration import identity_grid, sample
 from .io import read_image
 from .model import SeriesModel
+from .preprocessing import CT_WINDOW
 from .presets import CHARBONNIER_EPSILON
 from .sampling import BODY_LEVEL, BODY_MARGIN_MM, STRUCTURE_BAND_MM
 from .warping import _to_index, invert
@@ -467,7 +468,17 @@ def _fit_section(record: dict) -> list[str]:
     else:
         rows = [row for entry in record["time_points"] if "defnet_iterations" in entry
                 for row in _fit_rows(entry, preset, f"pair {entry['reference_time']:g} → {entry['time']:g}: ")]
+    if record.get("intensity_window"):
+        rows.insert(0, ["intensities mapped to [0, 1]", _intensities(record["intensity_window"])])
     return ["<h2>Fit</h2>", _grid(["", ""], rows)] if rows else []
+
+
+def _intensities(window: list[float]) -> str:
+    """The run's intensity window (run.json's intensity_window) in words: the CT window, or the reference's
+    percentiles (preprocessing.intensity_method)."""
+    if tuple(window) == CT_WINDOW:
+        return f"the CT window, {CT_WINDOW[0]:g} to {CT_WINDOW[1]:g} HU"
+    return f"the reference's 0.5th to 99.5th percentiles, {window[0]:g} to {window[1]:g} (scans not in HU)"
 
 
 def _fit_rows(facts: dict, preset: dict, prefix: str) -> list[list[str]]:

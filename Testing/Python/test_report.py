@@ -93,9 +93,16 @@ def test_report_says_how_the_fit_went_as_run_json_records_it(run):
             "boundary), the rest uniformly within 9 mm of the body (voxels above 6.7% of the intensity window: "
             "-900 HU in CT)</td>") in page
     assert "<td>scans as fitted</td><td>as scanned</td>" in page                  # the default smooths nothing
+    assert "<td>intensities mapped to [0, 1]</td><td>the CT window, -1000 to 500 HU</td>" in page
     assert record["def_time_sigma"] == 0.25                                     # 3 scans: the default's 0.5 halved
     assert ("<td>Def-Net&#x27;s time scale (Fourier σ of time)</td><td>0.25, half the preset&#x27;s 0.5: a series of "
             "fewer than 5 scans</td>") in page
+
+
+def test_the_fit_table_says_a_run_on_scans_not_in_hounsfield_units_was_normalised_by_its_percentiles():
+    record = {"intensity_window": [12.0, 1843.5], "parameters": {"preset": {}}, "defnet_iterations": 10}
+    assert ("<td>intensities mapped to [0, 1]</td><td>the reference&#x27;s 0.5th to 99.5th percentiles, 12 to 1843.5 "
+            "(scans not in HU)</td>") in "".join(report._fit_section(record))
 
 
 @pytest.mark.parametrize("preset, says", [({}, "as scanned"), ({"smoothing_sigma": 0.0}, "as scanned"),
