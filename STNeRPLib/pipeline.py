@@ -29,7 +29,7 @@ from .record import RunRecord
 from .sampling import BODY_LEVEL, BODY_MARGIN_MM, body_voxels, structure_bands
 from .series import Series
 from .training import Progress, Target, fit_deformation, fit_reference, keep_below
-from .outputs import TimePoint, write_metrics_table, write_time_point
+from .outputs import TimePoint, labels_in, write_metrics_table, write_time_point
 from .warping import affine_matrix
 
 
@@ -327,8 +327,17 @@ def _run_long_range(series, options, folder, reporter, record, predict_times, ch
     written = {entry["time"] for entry in record.data["time_points"]}
     for index, point in enumerate(points, 1):
         if point.time not in written:
-            record.add_time_point(write_time_point(model, point, folder, series).entry)
+            record.add_time_point(_said(write_time_point(model, point, folder, series).entry, reporter))
         reporter.progress("outputs", index, len(points))
+
+
+def _said(entry: dict, reporter: Reporter) -> dict:
+    """The entry of a time point, its structures lost in propagation said in the log."""
+    if entry.get("labels_lost"):
+        labels = ", ".join(f"label {label}" for label in entry["labels_lost"])
+        reporter.message(f"time {entry['time']:g}: {labels} of the segmentation lost: no voxel of the propagated "
+                         "labelmap holds it (a structure about a voxel in size can fall between voxel centres)")
+    return entry
 
 
 def _fit_facts(model: SeriesModel, losses: list[tuple[str, int, float]]) -> dict:
@@ -358,6 +367,7 @@ def _run_short_range(series, options, folder, reporter, record, checkpoint_every
     starts from the seed, so a resumed run ends as an uninterrupted one."""
     images = series.images
     labelmap = sitk.GetArrayFromImage(series.segmentation) if series.segmentation is not None else None
+    structures = labels_in(labelmap) if labelmap is not None else None     # lost along the chain: against these
     unchained = replace(series, landmarks={})      # TRE is measured along the chain, below
     done = {entry["time"]: entry for entry in record.data["time_points"]}
     losses = [row for row in _read_losses(folder / "losses.csv") if row[0].split("->")[-1] in
@@ -377,7 +387,7 @@ def _run_short_range(series, options, folder, reporter, record, checkpoint_every
         record.set(losses="losses.csv")
         record.set(intensity_window=[model.window.low, model.window.high])
         point = TimePoint(t1, Grid.of(image1), image1, prealignments.get(t1))
-        written = write_time_point(model, point, folder, unchained)
+        written = write_time_point(model, point, folder, unchained, structures)
         written.entry.update(reference_time=t0, **_fit_facts(model, pair))
         del model
         if t1 in series.landmarks:
@@ -386,7 +396,7 @@ def _run_short_range(series, options, folder, reporter, record, checkpoint_every
         labelmap = written.labelmap
         if checkpoint is not None:           # this pair is written: its checkpoint is done with
             checkpoint.remove()
-        record.add_time_point(written.entry)
+        record.add_time_point(_said(written.entry, reporter))
 
 
 def _read_losses(path: Path) -> list[tuple[str, int, float]]:
@@ -421,6 +431,6 @@ def run_prediction(model_path: Path, times: list[float], folder: Path, reporter:
         raise InputError("this model was trained pairwise (w/o t) and cannot predict new times: "
                          "train with continuous time")
     for index, t in enumerate(times, 1):
-        record.add_time_point(write_time_point(model, TimePoint(t, model.grid), folder, None).entry)
+        record.add_time_point(_said(write_time_point(model, TimePoint(t, model.grid), folder, None).entry, reporter))
         reporter.progress("outputs", index, len(times))
     return _complete(record, folder)

@@ -545,15 +545,20 @@ def _final_weights(average_last: float) -> str:
 
 
 def _metrics_table(record: dict, names: Names) -> str:
+    """One row per time point; with a segmentation, the structures its propagated labelmap lost (labels_lost; a
+    record from before it has no such column)."""
     labels = sorted({int(k) for p in record["time_points"] for k in p["metrics"].get("dice", {})})
+    lost = any("labels_lost" in p for p in record["time_points"])
     head = ["time", "scanned", "folded voxels", "det J min", "det J max", "PSNR (dB)", "SSIM", "TRE mean (mm)",
-            "TRE max (mm)"] + [f"Dice {names[k]}" for k in labels]
+            "TRE max (mm)"] + [f"Dice {names[k]}" for k in labels] + (["structures lost"] if lost else [])
     rows = []
     for p in record["time_points"]:
         m = p["metrics"]
         values = [p["time"], "yes" if p.get("scanned") else "no (predicted)", m.get("folded_voxels"),
                   m.get("jacobian_min"), m.get("jacobian_max"), m.get("psnr"), m.get("ssim"), m.get("tre_mean"),
                   m.get("tre_max")] + [m.get("dice", {}).get(str(k)) for k in labels]
+        if lost:
+            values.append(", ".join(names[k] for k in p.get("labels_lost", [])) or "none")
         rows.append(values)
     return _grid(head, rows)
 

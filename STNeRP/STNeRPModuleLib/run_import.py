@@ -286,7 +286,8 @@ def _metric_number(value: object) -> float:
 def create_metrics_table(scene: slicer.vtkMRMLScene, name: str, time_points: Iterable[dict],
                          segment_map: list[dict] | None = None) -> slicer.vtkMRMLTableNode:
     """A NEW table node: one row per time point, columns time, scanned, folded voxels,
-    Jacobian min/max, PSNR, SSIM, Dice per segment (by name), TRE mean/std/max."""
+    Jacobian min/max, PSNR, SSIM, Dice per segment (by name), TRE mean/std/max and, for a run that
+    records them, the segments its propagated labelmap lost there (by name; "none")."""
     names = {str(e["value"]): e["name"] for e in (segment_map or [])}
     dice_keys = list(dict.fromkeys(str(k) for tp in time_points for k in (tp.get("metrics") or {}).get("dice") or {}))
     columns = [("time", "time"), ("scanned", "scanned"), ("folded_voxels", "folded voxels"),
@@ -303,6 +304,13 @@ def create_metrics_table(scene: slicer.vtkMRMLScene, name: str, time_points: Ite
         for tp in rows:
             array.InsertNextValue(_metric_number(_cell(tp, key)))
         table.AddColumn(array)
+    if any("labels_lost" in tp for tp in rows):
+        lost = vtk.vtkStringArray()
+        lost.SetName("segments lost")
+        for tp in rows:
+            lost_names = [names.get(str(k), f"label {k}") for k in tp.get("labels_lost", [])]
+            lost.InsertNextValue(", ".join(lost_names) or "none")
+        table.AddColumn(lost)
     table_node.Modified()
     return table_node
 

@@ -124,3 +124,32 @@ def test_a_model_saved_before_the_option_predicts_its_labels_nearest(tmp_path):
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "new" / point["labelmap"])))
     assert (written != carried[sitk.sitkNearestNeighbor]).sum() <= 2
     assert (written != carried[sitk.sitkLabelLinear]).sum() > 10
+
+
+def test_structures_lost_in_propagation_are_recorded_and_said(tmp_path):
+    """Where the lungs expand, nearest-neighbour carrying reads no reference voxel in places: a structure of one
+    such voxel has no voxel at that time. Three of them (labels 10-12), put into a trained model's segmentation at
+    lung voxels that no voxel of time 1 reads through the run's own displacement.nrrd, are lost by `stnerp predict
+    --times 1`: its labels_lost says so, as its written labelmap shows, and its log names them."""
+    run, series = _trained(tmp_path, "--label-interpolation", "nearest")
+    assert all(point["labels_lost"] == [] for point in run["time_points"])
+    field = sitk.ReadImage(str(tmp_path / "run" / run["time_points"][1]["displacement"]))
+    grid = Grid.of(field)
+    displacement = sitk.GetArrayFromImage(field).reshape(-1, 3)
+    read = np.rint(grid.to_index(grid.points() + displacement)).astype(int)   # (x, y, z) of each voxel of time 1
+    labels = sitk.GetArrayFromImage(series.labelmaps[0])
+    read = read[np.all((read >= 0) & (read < labels.shape[::-1]), axis=1)]     # the rest read beyond the grid
+    unread = np.ones(labels.shape, bool)
+    unread[read[:, 2], read[:, 1], read[:, 0]] = False
+    lost = np.argwhere(unread & np.isin(labels, (2, 3)))[::7][:3]
+    assert len(lost) == 3
+    model = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    for label, (z, y, x) in enumerate(lost, 10):
+        model["labelmap"][z, y, x] = label
+    torch.save(model, tmp_path / "run" / "model.pt")
+    result = stnerp("predict", "--run", tmp_path / "run", "--times", 1, "--output", tmp_path / "new")
+    assert result.returncode == 0, result.stderr
+    point = json.loads((tmp_path / "new" / "run.json").read_text())["time_points"][0]
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "new" / point["labelmap"])))
+    assert point["labels_lost"] == [10, 11, 12] and not np.isin(written, [10, 11, 12]).any()
+    assert "time 1: label 10, label 11, label 12 of the segmentation lost" in result.stderr

@@ -464,6 +464,19 @@ def test_module_sequences_browser_and_table(trained):
         assert cols["scanned"].GetValue(r) == (1.0 if by_time[t]["scanned"] else 0.0)
 
 
+def test_metrics_table_names_the_segments_a_time_point_lost():
+    """A run that records labels_lost gets a text column naming, per time, the segments its propagated labelmap
+    lost (by the segment map's names; "none"); a record from before it gets no such column."""
+    scene = slicer.vtkMRMLScene()
+    points = [{"time": 0.0, "metrics": {}, "labels_lost": []}, {"time": 2.0, "metrics": {}, "labels_lost": [2, 7]}]
+    segments = [{"value": 1, "name": "GTV"}, {"value": 2, "name": "node 4R"}]
+    table = run_import.create_metrics_table(scene, "m", points, segments).GetTable()
+    lost = table.GetColumnByName("segments lost")
+    assert [lost.GetValue(r) for r in range(2)] == ["none", "node 4R, label 7"]
+    before = run_import.create_metrics_table(scene, "old", [{"time": 0.0, "metrics": {}}], segments).GetTable()
+    assert before.GetColumnByName("segments lost") is None
+
+
 def test_module_results_are_new_nodes_under_one_folder(trained):
     scene, result = trained["scene"], trained["result"]
     sh = scene.GetSubjectHierarchyNode()

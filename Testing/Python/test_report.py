@@ -105,6 +105,15 @@ def test_the_fit_table_says_a_run_on_scans_not_in_hounsfield_units_was_normalise
             "(scans not in HU)</td>") in "".join(report._fit_section(record))
 
 
+def test_the_metrics_table_names_the_structures_each_time_lost():
+    points = [{"time": 0.0, "metrics": {}, "labels_lost": []}, {"time": 1.0, "metrics": {}, "labels_lost": [1, 4]}]
+    page = report._metrics_table({"time_points": points}, report.Names({1: "GTV"}))
+    assert "<th>structures lost</th>" in page
+    assert "<td>none</td>" in page and "<td>GTV, label 4</td>" in page
+    assert "structures lost" not in report._metrics_table({"time_points": [{"time": 0.0, "metrics": {}}]},
+                                                          report.Names())
+
+
 @pytest.mark.parametrize("preset, says", [({}, "as scanned"), ({"smoothing_sigma": 0.0}, "as scanned"),
                                           ({"smoothing_sigma": 1.25}, "smoothed by a Gaussian of 1.25 voxel")])
 def test_the_fit_table_says_what_the_fit_saw_of_the_scans(preset, says):
