@@ -12,7 +12,7 @@ from .geometry import Grid
 from .contract import write_json
 from .io import check_landmarks_inside, read_image, read_labelmap, read_landmarks
 from .metrics import score_time_point, target_registration_error
-from .preprocessing import IntensityWindow
+from .preprocessing import IntensityWindow, in_hounsfield_units, require_unit
 from .progress import Reporter
 from .record import load_record, require_complete
 
@@ -32,6 +32,7 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
         predicted = _output(run, _entry(entries, t, path), "image")
         actual = read_image(path, f"image at time {t:g}")
         _same_grid(actual, predicted, path)
+        require_unit(actual, in_hounsfield_units(predicted), f"image {path}", "the run's image at that time")
         parts[t]["images"] = tuple(window.normalise(sitk.GetArrayFromImage(i)) for i in (predicted, actual))
     for path, t in ground_truth:
         entry = _entry(entries, t, path)

@@ -28,16 +28,22 @@ def in_hounsfield_units(image: sitk.Image) -> bool:
     return float(np.mean(sitk.GetArrayViewFromImage(image) < AIR_HU)) >= AIR_SHARE
 
 
+def require_unit(image: sitk.Image, in_hu: bool, what: str, like: str) -> None:
+    """InputError unless `image` is in Hounsfield units exactly when `like` (whose in_hounsfield_units is in_hu) is:
+    one intensity window serves both."""
+    if in_hounsfield_units(image) != in_hu:
+        raise InputError(f"{what} is {'not ' if in_hu else ''}in Hounsfield units but {like} is"
+                         f"{'' if in_hu else ' not'} (in HU, over {AIR_SHARE:.1%} of a scan's voxels are air, below {AIR_HU:g}): give every "
+                         "scan in one unit, e.g. rescaled to HU")
+
+
 def intensity_method(requested: str, reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]]) -> str:
     """'ct' or 'percentile', the normalisation of a series: 'auto' takes 'ct' when the reference is in Hounsfield
     units, else 'percentile'. One window, the reference's, normalises every scan, so InputError when the scans are
     not all in one unit (in HU or not), or when 'ct' is asked of a reference not in HU."""
     in_hu = in_hounsfield_units(reference)
     for t, image in follow_ups:
-        if in_hounsfield_units(image) != in_hu:
-            raise InputError(f"the follow-up at time {t:g} is {'not ' if in_hu else ''}in Hounsfield units but the "
-                             f"reference is{'' if in_hu else ' not'} (in HU, over {AIR_SHARE:.1%} of a scan's voxels "
-                             f"are air, below {AIR_HU:g}): give every scan in one unit, e.g. rescaled to HU")
+        require_unit(image, in_hu, f"the follow-up at time {t:g}", "the reference")
     if requested == "ct" and not in_hu:
         raise InputError(f"--intensity ct needs CT in Hounsfield units, but under {AIR_SHARE:.1%} of the reference's "
                          f"voxels are air (below {AIR_HU:g}): give --intensity auto or percentile, or rescale to HU")

@@ -561,6 +561,20 @@ def test_evaluate_command_scores_a_run_against_ground_truth(trained, phantom, tm
     assert "| time |" in result.stderr          # the table goes to the log (stderr)
 
 
+def test_evaluate_refuses_an_image_in_another_unit_than_the_run(trained, phantom, tmp_path):
+    """The phase-1 scan stored without its rescale (air at 0, water at 1024) against a run in HU: one window cannot
+    normalise both, and its PSNR came out near 5 dB; refused in one line, and no evaluation is written."""
+    series, _ = phantom
+    _, output = trained
+    run = tmp_path / "run"
+    shutil.copytree(output, run)
+    stored = np.clip(np.rint(sitk.GetArrayFromImage(series.images[1]) + 1024), 0, 4095).astype(np.uint16)
+    result = stnerp("evaluate", "--run", run, "--image", image_file(tmp_path, "stored.nrrd", stored, series.images[1]),
+                    1, "--json-events")
+    assert_rejected(result, tmp_path / "no output", "stored.nrrd", "not in Hounsfield units")
+    assert not list(run.glob("evaluation*.json")) and json.loads((run / "run.json").read_text())["status"] == "complete"
+
+
 def test_readme_demo_command_at_small_size(tmp_path):
     """`stnerp demo --size 32 32 24 --iterations 10` (the README's first command, small) exits 0
     and prints its figures; its held-out PSNR is evaluation.json's, and its linear-interpolation
