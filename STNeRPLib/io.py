@@ -217,9 +217,9 @@ def _require_even_slices(image: sitk.Image, files: tuple[str, ...], folder: Path
             worst, name = error, Path(file).name
     if worst > SLICE_TOLERANCE_MM:
         raise InputError(f"{what} folder {folder} is a DICOM series whose slices are not evenly spaced ({name} lies "
-                         f"{worst:.1f} mm from its place in the volume: a missing slice, a change of slice spacing or a "
-                         "tilted gantry): resample it to even slices (3D Slicer does on DICOM import) and save it as "
-                         "NRRD, or give the whole series")
+                         f"{worst:.1f} mm from its place in the volume: a missing slice, a change of slice spacing or "
+                         "a tilted gantry): resample it to even slices (3D Slicer does on DICOM import) and save it "
+                         "as NRRD, or give the whole series")
 
 
 def _check_volume(image: sitk.Image, path, what: str) -> None:

@@ -33,8 +33,8 @@ def require_unit(image: sitk.Image, in_hu: bool, what: str, like: str) -> None:
     one intensity window serves both."""
     if in_hounsfield_units(image) != in_hu:
         raise InputError(f"{what} is {'not ' if in_hu else ''}in Hounsfield units but {like} is"
-                         f"{'' if in_hu else ' not'} (in HU, over {AIR_SHARE:.1%} of a scan's voxels are air, below {AIR_HU:g}): give every "
-                         "scan in one unit, e.g. rescaled to HU")
+                         f"{'' if in_hu else ' not'} (in HU, over {AIR_SHARE:.1%} of a scan's voxels are air, below "
+                         f"{AIR_HU:g}): give every scan in one unit, e.g. rescaled to HU")
 
 
 def intensity_method(requested: str, reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]]) -> str:

@@ -193,7 +193,8 @@ def test_a_dicom_series_with_a_missing_slice_is_refused_in_one_line(exported, tm
     gap = tmp_path / "gap"
     shutil.copytree(folders[1], gap)
     (gap / "012.dcm").unlink()
-    for inputs in (["--reference", folders[0], "--follow-up", gap, 1], ["--reference", gap, "--follow-up", folders[1], 1]):
+    for inputs in (["--reference", folders[0], "--follow-up", gap, 1],
+                   ["--reference", gap, "--follow-up", folders[1], 1]):
         output = tmp_path / f"run_{len(list(tmp_path.iterdir()))}"
         result = stnerp("train", *inputs, "--output", output, "--json-events")
         assert_rejected(result, output, "not evenly spaced", "011.dcm", "5.0 mm")
