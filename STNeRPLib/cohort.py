@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 from distributed import WorkerPlugin
 
 from .errors import InputError
+from .io import csv_delimiter, decimal_point
 from . import contract, threads
 from .contract import STATUS_COMPLETE, finite_or_none, json_line, read_run, write_json
 from .progress import Reporter
@@ -68,14 +69,15 @@ def read_cohort(path: Path) -> list[Patient]:
         raise InputError(f"cohort file {path} is not UTF-8 text: save it as CSV UTF-8") from None
     lines = [(number, line) for number, line in enumerate(text.splitlines(), 1)
              if line.strip() and not line.lstrip().startswith("#")]
-    header = [name.strip().lower() for name in next(csv.reader([lines[0][1]]))] if lines else []
+    delimiter = csv_delimiter(lines[0][1]) if lines else ","
+    header = [name.strip().lower() for name in next(csv.reader([lines[0][1]], delimiter=delimiter))] if lines else []
     missing = [column for column in COLUMNS if column not in header]
     if missing:
         raise InputError(f"cohort file {path} lacks the columns {', '.join(missing)}: its first line "
                          f"must be {','.join(COLUMNS)}")
     patients: dict[str, Patient] = {}
     for number, line in lines[1:]:
-        row = dict(zip(header, (value.strip() for value in next(csv.reader([line])))))
+        row = dict(zip(header, (value.strip() for value in next(csv.reader([line], delimiter=delimiter)))))
         patient_id = row.get("patient", "")
         if not _PATIENT_ID.fullmatch(patient_id):
             raise InputError(f"cohort file {path}, line {number}: patient '{patient_id}' cannot name a "
@@ -83,7 +85,7 @@ def read_cohort(path: Path) -> list[Patient]:
         file = row.get("path", "")
         absolute = os.path.abspath(path.parent / Path(file).expanduser()) if file else ""
         patients.setdefault(patient_id, Patient(patient_id)).rows.append(
-            (row.get("role", "").lower(), absolute, row.get("time", "")))
+            (row.get("role", "").lower(), absolute, decimal_point(row.get("time", ""), delimiter)))
     if not patients:
         raise InputError(f"cohort file {path} lists no series: add rows {','.join(COLUMNS)}")
     return list(patients.values())

@@ -95,6 +95,17 @@ def read_labelmap(path: str | Path, grid: Grid, what: str) -> sitk.Image:
 LANDMARK_COLUMNS = ("time", "x", "y", "z", "ref_x", "ref_y", "ref_z")
 
 
+def csv_delimiter(header: str) -> str:
+    """The separator of a user's CSV file, from its header line: ';' when the header has semicolons and no comma
+    (Excel saves "CSV" so in a locale that writes decimal commas, 1,5), else ','."""
+    return ";" if ";" in header and "," not in header else ","
+
+
+def decimal_point(text: str, delimiter: str) -> str:
+    """A number's text as Python reads it: in a file separated by ';', a decimal comma (1,5) becomes 1.5."""
+    return text.replace(",", ".") if delimiter == ";" else text
+
+
 def read_landmarks(path: str | Path) -> dict[float, tuple[np.ndarray, np.ndarray]]:
     """Landmark pairs per time: (points in the time-t image, matching reference points), LPS mm.
 
@@ -105,14 +116,16 @@ def read_landmarks(path: str | Path) -> dict[float, tuple[np.ndarray, np.ndarray
         raise InputError(f"landmark file not found: {path}: check the path")
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:   # -sig: a byte order mark (Excel) is not a header
-            reader = csv.DictReader(handle)
+            delimiter = csv_delimiter(handle.readline())
+            handle.seek(0)
+            reader = csv.DictReader(handle, delimiter=delimiter)
             missing = [c for c in LANDMARK_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise InputError(f"landmark file {path} lacks the columns {', '.join(missing)}: "
                                  f"its header must be {','.join(LANDMARK_COLUMNS)} (LPS mm)")
             try:
-                rows = [[float(row[c]) for c in LANDMARK_COLUMNS] for row in reader]
-            except (TypeError, ValueError):
+                rows = [[float(decimal_point(row[c], delimiter)) for c in LANDMARK_COLUMNS] for row in reader]
+            except (TypeError, ValueError, AttributeError):                  # AttributeError: a short row's None
                 raise InputError(f"landmark file {path} has a row that is not all numbers") from None
     except UnicodeDecodeError:
         raise InputError(f"landmark file {path} is not a text (CSV) file: give a CSV with the header "

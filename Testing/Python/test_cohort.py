@@ -201,6 +201,16 @@ def test_a_manifest_saved_with_a_byte_order_mark_is_read_and_one_in_another_enco
         read_cohort(cohort)
 
 
+def test_a_manifest_saved_with_semicolons_and_decimal_commas_is_read(tmp_path):
+    """Excel in a locale that writes 1,5 saves "CSV" separated by semicolons; a time may then read 1,5. The patient
+    gets the same files and times as from the comma-separated manifest (a comma in a path stays a comma)."""
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("patient;role;path;time\r\np01;reference;ct0.nrrd;0\r\np01;follow-up;week 1, am.nrrd;7,5\r\n")
+    (patient,) = read_cohort(cohort)
+    assert patient.rows == [("reference", str(tmp_path / "ct0.nrrd"), "0"),
+                            ("follow-up", str(tmp_path / "week 1, am.nrrd"), "7.5")]
+
+
 @pytest.mark.parametrize("rows, message", [
     ("a,reference,ct0.nrrd,0\na,segmentation,seg.nrrd,0\n", "has a time: leave the time column empty"),
     ("a,reference,ct0.nrrd,0\na,follow-up,ct1.nrrd,\n", "has no time: give its time"),

@@ -143,6 +143,16 @@ def test_landmarks_saved_with_a_byte_order_mark_are_read(tmp_path):
     assert np.array_equal(pairs[1.0][1], [[1, 2, 3]])
 
 
+def test_landmarks_saved_with_semicolons_and_decimal_commas_are_read(tmp_path):
+    """Excel in a locale that writes 1,5 (German, French, ...) saves "CSV" separated by semicolons, with decimal
+    commas; the header then read as one column, 'lacks the columns time'. The same landmarks are read."""
+    path = tmp_path / "landmarks.csv"
+    path.write_bytes("time;x;y;z;ref_x;ref_y;ref_z\r\n1,5;-12,25;0;3,5;1;2,75;-3\r\n".encode("utf-8-sig"))
+    pairs = read_landmarks(path)
+    assert list(pairs) == [1.5]
+    assert np.array_equal(pairs[1.5][0], [[-12.25, 0, 3.5]]) and np.array_equal(pairs[1.5][1], [[1, 2.75, -3]])
+
+
 def _nrrd_encoding(path) -> str:
     header = path.read_bytes()[:2000].split(b"\n\n")[0].decode()
     return next(line.split(":")[1].strip() for line in header.splitlines() if line.startswith("encoding:"))
