@@ -162,8 +162,8 @@ def dicom_command(args, reporter: Reporter) -> int:
 def _dicom_from(run: Path, folder: Path, label_names: str | None, reporter: Reporter) -> int:
     """Export a complete run's contours and fields as DICOM; a failure leaves the run complete."""
     from .dicom_out import write_dicom
-    return _guarded(lambda: reporter.message(f"DICOM: {len(write_dicom(run, folder, label_names))} files in {folder}"),
-                    reporter)
+    return _guarded(lambda: reporter.message(
+        f"DICOM: {len(write_dicom(run, folder, label_names, reporter.message))} files in {folder}"), reporter)
 
 
 def _report_quietly(record: RunRecord, reporter: Reporter) -> None:

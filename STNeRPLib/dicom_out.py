@@ -12,6 +12,7 @@ small-contour removal), so every point lies within half a voxel of the labelmap'
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -38,8 +39,10 @@ def check_dicom_inputs(reference: str, follow_ups: list[tuple[str, float]]) -> N
         raise InputError("--dicom-out needs pydicomrt: pip install 'stnerp[dicom]'") from None
 
 
-def write_dicom(run: Path, folder: Path, label_names: str | None = None) -> list[Path]:
-    """Write RTSTRUCT and REG files per follow-up of a complete run into folder/t_<time>/."""
+def write_dicom(run: Path, folder: Path, label_names: str | None = None,
+                say: Callable[[str], None] = lambda line: None) -> list[Path]:
+    """Write RTSTRUCT and REG files per follow-up of a complete run into folder/t_<time>/; `say` is told of each
+    structure a follow-up's RTSTRUCT has no contour of (lost in propagation: run.json's labels_lost)."""
     from pydicomrt.reg import DeformableSpatialRegistrationBuilder
     from pydicomrt.rs import RTStructBuilder
 
@@ -58,6 +61,9 @@ def write_dicom(run: Path, folder: Path, label_names: str | None = None) -> list
         series, entry = read_series(Path(path)), entries[t]
         out = folder / time_point_folder(t)
         out.mkdir(parents=True, exist_ok=True)
+        if entry.get("labels_lost"):
+            say(f"t={t:g}: RTSTRUCT.dcm has no contour of {', '.join(names[label] for label in entry['labels_lost'])}: "
+                "lost in propagation (no voxel of the propagated labelmap holds it)")
         if entry.get("labelmap"):
             builder = RTStructBuilder(series).set_structure_set_label(f"STNeRP t={t:g}"[:16])
             labels = sitk.ReadImage(str(run / entry["labelmap"]))

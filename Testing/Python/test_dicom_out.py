@@ -15,6 +15,7 @@ pytest.importorskip("pydicomrt")
 from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
+from STNeRPLib.geometry import Grid  # noqa: E402
 from STNeRPLib.io import read_image  # noqa: E402
 from STNeRPLib.phantom import breathing_series  # noqa: E402
 from test_worker import assert_rejected  # noqa: E402
@@ -213,3 +214,42 @@ def test_a_dicom_series_with_positions_rounded_to_a_hundredth_of_a_millimetre_is
     image, original = read_image(rounded, "follow-up"), read_image(folders[1], "follow-up")
     assert image.GetSize() == original.GetSize()
     assert np.allclose(image.GetSpacing(), original.GetSpacing(), atol=0.01)
+
+
+def test_dicom_says_which_structures_a_follow_ups_rtstruct_has_no_contour_of(exported, tmp_path):
+    """A structure lost in propagation has no contour at that time, so no ROI in its RTSTRUCT: `stnerp dicom` says
+    so, by name. Drawn uniformly under the squared error the fit does not read the segmentation, so one-voxel
+    structures ('node 10', 'node 11') put at lung voxels that no voxel of time 1 reads (nearest carrying, the run's
+    own field) are lost there."""
+    root, folders, *_ = exported
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "labelmap_0.nrrd")))
+    reference = sitk.ReadImage(str(root / "labelmap_0.nrrd"))
+
+    def trained(name: str, labelmap: np.ndarray) -> Path:
+        image = sitk.GetImageFromArray(labelmap)
+        image.CopyInformation(reference)
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nrrd"))
+        run = tmp_path / name
+        result = stnerp("train", "--reference", folders[0], "--follow-up", folders[1], 1, "--segmentation",
+                        tmp_path / f"{name}.nrrd", "--label-interpolation", "nearest", "--structure-points", 0,
+                        "--similarity", "mse", "--iterations", 20, "--output", run, "--no-report")
+        assert result.returncode == 0, result.stderr
+        return run
+
+    plain = trained("plain", labels)
+    field = sitk.ReadImage(str(plain / "t_1" / "displacement.nrrd"))
+    grid = Grid.of(field)
+    read = np.rint(grid.to_index(grid.points() + sitk.GetArrayFromImage(field).reshape(-1, 3))).astype(int)
+    read = read[np.all((read >= 0) & (read < labels.shape[::-1]), axis=1)]
+    unread = np.ones(labels.shape, bool)
+    unread[read[:, 2], read[:, 1], read[:, 0]] = False
+    for label, (z, y, x) in enumerate(np.argwhere(unread & np.isin(labels, (2, 3)))[::7][:2], 10):
+        labels[z, y, x] = label
+    run = trained("marked", labels)
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"1": "GTV", "10": "node 10", "11": "node 11"}))
+    result = stnerp("dicom", "--run", run, "--dicom-out", tmp_path / "out", "--label-names", names)
+    assert result.returncode == 0, result.stderr
+    assert "t=1: RTSTRUCT.dcm has no contour of node 10, node 11: lost in propagation" in result.stderr
+    rois = [roi.ROIName for roi in pydicom.dcmread(tmp_path / "out" / "t_1" / "RTSTRUCT.dcm").StructureSetROISequence]
+    assert "GTV" in rois and not {"node 10", "node 11"} & set(rois)
