@@ -15,9 +15,9 @@ pytest.importorskip("pydicomrt")
 from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
-from STNeRPLib.geometry import Grid  # noqa: E402
 from STNeRPLib.io import read_image  # noqa: E402
 from STNeRPLib.phantom import breathing_series  # noqa: E402
+from test_label_propagation import unread_lung_voxels  # noqa: E402
 from test_worker import assert_rejected  # noqa: E402
 from worker_cli import stnerp  # noqa: E402
 
@@ -237,13 +237,7 @@ def test_dicom_says_which_structures_a_follow_ups_rtstruct_has_no_contour_of(exp
         return run
 
     plain = trained("plain", labels)
-    field = sitk.ReadImage(str(plain / "t_1" / "displacement.nrrd"))
-    grid = Grid.of(field)
-    read = np.rint(grid.to_index(grid.points() + sitk.GetArrayFromImage(field).reshape(-1, 3))).astype(int)
-    read = read[np.all((read >= 0) & (read < labels.shape[::-1]), axis=1)]
-    unread = np.ones(labels.shape, bool)
-    unread[read[:, 2], read[:, 1], read[:, 0]] = False
-    for label, (z, y, x) in enumerate(np.argwhere(unread & np.isin(labels, (2, 3)))[::7][:2], 10):
+    for label, (z, y, x) in enumerate(unread_lung_voxels(plain / "t_1" / "displacement.nrrd", labels, 2), 10):
         labels[z, y, x] = label
     run = trained("marked", labels)
     names = tmp_path / "names.json"

@@ -2,6 +2,7 @@
 paper's eq. 7-8) and label-wise trilinear (the default), checked against ITK's own interpolators and
 against a ball shrunk by a known motion."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +127,21 @@ def test_a_model_saved_before_the_option_predicts_its_labels_nearest(tmp_path):
     assert (written != carried[sitk.sitkLabelLinear]).sum() > 10
 
 
+def unread_lung_voxels(displacement: Path, labels: np.ndarray, count: int) -> np.ndarray:
+    """(z, y, x) of `count` lung voxels (labels 2, 3) of the reference labelmap that no voxel of a time reads by
+    nearest carrying through that time's displacement.nrrd (every 7th of them): a one-voxel structure there is
+    lost at that time."""
+    field = sitk.ReadImage(str(displacement))
+    grid = Grid.of(field)
+    read = np.rint(grid.to_index(grid.points() + sitk.GetArrayFromImage(field).reshape(-1, 3))).astype(int)
+    read = read[np.all((read >= 0) & (read < labels.shape[::-1]), axis=1)]     # the rest read beyond the grid
+    unread = np.ones(labels.shape, bool)
+    unread[read[:, 2], read[:, 1], read[:, 0]] = False
+    voxels = np.argwhere(unread & np.isin(labels, (2, 3)))[::7][:count]
+    assert len(voxels) == count
+    return voxels
+
+
 def test_structures_lost_in_propagation_are_recorded_and_said(tmp_path):
     """Where the lungs expand, nearest-neighbour carrying reads no reference voxel in places: a structure of one
     such voxel has no voxel at that time. Three of them (labels 10-12), put into a trained model's segmentation at
@@ -133,16 +149,8 @@ def test_structures_lost_in_propagation_are_recorded_and_said(tmp_path):
     --times 1`: its labels_lost says so, as its written labelmap shows, and its log names them."""
     run, series = _trained(tmp_path, "--label-interpolation", "nearest")
     assert all(point["labels_lost"] == [] for point in run["time_points"])
-    field = sitk.ReadImage(str(tmp_path / "run" / run["time_points"][1]["displacement"]))
-    grid = Grid.of(field)
-    displacement = sitk.GetArrayFromImage(field).reshape(-1, 3)
-    read = np.rint(grid.to_index(grid.points() + displacement)).astype(int)   # (x, y, z) of each voxel of time 1
-    labels = sitk.GetArrayFromImage(series.labelmaps[0])
-    read = read[np.all((read >= 0) & (read < labels.shape[::-1]), axis=1)]     # the rest read beyond the grid
-    unread = np.ones(labels.shape, bool)
-    unread[read[:, 2], read[:, 1], read[:, 0]] = False
-    lost = np.argwhere(unread & np.isin(labels, (2, 3)))[::7][:3]
-    assert len(lost) == 3
+    lost = unread_lung_voxels(tmp_path / "run" / run["time_points"][1]["displacement"],
+                              sitk.GetArrayFromImage(series.labelmaps[0]), 3)
     model = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     for label, (z, y, x) in enumerate(lost, 10):
         model["labelmap"][z, y, x] = label
@@ -176,13 +184,9 @@ def test_a_structure_lost_along_the_short_range_chain_stays_listed_at_every_late
         return {p["time"]: p for p in json.loads((tmp_path / name / "run.json").read_text())["time_points"]}
 
     plain = short_range("plain", series.labelmaps[0])
-    field = sitk.ReadImage(str(tmp_path / "plain" / plain[1.0]["displacement"]))
-    grid = Grid.of(field)
-    read = np.rint(grid.to_index(grid.points() + sitk.GetArrayFromImage(field).reshape(-1, 3))).astype(int)
-    read = read[np.all((read >= 0) & (read < labels.shape[::-1]), axis=1)]
-    unread = np.ones(labels.shape, bool)
-    unread[read[:, 2], read[:, 1], read[:, 0]] = False
-    for label, (z, y, x) in enumerate(np.argwhere(unread & np.isin(labels, (2, 3)))[::7][:3], 10):
+    displacement = tmp_path / "plain" / plain[1.0]["displacement"]
+    field = sitk.ReadImage(str(displacement))
+    for label, (z, y, x) in enumerate(unread_lung_voxels(displacement, labels, 3), 10):
         labels[z, y, x] = label
     segmentation = sitk.GetImageFromArray(labels)
     segmentation.CopyInformation(series.labelmaps[0])
