@@ -206,8 +206,9 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.SetSpacingWarningRelThreshold(float("inf"))     # _require_even_slices says it instead, in one line
+    reader.MetaDataDictionaryArrayUpdateOn()                 # each slice's header, as read: its position
     image = reader.Execute()
-    _require_even_slices(image, files, folder, what)
+    _require_even_slices(image, reader, files, folder, what)
     return image
 
 
@@ -216,16 +217,22 @@ SLICE_TOLERANCE_MM = 0.1
 rounded to a hundredth of a millimetre stay well below; a missing slice is a whole slice spacing off."""
 
 
-def _require_even_slices(image: sitk.Image, files: tuple[str, ...], folder: Path, what: str) -> None:
-    """InputError unless every slice file lies where the volume puts it (within SLICE_TOLERANCE_MM). ITK reads a
-    series as evenly spaced, spacing its slices by the mean step, whatever their positions: a missing slice, a change
-    of slice spacing or a tilted gantry would move every slice's anatomy without a word."""
-    reader = sitk.ImageFileReader()
+POSITION_TAG = "0020|0032"
+"""Image Position (Patient): the LPS mm of a DICOM slice's first voxel."""
+
+
+def _require_even_slices(image: sitk.Image, reader: sitk.ImageSeriesReader, files: tuple[str, ...], folder: Path,
+                         what: str) -> None:
+    """InputError unless every slice file lies where the volume puts it (within SLICE_TOLERANCE_MM), from the
+    positions in the slices' headers as `reader` read them. ITK reads a series as evenly spaced, spacing its slices
+    by the mean step, whatever their positions: a missing slice, a change of slice spacing or a tilted gantry would
+    move every slice's anatomy without a word."""
     worst, name = 0.0, ""
     for k, file in enumerate(files):
-        reader.SetFileName(file)
-        reader.ReadImageInformation()
-        error = float(np.linalg.norm(np.subtract(reader.GetOrigin(), image.TransformIndexToPhysicalPoint((0, 0, k)))))
+        if not reader.HasMetaDataKey(k, POSITION_TAG):
+            continue                                          # no position to compare (ITK could not place it either)
+        position = [float(v) for v in reader.GetMetaData(k, POSITION_TAG).split("\\")]
+        error = float(np.linalg.norm(np.subtract(position, image.TransformIndexToPhysicalPoint((0, 0, k)))))
         if error > worst:
             worst, name = error, Path(file).name
     if worst > SLICE_TOLERANCE_MM:

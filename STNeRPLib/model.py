@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,11 @@ from .presets import Preset
 
 #: version of the model file's layout; a file of another version is refused with one line
 MODEL_FORMAT = 1
+
+
+def labels_in(labelmap: np.ndarray) -> list[int]:
+    """The labels (> 0) that at least one voxel of a labelmap holds."""
+    return [int(label) for label in np.flatnonzero(np.bincount(labelmap.ravel(), minlength=1)) if label > 0]
 
 
 @dataclass
@@ -63,6 +69,11 @@ class SeriesModel:
     def scan(self, t: float) -> sitk.Image:
         """The scan at scanned time t on the reference grid, in its own units (not a copy)."""
         return self.reference if t == self.reference_time else self.follow_ups[t]
+
+    @cached_property
+    def structures(self) -> list[int]:
+        """The labels the reference labelmap holds ([] without one), found once for every time point written."""
+        return labels_in(self.labelmap) if self.labelmap is not None else []
 
     def field_of_view(self, t: float) -> sitk.Image | None:
         """uint8 mask of the scan at time t's field of view on the reference grid (None: all of it)."""

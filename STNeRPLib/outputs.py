@@ -14,7 +14,7 @@ from .contract import time_point_folder
 from .geometry import Grid
 from .io import write_image
 from .metrics import folding_statistics, jacobian_determinant, score_time_point
-from .model import SeriesModel
+from .model import SeriesModel, labels_in
 from .warping import inverse_displacement, warp
 
 if TYPE_CHECKING:
@@ -45,8 +45,8 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
     """Write displacement, Jacobian, labelmap, predicted image and the inverse displacement
     (reference -> time t, on the reference grid) at one time, with their metrics. Each whole-volume
     array is let go as soon as it is written and measured (memory: about two fields at a time).
-    With a labelmap, the entry's labels_lost lists the structures (labels; default: those of the model's
-    labelmap) that no voxel of the propagated labelmap holds."""
+    With a labelmap, the entry's labels_lost lists the structures (labels; default: SeriesModel.structures, those
+    of the model's labelmap) that no voxel of the propagated labelmap holds."""
     name = time_point_folder(point.time)
     files = {"displacement": f"{name}/displacement.nrrd", "jacobian": f"{name}/jacobian.nrrd",
              "image": f"{name}/image.nrrd", "inverse_displacement": f"{name}/inverse_displacement.nrrd",
@@ -70,14 +70,9 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
              "image_sources": warped.image_sources, "metrics": metrics,
              "prealignment": point.prealignment.tolist() if point.prealignment is not None else None}
     if warped.labelmap is not None:
-        expected = structures if structures is not None else labels_in(model.labelmap)
+        expected = structures if structures is not None else model.structures
         entry["labels_lost"] = sorted(set(expected) - set(labels_in(warped.labelmap)))
     return Written(entry, warped.labelmap)
-
-
-def labels_in(labelmap: np.ndarray) -> list[int]:
-    """The labels (> 0) that at least one voxel of a labelmap holds."""
-    return [int(label) for label in np.flatnonzero(np.bincount(labelmap.ravel(), minlength=1)) if label > 0]
 
 
 def time_point_metrics(model: SeriesModel, point: TimePoint, warped, field_image: sitk.Image,

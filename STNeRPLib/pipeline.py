@@ -19,7 +19,7 @@ from .deformation import Deformation
 from .errors import InputError
 from .geometry import Grid
 from .metrics import map_points, target_registration_error
-from .model import SeriesModel, new_ref_net, normalise_time
+from .model import SeriesModel, labels_in, new_ref_net, normalise_time
 from .networks import RefNet
 from .preprocessing import IntensityWindow, affine_prealignment, intensity_method, on_grid, smoothed
 from .presets import Options, Preset
@@ -29,7 +29,7 @@ from .record import RunRecord
 from .sampling import BODY_LEVEL, BODY_MARGIN_MM, body_voxels, structure_bands
 from .series import Series
 from .training import Progress, Target, fit_deformation, fit_reference, keep_below
-from .outputs import TimePoint, labels_in, write_metrics_table, write_time_point
+from .outputs import TimePoint, write_metrics_table, write_time_point
 from .warping import affine_matrix
 
 
