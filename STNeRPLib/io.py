@@ -227,19 +227,40 @@ def _require_even_slices(image: sitk.Image, reader: sitk.ImageSeriesReader, file
     positions in the slices' headers as `reader` read them. ITK reads a series as evenly spaced, spacing its slices
     by the mean step, whatever their positions: a missing slice, a change of slice spacing or a tilted gantry would
     move every slice's anatomy without a word."""
+    positions = {k: [float(v) for v in reader.GetMetaData(k, POSITION_TAG).split("\\")]
+                 for k in range(len(files)) if reader.HasMetaDataKey(k, POSITION_TAG)}   # else ITK could not place it
+    _refuse_repeated_positions(positions, files, folder, what)
     worst, name = 0.0, ""
-    for k, file in enumerate(files):
-        if not reader.HasMetaDataKey(k, POSITION_TAG):
-            continue                                          # no position to compare (ITK could not place it either)
-        position = [float(v) for v in reader.GetMetaData(k, POSITION_TAG).split("\\")]
+    for k, position in positions.items():
         error = float(np.linalg.norm(np.subtract(position, image.TransformIndexToPhysicalPoint((0, 0, k)))))
         if error > worst:
-            worst, name = error, Path(file).name
+            worst, name = error, Path(files[k]).name
     if worst > SLICE_TOLERANCE_MM:
         raise InputError(f"{what} folder {folder} is a DICOM series whose slices are not evenly spaced ({name} lies "
                          f"{worst:.1f} mm from its place in the volume: a missing slice, a change of slice spacing or "
                          "a tilted gantry): resample it to even slices (3D Slicer does on DICOM import) and save it "
                          "as NRRD, or give the whole series")
+
+
+def _refuse_repeated_positions(positions: dict[int, list[float]], files: tuple[str, ...], folder: Path,
+                               what: str) -> None:
+    """InputError when slices of the series share a position (within SLICE_TOLERANCE_MM): the phases of a 4-D CT,
+    or several acquisitions, exported under one Series Instance UID."""
+    first: dict[tuple[int, ...], int] = {}
+    repeats = []
+    for k, position in positions.items():
+        key = tuple(np.rint(np.divide(position, SLICE_TOLERANCE_MM)).astype(int))
+        if key in first:
+            repeats.append((first[key], k))
+        else:
+            first[key] = k
+    if repeats:
+        a, b = repeats[0]
+        raise InputError(f"{what} folder {folder} is one DICOM series holding {len(repeats)} slice positions twice "
+                         f"or more ({Path(files[a]).name} and {Path(files[b]).name} both at "
+                         f"{', '.join(f'{v:g}' for v in positions[a])} mm): several phases or acquisitions in one "
+                         "series (a 4-D CT?): give one folder per phase (3D Slicer's DICOM module offers each phase "
+                         "of such a series as a volume of its own, by acquisition number or by time, to save as NRRD)")
 
 
 def _check_volume(image: sitk.Image, path, what: str) -> None:

@@ -202,6 +202,23 @@ def test_a_dicom_series_with_a_missing_slice_is_refused_in_one_line(exported, tm
         assert "WARNING" not in result.stderr
 
 
+def test_a_dicom_series_holding_two_phases_at_the_same_positions_is_refused_as_such(exported, tmp_path):
+    """A 4-D CT exported as one series (every phase's slices under one Series Instance UID) was refused as unevenly
+    spaced, with the advice to resample it: its slices repeat positions. Refused as several phases in one series."""
+    root, folders, *_ = exported
+    both = tmp_path / "both"
+    shutil.copytree(folders[0], both)
+    series = pydicom.dcmread(both / "000.dcm").SeriesInstanceUID
+    for path in sorted(folders[1].iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.InstanceNumber = series, ds.InstanceNumber + 100
+        ds.save_as(both / f"phase_1_{path.name}", enforce_file_format=True)
+    output = tmp_path / "run"
+    result = stnerp("train", "--reference", both, "--follow-up", folders[1], 1, "--output", output, "--json-events")
+    assert_rejected(result, output, "24 slice positions twice", "several phases or acquisitions in one series")
+    assert "evenly spaced" not in result.stderr
+
+
 def test_a_dicom_series_with_positions_rounded_to_a_hundredth_of_a_millimetre_is_read(exported, tmp_path):
     """Scanners round slice positions: a few thousandths of a millimetre off even steps is no reason to refuse."""
     root, folders, *_ = exported
