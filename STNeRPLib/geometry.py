@@ -89,6 +89,19 @@ class Grid:
                 and np.allclose(self.origin, other.origin, atol=tolerance)
                 and np.allclose(self.direction, other.direction, atol=tolerance))
 
+    def offset_in(self, other: "Grid", tolerance: float = 1e-3) -> tuple[int, int, int] | None:
+        """The index in `other` of this grid's voxel (0, 0, 0) when every voxel of this grid is a voxel of
+        `other`'s lattice (same spacing and direction, origin a whole number of voxels off, within `tolerance`
+        of a voxel), else None. The grids' sizes may differ: a crop or a padding of `other`."""
+        if not (np.allclose(self.spacing, other.spacing, atol=1e-4)
+                and np.allclose(self.direction, other.direction, atol=1e-4)):
+            return None
+        index = other.to_index(np.array([self.origin]))[0]
+        whole = np.rint(index)
+        if np.abs(index - whole).max() > tolerance:
+            return None
+        return tuple(int(v) for v in whole)
+
     def to_dict(self) -> dict:
         return {"size": list(self.size), "spacing": list(self.spacing),
                 "origin": list(self.origin), "direction": list(self.direction)}

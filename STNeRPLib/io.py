@@ -70,12 +70,15 @@ def read_image(path: str | Path, what: str) -> sitk.Image:
 
 
 def read_labelmap(path: str | Path, grid: Grid, what: str) -> sitk.Image:
-    """Read an integer labelmap that lies on `grid` and labels at least one voxel."""
+    """Read an integer labelmap on `grid` (or on a crop or padding of it: placed on it) that labels at least
+    one voxel."""
     image = _read(Path(path), what)
     if image.GetNumberOfComponentsPerPixel() > 1 or image.GetDimension() == 4:
         raise InputError(f"{what} {path} holds several layers (overlapping segments, as 3D Slicer saves a .seg.nrrd, "
                          "or one volume per structure): give one labelmap, one label per voxel (in Slicer: "
                          "Segmentations module, export to a labelmap volume, and save that)")
+    if image.GetDimension() == 3 and not Grid.of(image).matches(grid):
+        image = _placed_on(image, grid, path, what)
     _check_volume(image, path, what)
     array = sitk.GetArrayViewFromImage(image)
     if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)) or array.min() < 0:
@@ -86,10 +89,29 @@ def read_labelmap(path: str | Path, grid: Grid, what: str) -> sitk.Image:
     if array.max() > MAX_LABEL:
         raise InputError(f"{what} {path} has label {int(array.max())}, above {MAX_LABEL}, the largest "
                          "label kept: renumber its labels")
-    if not Grid.of(image).matches(grid):
+    return sitk.Cast(image, sitk.sitkUInt16)
+
+
+def _placed_on(labelmap: sitk.Image, grid: Grid, path: str | Path, what: str) -> sitk.Image:
+    """A labelmap whose voxels are voxels of `grid` (cropped to its segments or padded beyond the image, as 3D
+    Slicer exports a segmentation) placed on `grid`, unlabelled elsewhere; InputError when it lies on another
+    lattice or labels a voxel outside `grid`."""
+    offset = Grid.of(labelmap).offset_in(grid)
+    if offset is None:
         raise InputError(f"{what} {path} is on another grid than its image: resample it onto "
                          "that image's grid (same size, spacing, origin, direction)")
-    return sitk.Cast(image, sitk.sitkUInt16)
+    source = sitk.GetArrayViewFromImage(labelmap)
+    low = np.maximum(offset[::-1], 0)                              # (z, y, x) on `grid`
+    high = np.minimum(np.add(offset[::-1], source.shape), grid.shape)
+    kept = tuple(slice(a - o, b - o) for a, b, o in zip(low, high, offset[::-1]))
+    array = np.zeros(grid.shape, source.dtype)
+    if np.all(high > low):
+        array[tuple(slice(a, b) for a, b in zip(low, high))] = source[kept]
+    lost = np.count_nonzero(source) - np.count_nonzero(array)
+    if lost:
+        raise InputError(f"{what} {path} labels {lost} voxel{'s' if lost > 1 else ''} outside its image's grid: "
+                         "give a labelmap of the structures within the image (resampled onto its grid)")
+    return grid.image(array)
 
 
 LANDMARK_COLUMNS = ("time", "x", "y", "z", "ref_x", "ref_y", "ref_z")

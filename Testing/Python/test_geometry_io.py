@@ -123,6 +123,43 @@ def test_labelmaps(tmp_path):
     assert set(np.unique(sitk.GetArrayFromImage(good))) == {0, 4}
 
 
+def test_a_labelmap_cropped_to_its_segments_or_padded_beyond_its_image_is_placed_on_the_images_grid(tmp_path):
+    """3D Slicer exports a segmentation's labelmap cropped to its segments (the logic's default extent) or grown to
+    hold a segment beyond the image (the Segmentations module's): its voxels are the image's, whole voxels off."""
+    grid = Grid.of(oblique_image(size=(12, 10, 8)))
+    labels = np.zeros(grid.shape, np.uint8)
+    labels[2:5, 3:7, 4:9] = 3
+    labels[5, 6, 9] = 7
+    full = grid.image(labels)
+    cropped = sitk.RegionOfInterest(full, (6, 4, 4), (4, 3, 2))   # size, index: 4 slices of the 8
+    padded = sitk.ConstantPad(full, (2, 0, 1), (1, 3, 0), 0)
+    for name, image in (("cropped.nrrd", cropped), ("padded.nii.gz", padded)):
+        read = read_labelmap(write(tmp_path, name, image), grid, "segmentation")
+        assert Grid.of(read).matches(grid)
+        assert np.array_equal(sitk.GetArrayFromImage(read), labels)
+    thin = np.zeros(grid.shape, np.uint8)
+    thin[6, 2:4, 5:8] = 2                                            # a structure on one slice, cropped to it
+    read = read_labelmap(write(tmp_path, "thin.nrrd", sitk.RegionOfInterest(grid.image(thin), (3, 2, 1), (5, 2, 6))),
+                         grid, "segmentation")
+    assert np.array_equal(sitk.GetArrayFromImage(read), thin)
+
+
+def test_a_labelmap_labelling_voxels_beyond_its_image_or_between_its_voxels_is_refused(tmp_path):
+    grid = Grid.of(oblique_image(size=(12, 10, 8)))
+    labels = np.zeros(grid.shape, np.uint8)
+    labels[2:5, 3:7, 4:9] = 3
+    padded = sitk.ConstantPad(grid.image(labels), (2, 0, 0), (0, 0, 0), 0)
+    padded[0, 5, 4] = 3
+    with pytest.raises(InputError) as error:
+        read_labelmap(write(tmp_path, "beyond.nrrd", padded), grid, "segmentation")
+    assert_one_line(error, "labels 1 voxel outside", "beyond.nrrd")
+    between = grid.image(labels)
+    between.SetOrigin(grid.to_physical(np.array([[0.5, 0.0, 0.0]]))[0])
+    with pytest.raises(InputError) as error:
+        read_labelmap(write(tmp_path, "between.nrrd", between), grid, "segmentation")
+    assert_one_line(error, "another grid")
+
+
 def test_landmarks(tmp_path):
     path = tmp_path / "landmarks.csv"
     path.write_text("time,x,y,z,ref_x,ref_y,ref_z\n1,0,0,0,1,2,3\n1,5,5,5,5,5,6\n2.5,1,1,1,1,1,1\n")
