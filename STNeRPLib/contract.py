@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from decimal import Decimal
 from pathlib import Path
 
@@ -35,6 +35,16 @@ SCHEMES = ("long", "short")
 #: Def-Net's loss: mean squared error (the paper), the Charbonnier penalty (squared error for small
 #: residuals, absolute for large) or local normalised cross-correlation
 SIMILARITIES = ("mse", "charbonnier", "lncc")
+
+# -- structures: the worker takes one labelmap, one label per voxel ---------------------------
+
+def paint_order(voxels: Sequence[Sized]) -> list[int]:
+    """Positions of overlapping structures (each its voxels) in the order to paint them into one labelmap,
+    a later one taking the shared voxels: largest first, so each shared voxel ends in the smallest structure
+    holding it (a GTV inside its lung keeps its whole extent); equal sizes keep the given order (the later
+    one wins, as in 3D Slicer's merged export). The panel's segments and an RTSTRUCT's ROIs are merged so."""
+    return sorted(range(len(voxels)), key=lambda i: -len(voxels[i]))
+
 
 # -- exit codes ------------------------------------------------------------------------------
 EXIT_OK = 0
@@ -372,10 +382,11 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--reference-time", type=float, default=0.0, metavar="T", help="time of the reference (default 0)")
     train.add_argument("--follow-up", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
                        help="a follow-up image and its time (phase or days); repeat for each")
-    train.add_argument("--segmentation", metavar="PATH", help="reference labelmap to propagate")
+    train.add_argument("--segmentation", metavar="PATH",
+                       help="reference labelmap to propagate, or the RT Structure Set (RTSTRUCT .dcm file) drawn on it")
     train.add_argument("--landmarks", metavar="CSV", help="landmark pairs for TRE: time,x,y,z,ref_x,ref_y,ref_z (LPS mm)")
     train.add_argument("--ground-truth", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
-                       help="a ground-truth labelmap at a scanned time, for Dice")
+                       help="a ground-truth labelmap (or RTSTRUCT) at a scanned time, for Dice")
     add_fit_options(train)
     train.add_argument("--resume", action="store_true",
                        help="continue an interrupted, failed or killed run in --output (same arguments)")
@@ -406,7 +417,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--image", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
                           help="the real image at a time of the run (PSNR, SSIM)")
     evaluate.add_argument("--ground-truth", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
-                          help="a ground-truth labelmap at a time of the run (Dice)")
+                          help="a ground-truth labelmap (or RTSTRUCT) at a time of the run (Dice)")
     evaluate.add_argument("--landmarks", metavar="CSV", help="landmark pairs (TRE)")
     batch = _command(subcommands, "batch", "train every series of a cohort on Dask (one run folder per patient)")
     batch.add_argument("--cohort", required=True, type=Path, metavar="CSV",

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .dicom_in import SLICE_TOLERANCE_MM, rtstruct, rtstruct_labelmap
 from .errors import InputError
 from .geometry import Grid
 
@@ -71,8 +72,9 @@ def read_image(path: str | Path, what: str) -> sitk.Image:
 
 def read_labelmap(path: str | Path, grid: Grid, what: str) -> sitk.Image:
     """Read an integer labelmap on `grid` (or on a crop or padding of it: placed on it) that labels at least
-    one voxel."""
-    image = _read(Path(path), what)
+    one voxel; a DICOM RT Structure Set file is filled on `grid` (dicom_in)."""
+    structures = rtstruct(path)
+    image = _read(Path(path), what) if structures is None else rtstruct_labelmap(structures, grid, path, what)
     if image.GetNumberOfComponentsPerPixel() > 1 or image.GetDimension() == 4:
         raise InputError(f"{what} {path} holds several layers (overlapping segments, as 3D Slicer saves a .seg.nrrd, "
                          "or one volume per structure): give one labelmap, one label per voxel (in Slicer: "
@@ -232,11 +234,6 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     image = reader.Execute()
     _require_even_slices(image, reader, files, folder, what)
     return image
-
-
-SLICE_TOLERANCE_MM = 0.1
-"""How far (mm) a DICOM slice may lie from its place in the evenly spaced volume read from its series: positions
-rounded to a hundredth of a millimetre stay well below; a missing slice is a whole slice spacing off."""
 
 
 POSITION_TAG = "0020|0032"

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from STNeRPLib.contract import paint_order
+
 
 @dataclass(frozen=True)
 class Overlap:
@@ -27,13 +29,6 @@ class Overlap:
     kept: int
     loses: int
     voxels: int
-
-
-def paint_order(voxels: Sequence[np.ndarray]) -> list[int]:
-    """Positions in the order to paint them into one labelmap (a later one takes the shared voxels):
-    largest first, so each shared voxel ends in the smallest segment holding it; equal sizes keep
-    the export order (the later one wins, as in Slicer's export)."""
-    return sorted(range(len(voxels)), key=lambda i: -len(voxels[i]))
 
 
 def overlaps(voxels: Sequence[np.ndarray]) -> list[Overlap]:

@@ -1,0 +1,182 @@
+"""DICOM in for radiotherapy: an RT Structure Set (RTSTRUCT), as a treatment planning system exports the
+planning CT's contours, read as the labelmap the worker propagates.
+
+Each ROI's closed planar contours are filled on the slices of the image's grid they lie on (LPS mm, as
+DICOM's patient coordinates): a voxel belongs to a contour when its centre lies inside it or on it, so a
+contour through the centres of a structure's boundary voxels (as `stnerp dicom` writes them) gives back
+those voxels. A contour inside an odd number of others on its slice is a hole: the voxels strictly inside
+it are removed (its boundary voxels are the structure's). The label of an ROI is its ROI Number, its name
+the ROI Name. A voxel in several ROIs (a GTV inside a lung, organs inside the body contour) goes to the
+smallest ROI holding it, as for the panel's overlapping segments (contract.paint_order).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .contract import paint_order
+from .errors import InputError
+from .geometry import Grid
+
+RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+
+SLICE_TOLERANCE_MM = 0.1
+"""How far (mm) a DICOM slice may lie from its place in the evenly spaced volume read from its series (io), and a
+contour from the slice it is filled on: positions rounded to a hundredth of a millimetre stay well below; a
+missing slice, or a structure set drawn on another scan's slices, is up to a slice spacing off."""
+
+EDGE_TOLERANCE = 1e-3
+"""How far (voxels, in the slice) a voxel centre may lie outside a contour and count as on it: contours
+written to a tenth of a micrometre, as through voxel centres, stay well within."""
+
+
+
+def rtstruct(path: str | Path):
+    """The pydicom dataset of an RT Structure Set file, else None (a file that is not DICOM, or another
+    DICOM object); InputError when pydicom, needed to read it, is missing."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with path.open("rb") as handle:
+        if handle.read(132)[128:] != b"DICM":
+            return None
+    try:
+        import pydicom
+    except ImportError:
+        raise InputError(f"{path} is a DICOM file, which needs pydicom to read: pip install 'stnerp[dicom]'") from None
+    dataset = pydicom.dcmread(path)
+    return dataset if dataset.get("SOPClassUID") == RTSTRUCT_STORAGE else None
+
+
+def roi_names(dataset) -> dict[int, str]:
+    """ROI Number -> ROI Name of a structure set."""
+    return {int(roi.ROINumber): str(roi.get("ROIName", f"ROI {roi.ROINumber}"))
+            for roi in dataset.get("StructureSetROISequence", [])}
+
+
+def rtstruct_labelmap(dataset, grid: Grid, path: str | Path, what: str) -> sitk.Image:
+    """The structure set's ROIs filled on `grid` (uint16, the ROI Numbers as labels); InputError for a
+    contour off the grid's slices or outside it, or an ROI Number that cannot be a label."""
+    names = roi_names(dataset)
+    voxels: list[np.ndarray] = []
+    numbers: list[int] = []
+    for roi in dataset.get("ROIContourSequence", []):
+        number = int(roi.ReferencedROINumber)
+        name = names.get(number, f"ROI {number}")
+        contours = [_points(c) for c in roi.get("ContourSequence", [])
+                    if c.get("ContourGeometricType", "CLOSED_PLANAR") == "CLOSED_PLANAR"]
+        filled = _filled(contours, grid, f"{what} {path}: ROI {name!r}")
+        if filled.size:
+            if not 1 <= number <= np.iinfo(np.uint16).max:
+                raise InputError(f"{what} {path}: ROI {name!r} has ROI Number {number}, which cannot be a label "
+                                 f"(1 to {np.iinfo(np.uint16).max}): renumber it")
+            voxels.append(filled)
+            numbers.append(number)
+    labels = np.zeros(int(np.prod(grid.shape)), np.uint16)
+    for i in paint_order(voxels):
+        labels[voxels[i]] = numbers[i]
+    return grid.image(labels.reshape(grid.shape))
+
+
+def _points(contour) -> np.ndarray:
+    """A contour's Contour Data as (N, 3) LPS mm, parsed from the file's text as read (rtstruct reads the file
+    afresh): pydicom's own decimal strings took 0.7 of the time on a planning structure set's 800 contours."""
+    return np.array(contour.get_item("ContourData").value.decode("ascii").split("\\"), float).reshape(-1, 3)
+
+
+def _filled(contours: list[np.ndarray], grid: Grid, what: str) -> np.ndarray:
+    """Sorted flat indices ([z, y, x] order) of the voxels an ROI's contours (each (N, 3) LPS mm) fill."""
+    by_slice: dict[int, list[np.ndarray]] = {}
+    for points in contours:
+        index = grid.to_index(points)
+        by_slice.setdefault(_slice_of(index, grid, points, what), []).append(index[:, :2])
+    rows, columns = grid.shape[1:]
+    flat = [k * rows * columns + np.flatnonzero(_slice_mask(polygons, (rows, columns)))
+            for k, polygons in sorted(by_slice.items())]
+    return np.concatenate(flat) if flat else np.empty(0, np.int64)
+
+
+def _slice_of(index: np.ndarray, grid: Grid, points: np.ndarray, what: str) -> int:
+    """The grid slice a contour (its continuous indices (N, 3)) lies on; InputError when it lies between
+    slices, across them, or beyond the grid."""
+    k = int(np.rint(index[:, 2].mean()))
+    off_plane = np.abs(index[:, 2] - k).max() * grid.spacing[2]
+    low, high = index.min(axis=0), index.max(axis=0)
+    if off_plane > SLICE_TOLERANCE_MM:
+        raise InputError(f"{what} has a contour {off_plane:.2f} mm off the image's slices (near "
+                         f"{', '.join(f'{v:g}' for v in points[0])} mm, LPS): the structure set was not drawn on "
+                         "this scan; give the one drawn on it, or a labelmap on its grid")
+    if np.any(low < -0.5) or np.any(high > np.asarray(grid.size) - 0.5):
+        raise InputError(f"{what} has a contour outside the image (near {', '.join(f'{v:g}' for v in points[0])} "
+                         "mm, LPS): give the structure set drawn on this scan")
+    return k
+
+
+def _slice_mask(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """Boolean (rows, columns) mask of one slice's contours (each (N, 2) continuous (x, y) indices): a
+    contour inside an odd number of the others is a hole, its strict interior removed; the others add their
+    interior and boundary. Shallower contours first, so an island inside a hole is added back."""
+    filled = [_fill(polygon, shape) for polygon in polygons]
+    depth = [sum(bool(interior[_first_vertex(polygon)]) for other, (interior, _) in zip(polygons, filled)
+                 if other is not polygon) for polygon in polygons]
+    mask = np.zeros(shape, bool)
+    for level, (interior, boundary) in sorted(zip(depth, filled), key=lambda pair: pair[0]):
+        mask = mask & ~(interior & ~boundary) if level % 2 else mask | interior | boundary
+    return mask
+
+
+def _first_vertex(polygon: np.ndarray) -> tuple[int, int]:
+    """(row, column) of the voxel nearest a polygon's first vertex."""
+    x, y = np.rint(polygon[0]).astype(int)
+    return int(y), int(x)
+
+
+def _fill(polygon: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(interior, boundary) masks (rows, columns) of a closed polygon (N, 2) of continuous (x, y) indices:
+    the voxel centres inside it by the even-odd rule, endpoints of each row's spans included within
+    EDGE_TOLERANCE; and those within EDGE_TOLERANCE of an edge."""
+    start, end = polygon, np.roll(polygon, -1, axis=0)
+    rows = np.arange(max(int(np.ceil(polygon[:, 1].min() - EDGE_TOLERANCE)), 0),
+                     min(int(np.floor(polygon[:, 1].max() + EDGE_TOLERANCE)) + 1, shape[0]))
+    y = rows[:, None].astype(float)
+    crosses = (start[:, 1] <= y) != (end[:, 1] <= y)                   # half-open in y: a vertex counts once
+    dy = np.where(crosses, end[:, 1] - start[:, 1], 1.0)
+    x = np.where(crosses, start[:, 0] + (y - start[:, 1]) * (end[:, 0] - start[:, 0]) / dy, np.inf)
+    x.sort(axis=1)
+    first, last = x[:, 0::2], x[:, 1::2][:, :x[:, 0::2].shape[1]]
+    row, pair = np.nonzero(np.isfinite(last))
+    left = np.clip(np.ceil(first[row, pair] - EDGE_TOLERANCE), 0, shape[1]).astype(int)
+    right = np.clip(np.floor(last[row, pair] + EDGE_TOLERANCE) + 1, 0, shape[1]).astype(int)
+    keep = right > left
+    runs = np.zeros((shape[0], shape[1] + 1), np.int32)
+    np.add.at(runs, (rows[row[keep]], left[keep]), 1)
+    np.add.at(runs, (rows[row[keep]], right[keep]), -1)
+    interior = np.cumsum(runs, axis=1)[:, :-1] > 0
+    boundary = np.zeros(shape, bool)
+    points = _lattice_points_on(start, end)
+    inside = np.all((points >= 0) & (points < shape[::-1]), axis=1)
+    boundary[points[inside, 1], points[inside, 0]] = True
+    return interior, boundary
+
+
+def _lattice_points_on(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Integer (x, y) points within EDGE_TOLERANCE of the edges start -> end (N, 2 each): along each edge's
+    longer axis, the whole steps whose other coordinate is within the tolerance of a whole number."""
+    delta = end - start
+    major = (np.abs(delta[:, 1]) > np.abs(delta[:, 0])).astype(int)          # 0: x, 1: y
+    edges = np.arange(len(start))
+    a0, a1 = start[edges, major], end[edges, major]
+    low = np.ceil(np.minimum(a0, a1) - EDGE_TOLERANCE).astype(int)
+    count = np.maximum(np.floor(np.maximum(a0, a1) + EDGE_TOLERANCE).astype(int) - low + 1, 0)
+    edge = np.repeat(edges, count)
+    along = np.repeat(low, count) + (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count))
+    span = np.where(a1 == a0, 1.0, a1 - a0)[edge]
+    fraction = np.where(a1[edge] == a0[edge], 0.0, (along - a0[edge]) / span)
+    other = start[edge, 1 - major[edge]] + fraction * delta[edge, 1 - major[edge]]
+    on = np.abs(other - np.rint(other)) <= EDGE_TOLERANCE
+    points = np.empty((on.sum(), 2), int)
+    points[np.arange(on.sum()), major[edge][on]] = along[on]
+    points[np.arange(on.sum()), 1 - major[edge][on]] = np.rint(other[on]).astype(int)
+    return points

@@ -1,0 +1,180 @@
+"""DICOM in: an RT Structure Set read as the labelmap the worker propagates. Contours are filled on the
+slices of the image they lie on, in LPS mm; the voxels are checked against the contours' own geometry
+(rectangles, a ring with an island) and against the labelmap a structure set was written from."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+pydicom = pytest.importorskip("pydicom")
+pytest.importorskip("pydicomrt")
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset  # noqa: E402
+from pydicom.sequence import Sequence  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
+
+from pydicomrt.rs import RTStructBuilder  # noqa: E402
+
+from STNeRPLib.dicom_in import RTSTRUCT_STORAGE  # noqa: E402
+from STNeRPLib.dicom_out import CONTOURS, read_series  # noqa: E402
+from STNeRPLib.errors import InputError  # noqa: E402
+from STNeRPLib.geometry import Grid  # noqa: E402
+from STNeRPLib.io import read_image, read_labelmap  # noqa: E402
+from STNeRPLib.phantom import breathing_series  # noqa: E402
+from STNeRPLib.report import structure_names  # noqa: E402
+from test_dicom_out import write_ct_series  # noqa: E402
+from worker_cli import stnerp  # noqa: E402
+
+# A grid stored with x and y reversed (direction diag(-1, -1, 1), as a volume saved in RAS order): the contours,
+# in LPS mm, must land on the voxels by their physical position, not their index.
+GRID = Grid((40, 30, 6), (2.0, 2.5, 3.0), (30.0, 20.0, -7.5), (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+
+
+def rectangle(x: tuple[float, float], y: tuple[float, float], z: float) -> list[float]:
+    """A closed planar contour (DICOM ContourData: x, y, z, ... in LPS mm)."""
+    (x0, x1), (y0, y1) = x, y
+    return [v for point in ((x0, y0), (x1, y0), (x1, y1), (x0, y1)) for v in (*point, z)]
+
+
+def write_rtstruct(path, rois: dict[int, tuple[str, list[list[float]]]]) -> None:
+    """An RT Structure Set holding `rois`: ROI Number -> (ROI Name, contours)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = RTSTRUCT_STORAGE, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = RTSTRUCT_STORAGE, meta.MediaStorageSOPInstanceUID, "RTSTRUCT"
+    ds.StructureSetROISequence, ds.ROIContourSequence = Sequence(), Sequence()
+    for number, (name, contours) in rois.items():
+        roi = Dataset()
+        roi.ROINumber, roi.ROIName = number, name
+        ds.StructureSetROISequence.append(roi)
+        item = Dataset()
+        item.ReferencedROINumber, item.ContourSequence = number, Sequence()
+        for data in contours:
+            contour = Dataset()
+            contour.ContourGeometricType, contour.NumberOfContourPoints = "CLOSED_PLANAR", len(data) // 3
+            contour.ContourData = data
+            item.ContourSequence.append(contour)
+        ds.ROIContourSequence.append(item)
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def centres(grid: Grid) -> np.ndarray:
+    """LPS mm of every voxel centre, (z, y, x, 3)."""
+    return grid.points().reshape(*grid.shape, 3)
+
+
+def test_rectangles_fill_the_voxels_whose_centres_lie_in_them_by_their_lps_position(tmp_path):
+    z = GRID.to_physical(np.array([[0.0, 0.0, 2.0]]))[0, 2]                 # slice 2's plane
+    path = tmp_path / "RS.dcm"
+    write_rtstruct(path, {7: ("GTV", [rectangle((-13.3, 7.9), (-4.2, 11.0), z)])})
+    labels = sitk.GetArrayFromImage(read_labelmap(path, GRID, "segmentation"))
+    p = centres(GRID)
+    expected = ((p[..., 0] >= -13.3) & (p[..., 0] <= 7.9) & (p[..., 1] >= -4.2) & (p[..., 1] <= 11.0)
+                & (np.abs(p[..., 2] - z) < 1e-6))
+    assert expected.sum() == 10 * 6                 # x -12, -10, ..., 6 mm; y 10, 7.5, ..., -2.5 mm
+    assert np.array_equal(labels, np.where(expected, 7, 0))
+
+
+def test_a_ring_with_an_island_keeps_its_boundary_voxels_and_loses_its_hole(tmp_path):
+    """Contours through voxel centres (as `stnerp dicom` writes them): the outer one's centres are the
+    structure's, the hole's boundary centres too (they trace the structure's voxels about the hole), the
+    hole's interior is not, and an island inside the hole is the structure's again."""
+    z = GRID.to_physical(np.array([[0.0, 0.0, 3.0]]))[0, 2]
+    outer, hole, island = ((-20.0, 20.0), (-15.0, 15.0)), ((-12.0, 12.0), (-10.0, 10.0)), ((-4.0, 4.0), (-5.0, 5.0))
+    path = tmp_path / "RS.dcm"
+    write_rtstruct(path, {1: ("ring", [rectangle(*outer, z), rectangle(*hole, z), rectangle(*island, z)])})
+    labels = sitk.GetArrayFromImage(read_labelmap(path, GRID, "segmentation"))
+    p = centres(GRID)
+
+    def within(box, strict=False):
+        (x0, x1), (y0, y1) = box
+        if strict:
+            return (p[..., 0] > x0) & (p[..., 0] < x1) & (p[..., 1] > y0) & (p[..., 1] < y1)
+        return (p[..., 0] >= x0) & (p[..., 0] <= x1) & (p[..., 1] >= y0) & (p[..., 1] <= y1)
+
+    expected = (within(outer) & ~within(hole, strict=True) | within(island)) & (np.abs(p[..., 2] - z) < 1e-6)
+    assert within(hole).sum() > within(hole, strict=True).sum() > within(island).sum() > 0
+    assert np.array_equal(labels, np.where(expected, 1, 0))
+
+
+def test_a_voxel_in_two_rois_goes_to_the_smaller_and_an_empty_roi_to_none(tmp_path):
+    z = GRID.to_physical(np.array([[0.0, 0.0, 1.0]]))[0, 2]
+    path = tmp_path / "RS.dcm"
+    write_rtstruct(path, {1: ("BODY", [rectangle((-30.0, 30.0), (-25.0, 15.0), z)]),
+                          2: ("GTV", [rectangle((-5.0, 5.0), (-5.0, 5.0), z)]), 3: ("empty", [])})
+    labels = sitk.GetArrayFromImage(read_labelmap(path, GRID, "segmentation"))
+    assert np.count_nonzero(labels == 2) == 5 * 5                 # x -4, ..., 4 mm; y 5, 2.5, ..., -5 mm
+    assert np.count_nonzero(labels == 1) == 31 * 17 - 5 * 5
+    assert set(np.unique(labels)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("case, words", [("between slices", ("1.50 mm off the image's slices", "'GTV'")),
+                                         ("outside", ("outside the image", "'GTV'"))])
+def test_a_structure_set_not_drawn_on_the_image_is_refused_in_one_line(tmp_path, case, words):
+    z = GRID.to_physical(np.array([[0.0, 0.0, 2.0]]))[0, 2] + (1.5 if case == "between slices" else 0.0)
+    x = (-5.0, 5.0) if case == "between slices" else (-5.0, 60.0)
+    path = tmp_path / "RS.dcm"
+    write_rtstruct(path, {4: ("GTV", [rectangle(x, (-5.0, 5.0), z)])})
+    with pytest.raises(InputError) as error:
+        read_labelmap(path, GRID, "segmentation")
+    assert "\n" not in str(error.value)
+    for word in words:
+        assert word in str(error.value)
+
+
+def opened(labelmap: np.ndarray) -> np.ndarray:
+    """The labelmap opened slice by slice with a 3 x 3 square: no part of a structure thinner than three
+    voxels in-plane. A lone voxel or a diagonal chain has no closed contour of three points, so an RTSTRUCT
+    written from a labelmap (pydicomrt, as `stnerp dicom`) leaves such parts out; the opened labelmap has
+    none to leave out."""
+    kept = np.zeros_like(labelmap)
+    for label in np.unique(labelmap[labelmap > 0]):
+        kept[ndimage.binary_opening(labelmap == label, structure=np.ones((1, 3, 3), bool))] = label
+    return kept
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """A phantom's reference and follow-up as DICOM CT series, and the reference's structures as the RT
+    Structure Set a planning system would export with it (ROI numbers 11-13, named)."""
+    root = tmp_path_factory.mktemp("planned")
+    series = breathing_series(size=(48, 48, 32), spacing=(6.0, 6.0, 7.5), n_phases=2, noise_hu=0)
+    frame = generate_uid()
+    folders = [root / f"phase_{k}" for k in range(2)]
+    for folder, image in zip(folders, series.images):
+        write_ct_series(image, folder, generate_uid(), frame, folder.name)
+    labelmap = opened(sitk.GetArrayFromImage(series.labelmaps[0]))
+    builder = RTStructBuilder(read_series(folders[0]))
+    for label, name in ((1, "GTV"), (2, "Lung_R"), (3, "Lung_L")):
+        builder.add_roi(labelmap == label, name, number=10 + label, color=[255, 0, 0], interpreted_type="ORGAN",
+                        contour_config=CONTOURS)
+    builder.build().save_as(str(root / "RS.dcm"), enforce_file_format=True)
+    return root, folders, np.where(labelmap > 0, labelmap + 10, 0).astype(np.uint16), series.times
+
+
+def test_a_structure_set_written_from_a_labelmap_reads_back_as_that_labelmap(planned):
+    root, folders, labelmap, _ = planned
+    grid = Grid.of(read_image(folders[0], "reference image"))
+    read = sitk.GetArrayFromImage(read_labelmap(root / "RS.dcm", grid, "segmentation"))
+    assert set(np.unique(read)) == {0, 11, 12, 13}
+    assert np.array_equal(read, labelmap)
+
+
+def test_a_planning_structure_set_is_propagated_and_exported_under_its_roi_names(planned):
+    """The adaptive loop without 3D Slicer: the planning CT's RTSTRUCT in, the follow-up's RTSTRUCT out."""
+    root, folders, labelmap, times = planned
+    run = root / "run"
+    result = stnerp("train", "--reference", folders[0], "--follow-up", folders[1], times[1], "--segmentation",
+                    root / "RS.dcm", "--output", run, "--iterations", "20", "--prior", "image", "--no-report",
+                    "--dicom-out", root / "out")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((run / "run.json").read_text())
+    carried = sitk.GetArrayFromImage(sitk.ReadImage(str(run / record["time_points"][0]["labelmap"])))
+    assert set(np.unique(carried)) == {0, 11, 12, 13}
+    names = structure_names(record, run, None)
+    assert [names[label] for label in (11, 12, 13)] == ["GTV", "Lung_R", "Lung_L"]
+    exported = pydicom.dcmread(next((root / "out").glob("t_*/RTSTRUCT.dcm")))
+    assert {(int(roi.ROINumber), roi.ROIName) for roi in exported.StructureSetROISequence} == {
+        (11, "GTV"), (12, "Lung_R"), (13, "Lung_L")}
