@@ -56,15 +56,38 @@ def roi_names(dataset) -> dict[int, str]:
             for roi in dataset.get("StructureSetROISequence", [])}
 
 
-def rtstruct_labelmap(dataset, grid: Grid, path: str | Path, what: str) -> sitk.Image:
-    """The structure set's ROIs filled on `grid` (uint16, the ROI Numbers as labels); InputError for a
-    contour off the grid's slices or outside it, or an ROI Number that cannot be a label."""
+def labels_by_name(truth: str | Path, segmentation: str | Path | None) -> dict[str, int] | None:
+    """For a ground truth given as an RT Structure Set, the labels of its ROIs: the ROI Numbers of the
+    segmentation's structure set by ROI Name (case and surrounding spaces aside), since two structure sets
+    number their ROIs each their own way; None for a ground truth that is a labelmap. InputError when the
+    segmentation is not a structure set too (its labels have no ROI Names to match)."""
+    if rtstruct(truth) is None:
+        return None
+    structures = rtstruct(segmentation) if segmentation else None
+    if structures is None:
+        raise InputError(f"ground truth {truth} is an RT Structure Set but the segmentation is not: its ROIs are "
+                         "matched to the segmentation's by name, so give the segmentation as the RTSTRUCT drawn on "
+                         "the reference, or the ground truth as a labelmap numbered as the segmentation")
+    return {_key(name): number for number, name in roi_names(structures).items()}
+
+
+def _key(name: str) -> str:
+    return name.strip().casefold()
+
+
+def rtstruct_labelmap(dataset, grid: Grid, path: str | Path, what: str,
+                      labels: dict[str, int] | None = None) -> sitk.Image:
+    """The structure set's ROIs filled on `grid` (uint16), labelled by their ROI Numbers, or with `labels`
+    (ROI Name -> label, from labels_by_name) by their names, leaving out the ROIs it does not name;
+    InputError for a contour off the grid's slices or outside it, or an ROI Number that cannot be a label."""
     names = roi_names(dataset)
     voxels: list[np.ndarray] = []
     numbers: list[int] = []
     for roi in dataset.get("ROIContourSequence", []):
-        number = int(roi.ReferencedROINumber)
-        name = names.get(number, f"ROI {number}")
+        name = names.get(int(roi.ReferencedROINumber), f"ROI {roi.ReferencedROINumber}")
+        number = int(roi.ReferencedROINumber) if labels is None else labels.get(_key(name))
+        if number is None:
+            continue
         contours = [_points(c) for c in roi.get("ContourSequence", [])
                     if c.get("ContourGeometricType", "CLOSED_PLANAR") == "CLOSED_PLANAR"]
         filled = _filled(contours, grid, f"{what} {path}: ROI {name!r}")

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from .errors import InputError
 from .geometry import Grid
 from .contract import write_json
+from .dicom_in import labels_by_name
 from .io import check_landmarks_inside, read_image, read_labelmap, read_landmarks
 from .metrics import score_time_point, target_registration_error
 from .preprocessing import IntensityWindow, in_hounsfield_units, require_unit
@@ -39,7 +40,8 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
         if not entry.get("labelmap"):
             raise InputError(f"run {run} propagated no labelmap: train it with --segmentation")
         predicted = _output(run, entry, "labelmap")
-        truth = read_labelmap(path, Grid.of(predicted), f"ground-truth labelmap at time {t:g}")
+        truth = read_labelmap(path, Grid.of(predicted), f"ground-truth labelmap at time {t:g}",
+                              labels_by_name(path, record["inputs"].get("segmentation")))
         parts[t]["labelmaps"] = (sitk.GetArrayFromImage(predicted), sitk.GetArrayFromImage(truth))
     for t, (points, reference_points) in pairs.items():
         field = _output(run, _entry(entries, t, landmarks), "displacement")

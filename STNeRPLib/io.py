@@ -70,11 +70,15 @@ def read_image(path: str | Path, what: str) -> sitk.Image:
     return image if image.GetPixelID() in COMPACT_PIXELS else sitk.Cast(image, sitk.sitkFloat32)
 
 
-def read_labelmap(path: str | Path, grid: Grid, what: str) -> sitk.Image:
+def read_labelmap(path: str | Path, grid: Grid, what: str, roi_labels: dict[str, int] | None = None) -> sitk.Image:
     """Read an integer labelmap on `grid` (or on a crop or padding of it: placed on it) that labels at least
-    one voxel; a DICOM RT Structure Set file is filled on `grid` (dicom_in)."""
+    one voxel; a DICOM RT Structure Set file is filled on `grid` (dicom_in), its ROIs labelled by `roi_labels`
+    (ROI Name -> label) when given, else by their ROI Numbers."""
     structures = rtstruct(path)
-    image = _read(Path(path), what) if structures is None else rtstruct_labelmap(structures, grid, path, what)
+    if structures is None:
+        image = _read(Path(path), what)
+    else:
+        image = rtstruct_labelmap(structures, grid, path, what, roi_labels)
     if image.GetNumberOfComponentsPerPixel() > 1 or image.GetDimension() == 4:
         raise InputError(f"{what} {path} holds several layers (overlapping segments, as 3D Slicer saves a .seg.nrrd, "
                          "or one volume per structure): give one labelmap, one label per voxel (in Slicer: "

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .dicom_in import labels_by_name
 from .errors import InputError
 from .geometry import Grid
 from .io import check_landmarks_inside, held_bytes, image_information, read_image, read_labelmap, read_landmarks
@@ -64,7 +65,8 @@ def load_series(reference: str, reference_time: float, follow_ups: list[tuple[st
         if t not in scanned:
             raise InputError(f"ground-truth labelmap {path} is at time {t:g}, which is not a scanned "
                              "time: use the time of its image")
-        series.ground_truth[t] = read_labelmap(path, Grid.of(scanned[t]), f"ground-truth labelmap at time {t:g}")
+        series.ground_truth[t] = read_labelmap(path, Grid.of(scanned[t]), f"ground-truth labelmap at time {t:g}",
+                                               labels_by_name(path, segmentation))
     return series
 
 

@@ -24,6 +24,7 @@ from STNeRPLib.io import read_image, read_labelmap  # noqa: E402
 from STNeRPLib.phantom import breathing_series  # noqa: E402
 from STNeRPLib.report import structure_names  # noqa: E402
 from test_dicom_out import write_ct_series  # noqa: E402
+from test_worker import assert_rejected  # noqa: E402
 from worker_cli import stnerp  # noqa: E402
 
 # A grid stored with x and y reversed (direction diag(-1, -1, 1), as a volume saved in RAS order): the contours,
@@ -151,11 +152,20 @@ def planned(tmp_path_factory):
         builder.add_roi(labelmap == label, name, number=10 + label, color=[255, 0, 0], interpreted_type="ORGAN",
                         contour_config=CONTOURS)
     builder.build().save_as(str(root / "RS.dcm"), enforce_file_format=True)
-    return root, folders, np.where(labelmap > 0, labelmap + 10, 0).astype(np.uint16), series.times
+    truth = opened(sitk.GetArrayFromImage(series.labelmaps[1]))                  # as a physician would redraw it
+    builder = RTStructBuilder(read_series(folders[1]))
+    cord = np.zeros_like(truth, bool)
+    cord[10:20, 36:40, 22:26] = True
+    for mask, name, number in ((truth == 2, "LUNG_R", 1), (truth == 3, "Lung_L ", 2), (truth == 1, "gtv", 3),
+                               (cord, "SpinalCord", 4)):
+        builder.add_roi(mask, name, number=number, color=[0, 255, 0], interpreted_type="ORGAN", contour_config=CONTOURS)
+    builder.build().save_as(str(root / "RS_1.dcm"), enforce_file_format=True)
+    truth = np.where(truth > 0, truth + 10, 0).astype(np.uint16)                 # numbered as the planning ROIs
+    return root, folders, np.where(labelmap > 0, labelmap + 10, 0).astype(np.uint16), series.times, truth
 
 
 def test_a_structure_set_written_from_a_labelmap_reads_back_as_that_labelmap(planned):
-    root, folders, labelmap, _ = planned
+    root, folders, labelmap, *_ = planned
     grid = Grid.of(read_image(folders[0], "reference image"))
     read = sitk.GetArrayFromImage(read_labelmap(root / "RS.dcm", grid, "segmentation"))
     assert set(np.unique(read)) == {0, 11, 12, 13}
@@ -164,17 +174,51 @@ def test_a_structure_set_written_from_a_labelmap_reads_back_as_that_labelmap(pla
 
 def test_a_planning_structure_set_is_propagated_and_exported_under_its_roi_names(planned):
     """The adaptive loop without 3D Slicer: the planning CT's RTSTRUCT in, the follow-up's RTSTRUCT out."""
-    root, folders, labelmap, times = planned
+    root, folders, labelmap, times, _ = planned
     run = root / "run"
     result = stnerp("train", "--reference", folders[0], "--follow-up", folders[1], times[1], "--segmentation",
                     root / "RS.dcm", "--output", run, "--iterations", "20", "--prior", "image", "--no-report",
                     "--dicom-out", root / "out")
     assert result.returncode == 0, result.stderr
     record = json.loads((run / "run.json").read_text())
-    carried = sitk.GetArrayFromImage(sitk.ReadImage(str(run / record["time_points"][0]["labelmap"])))
+    entry = next(e for e in record["time_points"] if e["time"] == times[1])
+    carried = sitk.GetArrayFromImage(sitk.ReadImage(str(run / entry["labelmap"])))
     assert set(np.unique(carried)) == {0, 11, 12, 13}
     names = structure_names(record, run, None)
     assert [names[label] for label in (11, 12, 13)] == ["GTV", "Lung_R", "Lung_L"]
     exported = pydicom.dcmread(next((root / "out").glob("t_*/RTSTRUCT.dcm")))
     assert {(int(roi.ROINumber), roi.ROIName) for roi in exported.StructureSetROISequence} == {
         (11, "GTV"), (12, "Lung_R"), (13, "Lung_L")}
+
+
+def test_a_ground_truth_structure_set_is_scored_against_the_planning_rois_of_the_same_name(planned):
+    """Two structure sets number their ROIs each their own way (here Lung_R is 12 in the plan, 1 at the
+    follow-up): Dice pairs them by ROI Name, case and spaces aside, in train and in evaluate; an ROI the plan
+    lacks is not scored."""
+    root, folders, _, times, truth = planned
+    run = root / "scored"
+    result = stnerp("train", "--reference", folders[0], "--follow-up", folders[1], times[1], "--segmentation",
+                    root / "RS.dcm", "--ground-truth", root / "RS_1.dcm", times[1], "--output", run,
+                    "--iterations", "20", "--prior", "image", "--no-report")
+    assert result.returncode == 0, result.stderr
+    entry = next(e for e in json.loads((run / "run.json").read_text())["time_points"] if e["time"] == times[1])
+    carried = sitk.GetArrayFromImage(sitk.ReadImage(str(run / entry["labelmap"])))
+    expected = {str(label): 2 * np.count_nonzero((carried == label) & (truth == label))
+                / (np.count_nonzero(carried == label) + np.count_nonzero(truth == label)) for label in (11, 12, 13)}
+    assert entry["metrics"]["dice"] == pytest.approx(expected)
+    assert min(expected.values()) > 0.5
+    assert stnerp("evaluate", "--run", run, "--ground-truth", root / "RS_1.dcm", times[1]).returncode == 0
+    rows = json.loads((run / "evaluation.json").read_text())["rows"]
+    assert rows[0]["dice"] == pytest.approx(expected)
+
+
+def test_a_ground_truth_structure_set_beside_a_labelmap_segmentation_is_refused(planned, tmp_path):
+    root, folders, labelmap, times, _ = planned
+    segmentation = tmp_path / "labels.nrrd"
+    image = sitk.GetImageFromArray(labelmap)
+    image.CopyInformation(read_image(folders[0], "reference image"))
+    sitk.WriteImage(image, str(segmentation))
+    output = tmp_path / "run"
+    result = stnerp("train", "--reference", folders[0], "--follow-up", folders[1], times[1], "--segmentation",
+                    segmentation, "--ground-truth", root / "RS_1.dcm", times[1], "--output", output, "--json-events")
+    assert_rejected(result, output, "is an RT Structure Set but the segmentation is not", "by name")
