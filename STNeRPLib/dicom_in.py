@@ -56,6 +56,23 @@ def roi_names(dataset) -> dict[int, str]:
             for roi in dataset.get("StructureSetROISequence", [])}
 
 
+def require_drawn_on(path: str | Path, image: str | Path, what: str) -> None:
+    """InputError when `path` is an RT Structure Set whose contours were drawn on another DICOM series than
+    `image`'s (a folder): another phase of a 4-D CT shares the reference's slices, so only the series
+    references (RT Referenced Series) tell. Nothing to check for a labelmap, an image file, or a structure
+    set that names no series."""
+    structures = rtstruct(path)
+    if structures is None or not Path(image).is_dir():
+        return
+    drawn_on = {str(series.SeriesInstanceUID) for frame in structures.get("ReferencedFrameOfReferenceSequence", [])
+                for study in frame.get("RTReferencedStudySequence", [])
+                for series in study.get("RTReferencedSeriesSequence", [])}
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(image))
+    if drawn_on and ids and ids[0] not in drawn_on:
+        raise InputError(f"{what} {path} was drawn on DICOM series {sorted(drawn_on)[0]}, not on {image} (series "
+                         f"{ids[0]}): give the structure set drawn on that image")
+
+
 def labels_by_name(truth: str | Path, segmentation: str | Path | None) -> dict[str, int] | None:
     """For a ground truth given as an RT Structure Set, the labels of its ROIs: the ROI Numbers of the
     segmentation's structure set by ROI Name (case and surrounding spaces aside), since two structure sets

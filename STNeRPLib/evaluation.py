@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from .errors import InputError
 from .geometry import Grid
 from .contract import write_json
-from .dicom_in import labels_by_name
+from .dicom_in import labels_by_name, require_drawn_on
 from .io import check_landmarks_inside, read_image, read_labelmap, read_landmarks
 from .metrics import score_time_point, target_registration_error
 from .preprocessing import IntensityWindow, in_hounsfield_units, require_unit
@@ -28,6 +28,9 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
     entries = {float(e["time"]): e for e in record["time_points"]}
     window = IntensityWindow(*record["intensity_window"])
     pairs = read_landmarks(landmarks) if landmarks else {}
+    inputs = record["inputs"]                     # a prediction's name only its run: no scan, nothing drawn on one
+    scans = {float(t): p for p, t in [(inputs.get("reference"), inputs.get("reference_time")),
+                                      *inputs.get("follow_ups", [])] if p}
     parts: dict[float, dict] = {t: {} for t in sorted(entries)}
     for path, t in images:
         predicted = _output(run, _entry(entries, t, path), "image")
@@ -40,8 +43,9 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
         if not entry.get("labelmap"):
             raise InputError(f"run {run} propagated no labelmap: train it with --segmentation")
         predicted = _output(run, entry, "labelmap")
+        require_drawn_on(path, scans.get(t, ""), f"ground-truth labelmap at time {t:g}")
         truth = read_labelmap(path, Grid.of(predicted), f"ground-truth labelmap at time {t:g}",
-                              labels_by_name(path, record["inputs"].get("segmentation")))
+                              labels_by_name(path, inputs.get("segmentation")))
         parts[t]["labelmaps"] = (sitk.GetArrayFromImage(predicted), sitk.GetArrayFromImage(truth))
     for t, (points, reference_points) in pairs.items():
         field = _output(run, _entry(entries, t, landmarks), "displacement")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .dicom_in import labels_by_name
+from .dicom_in import labels_by_name, require_drawn_on
 from .errors import InputError
 from .geometry import Grid
 from .io import check_landmarks_inside, held_bytes, image_information, read_image, read_labelmap, read_landmarks
@@ -49,7 +49,9 @@ def load_series(reference: str, reference_time: float, follow_ups: list[tuple[st
     series = Series(read_image(reference, "reference image"), reference_time,
                     [(t, read_image(p, f"follow-up image at time {t:g}")) for p, t in sorted(follow_ups, key=lambda f: f[1])])
     scanned = dict(series.images)
+    image_paths = {reference_time: reference, **{t: p for p, t in follow_ups}}
     if segmentation:
+        require_drawn_on(segmentation, reference, "segmentation")
         series.segmentation = read_labelmap(segmentation, Grid.of(series.reference), "segmentation")
     if landmarks:
         series.landmarks = read_landmarks(landmarks)
@@ -65,8 +67,9 @@ def load_series(reference: str, reference_time: float, follow_ups: list[tuple[st
         if t not in scanned:
             raise InputError(f"ground-truth labelmap {path} is at time {t:g}, which is not a scanned "
                              "time: use the time of its image")
-        series.ground_truth[t] = read_labelmap(path, Grid.of(scanned[t]), f"ground-truth labelmap at time {t:g}",
-                                               labels_by_name(path, segmentation))
+        what = f"ground-truth labelmap at time {t:g}"
+        require_drawn_on(path, image_paths[t], what)
+        series.ground_truth[t] = read_labelmap(path, Grid.of(scanned[t]), what, labels_by_name(path, segmentation))
     return series
 
 

@@ -210,6 +210,8 @@ def test_a_ground_truth_structure_set_is_scored_against_the_planning_rois_of_the
     assert stnerp("evaluate", "--run", run, "--ground-truth", root / "RS_1.dcm", times[1]).returncode == 0
     rows = json.loads((run / "evaluation.json").read_text())["rows"]
     assert rows[0]["dice"] == pytest.approx(expected)
+    drawn_on_the_plan = stnerp("evaluate", "--run", run, "--ground-truth", root / "RS.dcm", times[1])
+    assert drawn_on_the_plan.returncode == 2 and "was drawn on DICOM series" in drawn_on_the_plan.stderr
 
 
 def test_a_ground_truth_structure_set_beside_a_labelmap_segmentation_is_refused(planned, tmp_path):
@@ -222,3 +224,17 @@ def test_a_ground_truth_structure_set_beside_a_labelmap_segmentation_is_refused(
     result = stnerp("train", "--reference", folders[0], "--follow-up", folders[1], times[1], "--segmentation",
                     segmentation, "--ground-truth", root / "RS_1.dcm", times[1], "--output", output, "--json-events")
     assert_rejected(result, output, "is an RT Structure Set but the segmentation is not", "by name")
+
+
+def test_a_structure_set_drawn_on_another_phase_is_refused_though_its_slices_match(planned, tmp_path):
+    """The phases of a 4-D CT share their slices, so the contours of phase 0 fit phase 1's grid exactly; only
+    the structure set's series reference tells which scan they outline."""
+    root, folders, _, times, _ = planned
+    cases = (["--reference", folders[1], "--reference-time", times[1], "--follow-up", folders[0], times[0],
+              "--segmentation", root / "RS.dcm"],
+             ["--reference", folders[0], "--follow-up", folders[1], times[1], "--segmentation", root / "RS.dcm",
+              "--ground-truth", root / "RS.dcm", times[1]])
+    for k, inputs in enumerate(cases):
+        output = tmp_path / f"run_{k}"
+        result = stnerp("train", *inputs, "--output", output, "--json-events")
+        assert_rejected(result, output, "was drawn on DICOM series", "give the structure set drawn on that image")
