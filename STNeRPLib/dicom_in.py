@@ -33,6 +33,38 @@ written to a tenth of a micrometre, as through voxel centres, stay well within."
 
 
 
+NOT_IMAGES = {"RTDOSE", "RTIMAGE", "RTPLAN", "RTRECORD", "RTSTRUCT", "REG", "SEG", "PR", "KO", "SR", "DOC"}
+"""Modalities of the objects a planning system or PACS exports beside a scan (a plan's dose, structures,
+registrations, reports): not the image a folder is given for."""
+
+
+def image_series(folder: str | Path, what: str) -> tuple[str, tuple[str, ...]]:
+    """The Series Instance UID and files (in GDCM's slice order) of the one image series in a DICOM folder,
+    the other objects of an export (NOT_IMAGES: RT Dose, ...) left aside; InputError when it holds none or
+    several, naming them."""
+    found = []
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        modality, description = (_header(files[0], tag) for tag in ("0008|0060", "0008|103e"))
+        if modality.upper() not in NOT_IMAGES:
+            found.append((uid, files, f"{modality} {description!r} ({len(files)} files)"))
+    if not found:
+        raise InputError(f"{what} folder {folder} holds no DICOM image series: give an image file or a "
+                         "folder with one DICOM series")
+    if len(found) > 1:
+        raise InputError(f"{what} folder {folder} holds {len(found)} DICOM image series "
+                         f"({', '.join(name for *_, name in found)}): give a folder with exactly one")
+    return found[0][0], found[0][1]
+
+
+def _header(file: str, tag: str) -> str:
+    """A DICOM file's attribute (GDCM's "gggg|eeee" key) as text, stripped; '' when absent."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    reader.ReadImageInformation()
+    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+
+
 def rtstruct(path: str | Path):
     """The pydicom dataset of an RT Structure Set file, else None (a file that is not DICOM, or another
     DICOM object); InputError when pydicom, needed to read it, is missing."""
@@ -67,10 +99,10 @@ def require_drawn_on(path: str | Path, image: str | Path, what: str) -> None:
     drawn_on = {str(series.SeriesInstanceUID) for frame in structures.get("ReferencedFrameOfReferenceSequence", [])
                 for study in frame.get("RTReferencedStudySequence", [])
                 for series in study.get("RTReferencedSeriesSequence", [])}
-    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(image))
-    if drawn_on and ids and ids[0] not in drawn_on:
+    series, _ = image_series(image, "image")
+    if drawn_on and series not in drawn_on:
         raise InputError(f"{what} {path} was drawn on DICOM series {sorted(drawn_on)[0]}, not on {image} (series "
-                         f"{ids[0]}): give the structure set drawn on that image")
+                         f"{series}): give the structure set drawn on that image")
 
 
 def labels_by_name(truth: str | Path, segmentation: str | Path | None) -> dict[str, int] | None:

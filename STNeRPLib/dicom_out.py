@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .contract import is_complete, time_point_folder
+from .dicom_in import image_series
 from .errors import InputError
 from .record import load_record
 from .report import FOCUS, structure_names
@@ -84,10 +85,7 @@ def read_series(folder: Path) -> list:
     import pydicom
     from pydicomrt.utils import sort_image_series
 
-    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if len(ids) != 1:
-        raise InputError(f"{folder} holds {len(ids)} DICOM series: give a folder with exactly one")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])
+    _, files = image_series(folder, "image")
     series = sort_image_series([pydicom.dcmread(f, stop_before_pixels=True) for f in files])
     for ds in series:                       # type 2 (present, may be empty); pydicomrt copies them
         for keyword in TYPE_2:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .dicom_in import SLICE_TOLERANCE_MM, rtstruct, rtstruct_labelmap
+from .dicom_in import SLICE_TOLERANCE_MM, image_series, rtstruct, rtstruct_labelmap
 from .errors import InputError
 from .geometry import Grid
 
@@ -35,11 +35,7 @@ def image_information(path: str | Path, what: str) -> tuple[tuple[int, ...], int
     reader = sitk.ImageFileReader()
     try:
         if path.is_dir():
-            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]) if series else ()
-            if not files:
-                raise InputError(f"{what} folder {path} holds no DICOM series: give an image file or a "
-                                 "folder with one DICOM series")
+            _, files = image_series(path, what)
             reader.SetFileName(files[0])
             reader.ReadImageInformation()
             return (*reader.GetSize()[:2], len(files)), reader.GetPixelID(), None
@@ -223,14 +219,7 @@ def _read(path: Path, what: str) -> sitk.Image:
 
 
 def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise InputError(f"{what} folder {folder} holds no DICOM series: give an image file or a "
-                         "folder with one DICOM series")
-    if len(series) > 1:
-        raise InputError(f"{what} folder {folder} holds {len(series)} DICOM series: give a folder "
-                         "with exactly one")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    _, files = image_series(folder, what)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.SetSpacingWarningRelThreshold(float("inf"))     # _require_even_slices says it instead, in one line

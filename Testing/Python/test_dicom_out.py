@@ -15,13 +15,14 @@ pytest.importorskip("pydicomrt")
 from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
-from STNeRPLib.io import read_image  # noqa: E402
+from STNeRPLib.io import image_information, read_image  # noqa: E402
 from STNeRPLib.phantom import breathing_series  # noqa: E402
 from test_label_propagation import unread_lung_voxels  # noqa: E402
 from test_worker import assert_rejected  # noqa: E402
 from worker_cli import stnerp  # noqa: E402
 
 REG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.3"
+RTDOSE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.2"
 
 
 def write_ct_series(image: sitk.Image, folder: Path, study: str, frame: str, description: str) -> list[str]:
@@ -217,6 +218,44 @@ def test_a_dicom_series_holding_two_phases_at_the_same_positions_is_refused_as_s
     result = stnerp("train", "--reference", both, "--follow-up", folders[1], 1, "--output", output, "--json-events")
     assert_rejected(result, output, "24 slice positions twice", "several phases or acquisitions in one series")
     assert "evenly spaced" not in result.stderr
+
+
+def write_rtdose(folder: Path, ct_file: Path) -> None:
+    """An RT Dose beside a CT series, as a planning system exports a plan: its own series, with pixel data."""
+    ct = pydicom.dcmread(ct_file, stop_before_pixels=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = RTDOSE_SOP_CLASS, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(folder / "RD.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = RTDOSE_SOP_CLASS, meta.MediaStorageSOPInstanceUID, "RTDOSE"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (ct.StudyInstanceUID, generate_uid(),
+                                                                         ct.FrameOfReferenceUID)
+    ds.PatientName, ds.PatientID = ct.PatientName, ct.PatientID
+    ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing = ct.ImagePositionPatient, [1, 0, 0, 0, 1, 0], [12, 12]
+    ds.Rows, ds.Columns, ds.NumberOfFrames, ds.GridFrameOffsetVector = 10, 10, 5, [0, 15, 30, 45, 60]
+    ds.FrameIncrementPointer = 0x3004000C
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 32, 32, 31, 0
+    ds.DoseGridScaling, ds.DoseUnits, ds.DoseType, ds.DoseSummationType = 1e-4, "GY", "PHYSICAL", "PLAN"
+    ds.PixelData = (np.arange(500, dtype=np.uint32) * 100).tobytes()
+    ds.save_as(ds.filename, enforce_file_format=True)
+
+
+def test_a_planning_systems_export_folder_is_read_as_its_one_image_series(exported, tmp_path):
+    """A plan's export holds the CT series and, beside it, the RT Dose (a series of its own, with pixels): it was
+    refused as two series. The image series is read; two image series in one folder are still refused."""
+    root, folders, *_ = exported
+    export = tmp_path / "export"
+    shutil.copytree(folders[0], export)
+    write_rtdose(export, export / "000.dcm")
+    image, original = read_image(export, "reference image"), read_image(folders[0], "reference image")
+    assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(original))
+    assert image_information(export, "reference image")[0] == image_information(folders[0], "reference image")[0]
+    for path in folders[1].iterdir():
+        shutil.copy(path, export / f"phase_1_{path.name}")
+    output = tmp_path / "run"
+    result = stnerp("train", "--reference", export, "--follow-up", folders[1], 1, "--output", output, "--json-events")
+    assert_rejected(result, output, "2 DICOM image series", "CT 'phase 0'", "CT 'phase 1'", "exactly one")
 
 
 def test_a_dicom_series_with_positions_rounded_to_a_hundredth_of_a_millimetre_is_read(exported, tmp_path):
