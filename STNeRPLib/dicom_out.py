@@ -30,10 +30,16 @@ CONTOURS = {"ex_noise_size": 0, "in_noise_size": 0, "lowpass_ratio": 100, "ctr_p
 
 def check_dicom_inputs(reference: str, follow_ups: list[tuple[str, float]]) -> None:
     """Raise InputError unless every image is a DICOM series folder and pydicomrt is installed."""
-    not_dicom = [p for p in [reference, *(p for p, _ in follow_ups)] if not Path(p).is_dir()]
+    folders = [reference, *(p for p, _ in follow_ups)]
+    not_dicom = [p for p in folders if not Path(p).is_dir()]
     if not_dicom:
         raise InputError(f"--dicom-out needs DICOM series folders as inputs, but {not_dicom[0]} is not a "
                          "folder: give each image as its DICOM series folder, or drop --dicom-out")
+    multi_frame = [p for p in folders if len(image_series(p, "image")[1]) == 1]
+    if multi_frame:
+        raise InputError(f"--dicom-out writes contours on series of one file per slice, but {multi_frame[0]} is one "
+                         "multi-frame file (Enhanced CT or MR): drop --dicom-out, or give the series as single "
+                         "frames (3D Slicer's DICOM export writes them)")
     try:
         import pydicomrt  # noqa: F401
     except ImportError:

@@ -38,7 +38,8 @@ def image_information(path: str | Path, what: str) -> tuple[tuple[int, ...], int
             _, files = image_series(path, what)
             reader.SetFileName(files[0])
             reader.ReadImageInformation()
-            return (*reader.GetSize()[:2], len(files)), reader.GetPixelID(), None
+            size = reader.GetSize() if len(files) == 1 else (*reader.GetSize()[:2], len(files))  # one: multi-frame
+            return tuple(size), reader.GetPixelID(), None
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
     except RuntimeError:
@@ -220,6 +221,8 @@ def _read(path: Path, what: str) -> sitk.Image:
 
 def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     _, files = image_series(folder, what)
+    if len(files) == 1:
+        return sitk.ReadImage(files[0])      # one multi-frame file (Enhanced CT): its frames place the slices
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.SetSpacingWarningRelThreshold(float("inf"))     # _require_even_slices says it instead, in one line

@@ -12,9 +12,11 @@ import SimpleITK as sitk
 
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("pydicomrt")
-from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset  # noqa: E402
+from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
+from STNeRPLib.geometry import Grid  # noqa: E402
 from STNeRPLib.io import image_information, read_image  # noqa: E402
 from STNeRPLib.phantom import breathing_series  # noqa: E402
 from test_label_propagation import unread_lung_voxels  # noqa: E402
@@ -23,6 +25,7 @@ from worker_cli import stnerp  # noqa: E402
 
 REG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.3"
 RTDOSE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.2"
+ENHANCED_CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
 def write_ct_series(image: sitk.Image, folder: Path, study: str, frame: str, description: str) -> list[str]:
@@ -256,6 +259,58 @@ def test_a_planning_systems_export_folder_is_read_as_its_one_image_series(export
     output = tmp_path / "run"
     result = stnerp("train", "--reference", export, "--follow-up", folders[1], 1, "--output", output, "--json-events")
     assert_rejected(result, output, "2 DICOM image series", "CT 'phase 0'", "CT 'phase 1'", "exactly one")
+
+
+def write_enhanced_ct(image: sitk.Image, path: Path) -> None:
+    """The image as one Enhanced CT file (multi-frame, as newer scanners export): the frames' geometry in the
+    shared and per-frame functional groups, int16 HU."""
+    array = np.rint(sitk.GetArrayFromImage(image)).astype(np.int16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ENHANCED_CT_SOP_CLASS, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = ENHANCED_CT_SOP_CLASS, meta.MediaStorageSOPInstanceUID, "CT"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.SeriesDescription = "Phantom^STNeRP", "STNERP-1", "enhanced"
+    ds.NumberOfFrames, (ds.Rows, ds.Columns) = len(array), array.shape[1:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    sx, sy, sz = image.GetSpacing()
+    measures, orientation, rescale = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness, measures.SpacingBetweenSlices = [sy, sx], sz, sz
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    rescale.RescaleIntercept, rescale.RescaleSlope, rescale.RescaleType = 0, 1, "HU"
+    shared = Dataset()
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([measures]), Sequence([orientation])
+    shared.PixelValueTransformationSequence = Sequence([rescale])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.PerFrameFunctionalGroupsSequence = Sequence()
+    for k in range(len(array)):
+        position, frame = Dataset(), Dataset()
+        position.ImagePositionPatient = list(image.TransformIndexToPhysicalPoint((0, 0, k)))
+        frame.PlanePositionSequence = Sequence([position])
+        ds.PerFrameFunctionalGroupsSequence.append(frame)
+    ds.PixelData = array.tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def test_an_enhanced_ct_in_one_multi_frame_file_is_read_as_its_volume(exported, tmp_path):
+    """A folder holding one Enhanced CT file was read as a 4-D image and refused with "split the 4-D series into
+    one 3-D volume per time point"; its size was taken as one slice. It is the volume its frames place."""
+    root, folders, *_ = exported
+    original = read_image(folders[1], "follow-up image")
+    folder = tmp_path / "enhanced"
+    folder.mkdir()
+    write_enhanced_ct(original, folder / "CT.dcm")
+    for path in (folder, folder / "CT.dcm"):
+        image = read_image(path, "follow-up image")
+        assert Grid.of(image).matches(Grid.of(original))
+        assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(original))
+        assert image_information(path, "follow-up image")[0] == original.GetSize()
+    output = tmp_path / "run"
+    result = stnerp("train", "--reference", folders[0], "--follow-up", folder, 1, "--output", output,
+                    "--dicom-out", tmp_path / "out", "--json-events")
+    assert_rejected(result, output, "multi-frame", "--dicom-out")
 
 
 def test_a_dicom_series_with_positions_rounded_to_a_hundredth_of_a_millimetre_is_read(exported, tmp_path):
