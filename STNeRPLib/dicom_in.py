@@ -1,5 +1,6 @@
-"""DICOM in for radiotherapy: an RT Structure Set (RTSTRUCT), as a treatment planning system exports the
-planning CT's contours, read as the labelmap the worker propagates.
+"""DICOM in: which series of a folder is the image (a planning system's export holds the CT beside its RT
+Dose and Structure Set), and an RT Structure Set (RTSTRUCT), as a planning system exports the planning CT's
+contours, read as the labelmap the worker propagates.
 
 Each ROI's closed planar contours are filled on the slices of the image's grid they lie on (LPS mm, as
 DICOM's patient coordinates): a voxel belongs to a contour when its centre lies inside it or on it, so a
@@ -30,7 +31,6 @@ missing slice, or a structure set drawn on another scan's slices, is up to a sli
 EDGE_TOLERANCE = 1e-3
 """How far (voxels, in the slice) a voxel centre may lie outside a contour and count as on it: contours
 written to a tenth of a micrometre, as through voxel centres, stay well within."""
-
 
 
 NOT_IMAGES = {"RTDOSE", "RTIMAGE", "RTPLAN", "RTRECORD", "RTSTRUCT", "REG", "SEG", "PR", "KO", "SR", "DOC"}
@@ -88,13 +88,13 @@ def roi_names(dataset) -> dict[int, str]:
             for roi in dataset.get("StructureSetROISequence", [])}
 
 
-def require_drawn_on(path: str | Path, image: str | Path, what: str) -> None:
+def require_drawn_on(path: str | Path, image: str | Path | None, what: str) -> None:
     """InputError when `path` is an RT Structure Set whose contours were drawn on another DICOM series than
     `image`'s (a folder): another phase of a 4-D CT shares the reference's slices, so only the series
-    references (RT Referenced Series) tell. Nothing to check for a labelmap, an image file, or a structure
-    set that names no series."""
+    references (RT Referenced Series) tell. Nothing to check for a labelmap, an image file or none, or a
+    structure set that names no series."""
     structures = rtstruct(path)
-    if structures is None or not Path(image).is_dir():
+    if structures is None or image is None or not Path(image).is_dir():
         return
     drawn_on = {str(series.SeriesInstanceUID) for frame in structures.get("ReferencedFrameOfReferenceSequence", [])
                 for study in frame.get("RTReferencedStudySequence", [])
@@ -121,6 +121,7 @@ def labels_by_name(truth: str | Path, segmentation: str | Path | None) -> dict[s
 
 
 def _key(name: str) -> str:
+    """An ROI Name as matched: case and surrounding spaces aside."""
     return name.strip().casefold()
 
 
@@ -146,10 +147,10 @@ def rtstruct_labelmap(dataset, grid: Grid, path: str | Path, what: str,
                                  f"(1 to {np.iinfo(np.uint16).max}): renumber it")
             voxels.append(filled)
             numbers.append(number)
-    labels = np.zeros(int(np.prod(grid.shape)), np.uint16)
+    labelmap = np.zeros(int(np.prod(grid.shape)), np.uint16)
     for i in paint_order(voxels):
-        labels[voxels[i]] = numbers[i]
-    return grid.image(labels.reshape(grid.shape))
+        labelmap[voxels[i]] = numbers[i]
+    return grid.image(labelmap.reshape(grid.shape))
 
 
 def _points(contour) -> np.ndarray:
@@ -217,7 +218,7 @@ def _fill(polygon: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.n
     dy = np.where(crosses, end[:, 1] - start[:, 1], 1.0)
     x = np.where(crosses, start[:, 0] + (y - start[:, 1]) * (end[:, 0] - start[:, 0]) / dy, np.inf)
     x.sort(axis=1)
-    first, last = x[:, 0::2], x[:, 1::2][:, :x[:, 0::2].shape[1]]
+    first, last = x[:, 0::2], x[:, 1::2]                              # each row's spans: crossings in pairs
     row, pair = np.nonzero(np.isfinite(last))
     left = np.clip(np.ceil(first[row, pair] - EDGE_TOLERANCE), 0, shape[1]).astype(int)
     right = np.clip(np.floor(last[row, pair] + EDGE_TOLERANCE) + 1, 0, shape[1]).astype(int)

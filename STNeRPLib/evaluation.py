@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from .errors import InputError
 from .geometry import Grid
 from .contract import write_json
-from .dicom_in import labels_by_name, require_drawn_on
+from .dicom_in import labels_by_name, require_drawn_on, rtstruct
 from .io import check_landmarks_inside, read_image, read_labelmap, read_landmarks
 from .metrics import score_time_point, target_registration_error
 from .preprocessing import IntensityWindow, in_hounsfield_units, require_unit
@@ -28,9 +28,6 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
     entries = {float(e["time"]): e for e in record["time_points"]}
     window = IntensityWindow(*record["intensity_window"])
     pairs = read_landmarks(landmarks) if landmarks else {}
-    inputs = record["inputs"]                     # a prediction's name only its run: no scan, nothing drawn on one
-    scans = {float(t): p for p, t in [(inputs.get("reference"), inputs.get("reference_time")),
-                                      *inputs.get("follow_ups", [])] if p}
     parts: dict[float, dict] = {t: {} for t in sorted(entries)}
     for path, t in images:
         predicted = _output(run, _entry(entries, t, path), "image")
@@ -43,9 +40,7 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
         if not entry.get("labelmap"):
             raise InputError(f"run {run} propagated no labelmap: train it with --segmentation")
         predicted = _output(run, entry, "labelmap")
-        require_drawn_on(path, scans.get(t, ""), f"ground-truth labelmap at time {t:g}")
-        truth = read_labelmap(path, Grid.of(predicted), f"ground-truth labelmap at time {t:g}",
-                              labels_by_name(path, inputs.get("segmentation")))
+        truth = _ground_truth(path, t, Grid.of(predicted), record)
         parts[t]["labelmaps"] = (sitk.GetArrayFromImage(predicted), sitk.GetArrayFromImage(truth))
     for t, (points, reference_points) in pairs.items():
         field = _output(run, _entry(entries, t, landmarks), "displacement")
@@ -57,6 +52,24 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
     reporter.message(format_table(rows))
     reporter.message(f"evaluation written to {path}")
     return rows
+
+
+def _ground_truth(path: str, t: float, grid: Grid, record: dict) -> sitk.Image:
+    """The ground-truth labelmap at time t on the run's grid there; an RT Structure Set is checked against the scan
+    it outlines and its ROIs numbered by the run's segmentation's ROI Names (dicom_in)."""
+    what = f"ground-truth labelmap at time {t:g}"
+    if rtstruct(path) is None:
+        return read_labelmap(path, grid, what)
+    inputs = _trained_inputs(record)
+    scans = {float(s): p for p, s in [(inputs["reference"], inputs["reference_time"]), *inputs.get("follow_ups", [])]}
+    require_drawn_on(path, scans.get(t), what)
+    return read_labelmap(path, grid, what, labels_by_name(path, inputs.get("segmentation")))
+
+
+def _trained_inputs(record: dict) -> dict:
+    """The inputs of the training a run's outputs come from: its own, or a prediction's run's."""
+    inputs = record["inputs"]
+    return load_record(Path(inputs["run"]))["inputs"] if "run" in inputs else inputs
 
 
 def _row(t: float, given: dict) -> dict:

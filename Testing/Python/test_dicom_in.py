@@ -212,6 +212,11 @@ def test_a_ground_truth_structure_set_is_scored_against_the_planning_rois_of_the
     assert rows[0]["dice"] == pytest.approx(expected)
     drawn_on_the_plan = stnerp("evaluate", "--run", run, "--ground-truth", root / "RS.dcm", times[1])
     assert drawn_on_the_plan.returncode == 2 and "was drawn on DICOM series" in drawn_on_the_plan.stderr
+    predicted = root / "predicted"                         # a prediction's record names its run, not the inputs
+    assert stnerp("predict", "--run", run, "--times", times[1], "--output", predicted).returncode == 0
+    scored = stnerp("evaluate", "--run", predicted, "--ground-truth", root / "RS_1.dcm", times[1])
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads((predicted / "evaluation.json").read_text())["rows"][0]["dice"] == pytest.approx(expected)
 
 
 def test_a_ground_truth_structure_set_beside_a_labelmap_segmentation_is_refused(planned, tmp_path):
