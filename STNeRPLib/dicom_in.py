@@ -192,18 +192,39 @@ def _slice_mask(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarra
     contour inside an odd number of the others is a hole, its strict interior removed; the others add their
     interior and boundary. Shallower contours first, so an island inside a hole is added back."""
     filled = [_fill(polygon, shape) for polygon in polygons]
-    depth = [sum(bool(interior[_first_vertex(polygon)]) for other, (interior, _) in zip(polygons, filled)
-                 if other is not polygon) for polygon in polygons]
+    depth = [sum(_encloses(other, polygon) for other in polygons if other is not polygon) for polygon in polygons]
     mask = np.zeros(shape, bool)
     for level, (interior, boundary) in sorted(zip(depth, filled), key=lambda pair: pair[0]):
         mask = mask & ~(interior & ~boundary) if level % 2 else mask | interior | boundary
     return mask
 
 
-def _first_vertex(polygon: np.ndarray) -> tuple[int, int]:
-    """(row, column) of the voxel nearest a polygon's first vertex."""
-    x, y = np.rint(polygon[0]).astype(int)
-    return int(y), int(x)
+def _encloses(outer: np.ndarray, inner: np.ndarray) -> bool:
+    """Whether the closed polygon `inner` lies within `outer` (each (N, 2)): every vertex inside or on it, and a
+    smaller area. A hole traced through the structure's voxels about it may share vertices with the outer
+    contour where it opens diagonally to the outside, so one vertex does not tell."""
+    start, end = outer, np.roll(outer, -1, axis=0)
+    x, y = inner[:, :1], inner[:, 1:]
+    crosses = (start[:, 1] <= y) != (end[:, 1] <= y)
+    dy = np.where(crosses, end[:, 1] - start[:, 1], 1.0)
+    odd = (crosses & (start[:, 0] + (y - start[:, 1]) * (end[:, 0] - start[:, 0]) / dy > x)).sum(axis=1) % 2 == 1
+    on = _distance_to_edges(start, end, inner) <= EDGE_TOLERANCE
+    return bool(np.all(odd | on)) and _area(inner) < _area(outer)
+
+
+def _area(polygon: np.ndarray) -> float:
+    """The area a closed polygon (N, 2) encloses (shoelace)."""
+    x, y = polygon.T
+    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+
+
+def _distance_to_edges(start: np.ndarray, end: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Distance from each point (M, 2) to the nearest edge start -> end (N, 2 each), in the points' units."""
+    edge = end - start
+    length = np.maximum((edge ** 2).sum(axis=1), 1e-12)
+    along = np.clip(((points[:, None] - start[None]) * edge[None]).sum(axis=2) / length, 0, 1)     # (M, N)
+    nearest = start[None] + along[..., None] * edge[None]
+    return np.sqrt(((points[:, None] - nearest) ** 2).sum(axis=2)).min(axis=1)
 
 
 def _fill(polygon: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

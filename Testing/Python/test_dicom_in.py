@@ -100,6 +100,23 @@ def test_a_ring_with_an_island_keeps_its_boundary_voxels_and_loses_its_hole(tmp_
     assert np.array_equal(labels, np.where(expected, 1, 0))
 
 
+def test_a_hole_that_touches_its_outer_contour_is_still_a_hole(tmp_path):
+    """A hole whose boundary voxels reach the structure's outside at a corner (on the abdomen CT's organs, 32 of
+    110 225 voxels) shares a vertex with the outer contour: its voxels strictly inside are not the structure's."""
+    outer = np.array([[5, 3], [25, 3], [25, 20], [5, 20]], float)                  # (x, y) indices, slice 2
+    hole = np.array([[15, 20], [9, 11], [21, 11]], float)                           # its first vertex on the outer
+    path = tmp_path / "RS.dcm"
+    write_rtstruct(path, {1: ("notched", [GRID.to_physical(np.c_[polygon, np.full(len(polygon), 2.0)]).ravel().tolist()
+                                          for polygon in (outer, hole)])})
+    labels = sitk.GetArrayFromImage(read_labelmap(path, GRID, "segmentation"))[2]
+    y, x = np.mgrid[0:GRID.size[1], 0:GRID.size[0]]
+    sides = [(b[0] - a[0]) * (y - a[1]) - (b[1] - a[1]) * (x - a[0]) for a, b in zip(hole, np.roll(hole, -1, axis=0))]
+    strictly_in_hole = np.all(np.array(sides) > 0, axis=0) | np.all(np.array(sides) < 0, axis=0)
+    expected = (x >= 5) & (x <= 25) & (y >= 3) & (y <= 20) & ~strictly_in_hole
+    assert strictly_in_hole.sum() > 30
+    assert np.array_equal(labels, np.where(expected, 1, 0))
+
+
 def test_a_voxel_in_two_rois_goes_to_the_smaller_and_an_empty_roi_to_none(tmp_path):
     z = GRID.to_physical(np.array([[0.0, 0.0, 1.0]]))[0, 2]
     path = tmp_path / "RS.dcm"
@@ -125,14 +142,15 @@ def test_a_structure_set_not_drawn_on_the_image_is_refused_in_one_line(tmp_path,
         assert word in str(error.value)
 
 
-def opened(labelmap: np.ndarray) -> np.ndarray:
-    """The labelmap opened slice by slice with a 3 x 3 square: no part of a structure thinner than three
-    voxels in-plane. A lone voxel or a diagonal chain has no closed contour of three points, so an RTSTRUCT
-    written from a labelmap (pydicomrt, as `stnerp dicom`) leaves such parts out; the opened labelmap has
-    none to leave out."""
-    kept = np.zeros_like(labelmap)
+def without_pieces_under_three_voxels(labelmap: np.ndarray) -> np.ndarray:
+    """The labelmap without each structure's pieces of one or two voxels on a slice (8-connected): pydicomrt
+    writes contours of three points or more, so an RTSTRUCT written from a labelmap (as `stnerp dicom` writes)
+    has none of them (on the abdomen CT's 41 organs, 82 of 110 225 voxels)."""
+    kept = labelmap.copy()
     for label in np.unique(labelmap[labelmap > 0]):
-        kept[ndimage.binary_opening(labelmap == label, structure=np.ones((1, 3, 3), bool))] = label
+        for k, plane in enumerate(labelmap == label):
+            pieces, _ = ndimage.label(plane, structure=np.ones((3, 3)))
+            kept[k][(pieces > 0) & (np.bincount(pieces.ravel())[pieces] < 3)] = 0
     return kept
 
 
@@ -146,13 +164,13 @@ def planned(tmp_path_factory):
     folders = [root / f"phase_{k}" for k in range(2)]
     for folder, image in zip(folders, series.images):
         write_ct_series(image, folder, generate_uid(), frame, folder.name)
-    labelmap = opened(sitk.GetArrayFromImage(series.labelmaps[0]))
+    labelmap = without_pieces_under_three_voxels(sitk.GetArrayFromImage(series.labelmaps[0]))
     builder = RTStructBuilder(read_series(folders[0]))
     for label, name in ((1, "GTV"), (2, "Lung_R"), (3, "Lung_L")):
         builder.add_roi(labelmap == label, name, number=10 + label, color=[255, 0, 0], interpreted_type="ORGAN",
                         contour_config=CONTOURS)
     builder.build().save_as(str(root / "RS.dcm"), enforce_file_format=True)
-    truth = opened(sitk.GetArrayFromImage(series.labelmaps[1]))                  # as a physician would redraw it
+    truth = without_pieces_under_three_voxels(sitk.GetArrayFromImage(series.labelmaps[1]))   # redrawn
     builder = RTStructBuilder(read_series(folders[1]))
     cord = np.zeros_like(truth, bool)
     cord[10:20, 36:40, 22:26] = True
