@@ -2,6 +2,8 @@
 slices of the image they lie on, in LPS mm; the voxels are checked against the contours' own geometry
 (rectangles, a ring with an island) and against the labelmap a structure set was written from."""
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +28,9 @@ from STNeRPLib.report import structure_names  # noqa: E402
 from test_dicom_out import write_ct_series  # noqa: E402
 from test_worker import assert_rejected  # noqa: E402
 from worker_cli import stnerp  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks import data  # noqa: E402
 
 # A grid stored with x and y reversed (direction diag(-1, -1, 1), as a volume saved in RAS order): the contours,
 # in LPS mm, must land on the voxels by their physical position, not their index.
@@ -188,6 +193,26 @@ def test_a_structure_set_written_from_a_labelmap_reads_back_as_that_labelmap(pla
     read = sitk.GetArrayFromImage(read_labelmap(root / "RS.dcm", grid, "segmentation"))
     assert set(np.unique(read)) == {0, 11, 12, 13}
     assert np.array_equal(read, labelmap)
+
+
+def test_the_abdomen_cts_41_organs_read_back_from_the_structure_set_written_from_them(tmp_path):
+    """Real anatomy (../shared/data; skipped without it): organs that touch, wrap about each other and have holes
+    opening onto their outside. Written as pydicomrt writes them, read back voxel for voxel."""
+    if not data.abdomen_available():
+        pytest.skip(f"no abdomen CT in {data.ABDOMEN_CT}")
+    ct = sitk.DICOMOrient(sitk.ReadImage(str(data.ABDOMEN_CT / "example_ct_sm.nii.gz")), "LPS")
+    organs = sitk.DICOMOrient(sitk.ReadImage(str(data.ABDOMEN_CT / "example_seg.nii.gz")), "LPS")
+    write_ct_series(ct, tmp_path / "ct", generate_uid(), generate_uid(), "abdomen")
+    series = read_series(tmp_path / "ct")
+    labelmap = sitk.GetArrayFromImage(organs).astype(np.uint16)
+    builder = RTStructBuilder(series)
+    for label in np.unique(labelmap[labelmap > 0]):
+        builder.add_roi(labelmap == label, f"organ {label}", number=int(label), color=[0, 0, 255],
+                        interpreted_type="ORGAN", contour_config=CONTOURS)
+    builder.build().save_as(str(tmp_path / "RS.dcm"), enforce_file_format=True)
+    read = read_labelmap(tmp_path / "RS.dcm", Grid.of(read_image(tmp_path / "ct", "reference image")), "segmentation")
+    assert len(np.unique(labelmap)) == 42
+    assert np.array_equal(sitk.GetArrayFromImage(read), without_pieces_under_three_voxels(labelmap))
 
 
 def test_a_planning_structure_set_is_propagated_and_exported_under_its_roi_names(planned):
