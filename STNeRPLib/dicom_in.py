@@ -204,10 +204,8 @@ def _encloses(outer: np.ndarray, inner: np.ndarray) -> bool:
     smaller area. A hole traced through the structure's voxels about it may share vertices with the outer
     contour where it opens diagonally to the outside, so one vertex does not tell."""
     start, end = outer, np.roll(outer, -1, axis=0)
-    x, y = inner[:, :1], inner[:, 1:]
-    crosses = (start[:, 1] <= y) != (end[:, 1] <= y)
-    dy = np.where(crosses, end[:, 1] - start[:, 1], 1.0)
-    odd = (crosses & (start[:, 0] + (y - start[:, 1]) * (end[:, 0] - start[:, 0]) / dy > x)).sum(axis=1) % 2 == 1
+    crossings = _crossings(start, end, inner[:, 1:])
+    odd = (np.isfinite(crossings) & (crossings > inner[:, :1])).sum(axis=1) % 2 == 1
     on = _distance_to_edges(start, end, inner) <= EDGE_TOLERANCE
     return bool(np.all(odd | on)) and _area(inner) < _area(outer)
 
@@ -234,10 +232,7 @@ def _fill(polygon: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.n
     start, end = polygon, np.roll(polygon, -1, axis=0)
     rows = np.arange(max(int(np.ceil(polygon[:, 1].min() - EDGE_TOLERANCE)), 0),
                      min(int(np.floor(polygon[:, 1].max() + EDGE_TOLERANCE)) + 1, shape[0]))
-    y = rows[:, None].astype(float)
-    crosses = (start[:, 1] <= y) != (end[:, 1] <= y)                   # half-open in y: a vertex counts once
-    dy = np.where(crosses, end[:, 1] - start[:, 1], 1.0)
-    x = np.where(crosses, start[:, 0] + (y - start[:, 1]) * (end[:, 0] - start[:, 0]) / dy, np.inf)
+    x = _crossings(start, end, rows[:, None].astype(float))
     x.sort(axis=1)
     first, last = x[:, 0::2], x[:, 1::2]                              # each row's spans: crossings in pairs
     row, pair = np.nonzero(np.isfinite(last))
@@ -253,6 +248,14 @@ def _fill(polygon: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.n
     inside = np.all((points >= 0) & (points < shape[::-1]), axis=1)
     boundary[points[inside, 1], points[inside, 0]] = True
     return interior, boundary
+
+
+def _crossings(start: np.ndarray, end: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(M, N): the x at which each edge start -> end (N, 2 each) crosses each row y (M, 1), half-open in y so
+    that a vertex counts once; inf where the edge does not cross the row."""
+    crosses = (start[:, 1] <= y) != (end[:, 1] <= y)
+    dy = np.where(crosses, end[:, 1] - start[:, 1], 1.0)
+    return np.where(crosses, start[:, 0] + (y - start[:, 1]) * (end[:, 0] - start[:, 0]) / dy, np.inf)
 
 
 def _lattice_points_on(start: np.ndarray, end: np.ndarray) -> np.ndarray:
