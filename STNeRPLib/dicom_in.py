@@ -88,6 +88,16 @@ def roi_names(dataset) -> dict[int, str]:
             for roi in dataset.get("StructureSetROISequence", [])}
 
 
+def roi_looks(dataset) -> dict[int, tuple[list[int] | None, str | None]]:
+    """ROI Number -> (ROI Display Color as RGB 0-255, RT ROI Interpreted Type) of a structure set, None where
+    it gives none: what a planning system shows and treats each ROI as (EXTERNAL, GTV, PTV, ORGAN, ...)."""
+    colours = {int(roi.ReferencedROINumber): [int(v) for v in roi.ROIDisplayColor]
+               for roi in dataset.get("ROIContourSequence", []) if roi.get("ROIDisplayColor")}
+    kinds = {int(o.ReferencedROINumber): str(o.RTROIInterpretedType)
+             for o in dataset.get("RTROIObservationsSequence", []) if o.get("RTROIInterpretedType")}
+    return {number: (colours.get(number), kinds.get(number)) for number in colours.keys() | kinds.keys()}
+
+
 def require_drawn_on(path: str | Path, image: str | Path | None, what: str) -> None:
     """InputError when `path` is an RT Structure Set whose contours were drawn on another DICOM series than
     `image`'s (a folder): another phase of a 4-D CT shares the reference's slices, so only the series

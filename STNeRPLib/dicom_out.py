@@ -6,8 +6,11 @@ README for why. The registration object's registered frame of reference is the f
 its source is the reference's: at a follow-up point x the grid gives the reference point
 x + u(x) (DICOM PS3.3 C.20.3.1.1: registered RCS -> source RCS), which is exactly the run's
 displacement.nrrd (time-t point -> reference point, pre-alignment included), on its grid.
-Contours run through the centres of the structure's boundary voxels (no smoothing, no
-small-contour removal), so every point lies within half a voxel of the labelmap's boundary.
+Contours run through the centres of the structure's boundary voxels (no smoothing), so every
+point lies within half a voxel of the labelmap's boundary; pydicomrt keeps contours of three
+points or more, so a piece of a structure of one or two voxels on a slice has none. ROIs are
+numbered by label and, when the run's segmentation was a structure set, coloured and typed as
+its ROIs (the plan's ROI Display Color and RT ROI Interpreted Type).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .contract import is_complete, time_point_folder
-from .dicom_in import image_series
+from .dicom_in import image_series, roi_looks, rtstruct
 from .errors import InputError
 from .record import load_record
 from .report import FOCUS, structure_names
@@ -61,6 +64,8 @@ def write_dicom(run: Path, folder: Path, label_names: str | None = None,
     follow_ups = [(path, float(t)) for path, t in inputs.get("follow_ups", [])]
     check_dicom_inputs(inputs.get("reference") or "", follow_ups)
     names = structure_names(record, run, label_names)
+    plan = rtstruct(inputs.get("segmentation") or "")
+    looks = roi_looks(plan) if plan is not None else {}
     entries = {float(e["time"]): e for e in record["time_points"]}
     reference = read_series(Path(inputs["reference"]))
     written = []
@@ -75,9 +80,10 @@ def write_dicom(run: Path, folder: Path, label_names: str | None = None,
             builder = RTStructBuilder(series).set_structure_set_label(f"STNeRP t={t:g}"[:16])
             labels = sitk.ReadImage(str(run / entry["labelmap"]))
             for label, mask in _masks(labels, series).items():
-                interpreted = "GTV" if FOCUS.search(names[label]) else "ORGAN"
-                builder.add_roi(mask, names[label], number=label, color=_colour(label),
-                                interpreted_type=interpreted, contour_config=CONTOURS)
+                colour, kind = looks.get(label, (None, None))
+                builder.add_roi(mask, names[label], number=label, color=colour or _colour(label),
+                                interpreted_type=kind or ("GTV" if FOCUS.search(names[label]) else "ORGAN"),
+                                contour_config=CONTOURS)
             written.append(_save(builder.build(), out / "RTSTRUCT.dcm"))
         field = sitk.ReadImage(str(run / entry["displacement"]), sitk.sitkVectorFloat64)
         registration = DeformableSpatialRegistrationBuilder(series).add_registration(

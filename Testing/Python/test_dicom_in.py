@@ -159,6 +159,10 @@ def without_pieces_under_three_voxels(labelmap: np.ndarray) -> np.ndarray:
     return kept
 
 
+PLANNED = ((1, "GTV", [255, 0, 0], "GTV"), (2, "Lung_R", [0, 128, 255], "ORGAN"), (3, "Lung_L", [0, 200, 0], "AVOIDANCE"))
+"""The plan's ROIs: label (ROI Number 10 + label), ROI Name, ROI Display Color, RT ROI Interpreted Type."""
+
+
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     """A phantom's reference and follow-up as DICOM CT series, and the reference's structures as the RT
@@ -171,8 +175,8 @@ def planned(tmp_path_factory):
         write_ct_series(image, folder, generate_uid(), frame, folder.name)
     labelmap = without_pieces_under_three_voxels(sitk.GetArrayFromImage(series.labelmaps[0]))
     builder = RTStructBuilder(read_series(folders[0]))
-    for label, name in ((1, "GTV"), (2, "Lung_R"), (3, "Lung_L")):
-        builder.add_roi(labelmap == label, name, number=10 + label, color=[255, 0, 0], interpreted_type="ORGAN",
+    for label, name, colour, kind in PLANNED:
+        builder.add_roi(labelmap == label, name, number=10 + label, color=colour, interpreted_type=kind,
                         contour_config=CONTOURS)
     builder.build().save_as(str(root / "RS.dcm"), enforce_file_format=True)
     truth = without_pieces_under_three_voxels(sitk.GetArrayFromImage(series.labelmaps[1]))   # redrawn
@@ -216,7 +220,8 @@ def test_the_abdomen_cts_41_organs_read_back_from_the_structure_set_written_from
 
 
 def test_a_planning_structure_set_is_propagated_and_exported_under_its_roi_names(planned):
-    """The adaptive loop without 3D Slicer: the planning CT's RTSTRUCT in, the follow-up's RTSTRUCT out."""
+    """The adaptive loop without 3D Slicer: the planning CT's RTSTRUCT in, the follow-up's RTSTRUCT out, its ROIs
+    numbered, named, coloured and typed as in the plan."""
     root, folders, labelmap, times, _ = planned
     run = root / "run"
     result = stnerp("train", "--reference", folders[0], "--follow-up", folders[1], times[1], "--segmentation",
@@ -232,6 +237,10 @@ def test_a_planning_structure_set_is_propagated_and_exported_under_its_roi_names
     exported = pydicom.dcmread(next((root / "out").glob("t_*/RTSTRUCT.dcm")))
     assert {(int(roi.ROINumber), roi.ROIName) for roi in exported.StructureSetROISequence} == {
         (11, "GTV"), (12, "Lung_R"), (13, "Lung_L")}
+    colours = {int(roi.ReferencedROINumber): [int(v) for v in roi.ROIDisplayColor] for roi in exported.ROIContourSequence}
+    kinds = {int(o.ReferencedROINumber): o.RTROIInterpretedType for o in exported.RTROIObservationsSequence}
+    assert colours == {10 + label: colour for label, _, colour, _ in PLANNED}        # as the planning system shows them
+    assert kinds == {10 + label: kind for label, *_, kind in PLANNED}
 
 
 def test_a_ground_truth_structure_set_is_scored_against_the_planning_rois_of_the_same_name(planned):
