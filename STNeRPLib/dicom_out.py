@@ -8,23 +8,28 @@ x + u(x) (DICOM PS3.3 C.20.3.1.1: registered RCS -> source RCS), which is exactl
 displacement.nrrd (time-t point -> reference point, pre-alignment included), on its grid.
 Contours run through the centres of the structure's boundary voxels (no smoothing), so every
 point lies within half a voxel of the labelmap's boundary; pydicomrt keeps contours of three
-points or more, so a piece of a structure of one or two voxels on a slice has none. ROIs are
+points or more, so a piece of a structure of one or two voxels on a slice gets a square half a
+voxel out about each of its voxels instead (read back by dicom_in, every voxel). ROIs are
 numbered by label and, when the run's segmentation was a structure set, coloured and typed as
 its ROIs (the plan's ROI Display Color and RT ROI Interpreted Type).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .contract import is_complete, time_point_folder
 from .dicom_in import image_series, roi_looks, rtstruct
 from .errors import InputError
 from .record import load_record
-from .report import FOCUS, structure_names
+from .report import FOCUS, Names, structure_names
+
+if TYPE_CHECKING:                                  # pydicom comes with the dicom extra, imported where used
+    from pydicom.dataset import Dataset, FileDataset
 
 TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
           "ReferringPhysicianName", "AccessionNumber", "SeriesNumber")
@@ -54,7 +59,6 @@ def write_dicom(run: Path, folder: Path, label_names: str | None = None,
     """Write RTSTRUCT and REG files per follow-up of a complete run into folder/t_<time>/; `say` is told of each
     structure a follow-up's RTSTRUCT has no contour of (lost in propagation: run.json's labels_lost)."""
     from pydicomrt.reg import DeformableSpatialRegistrationBuilder
-    from pydicomrt.rs import RTStructBuilder
 
     run, folder = Path(run), Path(folder)
     record = load_record(run)
@@ -77,19 +81,53 @@ def write_dicom(run: Path, folder: Path, label_names: str | None = None,
             say(f"t={t:g}: RTSTRUCT.dcm has no contour of {', '.join(names[label] for label in entry['labels_lost'])}: "
                 "lost in propagation (no voxel of the propagated labelmap holds it)")
         if entry.get("labelmap"):
-            builder = RTStructBuilder(series).set_structure_set_label(f"STNeRP t={t:g}"[:16])
             labels = sitk.ReadImage(str(run / entry["labelmap"]))
-            for label, mask in _masks(labels, series).items():
-                colour, kind = looks.get(label, (None, None))
-                builder.add_roi(mask, names[label], number=label, color=colour or _colour(label),
-                                interpreted_type=kind or ("GTV" if FOCUS.search(names[label]) else "ORGAN"),
-                                contour_config=CONTOURS)
-            written.append(_save(builder.build(), out / "RTSTRUCT.dcm"))
+            written.append(_save(structure_set(labels, series, f"STNeRP t={t:g}", names, looks), out / "RTSTRUCT.dcm"))
         field = sitk.ReadImage(str(run / entry["displacement"]), sitk.sitkVectorFloat64)
         registration = DeformableSpatialRegistrationBuilder(series).add_registration(
             reference, sitk.DisplacementFieldTransform(field))
         written.append(_save(registration.build(), out / "REG.dcm"))
     return written
+
+
+def structure_set(labels: sitk.Image, series: list, label: str, names: Names,
+                  looks: dict[int, tuple[list[int] | None, str | None]]) -> FileDataset:
+    """An RT Structure Set of a labelmap on `series` (its pydicom headers, read_series): one ROI per label, named by
+    `names`, coloured and typed by `looks` (dicom_in.roi_looks) where it has the label. Contours through the
+    boundary voxels' centres, and about each piece of one or two voxels on a slice, which pydicomrt gives none,
+    a square half a voxel out about each of its voxels."""
+    from pydicomrt.rs import RTStructBuilder
+
+    builder = RTStructBuilder(series).set_structure_set_label(label[:16])
+    masks = _masks(labels, series)
+    for number, mask in masks.items():
+        colour, kind = looks.get(number, (None, None))
+        builder.add_roi(mask, names[number], number=number, color=colour or _colour(number),
+                        interpreted_type=kind or ("GTV" if FOCUS.search(names[number]) else "ORGAN"),
+                        contour_config=CONTOURS)
+    dataset = builder.build()
+    for item in dataset.ROIContourSequence:
+        _add_small_pieces(item, masks[int(item.ReferencedROINumber)], labels, series)
+    return dataset
+
+
+def _add_small_pieces(item: Dataset, mask: np.ndarray, labels: sitk.Image, series: list) -> None:
+    """Append to an ROI's contours a square half a voxel out about each voxel of its pieces of one or two voxels
+    (8-connected) on a slice of `mask` (slices in `series` order, rows, columns)."""
+    from pydicom.sequence import Sequence
+    from pydicomrt.rs.make_contour_sequence import create_contour_sequence_block
+
+    corners = [(-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5)]
+    for ds, plane in zip(series, mask):
+        pieces, _ = ndimage.label(plane, structure=np.ones((3, 3)))
+        rows, columns = np.nonzero((pieces > 0) & (np.bincount(pieces.ravel())[pieces] < 3))
+        k = labels.TransformPhysicalPointToIndex([float(v) for v in ds.ImagePositionPatient])[2]
+        for row, column in zip(rows, columns):
+            points = [labels.TransformContinuousIndexToPhysicalPoint((column + dx, row + dy, k)) for dx, dy in corners]
+            data = [round(v, CONTOURS["ctr_precision"]) for point in points for v in point]
+            if "ContourSequence" not in item:
+                item.ContourSequence = Sequence()
+            item.ContourSequence.append(create_contour_sequence_block(data, ds.SOPClassUID, ds.SOPInstanceUID))
 
 
 def read_series(folder: Path) -> list:

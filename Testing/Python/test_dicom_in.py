@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from scipy import ndimage
 
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("pydicomrt")
@@ -16,15 +15,14 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
-from pydicomrt.rs import RTStructBuilder  # noqa: E402
 
 from STNeRPLib.dicom_in import RTSTRUCT_STORAGE  # noqa: E402
-from STNeRPLib.dicom_out import CONTOURS, read_series  # noqa: E402
+from STNeRPLib.dicom_out import read_series, structure_set  # noqa: E402
 from STNeRPLib.errors import InputError  # noqa: E402
 from STNeRPLib.geometry import Grid  # noqa: E402
 from STNeRPLib.io import read_image, read_labelmap  # noqa: E402
 from STNeRPLib.phantom import breathing_series  # noqa: E402
-from STNeRPLib.report import structure_names  # noqa: E402
+from STNeRPLib.report import Names, structure_names  # noqa: E402
 from test_dicom_out import write_ct_series  # noqa: E402
 from test_worker import assert_rejected  # noqa: E402
 from worker_cli import stnerp  # noqa: E402
@@ -147,48 +145,36 @@ def test_a_structure_set_not_drawn_on_the_image_is_refused_in_one_line(tmp_path,
         assert word in str(error.value)
 
 
-def without_pieces_under_three_voxels(labelmap: np.ndarray) -> np.ndarray:
-    """The labelmap without each structure's pieces of one or two voxels on a slice (8-connected): pydicomrt
-    writes contours of three points or more, so an RTSTRUCT written from a labelmap (as `stnerp dicom` writes)
-    has none of them (on the abdomen CT's 41 organs, 82 of 110 225 voxels)."""
-    kept = labelmap.copy()
-    for label in np.unique(labelmap[labelmap > 0]):
-        for k, plane in enumerate(labelmap == label):
-            pieces, _ = ndimage.label(plane, structure=np.ones((3, 3)))
-            kept[k][(pieces > 0) & (np.bincount(pieces.ravel())[pieces] < 3)] = 0
-    return kept
-
-
 PLANNED = ((1, "GTV", [255, 0, 0], "GTV"), (2, "Lung_R", [0, 128, 255], "ORGAN"), (3, "Lung_L", [0, 200, 0], "AVOIDANCE"))
 """The plan's ROIs: label (ROI Number 10 + label), ROI Name, ROI Display Color, RT ROI Interpreted Type."""
 
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
-    """A phantom's reference and follow-up as DICOM CT series, and the reference's structures as the RT
-    Structure Set a planning system would export with it (ROI numbers 11-13, named)."""
+    """A phantom's reference and follow-up as DICOM CT series, the reference's structures as the RT Structure Set
+    a planning system would export with it (ROI numbers 11-13, named, coloured and typed), and the follow-up's
+    true structures as one a physician would draw there (numbered in another order, with a spinal cord)."""
     root = tmp_path_factory.mktemp("planned")
     series = breathing_series(size=(48, 48, 32), spacing=(6.0, 6.0, 7.5), n_phases=2, noise_hu=0)
     frame = generate_uid()
     folders = [root / f"phase_{k}" for k in range(2)]
     for folder, image in zip(folders, series.images):
         write_ct_series(image, folder, generate_uid(), frame, folder.name)
-    labelmap = without_pieces_under_three_voxels(sitk.GetArrayFromImage(series.labelmaps[0]))
-    builder = RTStructBuilder(read_series(folders[0]))
-    for label, name, colour, kind in PLANNED:
-        builder.add_roi(labelmap == label, name, number=10 + label, color=colour, interpreted_type=kind,
-                        contour_config=CONTOURS)
-    builder.build().save_as(str(root / "RS.dcm"), enforce_file_format=True)
-    truth = without_pieces_under_three_voxels(sitk.GetArrayFromImage(series.labelmaps[1]))   # redrawn
-    builder = RTStructBuilder(read_series(folders[1]))
-    cord = np.zeros_like(truth, bool)
-    cord[10:20, 36:40, 22:26] = True
-    for mask, name, number in ((truth == 2, "LUNG_R", 1), (truth == 3, "Lung_L ", 2), (truth == 1, "gtv", 3),
-                               (cord, "SpinalCord", 4)):
-        builder.add_roi(mask, name, number=number, color=[0, 255, 0], interpreted_type="ORGAN", contour_config=CONTOURS)
-    builder.build().save_as(str(root / "RS_1.dcm"), enforce_file_format=True)
+    plan = sitk.Cast(series.labelmaps[0], sitk.sitkUInt16) + sitk.Cast(series.labelmaps[0] > 0, sitk.sitkUInt16) * 10
+    names = Names({10 + label: name for label, name, *_ in PLANNED})
+    looks = {10 + label: (colour, kind) for label, _, colour, kind in PLANNED}
+    structure_set(plan, read_series(folders[0]), "plan", names, looks).save_as(str(root / "RS.dcm"),
+                                                                                enforce_file_format=True)
+    truth = sitk.GetArrayFromImage(series.labelmaps[1])
+    redrawn = np.choose(truth, np.array([0, 3, 1, 2], np.uint16))              # GTV 3, Lung_R 1, Lung_L 2
+    redrawn[10:20, 36:40, 22:26] = 4                                            # in the spine, outside the lungs
+    image = sitk.GetImageFromArray(redrawn)
+    image.CopyInformation(series.labelmaps[1])
+    structure_set(image, read_series(folders[1]), "follow-up", Names({1: "LUNG_R", 2: "Lung_L ", 3: "gtv",
+                                                                      4: "SpinalCord"}), {}).save_as(
+        str(root / "RS_1.dcm"), enforce_file_format=True)
     truth = np.where(truth > 0, truth + 10, 0).astype(np.uint16)                 # numbered as the planning ROIs
-    return root, folders, np.where(labelmap > 0, labelmap + 10, 0).astype(np.uint16), series.times, truth
+    return root, folders, sitk.GetArrayFromImage(plan), series.times, truth
 
 
 def test_a_structure_set_written_from_a_labelmap_reads_back_as_that_labelmap(planned):
@@ -200,23 +186,21 @@ def test_a_structure_set_written_from_a_labelmap_reads_back_as_that_labelmap(pla
 
 
 def test_the_abdomen_cts_41_organs_read_back_from_the_structure_set_written_from_them(tmp_path):
-    """Real anatomy (../shared/data; skipped without it): organs that touch, wrap about each other and have holes
-    opening onto their outside. Written as pydicomrt writes them, read back voxel for voxel."""
+    """Real anatomy (../shared/data; skipped without it): organs that touch, wrap about each other, have holes
+    opening onto their outside and pieces of a voxel or two. Written as `stnerp dicom` writes, read back voxel for
+    voxel."""
     if not data.abdomen_available():
         pytest.skip(f"no abdomen CT in {data.ABDOMEN_CT}")
     ct = sitk.DICOMOrient(sitk.ReadImage(str(data.ABDOMEN_CT / "example_ct_sm.nii.gz")), "LPS")
     organs = sitk.DICOMOrient(sitk.ReadImage(str(data.ABDOMEN_CT / "example_seg.nii.gz")), "LPS")
     write_ct_series(ct, tmp_path / "ct", generate_uid(), generate_uid(), "abdomen")
     series = read_series(tmp_path / "ct")
-    labelmap = sitk.GetArrayFromImage(organs).astype(np.uint16)
-    builder = RTStructBuilder(series)
-    for label in np.unique(labelmap[labelmap > 0]):
-        builder.add_roi(labelmap == label, f"organ {label}", number=int(label), color=[0, 0, 255],
-                        interpreted_type="ORGAN", contour_config=CONTOURS)
-    builder.build().save_as(str(tmp_path / "RS.dcm"), enforce_file_format=True)
+    names = Names({int(label): f"organ {label}" for label in np.unique(sitk.GetArrayViewFromImage(organs))})
+    structure_set(sitk.Cast(organs, sitk.sitkUInt16), series, "abdomen", names, {}).save_as(
+        str(tmp_path / "RS.dcm"), enforce_file_format=True)
     read = read_labelmap(tmp_path / "RS.dcm", Grid.of(read_image(tmp_path / "ct", "reference image")), "segmentation")
-    assert len(np.unique(labelmap)) == 42
-    assert np.array_equal(sitk.GetArrayFromImage(read), without_pieces_under_three_voxels(labelmap))
+    assert len(names) == 42
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(organs))
 
 
 def test_a_planning_structure_set_is_propagated_and_exported_under_its_roi_names(planned):
