@@ -40,29 +40,33 @@ registrations, reports): not the image a folder is given for."""
 
 def image_series(folder: str | Path, what: str) -> tuple[str, tuple[str, ...]]:
     """The Series Instance UID and files (in GDCM's slice order) of the one image series in a DICOM folder,
-    the other objects of an export (NOT_IMAGES: RT Dose, ...) left aside; InputError when it holds none or
-    several, naming them."""
+    the other objects of an export (NOT_IMAGES: RT Dose, ...) left aside, and a single 2-D image (a scanner's
+    topogram) too when a volume is beside it; InputError when it holds none or several, naming them."""
     found = []
     for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-        modality, description = (_header(files[0], tag) for tag in ("0008|0060", "0008|103e"))
+        header = _header(files[0])
+        modality, description = (header.get(tag, "") for tag in ("0008|0060", "0008|103e"))
         if modality.upper() not in NOT_IMAGES:
-            found.append((uid, files, f"{modality} {description!r} ({len(files)} files)"))
-    if not found:
+            flat = len(files) == 1 and header["size"][2:3] in ((), (1,))
+            found.append((uid, files, flat, f"{modality} {description!r} ({len(files)} files)"))
+    volumes = [series for series in found if not series[2]] or found
+    if not volumes:
         raise InputError(f"{what} folder {folder} holds no DICOM image series: give an image file or a "
                          "folder with one DICOM series")
-    if len(found) > 1:
-        raise InputError(f"{what} folder {folder} holds {len(found)} DICOM image series "
-                         f"({', '.join(name for *_, name in found)}): give a folder with exactly one")
-    return found[0][0], found[0][1]
+    if len(volumes) > 1:
+        raise InputError(f"{what} folder {folder} holds {len(volumes)} DICOM image series "
+                         f"({', '.join(name for *_, name in volumes)}): give a folder with exactly one")
+    return volumes[0][0], volumes[0][1]
 
 
-def _header(file: str, tag: str) -> str:
-    """A DICOM file's attribute (GDCM's "gggg|eeee" key) as text, stripped; '' when absent."""
+def _header(file: str) -> dict:
+    """A DICOM file's attributes by GDCM's "gggg|eeee" keys, as stripped text, and its image's "size"."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(file)
     reader.ReadImageInformation()
-    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+    header = {key: reader.GetMetaData(key).strip() for key in reader.GetMetaDataKeys()}
+    return {**header, "size": tuple(reader.GetSize())}
 
 
 def rtstruct(path: str | Path):

@@ -245,12 +245,16 @@ def write_rtdose(folder: Path, ct_file: Path) -> None:
 
 
 def test_a_planning_systems_export_folder_is_read_as_its_one_image_series(exported, tmp_path):
-    """A plan's export holds the CT series and, beside it, the RT Dose (a series of its own, with pixels): it was
-    refused as two series. The image series is read; two image series in one folder are still refused."""
+    """A plan's export holds the CT series and, beside it, the RT Dose (a series of its own, with pixels), and a
+    scanner's the topogram (one 2-D image): it was refused as several series. The volume is read; two volumes in one
+    folder are still refused."""
     root, folders, *_ = exported
     export = tmp_path / "export"
     shutil.copytree(folders[0], export)
     write_rtdose(export, export / "000.dcm")
+    scout = pydicom.dcmread(export / "000.dcm")                     # a topogram: one 2-D CT image, its own series
+    scout.SeriesInstanceUID, scout.SOPInstanceUID, scout.SeriesDescription = generate_uid(), generate_uid(), "Topogram"
+    scout.save_as(export / "scout.dcm", enforce_file_format=True)
     image, original = read_image(export, "reference image"), read_image(folders[0], "reference image")
     assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(original))
     assert image_information(export, "reference image")[0] == image_information(folders[0], "reference image")[0]
