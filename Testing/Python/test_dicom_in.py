@@ -145,7 +145,8 @@ def test_a_structure_set_not_drawn_on_the_image_is_refused_in_one_line(tmp_path,
         assert word in str(error.value)
 
 
-PLANNED = ((1, "GTV", [255, 0, 0], "GTV"), (2, "Lung_R", [0, 128, 255], "ORGAN"), (3, "Lung_L", [0, 200, 0], "AVOIDANCE"))
+PLANNED = ((1, "GTV", [255, 0, 0], "GTV"), (2, "Lung_R", [0, 128, 255], "ORGAN"),
+           (3, "Lung_L", [0, 200, 0], "AVOIDANCE"))
 """The plan's ROIs: label (ROI Number 10 + label), ROI Name, ROI Display Color, RT ROI Interpreted Type."""
 
 
@@ -221,7 +222,8 @@ def test_a_planning_structure_set_is_propagated_and_exported_under_its_roi_names
     exported = pydicom.dcmread(next((root / "out").glob("t_*/RTSTRUCT.dcm")))
     assert {(int(roi.ROINumber), roi.ROIName) for roi in exported.StructureSetROISequence} == {
         (11, "GTV"), (12, "Lung_R"), (13, "Lung_L")}
-    colours = {int(roi.ReferencedROINumber): [int(v) for v in roi.ROIDisplayColor] for roi in exported.ROIContourSequence}
+    colours = {int(roi.ReferencedROINumber): [int(v) for v in roi.ROIDisplayColor]
+               for roi in exported.ROIContourSequence}
     kinds = {int(o.ReferencedROINumber): o.RTROIInterpretedType for o in exported.RTROIObservationsSequence}
     assert colours == {10 + label: colour for label, _, colour, _ in PLANNED}        # as the planning system shows them
     assert kinds == {10 + label: kind for label, *_, kind in PLANNED}

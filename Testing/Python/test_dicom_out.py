@@ -234,7 +234,8 @@ def write_rtdose(folder: Path, ct_file: Path) -> None:
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (ct.StudyInstanceUID, generate_uid(),
                                                                          ct.FrameOfReferenceUID)
     ds.PatientName, ds.PatientID = ct.PatientName, ct.PatientID
-    ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing = ct.ImagePositionPatient, [1, 0, 0, 0, 1, 0], [12, 12]
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = ct.ImagePositionPatient, [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [12, 12]
     ds.Rows, ds.Columns, ds.NumberOfFrames, ds.GridFrameOffsetVector = 10, 10, 5, [0, 15, 30, 45, 60]
     ds.FrameIncrementPointer = 0x3004000C
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
