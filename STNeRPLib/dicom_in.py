@@ -22,6 +22,7 @@ from .errors import InputError
 from .geometry import Grid
 
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 SLICE_TOLERANCE_MM = 0.1
 """How far (mm) a DICOM slice may lie from its place in the evenly spaced volume read from its series (io), and a
@@ -71,7 +72,8 @@ def _header(file: str) -> dict:
 
 def rtstruct(path: str | Path):
     """The pydicom dataset of an RT Structure Set file, else None (a file that is not DICOM, or another
-    DICOM object); InputError when pydicom, needed to read it, is missing."""
+    DICOM object); InputError when pydicom, needed to read it, is missing, or for a DICOM Segmentation (SEG),
+    which SimpleITK would read as an image of its frames."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -83,6 +85,10 @@ def rtstruct(path: str | Path):
     except ImportError:
         raise InputError(f"{path} is a DICOM file, which needs pydicom to read: pip install 'stnerp[dicom]'") from None
     dataset = pydicom.dcmread(path)
+    if dataset.get("SOPClassUID") == SEGMENTATION_STORAGE:
+        raise InputError(f"{path} is a DICOM Segmentation (SEG), which stnerp does not read: give its segments as a "
+                         "labelmap (3D Slicer's DICOM module loads a SEG as a segmentation: export that to a "
+                         "labelmap volume) or as an RTSTRUCT")
     return dataset if dataset.get("SOPClassUID") == RTSTRUCT_STORAGE else None
 
 

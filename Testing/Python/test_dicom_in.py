@@ -16,7 +16,7 @@ from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 
-from STNeRPLib.dicom_in import RTSTRUCT_STORAGE  # noqa: E402
+from STNeRPLib.dicom_in import RTSTRUCT_STORAGE, SEGMENTATION_STORAGE  # noqa: E402
 from STNeRPLib.dicom_out import read_series, structure_set  # noqa: E402
 from STNeRPLib.errors import InputError  # noqa: E402
 from STNeRPLib.geometry import Grid  # noqa: E402
@@ -129,6 +129,21 @@ def test_a_voxel_in_two_rois_goes_to_the_smaller_and_an_empty_roi_to_none(tmp_pa
     assert np.count_nonzero(labels == 2) == 5 * 5                 # x -4, ..., 4 mm; y 5, 2.5, ..., -5 mm
     assert np.count_nonzero(labels == 1) == 31 * 17 - 5 * 5
     assert set(np.unique(labels)) == {0, 1, 2}
+
+
+def test_a_dicom_segmentation_object_is_refused_as_such(tmp_path):
+    """An AI tool's DICOM SEG was read by ITK as an image of its frames and refused as "on another grid: resample
+    it", which no resampling mends: refused as what it is, with what to give instead."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SEGMENTATION_STORAGE, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(tmp_path / "SEG.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = SEGMENTATION_STORAGE, meta.MediaStorageSOPInstanceUID, "SEG"
+    ds.save_as(str(tmp_path / "SEG.dcm"), enforce_file_format=True)
+    with pytest.raises(InputError) as error:
+        read_labelmap(tmp_path / "SEG.dcm", GRID, "segmentation")
+    assert "\n" not in str(error.value)
+    assert "DICOM Segmentation (SEG)" in str(error.value) and "RTSTRUCT" in str(error.value)
 
 
 @pytest.mark.parametrize("case, words", [("between slices", ("1.50 mm off the image's slices", "'GTV'")),
