@@ -438,3 +438,33 @@ def abdomen_series(folder: Path, n_phases: int = 10, heldout: int = 3, seed: int
                    f"anteriorly; min det J {jac_min:.2f}")
     return write_series(folder, "abdomen", description, times, images, labelmaps, fields, bodies, marks,
                         ABDOMEN_LABELS, heldout, {"ground_truth_min_jacobian": jac_min})
+
+
+def write_rtstruct(path: Path, rois: dict[int, tuple[str, list[list[float]]]]) -> None:
+    """An RT Structure Set file holding `rois`, ROI Number -> (ROI Name, closed planar contours, each as DICOM's
+    Contour Data: x, y, z, ... in LPS mm), as a planning system writes one: implicit VR little endian, where a
+    contour of over 64 KB of text (some 8 000 points) fits."""
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+
+    from STNeRPLib.dicom_in import RTSTRUCT_STORAGE
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = RTSTRUCT_STORAGE, generate_uid()
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = RTSTRUCT_STORAGE, meta.MediaStorageSOPInstanceUID, "RTSTRUCT"
+    ds.StructureSetROISequence, ds.ROIContourSequence = Sequence(), Sequence()
+    for number, (name, contours) in rois.items():
+        roi, item = Dataset(), Dataset()
+        roi.ROINumber, roi.ROIName = number, name
+        ds.StructureSetROISequence.append(roi)
+        item.ReferencedROINumber, item.ContourSequence = number, Sequence()
+        for data in contours:
+            contour = Dataset()
+            contour.ContourGeometricType, contour.NumberOfContourPoints = "CLOSED_PLANAR", len(data) // 3
+            contour.ContourData = data
+            item.ContourSequence.append(contour)
+        ds.ROIContourSequence.append(item)
+    ds.save_as(str(path), enforce_file_format=True)

@@ -11,12 +11,11 @@ import SimpleITK as sitk
 
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("pydicomrt")
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset  # noqa: E402
-from pydicom.sequence import Sequence  # noqa: E402
+from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 
-from STNeRPLib.dicom_in import RTSTRUCT_STORAGE, SEGMENTATION_STORAGE  # noqa: E402
+from STNeRPLib.dicom_in import SEGMENTATION_STORAGE  # noqa: E402
 from STNeRPLib.dicom_out import read_series, structure_set  # noqa: E402
 from STNeRPLib.errors import InputError  # noqa: E402
 from STNeRPLib.geometry import Grid  # noqa: E402
@@ -29,6 +28,7 @@ from worker_cli import stnerp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import data  # noqa: E402
+from benchmarks.data import write_rtstruct  # noqa: E402
 
 # A grid stored with x and y reversed (direction diag(-1, -1, 1), as a volume saved in RAS order): the contours,
 # in LPS mm, must land on the voxels by their physical position, not their index.
@@ -39,29 +39,6 @@ def rectangle(x: tuple[float, float], y: tuple[float, float], z: float) -> list[
     """A closed planar contour (DICOM ContourData: x, y, z, ... in LPS mm)."""
     (x0, x1), (y0, y1) = x, y
     return [v for point in ((x0, y0), (x1, y0), (x1, y1), (x0, y1)) for v in (*point, z)]
-
-
-def write_rtstruct(path, rois: dict[int, tuple[str, list[list[float]]]]) -> None:
-    """An RT Structure Set holding `rois`: ROI Number -> (ROI Name, contours)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = RTSTRUCT_STORAGE, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = RTSTRUCT_STORAGE, meta.MediaStorageSOPInstanceUID, "RTSTRUCT"
-    ds.StructureSetROISequence, ds.ROIContourSequence = Sequence(), Sequence()
-    for number, (name, contours) in rois.items():
-        roi = Dataset()
-        roi.ROINumber, roi.ROIName = number, name
-        ds.StructureSetROISequence.append(roi)
-        item = Dataset()
-        item.ReferencedROINumber, item.ContourSequence = number, Sequence()
-        for data in contours:
-            contour = Dataset()
-            contour.ContourGeometricType, contour.NumberOfContourPoints = "CLOSED_PLANAR", len(data) // 3
-            contour.ContourData = data
-            item.ContourSequence.append(contour)
-        ds.ROIContourSequence.append(item)
-    ds.save_as(str(path), enforce_file_format=True)
 
 
 def centres(grid: Grid) -> np.ndarray:
