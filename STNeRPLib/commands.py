@@ -16,6 +16,7 @@ from typing import Callable
 
 from . import contract
 from .contract import MAX_SEED, is_number
+from .dicom_in import say_unscored
 from .errors import InputError
 from .io import file_sha256
 from .pipeline import run_prediction, run_training
@@ -137,6 +138,8 @@ def train_command(args, reporter: Reporter) -> int:
         run_training(load_series(args.reference, args.reference_time, timed(args.follow_up),
                                  args.segmentation, args.landmarks, timed(args.ground_truth)),
                      options, args.output, reporter, args.predict_times, record, args.checkpoint_every)
+        for path, t in timed(args.ground_truth):
+            say_unscored(path, args.segmentation, t, reporter.message)
         if not args.no_report:
             _report_quietly(record, reporter)
     export = None

@@ -13,6 +13,7 @@ smallest ROI holding it, as for the panel's overlapping segments (contract.paint
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -138,6 +139,18 @@ def labels_by_name(truth: str | Path, segmentation: str | Path | None) -> dict[s
                          "matched to the segmentation's by name, so give the segmentation as the RTSTRUCT drawn on "
                          "the reference, or the ground truth as a labelmap numbered as the segmentation")
     return {_key(name): number for number, name in roi_names(structures).items()}
+
+
+def say_unscored(truth: str | Path, segmentation: str | Path | None, t: float, say: Callable[[str], None]) -> None:
+    """Tell `say` which ROIs of a ground-truth structure set at time t Dice leaves out, having no ROI of their name
+    in the segmentation's (labels_by_name); nothing for a labelmap truth."""
+    labels = labels_by_name(truth, segmentation)
+    if labels is None:
+        return
+    left_out = [name for name in roi_names(rtstruct(truth)).values() if _key(name) not in labels]
+    if left_out:
+        say(f"ground truth at time {t:g}: {', '.join(left_out)} not scored (the segmentation has no ROI of that "
+            "name)")
 
 
 def _key(name: str) -> str:

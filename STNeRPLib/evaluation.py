@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from .errors import InputError
 from .geometry import Grid
 from .contract import write_json
-from .dicom_in import labels_by_name, require_drawn_on, rtstruct
+from .dicom_in import labels_by_name, require_drawn_on, rtstruct, say_unscored
 from .io import check_landmarks_inside, read_image, read_labelmap, read_landmarks
 from .metrics import score_time_point, target_registration_error
 from .preprocessing import IntensityWindow, in_hounsfield_units, require_unit
@@ -40,7 +40,7 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
         if not entry.get("labelmap"):
             raise InputError(f"run {run} propagated no labelmap: train it with --segmentation")
         predicted = _output(run, entry, "labelmap")
-        truth = _ground_truth(path, t, Grid.of(predicted), record)
+        truth = _ground_truth(path, t, Grid.of(predicted), record, reporter)
         parts[t]["labelmaps"] = (sitk.GetArrayFromImage(predicted), sitk.GetArrayFromImage(truth))
     for t, (points, reference_points) in pairs.items():
         field = _output(run, _entry(entries, t, landmarks), "displacement")
@@ -54,16 +54,19 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
     return rows
 
 
-def _ground_truth(path: str, t: float, grid: Grid, record: dict) -> sitk.Image:
+def _ground_truth(path: str, t: float, grid: Grid, record: dict, reporter: Reporter) -> sitk.Image:
     """The ground-truth labelmap at time t on the run's grid there; an RT Structure Set is checked against the scan
-    it outlines and its ROIs numbered by the run's segmentation's ROI Names (dicom_in)."""
+    it outlines and its ROIs numbered by the run's segmentation's ROI Names (dicom_in), the reporter told of those
+    left out."""
     what = f"ground-truth labelmap at time {t:g}"
     if rtstruct(path) is None:
         return read_labelmap(path, grid, what)
     inputs = _trained_inputs(record)
     scans = {float(s): p for p, s in [(inputs["reference"], inputs["reference_time"]), *inputs.get("follow_ups", [])]}
     require_drawn_on(path, scans.get(t), what)
-    return read_labelmap(path, grid, what, labels_by_name(path, inputs.get("segmentation")))
+    truth = read_labelmap(path, grid, what, labels_by_name(path, inputs.get("segmentation")))
+    say_unscored(path, inputs.get("segmentation"), t, reporter.message)
+    return truth
 
 
 def _trained_inputs(record: dict) -> dict:

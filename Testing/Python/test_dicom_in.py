@@ -224,7 +224,7 @@ def test_a_planning_structure_set_is_propagated_and_exported_under_its_roi_names
 def test_a_ground_truth_structure_set_is_scored_against_the_planning_rois_of_the_same_name(planned):
     """Two structure sets number their ROIs each their own way (here Lung_R is 12 in the plan, 1 at the
     follow-up): Dice pairs them by ROI Name, case and spaces aside, in train and in evaluate; an ROI the plan
-    lacks is not scored."""
+    lacks is not scored, and the log says so."""
     root, folders, _, times, truth = planned
     run = root / "scored"
     result = stnerp("train", "--reference", folders[0], "--follow-up", folders[1], times[1], "--segmentation",
@@ -237,7 +237,9 @@ def test_a_ground_truth_structure_set_is_scored_against_the_planning_rois_of_the
                 / (np.count_nonzero(carried == label) + np.count_nonzero(truth == label)) for label in (11, 12, 13)}
     assert entry["metrics"]["dice"] == pytest.approx(expected)
     assert min(expected.values()) > 0.5
-    assert stnerp("evaluate", "--run", run, "--ground-truth", root / "RS_1.dcm", times[1]).returncode == 0
+    assert f"ground truth at time {times[1]:g}: SpinalCord not scored" in result.stderr
+    evaluated = stnerp("evaluate", "--run", run, "--ground-truth", root / "RS_1.dcm", times[1])
+    assert evaluated.returncode == 0 and "SpinalCord not scored" in evaluated.stderr
     rows = json.loads((run / "evaluation.json").read_text())["rows"]
     assert rows[0]["dice"] == pytest.approx(expected)
     drawn_on_the_plan = stnerp("evaluate", "--run", run, "--ground-truth", root / "RS.dcm", times[1])
