@@ -139,15 +139,31 @@ def labels_by_name(truth: str | Path, segmentation: str | Path | None) -> dict[s
     """For a ground truth given as an RT Structure Set, the labels of its ROIs: the ROI Numbers of the
     segmentation's structure set by ROI Name (case and surrounding spaces aside), since two structure sets
     number their ROIs each their own way; None for a ground truth that is a labelmap. InputError when the
-    segmentation is not a structure set too (its labels have no ROI Names to match)."""
-    if rtstruct(truth) is None:
+    segmentation is not a structure set too (its labels have no ROI Names to match), or when a name both hold
+    is the name of two ROIs in either (which of them would be scored against which is not said)."""
+    found = rtstruct(truth)
+    if found is None:
         return None
     structures = rtstruct(segmentation) if segmentation else None
     if structures is None:
         raise InputError(f"ground truth {truth} is an RT Structure Set but the segmentation is not: its ROIs are "
                          "matched to the segmentation's by name, so give the segmentation as the RTSTRUCT drawn on "
                          "the reference, or the ground truth as a labelmap numbered as the segmentation")
-    return {_key(name): number for number, name in roi_names(structures).items()}
+    planned, drawn = roi_names(structures), roi_names(found)
+    shared = {_key(name) for name in planned.values()} & {_key(name) for name in drawn.values()}
+    for path, names in ((segmentation, planned), (truth, drawn)):
+        _require_one_roi_per_name(path, names, shared)
+    return {_key(name): number for number, name in planned.items()}
+
+
+def _require_one_roi_per_name(path: str | Path, names: dict[int, str], keys: set[str]) -> None:
+    """InputError when two ROIs of `names` (ROI Number -> ROI Name) share a name of `keys` (as matched: _key)."""
+    for key in sorted(keys):
+        numbers = [number for number, name in names.items() if _key(name) == key]
+        if len(numbers) > 1:
+            raise InputError(f"{path} holds {len(numbers)} ROIs named '{names[numbers[0]]}' (ROI Numbers "
+                             f"{', '.join(map(str, numbers[:-1]))} and {numbers[-1]}): ground-truth ROIs are "
+                             "matched to the segmentation's by name, so rename one in the planning system")
 
 
 def say_unscored(truth: str | Path, segmentation: str | Path | None, t: float, say: Callable[[str], None]) -> None:

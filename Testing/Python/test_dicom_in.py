@@ -275,3 +275,21 @@ def test_a_structure_set_drawn_on_another_phase_is_refused_though_its_slices_mat
         output = tmp_path / f"run_{k}"
         result = stnerp("train", *inputs, "--output", output, "--json-events")
         assert_rejected(result, output, "was drawn on DICOM series", "give the structure set drawn on that image")
+
+
+@pytest.mark.parametrize("renamed", ["RS.dcm", "RS_1.dcm"])
+def test_two_rois_of_one_name_are_refused_when_a_ground_truth_is_matched_by_name(planned, tmp_path, renamed):
+    """Names pair a ground truth's ROIs with the plan's: with two ROIs of one name in either structure set, Dice
+    would score one of them, or their union, against the other without a word."""
+    root, folders, _, times, _ = planned
+    files = {name: root / name for name in ("RS.dcm", "RS_1.dcm")}
+    dataset = pydicom.dcmread(files[renamed])
+    first, second = [roi for roi in dataset.StructureSetROISequence if "lung" in roi.ROIName.lower()]
+    second.ROIName = first.ROIName.lower() + " "
+    files[renamed] = tmp_path / renamed
+    dataset.save_as(str(files[renamed]))
+    output = tmp_path / "run"
+    result = stnerp("train", "--reference", folders[0], "--follow-up", folders[1], times[1], "--segmentation",
+                    files["RS.dcm"], "--ground-truth", files["RS_1.dcm"], times[1], "--output", output, "--json-events")
+    assert_rejected(result, output, f"2 ROIs named '{first.ROIName}'",
+                    f"(ROI Numbers {first.ROINumber} and {second.ROINumber})", "rename one")
