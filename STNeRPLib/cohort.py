@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +38,7 @@ from . import contract, threads
 from .contract import STATUS_COMPLETE, finite_or_none, json_line, read_run, write_json
 from .progress import Reporter
 from .commands import timed, train_command, train_inputs, train_options
+from .report import structure_names
 
 COLUMNS = ("patient", "role", "path", "time")
 ROLES = ("reference", "follow-up", "segmentation", "landmarks", "ground-truth")
@@ -208,7 +210,18 @@ def summary_entry(patient: str, folder: Path, wall_time: float | None = None,
         wall_time = _recorded_seconds(record)
     return {"patient": patient, "status": record.get("status"), "skipped": skipped,
             "error": record.get("error"), "wall_time_s": None if wall_time is None else round(wall_time, 1),
-            "run": str(folder), "time_points": points}
+            "run": str(folder), "structures": _scored_names(record, folder, points), "time_points": points}
+
+
+def _scored_names(record: dict, folder: Path, points: list[dict]) -> dict[str, str]:
+    """Label -> name of the structures Dice scored, where the run names them (its --label-names, an RT
+    Structure Set's ROI Names, a .seg.nrrd's segment names): each plan numbers its structures its own way."""
+    try:
+        names = structure_names(record, folder, None)
+    except InputError:
+        return {}
+    scored = {label for point in points for label in point["dice"]}
+    return {label: names[int(label)].strip() for label in sorted(scored, key=int) if int(label) in names}
 
 
 def failed_entry(patient: str, error: str, status: str = "failed") -> dict:
@@ -228,19 +241,34 @@ def write_summary(entries: list[dict], cohort: Path, folder: Path) -> None:
     """summary.json (strict JSON: a non-finite number is null) and summary.csv (a row per patient
     and time point; a patient without outputs has one row with empty time columns)."""
     write_json({"cohort": str(cohort), "patients": entries}, folder / "summary.json")
-    labels = sorted({label for e in entries for p in e["time_points"] for label in p["dice"]}, key=int)
+    keys = [_dice_keys(entry) for entry in entries]
+    headers: dict[str, str] = {}                    # a column's key -> its spelling (the first patient's)
+    for key in keys:
+        for spelling in key.values():
+            headers.setdefault(spelling.casefold(), spelling)
+    order = sorted(headers, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
     columns = ["patient", "status", "skipped", "error", "wall_time_s", "time", "scanned", *POINT_METRICS,
-               *(f"dice_{label}" for label in labels)]
+               *(f"dice_{headers[k]}" for k in order)]
     with (folder / "summary.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
-        for entry in finite_or_none(entries):
+        for entry, key in zip(finite_or_none(entries), keys):
             head = [entry[name] for name in columns[:5]]
             for point in entry["time_points"] or [None]:
+                dice = {} if point is None else {key[label].casefold(): v for label, v in point["dice"].items()}
                 tail = [] if point is None else [point["time"], point["scanned"],
                                                  *(point[name] for name in POINT_METRICS),
-                                                 *(point["dice"].get(label) for label in labels)]
+                                                 *(dice.get(k) for k in order)]
                 writer.writerow(["" if value is None else value for value in head + tail])
+
+
+def _dice_keys(entry: dict) -> dict[str, str]:
+    """A patient's Dice column per label: the structure's name (matched across patients case aside), its
+    number where the run names it not or gives two labels one name."""
+    names = entry.get("structures", {})
+    counts = Counter(name.casefold() for name in names.values())
+    return {label: names[label] if label in names and counts[names[label].casefold()] == 1 else label
+            for point in entry["time_points"] for label in point["dice"]}
 
 
 class Progress:

@@ -2,6 +2,7 @@
 CLI as a real subprocess, tiny phantoms on disk. One bad patient fails alone; a rerun skips complete
 runs and retries the others; a series whose worker is killed mid-task is rerun to completion."""
 import argparse
+import csv
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from STNeRPLib.cohort import (cluster_size, read_cohort, run_state, series_args, worker_share,
+from STNeRPLib.cohort import (POINT_METRICS, cluster_size, read_cohort, run_state, series_args, worker_share,
                               write_summary)
 from STNeRPLib.errors import InputError
 from STNeRPLib.phantom import breathing_series, write_series
@@ -261,6 +262,24 @@ def test_summary_json_is_strict_with_non_finite_metrics_as_null(tmp_path):
     (written,) = summary(tmp_path).values()
     assert written["time_points"][0]["tre_mean"] is None and written["time_points"][0]["jacobian_min"] is None
     assert (tmp_path / "summary.csv").read_text().splitlines()[1] == "a,complete,False,,3.0,1.0,True,,,,0,,1.2,0.5"
+
+
+def test_dice_columns_join_structures_by_name_and_keep_numbers_for_unnamed_or_twice_named_labels(tmp_path):
+    def entry(patient, dice, structures):
+        point = {"time": 1.0, "scanned": True, **dict.fromkeys(POINT_METRICS), "dice": dice}
+        return {"patient": patient, "status": "complete", "skipped": False, "error": None, "wall_time_s": 1.0,
+                "run": None, "structures": structures, "time_points": [point]}
+    entries = [entry("a", {"11": 0.9, "12": 0.8}, {"11": "GTV", "12": "Cord"}),
+               entry("b", {"3": 0.7, "4": 0.6, "5": 0.5}, {"3": "gtv", "4": "Lung", "5": "lung"}),
+               entry("c", {"12": 0.4}, {})]
+    write_summary(entries, tmp_path / "cohort.csv", tmp_path)
+    with (tmp_path / "summary.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [name for name in table[0] if name.startswith("dice_")] == ["dice_4", "dice_5", "dice_12", "dice_Cord",
+                                                                      "dice_GTV"]
+    assert [{k: row[k] for k in table[0] if k.startswith("dice_") and row[k]} for row in table] == [
+        {"dice_GTV": "0.9", "dice_Cord": "0.8"}, {"dice_GTV": "0.7", "dice_4": "0.6", "dice_5": "0.5"},
+        {"dice_12": "0.4"}]
 
 
 def test_threads_share_the_cores_without_oversubscribing():

@@ -1,7 +1,9 @@
 """DICOM in: an RT Structure Set read as the labelmap the worker propagates. Contours are filled on the
 slices of the image they lie on, in LPS mm; the voxels are checked against the contours' own geometry
 (rectangles, a ring with an island) and against the labelmap a structure set was written from."""
+import csv
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from STNeRPLib.geometry import Grid  # noqa: E402
 from STNeRPLib.io import read_image, read_labelmap  # noqa: E402
 from STNeRPLib.phantom import breathing_series  # noqa: E402
 from STNeRPLib.report import Names, structure_names  # noqa: E402
+from test_cohort import batch_command, summary  # noqa: E402
 from test_dicom_out import write_ct_series  # noqa: E402
 from test_worker import assert_rejected  # noqa: E402
 from worker_cli import stnerp  # noqa: E402
@@ -293,3 +296,29 @@ def test_two_rois_of_one_name_are_refused_when_a_ground_truth_is_matched_by_name
                     files["RS.dcm"], "--ground-truth", files["RS_1.dcm"], times[1], "--output", output, "--json-events")
     assert_rejected(result, output, f"2 ROIs named '{first.ROIName}'",
                     f"(ROI Numbers {first.ROINumber} and {second.ROINumber})", "rename one")
+
+
+def test_a_cohorts_dice_columns_are_its_roi_names_whatever_each_plan_numbers_them(planned, tmp_path):
+    """Each planning system numbers its ROIs its own way: the cohort summary's Dice of the GTV is each patient's
+    GTV, not whichever ROI each plan numbered 11."""
+    root, folders, labelmap, times, _ = planned
+    renumbered = np.array([0, *range(1, 11), 13, 11, 12], np.uint16)[labelmap]  # GTV 13, Lung_R 11, Lung_L 12
+    image = sitk.GetImageFromArray(renumbered)
+    image.CopyInformation(read_image(folders[0], "reference image"))
+    structure_set(image, read_series(folders[0]), "plan", Names({13: "GTV", 11: "Lung_R", 12: "Lung_L"}), {}).save_as(
+        str(tmp_path / "RS_renumbered.dcm"), enforce_file_format=True)
+    rows = "".join(f"{patient},reference,{folders[0]},{times[0]}\n{patient},follow-up,{folders[1]},{times[1]}\n"
+                   f"{patient},segmentation,{plan},\n{patient},ground-truth,{root / 'RS_1.dcm'},{times[1]}\n"
+                   for patient, plan in (("p01", root / "RS.dcm"), ("p02", tmp_path / "RS_renumbered.dcm")))
+    (tmp_path / "cohort.csv").write_text("patient,role,path,time\n" + rows)
+    done = subprocess.run(batch_command(tmp_path / "cohort.csv", tmp_path / "runs", "--workers", 1,
+                                        "--threads-per-worker", 1, "--iterations", 20, "--prior", "image"),
+                          capture_output=True, text=True, timeout=300, cwd="/")
+    assert done.returncode == 0, done.stderr
+    gtv = {patient: summary(tmp_path / "runs")[patient]["time_points"][1]["dice"][label]
+           for patient, label in (("p01", "11"), ("p02", "13"))}
+    with (tmp_path / "runs" / "summary.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [name for name in table[0] if name.startswith("dice_")] == ["dice_GTV", "dice_Lung_L", "dice_Lung_R"]
+    assert {row["patient"]: float(row["dice_GTV"]) for row in table if row["time"] == str(times[1])} == \
+        pytest.approx(gtv)
