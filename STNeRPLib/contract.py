@@ -392,7 +392,7 @@ def parser() -> argparse.ArgumentParser:
                        help="continue an interrupted, failed or killed run in --output (same arguments)")
     train.add_argument("--dicom-out", type=Path, metavar="DIR",
                        help="also write, per follow-up, an RT Structure Set and a Deformable Spatial "
-                            "Registration (inputs must be DICOM series folders)")
+                            "Registration (inputs must be DICOM series: folders, or one file of each)")
     predict = _command(subcommands, "predict", "query a trained run at new times, without retraining")
     predict.add_argument("--run", required=True, type=Path, metavar="DIR", help="folder of a complete training run")
     predict.add_argument("--times", required=True, nargs="+", type=float, metavar="T")

@@ -41,10 +41,43 @@ NOT_IMAGES = {"RTDOSE", "RTIMAGE", "RTPLAN", "RTRECORD", "RTSTRUCT", "REG", "SEG
 registrations, reports): not the image a folder is given for."""
 
 
+def series_files(path: str | Path, what: str) -> tuple[str, tuple[str, ...]] | None:
+    """The Series Instance UID and files (in GDCM's slice order) of the DICOM image series `path` stands for: a
+    folder's one image series (image_series), or the series of one of its files (a DICOM image file: the files of
+    its Series Instance UID in its folder, as a DICOM viewer opens the series of a file; a multi-frame file is
+    its series alone). None for anything else: an image file of another format, or a DICOM object that is not
+    an image (an RT Structure Set, ...), read by their own readers."""
+    path = Path(path)
+    if path.is_dir():
+        return image_series(path, what)
+    if not _is_dicom(path):
+        return None
+    try:
+        header = _header(str(path))
+    except RuntimeError:                        # not an image GDCM reads (an RTSTRUCT, ...): its reader says
+        return None
+    uid, modality = header.get("0020|000e", ""), header.get("0008|0060", "")
+    if not uid or modality.upper() in NOT_IMAGES:
+        return None
+    if header["size"][2:3] not in ((), (1,)):                  # multi-frame: the whole series in one file
+        return uid, (str(path),)
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path.parent), uid)
+    return uid, tuple(files) if any(Path(file).resolve() == path.resolve() for file in files) else (str(path),)
+
+
+def _is_dicom(path: Path) -> bool:
+    """Whether `path` is a file with DICOM's preamble and prefix ("DICM" at byte 128)."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        return handle.read(132)[128:] == b"DICM"
+
+
 def image_series(folder: str | Path, what: str) -> tuple[str, tuple[str, ...]]:
     """The Series Instance UID and files (in GDCM's slice order) of the one image series in a DICOM folder,
     the other objects of an export (NOT_IMAGES: RT Dose, ...) left aside, and a single 2-D image (a scanner's
-    topogram) too when a volume is beside it; InputError when it holds none or several, naming them."""
+    topogram) too when a volume is beside it; InputError when it holds none or several, naming them (one
+    file of the series wanted stands for it: series_files)."""
     found = []
     for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
@@ -59,7 +92,8 @@ def image_series(folder: str | Path, what: str) -> tuple[str, tuple[str, ...]]:
                          "folder with one DICOM series")
     if len(volumes) > 1:
         raise InputError(f"{what} folder {folder} holds {len(volumes)} DICOM image series "
-                         f"({', '.join(name for *_, name in volumes)}): give a folder with exactly one")
+                         f"({', '.join(name for *_, name in volumes)}): give one file of the series wanted (its "
+                         "series is read), or a folder with exactly one")
     return volumes[0][0], volumes[0][1]
 
 
@@ -78,11 +112,8 @@ def rtstruct(path: str | Path):
     which SimpleITK would read as an image of its frames. Each version of a file is read once (_read_structure_set):
     a ground truth is asked about by its series check, its name matching, its fill and its unscored ROIs."""
     path = Path(path)
-    if not path.is_file():
+    if not _is_dicom(path):
         return None
-    with path.open("rb") as handle:
-        if handle.read(132)[128:] != b"DICM":
-            return None
     status = path.stat()
     return _read_structure_set(str(path.resolve()), status.st_mtime_ns, status.st_size)
 
@@ -120,16 +151,17 @@ def roi_looks(dataset) -> dict[int, tuple[list[int] | None, str | None]]:
 
 def require_drawn_on(path: str | Path, image: str | Path | None, what: str) -> None:
     """InputError when `path` is an RT Structure Set whose contours were drawn on another DICOM series than
-    `image`'s (a folder): another phase of a 4-D CT shares the reference's slices, so only the series
-    references (RT Referenced Series) tell. Nothing to check for a labelmap, an image file or none, or a
-    structure set that names no series."""
+    `image`'s (a DICOM series: series_files): another phase of a 4-D CT shares the reference's slices, so only
+    the series references (RT Referenced Series) tell. Nothing to check for a labelmap, an image file of another
+    format or none, or a structure set that names no series."""
     structures = rtstruct(path)
-    if structures is None or image is None or not Path(image).is_dir():
+    found = series_files(image, "image") if structures is not None and image is not None else None
+    if found is None:
         return
     drawn_on = {str(series.SeriesInstanceUID) for frame in structures.get("ReferencedFrameOfReferenceSequence", [])
                 for study in frame.get("RTReferencedStudySequence", [])
                 for series in study.get("RTReferencedSeriesSequence", [])}
-    series, _ = image_series(image, "image")
+    series, _ = found
     if drawn_on and series not in drawn_on:
         raise InputError(f"{what} {path} was drawn on DICOM series {sorted(drawn_on)[0]}, not on {image} (series "
                          f"{series}): give the structure set drawn on that image")

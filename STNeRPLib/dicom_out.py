@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .contract import is_complete, time_point_folder
-from .dicom_in import image_series, roi_looks, rtstruct
+from .dicom_in import roi_looks, rtstruct, series_files
 from .errors import InputError
 from .record import load_record
 from .report import FOCUS, Names, structure_names
@@ -37,13 +37,15 @@ CONTOURS = {"ex_noise_size": 0, "in_noise_size": 0, "lowpass_ratio": 100, "ctr_p
 
 
 def check_dicom_inputs(reference: str, follow_ups: list[tuple[str, float]]) -> None:
-    """Raise InputError unless every image is a DICOM series folder and pydicomrt is installed."""
-    folders = [reference, *(p for p, _ in follow_ups)]
-    not_dicom = [p for p in folders if not Path(p).is_dir()]
+    """Raise InputError unless every image is a DICOM series (a folder or one of its files) and pydicomrt is
+    installed."""
+    images = [reference, *(p for p, _ in follow_ups)]
+    series = [series_files(p, "image") for p in images]
+    not_dicom = [p for p, found in zip(images, series) if found is None]
     if not_dicom:
         raise InputError(f"--dicom-out needs DICOM series folders as inputs, but {not_dicom[0]} is not a "
-                         "folder: give each image as its DICOM series folder, or drop --dicom-out")
-    multi_frame = [p for p in folders if len(image_series(p, "image")[1]) == 1]
+                         "DICOM series: give each image as its DICOM series folder, or drop --dicom-out")
+    multi_frame = [p for p, (_, files) in zip(images, series) if len(files) == 1]
     if multi_frame:
         raise InputError(f"--dicom-out writes contours on series of one file per slice, but {multi_frame[0]} is one "
                          "multi-frame file (Enhanced CT or MR): drop --dicom-out, or give the series as single "
@@ -130,12 +132,13 @@ def _add_small_pieces(item: Dataset, mask: np.ndarray, labels: sitk.Image, serie
             item.ContourSequence.append(create_contour_sequence_block(data, ds.SOPClassUID, ds.SOPInstanceUID))
 
 
-def read_series(folder: Path) -> list:
-    """The pydicom headers of the one DICOM series in a folder, sorted along the slice normal."""
+def read_series(source: Path) -> list:
+    """The pydicom headers of a DICOM series (a folder's one series, or the series of one of its files:
+    series_files), sorted along the slice normal."""
     import pydicom
     from pydicomrt.utils import sort_image_series
 
-    _, files = image_series(folder, "image")
+    _, files = series_files(source, "image")
     series = sort_image_series([pydicom.dcmread(f, stop_before_pixels=True) for f in files])
     for ds in series:                       # type 2 (present, may be empty); pydicomrt copies them
         for keyword in TYPE_2:

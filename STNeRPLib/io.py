@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .dicom_in import SLICE_TOLERANCE_MM, image_series, rtstruct, rtstruct_labelmap
+from .dicom_in import SLICE_TOLERANCE_MM, rtstruct, rtstruct_labelmap, series_files
 from .errors import InputError
 from .geometry import Grid
 
-FORMATS = "NRRD, NIfTI, MHA or a DICOM series folder"
+FORMATS = "NRRD, NIfTI, MHA or a DICOM series: its folder or one of its files"
 MAX_LABEL = 65535  # labelmaps are kept and written as UInt16
 
 
@@ -27,15 +27,17 @@ def held_bytes(pixel: int) -> int:
 
 
 def image_information(path: str | Path, what: str) -> tuple[tuple[int, ...], int, Grid | None]:
-    """(size, pixel type, grid) of an image from its header alone, no voxel read; a DICOM series
-    folder from its first file and its count of files (grid None: not known without reading them)."""
+    """(size, pixel type, grid) of an image from its header alone, no voxel read; a DICOM series (a
+    folder, or one of its files: dicom_in.series_files) from its first file and its count of files (grid
+    None: not known without reading them)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} not found: {path}: check the path")
     reader = sitk.ImageFileReader()
     try:
-        if path.is_dir():
-            _, files = image_series(path, what)
+        found = series_files(path, what)
+        if found is not None:
+            _, files = found
             reader.SetFileName(files[0])
             reader.ReadImageInformation()
             size = reader.GetSize() if len(files) == 1 else (*reader.GetSize()[:2], len(files))  # one: multi-frame
@@ -177,14 +179,19 @@ def check_landmarks_inside(points: np.ndarray, grid: Grid, what: str, image: str
 
 
 def file_sha256(path: str | Path) -> str | None:
-    """SHA-256 of a file, or of the files directly in a folder (a DICOM series: names and contents,
-    in name order); None if it is absent or cannot be read (reading it reports why)."""
+    """SHA-256 of a file, of the files directly in a folder, or of the files of the DICOM series one file
+    stands for (dicom_in.series_files): names and contents, in name order; None if it is absent or cannot be
+    read (reading it reports why)."""
     path = Path(path)
     try:
-        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file())
+        else:
+            series = series_files(path, "image")
+            files = [path] if series is None else sorted(map(Path, series[1]))
         digest = hashlib.sha256()
         for file in files:
-            if path.is_dir():
+            if files != [path]:
                 digest.update(file.name.encode())
             with file.open("rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
@@ -211,16 +218,15 @@ def _read(path: Path, what: str) -> sitk.Image:
     if not path.exists():
         raise InputError(f"{what} not found: {path}: check the path")
     try:
-        if path.is_dir():
-            return _read_dicom_series(path, what)
-        return sitk.ReadImage(str(path))
+        found = series_files(path, what)
+        return sitk.ReadImage(str(path)) if found is None else _read_dicom_series(found[1], path, what)
     except RuntimeError:
         raise InputError(f"cannot read {what} {path}: it is not an image in a format SimpleITK "
                          f"reads ({FORMATS}) or the file is damaged") from None
 
 
-def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
-    _, files = image_series(folder, what)
+def _read_dicom_series(files: tuple[str, ...], source: Path, what: str) -> sitk.Image:
+    """The volume of a DICOM series' files (dicom_in.series_files), given as `source` (a folder or one file)."""
     if len(files) == 1:
         return sitk.ReadImage(files[0])      # one multi-frame file (Enhanced CT): its frames place the slices
     reader = sitk.ImageSeriesReader()
@@ -228,7 +234,7 @@ def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     reader.SetSpacingWarningRelThreshold(float("inf"))     # _require_even_slices says it instead, in one line
     reader.MetaDataDictionaryArrayUpdateOn()                 # each slice's header, as read: its position
     image = reader.Execute()
-    _require_even_slices(image, reader, files, folder, what)
+    _require_even_slices(image, reader, files, source, what)
     return image
 
 
@@ -236,7 +242,7 @@ POSITION_TAG = "0020|0032"
 """Image Position (Patient): the LPS mm of a DICOM slice's first voxel."""
 
 
-def _require_even_slices(image: sitk.Image, reader: sitk.ImageSeriesReader, files: tuple[str, ...], folder: Path,
+def _require_even_slices(image: sitk.Image, reader: sitk.ImageSeriesReader, files: tuple[str, ...], source: Path,
                          what: str) -> None:
     """InputError unless every slice file lies where the volume puts it (within SLICE_TOLERANCE_MM), from the
     positions in the slices' headers as `reader` read them. ITK reads a series as evenly spaced, spacing its slices
@@ -244,20 +250,20 @@ def _require_even_slices(image: sitk.Image, reader: sitk.ImageSeriesReader, file
     move every slice's anatomy without a word."""
     positions = {k: [float(v) for v in reader.GetMetaData(k, POSITION_TAG).split("\\")]
                  for k in range(len(files)) if reader.HasMetaDataKey(k, POSITION_TAG)}   # else ITK could not place it
-    _refuse_repeated_positions(positions, files, folder, what)
+    _refuse_repeated_positions(positions, files, source, what)
     worst, name = 0.0, ""
     for k, position in positions.items():
         error = float(np.linalg.norm(np.subtract(position, image.TransformIndexToPhysicalPoint((0, 0, k)))))
         if error > worst:
             worst, name = error, Path(files[k]).name
     if worst > SLICE_TOLERANCE_MM:
-        raise InputError(f"{what} folder {folder} is a DICOM series whose slices are not evenly spaced ({name} lies "
+        raise InputError(f"{what} {source} is a DICOM series whose slices are not evenly spaced ({name} lies "
                          f"{worst:.1f} mm from its place in the volume: a missing slice, a change of slice spacing or "
                          "a tilted gantry): resample it to even slices (3D Slicer does on DICOM import) and save it "
                          "as NRRD, or give the whole series")
 
 
-def _refuse_repeated_positions(positions: dict[int, list[float]], files: tuple[str, ...], folder: Path,
+def _refuse_repeated_positions(positions: dict[int, list[float]], files: tuple[str, ...], source: Path,
                                what: str) -> None:
     """InputError when slices of the series share a position (within SLICE_TOLERANCE_MM): the phases of a 4-D CT,
     or several acquisitions, exported under one Series Instance UID."""
@@ -271,7 +277,7 @@ def _refuse_repeated_positions(positions: dict[int, list[float]], files: tuple[s
             first[key] = k
     if repeats:
         a, b = repeats[0]
-        raise InputError(f"{what} folder {folder} is one DICOM series holding {len(repeats)} slice positions twice "
+        raise InputError(f"{what} {source} is one DICOM series holding {len(repeats)} slice positions twice "
                          f"or more ({Path(files[a]).name} and {Path(files[b]).name} both at "
                          f"{', '.join(f'{v:g}' for v in positions[a])} mm): several phases or acquisitions in one "
                          "series (a 4-D CT?): give one folder per phase (3D Slicer's DICOM module offers each phase "

@@ -29,7 +29,7 @@ import torch
 
 from . import report_figures as figures
 from .contract import is_complete, time_point_folder
-from .dicom_in import roi_names, rtstruct
+from .dicom_in import roi_names, rtstruct, series_files
 from .errors import InputError
 from .record import load_record
 from .integration import identity_grid, sample
@@ -220,7 +220,8 @@ def time_point_figures(run: Path, record: dict, entry: dict, structures: dict[in
         focus, where = np.asarray(reader.GetSize()) // 2, "the image centre"
     scan = _scan_path(record, t)
     image_kind = "scan" if scan is not None else "predicted image"
-    series = sitk.GetArrayFromImage(read_image(scan, "scan")) if scan is not None and scan.is_dir() else None
+    whole = scan is not None and series_files(scan, "scan") is not None       # a DICOM series, read whole
+    series = sitk.GetArrayFromImage(read_image(scan, "scan")) if whole else None
     planes = _planes(run, entry, reader, focus, scan, series)
     title = f"time {t:g}" + ("" if entry.get("scanned") else " (not scanned: predicted)")
     folded = entry["metrics"]["folded_voxels"]

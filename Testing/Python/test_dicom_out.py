@@ -17,7 +17,7 @@ from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 from STNeRPLib.geometry import Grid  # noqa: E402
-from STNeRPLib.io import image_information, read_image  # noqa: E402
+from STNeRPLib.io import file_sha256, image_information, read_image  # noqa: E402
 from STNeRPLib.phantom import breathing_series  # noqa: E402
 from test_label_propagation import unread_lung_voxels  # noqa: E402
 from test_worker import assert_rejected  # noqa: E402
@@ -363,3 +363,42 @@ def test_dicom_says_which_structures_a_follow_ups_rtstruct_has_no_contour_of(exp
     assert "t=1: RTSTRUCT.dcm has no contour of node 10, node 11: lost in propagation" in result.stderr
     rois = [roi.ROIName for roi in pydicom.dcmread(tmp_path / "out" / "t_1" / "RTSTRUCT.dcm").StructureSetROISequence]
     assert "GTV" in rois and not {"node 10", "node 11"} & set(rois)
+
+
+def test_one_file_of_a_dicom_series_stands_for_its_series_in_a_folder_of_several(exported, tmp_path):
+    """A PACS or planning-system export puts a study's series in one folder, refused as several series: one file of
+    a series picks it (the files of its Series Instance UID in its folder are read), as a DICOM viewer opens the
+    series of a file. Read, hashed, exported to and checked against as that series."""
+    root, folders, uids, *_ = exported
+    study = tmp_path / "study"
+    study.mkdir()
+    for k, folder in enumerate(folders):
+        for path in folder.iterdir():
+            shutil.copy(path, study / f"p{k}_{path.name}")
+    write_rtdose(study, study / "p0_000.dcm")
+    for k, folder in enumerate(folders):
+        picked, whole = read_image(study / f"p{k}_007.dcm", "image"), read_image(folder, "image")
+        assert Grid.of(picked).matches(Grid.of(whole))
+        assert np.array_equal(sitk.GetArrayFromImage(picked), sitk.GetArrayFromImage(whole))
+        assert image_information(study / f"p{k}_007.dcm", "image")[0] == image_information(folder, "image")[0]
+    run, out = tmp_path / "run", tmp_path / "out"
+    result = stnerp("train", "--reference", study / "p0_000.dcm", "--follow-up", study / "p1_023.dcm", 1, "--output",
+                    run, "--iterations", "10", "--prior", "image", "--segmentation", root / "labelmap_0.nrrd",
+                    "--dicom-out", out, "--no-report")
+    assert result.returncode == 0, result.stderr
+    rs = pydicom.dcmread(out / "t_1" / "RTSTRUCT.dcm")
+    referenced = {i.ReferencedSOPInstanceUID for c in rs.ROIContourSequence for s in c.ContourSequence
+                  for i in s.ContourImageSequence}
+    assert referenced and referenced <= set(uids[1])
+    hashed = file_sha256(study / "p1_023.dcm")
+    assert hashed in json.loads((run / "run.json").read_text())["inputs"]["sha256"].values()
+    edited = pydicom.dcmread(study / "p1_005.dcm")                  # another slice of the series changes
+    edited.PixelData = (np.frombuffer(edited.PixelData, np.int16) + 1).tobytes()
+    edited.save_as(study / "p1_005.dcm", enforce_file_format=True)
+    assert file_sha256(study / "p1_023.dcm") != hashed
+    cases = ((["--reference", study, "--follow-up", folders[1], 1], ("3 DICOM image series", "one file of the series")),
+             (["--reference", study / "p0_000.dcm", "--follow-up", folders[1], 1, "--segmentation",
+               root / "out" / "t_1" / "RTSTRUCT.dcm"], ("was drawn on DICOM series",)))
+    for k, (inputs, words) in enumerate(cases):
+        result = stnerp("train", *inputs, "--output", tmp_path / f"refused_{k}", "--json-events")
+        assert_rejected(result, tmp_path / f"refused_{k}", *words)
