@@ -21,7 +21,7 @@ from .geometry import Grid
 from .metrics import map_points, target_registration_error
 from .model import SeriesModel, labels_in, new_ref_net, normalise_time
 from .networks import RefNet
-from .preprocessing import IntensityWindow, affine_prealignment, intensity_method, on_grid, smoothed
+from .preprocessing import IntensityWindow, affine_prealignment, find_padding, intensity_method, on_grid, smoothed
 from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
@@ -66,7 +66,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     window = _window(reference, follow_ups, options.intensity, reporter)
     times = [reference_time] + [t for t, _ in follow_ups]
     time_range = (min(times), max(times))
-    scans = _onto_reference_grid(reference, follow_ups, options, reporter)
+    scans = _onto_reference_grid(reference, follow_ups, options, window, reporter)
     sigma = options.preset.smoothing_sigma
     fitted = smoothed(reference, sigma)
     targets = _targets(fitted, reference_time, scans._replace(images={t: smoothed(image, sigma) for t, image in
@@ -111,7 +111,8 @@ def _body(targets: list[Target], window: IntensityWindow, preset: Preset, report
     if not preset.body_mask or preset.def_points <= 0:
         return None
     scans = [sitk.GetArrayViewFromImage(target.scan) for target in targets]
-    body = body_voxels(scans, float(window.restore(np.float32(BODY_LEVEL))), targets[0].scan.GetSpacing())
+    body = body_voxels(scans, float(window.restore(np.float32(BODY_LEVEL))), targets[0].scan.GetSpacing(),
+                       insides=[target.inside for target in targets])
     reporter.message(f"voxels drawn within {BODY_MARGIN_MM:g} mm of the body: {len(body) / scans[0].size:.0%} of the grid")
     return body
 
@@ -135,10 +136,10 @@ def _seeded(seed: int) -> torch.Generator:
 
 
 def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]], options: Options,
-                         reporter: Reporter) -> _Resampled:
+                         window: IntensityWindow, reporter: Reporter) -> _Resampled:
     """Each follow-up resampled onto the reference grid (through its affine pre-alignment with
-    --prealign affine; beyond the scan, the reference's background); a follow-up that does not overlap
-    the reference is refused."""
+    --prealign affine; beyond the scan, the reference's background), its field of view there without its
+    padding (find_padding), said; a follow-up that does not overlap the reference is refused."""
     background = float(sitk.GetArrayViewFromImage(reference).min())
     grid = Grid.of(reference)
     resampled = _Resampled({}, {}, {})
@@ -151,6 +152,12 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
         elif not Grid.of(image).matches(grid):
             reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
         resampled.images[t], inside = on_grid(image, reference, transform, background)
+        padding = find_padding(image, reference, window, transform)
+        if padding is not None:
+            value, where = padding
+            inside = ~where if inside is None else inside & ~where
+            reporter.message(f"time {t:g}: {np.mean(where):.0%} of the reference grid is padding ({value:g}) outside "
+                             "the scan's field of view, left out of the fit")
         if inside is not None:
             _check_overlap(inside, t, image, reference)
             resampled.views[t] = inside

@@ -1,5 +1,6 @@
-"""Preparing a series for training: intensity normalisation, and bringing follow-ups onto the
-reference grid (resampling, or affine pre-alignment as the paper's preprocessing)."""
+"""Preparing a series for training: intensity normalisation, bringing follow-ups onto the reference grid
+(resampling, or affine pre-alignment as the paper's preprocessing), and each follow-up's field of view there
+(its grid's extent, less its padding: find_padding)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -115,13 +116,66 @@ def onto_grid(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transfo
                          background, sitk.sitkFloat32)
 
 
-def inside_field_of_view(image: sitk.Image, grid_image: sitk.Image,
-                         transform: sitk.Transform | None) -> np.ndarray:
-    """bool [z, y, x] on the grid of `grid_image`: the voxels that onto_grid takes from inside `image`."""
-    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+def inside_field_of_view(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transform | None,
+                         voxels: np.ndarray | None = None) -> np.ndarray:
+    """bool [z, y, x] on the grid of `grid_image`: the voxels that onto_grid takes from inside `image` (from
+    its `voxels`, bool [z, y, x] on its grid, when given)."""
+    if voxels is None:
+        ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    else:
+        ones = sitk.GetImageFromArray(voxels.view(np.uint8))
     ones.CopyInformation(image)
     inside = sitk.Resample(ones, grid_image, transform or sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     return sitk.GetArrayViewFromImage(inside) > 0
+
+
+PADDING_SHARE = 0.01
+"""Fewest voxels, as a share of the scan's, that a constant value from the grid's edges inward holds to be taken
+for padding outside the scan's field of view (find_padding)."""
+
+PADDING_EVIDENCE = 0.05
+"""Share of the padding's voxels at which the reference must hold something else (more than PADDING_TOLERANCE off
+the padding's value, in window widths): under a scan's own background (air it shares with the reference, where
+only the body's motion makes them differ; none of it in the breathing phantom's phases) it holds the same, while
+-1000 HU outside a cylinder of 0.4 x the phantom's width covers its body at 7.8 % of the voxels."""
+
+PADDING_TOLERANCE = 0.05
+"""How far (window widths: 75 HU in the CT window) the reference may lie from a padding value and count as the same."""
+
+
+def find_padding(image: sitk.Image, reference: sitk.Image, window: IntensityWindow,
+                 transform: sitk.Transform | None = None) -> tuple[float, np.ndarray] | None:
+    """The padding of a scan outside its field of view, and where it lies on the reference's grid (bool [z, y, x]);
+    None when it has none. A scan resampled onto another grid is filled with one value beyond its field of view
+    (0 HU by default in 3D Slicer's resampling modules; a CBCT's corners beyond its reconstructed circle): the value
+    most frequent on the faces of the scan's grid, in every x-row's runs of it from either end (a convex field of
+    view: a cylinder, a box, fewer slices), is padding when those runs hold PADDING_SHARE of its voxels and the
+    reference holds something else at PADDING_EVIDENCE of them. `transform` maps reference points to the scan's
+    (None: the identity)."""
+    array = sitk.GetArrayViewFromImage(image)
+    faces = np.concatenate([array[[0, -1]].ravel(), array[:, [0, -1]].ravel(), array[:, :, [0, -1]].ravel()])
+    values, counts = np.unique(faces, return_counts=True)
+    value = values[np.argmax(counts)]
+    runs = _runs_from_the_ends(array == value)
+    if np.count_nonzero(runs) < PADDING_SHARE * array.size:
+        return None
+    where = runs if transform is None and Grid.of(image) == Grid.of(reference) else \
+        inside_field_of_view(image, reference, transform, runs)
+    there = window.normalise(sitk.GetArrayViewFromImage(reference)[where])
+    differs = np.abs(there - window.normalise(np.array([value], np.float32))) > PADDING_TOLERANCE
+    if np.count_nonzero(differs) < PADDING_EVIDENCE * max(len(there), 1):
+        return None
+    return float(value), where
+
+
+def _runs_from_the_ends(same: np.ndarray) -> np.ndarray:
+    """bool like `same` [z, y, x]: in each x-row, its leading and trailing runs of True."""
+    width = same.shape[-1]
+    rows = same.reshape(-1, width)
+    lead = np.where(rows.all(axis=1), width, np.argmin(rows, axis=1))
+    trail = np.where(rows.all(axis=1), 0, np.argmin(rows[:, ::-1], axis=1))
+    x = np.arange(width)
+    return ((x < lead[:, None]) | (x >= width - trail[:, None])).reshape(same.shape)
 
 
 def on_grid(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transform | None,

@@ -1,0 +1,95 @@
+"""A follow-up padded outside its field of view (a CBCT or a cropped scan resampled onto the reference's grid, filled
+with 0 HU as 3D Slicer's resampling modules fill by default, or with -1000) is fitted only where it holds anatomy: its
+padding is found from the grid's edges inward and left out, as the voxels beyond a scan's own grid are. A scan's own
+background (air the reference holds too, a phantom's exact -1000) is not padding."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from STNeRPLib.phantom import breathing_series
+from STNeRPLib.preprocessing import IntensityWindow, find_padding
+from worker_cli import stnerp
+
+WINDOW = IntensityWindow.for_image(sitk.Image(1, 1, 1, sitk.sitkInt16), "ct")
+
+
+def cylinder(image: sitk.Image, radius: float = 0.4) -> np.ndarray:
+    """bool [z, y, x]: inside a cylinder along z about the grid's centre, of radius `radius` x the grid's width."""
+    depth, height, width = sitk.GetArrayViewFromImage(image).shape
+    y, x = np.mgrid[:height, :width]
+    inside = (x - (width - 1) / 2) ** 2 + (y - (height - 1) / 2) ** 2 <= (radius * width) ** 2
+    return np.broadcast_to(inside, (depth, height, width))
+
+
+def padded(image: sitk.Image, value: float) -> sitk.Image:
+    array = sitk.GetArrayFromImage(image)
+    array[~cylinder(image)] = value
+    result = sitk.GetImageFromArray(array)
+    result.CopyInformation(image)
+    return result
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    return breathing_series(size=(48, 48, 32), spacing=(6.0, 6.0, 7.5), n_phases=3, noise_hu=10)
+
+
+@pytest.mark.parametrize("value", [0.0, -1000.0, -3024.0])
+def test_padding_outside_a_cylinder_is_found_on_the_reference_grid(noisy, value):
+    reference, follow_up = noisy.images[0], noisy.images[2]
+    found = find_padding(padded(follow_up, value), reference, WINDOW)
+    assert found is not None
+    padding, mask = found
+    outside = ~cylinder(follow_up)
+    assert padding == value
+    assert mask[outside].all()
+    assert np.count_nonzero(mask & ~outside) <= 0.01 * np.count_nonzero(~outside)
+
+
+def test_a_scans_own_background_is_not_padding():
+    """Air exactly -1000 in every phase of a noise-free phantom, and noisy air, are the scans' background."""
+    for noise in (0, 10):
+        series = breathing_series(size=(48, 48, 32), spacing=(6.0, 6.0, 7.5), n_phases=3, noise_hu=noise)
+        for image in series.images[1:]:
+            assert find_padding(image, series.images[0], WINDOW) is None
+
+
+def inside_landmarks(series, folder, times) -> str:
+    """landmarks.csv of the series' landmarks at `times` that lie inside the cylinder (the follow-ups' field of view)."""
+    inside = cylinder(series.images[0])
+    lines = ["time,x,y,z,ref_x,ref_y,ref_z"]
+    for t, (points, reference) in zip(series.times, series.landmarks):
+        for point, at in zip(points, reference) if t in times else ():
+            x, y, z = series.images[0].TransformPhysicalPointToIndex(point.tolist())
+            if inside[z, y, x]:
+                lines.append(",".join(f"{v:.6f}" for v in (t, *point, *at)))
+    (folder / "landmarks.csv").write_text("\n".join(lines) + "\n")
+    return str(folder / "landmarks.csv")
+
+
+def test_follow_ups_padded_with_0_hu_on_the_reference_grid_register_as_well_as_unpadded(noisy, tmp_path):
+    """Padding of 0 HU (water) beside the body was taken for anatomy: 28-44 mm TRE inside the field of view and
+    45 000-72 000 folded voxels in a probe of 500 iterations."""
+    reference = tmp_path / "reference.nrrd"
+    sitk.WriteImage(noisy.images[0], str(reference))
+    landmarks = inside_landmarks(noisy, tmp_path, noisy.times[1:])
+    scored = {}
+    for name, fill in (("as scanned", None), ("padded", 0.0)):
+        follow_ups = []
+        for t, image in zip(noisy.times[1:], noisy.images[1:]):
+            path = tmp_path / f"{name}_{t:g}.nrrd"
+            sitk.WriteImage(image if fill is None else padded(image, fill), str(path))
+            follow_ups += ["--follow-up", path, t]
+        output = tmp_path / name
+        result = stnerp("train", "--reference", reference, *follow_ups, "--output", output, "--iterations", "200",
+                        "--prior", "image", "--landmarks", landmarks, "--no-report")
+        assert result.returncode == 0, result.stderr
+        assert ("padding (0) outside the scan's field of view" in result.stderr) == (fill is not None)
+        points = json.loads((output / "run.json").read_text())["time_points"][1:]
+        scored[name] = [(p["metrics"]["tre_mean"], p["metrics"]["folded_voxels"]) for p in points]
+    for (unpadded, _), (tre, folded) in zip(scored["as scanned"], scored["padded"]):
+        assert folded == 0 and tre <= unpadded + 0.1
