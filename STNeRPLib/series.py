@@ -101,6 +101,8 @@ image (12), the predicted image (4), the labelmap (2) and the Jacobian (4)."""
 RESAMPLED_BYTES_PER_VOXEL = 5
 """Per follow-up not on the reference grid (or pre-aligned): its float32 copy on that grid and the
 mask of its field of view."""
+ON_GRID_BYTES_PER_VOXEL = 1
+"""Per follow-up on the reference grid: the mask of its field of view, kept when it is padded (find_padding)."""
 
 
 def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], segmentation: str | None = None,
@@ -121,8 +123,7 @@ def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], seg
         held = math.prod(other_size) * held_bytes(other_pixel)
         total += held
         resampled = prealign or grid is None or other_grid != grid
-        if resampled:
-            total += voxels * RESAMPLED_BYTES_PER_VOXEL
+        total += voxels * (RESAMPLED_BYTES_PER_VOXEL if resampled else ON_GRID_BYTES_PER_VOXEL)
         if smoothing:                       # the smoothed copy of what the fit reads: the scan, or its float32 copy
             total += voxels * 4 if resampled else held
     if segmentation:
