@@ -50,6 +50,18 @@ def test_padding_outside_a_cylinder_is_found_on_the_reference_grid(noisy, value)
     assert np.count_nonzero(mask & ~outside) <= 0.01 * np.count_nonzero(~outside)
 
 
+def test_padding_of_a_scan_on_its_own_grid_is_placed_on_the_reference_grid(noisy):
+    """A CBCT on its own grid (here a crop of the padded follow-up: 40 of 48 columns, 36 of 48 rows, 24 of 32
+    slices) is padded beyond its circle; the padding is found on its grid and placed on the reference's."""
+    reference = noisy.images[0]
+    crop = sitk.RegionOfInterest(padded(noisy.images[2], 0.0), (40, 36, 24), (4, 6, 5))
+    value, mask = find_padding(crop, reference, WINDOW)
+    covered = np.zeros(mask.shape, bool)
+    covered[5:29, 6:42, 4:44] = True
+    assert value == 0.0
+    assert np.array_equal(mask, covered & ~cylinder(reference))
+
+
 def test_a_scans_own_background_is_not_padding():
     """Air exactly -1000 in every phase of a noise-free phantom, and noisy air, are the scans' background."""
     for noise in (0, 10):
