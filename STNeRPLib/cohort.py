@@ -37,7 +37,7 @@ from .io import csv_delimiter, decimal_point
 from . import contract, threads
 from .contract import STATUS_COMPLETE, finite_or_none, json_line, read_run, write_json
 from .progress import Reporter
-from .commands import timed, train_command, train_inputs, train_options
+from .commands import export_dicom, timed, train_command, train_inputs, train_options
 from .report import structure_names
 
 COLUMNS = ("patient", "role", "path", "time")
@@ -117,7 +117,15 @@ def series_args(patient: Patient, batch: argparse.Namespace) -> argparse.Namespa
     series.segmentation = found["segmentation"][0][0] if found["segmentation"] else None
     series.landmarks = found["landmarks"][0][0] if found["landmarks"] else None
     series.output = batch.output / patient.id
+    series.dicom_out = batch.dicom_out / patient.id if batch.dicom_out else None
     return series
+
+
+def lacks_dicom(series: argparse.Namespace) -> bool:
+    """Whether --dicom-out asks for the series' DICOM and its folder holds nothing yet (a run complete before
+    is exported, not trained again)."""
+    folder = series.dicom_out
+    return folder is not None and not (folder.is_dir() and any(folder.iterdir()))
 
 
 def run_state(series: argparse.Namespace) -> str:
@@ -164,13 +172,14 @@ def run_series(patient: str, series: argparse.Namespace) -> dict:
     started = time.monotonic()
     try:
         state = run_state(series)
-        if state == "complete":
-            return summary_entry(patient, series.output, skipped=True)
         if state == "unfinished":
             continue_or_start_over(series)
     except InputError as error:
         return failed_entry(patient, str(error))
     events = PatientEvents(patient, lambda event: worker.log_event(EVENT_TOPIC, event))
+    if state == "complete":                       # submitted only for its DICOM (lacks_dicom)
+        export_dicom(series.output, series.dicom_out, series.label_names, events)
+        return summary_entry(patient, series.output, skipped=True)
     train_command(series, events)
     return summary_entry(patient, series.output, time.monotonic() - started, events.last_error)
 
@@ -325,7 +334,7 @@ def run_batch(args: argparse.Namespace, reporter: Reporter) -> int:
     for patient in patients:
         try:
             series = series_args(patient, args)
-            if run_state(series) == "complete":
+            if run_state(series) == "complete" and not lacks_dicom(series):
                 entries[patient.id] = summary_entry(patient.id, series.output, skipped=True)
             else:
                 pending[patient.id] = series

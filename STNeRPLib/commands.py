@@ -158,8 +158,13 @@ def train_command(args, reporter: Reporter) -> int:
 
 
 def dicom_command(args, reporter: Reporter) -> int:
-    status = _guarded(lambda: _check_new_folder(args.dicom_out, "--dicom-out"), reporter)
-    return status or _dicom_from(args.run, args.dicom_out, args.label_names, reporter)
+    return export_dicom(args.run, args.dicom_out, args.label_names, reporter)
+
+
+def export_dicom(run: Path, folder: Path, label_names: str | None, reporter: Reporter) -> int:
+    """A complete run's DICOM into a new or empty folder (stnerp dicom; batch, for a run complete before)."""
+    status = _guarded(lambda: _check_new_folder(folder, "--dicom-out"), reporter)
+    return status or _dicom_from(run, folder, label_names, reporter)
 
 
 def _dicom_from(run: Path, folder: Path, label_names: str | None, reporter: Reporter) -> int:

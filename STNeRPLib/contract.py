@@ -428,8 +428,12 @@ def parser() -> argparse.ArgumentParser:
     batch.add_argument("--workers", type=int, metavar="N", help="local cluster: worker processes (default: cores / K)")
     batch.add_argument("--threads-per-worker", type=int, metavar="K",
                        help="local cluster: torch and ITK threads of each worker's series (default: 1)")
+    batch.add_argument("--dicom-out", type=Path, metavar="DIR",
+                       help="also write each patient's RT Structure Set and Deformable Spatial Registration per "
+                            "follow-up into DIR/<patient>/ (its images must be DICOM series), for runs complete "
+                            "before too")
     add_fit_options(batch)
-    batch.set_defaults(dicom_out=None, resume=False)   # the batch decides per series whether to resume
+    batch.set_defaults(resume=False)   # the batch decides per series whether to resume
     return main_parser
 
 

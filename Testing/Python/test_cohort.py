@@ -183,7 +183,7 @@ def test_cohort_paths_are_resolved_against_the_manifest_folder(tmp_path, monkeyp
                           "a,segmentation,/abs/seg.nrrd,\n")
     monkeypatch.chdir("/")
     (patient,) = read_cohort(cohort)
-    series = series_args(patient, argparse.Namespace(output=tmp_path / "runs"))
+    series = series_args(patient, argparse.Namespace(output=tmp_path / "runs", dicom_out=None))
     assert series.reference == str(tmp_path / "ct0.nrrd") and series.reference_time == 0.0
     assert series.follow_up == [[str(tmp_path / "sub" / "scans" / "ct1.nrrd"), "3"]]
     assert series.segmentation == "/abs/seg.nrrd" and series.output == tmp_path / "runs" / "a"

@@ -298,9 +298,10 @@ def test_two_rois_of_one_name_are_refused_when_a_ground_truth_is_matched_by_name
                     f"(ROI Numbers {first.ROINumber} and {second.ROINumber})", "rename one")
 
 
-def test_a_cohorts_dice_columns_are_its_roi_names_whatever_each_plan_numbers_them(planned, tmp_path):
+def test_a_cohort_of_plans_is_scored_by_roi_name_and_exported_per_patient(planned, tmp_path):
     """Each planning system numbers its ROIs its own way: the cohort summary's Dice of the GTV is each patient's
-    GTV, not whichever ROI each plan numbered 11."""
+    GTV, not whichever ROI each plan numbered 11. With --dicom-out each patient's structure sets are written into
+    a folder of its own, for complete runs too (exported without training again)."""
     root, folders, labelmap, times, _ = planned
     renumbered = np.array([0, *range(1, 11), 13, 11, 12], np.uint16)[labelmap]  # GTV 13, Lung_R 11, Lung_L 12
     image = sitk.GetImageFromArray(renumbered)
@@ -322,3 +323,15 @@ def test_a_cohorts_dice_columns_are_its_roi_names_whatever_each_plan_numbers_the
     assert [name for name in table[0] if name.startswith("dice_")] == ["dice_GTV", "dice_Lung_L", "dice_Lung_R"]
     assert {row["patient"]: float(row["dice_GTV"]) for row in table if row["time"] == str(times[1])} == \
         pytest.approx(gtv)
+    # The team wants the follow-ups' structure sets, and a third patient: the complete runs are exported, not retrained
+    (tmp_path / "cohort.csv").write_text((tmp_path / "cohort.csv").read_text() + "".join(
+        line.replace("p01", "p03", 1) + "\n" for line in rows.splitlines() if line.startswith("p01,")))
+    again = subprocess.run(batch_command(tmp_path / "cohort.csv", tmp_path / "runs", "--workers", 1,
+                                         "--threads-per-worker", 1, "--iterations", 20, "--prior", "image",
+                                         "--dicom-out", tmp_path / "dicom"), capture_output=True, text=True,
+                           timeout=300, cwd="/")
+    assert again.returncode == 0, again.stderr
+    assert [summary(tmp_path / "runs")[p]["skipped"] for p in ("p01", "p02", "p03")] == [True, True, False]
+    for patient, gtv_number in (("p01", 11), ("p02", 13), ("p03", 11)):
+        exported = pydicom.dcmread(tmp_path / "dicom" / patient / f"t_{times[1]:g}" / "RTSTRUCT.dcm")
+        assert {int(roi.ROINumber): roi.ROIName for roi in exported.StructureSetROISequence}[gtv_number] == "GTV"
