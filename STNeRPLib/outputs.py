@@ -46,7 +46,8 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
     (reference -> time t, on the reference grid) at one time, with their metrics. Each whole-volume
     array is let go as soon as it is written and measured (memory: about two fields at a time).
     With a labelmap, the entry's labels_lost lists the structures (labels; default: SeriesModel.structures, those
-    of the model's labelmap) that no voxel of the propagated labelmap holds."""
+    of the model's labelmap) that no voxel of the propagated labelmap holds; for a scan that covers part of the
+    reference grid (its own grid smaller, or padded: find_padding), field_of_view is the share it covers."""
     name = time_point_folder(point.time)
     files = {"displacement": f"{name}/displacement.nrrd", "jacobian": f"{name}/jacobian.nrrd",
              "image": f"{name}/image.nrrd", "inverse_displacement": f"{name}/inverse_displacement.nrrd",
@@ -69,6 +70,8 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
     entry = {"time": point.time, "scanned": point.image is not None, **files,
              "image_sources": warped.image_sources, "metrics": metrics,
              "prealignment": point.prealignment.tolist() if point.prealignment is not None else None}
+    if point.time in model.views:
+        entry["field_of_view"] = float(np.mean(model.views[point.time]))
     if warped.labelmap is not None:
         expected = structures if structures is not None else model.structures
         entry["labels_lost"] = sorted(set(expected) - set(labels_in(warped.labelmap)))

@@ -549,15 +549,19 @@ def _final_weights(average_last: float) -> str:
 
 def _metrics_table(record: dict, names: Names) -> str:
     """One row per time point; with a segmentation, the structures its propagated labelmap lost (labels_lost; a
-    record from before it has no such column)."""
+    record from before it has no such column); with a scan covering part of the grid, the share each covers."""
     labels = sorted({int(k) for p in record["time_points"] for k in p["metrics"].get("dice", {})})
     lost = any("labels_lost" in p for p in record["time_points"])
-    head = ["time", "scanned", "folded voxels", "det J min", "det J max", "PSNR (dB)", "SSIM", "TRE mean (mm)",
-            "TRE max (mm)"] + [f"Dice {names[k]}" for k in labels] + (["structures lost"] if lost else [])
+    partial = any("field_of_view" in p for p in record["time_points"])
+    head = ["time", "scanned"] + (["field of view (of the grid)"] if partial else []) + [
+        "folded voxels", "det J min", "det J max", "PSNR (dB)", "SSIM", "TRE mean (mm)",
+        "TRE max (mm)"] + [f"Dice {names[k]}" for k in labels] + (["structures lost"] if lost else [])
     rows = []
     for p in record["time_points"]:
         m = p["metrics"]
-        values = [p["time"], "yes" if p.get("scanned") else "no (predicted)", m.get("folded_voxels"),
+        covered = [] if not partial else [f"{p['field_of_view']:.0%}" if "field_of_view" in p else
+                                          "all" if p.get("scanned") else ""]
+        values = [p["time"], "yes" if p.get("scanned") else "no (predicted)", *covered, m.get("folded_voxels"),
                   m.get("jacobian_min"), m.get("jacobian_max"), m.get("psnr"), m.get("ssim"), m.get("tre_mean"),
                   m.get("tre_max")] + [m.get("dice", {}).get(str(k)) for k in labels]
         if lost:

@@ -98,10 +98,15 @@ def test_follow_ups_padded_with_0_hu_on_the_reference_grid_register_as_well_as_u
             follow_ups += ["--follow-up", path, t]
         output = tmp_path / name
         result = stnerp("train", "--reference", reference, *follow_ups, "--output", output, "--iterations", "200",
-                        "--prior", "image", "--landmarks", landmarks, "--no-report")
+                        "--prior", "image", "--landmarks", landmarks, *(["--no-report"] if fill is None else []))
         assert result.returncode == 0, result.stderr
         assert ("padding (0) outside the scan's field of view" in result.stderr) == (fill is not None)
-        points = json.loads((output / "run.json").read_text())["time_points"][1:]
-        scored[name] = [(p["metrics"]["tre_mean"], p["metrics"]["folded_voxels"]) for p in points]
+        points = json.loads((output / "run.json").read_text())["time_points"]
+        scored[name] = [(p["metrics"]["tre_mean"], p["metrics"]["folded_voxels"]) for p in points[1:]]
+        covered = [p.get("field_of_view") for p in points]
+        inside = float(np.mean(cylinder(noisy.images[0])))
+        assert covered == ([None] * 3 if fill is None else [None, pytest.approx(inside), pytest.approx(inside)])
     for (unpadded, _), (tre, folded) in zip(scored["as scanned"], scored["padded"]):
         assert folded == 0 and tre <= unpadded + 0.1
+    page = (tmp_path / "padded" / "report" / "index.html").read_text()      # the reader of the report sees it
+    assert "field of view (of the grid)" in page and f"<td>{inside:.0%}</td>" in page
