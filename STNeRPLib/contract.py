@@ -386,7 +386,7 @@ def parser() -> argparse.ArgumentParser:
                        help="reference labelmap to propagate, or the RT Structure Set (RTSTRUCT .dcm file) drawn on it")
     train.add_argument("--landmarks", metavar="CSV", help="landmark pairs for TRE: time,x,y,z,ref_x,ref_y,ref_z (LPS mm)")
     train.add_argument("--ground-truth", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
-                       help="a ground-truth labelmap (or RTSTRUCT) at a scanned time, for Dice")
+                       help="a ground-truth labelmap (or RTSTRUCT or SEG) at a scanned time, for Dice")
     add_fit_options(train)
     train.add_argument("--resume", action="store_true",
                        help="continue an interrupted, failed or killed run in --output (same arguments)")
@@ -417,7 +417,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--image", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
                           help="the real image at a time of the run (PSNR, SSIM)")
     evaluate.add_argument("--ground-truth", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
-                          help="a ground-truth labelmap (or RTSTRUCT) at a time of the run (Dice)")
+                          help="a ground-truth labelmap (or RTSTRUCT or SEG) at a time of the run (Dice)")
     evaluate.add_argument("--landmarks", metavar="CSV", help="landmark pairs (TRE)")
     batch = _command(subcommands, "batch", "train every series of a cohort on Dask (one run folder per patient)")
     batch.add_argument("--cohort", required=True, type=Path, metavar="CSV",

@@ -1,6 +1,7 @@
 """DICOM in: which series of a folder is the image (a planning system's export holds the CT beside its RT
 Dose and Structure Set), and an RT Structure Set (RTSTRUCT), as a planning system exports the planning CT's
-contours, read as the labelmap the worker propagates.
+contours, or a DICOM Segmentation (SEG), as AI contouring tools export segments, read as the labelmap the worker
+propagates (a SEG's frames are placed on the image's voxels: seg_labelmap).
 
 Each ROI's closed planar contours are filled on the slices of the image's grid they lie on (LPS mm, as
 DICOM's patient coordinates): a voxel belongs to a contour when its centre lies inside it or on it, so a
@@ -106,35 +107,40 @@ def _header(file: str) -> dict:
     return {**header, "size": tuple(reader.GetSize())}
 
 
-def rtstruct(path: str | Path):
-    """The pydicom dataset of an RT Structure Set file, else None (a file that is not DICOM, or another
-    DICOM object); InputError when pydicom, needed to read it, is missing, or for a DICOM Segmentation (SEG),
-    which SimpleITK would read as an image of its frames. Each version of a file is read once (_read_structure_set):
-    a ground truth is asked about by its series check, its name matching, its fill and its unscored ROIs."""
+def structure_file(path: str | Path):
+    """The pydicom dataset of an RT Structure Set or a DICOM Segmentation (SEG) file, else None (a file that is
+    not DICOM, or another DICOM object); InputError when pydicom, needed to read it, is missing. Each version of a
+    file is read once (_read_structure_file): a ground truth is asked about by its series check, its name matching,
+    its fill and its unscored structures."""
     path = Path(path)
     if not _is_dicom(path):
         return None
     status = path.stat()
-    return _read_structure_set(str(path.resolve()), status.st_mtime_ns, status.st_size)
+    return _read_structure_file(str(path.resolve()), status.st_mtime_ns, status.st_size)
 
 
 @lru_cache(maxsize=4)
-def _read_structure_set(path: str, modified_ns: int, size: int):
-    """rtstruct's reading of one version (modification time, size) of a DICOM file; callers only read it."""
+def _read_structure_file(path: str, modified_ns: int, size: int):
+    """structure_file's reading of one version (modification time, size) of a DICOM file; callers only read it."""
     try:
         import pydicom
     except ImportError:
         raise InputError(f"{path} is a DICOM file, which needs pydicom to read: pip install 'stnerp[dicom]'") from None
     dataset = pydicom.dcmread(path)
-    if dataset.get("SOPClassUID") == SEGMENTATION_STORAGE:
-        raise InputError(f"{path} is a DICOM Segmentation (SEG), which stnerp does not read: give its segments as a "
-                         "labelmap (3D Slicer's DICOM module loads a SEG as a segmentation: export that to a "
-                         "labelmap volume) or as an RTSTRUCT")
-    return dataset if dataset.get("SOPClassUID") == RTSTRUCT_STORAGE else None
+    return dataset if dataset.get("SOPClassUID") in (RTSTRUCT_STORAGE, SEGMENTATION_STORAGE) else None
+
+
+def is_seg(dataset) -> bool:
+    """Whether a structure_file dataset is a DICOM Segmentation (else an RT Structure Set)."""
+    return dataset.get("SOPClassUID") == SEGMENTATION_STORAGE
 
 
 def roi_names(dataset) -> dict[int, str]:
-    """ROI Number -> ROI Name of a structure set."""
+    """Label -> name of the structures of a structure_file: an RT Structure Set's ROI Number -> ROI Name, a
+    SEG's Segment Number -> Segment Label."""
+    if is_seg(dataset):
+        return {int(item.SegmentNumber): str(item.get("SegmentLabel", f"segment {item.SegmentNumber}"))
+                for item in dataset.get("SegmentSequence", [])}
     return {int(roi.ROINumber): str(roi.get("ROIName", f"ROI {roi.ROINumber}"))
             for roi in dataset.get("StructureSetROISequence", [])}
 
@@ -154,13 +160,15 @@ def require_drawn_on(path: str | Path, image: str | Path | None, what: str) -> N
     `image`'s (a DICOM series: series_files): another phase of a 4-D CT shares the reference's slices, so only
     the series references (RT Referenced Series) tell. Nothing to check for a labelmap, an image file of another
     format or none, or a structure set that names no series."""
-    structures = rtstruct(path)
+    structures = structure_file(path)
     found = series_files(image, "image") if structures is not None and image is not None else None
     if found is None:
         return
-    drawn_on = {str(series.SeriesInstanceUID) for frame in structures.get("ReferencedFrameOfReferenceSequence", [])
-                for study in frame.get("RTReferencedStudySequence", [])
-                for series in study.get("RTReferencedSeriesSequence", [])}
+    referenced = [*structures.get("ReferencedSeriesSequence", []),                          # a SEG's
+                  *(series for frame in structures.get("ReferencedFrameOfReferenceSequence", [])    # an RTSTRUCT's
+                    for study in frame.get("RTReferencedStudySequence", [])
+                    for series in study.get("RTReferencedSeriesSequence", []))]
+    drawn_on = {str(series.SeriesInstanceUID) for series in referenced}
     series, _ = found
     if drawn_on and series not in drawn_on:
         raise InputError(f"{what} {path} was drawn on DICOM series {sorted(drawn_on)[0]}, not on {image} (series "
@@ -173,14 +181,15 @@ def labels_by_name(truth: str | Path, segmentation: str | Path | None) -> dict[s
     number their ROIs each their own way; None for a ground truth that is a labelmap. InputError when the
     segmentation is not a structure set too (its labels have no ROI Names to match), or when a name both hold
     is the name of two ROIs in either (which of them would be scored against which is not said)."""
-    found = rtstruct(truth)
+    found = structure_file(truth)
     if found is None:
         return None
-    structures = rtstruct(segmentation) if segmentation else None
+    structures = structure_file(segmentation) if segmentation else None
     if structures is None:
-        raise InputError(f"ground truth {truth} is an RT Structure Set but the segmentation is not: its ROIs are "
-                         "matched to the segmentation's by name, so give the segmentation as the RTSTRUCT drawn on "
-                         "the reference, or the ground truth as a labelmap numbered as the segmentation")
+        raise InputError(f"ground truth {truth} is a DICOM {'SEG' if is_seg(found) else 'RT Structure Set'} but the "
+                         "segmentation is not one of these: its structures are matched to the segmentation's by name, "
+                         "so give the segmentation as the RTSTRUCT or SEG drawn on the reference, or the ground truth "
+                         "as a labelmap numbered as the segmentation")
     planned, drawn = roi_names(structures), roi_names(found)
     shared = {_key(name) for name in planned.values()} & {_key(name) for name in drawn.values()}
     for path, names in ((segmentation, planned), (truth, drawn)):
@@ -204,7 +213,7 @@ def say_unscored(truth: str | Path, segmentation: str | Path | None, t: float, s
     labels = labels_by_name(truth, segmentation)
     if labels is None:
         return
-    left_out = [name for name in roi_names(rtstruct(truth)).values() if _key(name) not in labels]
+    left_out = [name for name in roi_names(structure_file(truth)).values() if _key(name) not in labels]
     if left_out:
         say(f"ground truth at time {t:g}: {', '.join(left_out)} not scored (the segmentation has no ROI of that "
             "name)")
@@ -241,6 +250,74 @@ def rtstruct_labelmap(dataset, grid: Grid, path: str | Path, what: str,
     for i in paint_order(voxels):
         labelmap[voxels[i]] = numbers[i]
     return grid.image(labelmap.reshape(grid.shape))
+
+
+def structures_labelmap(dataset, grid: Grid, path: str | Path, what: str,
+                        labels: dict[str, int] | None = None) -> sitk.Image:
+    """A structure_file's structures on `grid` (uint16): an RT Structure Set's contours filled (rtstruct_labelmap),
+    a SEG's frames placed (seg_labelmap)."""
+    return (seg_labelmap if is_seg(dataset) else rtstruct_labelmap)(dataset, grid, path, what, labels)
+
+
+def seg_labelmap(dataset, grid: Grid, path: str | Path, what: str, labels: dict[str, int] | None = None
+                 ) -> sitk.Image:
+    """A DICOM Segmentation's segments on `grid` (uint16), labelled by their Segment Numbers, or with `labels`
+    (Segment Label -> label, from labels_by_name) by their names. Each frame lies on one of the grid's slices, its
+    pixels on the grid's voxels (same in-plane spacing and orientation, its first pixel a whole number of voxels
+    off, within SLICE_TOLERANCE_MM); a fractional segment holds the pixels at half its maximum or more; a voxel
+    in two segments goes to the smaller (paint_order). InputError for a frame off the grid's lattice or labelling
+    voxels outside it."""
+    names = roi_names(dataset)
+    frames = dataset.pixel_array.reshape(int(dataset.get("NumberOfFrames", 1)), dataset.Rows, dataset.Columns)
+    if dataset.get("SegmentationType") == "FRACTIONAL":
+        frames = frames >= float(dataset.MaximumFractionalValue) / 2
+    shared = dataset.get("SharedFunctionalGroupsSequence", [{}])[0]
+    voxels: dict[int, list[np.ndarray]] = {}
+    for frame, groups in zip(frames, dataset.PerFrameFunctionalGroupsSequence):
+        number = int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        name = names.get(number, f"segment {number}")
+        label = number if labels is None else labels.get(_key(name))
+        if label is None or not frame.any():
+            continue
+        where = f"{what} {path}: segment {name!r}"
+        if not 1 <= label <= np.iinfo(np.uint16).max:
+            raise InputError(f"{where} has Segment Number {label}, which cannot be a label (1 to "
+                             f"{np.iinfo(np.uint16).max}): renumber it")
+        z, y, x = _frame_origin(groups, shared, grid, where)
+        rows, columns = np.nonzero(frame)
+        inside = (0 <= z < grid.shape[0]) & (y + rows >= 0) & (y + rows < grid.shape[1]) & (x + columns >= 0) \
+            & (x + columns < grid.shape[2])
+        if not inside.all():
+            raise InputError(f"{where} labels {np.count_nonzero(~inside)} voxels outside the image: give the "
+                             "segmentation made on this image")
+        voxels.setdefault(label, []).append((z * grid.shape[1] + y + rows) * grid.shape[2] + x + columns)
+    numbers = list(voxels)
+    merged = [np.unique(np.concatenate(voxels[number])) for number in numbers]
+    labelmap = np.zeros(int(np.prod(grid.shape)), np.uint16)
+    for i in paint_order(merged):
+        labelmap[merged[i]] = numbers[i]
+    return grid.image(labelmap.reshape(grid.shape))
+
+
+def _frame_origin(groups, shared, grid: Grid, where: str) -> tuple[int, int, int]:
+    """The voxel (z, y, x) of `grid` a SEG frame's first pixel lies on; InputError unless the frame's pixels are
+    the grid's voxels of one slice."""
+    orientation = (groups.get("PlaneOrientationSequence") or shared.get("PlaneOrientationSequence"))[0]
+    measures = (groups.get("PixelMeasuresSequence") or shared.get("PixelMeasuresSequence"))[0]
+    axes = np.reshape(grid.direction, (3, 3))
+    row_step, column_step = (float(v) for v in measures.PixelSpacing)            # between rows, between columns
+    if not (np.allclose([float(v) for v in orientation.ImageOrientationPatient], [*axes[:, 0], *axes[:, 1]],
+                        atol=1e-4) and np.allclose([column_step, row_step], grid.spacing[:2], atol=1e-3)):
+        raise InputError(f"{where} is on another grid than its image (its frames' orientation or pixel spacing "
+                         "differ): give the segmentation made on this image, or export it as a labelmap resampled "
+                         "onto the image's grid")
+    index = grid.to_index(np.array([[float(v) for v in groups.PlanePositionSequence[0].ImagePositionPatient]]))[0]
+    whole = np.rint(index)
+    if np.any(np.abs(index - whole) * np.asarray(grid.spacing) > SLICE_TOLERANCE_MM):
+        raise InputError(f"{where} has a frame between the image's voxels or slices (at index "
+                         f"{', '.join(f'{v:.2f}' for v in index)}): give the segmentation made on this image")
+    x, y, z = (int(v) for v in whole)
+    return z, y, x
 
 
 def _points(contour) -> np.ndarray:

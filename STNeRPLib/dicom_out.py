@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .contract import is_complete, time_point_folder
-from .dicom_in import roi_looks, rtstruct, series_files
+from .dicom_in import roi_looks, series_files, structure_file
 from .errors import InputError
 from .record import load_record
 from .report import FOCUS, Names, structure_names
@@ -70,7 +70,7 @@ def write_dicom(run: Path, folder: Path, label_names: str | None = None,
     follow_ups = [(path, float(t)) for path, t in inputs.get("follow_ups", [])]
     check_dicom_inputs(inputs.get("reference") or "", follow_ups)
     names = structure_names(record, run, label_names)
-    plan = rtstruct(inputs.get("segmentation") or "")
+    plan = structure_file(inputs.get("segmentation") or "")
     looks = roi_looks(plan) if plan is not None else {}
     entries = {float(e["time"]): e for e in record["time_points"]}
     reference = read_series(Path(inputs["reference"]))

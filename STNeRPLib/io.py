@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .dicom_in import SLICE_TOLERANCE_MM, rtstruct, rtstruct_labelmap, series_files
+from .dicom_in import SLICE_TOLERANCE_MM, series_files, structure_file, structures_labelmap
 from .errors import InputError
 from .geometry import Grid
 
@@ -73,11 +73,11 @@ def read_labelmap(path: str | Path, grid: Grid, what: str, roi_labels: dict[str,
     """Read an integer labelmap on `grid` (or on a crop or padding of it: placed on it) that labels at least
     one voxel; a DICOM RT Structure Set file is filled on `grid` (dicom_in), its ROIs labelled by `roi_labels`
     (ROI Name -> label) when given, else by their ROI Numbers."""
-    structures = rtstruct(path)
+    structures = structure_file(path)
     if structures is None:
         image = _read(Path(path), what)
     else:
-        image = rtstruct_labelmap(structures, grid, path, what, roi_labels)
+        image = structures_labelmap(structures, grid, path, what, roi_labels)
     if image.GetNumberOfComponentsPerPixel() > 1 or image.GetDimension() == 4:
         raise InputError(f"{what} {path} holds several layers (overlapping segments, as 3D Slicer saves a .seg.nrrd, "
                          "or one volume per structure): give one labelmap, one label per voxel (in Slicer: "

@@ -29,7 +29,7 @@ import torch
 
 from . import report_figures as figures
 from .contract import is_complete, time_point_folder
-from .dicom_in import roi_names, rtstruct, series_files
+from .dicom_in import roi_names, series_files, structure_file
 from .errors import InputError
 from .record import load_record
 from .integration import identity_grid, sample
@@ -129,7 +129,8 @@ def write_report(run: Path, curve_times: int = 50, label_names: str | None = Non
 
 def structure_names(record: dict, run: Path, label_names: str | None) -> Names:
     """Names from a JSON file {"1": "GTV", ...} (argument, else the run's input), else from the
-    segmentation's own: an RT Structure Set's ROI names, a Slicer .seg.nrrd's segment metadata; else 'label N'."""
+    segmentation's own: an RT Structure Set's ROI Names, a DICOM SEG's Segment Labels, a Slicer .seg.nrrd's
+    segment metadata; else 'label N'."""
     names = Names()
     inputs = record.get("inputs", {})
     source = label_names or inputs.get("label_names")
@@ -143,7 +144,7 @@ def structure_names(record: dict, run: Path, label_names: str | None) -> Names:
         return names
     segmentation = inputs.get("segmentation")
     if segmentation and Path(segmentation).is_file():
-        structures = rtstruct(segmentation)
+        structures = structure_file(segmentation)
         names.update(_segment_names(Path(segmentation)) if structures is None else roi_names(structures))
     return names
 

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("pydicomrt")
-from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 
@@ -111,19 +111,81 @@ def test_a_voxel_in_two_rois_goes_to_the_smaller_and_an_empty_roi_to_none(tmp_pa
     assert set(np.unique(labels)) == {0, 1, 2}
 
 
-def test_a_dicom_segmentation_object_is_refused_as_such(tmp_path):
-    """An AI tool's DICOM SEG was read by ITK as an image of its frames and refused as "on another grid: resample
-    it", which no resampling mends: refused as what it is, with what to give instead."""
+def write_seg(path: Path, segments: dict[int, tuple[str, np.ndarray]], grid: Grid, series: str | None = None,
+              fractional: bool = False, offset: tuple[int, int] = (0, 0)) -> None:
+    """A DICOM Segmentation (SEG) as AI contouring tools write one: per segment (Segment Number -> (Segment Label,
+    bool [z, y, x] on `grid`)), one frame per slice it has voxels on, its first pixel at (row, column) `offset` of
+    the grid's slice, rows and columns to the grid's end; 1-bit packed (or 8-bit fractional, 255 = inside)."""
+    from pydicom.pixels import pack_bits
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SEGMENTATION_STORAGE, generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(tmp_path / "SEG.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = SEGMENTATION_STORAGE, meta.MediaStorageSOPInstanceUID, "SEG"
-    ds.save_as(str(tmp_path / "SEG.dcm"), enforce_file_format=True)
+    ds.SegmentationType = "FRACTIONAL" if fractional else "BINARY"
+    (row, column), (depth, height, width) = offset, grid.shape
+    ds.Rows, ds.Columns = height - row, width - column
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    ds.BitsAllocated = ds.BitsStored = 8 if fractional else 1
+    ds.HighBit = ds.BitsStored - 1
+    if fractional:
+        ds.MaximumFractionalValue, ds.SegmentationFractionalType = 255, "PROBABILITY"
+    if series:
+        ds.ReferencedSeriesSequence = [Dataset()]
+        ds.ReferencedSeriesSequence[0].SeriesInstanceUID = series
+    axes = np.reshape(grid.direction, (3, 3))
+    shared = Dataset()
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = [Dataset()], [Dataset()]
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = [*axes[:, 0], *axes[:, 1]]
+    shared.PixelMeasuresSequence[0].PixelSpacing = [grid.spacing[1], grid.spacing[0]]
+    shared.PixelMeasuresSequence[0].SliceThickness = grid.spacing[2]
+    ds.SharedFunctionalGroupsSequence, ds.SegmentSequence, ds.PerFrameFunctionalGroupsSequence = [shared], [], []
+    frames = []
+    for number, (label, mask) in segments.items():
+        item = Dataset()
+        item.SegmentNumber, item.SegmentLabel, item.SegmentAlgorithmType = number, label, "MANUAL"
+        ds.SegmentSequence.append(item)
+        for z in np.flatnonzero(mask.any(axis=(1, 2))):
+            groups = Dataset()
+            groups.SegmentIdentificationSequence, groups.PlanePositionSequence = [Dataset()], [Dataset()]
+            groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber = number
+            groups.PlanePositionSequence[0].ImagePositionPatient = list(grid.to_physical(np.array([[column, row, z]],
+                                                                                                  float))[0])
+            ds.PerFrameFunctionalGroupsSequence.append(groups)
+            frames.append(mask[z, row:, column:])
+    ds.NumberOfFrames = len(frames)
+    stack = np.array(frames, np.uint8)
+    ds.PixelData = (stack * 255).tobytes() if fractional else pack_bits(stack)
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+LABELS = breathing_series(size=(24, 20, 12), spacing=(12.0, 12.0, 15.0), n_phases=1, noise_hu=0).labelmaps[0]
+"""A phantom's GTV (1) and lungs (2, 3) on a 24 x 20 x 12 grid, for the SEG tests."""
+
+
+@pytest.mark.parametrize("fractional", [False, True])
+def test_a_dicom_seg_reads_back_as_the_labelmap_it_was_written_from(tmp_path, fractional):
+    """An AI tool's segments (a SEG, here with a "Lungs" segment overlapping both lungs, the GTV inside one and only
+    the frames that hold a segment, cropped to rows 3- and columns 2-) are placed voxel for voxel on the image's
+    grid, a shared voxel going to the smaller segment; the report names them by their Segment Labels."""
+    labels, grid = sitk.GetArrayFromImage(LABELS), Grid.of(LABELS)
+    assert np.all(labels[:, :3] == 0) and np.all(labels[:, :, :2] == 0)
+    segments = {1: ("GTV", labels == 1), 2: ("Lung_R", labels == 2), 3: ("Lung_L", labels == 3),
+                4: ("Lungs", labels > 0)}
+    write_seg(tmp_path / "SEG.dcm", segments, grid, fractional=fractional, offset=(3, 2))
+    read = sitk.GetArrayFromImage(read_labelmap(tmp_path / "SEG.dcm", grid, "segmentation"))
+    assert np.array_equal(read, labels)
+    record = {"inputs": {"segmentation": str(tmp_path / "SEG.dcm")}}
+    assert dict(structure_names(record, tmp_path, None)) == {1: "GTV", 2: "Lung_R", 3: "Lung_L", 4: "Lungs"}
+
+
+def test_a_dicom_seg_off_its_images_lattice_is_refused_in_one_line(tmp_path):
+    grid = Grid.of(LABELS)
+    shifted = Grid(grid.size, grid.spacing, (grid.origin[0] + 5.0, *grid.origin[1:]), grid.direction)  # 5 of 12 mm
+    write_seg(tmp_path / "SEG.dcm", {1: ("GTV", sitk.GetArrayFromImage(LABELS) == 1)}, shifted)
     with pytest.raises(InputError) as error:
-        read_labelmap(tmp_path / "SEG.dcm", GRID, "segmentation")
-    assert "\n" not in str(error.value)
-    assert "DICOM Segmentation (SEG)" in str(error.value) and "RTSTRUCT" in str(error.value)
+        read_labelmap(tmp_path / "SEG.dcm", grid, "segmentation")
+    assert "\n" not in str(error.value) and "segment 'GTV' has a frame between the image's voxels" in str(error.value)
 
 
 @pytest.mark.parametrize("case, words", [("between slices", ("1.50 mm off the image's slices", "'GTV'")),
@@ -224,20 +286,32 @@ def test_a_planning_structure_set_is_propagated_and_exported_under_its_roi_names
     assert kinds == {10 + label: kind for label, *_, kind in PLANNED}
 
 
+def trained_with_truth(planned, segmentation: Path, run: Path):
+    """`stnerp train` of the plan's two phases with `segmentation` and the physician's RTSTRUCT at the follow-up:
+    (its result, its follow-up's time point entry, its propagated labelmap there)."""
+    root, folders, _, times, _ = planned
+    result = stnerp("train", "--reference", folders[0], "--follow-up", folders[1], times[1], "--segmentation",
+                    segmentation, "--ground-truth", root / "RS_1.dcm", times[1], "--output", run,
+                    "--iterations", "20", "--prior", "image", "--no-report")
+    assert result.returncode == 0, result.stderr
+    entry = next(e for e in json.loads((run / "run.json").read_text())["time_points"] if e["time"] == times[1])
+    return result, entry, sitk.GetArrayFromImage(sitk.ReadImage(str(run / entry["labelmap"])))
+
+
+def dice_by_label(carried: np.ndarray, truth: np.ndarray, pairs: dict[int, int]) -> dict[str, float]:
+    """Dice of each label of `carried` against its pair's voxels in `truth`, keyed as run.json keys them."""
+    return {str(a): 2 * np.count_nonzero((carried == a) & (truth == b))
+            / (np.count_nonzero(carried == a) + np.count_nonzero(truth == b)) for a, b in pairs.items()}
+
+
 def test_a_ground_truth_structure_set_is_scored_against_the_planning_rois_of_the_same_name(planned):
     """Two structure sets number their ROIs each their own way (here Lung_R is 12 in the plan, 1 at the
     follow-up): Dice pairs them by ROI Name, case and spaces aside, in train and in evaluate; an ROI the plan
     lacks is not scored, and the log says so."""
     root, folders, _, times, truth = planned
     run = root / "scored"
-    result = stnerp("train", "--reference", folders[0], "--follow-up", folders[1], times[1], "--segmentation",
-                    root / "RS.dcm", "--ground-truth", root / "RS_1.dcm", times[1], "--output", run,
-                    "--iterations", "20", "--prior", "image", "--no-report")
-    assert result.returncode == 0, result.stderr
-    entry = next(e for e in json.loads((run / "run.json").read_text())["time_points"] if e["time"] == times[1])
-    carried = sitk.GetArrayFromImage(sitk.ReadImage(str(run / entry["labelmap"])))
-    expected = {str(label): 2 * np.count_nonzero((carried == label) & (truth == label))
-                / (np.count_nonzero(carried == label) + np.count_nonzero(truth == label)) for label in (11, 12, 13)}
+    result, entry, carried = trained_with_truth(planned, root / "RS.dcm", run)
+    expected = dice_by_label(carried, truth, {11: 11, 12: 12, 13: 13})
     assert entry["metrics"]["dice"] == pytest.approx(expected)
     assert min(expected.values()) > 0.5
     assert f"ground truth at time {times[1]:g}: SpinalCord not scored" in result.stderr
@@ -263,7 +337,7 @@ def test_a_ground_truth_structure_set_beside_a_labelmap_segmentation_is_refused(
     output = tmp_path / "run"
     result = stnerp("train", "--reference", folders[0], "--follow-up", folders[1], times[1], "--segmentation",
                     segmentation, "--ground-truth", root / "RS_1.dcm", times[1], "--output", output, "--json-events")
-    assert_rejected(result, output, "is an RT Structure Set but the segmentation is not", "by name")
+    assert_rejected(result, output, "is a DICOM RT Structure Set but the segmentation is not", "by name")
 
 
 def test_a_structure_set_drawn_on_another_phase_is_refused_though_its_slices_match(planned, tmp_path):
@@ -335,3 +409,22 @@ def test_a_cohort_of_plans_is_scored_by_roi_name_and_exported_per_patient(planne
     for patient, gtv_number in (("p01", 11), ("p02", 13), ("p03", 11)):
         exported = pydicom.dcmread(tmp_path / "dicom" / patient / f"t_{times[1]:g}" / "RTSTRUCT.dcm")
         assert {int(roi.ROINumber): roi.ROIName for roi in exported.StructureSetROISequence}[gtv_number] == "GTV"
+
+
+def test_a_dicom_seg_is_propagated_and_scored_by_name_against_a_structure_set(planned, tmp_path):
+    """The planning CT's segments from an AI tool (a SEG numbered 1-3) are propagated; the physician's RTSTRUCT at
+    the follow-up (numbered otherwise) is scored against them by name. A SEG made on another series is refused."""
+    _, folders, labelmap, times, truth = planned
+    grid = Grid.of(read_image(folders[0], "reference image"))
+    uids = [read_series(folder)[0].SeriesInstanceUID for folder in folders]
+    segments = {label: (name, labelmap == 10 + label) for label, name, *_ in PLANNED}
+    write_seg(tmp_path / "SEG.dcm", segments, grid, uids[0])
+    _, entry, carried = trained_with_truth(planned, tmp_path / "SEG.dcm", tmp_path / "run")
+    assert set(np.unique(carried)) == {0, 1, 2, 3}
+    expected = dice_by_label(carried, truth, {1: 11, 2: 12, 3: 13})
+    assert entry["metrics"]["dice"] == pytest.approx(expected) and min(expected.values()) > 0.5
+    write_seg(tmp_path / "SEG_1.dcm", segments, grid, uids[1])
+    output = tmp_path / "refused"
+    refused = stnerp("train", "--reference", folders[0], "--follow-up", folders[1], times[1], "--segmentation",
+                     tmp_path / "SEG_1.dcm", "--output", output, "--json-events")
+    assert_rejected(refused, output, "was drawn on DICOM series")
