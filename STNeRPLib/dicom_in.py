@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -268,12 +268,9 @@ def seg_labelmap(dataset, grid: Grid, path: str | Path, what: str, labels: dict[
     in two segments goes to the smaller (paint_order). InputError for a frame off the grid's lattice or labelling
     voxels outside it."""
     names = roi_names(dataset)
-    frames = dataset.pixel_array.reshape(int(dataset.get("NumberOfFrames", 1)), dataset.Rows, dataset.Columns)
-    if dataset.get("SegmentationType") == "FRACTIONAL":
-        frames = frames >= float(dataset.MaximumFractionalValue) / 2
     shared = dataset.get("SharedFunctionalGroupsSequence", [{}])[0]
     voxels: dict[int, list[np.ndarray]] = {}
-    for frame, groups in zip(frames, dataset.PerFrameFunctionalGroupsSequence):
+    for frame, groups in zip(_seg_frames(dataset, path, what), dataset.PerFrameFunctionalGroupsSequence):
         number = int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         name = names.get(number, f"segment {number}")
         label = number if labels is None else labels.get(_key(name))
@@ -299,11 +296,49 @@ def seg_labelmap(dataset, grid: Grid, path: str | Path, what: str, labels: dict[
     return grid.image(labelmap.reshape(grid.shape))
 
 
+def _seg_frames(dataset, path: str | Path, what: str) -> Iterator[np.ndarray]:
+    """A SEG's frames, decoded one at a time (a SEG of many segments on a clinical CT holds thousands), as bool
+    [rows, columns]: its segment's pixels (a fractional one's at half its maximum or more). InputError for pixel
+    data pydicom cannot decode here (a codec it lacks, or damaged data)."""
+    fractional = dataset.get("SegmentationType") == "FRACTIONAL"
+    half = float(dataset.MaximumFractionalValue) / 2 if fractional else 0.5
+    frames = _decoded(dataset)
+    while True:
+        try:
+            frame = next(frames)
+        except StopIteration:
+            return
+        except Exception as error:        # pydicom's decoders raise many types
+            syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown")
+            raise InputError(f"{what} {path}: its pixel data ({getattr(syntax, 'name', syntax)}) cannot be decoded "
+                             f"({type(error).__name__}): save the SEG uncompressed (e.g. gdcmconv --raw)") from None
+        yield frame >= half
+
+
+def _decoded(dataset) -> Iterator[np.ndarray]:
+    """A SEG's frames as stored, one at a time. 1-bit frames stored natively run on in one bit stream, a frame
+    starting mid-byte when rows x columns is no multiple of 8: each is unpacked from its own bits (pydicom 3.0's
+    iter_pixels misreads them); others (8-bit, compressed) pydicom decodes."""
+    from pydicom.pixels import iter_pixels
+    if dataset.BitsAllocated != 1 or dataset.file_meta.TransferSyntaxUID.is_compressed:
+        yield from iter_pixels(dataset)
+        return
+    size, data = dataset.Rows * dataset.Columns, dataset.PixelData
+    for k in range(int(dataset.get("NumberOfFrames", 1))):
+        first, last = k * size // 8, -(-(k + 1) * size // 8)
+        bits = np.unpackbits(np.frombuffer(data, np.uint8, last - first, first), bitorder="little")
+        yield bits[k * size % 8:][:size].reshape(dataset.Rows, dataset.Columns)
+
+
 def _frame_origin(groups, shared, grid: Grid, where: str) -> tuple[int, int, int]:
     """The voxel (z, y, x) of `grid` a SEG frame's first pixel lies on; InputError unless the frame's pixels are
     the grid's voxels of one slice."""
-    orientation = (groups.get("PlaneOrientationSequence") or shared.get("PlaneOrientationSequence"))[0]
-    measures = (groups.get("PixelMeasuresSequence") or shared.get("PixelMeasuresSequence"))[0]
+    orientation, measures, position = (groups.get(name) or shared.get(name) for name in (
+        "PlaneOrientationSequence", "PixelMeasuresSequence", "PlanePositionSequence"))
+    if not (orientation and measures and position):
+        raise InputError(f"{where} has a frame without its plane's orientation, pixel spacing or position "
+                         "(functional groups): give a SEG whose frames are placed, or a labelmap")
+    orientation, measures, position = orientation[0], measures[0], position[0]
     axes = np.reshape(grid.direction, (3, 3))
     row_step, column_step = (float(v) for v in measures.PixelSpacing)            # between rows, between columns
     if not (np.allclose([float(v) for v in orientation.ImageOrientationPatient], [*axes[:, 0], *axes[:, 1]],
@@ -311,7 +346,7 @@ def _frame_origin(groups, shared, grid: Grid, where: str) -> tuple[int, int, int
         raise InputError(f"{where} is on another grid than its image (its frames' orientation or pixel spacing "
                          "differ): give the segmentation made on this image, or export it as a labelmap resampled "
                          "onto the image's grid")
-    index = grid.to_index(np.array([[float(v) for v in groups.PlanePositionSequence[0].ImagePositionPatient]]))[0]
+    index = grid.to_index(np.array([[float(v) for v in position.ImagePositionPatient]]))[0]
     whole = np.rint(index)
     if np.any(np.abs(index - whole) * np.asarray(grid.spacing) > SLICE_TOLERANCE_MM):
         raise InputError(f"{where} has a frame between the image's voxels or slices (at index "

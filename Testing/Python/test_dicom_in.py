@@ -179,13 +179,31 @@ def test_a_dicom_seg_reads_back_as_the_labelmap_it_was_written_from(tmp_path, fr
     assert dict(structure_names(record, tmp_path, None)) == {1: "GTV", 2: "Lung_R", 3: "Lung_L", 4: "Lungs"}
 
 
-def test_a_dicom_seg_off_its_images_lattice_is_refused_in_one_line(tmp_path):
+def test_a_dicom_seg_whose_pixel_data_cannot_be_decoded_is_refused_in_one_line(tmp_path):
+    grid = Grid.of(LABELS)
+    write_seg(tmp_path / "SEG.dcm", {1: ("GTV", sitk.GetArrayFromImage(LABELS) == 1)}, grid)
+    damaged = pydicom.dcmread(tmp_path / "SEG.dcm")
+    damaged.PixelData = damaged.PixelData[:4]
+    damaged.save_as(tmp_path / "SEG.dcm", enforce_file_format=True)
+    with pytest.raises(InputError) as error:
+        read_labelmap(tmp_path / "SEG.dcm", grid, "segmentation")
+    assert "\n" not in str(error.value) and "its pixel data (Explicit VR Little Endian) cannot be decoded" in \
+        str(error.value)
+
+
+def test_a_dicom_seg_off_its_images_lattice_or_without_its_planes_is_refused_in_one_line(tmp_path):
     grid = Grid.of(LABELS)
     shifted = Grid(grid.size, grid.spacing, (grid.origin[0] + 5.0, *grid.origin[1:]), grid.direction)  # 5 of 12 mm
     write_seg(tmp_path / "SEG.dcm", {1: ("GTV", sitk.GetArrayFromImage(LABELS) == 1)}, shifted)
     with pytest.raises(InputError) as error:
         read_labelmap(tmp_path / "SEG.dcm", grid, "segmentation")
     assert "\n" not in str(error.value) and "segment 'GTV' has a frame between the image's voxels" in str(error.value)
+    unplaced = pydicom.dcmread(tmp_path / "SEG.dcm")
+    del unplaced.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
+    unplaced.save_as(tmp_path / "SEG.dcm", enforce_file_format=True)
+    with pytest.raises(InputError) as error:
+        read_labelmap(tmp_path / "SEG.dcm", grid, "segmentation")
+    assert "\n" not in str(error.value) and "has a frame without its plane's orientation" in str(error.value)
 
 
 @pytest.mark.parametrize("case, words", [("between slices", ("1.50 mm off the image's slices", "'GTV'")),
