@@ -26,6 +26,9 @@ from .geometry import Grid
 
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+"""A SEG whose frames hold Segment Numbers, one frame per slice (DICOM 2024's label map segmentation)."""
+SEG_STORAGE = (SEGMENTATION_STORAGE, LABEL_MAP_SEGMENTATION_STORAGE)
 
 SLICE_TOLERANCE_MM = 0.1
 """How far (mm) a DICOM slice may lie from its place in the evenly spaced volume read from its series (io), and a
@@ -127,12 +130,13 @@ def _read_structure_file(path: str, modified_ns: int, size: int):
     except ImportError:
         raise InputError(f"{path} is a DICOM file, which needs pydicom to read: pip install 'stnerp[dicom]'") from None
     dataset = pydicom.dcmread(path)
-    return dataset if dataset.get("SOPClassUID") in (RTSTRUCT_STORAGE, SEGMENTATION_STORAGE) else None
+    return dataset if dataset.get("SOPClassUID") in (RTSTRUCT_STORAGE, *SEG_STORAGE) else None
 
 
 def is_seg(dataset) -> bool:
-    """Whether a structure_file dataset is a DICOM Segmentation (else an RT Structure Set)."""
-    return dataset.get("SOPClassUID") == SEGMENTATION_STORAGE
+    """Whether a structure_file dataset is a DICOM Segmentation, binary, fractional or label map (else an RT
+    Structure Set)."""
+    return dataset.get("SOPClassUID") in SEG_STORAGE
 
 
 def roi_names(dataset) -> dict[int, str]:
@@ -264,30 +268,24 @@ def seg_labelmap(dataset, grid: Grid, path: str | Path, what: str, labels: dict[
     """A DICOM Segmentation's segments on `grid` (uint16), labelled by their Segment Numbers, or with `labels`
     (Segment Label -> label, from labels_by_name) by their names. Each frame lies on one of the grid's slices, its
     pixels on the grid's voxels (same in-plane spacing and orientation, its first pixel a whole number of voxels
-    off, within SLICE_TOLERANCE_MM); a fractional segment holds the pixels at half its maximum or more; a voxel
-    in two segments goes to the smaller (paint_order). InputError for a frame off the grid's lattice or labelling
-    voxels outside it."""
+    off, within SLICE_TOLERANCE_MM): a binary or fractional SEG's frame holds one segment (a fractional one's pixels
+    at half its maximum or more), a label map SEG's its pixels' Segment Numbers; a voxel in two segments goes to
+    the smaller (paint_order). InputError for a frame off the grid's lattice or labelling voxels outside it."""
     names = roi_names(dataset)
     shared = dataset.get("SharedFunctionalGroupsSequence", [{}])[0]
     voxels: dict[int, list[np.ndarray]] = {}
     for frame, groups in zip(_seg_frames(dataset, path, what), dataset.PerFrameFunctionalGroupsSequence):
-        number = int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        name = names.get(number, f"segment {number}")
-        label = number if labels is None else labels.get(_key(name))
-        if label is None or not frame.any():
-            continue
-        where = f"{what} {path}: segment {name!r}"
-        if not 1 <= label <= np.iinfo(np.uint16).max:
-            raise InputError(f"{where} has Segment Number {label}, which cannot be a label (1 to "
-                             f"{np.iinfo(np.uint16).max}): renumber it")
-        z, y, x = _frame_origin(groups, shared, grid, where)
-        rows, columns = np.nonzero(frame)
-        inside = (0 <= z < grid.shape[0]) & (y + rows >= 0) & (y + rows < grid.shape[1]) & (x + columns >= 0) \
-            & (x + columns < grid.shape[2])
-        if not inside.all():
-            raise InputError(f"{where} labels {np.count_nonzero(~inside)} voxels outside the image: give the "
-                             "segmentation made on this image")
-        voxels.setdefault(label, []).append((z * grid.shape[1] + y + rows) * grid.shape[2] + x + columns)
+        for number, mask in _frame_segments(dataset, frame, groups, names):
+            name = names.get(number, f"segment {number}")
+            label = number if labels is None else labels.get(_key(name))
+            if label is None:
+                continue
+            where = f"{what} {path}: segment {name!r}"
+            if not 1 <= label <= np.iinfo(np.uint16).max:
+                raise InputError(f"{where} has Segment Number {label}, which cannot be a label (1 to "
+                                 f"{np.iinfo(np.uint16).max}): renumber it")
+            voxels.setdefault(label, []).append(_placed_frame(mask, _frame_origin(groups, shared, grid, where), grid,
+                                                              where))
     numbers = list(voxels)
     merged = [np.unique(np.concatenate(voxels[number])) for number in numbers]
     labelmap = np.zeros(int(np.prod(grid.shape)), np.uint16)
@@ -296,12 +294,33 @@ def seg_labelmap(dataset, grid: Grid, path: str | Path, what: str, labels: dict[
     return grid.image(labelmap.reshape(grid.shape))
 
 
+def _frame_segments(dataset, frame: np.ndarray, groups, names: dict[int, str]) -> list[tuple[int, np.ndarray]]:
+    """(Segment Number, bool [rows, columns]) of each segment a SEG frame holds pixels of."""
+    kind = dataset.get("SegmentationType")
+    if kind == "LABELMAP":
+        return [(int(v), frame == v) for v in np.unique(frame) if int(v) in names]
+    half = float(dataset.MaximumFractionalValue) / 2 if kind == "FRACTIONAL" else 0.5
+    mask = frame >= half
+    number = int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+    return [(number, mask)] if mask.any() else []
+
+
+def _placed_frame(mask: np.ndarray, origin: tuple[int, int, int], grid: Grid, where: str) -> np.ndarray:
+    """Flat indices ([z, y, x] order) on `grid` of a frame's pixels in `mask`, its first pixel on voxel `origin`;
+    InputError for pixels outside the grid."""
+    z, y, x = origin
+    rows, columns = np.nonzero(mask)
+    inside = (0 <= z < grid.shape[0]) & (y + rows >= 0) & (y + rows < grid.shape[1]) & (x + columns >= 0) \
+        & (x + columns < grid.shape[2])
+    if not inside.all():
+        raise InputError(f"{where} labels {np.count_nonzero(~inside)} voxels outside the image: give the "
+                         "segmentation made on this image")
+    return (z * grid.shape[1] + y + rows) * grid.shape[2] + x + columns
+
+
 def _seg_frames(dataset, path: str | Path, what: str) -> Iterator[np.ndarray]:
-    """A SEG's frames, decoded one at a time (a SEG of many segments on a clinical CT holds thousands), as bool
-    [rows, columns]: its segment's pixels (a fractional one's at half its maximum or more). InputError for pixel
-    data pydicom cannot decode here (a codec it lacks, or damaged data)."""
-    fractional = dataset.get("SegmentationType") == "FRACTIONAL"
-    half = float(dataset.MaximumFractionalValue) / 2 if fractional else 0.5
+    """A SEG's frames as stored, decoded one at a time (a SEG of many segments on a clinical CT holds thousands).
+    InputError for pixel data pydicom cannot decode here (a codec it lacks, or damaged data)."""
     frames = _decoded(dataset)
     while True:
         try:
@@ -312,7 +331,7 @@ def _seg_frames(dataset, path: str | Path, what: str) -> Iterator[np.ndarray]:
             syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown")
             raise InputError(f"{what} {path}: its pixel data ({getattr(syntax, 'name', syntax)}) cannot be decoded "
                              f"({type(error).__name__}): save the SEG uncompressed (e.g. gdcmconv --raw)") from None
-        yield frame >= half
+        yield frame
 
 
 def _decoded(dataset) -> Iterator[np.ndarray]:

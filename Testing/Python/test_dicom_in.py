@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 
-from STNeRPLib.dicom_in import SEGMENTATION_STORAGE  # noqa: E402
+from STNeRPLib.dicom_in import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE  # noqa: E402
 from STNeRPLib.dicom_out import read_series, structure_set  # noqa: E402
 from STNeRPLib.errors import InputError  # noqa: E402
 from STNeRPLib.geometry import Grid  # noqa: E402
@@ -112,21 +112,24 @@ def test_a_voxel_in_two_rois_goes_to_the_smaller_and_an_empty_roi_to_none(tmp_pa
 
 
 def write_seg(path: Path, segments: dict[int, tuple[str, np.ndarray]], grid: Grid, series: str | None = None,
-              fractional: bool = False, offset: tuple[int, int] = (0, 0)) -> None:
+              kind: str = "BINARY", offset: tuple[int, int] = (0, 0)) -> None:
     """A DICOM Segmentation (SEG) as AI contouring tools write one: per segment (Segment Number -> (Segment Label,
     bool [z, y, x] on `grid`)), one frame per slice it has voxels on, its first pixel at (row, column) `offset` of
-    the grid's slice, rows and columns to the grid's end; 1-bit packed (or 8-bit fractional, 255 = inside)."""
+    the grid's slice, rows and columns to the grid's end; 1-bit packed (BINARY), 8-bit with 255 inside
+    (FRACTIONAL), or (LABELMAP, the segments not overlapping) one 8-bit frame of Segment Numbers per slice."""
     from pydicom.pixels import pack_bits
+    fractional, labelmap = kind == "FRACTIONAL", kind == "LABELMAP"
+    storage = LABEL_MAP_SEGMENTATION_STORAGE if labelmap else SEGMENTATION_STORAGE
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SEGMENTATION_STORAGE, generate_uid()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = storage, generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = SEGMENTATION_STORAGE, meta.MediaStorageSOPInstanceUID, "SEG"
-    ds.SegmentationType = "FRACTIONAL" if fractional else "BINARY"
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = storage, meta.MediaStorageSOPInstanceUID, "SEG"
+    ds.SegmentationType = kind
     (row, column), (depth, height, width) = offset, grid.shape
     ds.Rows, ds.Columns = height - row, width - column
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
-    ds.BitsAllocated = ds.BitsStored = 8 if fractional else 1
+    ds.BitsAllocated = ds.BitsStored = 1 if kind == "BINARY" else 8
     ds.HighBit = ds.BitsStored - 1
     if fractional:
         ds.MaximumFractionalValue, ds.SegmentationFractionalType = 255, "PROBABILITY"
@@ -141,21 +144,28 @@ def write_seg(path: Path, segments: dict[int, tuple[str, np.ndarray]], grid: Gri
     shared.PixelMeasuresSequence[0].SliceThickness = grid.spacing[2]
     ds.SharedFunctionalGroupsSequence, ds.SegmentSequence, ds.PerFrameFunctionalGroupsSequence = [shared], [], []
     frames = []
+
+    def add_frame(z: int, pixels: np.ndarray, number: int | None) -> None:
+        groups = Dataset()
+        groups.PlanePositionSequence = [Dataset()]
+        groups.PlanePositionSequence[0].ImagePositionPatient = list(grid.to_physical(np.array([[column, row, z]],
+                                                                                              float))[0])
+        if number is not None:
+            groups.SegmentIdentificationSequence = [Dataset()]
+            groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber = number
+        ds.PerFrameFunctionalGroupsSequence.append(groups)
+        frames.append(pixels[row:, column:])
     for number, (label, mask) in segments.items():
         item = Dataset()
         item.SegmentNumber, item.SegmentLabel, item.SegmentAlgorithmType = number, label, "MANUAL"
         ds.SegmentSequence.append(item)
-        for z in np.flatnonzero(mask.any(axis=(1, 2))):
-            groups = Dataset()
-            groups.SegmentIdentificationSequence, groups.PlanePositionSequence = [Dataset()], [Dataset()]
-            groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber = number
-            groups.PlanePositionSequence[0].ImagePositionPatient = list(grid.to_physical(np.array([[column, row, z]],
-                                                                                                  float))[0])
-            ds.PerFrameFunctionalGroupsSequence.append(groups)
-            frames.append(mask[z, row:, column:])
+        for z in np.flatnonzero(mask.any(axis=(1, 2))) if not labelmap else ():
+            add_frame(z, mask[z], number)
+    for z in range(depth) if labelmap else ():
+        add_frame(z, sum(number * mask[z].astype(np.uint8) for number, (_, mask) in segments.items()), None)
     ds.NumberOfFrames = len(frames)
     stack = np.array(frames, np.uint8)
-    ds.PixelData = (stack * 255).tobytes() if fractional else pack_bits(stack)
+    ds.PixelData = (stack * 255).tobytes() if fractional else stack.tobytes() if labelmap else pack_bits(stack)
     ds.save_as(str(path), enforce_file_format=True)
 
 
@@ -163,20 +173,22 @@ LABELS = breathing_series(size=(24, 20, 12), spacing=(12.0, 12.0, 15.0), n_phase
 """A phantom's GTV (1) and lungs (2, 3) on a 24 x 20 x 12 grid, for the SEG tests."""
 
 
-@pytest.mark.parametrize("fractional", [False, True])
-def test_a_dicom_seg_reads_back_as_the_labelmap_it_was_written_from(tmp_path, fractional):
-    """An AI tool's segments (a SEG, here with a "Lungs" segment overlapping both lungs, the GTV inside one and only
-    the frames that hold a segment, cropped to rows 3- and columns 2-) are placed voxel for voxel on the image's
-    grid, a shared voxel going to the smaller segment; the report names them by their Segment Labels."""
+@pytest.mark.parametrize("kind", ["BINARY", "FRACTIONAL", "LABELMAP"])
+def test_a_dicom_seg_reads_back_as_the_labelmap_it_was_written_from(tmp_path, kind):
+    """An AI tool's segments (a SEG, cropped to rows 3- and columns 2-; binary and fractional ones here with a "Lungs"
+    segment overlapping both lungs, the GTV inside one, and only the frames that hold a segment; a label map SEG
+    a frame of Segment Numbers per slice) are placed voxel for voxel on the image's grid, a shared voxel going to
+    the smaller segment; the report names them by their Segment Labels."""
     labels, grid = sitk.GetArrayFromImage(LABELS), Grid.of(LABELS)
     assert np.all(labels[:, :3] == 0) and np.all(labels[:, :, :2] == 0)
-    segments = {1: ("GTV", labels == 1), 2: ("Lung_R", labels == 2), 3: ("Lung_L", labels == 3),
-                4: ("Lungs", labels > 0)}
-    write_seg(tmp_path / "SEG.dcm", segments, grid, fractional=fractional, offset=(3, 2))
+    segments = {1: ("GTV", labels == 1), 2: ("Lung_R", labels == 2), 3: ("Lung_L", labels == 3)}
+    if kind != "LABELMAP":
+        segments[4] = ("Lungs", labels > 0)
+    write_seg(tmp_path / "SEG.dcm", segments, grid, kind=kind, offset=(3, 2))
     read = sitk.GetArrayFromImage(read_labelmap(tmp_path / "SEG.dcm", grid, "segmentation"))
     assert np.array_equal(read, labels)
     record = {"inputs": {"segmentation": str(tmp_path / "SEG.dcm")}}
-    assert dict(structure_names(record, tmp_path, None)) == {1: "GTV", 2: "Lung_R", 3: "Lung_L", 4: "Lungs"}
+    assert dict(structure_names(record, tmp_path, None)) == {number: name for number, (name, _) in segments.items()}
 
 
 def test_a_dicom_seg_whose_pixel_data_cannot_be_decoded_is_refused_in_one_line(tmp_path):
