@@ -54,6 +54,20 @@ def test_the_body_is_the_union_over_the_scans_and_the_threshold_is_in_the_scans_
     assert body_voxels([faint], -960.0, (3.0, 3.0, 6.0)).size == faint.size      # above -960: all body
 
 
+def test_padding_outside_a_scans_field_of_view_is_no_body():
+    """A follow-up padded with 0 HU (above the threshold) beyond its field of view x 5-24: the padding is not body,
+    so it does not make every row of the grid body."""
+    padded = _box_with_a_lung()
+    padded[:, :, :5] = padded[:, :, 25:] = 0
+    inside = np.zeros(padded.shape, bool)
+    inside[:, :, 5:25] = True
+    body = _mask(body_voxels([_box_with_a_lung(), padded], -900.0, (3.0, 3.0, 6.0), margin_mm=6.0,
+                             insides=[None, inside]), padded.shape)
+    expected = np.zeros(padded.shape, bool)
+    expected[4:16, 8:22, 8:22] = True
+    np.testing.assert_array_equal(body, expected)
+
+
 def test_rows_between_two_bodies_are_drawn_whole_and_empty_rows_not_at_all():
     """Two blocks in one row, 15 voxels apart: everything between them is drawn (as the lungs between the chest
     walls); a row with no tissue near it has no voxel; the indices ascend in int32."""
