@@ -179,7 +179,7 @@ def run_series(patient: str, series: argparse.Namespace) -> dict:
     events = PatientEvents(patient, lambda event: worker.log_event(EVENT_TOPIC, event))
     if state == "complete":                       # submitted only for its DICOM (lacks_dicom)
         export_dicom(series.output, series.dicom_out, series.label_names, events)
-        return summary_entry(patient, series.output, skipped=True)
+        return summary_entry(patient, series.output, error=events.last_error, skipped=True)
     train_command(series, events)
     return summary_entry(patient, series.output, time.monotonic() - started, events.last_error)
 
@@ -208,7 +208,8 @@ class PatientEvents(Reporter):
 def summary_entry(patient: str, folder: Path, wall_time: float | None = None,
                   error: str | None = None, skipped: bool = False) -> dict:
     """A patient's line of the summary, read from its run.json (per time point TRE, Dice, folded
-    voxels, Jacobian range). A skipped run's wall time is the one its record states."""
+    voxels, Jacobian range); its error the record's, else `error` (the task's: a DICOM export that failed
+    after the run completed). A skipped run's wall time is the one its record states."""
     record = _read_record(folder)
     if record is None:
         return failed_entry(patient, error or f"no run record was written in {folder}")
@@ -218,7 +219,7 @@ def summary_entry(patient: str, folder: Path, wall_time: float | None = None,
     if skipped:
         wall_time = _recorded_seconds(record)
     return {"patient": patient, "status": record.get("status"), "skipped": skipped,
-            "error": record.get("error"), "wall_time_s": None if wall_time is None else round(wall_time, 1),
+            "error": record.get("error") or error, "wall_time_s": None if wall_time is None else round(wall_time, 1),
             "run": str(folder), "structures": _scored_names(record, folder, points), "time_points": points}
 
 

@@ -5,6 +5,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -130,6 +131,19 @@ def test_rerun_skips_complete_runs_and_retries_the_failed_one(first_batch):
     assert (output / "p03" / "run.json").stat().st_mtime_ns != modified["p03"]
     assert entries["p03"]["status"] == "failed"
     assert entries["p03"]["error"].startswith("follow-up image at time 1 not found:")
+
+
+def test_a_failed_dicom_export_of_a_complete_run_is_in_its_summary_entry(first_batch, tmp_path):
+    """--dicom-out on a cohort trained before exports its complete runs; for scans that are not DICOM the export
+    fails, and the summary says why beside the complete run (it said nothing: the run's record has no error)."""
+    cohort, output, _ = first_batch
+    shutil.copytree(output, tmp_path / "runs")
+    again = subprocess.run(batch_command(cohort, tmp_path / "runs", "--workers", 1, "--threads-per-worker", 1,
+                                         "--dicom-out", tmp_path / "dicom", *QUICK),
+                           capture_output=True, text=True, timeout=300)
+    entries = summary(tmp_path / "runs")
+    assert entries["p01"]["status"] == "complete" and entries["p01"]["skipped"], again.stderr
+    assert "--dicom-out needs DICOM series" in (entries["p01"]["error"] or "")
 
 
 def test_series_of_a_killed_worker_is_rerun_to_completion(phantom_folder, tmp_path):
