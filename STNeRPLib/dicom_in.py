@@ -160,10 +160,10 @@ def roi_looks(dataset) -> dict[int, tuple[list[int] | None, str | None]]:
 
 
 def require_drawn_on(path: str | Path, image: str | Path | None, what: str) -> None:
-    """InputError when `path` is an RT Structure Set whose contours were drawn on another DICOM series than
-    `image`'s (a DICOM series: series_files): another phase of a 4-D CT shares the reference's slices, so only
-    the series references (RT Referenced Series) tell. Nothing to check for a labelmap, an image file of another
-    format or none, or a structure set that names no series."""
+    """InputError when `path` is a structure_file (RTSTRUCT or SEG) drawn on another DICOM series than `image`'s
+    (a DICOM series: series_files): another phase of a 4-D CT shares the reference's slices, so only the series
+    references (an RTSTRUCT's RT Referenced Series, a SEG's Referenced Series) tell. Nothing to check for a
+    labelmap, an image file of another format or none, or a structure file that names no series."""
     structures = structure_file(path)
     found = series_files(image, "image") if structures is not None and image is not None else None
     if found is None:
@@ -180,11 +180,11 @@ def require_drawn_on(path: str | Path, image: str | Path | None, what: str) -> N
 
 
 def labels_by_name(truth: str | Path, segmentation: str | Path | None) -> dict[str, int] | None:
-    """For a ground truth given as an RT Structure Set, the labels of its ROIs: the ROI Numbers of the
-    segmentation's structure set by ROI Name (case and surrounding spaces aside), since two structure sets
-    number their ROIs each their own way; None for a ground truth that is a labelmap. InputError when the
-    segmentation is not a structure set too (its labels have no ROI Names to match), or when a name both hold
-    is the name of two ROIs in either (which of them would be scored against which is not said)."""
+    """For a ground truth given as a structure_file (RTSTRUCT or SEG), the labels of its structures: the
+    segmentation's structure file's numbers by name (roi_names; case and surrounding spaces aside), since two such
+    files number their structures each their own way; None for a ground truth that is a labelmap. InputError when
+    the segmentation is not a structure file too (its labels have no names to match), or when a name both hold is
+    the name of two structures in either (which of them would be scored against which is not said)."""
     found = structure_file(truth)
     if found is None:
         return None
@@ -245,11 +245,21 @@ def rtstruct_labelmap(dataset, grid: Grid, path: str | Path, what: str,
                     if c.get("ContourGeometricType", "CLOSED_PLANAR") == "CLOSED_PLANAR"]
         filled = _filled(contours, grid, f"{what} {path}: ROI {name!r}")
         if filled.size:
-            if not 1 <= number <= np.iinfo(np.uint16).max:
-                raise InputError(f"{what} {path}: ROI {name!r} has ROI Number {number}, which cannot be a label "
-                                 f"(1 to {np.iinfo(np.uint16).max}): renumber it")
             voxels.append(filled)
-            numbers.append(number)
+            numbers.append(_label(number, f"{what} {path}: ROI {name!r} has ROI Number"))
+    return _painted(voxels, numbers, grid)
+
+
+def _label(number: int, where: str) -> int:
+    """An ROI or Segment Number as a label; InputError (`where` names it) unless a uint16 labelmap can hold it."""
+    if not 1 <= number <= np.iinfo(np.uint16).max:
+        raise InputError(f"{where} {number}, which cannot be a label (1 to {np.iinfo(np.uint16).max}): renumber it")
+    return number
+
+
+def _painted(voxels: list[np.ndarray], numbers: list[int], grid: Grid) -> sitk.Image:
+    """The labelmap (uint16) on `grid` of structures (each its flat voxel indices, [z, y, x] order, and its label),
+    a voxel in several going to the smallest (paint_order)."""
     labelmap = np.zeros(int(np.prod(grid.shape)), np.uint16)
     for i in paint_order(voxels):
         labelmap[voxels[i]] = numbers[i]
@@ -281,17 +291,11 @@ def seg_labelmap(dataset, grid: Grid, path: str | Path, what: str, labels: dict[
             if label is None:
                 continue
             where = f"{what} {path}: segment {name!r}"
-            if not 1 <= label <= np.iinfo(np.uint16).max:
-                raise InputError(f"{where} has Segment Number {label}, which cannot be a label (1 to "
-                                 f"{np.iinfo(np.uint16).max}): renumber it")
+            _label(label, f"{where} has Segment Number")
             voxels.setdefault(label, []).append(_placed_frame(mask, _frame_origin(groups, shared, grid, where), grid,
                                                               where))
     numbers = list(voxels)
-    merged = [np.unique(np.concatenate(voxels[number])) for number in numbers]
-    labelmap = np.zeros(int(np.prod(grid.shape)), np.uint16)
-    for i in paint_order(merged):
-        labelmap[merged[i]] = numbers[i]
-    return grid.image(labelmap.reshape(grid.shape))
+    return _painted([np.unique(np.concatenate(voxels[number])) for number in numbers], numbers, grid)
 
 
 def _frame_segments(dataset, frame: np.ndarray, groups, names: dict[int, str]) -> list[tuple[int, np.ndarray]]:
