@@ -320,8 +320,8 @@ def _print_json(event: dict) -> None:
 
 
 def run_batch(args: argparse.Namespace, reporter: Reporter) -> int:
-    """The batch command. Exit code 0 when every series is complete, 1 when any failed (the
-    summaries say which and why), 2 when the manifest, the options or the cluster are unusable,
+    """The batch command. Exit code 0 when every series is complete, 1 when any failed or its DICOM
+    export did (the summaries say which and why), 2 when the manifest, the options or the cluster are unusable,
     130 when interrupted (the series not ended are 'interrupted' in the summaries)."""
     try:
         _check_sizes(args)
@@ -357,7 +357,7 @@ def run_batch(args: argparse.Namespace, reporter: Reporter) -> int:
     ended = contract.STATUS_INTERRUPTED if status == contract.EXIT_INTERRUPTED else contract.STATUS_FAILED
     ordered = [entries.get(p.id) or failed_entry(p.id, unfinished, ended) for p in patients]
     write_summary(ordered, args.cohort, args.output)
-    failed = sum(entry["status"] != "complete" for entry in ordered)
+    failed = sum(entry["status"] != "complete" or bool(entry["error"]) for entry in ordered)
     reporter.done("failed" if failed else "complete", str(args.output))
     return status or (1 if failed else 0)
 

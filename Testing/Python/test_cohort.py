@@ -135,15 +135,21 @@ def test_rerun_skips_complete_runs_and_retries_the_failed_one(first_batch):
 
 def test_a_failed_dicom_export_of_a_complete_run_is_in_its_summary_entry(first_batch, tmp_path):
     """--dicom-out on a cohort trained before exports its complete runs; for scans that are not DICOM the export
-    fails, and the summary says why beside the complete run (it said nothing: the run's record has no error)."""
-    cohort, output, _ = first_batch
+    fails, and the summary says why beside the complete run (it said nothing: the run's record has no error), and
+    the batch exits 1 (it exited 0 when every run was complete, the export's failure aside)."""
+    _, output, _ = first_batch
+    complete_only = output.parent / "complete_only.csv"       # p01 and p02: the runs complete in first_batch
+    complete_only.write_text("\n".join(line for line in THREE_PATIENTS.splitlines() if not line.startswith("p03")))
     shutil.copytree(output, tmp_path / "runs")
-    again = subprocess.run(batch_command(cohort, tmp_path / "runs", "--workers", 1, "--threads-per-worker", 1,
-                                         "--dicom-out", tmp_path / "dicom", *QUICK),
+    again = subprocess.run(batch_command(complete_only, tmp_path / "runs", "--workers", 1, "--threads-per-worker",
+                                         1, "--dicom-out", tmp_path / "dicom", *QUICK),
                            capture_output=True, text=True, timeout=300)
     entries = summary(tmp_path / "runs")
-    assert entries["p01"]["status"] == "complete" and entries["p01"]["skipped"], again.stderr
-    assert "--dicom-out needs DICOM series" in (entries["p01"]["error"] or "")
+    assert sorted(entries) == ["p01", "p02"]
+    for patient in ("p01", "p02"):
+        assert entries[patient]["status"] == "complete" and entries[patient]["skipped"], again.stderr
+        assert "--dicom-out needs DICOM series" in (entries[patient]["error"] or "")
+    assert again.returncode == 1, again.stderr
 
 
 def test_series_of_a_killed_worker_is_rerun_to_completion(phantom_folder, tmp_path):
