@@ -383,10 +383,11 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--follow-up", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
                        help="a follow-up image and its time (phase or days); repeat for each")
     train.add_argument("--segmentation", metavar="PATH",
-                       help="reference labelmap to propagate, or the RT Structure Set (RTSTRUCT .dcm file) drawn on it")
+                       help="reference labelmap to propagate, a 3D Slicer .seg.nrrd, or the RT Structure Set or SEG "
+                            "(.dcm file) drawn on it")
     train.add_argument("--landmarks", metavar="CSV", help="landmark pairs for TRE: time,x,y,z,ref_x,ref_y,ref_z (LPS mm)")
     train.add_argument("--ground-truth", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
-                       help="a ground-truth labelmap (or RTSTRUCT or SEG) at a scanned time, for Dice")
+                       help="a ground-truth labelmap (or .seg.nrrd, RTSTRUCT or SEG) at a scanned time, for Dice")
     add_fit_options(train)
     train.add_argument("--resume", action="store_true",
                        help="continue an interrupted, failed or killed run in --output (same arguments)")

@@ -23,6 +23,7 @@ import SimpleITK as sitk
 from .contract import paint_order
 from .errors import InputError
 from .geometry import Grid
+from .slicer_segmentation import name_key, segment_names
 
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -179,32 +180,42 @@ def require_drawn_on(path: str | Path, image: str | Path | None, what: str) -> N
                          f"{series}): give the structure set drawn on that image")
 
 
+def named_structures(path: str | Path) -> dict[int, str] | None:
+    """Label -> name of a file's structures: a structure_file's (roi_names), a 3D Slicer segmentation's
+    (slicer_segmentation.segment_names); None for a file that names none (a labelmap)."""
+    found = structure_file(path)
+    return roi_names(found) if found is not None else (segment_names(path) or None)
+
+
 def labels_by_name(truth: str | Path, segmentation: str | Path | None) -> dict[str, int] | None:
-    """For a ground truth given as a structure_file (RTSTRUCT or SEG), the labels of its structures: the
-    segmentation's structure file's numbers by name (roi_names; case and surrounding spaces aside), since two such
-    files number their structures each their own way; None for a ground truth that is a labelmap. InputError when
-    the segmentation is not a structure file too (its labels have no names to match), or when a name both hold is
-    the name of two structures in either (which of them would be scored against which is not said)."""
-    found = structure_file(truth)
-    if found is None:
+    """For a ground truth whose structures are named (an RTSTRUCT, a SEG, a Slicer .seg.nrrd: named_structures),
+    the labels of its structures: the segmentation's numbers by name (name_key), since two such files number
+    their structures each their own way; None for a ground truth that is a labelmap, or a Slicer segmentation
+    given with a labelmap segmentation (its own labels are then scored). InputError when a DICOM ground truth's
+    segmentation names no structures (its labels have no names to match), or when a name both hold is the name of
+    two structures in either (which of them would be scored against which is not said)."""
+    drawn = named_structures(truth)
+    if drawn is None:
         return None
-    structures = structure_file(segmentation) if segmentation else None
-    if structures is None:
+    planned = named_structures(segmentation) if segmentation else None
+    if planned is None:
+        found = structure_file(truth)
+        if found is None:
+            return None
         raise InputError(f"ground truth {truth} is a DICOM {'SEG' if is_seg(found) else 'RT Structure Set'} but the "
-                         "segmentation is not one of these: its structures are matched to the segmentation's by name, "
-                         "so give the segmentation as the RTSTRUCT or SEG drawn on the reference, or the ground truth "
-                         "as a labelmap numbered as the segmentation")
-    planned, drawn = roi_names(structures), roi_names(found)
-    shared = {_key(name) for name in planned.values()} & {_key(name) for name in drawn.values()}
+                         "segmentation names no structures: its structures are matched to the segmentation's by name, "
+                         "so give the segmentation as the RTSTRUCT, SEG or .seg.nrrd drawn on the reference, or the "
+                         "ground truth as a labelmap numbered as the segmentation")
+    shared = {name_key(name) for name in planned.values()} & {name_key(name) for name in drawn.values()}
     for path, names in ((segmentation, planned), (truth, drawn)):
         _require_one_roi_per_name(path, names, shared)
-    return {_key(name): number for number, name in planned.items()}
+    return {name_key(name): number for number, name in planned.items()}
 
 
 def _require_one_roi_per_name(path: str | Path, names: dict[int, str], keys: set[str]) -> None:
     """InputError when two ROIs of `names` (ROI Number -> ROI Name) share a name of `keys` (as matched: _key)."""
     for key in sorted(keys):
-        numbers = [number for number, name in names.items() if _key(name) == key]
+        numbers = [number for number, name in names.items() if name_key(name) == key]
         if len(numbers) > 1:
             raise InputError(f"{path} holds {len(numbers)} ROIs named '{names[numbers[0]]}' (ROI Numbers "
                              f"{', '.join(map(str, numbers[:-1]))} and {numbers[-1]}): ground-truth ROIs are "
@@ -212,20 +223,15 @@ def _require_one_roi_per_name(path: str | Path, names: dict[int, str], keys: set
 
 
 def say_unscored(truth: str | Path, segmentation: str | Path | None, t: float, say: Callable[[str], None]) -> None:
-    """Tell `say` which ROIs of a ground-truth structure set at time t Dice leaves out, having no ROI of their name
-    in the segmentation's (labels_by_name); nothing for a labelmap truth."""
+    """Tell `say` which structures of a ground truth at time t that names them Dice leaves out, having none of their
+    name in the segmentation's (labels_by_name); nothing for a labelmap truth."""
     labels = labels_by_name(truth, segmentation)
     if labels is None:
         return
-    left_out = [name for name in roi_names(structure_file(truth)).values() if _key(name) not in labels]
+    left_out = [name for name in named_structures(truth).values() if name_key(name) not in labels]
     if left_out:
         say(f"ground truth at time {t:g}: {', '.join(left_out)} not scored (the segmentation has no ROI of that "
             "name)")
-
-
-def _key(name: str) -> str:
-    """An ROI Name as matched: case and surrounding spaces aside."""
-    return name.strip().casefold()
 
 
 def rtstruct_labelmap(dataset, grid: Grid, path: str | Path, what: str,
@@ -238,7 +244,7 @@ def rtstruct_labelmap(dataset, grid: Grid, path: str | Path, what: str,
     numbers: list[int] = []
     for roi in dataset.get("ROIContourSequence", []):
         name = names.get(int(roi.ReferencedROINumber), f"ROI {roi.ReferencedROINumber}")
-        number = int(roi.ReferencedROINumber) if labels is None else labels.get(_key(name))
+        number = int(roi.ReferencedROINumber) if labels is None else labels.get(name_key(name))
         if number is None:
             continue
         contours = [_points(c) for c in roi.get("ContourSequence", [])
@@ -287,7 +293,7 @@ def seg_labelmap(dataset, grid: Grid, path: str | Path, what: str, labels: dict[
     for frame, groups in zip(_seg_frames(dataset, path, what), dataset.PerFrameFunctionalGroupsSequence):
         for number, mask in _frame_segments(dataset, frame, groups, names):
             name = names.get(number, f"segment {number}")
-            label = number if labels is None else labels.get(_key(name))
+            label = number if labels is None else labels.get(name_key(name))
             if label is None:
                 continue
             where = f"{what} {path}: segment {name!r}"

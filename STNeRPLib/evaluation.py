@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from .errors import InputError
 from .geometry import Grid
 from .contract import write_json
-from .dicom_in import labels_by_name, require_drawn_on, say_unscored, structure_file
+from .dicom_in import labels_by_name, named_structures, require_drawn_on, say_unscored
 from .io import check_landmarks_inside, read_image, read_labelmap, read_landmarks
 from .metrics import score_time_point, target_registration_error
 from .preprocessing import IntensityWindow, in_hounsfield_units, require_unit
@@ -55,11 +55,11 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
 
 
 def _ground_truth(path: str, t: float, grid: Grid, record: dict, reporter: Reporter) -> sitk.Image:
-    """The ground-truth labelmap at time t on the run's grid there; an RT Structure Set is checked against the scan
-    it outlines and its ROIs numbered by the run's segmentation's ROI Names (dicom_in), the reporter told of those
-    left out."""
+    """The ground-truth labelmap at time t on the run's grid there; one that names its structures (an RTSTRUCT, a
+    SEG, a Slicer .seg.nrrd) is checked against the scan it outlines and its structures numbered by the run's
+    segmentation's names (dicom_in.labels_by_name), the reporter told of those left out."""
     what = f"ground-truth labelmap at time {t:g}"
-    if structure_file(path) is None:
+    if named_structures(path) is None:
         return read_labelmap(path, grid, what)
     inputs = _trained_inputs(record)
     scans = {float(s): p for p, s in [(inputs["reference"], inputs["reference_time"]), *inputs.get("follow_ups", [])]}

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from .dicom_in import SLICE_TOLERANCE_MM, series_files, structure_file, structures_labelmap
 from .errors import InputError
 from .geometry import Grid
+from .slicer_segmentation import merged_labelmap
 
 FORMATS = "NRRD, NIfTI, MHA or a DICOM series: its folder or one of its files"
 MAX_LABEL = 65535  # labelmaps are kept and written as UInt16
@@ -71,17 +72,19 @@ def read_image(path: str | Path, what: str) -> sitk.Image:
 
 def read_labelmap(path: str | Path, grid: Grid, what: str, roi_labels: dict[str, int] | None = None) -> sitk.Image:
     """Read an integer labelmap on `grid` (or on a crop or padding of it: placed on it) that labels at least
-    one voxel; a DICOM RT Structure Set file is filled on `grid` (dicom_in), its ROIs labelled by `roi_labels`
-    (ROI Name -> label) when given, else by their ROI Numbers."""
+    one voxel. A DICOM RT Structure Set or SEG file is placed on `grid` (dicom_in), a 3D Slicer .seg.nrrd saved in
+    layers (overlapping segments) merged into one label per voxel (slicer_segmentation); their structures are
+    labelled by `roi_labels` (name as matched: name_key -> label) when given, else by their own numbers."""
     structures = structure_file(path)
     if structures is None:
         image = _read(Path(path), what)
+        merged = merged_labelmap(image, roi_labels)
+        image = image if merged is None else merged
     else:
         image = structures_labelmap(structures, grid, path, what, roi_labels)
     if image.GetNumberOfComponentsPerPixel() > 1 or image.GetDimension() == 4:
-        raise InputError(f"{what} {path} holds several layers (overlapping segments, as 3D Slicer saves a .seg.nrrd, "
-                         "or one volume per structure): give one labelmap, one label per voxel (in Slicer: "
-                         "Segmentations module, export to a labelmap volume, and save that)")
+        raise InputError(f"{what} {path} holds several layers (one volume per structure) and no 3D Slicer segment "
+                         "metadata: give one labelmap, one label per voxel, or the .seg.nrrd 3D Slicer saved")
     if image.GetDimension() == 3 and not Grid.of(image).matches(grid):
         image = _placed_on(image, grid, path, what)
     _check_volume(image, path, what)

@@ -29,7 +29,7 @@ import torch
 
 from . import report_figures as figures
 from .contract import is_complete, time_point_folder
-from .dicom_in import roi_names, series_files, structure_file
+from .dicom_in import named_structures, series_files
 from .errors import InputError
 from .record import load_record
 from .integration import identity_grid, sample
@@ -144,27 +144,8 @@ def structure_names(record: dict, run: Path, label_names: str | None) -> Names:
         return names
     segmentation = inputs.get("segmentation")
     if segmentation and Path(segmentation).is_file():
-        structures = structure_file(segmentation)
-        names.update(_segment_names(Path(segmentation)) if structures is None else roi_names(structures))
+        names.update(named_structures(segmentation) or {})
     return names
-
-
-def _segment_names(path: Path) -> dict[int, str]:
-    """Segment names of a Slicer segmentation file (SegmentN_Name, SegmentN_LabelValue)."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return {}
-    keys = set(reader.GetMetaDataKeys())
-    found = {}
-    for key in keys:
-        match = re.fullmatch(r"Segment(\d+)_Name", key)
-        value_key = f"Segment{match.group(1)}_LabelValue" if match else None
-        if value_key in keys:
-            found[int(reader.GetMetaData(value_key))] = reader.GetMetaData(key)
-    return found
 
 
 def _continuous_model(run: Path, record: dict) -> SeriesModel | None:

@@ -367,7 +367,7 @@ def test_a_ground_truth_structure_set_beside_a_labelmap_segmentation_is_refused(
     output = tmp_path / "run"
     result = stnerp("train", "--reference", folders[0], "--follow-up", folders[1], times[1], "--segmentation",
                     segmentation, "--ground-truth", root / "RS_1.dcm", times[1], "--output", output, "--json-events")
-    assert_rejected(result, output, "is a DICOM RT Structure Set but the segmentation is not", "by name")
+    assert_rejected(result, output, "is a DICOM RT Structure Set but the segmentation names no structures", "by name")
 
 
 def test_a_structure_set_drawn_on_another_phase_is_refused_though_its_slices_match(planned, tmp_path):
