@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from .contract import paint_order
 from .errors import InputError
 from .geometry import Grid
-from .slicer_segmentation import name_key, segment_names
+from .slicer_segmentation import labelled_segments, name_key, segment_names
 
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -150,14 +150,44 @@ def roi_names(dataset) -> dict[int, str]:
             for roi in dataset.get("StructureSetROISequence", [])}
 
 
-def roi_looks(dataset) -> dict[int, tuple[list[int] | None, str | None]]:
-    """ROI Number -> (ROI Display Color as RGB 0-255, RT ROI Interpreted Type) of a structure set, None where
-    it gives none: what a planning system shows and treats each ROI as (EXTERNAL, GTV, PTV, ORGAN, ...)."""
+Looks = dict[int, tuple[list[int] | None, str | None]]
+"""Label -> (display colour as RGB 0-255, RT ROI Interpreted Type), None where a file gives none."""
+
+
+def structure_looks(path: str | Path) -> Looks:
+    """How a segmentation file shows its structures, by label: an RT Structure Set's ROI Display Color and RT ROI
+    Interpreted Type (what a planning system treats each ROI as: EXTERNAL, GTV, PTV, ORGAN, ...), a SEG's
+    Recommended Display CIELab Value, a Slicer .seg.nrrd's segment colours; {} for a labelmap."""
+    found = structure_file(path)
+    if found is None:
+        return {label: ([round(255 * c) for c in segment.colour], None)
+                for label, segment in labelled_segments(path).items() if segment.colour is not None}
+    if is_seg(found):
+        return {int(item.SegmentNumber): (cielab_to_rgb(item.RecommendedDisplayCIELabValue), None)
+                for item in found.get("SegmentSequence", []) if item.get("RecommendedDisplayCIELabValue")}
     colours = {int(roi.ReferencedROINumber): [int(v) for v in roi.ROIDisplayColor]
-               for roi in dataset.get("ROIContourSequence", []) if roi.get("ROIDisplayColor")}
+               for roi in found.get("ROIContourSequence", []) if roi.get("ROIDisplayColor")}
     kinds = {int(o.ReferencedROINumber): str(o.RTROIInterpretedType)
-             for o in dataset.get("RTROIObservationsSequence", []) if o.get("RTROIInterpretedType")}
+             for o in found.get("RTROIObservationsSequence", []) if o.get("RTROIInterpretedType")}
     return {number: (colours.get(number), kinds.get(number)) for number in colours.keys() | kinds.keys()}
+
+
+D65_WHITE = np.array([0.950456, 1.0, 1.088754])
+"""CIE XYZ of the D65 white point, the white of DICOM's CIELab values (PS3.3 C.10.7.1.1)."""
+
+XYZ_TO_LINEAR_SRGB = np.array([[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]])
+
+
+def cielab_to_rgb(values) -> list[int]:
+    """A DICOM CIELab colour (L* scaled from 0-100, a* and b* from -128-127, each to 0-65535) as sRGB 0-255."""
+    scaled = np.asarray(values, float) / 65535
+    lightness, a, b = 100 * scaled[0], 255 * scaled[1] - 128, 255 * scaled[2] - 128
+    fy = (lightness + 16) / 116
+    f = np.array([fy + a / 500, fy, fy - b / 200])
+    xyz = D65_WHITE * np.where(f ** 3 > 0.008856, f ** 3, (f - 16 / 116) / 7.787)
+    linear = np.clip(XYZ_TO_LINEAR_SRGB @ xyz, 0, 1)
+    srgb = np.where(linear > 0.0031308, 1.055 * linear ** (1 / 2.4) - 0.055, 12.92 * linear)
+    return [int(round(255 * c)) for c in srgb]
 
 
 def require_drawn_on(path: str | Path, image: str | Path | None, what: str) -> None:

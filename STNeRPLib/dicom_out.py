@@ -10,8 +10,9 @@ Contours run through the centres of the structure's boundary voxels (no smoothin
 point lies within half a voxel of the labelmap's boundary; pydicomrt keeps contours of three
 points or more, so a piece of a structure of one or two voxels on a slice gets a square half a
 voxel out about each of its voxels instead (read back by dicom_in, every voxel). ROIs are
-numbered by label and, when the run's segmentation was a structure set, coloured and typed as
-its ROIs (the plan's ROI Display Color and RT ROI Interpreted Type).
+numbered by label, coloured as the run's segmentation shows its structures (an RT Structure
+Set's ROI Display Color, a SEG's Recommended Display CIELab Value, a Slicer .seg.nrrd's segment
+colours) and typed as a structure set's ROIs (RT ROI Interpreted Type): dicom_in.structure_looks.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .contract import is_complete, time_point_folder
-from .dicom_in import roi_looks, series_files, structure_file
+from .dicom_in import Looks, series_files, structure_looks
 from .errors import InputError
 from .record import load_record
 from .report import FOCUS, Names, structure_names
@@ -70,8 +71,7 @@ def write_dicom(run: Path, folder: Path, label_names: str | None = None,
     follow_ups = [(path, float(t)) for path, t in inputs.get("follow_ups", [])]
     check_dicom_inputs(inputs.get("reference") or "", follow_ups)
     names = structure_names(record, run, label_names)
-    plan = structure_file(inputs.get("segmentation") or "")
-    looks = roi_looks(plan) if plan is not None else {}
+    looks = structure_looks(inputs["segmentation"]) if inputs.get("segmentation") else {}
     entries = {float(e["time"]): e for e in record["time_points"]}
     reference = read_series(Path(inputs["reference"]))
     written = []
@@ -93,9 +93,9 @@ def write_dicom(run: Path, folder: Path, label_names: str | None = None,
 
 
 def structure_set(labels: sitk.Image, series: list, label: str, names: Names,
-                  looks: dict[int, tuple[list[int] | None, str | None]]) -> FileDataset:
+                  looks: Looks) -> FileDataset:
     """An RT Structure Set of a labelmap on `series` (its pydicom headers, read_series): one ROI per label, named by
-    `names`, coloured and typed by `looks` (dicom_in.roi_looks) where it has the label. Contours through the
+    `names`, coloured and typed by `looks` (dicom_in.structure_looks) where it has the label. Contours through the
     boundary voxels' centres, and about each piece of one or two voxels on a slice, which pydicomrt gives none,
     a square half a voxel out about each of its voxels."""
     from pydicomrt.rs import RTStructBuilder

@@ -38,6 +38,7 @@ class Segment:
     name: str
     layer: int
     value: int
+    colour: tuple[float, float, float] | None = None      # RGB, 0 to 1
 
 
 def segments(header: _MetaData) -> list[Segment]:
@@ -51,8 +52,9 @@ def segments(header: _MetaData) -> list[Segment]:
     found: list[Segment] = []
     while f"Segment{len(found)}_ID" in keys:
         index = len(found)
+        colour = tuple(float(v) for v in field(index, "Color", "").split())
         found.append(Segment(field(index, "Name", f"Segment_{index + 1}"), int(field(index, "Layer", str(index))),
-                             int(field(index, "LabelValue", "1"))))
+                             int(field(index, "LabelValue", "1")), colour if len(colour) == 3 else None))
     return found
 
 
@@ -62,8 +64,8 @@ def labels(found: list[Segment]) -> list[int]:
     return values if len(set(values)) == len(values) else list(range(1, len(found) + 1))
 
 
-def segment_names(path: str | Path) -> dict[int, str]:
-    """Label -> segment name of a Slicer segmentation file, from its header alone ({} for any other file)."""
+def labelled_segments(path: str | Path) -> dict[int, Segment]:
+    """Label -> segment of a Slicer segmentation file, from its header alone ({} for any other file)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -71,7 +73,12 @@ def segment_names(path: str | Path) -> dict[int, str]:
     except RuntimeError:
         return {}
     found = segments(reader)
-    return dict(zip(labels(found), (segment.name for segment in found)))
+    return dict(zip(labels(found), found))
+
+
+def segment_names(path: str | Path) -> dict[int, str]:
+    """Label -> segment name of a Slicer segmentation file ({} for any other file)."""
+    return {label: segment.name for label, segment in labelled_segments(path).items()}
 
 
 def name_key(name: str) -> str:

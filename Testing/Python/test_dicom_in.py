@@ -17,7 +17,8 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 
-from STNeRPLib.dicom_in import LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE  # noqa: E402
+from STNeRPLib.dicom_in import (LABEL_MAP_SEGMENTATION_STORAGE, SEGMENTATION_STORAGE, cielab_to_rgb,  # noqa: E402
+                               structure_looks)
 from STNeRPLib.dicom_out import read_series, structure_set  # noqa: E402
 from STNeRPLib.errors import InputError  # noqa: E402
 from STNeRPLib.geometry import Grid  # noqa: E402
@@ -189,6 +190,36 @@ def test_a_dicom_seg_reads_back_as_the_labelmap_it_was_written_from(tmp_path, ki
     assert np.array_equal(read, labels)
     record = {"inputs": {"segmentation": str(tmp_path / "SEG.dcm")}}
     assert dict(structure_names(record, tmp_path, None)) == {number: name for number, (name, _) in segments.items()}
+
+
+def dicom_lab(lightness: float, a: float, b: float) -> list[int]:
+    """CIE L*a*b* as DICOM encodes it (PS3.3 C.10.7.1.1): L* 0-100 and a*, b* -128-127 each scaled to 0-65535."""
+    return [round(lightness * 65535 / 100), round((a + 128) * 65535 / 255), round((b + 128) * 65535 / 255)]
+
+
+@pytest.mark.parametrize("lab, rgb", [((53.24, 80.09, 67.20), (255, 0, 0)), ((87.73, -86.18, 83.18), (0, 255, 0)),
+                                      ((32.30, 79.19, -107.86), (0, 0, 255)), ((100.0, 0.0, 0.0), (255, 255, 255)),
+                                      ((53.59, 0.0, 0.0), (128, 128, 128))])
+def test_a_dicom_cielab_colour_is_the_srgb_colour_it_names(lab, rgb):
+    """The sRGB primaries, white and mid grey at their published CIE L*a*b* (D65)."""
+    assert all(abs(got - want) <= 1 for got, want in zip(cielab_to_rgb(dicom_lab(*lab)), rgb)), cielab_to_rgb(
+        dicom_lab(*lab))
+
+
+def test_a_dicom_segs_display_colours_are_its_structures_looks(tmp_path):
+    """A SEG's Recommended Display CIELab Values colour the structures the follow-ups' RTSTRUCTs export (tab10's
+    colours were used instead); a segment without one has none."""
+    labels, grid = sitk.GetArrayFromImage(LABELS), Grid.of(LABELS)
+    write_seg(tmp_path / "SEG.dcm", {1: ("GTV", labels == 1), 2: ("Lung_R", labels == 2), 3: ("Lung_L", labels == 3)},
+              grid)
+    dataset = pydicom.dcmread(tmp_path / "SEG.dcm")
+    dataset.SegmentSequence[0].RecommendedDisplayCIELabValue = dicom_lab(53.24, 80.09, 67.20)
+    dataset.SegmentSequence[1].RecommendedDisplayCIELabValue = dicom_lab(32.30, 79.19, -107.86)
+    dataset.save_as(tmp_path / "SEG.dcm", enforce_file_format=True)
+    looks = structure_looks(tmp_path / "SEG.dcm")
+    assert sorted(looks) == [1, 2] and [kind for _, kind in looks.values()] == [None, None]
+    assert all(abs(got - want) <= 1 for got, want in zip(looks[1][0], (255, 0, 0)))
+    assert all(abs(got - want) <= 1 for got, want in zip(looks[2][0], (0, 0, 255)))
 
 
 def test_a_dicom_seg_whose_pixel_data_cannot_be_decoded_is_refused_in_one_line(tmp_path):

@@ -15,6 +15,7 @@ from test_module_scene import make_image, new_scene, oblique_direction
 from test_module_segment_overlap import GTV, OAR, PTV
 from worker_cli import stnerp
 
+from STNeRPLib.dicom_in import structure_looks
 from STNeRPLib.geometry import Grid
 from STNeRPLib.io import read_labelmap
 from STNeRPLib.phantom import breathing_series, write_series
@@ -23,9 +24,11 @@ from STNeRPLib.slicer_segmentation import segment_names
 from STNeRPModuleLib import scene_files
 
 
-def saved_by_slicer(folder: Path, reference: Path, masks: dict[str, np.ndarray], crop: bool = False) -> Path:
+def saved_by_slicer(folder: Path, reference: Path, masks: dict[str, np.ndarray], crop: bool = False,
+                    colours: dict[str, tuple[float, float, float]] | None = None) -> Path:
     """A .seg.nrrd that Slicer's segmentation storage node writes for one segment per mask ([z, y, x] on the
-    reference's grid, in the dict's order), cropped to the segments' extent when `crop`."""
+    reference's grid, in the dict's order), cropped to the segments' extent when `crop`, coloured by `colours`
+    (RGB 0-1) where it names the segment."""
     scene, seg_logic = new_scene()
     volume = scene_files.read_volume(scene, str(reference), "reference")
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
@@ -38,7 +41,10 @@ def saved_by_slicer(folder: Path, reference: Path, masks: dict[str, np.ndarray],
         sitk.WriteImage(image, str(path))
         assert seg_logic.ImportLabelmapToSegmentationNode(scene_files.read_volume_detached(str(path), True), node)
         segmentation = node.GetSegmentation()
-        segmentation.GetNthSegment(segmentation.GetNumberOfSegments() - 1).SetName(name)
+        segment = segmentation.GetNthSegment(segmentation.GetNumberOfSegments() - 1)
+        segment.SetName(name)
+        if colours and name in colours:
+            segment.SetColor(*colours[name])
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetCropToMinimumExtent(crop)
     scene.AddNode(storage)
@@ -65,12 +71,15 @@ def test_overlapping_segments_saved_in_layers_are_merged_with_shared_voxels_to_t
     are numbered in the file's order; the GTV keeps its whole extent and the organ at risk the PTV's corner it
     cuts into. Before: refused as 'holds several layers'."""
     reference, grid = oblique_reference(tmp_path)
-    path = saved_by_slicer(tmp_path, reference, {"PTV": PTV, "GTV": GTV, "OAR": OAR})
+    path = saved_by_slicer(tmp_path, reference, {"PTV": PTV, "GTV": GTV, "OAR": OAR},
+                           colours={"PTV": (0.0, 0.5, 1.0), "GTV": (1.0, 0.0, 0.0), "OAR": (0.2, 0.8, 0.2)})
     assert components(path) == 2
     expected = np.zeros(PTV.shape, np.uint16)
     expected[PTV], expected[OAR], expected[GTV] = 1, 3, 2
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read_labelmap(path, grid, "segmentation")), expected)
     assert segment_names(path) == {1: "PTV", 2: "GTV", 3: "OAR"}
+    # the colours the follow-ups' exported RTSTRUCTs give them (tab10's were used instead)
+    assert structure_looks(path) == {1: ([0, 128, 255], None), 2: ([255, 0, 0], None), 3: ([51, 204, 51], None)}
 
 
 def test_a_layered_segmentation_cropped_to_its_segments_is_placed_on_the_image_grid(tmp_path):
