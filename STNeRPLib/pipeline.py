@@ -21,7 +21,8 @@ from .geometry import Grid
 from .metrics import map_points, target_registration_error
 from .model import SeriesModel, labels_in, new_ref_net, normalise_time
 from .networks import RefNet
-from .preprocessing import IntensityWindow, affine_prealignment, find_padding, intensity_method, on_grid, smoothed
+from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, Calibration, IntensityWindow, affine_prealignment, find_padding,
+                            flat_voxels, intensity_calibration, intensity_method, on_grid, smoothed)
 from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
@@ -70,7 +71,8 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     sigma = options.preset.smoothing_sigma
     fitted = smoothed(reference, sigma)
     targets = _targets(fitted, reference_time, scans._replace(images={t: smoothed(image, sigma) for t, image in
-                                                                      scans.images.items()}), window, time_range)
+                                                                      scans.images.items()}), window, time_range,
+                       _calibrations(reference, scans, window, options.preset, reporter))
     reference_volume = _tensor(window.normalise(sitk.GetArrayViewFromImage(fitted)), device)
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
     bands = structure_bands(labelmap, reference.GetSpacing()) \
@@ -164,12 +166,32 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
     return resampled
 
 
+def _calibrations(reference: sitk.Image, scans: _Resampled, window: IntensityWindow, preset: Preset,
+                  reporter: Reporter) -> dict[float, Calibration]:
+    """With preset.calibrate_intensities, the calibration of each CT follow-up whose numbers differ from the
+    reference's by more than CALIBRATION_TOLERANCE_HU (intensity_calibration), said; Def-Net fits it in the
+    reference's numbers."""
+    if not preset.calibrate_intensities or (window.low, window.high) != CT_WINDOW:
+        return {}
+    flat_reference = flat_voxels(reference)
+    found = {t: intensity_calibration(reference, image, flat_reference, scans.views.get(t))
+             for t, image in scans.images.items()}
+    calibrations = {t: c for t, c in found.items()
+                    if c is not None and c.change > CALIBRATION_TOLERANCE_HU and 0.5 <= c.scale <= 2.0}
+    for t, c in calibrations.items():
+        reporter.message(f"time {t:g}: CT numbers {c.change:.0f} HU off the reference's (scale {c.scale:.3f}, offset "
+                         f"{c.offset:+.0f} HU, a smooth bias of {c.bias_range[0]:+.0f} to {c.bias_range[1]:+.0f} HU, "
+                         "as a CBCT's): fitted in the reference's numbers")
+    return calibrations
+
+
 def _targets(reference: sitk.Image, reference_time: float, scans: _Resampled, window: IntensityWindow,
-             time_range: tuple[float, float]) -> list[Target]:
+             time_range: tuple[float, float], calibrations: dict[float, Calibration]) -> list[Target]:
     """What Def-Net fits: the reference first, then every follow-up, at normalised times (intensities
-    normalised by `window` where sampled)."""
+    calibrated and normalised by `window` where sampled)."""
     return [Target(normalise_time(reference_time, time_range), reference, window)] + [
-        Target(normalise_time(t, time_range), image, window, scans.views.get(t)) for t, image in scans.images.items()]
+        Target(normalise_time(t, time_range), image, window, scans.views.get(t), calibrations.get(t))
+        for t, image in scans.images.items()]
 
 
 def _fit_ref_net(reference: torch.Tensor, options: Options, progress: Progress, generator: torch.Generator,

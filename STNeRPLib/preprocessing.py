@@ -1,9 +1,13 @@
 """Preparing a series for training: intensity normalisation, bringing follow-ups onto the reference grid
-(resampling, or affine pre-alignment as the paper's preprocessing), and each follow-up's field of view there
-(its grid's extent, less its padding: find_padding)."""
+(resampling, or affine pre-alignment as the paper's preprocessing), each follow-up's field of view there
+(its grid's extent, less its padding: find_padding), and its intensities calibrated onto the reference's when
+they differ (a CBCT's: intensity_calibration)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
+from itertools import combinations_with_replacement
+from operator import mul
 
 import numpy as np
 import SimpleITK as sitk
@@ -187,6 +191,100 @@ def on_grid(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transform
         return image, None
     inside = inside_field_of_view(image, grid_image, transform)
     return onto_grid(image, grid_image, transform, background), None if inside.all() else inside
+
+
+FLAT_SHARE = 0.4
+"""Share of each scan's voxels, those of least gradient, where a follow-up and the reference are compared voxel for
+voxel to calibrate intensities: inside organs, fat and air, which stay alike though the anatomy moves between scans."""
+
+BIAS_DEGREE = 2
+"""Degree of the polynomial in (x, y, z) that models a follow-up's smooth bias (a CBCT's cupping: a bowl)."""
+
+CALIBRATION_SAMPLES = 200_000
+"""Flat voxels (evenly spaced among them) the calibration is fitted to: its least squares need no more."""
+
+CALIBRATION_TOLERANCE_HU = 10.0
+"""A follow-up is calibrated when its intensities differ from the reference's by more than this (Calibration.change).
+Scans of one scanner differed by 0.1 to 1.2 HU on the benchmark's series, CBCT-like ones by 22 to 174
+(docs/presets.md, *Follow-ups in CBCT intensities*)."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How a follow-up's CT numbers relate to the reference's on the reference grid (shape [z, y, x]), in HU:
+    scan = scale x reference + offset + bias, the bias a polynomial (coefficients of _monomials after the constant)
+    of the voxel's position, each axis scaled to [-1, 1]. `change` is the median |scan - reference| this predicts
+    over the voxels flat in both, `bias_range` the bias' least and greatest there."""
+
+    scale: float
+    offset: float
+    bias: tuple[float, ...]
+    shape: tuple[int, int, int]
+    change: float
+    bias_range: tuple[float, float]
+
+    def corrected(self, values: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """The scan's values at flat voxel indices in the reference's numbers (float32): (value - offset - bias) /
+        scale."""
+        bias = sum(c * term for c, term in zip(self.bias, _monomials(_positions(index, self.shape))[1:]))
+        return ((values - self.offset - bias) / self.scale).astype(np.float32)
+
+
+def flat_voxels(image: sitk.Image) -> np.ndarray:
+    """bool [z, y, x]: the FLAT_SHARE of an image's voxels of least gradient magnitude (Gaussian of its finest
+    spacing)."""
+    gradient = sitk.GetArrayFromImage(sitk.GradientMagnitudeRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32),
+                                                                              min(image.GetSpacing())))
+    return gradient < np.percentile(gradient, 100 * FLAT_SHARE)
+
+
+def intensity_calibration(reference: sitk.Image, scan: sitk.Image, flat_reference: np.ndarray,
+                          inside: np.ndarray | None) -> Calibration | None:
+    """How a follow-up's CT numbers (on the reference grid; `inside` its field of view, None: all) relate to the
+    reference's (flat_reference: its flat_voxels): scan = scale x reference + offset + bias, the bias a polynomial
+    of BIAS_DEGREE in the voxel's position, fitted by least squares over voxels flat in both, the worst outliers
+    (organs that moved) left out. A CBCT's numbers are off by a scale, an offset and a cupping towards the centre,
+    which a fit by squared error takes for anatomy. None when too few voxels are flat in both (under 1 %)."""
+    flat = flat_reference & flat_voxels(scan)
+    if inside is not None:
+        flat &= inside
+    where = np.flatnonzero(flat)
+    if where.size < 0.01 * flat.size:
+        return None
+    where = where[::max(1, where.size // CALIBRATION_SAMPLES)]
+    x = sitk.GetArrayViewFromImage(reference).ravel()[where].astype(np.float64)
+    y = sitk.GetArrayViewFromImage(scan).ravel()[where].astype(np.float64)
+    terms = _monomials(_positions(where, flat.shape))
+    coefficients = _robust_least_squares(np.column_stack([x, *terms]), y)
+    scale, offset, bias = coefficients[0], coefficients[1], np.column_stack(terms[1:]) @ coefficients[2:]
+    change = float(np.median(np.abs((scale - 1) * x + offset + bias)))
+    return Calibration(float(scale), float(offset), tuple(map(float, coefficients[2:])), flat.shape, change,
+                       (float(bias.min()), float(bias.max())))
+
+
+def _positions(index: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """The positions of flat voxel indices of an array of `shape`, each axis scaled to [-1, 1]."""
+    return [2.0 * i / max(n - 1, 1) - 1.0 for i, n in zip(np.unravel_index(index, shape), shape)]
+
+
+def _monomials(axes: list[np.ndarray]) -> list[np.ndarray]:
+    """The monomials of the coordinates (arrays of one shape) up to BIAS_DEGREE, the constant 1 first."""
+    terms = [np.ones_like(axes[0], dtype=np.float64)]
+    for degree in range(1, BIAS_DEGREE + 1):
+        terms += [reduce(mul, (axes[i] for i in combination))
+                  for combination in combinations_with_replacement(range(len(axes)), degree)]
+    return terms
+
+
+def _robust_least_squares(design: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares of y on the design's columns, refitted twice without the points more than 3 robust standard
+    deviations (1.4826 median absolute deviations) off the fit."""
+    kept = np.ones(y.size, bool)
+    for _ in range(3):
+        coefficients = np.linalg.lstsq(design[kept], y[kept], rcond=None)[0]
+        off = np.abs(y - design @ coefficients)
+        kept = off <= 3 * 1.4826 * np.median(off[kept]) + 1e-3
+    return coefficients
 
 
 def smoothed(image: sitk.Image, sigma: float) -> sitk.Image:

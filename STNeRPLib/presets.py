@@ -117,6 +117,9 @@ class Preset:
     def_time_sigma, so that a few scans are not given temporal frequencies they cannot pin down (between them
     the motion follows the scans instead of wiggling); `for_scans` resolves it. 0: def_time_sigma whatever the
     series (the paper's).
+    `calibrate_intensities`: a CT follow-up whose CT numbers differ from the reference's (a CBCT: a scale, an
+    offset, a cupping; preprocessing.intensity_calibration) is fitted in the reference's numbers; the outputs carry
+    it as scanned (False: every scan as scanned, the paper's).
     """
 
     name: str
@@ -163,6 +166,7 @@ class Preset:
     smoothing_sigma: float = 0.0
     body_mask: bool = False
     time_sigma_halved_below: int = 0
+    calibrate_intensities: bool = False
 
     def for_segmentation(self, segmented: bool) -> "Preset":
         """The preset as a fit of a series with (or without) a reference segmentation runs it: with one and
@@ -249,7 +253,7 @@ DEFAULT = Preset(
     lr_hold=0.5, def_times=3, def_omega=10.0, anchor_reference=True, velocity_levels=AUTO_LEVELS, adaptive_levels=True,
     level_lr_scale=3.0, squaring_steps=5, displacement_spacing=8.0, label_interpolation="linear",
     average_last=0.25, structure_points=0.1, structure_similarity="charbonnier", body_mask=True,
-    time_sigma_halved_below=5,
+    time_sigma_halved_below=5, calibrate_intensities=True,
 )
 """Measured on the 96 x 96 x 64 breathing phantom (mean TRE over the nine follow-up phases, mm;
 docs/presets.md): cubic B-spline sampling of the prior beat trilinear (Ref-Net's cached rendering

@@ -15,7 +15,7 @@ from .checkpoint import Checkpoint
 from .deformation import Deformation
 from .integration import GridPoints, sample
 from .networks import RefNet
-from .preprocessing import IntensityWindow
+from .preprocessing import Calibration, IntensityWindow
 from .presets import CHARBONNIER_EPSILON, LEVEL_GAIN, LEVEL_GAIN_TRILINEAR, LEVEL_TRIAL, Preset
 from .schedule import DecaySchedule
 
@@ -30,17 +30,22 @@ the residual prior(c + u(c, t)) - f_t(c) at each drawn voxel [T, N] (None for a 
 
 class Target(NamedTuple):
     """One scan to fit: normalised time, the scan on the reference grid (in its own units and pixel
-    type, normalised by `window` only where sampled: no normalised copy of the series is held), and
-    the voxels inside the scan's field of view (bool [D, H, W]; None: all)."""
+    type, normalised by `window` only where sampled: no normalised copy of the series is held), the
+    voxels inside the scan's field of view (bool [D, H, W]; None: all), and the calibration of its CT
+    numbers onto the reference's, applied where sampled (None: as scanned)."""
 
     time: float
     scan: sitk.Image
     window: IntensityWindow
     inside: np.ndarray | None = None
+    calibration: Calibration | None = None
 
     def values(self, index: torch.Tensor) -> torch.Tensor:
         """Normalised intensities at flat voxel indices (the same numbers as normalising it whole)."""
-        voxels = sitk.GetArrayViewFromImage(self.scan).reshape(-1)[index.cpu().numpy()]
+        flat = index.cpu().numpy()
+        voxels = sitk.GetArrayViewFromImage(self.scan).reshape(-1)[flat]
+        if self.calibration is not None:
+            voxels = self.calibration.corrected(voxels, flat)
         return torch.from_numpy(self.window.normalise(voxels)).to(index.device)
 
     def weight(self, index: torch.Tensor) -> torch.Tensor:
