@@ -114,7 +114,8 @@ def _body(targets: list[Target], window: IntensityWindow, preset: Preset, report
         return None
     scans = [sitk.GetArrayViewFromImage(target.scan) for target in targets]
     body = body_voxels(scans, float(window.restore(np.float32(BODY_LEVEL))), targets[0].scan.GetSpacing(),
-                       insides=[target.inside for target in targets])
+                       insides=[target.inside for target in targets],
+                       calibrations=[target.calibration for target in targets])
     reporter.message(f"voxels drawn within {BODY_MARGIN_MM:g} mm of the body: {len(body) / scans[0].size:.0%} of the grid")
     return body
 

@@ -229,6 +229,15 @@ class Calibration:
         bias = sum(c * term for c, term in zip(self.bias, _monomials(_positions(index, self.shape))[1:]))
         return ((values - self.offset - bias) / self.scale).astype(np.float32)
 
+    def numbered(self, value: float) -> np.ndarray:
+        """float32 [z, y, x]: what the scan numbers each voxel whose reference number is `value`."""
+        axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32).reshape([n if i == axis else 1 for i in range(3)])
+                for axis, n in enumerate(self.shape)]
+        numbers = np.full(self.shape, self.scale * value + self.offset, np.float32)
+        for c, term in zip(self.bias, _monomials(axes)[1:]):
+            numbers += np.float32(c) * term
+        return numbers
+
 
 def flat_voxels(image: sitk.Image) -> np.ndarray:
     """bool [z, y, x]: the FLAT_SHARE of an image's voxels of least gradient magnitude (Gaussian of its finest
@@ -269,7 +278,7 @@ def _positions(index: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
 
 def _monomials(axes: list[np.ndarray]) -> list[np.ndarray]:
     """The monomials of the coordinates (arrays of one shape) up to BIAS_DEGREE, the constant 1 first."""
-    terms = [np.ones_like(axes[0], dtype=np.float64)]
+    terms = [np.ones_like(axes[0])]
     for degree in range(1, BIAS_DEGREE + 1):
         terms += [reduce(mul, (axes[i] for i in combination))
                   for combination in combinations_with_replacement(range(len(axes)), degree)]

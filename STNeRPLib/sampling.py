@@ -8,6 +8,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .preprocessing import Calibration
+
 STRUCTURE_BAND_MM = 9.0
 """Half-width in mm of the band about a structure's boundary from which structure_points are drawn: inside it
 lie the boundary's positions over the series for motions up to about this much (the shrinking tumour's edge
@@ -45,18 +47,21 @@ BODY_MARGIN_MM = 9.0
 
 
 def body_voxels(scans: list[np.ndarray], threshold: float, spacing_mm: tuple[float, float, float],
-                margin_mm: float = BODY_MARGIN_MM, insides: list[np.ndarray | None] | None = None) -> np.ndarray:
+                margin_mm: float = BODY_MARGIN_MM, insides: list[np.ndarray | None] | None = None,
+                calibrations: list[Calibration | None] | None = None) -> np.ndarray:
     """The flat indices (int32, ascending) of the voxels from which Def-Net draws: in each (z, y) row of the
     grid, every voxel from the first to the last within `margin_mm` of a voxel above `threshold` in any of
     `scans` ([z, y, x] arrays on one grid, in the scans' own units), within its field of view (`insides`, bool
-    like the scans, None: all; padding of 0 HU is no body). A row is taken whole between its ends, so what lies
-    between two edges of the body (the lungs, the bowel's gas) is always drawn from, whatever its intensity.
-    spacing_mm is (x, y, z), as SimpleITK gives it."""
+    like the scans, None: all; padding of 0 HU is no body), a scan whose numbers are calibrated onto the reference's
+    (`calibrations`, None: none) above `threshold` in the reference's numbers. A row is taken whole between its
+    ends, so what lies between two edges of the body (the lungs, the bowel's gas) is always drawn from, whatever
+    its intensity. spacing_mm is (x, y, z), as SimpleITK gives it."""
     if math.prod(scans[0].shape) >= 2 ** 31:
         raise ValueError(f"a grid of {scans[0].shape} voxels is too large to index in int32")
     body = np.zeros(scans[0].shape, bool)
-    for scan, inside in zip(scans, insides or [None] * len(scans)):
-        body |= scan > threshold if inside is None else (scan > threshold) & inside
+    for scan, inside, calibration in zip(scans, insides or [None] * len(scans), calibrations or [None] * len(scans)):
+        above = scan > (threshold if calibration is None else calibration.numbered(threshold))
+        body |= above if inside is None else above & inside
     for axis, spacing in enumerate(spacing_mm[::-1]):
         body = ndimage.maximum_filter1d(body, 2 * int(round(margin_mm / spacing)) + 1, axis=axis)
     width = body.shape[2]

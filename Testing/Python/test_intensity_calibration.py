@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from STNeRPLib.phantom import breathing_series, write_series
 from STNeRPLib.preprocessing import CALIBRATION_TOLERANCE_HU, flat_voxels, intensity_calibration
+from STNeRPLib.sampling import body_voxels
 from worker_cli import stnerp
 
 
@@ -53,6 +54,23 @@ def test_scans_of_one_scanner_are_left_as_scanned():
         assert found is not None and found.change < CALIBRATION_TOLERANCE_HU / 4
 
 
+def body_share(scans: list[sitk.Image], **calibrated) -> float:
+    """The share of the grid Def-Net draws from (sampling.body_voxels at the default's BODY_LEVEL, -900 HU)."""
+    arrays = [sitk.GetArrayViewFromImage(scan) for scan in scans]
+    return body_voxels(arrays, -900.0, scans[0].GetSpacing(), **calibrated).size / arrays[0].size
+
+
+def test_the_body_of_a_cbct_like_follow_up_is_found_in_the_reference_numbers():
+    """Numbered 0.9 x HU + 80, its air lies above -900 (-820 and more): taken as it is numbered, the whole grid was
+    body and Def-Net drew from the air around it; in the reference's numbers its body is the scan's own."""
+    reference, follow_up = SERIES.images[0], SERIES.images[1]
+    scanned = cbct_like(follow_up, noise=20.0)
+    found = intensity_calibration(reference, scanned, flat_voxels(reference), None)
+    truth = body_share([reference, follow_up])
+    assert truth < 0.9 and body_share([reference, scanned]) == 1.0
+    assert abs(body_share([reference, scanned], calibrations=[None, found]) - truth) < 0.01
+
+
 def test_a_series_of_cbct_like_follow_ups_is_fitted_in_the_reference_numbers(tmp_path):
     """End to end: CBCT-like follow-ups (scale 0.9, +80 HU, a bowl of 80 HU, 20 HU of noise) of a breathing
     phantom. The log says each is calibrated, and the landmarks score as for the follow-ups as scanned (0.77 and
@@ -67,6 +85,7 @@ def test_a_series_of_cbct_like_follow_ups_is_fitted_in_the_reference_numbers(tmp
     assert result.returncode == 0, result.stderr
     said = [line for line in result.stderr.splitlines() if "fitted in the reference's numbers" in line]
     assert len(said) == 2 and said[0].startswith(f"time {SERIES.times[1]:g}: CT numbers"), result.stderr
+    assert f"within 9 mm of the body: {body_share(SERIES.images):.0%} of the grid" in result.stderr
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     scores = [p["metrics"]["tre_mean"] for p in record["time_points"] if p["time"] in SERIES.times[1:]]
     assert max(scores) < 1.0, scores
