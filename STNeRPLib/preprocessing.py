@@ -211,7 +211,7 @@ follow-up, run for every series."""
 
 CALIBRATION_TOLERANCE_HU = 10.0
 """A follow-up is calibrated when its intensities differ from the reference's by more than this (Calibration.change).
-Scans of one scanner differed by 0.1 to 1.2 HU on the benchmark's series, CBCT-like ones by 22 to 174
+Scans of one scanner differed by 0.2 to 2.2 HU on the benchmark's five series, CBCT-like ones by 22 to 174
 (docs/presets.md, *Follow-ups in CBCT intensities*)."""
 
 
