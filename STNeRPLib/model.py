@@ -3,7 +3,7 @@ the propagated labelmap at any time, saved to and loaded from one file."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from .deformation import Deformation
 from .errors import InputError
 from .geometry import Grid
 from .networks import RefNet
-from .preprocessing import IntensityWindow
+from .preprocessing import Calibration, IntensityWindow
 from .presets import Preset
 
 
@@ -37,7 +37,8 @@ class SeriesModel:
     scans on the reference grid (in their units, per scanned time; a scan already on that grid is
     the image as read, not a copy, so the scans are held once); `views` the
     fields of view (bool, reference grid) of the follow-ups that do not cover the whole reference
-    grid; `labelmap` the reference segmentation on the same grid, if one was given.
+    grid; `labelmap` the reference segmentation on the same grid, if one was given; `calibrations` the
+    follow-ups whose CT numbers the fit calibrated onto the reference's (not in model.pt: run.json keeps them).
     """
 
     preset: Preset
@@ -52,6 +53,7 @@ class SeriesModel:
     follow_ups: dict[float, sitk.Image]
     views: dict[float, np.ndarray]
     labelmap: np.ndarray | None
+    calibrations: dict[float, Calibration] = field(default_factory=dict)
 
     def normalised_time(self, t: float) -> float:
         """User time -> [0, 1] over the scanned range (outside it for extrapolation)."""

@@ -70,9 +70,10 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     scans = _onto_reference_grid(reference, follow_ups, options, window, reporter)
     sigma = options.preset.smoothing_sigma
     fitted = smoothed(reference, sigma)
+    calibrations = _calibrations(reference, scans, window, options.preset, reporter)
     targets = _targets(fitted, reference_time, scans._replace(images={t: smoothed(image, sigma) for t, image in
                                                                       scans.images.items()}), window, time_range,
-                       _calibrations(reference, scans, window, options.preset, reporter))
+                       calibrations)
     reference_volume = _tensor(window.normalise(sitk.GetArrayViewFromImage(fitted)), device)
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
     bands = structure_bands(labelmap, reference.GetSpacing()) \
@@ -90,7 +91,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
         reporter.message(f"velocity levels kept: {deformation.kept} of {options.preset.velocity_levels} "
                          "(a finer level is kept where it lowers the loss)")
     model = SeriesModel(options.preset, Grid.of(reference), reference_time, time_range, window, options.prior,
-                        deformation, ref_net, reference, scans.images, scans.views, labelmap)
+                        deformation, ref_net, reference, scans.images, scans.views, labelmap, calibrations)
     return model, scans.prealignments
 
 
@@ -373,13 +374,15 @@ def _said(entry: dict, reporter: Reporter) -> dict:
 def _fit_facts(model: SeriesModel, losses: list[tuple[str, int, float]]) -> dict:
     """What a fit did, as run.json records it (for the whole run, or per pair in the short-range scheme):
     Def-Net iterations run, velocity levels kept, each adaptive trial's loss ratio and the bar it was
-    judged against, and Def-Net's Fourier scale of time as fitted (Preset.for_scans; None without a
-    continuous time: one Def-Net per scan)."""
+    judged against, Def-Net's Fourier scale of time as fitted (Preset.for_scans; None without a
+    continuous time: one Def-Net per scan), and the follow-ups whose CT numbers it calibrated, how (HU)."""
     temporal = model.deformation.pairwise_times is None
     return {"defnet_iterations": _last_iteration(losses, "defnet"), "velocity_levels_kept": model.deformation.kept,
             "velocity_level_ratios": model.deformation.trial_ratios,
             "velocity_level_keep_below": keep_below(model.preset),
-            "def_time_sigma": model.preset.def_time_sigma if temporal else None}
+            "def_time_sigma": model.preset.def_time_sigma if temporal else None,
+            "intensity_calibrations": [[t, {"scale": c.scale, "offset_hu": c.offset, "bias_hu": list(c.bias_range),
+                                            "change_hu": c.change}] for t, c in model.calibrations.items()]}
 
 
 def _last_iteration(losses: list[tuple[str, int, float]], stage: str) -> int | None:

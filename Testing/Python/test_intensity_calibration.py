@@ -73,8 +73,8 @@ def test_the_body_of_a_cbct_like_follow_up_is_found_in_the_reference_numbers():
 
 def test_a_series_of_cbct_like_follow_ups_is_fitted_in_the_reference_numbers(tmp_path):
     """End to end: CBCT-like follow-ups (scale 0.9, +80 HU, a bowl of 80 HU, 20 HU of noise) of a breathing
-    phantom. The log says each is calibrated, and the landmarks score as for the follow-ups as scanned (0.77 and
-    0.91 mm when measured; fitted as numbered, 1.17 and 1.23)."""
+    phantom. The log says each is calibrated, run.json records how, and the landmarks score as for the follow-ups
+    as scanned (0.77 and 0.91 mm when measured; fitted as numbered, 1.17 and 1.23)."""
     files = write_series(SERIES, tmp_path / "data")
     for k in (1, 2):
         sitk.WriteImage(cbct_like(SERIES.images[k], noise=20.0, seed=k), str(tmp_path / f"cbct_{k}.nrrd"))
@@ -89,3 +89,7 @@ def test_a_series_of_cbct_like_follow_ups_is_fitted_in_the_reference_numbers(tmp
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     scores = [p["metrics"]["tre_mean"] for p in record["time_points"] if p["time"] in SERIES.times[1:]]
     assert max(scores) < 1.0, scores
+    recorded = dict((t, c) for t, c in record["intensity_calibrations"])      # what a physicist audits
+    assert sorted(recorded) == list(SERIES.times[1:])
+    assert all(abs(c["scale"] - 0.9) < 0.02 and c["change_hu"] > 3 * CALIBRATION_TOLERANCE_HU
+               and c["bias_hu"][0] < c["bias_hu"][1] for c in recorded.values()), recorded
