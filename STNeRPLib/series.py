@@ -96,7 +96,8 @@ WORK_BYTES_PER_VOXEL = 36
 """Beyond the scans, per voxel of the reference grid, the most that is held at once (bytes): while
 training, the normalised reference (4) and its cubic B-spline prior (16 kept, 28 while built:
 float64 coefficients and their padded copy), then the body's voxel indices (4 kept, 8 while found:
-sampling.body_voxels); while writing a time point, the field (12) and its
+sampling.body_voxels, with its mask (1) and, for a calibrated follow-up, the numbers of its body level (4) and the
+comparison (1): 34 in all with the reference and the prior); while writing a time point, the field (12) and its
 image (12), the predicted image (4), the labelmap (2) and the Jacobian (4)."""
 RESAMPLED_BYTES_PER_VOXEL = 5
 """Per follow-up not on the reference grid (or pre-aligned): its float32 copy on that grid and the
