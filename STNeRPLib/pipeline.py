@@ -21,8 +21,9 @@ from .geometry import Grid
 from .metrics import map_points, target_registration_error
 from .model import SeriesModel, labels_in, new_ref_net, normalise_time
 from .networks import RefNet
-from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, Calibration, IntensityWindow, affine_prealignment, find_padding,
-                            flat_voxels, intensity_calibration, intensity_method, on_grid, smoothed)
+from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, Calibration, IntensityWindow,
+                            affine_prealignment, find_padding, flat_voxels, intensity_calibration,
+                            intensity_method, on_grid, smoothed)
 from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
@@ -171,8 +172,8 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
 def _calibrations(reference: sitk.Image, scans: _Resampled, window: IntensityWindow, preset: Preset,
                   reporter: Reporter) -> dict[float, Calibration]:
     """With preset.calibrate_intensities, the calibration of each CT follow-up whose numbers differ from the
-    reference's by more than CALIBRATION_TOLERANCE_HU (intensity_calibration), said; Def-Net fits it in the
-    reference's numbers."""
+    reference's by more than CALIBRATION_TOLERANCE_HU (intensity_calibration) by a scale within 0.5 to 2 (else no
+    line was found), said; Def-Net fits it in the reference's numbers."""
     if not preset.calibrate_intensities or (window.low, window.high) != CT_WINDOW:
         return {}
     flat_reference = flat_voxels(reference)

@@ -232,17 +232,17 @@ class Calibration:
     def corrected(self, values: np.ndarray, index: np.ndarray) -> np.ndarray:
         """The scan's values at flat voxel indices in the reference's numbers (float32): (value - offset - bias) /
         scale."""
-        bias = sum(c * term for c, term in zip(self.bias, _monomials(_positions(index, self.shape))[1:]))
-        return ((values - self.offset - bias) / self.scale).astype(np.float32)
+        return ((values - self.offset - self._bias(_positions(index, self.shape))) / self.scale).astype(np.float32)
 
     def numbered(self, value: float) -> np.ndarray:
         """float32 [z, y, x]: what the scan numbers each voxel whose reference number is `value`."""
         axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32).reshape([n if i == axis else 1 for i in range(3)])
                 for axis, n in enumerate(self.shape)]
-        numbers = np.full(self.shape, self.scale * value + self.offset, np.float32)
-        for c, term in zip(self.bias, _monomials(axes)[1:]):
-            numbers += np.float32(c) * term
-        return numbers
+        return np.broadcast_to(self.scale * value + self.offset + self._bias(axes), self.shape).astype(np.float32)
+
+    def _bias(self, positions: list[np.ndarray]) -> np.ndarray:
+        """The bias (HU) at positions (each axis in [-1, 1]; arrays of one shape, or broadcasting to one)."""
+        return sum(np.float32(c) * term for c, term in zip(self.bias, _monomials(positions)[1:]))
 
 
 def calibration_step(image: sitk.Image) -> int:

@@ -20,7 +20,8 @@ def cbct_like(image: sitk.Image, scale: float = 0.9, offset: float = 80.0, cuppi
     at the middle of the grid's edges (a bowl: a paraboloid), plus Gaussian noise (HU); int16."""
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
     _, y, x = np.indices(hu.shape)
-    radius2 = ((y - (hu.shape[1] - 1) / 2) / (hu.shape[1] / 2)) ** 2 + ((x - (hu.shape[2] - 1) / 2) / (hu.shape[2] / 2)) ** 2
+    half_height, half_width = hu.shape[1] / 2, hu.shape[2] / 2
+    radius2 = ((y - half_height + 0.5) / half_height) ** 2 + ((x - half_width + 0.5) / half_width) ** 2
     numbers = scale * hu + offset - cupping * (1 - radius2)
     numbers += np.random.default_rng(seed).normal(0.0, noise, hu.shape)
     result = sitk.GetImageFromArray(np.rint(numbers).astype(np.int16))
