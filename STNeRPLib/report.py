@@ -531,11 +531,14 @@ def _final_weights(average_last: float) -> str:
 
 def _metrics_table(record: dict, names: Names) -> str:
     """One row per time point; with a segmentation, the structures its propagated labelmap lost (labels_lost; a
-    record from before it has no such column); with a scan covering part of the grid, the share each covers."""
+    record from before it has no such column); with a scan covering part of the grid, the share each covers; with a
+    follow-up whose CT numbers the fit calibrated, how."""
     labels = sorted({int(k) for p in record["time_points"] for k in p["metrics"].get("dice", {})})
     lost = any("labels_lost" in p for p in record["time_points"])
     partial = any("field_of_view" in p for p in record["time_points"])
-    head = ["time", "scanned"] + (["field of view (of the grid)"] if partial else []) + [
+    calibrations = _calibrations(record)
+    head = ["time", "scanned"] + (["field of view (of the grid)"] if partial else []) + (
+        ["CT numbers fitted as (HU)"] if calibrations else []) + [
         "folded voxels", "det J min", "det J max", "PSNR (dB)", "SSIM", "TRE mean (mm)",
         "TRE max (mm)"] + [f"Dice {names[k]}" for k in labels] + (["structures lost"] if lost else [])
     rows = []
@@ -543,13 +546,30 @@ def _metrics_table(record: dict, names: Names) -> str:
         m = p["metrics"]
         covered = [] if not partial else [f"{p['field_of_view']:.0%}" if "field_of_view" in p else
                                           "all" if p.get("scanned") else ""]
-        values = [p["time"], "yes" if p.get("scanned") else "no (predicted)", *covered, m.get("folded_voxels"),
+        numbers = [] if not calibrations else [_calibrated(calibrations[p["time"]]) if p["time"] in calibrations else
+                                               "as scanned" if p.get("scanned") else ""]
+        values = [p["time"], "yes" if p.get("scanned") else "no (predicted)", *covered, *numbers, m.get("folded_voxels"),
                   m.get("jacobian_min"), m.get("jacobian_max"), m.get("psnr"), m.get("ssim"), m.get("tre_mean"),
                   m.get("tre_max")] + [m.get("dice", {}).get(str(k)) for k in labels]
         if lost:
             values.append(", ".join(names[k] for k in p.get("labels_lost", [])) or "none")
         rows.append(values)
     return _grid(head, rows)
+
+
+def _calibrations(record: dict) -> dict[float, dict]:
+    """Time -> how the fit calibrated that follow-up's CT numbers (run.json's intensity_calibrations: the run's, or
+    with --scheme short each pair's in its time point)."""
+    pairs = [*record.get("intensity_calibrations", []),
+             *(pair for p in record["time_points"] for pair in p.get("intensity_calibrations", []))]
+    return {float(t): calibration for t, calibration in pairs}
+
+
+def _calibrated(calibration: dict) -> str:
+    """A calibration as the table says it: the follow-up's numbers as the reference's map onto them."""
+    low, high = calibration["bias_hu"]
+    return (f"{calibration['scale']:.3f} × the reference's {calibration['offset_hu']:+.0f}, a bias of {low:+.0f} to "
+            f"{high:+.0f} (calibrated: {calibration['change_hu']:.0f} off)")
 
 
 def _grid(head: list[str], rows: list[list]) -> str:

@@ -74,15 +74,15 @@ def test_the_body_of_a_cbct_like_follow_up_is_found_in_the_reference_numbers():
 
 def test_a_series_of_cbct_like_follow_ups_is_fitted_in_the_reference_numbers(tmp_path):
     """End to end: CBCT-like follow-ups (scale 0.9, +80 HU, a bowl of 80 HU, 20 HU of noise) of a breathing
-    phantom. The log says each is calibrated, run.json records how, and the landmarks score as for the follow-ups
-    as scanned (0.77 and 0.91 mm when measured; fitted as numbered, 1.17 and 1.23)."""
+    phantom. The log says each is calibrated, run.json and the report record how, and the landmarks score as for
+    the follow-ups as scanned (0.77 and 0.91 mm when measured; fitted as numbered, 1.17 and 1.23)."""
     files = write_series(SERIES, tmp_path / "data")
     for k in (1, 2):
         sitk.WriteImage(cbct_like(SERIES.images[k], noise=20.0, seed=k), str(tmp_path / f"cbct_{k}.nrrd"))
     result = stnerp("train", "--reference", files["images"][0], "--reference-time", SERIES.times[0],
                     "--follow-up", tmp_path / "cbct_1.nrrd", SERIES.times[1], "--follow-up", tmp_path / "cbct_2.nrrd",
                     SERIES.times[2], "--landmarks", files["landmarks"], "--output", tmp_path / "run",
-                    "--iterations", 300, "--no-report")
+                    "--iterations", 300)
     assert result.returncode == 0, result.stderr
     said = [line for line in result.stderr.splitlines() if "fitted in the reference's numbers" in line]
     assert len(said) == 2 and said[0].startswith(f"time {SERIES.times[1]:g}: CT numbers"), result.stderr
@@ -94,3 +94,6 @@ def test_a_series_of_cbct_like_follow_ups_is_fitted_in_the_reference_numbers(tmp
     assert sorted(recorded) == list(SERIES.times[1:])
     assert all(abs(c["scale"] - 0.9) < 0.02 and c["change_hu"] > 3 * CALIBRATION_TOLERANCE_HU
                and c["bias_hu"][0] < c["bias_hu"][1] for c in recorded.values()), recorded
+    page = (tmp_path / "run" / "report" / "index.html").read_text()         # and the report's metrics table
+    assert "<th>CT numbers fitted as (HU)</th>" in page and page.count("× the reference&#x27;s") == 2
+    assert f"<td>{recorded[SERIES.times[1]]['scale']:.3f} × the reference" in page and "<td>as scanned</td>" in page
