@@ -548,9 +548,9 @@ def _metrics_table(record: dict, names: Names) -> str:
                                           "all" if p.get("scanned") else ""]
         numbers = [] if not calibrations else [_calibrated(calibrations[p["time"]]) if p["time"] in calibrations else
                                                "as scanned" if p.get("scanned") else ""]
-        values = [p["time"], "yes" if p.get("scanned") else "no (predicted)", *covered, *numbers, m.get("folded_voxels"),
-                  m.get("jacobian_min"), m.get("jacobian_max"), m.get("psnr"), m.get("ssim"), m.get("tre_mean"),
-                  m.get("tre_max")] + [m.get("dice", {}).get(str(k)) for k in labels]
+        values = [p["time"], "yes" if p.get("scanned") else "no (predicted)", *covered, *numbers,
+                  m.get("folded_voxels"), m.get("jacobian_min"), m.get("jacobian_max"), m.get("psnr"), m.get("ssim"),
+                  m.get("tre_mean"), m.get("tre_max")] + [m.get("dice", {}).get(str(k)) for k in labels]
         if lost:
             values.append(", ".join(names[k] for k in p.get("labels_lost", [])) or "none")
         rows.append(values)
