@@ -418,7 +418,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--image", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
                           help="the real image at a time of the run (PSNR, SSIM)")
     evaluate.add_argument("--ground-truth", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
-                          help="a ground-truth labelmap (or RTSTRUCT or SEG) at a time of the run (Dice)")
+                          help="a ground-truth labelmap (or .seg.nrrd, RTSTRUCT or SEG) at a time of the run (Dice)")
     evaluate.add_argument("--landmarks", metavar="CSV", help="landmark pairs (TRE)")
     batch = _command(subcommands, "batch", "train every series of a cohort on Dask (one run folder per patient)")
     batch.add_argument("--cohort", required=True, type=Path, metavar="CSV",

@@ -243,7 +243,7 @@ def labels_by_name(truth: str | Path, segmentation: str | Path | None) -> dict[s
 
 
 def _require_one_roi_per_name(path: str | Path, names: dict[int, str], keys: set[str]) -> None:
-    """InputError when two ROIs of `names` (ROI Number -> ROI Name) share a name of `keys` (as matched: _key)."""
+    """InputError when two ROIs of `names` (ROI Number -> ROI Name) share a name of `keys` (as matched: name_key)."""
     for key in sorted(keys):
         numbers = [number for number, name in names.items() if name_key(name) == key]
         if len(numbers) > 1:
@@ -283,7 +283,7 @@ def rtstruct_labelmap(dataset, grid: Grid, path: str | Path, what: str,
         if filled.size:
             voxels.append(filled)
             numbers.append(_label(number, f"{what} {path}: ROI {name!r} has ROI Number"))
-    return _painted(voxels, numbers, grid)
+    return painted(voxels, numbers, grid)
 
 
 def _label(number: int, where: str) -> int:
@@ -293,7 +293,7 @@ def _label(number: int, where: str) -> int:
     return number
 
 
-def _painted(voxels: list[np.ndarray], numbers: list[int], grid: Grid) -> sitk.Image:
+def painted(voxels: list[np.ndarray], numbers: list[int], grid: Grid) -> sitk.Image:
     """The labelmap (uint16) on `grid` of structures (each its flat voxel indices, [z, y, x] order, and its label),
     a voxel in several going to the smallest (paint_order)."""
     labelmap = np.zeros(int(np.prod(grid.shape)), np.uint16)
@@ -331,7 +331,7 @@ def seg_labelmap(dataset, grid: Grid, path: str | Path, what: str, labels: dict[
             voxels.setdefault(label, []).append(_placed_frame(mask, _frame_origin(groups, shared, grid, where), grid,
                                                               where))
     numbers = list(voxels)
-    return _painted([np.unique(np.concatenate(voxels[number])) for number in numbers], numbers, grid)
+    return painted([np.unique(np.concatenate(voxels[number])) for number in numbers], numbers, grid)
 
 
 def _frame_segments(dataset, frame: np.ndarray, groups, names: dict[int, str]) -> list[tuple[int, np.ndarray]]:

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .dicom_in import SLICE_TOLERANCE_MM, series_files, structure_file, structures_labelmap
+from .dicom_in import SLICE_TOLERANCE_MM, painted, series_files, structure_file, structures_labelmap
 from .errors import InputError
 from .geometry import Grid
-from .slicer_segmentation import merged_labelmap
+from .slicer_segmentation import segment_voxels
 
 FORMATS = "NRRD, NIfTI, MHA or a DICOM series: its folder or one of its files"
 MAX_LABEL = 65535  # labelmaps are kept and written as UInt16
@@ -78,8 +78,9 @@ def read_labelmap(path: str | Path, grid: Grid, what: str, roi_labels: dict[str,
     structures = structure_file(path)
     if structures is None:
         image = _read(Path(path), what)
-        merged = merged_labelmap(image, roi_labels)
-        image = image if merged is None else merged
+        segmented = segment_voxels(image, roi_labels)
+        if segmented is not None:
+            image = painted(*segmented, Grid.of(image))
     else:
         image = structures_labelmap(structures, grid, path, what, roi_labels)
     if image.GetNumberOfComponentsPerPixel() > 1 or image.GetDimension() == 4:

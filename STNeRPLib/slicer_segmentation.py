@@ -7,7 +7,7 @@ GTV drawn inside its lung) are saved in layers of their own, one component each,
 from layer to layer. Files of Slicer 4.10 and before have no layer key: one component per segment, value 1.
 
 The segments are merged into one label per voxel as the panel merges a scene's segments and dicom_in an RT
-Structure Set's ROIs: a voxel in several goes to the smallest (contract.paint_order). Each segment's label is its
+Structure Set's ROIs: a voxel in several goes to the smallest (dicom_in.painted). Each segment's label is its
 label value when no two segments share one (a file of one layer reads as its voxels are stored), else its place
 in the file, 1, 2, ... (the order of Slicer's segment list, as the panel numbers the segments it sends).
 """
@@ -20,8 +20,6 @@ from typing import Protocol
 import numpy as np
 import SimpleITK as sitk
 
-from .contract import paint_order
-from .geometry import Grid
 
 
 class _MetaData(Protocol):
@@ -86,11 +84,12 @@ def name_key(name: str) -> str:
     return name.strip().casefold()
 
 
-def merged_labelmap(image: sitk.Image, by_name: dict[str, int] | None = None) -> sitk.Image | None:
-    """A Slicer segmentation as one labelmap (uint16, on the image's grid), each segment under its label
-    (`labels`), or under by_name's label for its name (name_key; a segment of another name is left out), a voxel in
-    several segments going to the smallest. None when there is nothing to merge or renumber: an image without
-    segment metadata, or of one layer read under its own label values."""
+def segment_voxels(image: sitk.Image, by_name: dict[str, int] | None = None
+                   ) -> tuple[list[np.ndarray], list[int]] | None:
+    """A Slicer segmentation's segments as (flat voxel indices in [z, y, x] order, label) of each, to be painted
+    into one labelmap (dicom_in.painted): each under its label (`labels`), or under by_name's label for its name
+    (name_key; a segment of another name has no voxels). None when there is nothing to merge or renumber: an image
+    without segment metadata, or of one layer read under its own label values."""
     found = segments(image)
     if not found or (image.GetNumberOfComponentsPerPixel() == 1 and by_name is None):
         return None
@@ -99,7 +98,4 @@ def merged_labelmap(image: sitk.Image, by_name: dict[str, int] | None = None) ->
     numbers = labels(found) if by_name is None else [by_name.get(name_key(s.name), 0) for s in found]
     voxels = [np.flatnonzero(layers[..., s.layer] == s.value) if number and s.layer < layers.shape[-1]
               else np.empty(0, np.intp) for s, number in zip(found, numbers)]
-    merged = np.zeros(layers.shape[:-1], np.uint16).reshape(-1)
-    for i in paint_order(voxels):
-        merged[voxels[i]] = numbers[i]
-    return Grid.of(image).image(merged.reshape(layers.shape[:-1]))
+    return voxels, numbers
