@@ -183,6 +183,25 @@ def _plain(value):
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
+def intensity_calibrations(record: dict) -> dict[float, dict]:
+    """Time -> how the fit calibrated that follow-up's CT numbers onto the reference's (run.json's
+    intensity_calibrations: the run's, or with --scheme short each pair's in its time point)."""
+    pairs = [*record.get("intensity_calibrations", []),
+             *(pair for p in record.get("time_points") or [] for pair in p.get("intensity_calibrations", []))]
+    return {float(t): calibration for t, calibration in pairs}
+
+
+def numbering(calibration: dict | None, scanned: bool) -> str:
+    """How a time point's CT numbers were fitted, as the report's and the panel's tables say it (HU): "0.867 × the
+    reference's +8, a bias of -0 to +61 (calibrated: 172 off)" for a calibrated follow-up, "as scanned" for
+    another scan, "" where no scan was taken."""
+    if calibration is None:
+        return "as scanned" if scanned else ""
+    low, high = calibration["bias_hu"]
+    return (f"{calibration['scale']:.3f} × the reference's {calibration['offset_hu']:+.0f}, a bias of {low:+.0f} to "
+            f"{high:+.0f} (calibrated: {calibration['change_hu']:.0f} off)")
+
+
 def is_complete(record: dict) -> bool:
     return record.get("status") == STATUS_COMPLETE
 

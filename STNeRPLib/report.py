@@ -28,7 +28,7 @@ import SimpleITK as sitk
 import torch
 
 from . import report_figures as figures
-from .contract import is_complete, time_point_folder
+from .contract import intensity_calibrations, is_complete, numbering, time_point_folder
 from .dicom_in import named_structures, series_files
 from .errors import InputError
 from .record import load_record
@@ -536,7 +536,7 @@ def _metrics_table(record: dict, names: Names) -> str:
     labels = sorted({int(k) for p in record["time_points"] for k in p["metrics"].get("dice", {})})
     lost = any("labels_lost" in p for p in record["time_points"])
     partial = any("field_of_view" in p for p in record["time_points"])
-    calibrations = _calibrations(record)
+    calibrations = intensity_calibrations(record)
     head = ["time", "scanned"] + (["field of view (of the grid)"] if partial else []) + (
         ["CT numbers fitted as (HU)"] if calibrations else []) + [
         "folded voxels", "det J min", "det J max", "PSNR (dB)", "SSIM", "TRE mean (mm)",
@@ -546,8 +546,7 @@ def _metrics_table(record: dict, names: Names) -> str:
         m = p["metrics"]
         covered = [] if not partial else [f"{p['field_of_view']:.0%}" if "field_of_view" in p else
                                           "all" if p.get("scanned") else ""]
-        numbers = [] if not calibrations else [_calibrated(calibrations[p["time"]]) if p["time"] in calibrations else
-                                               "as scanned" if p.get("scanned") else ""]
+        numbers = [numbering(calibrations.get(p["time"]), p.get("scanned"))] if calibrations else []
         values = [p["time"], "yes" if p.get("scanned") else "no (predicted)", *covered, *numbers,
                   m.get("folded_voxels"), m.get("jacobian_min"), m.get("jacobian_max"), m.get("psnr"), m.get("ssim"),
                   m.get("tre_mean"), m.get("tre_max")] + [m.get("dice", {}).get(str(k)) for k in labels]
@@ -555,21 +554,6 @@ def _metrics_table(record: dict, names: Names) -> str:
             values.append(", ".join(names[k] for k in p.get("labels_lost", [])) or "none")
         rows.append(values)
     return _grid(head, rows)
-
-
-def _calibrations(record: dict) -> dict[float, dict]:
-    """Time -> how the fit calibrated that follow-up's CT numbers (run.json's intensity_calibrations: the run's, or
-    with --scheme short each pair's in its time point)."""
-    pairs = [*record.get("intensity_calibrations", []),
-             *(pair for p in record["time_points"] for pair in p.get("intensity_calibrations", []))]
-    return {float(t): calibration for t, calibration in pairs}
-
-
-def _calibrated(calibration: dict) -> str:
-    """A calibration as the table says it: the follow-up's numbers as the reference's map onto them."""
-    low, high = calibration["bias_hu"]
-    return (f"{calibration['scale']:.3f} × the reference's {calibration['offset_hu']:+.0f}, a bias of {low:+.0f} to "
-            f"{high:+.0f} (calibrated: {calibration['change_hu']:.0f} off)")
 
 
 def _grid(head: list[str], rows: list[list]) -> str:

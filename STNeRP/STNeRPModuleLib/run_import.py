@@ -102,7 +102,8 @@ def import_run(scene: slicer.vtkMRMLScene, run_dir: str,
             result.time_points[t] = entry
         if create_sequences and len(result.time_points) > 1:
             _create_sequences(scene, result, name)
-        result.table = create_metrics_table(scene, f"{name} metrics", time_points, segment_map)
+        result.table = create_metrics_table(scene, f"{name} metrics", time_points, segment_map,
+                                            contract.intensity_calibrations(record))
         result.table.SetAttribute(RUN_ATTRIBUTE, run_dir)
         place_in_folder(sh, result.table, result.folder_item)
         _import_report_data(scene, result, name, segment_map)
@@ -284,10 +285,13 @@ def _metric_number(value: object) -> float:
 
 
 def create_metrics_table(scene: slicer.vtkMRMLScene, name: str, time_points: Iterable[dict],
-                         segment_map: list[dict] | None = None) -> slicer.vtkMRMLTableNode:
+                         segment_map: list[dict] | None = None,
+                         calibrations: dict[float, dict] | None = None) -> slicer.vtkMRMLTableNode:
     """A NEW table node: one row per time point, columns time, scanned, folded voxels,
     Jacobian min/max, PSNR, SSIM, Dice per segment (by name), TRE mean/std/max and, for a run that
-    records them, the segments its propagated labelmap lost there (by name; "none")."""
+    records them, the segments its propagated labelmap lost there (by name; "none"), the share of the grid
+    each scan covers (%; NaN where none was taken) and how the fit numbered each scan's CT numbers
+    (calibrations: contract.intensity_calibrations; contract.numbering says each as the report does)."""
     names = {str(e["value"]): e["name"] for e in (segment_map or [])}
     dice_keys = list(dict.fromkeys(str(k) for tp in time_points for k in (tp.get("metrics") or {}).get("dice") or {}))
     columns = [("time", "time"), ("scanned", "scanned"), ("folded_voxels", "folded voxels"),
@@ -304,15 +308,29 @@ def create_metrics_table(scene: slicer.vtkMRMLScene, name: str, time_points: Ite
         for tp in rows:
             array.InsertNextValue(_metric_number(_cell(tp, key)))
         table.AddColumn(array)
-    if any("labels_lost" in tp for tp in rows):
-        lost = vtk.vtkStringArray()
-        lost.SetName("segments lost")
+    if any("field_of_view" in tp for tp in rows):
+        covered = vtk.vtkDoubleArray()
+        covered.SetName("field of view (% of the grid)")
         for tp in rows:
-            lost_names = [names.get(str(k), f"label {k}") for k in tp.get("labels_lost", [])]
-            lost.InsertNextValue(", ".join(lost_names) or "none")
-        table.AddColumn(lost)
+            covered.InsertNextValue(100.0 * tp.get("field_of_view", 1.0) if tp.get("scanned") else float("nan"))
+        table.AddColumn(covered)
+    if calibrations:
+        _add_text_column(table, "CT numbers fitted as (HU)",
+                         [contract.numbering(calibrations.get(float(tp["time"])), tp.get("scanned")) for tp in rows])
+    if any("labels_lost" in tp for tp in rows):
+        _add_text_column(table, "segments lost", [", ".join(names.get(str(k), f"label {k}")
+                                                            for k in tp.get("labels_lost", [])) or "none"
+                                                  for tp in rows])
     table_node.Modified()
     return table_node
+
+
+def _add_text_column(table: vtk.vtkTable, title: str, values: Sequence[str]) -> None:
+    column = vtk.vtkStringArray()
+    column.SetName(title)
+    for value in values:
+        column.InsertNextValue(value)
+    table.AddColumn(column)
 
 
 def _cell(tp: dict, key: str) -> object:

@@ -5,6 +5,7 @@ writes known analytic fields, so every number the module puts in the scene can b
 """
 
 import os
+import shutil
 import sys
 import time
 
@@ -475,6 +476,46 @@ def test_metrics_table_names_the_segments_a_time_point_lost():
     assert [lost.GetValue(r) for r in range(2)] == ["none", "node 4R, label 7"]
     before = run_import.create_metrics_table(scene, "old", [{"time": 0.0, "metrics": {}}], segments).GetTable()
     assert before.GetColumnByName("segments lost") is None
+
+
+def test_metrics_table_says_how_each_scan_was_fitted():
+    """A run whose fit calibrated a follow-up's CT numbers (a CBCT's) and one of whose scans covers part of the grid:
+    the panel's table says, per time, the calibration as the report says it ("as scanned" for the others) and the
+    share of the grid each scan covers, which only run.json and the report gave; a run without either has neither
+    column."""
+    scene = slicer.vtkMRMLScene()
+    calibration = {"scale": 0.867, "offset_hu": 8.2, "bias_hu": [-0.3, 61.0], "change_hu": 172.4}
+    points = [{"time": 0.0, "scanned": True, "metrics": {}}, {"time": 1.0, "scanned": False, "metrics": {}},
+              {"time": 2.0, "scanned": True, "metrics": {}, "field_of_view": 0.8},
+              {"time": 3.0, "scanned": True, "metrics": {}}]
+    table = run_import.create_metrics_table(scene, "m", points, calibrations={3.0: calibration}).GetTable()
+    numbers = table.GetColumnByName("CT numbers fitted as (HU)")
+    assert [numbers.GetValue(r) for r in range(4)] == [
+        "as scanned", "", "as scanned", "0.867 × the reference's +8, a bias of -0 to +61 (calibrated: 172 off)"]
+    covered = table.GetColumnByName("field of view (% of the grid)")
+    assert [covered.GetValue(r) for r in (0, 2, 3)] == [100.0, 80.0, 100.0] and np.isnan(covered.GetValue(1))
+    before = run_import.create_metrics_table(scene, "old", [{"time": 0.0, "scanned": True, "metrics": {}}]).GetTable()
+    assert before.GetColumnByName("CT numbers fitted as (HU)") is None
+    assert before.GetColumnByName("field of view (% of the grid)") is None
+
+
+def test_an_imported_run_that_calibrated_a_follow_up_says_so_in_its_table(trained, tmp_path):
+    """The run's own record read on import: a follow-up whose CT numbers the fit calibrated (run.json's
+    intensity_calibrations) is named so in the imported metrics table."""
+    folder = tmp_path / "run"
+    shutil.copytree(trained["result"].run_dir, folder)
+    record = contract.read_run(folder)
+    for tp in record["time_points"]:
+        tp.pop("labelmap", None)                        # no segment map needed to import it
+    record["intensity_calibrations"] = [[2.0, {"scale": 0.9, "offset_hu": 80.0, "bias_hu": [-80.0, 0.0],
+                                               "change_hu": 95.0}]]
+    contract.write_run(folder, record)
+    scene, seg_logic = new_scene()
+    table = run_import.import_run(scene, str(folder), seg_logic).table.GetTable()
+    times = [table.GetColumnByName("time").GetValue(r) for r in range(table.GetNumberOfRows())]
+    numbers = table.GetColumnByName("CT numbers fitted as (HU)")
+    assert numbers.GetValue(times.index(2.0)) == "0.900 × the reference's +80, a bias of -80 to +0 (calibrated: 95 off)"
+    assert numbers.GetValue(times.index(1.0)) == "as scanned"
 
 
 def test_module_results_are_new_nodes_under_one_folder(trained):
