@@ -69,6 +69,23 @@ def body_mask(image: sitk.Image, threshold: float = -500.0) -> np.ndarray:
     return labels == (1 + int(np.argmax(sizes)))
 
 
+def cbct_like(image: sitk.Image, scale: float = 0.9, offset: float = 80.0, cupping: float = 80.0,
+              noise: float = 0.0, seed: int = 0) -> sitk.Image:
+    """The scan as a cone-beam CT might number it (int16): scale x HU + offset, less `cupping` HU at the axial
+    centre falling to 0 at the middle of the grid's edges (a bowl: a paraboloid), plus Gaussian noise (HU)."""
+    hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    half_height, half_width = hu.shape[1] / 2, hu.shape[2] / 2
+    y, x = np.ogrid[:hu.shape[1], :hu.shape[2]]
+    radius2 = ((y - half_height + 0.5) / half_height) ** 2 + ((x - half_width + 0.5) / half_width) ** 2
+    hu *= scale
+    hu += (offset - cupping * (1 - radius2)).astype(np.float32)
+    if noise:
+        hu += np.random.default_rng(seed).normal(0.0, noise, hu.shape).astype(np.float32)
+    result = sitk.GetImageFromArray(np.rint(hu).astype(np.int16))
+    result.CopyInformation(image)
+    return result
+
+
 def write_series(folder: Path, name: str, description: str, times, images, labelmaps, displacements,
                  bodies, landmarks, labels: dict[int, str], heldout: int, extra: dict | None = None) -> Path:
     folder = Path(folder)

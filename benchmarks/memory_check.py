@@ -3,10 +3,13 @@ within 8 GB peak RSS), per stage, with the time each stage took.
 
     .venv/bin/python benchmarks/memory_check.py                          # 512x512x300 x 10 phases
     .venv/bin/python benchmarks/memory_check.py --size 256 256 150 --phases 4
+    .venv/bin/python benchmarks/memory_check.py --cbct     # the follow-ups in CBCT numbers: each calibrated
 
 The series is the breathing phantom (STNeRPLib.phantom) computed at a quarter of the resolution and
 resampled (linearly) to the asked size over the same field of view, stored as int16 NRRD like a CT,
-with its reference labelmap and landmarks. The worker runs as a real subprocess (`python -m
+with its reference labelmap and landmarks; with --cbct its follow-ups numbered as a cone-beam CT might number
+them (benchmarks.data.cbct_like: 0.9 x HU + 80 less a bowl of 80 HU), so that the worker calibrates each onto the
+reference's numbers. The worker runs as a real subprocess (`python -m
 STNeRPLib train ... --json-events`); the resident memory (VmRSS) of its whole process tree is sampled
 every 0.1 s, and each sample is counted to the stage that the worker's events say is under way:
 loading (until the first progress event), refnet / defnet (training), outputs k (one per time point;
@@ -32,6 +35,7 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.data import cbct_like  # noqa: E402
 from benchmarks.provenance import commit_label  # noqa: E402
 
 from STNeRPLib.phantom import breathing_series  # noqa: E402
@@ -40,9 +44,10 @@ FIELD_OF_VIEW_MM = (288.0, 288.0, 256.0)   # the default phantom's: 96 x 96 x 64
 SAMPLE_SECONDS = 0.1
 
 
-def build_series(folder: Path, size: tuple[int, int, int], phases: int) -> dict:
+def build_series(folder: Path, size: tuple[int, int, int], phases: int, cbct: bool = False) -> dict:
     """Images (int16 NRRD, uncompressed), the reference labelmap and landmarks of a breathing phantom
-    of `phases` phases at `size` voxels over FIELD_OF_VIEW_MM. Reused when already built."""
+    of `phases` phases at `size` voxels over FIELD_OF_VIEW_MM, with `cbct` the follow-ups CBCT-like. Reused when
+    already built."""
     done = folder / "series.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -57,6 +62,8 @@ def build_series(folder: Path, size: tuple[int, int, int], phases: int) -> dict:
     files = {"images": [], "times": list(phantom.times)}
     for k, image in enumerate(phantom.images):
         fine = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkInt16)
+        if cbct and k > 0:
+            fine = cbct_like(fine)
         files["images"].append(str(folder / f"image_{k}.nrrd"))
         sitk.WriteImage(fine, files["images"][-1], useCompression=False)
         del fine
@@ -159,6 +166,7 @@ def run_worker(files: dict, output: Path, iterations: int, threads: int) -> dict
             "stages": [{"stage": s, "peak_rss_gb": round(stages.peak.get(s, 0) / 1e9, 3),
                         "seconds": round(stages.seconds.get(s, 0.0), 1)} for s in stages.seconds],
             "error": next((e["message"] for e in stages.events if e.get("event") == "error"), None),
+            "calibrated": sum("fitted in the reference's numbers" in line for line in errors),
             "stderr_tail": "".join(errors[-5:])}
 
 
@@ -175,7 +183,9 @@ def markdown(result: dict) -> str:
              "", f"commit {m['commit']}, {m['date']}, {m['cores']} cores, {m['mem_total_gb']} GB RAM, "
              f"load average before {' '.join(m['loadavg'])}, after {' '.join(result['loadavg_after'])} "
              "(machine shared with other jobs)", "",
-             f"`--iterations {result['iterations']} --threads {result['threads']}`, segmentation and landmarks; "
+             f"`--iterations {result['iterations']} --threads {result['threads']}`, segmentation and landmarks"
+             + (f", the follow-ups CBCT-like ({r['calibrated']} of {result['phases'] - 1} calibrated)"
+                if result.get("cbct") else "") + "; "
              f"exit code {r['returncode']}, wall {r['wall_seconds']} s", "",
              f"**Peak RSS of the worker's process tree: {r['peak_rss_gb']:.2f} GB** "
              f"(getrusage max RSS of the worker {r['worker_maxrss_gb']:.2f} GB; budget {result['budget_gb']} GB)", "",
@@ -192,6 +202,8 @@ def main() -> int:
     parser.add_argument("--phases", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cbct", action="store_true",
+                        help="number the follow-ups as a CBCT might (each then calibrated by the worker)")
     parser.add_argument("--budget-gb", type=float, default=8.0)
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/stnerp_memory_check"))
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -199,16 +211,16 @@ def main() -> int:
                         help="keep the run's outputs in --scratch (removed after measuring: GBs per run)")
     args = parser.parse_args()
     size = tuple(args.size)
-    name = "x".join(map(str, size)) + f"x{args.phases}"
+    name = "x".join(map(str, size)) + f"x{args.phases}" + ("_cbct" if args.cbct else "")
     print(f"[memory check] building the {name} series in {args.scratch}", flush=True)
-    files = build_series(args.scratch / name, size, args.phases)
+    files = build_series(args.scratch / name, size, args.phases, args.cbct)
     output = args.scratch / f"run_{name}_{time.strftime('%H%M%S')}"
     before = machine()
     print(f"[memory check] training into {output}; load average {' '.join(before['loadavg'])}", flush=True)
     run = run_worker(files, output, args.iterations, args.threads)
     if not args.keep_output:
         shutil.rmtree(output, ignore_errors=True)
-    result = {"size": list(size), "phases": args.phases, "iterations": args.iterations, "threads": args.threads,
+    result = {"size": list(size), "phases": args.phases, "cbct": args.cbct, "iterations": args.iterations, "threads": args.threads,
               "budget_gb": args.budget_gb, "machine": before,
               "loadavg_after": Path("/proc/loadavg").read_text().split()[:3], "run": run}
     args.results.mkdir(parents=True, exist_ok=True)

@@ -11,25 +11,11 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from benchmarks import data
+from benchmarks.data import cbct_like
 from STNeRPLib.phantom import breathing_series, write_series
 from STNeRPLib.preprocessing import CALIBRATION_TOLERANCE_HU, flat_voxels, intensity_calibration
 from STNeRPLib.sampling import body_voxels
 from worker_cli import stnerp
-
-
-def cbct_like(image: sitk.Image, scale: float = 0.9, offset: float = 80.0, cupping: float = 80.0,
-              noise: float = 0.0, seed: int = 0) -> sitk.Image:
-    """The scan as a CBCT might number it: scale x HU + offset, less `cupping` HU at the axial centre falling to 0
-    at the middle of the grid's edges (a bowl: a paraboloid), plus Gaussian noise (HU); int16."""
-    hu = sitk.GetArrayFromImage(image).astype(np.float32)
-    _, y, x = np.indices(hu.shape)
-    half_height, half_width = hu.shape[1] / 2, hu.shape[2] / 2
-    radius2 = ((y - half_height + 0.5) / half_height) ** 2 + ((x - half_width + 0.5) / half_width) ** 2
-    numbers = scale * hu + offset - cupping * (1 - radius2)
-    numbers += np.random.default_rng(seed).normal(0.0, noise, hu.shape)
-    result = sitk.GetImageFromArray(np.rint(numbers).astype(np.int16))
-    result.CopyInformation(image)
-    return result
 
 
 SERIES = breathing_series(size=(48, 48, 32), spacing=(6.0, 6.0, 8.0), n_phases=3, noise_hu=10)
