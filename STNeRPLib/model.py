@@ -3,7 +3,7 @@ the propagated labelmap at any time, saved to and loaded from one file."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -38,7 +38,7 @@ class SeriesModel:
     the image as read, not a copy, so the scans are held once); `views` the
     fields of view (bool, reference grid) of the follow-ups that do not cover the whole reference
     grid; `labelmap` the reference segmentation on the same grid, if one was given; `calibrations` the
-    follow-ups whose CT numbers the fit calibrated onto the reference's (not in model.pt: run.json keeps them).
+    follow-ups whose CT numbers the fit calibrated onto the reference's (the predicted images blend them so).
     """
 
     preset: Preset
@@ -101,6 +101,7 @@ class SeriesModel:
             "follow_ups": [[t, _tensor_view(a)] for t, a in self.follow_ups.items()],
             "views": [[t, torch.from_numpy(a)] for t, a in self.views.items()],
             "labelmap": torch.from_numpy(self.labelmap.astype(np.int32)) if self.labelmap is not None else None,
+            "calibrations": [[t, asdict(c)] for t, c in self.calibrations.items()],
         }, Path(path))
 
     @classmethod
@@ -133,7 +134,8 @@ class SeriesModel:
                    deformation.to(device), ref_net, grid.image(data["reference"].cpu().numpy()),
                    {float(t): grid.image(a.cpu().numpy()) for t, a in data["follow_ups"]},
                    {float(t): a.cpu().numpy() for t, a in data["views"]},
-                   labelmap.cpu().numpy() if labelmap is not None else None)
+                   labelmap.cpu().numpy() if labelmap is not None else None,
+                   {float(t): Calibration.from_dict(c) for t, c in data.get("calibrations", [])})
 
 
 def _tensor_view(image: sitk.Image) -> torch.Tensor:

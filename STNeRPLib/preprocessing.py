@@ -229,10 +229,24 @@ class Calibration:
     change: float
     bias_range: tuple[float, float]
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> "Calibration":
+        """A calibration from its fields as dataclasses.asdict gives them (model.pt), sequences as tuples."""
+        return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in fields.items()})
+
     def corrected(self, values: np.ndarray, index: np.ndarray) -> np.ndarray:
         """The scan's values at flat voxel indices in the reference's numbers (float32): (value - offset - bias) /
         scale."""
-        return ((values - self.offset - self._bias(_positions(index, self.shape))) / self.scale).astype(np.float32)
+        return self._in_reference_numbers(values, _positions(index, self.shape))
+
+    def corrected_at(self, values: np.ndarray, points: np.ndarray) -> np.ndarray:
+        """The scan's values at points (N, 3) given as continuous indices (x, y, z) of the reference grid (between
+        voxels, or beyond the grid, where the bias' polynomial goes on) in the reference's numbers (float32)."""
+        axes = [points[:, 2 - axis] for axis in range(3)]
+        return self._in_reference_numbers(values, [2.0 * i / max(n - 1, 1) - 1.0 for i, n in zip(axes, self.shape)])
+
+    def _in_reference_numbers(self, values: np.ndarray, positions: list[np.ndarray]) -> np.ndarray:
+        return ((values - self.offset - self._bias(positions)) / self.scale).astype(np.float32)
 
     def numbered(self, value: float) -> np.ndarray:
         """float32 [z, y, x]: what the scan numbers each voxel whose reference number is `value`."""

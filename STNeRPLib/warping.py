@@ -197,14 +197,18 @@ def _invert(forward: torch.Tensor, start: torch.Tensor, c: torch.Tensor) -> torc
 def _blend(model: SeriesModel, sources: dict[float, float], carried: list[tuple[np.ndarray, np.ndarray]],
            reference: tuple[np.ndarray, np.ndarray], slab: Grid) -> np.ndarray:
     """Weighted sum of the carried scans on one slab, each counted only inside its field of view
-    (weights renormalised); where no scan saw the point, the reference resampled through u_t.
+    (weights renormalised) and in the reference's CT numbers where the fit calibrated it; where no scan saw the
+    point, the reference resampled through u_t.
     carried: per source, the displacement (mm, [z, y, x, 3] on the slab) to its points and their
     reference-grid indices; reference: the same for u_t. Each is made a transform once, when used."""
     total, weight = np.zeros(slab.shape), np.zeros(slab.shape)
     for (s, w), (displacement, index) in zip(sources.items(), carried):
         transform = _transform(displacement, slab)
         seen = w if s not in model.views else w * _resample(model, s, transform, index, slab, view=True)
-        total += seen * _resample(model, s, transform, index, slab)
+        values = _resample(model, s, transform, index, slab)
+        if s in model.calibrations:                  # a CBCT's numbers, in the reference's as Def-Net fitted them
+            values = model.calibrations[s].corrected_at(values.ravel(), index).reshape(slab.shape)
+        total += seen * values
         weight += seen
     image = np.divide(total, weight, out=np.zeros(slab.shape), where=weight > 0)
     unseen = weight <= 0
