@@ -15,7 +15,7 @@ from .geometry import Grid
 from .io import write_image
 from .metrics import folding_statistics, jacobian_determinant, score_time_point
 from .model import SeriesModel, labels_in
-from .warping import inverse_displacement, warp
+from .warping import inverse_displacement, slabs, warp
 
 if TYPE_CHECKING:
     from .series import Series
@@ -80,18 +80,34 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
 
 def time_point_metrics(model: SeriesModel, point: TimePoint, warped, field_image: sitk.Image,
                        series: Series | None) -> dict:
-    """PSNR/SSIM against the scanned image; Dice and TRE where ground truth is given (folding
-    statistics: None here, they come from the Jacobian, written and let go before). PSNR and SSIM are
-    on intensities normalised to [0, 1]."""
+    """PSNR/SSIM against the scanned image (in the reference's CT numbers where the fit calibrated it); Dice and
+    TRE where ground truth is given (folding statistics: None here, they come from the Jacobian, written and let
+    go before). PSNR and SSIM are on intensities normalised to [0, 1]."""
     images = labelmaps = landmarks = None
     if point.image is not None:
-        images = (model.window.normalise(warped.image),
-                  model.window.normalise(sitk.GetArrayViewFromImage(point.image)))
+        images = (model.window.normalise(warped.image), model.window.normalise(_as_fitted(model, point)))
     if series is not None and point.time in series.ground_truth and warped.labelmap is not None:
         labelmaps = (warped.labelmap, sitk.GetArrayViewFromImage(series.ground_truth[point.time]))
     if series is not None and point.time in series.landmarks:
         landmarks = series.landmarks[point.time]
     return score_time_point(field=field_image, images=images, labelmaps=labelmaps, landmarks=landmarks)
+
+
+def _as_fitted(model: SeriesModel, point: TimePoint) -> np.ndarray:
+    """The time point's scan on its own grid as Def-Net fitted it: as scanned, or, where the fit calibrated its CT
+    numbers, in the reference's (each voxel q at reference-grid point prealignment^-1(q)), slab by slab."""
+    scan = sitk.GetArrayViewFromImage(point.image)
+    calibration = model.calibrations.get(point.time)
+    if calibration is None:
+        return scan
+    inverse = np.linalg.inv(point.prealignment) if point.prealignment is not None else None
+    fitted = np.empty(scan.shape, np.float32)
+    for z0, z1 in slabs(point.grid):
+        q = point.grid.points(z0, z1)
+        p = q if inverse is None else q @ inverse[:3, :3].T + inverse[:3, 3]
+        fitted[z0:z1] = calibration.corrected_at(scan[z0:z1].ravel(), model.grid.to_index(p)).reshape(
+            scan[z0:z1].shape)
+    return fitted
 
 
 def write_metrics_table(entries: list[dict], path: Path) -> None:

@@ -129,6 +129,27 @@ def test_a_predicted_image_between_calibrated_follow_ups_is_in_the_reference_num
     assert np.abs(repeated - predicted).max() < 0.01
 
 
+def test_a_calibrated_follow_ups_psnr_measures_the_registration_not_its_numbering(tmp_path):
+    """A follow-up on its own, smaller grid (as a CBCT's field of view), once as scanned and once numbered as a CBCT
+    (0.9 x HU + 80 less an 80 HU bowl): the fit registers both alike, and its PSNR and SSIM, which compare the
+    warped reference with the scan, now take the CBCT in the reference's numbers and agree (measured 32.95 against
+    33.00 dB; as numbered, the CBCT's read 21.6)."""
+    files = write_series(SERIES, tmp_path / "data")
+    box = SERIES.images[1][4:-4, 6:-2, 3:-3]                                    # its own grid, offset
+    sitk.WriteImage(box, str(tmp_path / "scanned.nrrd"))
+    sitk.WriteImage(cbct_like(box), str(tmp_path / "cbct.nrrd"))
+    scores = {}
+    for name in ("scanned", "cbct"):
+        result = stnerp("train", "--reference", files["images"][0], "--follow-up", tmp_path / f"{name}.nrrd",
+                        SERIES.times[1], "--output", tmp_path / name, "--iterations", 200, "--no-report")
+        assert result.returncode == 0, result.stderr
+        record = json.loads((tmp_path / name / "run.json").read_text())
+        scores[name] = next(p["metrics"] for p in record["time_points"] if p["time"] == SERIES.times[1])
+        assert len(record["intensity_calibrations"]) == (name == "cbct")
+    assert abs(scores["cbct"]["psnr"] - scores["scanned"]["psnr"]) < 1.0, scores
+    assert abs(scores["cbct"]["ssim"] - scores["scanned"]["ssim"]) < 0.02, scores
+
+
 WASHOUT_HU = {"liver": -50, "spleen": -60, "kidney_right": -120, "kidney_left": -120, "aorta": -120}
 """What a follow-up without contrast loses against a reference in the portal venous phase, by organ (HU)."""
 
