@@ -118,8 +118,8 @@ class Preset:
     the motion follows the scans instead of wiggling); `for_scans` resolves it. 0: def_time_sigma whatever the
     series (the paper's).
     `calibrate_intensities`: a CT follow-up whose CT numbers differ from the reference's (a CBCT: a scale, an
-    offset, a cupping; preprocessing.intensity_calibration) is fitted in the reference's numbers; the outputs carry
-    it as scanned (False: every scan as scanned, the paper's).
+    offset, a cupping; preprocessing.intensity_calibration) is fitted in the reference's numbers, and so blended
+    into a predicted image and scored by PSNR / SSIM (False: every scan as scanned, the paper's).
     """
 
     name: str
