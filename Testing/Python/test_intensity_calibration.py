@@ -4,6 +4,7 @@ fits it in the reference's numbers; scans of one scanner are fitted as scanned."
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from STNeRPLib import contract
 from STNeRPLib.phantom import breathing_series, write_series
 from STNeRPLib.preprocessing import CALIBRATION_TOLERANCE_HU, flat_voxels, intensity_calibration
 from STNeRPLib.sampling import body_voxels
-from worker_cli import stnerp
+from worker_cli import WORKER, stnerp
 
 
 SERIES = breathing_series(size=(48, 48, 32), spacing=(6.0, 6.0, 8.0), n_phases=3, noise_hu=10)
@@ -148,6 +149,41 @@ def test_a_calibrated_follow_ups_psnr_measures_the_registration_not_its_numberin
         assert len(record["intensity_calibrations"]) == (name == "cbct")
     assert abs(scores["cbct"]["psnr"] - scores["scanned"]["psnr"]) < 1.0, scores
     assert abs(scores["cbct"]["ssim"] - scores["scanned"]["ssim"]) < 0.02, scores
+
+
+def test_a_run_resumed_after_training_writes_a_calibrated_follow_up_as_an_uninterrupted_run(tmp_path):
+    """Killed while writing its outputs, a run resumes from model.pt: its calibrated follow-ups' PSNR and the image
+    predicted between them are an uninterrupted run's (model.pt keeps the calibrations; without them the resumed
+    outputs took the follow-ups as numbered)."""
+    files = write_series(SERIES, tmp_path / "data")
+    for k in (1, 2):
+        sitk.WriteImage(cbct_like(SERIES.images[k], seed=k), str(tmp_path / f"cbct_{k}.nrrd"))
+    halfway = (SERIES.times[1] + SERIES.times[2]) / 2
+
+    def train(output: str, *more) -> list:
+        return [*WORKER, "train", "--reference", str(files["images"][0]), "--follow-up", str(tmp_path / "cbct_1.nrrd"),
+                str(SERIES.times[1]), "--follow-up", str(tmp_path / "cbct_2.nrrd"), str(SERIES.times[2]),
+                "--predict-times", str(halfway), "--iterations", "60", "--no-report", "--output",
+                str(tmp_path / output), *more]
+
+    assert subprocess.run(train("whole"), capture_output=True).returncode == 0
+    process = subprocess.Popen(train("killed", "--json-events"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+    for line in process.stdout:                                     # killed once the reference's outputs are out
+        event = json.loads(line)
+        if event["event"] == "progress" and event["stage"] == "outputs" and event["iteration"] >= 1:
+            process.kill()
+            break
+    process.wait(timeout=60)
+    assert contract.read_run(tmp_path / "killed")["status"] == "running"
+    resumed = subprocess.run(train("killed", "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    whole, killed = (contract.read_run(tmp_path / name) for name in ("whole", "killed"))
+    assert [p["metrics"]["psnr"] for p in killed["time_points"]] == [p["metrics"]["psnr"] for p in whole["time_points"]]
+    folder = contract.time_point_folder(halfway)
+    images = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / folder / "image.nrrd")))
+              for name in ("whole", "killed")]
+    assert np.array_equal(*images)
 
 
 WASHOUT_HU = {"liver": -50, "spleen": -60, "kidney_right": -120, "kidney_left": -120, "aorta": -120}
