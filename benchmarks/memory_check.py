@@ -220,8 +220,8 @@ def main() -> int:
     run = run_worker(files, output, args.iterations, args.threads)
     if not args.keep_output:
         shutil.rmtree(output, ignore_errors=True)
-    result = {"size": list(size), "phases": args.phases, "cbct": args.cbct, "iterations": args.iterations, "threads": args.threads,
-              "budget_gb": args.budget_gb, "machine": before,
+    result = {"size": list(size), "phases": args.phases, "cbct": args.cbct, "iterations": args.iterations,
+              "threads": args.threads, "budget_gb": args.budget_gb, "machine": before,
               "loadavg_after": Path("/proc/loadavg").read_text().split()[:3], "run": run}
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"memory_check_{name}_{time.strftime('%Y-%m-%d_%H%M', time.gmtime())}"

@@ -514,7 +514,8 @@ def test_an_imported_run_that_calibrated_a_follow_up_says_so_in_its_table(traine
     table = run_import.import_run(scene, str(folder), seg_logic).table.GetTable()
     times = [table.GetColumnByName("time").GetValue(r) for r in range(table.GetNumberOfRows())]
     numbers = table.GetColumnByName("CT numbers fitted as (HU)")
-    assert numbers.GetValue(times.index(2.0)) == "0.900 × the reference's +80, a bias of -80 to +0 (calibrated: 95 off)"
+    said = "0.900 × the reference's +80, a bias of -80 to +0 (calibrated: 95 off)"
+    assert numbers.GetValue(times.index(2.0)) == said
     assert numbers.GetValue(times.index(1.0)) == "as scanned"
 
 
