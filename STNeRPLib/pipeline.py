@@ -175,8 +175,8 @@ def _calibrations(reference: sitk.Image, scans: _Resampled, window: IntensityWin
     reference's by more than CALIBRATION_TOLERANCE_HU (intensity_calibration) by a scale within 0.5 to 2 (else no
     line was found), said; Def-Net fits it in the reference's numbers. Contrast taken up or washed out by large
     organs fires it too (the fit takes part of it for a scale, an offset and a bias): that lessened the squared
-    error's loss on the sliding abdomen, but LNCC lost none, so the message names it (docs/presets.md, *Follow-ups
-    with a contrast change*)."""
+    error's loss on the sliding abdomen, but LNCC lost none, so the message names it where the fit is not LNCC already
+    (docs/presets.md, *Follow-ups with a contrast change*)."""
     if not preset.calibrate_intensities or (window.low, window.high) != CT_WINDOW:
         return {}
     flat_reference = flat_voxels(reference)
@@ -184,11 +184,12 @@ def _calibrations(reference: sitk.Image, scans: _Resampled, window: IntensityWin
              for t, image in scans.images.items()}
     calibrations = {t: c for t, c in found.items()
                     if c is not None and c.change > CALIBRATION_TOLERANCE_HU and 0.5 <= c.scale <= 2.0}
+    hint = "" if preset.similarity == "lncc" else ("; if contrast changed between the scans instead, the lncc "
+                                                   "similarity fits better (--similarity lncc)")
     for t, c in calibrations.items():
         reporter.message(f"time {t:g}: CT numbers {c.change:.0f} HU off the reference's (scale {c.scale:.3f}, offset "
                          f"{c.offset:+.0f} HU, a smooth bias of {c.bias_range[0]:+.0f} to {c.bias_range[1]:+.0f} HU, "
-                         "as a CBCT's): fitted in the reference's numbers; if contrast changed between the scans "
-                         "instead, the lncc similarity fits better (--similarity lncc)")
+                         f"as a CBCT's): fitted in the reference's numbers{hint}")
     return calibrations
 
 
