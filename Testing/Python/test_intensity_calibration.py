@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from scipy import ndimage
 from benchmarks import data
 from benchmarks.data import cbct_like
 from STNeRPLib import contract
+from STNeRPLib.geometry import Grid
+from STNeRPLib.outputs import TimePoint, _as_fitted
 from STNeRPLib.phantom import breathing_series, write_series
 from STNeRPLib.preprocessing import CALIBRATION_TOLERANCE_HU, flat_voxels, intensity_calibration
 from STNeRPLib.sampling import body_voxels
@@ -149,6 +152,26 @@ def test_a_calibrated_follow_ups_psnr_measures_the_registration_not_its_numberin
         assert len(record["intensity_calibrations"]) == (name == "cbct")
     assert abs(scores["cbct"]["psnr"] - scores["scanned"]["psnr"]) < 1.0, scores
     assert abs(scores["cbct"]["ssim"] - scores["scanned"]["ssim"]) < 0.02, scores
+
+
+def test_a_pre_aligned_calibrated_follow_up_is_scored_in_the_reference_numbers_at_its_own_voxels():
+    """PSNR and SSIM read a follow-up on its own grid: with a pre-alignment (reference point p -> its point p + d)
+    each of its voxels q takes the bias of the reference-grid point q - d, where the fit saw that voxel; taken at q
+    itself the bowl's slope put it 11 HU off (median; 38 at most), at q + d 79 at most."""
+    reference, scanned = SERIES.images[0], cbct_like(SERIES.images[1])
+    found = intensity_calibration(reference, scanned, flat_voxels(reference), None)
+    shift = np.array([18.0, -12.0, 16.0])                                  # mm, LPS
+    own = sitk.Image(scanned)
+    own.SetOrigin(tuple(np.array(scanned.GetOrigin()) + shift))           # the same voxels, placed at p + d
+    prealignment = np.eye(4)
+    prealignment[:3, 3] = shift
+    model = SimpleNamespace(calibrations={1.0: found}, grid=Grid.of(reference))
+    fitted = _as_fitted(model, TimePoint(1.0, Grid.of(own), own, prealignment))
+    numbers = sitk.GetArrayFromImage(scanned)
+    expected = found.corrected(numbers.ravel(), np.arange(numbers.size)).reshape(numbers.shape)
+    assert np.abs(fitted - expected).max() < 0.01
+    unaligned = _as_fitted(model, TimePoint(1.0, Grid.of(own), own, None))
+    assert np.abs(unaligned - expected).max() > 3.0
 
 
 def test_a_run_resumed_after_training_writes_a_calibrated_follow_up_as_an_uninterrupted_run(tmp_path):
