@@ -242,16 +242,15 @@ class Calibration:
     def corrected_at(self, values: np.ndarray, points: np.ndarray) -> np.ndarray:
         """The scan's values at points (N, 3) given as continuous indices (x, y, z) of the reference grid (between
         voxels, or beyond the grid, where the bias' polynomial goes on) in the reference's numbers (float32)."""
-        axes = [points[:, 2 - axis] for axis in range(3)]
-        return self._in_reference_numbers(values, [2.0 * i / max(n - 1, 1) - 1.0 for i, n in zip(axes, self.shape)])
+        return self._in_reference_numbers(values, _scaled([points[:, 2], points[:, 1], points[:, 0]], self.shape))
 
     def _in_reference_numbers(self, values: np.ndarray, positions: list[np.ndarray]) -> np.ndarray:
         return ((values - self.offset - self._bias(positions)) / self.scale).astype(np.float32)
 
     def numbered(self, value: float) -> np.ndarray:
         """float32 [z, y, x]: what the scan numbers each voxel whose reference number is `value`."""
-        axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32).reshape([n if i == axis else 1 for i in range(3)])
-                for axis, n in enumerate(self.shape)]
+        axes = _scaled([np.arange(n, dtype=np.float32).reshape([n if i == axis else 1 for i in range(3)])
+                        for axis, n in enumerate(self.shape)], self.shape)
         return np.broadcast_to(self.scale * value + self.offset + self._bias(axes), self.shape).astype(np.float32)
 
     def _bias(self, positions: list[np.ndarray]) -> np.ndarray:
@@ -303,7 +302,13 @@ def intensity_calibration(reference: sitk.Image, scan: sitk.Image, flat_referenc
 
 def _positions(index: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
     """The positions of flat voxel indices of an array of `shape`, each axis scaled to [-1, 1]."""
-    return [2.0 * i / max(n - 1, 1) - 1.0 for i, n in zip(np.unravel_index(index, shape), shape)]
+    return _scaled(list(np.unravel_index(index, shape)), shape)
+
+
+def _scaled(indices: list[np.ndarray], shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Indices along each axis of an array of `shape` ([z, y, x]; continuous, or beyond it) scaled so that the
+    first voxel is at -1 and the last at 1: the bias' coordinates."""
+    return [2.0 * i / max(n - 1, 1) - 1.0 for i, n in zip(indices, shape)]
 
 
 def _monomials(axes: list[np.ndarray]) -> list[np.ndarray]:

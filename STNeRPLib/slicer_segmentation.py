@@ -21,7 +21,6 @@ import numpy as np
 import SimpleITK as sitk
 
 
-
 class _MetaData(Protocol):
     """A header's key/value pairs: a sitk.Image read from a file, or an ImageFileReader that read its header."""
 

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.data import cbct_like  # noqa: E402
 from benchmarks.provenance import commit_label  # noqa: E402
 
+from STNeRPLib.contract import RUN_FILE, intensity_calibrations, read_run  # noqa: E402
 from STNeRPLib.phantom import breathing_series  # noqa: E402
 
 FIELD_OF_VIEW_MM = (288.0, 288.0, 256.0)   # the default phantom's: 96 x 96 x 64 voxels of 3 x 3 x 4 mm
@@ -166,7 +167,7 @@ def run_worker(files: dict, output: Path, iterations: int, threads: int) -> dict
             "stages": [{"stage": s, "peak_rss_gb": round(stages.peak.get(s, 0) / 1e9, 3),
                         "seconds": round(stages.seconds.get(s, 0.0), 1)} for s in stages.seconds],
             "error": next((e["message"] for e in stages.events if e.get("event") == "error"), None),
-            "calibrated": sum("fitted in the reference's numbers" in line for line in errors),
+            "calibrated": len(intensity_calibrations(read_run(output))) if (output / RUN_FILE).is_file() else 0,
             "stderr_tail": "".join(errors[-5:])}
 
 
