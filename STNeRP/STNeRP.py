@@ -109,7 +109,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings += [(combo, "currentIndexChanged(int)")
                      for combo in (ui.followUpModeComboBox, ui.presetComboBox, ui.deviceComboBox, ui.priorComboBox,
                                    ui.similarityComboBox, ui.labelInterpolationComboBox, ui.anchorReferenceComboBox,
-                                   ui.stopOnConvergenceComboBox)]
+                                   ui.stopOnConvergenceComboBox, ui.calibrateIntensitiesComboBox)]
         settings += [(ui.referenceTimeSpinBox, "valueChanged(double)"), (ui.iterationsSpinBox, "valueChanged(int)"),
                      (ui.velocityLevelsSpinBox, "valueChanged(int)"), (ui.prealignCheckBox, "toggled(bool)"),
                      (ui.structurePointsSpinBox, "valueChanged(double)"),
@@ -134,7 +134,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                (self.ui.similarityComboBox, parameters.SIMILARITY_CHOICES),
                                (self.ui.labelInterpolationComboBox, parameters.LABEL_INTERPOLATION_CHOICES),
                                (self.ui.anchorReferenceComboBox, parameters.SWITCH_CHOICES),
-                               (self.ui.stopOnConvergenceComboBox, parameters.SWITCH_CHOICES)):
+                               (self.ui.stopOnConvergenceComboBox, parameters.SWITCH_CHOICES),
+                               (self.ui.calibrateIntensitiesComboBox, parameters.SWITCH_CHOICES)):
             combo.clear()
             for choice in choices:
                 combo.addItem(choice)
@@ -211,6 +212,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.velocityLevelsSpinBox.value = parameters.get_int(pn, "VelocityLevels")
             self._setComboText(ui.anchorReferenceComboBox, pn.GetParameter("AnchorReference"))
             self._setComboText(ui.stopOnConvergenceComboBox, pn.GetParameter("StopOnConvergence"))
+            self._setComboText(ui.calibrateIntensitiesComboBox, pn.GetParameter("CalibrateIntensities"))
             ui.structurePointsSpinBox.value = parameters.get_float(pn, "StructurePoints",
                                                                    parameters.STRUCTURE_POINTS_PRESET)
             ui.createSequencesCheckBox.checked = parameters.get_bool(pn, "CreateSequences")
@@ -249,6 +251,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pn.SetParameter("VelocityLevels", str(int(ui.velocityLevelsSpinBox.value)))
             pn.SetParameter("AnchorReference", ui.anchorReferenceComboBox.currentText)
             pn.SetParameter("StopOnConvergence", ui.stopOnConvergenceComboBox.currentText)
+            pn.SetParameter("CalibrateIntensities", ui.calibrateIntensitiesComboBox.currentText)
             pn.SetParameter("StructurePoints", parameters.structure_points_text(ui.structurePointsSpinBox.value))
             pn.SetParameter("CreateSequences", "true" if ui.createSequencesCheckBox.checked else "false")
             try:

@@ -28,7 +28,7 @@ from .series import check_memory, estimate_peak_bytes, load_series
 def _preset(args) -> Preset:
     """The chosen preset, with --iterations (at least 1) applied to both networks, --similarity,
     --structure-points, --smoothing-sigma, --label-interpolation, --anchor-reference, --body-mask,
-    --stop-on-convergence and --velocity-levels."""
+    --calibrate-intensities, --stop-on-convergence and --velocity-levels."""
     preset = PRESETS[args.preset]
     if getattr(args, "similarity", None) is not None:
         preset = replace(preset, similarity=args.similarity, structure_similarity=None)
@@ -48,6 +48,8 @@ def _preset(args) -> Preset:
         preset = replace(preset, anchor_reference=args.anchor_reference)
     if getattr(args, "body_mask", None) is not None:
         preset = replace(preset, body_mask=args.body_mask)
+    if getattr(args, "calibrate_intensities", None) is not None:
+        preset = replace(preset, calibrate_intensities=args.calibrate_intensities)
     if getattr(args, "stop_on_convergence", None) is not None:
         preset = replace(preset, stop_on_convergence=args.stop_on_convergence)
     if getattr(args, "velocity_levels", None) is not None:

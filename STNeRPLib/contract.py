@@ -280,12 +280,13 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
                     prior: str | None = None, prealign: str = "none", similarity: str | None = None,
                     label_interpolation: str | None = None, velocity_levels: int | str | None = None,
                     anchor_reference: bool | None = None, stop_on_convergence: bool | None = None,
-                    structure_points: float | None = None, resume: bool = False,
+                    structure_points: float | None = None, calibrate_intensities: bool | None = None,
+                    resume: bool = False,
                     json_events: bool = True, stdin_cancel: bool = False) -> list[str]:
     """Arguments of `stnerp train` (after `python -m STNeRPLib`). Paths must be absolute: the
     worker may run in another working directory. velocity_levels: a count or "auto". prior, similarity,
-    label_interpolation, velocity_levels, anchor_reference, stop_on_convergence and structure_points None:
-    the preset's own (no flag); structure_points needs a segmentation."""
+    label_interpolation, velocity_levels, anchor_reference, stop_on_convergence, structure_points and
+    calibrate_intensities None: the preset's own (no flag); structure_points needs a segmentation."""
     if not follow_ups:
         raise ValueError("at least one follow-up image is needed")
     _check_choice("preset", preset, PRESET_NAMES)
@@ -326,6 +327,8 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
         args += ["--stop-on-convergence" if stop_on_convergence else "--no-stop-on-convergence"]
     if structure_points is not None:
         args += ["--structure-points", _number(structure_points)]
+    if calibrate_intensities is not None:
+        args += ["--calibrate-intensities" if calibrate_intensities else "--no-calibrate-intensities"]
     if resume:
         args += ["--resume"]
     return args + _flags(json_events, stdin_cancel)
@@ -487,6 +490,10 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--body-mask", action=argparse.BooleanOptionalAction,
                          help="draw Def-Net's voxels only in and about the body, not in the air around it, where "
                               "they have no motion to follow (default: the preset's: on in default, off in paper)")
+    command.add_argument("--calibrate-intensities", action=argparse.BooleanOptionalAction,
+                         help="fit a CT follow-up whose CT numbers differ from the reference's (a CBCT's scale, offset "
+                              "and smooth bias) in the reference's numbers; CT in HU only (default: the preset's: on "
+                              "in default, off in paper; off: every scan as scanned)")
     command.add_argument("--label-interpolation", choices=LABEL_INTERPOLATIONS,
                          help="how the segmentation is carried to each time: linear, label-wise trilinear (the "
                               "default preset's), or nearest, the nearest voxel's label (the paper's)")

@@ -35,7 +35,7 @@ from .record import load_record
 from .integration import identity_grid, sample
 from .io import read_image
 from .model import SeriesModel
-from .preprocessing import CT_WINDOW
+from .preprocessing import CALIBRATION_TOLERANCE_HU, CT_WINDOW
 from .presets import CHARBONNIER_EPSILON
 from .sampling import BODY_LEVEL, BODY_MARGIN_MM, STRUCTURE_BAND_MM
 from .warping import _to_index, invert
@@ -453,8 +453,11 @@ def _fit_section(record: dict) -> list[str]:
     else:
         rows = [row for entry in record["time_points"] if "defnet_iterations" in entry
                 for row in _fit_rows(entry, preset, f"pair {entry['reference_time']:g} → {entry['time']:g}: ")]
-    if record.get("intensity_window"):
-        rows.insert(0, ["intensities mapped to [0, 1]", _intensities(record["intensity_window"])])
+    window = record.get("intensity_window")
+    if window and "calibrate_intensities" in preset:
+        rows.insert(0, ["follow-ups' CT numbers", _ct_numbers(preset["calibrate_intensities"], window)])
+    if window:
+        rows.insert(0, ["intensities mapped to [0, 1]", _intensities(window)])
     return ["<h2>Fit</h2>", _grid(["", ""], rows)] if rows else []
 
 
@@ -464,6 +467,16 @@ def _intensities(window: list[float]) -> str:
     if tuple(window) == CT_WINDOW:
         return f"the CT window, {CT_WINDOW[0]:g} to {CT_WINDOW[1]:g} HU"
     return f"the reference's 0.5th to 99.5th percentiles, {window[0]:g} to {window[1]:g} (scans not in HU)"
+
+
+def _ct_numbers(calibrate: bool, window: list[float]) -> str:
+    """How the fit took the follow-ups' CT numbers (Preset.calibrate_intensities; pipeline._calibrations)."""
+    if not calibrate:
+        return "as scanned (not calibrated)"
+    if tuple(window) != CT_WINDOW:
+        return "as scanned (not in HU: no calibration)"
+    return (f"calibrated onto the reference's where they differ by more than {CALIBRATION_TOLERANCE_HU:g} HU (a "
+            "CBCT's scale, offset and smooth bias), else as scanned")
 
 
 def _fit_rows(facts: dict, preset: dict, prefix: str) -> list[list[str]]:

@@ -378,6 +378,7 @@ class STNeRPCoreLogic:
                 velocity_levels=settings.get("velocity_levels"),
                 anchor_reference=settings.get("anchor_reference"),
                 stop_on_convergence=settings.get("stop_on_convergence"),
+                calibrate_intensities=settings.get("calibrate_intensities"),
                 structure_points=settings.get("structure_points") if files.get("segmentation") else None,
                 resume=resume, stdin_cancel=True)
         except Exception:

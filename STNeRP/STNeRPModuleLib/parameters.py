@@ -38,6 +38,7 @@ DEFAULTS = {
     "VelocityLevels": "0",        # 0 = the preset's number of velocity grids
     "AnchorReference": "preset",  # "on": the transform at the reference time is the identity; "off"; "preset"
     "StopOnConvergence": "preset",  # "on": Def-Net's fit ends once its loss stops improving; "off"; "preset"
+    "CalibrateIntensities": "preset",  # "on": a CT follow-up numbered unlike the reference is fitted in its numbers
     "StructurePoints": "preset",  # the preset's share; else the fraction of voxels drawn about the segments (0: none)
     "PredictTimes": "[]",         # extra unscanned times predicted at the end of training
     "CreateSequences": "true",
@@ -54,7 +55,8 @@ PRIOR_CHOICES = ("preset",) + contract.PRIORS
 SIMILARITY_CHOICES = ("preset",) + contract.SIMILARITIES
 #: how the segments are carried to each time: the preset's own, or one of the worker's
 LABEL_INTERPOLATION_CHOICES = ("preset",) + contract.LABEL_INTERPOLATIONS
-#: choices of the panel's on/off settings (anchor reference time, stop on convergence) and the worker option
+#: choices of the panel's on/off settings (anchor reference time, stop on convergence, CT-number calibration) and
+#: the worker option
 #: value each stands for (None: the preset's own)
 SWITCH_SETTINGS = {"preset": None, "on": True, "off": False}
 SWITCH_CHOICES = tuple(SWITCH_SETTINGS)
@@ -182,7 +184,7 @@ def get_follow_ups(node: slicer.vtkMRMLScriptedModuleNode) -> list[FollowUp]:
 
 def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
     """Worker settings from the parameter node (prior, similarity, label_interpolation, velocity_levels,
-    anchor_reference, stop_on_convergence and structure_points None: the preset's own)."""
+    anchor_reference, stop_on_convergence, calibrate_intensities and structure_points None: the preset's own)."""
     return {
         "preset": node.GetParameter("Preset") or contract.DEFAULT_PRESET,
         "iterations": get_int(node, "Iterations", 0) or None,
@@ -194,6 +196,7 @@ def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
         "velocity_levels": get_int(node, "VelocityLevels", 0) or None,
         "anchor_reference": SWITCH_SETTINGS.get(node.GetParameter("AnchorReference")),
         "stop_on_convergence": SWITCH_SETTINGS.get(node.GetParameter("StopOnConvergence")),
+        "calibrate_intensities": SWITCH_SETTINGS.get(node.GetParameter("CalibrateIntensities")),
         "structure_points": structure_points(node),
         "predict_times": [float(t) for t in (get_json(node, "PredictTimes") or [])],
         "create_sequences": get_bool(node, "CreateSequences"),

@@ -15,6 +15,7 @@ from scipy import ndimage
 from benchmarks import data
 from benchmarks.data import cbct_like
 from STNeRPLib import contract
+from STNeRPLib.commands import _preset
 from STNeRPLib.geometry import Grid
 from STNeRPLib.outputs import TimePoint, _as_fitted
 from STNeRPLib.phantom import breathing_series, write_series
@@ -105,6 +106,35 @@ def test_a_series_of_cbct_like_follow_ups_is_fitted_in_the_reference_numbers(tmp
     page = (tmp_path / "run" / "report" / "index.html").read_text()         # and the report's metrics table
     assert "<th>CT numbers fitted as (HU)</th>" in page and page.count("× the reference&#x27;s") == 2
     assert f"<td>{recorded[SERIES.times[1]]['scale']:.3f} × the reference" in page and "<td>as scanned</td>" in page
+
+
+def test_no_calibrate_intensities_fits_a_cbct_like_follow_up_as_numbered(tmp_path):
+    """The default preset calibrates a CBCT-like follow-up; --no-calibrate-intensities fits it as numbered, and
+    run.json and the report's Fit table say so."""
+    files = write_series(SERIES, tmp_path / "data")
+    sitk.WriteImage(cbct_like(SERIES.images[1], noise=20.0), str(tmp_path / "cbct_1.nrrd"))
+    for flag, calibrated in (("--calibrate-intensities", True), ("--no-calibrate-intensities", False)):
+        run = tmp_path / flag
+        result = stnerp("train", "--reference", files["images"][0], "--reference-time", SERIES.times[0],
+                        "--follow-up", tmp_path / "cbct_1.nrrd", SERIES.times[1], "--output", run, flag,
+                        "--iterations", 5)
+        assert result.returncode == 0, result.stderr
+        assert ("fitted in the reference's numbers" in result.stderr) is calibrated, result.stderr
+        record = json.loads((run / "run.json").read_text())
+        assert record["parameters"]["preset"]["calibrate_intensities"] is calibrated
+        assert sorted(contract.intensity_calibrations(record)) == ([SERIES.times[1]] if calibrated else [])
+        said = ("calibrated onto the reference&#x27;s where they differ by more than" if calibrated else
+                "as scanned (not calibrated)")
+        assert f"<td>follow-ups&#x27; CT numbers</td><td>{said}" in (run / "report" / "index.html").read_text()
+
+
+def test_calibrate_intensities_switches_the_presets_own_choice():
+    """The flag overrides the preset either way: the paper preset fits as scanned unless told to calibrate."""
+    arguments = ["train", "--reference", "/r.nrrd", "--follow-up", "/a.nrrd", "1", "--output", "/run"]
+    for preset, flags, calibrate in (("paper", [], False), ("paper", ["--calibrate-intensities"], True),
+                                     ("default", [], True), ("default", ["--no-calibrate-intensities"], False)):
+        parsed = contract.parse_arguments([*arguments, "--preset", preset, *flags])
+        assert _preset(parsed).calibrate_intensities is calibrate, (preset, flags)
 
 
 def test_a_predicted_image_between_calibrated_follow_ups_is_in_the_reference_numbers(tmp_path):

@@ -102,18 +102,18 @@ def test_panel_apply_writes_and_reads_the_run_in_the_runs_folder_whatever_the_wo
     assert storage.GetFileName().startswith(job.run_dir)
 
 
-@pytest.mark.parametrize("chosen, similarity, contours, levels, anchored, stopping", [
-    ({}, None, None, None, None, None),
+@pytest.mark.parametrize("chosen, similarity, contours, levels, anchored, stopping, calibrated", [
+    ({}, None, None, None, None, None, None),
     ({"Similarity": "lncc", "LabelInterpolation": "nearest", "VelocityLevels": "2", "AnchorReference": "on",
-      "StopOnConvergence": "on"}, "lncc", "nearest", "2", True, True),
+      "StopOnConvergence": "on", "CalibrateIntensities": "on"}, "lncc", "nearest", "2", True, True, True),
     ({"Similarity": "mse", "LabelInterpolation": "linear", "VelocityLevels": "1", "AnchorReference": "off",
-      "StopOnConvergence": "off"}, "mse", "linear", "1", False, False),
+      "StopOnConvergence": "off", "CalibrateIntensities": "off"}, "mse", "linear", "1", False, False, False),
 ])
 def test_panel_accuracy_options_reach_the_worker_only_when_chosen(series, tmp_path, monkeypatch, chosen, similarity,
-                                                                   contours, levels, anchored, stopping):
-    """Similarity, how contours are carried, velocity levels, the reference anchor and stopping on convergence
-    go from the parameter node through the Logic to the worker's command line; left at "preset" (the
-    defaults) no flag is passed, so the preset's own value holds."""
+                                                                   contours, levels, anchored, stopping, calibrated):
+    """Similarity, how contours are carried, velocity levels, the reference anchor, stopping on convergence and
+    the CT-number calibration go from the parameter node through the Logic to the worker's command line; left
+    at "preset" (the defaults) no flag is passed, so the preset's own value holds."""
     logic = adapter(monkeypatch, series, settings={"STNeRP/RunsFolder": str(tmp_path / "runs")},
                     scene_path=str(tmp_path / "Documents"), temporary=str(tmp_path / "temp"))
     pn = parameter_node(series)
@@ -124,10 +124,12 @@ def test_panel_accuracy_options_reach_the_worker_only_when_chosen(series, tmp_pa
     worker_args = job.command[len(STANDIN_WORKER):]
     given = contract.parse_arguments(worker_args)
     assert (given.similarity, given.label_interpolation, given.velocity_levels, given.anchor_reference,
-            given.stop_on_convergence) == (similarity, contours, levels, anchored, stopping)
+            given.stop_on_convergence, given.calibrate_intensities) == (similarity, contours, levels, anchored,
+                                                                         stopping, calibrated)
     if not chosen:
         assert not {"--similarity", "--label-interpolation", "--velocity-levels", "--anchor-reference",
-                    "--no-anchor-reference", "--stop-on-convergence", "--no-stop-on-convergence"} & set(worker_args)
+                    "--no-anchor-reference", "--stop-on-convergence", "--no-stop-on-convergence",
+                    "--calibrate-intensities", "--no-calibrate-intensities"} & set(worker_args)
 
 
 @pytest.mark.parametrize("with_segmentation, chosen, given", [

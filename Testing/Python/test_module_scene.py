@@ -238,18 +238,20 @@ def test_module_train_arguments_follow_contract():
                                     predict_times=[0.5, -1e-5], preset="paper", iterations=30, device="cpu",
                                     prior="image", prealign="affine", similarity="lncc",
                                     label_interpolation="nearest", velocity_levels=2, anchor_reference=True,
-                                    stop_on_convergence=True, stdin_cancel=True)
+                                    stop_on_convergence=True, calibrate_intensities=False, stdin_cancel=True)
     assert args == ["train", "--reference", "/d/r.nrrd", "--reference-time=0",
                     "--follow-up", "/d/a.nrrd", "1", "--follow-up", "/d/b.nrrd", "-2.5",
                     "--segmentation", "/d/s.nrrd", "--landmarks", "/d/l.csv", "--ground-truth", "/d/g.nrrd", "1",
                     "--predict-times", "0.5", "-0.00001", "--output", "/OUT", "--preset", "paper",
                     "--device", "cpu", "--prealign", "affine", "--iterations", "30", "--prior", "image",
                     "--similarity", "lncc", "--label-interpolation", "nearest", "--velocity-levels", "2",
-                    "--anchor-reference", "--stop-on-convergence", "--json-events", "--cancel-on-stdin-close"]
+                    "--anchor-reference", "--stop-on-convergence", "--no-calibrate-intensities", "--json-events",
+                    "--cancel-on-stdin-close"]
     default_prior = contract.train_arguments("/r.nrrd", 0, [("/a.nrrd", 1)], "/OUT")
     assert "--prior" not in default_prior, "the preset's own prior is the worker's default"
     assert not {"--anchor-reference", "--no-anchor-reference"} & set(default_prior), "the preset's own anchor"
     assert not {"--stop-on-convergence", "--no-stop-on-convergence"} & set(default_prior), "the preset's own stop"
+    assert not {"--calibrate-intensities", "--no-calibrate-intensities"} & set(default_prior), "the preset's own"
     unanchored = contract.train_arguments("/r.nrrd", 0, [("/a.nrrd", 1)], "/OUT", anchor_reference=False)
     assert contract.parse_arguments(unanchored).anchor_reference is False
     auto = contract.train_arguments("/r.nrrd", 0, [("/a.nrrd", 1)], "/OUT", velocity_levels="auto")
@@ -555,7 +557,8 @@ def test_module_parameter_node_is_saved_with_scene(trained, tmp_path):
     node.SetParameter("Preset", "paper")
     node.SetParameter("Iterations", "123")
     for key, value in (("Similarity", "lncc"), ("LabelInterpolation", "nearest"), ("VelocityLevels", "2"),
-                       ("AnchorReference", "off"), ("StopOnConvergence", "on"), ("StructurePoints", "0.1")):
+                       ("AnchorReference", "off"), ("StopOnConvergence", "on"), ("StructurePoints", "0.1"),
+                       ("CalibrateIntensities", "off")):
         node.SetParameter(key, value)
     node.SetNodeReferenceID(parameters.REFERENCE_VOLUME, trained["reference"].GetID())
     parameters.set_follow_ups(node, [parameters.FollowUp(v, t) for t, v in trained["followups"]])
@@ -574,6 +577,7 @@ def test_module_parameter_node_is_saved_with_scene(trained, tmp_path):
     assert (kept["similarity"], kept["velocity_levels"], kept["anchor_reference"], kept["stop_on_convergence"]) == (
         "lncc", 2, False, True)
     assert kept["label_interpolation"] == "nearest" and kept["structure_points"] == 0.1
+    assert kept["calibrate_intensities"] is False
     assert loaded.GetNodeReference(parameters.REFERENCE_VOLUME).GetName() == "reference"
     assert [row.time for row in parameters.get_follow_ups(loaded)] == [1.0, 2.0, 3.5]
 
