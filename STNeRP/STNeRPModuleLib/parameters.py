@@ -38,7 +38,7 @@ DEFAULTS = {
     "VelocityLevels": "0",        # 0 = the preset's number of velocity grids
     "AnchorReference": "preset",  # "on": the transform at the reference time is the identity; "off"; "preset"
     "StopOnConvergence": "preset",  # "on": Def-Net's fit ends once its loss stops improving; "off"; "preset"
-    "CalibrateIntensities": "preset",  # "on": a CT follow-up numbered unlike the reference is fitted in its numbers
+    "CalibrateIntensities": "preset",  # "on": a CT follow-up numbered unlike the reference fitted in the reference's
     "StructurePoints": "preset",  # the preset's share; else the fraction of voxels drawn about the segments (0: none)
     "PredictTimes": "[]",         # extra unscanned times predicted at the end of training
     "CreateSequences": "true",
@@ -56,8 +56,7 @@ SIMILARITY_CHOICES = ("preset",) + contract.SIMILARITIES
 #: how the segments are carried to each time: the preset's own, or one of the worker's
 LABEL_INTERPOLATION_CHOICES = ("preset",) + contract.LABEL_INTERPOLATIONS
 #: choices of the panel's on/off settings (anchor reference time, stop on convergence, CT-number calibration) and
-#: the worker option
-#: value each stands for (None: the preset's own)
+#: the worker option value each stands for (None: the preset's own)
 SWITCH_SETTINGS = {"preset": None, "on": True, "off": False}
 SWITCH_CHOICES = tuple(SWITCH_SETTINGS)
 
