@@ -583,6 +583,17 @@ def test_resume_of_a_run_started_by_another_version_names_the_setting_and_the_wa
                           "new folder")
 
 
+def test_resume_with_the_ct_number_calibration_switched_names_the_setting(phantom, uninterrupted, tmp_path):
+    """A run started under the default preset (CT numbers calibrated where a follow-up's differ) is not continued
+    with --no-calibrate-intensities, which would fit the rest of it otherwise: one line names the setting, both
+    values, and the way out."""
+    _, files = phantom
+    output = _interrupted_copy(uninterrupted, tmp_path / "switched", lambda data: None)
+    result = stnerp(*train_args(files, output), *RESUMABLE, "--no-calibrate-intensities", "--resume")
+    assert_one_line_error(result, "--resume needs the arguments", "calibrate_intensities true then, false now",
+                          "the arguments it was started with")
+
+
 def test_resume_from_a_checkpoint_without_a_modules_state_is_refused(tmp_path):
     """A checkpoint written by a version that tracked fewer modules (as before Def-Net's weight average) must
     not resume with that module's state fresh, silently unlike an uninterrupted run: one line, the way out,
