@@ -15,7 +15,7 @@ from .geometry import Grid
 from .io import write_image
 from .metrics import folding_statistics, jacobian_determinant, score_time_point
 from .model import SeriesModel, labels_in
-from .warping import inverse_displacement, slabs, warp
+from .warping import inverse_displacement, slabs, unaligned, warp
 
 if TYPE_CHECKING:
     from .series import Series
@@ -103,8 +103,7 @@ def _as_fitted(model: SeriesModel, point: TimePoint) -> np.ndarray:
     inverse = np.linalg.inv(point.prealignment) if point.prealignment is not None else None
     fitted = np.empty(scan.shape, np.float32)
     for z0, z1 in slabs(point.grid):
-        q = point.grid.points(z0, z1)
-        p = q if inverse is None else q @ inverse[:3, :3].T + inverse[:3, 3]
+        p = unaligned(point.grid.points(z0, z1), inverse)
         fitted[z0:z1] = calibration.corrected_at(scan[z0:z1].ravel(), model.grid.to_index(p)).reshape(
             scan[z0:z1].shape)
     return fitted

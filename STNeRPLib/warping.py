@@ -251,9 +251,14 @@ def map_to_reference(model: SeriesModel, t: float, points: np.ndarray,
 
 def _moved(model: SeriesModel, displacement: torch.Tensor, q: np.ndarray, inverse: np.ndarray | None) -> torch.Tensor:
     """Unit coordinates of the reference points of time-t points q (undoing the pre-alignment)."""
-    p = q if inverse is None else q @ inverse[:3, :3].T + inverse[:3, 3]
-    c = _to_unit(model.grid, p, model.device)
+    c = _to_unit(model.grid, unaligned(q, inverse), model.device)
     return c + sample(displacement, c[None])[0]
+
+
+def unaligned(q: np.ndarray, inverse: np.ndarray | None) -> np.ndarray:
+    """LPS points q (N, 3, mm) of a time-t image taken back where the fit saw them on the reference grid: through
+    `inverse`, the 4x4 inverse of the time's pre-alignment, or q itself without one."""
+    return q if inverse is None else q @ inverse[:3, :3].T + inverse[:3, 3]
 
 
 def _to_unit(grid: Grid, points: np.ndarray, device) -> torch.Tensor:
