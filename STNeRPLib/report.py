@@ -38,7 +38,7 @@ from .model import SeriesModel
 from .preprocessing import CALIBRATION_TOLERANCE_HU, CT_WINDOW
 from .presets import CHARBONNIER_EPSILON
 from .sampling import BODY_LEVEL, BODY_MARGIN_MM, STRUCTURE_BAND_MM
-from .warping import _to_index, invert
+from .warping import _to_index, inverse_map, invert
 
 FOCUS = re.compile(r"tumou?r|gtv|ctv|itv|ptv|target|lesion|nodule", re.IGNORECASE)
 HISTOGRAM_EDGES = np.linspace(0.0, 2.5, 101)
@@ -321,11 +321,11 @@ def structure_curves(model: SeriesModel, times: np.ndarray) -> Curves:
     curves = Curves(times)
     rows: dict[int, list] = {label: [] for label in points}
     for t in times:
-        forward, start = model.displacement_grid(float(t)), model.displacement_grid(float(t), inverse=True)
+        inverse_t = inverse_map(model, float(t))
         with torch.no_grad():
             for label, c in points.items():
-                moved = c + invert(forward, start, c)
-                d = 1.0 / _determinant(forward, moved, step)                # det grad phi^-1 at c
+                moved = c + invert(*inverse_t, c)
+                d = 1.0 / _determinant(inverse_t.forward, moved, step)      # det grad phi^-1 at c
                 at_t = grid.to_physical(_to_index(grid, moved[0]))
                 motion = np.linalg.norm(at_t - grid.to_physical(_to_index(grid, c[0])), axis=1)
                 rows[label].append((counts[label] * voxel_ml * d.mean(), (at_t * d[:, None]).sum(0) / d.sum(),
