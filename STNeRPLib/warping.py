@@ -8,7 +8,9 @@ The predicted image is made from the scans, resampled with cubic B-splines:
   scan carried to t through the learned deformation (point q -> phi_s^-1(q + u_t(q)), s = a, b,
   phi_s^-1 the fixed-point inverse of scan s's own map, as in inverse_displacement.nrrd) and the two
   blended linearly in time, each only where it lies inside that scan's field of view;
-- otherwise (a scanned time, or outside the scanned range): the reference resampled through u_t.
+- beyond the scanned range: the mean of the reference and the scan nearest t, each carried to t in the same
+  way (the reference's own map is the identity, with the default's anchor) (image_sources);
+- at a scanned time: the reference resampled through u_t.
 Ref-Net is the prior Def-Net is trained against (paper eq. 6), not the renderer: the default
 preset's Ref-Net reproduces the reference to ~36 dB, which would cap every predicted image.
 """
@@ -68,7 +70,7 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
     q + u(q) is the reference point of the time-t image's own point q.
     """
     displacement = model.displacement_grid(t)
-    sources = interpolation_weights(model.scanned_times, t) if prealignment is None else {}
+    sources = image_sources(model, t) if prealignment is None else {}
     inverses = [inverse_map(model, s) for s in sources]
     inverse = np.linalg.inv(prealignment) if prealignment is not None else None
     field = np.empty((*target.shape, 3), np.float32)
@@ -242,6 +244,19 @@ def _blend(model: SeriesModel, sources: dict[float, float], carried: list[tuple[
         displacement, index = reference
         image[unseen] = _resample(model, model.reference_time, _transform(displacement, slab), index, slab)[unseen]
     return image
+
+
+def image_sources(model: SeriesModel, t: float) -> dict[float, float]:
+    """The scans the predicted image at user time t is made from, each with its weight (`warp` carries each to t
+    through the inverse of its own map): between two scans those two, weighted in time (interpolation_weights);
+    beyond the scanned range the reference and the scan nearest t, half each (together they beat either alone on
+    every series measured, docs/presets.md); none at a scanned time or where the nearest scan is the reference
+    (the reference resampled through u_t)."""
+    scanned = model.scanned_times
+    if t in scanned or scanned[0] < t < scanned[-1]:
+        return interpolation_weights(scanned, t)
+    nearest = scanned[0] if t < scanned[0] else scanned[-1]
+    return {} if nearest == model.reference_time else {model.reference_time: 0.5, nearest: 0.5}
 
 
 def interpolation_weights(scanned: list[float], t: float) -> dict[float, float]:

@@ -150,16 +150,22 @@ def test_predicted_image_between_scans_takes_each_scan_only_where_it_saw():
     assert unseen_by_2.max() < 40 and error.mean() < 5, (unseen_by_2.max(), error.mean())   # HU
 
 
-def test_predicted_image_between_scans_carries_each_scan_through_the_inverse_of_its_own_map():
+@pytest.fixture(scope="module")
+def breathing():
+    """A 3-phase breathing phantom (scans at 0, 1, 2; ~10 mm motion) fitted 100 iterations, and its grid."""
+    series = breathing_series(size=(40, 40, 32), spacing=(3.5, 3.5, 4.0), n_phases=3, noise_hu=0.0)
+    options = Options(DEFAULT.with_iterations(100), prior="image")
+    model, _ = fit(series.images[0], 0.0, [(1.0, series.images[1]), (2.0, series.images[2])], None, options, QUIET)
+    return model, Grid.of(series.images[0])
+
+
+def test_predicted_image_between_scans_carries_each_scan_through_the_inverse_of_its_own_map(breathing):
     """At the unscanned time 1.5 between the scans at 1 and 2, voxel q takes scan 1's value at the point r whose
     reference point under scan 1's own map is q's: r + u_1(r) = q + u_1.5(q), to 0.005 mm. Scan 1 is replaced by a
     ramp of each LPS coordinate in turn (cubic B-splines carry a ramp exactly, 5 voxels from the grid's border) and
     scan 2 by zeros, so the predicted image is half of r's coordinate. exp(-v_1), the inverse only up to its scaling
     and squaring, missed by 0.67 mm."""
-    series = breathing_series(size=(40, 40, 32), spacing=(3.5, 3.5, 4.0), n_phases=3, noise_hu=0.0)
-    grid = Grid.of(series.images[0])
-    options = Options(DEFAULT.with_iterations(100), prior="image")
-    model, _ = fit(series.images[0], 0.0, [(1.0, series.images[1]), (2.0, series.images[2])], None, options, QUIET)
+    model, grid = breathing
     q = grid.points()
     reference_points = q + warp(model, 1.5, grid).displacement.reshape(-1, 3)
     r = np.empty_like(q)
@@ -173,3 +179,16 @@ def test_predicted_image_between_scans_carries_each_scan_through_the_inverse_of_
     assert interior.mean() > 0.3 and moved[interior].max() > 5.0          # mm: the phantom breathes
     error = np.linalg.norm(map_to_reference(model, 1.0, r[interior]) - reference_points[interior], axis=1)
     assert error.max() < 0.005, error.max()
+
+
+def test_predicted_image_beyond_the_last_scan_is_the_mean_of_the_reference_and_that_scan_carried_to_it(breathing):
+    """At time 3, after the last scan (2): half the reference resampled through u_3, half scan 2 carried to 3 (the two
+    estimates together beat either alone on every series measured, docs/presets.md). With the reference at 100 and
+    scan 2 at 300 everywhere, the image is 200; before, the reference alone gave 100."""
+    model, grid = breathing
+    constant = {value: grid.image(np.full(grid.shape, value, np.float32)) for value in (100.0, 300.0)}
+    scans = dataclasses.replace(model, reference=constant[100.0], follow_ups={1.0: constant[100.0], 2.0: constant[300.0]})
+    warped = warp(scans, 3.0, grid)
+    assert warped.image_sources == [0.0, 2.0]
+    assert np.abs(warped.image - 200.0).max() < 1e-3
+    assert warp(scans, -1.0, grid).image_sources == [0.0]          # before the reference: nothing else to average
