@@ -187,7 +187,8 @@ def test_predicted_image_beyond_the_last_scan_is_the_mean_of_the_reference_and_t
     scan 2 at 300 everywhere, the image is 200; before, the reference alone gave 100."""
     model, grid = breathing
     constant = {value: grid.image(np.full(grid.shape, value, np.float32)) for value in (100.0, 300.0)}
-    scans = dataclasses.replace(model, reference=constant[100.0], follow_ups={1.0: constant[100.0], 2.0: constant[300.0]})
+    follow_ups = {1.0: constant[100.0], 2.0: constant[300.0]}
+    scans = dataclasses.replace(model, reference=constant[100.0], follow_ups=follow_ups)
     warped = warp(scans, 3.0, grid)
     assert warped.image_sources == [0.0, 2.0]
     assert np.abs(warped.image - 200.0).max() < 1e-3
