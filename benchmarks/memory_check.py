@@ -4,6 +4,7 @@ within 8 GB peak RSS), per stage, with the time each stage took.
     .venv/bin/python benchmarks/memory_check.py                          # 512x512x300 x 10 phases
     .venv/bin/python benchmarks/memory_check.py --size 256 256 150 --phases 4
     .venv/bin/python benchmarks/memory_check.py --cbct     # the follow-ups in CBCT numbers: each calibrated
+    .venv/bin/python benchmarks/memory_check.py --predict-times 4.5 10   # images between and beyond the scans
 
 The series is the breathing phantom (STNeRPLib.phantom) computed at a quarter of the resolution and
 resampled (linearly) to the asked size over the same field of view, stored as int16 NRRD like a CT,
@@ -135,13 +136,17 @@ class Stages:
                     self.enter(stage)
 
 
-def run_worker(files: dict, output: Path, iterations: int, threads: int) -> dict:
-    """Train on the series in a subprocess; the peak tree RSS and time per stage."""
+def run_worker(files: dict, output: Path, iterations: int, threads: int, predict_times: list[float]) -> dict:
+    """Train on the series in a subprocess, predicting also at `predict_times` (unscanned times, each
+    an output of its own: its scans carried through the inverse of their maps); the peak tree RSS and time
+    per stage."""
     times = files["times"]
     command = [sys.executable, "-m", "STNeRPLib", "train", "--reference", files["images"][0],
                "--reference-time", str(times[0]), "--output", str(output), "--iterations", str(iterations),
                "--segmentation", files["labelmap"], "--landmarks", files["landmarks"], "--json-events",
                "--threads", str(threads)]
+    if predict_times:
+        command += ["--predict-times", *map(str, predict_times)]
     for image, t in zip(files["images"][1:], times[1:]):
         command += ["--follow-up", image, str(t)]
     stages = Stages()
@@ -186,7 +191,9 @@ def markdown(result: dict) -> str:
              "(machine shared with other jobs)", "",
              f"`--iterations {result['iterations']} --threads {result['threads']}`, segmentation and landmarks"
              + (f", the follow-ups CBCT-like ({r['calibrated']} of {result['phases'] - 1} calibrated)"
-                if result.get("cbct") else "") + "; "
+                if result.get("cbct") else "")
+             + (f", predicted also at {', '.join(map(str, result['predict_times']))}"
+                if result.get("predict_times") else "") + "; "
              f"exit code {r['returncode']}, wall {r['wall_seconds']} s", "",
              f"**Peak RSS of the worker's process tree: {r['peak_rss_gb']:.2f} GB** "
              f"(getrusage max RSS of the worker {r['worker_maxrss_gb']:.2f} GB; budget {result['budget_gb']} GB)", "",
@@ -205,6 +212,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cbct", action="store_true",
                         help="number the follow-ups as a CBCT might (each then calibrated by the worker)")
+    parser.add_argument("--predict-times", type=float, nargs="+", default=[], metavar="T",
+                        help="unscanned times whose outputs are written too (the phases are at 0, 1, ...)")
     parser.add_argument("--budget-gb", type=float, default=8.0)
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/stnerp_memory_check"))
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -212,16 +221,18 @@ def main() -> int:
                         help="keep the run's outputs in --scratch (removed after measuring: GBs per run)")
     args = parser.parse_args()
     size = tuple(args.size)
-    name = "x".join(map(str, size)) + f"x{args.phases}" + ("_cbct" if args.cbct else "")
-    print(f"[memory check] building the {name} series in {args.scratch}", flush=True)
-    files = build_series(args.scratch / name, size, args.phases, args.cbct)
+    series = "x".join(map(str, size)) + f"x{args.phases}" + ("_cbct" if args.cbct else "")
+    name = series + ("_predicted" if args.predict_times else "")
+    print(f"[memory check] building the {series} series in {args.scratch}", flush=True)
+    files = build_series(args.scratch / series, size, args.phases, args.cbct)
     output = args.scratch / f"run_{name}_{time.strftime('%H%M%S')}"
     before = machine()
     print(f"[memory check] training into {output}; load average {' '.join(before['loadavg'])}", flush=True)
-    run = run_worker(files, output, args.iterations, args.threads)
+    run = run_worker(files, output, args.iterations, args.threads, args.predict_times)
     if not args.keep_output:
         shutil.rmtree(output, ignore_errors=True)
-    result = {"size": list(size), "phases": args.phases, "cbct": args.cbct, "iterations": args.iterations,
+    result = {"size": list(size), "phases": args.phases, "cbct": args.cbct, "predict_times": args.predict_times,
+              "iterations": args.iterations,
               "threads": args.threads, "budget_gb": args.budget_gb, "machine": before,
               "loadavg_after": Path("/proc/loadavg").read_text().split()[:3], "run": run}
     args.results.mkdir(parents=True, exist_ok=True)
