@@ -425,7 +425,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasRun = pn is not None and bool(pn.GetParameter("LastRunDirectory"))
         self.ui.predictButton.enabled = hasRun and not training
         self.ui.timeSlider.enabled = hasRun and not training
-        self.ui.openReportButton.enabled = pn is not None and panel.report_page(pn.GetParameter("LastRunDirectory")) is not None
+        self.ui.openReportButton.enabled = (pn is not None
+                                            and panel.report_page(pn.GetParameter("LastRunDirectory")) is not None)
 
     def _updateRunSection(self) -> None:
         pn = self._parameterNode
@@ -478,7 +479,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPredictButton(self) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to start the prediction.", waitCursor=True):
-            if self._predictions is None or self._predictions.run_dir != self._parameterNode.GetParameter("LastRunDirectory"):
+            if (self._predictions is None
+                    or self._predictions.run_dir != self._parameterNode.GetParameter("LastRunDirectory")):
                 self._closePredictions()
                 self._predictions = self.logic.timeSliderPredictions(self._parameterNode)
             self._predictions.request(float(self.ui.timeSlider.value))
@@ -703,7 +705,8 @@ class STNeRPTest(ScriptedLoadableModuleTest):
             entry = job.result.time_points[t]
             self.assertTrue(entry["transform"].IsA("vtkMRMLGridTransformNode"))
             segments = entry["segmentation"].GetSegmentation()
-            self.assertEqual([segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())], names)
+            self.assertEqual([segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())],
+                             names)
             self.assertAlmostEqual(entry["jacobian"].GetDisplayNode().GetLevel(), 1.0)
         self.assertEqual(job.result.sequences["transform"].GetNumberOfDataNodes(), len(times))
 

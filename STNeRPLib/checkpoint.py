@@ -81,6 +81,7 @@ class Checkpoint:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+
         def hold(signum, frame) -> None:
             self._stop = True
         previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -25,6 +25,7 @@ from .progress import Reporter
 from .record import RunRecord, load_record, require_complete
 from .series import check_memory, estimate_peak_bytes, load_series
 
+
 def _preset(args) -> Preset:
     """The chosen preset, with --iterations (at least 1) applied to both networks, --similarity,
     --structure-points, --smoothing-sigma, --label-interpolation, --anchor-reference, --body-mask,

@@ -38,6 +38,7 @@ SIMILARITIES = ("mse", "charbonnier", "lncc")
 
 # -- structures: the worker takes one labelmap, one label per voxel ---------------------------
 
+
 def paint_order(voxels: Sequence[Sized]) -> list[int]:
     """Positions of overlapping structures (each its voxels) in the order to paint them into one labelmap,
     a later one taking the shared voxels: largest first, so each shared voxel ends in the smallest structure
@@ -65,6 +66,7 @@ STAGES = (STAGE_REFNET, STAGE_DEFNET, STAGE_OUTPUTS)
 #: cancels by closing the pipe (Windows has no SIGTERM for a windowless process), and a worker
 #: whose parent died stops too
 STDIN_CANCEL_FLAG = "--cancel-on-stdin-close"
+
 
 def stop_on_interruption(stdin_cancel: bool) -> None:
     """Turn SIGTERM, SIGINT (installed explicitly: a background job inherits it ignored) and, with
@@ -358,6 +360,7 @@ def _check_absolute(paths: Sequence[str | None]) -> None:
     if relative:
         raise ValueError(f"path {relative[0]!r} is relative: the worker needs absolute paths")
 
+
 # -- the command line ------------------------------------------------------------------------
 MAX_SEED = 2**63 - 1
 EXTRAPOLATION_LIMIT = 10.0
@@ -396,18 +399,22 @@ def _negative_numbers_as_values(argv: list[str]) -> list[str]:
 def parser() -> argparse.ArgumentParser:
     """The stnerp command line; each command's `command` default is its name (worker.py maps it to
     what the command does)."""
-    main_parser = _Parser(prog="stnerp", description="The stnerp command: train on a series or a cohort, predict, evaluate, report, "
-                                                      "run the demo.")
+    main_parser = _Parser(prog="stnerp",
+                          description="The stnerp command: train on a series or a cohort, predict, evaluate, report, "
+                                      "run the demo.")
     subcommands = main_parser.add_subparsers(required=True, metavar="COMMAND")
     train = _command(subcommands, "train", "fit ST-NeRP to a series and write every output")
-    train.add_argument("--reference", required=True, metavar="PATH", help="reference image (the planning CT, or phase 0)")
-    train.add_argument("--reference-time", type=float, default=0.0, metavar="T", help="time of the reference (default 0)")
+    train.add_argument("--reference", required=True, metavar="PATH",
+                       help="reference image (the planning CT, or phase 0)")
+    train.add_argument("--reference-time", type=float, default=0.0, metavar="T",
+                       help="time of the reference (default 0)")
     train.add_argument("--follow-up", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
                        help="a follow-up image and its time (phase or days); repeat for each")
     train.add_argument("--segmentation", metavar="PATH",
                        help="reference labelmap to propagate, a 3D Slicer .seg.nrrd, or the RT Structure Set or SEG "
                             "(.dcm file) drawn on it")
-    train.add_argument("--landmarks", metavar="CSV", help="landmark pairs for TRE: time,x,y,z,ref_x,ref_y,ref_z (LPS mm)")
+    train.add_argument("--landmarks", metavar="CSV",
+                       help="landmark pairs for TRE: time,x,y,z,ref_x,ref_y,ref_z (LPS mm)")
     train.add_argument("--ground-truth", nargs=2, action="append", default=[], metavar=("PATH", "TIME"),
                        help="a ground-truth labelmap (or .seg.nrrd, RTSTRUCT or SEG) at a scanned time, for Dice")
     add_fit_options(train)
@@ -432,7 +439,8 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--curve-times", type=int, default=50, metavar="N",
                         help="times at which the model is queried for the curves over time (default 50)")
     dicom = _command(subcommands, "dicom", "write a run's contours and deformations as DICOM (RTSTRUCT, REG)")
-    dicom.add_argument("--run", required=True, type=Path, metavar="DIR", help="folder of a complete run on DICOM series")
+    dicom.add_argument("--run", required=True, type=Path, metavar="DIR",
+                       help="folder of a complete run on DICOM series")
     dicom.add_argument("--dicom-out", required=True, type=Path, metavar="DIR")
     dicom.add_argument("--label-names", metavar="JSON", help='names of the labels, e.g. {"1": "GTV"}')
     evaluate = _command(subcommands, "evaluate", "compare a run's outputs with ground truth")
@@ -498,8 +506,8 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
                          help="how the segmentation is carried to each time: linear, label-wise trilinear (the "
                               "default preset's), or nearest, the nearest voxel's label (the paper's)")
     command.add_argument("--anchor-reference", action=argparse.BooleanOptionalAction,
-                         help="make the reference time the identity exactly: velocity Def-Net(x, t) - Def-Net(x, t_ref) "
-                              "(default: the preset's: on in default, off in paper)")
+                         help="make the reference time the identity exactly: velocity Def-Net(x, t) - "
+                              "Def-Net(x, t_ref) (default: the preset's: on in default, off in paper)")
     command.add_argument("--stop-on-convergence", action=argparse.BooleanOptionalAction,
                          help="end Def-Net's fit once its loss stops improving, after a decay of the learning "
                               "rate; --iterations is then the most it runs (default: the preset's; off in both "
@@ -525,7 +533,8 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--skip-memory-check", action="store_true",
                          help="start even when the series' estimated peak memory exceeds the memory available "
                               "(the out-of-memory killer may then stop it: continue with --resume)")
-    command.add_argument("--label-names", metavar="JSON", help='names of the labels, e.g. {"1": "GTV"} (for the report)')
+    command.add_argument("--label-names", metavar="JSON",
+                         help='names of the labels, e.g. {"1": "GTV"} (for the report)')
     command.add_argument("--no-report", action="store_true", help="do not write report/index.html at the end")
 
 

@@ -55,7 +55,8 @@ def run_demo(folder: Path, series: PhantomSeries, held_out: int, options: Option
     run = folder / "run"
     record.set(inputs={**record.data["inputs"], "reference": str(files["images"][0]), "reference_time": times[0],
                        "follow_ups": [[str(files["images"][k]), times[k]] for k in trained[1:]],
-                       "segmentation": str(files["labelmaps"][0]), "label_names": str(_label_names(folder / "phantom"))})
+                       "segmentation": str(files["labelmaps"][0]),
+                       "label_names": str(_label_names(folder / "phantom"))})
     run_training(inputs, options, run, reporter, [times[held_out]], record)
     rows = evaluate_run(run, [(str(p), t) for p, t in zip(files["images"], times)],
                         [(str(p), t) for p, t in zip(files["labelmaps"], times)],

@@ -118,7 +118,8 @@ def _body(targets: list[Target], window: IntensityWindow, preset: Preset, report
     body = body_voxels(scans, float(window.restore(np.float32(BODY_LEVEL))), targets[0].scan.GetSpacing(),
                        insides=[target.inside for target in targets],
                        calibrations=[target.calibration for target in targets])
-    reporter.message(f"voxels drawn within {BODY_MARGIN_MM:g} mm of the body: {len(body) / scans[0].size:.0%} of the grid")
+    reporter.message(f"voxels drawn within {BODY_MARGIN_MM:g} mm of the body: "
+                     f"{len(body) / scans[0].size:.0%} of the grid")
     return body
 
 
@@ -286,8 +287,6 @@ def check_query_times(times: list[float], time_range: tuple[float, float], repor
         if outside > 0:
             reporter.message(f"warning: time {t:g} is outside the scanned times {low:g}..{high:g} "
                              f"({outside / span:.3g} spans): the model extrapolates there")
-
-
 
 
 def velocity_shape(grid: Grid, preset: Preset) -> tuple[int, int, int]:

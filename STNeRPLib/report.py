@@ -485,7 +485,8 @@ def _fit_rows(facts: dict, preset: dict, prefix: str) -> list[list[str]]:
     rows = [[prefix + "Def-Net iterations run", f"{facts['defnet_iterations']} of {preset.get('def_iterations', '?')}"],
             [prefix + "velocity levels kept", f"{kept} of {preset.get('velocity_levels', 1)}"],
             [prefix + "Def-Net's loss", SIMILARITY_NAMES.get(preset.get("similarity", "mse"), "?")],
-            [prefix + "voxels drawn", _voxels_drawn(preset.get("structure_points", 0.0), preset.get("body_mask", False))],
+            [prefix + "voxels drawn", _voxels_drawn(preset.get("structure_points", 0.0),
+                                                    preset.get("body_mask", False))],
             [prefix + "scans as fitted", _scans_fitted(preset.get("smoothing_sigma", 0.0))],
             [prefix + "Def-Net's final weights", _final_weights(preset.get("average_last", 0.0))]]
     if facts.get("def_time_sigma") is not None:

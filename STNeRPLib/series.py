@@ -47,7 +47,8 @@ def load_series(reference: str, reference_time: float, follow_ups: list[tuple[st
         raise InputError("--ground-truth needs --segmentation: Dice compares the propagated reference "
                          "segmentation with it; give the reference labelmap too")
     series = Series(read_image(reference, "reference image"), reference_time,
-                    [(t, read_image(p, f"follow-up image at time {t:g}")) for p, t in sorted(follow_ups, key=lambda f: f[1])])
+                    [(t, read_image(p, f"follow-up image at time {t:g}"))
+                     for p, t in sorted(follow_ups, key=lambda f: f[1])])
     scanned = dict(series.images)
     image_paths = {reference_time: reference, **{t: p for p, t in follow_ups}}
     if segmentation:

@@ -136,7 +136,8 @@ INVERSE_STEPS = 20
 them takes as many damped ones, each the mean of the point and its plain step: where the map expands nearly
 twofold (grad u 0.82-0.97 inside a shrinking tumour's fit) the plain iteration falls into a 2-cycle (7 and 38
 voxels of the longitudinal phantom, series seed 4 fitted without day 14, at days 21 and 28, up to 6e-3 units,
-~0.85 mm, off); damped, those converge to 1e-7. Elsewhere damping would slow it (a contraction of 0.5 becomes 0.75), so it is only the fallback."""
+~0.85 mm, off); damped, those converge to 1e-7. Elsewhere damping would slow it (a contraction of 0.5
+becomes 0.75), so it is only the fallback."""
 INVERSE_TOLERANCE = 1e-5
 """A point's inverse has converged when one iteration moves it by at most this, in grid_sample units
 (1e-5 x (n - 1) / 2 voxels: 1.5e-3 mm on 512 voxels of 0.6 mm). On the native 1.5 mm chest (120 x 123 x

@@ -67,7 +67,8 @@ def markdown(report: dict) -> str:
              f"Commit {report['commit']}; {report['cores']} cores; {report['patients']} breathing phantoms of "
              f"{'x'.join(map(str, report['size']))} voxels, {report['phases']} phases, --iterations "
              f"{report['iterations']}; wall time includes starting the local cluster.", "",
-             "| workers x threads | wall (s) | patients / hour | mean series time in its task (s) | load before | load after |",
+             "| workers x threads | wall (s) | patients / hour | mean series time in its task (s) | "
+             "load before | load after |",
              "|---|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['workers']} x {r['threads_per_worker']} | {r['wall_s']} | {r['patients_per_hour']} | "

@@ -448,7 +448,8 @@ def abdomen_series(folder: Path, n_phases: int = 10, heldout: int = 3, seed: int
         return _pick([(organ, int(0.4 * n)), (band, int(0.8 * n)), (inside, n)])
 
     times, images, labelmaps, fields, bodies, marks, jac_min = _warped_series(
-        ct, _spline(sitk.GetArrayFromImage(ct)), labels, body, ct, _bounds(source), motion, n_phases, choose, seed, CHEST_NOISE_HU)
+        ct, _spline(sitk.GetArrayFromImage(ct)), labels, body, ct, _bounds(source), motion, n_phases, choose, seed,
+        CHEST_NOISE_HU)
     description = (f"real anatomy, simulated motion with sliding: TotalSegmentator abdomen CT (3 mm), "
                    f"{n_phases} phases: organs slide {ABDOMEN_SI_AMP:g} mm inferiorly against the wall across a "
                    f"{ABDOMEN_BAND_MM:g} mm (Gaussian sigma) band, anterior wall {ABDOMEN_AP_AMP:g} mm "

@@ -1,8 +1,8 @@
 """Pairwise registration tools users would pick instead of STNeRP, each returning its result in
 STNeRP's displacement convention.
 
-Convention (ARCHITECTURE.md, "Direction of a displacement"): the result for a time-t image is a displacement field u on the time-t
-image grid (SimpleITK VectorFloat64 image, mm, LPS) mapping a time-t point q to the matching
+Convention (ARCHITECTURE.md, "Direction of a displacement"): the result for a time-t image is a displacement field u
+on the time-t image grid (SimpleITK VectorFloat64 image, mm, LPS) mapping a time-t point q to the matching
 reference point q + u(q). That is ITK's resampling-transform direction with the *reference as
 the moving image*, so every peer registers fixed = time-t image, moving = reference, and its
 fixed -> moving transform is converted to a dense field on the fixed grid:

@@ -130,6 +130,7 @@ def series_length(name: str) -> int:
         return int(name[len(kind):])
     return next((usual for kind, usual in LENGTHS.items() if name.startswith(kind)), 10)
 
+
 RENDERED = ["breathing-psf", "longitudinal-psf"]
 """The two phantoms with each voxel the mean of data.PSF_SUPERSAMPLING^3 sub-voxel samples (phantom.py,
 `supersampling`: a box point-spread function one voxel wide) instead of the value at its centre, for what depends
@@ -248,8 +249,9 @@ def _measure(model, series, k: int, grid: Grid) -> dict:
             "folded": scores["folded_voxels"], "image": warped.image}
 
 
-COLUMNS = [("series", "{:<12s}"), ("name", "{:<18s}"), ("ref_psnr", "{:8.2f}"), ("wall", "{:7.1f}"), ("ref_its", "{:7.1f}"),
-           ("def_its", "{:7.1f}"), ("def_n", "{:5d}"), ("levels", "{:6d}"), ("ratio", "{:6.3f}"), ("tre_mean", "{:8.2f}"), ("tre_max", "{:7.2f}"), ("dice_min", "{:8.3f}"),
+COLUMNS = [("series", "{:<12s}"), ("name", "{:<18s}"), ("ref_psnr", "{:8.2f}"), ("wall", "{:7.1f}"),
+           ("ref_its", "{:7.1f}"), ("def_its", "{:7.1f}"), ("def_n", "{:5d}"), ("levels", "{:6d}"),
+           ("ratio", "{:6.3f}"), ("tre_mean", "{:8.2f}"), ("tre_max", "{:7.2f}"), ("dice_min", "{:8.3f}"),
            ("folded", "{:6d}"), ("ho_psnr", "{:7.2f}"), ("lin_psnr", "{:8.2f}"), ("ho_ssim", "{:7.4f}"),
            ("lin_ssim", "{:8.4f}"), ("ho_tre", "{:6.2f}"), ("u_ref_max", "{:9.3f}"),
            ("load", "{:5.2f}")]
@@ -357,7 +359,8 @@ def profile(series: StudySeries, variant: str, iterations: int) -> None:
     fit(series.images[0], series.times[0], follow_ups, None, options, timer)   # unprofiled rate
     rate, matmul = timer.rate("defnet"), matmul_gflops(threads)
     achieved = flops * rate / 1e9
-    print(f"{series.name}, {variant}: {rate:.1f} Def-Net iterations/s ({threads} threads, load {os.getloadavg()[0]:.2f}); "
+    print(f"{series.name}, {variant}: {rate:.1f} Def-Net iterations/s "
+          f"({threads} threads, load {os.getloadavg()[0]:.2f}); "
           f"{flops / 1e6:.0f} MFLOP of matrix products per iteration = {achieved:.1f} GFLOP/s, "
           f"{100 * achieved / matmul:.1f} % of the measured matmul rate {matmul:.1f} GFLOP/s")
 

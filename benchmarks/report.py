@@ -110,7 +110,8 @@ def targets(entry: dict) -> list[dict]:
     peers = {m: r for m, r in rows.items() if methods.kind(m) == "peer" and r.get("ok")}
     out = [_tre_target(d, peers)] if peers else []
     out.append({"met": d["summary"]["folded_voxels"] == 0,
-                "text": f"{d['summary']['folded_voxels']} folded voxels (min det J {d['summary']['jacobian_min']:.3f})"})
+                "text": f"{d['summary']['folded_voxels']} folded voxels "
+                        f"(min det J {d['summary']['jacobian_min']:.3f})"})
     if DEMONS in peers:
         out.append(_wall_target(d, peers[DEMONS]))
     out.append(_reference_target(d))
@@ -314,5 +315,6 @@ def markdown(report: dict) -> str:
             lines += [f"## Issue 11 targets on {name} (STNeRP default)", ""]
             lines += [f"- {_verdict(t['met'])}: {t['text']}" for t in items] + [""]
     lines += ["## Settings", ""] + [f"- {methods.label(m)}: {text}" for m, text in report["configs"].items()]
-    lines += [f"- skipped (package missing): {', '.join(report['skipped_methods'])}"] if report.get("skipped_methods") else []
+    lines += ([f"- skipped (package missing): {', '.join(report['skipped_methods'])}"]
+              if report.get("skipped_methods") else [])
     return "\n".join(lines) + "\n"

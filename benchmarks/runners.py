@@ -128,7 +128,8 @@ def available(method: str, peers_python: Path | None) -> bool:
     """Whether the package a peer needs imports under the interpreter it will run with."""
     if methods.kind(method) != "peer":
         return True
-    check = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({peers.PEERS[method]['package']!r}) is None)"
+    check = ("import importlib.util, sys; "
+             f"sys.exit(importlib.util.find_spec({peers.PEERS[method]['package']!r}) is None)")
     return subprocess.run([interpreter(method, peers_python), "-c", check]).returncode == 0
 
 
@@ -293,5 +294,3 @@ def _score_heldout(series: data.Series, method: str, h: int, result: dict | None
         predicted = scoring.motion_compensated(scans, inverses, u_t, t)
     return {"time": t, "predicted": scoring.score_image(predicted, actual),
             "field": scoring.score_field(series, h, u_t)}
-
-

@@ -5,8 +5,8 @@
     .venv/bin/python benchmarks/under_load.py --kind longitudinal              # where the 16 mm level is kept
 
 A clinician's workstation is never idle (Slicer renders while the worker trains). Each method
-runs on benchmarks/data.py's breathing (or `--kind longitudinal`) phantom, in its own child process, first on the machine as
-it is, then beside `--burner N` burner processes (each a plain Python busy loop: one core each),
+runs on benchmarks/data.py's breathing (or `--kind longitudinal`) phantom, in its own child process, first on the
+machine as it is, then beside `--burner N` burner processes (each a plain Python busy loop: one core each),
 started `--warmup` seconds before the method so that the 1-minute load average, which STNeRP's
 thread policy reads (STNeRPLib/threads.py), has seen them. Printed: wall time of the whole series
 (STNeRP: fit + every output, as benchmarks/methods.py times it; demons: every pair + its field and
@@ -108,7 +108,8 @@ def measure(methods: list[str], folder: Path, burners: int, warmup: float, itera
         time.sleep(warmup)
         for method in methods:
             before = load_average()
-            results[method]["burner"] = run_child(method, folder, iterations) | {"load": f"{before} -> {load_average()}"}
+            results[method]["burner"] = (run_child(method, folder, iterations)
+                                         | {"load": f"{before} -> {load_average()}"})
             print(f"{method:16s} with {burners} burner(s): {results[method]['burner']['wall_seconds']:7.1f} s "
                   f"({results[method]['burner']['threads']} threads; load {results[method]['burner']['load']})",
                   flush=True)

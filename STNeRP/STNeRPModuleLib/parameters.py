@@ -44,7 +44,7 @@ DEFAULTS = {
     "CreateSequences": "true",
     "PredictTime": "0.5",
     "LastRunDirectory": "",       # absolute folder of the last complete training run
-    "UnfinishedRunDirectory": "", # a cancelled or failed training run that Resume can continue
+    "UnfinishedRunDirectory": "",  # a cancelled or failed training run that Resume can continue
     "LastSegmentMap": "[]",
     "LastTimes": "[]",
 }

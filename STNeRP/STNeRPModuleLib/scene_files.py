@@ -256,7 +256,8 @@ def import_segmentation(scene: slicer.vtkMRMLScene, labelmap_path: str, name: st
     return seg_node
 
 
-def _layers(labelmap: slicer.vtkMRMLLabelMapVolumeNode, segment_map: list[dict]) -> list[slicer.vtkMRMLLabelMapVolumeNode]:
+def _layers(labelmap: slicer.vtkMRMLLabelMapVolumeNode,
+            segment_map: list[dict]) -> list[slicer.vtkMRMLLabelMapVolumeNode]:
     """The labelmap as Slicer should import it: whole, when no segment contains others; else one
     layer per segment that contains others (its label and theirs, as its value) and one for the
     rest, so nested contours come back whole (segment_overlap.nested)."""

@@ -124,7 +124,8 @@ def train(args: argparse.Namespace, record: dict) -> int:
         sitk.WriteImage(labelmap, os.path.join(args.output, "reference_labelmap.nrrd"))
     total = args.iterations or 3
     for i in range(total):
-        emit(event=contract.EVENT_PROGRESS, stage=contract.STAGE_DEFNET, iteration=i + 1, total=total, loss=0.1, eta=0.0)
+        emit(event=contract.EVENT_PROGRESS, stage=contract.STAGE_DEFNET, iteration=i + 1, total=total,
+             loss=0.1, eta=0.0)
     scans = [(args.reference_time, reference)] + [(float(t), sitk.ReadImage(p)) for p, t in args.follow_up]
     points = [(t, image, image) for t, image in scans] + [(float(t), reference, None) for t in args.predict_times]
     for i, (t, grid, scan) in enumerate(points, 1):

@@ -281,4 +281,5 @@ def test_short_range_run_records_and_reports_each_pairs_level_decision(tmp_path)
         pair = f"pair {entry['reference_time']:g} → {entry['time']:g}: "
         assert f"<td>{pair}velocity levels kept</td><td>{kept} of 2</td>" in page
         decision = "kept" if kept == 2 else "dropped"
-        assert f"<td>{pair}velocity level 2: loss with it / without it at its trial</td><td>{ratio:.3f} ({decision}" in page
+        assert (f"<td>{pair}velocity level 2: loss with it / without it at its trial</td>"
+                f"<td>{ratio:.3f} ({decision}") in page

@@ -135,7 +135,8 @@ def test_motion_compensated_interpolation_with_the_exact_motion_beats_linear_int
     error = np.abs(predicted - actual)[interior].max()
     linear_error = np.abs(scoring.linear(scans, 3.0) - actual)[interior].max()
     assert error < 5.0 and linear_error > 10 * error
-    assert scoring.score_image(predicted, actual)["psnr"] > scoring.score_image(scoring.linear(scans, 3.0), actual)["psnr"]
+    assert (scoring.score_image(predicted, actual)["psnr"]
+            > scoring.score_image(scoring.linear(scans, 3.0), actual)["psnr"])
 
 
 def test_spread_is_the_median_with_min_max_and_count():
@@ -258,9 +259,9 @@ def shifted(tmp_path_factory) -> tuple[data.Series, list[np.ndarray]]:
         labelmaps.append(sitk.Resample(labels, labels, move, sitk.sitkNearestNeighbor, 0))
         fields.append(_constant_field(reference, shift))
         landmarks.append((marks - shift, marks))
-    folder = data.write_series(tmp_path_factory.mktemp("shifted") / "shifted", "shifted", "rigid shifts", [0.0, 1.0, 2.0],
-                               images, labelmaps, fields, [data.body_mask(i) for i in images], landmarks,
-                               data.PHANTOM_LABELS, 1, {"seed": 2, "count": 3})
+    folder = data.write_series(tmp_path_factory.mktemp("shifted") / "shifted", "shifted", "rigid shifts",
+                               [0.0, 1.0, 2.0], images, labelmaps, fields, [data.body_mask(i) for i in images],
+                               landmarks, data.PHANTOM_LABELS, 1, {"seed": 2, "count": 3})
     return data.Series(folder), shifts
 
 

@@ -311,7 +311,6 @@ def test_threads_share_the_cores_without_oversubscribing():
     assert worker_share(4, {}) == 1                # four series at once: one thread each
 
 
-
 def test_a_complete_run_of_other_options_is_refused_not_redone(tmp_path):
     """A complete run made by `stnerp train` with the batch's files and options is skipped; the same
     folder under other options is refused and left as it is."""

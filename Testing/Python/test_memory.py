@@ -4,7 +4,6 @@ series too large for the memory available is refused before anything is read or 
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path

@@ -71,7 +71,8 @@ def test_a_scans_own_background_is_not_padding():
 
 
 def inside_landmarks(series, folder, times) -> str:
-    """landmarks.csv of the series' landmarks at `times` that lie inside the cylinder (the follow-ups' field of view)."""
+    """landmarks.csv of the series' landmarks at `times` that lie inside the cylinder (the follow-ups' field of
+    view)."""
     inside = cylinder(series.images[0])
     lines = ["time,x,y,z,ref_x,ref_y,ref_z"]
     for t, (points, reference) in zip(series.times, series.landmarks):

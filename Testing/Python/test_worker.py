@@ -134,7 +134,8 @@ def test_unscanned_time_beats_every_mistake(trained, phantom):
     scans = {t: sitk.GetArrayFromImage(series.images[int(t)]) for t in (1.0, 2.0)}
     linear = psnr_db(normalised(linear_interpolation(scans, 1.5)), truth)
     unwarped = psnr_db(normalised(sitk.GetArrayFromImage(series.images[0])), truth)
-    print(f"time 1.5 image PSNR: predicted {predicted:.2f} dB, linear interpolation {linear:.2f}, reference {unwarped:.2f}")
+    print(f"time 1.5 image PSNR: predicted {predicted:.2f} dB, linear interpolation {linear:.2f}, "
+          f"reference {unwarped:.2f}")
     assert predicted > unwarped + MARGIN_PSNR_DB and predicted > linear - 1.5, (predicted, linear, unwarped)
 
 
@@ -149,12 +150,14 @@ def test_reported_metrics_match_independent_computation(trained, phantom):
     for k in (1, 2, 3):
         entry = points[float(k)]
         image = normalised(read_array(output / entry["image"]))
-        assert entry["metrics"]["psnr"] == pytest.approx(psnr_db(image, normalised(sitk.GetArrayFromImage(series.images[k]))), abs=1e-3)
+        assert (entry["metrics"]["psnr"]
+                == pytest.approx(psnr_db(image, normalised(sitk.GetArrayFromImage(series.images[k]))), abs=1e-3))
         method = scores(series, k, sitk.ReadImage(str(output / entry["displacement"])))
         assert entry["metrics"]["tre_mean"] == pytest.approx(method["tre"], abs=1e-4)
     labels = read_array(output / points[2.0]["labelmap"])
     truth = sitk.GetArrayFromImage(series.labelmaps[2])
-    assert points[2.0]["metrics"]["dice"] == {str(k): pytest.approx(dice(labels, truth, k), abs=1e-9) for k in (1, 2, 3)}
+    assert points[2.0]["metrics"]["dice"] == {str(k): pytest.approx(dice(labels, truth, k), abs=1e-9)
+                                              for k in (1, 2, 3)}
     with (output / "metrics.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [float(r["time"]) for r in rows] == [p["time"] for p in run["time_points"]]
@@ -167,7 +170,8 @@ def test_reported_metrics_match_independent_computation(trained, phantom):
             assert (row[column] == "") if m[key] is None else float(row[column]) == pytest.approx(m[key]), column
         for label in ("1", "2", "3"):
             expected = m["dice"].get(label)
-            assert (row[f"dice_{label}"] == "") if expected is None else float(row[f"dice_{label}"]) == pytest.approx(expected)
+            assert ((row[f"dice_{label}"] == "") if expected is None
+                    else float(row[f"dice_{label}"]) == pytest.approx(expected))
 
 
 def test_jacobian_output_is_the_determinant_of_the_written_field(trained):
@@ -208,7 +212,6 @@ def test_inhale_compresses_the_lungs_in_the_jacobian_map(trained, phantom):
     written = read_array(output / "t_2/jacobian.nrrd")[lungs].mean()
     assert exact < 0.95 and written < 0.95, (exact, written)
     assert abs(written - exact) < 0.5 * (1 - exact), (written, exact)
-
 
 
 # |u| at the reference time, measured on this run: max 9.72 mm, mean 1.52 mm (mm, LPS). Bounds are
@@ -302,7 +305,7 @@ def bad_run(tmp_path, *args) -> tuple[subprocess.CompletedProcess, Path]:
 def assert_rejected(result, output, *words):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1, result.stderr
     for word in words:
         assert word in error_lines[0]
@@ -335,12 +338,14 @@ def test_bad_input(case, phantom, tmp_path):
         "single": [],
         "duplicate": ["--follow-up", follow_up, 1, "--follow-up", files["images"][2], 1],
         "empty labelmap": ["--follow-up", follow_up, 1, "--segmentation",
-                           image_file(tmp_path, "empty.nrrd", np.zeros(series.images[0].GetSize()[::-1], np.uint8), series.images[0])],
+                           image_file(tmp_path, "empty.nrrd", np.zeros(series.images[0].GetSize()[::-1], np.uint8),
+                                      series.images[0])],
         "labelmap grid": ["--follow-up", follow_up, 1, "--segmentation",
                           image_file(tmp_path, "other.nrrd", np.ones((8, 8, 8), np.uint8))],
         "labelmap layers": ["--follow-up", follow_up, 1, "--segmentation", _layers(tmp_path, series.labelmaps[0])],
         "time not a number": ["--follow-up", follow_up, "one"],
-        "label above 65535": ["--follow-up", follow_up, 1, "--segmentation", _large_label(tmp_path, series.labelmaps[0])],
+        "label above 65535": ["--follow-up", follow_up, 1, "--segmentation",
+                              _large_label(tmp_path, series.labelmaps[0])],
         "predict a scanned time": ["--follow-up", follow_up, 1, "--predict-times", 1.0, "--iterations", 5],
     }[case]
     words = {"missing": ["not found"], "corrupt": ["cannot read"], "2d": ["2-D"], "4d": ["4-D"],
@@ -550,7 +555,8 @@ def test_evaluate_command_scores_a_run_against_ground_truth(trained, phantom, tm
     assert result.returncode == 0, result.stderr
     rows = {r["time"]: r for r in json.loads((run / "evaluation.json").read_text())["rows"]}
     image = normalised(read_array(run / "t_1/image.nrrd"))
-    assert rows[1.0]["psnr"] == pytest.approx(psnr_db(image, normalised(sitk.GetArrayFromImage(series.images[1]))), abs=1e-3)
+    assert rows[1.0]["psnr"] == pytest.approx(psnr_db(image, normalised(sitk.GetArrayFromImage(series.images[1]))),
+                                              abs=1e-3)
     labels, truth = read_array(run / "t_2/labelmap.nrrd"), sitk.GetArrayFromImage(series.labelmaps[2])
     assert rows[2.0]["dice"] == {str(k): pytest.approx(dice(labels, truth, k)) for k in (1, 2, 3)}
     for k in (1, 2, 3):
