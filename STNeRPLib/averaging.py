@@ -12,7 +12,7 @@ class WeightAverage(nn.Module):
     The mean and its count are buffers, so a checkpoint holding this module resumes the mean exactly
     (training.fit_deformation saves it beside the network)."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self._sources = list(module.parameters())   # a plain list: the module's own, not registered here
         for index, parameter in enumerate(self._sources):

@@ -14,11 +14,18 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from types import FrameType
+
+    from .schedule import DecaySchedule
 
 STAGES = ("refnet", "defnet")
 """Training stages in order: Ref-Net (paper eq. 3), then Def-Net (eq. 6)."""
@@ -27,7 +34,7 @@ STAGES = ("refnet", "defnet")
 class Checkpoint:
     """checkpoint.pt of one run: the saved state (if any) and the modules it covers."""
 
-    def __init__(self, path: Path, every: int):
+    def __init__(self, path: Path, every: int) -> None:
         self.path = Path(path)
         self.every = every
         self.saved = _load(self.path) if self.path.exists() else None
@@ -35,7 +42,7 @@ class Checkpoint:
         self._stop = False
 
     def restore(self, stage: str, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-                schedule, generator: torch.Generator, total: int) -> int:
+                schedule: DecaySchedule, generator: torch.Generator, total: int) -> int:
         """Track `modules` (name -> module); load the saved state into them, the optimiser, schedule and
         generator. A checkpoint that holds no state for one of them (another version wrote it) is refused:
         the run would go on unlike an uninterrupted one.
@@ -63,7 +70,7 @@ class Checkpoint:
         torch.set_rng_state(self.saved["torch_rng"])
         return int(self.saved["iteration"])
 
-    def after(self, stage: str, iteration: int, optimizer: torch.optim.Optimizer, schedule,
+    def after(self, stage: str, iteration: int, optimizer: torch.optim.Optimizer, schedule: DecaySchedule,
               generator: torch.Generator) -> None:
         """Call after each whole iteration: save every `every` iterations; on a held signal, save
         and raise KeyboardInterrupt."""
@@ -76,13 +83,13 @@ class Checkpoint:
             raise KeyboardInterrupt
 
     @contextmanager
-    def holding_signals(self):
+    def holding_signals(self) -> Iterator[None]:
         """While training, SIGINT/SIGTERM only mark a stop that `after` acts on (main thread only)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
-        def hold(signum, frame) -> None:
+        def hold(signum: int, frame: FrameType | None) -> None:
             self._stop = True
         previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -129,14 +136,14 @@ def save_atomically(state: dict, path: Path) -> None:
 class _KeepsWriteError(io.RawIOBase):
     """A binary file that keeps the OSError of its first failed write."""
 
-    def __init__(self, handle):
+    def __init__(self, handle: io.BufferedWriter) -> None:
         self.handle = handle
         self.error: OSError | None = None
 
     def writable(self) -> bool:
         return True
 
-    def write(self, data) -> int:
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         try:
             return self.handle.write(data)
         except OSError as error:

@@ -28,7 +28,7 @@ from collections import Counter
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from distributed import WorkerPlugin
 
@@ -39,6 +39,9 @@ from .contract import STATUS_COMPLETE, finite_or_none, json_line, read_run, writ
 from .progress import Reporter
 from .commands import export_dicom, timed, train_command, train_inputs, train_options
 from .report import structure_names
+
+if TYPE_CHECKING:
+    from distributed import Worker
 
 COLUMNS = ("patient", "role", "path", "time")
 ROLES = ("reference", "follow-up", "segmentation", "landmarks", "ground-truth")
@@ -56,7 +59,7 @@ _PATIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 class Patient:
     """One patient's rows of the manifest: (role, absolute path, time text), in file order."""
 
-    def __init__(self, patient_id: str):
+    def __init__(self, patient_id: str) -> None:
         self.id = patient_id
         self.rows: list[tuple[str, str, str]] = []
 
@@ -193,7 +196,7 @@ class PatientEvents(Reporter):
     """The JSON events of train, each with a "patient" key, handed to `send` (stdout, or the
     Dask client through the scheduler); the last error is kept for the summary."""
 
-    def __init__(self, patient: str, send: Callable[[dict], None]):
+    def __init__(self, patient: str, send: Callable[[dict], None]) -> None:
         super().__init__(json_events=True)
         self.patient, self.send, self.last_error = patient, send, None
 
@@ -201,7 +204,7 @@ class PatientEvents(Reporter):
         self.last_error = message
         self._emit(event="error", message=message)
 
-    def _emit(self, **event) -> None:
+    def _emit(self, **event: object) -> None:
         self.send({**event, "patient": self.patient})
 
 
@@ -285,7 +288,7 @@ class Progress:
     """Progress over patients: a bar and a line per finished patient on stderr; with json_events,
     each patient's events on stdout (its train progress, then done or error), keyed by patient."""
 
-    def __init__(self, total: int, json_events: bool):
+    def __init__(self, total: int, json_events: bool) -> None:
         self.total, self.json_events, self.count = total, json_events, 0
         self.bar = Reporter(interval=0.0)
         self.finished: set[str] = set()
@@ -443,8 +446,8 @@ class OneGPUPerWorker(WorkerPlugin):
     """Gives local worker i the GPU i mod count (CUDA_VISIBLE_DEVICES), set as the worker starts
     (and restarts), before any series touches CUDA. Untested here: this machine has no GPU."""
 
-    def __init__(self, count: int):
+    def __init__(self, count: int) -> None:
         self.count = count
 
-    def setup(self, worker) -> None:
+    def setup(self, worker: Worker) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(int(worker.name) % self.count)

@@ -12,7 +12,7 @@ import traceback
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import contract
 from .contract import MAX_SEED, is_number
@@ -25,8 +25,11 @@ from .progress import Reporter
 from .record import RunRecord, load_record, require_complete
 from .series import check_memory, estimate_peak_bytes, load_series
 
+if TYPE_CHECKING:
+    import argparse
 
-def _preset(args) -> Preset:
+
+def _preset(args: argparse.Namespace) -> Preset:
     """The chosen preset, with --iterations (at least 1) applied to both networks, --similarity,
     --structure-points, --smoothing-sigma, --label-interpolation, --anchor-reference, --body-mask,
     --calibrate-intensities, --stop-on-convergence and --velocity-levels."""
@@ -80,7 +83,7 @@ def _velocity_levels(text: str, preset: Preset) -> Preset:
     return replace(preset, velocity_levels=levels, adaptive_levels=adaptive)
 
 
-def train_options(args) -> Options:
+def train_options(args: argparse.Namespace) -> Options:
     """The Options of a train run (or of each series of a batch) from its command-line arguments;
     InputError for a value out of range."""
     if not 0 <= args.seed <= MAX_SEED:
@@ -95,7 +98,7 @@ def train_options(args) -> Options:
                    args.intensity, args.device, args.seed)
 
 
-def train_inputs(args) -> dict:
+def train_inputs(args: argparse.Namespace) -> dict:
     """The inputs of a train run as its run.json records them: absolute paths, each file's SHA-256."""
     follow_ups, ground_truth = timed(args.follow_up), timed(args.ground_truth)
     paths = [args.reference, *(p for p, _ in follow_ups), args.segmentation, args.landmarks,
@@ -107,7 +110,7 @@ def train_inputs(args) -> dict:
             "sha256": {_absolute(p): file_sha256(p) for p in paths if p}}
 
 
-def _check_memory(args, options: Options, reporter: Reporter) -> None:
+def _check_memory(args: argparse.Namespace, options: Options, reporter: Reporter) -> None:
     """Refuse, before anything is read or written, a series whose estimated peak memory (from the
     image headers) exceeds the memory available now, fitted with `options`. An image whose header cannot
     be read is left to load_series, which reports it in the run's record."""
@@ -125,7 +128,7 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).absolute()) if path else None
 
 
-def train_command(args, reporter: Reporter) -> int:
+def train_command(args: argparse.Namespace, reporter: Reporter) -> int:
     """The train command: one series into args.output, new or resumed (batch runs it per series)."""
     try:
         options, inputs = train_options(args), train_inputs(args)
@@ -160,7 +163,7 @@ def train_command(args, reporter: Reporter) -> int:
                      then=export)
 
 
-def dicom_command(args, reporter: Reporter) -> int:
+def dicom_command(args: argparse.Namespace, reporter: Reporter) -> int:
     return export_dicom(args.run, args.dicom_out, args.label_names, reporter)
 
 
@@ -190,20 +193,20 @@ def _report_quietly(record: RunRecord, reporter: Reporter) -> None:
     record.set(report=str(page.relative_to(record.folder)))
 
 
-def report_command(args, reporter: Reporter) -> int:
+def report_command(args: argparse.Namespace, reporter: Reporter) -> int:
     from .report import write_report
     return _guarded(lambda: reporter.message(f"report: {write_report(args.run, args.curve_times, args.label_names)}"),
                     reporter)
 
 
-def predict_command(args, reporter: Reporter) -> int:
+def predict_command(args: argparse.Namespace, reporter: Reporter) -> int:
     def body(record: RunRecord) -> None:
         run_prediction(_complete_model(args.run), args.times, args.output, reporter, record)
     inputs = {"run": str(args.run.absolute()), "times": args.times}
     return _recorded(args.output, "predict", inputs, {}, body, reporter, args)
 
 
-def demo_command(args, reporter: Reporter) -> int:
+def demo_command(args: argparse.Namespace, reporter: Reporter) -> int:
     from .demo import demo_series, run_demo
     try:
         preset = _preset(args)
@@ -224,7 +227,7 @@ def demo_command(args, reporter: Reporter) -> int:
     return _recorded(folder / "run", "demo", inputs, options.to_dict(), body, reporter, args, root=folder)
 
 
-def evaluate_command(args, reporter: Reporter) -> int:
+def evaluate_command(args: argparse.Namespace, reporter: Reporter) -> int:
     from .evaluation import evaluate_run
     return _guarded(lambda: evaluate_run(args.run, timed(args.image), timed(args.ground_truth),
                                          args.landmarks, reporter), reporter)
@@ -251,7 +254,7 @@ def _complete_model(run: Path) -> Path:
 
 
 def _recorded(folder: Path, command: str, inputs: dict, parameters: dict, body: Callable[[RunRecord], None],
-              reporter: Reporter, args, resume: bool = False, root: Path | None = None,
+              reporter: Reporter, args: argparse.Namespace, resume: bool = False, root: Path | None = None,
               then: Callable[[], int] | None = None) -> int:
     """Run body with a run record in `folder` that ends complete, failed or interrupted. The folder
     (or `root`, the folder holding it) must be new or empty, unless resuming the run in it. `then`
@@ -350,7 +353,7 @@ ABSENT = object()
 """A setting or argument that one side (the run's record, or this call) lacks; a resume error says "absent"."""
 
 
-def _not_resumable(folder: Path, part: str, key: str, then, now) -> str:
+def _not_resumable(folder: Path, part: str, key: str, then: object, now: object) -> str:
     """One line on why the run in `folder` cannot be resumed with these arguments: the input file that
     changed, or the argument (or preset setting) that differs, its value then and now, and the way out."""
     if key == "sha256":
@@ -368,7 +371,7 @@ def _not_resumable(folder: Path, part: str, key: str, then, now) -> str:
             f"{_shown(now)} now; give the arguments it was started with, or train again in a new folder")
 
 
-def _shown(value) -> str:
+def _shown(value: object) -> str:
     """A recorded value as the user typed it (JSON, so a list reads [1.5, 4.0]); ABSENT as "absent"."""
     return "absent" if value is ABSENT else json.dumps(value)
 

@@ -18,9 +18,13 @@ import threading
 from collections.abc import Sequence, Sized
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import InputError
 from .presets import LABEL_INTERPOLATIONS, PRESETS
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 # -- choices ---------------------------------------------------------------------------------
 PRESET_NAMES: tuple[str, ...] = tuple(sorted(PRESETS))
@@ -77,7 +81,7 @@ def stop_on_interruption(stdin_cancel: bool) -> None:
         threading.Thread(target=_interrupt_when_stdin_closes, daemon=True).start()
 
 
-def _interrupt(signum, frame) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     """Stop once: later signals are ignored, so they cannot cut short the writing of the run
     folder as interrupted."""
     for other in (signal.SIGTERM, signal.SIGINT):
@@ -165,7 +169,7 @@ def json_line(event: dict) -> str:
     return json.dumps(finite_or_none(event), default=_plain, allow_nan=False)
 
 
-def finite_or_none(value):
+def finite_or_none(value: object) -> Any:
     """The same data with every NaN or infinite float replaced by None (JSON null)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -176,7 +180,7 @@ def finite_or_none(value):
     return value
 
 
-def _plain(value):
+def _plain(value: object) -> object:
     """numpy scalars and paths, which json cannot write by itself."""
     if hasattr(value, "item"):
         return finite_or_none(value.item())
@@ -386,7 +390,7 @@ def is_number(text: str) -> bool:
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are InputErrors, so they reach --json-events as error events."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         raise InputError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
@@ -544,7 +548,8 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def _command(subcommands, name: str, text: str) -> argparse.ArgumentParser:
+def _command(subcommands: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+             text: str) -> argparse.ArgumentParser:
     command = subcommands.add_parser(name, help=text, description=text)
     command.set_defaults(command=name)
     if name in ("train", "predict"):

@@ -35,7 +35,7 @@ class Deformation(nn.Module):
     """
 
     def __init__(self, preset: Preset, velocity_shape: tuple[int, int, int],
-                 pairwise_times: list[float] | None, generator: torch.Generator, anchor: float | None = None):
+                 pairwise_times: list[float] | None, generator: torch.Generator, anchor: float | None = None) -> None:
         super().__init__()
         self.anchor = anchor if preset.anchor_reference and pairwise_times is None else None
         self.steps = preset.squaring_steps
@@ -97,7 +97,8 @@ class Deformation(nn.Module):
         self.level_ratios[level - 1] = with_level / max(without, 1e-12)
         return float(self.level_ratios[level - 1])
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: object,
+                              **kwargs: object) -> None:
         # States saved before adaptive levels hold none of these: every level kept, none tried; before
         # the summed trial, no sums (a checkpoint inside a trial then decides on the iterations after it).
         for name in ("levels_kept", "level_ratios", "trial_losses"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -24,6 +24,11 @@ from .contract import paint_order
 from .errors import InputError
 from .geometry import Grid
 from .slicer_segmentation import labelled_segments, name_key, segment_names
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from pydicom import Dataset, FileDataset
 
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -111,7 +116,7 @@ def _header(file: str) -> dict:
     return {**header, "size": tuple(reader.GetSize())}
 
 
-def structure_file(path: str | Path):
+def structure_file(path: str | Path) -> FileDataset | None:
     """The pydicom dataset of an RT Structure Set or a DICOM Segmentation (SEG) file, else None (a file that is
     not DICOM, or another DICOM object); InputError when pydicom, needed to read it, is missing. Each version of a
     file is read once (_read_structure_file): a ground truth is asked about by its series check, its name matching,
@@ -124,7 +129,7 @@ def structure_file(path: str | Path):
 
 
 @lru_cache(maxsize=4)
-def _read_structure_file(path: str, modified_ns: int, size: int):
+def _read_structure_file(path: str, modified_ns: int, size: int) -> FileDataset | None:
     """structure_file's reading of one version (modification time, size) of a DICOM file; callers only read it."""
     try:
         import pydicom
@@ -134,13 +139,13 @@ def _read_structure_file(path: str, modified_ns: int, size: int):
     return dataset if dataset.get("SOPClassUID") in (RTSTRUCT_STORAGE, *SEG_STORAGE) else None
 
 
-def is_seg(dataset) -> bool:
+def is_seg(dataset: Dataset) -> bool:
     """Whether a structure_file dataset is a DICOM Segmentation, binary, fractional or label map (else an RT
     Structure Set)."""
     return dataset.get("SOPClassUID") in SEG_STORAGE
 
 
-def roi_names(dataset) -> dict[int, str]:
+def roi_names(dataset: Dataset) -> dict[int, str]:
     """Label -> name of the structures of a structure_file: an RT Structure Set's ROI Number -> ROI Name, a
     SEG's Segment Number -> Segment Label."""
     if is_seg(dataset):
@@ -178,7 +183,7 @@ D65_WHITE = np.array([0.950456, 1.0, 1.088754])
 XYZ_TO_LINEAR_SRGB = np.array([[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]])
 
 
-def cielab_to_rgb(values) -> list[int]:
+def cielab_to_rgb(values: Sequence[int]) -> list[int]:
     """A DICOM CIELab colour (L* scaled from 0-100, a* and b* from -128-127, each to 0-65535) as sRGB 0-255."""
     scaled = np.asarray(values, float) / 65535
     lightness, a, b = 100 * scaled[0], 255 * scaled[1] - 128, 255 * scaled[2] - 128
@@ -264,7 +269,7 @@ def say_unscored(truth: str | Path, segmentation: str | Path | None, t: float, s
             "name)")
 
 
-def rtstruct_labelmap(dataset, grid: Grid, path: str | Path, what: str,
+def rtstruct_labelmap(dataset: Dataset, grid: Grid, path: str | Path, what: str,
                       labels: dict[str, int] | None = None) -> sitk.Image:
     """The structure set's ROIs filled on `grid` (uint16), labelled by their ROI Numbers, or with `labels`
     (ROI Name -> label, from labels_by_name) by their names, leaving out the ROIs it does not name;
@@ -302,14 +307,14 @@ def painted(voxels: list[np.ndarray], numbers: list[int], grid: Grid) -> sitk.Im
     return grid.image(labelmap.reshape(grid.shape))
 
 
-def structures_labelmap(dataset, grid: Grid, path: str | Path, what: str,
+def structures_labelmap(dataset: Dataset, grid: Grid, path: str | Path, what: str,
                         labels: dict[str, int] | None = None) -> sitk.Image:
     """A structure_file's structures on `grid` (uint16): an RT Structure Set's contours filled (rtstruct_labelmap),
     a SEG's frames placed (seg_labelmap)."""
     return (seg_labelmap if is_seg(dataset) else rtstruct_labelmap)(dataset, grid, path, what, labels)
 
 
-def seg_labelmap(dataset, grid: Grid, path: str | Path, what: str, labels: dict[str, int] | None = None
+def seg_labelmap(dataset: Dataset, grid: Grid, path: str | Path, what: str, labels: dict[str, int] | None = None
                  ) -> sitk.Image:
     """A DICOM Segmentation's segments on `grid` (uint16), labelled by their Segment Numbers, or with `labels`
     (Segment Label -> label, from labels_by_name) by their names. Each frame lies on one of the grid's slices, its
@@ -334,7 +339,8 @@ def seg_labelmap(dataset, grid: Grid, path: str | Path, what: str, labels: dict[
     return painted([np.unique(np.concatenate(voxels[number])) for number in numbers], numbers, grid)
 
 
-def _frame_segments(dataset, frame: np.ndarray, groups, names: dict[int, str]) -> list[tuple[int, np.ndarray]]:
+def _frame_segments(dataset: Dataset, frame: np.ndarray, groups: Dataset,
+                    names: dict[int, str]) -> list[tuple[int, np.ndarray]]:
     """(Segment Number, bool [rows, columns]) of each segment a SEG frame holds pixels of."""
     kind = dataset.get("SegmentationType")
     if kind == "LABELMAP":
@@ -358,7 +364,7 @@ def _placed_frame(mask: np.ndarray, origin: tuple[int, int, int], grid: Grid, wh
     return (z * grid.shape[1] + y + rows) * grid.shape[2] + x + columns
 
 
-def _seg_frames(dataset, path: str | Path, what: str) -> Iterator[np.ndarray]:
+def _seg_frames(dataset: Dataset, path: str | Path, what: str) -> Iterator[np.ndarray]:
     """A SEG's frames as stored, decoded one at a time (a SEG of many segments on a clinical CT holds thousands).
     InputError for pixel data pydicom cannot decode here (a codec it lacks, or damaged data)."""
     frames = _decoded(dataset)
@@ -374,7 +380,7 @@ def _seg_frames(dataset, path: str | Path, what: str) -> Iterator[np.ndarray]:
         yield frame
 
 
-def _decoded(dataset) -> Iterator[np.ndarray]:
+def _decoded(dataset: Dataset) -> Iterator[np.ndarray]:
     """A SEG's frames as stored, one at a time. 1-bit frames stored natively run on in one bit stream, a frame
     starting mid-byte when rows x columns is no multiple of 8: each is unpacked from its own bits (pydicom 3.0's
     iter_pixels misreads them); others (8-bit, compressed) pydicom decodes."""
@@ -389,7 +395,7 @@ def _decoded(dataset) -> Iterator[np.ndarray]:
         yield bits[k * size % 8:][:size].reshape(dataset.Rows, dataset.Columns)
 
 
-def _frame_origin(groups, shared, grid: Grid, where: str) -> tuple[int, int, int]:
+def _frame_origin(groups: Dataset, shared: Dataset | dict, grid: Grid, where: str) -> tuple[int, int, int]:
     """The voxel (z, y, x) of `grid` a SEG frame's first pixel lies on; InputError unless the frame's pixels are
     the grid's voxels of one slice."""
     orientation, measures, position = (groups.get(name) or shared.get(name) for name in (
@@ -414,7 +420,7 @@ def _frame_origin(groups, shared, grid: Grid, where: str) -> tuple[int, int, int
     return z, y, x
 
 
-def _points(contour) -> np.ndarray:
+def _points(contour: Dataset) -> np.ndarray:
     """A contour's Contour Data as (N, 3) LPS mm, parsed from the file's text as read (get_item leaves the element
     unconverted, and nothing here converts it): pydicom's own decimal strings took 0.7 of the time on a planning
     structure set's 800 contours."""

@@ -164,6 +164,6 @@ def _colour(label: int) -> list[int]:
     return list(tab10[label % 10])
 
 
-def _save(dataset, path: Path) -> Path:
+def _save(dataset: FileDataset, path: Path) -> Path:
     dataset.save_as(str(path), enforce_file_format=True)
     return path

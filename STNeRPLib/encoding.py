@@ -15,7 +15,7 @@ class FourierFeatures(nn.Module):
     """
 
     def __init__(self, in_features: int, width: int, sigma: float | tuple[float, ...],
-                 generator: torch.Generator):
+                 generator: torch.Generator) -> None:
         super().__init__()
         scale = torch.as_tensor(sigma, dtype=torch.float32).expand(in_features)
         self.register_buffer("B", torch.randn(width, in_features, generator=generator) * scale)

@@ -107,11 +107,11 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _cell(value, digits: int = 2) -> str:
+def _cell(value: float | None, digits: int = 2) -> str:
     return "" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _entry(entries: dict, t: float, source) -> dict:
+def _entry(entries: dict, t: float, source: str | None) -> dict:
     if t not in entries:
         raise InputError(f"{source} is at time {t:g}, which the run did not write: use one of "
                          f"{', '.join(f'{k:g}' for k in entries)} or predict that time first")
@@ -122,7 +122,7 @@ def _output(run: Path, entry: dict, kind: str) -> sitk.Image:
     return sitk.ReadImage(str(run / entry[kind]))
 
 
-def _same_grid(actual: sitk.Image, predicted: sitk.Image, path) -> None:
+def _same_grid(actual: sitk.Image, predicted: sitk.Image, path: str) -> None:
     if not Grid.of(actual).matches(Grid.of(predicted)):
         raise InputError(f"image {path} is on another grid than the run's output at its time: "
                          "resample it onto that grid first")

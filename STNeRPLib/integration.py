@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 
-def identity_grid(shape: tuple[int, int, int], device=None, dtype=torch.float32) -> torch.Tensor:
+def identity_grid(shape: tuple[int, int, int], device: torch.device | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Coordinates [1, D, H, W, 3] (x, y, z) of the grid points of a (D, H, W) grid, in [-1, 1]."""
     axes = [torch.linspace(-1, 1, n, device=device, dtype=dtype) for n in shape]
     z, y, x = torch.meshgrid(*axes, indexing="ij")
@@ -27,7 +28,7 @@ class GridPoints:
     index without holding the whole grid (12 bytes per voxel): the same numbers as
     identity_grid(shape).reshape(-1, 3)[index]."""
 
-    def __init__(self, shape: tuple[int, int, int], device):
+    def __init__(self, shape: tuple[int, int, int], device: torch.device) -> None:
         self.shape = tuple(shape)
         self.count = self.shape[0] * self.shape[1] * self.shape[2]
         self.axes = [torch.linspace(-1, 1, n, device=device) for n in self.shape]   # z, y, x

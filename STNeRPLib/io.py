@@ -288,7 +288,7 @@ def _refuse_repeated_positions(positions: dict[int, list[float]], files: tuple[s
                          "of such a series as a volume of its own, by acquisition number or by time, to save as NRRD)")
 
 
-def _check_volume(image: sitk.Image, path, what: str) -> None:
+def _check_volume(image: sitk.Image, path: str | Path, what: str) -> None:
     if image.GetDimension() != 3:
         hint = ("split the 4-D series into one 3-D volume per time point"
                 if image.GetDimension() == 4 else "give a 3-D volume")

@@ -87,7 +87,7 @@ class SeriesModel:
         with torch.no_grad():
             return self.deformation.displacement([self.normalised_time(t)], chunk=65536, inverse=inverse)
 
-    def save(self, path) -> None:
+    def save(self, path: str | Path) -> None:
         """Write the model atomically (a reader sees the old file or the whole new one)."""
         save_atomically({
             "format": MODEL_FORMAT, "preset": self.preset.to_dict(), "grid": self.grid.to_dict(),
@@ -105,7 +105,7 @@ class SeriesModel:
         }, Path(path))
 
     @classmethod
-    def load(cls, path, device: torch.device) -> "SeriesModel":
+    def load(cls, path: str | Path, device: torch.device) -> "SeriesModel":
         """The model saved at `path`; InputError when the file is missing or damaged."""
         try:
             data = torch.load(path, map_location=device, weights_only=True)

@@ -8,6 +8,7 @@ scanned range.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,11 +17,14 @@ from torch.autograd.function import once_differentiable
 
 from .encoding import FourierFeatures
 
+if TYPE_CHECKING:
+    from torch.autograd.function import FunctionCtx
+
 
 class SineLayer(nn.Module):
     """sin(omega * (W x + b)), initialised as in SIREN so activations stay well distributed."""
 
-    def __init__(self, in_features: int, out_features: int, omega: float, first: bool):
+    def __init__(self, in_features: int, out_features: int, omega: float, first: bool) -> None:
         super().__init__()
         self.omega = omega
         self.linear = nn.Linear(in_features, out_features)
@@ -41,7 +45,7 @@ class ScaledSine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, omega: float) -> torch.Tensor:
+    def forward(ctx: FunctionCtx, z: torch.Tensor, omega: float) -> torch.Tensor:
         ctx.save_for_backward(z)
         ctx.omega = omega
         if not _numpy_can_take(z):
@@ -51,7 +55,7 @@ class ScaledSine(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         z, = ctx.saved_tensors
         omega = ctx.omega
         if not _numpy_can_take(z):
@@ -87,7 +91,7 @@ class RefNet(nn.Module):
     """Implicit representation of the reference image: c in [-1, 1]^3 -> normalised intensity."""
 
     def __init__(self, width: int, depth: int, fourier_width: int, sigma: float, omega: float,
-                 generator: torch.Generator):
+                 generator: torch.Generator) -> None:
         super().__init__()
         self.encoding = FourierFeatures(3, fourier_width, sigma, generator)
         self.mlp = siren(self.encoding.out_features, width, depth, 1, omega)
@@ -105,7 +109,7 @@ class DefNet(nn.Module):
     """
 
     def __init__(self, width: int, depth: int, fourier_width: int, sigma: float, time_sigma: float,
-                 omega: float, temporal: bool, generator: torch.Generator):
+                 omega: float, temporal: bool, generator: torch.Generator) -> None:
         super().__init__()
         self.temporal = temporal
         sigmas = (sigma,) * 3 + ((time_sigma,) if temporal else ())

@@ -19,6 +19,7 @@ from .warping import inverse_displacement, slabs, unaligned, warp
 
 if TYPE_CHECKING:
     from .series import Series
+    from .warping import Warped
 
 
 @dataclass
@@ -78,7 +79,7 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
     return Written(entry, warped.labelmap)
 
 
-def time_point_metrics(model: SeriesModel, point: TimePoint, warped, field_image: sitk.Image,
+def time_point_metrics(model: SeriesModel, point: TimePoint, warped: Warped, field_image: sitk.Image,
                        series: Series | None) -> dict:
     """PSNR/SSIM against the scanned image (in the reference's CT numbers where the fit calibrated it); Dice and
     TRE where ground truth is given (folding statistics: None here, they come from the Jacobian, written and let

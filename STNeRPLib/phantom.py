@@ -83,12 +83,13 @@ def _soft(distance: np.ndarray) -> np.ndarray:
     return expit(distance * (2 * np.log(9.0) / EDGE_MM))
 
 
-def _blend(value: np.ndarray, weight: np.ndarray, target) -> np.ndarray:
+def _blend(value: np.ndarray, weight: np.ndarray, target: np.ndarray | float) -> np.ndarray:
     """Paint target over value with a weight in [0, 1]."""
     return value + weight * (target - value)
 
 
-def _ellipse(x, y, centre, axes):
+def _ellipse(x: np.ndarray, y: np.ndarray, centre: tuple[float, float],
+             axes: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """Elliptic radius r (1 on the ellipse) and the ray length (mm) from the centre to the ellipse.
 
     (s - r) * ray is the signed distance (mm, positive inside) to the ellipse scaled by s, exact
@@ -99,14 +100,15 @@ def _ellipse(x, y, centre, axes):
     return r, np.where(r > 1e-9, np.hypot(dx, dy) / np.maximum(r, 1e-9), min(axes))
 
 
-def _lung_distance(x, y, z, centre, axes):
+def _lung_distance(x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: tuple[float, float],
+                   axes: tuple[float, float]) -> np.ndarray:
     """Signed distance (mm, positive inside) of one lung: elliptic column, domed base and apex."""
     rho, ray = _ellipse(x, y, centre, axes)
     side = (1.0 - rho) * ray
     return np.minimum(np.minimum(side, z - _dome(x, y, centre, axes)), APEX_TOP - APEX_DROP * rho**2 - z)
 
 
-def _dome(x, y, centre, axes):
+def _dome(x: np.ndarray, y: np.ndarray, centre: tuple[float, float], axes: tuple[float, float]) -> np.ndarray:
     """Diaphragm surface height z (mm) under one lung."""
     rho2 = ((x - centre[0]) / axes[0]) ** 2 + ((y - centre[1]) / axes[1]) ** 2
     return DOME_TOP - DOME_DROP * rho2
@@ -128,7 +130,7 @@ def _tubes(rng: np.random.Generator, sigma_mm: float) -> np.ndarray:
 class _Anatomy:
     """The reference anatomy: F_ref (HU) and L_ref (labels) as functions of LPS points (mm)."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int) -> None:
         rng = np.random.default_rng(seed)
         vessels = sum(weight * _tubes(rng, sigma) for sigma, weight in VESSEL_SCALES)
         self._vessels = ndimage.gaussian_filter(vessels, VESSEL_BLUR_MM / TEXTURE_SPACING, mode="wrap")
@@ -170,7 +172,7 @@ class _Anatomy:
         return value, labels
 
 
-def _bone(x, y, z, ring):
+def _bone(x: np.ndarray, y: np.ndarray, z: np.ndarray, ring: np.ndarray) -> np.ndarray:
     """Smooth bone indicator: vertebral column and rib arcs open anteriorly (ring: mm from the rib ring)."""
     spine = SPINE_RADIUS - np.hypot(x - SPINE_CENTRE[0], y - SPINE_CENTRE[1])
     rib_z = np.min([np.abs(z - level - RIB_SLOPE * y) for level in RIB_LEVELS], axis=0)
@@ -225,7 +227,7 @@ def _longitudinal_motion(last_day: float) -> Motion:
     return motion
 
 
-def _grid(size, spacing) -> sitk.Image:
+def _grid(size: tuple[int, int, int], spacing: tuple[float, float, float]) -> sitk.Image:
     """Geometry template: identity direction, volume centred on GRID_CENTRE (mm, LPS)."""
     grid = sitk.Image([int(n) for n in size], sitk.sitkUInt8)
     grid.SetSpacing([float(s) for s in spacing])
@@ -248,7 +250,8 @@ def _image(array: np.ndarray, grid: sitk.Image, is_vector: bool = False) -> sitk
 class _Phantom:
     """Samples the anatomy through a motion model on one image grid."""
 
-    def __init__(self, size, spacing, motion: Motion, noise_hu: float, seed: int, supersampling: int = 1):
+    def __init__(self, size: tuple[int, int, int], spacing: tuple[float, float, float], motion: Motion,
+                 noise_hu: float, seed: int, supersampling: int = 1) -> None:
         if supersampling < 1:
             raise ValueError(f"supersampling must be at least 1, not {supersampling}")
         self.grid = _grid(size, spacing)

@@ -341,7 +341,8 @@ def _complete(record: RunRecord, folder: Path) -> RunRecord:
     return record
 
 
-def _run_long_range(series, options, folder, reporter, record, predict_times, checkpoint) -> None:
+def _run_long_range(series: Series, options: Options, folder: Path, reporter: Reporter, record: RunRecord,
+                    predict_times: list[float], checkpoint: Checkpoint | None) -> None:
     if predict_times and not options.temporal:
         raise InputError("a pairwise (w/o t) model cannot predict new times: drop --predict-times "
                          "or train with continuous time")
@@ -396,7 +397,8 @@ def _last_iteration(losses: list[tuple[str, int, float]], stage: str) -> int | N
     return max((iteration for name, iteration, _ in losses if name == stage), default=None)
 
 
-def _run_short_range(series, options, folder, reporter, record, checkpoint_every: int) -> None:
+def _run_short_range(series: Series, options: Options, folder: Path, reporter: Reporter, record: RunRecord,
+                     checkpoint_every: int) -> None:
     """Register each scan to the one before it (f_{t-1} -> f_t). Fields map time-t points to the
     previous scan; labelmaps and landmarks are carried along the chain from the reference.
 

@@ -316,7 +316,7 @@ class Options:
     device: str = "auto"
     seed: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.prior is None:
             object.__setattr__(self, "prior", self.preset.prior)
 

@@ -34,7 +34,7 @@ class ImagePrior(nn.Module):
     quarter of the memory). Both give the same numbers; training is bound by these reads' cache misses.
     """
 
-    def __init__(self, volume: torch.Tensor, interpolation: str):
+    def __init__(self, volume: torch.Tensor, interpolation: str) -> None:
         super().__init__()
         if interpolation not in ("linear", "cubic"):
             raise ValueError(f"unknown prior interpolation {interpolation!r}: use 'linear' or 'cubic'")

@@ -15,7 +15,7 @@ class Reporter:
     {"event": "error", "message"}; otherwise a progress bar and messages go to stderr.
     """
 
-    def __init__(self, json_events: bool = False, interval: float = 0.25):
+    def __init__(self, json_events: bool = False, interval: float = 0.25) -> None:
         self.json_events = json_events
         self.interval = interval
         self._stage = None
@@ -56,10 +56,10 @@ class Reporter:
             self._emit(event=EVENT_ERROR, message=message)
         print(f"error: {message}", file=sys.stderr, flush=True)
 
-    def _emit(self, **event) -> None:
+    def _emit(self, **event: object) -> None:
         print(json_line(event), flush=True)
 
-    def _bar(self, stage, iteration, total, loss, eta) -> None:
+    def _bar(self, stage: str, iteration: int, total: int, loss: float | None, eta: float | None) -> None:
         filled = int(30 * iteration / max(total, 1))
         text = f"{stage:8s} [{'#' * filled}{'.' * (30 - filled)}] {iteration}/{total}"
         if loss is not None:

@@ -23,7 +23,7 @@ from .errors import InputError
 class RunRecord:
     """run.json in a run folder, kept up to date as the run goes on."""
 
-    def __init__(self, folder: Path, command: str, inputs: dict, parameters: dict, data: dict | None = None):
+    def __init__(self, folder: Path, command: str, inputs: dict, parameters: dict, data: dict | None = None) -> None:
         self.folder = folder
         self.data = data or {
             "status": contract.STATUS_RUNNING, "error": None, "command": command,
@@ -46,7 +46,7 @@ class RunRecord:
         data.setdefault("resumed", []).append(_now())
         return cls(folder, data["command"], data["inputs"], data["parameters"], data)
 
-    def set(self, **values) -> None:
+    def set(self, **values: object) -> None:
         self.data.update(values)
         self._write()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -11,6 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 DPI = 90
 # The slices figure's margins and gaps (fractions of the figure, of an axes): room for the suptitle,
@@ -36,7 +41,7 @@ class Plane:
     origin: str
 
 
-def _png(figure) -> bytes:
+def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
     plt.close(figure)
@@ -75,7 +80,7 @@ def time_point_slices(planes: list[Plane], names: dict[int, str], title: str, im
     return _png(figure)
 
 
-def _contours(ax, plane: Plane, names: dict[int, str]) -> None:
+def _contours(ax: Axes, plane: Plane, names: dict[int, str]) -> None:
     rows, columns = plane.labels.shape
     left, right, bottom, top = plane.extent
     # voxel centres in mm, matching imshow's extent and origin (row 0 at `top` when origin is upper)

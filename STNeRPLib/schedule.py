@@ -35,7 +35,7 @@ class DecaySchedule(torch.optim.lr_scheduler.LRScheduler):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, iterations: int, final: float,
-                 decay: int | None = None, earliest: int = 1, hold: int = 0):
+                 decay: int | None = None, earliest: int = 1, hold: int = 0) -> None:
         self.final = final
         self.end = iterations
         self.decay_start = min(hold, iterations - 1) if decay is None else max(iterations - decay, 0)

@@ -233,7 +233,7 @@ class _Series(NamedTuple):
     body: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, targets: list[Target], device, bands: list[np.ndarray] | None = None,
+    def of(cls, targets: list[Target], device: torch.device, bands: list[np.ndarray] | None = None,
            band_draws: int = 0, body: np.ndarray | None = None) -> "_Series":
         shape = tuple(sitk.GetArrayViewFromImage(targets[0].scan).shape)
         points = GridPoints(shape, device)
@@ -373,15 +373,15 @@ def _predicted(deformation: Deformation, prior: nn.Module, series: _Series, whic
 SIMILARITY = {"mse": _mean_squared_error, "charbonnier": _voxel_loss(_charbonnier), "lncc": _local_ncc_loss}
 
 
-def _restore(checkpoint: Checkpoint | None, stage: str, modules: dict[str, nn.Module], optimizer, schedule,
-             generator, total: int) -> int:
+def _restore(checkpoint: Checkpoint | None, stage: str, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+             schedule: DecaySchedule, generator: torch.Generator, total: int) -> int:
     """The last iteration of `stage` already done (0 without a checkpoint)."""
     if checkpoint is None:
         return 0
     return checkpoint.restore(stage, modules, optimizer, schedule, generator, total)
 
 
-def _choose(count: int, wanted: int, generator: torch.Generator, device) -> torch.Tensor:
+def _choose(count: int, wanted: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """`wanted` random voxel indices (with replacement), or every index when wanted is 0."""
     if wanted <= 0 or wanted >= count:
         return torch.arange(count, device=device)

@@ -309,7 +309,7 @@ def unaligned(q: np.ndarray, inverse: np.ndarray | None) -> np.ndarray:
     return q if inverse is None else q @ inverse[:3, :3].T + inverse[:3, 3]
 
 
-def _to_unit(grid: Grid, points: np.ndarray, device) -> torch.Tensor:
+def _to_unit(grid: Grid, points: np.ndarray, device: torch.device) -> torch.Tensor:
     """LPS points (N, 3) in mm -> grid_sample coordinates of `grid` (in place on one array: these
     are whole slabs of points)."""
     unit = grid.to_index(points)

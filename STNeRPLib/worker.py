@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     return COMMANDS[args.command](args, reporter)
 
 
-def _batch(args, reporter: Reporter) -> int:
+def _batch(args: argparse.Namespace, reporter: Reporter) -> int:
     from .cohort import run_batch
     return run_batch(args, reporter)
 

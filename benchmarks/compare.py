@@ -61,7 +61,7 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def plan_from(args, parse: argparse.ArgumentParser) -> tuple[runners.Plan, list[str]]:
+def plan_from(args: argparse.Namespace, parse: argparse.ArgumentParser) -> tuple[runners.Plan, list[str]]:
     """The plan, and the peers skipped because their package is missing."""
     chosen = _names(args.methods)
     unknown = [m for m in chosen + _names(args.heldout_methods) if m not in methods.all_methods()]
@@ -82,7 +82,7 @@ def plan_from(args, parse: argparse.ArgumentParser) -> tuple[runners.Plan, list[
                         peers_python=python), missing
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parse = parser()
     args = parse.parse_args(argv)
     if args.render:

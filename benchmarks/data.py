@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -29,6 +30,9 @@ sys.path.insert(0, str(ROOT))
 from STNeRPLib import phantom  # noqa: E402
 from STNeRPLib.geometry import Grid  # noqa: E402
 from STNeRPLib.metrics import jacobian_determinant  # noqa: E402
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 CHEST_CT = SHARED_DATA / "chest_ct"
@@ -86,8 +90,10 @@ def cbct_like(image: sitk.Image, scale: float = 0.9, offset: float = 80.0, cuppi
     return result
 
 
-def write_series(folder: Path, name: str, description: str, times, images, labelmaps, displacements,
-                 bodies, landmarks, labels: dict[int, str], heldout: int, extra: dict | None = None) -> Path:
+def write_series(folder: Path, name: str, description: str, times: list[float], images: list[sitk.Image],
+                 labelmaps: list[sitk.Image], displacements: list[sitk.Image], bodies: list[np.ndarray],
+                 landmarks: list[tuple[np.ndarray, np.ndarray]], labels: dict[int, str], heldout: int,
+                 extra: dict | None = None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for k, (image, labelmap, field, body, marks) in enumerate(zip(images, labelmaps, displacements, bodies, landmarks)):
@@ -108,7 +114,7 @@ def write_series(folder: Path, name: str, description: str, times, images, label
 class Series:
     """A series folder read back: meta, and lazily the images of each time index."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / "meta.json").read_text())
         self.times = self.meta["times"]
@@ -138,8 +144,8 @@ PSF_SUPERSAMPLING = 3
 (`compare.py --psf`, preset_study.py's -psf series): each voxel the mean of 27 values instead of its centre's."""
 
 
-def phantom_series(folder: Path, kind: str, size, spacing, count: int, heldout: int, seed: int = 0,
-                   supersampling: int = 1) -> Path:
+def phantom_series(folder: Path, kind: str, size: tuple[int, int, int], spacing: tuple[float, float, float],
+                   count: int, heldout: int, seed: int = 0, supersampling: int = 1) -> Path:
     """The breathing (count phases) or longitudinal (count weekly fractions) phantom of `seed`
     (anatomy, noise, landmarks) written as a benchmark series; with supersampling n > 1 each voxel rendered as
     the mean of n^3 sub-voxel samples (phantom.py: a box point-spread function one voxel wide)."""
@@ -207,8 +213,11 @@ def _pick(groups: list[tuple[np.ndarray, int]]) -> np.ndarray:
 
 
 def _warped_series(source: sitk.Image, coefficients: np.ndarray, labels: np.ndarray,
-                   body: np.ndarray, grid: sitk.Image, bounds: tuple[np.ndarray, np.ndarray], motion,
-                   n_phases: int, choose, seed: int, noise_hu: float):
+                   body: np.ndarray, grid: sitk.Image, bounds: tuple[np.ndarray, np.ndarray],
+                   motion: Callable[[np.ndarray, float], np.ndarray], n_phases: int,
+                   choose: Callable[[np.ndarray, np.ndarray, float], np.ndarray], seed: int, noise_hu: float
+                   ) -> tuple[list[float], list[sitk.Image], list[sitk.Image], list[sitk.Image], list[np.ndarray],
+                              list[tuple[np.ndarray, np.ndarray]], float]:
     """Phase k (time k) of a real CT warped by `motion`: image_k(q) = CT(q + u_k(q)) + noise, on `grid`.
 
     `coefficients` (cubic splines of the CT), `labels` and `body` are [z, y, x] on `source`'s grid.
@@ -245,7 +254,7 @@ def chest_available() -> bool:
     return (CHEST_CT / "ct_cropped.nii.gz").exists()
 
 
-def chest_motion(bounds: tuple[np.ndarray, np.ndarray], n_phases: int):
+def chest_motion(bounds: tuple[np.ndarray, np.ndarray], n_phases: int) -> Callable[[np.ndarray, float], np.ndarray]:
     """u(p, t) (mm) on the chest CT's field of view [low, high] (LPS mm)."""
     low, high = bounds
     centre = (low + high) / 2
@@ -279,10 +288,11 @@ def _chest_labels(lungs: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
     return labels, {value: name for name, value in CHEST_STRUCTURES}
 
 
-def _lung_landmarks(labels: np.ndarray, source: Grid, body: np.ndarray | None = None):
+def _lung_landmarks(labels: np.ndarray, source: Grid, body: np.ndarray | None = None
+                    ) -> Callable[[np.ndarray, np.ndarray, float], np.ndarray]:
     """Landmark chooser: CHEST_LANDMARKS / 2 whose reference point is in the lungs, the rest
     outside them (and inside `body` when given)."""
-    def choose(candidates, ref_points, t):
+    def choose(candidates: np.ndarray, ref_points: np.ndarray, t: float) -> np.ndarray:
         lung = _sample(labels, source, ref_points, 0) == CHEST_LUNG_LABEL
         rest = ~lung if body is None else ~lung & (_sample(body.astype(np.uint8), source, ref_points, 0) > 0)
         return _pick([(lung, CHEST_LANDMARKS // 2), (rest, CHEST_LANDMARKS)])
@@ -383,7 +393,7 @@ def sliding_region(segmentation: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(closed)
 
 
-def sliding_indicator(grid: Grid, region: np.ndarray):
+def sliding_indicator(grid: Grid, region: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """s(p) in [0, 1] at LPS points (..., 3): the in-plane `region` [y, x] of the axis-aligned `grid`
     smoothed by a Gaussian of ABDOMEN_BAND_MM, cubic splines in x and y, independent of z."""
     sigma = ABDOMEN_BAND_MM / np.asarray(grid.spacing)[[1, 0]]
@@ -397,7 +407,8 @@ def sliding_indicator(grid: Grid, region: np.ndarray):
     return s
 
 
-def abdomen_motion(grid: Grid, s, body_centre_y: float, n_phases: int):
+def abdomen_motion(grid: Grid, s: Callable[[np.ndarray], np.ndarray], body_centre_y: float, n_phases: int
+                   ) -> Callable[[np.ndarray, float], np.ndarray]:
     """u(p, t) (mm) of the abdomen series on `grid` (axis-aligned), a(t) = sin^2(pi t / n):
 
     - sliding: u_z = ABDOMEN_SI_AMP a s(x, y) w(z) (s: sliding_indicator): the organs move
@@ -440,7 +451,7 @@ def abdomen_series(folder: Path, n_phases: int = 10, heldout: int = 3, seed: int
     motion = abdomen_motion(source, s, centre_y, n_phases)
     organs = [k for k, v in ABDOMEN_LABELS.items() if v in ("spleen", "kidney_right", "kidney_left", "liver")]
 
-    def choose(candidates, ref_points, t):
+    def choose(candidates: np.ndarray, ref_points: np.ndarray, t: float) -> np.ndarray:
         inside = _sample(body.astype(np.uint8), source, ref_points, 0) > 0
         organ = np.isin(_sample(labels, source, ref_points, 0), organs) & inside
         band = (s(candidates) > 0.1) & (s(candidates) < 0.9) & inside

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,6 +42,9 @@ from benchmarks.provenance import commit_label  # noqa: E402
 
 from STNeRPLib.contract import RUN_FILE, intensity_calibrations, read_run  # noqa: E402
 from STNeRPLib.phantom import breathing_series  # noqa: E402
+
+if TYPE_CHECKING:
+    from typing import IO
 
 FIELD_OF_VIEW_MM = (288.0, 288.0, 256.0)   # the default phantom's: 96 x 96 x 64 voxels of 3 x 3 x 4 mm
 SAMPLE_SECONDS = 0.1
@@ -100,7 +104,7 @@ def tree_rss_bytes(pid: int) -> int:
 class Stages:
     """The stage under way, from the worker's events; per stage the peak tree RSS and the time spent."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.current = "loading"
         self.started = time.monotonic()
         self.peak: dict[str, int] = {}
@@ -119,7 +123,7 @@ class Stages:
         with self.lock:
             self.peak[self.current] = max(self.peak.get(self.current, 0), rss)
 
-    def read_events(self, stream) -> None:
+    def read_events(self, stream: IO[str]) -> None:
         for line in stream:
             try:
                 event = json.loads(line)

@@ -24,9 +24,14 @@ import importlib.util
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
+
+if TYPE_CHECKING:
+    import ants
+    import itk
 
 THREADS = int(os.environ.get("BENCHMARK_THREADS", "2"))
 
@@ -45,7 +50,7 @@ def _field_on(like: sitk.Image, array: np.ndarray) -> sitk.Image:
 # ----------------------------------------------------------------------------- ANTs
 
 
-def _to_ants(image: sitk.Image):
+def _to_ants(image: sitk.Image) -> ants.ANTsImage:
     import ants
     array = sitk.GetArrayFromImage(_as_float(image)).transpose(2, 1, 0)  # ants arrays are [x, y, z]
     return ants.from_numpy(np.ascontiguousarray(array), origin=list(image.GetOrigin()),
@@ -53,7 +58,7 @@ def _to_ants(image: sitk.Image):
                            direction=np.reshape(image.GetDirection(), (3, 3)))
 
 
-def ants_register(fixed: sitk.Image, moving: sitk.Image, **options) -> sitk.Image:
+def ants_register(fixed: sitk.Image, moving: sitk.Image, **options: object) -> sitk.Image:
     """ants.registration(fixed, moving, **options); the composed forward transforms as a field."""
     import ants
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(THREADS))
@@ -70,7 +75,7 @@ def ants_register(fixed: sitk.Image, moving: sitk.Image, **options) -> sitk.Imag
 # ----------------------------------------------------------------------------- elastix
 
 
-def _to_itk(image: sitk.Image):
+def _to_itk(image: sitk.Image) -> itk.Image:
     import itk
     out = itk.image_from_array(np.ascontiguousarray(sitk.GetArrayFromImage(_as_float(image))))
     out.SetOrigin(image.GetOrigin())
@@ -79,7 +84,7 @@ def _to_itk(image: sitk.Image):
     return out
 
 
-def elastix_bspline_map(kind: str, **overrides):
+def elastix_bspline_map(kind: str, **overrides: object) -> itk.ParameterObject:
     """'default': elastix's default B-spline map (GetDefaultParameterMap('bspline')), which is
     already multi-resolution: 4 levels, final grid 10 mm, Mattes MI + bending energy, 256 ASGD
     iterations, 2048 random samples. 'multires': a deeper, finer multi-resolution schedule,
@@ -102,7 +107,8 @@ def elastix_bspline_map(kind: str, **overrides):
     return parameters
 
 
-def elastix_register(fixed: sitk.Image, moving: sitk.Image, kind: str = "default", **overrides) -> sitk.Image:
+def elastix_register(fixed: sitk.Image, moving: sitk.Image, kind: str = "default", **overrides: object
+                     ) -> sitk.Image:
     """elastix B-spline registration, fixed -> moving; transformix's deformation field."""
     import itk
     itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(THREADS)
@@ -144,7 +150,8 @@ def _smooth_and_shrink(image: sitk.Image, shrink: int, sigma_mm: float) -> sitk.
                          image.GetDirection(), 0.0, image.GetPixelID())
 
 
-def demons_register(fixed: sitk.Image, moving: sitk.Image, iterations=DEMONS_ITERATIONS) -> sitk.Image:
+def demons_register(fixed: sitk.Image, moving: sitk.Image,
+                    iterations: tuple[int, int, int] = DEMONS_ITERATIONS) -> sitk.Image:
     """Multi-resolution SimpleITK DiffeomorphicDemons (shrink 4, 2, 1 with `iterations` at each;
     Gaussian field smoothing 1.5 voxels). No histogram matching: both images are CT in HU. SimpleITK's
     HistogramMatching (threshold at the mean intensity) leaves the lungs out of the match and

@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -49,6 +50,9 @@ from STNeRPLib.presets import DEFAULT  # noqa: E402
 from STNeRPLib.priors import evaluate_on_grid  # noqa: E402
 from STNeRPLib.progress import Reporter  # noqa: E402
 from STNeRPLib.warping import linear_interpolation, warp  # noqa: E402
+
+if TYPE_CHECKING:
+    from STNeRPLib.model import SeriesModel
 
 VARIANTS: dict[str, tuple[str | None, dict]] = {
     # name: (prior, None: the preset's; overrides of DEFAULT)
@@ -174,11 +178,11 @@ def load_series(name: str, seed: int, scratch: Path) -> StudySeries:
 class StageTimer(Reporter):
     """Records, per training stage, the time of its first and last iteration (iterations/s)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(interval=float("inf"))
         self.stages: dict[str, list[float]] = {}
 
-    def progress(self, stage, iteration, total, loss=None) -> None:
+    def progress(self, stage: str, iteration: int, total: int, loss: float | None = None) -> None:
         now = time.perf_counter()
         record = self.stages.setdefault(stage, [now, now, 0])
         record[1:] = [now, iteration]
@@ -238,7 +242,7 @@ def evaluate(series: StudySeries, name: str, prior: str | None, overrides: dict,
     return row
 
 
-def _measure(model, series, k: int, grid: Grid) -> dict:
+def _measure(model: SeriesModel, series: StudySeries, k: int, grid: Grid) -> dict:
     """TRE (mm), tumour Dice, folded voxels (metrics.score_time_point) and predicted image at phase k."""
     warped = warp(model, series.times[k], grid)
     field = grid.image(warped.displacement.astype(np.float64), vector=True)
@@ -365,7 +369,7 @@ def profile(series: StudySeries, variant: str, iterations: int) -> None:
           f"{100 * achieved / matmul:.1f} % of the measured matmul rate {matmul:.1f} GFLOP/s")
 
 
-def write_results(out: Path, rows: list[dict], args: dict, start_load) -> None:
+def write_results(out: Path, rows: list[dict], args: dict, start_load: tuple[float, float, float]) -> None:
     """OUT.json (rows, the commit, arguments, torch threads, load at start and now) and OUT.md (the table)."""
     commit, dirty = git_state()
     meta = {"commit": commit, "uncommitted_changes": bool(dirty), "arguments": {k: str(v) for k, v in args.items()},
@@ -383,7 +387,7 @@ def write_results(out: Path, rows: list[dict], args: dict, start_load) -> None:
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def _cell(value, fmt: str) -> str:
+def _cell(value: str | float | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value).strip()
 
 

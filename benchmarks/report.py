@@ -15,11 +15,15 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from benchmarks import methods
 from benchmarks.provenance import git_state
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVENANCE_KEYS = ("commit", "dirty", "date", "machine", "peers_ran_under", "load_start", "load_end", "threads",
@@ -172,7 +176,7 @@ def _per_time_dice_target(entry: dict, d: dict, demons: dict) -> dict:
 # ----------------------------------------------------------------------------- markdown
 
 
-def _fmt(value, digits: int = 2) -> str:
+def _fmt(value: float | None, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "–"
     return f"{value:.{digits}f}"
@@ -190,7 +194,7 @@ def _peak(row: dict) -> float | None:
     return row.get("peak_rss_mb") if row.get("peak_rss_source") == "VmHWM" else None
 
 
-def _load(values) -> str:
+def _load(values: Sequence[float]) -> str:
     return " ".join(f"{v:.2f}" for v in values)
 
 

@@ -23,12 +23,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import SimpleITK as sitk
 
 from benchmarks import data, methods, peers, scoring
 from benchmarks.provenance import load_average
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -171,7 +174,7 @@ def run_job(job: dict, python: str, timeout: float) -> dict:
     return result
 
 
-def _baseline_fields(method: str, series: data.Series, indices) -> dict[int, sitk.Image]:
+def _baseline_fields(method: str, series: data.Series, indices: Iterable[int]) -> dict[int, sitk.Image]:
     """'none': u = 0; 'exact': the series' exact u."""
     if method == "exact":
         return {k: series.displacement(k) for k in indices}

@@ -93,7 +93,7 @@ def _first_structure_distance(folder: str) -> sitk.Image:
     return tre_by_distance.distance_from(series.labelmap(0), int(next(iter(series.meta["labels"]))))
 
 
-def summarise(per_time: list[dict], labels) -> dict:
+def summarise(per_time: list[dict], labels: dict[str, str]) -> dict:
     """Over the registered time points: means (TRE std pooled within and between time points),
     the worst TRE and Jacobian, the sum of folded voxels, Dice per label and its mean over labels."""
     def mean(key: str) -> float:

@@ -54,7 +54,7 @@ def distances_at(distance: sitk.Image, points: np.ndarray) -> np.ndarray:
     return map_coordinates(array, index[:, ::-1].T, order=1, mode="nearest")
 
 
-def binned(errors: np.ndarray, distances: np.ndarray, edges=BANDS_MM) -> list[dict]:
+def binned(errors: np.ndarray, distances: np.ndarray, edges: tuple[float, ...] = BANDS_MM) -> list[dict]:
     """Per band [low, high) of distance: the landmarks in it, their mean and largest error (mm)."""
     rows = []
     for low, high in zip(edges[:-1], edges[1:]):

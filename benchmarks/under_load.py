@@ -128,7 +128,7 @@ def table(results: dict, burners: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--burner", type=int, default=1, metavar="N", help="burner processes (one core each)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {list(METHODS)}")

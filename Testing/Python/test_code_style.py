@@ -1,5 +1,6 @@
-"""One formatting style across the project: ruff's pycodestyle and pyflakes rules, as configured in
-pyproject.toml ([tool.ruff]: lines of at most 120 characters, blank lines as PEP 8 has them, no unused import)."""
+"""One style across the project: ruff's pycodestyle, pyflakes and annotation rules, as configured in pyproject.toml
+([tool.ruff]: lines of at most 120 characters, blank lines as PEP 8 has them, no unused import, type hints on every
+function outside the tests)."""
 from __future__ import annotations
 
 import subprocess
