@@ -39,6 +39,8 @@ RUNS_FOLDER_SETTING = "STNeRP/RunsFolder"
 
 
 class STNeRP(ScriptedLoadableModule):
+    """Slicer's description of the module (title, category, help, acknowledgement); it also has the STNeRP
+    grid transforms of every scene loaded later set back to linear interpolation."""
     def __init__(self, parent: qt.QObject) -> None:
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "ST-NeRP"
@@ -80,6 +82,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self) -> None:
+        """Called when the user opens the module the first time: build the panel from its .ui file, connect
+        its signals, observe scene closes and show the runs folder."""
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/STNeRP.ui"))
         self.layout.addWidget(uiWidget)
@@ -141,6 +145,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.addItem(choice)
 
     def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed: cancel a running training,
+        close the time-slider predictions and stop polling."""
         self.removeObservers()
         if self._job is not None:
             self._job.cancel()
@@ -149,9 +155,11 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.timer.stop()
 
     def enter(self) -> None:
+        """Called each time the user opens this module: observe the parameter node and show it in the panel."""
         self.initializeParameterNode()
 
     def exit(self) -> None:
+        """Called each time the user opens a different module: stop updating the panel from the parameter node."""
         if self._parameterNode is not None:
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
@@ -164,10 +172,13 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller: slicer.vtkMRMLScene, event: str) -> None:
+        """Called just after the scene is closed: observe the new scene's parameter node if the module is open."""
         if self.parent.isEntered:
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
+        """Observe the module's parameter node (created with defaults if missing); with no reference volume set,
+        choose the scene's first scalar volume."""
         self.setParameterNode(self.logic.getParameterNode())
         pn = self._parameterNode
         if pn is not None and pn.GetNodeReference(parameters.REFERENCE_VOLUME) is None:
@@ -176,6 +187,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 pn.SetNodeReferenceID(parameters.REFERENCE_VOLUME, reference.GetID())
 
     def setParameterNode(self, node: slicer.vtkMRMLScriptedModuleNode | None) -> None:
+        """Show and observe this parameter node instead of the current one (None: none)."""
         if self._parameterNode is not None:
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self._parameterNode = node
@@ -186,6 +198,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- parameter node <-> GUI ------------------------------------------------------------
     def updateGUIFromParameterNode(self, caller: slicer.vtkMRMLScriptedModuleNode | None = None,
                                    event: str | None = None) -> None:
+        """Called when the parameter node is modified: show its inputs, settings, segments, last run and the
+        state of the buttons in the panel."""
         pn = self._parameterNode
         if pn is None or self._updatingGUI:
             return
@@ -229,6 +243,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updatingGUI = False
 
     def updateParameterNodeFromGUI(self, *args: Any) -> None:
+        """Called when the user changes an input or a setting, and before Apply or Resume: write every control's
+        value to the parameter node in one modification."""
         pn = self._parameterNode
         if pn is None or self._updatingGUI:
             return
@@ -272,6 +288,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- runs folder -----------------------------------------------------------------------
     def onRunsFolderChanged(self, path: str) -> None:
+        """Called when the user picks a runs folder: save it in the application settings and show the folder
+        runs really go to."""
         qt.QSettings().setValue(RUNS_FOLDER_SETTING, path)
         self._showRunsFolder()
 
@@ -345,6 +363,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.followUpVolumeSelector.setCurrentNode(candidate)
 
     def onAddFollowUp(self) -> None:
+        """Add button: append the chosen volume as a follow-up, one time unit after the latest time (the
+        reference's included); a volume already listed is ignored."""
         volume = self.ui.followUpVolumeSelector.currentNode()
         pn = self._parameterNode
         if volume is None or pn is None:
@@ -356,12 +376,14 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters.set_follow_ups(pn, rows + [parameters.FollowUp(volume, max(used) + 1.0)])
 
     def onRemoveFollowUp(self) -> None:
+        """Remove button: drop the follow-ups that have a selected cell in the table."""
         selected = {index.row() for index in self.ui.followUpTable.selectedIndexes()}
         rows = parameters.get_follow_ups(self._parameterNode)
         parameters.set_follow_ups(self._parameterNode, [row for i, row in enumerate(rows) if i not in selected])
 
     # -- segments --------------------------------------------------------------------------
     def onSegmentationChanged(self, node: slicer.vtkMRMLNode | None) -> None:
+        """Called when the user picks another segmentation: every one of its segments is included again."""
         if self._parameterNode is not None and not self._updatingGUI:
             parameters.set_json(self._parameterNode, "ExcludedSegmentIDs", [])
 
@@ -379,6 +401,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._segmentationNode = node
 
     def onSegmentsModified(self, caller: slicer.vtkMRMLSegmentationNode, event: str) -> None:
+        """Called when a segment of the chosen segmentation is added, removed or modified: refresh the segment
+        list and the buttons."""
         self._updateSegmentList()
         self._updateButtons()
 
@@ -441,6 +465,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- actions ---------------------------------------------------------------------------
     def onApplyButton(self) -> None:
+        """Apply button: check torch, confirm overlapping segments, then train on the panel's inputs in the
+        background; while a training runs the button reads Cancel and cancels it."""
         if self._job is not None:
             self._job.cancel()   # returns at once; the timer sees the worker end
             return
@@ -458,6 +484,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showStart(self._job)
 
     def onResumeButton(self) -> None:
+        """Resume button: continue the unfinished run from its last checkpoint, with the same inputs and settings."""
         with slicer.util.tryWithErrorDisplay("Failed to resume STNeRP.", waitCursor=True):
             self.updateParameterNodeFromGUI()
             if not self.ensureTorch():
@@ -467,17 +494,21 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showStart(self._job)
 
     def onTimeSliderChanged(self, value: float) -> None:
+        """Called when the time slider moves: remember the time and ask the trained model for it (as Predict)."""
         if self._parameterNode is None or self._updatingGUI:
             return
         self._parameterNode.SetParameter("PredictTime", repr(float(value)))
         self.onPredictButton()
 
     def onOpenReport(self) -> None:
+        """Open report button: open the last run's report page (index.html) with the desktop's default application."""
         page = panel.report_page(self._parameterNode.GetParameter("LastRunDirectory"))
         if page is not None:
             qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(page))
 
     def onPredictButton(self) -> None:
+        """Predict button: show the last run's prediction at the time slider's time, computed by the worker in
+        the background (or imported from disk when that time was predicted before); starts polling."""
         with slicer.util.tryWithErrorDisplay("Failed to start the prediction.", waitCursor=True):
             if (self._predictions is None
                     or self._predictions.run_dir != self._parameterNode.GetParameter("LastRunDirectory")):
@@ -500,6 +531,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def onTimer(self) -> None:
+        """Called by the timer every POLL_INTERVAL_MS ms: show the training's events, progress and end and poll
+        the time-slider predictions; stops the timer when nothing is left running."""
         try:
             if self._job is not None:
                 job = self._job
@@ -569,10 +602,8 @@ class STNeRPLogic(ScriptedLoadableModuleLogic):
     """Adapter between the application and the Qt-free STNeRPModuleLib: asks the application for
     the scene, the module logics, the runs folder setting and the temporary folder."""
 
-    def setDefaultParameters(self, parameterNode: slicer.vtkMRMLScriptedModuleNode) -> None:
-        parameters.initialize(parameterNode)
-
     def getParameterNode(self) -> slicer.vtkMRMLScriptedModuleNode | None:
+        """The module's parameter node (created if missing), with every missing parameter set to its default."""
         node = ScriptedLoadableModuleLogic.getParameterNode(self)
         return parameters.initialize(node) if node is not None else None
 
@@ -584,6 +615,8 @@ class STNeRPLogic(ScriptedLoadableModuleLogic):
                                                                     slicer.app.temporaryPath))
 
     def core(self) -> core_logic.STNeRPCoreLogic:
+        """A Qt-free core logic on the current scene and the runs folder, with temporary files under Slicer's
+        temporary folder (PanelError if no runs folder is usable)."""
         return core_logic.STNeRPCoreLogic(slicer.mrmlScene, slicer.modules.segmentations.logic(), self.runsFolder(),
                                           temp_root=os.path.join(slicer.app.temporaryPath, "STNeRP"))
 
@@ -605,6 +638,8 @@ class STNeRPLogic(ScriptedLoadableModuleLogic):
 
     def timeSliderPredictions(self, pn: slicer.vtkMRMLScriptedModuleNode,
                               workerCommand: list[str] | None = None) -> predictions.TimeSliderPredictions:
+        """Predictions of the last complete run at any time, for the time slider (ValueError if there is none);
+        workerCommand replaces the worker command (the self-test passes the stand-in)."""
         runDir = pn.GetParameter("LastRunDirectory")
         if not runDir or not os.path.isdir(runDir):
             raise ValueError("No trained run: press Apply first.")
@@ -648,9 +683,11 @@ class STNeRPTest(ScriptedLoadableModuleTest):
     real run folder; with torch the real worker trains for a few iterations too."""
 
     def setUp(self) -> None:
+        """Start each test from an empty scene."""
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
+        """Run the stand-in worker and cancel tests, and the real training when torch is available."""
         self.setUp()
         self.test_STNeRP_sceneSide()
         self.setUp()
@@ -711,6 +748,8 @@ class STNeRPTest(ScriptedLoadableModuleTest):
         self.assertEqual(job.result.sequences["transform"].GetNumberOfDataNodes(), len(times))
 
     def test_STNeRP_sceneSide(self) -> None:
+        """With the stand-in worker, a training loads per time point a grid transform, the same segments and a
+        Jacobian map (level 1), and a transform sequence; the time slider then shows the unscanned time 0.5."""
         self.delayDisplay("Stand-in worker: the scene side without torch")
         series, volumes, segmentation = self._loadSample()
         logic = STNeRPLogic()
@@ -731,6 +770,8 @@ class STNeRPTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Scene side passed")
 
     def test_STNeRP_cancel(self) -> None:
+        """Cancelling a running training ends the job cancelled, records the run as interrupted and leaves the
+        scene's nodes as they were."""
         series, volumes, segmentation = self._loadSample()
         logic = STNeRPLogic()
         pn = self._parameterNode(logic, series, volumes, segmentation, iterations=3)
@@ -753,6 +794,7 @@ class STNeRPTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Cancel passed")
 
     def test_STNeRP_realTraining(self) -> None:
+        """The real worker trains 20 iterations on the sample and its results load as with the stand-in."""
         self.delayDisplay("Real worker: a tiny training")
         series, volumes, segmentation = self._loadSample()
         logic = STNeRPLogic()

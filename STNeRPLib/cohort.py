@@ -201,6 +201,8 @@ class PatientEvents(Reporter):
         self.patient, self.send, self.last_error = patient, send, None
 
     def error(self, message: str) -> None:
+        """Keep `message` as the patient's last error and send it as an error event with the patient's key (not printed
+        to stderr)."""
         self.last_error = message
         self._emit(event="error", message=message)
 
@@ -238,6 +240,8 @@ def _scored_names(record: dict, folder: Path, points: list[dict]) -> dict[str, s
 
 
 def failed_entry(patient: str, error: str, status: str = "failed") -> dict:
+    """A patient's summary entry without a run's outputs: its `status` (failed, or interrupted) and the error saying
+    why."""
     return {"patient": patient, "status": status, "skipped": False, "error": error,
             "wall_time_s": None, "run": None, "time_points": []}
 
@@ -302,6 +306,8 @@ class Progress:
                 _print_json(message)
 
     def patient_done(self, entry: dict) -> None:
+        """Count a finished patient (its summary entry): its line and the bar on stderr and, with json_events, its done
+        or error event; its later train progress is dropped."""
         with self.lock:
             self.finished.add(entry["patient"])
             self.count += 1
@@ -432,6 +438,7 @@ def cluster_size(workers: int | None, threads: int | None, cores: int) -> tuple[
 
 
 def available_cores() -> int:
+    """The CPUs this process may use: its affinity where the system has one, else every CPU."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -450,4 +457,6 @@ class OneGPUPerWorker(WorkerPlugin):
         self.count = count
 
     def setup(self, worker: Worker) -> None:
+        """Called by Dask as a worker starts (or restarts): restrict it to GPU (worker name) mod count with
+        CUDA_VISIBLE_DEVICES."""
         os.environ["CUDA_VISIBLE_DEVICES"] = str(int(worker.name) % self.count)

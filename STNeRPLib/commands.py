@@ -164,6 +164,8 @@ def train_command(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def dicom_command(args: argparse.Namespace, reporter: Reporter) -> int:
+    """The dicom command: a complete run's RT Structure Sets and Deformable Spatial Registrations into --dicom-out (a
+    new or empty folder)."""
     return export_dicom(args.run, args.dicom_out, args.label_names, reporter)
 
 
@@ -194,12 +196,15 @@ def _report_quietly(record: RunRecord, reporter: Reporter) -> None:
 
 
 def report_command(args: argparse.Namespace, reporter: Reporter) -> int:
+    """The report command: write RUN/report/index.html with its PNGs and CSVs, and log its path."""
     from .report import write_report
     return _guarded(lambda: reporter.message(f"report: {write_report(args.run, args.curve_times, args.label_names)}"),
                     reporter)
 
 
 def predict_command(args: argparse.Namespace, reporter: Reporter) -> int:
+    """The predict command: query a complete training run at --times into a new run folder (--output), without
+    retraining."""
     def body(record: RunRecord) -> None:
         run_prediction(_complete_model(args.run), args.times, args.output, reporter, record)
     inputs = {"run": str(args.run.absolute()), "times": args.times}
@@ -207,6 +212,8 @@ def predict_command(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def demo_command(args: argparse.Namespace, reporter: Reporter) -> int:
+    """The demo command: train on the built-in phantom (breathing, or --longitudinal) into --output (default
+    runs/demo-<date>), predict its held-out time and print the metrics."""
     from .demo import demo_series, run_demo
     try:
         preset = _preset(args)
@@ -228,6 +235,8 @@ def demo_command(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def evaluate_command(args: argparse.Namespace, reporter: Reporter) -> int:
+    """The evaluate command: a complete run's outputs against real images (PSNR, SSIM), ground-truth labelmaps (Dice)
+    and landmarks (TRE), written to RUN/evaluation.json and printed as a table."""
     from .evaluation import evaluate_run
     return _guarded(lambda: evaluate_run(args.run, timed(args.image), timed(args.ground_truth),
                                          args.landmarks, reporter), reporter)

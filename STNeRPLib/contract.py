@@ -151,6 +151,7 @@ def read_run(folder: str | os.PathLike) -> dict:
 
 
 def write_run(folder: str | os.PathLike, record: dict) -> None:
+    """Write a run folder's run.json atomically (write_json)."""
     write_json(record, Path(folder) / RUN_FILE)
 
 
@@ -209,6 +210,7 @@ def numbering(calibration: dict | None, scanned: bool) -> str:
 
 
 def is_complete(record: dict) -> bool:
+    """Whether a run record's status is complete (only then are its outputs whole)."""
     return record.get("status") == STATUS_COMPLETE
 
 
@@ -380,6 +382,7 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def is_number(text: str) -> bool:
+    """Whether float() reads the text as a number ('inf' and 'nan' included)."""
     try:
         float(text)
         return True

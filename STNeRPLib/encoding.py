@@ -22,6 +22,7 @@ class FourierFeatures(nn.Module):
 
     @property
     def out_features(self) -> int:
+        """Number of features gamma(p) has: 2 * width."""
         return 2 * self.B.shape[0]
 
     def forward(self, p: torch.Tensor, columns: int | None = None) -> torch.Tensor:

@@ -103,10 +103,13 @@ class Grid:
         return tuple(int(v) for v in whole)
 
     def to_dict(self) -> dict:
+        """The grid as plain lists (size, spacing, origin, direction), as the model file stores it; from_dict reads it
+        back."""
         return {"size": list(self.size), "spacing": list(self.spacing),
                 "origin": list(self.origin), "direction": list(self.direction)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Grid":
+        """The grid of a to_dict dictionary (the model file's)."""
         return cls(tuple(int(v) for v in data["size"]), tuple(data["spacing"]),
                    tuple(data["origin"]), tuple(data["direction"]))

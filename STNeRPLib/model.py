@@ -61,6 +61,7 @@ class SeriesModel:
 
     @property
     def device(self) -> torch.device:
+        """The device the model's Def-Net(s) compute on."""
         return next(self.deformation.parameters()).device
 
     @property

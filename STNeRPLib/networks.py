@@ -33,6 +33,7 @@ class SineLayer(nn.Module):
             self.linear.weight.uniform_(-bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """sin(omega * (W x + b)) of x (..., in_features)."""
         return ScaledSine.apply(self.linear(x), self.omega)
 
 
@@ -46,6 +47,7 @@ class ScaledSine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, z: torch.Tensor, omega: float) -> torch.Tensor:
+        """sin(omega z), keeping z and omega for the backward pass."""
         ctx.save_for_backward(z)
         ctx.omega = omega
         if not _numpy_can_take(z):
@@ -56,6 +58,7 @@ class ScaledSine(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """The gradient with respect to z, grad * omega cos(omega z); none for omega."""
         z, = ctx.saved_tensors
         omega = ctx.omega
         if not _numpy_can_take(z):
@@ -97,6 +100,7 @@ class RefNet(nn.Module):
         self.mlp = siren(self.encoding.out_features, width, depth, 1, omega)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
+        """The reference's normalised intensity, as fitted, at points c (N, 3) in [-1, 1]^3: shape (N,)."""
         return self.mlp(self.encoding((c + 1) / 2)).squeeze(-1)
 
 

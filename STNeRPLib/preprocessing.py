@@ -83,6 +83,8 @@ class IntensityWindow:
         return np.clip((array - self.low) / (self.high - self.low), 0.0, 1.0).astype(np.float32, copy=False)
 
     def restore(self, array: np.ndarray) -> np.ndarray:
+        """Normalised intensities back in the image's units (HU for the CT window), as float32: normalise's inverse, not
+        clipped."""
         return (array * (self.high - self.low) + self.low).astype(np.float32)
 
 

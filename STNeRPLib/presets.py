@@ -227,6 +227,7 @@ class Preset:
         return self.level_iteration(finest)
 
     def to_dict(self) -> dict:
+        """Every setting by name, as run.json's parameters and the model file store them (Preset(**d) reads it back)."""
         return asdict(self)
 
     def with_iterations(self, iterations: int) -> "Preset":
@@ -327,6 +328,7 @@ class Options:
         return self.prior == "image" or self.preset.prior_cache
 
     def to_dict(self) -> dict:
+        """The options as a run.json's parameters record them, the preset with every setting."""
         return {"preset": self.preset.to_dict(), "prior": self.prior, "temporal": self.temporal,
                 "scheme": self.scheme, "prealign": self.prealign, "intensity": self.intensity,
                 "device": self.device, "seed": self.seed}

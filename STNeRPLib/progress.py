@@ -24,6 +24,8 @@ class Reporter:
         self._bar_open = False           # a terminal's bar line awaits its end
 
     def progress(self, stage: str, iteration: int, total: int, loss: float | None = None) -> None:
+        """Report iteration `iteration` of `total` of a stage (and its loss): a progress event or the bar, with the
+        stage's eta in s; at most one every `interval` seconds, the last always."""
         now = time.monotonic()
         if stage != self._stage:
             self._stage, self._stage_start, self._last = stage, now, 0.0
@@ -46,12 +48,14 @@ class Reporter:
         print(text, file=sys.stderr, flush=True)
 
     def done(self, status: str, output: str) -> None:
+        """Report the end of a command: a done event (status, output), or the line 'status: output' on stderr."""
         if self.json_events:
             self._emit(event=EVENT_DONE, status=status, output=output)
         else:
             self.message(f"{status}: {output}")
 
     def error(self, message: str) -> None:
+        """Report an error (one line): an error event with json_events, and always 'error: message' on stderr."""
         if self.json_events:
             self._emit(event=EVENT_ERROR, message=message)
         print(f"error: {message}", file=sys.stderr, flush=True)

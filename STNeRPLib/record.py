@@ -47,14 +47,17 @@ class RunRecord:
         return cls(folder, data["command"], data["inputs"], data["parameters"], data)
 
     def set(self, **values: object) -> None:
+        """Set these keys of the record and write run.json."""
         self.data.update(values)
         self._write()
 
     def add_time_point(self, entry: dict) -> None:
+        """Append the entry of a time point whose outputs are written (its files, metrics) and write run.json."""
         self.data["time_points"].append(entry)
         self._write()
 
     def finish(self, status: str, error: str | None = None) -> None:
+        """End the run: its status (complete, failed or interrupted), error and finish time, written to run.json."""
         self.set(status=status, error=error, finished=_now())
 
     def _write(self) -> None:
@@ -92,6 +95,7 @@ def require_complete(run: Path, data: dict) -> None:
 
 
 def versions() -> dict:
+    """The versions run.json records: STNeRP and its git commit, Python, torch, SimpleITK, numpy and the platform."""
     return {"stnerp": __version__, "git_commit": git_commit(), "python": platform.python_version(),
             "torch": torch.__version__, "SimpleITK": sitk.Version_VersionString(), "numpy": np.__version__,
             "platform": platform.platform()}

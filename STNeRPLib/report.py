@@ -61,6 +61,7 @@ class Names(dict):
 
 @dataclass
 class Figure:
+    """A figure of the report: its PNG file name in report/, title, caption and PNG bytes (also inlined in the page)."""
     file: str
     title: str
     caption: str
@@ -352,6 +353,8 @@ def _determinant(displacement: torch.Tensor, c: torch.Tensor, step: np.ndarray) 
 
 def curve_figures(curves: Curves, statistics: dict[float, dict[int, Structure]], record: dict,
                   names: Names) -> list[Figure]:
+    """The figures over time from the model: every structure's volume (mL), the focus structure's centroid trajectory
+    (LPS mm, from its reference-time position), and per structure the largest displacement (mm) and mean det J."""
     scanned_times = [e["time"] for e in record["time_points"] if e.get("scanned")]
     written = {label: [(t, s[label].volume_ml) for t, s in statistics.items() if label in s]
                for label in curves.volume}
@@ -393,6 +396,8 @@ def _loss_figure(path: Path) -> Figure:
 
 
 def write_statistics_csv(statistics: dict[float, dict[int, Structure]], names: Names, path: Path) -> None:
+    """Write jacobian_by_structure.csv: per time point and label, the propagated structure's voxels, volume (mL), det J
+    mean, minimum and maximum, and folded voxels."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["time", "label", "name", "voxels", "volume_ml", "jacobian_mean", "jacobian_min",
@@ -404,6 +409,8 @@ def write_statistics_csv(statistics: dict[float, dict[int, Structure]], names: N
 
 
 def write_curves_csv(curves: Curves, names: Names, path: Path) -> None:
+    """Write structures_over_time.csv: per label and curve time, the model's volume (mL), centroid (LPS mm), largest
+    displacement (mm) and mean det J."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["time", "label", "name", "volume_ml", "centroid_l", "centroid_p", "centroid_s",

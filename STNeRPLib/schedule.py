@@ -52,6 +52,8 @@ class DecaySchedule(torch.optim.lr_scheduler.LRScheduler):
         return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def get_lr(self) -> list[float]:
+        """Called by torch's LRScheduler at each step(): each parameter group's rate, its initial rate x
+        factor(last_epoch)."""
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
 
     def observe(self, iteration: int, times: list[int], losses: torch.Tensor) -> None:

@@ -37,6 +37,7 @@ class ThreadChoice:
     blas_threads: int | None = None     # numpy's BLAS threads once limited (None: not limited)
 
     def describe(self) -> str:
+        """One line for the log: the thread count and what it was decided from."""
         if self.requested is not None:
             return f"{self.threads} thread(s), as asked (--threads)"
         load = "unknown" if self.load is None else f"{self.load:.2f}"
@@ -44,6 +45,7 @@ class ThreadChoice:
                 f"1-minute load {load} ({self.own_load:.2f} of it this process)")
 
     def to_dict(self) -> dict:
+        """The choice as a dict, for run.json's threads."""
         return asdict(self)
 
 

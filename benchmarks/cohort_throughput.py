@@ -45,6 +45,8 @@ def write_cohort(folder: Path, patients: int, size: tuple[int, int, int], phases
 
 
 def run(manifest: Path, output: Path, workers: int, threads: int, iterations: int) -> dict:
+    """Run `stnerp batch` on the cohort with `workers` x `threads` in its own process: wall time (s), patients
+    per hour, mean series time inside its task (s), load average before and after; exits if the batch fails."""
     load_before = os.getloadavg()
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "STNeRPLib", "batch", "--cohort", str(manifest),
@@ -63,6 +65,8 @@ def run(manifest: Path, output: Path, workers: int, threads: int, iterations: in
 
 
 def markdown(report: dict) -> str:
+    """The report as Markdown: the setup, a row per configuration (wall time, patients per hour, mean series
+    time, load before and after) and the note."""
     lines = [f"# Cohort throughput ({report['date']})", "",
              f"Commit {report['commit']}; {report['cores']} cores; {report['patients']} breathing phantoms of "
              f"{'x'.join(map(str, report['size']))} voxels, {report['phases']} phases, --iterations "
@@ -79,6 +83,8 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write a temporary cohort, run `stnerp batch` on it in each of CONFIGURATIONS, and write the report (JSON and
+    Markdown) to benchmarks/results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=int, default=6)
     parser.add_argument("--size", type=int, nargs=3, default=(32, 32, 24), metavar=("X", "Y", "Z"))

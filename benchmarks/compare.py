@@ -29,6 +29,7 @@ BASELINES_DEFAULT = ["none", "exact"]
 
 
 def parser() -> argparse.ArgumentParser:
+    """The benchmark's command-line arguments."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--series", default=",".join(runners.SERIES), help=f"comma list of {list(runners.SERIES)}")
@@ -83,6 +84,8 @@ def plan_from(args: argparse.Namespace, parse: argparse.ArgumentParser) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Build each chosen series, run and score every method on it, and write the result (JSON and Markdown, rewritten
+    after each series) to --out; with --render, only re-render the Markdown of a result JSON."""
     parse = parser()
     args = parse.parse_args(argv)
     if args.render:

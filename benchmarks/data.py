@@ -94,6 +94,8 @@ def write_series(folder: Path, name: str, description: str, times: list[float], 
                  labelmaps: list[sitk.Image], displacements: list[sitk.Image], bodies: list[np.ndarray],
                  landmarks: list[tuple[np.ndarray, np.ndarray]], labels: dict[int, str], heldout: int,
                  extra: dict | None = None) -> Path:
+    """Write a series folder: per time index k the image, labelmap, ground-truth displacement, body mask and
+    landmarks, and meta.json (times, label names, the held-out index, size, spacing, `extra`); the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for k, (image, labelmap, field, body, marks) in enumerate(zip(images, labelmaps, displacements, bodies, landmarks)):
@@ -120,18 +122,23 @@ class Series:
         self.times = self.meta["times"]
 
     def image(self, k: int) -> sitk.Image:
+        """The image of time index k (float32 HU)."""
         return sitk.ReadImage(str(self.folder / f"image_{k}.nrrd"), sitk.sitkFloat32)
 
     def labelmap(self, k: int) -> sitk.Image:
+        """The structure labelmap of time index k (uint8)."""
         return sitk.ReadImage(str(self.folder / f"labelmap_{k}.nrrd"), sitk.sitkUInt8)
 
     def displacement(self, k: int) -> sitk.Image:
+        """The ground-truth u_k of time index k: mm, LPS, time-k grid, mapping a time-k point q to q + u_k(q)."""
         return sitk.ReadImage(str(self.folder / f"displacement_{k}.nrrd"), sitk.sitkVectorFloat64)
 
     def body(self, k: int) -> np.ndarray:
+        """The body mask of time index k, where the dense displacement error is measured: [z, y, x] bool."""
         return sitk.GetArrayFromImage(sitk.ReadImage(str(self.folder / f"body_{k}.nrrd"))) > 0
 
     def landmarks(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The landmarks of time index k: (points in the time-k image, matching reference points), mm, LPS."""
         data = np.load(self.folder / f"landmarks_{k}.npz")
         return data["points"], data["reference"]
 
@@ -251,6 +258,7 @@ def _warped_series(source: sitk.Image, coefficients: np.ndarray, labels: np.ndar
 
 
 def chest_available() -> bool:
+    """Whether the chest CT (../shared/data/chest_ct/ct_cropped.nii.gz) is there."""
     return (CHEST_CT / "ct_cropped.nii.gz").exists()
 
 
@@ -382,6 +390,7 @@ def chest_native_series(folder: Path, n_phases: int = 10, heldout: int = 3, seed
 
 
 def abdomen_available() -> bool:
+    """Whether the abdomen CT and its TotalSegmentator segmentation are in ../shared/data/abdomen_ct."""
     return (ABDOMEN_CT / "example_ct_sm.nii.gz").exists() and (ABDOMEN_CT / "example_seg.nii.gz").exists()
 
 

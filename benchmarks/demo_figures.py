@@ -34,6 +34,8 @@ def run_demo() -> dict:
 
 
 def markdown(result: dict) -> str:
+    """The demo's result as Markdown: provenance, then TRE, tumour Dice and folded voxels at the trained phases and,
+    at the held-out phase, TRE, Dice and the predicted image's PSNR / SSIM beside linear interpolation."""
     s, held, base = result["summary"], result["summary"]["held_out"], result["summary"]["interpolation"]
     return "\n".join([
         f"# stnerp demo — {result['date']}", "",
@@ -52,6 +54,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> int:
+    """Run the demo, write its result (JSON and Markdown) to benchmarks/results and print the Markdown."""
     result = run_demo()
     stem = ROOT / "benchmarks" / "results" / f"demo_{time.strftime('%Y-%m-%d_%H%M', time.gmtime())}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))

@@ -113,6 +113,7 @@ class Stages:
         self.lock = threading.Lock()
 
     def enter(self, stage: str) -> None:
+        """Make `stage` the stage under way, adding the time since the last change to the stage it ends."""
         with self.lock:
             if stage != self.current:
                 now = time.monotonic()
@@ -120,10 +121,13 @@ class Stages:
                 self.current, self.started = stage, now
 
     def sample(self, rss: int) -> None:
+        """Count a sample of the tree RSS (bytes) to the stage under way, keeping each stage's peak."""
         with self.lock:
             self.peak[self.current] = max(self.peak.get(self.current, 0), rss)
 
     def read_events(self, stream: IO[str]) -> None:
+        """Read the worker's --json-events lines, keeping every event, and enter the stage each progress event
+        says is under way (loading, refnet, defnet, outputs k/n, finishing)."""
         for line in stream:
             try:
                 event = json.loads(line)
@@ -181,6 +185,7 @@ def run_worker(files: dict, output: Path, iterations: int, threads: int, predict
 
 
 def machine() -> dict:
+    """This machine as the result records it: commit, date (UTC), cores, total RAM (GB), load average."""
     meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     return {"commit": commit_label(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "cores": os.cpu_count(), "mem_total_gb": round(int(meminfo["MemTotal"].split()[0]) / 1e6, 1),
@@ -188,6 +193,8 @@ def machine() -> dict:
 
 
 def markdown(result: dict) -> str:
+    """The result as a Markdown report: the run, the worker tree's peak RSS against the budget, and the peak
+    RSS and seconds per stage."""
     m, r = result["machine"], result["run"]
     lines = [f"# Memory check: {' x '.join(map(str, result['size']))} int16 x {result['phases']} phases",
              "", f"commit {m['commit']}, {m['date']}, {m['cores']} cores, {m['mem_total_gb']} GB RAM, "
@@ -209,6 +216,8 @@ def markdown(result: dict) -> str:
 
 
 def main() -> int:
+    """Build (or reuse) the series in --scratch, train on it in a worker while sampling its memory, and write the
+    result (JSON and Markdown) to --results; exit code 0 if the run succeeded within --budget-gb, else 1."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, nargs=3, default=[512, 512, 300], metavar=("X", "Y", "Z"))
     parser.add_argument("--phases", type=int, default=10)

@@ -105,6 +105,7 @@ def predicts_unscanned_times(method: str) -> bool:
 
 
 def label(method: str) -> str:
+    """The method's name in the report's tables (an STNeRP variant's, a baseline's or a peer's label)."""
     if method in STNERP:
         return STNERP[method]["label"]
     if method in BASELINES:
@@ -135,6 +136,7 @@ def config(method: str, iterations: int | None = None) -> str:
 
 
 def all_methods() -> list[str]:
+    """Every method's name: the STNeRP variants, then the peers, then the baselines."""
     return list(STNERP) + list(peers.PEERS) + list(BASELINES)
 
 

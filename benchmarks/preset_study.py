@@ -183,11 +183,13 @@ class StageTimer(Reporter):
         self.stages: dict[str, list[float]] = {}
 
     def progress(self, stage: str, iteration: int, total: int, loss: float | None = None) -> None:
+        """Record this report's time as the stage's last (the first report's also as its first) and its iteration."""
         now = time.perf_counter()
         record = self.stages.setdefault(stage, [now, now, 0])
         record[1:] = [now, iteration]
 
     def message(self, text: str) -> None:
+        """Drop the log's messages: the study prints only its own rows."""
         pass
 
     def iterations(self, stage: str) -> int:
@@ -262,10 +264,13 @@ COLUMNS = [("series", "{:<12s}"), ("name", "{:<18s}"), ("ref_psnr", "{:8.2f}"), 
 
 
 def print_row(row: dict) -> None:
+    """Print one row as a line of the COLUMNS table (nan where a column was not measured)."""
     print(" ".join(fmt.format(row.get(key, float("nan"))) for key, fmt in COLUMNS), flush=True)
 
 
 def main() -> None:
+    """Fit every chosen variant on every chosen series (one time held out unless --holdout -1) and print a row
+    each, also written to --out as they come; with --profile, profile the first variant on the first series instead."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(QUICK),
                         help=f"comma-separated names, or 'all' (known: {', '.join(VARIANTS)})")

@@ -68,6 +68,8 @@ def provenance(threads: int, configs: dict, peers_python: str | None) -> dict:
 
 
 def finish(report: dict, partial: bool) -> dict:
+    """Complete `report` in place and return it: the load average at the end, whether it is partial, and
+    issue 11's targets on every series that ran."""
     report["load_end"] = os.getloadavg()
     report["partial"] = partial
     report["targets"] = {name: targets(entry) for name, entry in report["series"].items() if "methods" in entry}
@@ -199,6 +201,8 @@ def _load(values: Sequence[float]) -> str:
 
 
 def header(report: dict) -> list[str]:
+    """The report's Markdown title and preamble: commit, machine, versions, threads, load average, and what the
+    wall time and peak RSS cover; quick and partial runs flagged."""
     m = report["machine"]
     dirty = " **with uncommitted changes**" if report["dirty"] else ""
     lines = [f"# STNeRP benchmark — {report['date']}", "",
@@ -224,6 +228,8 @@ def header(report: dict) -> list[str]:
 
 
 def series_table(name: str, entry: dict) -> list[str]:
+    """One series' Markdown section: its description and role (tuning or reporting series), a row per method
+    (TRE, dense error, Dice, folded voxels, PSNR, SSIM, wall time, peak RSS), then distance_table and heldout_table."""
     meta = entry["meta"]
     labels = meta["labels"]
     role = ("**tuning series** (the default preset was tuned on it: its figures flatter STNeRP)"
@@ -274,6 +280,8 @@ def distance_table(entry: dict) -> list[str]:
 
 
 def heldout_table(entry: dict) -> list[str]:
+    """The held-out time's Markdown table, per method: the predicted image's PSNR / SSIM and its gain over linear
+    interpolation, the TRE and warped-reference PSNR of its u at that time, and a peer's own registration of it."""
     rows = entry.get("heldout") or {}
     if not rows:
         return []
@@ -307,6 +315,8 @@ def _verdict(met: bool | None) -> str:
 
 
 def markdown(report: dict) -> str:
+    """The whole report as Markdown: header, each series' tables (or why it was skipped), issue 11's targets on
+    each series, and every method's settings."""
     lines = header(report)
     for name, entry in report["series"].items():
         if "methods" not in entry:

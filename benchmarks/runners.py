@@ -58,6 +58,7 @@ class SeriesSettings:
 
     @property
     def phantom_grid(self) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+        """The phantoms' grid: (size in voxels, spacing in mm), half-size when quick."""
         return ((48, 48, 32), (6.0, 6.0, 8.0)) if self.quick else ((96, 96, 64), (3.0, 3.0, 4.0))
 
 

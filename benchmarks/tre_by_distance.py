@@ -102,6 +102,8 @@ def table(results: dict[str, list[dict]], label: int) -> str:
 
 
 def main() -> None:
+    """Score each --run folder and --peer on the phantom's follow-ups, print their TRE by distance from --label as
+    a Markdown table, and with --out write it (JSON and Markdown) with the commit and the load."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--phantom", type=Path, required=True, help="folder written by phantom.write_series")
     parser.add_argument("--run", action="append", default=[], metavar="NAME=DIR", help="a run folder to score")

@@ -40,6 +40,7 @@ BURNER = "while True:\n    pass\n"
 
 
 def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), else the CPU count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -74,10 +75,12 @@ def run_child(method: str, folder: Path, iterations: int | None) -> dict:
 
 
 def start_burners(count: int) -> list[subprocess.Popen]:
+    """Start `count` burner processes, each a Python busy loop taking one core."""
     return [subprocess.Popen([sys.executable, "-c", BURNER]) for _ in range(count)]
 
 
 def stop_burners(burners: list[subprocess.Popen]) -> None:
+    """Kill the burner processes and wait for each to end."""
     for burner in burners:
         burner.kill()
         burner.wait()
@@ -119,6 +122,7 @@ def measure(methods: list[str], folder: Path, burners: int, warmup: float, itera
 
 
 def table(results: dict, burners: int) -> str:
+    """A Markdown table per method: wall time (s) without and with the burners, the slowdown, the threads used."""
     lines = [f"| method | without burner (s) | with {burners} burner(s) (s) | slowdown | threads (without, with) |",
              "|---|---|---|---|---|"]
     for method, r in results.items():
@@ -129,6 +133,8 @@ def table(results: dict, burners: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Time every method on a temporary phantom series without, then with, the burners and print the table; with
+    --child (internal), run one method in this process and print its wall time as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--burner", type=int, default=1, metavar="N", help="burner processes (one core each)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {list(METHODS)}")

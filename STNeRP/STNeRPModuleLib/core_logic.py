@@ -137,6 +137,7 @@ def progress_fraction(event: dict, ref_net: bool = True) -> float:
 
 
 def describe_progress(event: dict) -> str:
+    """The status line of a progress event: the stage, iteration/total, loss and the time left (m:ss)."""
     text = STAGE_TEXT.get(event.get("stage"), str(event.get("stage")))
     if event.get("total"):
         text += f" {event.get('iteration')}/{event.get('total')}"
@@ -179,9 +180,12 @@ class Job:
 
     @property
     def finished(self) -> bool:
+        """Whether the job is over: complete, failed or cancelled."""
         return self.state in ("complete", "failed", "cancelled")
 
     def start(self) -> Job:
+        """Start the worker; returns the job, now running. A worker that cannot be started (OSError) fails
+        the job, removes its exported inputs and is raised."""
         self.started = time.monotonic()
         try:
             self.process.start()
@@ -420,6 +424,8 @@ class STNeRPCoreLogic:
     # -- results ---------------------------------------------------------------------------
     def import_results(self, run_dir: str, segment_map: list[dict] | None = None,
                        **options: object) -> run_import.ImportedRun:
+        """Load a complete run folder into the scene as NEW nodes (options: keywords of run_import.import_run)
+        and keep its segment map (when one is given) in the folder for later predictions."""
         result = run_import.import_run(self.scene, run_dir, self.segmentations_logic, segment_map=segment_map,
                                        **options)
         if segment_map:
@@ -428,6 +434,7 @@ class STNeRPCoreLogic:
 
     @staticmethod
     def save_segment_map(run_dir: str, segment_map: list[dict]) -> None:
+        """Write a run's labels -> segments map into its folder (slicer_segment_map.json); a failure is only logged."""
         try:
             with open(os.path.join(run_dir, SEGMENT_MAP_FILE), "w", encoding="utf-8") as handle:
                 json.dump(segment_map, handle, indent=1)
@@ -436,6 +443,7 @@ class STNeRPCoreLogic:
 
     @staticmethod
     def load_segment_map(run_dir: str) -> list[dict]:
+        """The labels -> segments map that save_segment_map wrote into a run folder; [] when it has none."""
         path = os.path.join(run_dir, SEGMENT_MAP_FILE)
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as handle:

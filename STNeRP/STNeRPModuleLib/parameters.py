@@ -107,6 +107,7 @@ def create_parameter_node(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLScriptedM
 
 
 def get_json(node: slicer.vtkMRMLScriptedModuleNode, key: str) -> Any:
+    """A JSON parameter's value; its default's when the parameter is empty or not valid JSON (None without one)."""
     try:
         return json.loads(node.GetParameter(key) or DEFAULTS.get(key, "null"))
     except ValueError:
@@ -114,6 +115,7 @@ def get_json(node: slicer.vtkMRMLScriptedModuleNode, key: str) -> Any:
 
 
 def set_json(node: slicer.vtkMRMLScriptedModuleNode, key: str, value: Any) -> None:
+    """Store a value as a JSON parameter."""
     node.SetParameter(key, json.dumps(value))
 
 
@@ -131,6 +133,7 @@ def structure_points_text(value: float) -> str:
 
 
 def get_float(node: slicer.vtkMRMLScriptedModuleNode, key: str, default: float = 0.0) -> float:
+    """A parameter as a number; `default` when it is empty or not a number."""
     try:
         return float(node.GetParameter(key))
     except (TypeError, ValueError):
@@ -138,6 +141,7 @@ def get_float(node: slicer.vtkMRMLScriptedModuleNode, key: str, default: float =
 
 
 def get_int(node: slicer.vtkMRMLScriptedModuleNode, key: str, default: int = 0) -> int:
+    """A parameter as an integer (a fraction is dropped); `default` when it is empty or not a number."""
     try:
         return int(float(node.GetParameter(key)))
     except (TypeError, ValueError):
@@ -145,6 +149,7 @@ def get_int(node: slicer.vtkMRMLScriptedModuleNode, key: str, default: int = 0) 
 
 
 def get_bool(node: slicer.vtkMRMLScriptedModuleNode, key: str) -> bool:
+    """Whether a parameter is "1", "true", "yes" or "on" (any case); False when empty or anything else."""
     return (node.GetParameter(key) or "").lower() in ("1", "true", "yes", "on")
 
 

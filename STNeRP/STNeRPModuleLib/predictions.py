@@ -55,6 +55,7 @@ class TimeSliderPredictions:
 
     @property
     def busy(self) -> bool:
+        """Whether a prediction is running in the worker."""
         return self.job is not None
 
     def request(self, t: float) -> None:

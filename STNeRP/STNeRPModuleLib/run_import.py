@@ -242,6 +242,8 @@ def jacobian_window(values: Iterable[float] | np.ndarray, percentile: float = 99
 
 def read_jacobian(scene: slicer.vtkMRMLScene, path: str, name: str,
                   color_table: slicer.vtkMRMLColorTableNode) -> slicer.vtkMRMLScalarVolumeNode:
+    """Read a Jacobian determinant map (absolute path) into a NEW volume node, shown with the diverging
+    colour table and the window and level of jacobian_window (centred at 1)."""
     node = scene_files.read_volume(scene, path, name)
     window, level = jacobian_window(scene_files.volume_array(node))
     display = node.GetDisplayNode()

@@ -126,6 +126,8 @@ def _tagged_terminology(segment: slicer.vtkSegment) -> str:
 
 
 def set_segment_terminology(segment: slicer.vtkSegment, text: str | None) -> None:
+    """Set a segment's terminology entry from text (nothing when empty): SetTerminology from Slicer 5.10,
+    the tag named by GetTerminologyEntryTagName() before."""
     if not text:
         return
     if hasattr(segment, "SetTerminology"):

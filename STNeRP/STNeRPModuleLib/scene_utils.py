@@ -24,10 +24,12 @@ KIND_ATTRIBUTE = "STNeRP.Kind"
 
 
 def lps_to_ras(point: Sequence[float]) -> list[float]:
+    """A point in LPS (files, ITK) as RAS (the scene): x and y change sign."""
     return [-float(point[0]), -float(point[1]), float(point[2])]
 
 
 def ras_to_lps(point: Sequence[float]) -> list[float]:
+    """A point in RAS (the scene) as LPS (files, ITK): x and y change sign."""
     return [-float(point[0]), -float(point[1]), float(point[2])]
 
 
@@ -101,10 +103,13 @@ class SceneTransaction:
         return self
 
     def added_nodes(self) -> list[slicer.vtkMRMLNode]:
+        """The scene's nodes added since the block began, in scene order."""
         nodes = (self.scene.GetNthNode(i) for i in range(self.scene.GetNumberOfNodes()))
         return [node for node in nodes if node.GetID() not in self._before]
 
     def rollback(self) -> None:
+        """Remove the nodes added since the block began and the folder item (if set and still in the
+        subject hierarchy)."""
         remove_nodes(self.scene, self.added_nodes())
         sh = self.scene.GetSubjectHierarchyNode()
         if self.folder_item and folder_exists(self.scene, self.folder_item):

@@ -93,6 +93,8 @@ class WorkerProcess:
         self._exit_reported = False
 
     def start(self) -> WorkerProcess:
+        """Start the worker in its own process group, its standard input a pipe (closed to cancel), and a
+        reader thread for each output stream; returns self."""
         kwargs = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
                       bufsize=1, text=True, encoding="utf-8", errors="replace")
         if os.name == "nt":
@@ -120,10 +122,12 @@ class WorkerProcess:
 
     @property
     def running(self) -> bool:
+        """Whether the worker process has been started and has not ended yet."""
         return self.process is not None and self.process.poll() is None
 
     @property
     def finished(self) -> bool:
+        """Whether poll has reported the exit event (the process ended, its output read to the end)."""
         return self._exit_reported
 
     def poll(self) -> list[dict]:

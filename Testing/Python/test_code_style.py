@@ -1,6 +1,6 @@
 """One style across the project: ruff's pycodestyle, pyflakes and annotation rules, as configured in pyproject.toml
-([tool.ruff]: lines of at most 120 characters, blank lines as PEP 8 has them, no unused import, type hints on every
-function outside the tests)."""
+([tool.ruff]: lines of at most 120 characters, blank lines as PEP 8 has them, no unused import; outside the tests
+type hints on every function and a docstring on every public class, function and method)."""
 from __future__ import annotations
 
 import subprocess
