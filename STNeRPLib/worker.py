@@ -19,7 +19,7 @@ from .progress import Reporter
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the stnerp command line (argv: sys.argv[1:] by default); returns its exit code of the worker contract."""
+    """Run the stnerp command line (argv: sys.argv[1:] by default); return the worker contract's exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     reporter = Reporter(json_events="--json-events" in argv)
     contract.stop_on_interruption(contract.STDIN_CANCEL_FLAG in argv)
