@@ -89,7 +89,8 @@ class SeriesModel:
             return self.deformation.displacement([self.normalised_time(t)], chunk=65536, inverse=inverse)
 
     def save(self, path: str | Path) -> None:
-        """Write the model atomically (a reader sees the old file or the whole new one)."""
+        """Write the model atomically (a reader sees the old file or the whole new one); fields of view one bit a
+        voxel, labels one byte a voxel when all are below 256."""
         save_atomically({
             "format": MODEL_FORMAT, "preset": self.preset.to_dict(), "grid": self.grid.to_dict(),
             "reference_time": self.reference_time, "time_range": list(self.time_range),
@@ -100,8 +101,8 @@ class SeriesModel:
             "ref_net": self.ref_net.state_dict() if self.ref_net is not None else None,
             "reference": _tensor_view(self.reference),
             "follow_ups": [[t, _tensor_view(a)] for t, a in self.follow_ups.items()],
-            "views": [[t, torch.from_numpy(a)] for t, a in self.views.items()],
-            "labelmap": torch.from_numpy(self.labelmap.astype(np.int32)) if self.labelmap is not None else None,
+            "views": [[t, torch.from_numpy(np.packbits(a))] for t, a in self.views.items()],
+            "labelmap": torch.from_numpy(_smallest(self.labelmap)) if self.labelmap is not None else None,
             "calibrations": [[t, asdict(c)] for t, c in self.calibrations.items()],
         }, Path(path))
 
@@ -134,9 +135,22 @@ class SeriesModel:
                    tuple(data["time_range"]), IntensityWindow(*data["window"]), data["prior_kind"],
                    deformation.to(device), ref_net, grid.image(data["reference"].cpu().numpy()),
                    {float(t): grid.image(a.cpu().numpy()) for t, a in data["follow_ups"]},
-                   {float(t): a.cpu().numpy() for t, a in data["views"]},
+                   {float(t): _view(a.cpu().numpy(), grid.shape) for t, a in data["views"]},
                    labelmap.cpu().numpy() if labelmap is not None else None,
                    {float(t): Calibration.from_dict(c) for t, c in data.get("calibrations", [])})
+
+
+def _smallest(labelmap: np.ndarray) -> np.ndarray:
+    """The labels as uint8 when they all are below 256 (one byte a voxel), else as int32 (torch has no uint16)."""
+    return labelmap.astype(np.uint8 if labelmap.max(initial=0) < 256 else np.int32, copy=False)
+
+
+def _view(stored: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """A field of view's mask [z, y, x] as model.pt stores it: bits (np.packbits), or one bool a voxel (files
+    written before)."""
+    if stored.dtype == np.bool_:
+        return stored
+    return np.unpackbits(stored, count=int(np.prod(shape))).reshape(shape).astype(bool)
 
 
 def _tensor_view(image: sitk.Image) -> torch.Tensor:
