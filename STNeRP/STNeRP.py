@@ -112,7 +112,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                      ui.segmentationSelector, ui.referenceLandmarksSelector)]
         settings += [(combo, "currentIndexChanged(int)")
                      for combo in (ui.followUpModeComboBox, ui.presetComboBox, ui.deviceComboBox, ui.priorComboBox,
-                                   ui.similarityComboBox, ui.labelInterpolationComboBox, ui.anchorReferenceComboBox,
+                                   ui.similarityComboBox, ui.intensityComboBox, ui.labelInterpolationComboBox,
+                                   ui.anchorReferenceComboBox,
                                    ui.stopOnConvergenceComboBox, ui.calibrateIntensitiesComboBox)]
         settings += [(ui.referenceTimeSpinBox, "valueChanged(double)"), (ui.iterationsSpinBox, "valueChanged(int)"),
                      (ui.velocityLevelsSpinBox, "valueChanged(int)"), (ui.prealignCheckBox, "toggled(bool)"),
@@ -136,6 +137,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                (self.ui.deviceComboBox, contract.DEVICES),
                                (self.ui.priorComboBox, parameters.PRIOR_CHOICES),
                                (self.ui.similarityComboBox, parameters.SIMILARITY_CHOICES),
+                               (self.ui.intensityComboBox, contract.INTENSITIES),
                                (self.ui.labelInterpolationComboBox, parameters.LABEL_INTERPOLATION_CHOICES),
                                (self.ui.anchorReferenceComboBox, parameters.SWITCH_CHOICES),
                                (self.ui.stopOnConvergenceComboBox, parameters.SWITCH_CHOICES),
@@ -222,6 +224,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.iterationsSpinBox.value = parameters.get_int(pn, "Iterations")
             ui.prealignCheckBox.checked = pn.GetParameter("Prealign") == "affine"
             self._setComboText(ui.similarityComboBox, pn.GetParameter("Similarity"))
+            self._setComboText(ui.intensityComboBox, pn.GetParameter("Intensity"))
             self._setComboText(ui.labelInterpolationComboBox, pn.GetParameter("LabelInterpolation"))
             ui.velocityLevelsSpinBox.value = parameters.get_int(pn, "VelocityLevels")
             self._setComboText(ui.anchorReferenceComboBox, pn.GetParameter("AnchorReference"))
@@ -263,6 +266,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pn.SetParameter("Iterations", str(int(ui.iterationsSpinBox.value)))
             pn.SetParameter("Prealign", "affine" if ui.prealignCheckBox.checked else "none")
             pn.SetParameter("Similarity", ui.similarityComboBox.currentText)
+            pn.SetParameter("Intensity", ui.intensityComboBox.currentText)
             pn.SetParameter("LabelInterpolation", ui.labelInterpolationComboBox.currentText)
             pn.SetParameter("VelocityLevels", str(int(ui.velocityLevelsSpinBox.value)))
             pn.SetParameter("AnchorReference", ui.anchorReferenceComboBox.currentText)

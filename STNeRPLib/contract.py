@@ -286,13 +286,15 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
                     ground_truth: Sequence[tuple[str, float]] = (), predict_times: Sequence[float] = (),
                     preset: str = DEFAULT_PRESET, iterations: int | None = None, device: str = "auto",
                     prior: str | None = None, prealign: str = "none", similarity: str | None = None,
+                    intensity: str = "auto",
                     label_interpolation: str | None = None, velocity_levels: int | str | None = None,
                     anchor_reference: bool | None = None, stop_on_convergence: bool | None = None,
                     structure_points: float | None = None, calibrate_intensities: bool | None = None,
                     resume: bool = False,
                     json_events: bool = True, stdin_cancel: bool = False) -> list[str]:
     """Arguments of `stnerp train` (after `python -m STNeRPLib`). Paths must be absolute: the
-    worker may run in another working directory. velocity_levels: a count or "auto". prior, similarity,
+    worker may run in another working directory. velocity_levels: a count or "auto"; intensity "auto" passes no
+    flag. prior, similarity,
     label_interpolation, velocity_levels, anchor_reference, stop_on_convergence, structure_points and
     calibrate_intensities None: the preset's own (no flag); structure_points needs a segmentation."""
     if not follow_ups:
@@ -304,6 +306,7 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
         _check_choice("prior", prior, PRIORS)
     if similarity is not None:
         _check_choice("similarity", similarity, SIMILARITIES)
+    _check_choice("intensity", intensity, INTENSITIES)
     if label_interpolation is not None:
         _check_choice("label_interpolation", label_interpolation, LABEL_INTERPOLATIONS)
     paths = [reference, output, segmentation, landmarks] + [p for p, _ in follow_ups] + [p for p, _ in ground_truth]
@@ -325,6 +328,8 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
         args += ["--prior", prior]
     if similarity is not None:
         args += ["--similarity", similarity]
+    if intensity != "auto":
+        args += ["--intensity", intensity]
     if label_interpolation is not None:
         args += ["--label-interpolation", label_interpolation]
     if velocity_levels is not None:

@@ -378,6 +378,7 @@ class STNeRPCoreLogic:
                 preset=settings.get("preset", contract.DEFAULT_PRESET), iterations=settings.get("iterations"),
                 device=settings.get("device", "auto"), prior=settings.get("prior"),
                 prealign=settings.get("prealign", "none"), similarity=settings.get("similarity"),
+                intensity=settings.get("intensity", "auto"),
                 label_interpolation=settings.get("label_interpolation"),
                 velocity_levels=settings.get("velocity_levels"),
                 anchor_reference=settings.get("anchor_reference"),

@@ -34,6 +34,7 @@ DEFAULTS = {
     "Prior": "preset",            # "preset": the preset's own prior, else one of contract.PRIORS
     "Prealign": "none",
     "Similarity": "preset",       # "preset": the preset's own loss, else one of contract.SIMILARITIES
+    "Intensity": "auto",          # intensity normalisation, one of contract.INTENSITIES (auto: by the scans' units)
     "LabelInterpolation": "preset",  # "preset": the preset's own, else one of contract.LABEL_INTERPOLATIONS
     "VelocityLevels": "0",        # 0 = the preset's number of velocity grids
     "AnchorReference": "preset",  # "on": the transform at the reference time is the identity; "off"; "preset"
@@ -196,6 +197,7 @@ def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
         "prior": _chosen(node, "Prior"),
         "prealign": node.GetParameter("Prealign") or "none",
         "similarity": _chosen(node, "Similarity"),
+        "intensity": node.GetParameter("Intensity") or "auto",
         "label_interpolation": _chosen(node, "LabelInterpolation"),
         "velocity_levels": get_int(node, "VelocityLevels", 0) or None,
         "anchor_reference": SWITCH_SETTINGS.get(node.GetParameter("AnchorReference")),

@@ -132,6 +132,24 @@ def test_panel_accuracy_options_reach_the_worker_only_when_chosen(series, tmp_pa
                     "--calibrate-intensities", "--no-calibrate-intensities"} & set(worker_args)
 
 
+@pytest.mark.parametrize("chosen, given", [(None, "auto"), ("auto", "auto"), ("percentile", "percentile"),
+                                           ("ct", "ct")])
+def test_panel_intensity_normalisation_reaches_the_worker_only_when_not_auto(series, tmp_path, monkeypatch, chosen,
+                                                                            given):
+    """The panel's Intensities choice (the worker's --intensity: auto, ct or percentile) goes from the parameter node
+    to the worker's command line; auto, the default, passes no flag."""
+    logic = adapter(monkeypatch, series, settings={"STNeRP/RunsFolder": str(tmp_path / "runs")},
+                    scene_path=str(tmp_path / "Documents"), temporary=str(tmp_path / "temp"))
+    pn = parameter_node(series)
+    if chosen is not None:
+        pn.SetParameter("Intensity", chosen)
+    job = logic.startTraining(pn, STANDIN_WORKER).wait(timeout=60)
+    assert job.state == "complete", job.message
+    worker_args = job.command[len(STANDIN_WORKER):]
+    assert contract.parse_arguments(worker_args).intensity == given
+    assert ("--intensity" in worker_args) == (given != "auto")
+
+
 @pytest.mark.parametrize("with_segmentation, chosen, given", [
     (True, "0.1", 0.1), (True, "0", 0.0),                  # a share, or uniform draws: both reach the worker
     (True, "preset", None), (True, "", None),              # the preset's (a scene saved before the parameter: "")
