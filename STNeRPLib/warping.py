@@ -260,7 +260,7 @@ def image_sources(model: SeriesModel, t: float) -> dict[float, float]:
     every series measured, docs/presets.md); none at a scanned time or where the nearest scan is the reference
     (the reference resampled through u_t)."""
     scanned = model.scanned_times
-    if t in scanned or scanned[0] < t < scanned[-1]:
+    if scanned[0] <= t <= scanned[-1]:
         return interpolation_weights(scanned, t)
     nearest = scanned[0] if t < scanned[0] else scanned[-1]
     return {} if nearest == model.reference_time else {model.reference_time: 0.5, nearest: 0.5}

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO
 
 import numpy as np
 import SimpleITK as sitk
@@ -40,11 +40,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.data import cbct_like  # noqa: E402
 from benchmarks.provenance import commit_label  # noqa: E402
 
-from STNeRPLib.contract import RUN_FILE, intensity_calibrations, read_run  # noqa: E402
+from STNeRPLib.contract import RUN_FILE, intensity_calibrations, read_run, train_arguments  # noqa: E402
 from STNeRPLib.phantom import breathing_series  # noqa: E402
 
-if TYPE_CHECKING:
-    from typing import IO
 
 FIELD_OF_VIEW_MM = (288.0, 288.0, 256.0)   # the default phantom's: 96 x 96 x 64 voxels of 3 x 3 x 4 mm
 SAMPLE_SECONDS = 0.1
@@ -148,15 +146,13 @@ def run_worker(files: dict, output: Path, iterations: int, threads: int, predict
     """Train on the series in a subprocess, predicting also at `predict_times` (unscanned times, each
     an output of its own: its scans carried through the inverse of their maps); the peak tree RSS and time
     per stage."""
+    absolute = {key: str(Path(files[key]).resolve()) for key in ("labelmap", "landmarks")}
+    images = [str(Path(image).resolve()) for image in files["images"]]
     times = files["times"]
-    command = [sys.executable, "-m", "STNeRPLib", "train", "--reference", files["images"][0],
-               "--reference-time", str(times[0]), "--output", str(output), "--iterations", str(iterations),
-               "--segmentation", files["labelmap"], "--landmarks", files["landmarks"], "--json-events",
-               "--threads", str(threads)]
-    if predict_times:
-        command += ["--predict-times", *map(str, predict_times)]
-    for image, t in zip(files["images"][1:], times[1:]):
-        command += ["--follow-up", image, str(t)]
+    command = [sys.executable, "-m", "STNeRPLib", *train_arguments(
+        images[0], times[0], list(zip(images[1:], times[1:])), str(output.resolve()),
+        segmentation=absolute["labelmap"], landmarks=absolute["landmarks"], predict_times=predict_times,
+        iterations=iterations), "--threads", str(threads)]
     stages = Stages()
     start = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
