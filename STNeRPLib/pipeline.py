@@ -127,11 +127,19 @@ class _Resampled(NamedTuple):
     """Follow-ups on the reference grid, by time: the scans there (a scan already on that grid is
     itself, in its own pixel type; others resampled), the masks of the voxels inside each scan's field
     of view (only for scans that do not cover the whole grid) and the 4x4 affine pre-alignments
-    (reference points -> time-t image points; only with --prealign affine)."""
+    (reference points -> time-t image points; only with --prealign affine); and the mask of the reference's
+    own field of view, without its padding (None: all of the grid)."""
 
     images: dict[float, sitk.Image]
     views: dict[float, np.ndarray]
     prealignments: dict[float, np.ndarray]
+    reference_view: np.ndarray | None = None
+
+    def fitted(self, t: float) -> np.ndarray | None:
+        """The voxels at which the fit compares the follow-up at time t (None: all): inside its field of view and
+        the reference's."""
+        view, reference = self.views.get(t), self.reference_view
+        return view if reference is None else reference if view is None else view & reference
 
 
 def _seeded(seed: int) -> torch.Generator:
@@ -167,6 +175,25 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
         if inside is not None:
             _check_overlap(inside, t, image, reference)
             resampled.views[t] = inside
+    return _without_reference_padding(reference, resampled, window, reporter)
+
+
+def _without_reference_padding(reference: sitk.Image, resampled: _Resampled, window: IntensityWindow,
+                               reporter: Reporter) -> _Resampled:
+    """`resampled` with the reference's own field of view: without its padding (find_padding with the roles
+    swapped, found against the first follow-up that holds something else there inside its own field of view), which
+    holds no anatomy for Def-Net to carry onto the follow-ups; said. The follow-ups' fields of view are left as they
+    saw."""
+    found = next(filter(None, (find_padding(reference, image, window, seen=resampled.views.get(t))
+                               for t, image in resampled.images.items())), None)
+    if found is None:
+        return resampled
+    value, where = found
+    resampled = resampled._replace(reference_view=~where)
+    for t, image in resampled.images.items():
+        _check_overlap(resampled.fitted(t), t, image, reference)
+    reporter.message(f"the reference: {np.mean(where):.0%} of its grid is padding ({value:g}) outside its field of "
+                     "view, left out of the fit")
     return resampled
 
 
@@ -181,7 +208,7 @@ def _calibrations(reference: sitk.Image, scans: _Resampled, window: IntensityWin
     if not preset.calibrate_intensities or (window.low, window.high) != CT_WINDOW:
         return {}
     flat_reference = flat_voxels(reference)
-    found = {t: intensity_calibration(reference, image, flat_reference, scans.views.get(t))
+    found = {t: intensity_calibration(reference, image, flat_reference, scans.fitted(t))
              for t, image in scans.images.items()}
     calibrations = {t: c for t, c in found.items()
                     if c is not None and c.change > CALIBRATION_TOLERANCE_HU and 0.5 <= c.scale <= 2.0}
@@ -198,8 +225,8 @@ def _targets(reference: sitk.Image, reference_time: float, scans: _Resampled, wi
              time_range: tuple[float, float], calibrations: dict[float, Calibration]) -> list[Target]:
     """What Def-Net fits: the reference first, then every follow-up, at normalised times (intensities
     calibrated and normalised by `window` where sampled)."""
-    return [Target(normalise_time(reference_time, time_range), reference, window)] + [
-        Target(normalise_time(t, time_range), image, window, scans.views.get(t), calibrations.get(t))
+    return [Target(normalise_time(reference_time, time_range), reference, window, scans.reference_view)] + [
+        Target(normalise_time(t, time_range), image, window, scans.fitted(t), calibrations.get(t))
         for t, image in scans.images.items()]
 
 

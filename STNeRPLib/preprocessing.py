@@ -151,14 +151,16 @@ PADDING_TOLERANCE = 0.05
 
 
 def find_padding(image: sitk.Image, reference: sitk.Image, window: IntensityWindow,
-                 transform: sitk.Transform | None = None) -> tuple[float, np.ndarray] | None:
+                 transform: sitk.Transform | None = None,
+                 seen: np.ndarray | None = None) -> tuple[float, np.ndarray] | None:
     """The padding of a scan outside its field of view, and where it lies on the reference's grid (bool [z, y, x]);
     None when it has none. A scan resampled onto another grid is filled with one value beyond its field of view
     (0 HU by default in 3D Slicer's resampling modules; a CBCT's corners beyond its reconstructed circle): the value
     most frequent on the faces of the scan's grid, in every x-row's runs of it from either end (a convex field of
     view: a cylinder, a box, fewer slices), is padding when those runs hold PADDING_SHARE of its voxels and the
-    reference holds something else at PADDING_EVIDENCE of them. `transform` maps reference points to the scan's
-    (None: the identity)."""
+    reference holds something else at PADDING_EVIDENCE of them, counting only the reference's voxels in `seen` (bool
+    [z, y, x]; None: all), its field of view when it is padded itself. `transform` maps reference points to the
+    scan's (None: the identity)."""
     array = sitk.GetArrayViewFromImage(image)
     faces = np.concatenate([array[[0, -1]].ravel(), array[:, [0, -1]].ravel(), array[:, :, [0, -1]].ravel()])
     values, counts = np.unique(faces, return_counts=True)
@@ -168,7 +170,7 @@ def find_padding(image: sitk.Image, reference: sitk.Image, window: IntensityWind
         return None
     where = runs if transform is None and Grid.of(image) == Grid.of(reference) else \
         inside_field_of_view(image, reference, transform, runs)
-    there = window.normalise(sitk.GetArrayViewFromImage(reference)[where])
+    there = window.normalise(sitk.GetArrayViewFromImage(reference)[where if seen is None else where & seen])
     differs = np.abs(there - window.normalise(np.array([value], np.float32))) > PADDING_TOLERANCE
     if np.count_nonzero(differs) < PADDING_EVIDENCE * max(len(there), 1):
         return None

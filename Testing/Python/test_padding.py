@@ -1,7 +1,8 @@
 """A follow-up padded outside its field of view (a CBCT or a cropped scan resampled onto the reference's grid, filled
 with 0 HU as 3D Slicer's resampling modules fill by default, or with -1000) is fitted only where it holds anatomy: its
 padding is found from the grid's edges inward and left out, as the voxels beyond a scan's own grid are. A scan's own
-background (air the reference holds too, a phantom's exact -1000) is not padding."""
+background (air the reference holds too, a phantom's exact -1000) is not padding. A reference padded where the
+follow-ups hold anatomy has its padding found against them and left out of the fit the same way."""
 from __future__ import annotations
 
 import json
@@ -111,3 +112,61 @@ def test_follow_ups_padded_with_0_hu_on_the_reference_grid_register_as_well_as_u
         assert folded == 0 and tre <= unpadded + 0.1
     page = (tmp_path / "padded" / "report" / "index.html").read_text()      # the reader of the report sees it
     assert "field of view (of the grid)" in page and f"<td>{inside:.0%}</td>" in page
+
+
+@pytest.mark.parametrize("value", [0.0, -1000.0])
+def test_padding_of_the_reference_is_found_against_a_follow_up_that_holds_anatomy_there(noisy, value):
+    """The roles swapped: the reference padded outside its circle, a follow-up holding the body there."""
+    reference, follow_up = padded(noisy.images[0], value), noisy.images[2]
+    found = find_padding(reference, follow_up, WINDOW)
+    assert found is not None and found[0] == value
+    assert np.array_equal(found[1], ~cylinder(reference))
+
+
+def test_a_follow_ups_padding_is_no_evidence_that_the_references_own_air_is_padding():
+    """A noise-free reference's air is exactly -1000 from the grid's edges inward; a follow-up padded with 0 HU
+    differs from it there, but only in its padding: inside its field of view (`seen`) it holds the same air."""
+    series = breathing_series(size=(48, 48, 32), spacing=(6.0, 6.0, 7.5), n_phases=3, noise_hu=0)
+    reference, follow_up = series.images[0], padded(series.images[2], 0.0)
+    assert find_padding(reference, follow_up, WINDOW) is not None       # the follow-up's padding counted: air taken
+    assert find_padding(reference, follow_up, WINDOW, seen=cylinder(reference)) is None
+
+
+def test_a_noise_free_reference_beside_padded_follow_ups_keeps_its_air_in_the_fit(tmp_path):
+    """The pipeline counts only what each follow-up saw as evidence: the reference's exact air stays in the fit."""
+    series = breathing_series(size=(48, 48, 32), spacing=(6.0, 6.0, 7.5), n_phases=3, noise_hu=0)
+    sitk.WriteImage(series.images[0], str(tmp_path / "reference.nrrd"))
+    follow_ups = []
+    for t, image in zip(series.times[1:], series.images[1:]):
+        sitk.WriteImage(padded(image, 0.0), str(tmp_path / f"{t:g}.nrrd"))
+        follow_ups += ["--follow-up", tmp_path / f"{t:g}.nrrd", t]
+    result = stnerp("train", "--reference", tmp_path / "reference.nrrd", *follow_ups, "--output", tmp_path / "run",
+                    "--iterations", "5", "--prior", "image", "--no-report")
+    assert result.returncode == 0, result.stderr
+    assert "padding (0) outside the scan's field of view" in result.stderr
+    assert "the reference:" not in result.stderr
+
+
+def test_a_reference_padded_with_0_hu_registers_its_follow_ups_as_well_as_unpadded(noisy, tmp_path):
+    """A reference padded outside its field of view (a scan resampled onto a larger grid in 3D Slicer, 0 HU beyond
+    it) against follow-ups that hold the body there: its padding was deformed as anatomy. It is found against the
+    follow-ups and left out of the fit as theirs is."""
+    landmarks = inside_landmarks(noisy, tmp_path, noisy.times[1:])
+    follow_ups = []
+    for t, image in zip(noisy.times[1:], noisy.images[1:]):
+        sitk.WriteImage(image, str(tmp_path / f"{t:g}.nrrd"))
+        follow_ups += ["--follow-up", tmp_path / f"{t:g}.nrrd", t]
+    scored, said = {}, {}
+    for name, fill in (("as scanned", None), ("padded", 0.0)):
+        reference = tmp_path / f"reference_{name}.nrrd"
+        sitk.WriteImage(noisy.images[0] if fill is None else padded(noisy.images[0], fill), str(reference))
+        output = tmp_path / name
+        result = stnerp("train", "--reference", reference, *follow_ups, "--output", output, "--iterations", "200",
+                        "--prior", "image", "--landmarks", landmarks, "--no-report")
+        assert result.returncode == 0, result.stderr
+        said[name] = "the reference: 50% of its grid is padding (0) outside its field of view" in result.stderr
+        points = json.loads((output / "run.json").read_text())["time_points"]
+        scored[name] = [(p["metrics"]["tre_mean"], p["metrics"]["folded_voxels"]) for p in points[1:]]
+    for (unpadded, _), (tre, folded) in zip(scored["as scanned"], scored["padded"]):
+        assert folded == 0 and tre <= unpadded + 0.1, scored
+    assert said == {"as scanned": False, "padded": True}
