@@ -365,10 +365,14 @@ ABSENT = object()
 def _not_resumable(folder: Path, part: str, key: str, then: object, now: object) -> str:
     """One line on why the run in `folder` cannot be resumed with these arguments: the input file that
     changed, or the argument (or preset setting) that differs, its value then and now, and the way out."""
-    if key == "sha256":
+    if key == "sha256" and isinstance(then, dict) and isinstance(now, dict):
         changed = next(path for path in sorted(set(then) | set(now)) if then.get(path) != now.get(path))
         return (f"--resume cannot continue the run in {folder}: input file {changed} changed since the run "
                 "started; restore it, or train again in a new folder")
+    if key == "sha256" and then is ABSENT:
+        return (f"--resume cannot continue the run in {folder}: its run.json holds no checksums of its input files "
+                "(started by an older STNeRP, or edited), so they cannot be told unchanged; train again in a new "
+                "folder")
     if isinstance(then, dict) and isinstance(now, dict):
         names = [name for name in sorted(set(then) | set(now)) if then.get(name, ABSENT) != now.get(name, ABSENT)]
         shown = "; ".join(f"{name} {_shown(then.get(name, ABSENT))} then, {_shown(now.get(name, ABSENT))} now"

@@ -625,6 +625,15 @@ def test_resume_after_an_input_file_changed_names_the_file(phantom, uninterrupte
     assert_one_line_error(result, f"input file {changed} changed since the run started", "new folder")
 
 
+def test_resume_of_a_run_recorded_without_input_checksums_is_refused_in_one_line(phantom, uninterrupted, tmp_path):
+    """A run.json without the inputs' sha256 (written before they were recorded, or edited by hand) was a TypeError
+    traceback."""
+    _, files = phantom
+    output = _interrupted_copy(uninterrupted, tmp_path / "unsummed", lambda data: data["inputs"].pop("sha256"))
+    result = stnerp(*train_args(files, output), *RESUMABLE, "--resume")
+    assert_one_line_error(result, "holds no checksums of its input files", "new folder")
+
+
 def test_failed_write_ends_failed_in_one_line_and_resume_completes_it(phantom, uninterrupted, tmp_path):
     """A full disk, as a file-size limit: the checkpoint cannot be written (EFBIG)."""
     import resource
