@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import qt
 import slicer
@@ -122,9 +122,10 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                      (ui.predictTimesLineEdit, "editingFinished()"),
                      (ui.segmentsListWidget, "itemChanged(QListWidgetItem*)"),
                      (ui.followUpTable, "cellChanged(int,int)")]
-        actions = [(ui.segmentationSelector, "currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged),
-                   (ui.runsFolderButton, "directoryChanged(QString)", self.onRunsFolderChanged),
-                   (ui.timeSlider, "valueChanged(double)", self.onTimeSliderChanged)]
+        actions: list[tuple[qt.QObject, str, Callable[..., None]]] = [
+            (ui.segmentationSelector, "currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged),
+            (ui.runsFolderButton, "directoryChanged(QString)", self.onRunsFolderChanged),
+            (ui.timeSlider, "valueChanged(double)", self.onTimeSliderChanged)]
         actions += [(button, "clicked(bool)", slot) for button, slot in (
             (ui.addFollowUpButton, self.onAddFollowUp), (ui.removeFollowUpButton, self.onRemoveFollowUp),
             (ui.applyButton, self.onApplyButton), (ui.resumeButton, self.onResumeButton),
@@ -181,7 +182,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         """Observe the module's parameter node (created with defaults if missing); with no reference volume set,
         choose the scene's first scalar volume."""
-        self.setParameterNode(self.logic.getParameterNode())
+        self.setParameterNode(cast("STNeRPLogic", self.logic).getParameterNode())
         pn = self._parameterNode
         if pn is not None and pn.GetNodeReference(parameters.REFERENCE_VOLUME) is None:
             reference = panel.default_reference(slicer.mrmlScene)
@@ -302,7 +303,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         button = self.ui.runsFolderButton
         button.blockSignals(True)
         try:
-            button.directory = self.logic.runsFolder()
+            button.directory = cast("STNeRPLogic", self.logic).runsFolder()
             button.toolTip = f"Runs are written to {button.directory}"
         except panel.PanelError as error:
             button.toolTip = str(error)
@@ -360,7 +361,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _defaultFollowUpSelection(self, rows: list[parameters.FollowUp]) -> None:
         """Offer a volume that is neither the reference nor already a follow-up."""
-        reference = self._parameterNode.GetNodeReference(parameters.REFERENCE_VOLUME)
+        pn = cast("slicer.vtkMRMLScriptedModuleNode", self._parameterNode)
+        reference = pn.GetNodeReference(parameters.REFERENCE_VOLUME)
         current = self.ui.followUpVolumeSelector.currentNode()
         if current is None or current is reference or any(current is row.volume for row in rows):
             candidate = panel.default_follow_up(slicer.mrmlScene, reference, [row.volume for row in rows])
@@ -457,7 +459,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                             and panel.report_page(pn.GetParameter("LastRunDirectory")) is not None)
 
     def _updateRunSection(self) -> None:
-        pn = self._parameterNode
+        pn = cast("slicer.vtkMRMLScriptedModuleNode", self._parameterNode)
         self.ui.runDirectoryLabel.text = pn.GetParameter("LastRunDirectory") or "(none yet)"
         times = parameters.get_json(pn, "LastTimes") or []
         if times:
@@ -478,13 +480,13 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateParameterNodeFromGUI()
             if not self.ensureTorch():
                 return
-            overlap = self.logic.segmentOverlapWarning(self._parameterNode)
+            overlap = cast("STNeRPLogic", self.logic).segmentOverlapWarning(self._parameterNode)
             if overlap and not slicer.util.confirmOkCancelDisplay(overlap, windowTitle="STNeRP: overlapping segments"):
                 return
             self.ui.logTextEdit.clear()
             if overlap:
                 self.ui.logTextEdit.appendPlainText(overlap)
-            self._job = self.logic.startTraining(self._parameterNode)
+            self._job = cast("STNeRPLogic", self.logic).startTraining(self._parameterNode)
             self._showStart(self._job)
 
     def onResumeButton(self) -> None:
@@ -494,7 +496,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.ensureTorch():
                 return
             self.ui.logTextEdit.clear()
-            self._job = self.logic.startTraining(self._parameterNode, resume=True)
+            self._job = cast("STNeRPLogic", self.logic).startTraining(self._parameterNode, resume=True)
             self._showStart(self._job)
 
     def onTimeSliderChanged(self, value: float) -> None:
@@ -506,7 +508,8 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onOpenReport(self) -> None:
         """Open report button: open the last run's report page (index.html) with the desktop's default application."""
-        page = panel.report_page(self._parameterNode.GetParameter("LastRunDirectory"))
+        pn = cast("slicer.vtkMRMLScriptedModuleNode", self._parameterNode)
+        page = panel.report_page(pn.GetParameter("LastRunDirectory"))
         if page is not None:
             qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(page))
 
@@ -514,10 +517,10 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Predict button: show the last run's prediction at the time slider's time, computed by the worker in
         the background (or imported from disk when that time was predicted before); starts polling."""
         with slicer.util.tryWithErrorDisplay("Failed to start the prediction.", waitCursor=True):
-            if (self._predictions is None
-                    or self._predictions.run_dir != self._parameterNode.GetParameter("LastRunDirectory")):
+            pn = cast("slicer.vtkMRMLScriptedModuleNode", self._parameterNode)
+            if self._predictions is None or self._predictions.run_dir != pn.GetParameter("LastRunDirectory"):
                 self._closePredictions()
-                self._predictions = self.logic.timeSliderPredictions(self._parameterNode)
+                self._predictions = cast("STNeRPLogic", self.logic).timeSliderPredictions(pn)
             self._predictions.request(float(self.ui.timeSlider.value))
             self.timer.start()
 
@@ -569,7 +572,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is not None:
             parameters.record_training(self._parameterNode, job)
         if job.state == "complete":
-            self.logic.showResult(job.result)
+            cast("STNeRPLogic", self.logic).showResult(job.result)
         elif job.state == "failed":
             slicer.util.errorDisplay(f"STNeRP failed: {job.message}", detailedText="\n".join(job.log_lines[-200:]))
         self._updateButtons()
@@ -629,7 +632,8 @@ class STNeRPLogic(ScriptedLoadableModuleLogic):
         """Train on the parameter node's inputs; resume: continue its unfinished run instead."""
         inputs = parameters.job_inputs(pn)
         inputs.validate()
-        pn.SetNodeReferenceID(parameters.LAST_REFERENCE_VOLUME, inputs.reference_volume.GetID())
+        reference = cast("slicer.vtkMRMLScalarVolumeNode", inputs.reference_volume)
+        pn.SetNodeReferenceID(parameters.LAST_REFERENCE_VOLUME, reference.GetID())
         core = self.core()
         if workerCommand:
             core.worker_command = list(workerCommand)
@@ -726,7 +730,7 @@ class STNeRPTest(ScriptedLoadableModuleTest):
     def _parameterNode(self, logic: STNeRPLogic, series: PhantomSeries,
                        volumes: list[slicer.vtkMRMLScalarVolumeNode], segmentation: slicer.vtkMRMLSegmentationNode,
                        iterations: int) -> slicer.vtkMRMLScriptedModuleNode:
-        pn = logic.getParameterNode()
+        pn = cast("slicer.vtkMRMLScriptedModuleNode", logic.getParameterNode())
         pn.SetNodeReferenceID(parameters.REFERENCE_VOLUME, volumes[0].GetID())
         pn.SetParameter("ReferenceTime", repr(float(series.times[0])))
         parameters.set_follow_ups(pn, [parameters.FollowUp(v, float(t)) for v, t in zip(volumes[1:], series.times[1:])])
@@ -740,16 +744,17 @@ class STNeRPTest(ScriptedLoadableModuleTest):
         self.assertEqual(job.state, "complete", job.message)
         names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
                  for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
-        times = sorted(job.result.time_points)
+        result = cast("run_import.ImportedRun", job.result)
+        times = sorted(result.time_points)
         self.assertTrue({float(t) for t in series.times} <= set(times))
         for t in times:
-            entry = job.result.time_points[t]
+            entry = result.time_points[t]
             self.assertTrue(entry["transform"].IsA("vtkMRMLGridTransformNode"))
             segments = entry["segmentation"].GetSegmentation()
             self.assertEqual([segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())],
                              names)
             self.assertAlmostEqual(entry["jacobian"].GetDisplayNode().GetLevel(), 1.0)
-        self.assertEqual(job.result.sequences["transform"].GetNumberOfDataNodes(), len(times))
+        self.assertEqual(result.sequences["transform"].GetNumberOfDataNodes(), len(times))
 
     def test_STNeRP_sceneSide(self) -> None:
         """With the stand-in worker, a training loads per time point a grid transform, the same segments and a

@@ -12,6 +12,8 @@ class WeightAverage(nn.Module):
     The mean and its count are buffers, so a checkpoint holding this module resumes the mean exactly
     (training.fit_deformation saves it beside the network)."""
 
+    count: torch.Tensor
+
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self._sources = list(module.parameters())   # a plain list: the module's own, not registered here
@@ -31,7 +33,7 @@ class WeightAverage(nn.Module):
             for parameter, mean in self._pairs():
                 mean.lerp_(parameter, weight)
 
-    def apply(self) -> None:
+    def load_into_module(self) -> None:
         """Set the module's weights to the mean (nothing when no iteration was added)."""
         if int(self.count) == 0:
             return

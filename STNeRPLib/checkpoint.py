@@ -14,7 +14,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -24,6 +24,8 @@ from .errors import InputError
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from types import FrameType
+
+    from typing_extensions import Buffer
 
     from .schedule import DecaySchedule
 
@@ -121,7 +123,7 @@ def save_atomically(state: dict, path: Path) -> None:
         with open(temporary, "wb") as handle:
             writer = _KeepsWriteError(handle)
             try:
-                torch.save(state, writer)
+                torch.save(state, cast("IO[bytes]", writer))
             except RuntimeError:         # torch reports a failed write as a RuntimeError
                 if writer.error is None:
                     raise
@@ -143,7 +145,7 @@ class _KeepsWriteError(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data: bytes | bytearray | memoryview) -> int:
+    def write(self, data: Buffer) -> int:
         try:
             return self.handle.write(data)
         except OSError as error:

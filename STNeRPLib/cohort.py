@@ -196,6 +196,8 @@ class PatientEvents(Reporter):
     """The JSON events of train, each with a "patient" key, handed to `send` (stdout, or the
     Dask client through the scheduler); the last error is kept for the summary."""
 
+    last_error: str | None
+
     def __init__(self, patient: str, send: Callable[[dict], None]) -> None:
         super().__init__(json_events=True)
         self.patient, self.send, self.last_error = patient, send, None

@@ -198,7 +198,7 @@ def intensity_calibrations(record: dict) -> dict[float, dict]:
     return {float(t): calibration for t, calibration in pairs}
 
 
-def numbering(calibration: dict | None, scanned: bool) -> str:
+def numbering(calibration: dict | None, scanned: bool | None) -> str:
     """How a time point's CT numbers were fitted, as the report's and the panel's tables say it (HU): "0.867 × the
     reference's +8, a bias of -0 to +61 (calibrated: 172 off)" for a calibrated follow-up, "as scanned" for
     another scan, "" where no scan was taken."""
@@ -314,9 +314,9 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
     args = ["train", "--reference", reference, f"--reference-time={_number(reference_time)}"]
     for path, t in follow_ups:
         args += ["--follow-up", path, _number(t)]
-    for flag, path in (("--segmentation", segmentation), ("--landmarks", landmarks)):
-        if path:
-            args += [flag, path]
+    for flag, optional_path in (("--segmentation", segmentation), ("--landmarks", landmarks)):
+        if optional_path:
+            args += [flag, optional_path]
     for path, t in ground_truth:
         args += ["--ground-truth", path, _number(t)]
     if predict_times:
@@ -556,7 +556,7 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def _command(subcommands: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+def _command(subcommands: argparse._SubParsersAction[_Parser], name: str,
              text: str) -> argparse.ArgumentParser:
     command = subcommands.add_parser(name, help=text, description=text)
     command.set_defaults(command=name)

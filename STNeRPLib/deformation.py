@@ -6,6 +6,7 @@ a point c at time t to its matching reference point c + u(c, t) (paper eq. 4).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,10 @@ class Deformation(nn.Module):
     the evidence of each adaptive decision, made on the losses its trial summed (add_trial_losses).
     All three are saved with the state, so a fit resumed inside a trial decides as one not stopped.
     """
+
+    levels_kept: torch.Tensor
+    level_ratios: torch.Tensor
+    trial_losses: torch.Tensor
 
     def __init__(self, preset: Preset, velocity_shape: tuple[int, int, int],
                  pairwise_times: list[float] | None, generator: torch.Generator, anchor: float | None = None) -> None:
@@ -74,7 +79,7 @@ class Deformation(nn.Module):
     def displacement_shape(self) -> tuple[int, int, int]:
         """The grid (D, H, W) of `displacement`: the velocity grid, refined (preset.displacement_spacing)."""
         factor = self.factors[self.kept - 1]
-        return tuple(factor * (n - 1) + 1 for n in self.velocity_shape)
+        return cast("tuple[int, int, int]", tuple(factor * (n - 1) + 1 for n in self.velocity_shape))
 
     @property
     def trial_ratios(self) -> list[float | None]:
@@ -117,16 +122,16 @@ class Deformation(nn.Module):
         velocity = self._level(self.nets, 0, times, chunk)
         for level in range(1, levels):
             coarse = F.interpolate(velocity, size=self.shapes[level], mode="trilinear", align_corners=True)
-            velocity = coarse + self._level(self.finer[level - 1], level, times, chunk)
+            velocity = coarse + self._level(cast(nn.ModuleList, self.finer[level - 1]), level, times, chunk)
         return velocity
 
     def _level(self, nets: nn.ModuleList, level: int, times: list[float], chunk: int | None) -> torch.Tensor:
         """One level's velocity [len(times), 3, *shapes[level]] (minus its value at the anchor)."""
         if self.pairwise_times is not None:
-            return torch.cat([self._evaluate(nets[self._net_index(t)], level, [t], chunk) for t in times])
+            return torch.cat([self._evaluate(cast(DefNet, nets[self._net_index(t)]), level, [t], chunk) for t in times])
         if self.anchor is None:
-            return self._evaluate(nets[0], level, times, chunk)
-        v = self._evaluate(nets[0], level, list(times) + [self.anchor], chunk)
+            return self._evaluate(cast(DefNet, nets[0]), level, times, chunk)
+        v = self._evaluate(cast(DefNet, nets[0]), level, list(times) + [self.anchor], chunk)
         return v[:-1] - v[-1:]
 
     def _evaluate(self, net: DefNet, level: int, times: list[float], chunk: int | None) -> torch.Tensor:
@@ -167,5 +172,5 @@ def _residual_net(preset: Preset, level: int, temporal: bool, generator: torch.G
     net = DefNet(preset.level_width, preset.def_depth, preset.def_fourier_width, preset.level_sigma * 2 ** (level - 1),
                  preset.def_time_sigma, preset.def_omega, temporal=temporal, generator=generator)
     with torch.no_grad():
-        net.mlp[-1].weight.zero_()
+        cast(nn.Linear, net.mlp[-1]).weight.zero_()
     return net

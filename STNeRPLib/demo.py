@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -29,7 +30,7 @@ DEMO_SIZE, DEMO_SPACING = (96, 96, 64), (3.0, 3.0, 4.0)
 def demo_series(longitudinal: bool, size: tuple[int, int, int]) -> tuple[PhantomSeries, int]:
     """The phantom series on `size` voxels spanning the whole thorax, and the index of the time
     point held out of training."""
-    spacing = tuple(s * n / m for s, n, m in zip(DEMO_SPACING, DEMO_SIZE, size))
+    spacing = cast("tuple[float, float, float]", tuple(s * n / m for s, n, m in zip(DEMO_SPACING, DEMO_SIZE, size)))
     if longitudinal:
         return longitudinal_series(size=size, spacing=spacing), 2
     return breathing_series(size=size, spacing=spacing), 3

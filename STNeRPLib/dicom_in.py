@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -202,7 +202,7 @@ def require_drawn_on(path: str | Path, image: str | Path | None, what: str) -> N
     labelmap, an image file of another format or none, or a structure file that names no series."""
     structures = structure_file(path)
     found = series_files(image, "image") if structures is not None and image is not None else None
-    if found is None:
+    if structures is None or found is None:
         return
     referenced = [*structures.get("ReferencedSeriesSequence", []),                          # a SEG's
                   *(series for frame in structures.get("ReferencedFrameOfReferenceSequence", [])    # an RTSTRUCT's
@@ -242,7 +242,7 @@ def labels_by_name(truth: str | Path, segmentation: str | Path | None) -> dict[s
                          "so give the segmentation as the RTSTRUCT, SEG or .seg.nrrd drawn on the reference, or the "
                          "ground truth as a labelmap numbered as the segmentation")
     shared = {name_key(name) for name in planned.values()} & {name_key(name) for name in drawn.values()}
-    for path, names in ((segmentation, planned), (truth, drawn)):
+    for path, names in ((cast("str | Path", segmentation), planned), (truth, drawn)):
         _require_one_roi_per_name(path, names, shared)
     return {name_key(name): number for number, name in planned.items()}
 
@@ -263,7 +263,8 @@ def say_unscored(truth: str | Path, segmentation: str | Path | None, t: float, s
     labels = labels_by_name(truth, segmentation)
     if labels is None:
         return
-    left_out = [name for name in named_structures(truth).values() if name_key(name) not in labels]
+    left_out = [name for name in cast(dict[int, str], named_structures(truth)).values()
+                if name_key(name) not in labels]
     if left_out:
         say(f"ground truth at time {t:g}: {', '.join(left_out)} not scored (the segmentation has no ROI of that "
             "name)")

@@ -17,7 +17,7 @@ colours) and typed as a structure set's ROIs (RT ROI Interpreted Type): dicom_in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -46,7 +46,8 @@ def check_dicom_inputs(reference: str, follow_ups: list[tuple[str, float]]) -> N
     if not_dicom:
         raise InputError(f"--dicom-out needs DICOM series folders as inputs, but {not_dicom[0]} is not a "
                          "DICOM series: give each image as its DICOM series folder, or drop --dicom-out")
-    multi_frame = [p for p, (_, files) in zip(images, series) if len(files) == 1]
+    multi_frame = [p for p, (_, files) in zip(images, cast("list[tuple[str, tuple[str, ...]]]", series))
+                   if len(files) == 1]
     if multi_frame:
         raise InputError(f"--dicom-out writes contours on series of one file per slice, but {multi_frame[0]} is one "
                          "multi-frame file (Enhanced CT or MR): drop --dicom-out, or give the series as single "
@@ -138,7 +139,7 @@ def read_series(source: Path) -> list:
     import pydicom
     from pydicomrt.utils import sort_image_series
 
-    _, files = series_files(source, "image")
+    _, files = cast("tuple[str, tuple[str, ...]]", series_files(source, "image"))
     series = sort_image_series([pydicom.dcmread(f, stop_before_pixels=True) for f in files])
     for ds in series:                       # type 2 (present, may be empty); pydicomrt copies them
         for keyword in TYPE_2:

@@ -14,6 +14,8 @@ class FourierFeatures(nn.Module):
     `sigma` is one value for every coordinate, or one per coordinate.
     """
 
+    B: torch.Tensor
+
     def __init__(self, in_features: int, width: int, sigma: float | tuple[float, ...],
                  generator: torch.Generator) -> None:
         super().__init__()

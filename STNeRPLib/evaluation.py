@@ -47,10 +47,10 @@ def evaluate_run(run: Path, images: list[tuple[str, float]], ground_truth: list[
         check_landmarks_inside(points, Grid.of(field), f"landmark at time {t:g}", f"the run's time-{t:g} grid")
         parts[t].update(field=field, landmarks=(points, reference_points))
     rows = [_row(t, given) for t, given in parts.items() if given]
-    path = _new_evaluation_path(run)
-    write_json({"run": str(run), "rows": rows}, path)
+    written = _new_evaluation_path(run)
+    write_json({"run": str(run), "rows": rows}, written)
     reporter.message(format_table(rows))
-    reporter.message(f"evaluation written to {path}")
+    reporter.message(f"evaluation written to {written}")
     return rows
 
 

@@ -8,6 +8,7 @@ on the grid, whose (x, y, z) order matches the last axis of torch.grid_sample gr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,7 +32,7 @@ class Grid:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Numpy array shape (z, y, x)."""
-        return tuple(reversed(self.size))
+        return cast("tuple[int, int, int]", tuple(reversed(self.size)))
 
     @property
     def index_to_mm(self) -> np.ndarray:
@@ -71,8 +72,8 @@ class Grid:
     def slab(self, z_start: int, z_stop: int) -> "Grid":
         """The grid of slices z_start..z_stop of this one (same points, same spacing and direction)."""
         origin = self.to_physical(np.array([[0.0, 0.0, float(z_start)]]))[0]
-        return Grid((self.size[0], self.size[1], z_stop - z_start), self.spacing, tuple(float(v) for v in origin),
-                    self.direction)
+        return Grid((self.size[0], self.size[1], z_stop - z_start), self.spacing,
+                    cast("tuple[float, float, float]", tuple(float(v) for v in origin)), self.direction)
 
     def image(self, array: np.ndarray, vector: bool = False) -> sitk.Image:
         """A SimpleITK image on this grid from a [z, y, x] (or [z, y, x, c] with vector=True) array."""
@@ -100,7 +101,7 @@ class Grid:
         whole = np.rint(index)
         if np.abs(index - whole).max() > tolerance:
             return None
-        return tuple(int(v) for v in whole)
+        return cast("tuple[int, int, int]", tuple(int(v) for v in whole))
 
     def to_dict(self) -> dict:
         """The grid as plain lists (size, spacing, origin, direction), as the model file stores it; from_dict reads it
@@ -111,5 +112,5 @@ class Grid:
     @classmethod
     def from_dict(cls, data: dict) -> "Grid":
         """The grid of a to_dict dictionary (the model file's)."""
-        return cls(tuple(int(v) for v in data["size"]), tuple(data["spacing"]),
+        return cls(cast("tuple[int, int, int]", tuple(int(v) for v in data["size"])), tuple(data["spacing"]),
                    tuple(data["origin"]), tuple(data["direction"]))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 
-def identity_grid(shape: tuple[int, int, int], device: torch.device | None = None,
+def identity_grid(shape: tuple[int, ...], device: torch.device | None = None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Coordinates [1, D, H, W, 3] (x, y, z) of the grid points of a (D, H, W) grid, in [-1, 1]."""
     axes = [torch.linspace(-1, 1, n, device=device, dtype=dtype) for n in shape]

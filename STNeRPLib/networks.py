@@ -8,7 +8,7 @@ scanned range.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ class ScaledSine(torch.autograd.Function):
     def forward(ctx: FunctionCtx, z: torch.Tensor, omega: float) -> torch.Tensor:
         """sin(omega z), keeping z and omega for the backward pass."""
         ctx.save_for_backward(z)
-        ctx.omega = omega
+        ctx.omega = omega  # type: ignore[attr-defined]  # torch's ctx carries saved values
         if not _numpy_can_take(z):
             return torch.sin(omega * z)
         out = np.multiply(z.detach().numpy(), omega)
@@ -59,8 +59,8 @@ class ScaledSine(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         """The gradient with respect to z, grad * omega cos(omega z); none for omega."""
-        z, = ctx.saved_tensors
-        omega = ctx.omega
+        z, = ctx.saved_tensors  # type: ignore[attr-defined]  # torch's backward ctx has saved_tensors
+        omega = ctx.omega  # type: ignore[attr-defined]  # torch's ctx carries saved values
         if not _numpy_can_take(z):
             return grad * omega * torch.cos(omega * z), None
         out = np.multiply(z.numpy(), omega)
@@ -129,7 +129,7 @@ class DefNet(nn.Module):
         the first layer as one weight matrix per time. The same network as the encoding of (c, t)
         row by row, without its cosines and sines for every (point, time) pair.
         """
-        first, rest = self.mlp[0], self.mlp[1:]
+        first, rest = cast(SineLayer, self.mlp[0]), self.mlp[1:]
         weights = self._first_weights(times)                                       # [T, 2F, width]
         chunk = chunk or len(c)
         velocities = []
@@ -142,7 +142,7 @@ class DefNet(nn.Module):
     def _first_weights(self, times: torch.Tensor) -> torch.Tensor:
         """The first layer's weights [T, 2F, width] on the spatial features [cos s, sin s], with the
         phase a = 2 pi B_t t of each time folded in (a = 0 when not temporal)."""
-        weight = self.mlp[0].linear.weight                                         # [width, 2F]
+        weight = cast(SineLayer, self.mlp[0]).linear.weight                        # [width, 2F]
         cosine, sine = weight.chunk(2, dim=1)                                      # on cos, on sin
         if self.temporal:
             phase = (2 * math.pi) * times[:, None] * self.encoding.B[:, 3]         # [T, F]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -32,6 +32,14 @@ class TimePoint:
     prealignment: np.ndarray | None = None
 
 
+class _Files(TypedDict):
+    displacement: str
+    jacobian: str
+    image: str
+    inverse_displacement: str
+    labelmap: str | None
+
+
 @dataclass
 class Written:
     """What write_time_point wrote: the run.json entry, and the labelmap still in memory (the short-range
@@ -50,15 +58,15 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
     of the model's labelmap) that no voxel of the propagated labelmap holds; for a scan that covers part of the
     reference grid (its own grid smaller, or padded: find_padding), field_of_view is the share it covers."""
     name = time_point_folder(point.time)
-    files = {"displacement": f"{name}/displacement.nrrd", "jacobian": f"{name}/jacobian.nrrd",
-             "image": f"{name}/image.nrrd", "inverse_displacement": f"{name}/inverse_displacement.nrrd",
-             "labelmap": f"{name}/labelmap.nrrd" if model.labelmap is not None else None}
+    files: _Files = {"displacement": f"{name}/displacement.nrrd", "jacobian": f"{name}/jacobian.nrrd",
+                     "image": f"{name}/image.nrrd", "inverse_displacement": f"{name}/inverse_displacement.nrrd",
+                     "labelmap": f"{name}/labelmap.nrrd" if model.labelmap is not None else None}
     inverse = model.grid.image(inverse_displacement(model, point.time, point.prealignment), vector=True)
     write_image(inverse, folder / files["inverse_displacement"])
     del inverse
     warped = warp(model, point.time, point.grid, point.prealignment)
     field_image = point.grid.image(warped.displacement, vector=True)      # float32: as computed
-    warped.displacement = None                                           # the image holds it now
+    del warped.displacement                                              # the image holds it now
     write_image(field_image, folder / files["displacement"])
     jacobian = jacobian_determinant(field_image)
     write_image(jacobian, folder / files["jacobian"])
@@ -66,7 +74,8 @@ def write_time_point(model: SeriesModel, point: TimePoint, folder: Path, series:
     del jacobian
     write_image(point.grid.image(warped.image), folder / files["image"])
     if warped.labelmap is not None:
-        write_image(point.grid.image(warped.labelmap.astype(np.uint16, copy=False)), folder / files["labelmap"])
+        write_image(point.grid.image(warped.labelmap.astype(np.uint16, copy=False)),
+                    folder / cast(str, files["labelmap"]))
     metrics = {**time_point_metrics(model, point, warped, field_image, series), **folding}
     entry = {"time": point.time, "scanned": point.image is not None, **files,
              "image_sources": warped.image_sources, "metrics": metrics,
@@ -97,7 +106,7 @@ def time_point_metrics(model: SeriesModel, point: TimePoint, warped: Warped, fie
 def _as_fitted(model: SeriesModel, point: TimePoint) -> np.ndarray:
     """The time point's scan on its own grid as Def-Net fitted it: as scanned, or, where the fit calibrated its CT
     numbers, in the reference's (each voxel q at reference-grid point prealignment^-1(q)), slab by slab."""
-    scan = sitk.GetArrayViewFromImage(point.image)
+    scan = sitk.GetArrayViewFromImage(cast(sitk.Image, point.image))
     calibration = model.calibrations.get(point.time)
     if calibration is None:
         return scan

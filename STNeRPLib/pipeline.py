@@ -6,7 +6,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,6 +34,9 @@ from .training import Progress, Target, fit_deformation, fit_reference, keep_bel
 from .outputs import TimePoint, write_metrics_table, write_time_point
 from .warping import affine_matrix
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 
 def pick_device(name: str) -> torch.device:
     """'auto' takes CUDA when present, else the CPU."""
@@ -57,10 +60,10 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     resolved for the segmentation's presence and the number of scans (Preset.for_segmentation, for_scans) and
     the model keeps it so.
     """
-    scans, requested = 1 + len(follow_ups), options.preset.for_segmentation(segmentation is not None)
-    options = replace(options, preset=requested.for_scans(scans))
+    count, requested = 1 + len(follow_ups), options.preset.for_segmentation(segmentation is not None)
+    options = replace(options, preset=requested.for_scans(count))
     if options.temporal and options.preset.def_time_sigma != requested.def_time_sigma:
-        reporter.message(f"{scans} scans, fewer than {requested.time_sigma_halved_below}: Def-Net's time scale halved "
+        reporter.message(f"{count} scans, fewer than {requested.time_sigma_halved_below}: Def-Net's time scale halved "
                          f"to {options.preset.def_time_sigma:g}")
     progress = reporter.progress if losses is None else _logged(reporter.progress, losses)
     device = pick_device(options.device)
@@ -91,8 +94,9 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     if options.preset.adaptive_levels and options.preset.velocity_levels > 1:
         reporter.message(f"velocity levels kept: {deformation.kept} of {options.preset.velocity_levels} "
                          "(a finer level is kept where it lowers the loss)")
-    model = SeriesModel(options.preset, Grid.of(reference), reference_time, time_range, window, options.prior,
-                        deformation, ref_net, reference, scans.images, scans.views, labelmap, calibrations)
+    model = SeriesModel(options.preset, Grid.of(reference), reference_time, time_range, window,
+                        cast(str, options.prior), deformation, ref_net, reference, scans.images, scans.views,
+                        labelmap, calibrations)
     return model, scans.prealignments
 
 
@@ -191,7 +195,7 @@ def _without_reference_padding(reference: sitk.Image, resampled: _Resampled, win
     value, where = found
     resampled = resampled._replace(reference_view=~where)
     for t, image in resampled.images.items():
-        _check_overlap(resampled.fitted(t), t, image, reference)
+        _check_overlap(cast(np.ndarray, resampled.fitted(t)), t, image, reference)
     reporter.message(f"the reference: {np.mean(where):.0%} of its grid is padding ({value:g}) outside its field of "
                      "view, left out of the fit")
     return resampled
@@ -244,8 +248,8 @@ def _prior(reference: torch.Tensor, ref_net: RefNet | None, options: Options) ->
     """What Def-Net deforms: Ref-Net itself, or a volume (the reference, or Ref-Net's rendering)
     interpolated as the preset says."""
     if not options.prior_is_volume:
-        return ref_net
-    volume = reference if ref_net is None else evaluate_on_grid(ref_net, reference.shape)
+        return cast(RefNet, ref_net)
+    volume = reference if ref_net is None else evaluate_on_grid(ref_net, cast("tuple[int, int, int]", reference.shape))
     return ImagePrior(volume, options.preset.prior_interpolation)
 
 
@@ -293,7 +297,7 @@ def _extent(image: sitk.Image) -> str:
 
 
 def check_query_times(times: list[float], time_range: tuple[float, float], reporter: Reporter,
-                      scanned: list[float] = ()) -> None:
+                      scanned: Sequence[float] = ()) -> None:
     """Refuse a time that is not finite, lies more than EXTRAPOLATION_LIMIT times the scanned span
     outside the scanned range, is asked twice or is a `scanned` time (written anyway; its folder
     would be overwritten); warn (stderr) about each time outside the scanned range."""
@@ -322,7 +326,7 @@ def velocity_shape(grid: Grid, preset: Preset) -> tuple[int, int, int]:
         return grid.shape
     extent = (np.asarray(grid.size) - 1) * np.asarray(grid.spacing)
     counts = np.maximum(4, np.ceil(extent / preset.velocity_spacing).astype(int) + 1)
-    return tuple(int(n) for n in np.minimum(counts, grid.size)[::-1])
+    return cast("tuple[int, int, int]", tuple(int(n) for n in np.minimum(counts, grid.size)[::-1]))
 
 
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -330,7 +334,7 @@ def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def run_training(series: Series, options: Options, folder: Path, reporter: Reporter,
-                 predict_times: list[float] = (), record: RunRecord | None = None,
+                 predict_times: Sequence[float] = (), record: RunRecord | None = None,
                  checkpoint_every: int = 0) -> RunRecord:
     """Fit the series and write every output into `folder`; the record ends 'complete'.
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import reduce
 from itertools import combinations_with_replacement
 from operator import mul
+from typing import Any, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -82,7 +83,7 @@ class IntensityWindow:
             array = array.astype(np.float32)
         return np.clip((array - self.low) / (self.high - self.low), 0.0, 1.0).astype(np.float32, copy=False)
 
-    def restore(self, array: np.ndarray) -> np.ndarray:
+    def restore(self, array: np.ndarray | np.floating) -> np.ndarray | np.floating:
         """Normalised intensities back in the image's units (HU for the CT window), as float32: normalise's inverse, not
         clipped."""
         return (array * (self.high - self.low) + self.low).astype(np.float32)
@@ -236,7 +237,8 @@ class Calibration:
     @classmethod
     def from_dict(cls, fields: dict) -> "Calibration":
         """A calibration from its fields as dataclasses.asdict gives them (model.pt), sequences as tuples."""
-        return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in fields.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in fields.items()}
+        return cls(**values)
 
     def corrected(self, values: np.ndarray, index: np.ndarray) -> np.ndarray:
         """The scan's values at flat voxel indices in the reference's numbers (float32): (value - offset - bias) /
@@ -259,7 +261,7 @@ class Calibration:
 
     def _bias(self, positions: list[np.ndarray]) -> np.ndarray:
         """The bias (HU) at positions (each axis in [-1, 1]; arrays of one shape, or broadcasting to one)."""
-        return sum(np.float32(c) * term for c, term in zip(self.bias, _monomials(positions)[1:]))
+        return cast(np.ndarray, sum(np.float32(c) * term for c, term in zip(self.bias, _monomials(positions)[1:])))
 
 
 def calibration_step(image: sitk.Image) -> int:

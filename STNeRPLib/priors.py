@@ -34,6 +34,10 @@ class ImagePrior(nn.Module):
     quarter of the memory). Both give the same numbers; training is bound by these reads' cache misses.
     """
 
+    volume: torch.Tensor
+    entries: torch.Tensor
+    extent: torch.Tensor
+
     def __init__(self, volume: torch.Tensor, interpolation: str) -> None:
         super().__init__()
         if interpolation not in ("linear", "cubic"):

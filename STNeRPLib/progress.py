@@ -18,7 +18,7 @@ class Reporter:
     def __init__(self, json_events: bool = False, interval: float = 0.25) -> None:
         self.json_events = json_events
         self.interval = interval
-        self._stage = None
+        self._stage: str | None = None
         self._stage_start = 0.0
         self._last = 0.0
         self._bar_open = False           # a terminal's bar line awaits its end

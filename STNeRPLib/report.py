@@ -22,6 +22,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -39,6 +40,9 @@ from .preprocessing import CALIBRATION_TOLERANCE_HU, CT_WINDOW
 from .presets import CHARBONNIER_EPSILON
 from .sampling import BODY_LEVEL, BODY_MARGIN_MM, STRUCTURE_BAND_MM
 from .warping import _to_index, inverse_map, invert
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 FOCUS = re.compile(r"tumou?r|gtv|ctv|itv|ptv|target|lesion|nodule", re.IGNORECASE)
 HISTOGRAM_EDGES = np.linspace(0.0, 2.5, 101)
@@ -181,7 +185,7 @@ def structures_at(run: Path, entry: dict) -> dict[int, Structure]:
     return found
 
 
-def focus_label(structures: dict[int, Structure], names: Names) -> int | None:
+def focus_label(structures: Mapping[int, object], names: Names) -> int | None:
     """The tumour: a structure named like one (tumour, GTV, CTV, ...), else the lowest label."""
     if not structures:
         return None
@@ -204,7 +208,7 @@ def time_point_figures(run: Path, record: dict, entry: dict, structures: dict[in
     scan = _scan_path(record, t)
     image_kind = "scan" if scan is not None else "predicted image"
     whole = scan is not None and series_files(scan, "scan") is not None       # a DICOM series, read whole
-    series = sitk.GetArrayFromImage(read_image(scan, "scan")) if whole else None
+    series = sitk.GetArrayFromImage(read_image(cast(Path, scan), "scan")) if whole else None
     planes = _planes(run, entry, reader, focus, scan, series)
     title = f"time {t:g}" + ("" if entry.get("scanned") else " (not scanned: predicted)")
     folded = entry["metrics"]["folded_voxels"]
@@ -312,12 +316,13 @@ def structure_curves(model: SeriesModel, times: np.ndarray) -> Curves:
     grid = model.grid
     voxel_ml = abs(np.linalg.det(grid.index_to_mm)) / 1000
     step = 1.0 / grid.unit_scale()                                   # half a voxel, unit coordinates
+    labelmap = cast(np.ndarray, model.labelmap)
     points, counts = {}, {}
-    for label in np.unique(model.labelmap[model.labelmap > 0]):
-        flat = np.flatnonzero(model.labelmap == label)
+    for label in np.unique(labelmap[labelmap > 0]):
+        flat = np.flatnonzero(labelmap == label)
         counts[int(label)] = len(flat)
         chosen = flat[::int(np.ceil(len(flat) / CURVE_POINTS))]
-        index = np.stack(np.unravel_index(chosen, model.labelmap.shape)[::-1], axis=1).astype(float)
+        index = np.stack(np.unravel_index(chosen, labelmap.shape)[::-1], axis=1).astype(float)
         points[int(label)] = torch.as_tensor(index / grid.unit_scale() * 2 - 1, dtype=torch.float32)[None]
     curves = Curves(times)
     rows: dict[int, list] = {label: [] for label in points}
@@ -358,7 +363,7 @@ def curve_figures(curves: Curves, statistics: dict[float, dict[int, Structure]],
     scanned_times = [e["time"] for e in record["time_points"] if e.get("scanned")]
     written = {label: [(t, s[label].volume_ml) for t, s in statistics.items() if label in s]
                for label in curves.volume}
-    focus = focus_label({k: None for k in curves.centroid}, names)
+    focus = cast(int, focus_label({k: None for k in curves.centroid}, names))
     reference_index = int(np.argmin(np.abs(curves.times - float(record.get("reference_time") or 0.0))))
     shift = curves.centroid[focus] - curves.centroid[focus][reference_index]
     return [

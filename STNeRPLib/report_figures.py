@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import matplotlib
 
@@ -81,15 +81,16 @@ def time_point_slices(planes: list[Plane], names: dict[int, str], title: str, im
 
 
 def _contours(ax: Axes, plane: Plane, names: dict[int, str]) -> None:
-    rows, columns = plane.labels.shape
+    labels = cast(np.ndarray, plane.labels)
+    rows, columns = labels.shape
     left, right, bottom, top = plane.extent
     # voxel centres in mm, matching imshow's extent and origin (row 0 at `top` when origin is upper)
     first, last = (top, bottom) if plane.origin == "upper" else (bottom, top)
     x = left + (np.arange(columns) + 0.5) * (right - left) / columns
     y = first + (np.arange(rows) + 0.5) * (last - first) / rows
     handles = []
-    for label in np.unique(plane.labels[plane.labels > 0])[::-1]:     # the lowest label (tumour) on top
-        mask = plane.labels == label
+    for label in np.unique(labels[labels > 0])[::-1]:     # the lowest label (tumour) on top
+        mask = labels == label
         if not mask.all():
             colour = COLOURS(label % 10)
             ax.contour(x, y, mask.astype(float), levels=[0.5], colors=[colour], linewidths=1.2)

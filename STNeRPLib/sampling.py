@@ -58,7 +58,7 @@ def body_voxels(scans: list[np.ndarray], threshold: float, spacing_mm: tuple[flo
     its intensity. spacing_mm is (x, y, z), as SimpleITK gives it."""
     if math.prod(scans[0].shape) >= 2 ** 31:
         raise ValueError(f"a grid of {scans[0].shape} voxels is too large to index in int32")
-    body = np.zeros(scans[0].shape, bool)
+    body: np.ndarray = np.zeros(scans[0].shape, bool)
     for scan, inside, calibration in zip(scans, insides or [None] * len(scans), calibrations or [None] * len(scans)):
         above = scan > (threshold if calibration is None else calibration.numbered(threshold))
         body |= above if inside is None else above & inside

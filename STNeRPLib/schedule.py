@@ -51,7 +51,7 @@ class DecaySchedule(torch.optim.lr_scheduler.LRScheduler):
         progress = min(max((step - self.decay_start) / max(self.end - 1 - self.decay_start, 1), 0.0), 1.0)
         return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | torch.Tensor]:
         """Called by torch's LRScheduler at each step(): each parameter group's rate, its initial rate x
         factor(last_epoch)."""
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]

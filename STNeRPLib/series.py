@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -14,6 +15,9 @@ from .errors import InputError
 from .geometry import Grid
 from .io import check_landmarks_inside, held_bytes, image_information, read_image, read_labelmap, read_landmarks
 from .warping import SLAB_VOXELS
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 @dataclass
@@ -35,7 +39,7 @@ class Series:
 
 def load_series(reference: str, reference_time: float, follow_ups: list[tuple[str, float]],
                 segmentation: str | None = None, landmarks: str | None = None,
-                ground_truth: list[tuple[str, float]] = ()) -> Series:
+                ground_truth: Sequence[tuple[str, float]] = ()) -> Series:
     """Read and check every input; raises InputError with a one-line message on bad input.
     Follow-ups are kept in time order, whatever order they were given in."""
     if not follow_ups:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -59,7 +59,7 @@ def fit_reference(net: RefNet, volume: torch.Tensor, preset: Preset, progress: P
                   generator: torch.Generator, checkpoint: Checkpoint | None = None) -> float:
     """Fit Ref-Net to a normalised volume [D, H, W] by MSE (Adam); returns the last loss (nan when
     the checkpoint had it fitted already). With a checkpoint, start from its state and save into it."""
-    points = GridPoints(volume.shape, volume.device)
+    points = GridPoints(cast("tuple[int, int, int]", volume.shape), volume.device)
     values = volume.reshape(-1)
     optimizer = torch.optim.Adam(net.parameters(), lr=preset.ref_lr)
     schedule = DecaySchedule(optimizer, preset.ref_iterations, preset.lr_final)
@@ -132,14 +132,14 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
         progress("defnet", iteration, schedule.end, loss.item())
         if checkpoint is not None:
             checkpoint.after("defnet", iteration, optimizer, schedule, generator)
-    average.apply()
+    average.load_into_module()
     return loss.item()
 
 
 def _deformation_optimizer(deformation: Deformation, preset: Preset) -> torch.optim.Adam:
     """Adam over Def-Net(s) at def_lr, the finer velocity levels' at level_lr_scale x def_lr."""
     finer = list(deformation.finer.parameters())
-    groups = [{"params": list(deformation.nets.parameters())}]
+    groups: list[dict[str, Any]] = [{"params": list(deformation.nets.parameters())}]
     if finer:
         groups.append({"params": finer, "lr": preset.level_lr_scale * preset.def_lr})
     return torch.optim.Adam(groups, lr=preset.def_lr)
@@ -237,9 +237,9 @@ class _Series(NamedTuple):
            band_draws: int = 0, body: np.ndarray | None = None) -> "_Series":
         shape = tuple(sitk.GetArrayViewFromImage(targets[0].scan).shape)
         points = GridPoints(shape, device)
-        bands = tuple(torch.from_numpy(band).to(device) for band in bands or () if len(band))
+        tensors = tuple(torch.from_numpy(band).to(device) for band in bands or () if len(band))
         return cls([target.time for target in targets], targets, points, shape,
-                   any(target.inside is not None for target in targets), bands, band_draws if bands else 0,
+                   any(target.inside is not None for target in targets), tensors, band_draws if tensors else 0,
                    torch.from_numpy(body).to(device) if body is not None and len(body) < points.count else None)
 
     def uniform_draws(self, wanted: int) -> int:

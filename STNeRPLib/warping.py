@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -80,19 +80,20 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
         slab = target.slab(z0, z1)
         moved, *carried = _mapped(model, target, (z0, z1), inverse, displacement, inverses)
         if labels is not None:
-            labels[z0:z1] = propagate_labels(model.labelmap, moved.index,
+            labels[z0:z1] = propagate_labels(cast(np.ndarray, model.labelmap), moved.index,
                                              model.preset.label_interpolation).reshape(slab.shape)
         field[z0:z1] = moved.mm.reshape(*slab.shape, 3)
         if sources:
-            carried = [(c.mm.reshape(*slab.shape, 3), c.index) for c in carried]
-            image[z0:z1] = _blend(model, sources, carried, (field[z0:z1], moved.index), slab)
+            image[z0:z1] = _blend(model, sources, [(c.mm.reshape(*slab.shape, 3), c.index) for c in carried],
+                                  (field[z0:z1], moved.index), slab)
         else:
             image[z0:z1] = _resample(model, model.reference_time, _transform(field[z0:z1], slab), moved.index, slab)
         del moved, carried                   # before the next slab's are made
     return Warped(field, image, labels, list(sources) or [model.reference_time])
 
 
-class _Mapped(NamedTuple):
+@dataclass(frozen=True)
+class _Mapped:
     """Points of a slab mapped onto the reference grid: their continuous indices (x, y, z) there, (N, 3)
     float64, and their displacement in mm (LPS) from the slab's voxel centres, (N, 3) float32."""
 
@@ -163,7 +164,7 @@ A stride of 2 saved no more, 8 less."""
 def inverse_map(model: SeriesModel, t: float) -> InverseMap:
     """The map q -> q + u_t(q) ready to be inverted at any points by `invert` (reference points -> time-t points)."""
     forward = model.displacement_grid(t)
-    shape = tuple(max(2, (n - 1) // INVERSE_STRIDE + 1) for n in model.grid.shape)
+    shape = cast("tuple[int, int, int]", tuple(max(2, (n - 1) // INVERSE_STRIDE + 1) for n in model.grid.shape))
     with torch.no_grad():
         c = GridPoints(shape, model.device).slices(0, shape[0])
         w = invert(forward, model.displacement_grid(t, inverse=True), c[None])[0]
@@ -284,7 +285,7 @@ def linear_interpolation(scans: dict[float, np.ndarray], t: float) -> np.ndarray
     weights = interpolation_weights(sorted(scans), t)
     if not weights:
         raise ValueError(f"time {t:g} does not lie between two scans")
-    return sum(w * np.asarray(scans[s], np.float64) for s, w in weights.items())
+    return cast(np.ndarray, sum(w * np.asarray(scans[s], np.float64) for s, w in weights.items()))
 
 
 def map_to_reference(model: SeriesModel, t: float, points: np.ndarray,
@@ -352,7 +353,7 @@ def _resample(model: SeriesModel, s: float, transform: sitk.DisplacementFieldTra
     depth = model.grid.size[2]
     low = int(np.clip(np.floor(index[:, 2].min()) - SPLINE_MARGIN, 0, depth - 1))
     high = int(np.clip(np.ceil(index[:, 2].max()) + SPLINE_MARGIN, low, depth - 1)) + 1
-    scan = model.field_of_view(s) if view else model.scan(s)
+    scan = cast(sitk.Image, model.field_of_view(s)) if view else model.scan(s)
     return resample_onto(scan[:, :, low:high], transform, slab, sitk.sitkNearestNeighbor if view else sitk.sitkBSpline)
 
 

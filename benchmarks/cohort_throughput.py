@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,7 +34,8 @@ CONFIGURATIONS = ((1, 2), (2, 1))   # (workers, threads per worker)
 def write_cohort(folder: Path, patients: int, size: tuple[int, int, int], phases: int) -> Path:
     """`patients` breathing phantoms (different noise seeds) and their manifest."""
     rows = ["patient,role,path,time"]
-    spacing = tuple(s0 * n0 / n for s0, n0, n in zip((3.0, 3.0, 4.0), (96, 96, 64), size))  # whole thorax
+    spacing = cast("tuple[float, float, float]",
+                   tuple(s0 * n0 / n for s0, n0, n in zip((3.0, 3.0, 4.0), (96, 96, 64), size)))  # whole thorax
     for k in range(patients):
         series = breathing_series(size=size, spacing=spacing, n_phases=phases, seed=k)
         files = write_series(series, folder / f"p{k:02d}")

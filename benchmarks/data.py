@@ -484,12 +484,12 @@ def write_rtstruct(path: Path, rois: dict[int, tuple[str, list[list[float]]]]) -
     contour of over 64 KB of text (some 8 000 points) fits."""
     from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
     from pydicom.sequence import Sequence
-    from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ImplicitVRLittleEndian, generate_uid
 
     from STNeRPLib.dicom_in import RTSTRUCT_STORAGE
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = RTSTRUCT_STORAGE, generate_uid()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = UID(RTSTRUCT_STORAGE), generate_uid()
     meta.TransferSyntaxUID = ImplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = RTSTRUCT_STORAGE, meta.MediaStorageSOPInstanceUID, "RTSTRUCT"

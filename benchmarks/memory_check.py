@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -56,14 +56,16 @@ def build_series(folder: Path, size: tuple[int, int, int], phases: int, cbct: bo
     if done.exists():
         return json.loads(done.read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    coarse = tuple(max(24, n // 4) for n in size)
-    phantom = breathing_series(size=coarse, spacing=tuple(f / n for f, n in zip(FIELD_OF_VIEW_MM, coarse)),
+    coarse = cast("tuple[int, int, int]", tuple(max(24, n // 4) for n in size))
+    phantom = breathing_series(size=coarse,
+                               spacing=cast("tuple[float, float, float]",
+                                            tuple(f / n for f, n in zip(FIELD_OF_VIEW_MM, coarse))),
                                n_phases=phases, noise_hu=10.0)
     spacing = tuple(f / n for f, n in zip(FIELD_OF_VIEW_MM, size))
     grid = sitk.Image(list(size), sitk.sitkUInt8)
     grid.SetSpacing(spacing)
     grid.SetOrigin(phantom.images[0].GetOrigin())
-    files = {"images": [], "times": list(phantom.times)}
+    files: dict[str, Any] = {"images": [], "times": list(phantom.times)}
     for k, image in enumerate(phantom.images):
         fine = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkInt16)
         if cbct and k > 0:
@@ -159,7 +161,7 @@ def run_worker(files: dict, output: Path, iterations: int, threads: int, predict
     reader = threading.Thread(target=stages.read_events, args=(process.stdout,), daemon=True)
     reader.start()
     errors: list[str] = []
-    collector = threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)
+    collector = threading.Thread(target=lambda: errors.extend(cast("IO[str]", process.stderr)), daemon=True)
     collector.start()
     peak = 0
     while process.poll() is None:

@@ -22,6 +22,7 @@ import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import SimpleITK as sitk
 
@@ -36,7 +37,7 @@ from STNeRPLib.presets import PRESETS, Options  # noqa: E402
 
 # STNeRP variants: preset, prior (None: the preset's own; the default preset's is the reference
 # image, cubic B-spline, i.e. the paper's "w/o prior"), continuous time or pairwise ("w/o t").
-STNERP = {
+STNERP: dict[str, dict[str, Any]] = {
     "stnerp_default": {"label": "STNeRP default", "preset": "default", "prior": None, "temporal": True},
     "stnerp_paper": {"label": "STNeRP paper", "preset": "paper", "prior": None, "temporal": True},
     "stnerp_refnet": {"label": "STNeRP default with Ref-Net prior", "preset": "default", "prior": "refnet",

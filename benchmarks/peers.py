@@ -24,7 +24,7 @@ import importlib.util
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -177,7 +177,7 @@ def demons_register(fixed: sitk.Image, moving: sitk.Image,
 
 # ----------------------------------------------------------------------------- registry
 
-PEERS = {
+PEERS: dict[str, dict[str, Any]] = {
     "ants_syn": {
         "label": "ANTs SyN (default)", "package": "ants",
         "run": lambda f, m: ants_register(f, m, type_of_transform="SyN"),

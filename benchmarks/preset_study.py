@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -169,10 +169,10 @@ def load_series(name: str, seed: int, scratch: Path) -> StudySeries:
         return StudySeries(name, s.times, [s.image(k) for k in count], [s.labelmap(k) for k in count],
                            [s.landmarks(k) for k in count])
     supersampling = data.PSF_SUPERSAMPLING if name in RENDERED else 1
-    s = (phantom.breathing_series(n_phases=scans, seed=seed, supersampling=supersampling)
-         if name.startswith("breathing")
-         else phantom.longitudinal_series(n_fractions=scans, seed=seed, supersampling=supersampling))
-    return StudySeries(name, s.times, s.images, s.labelmaps, s.landmarks)
+    made = (phantom.breathing_series(n_phases=scans, seed=seed, supersampling=supersampling)
+            if name.startswith("breathing")
+            else phantom.longitudinal_series(n_fractions=scans, seed=seed, supersampling=supersampling))
+    return StudySeries(name, made.times, made.images, made.labelmaps, made.landmarks)
 
 
 class StageTimer(Reporter):
@@ -249,7 +249,8 @@ def _measure(model: SeriesModel, series: StudySeries, k: int, grid: Grid) -> dic
     warped = warp(model, series.times[k], grid)
     field = grid.image(warped.displacement.astype(np.float64), vector=True)
     scores = score_time_point(field=field, jacobian=sitk.GetArrayFromImage(jacobian_determinant(field)),
-                              labelmaps=(warped.labelmap, sitk.GetArrayFromImage(series.labelmaps[k])), labels=[1],
+                              labelmaps=(cast("np.ndarray", warped.labelmap),
+                                         sitk.GetArrayFromImage(series.labelmaps[k])), labels=[1],
                               landmarks=series.landmarks[k])
     return {"tre_mean": scores["tre_mean"], "tre_max": scores["tre_max"], "dice": scores["dice"]["1"],
             "folded": scores["folded_voxels"], "image": warped.image}
@@ -377,6 +378,7 @@ def profile(series: StudySeries, variant: str, iterations: int) -> None:
 def write_results(out: Path, rows: list[dict], args: dict, start_load: tuple[float, float, float]) -> None:
     """OUT.json (rows, the commit, arguments, torch threads, load at start and now) and OUT.md (the table)."""
     commit, dirty = git_state()
+    meta: dict[str, Any]
     meta = {"commit": commit, "uncommitted_changes": bool(dirty), "arguments": {k: str(v) for k, v in args.items()},
             "torch_threads": torch.get_num_threads(), "load_start": start_load, "load_end": os.getloadavg(),
             "default_preset": DEFAULT.to_dict(), "variants": {k: VARIANTS[k] for k in {r["name"] for r in rows}}}

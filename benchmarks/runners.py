@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import SimpleITK as sitk
 
@@ -32,6 +32,7 @@ from benchmarks.provenance import load_average
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from typing import IO
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -150,16 +151,17 @@ def run_job(job: dict, python: str, timeout: float) -> dict:
     start = time.perf_counter()
     process = subprocess.Popen([python, str(HERE / "methods.py"), json.dumps(job)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stdout = cast("IO[bytes]", process.stdout)
     log, killed = [], False
     selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
+    selector.register(stdout, selectors.EVENT_READ)
     while True:
         if time.perf_counter() > start + timeout and not killed:
             process.kill()
             killed = True
         left = start + timeout - time.perf_counter()
         if selector.select(timeout=1.0 if killed else min(1.0, max(left, 0.0))):
-            line = process.stdout.readline()
+            line = stdout.readline()
             if not line:
                 break
             log.append(line.decode(errors="replace"))
@@ -190,7 +192,7 @@ def _score_run(series: data.Series, result: dict) -> dict:
     """Score the fields a run wrote (every registered time point)."""
     fields = {int(k): sitk.ReadImage(path, sitk.sitkVectorFloat64) for k, path in result["fields"].items()}
     per_time = [scoring.score_field(series, k, fields[k]) for k in range(1, len(series.times))]
-    scores = {"per_time": per_time, "summary": scoring.summarise(per_time, series.meta["labels"])}
+    scores: dict[str, Any] = {"per_time": per_time, "summary": scoring.summarise(per_time, series.meta["labels"])}
     if 0 in fields:                                      # STNeRP writes the reference time too, a peer does not
         scores["reference_displacement_max"] = scoring.largest_displacement(fields[0])
     return scores
@@ -235,7 +237,7 @@ def _timed_run(series: data.Series, method: str, plan: Plan, work: Path, h: int 
         if result.get("ok") and h is None:
             result.update(_score_run(series, result))
         elif result.get("ok"):
-            result.update(_score_heldout(series, method, h, result))
+            result.update(_score_heldout(series, method, cast("int", h), result))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.pop("fields", None)
@@ -287,11 +289,12 @@ def _score_heldout(series: data.Series, method: str, h: int, result: dict | None
         return {"time": t, "predicted": scoring.score_image(scoring.linear(scans, t), actual),
                 "field": scoring.score_field(series, h, _baseline_fields("none", series, [h])[h])}
     if methods.kind(method) == "stnerp":
-        u_t = sitk.ReadImage(result["fields"][str(h)], sitk.sitkVectorFloat64)
-        predicted = sitk.GetArrayFromImage(sitk.ReadImage(result["images"][str(h)]))
+        u_t = sitk.ReadImage(cast("dict", result)["fields"][str(h)], sitk.sitkVectorFloat64)
+        predicted = sitk.GetArrayFromImage(sitk.ReadImage(cast("dict", result)["images"][str(h)]))
     else:
         around = (_baseline_fields("exact", series, (h - 1, h + 1)) if method == "exact" else
-                  {int(k): sitk.ReadImage(p, sitk.sitkVectorFloat64) for k, p in result["fields"].items()})
+                  {int(k): sitk.ReadImage(p, sitk.sitkVectorFloat64)
+                   for k, p in cast("dict", result)["fields"].items()})
         u_t = series.displacement(h) if method == "exact" else scoring.in_time(
             {series.times[k]: f for k, f in around.items()}, t)
         inverses = {series.times[k]: scoring.invert(f) for k, f in around.items()}

@@ -23,6 +23,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from statistics import median
+from typing import cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -138,7 +139,8 @@ def in_time(fields: dict[float, sitk.Image], t: float) -> sitk.Image:
     """A pairwise method's u at an unscanned time t: its fields at the scans around t blended
     linearly in time (the method has no motion between scans of its own)."""
     weights = interpolation_weights(sorted(fields), t)
-    blend = sum(w * sitk.GetArrayFromImage(fields[s]).astype(np.float64) for s, w in weights.items())
+    blend = cast("np.ndarray",
+                 sum(w * sitk.GetArrayFromImage(fields[s]).astype(np.float64) for s, w in weights.items()))
     return Grid.of(fields[next(iter(weights))]).image(blend, vector=True)
 
 

@@ -44,7 +44,8 @@ print(f"{time.perf_counter() - start:.2f} s, peak RSS {peak()} MB (before the re
 """
 
 
-def ellipse(centre: tuple[float, float], radii: tuple[float, float], z: float, points: int) -> list[float]:
+def ellipse(centre: tuple[float, float] | np.ndarray, radii: tuple[float, float] | np.ndarray, z: float,
+            points: int) -> list[float]:
     """Contour Data of a wavy ellipse (LPS mm) on the plane z."""
     t = np.linspace(0, 2 * np.pi, points, endpoint=False)
     wave = 1 + 0.05 * np.sin(7 * t)

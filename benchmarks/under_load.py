@@ -99,7 +99,7 @@ def measure(methods: list[str], folder: Path, burners: int, warmup: float, itera
             quiet: float) -> dict:
     """Every method without, then with, the burners: {method: {"idle": ..., "burner": ...}}; each run
     without them waits for the load to fall below `quiet`."""
-    results = {m: {} for m in methods}
+    results: dict[str, dict[str, dict]] = {m: {} for m in methods}
     for method in methods:
         settle(quiet)
         before = load_average()

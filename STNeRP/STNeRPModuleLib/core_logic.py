@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import slicer
 from STNeRPLib import contract
@@ -31,10 +32,11 @@ logger = logging.getLogger(__name__)
 
 #: progress bar share of each worker stage (start, end); Def-Net takes Ref-Net's share too when
 #: the run has no Ref-Net stage (the image prior, the default preset's)
-STAGE_RANGES = {contract.STAGE_REFNET: (0.0, 0.35), contract.STAGE_DEFNET: (0.35, 0.9),
-                contract.STAGE_OUTPUTS: (0.9, 1.0)}
-STAGE_TEXT = {contract.STAGE_REFNET: "Fitting Ref-Net", contract.STAGE_DEFNET: "Training Def-Net",
-              contract.STAGE_OUTPUTS: "Writing results"}
+STAGE_RANGES: dict[str | None, tuple[float, float]] = {
+    contract.STAGE_REFNET: (0.0, 0.35), contract.STAGE_DEFNET: (0.35, 0.9), contract.STAGE_OUTPUTS: (0.9, 1.0)}
+STAGE_TEXT: dict[str | None, str] = {
+    contract.STAGE_REFNET: "Fitting Ref-Net", contract.STAGE_DEFNET: "Training Def-Net",
+    contract.STAGE_OUTPUTS: "Writing results"}
 
 SEGMENT_MAP_FILE = "slicer_segment_map.json"
 #: folder of a run that holds the time slider's predictions, one folder per time
@@ -83,7 +85,7 @@ class JobInputs:
         Segmentations and landmarks are exported where they are shown. Checked when the inputs are exported, not
         by validate: the panel's Apply button follows the parameter node, which hardening a transform leaves as
         it was, so a button disabled for it would stay disabled."""
-        named = [("The reference volume", self.reference_volume)]
+        named = [("The reference volume", cast("slicer.vtkMRMLScalarVolumeNode", self.reference_volume))]
         named += [(f"The follow-up at time {contract.format_time(t)}", node) for t, node in self.follow_ups]
         for what, volume in named:
             transform = volume.GetParentTransformNode()
@@ -267,7 +269,7 @@ class Job:
             self.state, self.message = "failed", f"Could not load the results: {error}"
             self.log_lines.append(f"ERROR: {self.message}")
 
-    def _failure_message(self, returncode: int) -> str:
+    def _failure_message(self, returncode: int | None) -> str:
         if self.error_event and self.error_event.get("message"):
             return str(self.error_event["message"])
         last = next((line.strip() for line in reversed(self.log_lines) if line.strip()), None)
@@ -318,7 +320,8 @@ class STNeRPCoreLogic:
         """Write the inputs as files into `folder` (absolute); returns (files, segment map)."""
         inputs.validate()
         inputs.require_untransformed_volumes()
-        files = {"reference": scene_files.write_volume(inputs.reference_volume, os.path.join(folder, "reference.nrrd"))}
+        files: dict[str, Any] = {
+            "reference": scene_files.write_volume(inputs.reference_volume, os.path.join(folder, "reference.nrrd"))}
         files["follow_ups"] = [(scene_files.write_volume(node, os.path.join(folder, f"follow_up_{i:02d}.nrrd")), t)
                                for i, (t, node) in enumerate(sorted(inputs.follow_ups, key=lambda it: it[0]))]
         segment_map = []
@@ -366,7 +369,7 @@ class STNeRPCoreLogic:
         inputs are exported again to the folder the run recorded, so the worker sees the same paths,
         and it checks their SHA-256: inputs changed since are refused in one line."""
         settings = dict(settings or {})
-        temp_dir = self._resumed_inputs_folder(run_dir) if resume else os.path.abspath(
+        temp_dir = self._resumed_inputs_folder(cast(str, run_dir)) if resume else os.path.abspath(
             tempfile.mkdtemp(prefix="STNeRP-inputs-", dir=self._temp_root()))
         try:
             files, segment_map = self.export_inputs(inputs, temp_dir)
@@ -424,7 +427,7 @@ class STNeRPCoreLogic:
 
     # -- results ---------------------------------------------------------------------------
     def import_results(self, run_dir: str, segment_map: list[dict] | None = None,
-                       **options: object) -> run_import.ImportedRun:
+                       **options: Any) -> run_import.ImportedRun:
         """Load a complete run folder into the scene as NEW nodes (options: keywords of run_import.import_run)
         and keep its segment map (when one is given) in the folder for later predictions."""
         result = run_import.import_run(self.scene, run_dir, self.segmentations_logic, segment_map=segment_map,

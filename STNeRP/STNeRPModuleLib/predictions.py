@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, cast
 
 import slicer
 from STNeRPLib import contract
@@ -71,7 +71,7 @@ class TimeSliderPredictions:
             if self.job.finished:
                 self._finished(self.job)
         if self.job is None and self._due():
-            self._start(self._wanted)
+            self._start(cast(float, self._wanted))
         return events
 
     def forget(self) -> None:
@@ -109,7 +109,7 @@ class TimeSliderPredictions:
     def _finished(self, job: Job) -> None:
         self.job = None
         if job.state == "complete":
-            self._show(self._job_time, job.result)
+            self._show(cast(float, self._job_time), cast(run_import.ImportedRun, job.result))
             self.message, self._failed_time = None, None
         elif job.state == "failed":
             self.message, self._failed_time = job.message, self._job_time

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import vtk
@@ -230,12 +231,12 @@ def jacobian_window(values: Iterable[float] | np.ndarray, percentile: float = 99
                     minimum_half_width: float = 0.05) -> tuple[float, float]:
     """(window, level) of a Jacobian map: centred at 1, symmetric, wide enough for the 1st and
     99th percentiles (so the colour of 1 is always the middle of the diverging table)."""
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
+    array = np.asarray(values, dtype=float)
+    array = array[np.isfinite(array)]
+    if array.size == 0:
         return 2.0 * minimum_half_width, 1.0
-    lo = np.percentile(values, 100.0 - percentile)
-    hi = np.percentile(values, percentile)
+    lo = np.percentile(array, 100.0 - percentile)
+    hi = np.percentile(array, percentile)
     half = max(1.0 - lo, hi - 1.0, minimum_half_width)
     return 2.0 * half, 1.0
 
@@ -279,7 +280,7 @@ def create_browser(scene: slicer.vtkMRMLScene, name: str,
     return browser
 
 
-def _metric_number(value: object) -> float:
+def _metric_number(value: Any) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):

@@ -8,10 +8,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING, Literal
 
 import vtk
 
 import slicer
+
+if TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -23,12 +27,12 @@ TIME_ATTRIBUTE = "STNeRP.Time"
 KIND_ATTRIBUTE = "STNeRP.Kind"
 
 
-def lps_to_ras(point: Sequence[float]) -> list[float]:
+def lps_to_ras(point: Sequence[float] | np.ndarray) -> list[float]:
     """A point in LPS (files, ITK) as RAS (the scene): x and y change sign."""
     return [-float(point[0]), -float(point[1]), float(point[2])]
 
 
-def ras_to_lps(point: Sequence[float]) -> list[float]:
+def ras_to_lps(point: Sequence[float] | np.ndarray) -> list[float]:
     """A point in RAS (the scene) as LPS (files, ITK): x and y change sign."""
     return [-float(point[0]), -float(point[1]), float(point[2])]
 
@@ -53,9 +57,9 @@ def remove_nodes(scene: slicer.vtkMRMLScene, nodes: Iterable[slicer.vtkMRMLNode 
     """Remove those of `nodes` that are still in the scene: sequence browsers first (a live
     browser would re-create the proxy nodes removed before it), then the others in reverse order
     of creation. Nodes of a closed scene are not in it, so a stale list removes nothing."""
-    nodes = [n for n in nodes if n is not None]
-    browsers = [n for n in nodes if n.IsA("vtkMRMLSequenceBrowserNode")]
-    for node in browsers + [n for n in reversed(nodes) if not n.IsA("vtkMRMLSequenceBrowserNode")]:
+    present = [n for n in nodes if n is not None]
+    browsers = [n for n in present if n.IsA("vtkMRMLSequenceBrowserNode")]
+    for node in browsers + [n for n in reversed(present) if not n.IsA("vtkMRMLSequenceBrowserNode")]:
         if scene.IsNodePresent(node):
             scene.RemoveNode(node)
 
@@ -117,7 +121,7 @@ class SceneTransaction:
         self.folder_item = None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
+                 tb: TracebackType | None) -> Literal[False]:
         if exc_type is not None:
             try:
                 self.rollback()
@@ -130,6 +134,6 @@ class TemporaryNodes(SceneTransaction):
     """Every node added inside the block is removed at its end (export helpers)."""
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
+                 tb: TracebackType | None) -> Literal[False]:
         self.rollback()
         return False

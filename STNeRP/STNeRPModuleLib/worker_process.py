@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Any, TextIO, cast
 
 #: seconds a cancelled worker has to write its run folder as interrupted before it is killed
 CANCEL_GRACE = 10.0
@@ -95,10 +95,11 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         """Start the worker in its own process group, its standard input a pipe (closed to cancel), and a
         reader thread for each output stream; returns self."""
-        kwargs = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
-                      bufsize=1, text=True, encoding="utf-8", errors="replace")
+        kwargs: dict[str, Any] = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      env=self.env, bufsize=1, text=True, encoding="utf-8", errors="replace")
         if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+            kwargs["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]  # Windows only
+                                       | getattr(subprocess, "CREATE_NO_WINDOW", 0))
         else:
             kwargs["start_new_session"] = True  # own process group: cancel reaches children too
         self.process = subprocess.Popen(self.command, **kwargs)
@@ -134,8 +135,9 @@ class WorkerProcess:
         """Events ready now (never blocks). Kills the process tree when a cancelled worker
         outlives its grace period; adds the exit event once the process has ended and both
         streams are read to the end."""
-        if self.cancelled and (not self.running or time.monotonic() >= self._kill_at):
-            kill_process_tree(self.process)  # the worker, or what it left running after it stopped
+        if self.cancelled and (not self.running or time.monotonic() >= cast(float, self._kill_at)):
+            kill_process_tree(  # the worker, or what it left running after it stopped
+                cast(subprocess.Popen, self.process))
         events = self._drain()
         if (not self._exit_reported and self.process is not None and self.process.poll() is not None
                 and not any(t.is_alive() for t in self._threads)):
@@ -171,8 +173,9 @@ class WorkerProcess:
             return
         self.cancelled = True
         self._kill_at = time.monotonic() + self.grace
+        process = cast(subprocess.Popen, self.process)
         try:
-            self.process.stdin.close()
+            cast(TextIO, process.stdin).close()
         except OSError:
             pass
 
