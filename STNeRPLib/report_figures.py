@@ -2,18 +2,23 @@
 histograms per structure, and curves over time. Each function returns PNG bytes."""
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Callable, ParamSpec, cast
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.ft2font import FT2Font  # noqa: E402
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -23,6 +28,59 @@ DPI = 90
 # layout: matplotlib's constrained layout took half the figure's time (0.45 of 0.90 s a time point).
 SLICES_GRID = {"left": 0.06, "right": 0.97, "top": 0.94, "bottom": 0.05, "wspace": 0.45, "hspace": 0.3}
 COLOURS = plt.get_cmap("tab10")
+
+
+FONT = "DejaVu Sans"
+"""The figures' font (matplotlib's own); names with characters it lacks get fallbacks (font_families)."""
+
+Arguments = ParamSpec("Arguments")
+
+
+@functools.cache
+def _characters(path: str) -> frozenset[int]:
+    """The code points a font file has glyphs of their own for: none when it cannot be read, or when it is a
+    last-resort font, which maps every code point of a Unicode block to one placeholder (matplotlib ships one:
+    1 114 112 code points, 371 glyphs), so its text reads as boxes."""
+    try:
+        charmap = FT2Font(path).get_charmap()
+    except (OSError, RuntimeError):
+        return frozenset()
+    return frozenset(charmap) if 2 * len(set(charmap.values())) >= len(charmap) else frozenset()
+
+
+def font_families(texts: Iterable[str]) -> list[str]:
+    """FONT, then for the characters of `texts` it lacks (a structure named in Chinese, Japanese, Korean, …) the
+    installed fonts that have them, in matplotlib's font list order: matplotlib draws each character in the first
+    family that has it."""
+    needed = {ord(c) for text in texts for c in text if c.isprintable() and not c.isspace()}
+    needed -= _characters(font_manager.findfont(FONT))
+    families = [FONT]
+    for entry in font_manager.fontManager.ttflist if needed else ():
+        found = needed & _characters(entry.fname)
+        if found and entry.name not in families:
+            families.append(entry.name)
+            needed -= found
+        if not needed:
+            break
+    return families
+
+
+def _texts(values: Iterable[object]) -> Iterable[str]:
+    """The strings among `values` and the values of the dicts among them (structure names, titles)."""
+    for value in values:
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            yield from (v for v in value.values() if isinstance(v, str))
+
+
+def _in_their_fonts(draw: Callable[Arguments, bytes]) -> Callable[Arguments, bytes]:
+    """`draw` with its text in font_families of the strings and names it is given."""
+    @functools.wraps(draw)
+    def drawn(*args: Arguments.args, **kwargs: Arguments.kwargs) -> bytes:
+        with plt.rc_context({"font.family": font_families(_texts([*args, *kwargs.values()]))}):
+            return draw(*args, **kwargs)
+    return drawn
 
 
 @dataclass
@@ -55,6 +113,7 @@ def jacobian_norm(planes: list[Plane]) -> TwoSlopeNorm:
     return TwoSlopeNorm(vcenter=1.0, vmin=1.0 - span, vmax=1.0 + span)
 
 
+@_in_their_fonts
 def time_point_slices(planes: list[Plane], names: dict[int, str], title: str, image_kind: str) -> bytes:
     """Rows: the planes; columns: det J (diverging at 1), |u| (mm), contours over the image."""
     figure, axes = plt.subplots(len(planes), 3, figsize=(11, 3.4 * len(planes)), squeeze=False,
@@ -99,6 +158,7 @@ def _contours(ax: Axes, plane: Plane, names: dict[int, str]) -> None:
         ax.legend(handles=handles, fontsize=7, loc="lower right", framealpha=0.6)
 
 
+@_in_their_fonts
 def jacobian_histograms(histograms: dict[int, np.ndarray], edges: np.ndarray, names: dict[int, str],
                         title: str) -> bytes:
     """det J histogram per structure (fraction of its voxels per bin), a line at det J = 1."""
@@ -116,6 +176,7 @@ def jacobian_histograms(histograms: dict[int, np.ndarray], edges: np.ndarray, na
     return _png(figure)
 
 
+@_in_their_fonts
 def volumes_over_time(times: np.ndarray, volumes: dict[int, np.ndarray], written: dict[int, list],
                       reference_index: int, names: dict[int, str]) -> bytes:
     """Structure volume against time: the model's curve, and the propagated labelmaps' volumes at
@@ -141,6 +202,7 @@ def volumes_over_time(times: np.ndarray, volumes: dict[int, np.ndarray], written
     return _png(figure)
 
 
+@_in_their_fonts
 def centroid_trajectory(times: np.ndarray, centroid: np.ndarray, scanned_times: list[float], name: str) -> bytes:
     """Centroid of one structure against time, per LPS axis, relative to the reference time."""
     figure, ax = plt.subplots(figsize=(7, 3.2), layout="constrained")
@@ -157,6 +219,7 @@ def centroid_trajectory(times: np.ndarray, centroid: np.ndarray, scanned_times: 
     return _png(figure)
 
 
+@_in_their_fonts
 def motion_and_jacobian(times: np.ndarray, max_motion: dict[int, np.ndarray], mean_jacobian: dict[int, np.ndarray],
                         scanned_times: list[float], names: dict[int, str]) -> bytes:
     """Max |u| (mm) and mean det J per structure against time."""
@@ -177,6 +240,7 @@ def motion_and_jacobian(times: np.ndarray, max_motion: dict[int, np.ndarray], me
     return _png(figure)
 
 
+@_in_their_fonts
 def loss_curves(losses: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
     """Training loss (MSE of normalised intensities) per stage against iteration."""
     figure, ax = plt.subplots(figsize=(7, 3.2), layout="constrained")
