@@ -22,8 +22,8 @@ from .metrics import map_points, target_registration_error
 from .model import SeriesModel, labels_in, new_ref_net, normalise_time
 from .networks import RefNet
 from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, Calibration, IntensityWindow,
-                            affine_prealignment, find_padding, flat_voxels, intensity_calibration,
-                            intensity_method, on_grid, smoothed)
+                            affine_prealignment, confirmed_padding, find_padding, flat_voxels,
+                            intensity_calibration, intensity_method, on_grid, padding_candidate, smoothed)
 from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
@@ -184,12 +184,14 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
 
 def _without_reference_padding(reference: sitk.Image, resampled: _Resampled, window: IntensityWindow,
                                reporter: Reporter) -> _Resampled:
-    """`resampled` with the reference's own field of view: without its padding (find_padding with the roles
-    swapped, found against the first follow-up that holds something else there inside its own field of view), which
-    holds no anatomy for Def-Net to carry onto the follow-ups; said. The follow-ups' fields of view are left as they
-    saw."""
-    found = next(filter(None, (find_padding(reference, image, window, seen=resampled.views.get(t))
-                               for t, image in resampled.images.items())), None)
+    """`resampled` with the reference's own field of view: without its padding (its padding_candidate, read once,
+    confirmed by the first follow-up that holds something else there inside its own field of view:
+    confirmed_padding), which holds no anatomy for Def-Net to carry onto the follow-ups; said. The follow-ups'
+    fields of view are left as they saw."""
+    candidate = padding_candidate(reference)
+    found = None if candidate is None else next(filter(None, (
+        confirmed_padding(candidate, reference, image, window, seen=resampled.views.get(t))
+        for t, image in resampled.images.items())), None)
     if found is None:
         return resampled
     value, where = found

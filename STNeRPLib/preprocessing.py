@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import reduce
 from itertools import combinations_with_replacement
 from operator import mul
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -151,31 +151,52 @@ PADDING_TOLERANCE = 0.05
 """How far (window widths: 75 HU in the CT window) the reference may lie from a padding value and count as the same."""
 
 
-def find_padding(image: sitk.Image, reference: sitk.Image, window: IntensityWindow,
-                 transform: sitk.Transform | None = None,
-                 seen: np.ndarray | None = None) -> tuple[float, np.ndarray] | None:
-    """The padding of a scan outside its field of view, and where it lies on the reference's grid (bool [z, y, x]);
-    None when it has none. A scan resampled onto another grid is filled with one value beyond its field of view
-    (0 HU by default in 3D Slicer's resampling modules; a CBCT's corners beyond its reconstructed circle): the value
-    most frequent on the faces of the scan's grid, in every x-row's runs of it from either end (a convex field of
-    view: a cylinder, a box, fewer slices), is padding when those runs hold PADDING_SHARE of its voxels and the
-    reference holds something else at PADDING_EVIDENCE of them, counting only the reference's voxels in `seen` (bool
-    [z, y, x]; None: all), its field of view when it is padded itself. `transform` maps reference points to the
-    scan's (None: the identity)."""
+class PaddingCandidate(NamedTuple):
+    """A scan's one value from its grid's faces inward (padding_candidate): the value, and its runs (bool
+    [z, y, x] on the scan's grid)."""
+
+    value: float
+    runs: np.ndarray
+
+
+def padding_candidate(image: sitk.Image) -> PaddingCandidate | None:
+    """The value most frequent on the faces of the scan's grid with, in every x-row, its runs from either end (a
+    convex field of view: a cylinder, a box, fewer slices), when those runs hold PADDING_SHARE of its voxels; else
+    None. Padding if another scan confirms it (confirmed_padding)."""
     array = sitk.GetArrayViewFromImage(image)
     faces = np.concatenate([array[[0, -1]].ravel(), array[:, [0, -1]].ravel(), array[:, :, [0, -1]].ravel()])
     values, counts = np.unique(faces, return_counts=True)
     value = values[np.argmax(counts)]
     runs = _runs_from_the_ends(array == value)
-    if np.count_nonzero(runs) < PADDING_SHARE * array.size:
-        return None
+    return PaddingCandidate(float(value), runs) if np.count_nonzero(runs) >= PADDING_SHARE * array.size else None
+
+
+def find_padding(image: sitk.Image, reference: sitk.Image, window: IntensityWindow,
+                 transform: sitk.Transform | None = None,
+                 seen: np.ndarray | None = None) -> tuple[float, np.ndarray] | None:
+    """The padding of a scan outside its field of view, and where it lies on the reference's grid (bool [z, y, x]);
+    None when it has none. A scan resampled onto another grid is filled with one value beyond its field of view
+    (0 HU by default in 3D Slicer's resampling modules; a CBCT's corners beyond its reconstructed circle): its
+    padding_candidate, confirmed by the reference (confirmed_padding). `transform` maps reference points to the
+    scan's (None: the identity)."""
+    candidate = padding_candidate(image)
+    return None if candidate is None else confirmed_padding(candidate, image, reference, window, transform, seen)
+
+
+def confirmed_padding(candidate: PaddingCandidate, image: sitk.Image, reference: sitk.Image,
+                      window: IntensityWindow, transform: sitk.Transform | None = None,
+                      seen: np.ndarray | None = None) -> tuple[float, np.ndarray] | None:
+    """`image`'s padding candidate placed on the reference's grid (bool [z, y, x]), when the reference holds
+    something else (more than PADDING_TOLERANCE off its value) at PADDING_EVIDENCE of its voxels there, counting only
+    the reference's voxels in `seen` (None: all), its field of view when it is padded itself; else None."""
+    value, runs = candidate
     where = runs if transform is None and Grid.of(image) == Grid.of(reference) else \
         inside_field_of_view(image, reference, transform, runs)
     there = window.normalise(sitk.GetArrayViewFromImage(reference)[where if seen is None else where & seen])
     differs = np.abs(there - window.normalise(np.array([value], np.float32))) > PADDING_TOLERANCE
     if np.count_nonzero(differs) < PADDING_EVIDENCE * max(len(there), 1):
         return None
-    return float(value), where
+    return value, where
 
 
 def _runs_from_the_ends(same: np.ndarray) -> np.ndarray:
