@@ -25,7 +25,8 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
 fi
 # The report's figures draw structure names in Chinese, Japanese, … with an installed font that has them; CI gets
 # one (Droid Sans Fallback, 2 MB) where it may, so their test runs. Without one that test skips and says why.
-if ! dpkg -s fonts-droid-fallback >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+if ! dpkg-query -W -f '${Status}' fonts-droid-fallback 2>/dev/null | grep -q "ok installed" \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   { apt-get install -y -qq fonts-droid-fallback \
       || { apt-get update -qq && apt-get install -y -qq fonts-droid-fallback; }; } >/dev/null 2>&1 \
     || echo "setup.sh: could not install a CJK font; the report's CJK-names test will skip" >&2
