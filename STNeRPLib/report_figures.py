@@ -17,7 +17,7 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ft2font import FT2Font  # noqa: E402
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
 
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -55,14 +55,27 @@ def font_families(texts: Iterable[str]) -> list[str]:
     needed = {ord(c) for text in texts for c in text if c.isprintable() and not c.isspace()}
     needed -= _characters(font_manager.findfont(FONT))
     families = [FONT]
-    for entry in font_manager.fontManager.ttflist if needed else ():
-        found = needed & _characters(entry.fname)
-        if found and entry.name not in families:
-            families.append(entry.name)
+    for name, path in _installed_fonts() if needed else ():
+        found = needed & _characters(path)
+        if found and name not in families:
+            families.append(name)
             needed -= found
         if not needed:
             break
     return families
+
+
+def _installed_fonts() -> Iterator[tuple[str, str]]:
+    """(family, file) of the fonts matplotlib knows, then of the system's fonts it does not (installed after it
+    cached its list, which it never reads again), each added to it when first given."""
+    known = set()
+    for entry in font_manager.fontManager.ttflist:
+        known.add(entry.fname)
+        yield entry.name, entry.fname
+    for path in sorted(set(font_manager.findSystemFonts()) - known):
+        if _characters(path):
+            font_manager.fontManager.addfont(path)
+            yield font_manager.fontManager.ttflist[-1].name, path
 
 
 def _texts(values: Iterable[object]) -> Iterable[str]:

@@ -15,17 +15,20 @@ from STNeRPLib import report_figures
 NAMES = {1: "肿瘤 GTV", 2: "右肺", 3: "肝臓 liver"}
 
 
-def _has(path: str, text: str) -> bool:
+def _draws(path: str, text: str) -> bool:
+    """Whether the font file has a glyph of its own for each character of `text`: distinct, none the missing glyph
+    (a last-resort font maps a whole Unicode block to one placeholder)."""
     try:
-        charmap = FT2Font(path).get_charmap()
+        font = FT2Font(path)
     except (OSError, RuntimeError):
         return False
-    return all(ord(c) in charmap for c in text if not c.isspace())
+    glyphs = [font.get_char_index(ord(c)) for c in text]
+    return 0 not in glyphs and len(set(glyphs)) == len(set(text))
 
 
 def _font_for(text: str) -> str | None:
-    """The name of an installed font that has every character of `text`, if any."""
-    return next((entry.name for entry in font_manager.fontManager.ttflist if _has(entry.fname, text)), None)
+    """An installed font file (the system's) that draws every character of `text`, if any."""
+    return next((path for path in font_manager.findSystemFonts() if _draws(path, text)), None)
 
 
 def test_structure_names_in_cjk_are_drawn_with_an_installed_font_that_has_them():
@@ -40,9 +43,8 @@ def test_structure_names_in_cjk_are_drawn_with_an_installed_font_that_has_them()
     assert png.startswith(b"\x89PNG") and not missing, missing
     fallbacks = report_figures.font_families(NAMES.values())[1:]
     for name in fallbacks:                  # real glyphs, not a last-resort font's one placeholder per block
-        font = FT2Font(font_manager.findfont(font_manager.FontProperties(family=name), fallback_to_default=False))
-        glyphs = [font.get_char_index(ord(c)) for c in "肿瘤右肺"]
-        assert len(set(glyphs)) == 4 and 0 not in glyphs, name
+        path = font_manager.findfont(font_manager.FontProperties(family=name), fallback_to_default=False)
+        assert _draws(path, "肿瘤右肺"), name
 
 
 def test_latin_names_need_no_other_font():
