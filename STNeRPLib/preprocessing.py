@@ -172,15 +172,14 @@ def padding_candidate(image: sitk.Image) -> PaddingCandidate | None:
 
 
 def find_padding(image: sitk.Image, reference: sitk.Image, window: IntensityWindow,
-                 transform: sitk.Transform | None = None,
-                 seen: np.ndarray | None = None) -> tuple[float, np.ndarray] | None:
+                 transform: sitk.Transform | None = None) -> tuple[float, np.ndarray] | None:
     """The padding of a scan outside its field of view, and where it lies on the reference's grid (bool [z, y, x]);
     None when it has none. A scan resampled onto another grid is filled with one value beyond its field of view
     (0 HU by default in 3D Slicer's resampling modules; a CBCT's corners beyond its reconstructed circle): its
     padding_candidate, confirmed by the reference (confirmed_padding). `transform` maps reference points to the
     scan's (None: the identity)."""
     candidate = padding_candidate(image)
-    return None if candidate is None else confirmed_padding(candidate, image, reference, window, transform, seen)
+    return None if candidate is None else confirmed_padding(candidate, image, reference, window, transform)
 
 
 def confirmed_padding(candidate: PaddingCandidate, image: sitk.Image, reference: sitk.Image,

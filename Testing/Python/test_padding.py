@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from STNeRPLib.phantom import breathing_series
-from STNeRPLib.preprocessing import IntensityWindow, find_padding
+from STNeRPLib.preprocessing import IntensityWindow, confirmed_padding, find_padding, padding_candidate
 from worker_cli import stnerp
 
 WINDOW = IntensityWindow.for_image(sitk.Image(1, 1, 1, sitk.sitkInt16), "ct")
@@ -151,7 +151,8 @@ def test_a_follow_ups_padding_is_no_evidence_that_the_references_own_air_is_padd
     series = breathing_series(size=(48, 48, 32), spacing=(6.0, 6.0, 7.5), n_phases=3, noise_hu=0)
     reference, follow_up = series.images[0], padded(series.images[2], 0.0)
     assert find_padding(reference, follow_up, WINDOW) is not None       # the follow-up's padding counted: air taken
-    assert find_padding(reference, follow_up, WINDOW, seen=cylinder(reference)) is None
+    assert confirmed_padding(padding_candidate(reference), reference, follow_up, WINDOW,
+                             seen=cylinder(reference)) is None
 
 
 def test_a_noise_free_reference_beside_padded_follow_ups_keeps_its_air_in_the_fit(tmp_path):
