@@ -369,7 +369,7 @@ class STNeRPCoreLogic:
         inputs are exported again to the folder the run recorded, so the worker sees the same paths,
         and it checks their SHA-256: inputs changed since are refused in one line."""
         settings = dict(settings or {})
-        temp_dir = self._resumed_inputs_folder(cast(str, run_dir)) if resume else os.path.abspath(
+        temp_dir = self._resumed_inputs_folder(run_dir) if resume else os.path.abspath(
             tempfile.mkdtemp(prefix="STNeRP-inputs-", dir=self._temp_root()))
         try:
             files, segment_map = self.export_inputs(inputs, temp_dir)
@@ -399,8 +399,11 @@ class STNeRPCoreLogic:
         return Job(self, self.worker_command + args, run_dir, temp_dir, options, segment_map).start()
 
     @staticmethod
-    def _resumed_inputs_folder(run_dir: str) -> str:
+    def _resumed_inputs_folder(run_dir: str | None) -> str:
         """The (re-created) folder the unfinished run's inputs were exported to."""
+        if not run_dir:
+            raise ValueError("Resume needs the folder of an unfinished STNeRP run, and none is recorded: "
+                             "train again with Apply.")
         try:
             reference = contract.read_run(run_dir)["inputs"]["reference"]
         except (OSError, ValueError, KeyError, TypeError):

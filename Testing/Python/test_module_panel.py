@@ -725,3 +725,15 @@ def test_panel_resumes_a_cancelled_run_from_its_checkpoint(series, tmp_path):
     assert record["status"] == contract.STATUS_COMPLETE and len(record["resumed"]) == 1
     parameters.record_training(pn, resumed)
     assert pn.GetParameter("LastRunDirectory") == job.run_dir and not pn.GetParameter("UnfinishedRunDirectory")
+
+
+@pytest.mark.parametrize("run_dir", [None, ""])
+def test_panel_resume_without_an_unfinished_run_folder_says_which_folder_is_missing(series, tmp_path, run_dir):
+    """Resume with no unfinished run recorded (the parameter node's UnfinishedRunDirectory unset reads
+    as an empty string) names what is missing instead of "None holds no unfinished run", and adds
+    nothing to the scene."""
+    pn = parameter_node(series)
+    nodes = series.scene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match=r"^Resume needs the folder of an unfinished STNeRP run"):
+        core(series, tmp_path).start_training(parameters.job_inputs(pn), {}, run_dir=run_dir, resume=True)
+    assert series.scene.GetNumberOfNodes() == nodes
