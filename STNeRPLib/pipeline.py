@@ -187,7 +187,7 @@ def _without_reference_padding(reference: sitk.Image, resampled: _Resampled, win
     """`resampled` with the reference's own field of view: without its padding (its padding_candidate, read once,
     confirmed by the first follow-up that holds something else there inside its own field of view:
     confirmed_padding), which holds no anatomy for Def-Net to carry onto the follow-ups; said. The follow-ups'
-    fields of view are left as they saw."""
+    fields of view are left as they saw; one that overlaps only the padding is refused."""
     candidate = padding_candidate(reference)
     found = None if candidate is None else next(filter(None, (
         confirmed_padding(candidate, reference, image, window, seen=resampled.views.get(t))
@@ -196,8 +196,11 @@ def _without_reference_padding(reference: sitk.Image, resampled: _Resampled, win
         return resampled
     value, where = found
     resampled = resampled._replace(reference_view=~where)
-    for t, image in resampled.images.items():
-        _check_overlap(cast(np.ndarray, resampled.fitted(t)), t, image, reference)
+    for t in resampled.images:
+        if not cast(np.ndarray, resampled.fitted(t)).any():
+            raise InputError(f"the follow-up image at time {t:g} overlaps only the reference's padding ({value:g}), "
+                             "no anatomy of the reference to register it to: check its origin, or choose as the "
+                             "reference a scan that covers it")
     reporter.message(f"the reference: {np.mean(where):.0%} of its grid is padding ({value:g}) outside its field of "
                      "view, left out of the fit")
     return resampled

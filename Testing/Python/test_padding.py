@@ -179,3 +179,18 @@ def test_a_reference_padded_with_0_hu_registers_its_follow_ups_as_well_as_unpadd
     assert "the reference: 50% of its grid is padding (0) outside its field of view" in said, said
     for (before, _), (tre, folded) in zip(unpadded, scores(points)):
         assert folded == 0 and tre <= before + 0.1, scores(points)
+
+
+def test_a_follow_up_that_overlaps_only_the_references_padding_is_refused_saying_so(noisy, tmp_path):
+    """A follow-up cropped to a corner of the grid, where the reference is padding: it overlaps the reference's grid
+    but none of its anatomy, and the refusal says that rather than "does not overlap the reference in space"."""
+    sitk.WriteImage(padded(noisy.images[0], 0.0), str(tmp_path / "reference.nrrd"))
+    sitk.WriteImage(noisy.images[1], str(tmp_path / "1.nrrd"))
+    sitk.WriteImage(sitk.RegionOfInterest(noisy.images[2], (8, 8, 32), (0, 0, 0)), str(tmp_path / "2.nrrd"))
+    result = stnerp("train", "--reference", tmp_path / "reference.nrrd", "--follow-up", tmp_path / "1.nrrd", 1,
+                    "--follow-up", tmp_path / "2.nrrd", 2, "--output", tmp_path / "run", "--iterations", "5",
+                    "--prior", "image", "--no-report")
+    assert result.returncode == 2, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert "time 2 overlaps only the reference's padding (0)" in error, error
+    assert "no anatomy of the reference to register it to" in error
