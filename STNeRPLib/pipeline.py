@@ -21,7 +21,7 @@ from .geometry import Grid
 from .metrics import map_points, target_registration_error
 from .model import SeriesModel, labels_in, new_ref_net, normalise_time
 from .networks import RefNet
-from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, Calibration, IntensityWindow,
+from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, Calibration, IntensityWindow, PaddingCandidate,
                             affine_prealignment, confirmed_padding, find_padding, flat_voxels,
                             intensity_calibration, intensity_method, on_grid, padding_candidate, smoothed)
 from .presets import Options, Preset
@@ -155,55 +155,69 @@ def _seeded(seed: int) -> torch.Generator:
 
 def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]], options: Options,
                          window: IntensityWindow, reporter: Reporter) -> _Resampled:
-    """Each follow-up resampled onto the reference grid (through its affine pre-alignment with
-    --prealign affine; beyond the scan, the reference's background), its field of view there without its
-    padding (find_padding), said; a follow-up that does not overlap the reference is refused."""
-    background = float(sitk.GetArrayViewFromImage(reference).min())
-    grid = Grid.of(reference)
-    resampled = _Resampled({}, {}, {})
+    """Each follow-up resampled onto the reference grid (through its affine pre-alignment with --prealign affine,
+    which compares the scans inside the reference's field of view; beyond the scan, the reference's background), its
+    field of view there without its padding (find_padding), said; the reference's own field of view without its
+    padding (_reference_padding), said. A follow-up that does not overlap the reference's anatomy is refused."""
+    padding = _reference_padding(reference, follow_ups, window)
+    resampled = _Resampled({}, {}, {}, None if padding is None else ~padding.runs)
     for t, image in follow_ups:
         transform = None
         if options.prealign:
             reporter.message(f"affine pre-alignment of time {t:g}")
-            transform = affine_prealignment(reference, image)
+            transform = affine_prealignment(reference, image, resampled.reference_view)
             resampled.prealignments[t] = affine_matrix(transform)
-        elif not Grid.of(image).matches(grid):
+        elif not Grid.of(image).matches(Grid.of(reference)):
             reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
-        resampled.images[t], inside = on_grid(image, reference, transform, background)
-        padding = find_padding(image, reference, window, transform)
-        if padding is not None:
-            value, where = padding
-            inside = ~where if inside is None else inside & ~where
-            reporter.message(f"time {t:g}: {np.mean(where):.0%} of the reference grid is padding ({value:g}) outside "
-                             "the scan's field of view, left out of the fit")
-        if inside is not None:
-            _check_overlap(inside, t, image, reference)
-            resampled.views[t] = inside
-    return _without_reference_padding(reference, resampled, window, reporter)
+        _resample(resampled, t, image, reference, transform, window, reporter)
+    if padding is not None:
+        _check_anatomy_overlap(resampled, padding.value)
+        reporter.message(f"the reference: {np.mean(padding.runs):.0%} of its grid is padding ({padding.value:g}) "
+                         "outside its field of view, left out of the fit")
+    return resampled
 
 
-def _without_reference_padding(reference: sitk.Image, resampled: _Resampled, window: IntensityWindow,
-                               reporter: Reporter) -> _Resampled:
-    """`resampled` with the reference's own field of view: without its padding (its padding_candidate, read once,
-    confirmed by the first follow-up that holds something else there inside its own field of view:
-    confirmed_padding), which holds no anatomy for Def-Net to carry onto the follow-ups; said. The follow-ups'
-    fields of view are left as they saw; one that overlaps only the padding is refused."""
+def _resample(resampled: _Resampled, t: float, image: sitk.Image, reference: sitk.Image,
+              transform: sitk.Transform | None, window: IntensityWindow, reporter: Reporter) -> None:
+    """Put the follow-up at time t into `resampled`: on the reference grid through `transform` (reference points ->
+    its points; None: the identity), with its field of view there without its padding (find_padding), said."""
+    background = float(sitk.GetArrayViewFromImage(reference).min())
+    resampled.images[t], inside = on_grid(image, reference, transform, background)
+    padding = find_padding(image, reference, window, transform)
+    if padding is not None:
+        value, where = padding
+        inside = ~where if inside is None else inside & ~where
+        reporter.message(f"time {t:g}: {np.mean(where):.0%} of the reference grid is padding ({value:g}) outside "
+                         "the scan's field of view, left out of the fit")
+    if inside is not None:
+        _check_overlap(inside, t, image, reference)
+        resampled.views[t] = inside
+
+
+def _reference_padding(reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]],
+                       window: IntensityWindow) -> PaddingCandidate | None:
+    """The reference's padding (its padding_candidate), which holds no anatomy for Def-Net to carry onto the
+    follow-ups nor for an affine pre-alignment to match: confirmed by the first follow-up that holds something else
+    there inside its own field of view (without its own padding), each as scanned, on its own grid; None when none
+    does."""
     candidate = padding_candidate(reference)
-    found = None if candidate is None else next(filter(None, (
-        confirmed_padding(candidate, reference, image, window, seen=resampled.views.get(t))
-        for t, image in resampled.images.items())), None)
-    if found is None:
-        return resampled
-    value, where = found
-    resampled = resampled._replace(reference_view=~where)
+    if candidate is None:
+        return None
+    for _, image in follow_ups:
+        own = padding_candidate(image)
+        seen = None if own is None or confirmed_padding(own, image, reference, window) is None else ~own.runs
+        if confirmed_padding(candidate, reference, image, window, seen=seen) is not None:
+            return candidate
+    return None
+
+
+def _check_anatomy_overlap(resampled: _Resampled, value: float) -> None:
+    """Refuse a follow-up that overlaps only the reference's padding (of `value`)."""
     for t in resampled.images:
         if not cast(np.ndarray, resampled.fitted(t)).any():
             raise InputError(f"the follow-up image at time {t:g} overlaps only the reference's padding ({value:g}), "
                              "no anatomy of the reference to register it to: check its origin, or choose as the "
                              "reference a scan that covers it")
-    reporter.message(f"the reference: {np.mean(where):.0%} of its grid is padding ({value:g}) outside its field of "
-                     "view, left out of the fit")
-    return resampled
 
 
 def _calibrations(reference: sitk.Image, scans: _Resampled, window: IntensityWindow, preset: Preset,

@@ -93,12 +93,14 @@ PREALIGNMENT_SEED = 1
 """Seed of the pre-alignment's voxel sampling (any fixed non-zero value)."""
 
 
-def affine_prealignment(reference: sitk.Image, image: sitk.Image) -> sitk.AffineTransform:
+def affine_prealignment(reference: sitk.Image, image: sitk.Image,
+                        reference_view: np.ndarray | None = None) -> sitk.AffineTransform:
     """Affine transform mapping reference points (LPS mm) to matching points of `image`.
 
     Mattes mutual information on a random 20 % of the voxels drawn with a fixed seed (SimpleITK's
     seed 0 means the wall clock: runs would differ), three resolution levels, geometric-centre
-    initialisation.
+    initialisation; with `reference_view` (bool [z, y, x] on the reference's grid), on its voxels alone: a
+    reference padded with air-like values beside the body otherwise pulls the follow-up's body into it.
     """
     initial = sitk.CenteredTransformInitializer(
         reference, image, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.GEOMETRY)
@@ -113,6 +115,10 @@ def affine_prealignment(reference: sitk.Image, image: sitk.Image) -> sitk.Affine
     method.SetShrinkFactorsPerLevel([4, 2, 1])
     method.SetSmoothingSigmasPerLevel([2, 1, 0])
     method.SetInitialTransform(initial, inPlace=False)
+    if reference_view is not None:
+        mask = sitk.GetImageFromArray(reference_view.astype(np.uint8))
+        mask.CopyInformation(reference)
+        method.SetMetricFixedMask(mask)
     result = method.Execute(sitk.Cast(reference, sitk.sitkFloat32), sitk.Cast(image, sitk.sitkFloat32))
     return sitk.AffineTransform(sitk.CompositeTransform(result).GetNthTransform(0))
 
