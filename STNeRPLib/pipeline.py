@@ -21,8 +21,8 @@ from .geometry import Grid
 from .metrics import map_points, target_registration_error
 from .model import SeriesModel, labels_in, new_ref_net, normalise_time
 from .networks import RefNet
-from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, Calibration, IntensityWindow, PaddingCandidate,
-                            affine_prealignment, confirmed_padding, find_padding, flat_voxels,
+from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, FAR_SHIFT_MM, Calibration, IntensityWindow,
+                            PaddingCandidate, affine_prealignment, apparent_shift_mm, confirmed_padding, find_padding, flat_voxels,
                             intensity_calibration, intensity_method, on_grid, padding_candidate, smoothed)
 from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
@@ -170,6 +170,8 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
         elif not Grid.of(image).matches(Grid.of(reference)):
             reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
         _resample(resampled, t, image, reference, transform, window, reporter)
+        if not options.prealign:
+            _say_if_far(resampled, t, reference, window, reporter)
     if padding is not None:
         _check_anatomy_overlap(resampled, padding.value)
         reporter.message(f"the reference: {np.mean(padding.runs):.0%} of its grid is padding ({padding.value:g}) "
@@ -192,6 +194,18 @@ def _resample(resampled: _Resampled, t: float, image: sitk.Image, reference: sit
     if inside is not None:
         _check_overlap(inside, t, image, reference)
         resampled.views[t] = inside
+
+
+def _say_if_far(resampled: _Resampled, t: float, reference: sitk.Image, window: IntensityWindow,
+                reporter: Reporter) -> None:
+    """Say so when the follow-up at time t lies further than FAR_SHIFT_MM from the reference (apparent_shift_mm), a
+    shift that --prealign affine takes out before the fit."""
+    shift = apparent_shift_mm(reference, resampled.images[t], window, resampled.reference_view, resampled.views.get(t))
+    if np.linalg.norm(shift) > FAR_SHIFT_MM:
+        reporter.message(f"time {t:g}: its anatomy lies {np.linalg.norm(shift):.0f} mm from the reference's "
+                         f"({', '.join(f'{v:+.0f}' for v in shift)} mm, LPS), further than a fit without pre-alignment "
+                         "follows well: check the scans' positions, or give --prealign affine (the panel's Affine "
+                         "pre-alignment)")
 
 
 def _reference_padding(reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]],

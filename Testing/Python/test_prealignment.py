@@ -1,11 +1,20 @@
-"""--prealign affine is reproducible: the same pair gives the same pre-alignment every run."""
+"""--prealign affine is reproducible: the same pair gives the same pre-alignment every run. A follow-up whose body lies
+far from the reference's across the slices, fitted without it, is named in the log with the way out."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from STNeRPLib.phantom import breathing_series
 from STNeRPLib.preprocessing import affine_prealignment
+from worker_cli import stnerp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks import data  # noqa: E402
 
 
 def test_affine_prealignment_is_the_same_every_run():
@@ -18,3 +27,27 @@ def test_affine_prealignment_is_the_same_every_run():
     matrices = [np.array(r.GetMatrix() + r.GetTranslation()) for r in runs]
     for other in matrices[1:]:
         np.testing.assert_allclose(other, matrices[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("shift", [(0.0, 0.0, 0.0), (35.0, -30.0, 20.0)])
+def test_a_follow_up_far_from_the_reference_without_prealignment_is_named_with_the_way_out(tmp_path, shift):
+    """The sliding abdomen's peak phase moved 50 mm (its grid's origin shifted: the scanner's frame, or the couch,
+    differing) scored 25.3 mm mean TRE and 3 567 folded voxels without --prealign affine, 1.57 mm with it, and nothing
+    said so. In place, as in every benchmark series (no shift found), nothing is said."""
+    if not data.abdomen_available():
+        pytest.skip(f"no abdomen CT in {data.ABDOMEN_CT}")
+    series = data.Series(data.abdomen_series(tmp_path / "abdomen", n_phases=2, heldout=1))
+    reference, follow_up = (sitk.Cast(sitk.Round(series.image(k)), sitk.sitkInt16) for k in (0, 1))
+    follow_up.SetOrigin(tuple(o + d for o, d in zip(follow_up.GetOrigin(), shift)))
+    sitk.WriteImage(reference, str(tmp_path / "reference.nrrd"))
+    sitk.WriteImage(follow_up, str(tmp_path / "1.nrrd"))
+    result = stnerp("train", "--reference", tmp_path / "reference.nrrd", "--follow-up", tmp_path / "1.nrrd", 1,
+                    "--output", tmp_path / "run", "--iterations", "5", "--threads", "1", "--no-report")
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if "pre-alignment" in line]
+    if shift == (0.0, 0.0, 0.0):
+        assert not said
+    else:
+        assert len(said) == 1 and "time 1: its anatomy lies 4" in said[0] and "--prealign affine" in said[0], said
+        found = [float(v) for v in said[0].split("(")[1].split(" mm")[0].split(", ")]
+        np.testing.assert_allclose(found, shift, atol=6.0)
