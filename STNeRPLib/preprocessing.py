@@ -124,7 +124,8 @@ def affine_prealignment(reference: sitk.Image, image: sitk.Image,
 
 
 SHIFT_VOXEL_MM = 6.0
-"""Voxel size (mm, at least; whole blocks of the scans' voxels) at which apparent_shift_mm compares two scans."""
+"""Voxel size (mm; whole blocks of the scans' voxels, no more than a scan has along an axis) at which
+apparent_shift_mm compares two scans."""
 
 FAR_SHIFT_MM = 10.0
 """Apparent shift (mm) of a follow-up from the reference beyond which a fit without --prealign affine is said to need
@@ -137,12 +138,14 @@ def apparent_shift_mm(reference: sitk.Image, image: sitk.Image, window: Intensit
     """The translation (LPS, mm) that best carries the reference's anatomy onto `image`'s (on the reference grid), to
     within a block of SHIFT_VOXEL_MM: the peak of their cross-correlation over blocks of voxels, each scan in
     `window` and zero outside its view (bool [z, y, x]; None: all of the grid)."""
-    blocks = tuple(max(1, int(round(SHIFT_VOXEL_MM / s))) for s in reference.GetSpacing()[::-1])
+    blocks = tuple(min(max(1, int(round(SHIFT_VOXEL_MM / s))), n)
+                   for s, n in zip(reference.GetSpacing()[::-1], reference.GetSize()[::-1]))
     coarse = [_block_means(scan, blocks, window, inside) for scan, inside in ((reference, reference_view),
                                                                                (image, view))]
     shape = [2 * n for n in coarse[0].shape]
-    spectra = [np.fft.rfftn(c - c.mean(), shape) for c in coarse]
-    correlation = np.fft.irfftn(np.conj(spectra[0]) * spectra[1], shape)
+    axes = (0, 1, 2)
+    spectra = [np.fft.rfftn(c - c.mean(), shape, axes) for c in coarse]
+    correlation = np.fft.irfftn(np.conj(spectra[0]) * spectra[1], shape, axes)
     peak = np.array(np.unravel_index(np.argmax(correlation), correlation.shape))
     peak = np.where(peak > np.array(shape) // 2, peak - np.array(shape), peak)
     return np.asarray(Grid.of(reference).index_to_mm @ (peak * np.array(blocks))[::-1], float)

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from STNeRPLib.phantom import breathing_series
-from STNeRPLib.preprocessing import affine_prealignment
+from STNeRPLib.preprocessing import CT_WINDOW, IntensityWindow, affine_prealignment, apparent_shift_mm
 from worker_cli import stnerp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -51,3 +51,15 @@ def test_a_follow_up_far_from_the_reference_without_prealignment_is_named_with_t
         assert len(said) == 1 and "time 1: its anatomy lies 4" in said[0] and "--prealign affine" in said[0], said
         found = [float(v) for v in said[0].split("(")[1].split(" mm")[0].split(", ")]
         np.testing.assert_allclose(found, shift, atol=6.0)
+
+
+def test_the_apparent_shift_of_a_scan_thinner_than_a_block_is_found_across_its_slices():
+    """Four slices 1 mm apart (the fewest a scan may have) are thinner than the 6 mm block the scans are compared on:
+    the slices make one block (it failed: no block filled), and a shift of 12 mm across them is found."""
+    array = np.full((4, 60, 60), -1000, np.int16)
+    array[:, 15:40, 10:30] = 40
+    reference = sitk.GetImageFromArray(array)
+    moved = sitk.GetImageFromArray(np.roll(array, 12, axis=2))
+    moved.CopyInformation(reference)
+    window = IntensityWindow(*CT_WINDOW)
+    np.testing.assert_allclose(apparent_shift_mm(reference, moved, window), (12.0, 0.0, 0.0), atol=6.0)
