@@ -165,7 +165,8 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
         transform = None
         if options.prealign:
             reporter.message(f"affine pre-alignment of time {t:g}")
-            transform = affine_prealignment(reference, image, resampled.reference_view)
+            transform = affine_prealignment(reference, image, resampled.reference_view,
+                                            _apparent_shift(reference, image, window, resampled.reference_view))
             resampled.prealignments[t] = affine_matrix(transform)
         elif not Grid.of(image).matches(Grid.of(reference)):
             reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
@@ -194,6 +195,17 @@ def _resample(resampled: _Resampled, t: float, image: sitk.Image, reference: sit
     if inside is not None:
         _check_overlap(inside, t, image, reference)
         resampled.views[t] = inside
+
+
+def _apparent_shift(reference: sitk.Image, image: sitk.Image, window: IntensityWindow,
+                    reference_view: np.ndarray | None) -> np.ndarray:
+    """The follow-up's apparent_shift_mm from the reference as it lies (no pre-alignment), its padding left out."""
+    background = float(sitk.GetArrayViewFromImage(reference).min())
+    on_reference, inside = on_grid(image, reference, None, background)
+    padding = find_padding(image, reference, window)
+    if padding is not None:
+        inside = ~padding[1] if inside is None else inside & ~padding[1]
+    return apparent_shift_mm(reference, on_reference, window, reference_view, inside)
 
 
 def _say_if_far(resampled: _Resampled, t: float, reference: sitk.Image, window: IntensityWindow,

@@ -2,6 +2,7 @@
 far from the reference's across the slices, fitted without it, is named in the log with the way out."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -63,3 +64,29 @@ def test_the_apparent_shift_of_a_scan_thinner_than_a_block_is_found_across_its_s
     moved.CopyInformation(reference)
     window = IntensityWindow(*CT_WINDOW)
     np.testing.assert_allclose(apparent_shift_mm(reference, moved, window), (12.0, 0.0, 0.0), atol=6.0)
+
+
+def test_an_affine_prealignment_starts_from_the_apparent_shift_of_anatomy_moved_within_the_grid(tmp_path):
+    """The abdomen's peak phase moved 50 mm inside an unmoved grid (a patient lying elsewhere in the field of view):
+    started from the grids' centres, mutual information ran off (89.5 mm from the landmarks' true positions against
+    49.0 unregistered; the fit 174 mm mean TRE, 16 366 folded voxels); started from the apparent shift it finds them
+    (4.0 mm)."""
+    if not data.abdomen_available():
+        pytest.skip(f"no abdomen CT in {data.ABDOMEN_CT}")
+    series = data.Series(data.abdomen_series(tmp_path / "abdomen", n_phases=2, heldout=1))
+    reference, follow_up = (sitk.Cast(sitk.Round(series.image(k)), sitk.sitkInt16) for k in (0, 1))
+    move = np.array([35.0, -30.0, 20.0])
+    moved = sitk.Resample(follow_up, follow_up, sitk.TranslationTransform(3, (-move).tolist()), sitk.sitkLinear,
+                          -1024.0, sitk.sitkInt16)
+    sitk.WriteImage(reference, str(tmp_path / "reference.nrrd"))
+    sitk.WriteImage(moved, str(tmp_path / "1.nrrd"))
+    result = stnerp("train", "--reference", tmp_path / "reference.nrrd", "--follow-up", tmp_path / "1.nrrd", 1,
+                    "--prealign", "affine", "--output", tmp_path / "run", "--iterations", "5", "--threads", "1",
+                    "--no-report")
+    assert result.returncode == 0, result.stderr
+    affine = np.asarray(json.loads((tmp_path / "run" / "run.json").read_text())["time_points"][1]["prealignment"])
+    points, at_reference = series.landmarks(1)
+    points = points + move
+    unregistered = np.linalg.norm(at_reference - points, axis=1).mean()
+    error = np.linalg.norm(at_reference @ affine[:3, :3].T + affine[:3, 3] - points, axis=1).mean()
+    assert error < 0.2 * unregistered, (error, unregistered)
