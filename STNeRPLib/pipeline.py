@@ -165,8 +165,9 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
         transform = None
         if options.prealign:
             reporter.message(f"affine pre-alignment of time {t:g}")
-            transform = affine_prealignment(reference, image, resampled.reference_view,
-                                            _apparent_shift(reference, image, window, resampled.reference_view))
+            transform = affine_prealignment(reference, image,
+                                            _apparent_shift(reference, image, window, resampled.reference_view),
+                                            resampled.reference_view)
             resampled.prealignments[t] = affine_matrix(transform)
         elif not Grid.of(image).matches(Grid.of(reference)):
             reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")

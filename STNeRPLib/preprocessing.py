@@ -93,23 +93,20 @@ PREALIGNMENT_SEED = 1
 """Seed of the pre-alignment's voxel sampling (any fixed non-zero value)."""
 
 
-def affine_prealignment(reference: sitk.Image, image: sitk.Image, reference_view: np.ndarray | None = None,
-                        shift: np.ndarray | None = None) -> sitk.AffineTransform:
+def affine_prealignment(reference: sitk.Image, image: sitk.Image, shift: np.ndarray,
+                        reference_view: np.ndarray | None = None) -> sitk.AffineTransform:
     """Affine transform mapping reference points (LPS mm) to matching points of `image`.
 
     Mattes mutual information on a random 20 % of the voxels drawn with a fixed seed (SimpleITK's
     seed 0 means the wall clock: runs would differ), three resolution levels, starting from the translation `shift`
-    (LPS mm: apparent_shift_mm; None: the grids' centres onto each other); with `reference_view` (bool [z, y, x] on
-    the reference's grid), on its voxels alone: a reference padded with air-like values beside the body otherwise
-    pulls the follow-up's body into it.
+    (LPS mm, apparent_shift_mm: the grids' centres onto each other would find a moved grid but run off a patient moved
+    within one) about the reference grid's centre; with `reference_view` (bool [z, y, x] on the reference's grid), on
+    its voxels alone: a reference padded with air-like values beside the body otherwise pulls the follow-up's body
+    into it.
     """
-    if shift is None:
-        initial = sitk.CenteredTransformInitializer(
-            reference, image, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.GEOMETRY)
-    else:
-        initial = sitk.AffineTransform(3)
-        initial.SetCenter(reference.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in reference.GetSize()]))
-        initial.SetTranslation([float(v) for v in shift])
+    initial = sitk.AffineTransform(3)
+    initial.SetCenter(reference.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in reference.GetSize()]))
+    initial.SetTranslation([float(v) for v in shift])
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)

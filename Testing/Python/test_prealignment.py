@@ -24,7 +24,7 @@ def test_affine_prealignment_is_the_same_every_run():
     series = breathing_series(size=(32, 32, 24), spacing=(9.0, 9.0, 10.0), n_phases=4, noise_hu=10)
     moved = sitk.Image(series.images[2])
     moved.SetOrigin(tuple(o + d for o, d in zip(moved.GetOrigin(), (6.0, -4.0, 5.0))))
-    runs = [affine_prealignment(series.images[0], moved) for _ in range(3)]
+    runs = [affine_prealignment(series.images[0], moved, np.zeros(3)) for _ in range(3)]
     matrices = [np.array(r.GetMatrix() + r.GetTranslation()) for r in runs]
     for other in matrices[1:]:
         np.testing.assert_allclose(other, matrices[0], rtol=0, atol=1e-4)
