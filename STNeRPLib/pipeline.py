@@ -22,8 +22,9 @@ from .metrics import map_points, target_registration_error
 from .model import SeriesModel, labels_in, new_ref_net, normalise_time
 from .networks import RefNet
 from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, FAR_SHIFT_MM, Calibration, IntensityWindow,
-                            PaddingCandidate, affine_prealignment, apparent_shift_mm, confirmed_padding, find_padding, flat_voxels,
-                            intensity_calibration, intensity_method, on_grid, padding_candidate, smoothed)
+                            PaddingCandidate, affine_prealignment, apparent_shift_mm, confirmed_padding, find_padding,
+                            flat_voxels, intensity_calibration, intensity_method, on_grid, padding_candidate,
+                            smoothed)
 from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
@@ -184,29 +185,33 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
 def _resample(resampled: _Resampled, t: float, image: sitk.Image, reference: sitk.Image,
               transform: sitk.Transform | None, window: IntensityWindow, reporter: Reporter) -> None:
     """Put the follow-up at time t into `resampled`: on the reference grid through `transform` (reference points ->
-    its points; None: the identity), with its field of view there without its padding (find_padding), said."""
-    background = float(sitk.GetArrayViewFromImage(reference).min())
-    resampled.images[t], inside = on_grid(image, reference, transform, background)
-    padding = find_padding(image, reference, window, transform)
+    its points; None: the identity), with its field of view there without its padding (_placed), said."""
+    resampled.images[t], inside, padding = _placed(image, reference, transform, window)
     if padding is not None:
-        value, where = padding
-        inside = ~where if inside is None else inside & ~where
-        reporter.message(f"time {t:g}: {np.mean(where):.0%} of the reference grid is padding ({value:g}) outside "
-                         "the scan's field of view, left out of the fit")
+        reporter.message(f"time {t:g}: {np.mean(padding[1]):.0%} of the reference grid is padding ({padding[0]:g}) "
+                         "outside the scan's field of view, left out of the fit")
     if inside is not None:
         _check_overlap(inside, t, image, reference)
         resampled.views[t] = inside
 
 
+def _placed(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None,
+            window: IntensityWindow) -> tuple[sitk.Image, np.ndarray | None, tuple[float, np.ndarray] | None]:
+    """The follow-up on the reference grid through `transform` (beyond the scan, the reference's background), the
+    voxels there inside its field of view without its padding (None: all), and its padding (find_padding)."""
+    background = float(sitk.GetArrayViewFromImage(reference).min())
+    placed, inside = on_grid(image, reference, transform, background)
+    padding = find_padding(image, reference, window, transform)
+    if padding is not None:
+        inside = ~padding[1] if inside is None else inside & ~padding[1]
+    return placed, inside, padding
+
+
 def _apparent_shift(reference: sitk.Image, image: sitk.Image, window: IntensityWindow,
                     reference_view: np.ndarray | None) -> np.ndarray:
     """The follow-up's apparent_shift_mm from the reference as it lies (no pre-alignment), its padding left out."""
-    background = float(sitk.GetArrayViewFromImage(reference).min())
-    on_reference, inside = on_grid(image, reference, None, background)
-    padding = find_padding(image, reference, window)
-    if padding is not None:
-        inside = ~padding[1] if inside is None else inside & ~padding[1]
-    return apparent_shift_mm(reference, on_reference, window, reference_view, inside)
+    placed, inside, _ = _placed(image, reference, None, window)
+    return apparent_shift_mm(reference, placed, window, reference_view, inside)
 
 
 def _say_if_far(resampled: _Resampled, t: float, reference: sitk.Image, window: IntensityWindow,
