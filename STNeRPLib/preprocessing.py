@@ -133,7 +133,7 @@ apparent_shift_mm compares two scans."""
 FAR_SHIFT_MM = 10.0
 """Apparent shift (mm) of a follow-up from the reference beyond which a fit without --prealign affine is said to need
 it: every benchmark series shows none at SHIFT_VOXEL_MM; the abdomen's peak phase moved 27 mm scored 2.06 mm mean TRE
-without the pre-alignment and 1.61 with it, moved 50 mm 25.3 and 1.57 (README, --prealign)."""
+without the pre-alignment and 1.57 with it, moved 50 mm 25.3 and 1.61 (README, --prealign)."""
 
 
 def apparent_shift_mm(reference: sitk.Image, image: sitk.Image, window: IntensityWindow,
