@@ -20,6 +20,8 @@ from .geometry import Grid
 
 _SSIM_SIGMA = 1.5
 _SSIM_TRUNCATE = 3.5  # gives the 11-tap window of Wang et al. 2004, as scikit-image does
+SSIM_WINDOW_VOXELS = 2 * int(_SSIM_TRUNCATE * _SSIM_SIGMA + 0.5) + 1
+"""The side of SSIM's window (11): a grid thinner than it along any axis has no SSIM."""
 _SSIM_K1 = 0.01
 _SSIM_K2 = 0.03
 
@@ -68,9 +70,9 @@ def ssim(image: np.ndarray, reference: np.ndarray, data_range: float = 1.0, slab
     if np.shape(image) != np.shape(reference):
         raise ValueError(f"shape mismatch: {np.shape(image)} vs {np.shape(reference)}")
     shape = np.shape(image)
-    pad = int(_SSIM_TRUNCATE * _SSIM_SIGMA + 0.5)
-    if min(shape) < 2 * pad + 1:
-        raise ValueError(f"every axis must have at least {2 * pad + 1} voxels, got {shape}")
+    pad = SSIM_WINDOW_VOXELS // 2
+    if min(shape) < SSIM_WINDOW_VOXELS:
+        raise ValueError(f"every axis must have at least {SSIM_WINDOW_VOXELS} voxels, got {shape}")
     slab = slab or max(1, SSIM_SLAB_VOXELS // int(np.prod(shape[1:])))
 
     def slab_sum(start: int, end: int) -> tuple[float, int]:
@@ -248,9 +250,9 @@ def score_time_point(*, field: sitk.Image | None = None, jacobian: np.ndarray | 
 
     ``field``: u (mm, LPS, time-t grid, q -> q + u(q)); ``jacobian``: its det J array (folding
     statistics; not computed here, so a caller can let the Jacobian go once written). ``images``: (predicted, actual)
-    intensities normalised to [0, 1] (PSNR, SSIM). ``labelmaps``: (propagated, true) label arrays,
-    Dice over ``labels`` (default: every label present). ``landmarks``: (points q in the time-t image,
-    their true reference points), TRE in mm through ``field``. Returns every key of METRIC_KEYS; a
+    intensities normalised to [0, 1] (PSNR; SSIM, None on a grid thinner than SSIM_WINDOW_VOXELS). ``labelmaps``:
+    (propagated, true) label arrays, Dice over ``labels`` (default: every label present). ``landmarks``: (points q in
+    the time-t image, their true reference points), TRE in mm through ``field``. Returns every key of METRIC_KEYS; a
     part not given scores None (Dice: an empty dict); Dice keys are label strings.
     """
     scores: dict = dict.fromkeys(METRIC_KEYS)
@@ -259,7 +261,8 @@ def score_time_point(*, field: sitk.Image | None = None, jacobian: np.ndarray | 
         scores.update(folding_statistics(jacobian))
     if images is not None:
         predicted, actual = images
-        scores.update(psnr=psnr(predicted, actual), ssim=ssim(predicted, actual))
+        scores.update(psnr=psnr(predicted, actual),
+                      ssim=ssim(predicted, actual) if min(np.shape(actual)) >= SSIM_WINDOW_VOXELS else None)
     if labelmaps is not None:
         scores["dice"] = {str(k): v for k, v in dice_per_label(*labelmaps, labels).items()}
     if landmarks is not None:

@@ -223,6 +223,20 @@ def test_follow_up_without_overlap_is_refused_with_numbers(phantom, tmp_path):
     assert any(char.isdigit() for char in line.split("spans")[1])
 
 
+def test_a_follow_up_thinner_than_the_ssim_window_is_scored_without_ssim(phantom, tmp_path):
+    """SSIM's Gaussian window spans 11 voxels: a follow-up of 6 slices (a slab scan, a cropped CBCT) failed the whole
+    run after training with an internal error. It is scored with PSNR and no SSIM, and the report is written."""
+    series, files = phantom
+    slab = tmp_path / "slab.nrrd"
+    sitk.WriteImage(sitk.RegionOfInterest(series.images[1], (24, 24, 6), (0, 0, 5)), str(slab))
+    result = stnerp("train", "--reference", files["images"][0], "--follow-up", slab, 1,
+                    "--output", tmp_path / "run", *QUICK)
+    assert result.returncode == 0, result.stderr
+    metrics = record(tmp_path / "run")["time_points"][1]["metrics"]
+    assert metrics["ssim"] is None and metrics["psnr"] > 10, metrics
+    assert (tmp_path / "run" / "report" / "index.html").is_file()
+
+
 def test_constant_image_is_refused(phantom, tmp_path):
     _, files = phantom
     like = sitk.ReadImage(str(files["images"][1]))
