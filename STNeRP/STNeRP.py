@@ -112,11 +112,11 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                      ui.segmentationSelector, ui.referenceLandmarksSelector)]
         settings += [(combo, "currentIndexChanged(int)")
                      for combo in (ui.followUpModeComboBox, ui.presetComboBox, ui.deviceComboBox, ui.priorComboBox,
-                                   ui.similarityComboBox, ui.intensityComboBox, ui.labelInterpolationComboBox,
-                                   ui.anchorReferenceComboBox,
+                                   ui.prealignComboBox, ui.similarityComboBox, ui.intensityComboBox,
+                                   ui.labelInterpolationComboBox, ui.anchorReferenceComboBox,
                                    ui.stopOnConvergenceComboBox, ui.calibrateIntensitiesComboBox)]
         settings += [(ui.referenceTimeSpinBox, "valueChanged(double)"), (ui.iterationsSpinBox, "valueChanged(int)"),
-                     (ui.velocityLevelsSpinBox, "valueChanged(int)"), (ui.prealignCheckBox, "toggled(bool)"),
+                     (ui.velocityLevelsSpinBox, "valueChanged(int)"),
                      (ui.structurePointsSpinBox, "valueChanged(double)"),
                      (ui.createSequencesCheckBox, "toggled(bool)"),
                      (ui.predictTimesLineEdit, "editingFinished()"),
@@ -137,6 +137,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for combo, choices in ((self.ui.presetComboBox, contract.PRESET_NAMES),
                                (self.ui.deviceComboBox, contract.DEVICES),
                                (self.ui.priorComboBox, parameters.PRIOR_CHOICES),
+                               (self.ui.prealignComboBox, contract.PREALIGNMENTS),
                                (self.ui.similarityComboBox, parameters.SIMILARITY_CHOICES),
                                (self.ui.intensityComboBox, contract.INTENSITIES),
                                (self.ui.labelInterpolationComboBox, parameters.LABEL_INTERPOLATION_CHOICES),
@@ -223,7 +224,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setComboText(ui.deviceComboBox, pn.GetParameter("Device"))
             self._setComboText(ui.priorComboBox, pn.GetParameter("Prior"))
             ui.iterationsSpinBox.value = parameters.get_int(pn, "Iterations")
-            ui.prealignCheckBox.checked = pn.GetParameter("Prealign") == "affine"
+            self._setComboText(ui.prealignComboBox, pn.GetParameter("Prealign"))
             self._setComboText(ui.similarityComboBox, pn.GetParameter("Similarity"))
             self._setComboText(ui.intensityComboBox, pn.GetParameter("Intensity"))
             self._setComboText(ui.labelInterpolationComboBox, pn.GetParameter("LabelInterpolation"))
@@ -265,7 +266,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pn.SetParameter("Device", ui.deviceComboBox.currentText)
             pn.SetParameter("Prior", ui.priorComboBox.currentText)
             pn.SetParameter("Iterations", str(int(ui.iterationsSpinBox.value)))
-            pn.SetParameter("Prealign", "affine" if ui.prealignCheckBox.checked else "none")
+            pn.SetParameter("Prealign", ui.prealignComboBox.currentText)
             pn.SetParameter("Similarity", ui.similarityComboBox.currentText)
             pn.SetParameter("Intensity", ui.intensityComboBox.currentText)
             pn.SetParameter("LabelInterpolation", ui.labelInterpolationComboBox.currentText)

@@ -94,7 +94,7 @@ def train_options(args: argparse.Namespace) -> Options:
         raise InputError("--structure-points draws voxels about the segmentation's structures: give --segmentation, "
                          "or leave --structure-points out")
     preset = _preset(args).for_segmentation(getattr(args, "segmentation", None) is not None)
-    return Options(preset, args.prior, not args.pairwise, args.scheme, args.prealign == "affine",
+    return Options(preset, args.prior, not args.pairwise, args.scheme, args.prealign,
                    args.intensity, args.device, args.seed)
 
 

@@ -32,7 +32,9 @@ DEFAULT_PRESET = "default"
 DEVICES = ("auto", "cpu", "cuda")
 #: what Def-Net deforms: Ref-Net (the paper) or the reference image ("w/o prior")
 PRIORS = ("refnet", "image")
-PREALIGNMENTS = ("none", "affine")
+#: pre-alignment of the follow-ups: auto (a translation of each whose anatomy lies more than preprocessing.FAR_SHIFT_MM
+#: from the reference's), none, affine (an affine transform of every one)
+PREALIGNMENTS = ("auto", "none", "affine")
 #: intensity normalisation: auto (the CT window for scans in Hounsfield units, else percentiles), ct, percentile
 INTENSITIES = ("auto", "ct", "percentile")
 SCHEMES = ("long", "short")
@@ -285,7 +287,7 @@ def train_arguments(reference: str, reference_time: float, follow_ups: Sequence[
                     output: str, *, segmentation: str | None = None, landmarks: str | None = None,
                     ground_truth: Sequence[tuple[str, float]] = (), predict_times: Sequence[float] = (),
                     preset: str = DEFAULT_PRESET, iterations: int | None = None, device: str = "auto",
-                    prior: str | None = None, prealign: str = "none", similarity: str | None = None,
+                    prior: str | None = None, prealign: str = "auto", similarity: str | None = None,
                     intensity: str = "auto",
                     label_interpolation: str | None = None, velocity_levels: int | str | None = None,
                     anchor_reference: bool | None = None, stop_on_convergence: bool | None = None,
@@ -531,8 +533,10 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--pairwise", action="store_true", help="one network per follow-up, no time input ('w/o t')")
     command.add_argument("--scheme", choices=SCHEMES, default="long",
                          help="long: reference -> each; short: previous -> next")
-    command.add_argument("--prealign", choices=PREALIGNMENTS, default="none",
-                         help="affine pre-alignment of each follow-up to the reference")
+    command.add_argument("--prealign", choices=PREALIGNMENTS, default="auto",
+                         help="pre-alignment of the follow-ups to the reference: auto: a translation of each whose "
+                              "anatomy lies more than 10 mm from the reference's (default); none; affine: an affine "
+                              "transform of every one")
     command.add_argument("--intensity", choices=INTENSITIES, default="auto",
                          help="normalisation: ct: the window -1000..500 HU; percentile: the reference's 0.5-99.5 "
                               "percentiles (MR, CBCT in scanner units, CT stored without its rescale); auto: ct for "

@@ -22,8 +22,8 @@ from .metrics import map_points, target_registration_error
 from .model import SeriesModel, labels_in, new_ref_net, normalise_time
 from .networks import RefNet
 from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, FAR_SHIFT_MM, Calibration, IntensityWindow,
-                            PaddingCandidate, affine_prealignment, apparent_shift_mm, confirmed_padding, find_padding,
-                            flat_voxels, intensity_calibration, intensity_method, on_grid, padding_candidate,
+                            PaddingCandidate, apparent_shift_mm, confirmed_padding, find_padding, flat_voxels,
+                            intensity_calibration, intensity_method, on_grid, padding_candidate, prealignment,
                             smoothed)
 from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
@@ -37,6 +37,10 @@ from .warping import affine_matrix
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+Placed = tuple[sitk.Image, np.ndarray | None, tuple[float, np.ndarray] | None]
+"""A follow-up on the reference grid, the voxels there inside its field of view without its padding (None: all), and
+its padding (value, bool [z, y, x]; find_padding): _placed's result."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -132,7 +136,7 @@ class _Resampled(NamedTuple):
     """Follow-ups on the reference grid, by time: the scans there (a scan already on that grid is
     itself, in its own pixel type; others resampled), the masks of the voxels inside each scan's field
     of view (only for scans that do not cover the whole grid) and the 4x4 affine pre-alignments
-    (reference points -> time-t image points; only with --prealign affine); and the mask of the reference's
+    (reference points -> time-t image points; of the follow-ups pre-aligned); and the mask of the reference's
     own field of view, without its padding (None: all of the grid)."""
 
     images: dict[float, sitk.Image]
@@ -143,8 +147,12 @@ class _Resampled(NamedTuple):
     def fitted(self, t: float) -> np.ndarray | None:
         """The voxels at which the fit compares the follow-up at time t (None: all): inside its field of view and
         the reference's."""
-        view, reference = self.views.get(t), self.reference_view
-        return view if reference is None else reference if view is None else view & reference
+        return _both(self.views.get(t), self.reference_view)
+
+
+def _both(view: np.ndarray | None, other: np.ndarray | None) -> np.ndarray | None:
+    """The voxels inside both of two views (bool [z, y, x]; None: all of the grid)."""
+    return view if other is None else other if view is None else view & other
 
 
 def _seeded(seed: int) -> torch.Generator:
@@ -156,25 +164,22 @@ def _seeded(seed: int) -> torch.Generator:
 
 def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]], options: Options,
                          window: IntensityWindow, reporter: Reporter) -> _Resampled:
-    """Each follow-up resampled onto the reference grid (through its affine pre-alignment with --prealign affine,
-    which compares the scans inside the reference's field of view; beyond the scan, the reference's background), its
-    field of view there without its padding (find_padding), said; the reference's own field of view without its
+    """Each follow-up resampled onto the reference grid (through its affine pre-alignment, with --prealign affine, or
+    auto when its anatomy lies far from the reference's: _prealignment; beyond the scan, the reference's background),
+    its field of view there without its padding (find_padding), said; the reference's own field of view without its
     padding (_reference_padding), said. A follow-up that does not overlap the reference's anatomy is refused."""
     padding = _reference_padding(reference, follow_ups, window)
     resampled = _Resampled({}, {}, {}, None if padding is None else ~padding.runs)
     for t, image in follow_ups:
-        transform = None
-        if options.prealign:
-            reporter.message(f"affine pre-alignment of time {t:g}")
-            transform = affine_prealignment(reference, image,
-                                            _apparent_shift(reference, image, window, resampled.reference_view),
-                                            resampled.reference_view)
+        placed = _placed(image, reference, None, window)
+        transform = _prealignment(reference, t, image, placed, options.prealign, window, resampled.reference_view,
+                                  reporter)
+        if transform is not None:
             resampled.prealignments[t] = affine_matrix(transform)
+            placed = _placed(image, reference, transform, window)
         elif not Grid.of(image).matches(Grid.of(reference)):
             reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
-        _resample(resampled, t, image, reference, transform, window, reporter)
-        if not options.prealign:
-            _say_if_far(resampled, t, reference, window, reporter)
+        _keep(resampled, t, image, reference, placed, reporter)
     if padding is not None:
         _check_anatomy_overlap(resampled, padding.value)
         reporter.message(f"the reference: {np.mean(padding.runs):.0%} of its grid is padding ({padding.value:g}) "
@@ -182,11 +187,11 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
     return resampled
 
 
-def _resample(resampled: _Resampled, t: float, image: sitk.Image, reference: sitk.Image,
-              transform: sitk.Transform | None, window: IntensityWindow, reporter: Reporter) -> None:
-    """Put the follow-up at time t into `resampled`: on the reference grid through `transform` (reference points ->
-    its points; None: the identity), with its field of view there without its padding (_placed), said."""
-    resampled.images[t], inside, padding = _placed(image, reference, transform, window)
+def _keep(resampled: _Resampled, t: float, image: sitk.Image, reference: sitk.Image, placed: Placed,
+          reporter: Reporter) -> None:
+    """Put the follow-up at time t into `resampled` as `placed` on the reference grid, its padding said; refused when
+    it covers none of the grid."""
+    resampled.images[t], inside, padding = placed
     if padding is not None:
         reporter.message(f"time {t:g}: {np.mean(padding[1]):.0%} of the reference grid is padding ({padding[0]:g}) "
                          "outside the scan's field of view, left out of the fit")
@@ -196,7 +201,7 @@ def _resample(resampled: _Resampled, t: float, image: sitk.Image, reference: sit
 
 
 def _placed(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None,
-            window: IntensityWindow) -> tuple[sitk.Image, np.ndarray | None, tuple[float, np.ndarray] | None]:
+            window: IntensityWindow) -> Placed:
     """The follow-up on the reference grid through `transform` (beyond the scan, the reference's background), the
     voxels there inside its field of view without its padding (None: all), and its padding (find_padding)."""
     background = float(sitk.GetArrayViewFromImage(reference).min())
@@ -207,23 +212,29 @@ def _placed(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform 
     return placed, inside, padding
 
 
-def _apparent_shift(reference: sitk.Image, image: sitk.Image, window: IntensityWindow,
-                    reference_view: np.ndarray | None) -> np.ndarray:
-    """The follow-up's apparent_shift_mm from the reference as it lies (no pre-alignment), its padding left out."""
-    placed, inside, _ = _placed(image, reference, None, window)
-    return apparent_shift_mm(reference, placed, window, reference_view, inside)
-
-
-def _say_if_far(resampled: _Resampled, t: float, reference: sitk.Image, window: IntensityWindow,
-                reporter: Reporter) -> None:
-    """Say so when the follow-up at time t lies further than FAR_SHIFT_MM from the reference (apparent_shift_mm), a
-    shift that --prealign affine takes out before the fit."""
-    shift = apparent_shift_mm(reference, resampled.images[t], window, resampled.reference_view, resampled.views.get(t))
-    if np.linalg.norm(shift) > FAR_SHIFT_MM:
-        reporter.message(f"time {t:g}: its anatomy lies {np.linalg.norm(shift):.0f} mm from the reference's "
-                         f"({', '.join(f'{v:+.0f}' for v in shift)} mm, LPS), further than a fit without pre-alignment "
-                         "follows well: check the scans' positions, or give --prealign affine (the panel's Affine "
-                         "pre-alignment)")
+def _prealignment(reference: sitk.Image, t: float, image: sitk.Image, as_it_lies: Placed, prealign: str,
+                  window: IntensityWindow, reference_view: np.ndarray | None,
+                  reporter: Reporter) -> sitk.Transform | None:
+    """The follow-up's pre-alignment (reference points -> its points; preprocessing.prealignment, started from its
+    apparent_shift_mm `as_it_lies` on the reference grid, its padding and the reference's left out), said: an affine
+    with --prealign affine, a translation with auto when the shift exceeds FAR_SHIFT_MM. None when it is fitted as it
+    lies: with --prealign none (a shift beyond FAR_SHIFT_MM said, with the way out), or auto and the shift within it
+    or not measurable (no anatomy of the reference's overlaps the follow-up's field of view: it is refused after,
+    _check_overlap or _check_anatomy_overlap)."""
+    placed, inside, _ = as_it_lies
+    shift = apparent_shift_mm(reference, placed, window, reference_view, inside)
+    shared = _both(inside, reference_view)
+    far = np.linalg.norm(shift) > FAR_SHIFT_MM and (shared is None or bool(shared.any()))
+    lies = (f"time {t:g}: its anatomy lies {np.linalg.norm(shift):.0f} mm from the reference's "
+            f"({', '.join(f'{v:+.0f}' for v in shift)} mm, LPS)")
+    if prealign == "none" or (prealign == "auto" and not far):
+        if far:
+            reporter.message(f"{lies}, further than a fit without pre-alignment follows well: check the scans' "
+                             "positions, or give --prealign auto (the panel's Pre-alignment: auto)")
+        return None
+    reporter.message(f"{lies}: pre-aligned by a translation first" if prealign == "auto" else
+                     f"affine pre-alignment of time {t:g}")
+    return prealignment(reference, image, shift, prealign == "auto", reference_view)
 
 
 def _reference_padding(reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]],
@@ -441,6 +452,9 @@ def _run_long_range(series: Series, options: Options, folder: Path, reporter: Re
                    prealignments=[[t, m.tolist()] for t, m in prealignments.items()], **_fit_facts(model, losses))
     if checkpoint is not None:              # the saved model supersedes it
         checkpoint.remove()
+    if predict_times and prealignments:
+        reporter.message(f"the predicted times lie in the reference's position: time "
+                         f"{', '.join(f'{t:g}' for t in prealignments)}'s pre-alignment is not carried to them")
     points = [TimePoint(t, Grid.of(image), image, prealignments.get(t)) for t, image in series.images]
     points += [TimePoint(t, model.grid) for t in predict_times]
     written = {entry["time"] for entry in record.data["time_points"]}

@@ -304,15 +304,16 @@ PRESETS = {preset.name: preset for preset in (DEFAULT, PAPER)}
 @dataclass(frozen=True)
 class Options:
     """How to fit: preset, prior ('refnet' or 'image'; None: the preset's), continuous time or
-    pairwise ("w/o t"), scheme ('long': reference -> each; 'short': previous -> next), affine
-    pre-alignment, intensity normalisation ('auto', 'ct' or 'percentile': preprocessing.intensity_method), device
-    and seed."""
+    pairwise ("w/o t"), scheme ('long': reference -> each; 'short': previous -> next), pre-alignment ('auto': a
+    translation of each follow-up lying further than preprocessing.FAR_SHIFT_MM from the reference; 'none'; 'affine':
+    an affine transform of every one), intensity normalisation ('auto', 'ct' or 'percentile':
+    preprocessing.intensity_method), device and seed."""
 
     preset: Preset
     prior: str | None = None
     temporal: bool = True
     scheme: str = "long"
-    prealign: bool = False
+    prealign: str = "auto"
     intensity: str = "auto"
     device: str = "auto"
     seed: int = 0

@@ -116,8 +116,10 @@ def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], seg
     """The peak resident memory of a train run on these inputs, in bytes, from the image headers
     alone (no voxel is read): the scans as held (read_image; twice with `smoothing`, Preset.smoothing_sigma:
     the fit holds a smoothed copy of each), the segmentation (twice, uint16), the working set of
-    WORK_BYTES_PER_VOXEL on the reference grid and that of one output slab. InputError for a missing or
-    unreadable image, as reading it would."""
+    WORK_BYTES_PER_VOXEL on the reference grid and that of one output slab. `prealign`: every follow-up pre-aligned
+    (--prealign affine); --prealign auto is counted as none (of a scan it pre-aligns on the reference's own grid, 4
+    bytes per voxel are not counted: the apparent shift that decides is not read from the headers). InputError for a
+    missing or unreadable image, as reading it would."""
     size, pixel, grid = image_information(reference, "reference image")
     voxels = math.prod(size)
     plane = math.prod(size[:2])

@@ -32,7 +32,7 @@ DEFAULTS = {
     "Iterations": "0",            # 0 = the preset's number
     "Device": "auto",
     "Prior": "preset",            # "preset": the preset's own prior, else one of contract.PRIORS
-    "Prealign": "none",
+    "Prealign": "auto",           # one of contract.PREALIGNMENTS (auto: a translation of a far follow-up)
     "Similarity": "preset",       # "preset": the preset's own loss, else one of contract.SIMILARITIES
     "Intensity": "auto",          # intensity normalisation, one of contract.INTENSITIES (auto: by the scans' units)
     "LabelInterpolation": "preset",  # "preset": the preset's own, else one of contract.LABEL_INTERPOLATIONS
@@ -195,7 +195,7 @@ def settings(node: slicer.vtkMRMLScriptedModuleNode) -> dict:
         "iterations": get_int(node, "Iterations", 0) or None,
         "device": node.GetParameter("Device") or "auto",
         "prior": _chosen(node, "Prior"),
-        "prealign": node.GetParameter("Prealign") or "none",
+        "prealign": node.GetParameter("Prealign") or "auto",
         "similarity": _chosen(node, "Similarity"),
         "intensity": node.GetParameter("Intensity") or "auto",
         "label_interpolation": _chosen(node, "LabelInterpolation"),

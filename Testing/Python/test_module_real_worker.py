@@ -64,6 +64,7 @@ def test_module_real_worker_end_to_end(tmp_path):
     preset = record["parameters"]["preset"]
     assert (preset["velocity_levels"], preset["anchor_reference"], preset["def_iterations"]) == (2, False, 20)
     assert preset["adaptive_levels"] is False and record["velocity_levels_kept"] == 2   # a count is forced
+    assert record["parameters"]["prealign"] == "auto", "the panel pre-aligns a far follow-up by default"
     times = sorted(float(tp["time"]) for tp in record["time_points"])
     assert {1.0, 1.5, 2.0} <= set(times)  # the worker may also list the reference time
     result = job.result

@@ -116,7 +116,7 @@ def test_prealignment_is_part_of_the_exported_field(oblique):
     own = Grid((30, 26, 18), (1.8, 2.2, 3.3), (-25.0, -33.0, -20.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     shift = np.array([4.0, -3.0, 2.0])
     follow_up = blobs(own, shift_mm=shift)
-    options = Options(DEFAULT.with_iterations(60), prior="image", prealign=True)
+    options = Options(DEFAULT.with_iterations(60), prior="image", prealign="affine")
     model, prealignments = fit(reference, 0.0, [(1.0, follow_up)], None, options, QUIET)
     assert np.allclose(prealignments[1.0][:3, 3], shift, atol=0.5)   # reference point -> follow-up point
     warped = warp(model, 1.0, own, prealignments[1.0])
