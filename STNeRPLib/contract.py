@@ -144,11 +144,15 @@ def format_time(t: float) -> str:
 
 
 def read_run(folder: str | os.PathLike) -> dict:
-    """The run.json of a run folder; OSError or ValueError when it is missing or unreadable."""
+    """The run.json of a run folder; OSError or ValueError when it is missing or unreadable. A pre-alignment recorded
+    as a bool (before --prealign auto, 2026-12-06) reads as the choice it was: false none, true affine."""
     with open(Path(folder) / RUN_FILE, encoding="utf-8") as handle:
         record = json.load(handle)
     if not isinstance(record, dict):
         raise ValueError(f"{Path(folder) / RUN_FILE} is not a run record")
+    parameters = record.get("parameters")
+    if isinstance(parameters, dict) and isinstance(parameters.get("prealign"), bool):
+        parameters["prealign"] = "affine" if parameters["prealign"] else "none"
     return record
 
 

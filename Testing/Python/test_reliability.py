@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -595,6 +596,23 @@ def test_resume_of_a_run_started_by_another_version_names_the_setting_and_the_wa
     result = stnerp(*train_args(files, output), *RESUMABLE, "--resume")
     assert_one_line_error(result, "preset", "displacement_spacing absent then, 8.0 now", "another version",
                           "new folder")
+
+
+def test_a_run_recorded_before_prealign_auto_resumes_with_prealign_none(phantom, uninterrupted, tmp_path):
+    """Until 2026-12-06 run.json recorded the pre-alignment as a bool (false: none, true: affine), and the default was
+    none. Such an unfinished run resumes with --prealign none, and without it the refusal names the way out in this
+    version's words (it said "prealign false then, none now" to every choice, so nothing could resume it)."""
+    _, files = phantom
+    output = tmp_path / "older"
+    shutil.copytree(uninterrupted, output)
+    data = record(output)
+    data["status"], data["parameters"]["prealign"] = "interrupted", False
+    (output / "run.json").write_text(json.dumps(data))
+    refused = stnerp(*train_args(files, output), *RESUMABLE, "--resume")
+    assert_one_line_error(refused, "'prealign' was \"none\" then, \"auto\" now")
+    resumed = stnerp(*train_args(files, output), *RESUMABLE, "--prealign", "none", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert record(output)["status"] == "complete" and record(output)["parameters"]["prealign"] == "none"
 
 
 def test_resume_with_the_ct_number_calibration_switched_names_the_setting(phantom, uninterrupted, tmp_path):
