@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import re
 import sys
@@ -37,7 +36,7 @@ from .io import csv_delimiter, decimal_point
 from . import contract, threads
 from .contract import STATUS_COMPLETE, finite_or_none, json_line, read_run, write_json
 from .progress import Reporter
-from .commands import export_dicom, timed, train_command, train_inputs, train_options
+from .commands import difference_text, export_dicom, first_difference, timed, train_command, train_inputs, train_options
 from .report import structure_names
 
 if TYPE_CHECKING:
@@ -143,11 +142,11 @@ def run_state(series: argparse.Namespace) -> str:
                          "choose another --output")
     if record.get("status") != STATUS_COMPLETE:
         return "unfinished"
-    made_with = {"inputs": record.get("inputs"), "parameters": record.get("parameters")}
     wanted = {"inputs": train_inputs(series), "parameters": train_options(series).to_dict()}
-    if made_with != json.loads(json.dumps(wanted)):
-        raise InputError(f"{folder} holds a complete run of other inputs or options: move it away to "
-                         "train this series again, or choose another --output")
+    difference = first_difference(record, wanted)
+    if difference is not None:
+        raise InputError(f"{folder} holds a complete run of other inputs or options ({difference_text(*difference)}): "
+                         "move it away to train this series again, or choose another --output")
     return "complete"
 
 

@@ -349,17 +349,39 @@ def _check_resumable(folder: Path, command: str, inputs: dict, parameters: dict)
         raise InputError(f"run {folder} is already complete: nothing to resume")
     if data["status"] == contract.STATUS_RUNNING and not contract.killed(data):
         raise InputError(f"run {folder} is still running (process {data.get('pid')}): wait for it or stop it first")
-    recorded = {"inputs": data["inputs"], "parameters": data["parameters"]}
-    given = json.loads(json.dumps({"inputs": inputs, "parameters": parameters}))
-    for part in ("inputs", "parameters"):
-        for key in sorted(set(recorded[part]) | set(given[part])):
-            then, now = recorded[part].get(key, ABSENT), given[part].get(key, ABSENT)
-            if then != now:
-                raise InputError(_not_resumable(folder, part[:-1], key, then, now))
+    difference = first_difference(data, {"inputs": inputs, "parameters": parameters})
+    if difference is not None:
+        raise InputError(_not_resumable(folder, *difference))
 
 
 ABSENT = object()
 """A setting or argument that one side (the run's record, or this call) lacks; a resume error says "absent"."""
+
+
+def first_difference(record: dict, given: dict) -> tuple[str, str, object, object] | None:
+    """The first input or parameter in which `given` ({"inputs": ..., "parameters": ...}, as run.json records them)
+    differs from a run's record: ("input" or "parameter", its key, its value then, now; ABSENT where one lacks it), or
+    None when they agree."""
+    given = json.loads(json.dumps(given))
+    for part in ("inputs", "parameters"):
+        recorded, now_part = record.get(part) or {}, given[part]
+        for key in sorted(set(recorded) | set(now_part)):
+            then, now = recorded.get(key, ABSENT), now_part.get(key, ABSENT)
+            if then != now:
+                return part[:-1], key, then, now
+    return None
+
+
+def difference_text(part: str, key: str, then: object, now: object) -> str:
+    """A difference of first_difference in words: "parameter 'prealign' was "none" then, "auto" now"; of a setting
+    holding settings (the preset), the first three that differ: "parameter 'preset' differs (def_iterations 10 then,
+    20 now)"."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        names = [name for name in sorted(set(then) | set(now)) if then.get(name, ABSENT) != now.get(name, ABSENT)]
+        shown = "; ".join(f"{name} {_shown(then.get(name, ABSENT))} then, {_shown(now.get(name, ABSENT))} now"
+                          for name in names[:3]) + (f"; {len(names) - 3} more" if len(names) > 3 else "")
+        return f"{part} '{key}' differs ({shown})"
+    return f"{part} '{key}' was {_shown(then)} then, {_shown(now)} now"
 
 
 def _not_resumable(folder: Path, part: str, key: str, then: object, now: object) -> str:
@@ -374,14 +396,11 @@ def _not_resumable(folder: Path, part: str, key: str, then: object, now: object)
                 "(started by an older STNeRP, or edited), so they cannot be told unchanged; train again in a new "
                 "folder")
     if isinstance(then, dict) and isinstance(now, dict):
-        names = [name for name in sorted(set(then) | set(now)) if then.get(name, ABSENT) != now.get(name, ABSENT)]
-        shown = "; ".join(f"{name} {_shown(then.get(name, ABSENT))} then, {_shown(now.get(name, ABSENT))} now"
-                          for name in names[:3]) + (f"; {len(names) - 3} more" if len(names) > 3 else "")
-        return (f"--resume needs the arguments of the run in {folder}: its {part} '{key}' differs ({shown}); give "
-                "the arguments it was started with, or, if you did, another version of STNeRP started it: train "
+        return (f"--resume needs the arguments of the run in {folder}: its {difference_text(part, key, then, now)}; "
+                "give the arguments it was started with, or, if you did, another version of STNeRP started it: train "
                 "again in a new folder")
-    return (f"--resume needs the arguments of the run in {folder}: {part} '{key}' was {_shown(then)} then, "
-            f"{_shown(now)} now; give the arguments it was started with, or train again in a new folder")
+    return (f"--resume needs the arguments of the run in {folder}: {difference_text(part, key, then, now)}; give the "
+            "arguments it was started with, or train again in a new folder")
 
 
 def _shown(value: object) -> str:

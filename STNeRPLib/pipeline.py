@@ -164,10 +164,11 @@ def _seeded(seed: int) -> torch.Generator:
 
 def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]], options: Options,
                          window: IntensityWindow, reporter: Reporter) -> _Resampled:
-    """Each follow-up resampled onto the reference grid (through its affine pre-alignment, with --prealign affine, or
-    auto when its anatomy lies far from the reference's: _prealignment; beyond the scan, the reference's background),
-    its field of view there without its padding (find_padding), said; the reference's own field of view without its
-    padding (_reference_padding), said. A follow-up that does not overlap the reference's anatomy is refused."""
+    """Each follow-up resampled onto the reference grid (through its pre-alignment, _prealignment: an affine with
+    --prealign affine, a translation with auto when it lies far from the reference; beyond the scan, the reference's
+    background), its field of view there without its padding (find_padding), said; the reference's own field of view
+    without its padding (_reference_padding), said. A follow-up that does not overlap the reference's anatomy is
+    refused."""
     padding = _reference_padding(reference, follow_ups, window)
     resampled = _Resampled({}, {}, {}, None if padding is None else ~padding.runs)
     for t, image in follow_ups:
@@ -234,7 +235,7 @@ def _prealignment(reference: sitk.Image, t: float, image: sitk.Image, as_it_lies
         return None
     reporter.message(f"{lies}: pre-aligned by a translation first" if prealign == "auto" else
                      f"affine pre-alignment of time {t:g}")
-    return prealignment(reference, image, shift, prealign == "auto", reference_view)
+    return prealignment(reference, image, shift, translation=prealign == "auto", reference_view=reference_view)
 
 
 def _reference_padding(reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]],
@@ -453,8 +454,9 @@ def _run_long_range(series: Series, options: Options, folder: Path, reporter: Re
     if checkpoint is not None:              # the saved model supersedes it
         checkpoint.remove()
     if predict_times and prealignments:
-        reporter.message(f"the predicted times lie in the reference's position: time "
-                         f"{', '.join(f'{t:g}' for t in prealignments)}'s pre-alignment is not carried to them")
+        reporter.message(f"the predicted times lie in the reference's position: the pre-alignment of time"
+                         f"{'s' if len(prealignments) > 1 else ''} {', '.join(f'{t:g}' for t in prealignments)} is "
+                         "not carried to them")
     points = [TimePoint(t, Grid.of(image), image, prealignments.get(t)) for t, image in series.images]
     points += [TimePoint(t, model.grid) for t in predict_times]
     written = {entry["time"] for entry in record.data["time_points"]}

@@ -313,7 +313,7 @@ def test_threads_share_the_cores_without_oversubscribing():
 
 def test_a_complete_run_of_other_options_is_refused_not_redone(tmp_path):
     """A complete run made by `stnerp train` with the batch's files and options is skipped; the same
-    folder under other options is refused and left as it is."""
+    folder under other options is refused, naming the option that differs as a resume does, and left as it is."""
     from STNeRPLib.commands import train_inputs, train_options
     from STNeRPLib.contract import parser
     (patient,) = read_cohort(write_cohort(tmp_path, "patient,role,path,time\na,reference,ct0.nrrd,0\n"
@@ -330,6 +330,7 @@ def test_a_complete_run_of_other_options_is_refused_not_redone(tmp_path):
         args = ["batch", "--cohort", "cohort.csv", "--output", str(tmp_path / "runs"), *options]
         return series_args(patient, parser().parse_args(args))
     assert run_state(batch("--iterations", "10")) == "complete"
-    with pytest.raises(InputError, match="holds a complete run of other inputs or options"):
+    with pytest.raises(InputError, match=r"holds a complete run of other inputs or options \(parameter 'preset' "
+                                         r"differs \(def_iterations 10 then, 20 now; ref_iterations 10 then, 20 now"):
         run_state(batch("--iterations", "20"))
     assert json.loads((folder / "run.json").read_text()) == json.loads(json.dumps(record))

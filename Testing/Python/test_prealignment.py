@@ -68,7 +68,7 @@ def test_a_follow_up_far_from_the_reference_is_pre_aligned_by_default(tmp_path, 
     else:
         assert len(said) == 2 and "time 1: its anatomy lies 4" in said[0] and "pre-aligned by a translation" in said[0]
         assert np.array_equal(np.asarray(entry["prealignment"])[:3, :3], np.eye(3)), entry["prealignment"]
-        assert said[1] == "the predicted times lie in the reference's position: time 1's pre-alignment is not " \
+        assert said[1] == "the predicted times lie in the reference's position: the pre-alignment of time 1 is not " \
                           "carried to them", said
         np.testing.assert_allclose(_shift_said(said[0]), shift, atol=6.0)
         np.testing.assert_allclose(np.asarray(entry["prealignment"])[:3, 3], shift, atol=3.0)
