@@ -35,9 +35,12 @@ class ThreadChoice:
     own_load: float
     requested: int | None
     blas_threads: int | None = None     # numpy's BLAS threads once limited (None: not limited)
+    resumed: bool = False               # the count of the run a --resume continues
 
     def describe(self) -> str:
         """One line for the log: the thread count and what it was decided from."""
+        if self.resumed:
+            return f"{self.threads} thread(s), as the run it resumes (a fit's numbers depend on the count)"
         if self.requested is not None:
             return f"{self.threads} thread(s), as asked (--threads)"
         load = "unknown" if self.load is None else f"{self.load:.2f}"
@@ -76,13 +79,16 @@ def measure(requested: int | None = None) -> ThreadChoice:
 _applied: ThreadChoice | None = None
 
 
-def use(requested: int | None = None) -> ThreadChoice:
+def use(requested: int | None = None, resumed: int | None = None) -> ThreadChoice:
     """Decide now (measure) and use the result for torch's intra-op work and as ITK's global default;
-    numpy's BLAS gets BLAS_THREADS."""
+    numpy's BLAS gets BLAS_THREADS. `resumed`: the count of the run a --resume continues, taken unless `requested`
+    (--threads): a fit's numbers depend on the count, so the resumed run is bit-identical to one uninterrupted."""
     global _applied
     import SimpleITK as sitk
     import torch
-    choice = replace(measure(requested), blas_threads=_limit_blas())
+    taken = requested is None and resumed is not None
+    choice = replace(measure(resumed if taken else requested), requested=requested, blas_threads=_limit_blas(),
+                     resumed=taken)
     torch.set_num_threads(choice.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(choice.threads)
     _applied = choice

@@ -29,8 +29,20 @@ def main(argv: list[str] | None = None) -> int:
         reporter.error(str(error))
         return contract.EXIT_BAD_INPUT
     if "threads" in vars(args):   # every command but batch, whose series take --threads-per-worker
-        reporter.message(f"computing with {threads.use(args.threads).describe()}")
+        reporter.message(f"computing with {threads.use(args.threads, _resumed_threads(args)).describe()}")
     return COMMANDS[args.command](args, reporter)
+
+
+def _resumed_threads(args: argparse.Namespace) -> int | None:
+    """With --resume, the thread count the run in --output started with (run.json's threads); None otherwise, or when
+    it cannot be read (the train command then refuses the folder, saying why)."""
+    if not getattr(args, "resume", False):
+        return None
+    try:
+        count = contract.read_run(args.output).get("threads", {}).get("threads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return count if isinstance(count, int) and count > 0 else None
 
 
 def _batch(args: argparse.Namespace, reporter: Reporter) -> int:
