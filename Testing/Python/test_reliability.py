@@ -577,9 +577,13 @@ def test_resume_refuses_what_it_cannot_continue(case, phantom, uninterrupted, tm
     assert_one_line_error(result, "--resume needs the arguments", "predict_times", "[1.5, 4.0] then, [] now")
 
 
-def _interrupted_copy(run: Path, folder: Path, change) -> Path:
-    """`folder` holding run's record, marked interrupted and changed by `change` (a function of the record)."""
-    folder.mkdir()
+def _interrupted_copy(run: Path, folder: Path, change, whole: bool = False) -> Path:
+    """`folder` holding run's record (with `whole`, all of its files), marked interrupted and changed by `change` (a
+    function of the record)."""
+    if whole:
+        shutil.copytree(run, folder)
+    else:
+        folder.mkdir()
     data = {**record(run), "status": "interrupted"}
     change(data)
     (folder / "run.json").write_text(json.dumps(data))
@@ -603,11 +607,8 @@ def test_a_run_recorded_before_prealign_auto_resumes_with_prealign_none(phantom,
     none. Such an unfinished run resumes with --prealign none, and without it the refusal names the way out in this
     version's words (it said "prealign false then, none now" to every choice, so nothing could resume it)."""
     _, files = phantom
-    output = tmp_path / "older"
-    shutil.copytree(uninterrupted, output)
-    data = record(output)
-    data["status"], data["parameters"]["prealign"] = "interrupted", False
-    (output / "run.json").write_text(json.dumps(data))
+    output = _interrupted_copy(uninterrupted, tmp_path / "older",
+                               lambda data: data["parameters"].update(prealign=False), whole=True)
     refused = stnerp(*train_args(files, output), *RESUMABLE, "--resume")
     assert_one_line_error(refused, "'prealign' was \"none\" then, \"auto\" now")
     resumed = stnerp(*train_args(files, output), *RESUMABLE, "--prealign", "none", "--resume")
@@ -622,11 +623,8 @@ def test_a_resumed_run_computes_with_the_thread_count_it_started_with(phantom, u
     resumed at another load was not bit-identical to the run uninterrupted (the resume tests failed on an idle
     machine after a loaded one). A resume computes with the count the run started with, said."""
     _, files = phantom
-    output = tmp_path / "resumed"
-    shutil.copytree(uninterrupted, output)
-    data = record(output)
-    data["status"], data["threads"]["threads"] = "interrupted", count
-    (output / "run.json").write_text(json.dumps(data))
+    output = _interrupted_copy(uninterrupted, tmp_path / "resumed", lambda data: data["threads"].update(threads=count),
+                               whole=True)
     resumed = stnerp(*train_args(files, output), *RESUMABLE, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"computing with {count} thread(s), as the run it resumes" in resumed.stderr, resumed.stderr
