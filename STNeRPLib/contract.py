@@ -32,8 +32,8 @@ DEFAULT_PRESET = "default"
 DEVICES = ("auto", "cpu", "cuda")
 #: what Def-Net deforms: Ref-Net (the paper) or the reference image ("w/o prior")
 PRIORS = ("refnet", "image")
-#: pre-alignment of the follow-ups: auto (a translation of each whose anatomy lies more than preprocessing.FAR_SHIFT_MM
-#: from the reference's), none, affine (an affine transform of every one)
+#: pre-alignment of the follow-ups: auto (a rigid transform of each whose anatomy lies more than
+#: preprocessing.FAR_SHIFT_MM from the reference's), none, affine (an affine transform of every one)
 PREALIGNMENTS = ("auto", "none", "affine")
 #: intensity normalisation: auto (the CT window for scans in Hounsfield units, else percentiles), ct, percentile
 INTENSITIES = ("auto", "ct", "percentile")
@@ -538,7 +538,7 @@ def add_fit_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--scheme", choices=SCHEMES, default="long",
                          help="long: reference -> each; short: previous -> next")
     command.add_argument("--prealign", choices=PREALIGNMENTS, default="auto",
-                         help="pre-alignment of the follow-ups to the reference: auto: a translation of each whose "
+                         help="pre-alignment of the follow-ups to the reference: auto: a rigid transform of each whose "
                               "anatomy lies more than 10 mm from the reference's (default); none; affine: an affine "
                               "transform of every one")
     command.add_argument("--intensity", choices=INTENSITIES, default="auto",

@@ -165,7 +165,7 @@ def _seeded(seed: int) -> torch.Generator:
 def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]], options: Options,
                          window: IntensityWindow, reporter: Reporter) -> _Resampled:
     """Each follow-up resampled onto the reference grid (through its pre-alignment, _prealignment: an affine with
-    --prealign affine, a translation with auto when it lies far from the reference; beyond the scan, the reference's
+    --prealign affine, a rigid transform with auto when it lies far from the reference; beyond the scan, the reference's
     background), its field of view there without its padding (find_padding), said; the reference's own field of view
     without its padding (_reference_padding), said. A follow-up that does not overlap the reference's anatomy is
     refused."""
@@ -218,9 +218,9 @@ def _prealignment(reference: sitk.Image, t: float, image: sitk.Image, as_it_lies
                   reporter: Reporter) -> sitk.Transform | None:
     """The follow-up's pre-alignment (reference points -> its points; preprocessing.prealignment, started from its
     apparent_shift_mm `as_it_lies` on the reference grid, its padding and the reference's left out), said: an affine
-    with --prealign affine, a translation with auto when the shift exceeds FAR_SHIFT_MM. None when it is fitted as it
-    lies: with --prealign none (a shift beyond FAR_SHIFT_MM said, with the way out), or auto and the shift within it
-    or not measurable (no anatomy of the reference's overlaps the follow-up's field of view: it is refused after,
+    with --prealign affine, a rigid transform with auto when the shift exceeds FAR_SHIFT_MM. None when it is fitted as
+    it lies: with --prealign none (a shift beyond FAR_SHIFT_MM said, with the way out), or auto and the shift within
+    it or not measurable (no anatomy of the reference's overlaps the follow-up's field of view: it is refused after,
     _check_overlap or _check_anatomy_overlap)."""
     placed, inside, _ = as_it_lies
     shift = apparent_shift_mm(reference, placed, window, reference_view, inside)
@@ -233,9 +233,9 @@ def _prealignment(reference: sitk.Image, t: float, image: sitk.Image, as_it_lies
             reporter.message(f"{lies}, further than a fit without pre-alignment follows well: check the scans' "
                              "positions, or give --prealign auto (the panel's Pre-alignment: auto)")
         return None
-    reporter.message(f"{lies}: pre-aligned by a translation first" if prealign == "auto" else
+    reporter.message(f"{lies}: pre-aligned by a rigid transform first" if prealign == "auto" else
                      f"affine pre-alignment of time {t:g}")
-    return prealignment(reference, image, shift, translation=prealign == "auto", reference_view=reference_view)
+    return prealignment(reference, image, shift, rigid=prealign == "auto", reference_view=reference_view)
 
 
 def _reference_padding(reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]],

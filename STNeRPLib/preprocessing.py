@@ -93,25 +93,22 @@ PREALIGNMENT_SEED = 1
 """Seed of the pre-alignment's voxel sampling (any fixed non-zero value)."""
 
 
-def prealignment(reference: sitk.Image, image: sitk.Image, shift: np.ndarray, translation: bool = False,
+def prealignment(reference: sitk.Image, image: sitk.Image, shift: np.ndarray, rigid: bool = False,
                  reference_view: np.ndarray | None = None) -> sitk.AffineTransform:
-    """The affine transform, or with `translation` the translation (as an AffineTransform), mapping reference points
-    (LPS mm) to matching points of `image`.
+    """The affine transform, or with `rigid` the rigid one (a rotation about the reference grid's centre and a
+    translation, as an AffineTransform), mapping reference points (LPS mm) to matching points of `image`.
 
     Mattes mutual information on a random 20 % of the voxels drawn with a fixed seed (SimpleITK's
     seed 0 means the wall clock: runs would differ), three resolution levels, starting from the translation `shift`
     (LPS mm, apparent_shift_mm: the grids' centres onto each other would find a moved grid but run off a patient moved
     within one) about the reference grid's centre; with `reference_view` (bool [z, y, x] on the reference's grid), on
     its voxels alone: a reference padded with air-like values beside the body otherwise pulls the follow-up's body
-    into it. A translation is what a scan positioned differently needs (another couch position or frame of
-    reference); an affine also takes up part of the motion Def-Net fits (README, --prealign).
+    into it. A rigid transform is what a patient positioned differently needs (another couch position, frame of
+    reference or turn); an affine also takes up part of the motion Def-Net fits (README, --prealign).
     """
-    centre = reference.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in reference.GetSize()])
-    initial: sitk.Transform = sitk.TranslationTransform(3, [float(v) for v in shift])
-    if not translation:
-        initial = sitk.AffineTransform(3)
-        initial.SetCenter(centre)
-        initial.SetTranslation([float(v) for v in shift])
+    initial = sitk.Euler3DTransform() if rigid else sitk.AffineTransform(3)
+    initial.SetCenter(reference.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in reference.GetSize()]))
+    initial.SetTranslation([float(v) for v in shift])
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
@@ -129,12 +126,10 @@ def prealignment(reference: sitk.Image, image: sitk.Image, shift: np.ndarray, tr
         method.SetMetricFixedMask(mask)
     result = method.Execute(sitk.Cast(reference, sitk.sitkFloat32), sitk.Cast(image, sitk.sitkFloat32))
     found = sitk.CompositeTransform(result).GetNthTransform(0)
-    if not translation:
+    if not rigid:
         return sitk.AffineTransform(found)
-    moved = sitk.AffineTransform(3)
-    moved.SetCenter(centre)
-    moved.SetTranslation(sitk.TranslationTransform(found).GetOffset())
-    return moved
+    turned = sitk.Euler3DTransform(found)
+    return sitk.AffineTransform(turned.GetMatrix(), turned.GetTranslation(), turned.GetCenter())
 
 
 SHIFT_VOXEL_MM = 6.0
@@ -142,10 +137,10 @@ SHIFT_VOXEL_MM = 6.0
 apparent_shift_mm compares two scans."""
 
 FAR_SHIFT_MM = 10.0
-"""Apparent shift (mm) of a follow-up from the reference beyond which --prealign auto pre-aligns it by a translation
-(and none names it): every benchmark series shows none at SHIFT_VOXEL_MM; moved 15 to 50 mm, the peak phase of the
-abdomen, the 3 mm chest and the breathing phantom scored 1.42-1.55, 0.51-0.52 and 0.26 mm mean TRE so, against
-1.75-25.3, 0.67-1.51 and 0.27-0.43 fitted as it lies (docs/presets.md, --prealign auto)."""
+"""Apparent shift (mm) of a follow-up from the reference beyond which --prealign auto pre-aligns it by a rigid
+transform (and none names it): every benchmark series shows none at SHIFT_VOXEL_MM; moved 15 to 50 mm, the peak phase
+of the abdomen, the 3 mm chest and the breathing phantom scored 1.52-1.59, 0.54-0.55 and 0.24-0.26 mm mean TRE so,
+against 1.75-25.3, 0.67-1.51 and 0.27-0.43 fitted as it lies (docs/presets.md, --prealign auto)."""
 
 
 def apparent_shift_mm(reference: sitk.Image, image: sitk.Image, window: IntensityWindow,

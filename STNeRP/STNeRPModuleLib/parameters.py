@@ -32,7 +32,7 @@ DEFAULTS = {
     "Iterations": "0",            # 0 = the preset's number
     "Device": "auto",
     "Prior": "preset",            # "preset": the preset's own prior, else one of contract.PRIORS
-    "Prealign": "auto",           # one of contract.PREALIGNMENTS (auto: a translation of a far follow-up)
+    "Prealign": "auto",           # one of contract.PREALIGNMENTS (auto: a rigid transform of a far one)
     "Similarity": "preset",       # "preset": the preset's own loss, else one of contract.SIMILARITIES
     "Intensity": "auto",          # intensity normalisation, one of contract.INTENSITIES (auto: by the scans' units)
     "LabelInterpolation": "preset",  # "preset": the preset's own, else one of contract.LABEL_INTERPOLATIONS
