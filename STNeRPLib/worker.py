@@ -39,9 +39,10 @@ def _resumed_threads(args: argparse.Namespace) -> int | None:
     if not getattr(args, "resume", False):
         return None
     try:
-        count = contract.read_run(args.output).get("threads", {}).get("threads")
-    except (OSError, ValueError, AttributeError):
+        recorded = contract.read_run(args.output).get("threads")
+    except (OSError, ValueError):
         return None
+    count = recorded.get("threads") if isinstance(recorded, dict) else None
     return count if isinstance(count, int) and count > 0 else None
 
 
