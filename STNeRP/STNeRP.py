@@ -69,7 +69,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     POLL_INTERVAL_MS = 200
 
     # the panel's state (set on the instance as it changes)
-    logic: STNeRPLogic | None = None
+    logic: STNeRPLogic  # set in setup(), before any signal is connected
     _parameterNode: slicer.vtkMRMLScriptedModuleNode | None = None
     _segmentationNode: slicer.vtkMRMLSegmentationNode | None = None
     _updatingGUI: bool = False
@@ -183,7 +183,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         """Observe the module's parameter node (created with defaults if missing); with no reference volume set,
         choose the scene's first scalar volume."""
-        self.setParameterNode(cast("STNeRPLogic", self.logic).getParameterNode())
+        self.setParameterNode(self.logic.getParameterNode())
         pn = self._parameterNode
         if pn is not None and pn.GetNodeReference(parameters.REFERENCE_VOLUME) is None:
             reference = panel.default_reference(slicer.mrmlScene)
@@ -304,7 +304,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         button = self.ui.runsFolderButton
         button.blockSignals(True)
         try:
-            button.directory = cast("STNeRPLogic", self.logic).runsFolder()
+            button.directory = self.logic.runsFolder()
             button.toolTip = f"Runs are written to {button.directory}"
         except panel.PanelError as error:
             button.toolTip = str(error)
@@ -481,13 +481,13 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateParameterNodeFromGUI()
             if not self.ensureTorch():
                 return
-            overlap = cast("STNeRPLogic", self.logic).segmentOverlapWarning(self._parameterNode)
+            overlap = self.logic.segmentOverlapWarning(self._parameterNode)
             if overlap and not slicer.util.confirmOkCancelDisplay(overlap, windowTitle="STNeRP: overlapping segments"):
                 return
             self.ui.logTextEdit.clear()
             if overlap:
                 self.ui.logTextEdit.appendPlainText(overlap)
-            self._job = cast("STNeRPLogic", self.logic).startTraining(self._parameterNode)
+            self._job = self.logic.startTraining(self._parameterNode)
             self._showStart(self._job)
 
     def onResumeButton(self) -> None:
@@ -497,7 +497,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.ensureTorch():
                 return
             self.ui.logTextEdit.clear()
-            self._job = cast("STNeRPLogic", self.logic).startTraining(self._parameterNode, resume=True)
+            self._job = self.logic.startTraining(self._parameterNode, resume=True)
             self._showStart(self._job)
 
     def onTimeSliderChanged(self, value: float) -> None:
@@ -521,7 +521,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pn = cast("slicer.vtkMRMLScriptedModuleNode", self._parameterNode)
             if self._predictions is None or self._predictions.run_dir != pn.GetParameter("LastRunDirectory"):
                 self._closePredictions()
-                self._predictions = cast("STNeRPLogic", self.logic).timeSliderPredictions(pn)
+                self._predictions = self.logic.timeSliderPredictions(pn)
             self._predictions.request(float(self.ui.timeSlider.value))
             self.timer.start()
 
@@ -573,7 +573,7 @@ class STNeRPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is not None:
             parameters.record_training(self._parameterNode, job)
         if job.state == "complete":
-            cast("STNeRPLogic", self.logic).showResult(job.result)
+            self.logic.showResult(job.result)
         elif job.state == "failed":
             slicer.util.errorDisplay(f"STNeRP failed: {job.message}", detailedText="\n".join(job.log_lines[-200:]))
         self._updateButtons()
