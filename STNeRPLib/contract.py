@@ -32,8 +32,8 @@ DEFAULT_PRESET = "default"
 DEVICES = ("auto", "cpu", "cuda")
 #: what Def-Net deforms: Ref-Net (the paper) or the reference image ("w/o prior")
 PRIORS = ("refnet", "image")
-#: pre-alignment of the follow-ups: auto (a rigid transform of each whose anatomy lies more than
-#: preprocessing.FAR_SHIFT_MM from the reference's), none, affine (an affine transform of every one)
+#: pre-alignment of the follow-ups: auto (a rigid transform of each whose anatomy lies, moved or turned, more than
+#: preprocessing.FAR_MM from the reference's), none, affine (an affine transform of every one)
 PREALIGNMENTS = ("auto", "none", "affine")
 #: intensity normalisation: auto (the CT window for scans in Hounsfield units, else percentiles), ct, percentile
 INTENSITIES = ("auto", "ct", "percentile")

@@ -21,10 +21,11 @@ from .geometry import Grid
 from .metrics import map_points, target_registration_error
 from .model import SeriesModel, labels_in, new_ref_net, normalise_time
 from .networks import RefNet
-from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, FAR_SHIFT_MM, Calibration, IntensityWindow,
-                            PaddingCandidate, apparent_shift_mm, confirmed_padding, find_padding, flat_voxels,
-                            intensity_calibration, intensity_method, on_grid, padding_candidate, prealignment,
-                            smoothed)
+from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, FAR_MM, Calibration, IntensityWindow,
+                            PaddingCandidate, apparent_shift_mm, block_shape, confirmed_padding,
+                            farthest_displacement_mm, find_padding, flat_voxels, intensity_calibration,
+                            intensity_method, on_grid, padding_candidate, prealignment, rigid_estimate, smoothed,
+                            turn_degrees)
 from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
@@ -218,24 +219,48 @@ def _prealignment(reference: sitk.Image, t: float, image: sitk.Image, as_it_lies
                   reporter: Reporter) -> sitk.Transform | None:
     """The follow-up's pre-alignment (reference points -> its points; preprocessing.prealignment, started from its
     apparent_shift_mm `as_it_lies` on the reference grid, its padding and the reference's left out), said: an affine
-    with --prealign affine, a rigid transform with auto when the shift exceeds FAR_SHIFT_MM. None when it is fitted as
-    it lies: with --prealign none (a shift beyond FAR_SHIFT_MM said, with the way out), or auto and the shift within
-    it or not measurable (no anatomy of the reference's overlaps the follow-up's field of view: it is refused after,
-    _check_overlap or _check_anatomy_overlap)."""
+    with --prealign affine, a rigid transform with auto when its rigid_estimate (a fraction of the pre-alignment's
+    time) carries the reference's anatomy further than FAR_MM (a follow-up moved or turned). None when it is fitted as
+    it lies: with --prealign none (one further than FAR_MM said, with the way out), or auto and none so far, or nothing
+    to measure (no anatomy of the reference's in the follow-up's field of view: it is refused after, _check_overlap or
+    _check_anatomy_overlap)."""
     placed, inside, _ = as_it_lies
     shift = apparent_shift_mm(reference, placed, window, reference_view, inside)
+    if prealign == "affine":
+        reporter.message(f"affine pre-alignment of time {t:g}")
+        return prealignment(reference, image, shift, reference_view=reference_view)
     shared = _both(inside, reference_view)
-    far = np.linalg.norm(shift) > FAR_SHIFT_MM and (shared is None or bool(shared.any()))
-    lies = (f"time {t:g}: its anatomy lies {np.linalg.norm(shift):.0f} mm from the reference's "
-            f"({', '.join(f'{v:+.0f}' for v in shift)} mm, LPS)")
-    if prealign == "none" or (prealign == "auto" and not far):
-        if far:
-            reporter.message(f"{lies}, further than a fit without pre-alignment follows well: check the scans' "
-                             "positions, or give --prealign auto (the panel's Pre-alignment: auto)")
+    if shared is not None and not shared.any():
         return None
-    reporter.message(f"{lies}: pre-aligned by a rigid transform first" if prealign == "auto" else
-                     f"affine pre-alignment of time {t:g}")
-    return prealignment(reference, image, shift, rigid=prealign == "auto", reference_view=reference_view)
+    estimate = rigid_estimate(reference, placed, shift, shared)
+    anatomy = _anatomy_points(reference, window, shared)
+    if farthest_displacement_mm(estimate, anatomy) <= FAR_MM:
+        return None
+    if prealign == "none":
+        reporter.message(f"{_lies(t, estimate, anatomy)}, further than a fit without pre-alignment follows well: check "
+                         "the scans' positions, or give --prealign auto (the panel's Pre-alignment: auto)")
+        return None
+    transform = prealignment(reference, image, shift, rigid=True, reference_view=reference_view)
+    reporter.message(f"{_lies(t, transform, anatomy)}: pre-aligned by a rigid transform first")
+    return transform
+
+
+def _lies(t: float, transform: sitk.AffineTransform, anatomy: np.ndarray) -> str:
+    """How far the rigid `transform` carries the reference's `anatomy` (LPS mm [n, 3]) onto the follow-up at time t."""
+    moved = ", ".join(f"{v:+.0f}" for v in transform.GetTranslation())
+    return (f"time {t:g}: its anatomy lies up to {farthest_displacement_mm(transform, anatomy):.0f} mm from the "
+            f"reference's (moved {moved} mm LPS, turned {turn_degrees(transform):.1f}°)")
+
+
+def _anatomy_points(reference: sitk.Image, window: IntensityWindow, view: np.ndarray | None) -> np.ndarray:
+    """LPS mm [n, 3] of the reference's anatomy (voxels above BODY_LEVEL in `window`) inside `view` (bool [z, y, x];
+    None: all of the grid), one voxel a block (preprocessing.block_shape)."""
+    z, y, x = block_shape(reference)
+    anatomy = window.normalise(sitk.GetArrayViewFromImage(reference)[::z, ::y, ::x]) > BODY_LEVEL
+    if view is not None:
+        anatomy &= view[::z, ::y, ::x]
+    index = np.argwhere(anatomy) * (z, y, x)
+    return Grid.of(reference).to_physical(index[:, ::-1].astype(float))
 
 
 def _reference_padding(reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]],

@@ -98,32 +98,75 @@ def prealignment(reference: sitk.Image, image: sitk.Image, shift: np.ndarray, ri
     """The affine transform, or with `rigid` the rigid one (a rotation about the reference grid's centre and a
     translation, as an AffineTransform), mapping reference points (LPS mm) to matching points of `image`.
 
-    Mattes mutual information on a random 20 % of the voxels drawn with a fixed seed (SimpleITK's
-    seed 0 means the wall clock: runs would differ), three resolution levels, starting from the translation `shift`
-    (LPS mm, apparent_shift_mm: the grids' centres onto each other would find a moved grid but run off a patient moved
-    within one) about the reference grid's centre; with `reference_view` (bool [z, y, x] on the reference's grid), on
-    its voxels alone: a reference padded with air-like values beside the body otherwise pulls the follow-up's body
-    into it. A rigid transform is what a patient positioned differently needs (another couch position, frame of
-    reference or turn); an affine also takes up part of the motion Def-Net fits (README, --prealign).
+    Mattes mutual information at three resolution levels on a random 20 % of the voxels drawn with a fixed seed
+    (SimpleITK's seed 0 means the wall clock: runs would differ), starting from the translation `shift` (LPS mm,
+    apparent_shift_mm: the grids' centres onto each other would find a moved grid but run off a patient moved within
+    one) about the reference grid's centre; with `reference_view` (bool [z, y, x] on the reference's grid), on its
+    voxels alone: a reference padded with air-like values beside the body otherwise pulls the follow-up's body into it.
+    A rigid transform is what a patient positioned differently needs (another couch position, frame of reference or
+    turn); an affine also takes up part of the motion Def-Net fits (README, --prealign).
     """
+    method = _mutual_information(_starting(reference, shift, rigid), [4, 2, 1], [2.0, 1.0, 0.0])
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.2, seed=PREALIGNMENT_SEED)
+    if reference_view is not None:
+        method.SetMetricFixedMask(_mask(reference_view, reference))
+    return _registered(method, reference, image, rigid)
+
+
+RIGID_ESTIMATE_VOXEL_MM = 12.0
+"""Voxel size (mm; whole voxels of the reference's, at least one) at which rigid_estimate compares two scans."""
+
+
+def rigid_estimate(reference: sitk.Image, placed: sitk.Image, shift: np.ndarray,
+                   view: np.ndarray | None) -> sitk.AffineTransform:
+    """A rigid transform (reference points -> the follow-up's, LPS mm, as an AffineTransform) estimated to tell how far
+    the follow-up lies: prealignment's mutual information at one level of voxels of about RIGID_ESTIMATE_VOXEL_MM, on
+    every voxel inside `view` in both scans (bool [z, y, x]: the follow-up's field of view without its padding or the
+    reference's; None: all), the follow-up `placed` on the reference grid as it lies, from the translation `shift`.
+    Within a degree and 2 mm of prealignment's on the scans measured, in a sixth of its time or less; a follow-up's
+    padding seen by the metric, or a shrink of 4 voxels on 12 mm ones, turned a phantom by 5 degrees that is not."""
+    shrink = max(1, int(round(RIGID_ESTIMATE_VOXEL_MM / min(reference.GetSpacing()))))
+    method = _mutual_information(_starting(reference, shift, rigid=True), [shrink], [2.0])
+    if view is not None:
+        method.SetMetricFixedMask(_mask(view, reference))
+        method.SetMetricMovingMask(_mask(view, reference))
+    return _registered(method, reference, placed, rigid=True)
+
+
+def _starting(reference: sitk.Image, shift: np.ndarray, rigid: bool) -> sitk.Transform:
+    """The translation `shift` (LPS mm) as a rigid or affine transform about the reference grid's centre."""
     initial = sitk.Euler3DTransform() if rigid else sitk.AffineTransform(3)
     initial.SetCenter(reference.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in reference.GetSize()]))
     initial.SetTranslation([float(v) for v in shift])
+    return initial
+
+
+def _mutual_information(initial: sitk.Transform, shrinks: list[int],
+                        sigmas_mm: list[float]) -> sitk.ImageRegistrationMethod:
+    """Mattes mutual information (32 bins, linear interpolation) optimised by regular-step gradient descent from
+    `initial`, at levels of `shrinks` (voxels) and Gaussian `sigmas_mm`."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.2, seed=PREALIGNMENT_SEED)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
-                                                    numberOfIterations=200)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=200)
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([4, 2, 1])
-    method.SetSmoothingSigmasPerLevel([2, 1, 0])
+    method.SetShrinkFactorsPerLevel(shrinks)
+    method.SetSmoothingSigmasPerLevel(sigmas_mm)
     method.SetInitialTransform(initial, inPlace=False)
-    if reference_view is not None:
-        mask = sitk.GetImageFromArray(reference_view.astype(np.uint8))
-        mask.CopyInformation(reference)
-        method.SetMetricFixedMask(mask)
+    return method
+
+
+def _mask(view: np.ndarray, like: sitk.Image) -> sitk.Image:
+    """bool [z, y, x] as a mask image on `like`'s grid."""
+    mask = sitk.GetImageFromArray(view.astype(np.uint8))
+    mask.CopyInformation(like)
+    return mask
+
+
+def _registered(method: sitk.ImageRegistrationMethod, reference: sitk.Image, image: sitk.Image,
+                rigid: bool) -> sitk.AffineTransform:
+    """The transform `method` finds from `reference` to `image`, as an AffineTransform."""
     result = method.Execute(sitk.Cast(reference, sitk.sitkFloat32), sitk.Cast(image, sitk.sitkFloat32))
     found = sitk.CompositeTransform(result).GetNthTransform(0)
     if not rigid:
@@ -136,11 +179,36 @@ SHIFT_VOXEL_MM = 6.0
 """Voxel size (mm; whole blocks of the scans' voxels, no more than a scan has along an axis) at which
 apparent_shift_mm compares two scans."""
 
-FAR_SHIFT_MM = 10.0
-"""Apparent shift (mm) of a follow-up from the reference beyond which --prealign auto pre-aligns it by a rigid
-transform (and none names it): every benchmark series shows none at SHIFT_VOXEL_MM; moved 15 to 50 mm, the peak phase
-of the abdomen, the 3 mm chest and the breathing phantom scored 1.52-1.59, 0.54-0.55 and 0.24-0.26 mm mean TRE so,
-against 1.75-25.3, 0.67-1.51 and 0.27-0.43 fitted as it lies (docs/presets.md, --prealign auto)."""
+FAR_MM = 10.0
+"""How far (mm) the rigid_estimate must carry some point of the reference's anatomy before --prealign auto pre-aligns
+the follow-up by a rigid transform (and none names it). On the phases of every benchmark series it carries none
+further than 5.2 mm. Moved 15 to 50 mm, the peak phase of the abdomen, the 3 mm chest and the breathing phantom scored
+1.52-1.59, 0.54-0.55 and 0.24-0.26 mm mean TRE pre-aligned, against 1.75-25.3, 0.67-1.51 and 0.27-0.43 fitted as it
+lies; turned 10 degrees in place (up to 38 and 21 mm), the abdomen and the chest 1.55 and 0.54 against 2.89 and 0.69
+(docs/presets.md, --prealign auto)."""
+
+
+def farthest_displacement_mm(transform: sitk.AffineTransform, points: np.ndarray) -> float:
+    """The largest distance (mm) `transform` moves any of `points` (LPS mm, [n, 3]); 0 for none."""
+    if not len(points):
+        return 0.0
+    matrix = np.reshape(transform.GetMatrix(), (3, 3))
+    centre = np.asarray(transform.GetCenter())
+    moved = (points - centre) @ matrix.T + centre + np.asarray(transform.GetTranslation())
+    return float(np.linalg.norm(moved - points, axis=1).max())
+
+
+def turn_degrees(transform: sitk.AffineTransform) -> float:
+    """The angle (degrees) of a rigid transform's rotation."""
+    matrix = np.reshape(transform.GetMatrix(), (3, 3))
+    return float(np.degrees(np.arccos(np.clip((np.trace(matrix) - 1) / 2, -1.0, 1.0))))
+
+
+def block_shape(image: sitk.Image) -> tuple[int, int, int]:
+    """Voxels (z, y, x) of a block of about SHIFT_VOXEL_MM along each axis of `image`'s grid, no more than it has."""
+    z, y, x = (min(max(1, int(round(SHIFT_VOXEL_MM / s))), n) for s, n in zip(image.GetSpacing()[::-1],
+                                                                             image.GetSize()[::-1]))
+    return z, y, x
 
 
 def apparent_shift_mm(reference: sitk.Image, image: sitk.Image, window: IntensityWindow,
@@ -148,8 +216,7 @@ def apparent_shift_mm(reference: sitk.Image, image: sitk.Image, window: Intensit
     """The translation (LPS, mm) that best carries the reference's anatomy onto `image`'s (on the reference grid), to
     within a block of SHIFT_VOXEL_MM: the peak of their cross-correlation over blocks of voxels, each scan in
     `window` and zero outside its view (bool [z, y, x]; None: all of the grid)."""
-    blocks = tuple(min(max(1, int(round(SHIFT_VOXEL_MM / s))), n)
-                   for s, n in zip(reference.GetSpacing()[::-1], reference.GetSize()[::-1]))
+    blocks = block_shape(reference)
     coarse = [_block_means(scan, blocks, window, inside) for scan, inside in ((reference, reference_view),
                                                                                (image, view))]
     shape = [2 * n for n in coarse[0].shape]

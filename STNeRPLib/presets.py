@@ -305,7 +305,7 @@ PRESETS = {preset.name: preset for preset in (DEFAULT, PAPER)}
 class Options:
     """How to fit: preset, prior ('refnet' or 'image'; None: the preset's), continuous time or
     pairwise ("w/o t"), scheme ('long': reference -> each; 'short': previous -> next), pre-alignment ('auto': a
-    rigid transform of each follow-up lying further than preprocessing.FAR_SHIFT_MM from the reference; 'none';
+    rigid transform of each follow-up lying further than preprocessing.FAR_MM from the reference; 'none';
     'affine': an affine transform of every one), intensity normalisation ('auto', 'ct' or 'percentile':
     preprocessing.intensity_method), device and seed."""
 
