@@ -224,25 +224,34 @@ def _prealignment(reference: sitk.Image, t: float, image: sitk.Image, as_it_lies
     it lies: with --prealign none (one further than FAR_MM said, with the way out), or auto and none so far, or nothing
     to measure (no anatomy of the reference's in the follow-up's field of view: it is refused after, _check_overlap or
     _check_anatomy_overlap)."""
-    placed, inside, _ = as_it_lies
+    placed, inside, padding = as_it_lies
     shift = apparent_shift_mm(reference, placed, window, reference_view, inside)
+    image_view = None if padding is None else _scanned_view(image)
     if prealign == "affine":
         reporter.message(f"affine pre-alignment of time {t:g}")
-        return prealignment(reference, image, shift, reference_view=reference_view)
+        return prealignment(reference, image, shift, window, reference_view=reference_view, image_view=image_view)
     shared = _both(inside, reference_view)
     if shared is not None and not shared.any():
         return None
-    estimate = rigid_estimate(reference, placed, shift, shared)
-    anatomy = _anatomy_points(reference, window, shared)
+    estimate = rigid_estimate(reference, placed, shift, window, shared)
+    anatomy = _anatomy_points(reference, window, reference_view, shared)
     if farthest_displacement_mm(estimate, anatomy) <= FAR_MM:
         return None
     if prealign == "none":
         reporter.message(f"{_lies(t, estimate, anatomy)}, further than a fit without pre-alignment follows well: check "
                          "the scans' positions, or give --prealign auto (the panel's Pre-alignment: auto)")
         return None
-    transform = prealignment(reference, image, shift, rigid=True, reference_view=reference_view)
+    transform = prealignment(reference, image, shift, window, rigid=True, reference_view=reference_view,
+                             image_view=image_view)
     reporter.message(f"{_lies(t, transform, anatomy)}: pre-aligned by a rigid transform first")
     return transform
+
+
+def _scanned_view(image: sitk.Image) -> np.ndarray | None:
+    """The follow-up's field of view without its padding (bool [z, y, x] on its own grid), for one whose padding
+    the reference confirmed (find_padding); None when it has no padding_candidate."""
+    candidate = padding_candidate(image)
+    return None if candidate is None else ~candidate.runs
 
 
 def _lies(t: float, transform: sitk.AffineTransform, anatomy: np.ndarray) -> str:
@@ -252,14 +261,21 @@ def _lies(t: float, transform: sitk.AffineTransform, anatomy: np.ndarray) -> str
             f"reference's (moved {moved} mm LPS, turned {turn_degrees(transform):.1f}°)")
 
 
-def _anatomy_points(reference: sitk.Image, window: IntensityWindow, view: np.ndarray | None) -> np.ndarray:
-    """LPS mm [n, 3] of the reference's anatomy (voxels above BODY_LEVEL in `window`) inside `view` (bool [z, y, x];
-    None: all of the grid), one voxel a block (preprocessing.block_shape)."""
+def _anatomy_points(reference: sitk.Image, window: IntensityWindow, reference_view: np.ndarray | None,
+                    view: np.ndarray | None) -> np.ndarray:
+    """LPS mm [n, 3] of the reference's body inside `view` (bool [z, y, x]; None: all of the grid), one voxel a block
+    (preprocessing.block_shape): sampling.body_voxels without a margin in the reference's own field of view
+    `reference_view`, each row filled between the body's edges, so the lungs count, which a CBCT's field of view may
+    hold without those edges."""
     z, y, x = block_shape(reference)
-    anatomy = window.normalise(sitk.GetArrayViewFromImage(reference)[::z, ::y, ::x]) > BODY_LEVEL
+    blocks = sitk.GetArrayViewFromImage(reference)[::z, ::y, ::x]
+    spacing = tuple(s * k for s, k in zip(reference.GetSpacing(), (x, y, z)))
+    body = np.zeros(blocks.shape, bool)
+    body.flat[body_voxels([blocks], float(window.restore(np.float32(BODY_LEVEL))), spacing, margin_mm=0.0,
+                          insides=[None if reference_view is None else reference_view[::z, ::y, ::x]])] = True
     if view is not None:
-        anatomy &= view[::z, ::y, ::x]
-    index = np.argwhere(anatomy) * (z, y, x)
+        body &= view[::z, ::y, ::x]
+    index = np.argwhere(body) * (z, y, x)
     return Grid.of(reference).to_physical(index[:, ::-1].astype(float))
 
 

@@ -93,32 +93,39 @@ PREALIGNMENT_SEED = 1
 """Seed of the pre-alignment's voxel sampling (any fixed non-zero value)."""
 
 
-def prealignment(reference: sitk.Image, image: sitk.Image, shift: np.ndarray, rigid: bool = False,
-                 reference_view: np.ndarray | None = None) -> sitk.AffineTransform:
+def prealignment(reference: sitk.Image, image: sitk.Image, shift: np.ndarray, window: IntensityWindow,
+                 rigid: bool = False, reference_view: np.ndarray | None = None,
+                 image_view: np.ndarray | None = None) -> sitk.AffineTransform:
     """The affine transform, or with `rigid` the rigid one (a rotation about the reference grid's centre and a
     translation, as an AffineTransform), mapping reference points (LPS mm) to matching points of `image`.
 
-    Mattes mutual information at three resolution levels on a random 20 % of the voxels drawn with a fixed seed
+    Mattes mutual information of the two scans in `window` (clipped: a padding of -3024 smoothed into the field of view
+    makes an edge to align) at three resolution levels on a random 20 % of the voxels drawn with a fixed seed
     (SimpleITK's seed 0 means the wall clock: runs would differ), starting from the translation `shift` (LPS mm,
     apparent_shift_mm: the grids' centres onto each other would find a moved grid but run off a patient moved within
-    one) about the reference grid's centre; with `reference_view` (bool [z, y, x] on the reference's grid), on its
-    voxels alone: a reference padded with air-like values beside the body otherwise pulls the follow-up's body into it.
-    A rigid transform is what a patient positioned differently needs (another couch position, frame of reference or
-    turn); an affine also takes up part of the motion Def-Net fits (README, --prealign).
+    one) about the reference grid's centre. It compares the follow-up's voxels in `image_view` (bool [z, y, x] on its
+    grid: its field of view without its padding; None: all) with the reference's in `reference_view` (on its grid;
+    None: all) that the start carries into them: a reference padded beside the body otherwise pulls the follow-up's
+    body into it, and a CBCT's small field of view, free to slide over the reference, took its edge for the body's
+    (20-35 mm off). A rigid transform is what a patient positioned differently needs (another couch position, frame
+    of reference or turn); an affine also takes up part of the motion Def-Net fits (README, --prealign).
     """
-    method = _mutual_information(_starting(reference, shift, rigid), [4, 2, 1], [2.0, 1.0, 0.0])
+    initial = _starting(reference, shift, rigid)
+    method = _mutual_information(initial, [4, 2, 1], [2.0, 1.0, 0.0])
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(0.2, seed=PREALIGNMENT_SEED)
-    if reference_view is not None:
-        method.SetMetricFixedMask(_mask(reference_view, reference))
-    return _registered(method, reference, image, rigid)
+    seen = inside_field_of_view(image, reference, initial, image_view)
+    method.SetMetricFixedMask(_mask(seen if reference_view is None else seen & reference_view, reference))
+    if image_view is not None:
+        method.SetMetricMovingMask(_mask(image_view, image))
+    return _registered(method, _windowed(reference, window), _windowed(image, window), rigid)
 
 
 RIGID_ESTIMATE_VOXEL_MM = 12.0
 """Voxel size (mm; whole voxels of the reference's, at least one) at which rigid_estimate compares two scans."""
 
 
-def rigid_estimate(reference: sitk.Image, placed: sitk.Image, shift: np.ndarray,
+def rigid_estimate(reference: sitk.Image, placed: sitk.Image, shift: np.ndarray, window: IntensityWindow,
                    view: np.ndarray | None) -> sitk.AffineTransform:
     """A rigid transform (reference points -> the follow-up's, LPS mm, as an AffineTransform) estimated to tell how far
     the follow-up lies: prealignment's mutual information at one level of voxels of about RIGID_ESTIMATE_VOXEL_MM, on
@@ -131,7 +138,7 @@ def rigid_estimate(reference: sitk.Image, placed: sitk.Image, shift: np.ndarray,
     if view is not None:
         method.SetMetricFixedMask(_mask(view, reference))
         method.SetMetricMovingMask(_mask(view, reference))
-    return _registered(method, reference, placed, rigid=True)
+    return _registered(method, _windowed(reference, window), _windowed(placed, window), rigid=True)
 
 
 def _starting(reference: sitk.Image, shift: np.ndarray, rigid: bool) -> sitk.Transform:
@@ -164,10 +171,17 @@ def _mask(view: np.ndarray, like: sitk.Image) -> sitk.Image:
     return mask
 
 
+def _windowed(image: sitk.Image, window: IntensityWindow) -> sitk.Image:
+    """`image` in `window` (float32 in [0, 1]), on its grid."""
+    result = sitk.GetImageFromArray(window.normalise(sitk.GetArrayViewFromImage(image)))
+    result.CopyInformation(image)
+    return result
+
+
 def _registered(method: sitk.ImageRegistrationMethod, reference: sitk.Image, image: sitk.Image,
                 rigid: bool) -> sitk.AffineTransform:
     """The transform `method` finds from `reference` to `image`, as an AffineTransform."""
-    result = method.Execute(sitk.Cast(reference, sitk.sitkFloat32), sitk.Cast(image, sitk.sitkFloat32))
+    result = method.Execute(reference, image)
     found = sitk.CompositeTransform(result).GetNthTransform(0)
     if not rigid:
         return sitk.AffineTransform(found)

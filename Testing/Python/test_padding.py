@@ -31,9 +31,10 @@ def cylinder(image: sitk.Image, radius: float = 0.4) -> np.ndarray:
     return np.broadcast_to(inside, (depth, height, width))
 
 
-def padded(image: sitk.Image, value: float) -> sitk.Image:
+def padded(image: sitk.Image, value: float, radius: float = 0.4) -> sitk.Image:
+    """`image` with `value` outside its cylinder(radius)."""
     array = sitk.GetArrayFromImage(image)
-    array[~cylinder(image)] = value
+    array[~cylinder(image, radius)] = value
     result = sitk.GetImageFromArray(array)
     result.CopyInformation(image)
     return result

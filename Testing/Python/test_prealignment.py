@@ -27,22 +27,25 @@ def test_a_prealignment_is_the_same_every_run(rigid):
     series = breathing_series(size=(32, 32, 24), spacing=(9.0, 9.0, 10.0), n_phases=4, noise_hu=10)
     moved = sitk.Image(series.images[2])
     moved.SetOrigin(tuple(o + d for o, d in zip(moved.GetOrigin(), (6.0, -4.0, 5.0))))
-    runs = [prealignment(series.images[0], moved, np.zeros(3), rigid) for _ in range(3)]
+    runs = [prealignment(series.images[0], moved, np.zeros(3), IntensityWindow(*CT_WINDOW), rigid) for _ in range(3)]
     matrices = [np.array(r.GetMatrix() + r.GetTranslation()) for r in runs]
     for other in matrices[1:]:
         np.testing.assert_allclose(other, matrices[0], rtol=0, atol=1e-4)
 
 
-def _abdomen_moved(folder: Path, shift: tuple[float, float, float], *options: str,
-                   turn: float = 0.0) -> tuple[dict, list[str], float]:
+def _abdomen_moved(folder: Path, shift: tuple[float, float, float], *options: str, turn: float = 0.0,
+                   field_of_view: float | None = None) -> tuple[dict, list[str], float]:
     """The sliding abdomen's reference and peak phase, the latter's grid turned by `turn` degrees about z and its
-    centre and moved by `shift` (LPS mm: the scanner's frame or the couch differing), trained on for 5 iterations with
-    `options`: the run's time 1 entry, its log's lines that name the shift or a position, and the mean distance (mm)
-    at which the entry's pre-alignment alone puts the reference's landmarks from their true places (None: none)."""
+    centre and moved by `shift` (LPS mm: the scanner's frame or the couch differing), with `field_of_view` padded
+    with -3024 outside a cylinder of that share of its width (a CBCT's), trained on for 5 iterations with `options`:
+    the run's time 1 entry, its log's lines that name the shift or a position, and the mean distance (mm) at which
+    the entry's pre-alignment alone puts the reference's landmarks from their true places (None: none)."""
     if not data.abdomen_available():
         pytest.skip(f"no abdomen CT in {data.ABDOMEN_CT}")
     series = data.Series(data.abdomen_series(folder / "abdomen", n_phases=2, heldout=1))
     reference, follow_up = (sitk.Cast(sitk.Round(series.image(k)), sitk.sitkInt16) for k in (0, 1))
+    if field_of_view is not None:
+        follow_up = padded(follow_up, -3024.0, field_of_view)
     angle = np.radians(turn)
     rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
     centre = np.array(follow_up.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in follow_up.GetSize()]))
@@ -129,6 +132,18 @@ def test_a_follow_up_neither_moved_nor_turned_is_fitted_as_it_lies_on_coarse_gri
     assert "anatomy lies" not in result.stderr, result.stderr
     entries = json.loads((tmp_path / "run" / "run.json").read_text())["time_points"]
     assert [e["prealignment"] for e in entries if e["time"] in follow_ups] == [None] * len(follow_ups)
+
+
+@pytest.mark.parametrize("shift, turn", [((0.0, 0.0, 0.0), 10.0), ((35.0, -30.0, 20.0), 5.0)])
+def test_a_cbct_with_a_small_field_of_view_is_pre_aligned_by_its_anatomy_not_its_edge(tmp_path, shift, turn):
+    """The abdomen's peak phase padded with -3024 outside a cylinder of 0.3 x its width (a CBCT's field of view, 240
+    mm across), turned and moved: mutual information, on the whole of both scans, put the reference's landmarks 20-35
+    mm from their places (the fit 27.3 and 47.4 mm mean TRE, 39 587 folded voxels). Masked to the follow-up's field of
+    view, to the reference's voxels that the start carries into it, and on both scans in the intensity window (-3024
+    smoothed into the field of view otherwise makes an edge), 4.4 and 4.6 mm."""
+    entry, said, error = _abdomen_moved(tmp_path, shift, turn=turn, field_of_view=0.3)
+    assert len(said) == 1 and "pre-aligned by a rigid transform" in said[0], said
+    assert error < 6.0, error
 
 
 def test_a_follow_up_far_from_the_reference_without_prealignment_is_named_with_the_way_out(tmp_path):
