@@ -226,10 +226,10 @@ def _prealignment(reference: sitk.Image, t: float, image: sitk.Image, as_it_lies
     _check_anatomy_overlap)."""
     placed, inside, padding = as_it_lies
     shift = apparent_shift_mm(reference, placed, window, reference_view, inside)
-    image_view = None if padding is None else _scanned_view(image)
     if prealign == "affine":
         reporter.message(f"affine pre-alignment of time {t:g}")
-        return prealignment(reference, image, shift, window, reference_view=reference_view, image_view=image_view)
+        return prealignment(reference, image, shift, window, reference_view=reference_view,
+                            image_view=_scanned_view(image, padding))
     shared = _both(inside, reference_view)
     if shared is not None and not shared.any():
         return None
@@ -242,15 +242,16 @@ def _prealignment(reference: sitk.Image, t: float, image: sitk.Image, as_it_lies
                          "the scans' positions, or give --prealign auto (the panel's Pre-alignment: auto)")
         return None
     transform = prealignment(reference, image, shift, window, rigid=True, reference_view=reference_view,
-                             image_view=image_view)
+                             image_view=_scanned_view(image, padding))
     reporter.message(f"{_lies(t, transform, anatomy)}: pre-aligned by a rigid transform first")
     return transform
 
 
-def _scanned_view(image: sitk.Image) -> np.ndarray | None:
-    """The follow-up's field of view without its padding (bool [z, y, x] on its own grid), for one whose padding
-    the reference confirmed (find_padding); None when it has no padding_candidate."""
-    candidate = padding_candidate(image)
+def _scanned_view(image: sitk.Image, padding: tuple[float, np.ndarray] | None) -> np.ndarray | None:
+    """The follow-up's field of view without its `padding` (find_padding's, confirmed by the reference), bool
+    [z, y, x] on its own grid; None without padding. Asked only of a follow-up being pre-aligned: a padded CBCT fitted
+    as it lies needs no second look at its faces."""
+    candidate = None if padding is None else padding_candidate(image)
     return None if candidate is None else ~candidate.runs
 
 
