@@ -275,6 +275,18 @@ def inside_field_of_view(image: sitk.Image, grid_image: sitk.Image, transform: s
     return sitk.GetArrayViewFromImage(inside) > 0
 
 
+def interpolated_from(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transform | None,
+                      voxels: np.ndarray) -> np.ndarray:
+    """bool [z, y, x] on the grid of `grid_image`: the voxels whose value onto_grid interpolates in part from `voxels`
+    of `image` (bool [z, y, x] on its grid), at a weight of 1/255 or more (less mixes under 12 HU of a -3024 padding
+    into a voxel). Those between a field of view's edge and the padding beyond it are such: taken for the scan, a CBCT
+    on its own grid had an edge of false air to align (the abdomen 5.96 mm mean TRE against 2.61)."""
+    weights = sitk.GetImageFromArray(voxels.astype(np.uint8) * np.uint8(255))
+    weights.CopyInformation(image)
+    mixed = sitk.Resample(weights, grid_image, transform or sitk.Transform(), sitk.sitkLinear, 0)
+    return sitk.GetArrayViewFromImage(mixed) > 0
+
+
 PADDING_SHARE = 0.01
 """Fewest voxels, as a share of the scan's, that a constant value from the grid's edges inward holds to be taken
 for padding outside the scan's field of view (find_padding)."""
@@ -323,12 +335,13 @@ def find_padding(image: sitk.Image, reference: sitk.Image, window: IntensityWind
 def confirmed_padding(candidate: PaddingCandidate, image: sitk.Image, reference: sitk.Image,
                       window: IntensityWindow, transform: sitk.Transform | None = None,
                       seen: np.ndarray | None = None) -> tuple[float, np.ndarray] | None:
-    """`image`'s padding candidate placed on the reference's grid (bool [z, y, x]), when the reference holds
+    """`image`'s padding candidate placed on the reference's grid (bool [z, y, x]: every voxel interpolated from it in
+    part, interpolated_from), when the reference holds
     something else (more than PADDING_TOLERANCE off its value) at PADDING_EVIDENCE of its voxels there, counting only
     the reference's voxels in `seen` (None: all), its field of view when it is padded itself; else None."""
     value, runs = candidate
     where = runs if transform is None and Grid.of(image) == Grid.of(reference) else \
-        inside_field_of_view(image, reference, transform, runs)
+        interpolated_from(image, reference, transform, runs)
     there = window.normalise(sitk.GetArrayViewFromImage(reference)[where if seen is None else where & seen])
     differs = np.abs(there - window.normalise(np.array([value], np.float32))) > PADDING_TOLERANCE
     if np.count_nonzero(differs) < PADDING_EVIDENCE * max(len(there), 1):
