@@ -22,7 +22,7 @@ from .metrics import map_points, target_registration_error
 from .model import SeriesModel, labels_in, new_ref_net, normalise_time
 from .networks import RefNet
 from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, FAR_MM, Calibration, IntensityWindow,
-                            PaddingCandidate, apparent_shift_mm, block_shape, confirmed_padding,
+                            Padding, PaddingCandidate, apparent_shift_mm, block_shape, confirmed_padding,
                             farthest_displacement_mm, find_padding, flat_voxels, intensity_calibration,
                             intensity_method, on_grid, padding_candidate, prealignment, rigid_estimate, smoothed,
                             turn_degrees)
@@ -39,9 +39,9 @@ from .warping import affine_matrix
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-Placed = tuple[sitk.Image, np.ndarray | None, tuple[float, np.ndarray] | None]
+Placed = tuple[sitk.Image, np.ndarray | None, Padding | None]
 """A follow-up on the reference grid, the voxels there inside its field of view without its padding (None: all), and
-its padding (value, bool [z, y, x]; find_padding): _placed's result."""
+its padding (find_padding): _placed's result."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -195,8 +195,8 @@ def _keep(resampled: _Resampled, t: float, image: sitk.Image, reference: sitk.Im
     it covers none of the grid."""
     resampled.images[t], inside, padding = placed
     if padding is not None:
-        reporter.message(f"time {t:g}: {np.mean(padding[1]):.0%} of the reference grid is padding ({padding[0]:g}) "
-                         "outside the scan's field of view, left out of the fit")
+        reporter.message(f"time {t:g}: {np.mean(padding.where):.0%} of the reference grid is padding "
+                         f"({padding.value:g}) outside the scan's field of view, left out of the fit")
     if inside is not None:
         _check_overlap(inside, t, image, reference)
         resampled.views[t] = inside
@@ -207,10 +207,10 @@ def _placed(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform 
     """The follow-up on the reference grid through `transform` (beyond the scan, the reference's background), the
     voxels there inside its field of view without its padding (None: all), and its padding (find_padding)."""
     background = float(sitk.GetArrayViewFromImage(reference).min())
-    placed, inside = on_grid(image, reference, transform, background)
     padding = find_padding(image, reference, window, transform)
+    placed, inside = on_grid(image, reference, transform, background, None if padding is None else padding.runs)
     if padding is not None:
-        inside = ~padding[1] if inside is None else inside & ~padding[1]
+        inside = ~padding.where if inside is None else inside & ~padding.where
     return placed, inside, padding
 
 
@@ -229,7 +229,7 @@ def _prealignment(reference: sitk.Image, t: float, image: sitk.Image, as_it_lies
     if prealign == "affine":
         reporter.message(f"affine pre-alignment of time {t:g}")
         return prealignment(reference, image, shift, window, reference_view=reference_view,
-                            image_view=_scanned_view(image, padding))
+                            image_view=_scanned_view(padding))
     shared = _both(inside, reference_view)
     if shared is not None and not shared.any():
         return None
@@ -242,17 +242,15 @@ def _prealignment(reference: sitk.Image, t: float, image: sitk.Image, as_it_lies
                          "the scans' positions, or give --prealign auto (the panel's Pre-alignment: auto)")
         return None
     transform = prealignment(reference, image, shift, window, rigid=True, reference_view=reference_view,
-                             image_view=_scanned_view(image, padding))
+                             image_view=_scanned_view(padding))
     reporter.message(f"{_lies(t, transform, anatomy)}: pre-aligned by a rigid transform first")
     return transform
 
 
-def _scanned_view(image: sitk.Image, padding: tuple[float, np.ndarray] | None) -> np.ndarray | None:
-    """The follow-up's field of view without its `padding` (find_padding's, confirmed by the reference), bool
-    [z, y, x] on its own grid; None without padding. Asked only of a follow-up being pre-aligned: a padded CBCT fitted
-    as it lies needs no second look at its faces."""
-    candidate = None if padding is None else padding_candidate(image)
-    return None if candidate is None else ~candidate.runs
+def _scanned_view(padding: Padding | None) -> np.ndarray | None:
+    """The follow-up's field of view without its `padding` (find_padding's), bool [z, y, x] on its own grid; None
+    without padding."""
+    return None if padding is None else ~padding.runs
 
 
 def _lies(t: float, transform: sitk.AffineTransform, anatomy: np.ndarray) -> str:

@@ -257,8 +257,10 @@ def _block_means(scan: sitk.Image, blocks: tuple[int, ...], window: IntensityWin
 
 def onto_grid(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transform | None,
               background: float) -> sitk.Image:
-    """`image` resampled (linearly) onto the grid of `grid_image` through transform (grid -> image)."""
-    return sitk.Resample(image, grid_image, transform or sitk.Transform(), sitk.sitkLinear,
+    """`image` resampled onto the grid of `grid_image` through transform (grid -> image) by a cubic B-spline, as the
+    predicted image carries a scan: a linear interpolation's blur cost a follow-up on a grid of its own (the 3 mm
+    chest's phase on a 2 mm grid: 0.42 mm mean TRE against 0.34 on the reference's grid; cubic 0.32)."""
+    return sitk.Resample(image, grid_image, transform or sitk.Transform(), sitk.sitkBSpline,
                          background, sitk.sitkFloat32)
 
 
@@ -277,14 +279,44 @@ def inside_field_of_view(image: sitk.Image, grid_image: sitk.Image, transform: s
 
 def interpolated_from(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transform | None,
                       voxels: np.ndarray) -> np.ndarray:
-    """bool [z, y, x] on the grid of `grid_image`: the voxels whose value onto_grid interpolates in part from `voxels`
-    of `image` (bool [z, y, x] on its grid), at a weight of 1/255 or more (less mixes under 12 HU of a -3024 padding
-    into a voxel). Those between a field of view's edge and the padding beyond it are such: taken for the scan, a CBCT
-    on its own grid had an edge of false air to align (the abdomen 5.96 mm mean TRE against 2.61)."""
+    """bool [z, y, x] on the grid of `grid_image`: the voxels that lie between `voxels` of `image` (bool [z, y, x] on
+    its grid) and others, so that onto_grid computes them in part from those: one of the 8 voxels about them, at a
+    linear weight of 1/255 or more (less mixes under 12 HU of a -3024 padding into a voxel). Those between a field of
+    view's edge and the padding beyond it are such: taken for the scan, a CBCT on its own grid had an edge of false air
+    to align (the abdomen 5.96 mm mean TRE against 2.61). The cubic B-spline's further taps see the padding extended
+    over (`extended`), as at the edge of a scan's own grid."""
     weights = sitk.GetImageFromArray(voxels.astype(np.uint8) * np.uint8(255))
     weights.CopyInformation(image)
     mixed = sitk.Resample(weights, grid_image, transform or sitk.Transform(), sitk.sitkLinear, 0)
     return sitk.GetArrayViewFromImage(mixed) > 0
+
+
+def extended(image: sitk.Image, missing: np.ndarray) -> sitk.Image:
+    """`image` with its `missing` voxels (bool [z, y, x] on its grid: its padding) given the nearest scanned value
+    along x, then y, then z, where a line holds one: no step at the field of view's edge for onto_grid's cubic
+    B-spline to spread inward (its prefilter carries a step of 3000 HU some 7 HU five voxels on)."""
+    array = sitk.GetArrayFromImage(image)
+    missing = missing.copy()
+    for axis in (2, 1, 0):
+        _extend_along(array, missing, axis)
+    result = sitk.GetImageFromArray(array)
+    result.CopyInformation(image)
+    return result
+
+
+def _extend_along(array: np.ndarray, missing: np.ndarray, axis: int) -> None:
+    """In place: on each line along `axis` that holds a voxel not `missing`, the missing voxels before the first such
+    take its value and those after the last take that one's; they are missing no more."""
+    values, gaps = np.moveaxis(array, axis, -1), np.moveaxis(missing, axis, -1)
+    present = ~gaps
+    first = np.asarray(np.argmax(present, axis=-1))[..., None]
+    last = gaps.shape[-1] - 1 - np.asarray(np.argmax(present[..., ::-1], axis=-1))[..., None]
+    index = np.arange(gaps.shape[-1])
+    held = np.asarray(present.any(axis=-1))[..., None]
+    for end, outside in ((first, index < first), (last, index > last)):
+        fill = gaps & outside & held
+        values[fill] = np.broadcast_to(np.take_along_axis(values, end, axis=-1), values.shape)[fill]
+        gaps[fill] = False
 
 
 PADDING_SHARE = 0.01
@@ -321,24 +353,33 @@ def padding_candidate(image: sitk.Image) -> PaddingCandidate | None:
     return PaddingCandidate(float(value), runs) if np.count_nonzero(runs) >= PADDING_SHARE * array.size else None
 
 
+class Padding(NamedTuple):
+    """A scan's padding outside its field of view (find_padding): its value, where it lies on the reference's grid
+    (bool [z, y, x]: confirmed_padding's) and its runs on the scan's own grid (padding_candidate's)."""
+
+    value: float
+    where: np.ndarray
+    runs: np.ndarray
+
+
 def find_padding(image: sitk.Image, reference: sitk.Image, window: IntensityWindow,
-                 transform: sitk.Transform | None = None) -> tuple[float, np.ndarray] | None:
-    """The padding of a scan outside its field of view, and where it lies on the reference's grid (bool [z, y, x]);
-    None when it has none. A scan resampled onto another grid is filled with one value beyond its field of view
-    (0 HU by default in 3D Slicer's resampling modules; a CBCT's corners beyond its reconstructed circle): its
-    padding_candidate, confirmed by the reference (confirmed_padding). `transform` maps reference points to the
-    scan's (None: the identity)."""
+                 transform: sitk.Transform | None = None) -> Padding | None:
+    """The padding of a scan outside its field of view; None when it has none. A scan resampled onto another grid is
+    filled with one value beyond its field of view (0 HU by default in 3D Slicer's resampling modules; a CBCT's
+    corners beyond its reconstructed circle): its padding_candidate, confirmed by the reference (confirmed_padding).
+    `transform` maps reference points to the scan's (None: the identity)."""
     candidate = padding_candidate(image)
-    return None if candidate is None else confirmed_padding(candidate, image, reference, window, transform)
+    confirmed = None if candidate is None else confirmed_padding(candidate, image, reference, window, transform)
+    return None if candidate is None or confirmed is None else Padding(*confirmed, candidate.runs)
 
 
 def confirmed_padding(candidate: PaddingCandidate, image: sitk.Image, reference: sitk.Image,
                       window: IntensityWindow, transform: sitk.Transform | None = None,
                       seen: np.ndarray | None = None) -> tuple[float, np.ndarray] | None:
-    """`image`'s padding candidate placed on the reference's grid (bool [z, y, x]: every voxel interpolated from it in
-    part, interpolated_from), when the reference holds
-    something else (more than PADDING_TOLERANCE off its value) at PADDING_EVIDENCE of its voxels there, counting only
-    the reference's voxels in `seen` (None: all), its field of view when it is padded itself; else None."""
+    """`image`'s padding candidate placed on the reference's grid (bool [z, y, x]: every voxel onto_grid computes from
+    it in part, interpolated_from), when the reference holds something else (more than PADDING_TOLERANCE off its
+    value) at PADDING_EVIDENCE of its voxels there, counting only the reference's voxels in `seen` (None: all), its
+    field of view when it is padded itself; else None."""
     value, runs = candidate
     where = runs if transform is None and Grid.of(image) == Grid.of(reference) else \
         interpolated_from(image, reference, transform, runs)
@@ -359,15 +400,16 @@ def _runs_from_the_ends(same: np.ndarray) -> np.ndarray:
     return ((x < lead[:, None]) | (x >= width - trail[:, None])).reshape(same.shape)
 
 
-def on_grid(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transform | None,
-            background: float) -> tuple[sitk.Image, np.ndarray | None]:
-    """`image` on the grid of `grid_image` (onto_grid) and the voxels it covers there
-    (inside_field_of_view; None: all). An image already on exactly that grid, without a transform,
-    is returned itself: no resampled copy, in its own pixel type."""
+def on_grid(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transform | None, background: float,
+            padding: np.ndarray | None = None) -> tuple[sitk.Image, np.ndarray | None]:
+    """`image` on the grid of `grid_image` (onto_grid; its `padding`, bool [z, y, x] on its grid, extended over
+    first) and the voxels it covers there (inside_field_of_view; None: all). An image already on exactly that grid,
+    without a transform, is returned itself: no resampled copy, in its own pixel type."""
     if transform is None and Grid.of(image) == Grid.of(grid_image):
         return image, None
     inside = inside_field_of_view(image, grid_image, transform)
-    return onto_grid(image, grid_image, transform, background), None if inside.all() else inside
+    source = image if padding is None else extended(image, padding)
+    return onto_grid(source, grid_image, transform, background), None if inside.all() else inside
 
 
 FLAT_SHARE = 0.4

@@ -102,41 +102,59 @@ WORK_BYTES_PER_VOXEL = 36
 training, the normalised reference (4) and its cubic B-spline prior (16 kept, 28 while built:
 float64 coefficients and their padded copy), then the body's voxel indices (4 kept, 8 while found:
 sampling.body_voxels, with its mask (1) and, for a calibrated follow-up, the numbers of its body level (4) and the
-comparison (1): 34 in all with the reference and the prior); while writing a time point, the field (12) and its
-image (12), the predicted image (4), the labelmap (2) and the Jacobian (4)."""
+comparison (1): 34 in all with the reference and the prior); while writing a time point on it,
+WRITING_BYTES_PER_VOXEL."""
+WRITING_BYTES_PER_VOXEL = 34
+"""Per voxel of the grid a time point is written on (a follow-up's own), held while it is written: the field (12) and
+its image (12), the predicted image (4), the labelmap (2) and the Jacobian (4)."""
 RESAMPLED_BYTES_PER_VOXEL = 5
 """Per follow-up not on the reference grid (or pre-aligned): its float32 copy on that grid and the
 mask of its field of view."""
 ON_GRID_BYTES_PER_VOXEL = 1
 """Per follow-up on the reference grid: the mask of its field of view, kept when it is padded (find_padding)."""
+PLACING_BYTES_PER_VOXEL = 12
+"""While a follow-up not on the reference grid is placed there, per voxel of its own grid beyond a copy of it (its
+padding extended over: preprocessing.extended): the cubic B-spline's float64 coefficients (8, measured 8.2) and the
+masks of its padding (4)."""
 
 
 def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], segmentation: str | None = None,
                         prealign: bool = False, smoothing: bool = False) -> float:
     """The peak resident memory of a train run on these inputs, in bytes, from the image headers
     alone (no voxel is read): the scans as held (read_image; twice with `smoothing`, Preset.smoothing_sigma:
-    the fit holds a smoothed copy of each), the segmentation (twice, uint16), the working set of
-    WORK_BYTES_PER_VOXEL on the reference grid and that of one output slab. `prealign`: every follow-up pre-aligned
+    the fit holds a smoothed copy of each), the segmentation (twice, uint16), and the largest working set: training
+    and writing on the reference grid (WORK_BYTES_PER_VOXEL and one output slab), placing a follow-up on it
+    (PLACING_BYTES_PER_VOXEL of its own grid) or writing its time point on its own grid (WRITING_BYTES_PER_VOXEL and a
+    slab). `prealign`: every follow-up pre-aligned
     (--prealign affine); --prealign auto is counted as none (of a scan it pre-aligns on the reference's own grid, 4
     bytes per voxel are not counted: the apparent shift that decides is not read from the headers). InputError for a
     missing or unreadable image, as reading it would."""
     size, pixel, grid = image_information(reference, "reference image")
     voxels = math.prod(size)
-    plane = math.prod(size[:2])
-    slab = plane * min(max(1, SLAB_VOXELS // plane), math.prod(size[2:]))
     copies = 2 if smoothing else 1
-    total = BASE_BYTES + slab * SLAB_BYTES_PER_VOXEL + voxels * (copies * held_bytes(pixel) + WORK_BYTES_PER_VOXEL)
+    total = BASE_BYTES + voxels * copies * held_bytes(pixel)
+    work = voxels * WORK_BYTES_PER_VOXEL + _slab(size) * SLAB_BYTES_PER_VOXEL
     for path, t in follow_ups:
         other_size, other_pixel, other_grid = image_information(path, f"follow-up image at time {t:g}")
-        held = math.prod(other_size) * held_bytes(other_pixel)
+        other = math.prod(other_size)
+        held = other * held_bytes(other_pixel)
         total += held
         resampled = prealign or grid is None or other_grid != grid
         total += voxels * (RESAMPLED_BYTES_PER_VOXEL if resampled else ON_GRID_BYTES_PER_VOXEL)
+        if resampled:
+            work = max(work, held + other * PLACING_BYTES_PER_VOXEL,
+                       other * WRITING_BYTES_PER_VOXEL + _slab(other_size) * SLAB_BYTES_PER_VOXEL)
         if smoothing:                       # the smoothed copy of what the fit reads: the scan, or its float32 copy
             total += voxels * 4 if resampled else held
     if segmentation:
         total += voxels * 4
-    return total
+    return total + work
+
+
+def _slab(size: tuple[int, ...]) -> int:
+    """Voxels of one output slab of a grid of `size` (x, y, z): whole slices, up to SLAB_VOXELS."""
+    plane = math.prod(size[:2])
+    return plane * min(max(1, SLAB_VOXELS // plane), math.prod(size[2:]))
 
 
 def check_memory(estimate: float, meminfo: Path = Path("/proc/meminfo")) -> str | None:

@@ -55,7 +55,7 @@ def test_padding_outside_a_cylinder_is_found_on_the_reference_grid(noisy, value)
     reference, follow_up = noisy.images[0], noisy.images[2]
     found = find_padding(padded(follow_up, value), reference, WINDOW)
     assert found is not None
-    padding, mask = found
+    padding, mask, _ = found
     outside = ~cylinder(follow_up)
     assert padding == value
     assert mask[outside].all()
@@ -67,7 +67,7 @@ def test_padding_of_a_scan_on_its_own_grid_is_placed_on_the_reference_grid(noisy
     slices) is padded beyond its circle; the padding is found on its grid and placed on the reference's."""
     reference = noisy.images[0]
     crop = sitk.RegionOfInterest(padded(noisy.images[2], 0.0), (40, 36, 24), (4, 6, 5))
-    value, mask = find_padding(crop, reference, WINDOW)
+    value, mask, _ = find_padding(crop, reference, WINDOW)
     covered = np.zeros(mask.shape, bool)
     covered[5:29, 6:42, 4:44] = True
     assert value == 0.0
@@ -84,8 +84,8 @@ def test_a_scan_between_the_references_voxels_leaves_none_of_its_padding_in_its_
     follow_up.SetOrigin(tuple(o + s / 2 for o, s in zip(follow_up.GetOrigin(), follow_up.GetSpacing())))
     centre = reference.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in reference.GetSize()])
     transform = sitk.Euler3DTransform(centre, 0.0, 0.0, np.radians(turn))
-    placed, covered = on_grid(follow_up, reference, transform, -1000.0)
-    value, mask = find_padding(follow_up, reference, WINDOW, transform)
+    value, mask, runs = find_padding(follow_up, reference, WINDOW, transform)
+    placed, covered = on_grid(follow_up, reference, transform, -1000.0, runs)
     inside = ~mask if covered is None else covered & ~mask
     assert value == -3024.0 and inside.mean() > 0.4
     assert sitk.GetArrayViewFromImage(placed)[inside].min() > -1100.0   # air with noise of 10 HU: about -1040
@@ -159,6 +159,23 @@ def test_follow_ups_padded_with_0_hu_on_the_reference_grid_register_as_well_as_u
     assert "field of view (of the grid)" in page and f"<td>{inside:.0%}</td>" in page
 
 
+def test_follow_ups_on_grids_of_their_own_register_as_well_as_on_the_references(noisy, as_scanned, tmp_path):
+    """The follow-ups on 4 mm grids of their own, the anatomy in place: resampled onto the reference's 6 mm grid
+    linearly they scored 0.93 and 1.14 mm mean TRE (blurred), on the reference's grid 0.67 and 0.83; by a cubic
+    B-spline 0.70 and 0.82."""
+    landmarks, on_the_references = as_scanned
+
+    def own(image: sitk.Image) -> sitk.Image:
+        grid = sitk.Image([int(n * s / 4.0) for n, s in zip(image.GetSize(), image.GetSpacing())], sitk.sitkFloat32)
+        grid.SetSpacing((4.0, 4.0, 4.0))
+        grid.SetOrigin(tuple(np.array(image.GetOrigin()) + (1.3, 0.7, 2.1)))
+        return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkBSpline, -1000.0, image.GetPixelID())
+
+    said, points = train(tmp_path / "own", noisy.images[0], [own(image) for image in noisy.images[1:]], landmarks)
+    for (before, _), (tre, folded) in zip(on_the_references, scores(points)):
+        assert folded == 0 and tre <= before + 0.1, (before, tre)
+
+
 def test_cbcts_on_their_own_grids_register_as_well_as_unpadded_on_those_grids(noisy, as_scanned, tmp_path):
     """Follow-ups padded with -3024 outside their field of view, each on a grid half a voxel off the reference's (a
     CBCT's own grid), scored 1.97 and 2.27 mm mean TRE, the same scans unpadded on those grids 0.96 and 1.06 (linear
@@ -185,8 +202,8 @@ def test_padding_of_the_reference_is_found_against_a_follow_up_that_holds_anatom
     """The roles swapped: the reference padded outside its circle, a follow-up holding the body there."""
     reference, follow_up = padded(noisy.images[0], value), noisy.images[2]
     found = find_padding(reference, follow_up, WINDOW)
-    assert found is not None and found[0] == value
-    assert np.array_equal(found[1], ~cylinder(reference))
+    assert found is not None and found.value == value
+    assert np.array_equal(found.where, ~cylinder(reference))
 
 
 def test_a_follow_ups_padding_is_no_evidence_that_the_references_own_air_is_padding():
