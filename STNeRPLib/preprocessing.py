@@ -330,7 +330,9 @@ only the body's motion makes them differ; none of it in the breathing phantom's 
 -1000 HU outside a cylinder of 0.4 x the phantom's width covers its body at 7.8 % of the voxels."""
 
 PADDING_TOLERANCE = 0.05
-"""How far (window widths: 75 HU in the CT window) the reference may lie from a padding value and count as the same."""
+"""How far (window widths: 75 HU in the CT window) the reference may lie from a padding value and count as the same,
+in the scans' numbers, not clipped to the window: a CBCT's -3024 over the reference's air (-1000), both the window's
+floor, was taken for air where the field of view held the whole body, and calibrated as such (1653 HU off)."""
 
 
 class PaddingCandidate(NamedTuple):
@@ -383,8 +385,8 @@ def confirmed_padding(candidate: PaddingCandidate, image: sitk.Image, reference:
     value, runs = candidate
     where = runs if transform is None and Grid.of(image) == Grid.of(reference) else \
         interpolated_from(image, reference, transform, runs)
-    there = window.normalise(sitk.GetArrayViewFromImage(reference)[where if seen is None else where & seen])
-    differs = np.abs(there - window.normalise(np.array([value], np.float32))) > PADDING_TOLERANCE
+    there = sitk.GetArrayViewFromImage(reference)[where if seen is None else where & seen].astype(np.float32)
+    differs = np.abs(there - np.float32(value)) > PADDING_TOLERANCE * (window.high - window.low)
     if np.count_nonzero(differs) < PADDING_EVIDENCE * max(len(there), 1):
         return None
     return value, where

@@ -91,6 +91,26 @@ def test_a_scan_between_the_references_voxels_leaves_none_of_its_padding_in_its_
     assert sitk.GetArrayViewFromImage(placed)[inside].min() > -1100.0   # air with noise of 10 HU: about -1040
 
 
+def test_a_cbcts_padding_around_the_whole_body_is_not_taken_for_air_and_calibrated(noisy, tmp_path):
+    """-3024 outside a cylinder of 0.45 x the width, which holds the whole body: over the reference's air it was the
+    same in the window (both its floor), so not padding, and a CBCT on a grid of its own was then calibrated by it:
+    "CT numbers 1653 HU off the reference's (scale 1.153, offset +316 HU...)". In HU it is no air."""
+    reference = noisy.images[0]
+    follow_up = sitk.Resample(noisy.images[1], [40, 40, 28], sitk.Transform(), sitk.sitkLinear,
+                              tuple(np.array(reference.GetOrigin()) + (1.1, 0.7, 2.3)), (7.2, 7.2, 8.6),
+                              reference.GetDirection(), -1000.0, sitk.sitkInt16)
+    follow_up = padded(follow_up, -3024.0, 0.45)
+    assert find_padding(follow_up, reference, WINDOW) is not None
+    sitk.WriteImage(reference, str(tmp_path / "reference.nrrd"))
+    sitk.WriteImage(follow_up, str(tmp_path / "cbct.nrrd"))
+    result = stnerp("train", "--reference", tmp_path / "reference.nrrd", "--follow-up", tmp_path / "cbct.nrrd", 1,
+                    "--output", tmp_path / "run", "--iterations", "5", "--threads", "1", "--no-report")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["intensity_calibrations"] == [] and "CT numbers" not in result.stderr, result.stderr
+    assert record["time_points"][1]["field_of_view"] < 0.8
+
+
 def test_a_scans_own_background_is_not_padding():
     """Air exactly -1000 in every phase of a noise-free phantom, and noisy air, are the scans' background."""
     for noise in (0, 10):
