@@ -288,8 +288,8 @@ def _reference_padding(reference: sitk.Image, follow_ups: list[tuple[float, sitk
     if candidate is None:
         return None
     for _, image in follow_ups:
-        own = padding_candidate(image)
-        seen = None if own is None or confirmed_padding(own, image, reference, window) is None else ~own.runs
+        own = find_padding(image, reference, window)
+        seen = None if own is None else ~own.runs
         if confirmed_padding(candidate, reference, image, window, seen=seen) is not None:
             return candidate
     return None

@@ -371,8 +371,10 @@ def find_padding(image: sitk.Image, reference: sitk.Image, window: IntensityWind
     corners beyond its reconstructed circle): its padding_candidate, confirmed by the reference (confirmed_padding).
     `transform` maps reference points to the scan's (None: the identity)."""
     candidate = padding_candidate(image)
-    confirmed = None if candidate is None else confirmed_padding(candidate, image, reference, window, transform)
-    return None if candidate is None or confirmed is None else Padding(*confirmed, candidate.runs)
+    if candidate is None:
+        return None
+    confirmed = confirmed_padding(candidate, image, reference, window, transform)
+    return None if confirmed is None else Padding(*confirmed, candidate.runs)
 
 
 def confirmed_padding(candidate: PaddingCandidate, image: sitk.Image, reference: sitk.Image,
