@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import SimpleITK as sitk
 
+from STNeRPLib.geometry import Grid
+
 if TYPE_CHECKING:
     import ants
     import itk
@@ -150,14 +152,23 @@ def _smooth_and_shrink(image: sitk.Image, shrink: int, sigma_mm: float) -> sitk.
                          image.GetDirection(), 0.0, image.GetPixelID())
 
 
+def on_fixed_grid(moving: sitk.Image, fixed: sitk.Image) -> sitk.Image:
+    """`moving` on the grid of `fixed` (itself when it lies there): a cubic B-spline, as STNeRP resamples a follow-up
+    on another grid, and beyond `moving`'s grid its nearest voxel's value."""
+    if Grid.of(moving).matches(Grid.of(fixed)):
+        return moving
+    return sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkBSpline, 0.0, moving.GetPixelID(), True)
+
+
 def demons_register(fixed: sitk.Image, moving: sitk.Image,
                     iterations: tuple[int, int, int] = DEMONS_ITERATIONS) -> sitk.Image:
     """Multi-resolution SimpleITK DiffeomorphicDemons (shrink 4, 2, 1 with `iterations` at each;
     Gaussian field smoothing 1.5 voxels). No histogram matching: both images are CT in HU. SimpleITK's
     HistogramMatching (threshold at the mean intensity) leaves the lungs out of the match and
-    extrapolates them: on the native chest it shifted them ~100 HU and demons misregistered them."""
+    extrapolates them: on the native chest it shifted them ~100 HU and demons misregistered them. Demons compares
+    the two voxel for voxel: a moving image on another grid is resampled onto the fixed one first (on_fixed_grid)."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(THREADS)
-    fixed, moving = _as_float(fixed), _as_float(moving)
+    fixed, moving = _as_float(fixed), on_fixed_grid(_as_float(moving), fixed)
     demons = sitk.DiffeomorphicDemonsRegistrationFilter()
     demons.SetSmoothDisplacementField(True)
     demons.SetStandardDeviations(DEMONS_SIGMA)
