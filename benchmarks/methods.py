@@ -161,7 +161,8 @@ def run_stnerp(job: dict, series: Series, work: Path) -> dict:
     """Fit the whole series (without time index job['heldout'], if given) and write every output of
     every fitted time point as the product does (outputs.write_time_point: displacement, Jacobian,
     labelmap, predicted image, inverse displacement), plus the model file; with a held-out index,
-    the outputs at that time too (its predicted image: the scans around it, carried and blended)."""
+    the outputs at that time too, on the held-out scan's grid (its predicted image: the scans around it, carried and
+    blended)."""
     # The engine's torch parts: imported here, not at the top (see the module's docstring).
     from STNeRPLib.geometry import Grid
     from STNeRPLib.outputs import TimePoint, write_time_point
@@ -170,6 +171,7 @@ def run_stnerp(job: dict, series: Series, work: Path) -> dict:
     options = stnerp_options(job["method"], job.get("iterations"))
     skip = job.get("heldout")
     indices = [k for k in range(len(series.times)) if k != skip]
+    unscanned = {} if skip is None else {skip: Grid.of(series.image(skip))}  # where its prediction is asked for
     start = time.perf_counter()
     images = {k: series.image(k) for k in indices}
     follow_ups = [(series.times[k], images[k]) for k in indices[1:]]
@@ -180,7 +182,7 @@ def run_stnerp(job: dict, series: Series, work: Path) -> dict:
     per_time, fields, predicted = [], {}, {}
     for k in indices + ([skip] if skip is not None else []):
         t0 = time.perf_counter()
-        grid = Grid.of(images[k]) if k in images else Grid.of(images[0])  # one grid per series here
+        grid = Grid.of(images[k]) if k in images else unscanned[k]
         point = TimePoint(series.times[k], grid, prealignment=prealignments.get(series.times[k]))
         entry = write_time_point(model, point, work, None).entry
         per_time.append(time.perf_counter() - t0)

@@ -81,6 +81,23 @@ def _chest(folder: Path, settings: SeriesSettings) -> Path | None:
     return folder
 
 
+def _chest_own_grids(folder: Path, settings: SeriesSettings) -> Path | None:
+    """The chest series with every phase after the reference on a grid of its own of OWN_GRIDS_SPACING times the
+    reference's spacing (data.own_grid)."""
+    if not data.chest_available():
+        return None
+    spacing = 6.0 if settings.quick else settings.chest_spacing
+    folder = data.chest_series(folder, spacing, 10, 3, settings.seed, own_grids_mm=OWN_GRIDS_SPACING * spacing)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "seed": settings.seed, "count": 10}, indent=1))
+    return folder
+
+
+OWN_GRIDS_SPACING = 2 / 3
+"""The follow-ups' spacing in series chest_own_grids, a fraction of the reference's (3 mm: 2 mm), as a follow-up CT or a
+CBCT is often reconstructed finer than a planning CT's slices."""
+
+
 def _real(builder: Callable[..., Path], available: Callable[[], bool]) -> Callable[[Path, SeriesSettings], Path | None]:
     """A builder of a real-anatomy series at its own resolution (10 phases, phase 3 held out; quick:
     3 phases, phase 1 held out), None when its CT is not in ../shared/data."""
@@ -101,6 +118,7 @@ SERIES: dict[str, Callable[[Path, SeriesSettings], Path | None]] = {
     "breathing": _phantom("breathing", 10, 3),
     "longitudinal": _phantom("longitudinal", 5, 2),
     "chest": _chest,
+    "chest_own_grids": _chest_own_grids,                                         # follow-ups on grids of their own
     "chest_native": _real(data.chest_native_series, data.chest_available),       # 1.5 mm, issue 11
     "abdomen": _real(data.abdomen_series, data.abdomen_available),              # sliding organs, issue 11
 }
@@ -286,7 +304,7 @@ def _score_heldout(series: data.Series, method: str, h: int, result: dict | None
     actual = sitk.GetArrayFromImage(series.image(h))
     scans = {series.times[k]: series.image(k) for k in (h - 1, h + 1)}
     if method == "none":
-        return {"time": t, "predicted": scoring.score_image(scoring.linear(scans, t), actual),
+        return {"time": t, "predicted": scoring.score_image(scoring.linear(scans, t, series.image(h)), actual),
                 "field": scoring.score_field(series, h, _baseline_fields("none", series, [h])[h])}
     if methods.kind(method) == "stnerp":
         u_t = sitk.ReadImage(cast("dict", result)["fields"][str(h)], sitk.sitkVectorFloat64)
@@ -296,7 +314,7 @@ def _score_heldout(series: data.Series, method: str, h: int, result: dict | None
                   {int(k): sitk.ReadImage(p, sitk.sitkVectorFloat64)
                    for k, p in cast("dict", result)["fields"].items()})
         u_t = series.displacement(h) if method == "exact" else scoring.in_time(
-            {series.times[k]: f for k, f in around.items()}, t)
+            {series.times[k]: f for k, f in around.items()}, t, series.image(h))
         inverses = {series.times[k]: scoring.invert(f) for k, f in around.items()}
         predicted = scoring.motion_compensated(scans, inverses, u_t, t)
     return {"time": t, "predicted": scoring.score_image(predicted, actual),

@@ -23,7 +23,6 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from statistics import median
-from typing import cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -135,21 +134,27 @@ def invert(field: sitk.Image) -> sitk.Image:
     return w
 
 
-def in_time(fields: dict[float, sitk.Image], t: float) -> sitk.Image:
-    """A pairwise method's u at an unscanned time t: its fields at the scans around t blended
-    linearly in time (the method has no motion between scans of its own)."""
-    weights = interpolation_weights(sorted(fields), t)
-    blend = cast("np.ndarray",
-                 sum(w * sitk.GetArrayFromImage(fields[s]).astype(np.float64) for s, w in weights.items()))
-    return Grid.of(fields[next(iter(weights))]).image(blend, vector=True)
+def in_time(fields: dict[float, sitk.Image], t: float, like: sitk.Image) -> sitk.Image:
+    """A pairwise method's u at an unscanned time t on the grid of `like`: its fields at the scans around t (each on
+    its scan's grid, carried onto that one linearly, beyond a field its nearest border value) blended linearly in time
+    (the method has no motion between scans of its own)."""
+    grid = Grid.of(like)
+    blend = np.zeros((*grid.shape, 3))
+    for s, weight in interpolation_weights(sorted(fields), t).items():
+        field = sitk.Cast(fields[s], sitk.sitkVectorFloat64)
+        if not Grid.of(field).matches(grid):
+            field = sitk.Resample(field, like, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
+        blend += weight * sitk.GetArrayFromImage(field)
+    return grid.image(blend, vector=True)
 
 
 def motion_compensated(scans: dict[float, sitk.Image], inverses: dict[float, sitk.Image], u_t: sitk.Image,
                        t: float) -> np.ndarray:
     """Predicted image (HU) at an unscanned time t from the scans around it, as STNeRP's output:
     each scan s carried to t through q -> q + u_t(q) + w_s(q + u_t(q)) (w_s: the inverse of u_s,
-    reference -> scan s), cubic B-spline, blended with interpolation_weights. The scans share
-    the grid of u_t here, so every point is seen by both (no field-of-view weighting needed)."""
+    reference -> scan s), cubic B-spline, blended with interpolation_weights. The scans cover the field of view of
+    u_t's grid, on it or on grids of their own (beyond a scan's grid, its nearest border value): no field-of-view
+    weighting."""
     grid = Grid.of(u_t)
     u = sitk.Cast(u_t, sitk.sitkVectorFloat64)
     blend = np.zeros(grid.shape)
@@ -159,6 +164,9 @@ def motion_compensated(scans: dict[float, sitk.Image], inverses: dict[float, sit
     return blend
 
 
-def linear(scans: dict[float, sitk.Image], t: float) -> np.ndarray:
-    """The no-motion baseline at t: the two scans around t blended voxel by voxel (HU)."""
-    return linear_interpolation({s: sitk.GetArrayFromImage(image) for s, image in scans.items()}, t)
+def linear(scans: dict[float, sitk.Image], t: float, like: sitk.Image) -> np.ndarray:
+    """The no-motion baseline at t on the grid of `like`: the two scans around t blended voxel by voxel (HU), each
+    carried onto that grid first as the predicted image carries a scan (resample_onto; itself on that grid)."""
+    grid = Grid.of(like)
+    return linear_interpolation({s: sitk.GetArrayFromImage(image) if Grid.of(image).matches(grid) else
+                                 resample_onto(image, sitk.Transform(), grid) for s, image in scans.items()}, t)

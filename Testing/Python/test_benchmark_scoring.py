@@ -116,7 +116,7 @@ def test_constant_shift_inverts_and_blends_in_time_exactly():
     c = np.array([1.5, -0.75, 2.25])
     inverse = sitk.GetArrayFromImage(scoring.invert(_constant_field(like, c)))
     assert np.abs(inverse + c).max() < 1e-9
-    blended = scoring.in_time({2.0: _constant_field(like, 2 * c), 4.0: _constant_field(like, 4 * c)}, 3.5)
+    blended = scoring.in_time({2.0: _constant_field(like, 2 * c), 4.0: _constant_field(like, 4 * c)}, 3.5, like)
     assert np.abs(sitk.GetArrayFromImage(blended) - 3.5 * c).max() < 1e-9
 
 
@@ -130,13 +130,69 @@ def test_motion_compensated_interpolation_with_the_exact_motion_beats_linear_int
     fields = {t: _constant_field(reference, t * c) for t in (2.0, 4.0)}
     actual = sitk.GetArrayFromImage(_shifted(3 * c))
     predicted = scoring.motion_compensated(scans, {t: scoring.invert(f) for t, f in fields.items()},
-                                           scoring.in_time(fields, 3.0), 3.0)
+                                           scoring.in_time(fields, 3.0, reference), 3.0)
     interior = (slice(4, -4),) * 3
     error = np.abs(predicted - actual)[interior].max()
-    linear_error = np.abs(scoring.linear(scans, 3.0) - actual)[interior].max()
+    linear_error = np.abs(scoring.linear(scans, 3.0, reference) - actual)[interior].max()
     assert error < 5.0 and linear_error > 10 * error
     assert (scoring.score_image(predicted, actual)["psnr"]
-            > scoring.score_image(scoring.linear(scans, 3.0), actual)["psnr"])
+            > scoring.score_image(scoring.linear(scans, 3.0, reference), actual)["psnr"])
+
+
+def _on_grid(shift: np.ndarray, k: int) -> sitk.Image:
+    """_shifted's f(q + shift) on time index k's grid of its own: 2 mm for the reference (k = 0), else 1.6 mm moved
+    off it by k * (0.37, 0.61, 0.23) (modulo 1) of a voxel, 22 or 23 voxels a side."""
+    if k == 0:
+        return _shifted(shift)
+    grid = sitk.Image((22 + k % 2,) * 3, sitk.sitkFloat32)
+    grid.SetSpacing((1.6, 1.6, 1.6))
+    grid.SetOrigin(tuple(1.6 * np.mod(k * np.array([0.37, 0.61, 0.23]), 1.0)))
+    return sitk.Resample(_shifted(np.zeros(3)), grid, sitk.TranslationTransform(3, shift.tolist()),
+                         sitk.sitkBSpline, -800.0)
+
+
+@pytest.fixture(scope="module")
+def own_grids(tmp_path_factory) -> data.Series:
+    """Five scans (t = 0..4) of f moving by t * c, each after the reference on a grid of its own; index 2 held out."""
+    c = np.array([1.2, 0.0, -0.8])
+    images = [_on_grid(k * c, k) for k in range(5)]
+    labelmaps = [sitk.Cast(sitk.BinaryThreshold(i, -300.0, 1e9, 1, 0), sitk.sitkUInt8) for i in images]
+    fields = [_constant_field(i, k * c) for k, i in enumerate(images)]
+    rng = np.random.default_rng(0)
+    points = 10.0 + rng.uniform(0, 1, (20, 3)) * 16.0
+    folder = data.write_series(tmp_path_factory.mktemp("own") / "own", "own_grids", "tiny", [0.0, 1.0, 2.0, 3.0, 4.0],
+                               images, labelmaps, fields, [np.ones(Grid.of(i).shape, bool) for i in images],
+                               [(points, points + k * c) for k in range(5)], {1: "blob"}, 2)
+    return data.Series(folder)
+
+
+def test_heldout_predictions_are_scored_on_the_heldout_scans_grid_of_its_own(own_grids, tmp_path):
+    """The scans around the held-out one, and their fields, lie on grids of their own: the linear interpolation and a
+    pairwise method's blend in time are made on the held-out scan's grid, and the exact motion predicts it better."""
+    none = runners._score_heldout(own_grids, "none", 2, None)
+    exact = runners._score_heldout(own_grids, "exact", 2, None)
+    fields = {}
+    for k in (1, 3):
+        fields[str(k)] = str(tmp_path / f"u_{k}.nrrd")
+        sitk.WriteImage(own_grids.displacement(k), fields[str(k)])
+    pairwise = runners._score_heldout(own_grids, "sitk_demons", 2, {"fields": fields})
+    assert exact["field"]["tre_mean"] < 1e-6 and pairwise["field"]["tre_mean"] < 0.05, pairwise["field"]
+    assert none["field"]["tre_mean"] > 1.0
+    assert exact["predicted"]["psnr"] > none["predicted"]["psnr"] + 10, (exact, none)
+    assert pairwise["predicted"]["psnr"] > none["predicted"]["psnr"] + 10, (pairwise, none)
+
+
+def test_stnerp_child_predicts_a_heldout_scan_on_its_own_grid(own_grids, tmp_path):
+    """The held-out scan lies on a grid of its own: STNeRP's prediction there is written on that grid (it was written
+    on the reference's, which the actual scan's voxels do not match), and scored against it."""
+    job = {"method": "stnerp_default", "series": str(own_grids.folder), "threads": 1, "heldout": 2,
+           "iterations": 30, "work": str(tmp_path / "run")}
+    result = runners.run_job(job, sys.executable, timeout=600)
+    assert result["ok"], result.get("log")
+    for path in (result["images"]["2"], result["fields"]["2"]):
+        assert Grid.of(sitk.ReadImage(path)).matches(Grid.of(own_grids.image(2))), path
+    scored = runners._score_heldout(own_grids, "stnerp_default", 2, result)
+    assert scored["predicted"]["psnr"] > 30, scored
 
 
 def test_spread_is_the_median_with_min_max_and_count():
