@@ -219,26 +219,27 @@ def _pick(groups: list[tuple[np.ndarray, int]]) -> np.ndarray:
     return np.flatnonzero(taken)
 
 
-def _warped_series(source: sitk.Image, coefficients: np.ndarray, labels: np.ndarray,
-                   body: np.ndarray, grid: sitk.Image, bounds: tuple[np.ndarray, np.ndarray],
-                   motion: Callable[[np.ndarray, float], np.ndarray], n_phases: int,
+def _warped_series(source: sitk.Image, phases: list[tuple[sitk.Image, np.ndarray]], labels: np.ndarray,
+                   body: np.ndarray, bounds: tuple[np.ndarray, np.ndarray],
+                   motion: Callable[[np.ndarray, float], np.ndarray],
                    choose: Callable[[np.ndarray, np.ndarray, float], np.ndarray], seed: int, noise_hu: float
                    ) -> tuple[list[float], list[sitk.Image], list[sitk.Image], list[sitk.Image], list[np.ndarray],
                               list[tuple[np.ndarray, np.ndarray]], float]:
-    """Phase k (time k) of a real CT warped by `motion`: image_k(q) = CT(q + u_k(q)) + noise, on `grid`.
+    """Phase k (time k) of a real CT warped by `motion`: image_k(q) = CT(q + u_k(q)) + noise, on its grid.
 
-    `coefficients` (cubic splines of the CT), `labels` and `body` are [z, y, x] on `source`'s grid.
-    Landmarks: uniform candidates inside `bounds` (LPS mm; TAPER_MM / 3 from its faces), mapped to
-    the reference by u_k; `choose(candidates, reference_points, t)` picks their indices.
-    Returns (times, images, labelmaps, fields, bodies, landmarks, minimum det J)."""
-    src, target = Grid.of(source), Grid.of(grid)
-    points = target.points().reshape(*target.shape, 3)
+    `phases`: per phase its grid and the cubic spline coefficients of the CT it is sampled from ([z, y, x] on
+    `source`'s grid, as `labels` and `body` are). Landmarks: uniform candidates inside `bounds` (LPS mm;
+    TAPER_MM / 3 from its faces), mapped to the reference by u_k; `choose(candidates, reference_points, t)`
+    picks their indices. Returns (times, images, labelmaps, fields, bodies, landmarks, minimum det J)."""
+    src = Grid.of(source)
     low, high = bounds
     rng = np.random.default_rng(seed)
     candidates = low + TAPER_MM / 3 + rng.uniform(0, 1, (20000, 3)) * (high - low - 2 * TAPER_MM / 3)
     times, images, labelmaps, fields, bodies, marks = [], [], [], [], [], []
-    for k in range(n_phases):
+    for k, (grid, coefficients) in enumerate(phases):
         t = float(k)
+        target = Grid.of(grid)
+        points = target.points().reshape(*target.shape, 3)
         u = motion(points, t)
         hu = _sample(coefficients, src, points + u, 3)
         hu += noise_hu * np.random.default_rng([seed, 1, k]).standard_normal(hu.shape)
@@ -307,32 +308,60 @@ def _lung_landmarks(labels: np.ndarray, source: Grid, body: np.ndarray | None = 
     return choose
 
 
-def chest_series(folder: Path, spacing_mm: float, n_phases: int, heldout: int, seed: int = 0) -> Path:
+def chest_series(folder: Path, spacing_mm: float, n_phases: int, heldout: int, seed: int = 0,
+                 own_grids_mm: float | None = None) -> Path:
     """Real chest CT (1.5 mm) resampled to `spacing_mm` and warped by chest_motion: exact ground
-    truth for the images, the structure labelmaps and the landmarks."""
+    truth for the images, the structure labelmaps and the landmarks. With `own_grids_mm`, every phase
+    after the reference is sampled on a grid of its own (own_grid: that spacing, moved off the reference's
+    by a fraction of a voxel), as a follow-up CT or a CBCT is reconstructed: series "chest_own_grids"."""
     ct = _chest_ct()
     origin, fine = np.asarray(ct.GetOrigin()), np.asarray(ct.GetSpacing())
-    # Anti-aliased continuous version of the CT (cubic splines of the smoothed 1.5 mm volume).
-    sigma = max(0.0, 0.5 * spacing_mm / fine[0] - 0.5)
     ct_array = sitk.GetArrayFromImage(ct).astype(np.float64)
-    smooth = ndimage.gaussian_filter(ct_array, sigma) if sigma > 0 else ct_array
     labels, names = _chest_labels(ndimage.gaussian_filter(ct_array, 1.0) < CHEST_LUNG_HU)
     extent = (np.asarray(ct.GetSize()) - 1) * fine
-    size = [int(np.floor(e / spacing_mm)) + 1 for e in extent]
-    grid = sitk.Image(size, sitk.sitkFloat32)
-    grid.SetOrigin(tuple(origin))
-    grid.SetSpacing((spacing_mm,) * 3)
     bounds = (origin, origin + extent)
+    reference = (own_grid(bounds, spacing_mm, 0), _antialiased_spline(ct_array, spacing_mm / fine[0]))
+    phases = [reference] * n_phases
+    if own_grids_mm is not None:
+        own = _antialiased_spline(ct_array, own_grids_mm / fine[0])
+        phases[1:] = [(own_grid(bounds, own_grids_mm, k), own) for k in range(1, n_phases)]
     times, images, labelmaps, fields, _, marks, jac_min = _warped_series(
-        ct, _spline(smooth), labels, np.ones(labels.shape, bool), grid, bounds,
-        chest_motion(bounds, n_phases), n_phases, _lung_landmarks(labels, Grid.of(ct)), seed, CHEST_NOISE_HU)
-    bodies = [np.ones(Grid.of(grid).shape, bool) for _ in times]  # the crop lies inside the body
+        ct, phases, labels, np.ones(labels.shape, bool), bounds, chest_motion(bounds, n_phases),
+        _lung_landmarks(labels, Grid.of(ct)), seed, CHEST_NOISE_HU)
+    bodies = [np.ones(Grid.of(image).shape, bool) for image in images]  # the crop lies inside the body
     names[CHEST_LUNG_LABEL] = f"lung (HU < {CHEST_LUNG_HU:g})"
+    grids = "" if own_grids_mm is None else (f"; each phase after the reference on a {own_grids_mm:g} mm grid of its "
+                                             "own, moved off the reference's by a fraction of a voxel")
     description = (f"real anatomy, simulated motion: TotalSegmentator chest CT resampled to {spacing_mm:g} mm, "
                    f"{n_phases} phases of a known smooth breathing-like diffeomorphism "
-                   f"(SI {CHEST_SI_AMP:g} mm, AP {CHEST_AP_AMP:g} mm, LR {CHEST_LR_AMP:g} mm; min det J {jac_min:.2f})")
-    return write_series(folder, "chest", description, times, images, labelmaps, fields, bodies, marks, names,
-                        heldout, {"ground_truth_min_jacobian": jac_min})
+                   f"(SI {CHEST_SI_AMP:g} mm, AP {CHEST_AP_AMP:g} mm, LR {CHEST_LR_AMP:g} mm; min det J {jac_min:.2f})"
+                   + grids)
+    extra = {"ground_truth_min_jacobian": jac_min, **({} if own_grids_mm is None else {"own_grids_mm": own_grids_mm})}
+    return write_series(folder, "chest" if own_grids_mm is None else "chest_own_grids", description, times, images,
+                        labelmaps, fields, bodies, marks, names, heldout, extra)
+
+
+OWN_GRID_SHIFTS = (0.38, 0.62, 0.21)
+"""Fraction of a voxel per phase (x, y, z) by which own_grid moves a phase's grid off the reference's, modulo 1:
+phase k by k times these, so no two phases share a grid."""
+
+
+def own_grid(bounds: tuple[np.ndarray, np.ndarray], spacing_mm: float, k: int) -> sitk.Image:
+    """Phase k's grid (an empty float32 image, identity direction) of `spacing_mm` voxels within `bounds` (LPS mm):
+    its first voxel centre k * OWN_GRID_SHIFTS (modulo 1) of a voxel past the lowest corner (phase 0: on it)."""
+    low, high = bounds
+    start = low + spacing_mm * np.mod(k * np.asarray(OWN_GRID_SHIFTS), 1.0)
+    grid = sitk.Image([int(n) for n in np.floor((high - start) / spacing_mm) + 1], sitk.sitkFloat32)
+    grid.SetOrigin(tuple(float(v) for v in start))
+    grid.SetSpacing((spacing_mm,) * 3)
+    return grid
+
+
+def _antialiased_spline(array: np.ndarray, factor: float) -> np.ndarray:
+    """_spline coefficients of a CT [z, y, x] smoothed for sampling `factor` times coarser than its voxels: a Gaussian
+    of 0.5 factor - 0.5 voxels (none at factor 1 or finer)."""
+    sigma = max(0.0, 0.5 * factor - 0.5)
+    return _spline(ndimage.gaussian_filter(array, sigma) if sigma > 0 else array)
 
 
 # ----------------------------------------------------------------------------- chest CT, native 1.5 mm
@@ -374,8 +403,8 @@ def chest_native_series(folder: Path, n_phases: int = 10, heldout: int = 3, seed
     grid.SetOrigin(ct.TransformIndexToPhysicalPoint([int(i) for i in low]))
     bounds = _bounds(Grid.of(grid))
     times, images, labelmaps, fields, bodies, marks, jac_min = _warped_series(
-        ct, _spline(sitk.GetArrayFromImage(ct)), labels, body, grid, bounds, chest_motion(bounds, n_phases), n_phases,
-        _lung_landmarks(labels, Grid.of(ct), body), seed, CHEST_NOISE_HU)
+        ct, [(grid, _spline(sitk.GetArrayFromImage(ct)))] * n_phases, labels, body, bounds,
+        chest_motion(bounds, n_phases), _lung_landmarks(labels, Grid.of(ct), body), seed, CHEST_NOISE_HU)
     names[CHEST_LUNG_LABEL] = "lungs (largest air components inside the body)"
     description = (f"real anatomy, simulated motion: TotalSegmentator chest CT at its native 1.5 mm, cropped to "
                    f"the lungs + {NATIVE_MARGIN_MM:g} mm ({' x '.join(str(n) for n in grid.GetSize())} voxels), "
@@ -468,8 +497,8 @@ def abdomen_series(folder: Path, n_phases: int = 10, heldout: int = 3, seed: int
         return _pick([(organ, int(0.4 * n)), (band, int(0.8 * n)), (inside, n)])
 
     times, images, labelmaps, fields, bodies, marks, jac_min = _warped_series(
-        ct, _spline(sitk.GetArrayFromImage(ct)), labels, body, ct, _bounds(source), motion, n_phases, choose, seed,
-        CHEST_NOISE_HU)
+        ct, [(ct, _spline(sitk.GetArrayFromImage(ct)))] * n_phases, labels, body, _bounds(source), motion, choose,
+        seed, CHEST_NOISE_HU)
     description = (f"real anatomy, simulated motion with sliding: TotalSegmentator abdomen CT (3 mm), "
                    f"{n_phases} phases: organs slide {ABDOMEN_SI_AMP:g} mm inferiorly against the wall across a "
                    f"{ABDOMEN_BAND_MM:g} mm (Gaussian sigma) band, anterior wall {ABDOMEN_AP_AMP:g} mm "

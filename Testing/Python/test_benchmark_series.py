@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import data, peers  # noqa: E402
+from STNeRPLib.geometry import Grid  # noqa: E402
 from STNeRPLib.metrics import jacobian_determinant, map_points, target_registration_error  # noqa: E402
 
 NOISE_HU = data.CHEST_NOISE_HU
@@ -43,8 +44,22 @@ def abdomen(tmp_path_factory):
     return data.Series(data.abdomen_series(tmp_path_factory.mktemp("abdomen"), n_phases=2, heldout=1))
 
 
+@pytest.fixture(scope="module")
+def chest_own_grids(tmp_path_factory):
+    if not data.chest_available():
+        pytest.skip(f"no chest CT in {data.CHEST_CT}")
+    folder = data.chest_series(tmp_path_factory.mktemp("chest_own_grids"), 3.0, 2, 1, own_grids_mm=3.0)
+    return data.Series(folder)
+
+
 @pytest.fixture(params=["chest_native", "abdomen"])
 def series(request):
+    """A series at its CT's own resolution: the reference warped by the ground truth is the phase to within noise."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(params=["chest_native", "abdomen", "chest_own_grids"])
+def any_series(request):
     return request.getfixturevalue(request.param)
 
 
@@ -54,8 +69,8 @@ def _warp(image: sitk.Image, field: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.Resample(image, field, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32, True))
 
 
-def _negated(field: sitk.Image) -> sitk.Image:
-    out = sitk.GetImageFromArray(-sitk.GetArrayFromImage(field), isVector=True)
+def _scaled(field: sitk.Image, factor: float) -> sitk.Image:
+    out = sitk.GetImageFromArray(factor * sitk.GetArrayFromImage(field), isVector=True)
     out.CopyInformation(field)
     return out
 
@@ -76,13 +91,14 @@ def test_series_reference_warped_by_ground_truth_is_the_phase(series):
     reference, target, field = series.image(0), series.image(1), series.displacement(1)
     body, actual = series.body(1), sitk.GetArrayFromImage(target)
     error = np.abs(_warp(reference, field) - actual)[body].mean()
-    negated = np.abs(_warp(reference, _negated(field)) - actual)[body].mean()
-    unregistered = np.abs(sitk.GetArrayFromImage(reference) - actual)[body].mean()
+    negated = np.abs(_warp(reference, _scaled(field, -1.0)) - actual)[body].mean()
+    unregistered = np.abs(_warp(reference, _scaled(field, 0.0)) - actual)[body].mean()   # on the phase's grid
     assert error < 1.6 * NOISE_HU * np.sqrt(2), (error, NOISE_HU)
     assert error < 0.35 * unregistered and error < 0.35 * negated, (error, unregistered, negated)
 
 
-def test_series_ground_truth_is_diffeomorphic_and_recorded(series):
+def test_series_ground_truth_is_diffeomorphic_and_recorded(any_series):
+    series = any_series
     jacobian = sitk.GetArrayFromImage(jacobian_determinant(series.displacement(1)))
     assert jacobian.min() > 0.3, jacobian.min()
     assert series.meta["ground_truth_min_jacobian"] == pytest.approx(float(jacobian.min()), abs=1e-6)
@@ -90,7 +106,8 @@ def test_series_ground_truth_is_diffeomorphic_and_recorded(series):
     assert np.abs(u0).max() == 0.0                                    # the reference does not move
 
 
-def test_series_landmarks_map_to_their_reference_points(series):
+def test_series_landmarks_map_to_their_reference_points(any_series):
+    series = any_series
     points, reference_points = series.landmarks(1)
     assert len(points) == 100
     moved = target_registration_error(points, reference_points)["tre_mean"]
@@ -101,6 +118,26 @@ def test_series_landmarks_map_to_their_reference_points(series):
     index = np.rint(np.array([series.image(1).TransformPhysicalPointToContinuousIndex(p.tolist())
                               for p in points])).astype(int)
     assert body[index[:, 2], index[:, 1], index[:, 0]].all()          # no landmark in the air
+
+
+def test_chest_own_grids_puts_each_follow_up_on_a_grid_of_its_own_over_the_same_field_of_view(chest_own_grids):
+    """Phase 1 on a grid of its own, off the reference's voxels, spanning its field of view to within a voxel; what
+    the series writes there (labelmap, ground truth, body) lies on that grid; the ten phases of the benchmark's series
+    each on a grid of its own, of the spacing asked for."""
+    reference, own = Grid.of(chest_own_grids.image(0)), Grid.of(chest_own_grids.image(1))
+    assert reference.spacing == own.spacing == (3.0, 3.0, 3.0)
+    low, high = (grid.to_physical(np.array([[0, 0, 0], np.subtract(grid.size, 1)], float)) for grid in (reference, own))
+    assert np.all(high[0] > low[0]) and np.all(high[0] - low[0] < 3.0), (low, high)
+    assert np.all(np.abs(high[1] - low[1]) < 3.0), (low, high)
+    offset = (high[0] - low[0]) / 3.0
+    assert np.all((offset > 0.05) & (offset < 0.95)), offset          # not on the reference's voxels
+    for written in (chest_own_grids.labelmap(1), chest_own_grids.displacement(1)):
+        assert Grid.of(written).matches(own)
+    assert chest_own_grids.body(1).shape == own.shape
+    grids = [data.own_grid((low[0], low[1]), 2.0, k) for k in range(10)]
+    assert len({tuple(np.round(grid.GetOrigin(), 3)) for grid in grids}) == 10
+    assert all(grid.GetSpacing() == (2.0, 2.0, 2.0) for grid in grids)
+    assert chest_own_grids.meta["name"] == "chest_own_grids" and chest_own_grids.meta["own_grids_mm"] == 3.0
 
 
 def test_chest_native_is_the_ct_at_native_resolution_cropped_to_the_lungs(chest_native):
