@@ -38,7 +38,10 @@ class SeriesModel:
     the image as read, not a copy, so the scans are held once); `views` the
     fields of view (bool, reference grid) of the follow-ups that do not cover the whole reference
     grid; `labelmap` the reference segmentation on the same grid, if one was given; `calibrations` the
-    follow-ups whose CT numbers the fit calibrated onto the reference's (the predicted images blend them so).
+    follow-ups whose CT numbers the fit calibrated onto the reference's (the predicted images blend them so);
+    `acquired` the follow-ups resampled onto the reference grid without a pre-alignment, as acquired on their own
+    grids (their padding extended over): the predicted images carry these (`carried`), not their copies, which a
+    second interpolation blurs.
     """
 
     preset: Preset
@@ -54,6 +57,7 @@ class SeriesModel:
     views: dict[float, np.ndarray]
     labelmap: np.ndarray | None
     calibrations: dict[float, Calibration] = field(default_factory=dict)
+    acquired: dict[float, sitk.Image] = field(default_factory=dict)
 
     def normalised_time(self, t: float) -> float:
         """User time -> [0, 1] over the scanned range (outside it for extrapolation)."""
@@ -72,6 +76,12 @@ class SeriesModel:
     def scan(self, t: float) -> sitk.Image:
         """The scan at scanned time t on the reference grid, in its own units (not a copy)."""
         return self.reference if t == self.reference_time else self.follow_ups[t]
+
+    def carried(self, t: float) -> sitk.Image:
+        """The scan at scanned time t that the predicted images carry: as acquired when it lies on a grid of its own
+        (a 2 mm follow-up of a 3 mm reference's chest: the held-out image 30.5 dB against 25.4 from its copy on the
+        reference grid), else the scan on the reference grid."""
+        return self.acquired[t] if t in self.acquired else self.scan(t)
 
     @cached_property
     def structures(self) -> list[int]:
@@ -104,6 +114,7 @@ class SeriesModel:
             "views": [[t, torch.from_numpy(np.packbits(a))] for t, a in self.views.items()],
             "labelmap": torch.from_numpy(_smallest(self.labelmap)) if self.labelmap is not None else None,
             "calibrations": [[t, asdict(c)] for t, c in self.calibrations.items()],
+            "acquired": [[t, Grid.of(a).to_dict(), _tensor_view(a)] for t, a in self.acquired.items()],
         }, Path(path))
 
     @classmethod
@@ -137,7 +148,8 @@ class SeriesModel:
                    {float(t): grid.image(a.cpu().numpy()) for t, a in data["follow_ups"]},
                    {float(t): _view(a.cpu().numpy(), grid.shape) for t, a in data["views"]},
                    labelmap.cpu().numpy() if labelmap is not None else None,
-                   {float(t): Calibration.from_dict(c) for t, c in data.get("calibrations", [])})
+                   {float(t): Calibration.from_dict(c) for t, c in data.get("calibrations", [])},
+                   {float(t): Grid.from_dict(g).image(a.cpu().numpy()) for t, g, a in data.get("acquired", [])})
 
 
 def _smallest(labelmap: np.ndarray) -> np.ndarray:

@@ -22,10 +22,10 @@ from .metrics import map_points, target_registration_error
 from .model import SeriesModel, labels_in, new_ref_net, normalise_time
 from .networks import RefNet
 from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, FAR_MM, Calibration, IntensityWindow,
-                            Padding, PaddingCandidate, apparent_shift_mm, block_shape, confirmed_padding,
+                            Padding, PaddingCandidate, apparent_shift_mm, block_shape, confirmed_padding, extended,
                             farthest_displacement_mm, find_padding, flat_voxels, intensity_calibration,
-                            intensity_method, on_grid, padding_candidate, prealignment, rigid_estimate, smoothed,
-                            turn_degrees)
+                            intensity_method, on_grid, padding_candidate, prealignment, rigid_estimate, same_grid,
+                            smoothed, turn_degrees)
 from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
@@ -39,9 +39,16 @@ from .warping import affine_matrix
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-Placed = tuple[sitk.Image, np.ndarray | None, Padding | None]
-"""A follow-up on the reference grid, the voxels there inside its field of view without its padding (None: all), and
-its padding (find_padding): _placed's result."""
+
+class Placed(NamedTuple):
+    """_placed's result: a follow-up on the reference grid, the voxels there inside its field of view without its
+    padding (None: all), its padding (find_padding), and the scan it was resampled from (its padding extended over;
+    None when it lies on the reference grid and is taken itself)."""
+
+    image: sitk.Image
+    inside: np.ndarray | None
+    padding: Padding | None
+    source: sitk.Image | None
 
 
 def pick_device(name: str) -> torch.device:
@@ -102,7 +109,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
                          "(a finer level is kept where it lowers the loss)")
     model = SeriesModel(options.preset, Grid.of(reference), reference_time, time_range, window,
                         cast(str, options.prior), deformation, ref_net, reference, scans.images, scans.views,
-                        labelmap, calibrations)
+                        labelmap, calibrations, scans.acquired)
     return model, scans.prealignments
 
 
@@ -136,13 +143,15 @@ def _body(targets: list[Target], window: IntensityWindow, preset: Preset, report
 class _Resampled(NamedTuple):
     """Follow-ups on the reference grid, by time: the scans there (a scan already on that grid is
     itself, in its own pixel type; others resampled), the masks of the voxels inside each scan's field
-    of view (only for scans that do not cover the whole grid) and the 4x4 affine pre-alignments
-    (reference points -> time-t image points; of the follow-ups pre-aligned); and the mask of the reference's
-    own field of view, without its padding (None: all of the grid)."""
+    of view (only for scans that do not cover the whole grid), the 4x4 affine pre-alignments
+    (reference points -> time-t image points; of the follow-ups pre-aligned) and the scans as acquired of those
+    resampled without a pre-alignment (Placed.source: SeriesModel.acquired); and the mask of the reference's own field
+    of view, without its padding (None: all of the grid)."""
 
     images: dict[float, sitk.Image]
     views: dict[float, np.ndarray]
     prealignments: dict[float, np.ndarray]
+    acquired: dict[float, sitk.Image]
     reference_view: np.ndarray | None = None
 
     def fitted(self, t: float) -> np.ndarray | None:
@@ -171,7 +180,7 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
     without its padding (_reference_padding), said. A follow-up that does not overlap the reference's anatomy is
     refused."""
     padding = _reference_padding(reference, follow_ups, window)
-    resampled = _Resampled({}, {}, {}, None if padding is None else ~padding.runs)
+    resampled = _Resampled({}, {}, {}, {}, None if padding is None else ~padding.runs)
     for t, image in follow_ups:
         placed = _placed(image, reference, None, window)
         transform = _prealignment(reference, t, image, placed, options.prealign, window, resampled.reference_view,
@@ -179,8 +188,9 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
         if transform is not None:
             resampled.prealignments[t] = affine_matrix(transform)
             placed = _placed(image, reference, transform, window)
-        elif not Grid.of(image).matches(Grid.of(reference)):
+        elif placed.source is not None:
             reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
+            resampled.acquired[t] = placed.source
         _keep(resampled, t, image, reference, placed, reporter)
     if padding is not None:
         _check_anatomy_overlap(resampled, padding.value)
@@ -193,7 +203,7 @@ def _keep(resampled: _Resampled, t: float, image: sitk.Image, reference: sitk.Im
           reporter: Reporter) -> None:
     """Put the follow-up at time t into `resampled` as `placed` on the reference grid, its padding said; refused when
     it covers none of the grid."""
-    resampled.images[t], inside, padding = placed
+    resampled.images[t], inside, padding, _ = placed
     if padding is not None:
         reporter.message(f"time {t:g}: {np.mean(padding.where):.0%} of the reference grid is padding "
                          f"({padding.value:g}) outside the scan's field of view, left out of the fit")
@@ -205,13 +215,19 @@ def _keep(resampled: _Resampled, t: float, image: sitk.Image, reference: sitk.Im
 def _placed(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None,
             window: IntensityWindow) -> Placed:
     """The follow-up on the reference grid through `transform` (beyond the scan, the reference's background), the
-    voxels there inside its field of view without its padding (None: all), and its padding (find_padding)."""
+    voxels there inside its field of view without its padding (None: all), its padding (find_padding) and, when it is
+    resampled, the scan resampled (its padding extended over: no step at its field of view's edge for the cubic
+    B-spline to spread inward)."""
     background = float(sitk.GetArrayViewFromImage(reference).min())
     padding = find_padding(image, reference, window, transform)
-    placed, inside = on_grid(image, reference, transform, background, None if padding is None else padding.runs)
+    if same_grid(image, reference, transform):
+        source = None
+    else:
+        source = image if padding is None else extended(image, padding.runs)
+    placed, inside = on_grid(image if source is None else source, reference, transform, background)
     if padding is not None:
         inside = ~padding.where if inside is None else inside & ~padding.where
-    return placed, inside, padding
+    return Placed(placed, inside, padding, source)
 
 
 def _prealignment(reference: sitk.Image, t: float, image: sitk.Image, as_it_lies: Placed, prealign: str,
@@ -224,7 +240,7 @@ def _prealignment(reference: sitk.Image, t: float, image: sitk.Image, as_it_lies
     it lies: with --prealign none (one further than FAR_MM said, with the way out), or auto and none so far, or nothing
     to measure (no anatomy of the reference's in the follow-up's field of view: it is refused after, _check_overlap or
     _check_anatomy_overlap)."""
-    placed, inside, padding = as_it_lies
+    placed, inside, padding, _ = as_it_lies
     shift = apparent_shift_mm(reference, placed, window, reference_view, inside)
     if prealign == "affine":
         reporter.message(f"affine pre-alignment of time {t:g}")

@@ -385,8 +385,7 @@ def confirmed_padding(candidate: PaddingCandidate, image: sitk.Image, reference:
     value) at PADDING_EVIDENCE of its voxels there, counting only the reference's voxels in `seen` (None: all), its
     field of view when it is padded itself; else None."""
     value, runs = candidate
-    where = runs if transform is None and Grid.of(image) == Grid.of(reference) else \
-        interpolated_from(image, reference, transform, runs)
+    where = runs if same_grid(image, reference, transform) else interpolated_from(image, reference, transform, runs)
     there = sitk.GetArrayViewFromImage(reference)[where if seen is None else where & seen].astype(np.float32)
     differs = np.abs(there - np.float32(value)) > PADDING_TOLERANCE * (window.high - window.low)
     if np.count_nonzero(differs) < PADDING_EVIDENCE * max(len(there), 1):
@@ -404,16 +403,20 @@ def _runs_from_the_ends(same: np.ndarray) -> np.ndarray:
     return ((x < lead[:, None]) | (x >= width - trail[:, None])).reshape(same.shape)
 
 
-def on_grid(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transform | None, background: float,
-            padding: np.ndarray | None = None) -> tuple[sitk.Image, np.ndarray | None]:
-    """`image` on the grid of `grid_image` (onto_grid; its `padding`, bool [z, y, x] on its grid, extended over
-    first) and the voxels it covers there (inside_field_of_view; None: all). An image already on exactly that grid,
-    without a transform, is returned itself: no resampled copy, in its own pixel type."""
-    if transform is None and Grid.of(image) == Grid.of(grid_image):
+def on_grid(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transform | None,
+            background: float) -> tuple[sitk.Image, np.ndarray | None]:
+    """`image` on the grid of `grid_image` (onto_grid: a padded scan comes with its padding `extended` over) and the
+    voxels it covers there (inside_field_of_view; None: all). An image already on exactly that grid, without a
+    transform (same_grid), is returned itself: no resampled copy, in its own pixel type."""
+    if same_grid(image, grid_image, transform):
         return image, None
     inside = inside_field_of_view(image, grid_image, transform)
-    source = image if padding is None else extended(image, padding)
-    return onto_grid(source, grid_image, transform, background), None if inside.all() else inside
+    return onto_grid(image, grid_image, transform, background), None if inside.all() else inside
+
+
+def same_grid(image: sitk.Image, grid_image: sitk.Image, transform: sitk.Transform | None) -> bool:
+    """Whether `image` lies on exactly the grid of `grid_image` without a transform: taken voxel for voxel there."""
+    return transform is None and Grid.of(image) == Grid.of(grid_image)
 
 
 FLAT_SHARE = 0.4

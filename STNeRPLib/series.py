@@ -122,7 +122,8 @@ def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], seg
                         prealign: bool = False, smoothing: bool = False) -> float:
     """The peak resident memory of a train run on these inputs, in bytes, from the image headers
     alone (no voxel is read): the scans as held (read_image; twice with `smoothing`, Preset.smoothing_sigma:
-    the fit holds a smoothed copy of each), the segmentation (twice, uint16), and the largest working set: training
+    the fit holds a smoothed copy of each; a follow-up resampled without a pre-alignment twice, as the predicted images
+    carry it as acquired: a padded one's copy), the segmentation (twice, uint16), and the largest working set: training
     and writing on the reference grid (WORK_BYTES_PER_VOXEL and one output slab), placing a follow-up on it
     (PLACING_BYTES_PER_VOXEL of its own grid) or writing its time point on its own grid (WRITING_BYTES_PER_VOXEL and a
     slab). `prealign`: every follow-up pre-aligned
@@ -141,6 +142,8 @@ def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], seg
         total += held
         resampled = prealign or grid is None or other_grid != grid
         total += voxels * (RESAMPLED_BYTES_PER_VOXEL if resampled else ON_GRID_BYTES_PER_VOXEL)
+        if resampled and not prealign:      # SeriesModel.acquired: a padded scan's copy, its padding extended over
+            total += held
         if resampled:
             work = max(work, held + other * PLACING_BYTES_PER_VOXEL,
                        other * WRITING_BYTES_PER_VOXEL + _slab(other_size) * SLAB_BYTES_PER_VOXEL)

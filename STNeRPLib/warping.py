@@ -346,14 +346,17 @@ def _transform(displacement: np.ndarray, slab: Grid) -> sitk.DisplacementFieldTr
 
 def _resample(model: SeriesModel, s: float, transform: sitk.DisplacementFieldTransform, index: np.ndarray,
               slab: Grid, view: bool = False) -> np.ndarray:
-    """The scan at scanned time s (view: its field-of-view mask, nearest neighbour) at transform(q)
-    for every voxel q of `slab` (cubic B-spline; beyond the scan, its nearest border value). `index`:
-    those points' continuous indices (x, y, z) on the reference grid; only the slices they reach,
-    plus SPLINE_MARGIN, are taken from the scan."""
-    depth = model.grid.size[2]
+    """The scan at scanned time s (SeriesModel.carried; view: its field-of-view mask on the reference grid, nearest
+    neighbour) at transform(q) for every voxel q of `slab` (cubic B-spline; beyond the scan, its nearest border
+    value). `index`: those points' continuous indices (x, y, z) on the reference grid; only the slices of the scan
+    they reach, plus SPLINE_MARGIN, are taken from it."""
+    scan = cast(sitk.Image, model.field_of_view(s)) if view else model.carried(s)
+    depth = scan.GetSize()[2]
+    if not view and s in model.acquired:      # on a grid of its own: the corners of the points' box, indexed there
+        corners = np.array(list(itertools.product(*zip(index.min(axis=0), index.max(axis=0)))))
+        index = Grid.of(scan).to_index(model.grid.to_physical(corners))
     low = int(np.clip(np.floor(index[:, 2].min()) - SPLINE_MARGIN, 0, depth - 1))
     high = int(np.clip(np.ceil(index[:, 2].max()) + SPLINE_MARGIN, low, depth - 1)) + 1
-    scan = cast(sitk.Image, model.field_of_view(s)) if view else model.scan(s)
     return resample_onto(scan[:, :, low:high], transform, slab, sitk.sitkNearestNeighbor if view else sitk.sitkBSpline)
 
 

@@ -14,7 +14,8 @@ import pytest
 import SimpleITK as sitk
 
 from STNeRPLib.phantom import breathing_series
-from STNeRPLib.preprocessing import IntensityWindow, confirmed_padding, find_padding, on_grid, padding_candidate
+from STNeRPLib.preprocessing import (IntensityWindow, confirmed_padding, extended, find_padding, on_grid,
+                                     padding_candidate)
 from worker_cli import stnerp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -85,7 +86,7 @@ def test_a_scan_between_the_references_voxels_leaves_none_of_its_padding_in_its_
     centre = reference.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in reference.GetSize()])
     transform = sitk.Euler3DTransform(centre, 0.0, 0.0, np.radians(turn))
     value, mask, runs = find_padding(follow_up, reference, WINDOW, transform)
-    placed, covered = on_grid(follow_up, reference, transform, -1000.0, runs)
+    placed, covered = on_grid(extended(follow_up, runs), reference, transform, -1000.0)
     inside = ~mask if covered is None else covered & ~mask
     assert value == -3024.0 and inside.mean() > 0.4
     assert sitk.GetArrayViewFromImage(placed)[inside].min() > -1100.0   # air with noise of 10 HU: about -1040

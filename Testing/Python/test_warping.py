@@ -8,6 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from STNeRPLib.geometry import Grid
+from STNeRPLib.model import SeriesModel
 from STNeRPLib.phantom import breathing_series
 from STNeRPLib.pipeline import fit
 from STNeRPLib.presets import Options
@@ -193,3 +194,36 @@ def test_predicted_image_beyond_the_last_scan_is_the_mean_of_the_reference_and_t
     assert warped.image_sources == [0.0, 2.0]
     assert np.abs(warped.image - 200.0).max() < 1e-3
     assert warp(scans, -1.0, grid).image_sources == [0.0]          # before the reference: nothing else to average
+
+
+def fine_blobs(grid: Grid) -> sitk.Image:
+    """Blobs of 2.5 mm (a Gaussian's sigma) at fixed physical positions: detail a 4 mm grid does not hold."""
+    points = grid.points()
+    centres = np.array([[-9, 4, 0], [10, -7, 5], [0, 12, -8], [4, -4, 10], [-6, -10, -4]], float)
+    value = np.full(len(points), -800.0)
+    for centre in centres:
+        value += 1000.0 * np.exp(-np.sum((points - centre) ** 2, axis=1) / (2 * 2.5 ** 2))
+    return grid.image(value.reshape(grid.shape).astype(np.float32))
+
+
+def test_predicted_image_between_scans_on_grids_of_their_own_carries_them_as_acquired(tmp_path):
+    """No motion; the reference on a 4 mm grid, the follow-ups at 1 and 2 on 1.5 mm grids of their own holding blobs
+    the 4 mm grid cannot. At the unscanned time 1.5 the predicted image on the first follow-up's grid is the blobs to
+    within 3 HU (0.03 in the mean): carried from their copies on the reference grid, interpolated twice, it was off
+    by up to 255 HU (1.9 in the mean; the benchmark's chest on 2 mm grids of its own: 25.4 dB against 30.5). The
+    model read back from its file carries them the same."""
+    coarse = Grid((17, 17, 17), (4.0, 4.0, 4.0), (-32.0, -32.0, -32.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    own = [Grid((40, 40, 40), (1.5, 1.5, 1.5), (-29.6 + shift, -29.2 + shift, -29.4 + shift), coarse.direction)
+           for shift in (0.0, 0.7)]
+    options = Options(DEFAULT.with_iterations(100), prior="image")
+    model, _ = fit(fine_blobs(coarse), 0.0, [(1.0, fine_blobs(own[0])), (2.0, fine_blobs(own[1]))], None, options,
+                   QUIET)
+    model.save(tmp_path / "model.pt")
+    read = SeriesModel.load(tmp_path / "model.pt", model.device)
+    truth = sitk.GetArrayFromImage(fine_blobs(own[0]))
+    interior = (slice(4, -4),) * 3
+    for carrying in (model, read):
+        warped = warp(carrying, 1.5, own[0])
+        assert warped.image_sources == [1.0, 2.0]
+        error = np.abs(warped.image - truth)[interior]
+        assert error.max() < 30 and error.mean() < 0.5, (error.max(), error.mean())   # HU
