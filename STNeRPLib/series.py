@@ -112,11 +112,12 @@ RESAMPLED_BYTES_PER_VOXEL = 5
 mask of its field of view."""
 ON_GRID_BYTES_PER_VOXEL = 1
 """Per follow-up on the reference grid: the mask of its field of view, kept when it is padded (find_padding)."""
-DECIDING_BYTES_PER_VOXEL = 52
-"""Per voxel of the reference grid, held while a follow-up's rigid estimate or pre-alignment runs (ITK's registration
-on both scans in the window, on every follow-up): the windowed copies, masks and ITK's smoothed levels; measured
-50-52 (the rigid estimate and the rigid and affine pre-alignments, 256 x 256 x 150 and 512 x 512 x 200): the peak of
-a clinical-size run, above training's WORK_BYTES_PER_VOXEL."""
+PREALIGNING_BYTES_PER_VOXEL = 52
+"""Per voxel of the reference grid, held while a follow-up is pre-aligned (ITK's registration on both scans in the
+window: the windowed copies, masks, smoothed levels and ITK's gradient images of both): measured 51-52 for the rigid
+and affine pre-alignments at 256 x 256 x 150 and 512 x 512 x 200, above training's WORK_BYTES_PER_VOXEL. The rigid
+estimate that decides it holds 18-19 (no gradient images); --prealign auto may pre-align any follow-up, so every
+follow-up counts the pre-alignment's."""
 PLACING_BYTES_PER_VOXEL = 12
 """While a follow-up not on the reference grid is placed there, per voxel of its own grid beyond a copy of it (its
 padding extended over: preprocessing.extended): the cubic B-spline's float64 coefficients (8, measured 8.2) and the
@@ -129,8 +130,8 @@ def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], seg
     alone (no voxel is read): the scans as held (read_image; twice with `smoothing`, Preset.smoothing_sigma:
     the fit holds a smoothed copy of each; a follow-up resampled without a pre-alignment twice, as the predicted images
     carry it as acquired: a padded one's copy), the segmentation (twice, uint16), and the largest working set: training
-    and writing on the reference grid (WORK_BYTES_PER_VOXEL and one output slab), deciding a follow-up's pre-alignment
-    (DECIDING_BYTES_PER_VOXEL of the reference grid), placing a follow-up on it
+    and writing on the reference grid (WORK_BYTES_PER_VOXEL and one output slab), pre-aligning a follow-up
+    (PREALIGNING_BYTES_PER_VOXEL of the reference grid), placing a follow-up on it
     (PLACING_BYTES_PER_VOXEL of its own grid) or writing its time point on its own grid (WRITING_BYTES_PER_VOXEL and a
     slab). `prealign`: every follow-up pre-aligned
     (--prealign affine); --prealign auto is counted as none (of a scan it pre-aligns on the reference's own grid, 4
@@ -142,7 +143,7 @@ def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], seg
     total = BASE_BYTES + voxels * copies * held_bytes(pixel)
     work = voxels * WORK_BYTES_PER_VOXEL + _slab(size) * SLAB_BYTES_PER_VOXEL
     if follow_ups:
-        work = max(work, voxels * DECIDING_BYTES_PER_VOXEL)
+        work = max(work, voxels * PREALIGNING_BYTES_PER_VOXEL)
     for path, t in follow_ups:
         other_size, other_pixel, other_grid = image_information(path, f"follow-up image at time {t:g}")
         other = math.prod(other_size)
