@@ -203,7 +203,7 @@ def _keep(resampled: _Resampled, t: float, image: sitk.Image, reference: sitk.Im
           reporter: Reporter) -> None:
     """Put the follow-up at time t into `resampled` as `placed` on the reference grid, its padding said; refused when
     it covers none of the grid."""
-    resampled.images[t], inside, padding, _ = placed
+    resampled.images[t], inside, padding = placed.image, placed.inside, placed.padding
     if padding is not None:
         reporter.message(f"time {t:g}: {np.mean(padding.where):.0%} of the reference grid is padding "
                          f"({padding.value:g}) outside the scan's field of view, left out of the fit")
@@ -220,14 +220,12 @@ def _placed(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform 
     B-spline to spread inward)."""
     background = float(sitk.GetArrayViewFromImage(reference).min())
     padding = find_padding(image, reference, window, transform)
-    if same_grid(image, reference, transform):
-        source = None
-    else:
-        source = image if padding is None else extended(image, padding.runs)
-    placed, inside = on_grid(image if source is None else source, reference, transform, background)
+    resampled = not same_grid(image, reference, transform)
+    source = extended(image, padding.runs) if resampled and padding is not None else image
+    placed, inside = on_grid(source, reference, transform, background)
     if padding is not None:
         inside = ~padding.where if inside is None else inside & ~padding.where
-    return Placed(placed, inside, padding, source)
+    return Placed(placed, inside, padding, source if resampled else None)
 
 
 def _prealignment(reference: sitk.Image, t: float, image: sitk.Image, as_it_lies: Placed, prealign: str,
@@ -240,7 +238,7 @@ def _prealignment(reference: sitk.Image, t: float, image: sitk.Image, as_it_lies
     it lies: with --prealign none (one further than FAR_MM said, with the way out), or auto and none so far, or nothing
     to measure (no anatomy of the reference's in the follow-up's field of view: it is refused after, _check_overlap or
     _check_anatomy_overlap)."""
-    placed, inside, padding, _ = as_it_lies
+    placed, inside, padding = as_it_lies.image, as_it_lies.inside, as_it_lies.padding
     shift = apparent_shift_mm(reference, placed, window, reference_view, inside)
     if prealign == "affine":
         reporter.message(f"affine pre-alignment of time {t:g}")

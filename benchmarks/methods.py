@@ -22,7 +22,7 @@ import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import SimpleITK as sitk
 
@@ -171,7 +171,7 @@ def run_stnerp(job: dict, series: Series, work: Path) -> dict:
     options = stnerp_options(job["method"], job.get("iterations"))
     skip = job.get("heldout")
     indices = [k for k in range(len(series.times)) if k != skip]
-    unscanned = {} if skip is None else {skip: Grid.of(series.image(skip))}  # where its prediction is asked for
+    heldout_grid = None if skip is None else Grid.of(series.image(skip))  # where its prediction is asked for
     start = time.perf_counter()
     images = {k: series.image(k) for k in indices}
     follow_ups = [(series.times[k], images[k]) for k in indices[1:]]
@@ -182,7 +182,7 @@ def run_stnerp(job: dict, series: Series, work: Path) -> dict:
     per_time, fields, predicted = [], {}, {}
     for k in indices + ([skip] if skip is not None else []):
         t0 = time.perf_counter()
-        grid = Grid.of(images[k]) if k in images else unscanned[k]
+        grid = Grid.of(images[k]) if k in images else cast(Grid, heldout_grid)
         point = TimePoint(series.times[k], grid, prealignment=prealignments.get(series.times[k]))
         entry = write_time_point(model, point, work, None).entry
         per_time.append(time.perf_counter() - t0)

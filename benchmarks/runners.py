@@ -72,25 +72,19 @@ def _phantom(kind: str, count: int, heldout: int) -> Callable[[Path, SeriesSetti
     return build
 
 
-def _chest(folder: Path, settings: SeriesSettings) -> Path | None:
-    if not data.chest_available():
-        return None
-    folder = data.chest_series(folder, 6.0 if settings.quick else settings.chest_spacing, 10, 3, settings.seed)
-    meta = json.loads((folder / "meta.json").read_text())
-    (folder / "meta.json").write_text(json.dumps({**meta, "seed": settings.seed, "count": 10}, indent=1))
-    return folder
-
-
-def _chest_own_grids(folder: Path, settings: SeriesSettings) -> Path | None:
-    """The chest series with every phase after the reference on a grid of its own of OWN_GRIDS_SPACING times the
-    reference's spacing (data.own_grid)."""
-    if not data.chest_available():
-        return None
-    spacing = 6.0 if settings.quick else settings.chest_spacing
-    folder = data.chest_series(folder, spacing, 10, 3, settings.seed, own_grids_mm=OWN_GRIDS_SPACING * spacing)
-    meta = json.loads((folder / "meta.json").read_text())
-    (folder / "meta.json").write_text(json.dumps({**meta, "seed": settings.seed, "count": 10}, indent=1))
-    return folder
+def _chest(own_grids: bool = False) -> Callable[[Path, SeriesSettings], Path | None]:
+    """A builder of the chest series at the settings' spacing (6 mm when quick), None without its CT; with `own_grids`
+    every phase after the reference on a grid of its own of OWN_GRIDS_SPACING times that spacing (data.own_grid)."""
+    def build(folder: Path, settings: SeriesSettings) -> Path | None:
+        if not data.chest_available():
+            return None
+        spacing = 6.0 if settings.quick else settings.chest_spacing
+        folder = data.chest_series(folder, spacing, 10, 3, settings.seed,
+                                   own_grids_mm=OWN_GRIDS_SPACING * spacing if own_grids else None)
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps({**meta, "seed": settings.seed, "count": 10}, indent=1))
+        return folder
+    return build
 
 
 OWN_GRIDS_SPACING = 2 / 3
@@ -117,8 +111,8 @@ SERIES: dict[str, Callable[[Path, SeriesSettings], Path | None]] = {
     # its data are missing. Held-out index: the third scan after the reference (phase 3, day 14).
     "breathing": _phantom("breathing", 10, 3),
     "longitudinal": _phantom("longitudinal", 5, 2),
-    "chest": _chest,
-    "chest_own_grids": _chest_own_grids,                                         # follow-ups on grids of their own
+    "chest": _chest(),
+    "chest_own_grids": _chest(own_grids=True),                                   # follow-ups on grids of their own
     "chest_native": _real(data.chest_native_series, data.chest_available),       # 1.5 mm, issue 11
     "abdomen": _real(data.abdomen_series, data.abdomen_available),              # sliding organs, issue 11
 }
