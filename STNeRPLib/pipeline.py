@@ -30,7 +30,7 @@ from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
 from .record import RunRecord
-from .sampling import BODY_LEVEL, BODY_MARGIN_MM, body_voxels, structure_bands
+from .sampling import BODY_LEVEL, BODY_MARGIN_MM, OwnVoxels, body_voxels, structure_bands
 from .series import Series
 from .training import Progress, Target, fit_deformation, fit_reference, keep_below
 from .outputs import TimePoint, write_metrics_table, write_time_point
@@ -88,9 +88,10 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     sigma = options.preset.smoothing_sigma
     fitted = smoothed(reference, sigma)
     calibrations = _calibrations(reference, scans, window, options.preset, reporter)
-    targets = _targets(fitted, reference_time, scans._replace(images={t: smoothed(image, sigma) for t, image in
-                                                                      scans.images.items()}), window, time_range,
-                       calibrations)
+    targets = _targets(fitted, reference_time, scans._replace(
+        images={t: smoothed(image, sigma) for t, image in scans.images.items()},
+        acquired={t: smoothed(image, sigma, like=reference) for t, image in scans.acquired.items()}),
+        window, time_range, calibrations)
     reference_volume = _tensor(window.normalise(sitk.GetArrayViewFromImage(fitted)), device)
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
     bands = structure_bands(labelmap, reference.GetSpacing()) \
@@ -144,14 +145,16 @@ class _Resampled(NamedTuple):
     """Follow-ups on the reference grid, by time: the scans there (a scan already on that grid is
     itself, in its own pixel type; others resampled), the masks of the voxels inside each scan's field
     of view (only for scans that do not cover the whole grid), the 4x4 affine pre-alignments
-    (reference points -> time-t image points; of the follow-ups pre-aligned) and the scans as acquired of those
-    resampled without a pre-alignment (Placed.source: SeriesModel.acquired); and the mask of the reference's own field
-    of view, without its padding (None: all of the grid)."""
+    (reference points -> time-t image points; of the follow-ups pre-aligned), the scans as acquired of those
+    resampled without a pre-alignment (Placed.source: SeriesModel.acquired) with their fields of view without their
+    padding on their own grids (of those with padding); and the mask of the reference's own field of view, without its
+    padding (None: all of the grid)."""
 
     images: dict[float, sitk.Image]
     views: dict[float, np.ndarray]
     prealignments: dict[float, np.ndarray]
     acquired: dict[float, sitk.Image]
+    acquired_views: dict[float, np.ndarray]
     reference_view: np.ndarray | None = None
 
     def fitted(self, t: float) -> np.ndarray | None:
@@ -180,7 +183,7 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
     without its padding (_reference_padding), said. A follow-up that does not overlap the reference's anatomy is
     refused."""
     padding = _reference_padding(reference, follow_ups, window)
-    resampled = _Resampled({}, {}, {}, {}, None if padding is None else ~padding.runs)
+    resampled = _Resampled({}, {}, {}, {}, {}, None if padding is None else ~padding.runs)
     for t, image in follow_ups:
         placed = _placed(image, reference, None, window)
         transform = _prealignment(reference, t, image, placed, options.prealign, window, resampled.reference_view,
@@ -191,6 +194,8 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
         elif placed.source is not None:
             reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
             resampled.acquired[t] = placed.source
+            if placed.padding is not None:
+                resampled.acquired_views[t] = ~placed.padding.runs
         _keep(resampled, t, image, reference, placed, reporter)
     if padding is not None:
         _check_anatomy_overlap(resampled, padding.value)
@@ -345,9 +350,12 @@ def _calibrations(reference: sitk.Image, scans: _Resampled, window: IntensityWin
 def _targets(reference: sitk.Image, reference_time: float, scans: _Resampled, window: IntensityWindow,
              time_range: tuple[float, float], calibrations: dict[float, Calibration]) -> list[Target]:
     """What Def-Net fits: the reference first, then every follow-up, at normalised times (intensities
-    calibrated and normalised by `window` where sampled)."""
+    calibrated and normalised by `window` where sampled); a follow-up on a grid of its own, not pre-aligned, at its
+    own voxels (OwnVoxels)."""
+    own = {t: OwnVoxels.of(image, reference, scans.acquired_views.get(t), scans.reference_view)
+           for t, image in scans.acquired.items()}
     return [Target(normalise_time(reference_time, time_range), reference, window, scans.reference_view)] + [
-        Target(normalise_time(t, time_range), image, window, scans.fitted(t), calibrations.get(t))
+        Target(normalise_time(t, time_range), image, window, scans.fitted(t), calibrations.get(t), own.get(t))
         for t, image in scans.images.items()]
 
 

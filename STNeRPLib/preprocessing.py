@@ -570,14 +570,17 @@ def _least_squares(design: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.linalg.solve(gram / np.outer(norms, norms), design.T @ y / norms) / norms
 
 
-def smoothed(image: sitk.Image, sigma: float) -> sitk.Image:
-    """The image Gaussian-smoothed by `sigma` voxels along each axis (nearest border), on its grid and in its own
-    pixel type (integers rounded: a smoothed copy of a scan takes what the scan does); the image itself when sigma
-    is 0 (Preset.smoothing_sigma: what Def-Net's fit sees)."""
+def smoothed(image: sitk.Image, sigma: float, like: sitk.Image | None = None) -> sitk.Image:
+    """The image Gaussian-smoothed by `sigma` voxels along each axis (nearest border; voxels of `like`'s grid when
+    given, so a follow-up on a grid of its own is smoothed over the same mm as the reference), on its grid and in
+    its own pixel type (integers rounded: a smoothed copy of a scan takes what the scan does); the image itself when
+    sigma is 0 (Preset.smoothing_sigma: what Def-Net's fit sees)."""
     if sigma <= 0:
         return image
     array = sitk.GetArrayViewFromImage(image)
-    result = ndimage.gaussian_filter(array.astype(np.float32), sigma, mode="nearest")
+    scale = 1.0 if like is None else np.asarray(like.GetSpacing()) / np.asarray(image.GetSpacing())
+    result = ndimage.gaussian_filter(array.astype(np.float32), np.broadcast_to(sigma * scale, 3)[::-1].tolist(),
+                                     mode="nearest")
     if array.dtype.kind in "iu":
         np.rint(result, out=result)
     smooth = sitk.GetImageFromArray(result.astype(array.dtype, copy=False))

@@ -112,6 +112,9 @@ RESAMPLED_BYTES_PER_VOXEL = 5
 mask of its field of view."""
 ON_GRID_BYTES_PER_VOXEL = 1
 """Per follow-up on the reference grid: the mask of its field of view, kept when it is padded (find_padding)."""
+ACQUIRED_MASK_BYTES_PER_VOXEL = 1
+"""Per voxel of a follow-up's own grid when it is fitted at its own voxels (sampling.OwnVoxels): the mask of those the
+fit compares."""
 PREALIGNING_BYTES_PER_VOXEL = 52
 """Per voxel of the reference grid, held while a follow-up is pre-aligned (ITK's registration on both scans in the
 window: the windowed copies, masks, smoothed levels and ITK's gradient images of both): measured 51-52 for the rigid
@@ -126,17 +129,17 @@ masks of its padding (4)."""
 
 def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], segmentation: str | None = None,
                         prealign: bool = False, smoothing: bool = False) -> float:
-    """The peak resident memory of a train run on these inputs, in bytes, from the image headers
-    alone (no voxel is read): the scans as held (read_image; twice with `smoothing`, Preset.smoothing_sigma:
-    the fit holds a smoothed copy of each; a follow-up resampled without a pre-alignment twice, as the predicted images
-    carry it as acquired: a padded one's copy), the segmentation (twice, uint16), and the largest working set: training
-    and writing on the reference grid (WORK_BYTES_PER_VOXEL and one output slab), pre-aligning a follow-up
-    (PREALIGNING_BYTES_PER_VOXEL of the reference grid), placing a follow-up on it
-    (PLACING_BYTES_PER_VOXEL of its own grid) or writing its time point on its own grid (WRITING_BYTES_PER_VOXEL and a
-    slab). `prealign`: every follow-up pre-aligned
-    (--prealign affine); --prealign auto is counted as none (of a scan it pre-aligns on the reference's own grid, 4
-    bytes per voxel are not counted: the apparent shift that decides is not read from the headers). InputError for a
-    missing or unreadable image, as reading it would."""
+    """The peak resident memory of a train run on these inputs, in bytes, from the image headers alone (no voxel is
+    read): the scans as held (read_image; twice with `smoothing`, Preset.smoothing_sigma: the fit holds a smoothed
+    copy of each; a follow-up resampled without a pre-alignment twice, as the predicted images carry it as acquired:
+    a padded one's copy, with the mask of the voxels the fit compares on its grid, sampling.OwnVoxels, and with
+    `smoothing` the smoothed copy of it the fit compares), the segmentation (twice, uint16), and the largest working
+    set: training and writing on the reference grid (WORK_BYTES_PER_VOXEL and one output slab), pre-aligning a
+    follow-up (PREALIGNING_BYTES_PER_VOXEL of the reference grid), placing a follow-up on it
+    (PLACING_BYTES_PER_VOXEL of its own grid) or writing its time point on its own grid (WRITING_BYTES_PER_VOXEL and
+    a slab). `prealign`: every follow-up pre-aligned (--prealign affine); --prealign auto is counted as none (of a
+    scan it pre-aligns on the reference's own grid, 4 bytes per voxel are not counted: the apparent shift that
+    decides is not read from the headers). InputError for a missing or unreadable image, as reading it would."""
     size, pixel, grid = image_information(reference, "reference image")
     voxels = math.prod(size)
     copies = 2 if smoothing else 1
@@ -151,8 +154,8 @@ def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], seg
         total += held
         resampled = prealign or grid is None or other_grid != grid
         total += voxels * (RESAMPLED_BYTES_PER_VOXEL if resampled else ON_GRID_BYTES_PER_VOXEL)
-        if resampled and not prealign:      # SeriesModel.acquired: a padded scan's copy, its padding extended over
-            total += held
+        if resampled and not prealign:      # SeriesModel.acquired (a padded scan's copy), the fit's mask, smoothed copy
+            total += held * copies + other * ACQUIRED_MASK_BYTES_PER_VOXEL
         if resampled:
             work = max(work, held + other * PLACING_BYTES_PER_VOXEL,
                        other * WRITING_BYTES_PER_VOXEL + _slab(other_size) * SLAB_BYTES_PER_VOXEL)

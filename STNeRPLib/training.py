@@ -17,6 +17,7 @@ from .integration import GridPoints, sample
 from .networks import RefNet
 from .preprocessing import Calibration, IntensityWindow
 from .presets import CHARBONNIER_EPSILON, LEVEL_GAIN, LEVEL_GAIN_TRILINEAR, LEVEL_TRIAL, Preset
+from .sampling import OwnVoxels
 from .schedule import DecaySchedule
 
 Progress = Callable[[str, int, int, float], None]
@@ -31,28 +32,42 @@ the residual prior(c + u(c, t)) - f_t(c) at each drawn voxel [T, N] (None for a 
 class Target(NamedTuple):
     """One scan to fit: normalised time, the scan on the reference grid (in its own units and pixel
     type, normalised by `window` only where sampled: no normalised copy of the series is held), the
-    voxels inside the scan's field of view (bool [D, H, W]; None: all), and the calibration of its CT
-    numbers onto the reference's, applied where sampled (None: as scanned)."""
+    voxels inside the scan's field of view (bool [D, H, W]; None: all), the calibration of its CT
+    numbers onto the reference's, applied where sampled (None: as scanned), and for a follow-up on a grid of
+    its own, that scan as acquired (OwnVoxels: then the voxels drawn for it, and the flat indices the methods
+    below take, are its own grid's; the copy on the reference grid and `inside` give the body to draw from)."""
 
     time: float
     scan: sitk.Image
     window: IntensityWindow
     inside: np.ndarray | None = None
     calibration: Calibration | None = None
+    own: OwnVoxels | None = None
 
     def values(self, index: torch.Tensor) -> torch.Tensor:
         """Normalised intensities at flat voxel indices (the same numbers as normalising it whole)."""
         flat = index.cpu().numpy()
-        voxels = sitk.GetArrayViewFromImage(self.scan).reshape(-1)[flat]
+        voxels = sitk.GetArrayViewFromImage(self.scan if self.own is None else self.own.scan).reshape(-1)[flat]
         if self.calibration is not None:
-            voxels = self.calibration.corrected(voxels, flat)
+            voxels = (self.calibration.corrected(voxels, flat) if self.own is None
+                      else self.calibration.corrected_at(voxels, self.own.at(flat)))
         return torch.from_numpy(self.window.normalise(voxels)).to(index.device)
 
     def weight(self, index: torch.Tensor) -> torch.Tensor:
         """1 at flat voxel indices inside the field of view, 0 outside (float32)."""
-        if self.inside is None:
+        inside = self.inside if self.own is None else self.own.inside
+        if inside is None:
             return torch.ones(index.shape, device=index.device)
-        return torch.from_numpy(self.inside.reshape(-1)[index.cpu().numpy()].astype(np.float32)).to(index.device)
+        return torch.from_numpy(inside.reshape(-1)[index.cpu().numpy()].astype(np.float32)).to(index.device)
+
+    def points(self, index: torch.Tensor, grid: GridPoints) -> torch.Tensor:
+        """The unit coordinates [N, 3] (x, y, z in [-1, 1] of the reference grid, `grid`) of the voxels at flat
+        indices: the reference grid's, or the follow-up's own voxels' where they lie."""
+        if self.own is None:
+            return grid[index]
+        at = self.own.at(index.cpu().numpy())
+        unit = 2 * at / (np.asarray(self.own.reference.size) - 1).clip(min=1) - 1
+        return torch.from_numpy(unit).to(index.device, grid.axes[0].dtype)
 
 
 def fit_reference(net: RefNet, volume: torch.Tensor, preset: Preset, progress: Progress,
@@ -239,7 +254,8 @@ class _Series(NamedTuple):
         points = GridPoints(shape, device)
         tensors = tuple(torch.from_numpy(band).to(device) for band in bands or () if len(band))
         return cls([target.time for target in targets], targets, points, shape,
-                   any(target.inside is not None for target in targets), tensors, band_draws if tensors else 0,
+                   any(target.inside is not None or target.own is not None for target in targets), tensors,
+                   band_draws if tensors else 0,
                    torch.from_numpy(body).to(device) if body is not None and len(body) < points.count else None)
 
     def uniform_draws(self, wanted: int) -> int:
@@ -258,14 +274,45 @@ class _Series(NamedTuple):
     def choose_voxels(self, which: list[int], wanted: int, generator: torch.Generator) -> torch.Tensor:
         """Voxel indices [len(which), N] into each chosen target's flattened grid: `wanted` random
         voxels (with replacement), or all of them when wanted is 0. The first band_draws of them are
-        drawn from the structure bands, as many from each; the rest from the whole grid."""
+        drawn from the structure bands, as many from each; the rest from the whole grid. A target on a grid
+        of its own takes its voxels nearest them (OwnVoxels.drawn: each a point drawn uniformly within the
+        reference's voxel; its voxels nearest the reference's voxels' centres when wanted is 0)."""
         count, device = self.points.count, self.points.axes[0].device
         if wanted <= 0 or wanted >= count:
-            return torch.arange(count, device=device).expand(len(which), count)
+            return self._on_own_grids(which, torch.arange(count, device=device).expand(len(which), count), None)
         drawn = [band[torch.randint(len(band), (len(which), share), generator=generator).to(device)]
                  for band, share in zip(self.bands, _shares(self.band_draws, len(self.bands)))]
         uniform = self._uniform((len(which), self.uniform_draws(wanted)), generator)
-        return torch.cat(drawn + [uniform], dim=1)
+        return self._on_own_grids(which, torch.cat(drawn + [uniform], dim=1), generator)
+
+    def _on_own_grids(self, which: list[int], voxels: torch.Tensor, generator: torch.Generator | None
+                      ) -> torch.Tensor:
+        """`voxels` (flat indices of the reference grid [T, N]) with the rows of targets on grids of their own
+        taken to those grids (OwnVoxels.drawn: about the voxels' centres by offsets drawn from `generator`, at
+        them without one). No draw when no chosen target has a grid of its own."""
+        own = [(k, self.targets[i].own) for k, i in enumerate(which) if self.targets[i].own is not None]
+        if not own:
+            return voxels
+        voxels = voxels.clone()
+        for k, target in own:
+            offset = np.zeros((voxels.shape[1], 3)) if generator is None else \
+                (torch.rand((voxels.shape[1], 3), generator=generator, dtype=torch.float64) - 0.5).numpy()
+            drawn = cast(OwnVoxels, target).drawn(voxels[k].cpu().numpy(), offset)
+            voxels[k] = torch.from_numpy(drawn).to(voxels.device)
+        return voxels
+
+    def window_offsets(self, i: int) -> torch.Tensor:
+        """The LNCC window's voxel offsets (dz, dy, dx) on target i's grid: WINDOW, or on a grid of its own the
+        same extent in mm, rounded to its voxels."""
+        own = self.targets[i].own
+        if own is None:
+            return WINDOW
+        return torch.round(WINDOW * torch.from_numpy(own.window_scale())).long()
+
+    def shape_of(self, i: int) -> tuple[int, int, int]:
+        """The array shape (D, H, W) of target i's grid: the reference's, or its own."""
+        own = self.targets[i].own
+        return self.shape if own is None else own.grid.shape
 
     def observed(self, which: list[int], voxels: torch.Tensor) -> torch.Tensor:
         """Normalised intensities [T, N] of the chosen targets at their voxels."""
@@ -328,7 +375,8 @@ def _local_ncc_loss(deformation: Deformation, prior: nn.Module, series: _Series,
     f_t(c) (LNCC), over WINDOW around each chosen centre (flattened indices [T, N]; windows clipped at
     the grid's faces), and (detached) the same at each chosen time [T]; windows reaching outside their
     target's field of view do not count. u of the first `levels` velocity levels."""
-    voxels = _windows(centres, series.shape)                                      # [T, N, W]
+    voxels = torch.stack([_windows(centres[k], series.shape_of(i), series.window_offsets(i))
+                          for k, i in enumerate(which)])                                          # [T, N, W]
     predicted, observed = _predicted(deformation, prior, series, which, voxels.reshape(len(which), -1), levels)
     predicted, observed = predicted.reshape(voxels.shape), observed.reshape(voxels.shape)
     p = predicted - predicted.mean(dim=-1, keepdim=True)
@@ -341,11 +389,12 @@ def _local_ncc_loss(deformation: Deformation, prior: nn.Module, series: _Series,
     return 1 - torch.sum(weight * ncc2) / weight.sum().clamp(min=1), per_time, None
 
 
-def _windows(centres: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Flat voxel indices [..., W] of the LNCC window around each flat voxel index `centres`."""
+def _windows(centres: torch.Tensor, shape: tuple[int, int, int], offsets: torch.Tensor = WINDOW) -> torch.Tensor:
+    """Flat voxel indices [..., W] of the LNCC window (voxel `offsets` [W, 3], dz, dy, dx) around each flat voxel
+    index `centres` of a grid of `shape`."""
     zyx = torch.stack([centres // (shape[1] * shape[2]), centres // shape[2] % shape[1], centres % shape[2]], dim=-1)
     high = torch.tensor(shape, device=centres.device) - 1
-    moved = torch.minimum((zyx[..., None, :] + WINDOW.to(centres.device)).clamp(min=0), high)
+    moved = torch.minimum((zyx[..., None, :] + offsets.to(centres.device)).clamp(min=0), high)
     return (moved[..., 0] * shape[1] + moved[..., 1]) * shape[2] + moved[..., 2]
 
 
@@ -357,7 +406,7 @@ def _predicted(deformation: Deformation, prior: nn.Module, series: _Series, whic
     A time at which u is the identity by construction (the anchored reference, Deformation.identity_at)
     is not integrated: its rows are prior(c), without gradient, which is what the integration gave there
     (u = 0 exactly, so its loss depends on no parameter)."""
-    c = series.points[voxels]                                                      # [T, N, 3]
+    c = torch.stack([series.targets[i].points(voxels[k], series.points) for k, i in enumerate(which)])  # [T, N, 3]
     fixed = [k for k, i in enumerate(which) if deformation.identity_at(series.times[i])]
     moving = [k for k in range(len(which)) if k not in fixed]
     predicted = torch.empty(voxels.shape, dtype=c.dtype, device=c.device)
