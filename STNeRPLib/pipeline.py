@@ -90,7 +90,7 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     calibrations = _calibrations(reference, scans, window, options.preset, reporter)
     targets = _targets(fitted, reference_time, scans._replace(
         images={t: smoothed(image, sigma) for t, image in scans.images.items()},
-        acquired={t: smoothed(image, sigma, like=reference) for t, image in scans.acquired.items()}),
+        own={t: own._replace(scan=smoothed(own.scan, sigma, like=reference)) for t, own in scans.own.items()}),
         window, time_range, calibrations)
     reference_volume = _tensor(window.normalise(sitk.GetArrayViewFromImage(fitted)), device)
     labelmap = sitk.GetArrayFromImage(segmentation) if segmentation is not None else None
@@ -146,15 +146,15 @@ class _Resampled(NamedTuple):
     itself, in its own pixel type; others resampled), the masks of the voxels inside each scan's field
     of view (only for scans that do not cover the whole grid), the 4x4 affine pre-alignments
     (reference points -> time-t image points; of the follow-ups pre-aligned), the scans as acquired of those
-    resampled without a pre-alignment (Placed.source: SeriesModel.acquired) with their fields of view without their
-    padding on their own grids (of those with padding); and the mask of the reference's own field of view, without its
-    padding (None: all of the grid)."""
+    resampled without a pre-alignment (Placed.source: SeriesModel.acquired), every resampled follow-up as the fit
+    compares it (OwnVoxels); and the mask of the reference's own field of view, without its padding (None: all of the
+    grid)."""
 
     images: dict[float, sitk.Image]
     views: dict[float, np.ndarray]
     prealignments: dict[float, np.ndarray]
     acquired: dict[float, sitk.Image]
-    acquired_views: dict[float, np.ndarray]
+    own: dict[float, OwnVoxels]
     reference_view: np.ndarray | None = None
 
     def fitted(self, t: float) -> np.ndarray | None:
@@ -194,8 +194,9 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
         elif placed.source is not None:
             reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
             resampled.acquired[t] = placed.source
-            if placed.padding is not None:
-                resampled.acquired_views[t] = ~placed.padding.runs
+        if placed.source is not None:
+            resampled.own[t] = OwnVoxels.of(placed.source, reference, _scanned_view(placed.padding),
+                                            resampled.reference_view, resampled.prealignments.get(t))
         _keep(resampled, t, image, reference, placed, reporter)
     if padding is not None:
         _check_anatomy_overlap(resampled, padding.value)
@@ -350,12 +351,10 @@ def _calibrations(reference: sitk.Image, scans: _Resampled, window: IntensityWin
 def _targets(reference: sitk.Image, reference_time: float, scans: _Resampled, window: IntensityWindow,
              time_range: tuple[float, float], calibrations: dict[float, Calibration]) -> list[Target]:
     """What Def-Net fits: the reference first, then every follow-up, at normalised times (intensities
-    calibrated and normalised by `window` where sampled); a follow-up on a grid of its own, not pre-aligned, at its
-    own voxels (OwnVoxels)."""
-    own = {t: OwnVoxels.of(image, reference, scans.acquired_views.get(t), scans.reference_view)
-           for t, image in scans.acquired.items()}
+    calibrated and normalised by `window` where sampled); a follow-up resampled onto the reference grid at its own
+    voxels (OwnVoxels)."""
     return [Target(normalise_time(reference_time, time_range), reference, window, scans.reference_view)] + [
-        Target(normalise_time(t, time_range), image, window, scans.fitted(t), calibrations.get(t), own.get(t))
+        Target(normalise_time(t, time_range), image, window, scans.fitted(t), calibrations.get(t), scans.own.get(t))
         for t, image in scans.images.items()]
 
 

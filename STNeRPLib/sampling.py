@@ -79,31 +79,34 @@ def body_voxels(scans: list[np.ndarray], threshold: float, spacing_mm: tuple[flo
 
 
 class OwnVoxels(NamedTuple):
-    """A follow-up on a grid of its own, compared at its own voxels, as acquired, not at a copy resampled onto the
-    reference grid (a second interpolation, which cost 0.04 mm of TRE on the benchmark's chest_own_grids): the scan
-    (its padding extended over), its grid, the reference's grid, and the voxels of its grid that are compared (bool
-    [z, y, x]: inside its field of view without its padding, and within the reference grid and the reference's own
-    field of view, whose nearest voxel is taken)."""
+    """A follow-up resampled onto the reference grid (on a grid of its own, or pre-aligned), compared at its own
+    voxels, as acquired, not at that copy (a second interpolation, which cost 0.06 mm of TRE on the benchmark's
+    chest_own_grids): the scan (its padding extended over), its grid, the reference's grid, the voxels of its grid
+    that are compared (bool [z, y, x]: inside its field of view without its padding, and within the reference grid
+    and the reference's own field of view, whose nearest voxel is taken), and its pre-alignment (4 x 4, reference LPS
+    mm -> the scan's; None: the identity)."""
 
     scan: sitk.Image
     grid: Grid
     reference: Grid
     inside: np.ndarray
+    prealignment: np.ndarray | None = None
 
     @classmethod
-    def of(cls, scan: sitk.Image, reference: sitk.Image, view: np.ndarray | None,
-           reference_view: np.ndarray | None) -> "OwnVoxels":
+    def of(cls, scan: sitk.Image, reference: sitk.Image, view: np.ndarray | None, reference_view: np.ndarray | None,
+           prealignment: np.ndarray | None = None) -> "OwnVoxels":
         """The follow-up `scan` with its field of view without its padding (`view`, bool [z, y, x] on its grid; None:
         all of it) against the reference and its own field of view (`reference_view` on the reference grid; None:
-        all of it)."""
+        all of it), through its `prealignment` (4 x 4, reference LPS mm -> the scan's; None: none)."""
         seen = np.ones(Grid.of(reference).shape, np.uint8) if reference_view is None else reference_view.view(np.uint8)
         image = sitk.GetImageFromArray(seen)
         image.CopyInformation(reference)
-        onto = sitk.Resample(image, scan, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8)
+        back = sitk.Transform() if prealignment is None else _affine(np.linalg.inv(prealignment))
+        onto = sitk.Resample(image, scan, back, sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8)
         inside = sitk.GetArrayViewFromImage(onto).astype(bool)
         if view is not None:
             inside &= view
-        return cls(scan, Grid.of(scan), Grid.of(reference), inside)
+        return cls(scan, Grid.of(scan), Grid.of(reference), inside, prealignment)
 
     def drawn(self, index: np.ndarray, offset: np.ndarray) -> np.ndarray:
         """The flat indices of the scan's voxels nearest the reference grid's voxels at flat `index`, each moved by
@@ -111,7 +114,7 @@ class OwnVoxels(NamedTuple):
         the voxel, so the scan's voxels are drawn as densely as the reference's, finer or coarser), clamped to its
         grid."""
         zyx = np.unravel_index(index, self.reference.shape)
-        points = self.reference.to_physical(np.stack(zyx[::-1], axis=1) + offset)
+        points = _moved(self.reference.to_physical(np.stack(zyx[::-1], axis=1) + offset), self.prealignment)
         own = np.rint(self.grid.to_index(points)).astype(np.intp)
         np.clip(own, 0, np.asarray(self.grid.size) - 1, out=own)
         return np.ravel_multi_index((own[:, 2], own[:, 1], own[:, 0]), self.grid.shape)
@@ -119,8 +122,20 @@ class OwnVoxels(NamedTuple):
     def at(self, index: np.ndarray) -> np.ndarray:
         """The continuous indices [N, 3] (x, y, z) on the reference grid of the scan's voxels at flat `index`."""
         zyx = np.unravel_index(index, self.grid.shape)
-        return self.reference.to_index(self.grid.to_physical(np.stack(zyx[::-1], axis=1).astype(float)))
+        points = self.grid.to_physical(np.stack(zyx[::-1], axis=1).astype(float))
+        return self.reference.to_index(_moved(points, None if self.prealignment is None
+                                              else np.linalg.inv(self.prealignment)))
 
     def window_scale(self) -> np.ndarray:
         """The reference grid's spacing in the scan's voxels, (z, y, x): an LNCC window over as many mm on its grid."""
         return (np.asarray(self.reference.spacing) / np.asarray(self.grid.spacing))[::-1].copy()
+
+
+def _moved(points: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
+    """LPS points [N, 3] (mm) through a 4 x 4 affine matrix (None: as they are)."""
+    return points if matrix is None else points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def _affine(matrix: np.ndarray) -> sitk.AffineTransform:
+    """The SimpleITK transform of a 4 x 4 affine matrix (points in mm)."""
+    return sitk.AffineTransform(matrix[:3, :3].ravel().tolist(), matrix[:3, 3].tolist())

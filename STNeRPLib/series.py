@@ -113,8 +113,8 @@ mask of its field of view."""
 ON_GRID_BYTES_PER_VOXEL = 1
 """Per follow-up on the reference grid: the mask of its field of view, kept when it is padded (find_padding)."""
 ACQUIRED_MASK_BYTES_PER_VOXEL = 1
-"""Per voxel of a follow-up's own grid when it is fitted at its own voxels (sampling.OwnVoxels): the mask of those the
-fit compares."""
+"""Per voxel of a resampled follow-up's own grid (it is fitted at its own voxels, sampling.OwnVoxels): the mask of those
+the fit compares."""
 PREALIGNING_BYTES_PER_VOXEL = 52
 """Per voxel of the reference grid, held while a follow-up is pre-aligned (ITK's registration on both scans in the
 window: the windowed copies, masks, smoothed levels and ITK's gradient images of both): measured 51-52 for the rigid
@@ -131,15 +131,16 @@ def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], seg
                         prealign: bool = False, smoothing: bool = False) -> float:
     """The peak resident memory of a train run on these inputs, in bytes, from the image headers alone (no voxel is
     read): the scans as held (read_image; twice with `smoothing`, Preset.smoothing_sigma: the fit holds a smoothed
-    copy of each; a follow-up resampled without a pre-alignment twice, as the predicted images carry it as acquired:
-    a padded one's copy, with the mask of the voxels the fit compares on its grid, sampling.OwnVoxels, and with
-    `smoothing` the smoothed copy of it the fit compares), the segmentation (twice, uint16), and the largest working
-    set: training and writing on the reference grid (WORK_BYTES_PER_VOXEL and one output slab), pre-aligning a
-    follow-up (PREALIGNING_BYTES_PER_VOXEL of the reference grid), placing a follow-up on it
-    (PLACING_BYTES_PER_VOXEL of its own grid) or writing its time point on its own grid (WRITING_BYTES_PER_VOXEL and
-    a slab). `prealign`: every follow-up pre-aligned (--prealign affine); --prealign auto is counted as none (of a
-    scan it pre-aligns on the reference's own grid, 4 bytes per voxel are not counted: the apparent shift that
-    decides is not read from the headers). InputError for a missing or unreadable image, as reading it would."""
+    copy of each; a resampled follow-up twice, as the fit compares it, and the predicted images carry one not pre-
+    aligned, as acquired: a padded one's copy, with the mask of the voxels the fit compares on its grid,
+    sampling.OwnVoxels, and with `smoothing` the smoothed copy of it the fit compares), the segmentation (twice,
+    uint16), and the largest working set: training and writing on the reference grid (WORK_BYTES_PER_VOXEL and one
+    output slab), pre-aligning a follow-up (PREALIGNING_BYTES_PER_VOXEL of the reference grid), placing a follow-up
+    on it (PLACING_BYTES_PER_VOXEL of its own grid) or writing its time point on its own grid
+    (WRITING_BYTES_PER_VOXEL and a slab). `prealign`: every follow-up pre-aligned (--prealign affine); --prealign
+    auto is counted as none (of a scan it pre-aligns on the reference's own grid, 4 bytes per voxel are not counted:
+    the apparent shift that decides is not read from the headers). InputError for a missing or unreadable image, as
+    reading it would."""
     size, pixel, grid = image_information(reference, "reference image")
     voxels = math.prod(size)
     copies = 2 if smoothing else 1
@@ -154,7 +155,7 @@ def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], seg
         total += held
         resampled = prealign or grid is None or other_grid != grid
         total += voxels * (RESAMPLED_BYTES_PER_VOXEL if resampled else ON_GRID_BYTES_PER_VOXEL)
-        if resampled and not prealign:      # SeriesModel.acquired (a padded scan's copy), the fit's mask, smoothed copy
+        if resampled:                       # a padded scan's copy (SeriesModel.acquired), the fit's mask, smoothed copy
             total += held * copies + other * ACQUIRED_MASK_BYTES_PER_VOXEL
         if resampled:
             work = max(work, held + other * PLACING_BYTES_PER_VOXEL,

@@ -33,9 +33,10 @@ class Target(NamedTuple):
     """One scan to fit: normalised time, the scan on the reference grid (in its own units and pixel
     type, normalised by `window` only where sampled: no normalised copy of the series is held), the
     voxels inside the scan's field of view (bool [D, H, W]; None: all), the calibration of its CT
-    numbers onto the reference's, applied where sampled (None: as scanned), and for a follow-up on a grid of
-    its own, that scan as acquired (OwnVoxels: then the voxels drawn for it, and the flat indices the methods
-    below take, are its own grid's; the copy on the reference grid and `inside` give the body to draw from)."""
+    numbers onto the reference's, applied where sampled (None: as scanned), and for a follow-up resampled onto the
+    reference grid (on a grid of its own, or pre-aligned), that scan as acquired (OwnVoxels: then the voxels drawn for
+    it, and the flat indices the methods below take, are its own grid's; the copy on the reference grid and `inside`
+    give the body to draw from)."""
 
     time: float
     scan: sitk.Image
@@ -62,7 +63,7 @@ class Target(NamedTuple):
 
     def points(self, index: torch.Tensor, grid: GridPoints) -> torch.Tensor:
         """The unit coordinates [N, 3] (x, y, z in [-1, 1] of the reference grid, `grid`) of the voxels at flat
-        indices: the reference grid's, or the follow-up's own voxels' where they lie."""
+        indices: the reference grid's, or the follow-up's own voxels' where they lie (through its pre-alignment)."""
         if self.own is None:
             return grid[index]
         at = self.own.at(index.cpu().numpy())
