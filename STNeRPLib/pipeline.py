@@ -145,17 +145,20 @@ class _Resampled(NamedTuple):
     """Follow-ups on the reference grid, by time: the scans there (a scan already on that grid is
     itself, in its own pixel type; others resampled), the masks of the voxels inside each scan's field
     of view (only for scans that do not cover the whole grid), the 4x4 affine pre-alignments
-    (reference points -> time-t image points; of the follow-ups pre-aligned), the scans as acquired of those
-    resampled without a pre-alignment (Placed.source: SeriesModel.acquired), every resampled follow-up as the fit
-    compares it (OwnVoxels); and the mask of the reference's own field of view, without its padding (None: all of the
-    grid)."""
+    (reference points -> time-t image points; of the follow-ups pre-aligned), every resampled follow-up as acquired,
+    as the fit compares it (OwnVoxels: its scan is Placed.source); and the mask of the reference's own field of view,
+    without its padding (None: all of the grid)."""
 
     images: dict[float, sitk.Image]
     views: dict[float, np.ndarray]
     prealignments: dict[float, np.ndarray]
-    acquired: dict[float, sitk.Image]
     own: dict[float, OwnVoxels]
     reference_view: np.ndarray | None = None
+
+    @property
+    def acquired(self) -> dict[float, sitk.Image]:
+        """The scans as acquired of the follow-ups resampled without a pre-alignment (SeriesModel.acquired)."""
+        return {t: own.scan for t, own in self.own.items() if t not in self.prealignments}
 
     def fitted(self, t: float) -> np.ndarray | None:
         """The voxels at which the fit compares the follow-up at time t (None: all): inside its field of view and
@@ -183,7 +186,7 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
     without its padding (_reference_padding), said. A follow-up that does not overlap the reference's anatomy is
     refused."""
     padding = _reference_padding(reference, follow_ups, window)
-    resampled = _Resampled({}, {}, {}, {}, {}, None if padding is None else ~padding.runs)
+    resampled = _Resampled({}, {}, {}, {}, None if padding is None else ~padding.runs)
     for t, image in follow_ups:
         placed = _placed(image, reference, None, window)
         transform = _prealignment(reference, t, image, placed, options.prealign, window, resampled.reference_view,
@@ -192,8 +195,7 @@ def _onto_reference_grid(reference: sitk.Image, follow_ups: list[tuple[float, si
             resampled.prealignments[t] = affine_matrix(transform)
             placed = _placed(image, reference, transform, window)
         elif placed.source is not None:
-            reporter.message(f"time {t:g} is on another grid: resampled onto the reference grid")
-            resampled.acquired[t] = placed.source
+            reporter.message(f"time {t:g} is on another grid than the reference's: fitted at its own voxels")
         if placed.source is not None:
             resampled.own[t] = OwnVoxels.of(placed.source, reference, _scanned_view(placed.padding),
                                             resampled.reference_view, resampled.prealignments.get(t))

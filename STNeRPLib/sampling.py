@@ -1,6 +1,6 @@
 """Where Def-Net's training draws voxels: in and about the body (Preset.body_mask), and beyond the uniform draw,
 from bands about the reference segmentation's structure boundaries (Preset.structure_points); on a follow-up on a
-grid of its own, at its own voxels (OwnVoxels)."""
+grid of its own or pre-aligned, at its own voxels (OwnVoxels)."""
 from __future__ import annotations
 
 import math

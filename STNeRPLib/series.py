@@ -157,7 +157,6 @@ def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], seg
         total += voxels * (RESAMPLED_BYTES_PER_VOXEL if resampled else ON_GRID_BYTES_PER_VOXEL)
         if resampled:                       # a padded scan's copy (SeriesModel.acquired), the fit's mask, smoothed copy
             total += held * copies + other * ACQUIRED_MASK_BYTES_PER_VOXEL
-        if resampled:
             work = max(work, held + other * PLACING_BYTES_PER_VOXEL,
                        other * WRITING_BYTES_PER_VOXEL + _slab(other_size) * SLAB_BYTES_PER_VOXEL)
         if smoothing:                       # the smoothed copy of what the fit reads: the scan, or its float32 copy

@@ -275,9 +275,9 @@ class _Series(NamedTuple):
     def choose_voxels(self, which: list[int], wanted: int, generator: torch.Generator) -> torch.Tensor:
         """Voxel indices [len(which), N] into each chosen target's flattened grid: `wanted` random
         voxels (with replacement), or all of them when wanted is 0. The first band_draws of them are
-        drawn from the structure bands, as many from each; the rest from the whole grid. A target on a grid
-        of its own takes its voxels nearest them (OwnVoxels.drawn: each a point drawn uniformly within the
-        reference's voxel; its voxels nearest the reference's voxels' centres when wanted is 0)."""
+        drawn from the structure bands, as many from each; the rest from the whole grid. A target fitted at its
+        own voxels (OwnVoxels: on a grid of its own, or pre-aligned) takes its voxels nearest them (OwnVoxels.drawn:
+        each a point drawn uniformly within the reference's voxel; nearest the voxels' centres when wanted is 0)."""
         count, device = self.points.count, self.points.axes[0].device
         if wanted <= 0 or wanted >= count:
             return self._on_own_grids(which, torch.arange(count, device=device).expand(len(which), count), None)
@@ -288,30 +288,29 @@ class _Series(NamedTuple):
 
     def _on_own_grids(self, which: list[int], voxels: torch.Tensor, generator: torch.Generator | None
                       ) -> torch.Tensor:
-        """`voxels` (flat indices of the reference grid [T, N]) with the rows of targets on grids of their own
-        taken to those grids (OwnVoxels.drawn: about the voxels' centres by offsets drawn from `generator`, at
-        them without one). No draw when no chosen target has a grid of its own."""
-        own = [(k, self.targets[i].own) for k, i in enumerate(which) if self.targets[i].own is not None]
+        """`voxels` (flat indices of the reference grid [T, N]) with the rows of targets fitted at their own voxels
+        taken to their grids (OwnVoxels.drawn: about the voxels' centres by offsets drawn from `generator`, at
+        them without one). No draw when no chosen target is."""
+        own = [(k, scan) for k, i in enumerate(which) if (scan := self.targets[i].own) is not None]
         if not own:
             return voxels
         voxels = voxels.clone()
-        for k, target in own:
+        for k, scan in own:
             offset = np.zeros((voxels.shape[1], 3)) if generator is None else \
                 (torch.rand((voxels.shape[1], 3), generator=generator, dtype=torch.float64) - 0.5).numpy()
-            drawn = cast(OwnVoxels, target).drawn(voxels[k].cpu().numpy(), offset)
-            voxels[k] = torch.from_numpy(drawn).to(voxels.device)
+            voxels[k] = torch.from_numpy(scan.drawn(voxels[k].cpu().numpy(), offset)).to(voxels.device)
         return voxels
 
     def window_offsets(self, i: int) -> torch.Tensor:
-        """The LNCC window's voxel offsets (dz, dy, dx) on target i's grid: WINDOW, or on a grid of its own the
-        same extent in mm, rounded to its voxels."""
+        """The LNCC window's voxel offsets (dz, dy, dx) on target i's grid: WINDOW, or on the grid of a target fitted
+        at its own voxels the same extent in mm, rounded to its voxels."""
         own = self.targets[i].own
         if own is None:
             return WINDOW
         return torch.round(WINDOW * torch.from_numpy(own.window_scale())).long()
 
     def shape_of(self, i: int) -> tuple[int, int, int]:
-        """The array shape (D, H, W) of target i's grid: the reference's, or its own."""
+        """The array shape (D, H, W) of target i's voxels: the reference grid's, or its own (OwnVoxels)."""
         own = self.targets[i].own
         return self.shape if own is None else own.grid.shape
 
