@@ -114,3 +114,14 @@ class Grid:
         """The grid of a to_dict dictionary (the model file's)."""
         return cls(cast("tuple[int, int, int]", tuple(int(v) for v in data["size"])), tuple(data["spacing"]),
                    tuple(data["origin"]), tuple(data["direction"]))
+
+
+def transformed(points: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
+    """LPS points (N, 3) in mm through a 4x4 affine matrix (a pre-alignment: reference points -> a scan's, or its
+    inverse); the points themselves for None."""
+    return points if matrix is None else points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def affine_transform(matrix: np.ndarray) -> sitk.AffineTransform:
+    """The SimpleITK transform of a 4x4 affine matrix (points in mm): p -> matrix @ (p, 1)."""
+    return sitk.AffineTransform(matrix[:3, :3].ravel().tolist(), matrix[:3, 3].tolist())

@@ -39,9 +39,10 @@ class SeriesModel:
     fields of view (bool, reference grid) of the follow-ups that do not cover the whole reference
     grid; `labelmap` the reference segmentation on the same grid, if one was given; `calibrations` the
     follow-ups whose CT numbers the fit calibrated onto the reference's (the predicted images blend them so);
-    `acquired` the follow-ups resampled onto the reference grid without a pre-alignment, as acquired on their own
-    grids (their padding extended over): the predicted images carry these (`carried`), not their copies, which a
-    second interpolation blurs.
+    `acquired` the follow-ups resampled onto the reference grid (on grids of their own, or pre-aligned), as acquired
+    on their own grids (their padding extended over): the predicted images carry these (`carried`, through their
+    pre-alignments), not their copies, which a second interpolation blurs; `prealignments` the follow-ups'
+    pre-alignments (4 x 4, reference LPS mm -> the time-t scan's), through which each was fitted.
     """
 
     preset: Preset
@@ -58,6 +59,7 @@ class SeriesModel:
     labelmap: np.ndarray | None
     calibrations: dict[float, Calibration] = field(default_factory=dict)
     acquired: dict[float, sitk.Image] = field(default_factory=dict)
+    prealignments: dict[float, np.ndarray] = field(default_factory=dict)
 
     def normalised_time(self, t: float) -> float:
         """User time -> [0, 1] over the scanned range (outside it for extrapolation)."""
@@ -79,8 +81,9 @@ class SeriesModel:
 
     def carried(self, t: float) -> sitk.Image:
         """The scan at scanned time t that the predicted images carry: as acquired when it lies on a grid of its own
-        (a 2 mm follow-up of a 3 mm reference's chest: the held-out image 30.5 dB against 25.4 from its copy on the
-        reference grid), else the scan on the reference grid."""
+        or was pre-aligned (a 2 mm follow-up of a 3 mm reference's chest: the held-out image 30.5 dB against 25.4 from
+        its copy on the reference grid; read through its pre-alignment, prealignments), else the scan on the reference
+        grid."""
         return self.acquired[t] if t in self.acquired else self.scan(t)
 
     @cached_property
@@ -115,6 +118,7 @@ class SeriesModel:
             "labelmap": torch.from_numpy(_smallest(self.labelmap)) if self.labelmap is not None else None,
             "calibrations": [[t, asdict(c)] for t, c in self.calibrations.items()],
             "acquired": [[t, Grid.of(a).to_dict(), _tensor_view(a)] for t, a in self.acquired.items()],
+            "prealignments": [[t, m.tolist()] for t, m in self.prealignments.items()],
         }, Path(path))
 
     @classmethod
@@ -149,7 +153,8 @@ class SeriesModel:
                    {float(t): _view(a.cpu().numpy(), grid.shape) for t, a in data["views"]},
                    labelmap.cpu().numpy() if labelmap is not None else None,
                    {float(t): Calibration.from_dict(c) for t, c in data.get("calibrations", [])},
-                   {float(t): Grid.from_dict(g).image(a.cpu().numpy()) for t, g, a in data.get("acquired", [])})
+                   {float(t): Grid.from_dict(g).image(a.cpu().numpy()) for t, g, a in data.get("acquired", [])},
+                   {float(t): np.asarray(m) for t, m in data.get("prealignments", [])})
 
 
 def _smallest(labelmap: np.ndarray) -> np.ndarray:

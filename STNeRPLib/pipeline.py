@@ -63,11 +63,11 @@ def pick_device(name: str) -> torch.device:
 def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[float, sitk.Image]],
         segmentation: sitk.Image | None, options: Options, reporter: Reporter,
         losses: list[tuple[str, int, float]] | None = None, checkpoint: Checkpoint | None = None
-        ) -> tuple[SeriesModel, dict[float, np.ndarray]]:
+        ) -> SeriesModel:
     """Fit Ref-Net (or take the image as prior) and Def-Net to a series.
 
-    Returns the model and, per follow-up time, the 4x4 affine pre-alignment (reference points ->
-    time-t image points) through which that image was resampled, if any. `losses`, if given,
+    Returns the model; its `prealignments` hold, per follow-up time, the 4x4 affine pre-alignment (reference points
+    -> time-t image points) through which that image was fitted, if any. `losses`, if given,
     receives (stage, iteration, loss) of every training iteration. With a checkpoint, training
     starts from its state, saves into it and holds SIGINT/SIGTERM to the iteration's end. The preset is
     resolved for the segmentation's presence and the number of scans (Preset.for_segmentation, for_scans) and
@@ -110,8 +110,8 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
                          "(a finer level is kept where it lowers the loss)")
     model = SeriesModel(options.preset, Grid.of(reference), reference_time, time_range, window,
                         cast(str, options.prior), deformation, ref_net, reference, scans.images, scans.views,
-                        labelmap, calibrations, scans.acquired)
-    return model, scans.prealignments
+                        labelmap, calibrations, {t: own.scan for t, own in scans.own.items()}, scans.prealignments)
+    return model
 
 
 def _window(reference: sitk.Image, follow_ups: list[tuple[float, sitk.Image]], requested: str,
@@ -146,19 +146,14 @@ class _Resampled(NamedTuple):
     itself, in its own pixel type; others resampled), the masks of the voxels inside each scan's field
     of view (only for scans that do not cover the whole grid), the 4x4 affine pre-alignments
     (reference points -> time-t image points; of the follow-ups pre-aligned), every resampled follow-up as acquired,
-    as the fit compares it (OwnVoxels: its scan is Placed.source); and the mask of the reference's own field of view,
-    without its padding (None: all of the grid)."""
+    as the fit compares it (OwnVoxels: its scan is Placed.source, SeriesModel.acquired); and the mask of the
+    reference's own field of view, without its padding (None: all of the grid)."""
 
     images: dict[float, sitk.Image]
     views: dict[float, np.ndarray]
     prealignments: dict[float, np.ndarray]
     own: dict[float, OwnVoxels]
     reference_view: np.ndarray | None = None
-
-    @property
-    def acquired(self) -> dict[float, sitk.Image]:
-        """The scans as acquired of the follow-ups resampled without a pre-alignment (SeriesModel.acquired)."""
-        return {t: own.scan for t, own in self.own.items() if t not in self.prealignments}
 
     def fitted(self, t: float) -> np.ndarray | None:
         """The voxels at which the fit compares the follow-up at time t (None: all): inside its field of view and
@@ -508,8 +503,9 @@ def _run_long_range(series: Series, options: Options, folder: Path, reporter: Re
         prealignments = {float(t): np.asarray(m) for t, m in record.data["prealignments"]}
     else:
         losses: list[tuple[str, int, float]] = []
-        model, prealignments = fit(series.reference, series.reference_time, series.follow_ups,
-                                   series.segmentation, options, reporter, losses, checkpoint)
+        model = fit(series.reference, series.reference_time, series.follow_ups, series.segmentation, options, reporter,
+                    losses, checkpoint)
+        prealignments = model.prealignments
         model.save(folder / "model.pt")
         write_losses(losses, folder / "losses.csv")
         record.set(model="model.pt", intensity_window=[model.window.low, model.window.high], losses="losses.csv",
@@ -582,12 +578,12 @@ def _run_short_range(series: Series, options: Options, folder: Path, reporter: R
         segmentation = _labelmap_image(labelmap, image0) if labelmap is not None else None
         pair: list[tuple[str, int, float]] = []
         checkpoint = _checkpoint(folder, checkpoint_every)
-        model, prealignments = fit(image0, t0, [(t1, image1)], segmentation, options, reporter, pair, checkpoint)
+        model = fit(image0, t0, [(t1, image1)], segmentation, options, reporter, pair, checkpoint)
         losses += [(f"{stage} {t0:g}->{t1:g}", i, loss) for stage, i, loss in pair]
         write_losses(losses, folder / "losses.csv")
         record.set(losses="losses.csv")
         record.set(intensity_window=[model.window.low, model.window.high])
-        point = TimePoint(t1, Grid.of(image1), image1, prealignments.get(t1))
+        point = TimePoint(t1, Grid.of(image1), image1, model.prealignments.get(t1))
         written = write_time_point(model, point, folder, unchained, structures)
         written.entry.update(reference_time=t0, **_fit_facts(model, pair))
         del model

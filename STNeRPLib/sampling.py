@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .geometry import Grid
+from .geometry import Grid, affine_transform, transformed
 from .preprocessing import Calibration
 
 STRUCTURE_BAND_MM = 9.0
@@ -101,7 +101,7 @@ class OwnVoxels(NamedTuple):
         seen = np.ones(Grid.of(reference).shape, np.uint8) if reference_view is None else reference_view.view(np.uint8)
         image = sitk.GetImageFromArray(seen)
         image.CopyInformation(reference)
-        back = sitk.Transform() if prealignment is None else _affine(np.linalg.inv(prealignment))
+        back = sitk.Transform() if prealignment is None else affine_transform(np.linalg.inv(prealignment))
         onto = sitk.Resample(image, scan, back, sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8)
         inside = sitk.GetArrayViewFromImage(onto).astype(bool)
         if view is not None:
@@ -114,7 +114,7 @@ class OwnVoxels(NamedTuple):
         the voxel, so the scan's voxels are drawn as densely as the reference's, finer or coarser), clamped to its
         grid."""
         zyx = np.unravel_index(index, self.reference.shape)
-        points = _moved(self.reference.to_physical(np.stack(zyx[::-1], axis=1) + offset), self.prealignment)
+        points = transformed(self.reference.to_physical(np.stack(zyx[::-1], axis=1) + offset), self.prealignment)
         own = np.rint(self.grid.to_index(points)).astype(np.intp)
         np.clip(own, 0, np.asarray(self.grid.size) - 1, out=own)
         return np.ravel_multi_index((own[:, 2], own[:, 1], own[:, 0]), self.grid.shape)
@@ -123,19 +123,9 @@ class OwnVoxels(NamedTuple):
         """The continuous indices [N, 3] (x, y, z) on the reference grid of the scan's voxels at flat `index`."""
         zyx = np.unravel_index(index, self.grid.shape)
         points = self.grid.to_physical(np.stack(zyx[::-1], axis=1).astype(float))
-        return self.reference.to_index(_moved(points, None if self.prealignment is None
-                                              else np.linalg.inv(self.prealignment)))
+        return self.reference.to_index(transformed(points, None if self.prealignment is None
+                                                   else np.linalg.inv(self.prealignment)))
 
     def window_scale(self) -> np.ndarray:
         """The reference grid's spacing in the scan's voxels, (z, y, x): an LNCC window over as many mm on its grid."""
         return (np.asarray(self.reference.spacing) / np.asarray(self.grid.spacing))[::-1].copy()
-
-
-def _moved(points: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
-    """LPS points [N, 3] (mm) through a 4 x 4 affine matrix (None: as they are)."""
-    return points if matrix is None else points @ matrix[:3, :3].T + matrix[:3, 3]
-
-
-def _affine(matrix: np.ndarray) -> sitk.AffineTransform:
-    """The SimpleITK transform of a 4 x 4 affine matrix (points in mm)."""
-    return sitk.AffineTransform(matrix[:3, :3].ravel().tolist(), matrix[:3, 3].tolist())

@@ -25,7 +25,7 @@ import SimpleITK as sitk
 import torch
 
 from . import threads
-from .geometry import Grid
+from .geometry import Grid, affine_transform, transformed
 from .integration import GridPoints, sample
 from .model import SeriesModel
 from .presets import LABEL_INTERPOLATIONS
@@ -307,7 +307,7 @@ def _moved(model: SeriesModel, displacement: torch.Tensor, q: np.ndarray, invers
 def unaligned(q: np.ndarray, inverse: np.ndarray | None) -> np.ndarray:
     """LPS points q (N, 3, mm) of a time-t image taken back where the fit saw them on the reference grid: through
     `inverse`, the 4x4 inverse of the time's pre-alignment, or q itself without one."""
-    return q if inverse is None else q @ inverse[:3, :3].T + inverse[:3, 3]
+    return transformed(q, inverse)
 
 
 def _to_unit(grid: Grid, points: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -344,17 +344,20 @@ def _transform(displacement: np.ndarray, slab: Grid) -> sitk.DisplacementFieldTr
     return sitk.DisplacementFieldTransform(slab.image(displacement.astype(np.float64), vector=True))
 
 
-def _resample(model: SeriesModel, s: float, transform: sitk.DisplacementFieldTransform, index: np.ndarray,
+def _resample(model: SeriesModel, s: float, transform: sitk.Transform, index: np.ndarray,
               slab: Grid, view: bool = False) -> np.ndarray:
-    """The scan at scanned time s (SeriesModel.carried; view: its field-of-view mask on the reference grid, nearest
-    neighbour) at transform(q) for every voxel q of `slab` (cubic B-spline; beyond the scan, its nearest border
-    value). `index`: those points' continuous indices (x, y, z) on the reference grid; only the slices of the scan
-    they reach, plus SPLINE_MARGIN, are taken from it."""
+    """The scan at scanned time s (SeriesModel.carried, as acquired through its pre-alignment; view: its field-of-view
+    mask on the reference grid, nearest neighbour) at transform(q) for every voxel q of `slab` (cubic B-spline; beyond
+    the scan, its nearest border value). `index`: those points' continuous indices (x, y, z) on the reference grid;
+    only the slices of the scan they reach, plus SPLINE_MARGIN, are taken from it."""
     scan = cast(sitk.Image, model.field_of_view(s)) if view else model.carried(s)
     depth = scan.GetSize()[2]
     if not view and s in model.acquired:      # on a grid of its own: the corners of the points' box, indexed there
-        corners = np.array(list(itertools.product(*zip(index.min(axis=0), index.max(axis=0)))))
-        index = Grid.of(scan).to_index(model.grid.to_physical(corners))
+        corners = model.grid.to_physical(np.array(list(itertools.product(*zip(index.min(axis=0), index.max(axis=0))))))
+        if s in model.prealignments:          # reference LPS -> the scan's, after the transform's own map
+            corners = transformed(corners, model.prealignments[s])
+            transform = sitk.CompositeTransform([affine_transform(model.prealignments[s]), transform])
+        index = Grid.of(scan).to_index(corners)
     low = int(np.clip(np.floor(index[:, 2].min()) - SPLINE_MARGIN, 0, depth - 1))
     high = int(np.clip(np.ceil(index[:, 2].max()) + SPLINE_MARGIN, low, depth - 1)) + 1
     return resample_onto(scan[:, :, low:high], transform, slab, sitk.sitkNearestNeighbor if view else sitk.sitkBSpline)

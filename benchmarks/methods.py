@@ -175,15 +175,14 @@ def run_stnerp(job: dict, series: Series, work: Path) -> dict:
     start = time.perf_counter()
     images = {k: series.image(k) for k in indices}
     follow_ups = [(series.times[k], images[k]) for k in indices[1:]]
-    model, prealignments = fit(images[0], series.times[0], follow_ups, series.labelmap(0), options,
-                               Reporter(interval=1e9))
+    model = fit(images[0], series.times[0], follow_ups, series.labelmap(0), options, Reporter(interval=1e9))
     fit_seconds = time.perf_counter() - start
     model.save(work / "model.pt")
     per_time, fields, predicted = [], {}, {}
     for k in indices + ([skip] if skip is not None else []):
         t0 = time.perf_counter()
         grid = Grid.of(images[k]) if k in images else cast(Grid, heldout_grid)
-        point = TimePoint(series.times[k], grid, prealignment=prealignments.get(series.times[k]))
+        point = TimePoint(series.times[k], grid, prealignment=model.prealignments.get(series.times[k]))
         entry = write_time_point(model, point, work, None).entry
         per_time.append(time.perf_counter() - t0)
         fields[k], predicted[k] = str(work / entry["displacement"]), str(work / entry["image"])

@@ -73,7 +73,7 @@ class _Stop(Reporter):
 def _fit(series, reporter=None, checkpoint=None) -> SeriesModel:
     follow_ups = [(series.times[k], series.images[k]) for k in (1, 2)]
     return fit(series.images[0], series.times[0], follow_ups, None, Options(ADAPTIVE, seed=0),
-               reporter or Reporter(), checkpoint=checkpoint)[0]
+               reporter or Reporter(), checkpoint=checkpoint)
 
 
 def _trial(tiny, with_level: dict[int, float]) -> tuple[Deformation, list[int], list[str]]:
@@ -156,7 +156,7 @@ def test_with_charbonnier_the_decision_reads_the_squared_error_with_and_without_
     follow_ups = [(tiny.times[k], tiny.images[k]) for k in (1, 2)]
     preset = dataclasses.replace(ADAPTIVE, similarity="charbonnier")
     segmentation = tiny.labelmaps[0] if segmented else None
-    model = fit(tiny.images[0], tiny.times[0], follow_ups, segmentation, Options(preset, seed=0), Reporter())[0]
+    model = fit(tiny.images[0], tiny.times[0], follow_ups, segmentation, Options(preset, seed=0), Reporter())
     assert model.preset.structure_points == (0.1 if segmented else 0.0)
     assert float(sums[1]) > 0
     assert model.deformation.trial_ratios == [pytest.approx(float(sums[0] / sums[1]), rel=1e-6)]

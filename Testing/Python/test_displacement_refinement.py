@@ -77,7 +77,7 @@ def test_refined_deformation_keeps_the_integrated_displacement_at_the_velocity_n
 def test_model_saved_before_displacement_spacing_existed_keeps_its_trilinear_field(tmp_path):
     series = breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=2, noise_hu=0)
     model = fit(series.images[0], series.times[0], [(series.times[1], series.images[1])], None,
-                Options(LINEAR.with_iterations(5), seed=0), Reporter())[0]
+                Options(LINEAR.with_iterations(5), seed=0), Reporter())
     model.save(tmp_path / "model.pt")
     data = torch.load(tmp_path / "model.pt", weights_only=True)
     del data["preset"]["displacement_spacing"]

@@ -44,7 +44,7 @@ def tall_model():
     narrow = Grid((10, 14, 72), grid.spacing, grid.origin, grid.direction)
     labels = (sitk.GetArrayFromImage(smooth_volume(grid)) > -300).astype(np.uint16)
     scans = [(1.0, smooth_volume(grid, (2.0, -1.0, 3.0))), (2.0, smooth_volume(narrow, (1.0, 0.0, 5.0)))]
-    model, _ = fit(smooth_volume(grid), 0.0, scans, grid.image(labels), Options(DEFAULT.with_iterations(40)), QUIET)
+    model = fit(smooth_volume(grid), 0.0, scans, grid.image(labels), Options(DEFAULT.with_iterations(40)), QUIET)
     return model, grid, narrow
 
 

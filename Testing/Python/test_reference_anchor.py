@@ -48,14 +48,14 @@ def test_saved_anchored_model_is_the_identity_at_the_reference_time(tmp_path):
     """Reference in the middle of the series (t = 2 of 1..3): |u| there < 0.01 mm after save and load."""
     series = breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, noise_hu=0)
     follow_ups = [(1.0, series.images[1]), (3.0, series.images[2])]
-    model, _ = fit(series.images[0], 2.0, follow_ups, None,
+    model = fit(series.images[0], 2.0, follow_ups, None,
                    Options(ANCHORED.with_iterations(20), seed=0), Reporter())
     model.save(tmp_path / "model.pt")
     loaded = SeriesModel.load(tmp_path / "model.pt", torch.device("cpu"))
     at_reference = loaded.displacement_grid(2.0)
     assert float(at_reference.abs().max()) < 0.01 / max(series.images[0].GetSpacing())
     assert float(loaded.displacement_grid(3.0).abs().max()) > 1e-4
-    unanchored, _ = fit(series.images[0], 2.0, follow_ups, None, Options(FREE.with_iterations(20), seed=0), Reporter())
+    unanchored = fit(series.images[0], 2.0, follow_ups, None, Options(FREE.with_iterations(20), seed=0), Reporter())
     assert float(unanchored.displacement_grid(2.0).abs().max()) > 1e-4     # what the anchor removes
 
 

@@ -123,7 +123,7 @@ class _Totals(Reporter):
 def _fit(series, reporter, checkpoint=None):
     follow_ups = [(series.times[k], series.images[k]) for k in (1, 2)]
     return fit(series.images[0], series.times[0], follow_ups, None, Options(CONVERGING, seed=0), reporter,
-               checkpoint=checkpoint)[0]
+               checkpoint=checkpoint)
 
 
 def test_a_converging_fit_stops_early_and_reports_its_new_total(tiny):

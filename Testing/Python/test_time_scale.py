@@ -32,9 +32,9 @@ def test_the_fit_of_a_short_series_varies_half_as_fast_in_time_and_its_model_kee
     series = breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, noise_hu=0)
     follow_ups = [(1.0, series.images[1]), (2.0, series.images[2])]
     options = Options(DEFAULT.with_iterations(2), seed=0)
-    model, _ = fit(series.images[0], 0.0, follow_ups, None, options, Reporter())
+    model = fit(series.images[0], 0.0, follow_ups, None, options, Reporter())
     assert "3 scans, fewer than 5: Def-Net's time scale halved to 0.25\n" in capsys.readouterr().err
-    unresolved, _ = fit(series.images[0], 0.0, follow_ups, None,
+    unresolved = fit(series.images[0], 0.0, follow_ups, None,
                         Options(dataclasses.replace(options.preset, time_sigma_halved_below=0), seed=0), Reporter())
     model.save(tmp_path / "model.pt")
     loaded = SeriesModel.load(tmp_path / "model.pt", torch.device("cpu"))

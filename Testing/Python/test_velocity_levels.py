@@ -32,7 +32,7 @@ def tiny():
 
 def _fit(series, preset):
     follow_ups = [(series.times[k], series.images[k]) for k in (1, 2)]
-    return fit(series.images[0], series.times[0], follow_ups, None, Options(preset, seed=0), Reporter())[0]
+    return fit(series.images[0], series.times[0], follow_ups, None, Options(preset, seed=0), Reporter())
 
 
 class _Ramp(torch.nn.Module):

@@ -49,7 +49,7 @@ def _fit(series, preset, reporter, monkeypatch, checkpoint=None):
     monkeypatch.setattr(pipeline, "_new_deformation", keep)
     follow_ups = [(series.times[k], series.images[k]) for k in (1, 2)]
     return pipeline.fit(series.images[0], series.times[0], follow_ups, None, Options(preset, seed=0), reporter,
-                        checkpoint=checkpoint)[0]
+                        checkpoint=checkpoint)
 
 
 def test_def_net_ends_with_the_mean_of_its_weights_over_the_last_quarter(tiny, monkeypatch):
