@@ -211,7 +211,7 @@ def evaluate(series: StudySeries, name: str, prior: str | None, overrides: dict,
     timer = StageTimer()
     start = time.perf_counter()
     model = fit(series.images[0], series.times[0], [(series.times[k], series.images[k]) for k in keep[1:]],
-                   series.labelmaps[0], options, timer)
+                series.labelmaps[0], options, timer)
     wall = time.perf_counter() - start
     grid, window = Grid.of(series.images[0]), model.window
     normalised = [window.normalise(sitk.GetArrayFromImage(image)) for image in series.images]

@@ -30,7 +30,7 @@ def result():
     series = breathing_series(size=(64, 64, 40), spacing=(4.5, 4.5, 6.4), n_phases=6)
     trained = [k for k in range(1, 6) if k != HELD_OUT]
     model = fit(series.images[0], 0.0, [(series.times[k], series.images[k]) for k in trained],
-                   series.labelmaps[0], Options(DEFAULT), Reporter(interval=1e9))
+                series.labelmaps[0], Options(DEFAULT), Reporter(interval=1e9))
     grid = Grid.of(series.images[0])
     outputs = {k: warp(model, series.times[k], grid) for k in range(6)}
     return series, model, grid, trained, outputs

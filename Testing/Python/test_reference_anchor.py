@@ -49,7 +49,7 @@ def test_saved_anchored_model_is_the_identity_at_the_reference_time(tmp_path):
     series = breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, noise_hu=0)
     follow_ups = [(1.0, series.images[1]), (3.0, series.images[2])]
     model = fit(series.images[0], 2.0, follow_ups, None,
-                   Options(ANCHORED.with_iterations(20), seed=0), Reporter())
+                Options(ANCHORED.with_iterations(20), seed=0), Reporter())
     model.save(tmp_path / "model.pt")
     loaded = SeriesModel.load(tmp_path / "model.pt", torch.device("cpu"))
     at_reference = loaded.displacement_grid(2.0)

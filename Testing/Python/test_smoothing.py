@@ -59,7 +59,7 @@ def test_a_smoothed_fit_is_the_fit_of_the_smoothed_scans_and_keeps_the_scans_as_
     def fitted(sigma: float, images: list[sitk.Image]):
         options = Options(replace(preset, smoothing_sigma=sigma), device="cpu")
         model = fit(images[0], series.times[0], list(zip(series.times[1:], images[1:])), series.labelmaps[0],
-                       options, Reporter(interval=1e9))
+                    options, Reporter(interval=1e9))
         return model
 
     smoothed_fit = fitted(0.8, series.images)

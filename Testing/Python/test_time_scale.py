@@ -35,7 +35,7 @@ def test_the_fit_of_a_short_series_varies_half_as_fast_in_time_and_its_model_kee
     model = fit(series.images[0], 0.0, follow_ups, None, options, Reporter())
     assert "3 scans, fewer than 5: Def-Net's time scale halved to 0.25\n" in capsys.readouterr().err
     unresolved = fit(series.images[0], 0.0, follow_ups, None,
-                        Options(dataclasses.replace(options.preset, time_sigma_halved_below=0), seed=0), Reporter())
+                     Options(dataclasses.replace(options.preset, time_sigma_halved_below=0), seed=0), Reporter())
     model.save(tmp_path / "model.pt")
     loaded = SeriesModel.load(tmp_path / "model.pt", torch.device("cpu"))
     for fitted in (model, loaded):

@@ -254,7 +254,7 @@ def test_predicted_image_between_scans_on_grids_of_their_own_carries_them_as_acq
            for shift in (0.0, 0.7)]
     options = Options(DEFAULT.with_iterations(100), prior="image")
     model = fit(fine_blobs(coarse), 0.0, [(1.0, fine_blobs(own[0])), (2.0, fine_blobs(own[1]))], None, options,
-                   QUIET)
+                QUIET)
     model.save(tmp_path / "model.pt")
     read = SeriesModel.load(tmp_path / "model.pt", model.device)
     truth = sitk.GetArrayFromImage(fine_blobs(own[0]))
