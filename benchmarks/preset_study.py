@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import data  # noqa: E402
+from benchmarks import data, runners, scoring  # noqa: E402
 from benchmarks.provenance import git_state  # noqa: E402
 from STNeRPLib import phantom  # noqa: E402
 from STNeRPLib.geometry import Grid  # noqa: E402
@@ -49,7 +49,7 @@ from STNeRPLib.presets import Options  # noqa: E402
 from STNeRPLib.presets import DEFAULT  # noqa: E402
 from STNeRPLib.priors import evaluate_on_grid  # noqa: E402
 from STNeRPLib.progress import Reporter  # noqa: E402
-from STNeRPLib.warping import linear_interpolation, warp  # noqa: E402
+from STNeRPLib.warping import warp  # noqa: E402
 
 if TYPE_CHECKING:
     from STNeRPLib.model import SeriesModel
@@ -118,7 +118,7 @@ VARIANTS: dict[str, tuple[str | None, dict]] = {
     "time-sigma-0.25": (None, {"def_time_sigma": 0.25, "time_sigma_halved_below": 0}),
 }
 QUICK = ["default", "linear-prior", "refnet-prior"]
-SERIES = ["breathing", "longitudinal", "chest", "abdomen"]
+SERIES = ["breathing", "longitudinal", "chest", "chest_own_grids", "abdomen"]
 LENGTHS = {"breathing": 10, "chest": 10, "longitudinal": 5}
 """Scans in each series that comes in other lengths; `<series><N>` (breathing5, chest7, longitudinal3, N from 3 to
 9) is the series with N scans instead, the middle one held out: for what depends on a series' length (the time
@@ -155,13 +155,15 @@ class StudySeries:
 
 
 def load_series(name: str, seed: int, scratch: Path) -> StudySeries:
-    """The named series at `seed` (the chest and abdomen series are written once to `scratch` and read back)."""
+    """The named series at `seed` (the chest and abdomen series are written once to `scratch` and read back;
+    chest_own_grids with each phase after the reference on a grid of its own, as the benchmark's)."""
     scans = series_length(name)
     if name.startswith("chest") or name == "abdomen":
         folder = scratch / f"{name}_3mm_seed{seed}"
         if not (folder / "meta.json").exists():
             if name.startswith("chest"):
-                data.chest_series(folder, 3.0, scans, HOLDOUT[name], seed)
+                own_grids_mm = runners.OWN_GRIDS_SPACING * 3.0 if name == "chest_own_grids" else None
+                data.chest_series(folder, 3.0, scans, HOLDOUT[name], seed, own_grids_mm=own_grids_mm)
             else:
                 data.abdomen_series(folder, scans, HOLDOUT[name], seed)
         s = data.Series(folder)
@@ -205,7 +207,8 @@ class StageTimer(Reporter):
 
 
 def evaluate(series: StudySeries, name: str, prior: str | None, overrides: dict, holdout: int | None) -> dict:
-    """Fit the series without time index `holdout` and measure everything at every time point."""
+    """Fit the series without time index `holdout` and measure everything at every time point, each on its scan's
+    grid."""
     keep = [k for k in range(len(series.times)) if k != holdout]
     options = Options(dataclasses.replace(DEFAULT, **overrides), prior=prior)
     timer = StageTimer()
@@ -214,18 +217,18 @@ def evaluate(series: StudySeries, name: str, prior: str | None, overrides: dict,
                 series.labelmaps[0], options, timer)
     wall = time.perf_counter() - start
     grid, window = Grid.of(series.images[0]), model.window
-    normalised = [window.normalise(sitk.GetArrayFromImage(image)) for image in series.images]
     ratio = next((r for r in model.deformation.trial_ratios if r is not None), float("nan"))
     row = {"series": series.name, "name": name, "wall": wall, "ref_its": timer.rate("refnet"),
            "def_its": timer.rate("defnet"), "def_n": timer.iterations("defnet"), "levels": model.deformation.kept,
            "ratio": ratio, "ref_psnr": float("nan"), "load": os.getloadavg()[0]}
     if model.ref_net is not None:
-        row["ref_psnr"] = psnr(evaluate_on_grid(model.ref_net, normalised[0].shape).numpy(), normalised[0])
+        reference = window.normalise(sitk.GetArrayFromImage(series.images[0]))
+        row["ref_psnr"] = psnr(evaluate_on_grid(model.ref_net, reference.shape).numpy(), reference)
     at_reference = warp(model, series.times[0], grid).displacement
     row["u_ref_max"] = float(np.linalg.norm(at_reference, axis=-1).max())
     tre, tre_max, dice, folded = [], [], [], 0
     for k in keep[1:]:
-        measured = _measure(model, series, k, grid)
+        measured = _measure(model, series, k)
         tre.append(measured["tre_mean"])
         tre_max.append(measured["tre_max"])
         dice.append(measured["dice"])
@@ -233,19 +236,21 @@ def evaluate(series: StudySeries, name: str, prior: str | None, overrides: dict,
     row.update(tre_mean=float(np.mean(tre)), tre_max=float(np.max(tre_max)), dice_min=float(np.min(dice)),
                folded=folded)
     if holdout is not None:
-        measured = _measure(model, series, holdout, grid)
+        measured = _measure(model, series, holdout)
         predicted = window.normalise(measured["image"])
-        scans = {series.times[k]: sitk.GetArrayFromImage(series.images[k]) for k in (holdout - 1, holdout + 1)}
-        linear = window.normalise(linear_interpolation(scans, series.times[holdout]))
-        actual = normalised[holdout]
+        scans = {series.times[k]: series.images[k] for k in (holdout - 1, holdout + 1)}
+        linear = window.normalise(scoring.linear(scans, series.times[holdout], series.images[holdout]))
+        actual = window.normalise(sitk.GetArrayFromImage(series.images[holdout]))
         row.update(ho_psnr=psnr(predicted, actual), ho_ssim=ssim(predicted, actual),
                    lin_psnr=psnr(linear, actual), lin_ssim=ssim(linear, actual),
                    ho_tre=measured["tre_mean"], ho_dice=measured["dice"], ho_folded=measured["folded"])
     return row
 
 
-def _measure(model: SeriesModel, series: StudySeries, k: int, grid: Grid) -> dict:
-    """TRE (mm), tumour Dice, folded voxels (metrics.score_time_point) and predicted image at phase k."""
+def _measure(model: SeriesModel, series: StudySeries, k: int) -> dict:
+    """TRE (mm), tumour Dice, folded voxels (metrics.score_time_point) and predicted image at phase k, on its scan's
+    grid."""
+    grid = Grid.of(series.images[k])
     warped = warp(model, series.times[k], grid)
     field = grid.image(warped.displacement.astype(np.float64), vector=True)
     scores = score_time_point(field=field, jacobian=sitk.GetArrayFromImage(jacobian_determinant(field)),
