@@ -66,8 +66,7 @@ class Target(NamedTuple):
         indices: the reference grid's, or the follow-up's own voxels' where they lie (through its pre-alignment)."""
         if self.own is None:
             return grid[index]
-        at = self.own.at(index.cpu().numpy())
-        unit = 2 * at / (np.asarray(self.own.reference.size) - 1).clip(min=1) - 1
+        unit = 2 * self.own.at(index.cpu().numpy()) / self.own.reference.unit_scale() - 1
         return torch.from_numpy(unit).to(index.device, grid.axes[0].dtype)
 
 
