@@ -122,6 +122,12 @@ def transformed(points: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
     return points if matrix is None else points @ matrix[:3, :3].T + matrix[:3, 3]
 
 
+def inverted(matrix: np.ndarray | None) -> np.ndarray | None:
+    """The inverse of a 4x4 affine matrix (a pre-alignment's: the scan's LPS points -> the reference's); None for
+    None."""
+    return None if matrix is None else np.linalg.inv(matrix)
+
+
 def affine_transform(matrix: np.ndarray) -> sitk.AffineTransform:
     """The SimpleITK transform of a 4x4 affine matrix (points in mm): p -> matrix @ (p, 1)."""
     return sitk.AffineTransform(matrix[:3, :3].ravel().tolist(), matrix[:3, 3].tolist())

@@ -11,11 +11,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from .contract import time_point_folder
-from .geometry import Grid
+from .geometry import Grid, inverted, transformed
 from .io import write_image
 from .metrics import folding_statistics, jacobian_determinant, score_time_point
 from .model import SeriesModel, labels_in
-from .warping import inverse_displacement, slabs, unaligned, warp
+from .warping import inverse_displacement, slabs, warp
 
 if TYPE_CHECKING:
     from .series import Series
@@ -110,10 +110,10 @@ def _as_fitted(model: SeriesModel, point: TimePoint) -> np.ndarray:
     calibration = model.calibrations.get(point.time)
     if calibration is None:
         return scan
-    inverse = np.linalg.inv(point.prealignment) if point.prealignment is not None else None
+    inverse = inverted(point.prealignment)
     fitted = np.empty(scan.shape, np.float32)
     for z0, z1 in slabs(point.grid):
-        p = unaligned(point.grid.points(z0, z1), inverse)
+        p = transformed(point.grid.points(z0, z1), inverse)
         fitted[z0:z1] = calibration.corrected_at(scan[z0:z1].ravel(), model.grid.to_index(p)).reshape(
             scan[z0:z1].shape)
     return fitted

@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .geometry import Grid, affine_transform, transformed
+from .geometry import Grid, affine_transform, inverted, transformed
 from .preprocessing import Calibration
 
 STRUCTURE_BAND_MM = 9.0
@@ -123,8 +123,7 @@ class OwnVoxels(NamedTuple):
         """The continuous indices [N, 3] (x, y, z) on the reference grid of the scan's voxels at flat `index`."""
         zyx = np.unravel_index(index, self.grid.shape)
         points = self.grid.to_physical(np.stack(zyx[::-1], axis=1).astype(float))
-        return self.reference.to_index(transformed(points, None if self.prealignment is None
-                                                   else np.linalg.inv(self.prealignment)))
+        return self.reference.to_index(transformed(points, inverted(self.prealignment)))
 
     def window_scale(self) -> np.ndarray:
         """The reference grid's spacing in the scan's voxels, (z, y, x): an LNCC window over as many mm on its grid."""

@@ -138,9 +138,9 @@ def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], seg
     output slab), pre-aligning a follow-up (PREALIGNING_BYTES_PER_VOXEL of the reference grid), placing a follow-up
     on it (PLACING_BYTES_PER_VOXEL of its own grid) or writing its time point on its own grid
     (WRITING_BYTES_PER_VOXEL and a slab). `prealign`: every follow-up pre-aligned (--prealign affine); --prealign
-    auto is counted as none (of a scan it pre-aligns on the reference's own grid, 4 bytes per voxel are not counted:
-    the apparent shift that decides is not read from the headers). InputError for a missing or unreadable image, as
-    reading it would."""
+    auto is counted as none (of a scan it pre-aligns on the reference's own grid, its copy's 4 bytes a voxel, the mask
+    of its voxels and a padded one's copy as acquired are not counted: the apparent shift that decides is not read
+    from the headers). InputError for a missing or unreadable image, as reading it would."""
     size, pixel, grid = image_information(reference, "reference image")
     voxels = math.prod(size)
     copies = 2 if smoothing else 1

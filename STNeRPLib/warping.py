@@ -25,7 +25,7 @@ import SimpleITK as sitk
 import torch
 
 from . import threads
-from .geometry import Grid, affine_transform, transformed
+from .geometry import Grid, affine_transform, inverted, transformed
 from .integration import GridPoints, sample
 from .model import SeriesModel
 from .presets import LABEL_INTERPOLATIONS
@@ -72,7 +72,7 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
     displacement = model.displacement_grid(t)
     sources = image_sources(model, t) if prealignment is None else {}
     inverses = [inverse_map(model, s) for s in sources]
-    inverse = np.linalg.inv(prealignment) if prealignment is not None else None
+    inverse = inverted(prealignment)
     field = np.empty((*target.shape, 3), np.float32)
     image = np.empty(target.shape, np.float32)
     labels = np.empty(target.shape, model.labelmap.dtype) if model.labelmap is not None else None
@@ -292,7 +292,7 @@ def map_to_reference(model: SeriesModel, t: float, points: np.ndarray,
                      prealignment: np.ndarray | None = None) -> np.ndarray:
     """The model's map q -> q + u_t(q) at LPS points q (N, 3) of the time-t image, in mm, exactly as
     `warp` evaluates it (no interpolation of a sampled field)."""
-    inverse = np.linalg.inv(prealignment) if prealignment is not None else None
+    inverse = inverted(prealignment)
     with torch.no_grad():
         moved = _moved(model, model.displacement_grid(t), np.asarray(points, float), inverse)
     return model.grid.to_physical(_to_index(model.grid, moved))
@@ -300,14 +300,8 @@ def map_to_reference(model: SeriesModel, t: float, points: np.ndarray,
 
 def _moved(model: SeriesModel, displacement: torch.Tensor, q: np.ndarray, inverse: np.ndarray | None) -> torch.Tensor:
     """Unit coordinates of the reference points of time-t points q (undoing the pre-alignment)."""
-    c = _to_unit(model.grid, unaligned(q, inverse), model.device)
+    c = _to_unit(model.grid, transformed(q, inverse), model.device)
     return c + sample(displacement, c[None])[0]
-
-
-def unaligned(q: np.ndarray, inverse: np.ndarray | None) -> np.ndarray:
-    """LPS points q (N, 3, mm) of a time-t image taken back where the fit saw them on the reference grid: through
-    `inverse`, the 4x4 inverse of the time's pre-alignment, or q itself without one."""
-    return transformed(q, inverse)
 
 
 def _to_unit(grid: Grid, points: np.ndarray, device: torch.device) -> torch.Tensor:
