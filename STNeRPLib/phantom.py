@@ -202,27 +202,45 @@ def _breathing_motion(n_phases: int) -> Motion:
     return motion
 
 
-def _longitudinal_motion(last_day: float) -> Motion:
-    """Longitudinal u_t (mm) over days t (clamped at t >= 0): u(q) = w(q) + v(q + w(q)).
-
-    w: weight loss near the skin (the time-t body is smaller, u points outward) plus a setup
-    drift; v: radial field around the tumour centre under which the reference tumour (radius R)
-    becomes a ball of radius s(t) R, s(0) = 1, s(last_day) = SHRINK_LAST, saturating at SHRINK_FLOOR.
-    """
+def tumour_response(last_day: float) -> Callable[[float], tuple[float, float]]:
+    """The schedule of a tumour's response over days t (clamped at t >= 0): (progress, s). progress rises from 0 at
+    day 0 to 1 at last_day; s, the tumour's radius factor, falls from 1 to SHRINK_LAST at last_day and saturates at
+    SHRINK_FLOOR, s(t) = SHRINK_FLOOR + (1 - SHRINK_FLOOR) exp(-t / tau)."""
     tau = last_day / np.log((1.0 - SHRINK_FLOOR) / (SHRINK_LAST - SHRINK_FLOOR))
 
-    def motion(p: np.ndarray, t: float) -> np.ndarray:
+    def schedule(t: float) -> tuple[float, float]:
         decay = np.exp(-max(t, 0.0) / tau)
-        progress = (1.0 - decay) / (1.0 - np.exp(-last_day / tau))  # 0 at day 0, 1 at last_day
+        return (1.0 - decay) / (1.0 - np.exp(-last_day / tau)), SHRINK_FLOOR + (1.0 - SHRINK_FLOOR) * decay
+
+    return schedule
+
+
+def shrinkage(d: np.ndarray, s: float, radius: float) -> np.ndarray:
+    """The radial field (mm) at offsets d (..., 3) mm from a tumour's centre under which a ball of `radius` mm at the
+    reference is a ball of s * radius at time t: u(d) = k d exp(-|d|^2 / (2 w^2)), maps time-t points to reference
+    points. The window w is SHRINK_WINDOW_MM at TUMOUR_RADIUS and scales with the radius (the same shape at every
+    size: det J > 0 for s >= SHRINK_FLOOR)."""
+    window = SHRINK_WINDOW_MM * radius / TUMOUR_RADIUS
+    k = (1.0 / s - 1.0) * np.exp((s * radius) ** 2 / (2 * window**2))
+    return k * d * np.exp(-np.sum(d**2, axis=-1) / (2 * window**2))[..., None]
+
+
+def _longitudinal_motion(last_day: float) -> Motion:
+    """Longitudinal u_t (mm) over days t: u(q) = w(q) + v(q + w(q)).
+
+    w: weight loss near the skin (the time-t body is smaller, u points outward) plus a setup
+    drift; v: the tumour's shrinkage about its centre (radius R becomes s(t) R, tumour_response).
+    """
+    schedule = tumour_response(last_day)
+
+    def motion(p: np.ndarray, t: float) -> np.ndarray:
+        progress, s = schedule(t)
         body_r, _ = _ellipse(p[..., 0], p[..., 1], (0.0, 0.0), BODY_AXES)
         skin = progress * WEIGHT_LOSS_MM * expit((body_r - WEIGHT_LOSS_RING) / WEIGHT_LOSS_EDGE)
         w = progress * SETUP_DRIFT_MM + np.zeros_like(p)
         w[..., 0] += skin * p[..., 0] / BODY_AXES[0]
         w[..., 1] += skin * p[..., 1] / BODY_AXES[1]
-        s = SHRINK_FLOOR + (1.0 - SHRINK_FLOOR) * decay
-        k = (1.0 / s - 1.0) * np.exp((s * TUMOUR_RADIUS) ** 2 / (2 * SHRINK_WINDOW_MM**2))
-        d = p + w - TUMOUR_CENTRE
-        return w + k * d * np.exp(-np.sum(d**2, axis=-1) / (2 * SHRINK_WINDOW_MM**2))[..., None]
+        return w + shrinkage(p + w - TUMOUR_CENTRE, s, TUMOUR_RADIUS)
 
     return motion
 

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[benchmark] building series {name} ...", flush=True)
             folder = runners.SERIES[name](scratch / name, settings)
             if folder is None:
-                result["series"][name] = {"skipped": "its data are not under ../shared/data"}
+                result["series"][name] = {"skipped": "its data are missing (../shared/data, or the CTs pip fetches)"}
                 continue
             series = data.Series(folder)
             entry = {"meta": series.meta, "role": runners.role(series.meta)}

@@ -12,11 +12,18 @@ Series:
 - longitudinal: STNeRPLib.phantom.longitudinal_series (5 weekly fractions).
 - chest: "real anatomy, simulated motion": the TotalSegmentator chest CT from ../shared/data
   warped by a known smooth breathing-like diffeomorphic field (below), image_t(q) = CT(q + u_t(q)).
+- lung_tumour, lung_nodule: "real anatomy, simulated tumour response": a lung-tumour CT and its GTV from the
+  radiomics phantom of the pycerr wheel (fetched from PyPI, never kept in the project), warped as the longitudinal
+  phantom's tumour shrinks and its setup drifts.
 """
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,6 +66,15 @@ ABDOMEN_SLIDING = (1, 2, 3, 4, 5, 6, 7, 8, 9, 18, 19, 20, 64)
 # Abdomen motion (mm): organs SI, anterior wall AP; sliding band (Gaussian sigma); tapers.
 ABDOMEN_SI_AMP, ABDOMEN_AP_AMP, ABDOMEN_BAND_MM = 10.0, 3.0, 3.0
 ABDOMEN_TAPER_MM, ABDOMEN_AP_RAMP_MM, ABDOMEN_LANDMARKS = 25.0, 60.0, 100
+
+RADIOMICS_PACKAGE, RADIOMICS_FOLDER = "pycerr==2.5.1", "cerr/datasets/radiomics_phantom_dicom"
+RADIOMICS_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stnerp" / "pycerr-2.5.1"
+"""Where the radiomics phantom's lung-tumour CTs (pat_1 .. pat_4: a CT series and an RT Structure Set with GTV-1
+each; CC BY-NC 3.0) are unpacked from the pycerr wheel on first use: outside the project, as its licence asks."""
+TUMOUR_PATIENTS = {"lung_tumour": 3, "lung_nodule": 2}
+"""The tumour-response series and their radiomics patients: pat_3, a 12 cc tumour against the mediastinum (136 x 137
+x 46 voxels); pat_2, a 6 cc nodule inside the lung (141 x 138 x 41); both 0.98 x 0.98 x 3 mm, cropped inside the
+thorax (no air around the patient in their fields of view)."""
 
 
 def body_mask(image: sitk.Image, threshold: float = -500.0) -> np.ndarray:
@@ -376,14 +392,24 @@ def lungs_and_body(ct: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     airways do not join them; not the stomach's or the bowel's gas). Body: all but the outside air.
     [z, y, x] bool each."""
     direction = _require_axis_aligned(ct, "chest CT")
-    array = sitk.GetArrayFromImage(ct).astype(np.float64)
-    components, count = ndimage.label(ndimage.gaussian_filter(array, 1.0) < CHEST_LUNG_HU)
+    components, sizes = _air_components(sitk.GetArrayFromImage(ct))
     anterior = components[:, 0 if direction[1, 1] > 0 else -1, :]  # LPS: anterior is the smallest y
     outside = np.isin(components, np.unique(anterior[anterior > 0]))
-    sizes = ndimage.sum(components > 0, components, np.arange(1, count + 1))
     sizes[np.unique(anterior[anterior > 0]) - 1] = 0
-    lungs = np.isin(components, 1 + np.flatnonzero(sizes >= LUNG_MIN_FRACTION * sizes.max()))
-    return lungs, ~outside
+    return _largest(components, sizes), ~outside
+
+
+def _air_components(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The connected components of air in a CT [z, y, x] (HU < CHEST_LUNG_HU after a Gaussian of 1 voxel), numbered
+    from 1, and their sizes (voxels; entry k - 1 for component k)."""
+    components, count = ndimage.label(ndimage.gaussian_filter(hu.astype(np.float64), 1.0) < CHEST_LUNG_HU)
+    return components, ndimage.sum(components > 0, components, np.arange(1, count + 1))
+
+
+def _largest(components: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """The voxels of the components at least LUNG_MIN_FRACTION the size of the largest: the lungs among air components
+    (both when the airways do not join them; not the stomach's or the bowel's gas)."""
+    return np.isin(components, 1 + np.flatnonzero(sizes >= LUNG_MIN_FRACTION * sizes.max()))
 
 
 def chest_native_series(folder: Path, n_phases: int = 10, heldout: int = 3, seed: int = 0) -> Path:
@@ -505,6 +531,105 @@ def abdomen_series(folder: Path, n_phases: int = 10, heldout: int = 3, seed: int
                    f"anteriorly; min det J {jac_min:.2f}")
     return write_series(folder, "abdomen", description, times, images, labelmaps, fields, bodies, marks,
                         ABDOMEN_LABELS, heldout, {"ground_truth_min_jacobian": jac_min})
+
+
+# ----------------------------------------------------------------------------- lung tumours, tumour response
+
+
+def radiomics_patient(patient: int) -> Path | None:
+    """The DICOM folder of the radiomics phantom's pat_<patient>, fetched into RADIOMICS_CACHE on first use (pip
+    download of RADIOMICS_PACKAGE, its folder unpacked); None when pip cannot fetch it."""
+    folder = RADIOMICS_CACHE / f"pat_{patient}"
+    if not folder.is_dir():
+        _fetch_radiomics()
+    return folder if folder.is_dir() else None
+
+
+def _fetch_radiomics() -> None:
+    """Unpack the wheel's radiomics folder into a fresh folder beside RADIOMICS_CACHE, then rename it into place (a
+    second process fetching at the same time loses the rename and keeps the first's)."""
+    RADIOMICS_CACHE.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=RADIOMICS_CACHE.parent) as work:
+        fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", work,
+                                  RADIOMICS_PACKAGE], capture_output=True, text=True)
+        wheels = list(Path(work).glob("pycerr-*.whl"))
+        if fetched.returncode != 0 or not wheels:
+            print(f"[data] pip could not fetch {RADIOMICS_PACKAGE}: {fetched.stderr.strip()[-300:]}", file=sys.stderr)
+            return
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            wheel.extractall(work, [m for m in wheel.namelist() if m.startswith(RADIOMICS_FOLDER + "/")])
+        try:
+            os.rename(Path(work) / RADIOMICS_FOLDER, RADIOMICS_CACHE)
+        except OSError:
+            pass                                                   # another process unpacked it first
+
+
+def radiomics_ct(patient: int) -> tuple[sitk.Image, np.ndarray]:
+    """pat_<patient>'s CT (float32 HU, LPS, as its DICOM series lies) and its GTV-1 filled on the CT's voxels
+    ([z, y, x] bool), both read by the engine's own DICOM reader; ValueError when the data cannot be fetched."""
+    import pydicom
+
+    from STNeRPLib import dicom_in
+    folder = radiomics_patient(patient)
+    if folder is None:
+        raise ValueError(f"the radiomics phantom's pat_{patient} is not in {RADIOMICS_CACHE}; pip could not fetch it")
+    _, files = dicom_in.image_series(folder, "CT")
+    ct = sitk.ReadImage(list(files), sitk.sitkFloat32)
+    structure_set = next(f for f in sorted(folder.glob("*.dcm"))
+                         if pydicom.dcmread(f, stop_before_pixels=True).Modality == "RTSTRUCT")
+    gtv = dicom_in.rtstruct_labelmap(pydicom.dcmread(structure_set), Grid.of(ct), structure_set, "GTV")
+    return ct, sitk.GetArrayFromImage(gtv) > 0                    # its one ROI, GTV-1
+
+
+def tumour_motion(bounds: tuple[np.ndarray, np.ndarray], centre: np.ndarray, radius: float, last: float
+                  ) -> Callable[[np.ndarray, float], np.ndarray]:
+    """u(p, t) (mm) at fraction t of 0 .. last: the longitudinal phantom's tumour response without its weight loss
+    (a crop inside the thorax has no skin): u = w + v(p + w), w the setup drift progress(t) SETUP_DRIFT_MM, v the
+    tumour's shrinkage about `centre` (its radius mm becomes s(t) radius; phantom.tumour_response, shrinkage);
+    tapered to zero over TAPER_MM at every face of the field of view [low, high] (LPS mm)."""
+    low, high = bounds
+    schedule = phantom.tumour_response(last)
+
+    def motion(p: np.ndarray, t: float) -> np.ndarray:
+        progress, s = schedule(t)
+        w = progress * phantom.SETUP_DRIFT_MM + np.zeros_like(p)
+        taper = np.prod(_smoothstep(np.minimum(p - low, high - p) / TAPER_MM), axis=-1)
+        return taper[..., None] * (w + phantom.shrinkage(p + w - centre, s, radius))
+
+    return motion
+
+
+def tumour_response_series(folder: Path, name: str, n_fractions: int = 5, heldout: int = 2, seed: int = 0) -> Path:
+    """Series `name` of TUMOUR_PATIENTS: the radiomics phantom's pat_<patient> (its CT as acquired, 0.98 x 0.98 x 3 mm)
+    warped by tumour_motion about its GTV's centroid and equivalent-sphere radius, fraction k at time k: exact ground
+    truth as chest_series. Labels: 1 the GTV, CHEST_LUNG_LABEL the lungs (air components of at least LUNG_MIN_FRACTION
+    of the largest); body: the whole crop, which lies inside the thorax; landmarks as the chest's (half in the
+    lungs)."""
+    patient = TUMOUR_PATIENTS[name]
+    ct, gtv = radiomics_ct(patient)
+    source = Grid.of(ct)
+    array = sitk.GetArrayFromImage(ct).astype(np.float64)
+    labels = np.where(_largest(*_air_components(array)), CHEST_LUNG_LABEL, 0).astype(np.uint8)
+    labels[gtv] = 1
+    body = np.ones(gtv.shape, bool)
+    centre = source.to_physical(np.argwhere(gtv)[:, ::-1].mean(axis=0, keepdims=True))[0]
+    radius = float((3 * gtv.sum() * np.prod(source.spacing) / (4 * np.pi)) ** (1 / 3))
+    bounds = _bounds(source)
+    times, images, labelmaps, fields, bodies, marks, jac_min = _warped_series(
+        ct, [(ct, _spline(array))] * n_fractions, labels, body, bounds, tumour_motion(bounds, centre, radius,
+                                                                                    n_fractions - 1),
+        _lung_landmarks(labels, source, body), seed, CHEST_NOISE_HU)
+    description = (f"real anatomy, simulated tumour response: lung-tumour CT pat_{patient} of pycerr's radiomics "
+                   f"phantom ({' x '.join(str(n) for n in ct.GetSize())} voxels of "
+                   f"{' x '.join(f'{s:.2f}' for s in ct.GetSpacing())} mm), {n_fractions} "
+                   f"weekly fractions: its GTV ({radius:.1f} mm equivalent radius) shrinks to "
+                   f"{100 * phantom.tumour_response(n_fractions - 1)(n_fractions - 1)[1]:.0f} % of its radius and "
+                   f"the patient drifts {np.linalg.norm(phantom.SETUP_DRIFT_MM):.1f} mm (setup), as the longitudinal "
+                   f"phantom's without its weight loss; min det J {jac_min:.2f}")
+    return write_series(folder, name, description, times, images, labelmaps, fields, bodies,
+                        marks, {1: "GTV", CHEST_LUNG_LABEL: "lungs"}, heldout,
+                        {"ground_truth_min_jacobian": jac_min, "gtv_centre_mm": centre.tolist(),
+                         "gtv_radius_mm": radius})
 
 
 def write_rtstruct(path: Path, rois: dict[int, tuple[str, list[list[float]]]]) -> None:

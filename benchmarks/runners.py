@@ -106,6 +106,20 @@ def _real(builder: Callable[..., Path], available: Callable[[], bool]) -> Callab
     return build
 
 
+def _tumour(name: str) -> Callable[[Path, SeriesSettings], Path | None]:
+    """A builder of tumour-response series `name` (data.TUMOUR_PATIENTS; 5 weekly fractions, fraction 2 held out;
+    quick: 3, fraction 1), None when pip cannot fetch its CT."""
+    def build(folder: Path, settings: SeriesSettings) -> Path | None:
+        if data.radiomics_patient(data.TUMOUR_PATIENTS[name]) is None:
+            return None
+        count, heldout = (3, 1) if settings.quick else (5, 2)
+        folder = data.tumour_response_series(folder, name, count, heldout, settings.seed)
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps({**meta, "seed": settings.seed, "count": count}, indent=1))
+        return folder
+    return build
+
+
 SERIES: dict[str, Callable[[Path, SeriesSettings], Path | None]] = {
     # name -> builder(folder, settings): the series folder (benchmarks/data.py's layout), None if
     # its data are missing. Held-out index: the third scan after the reference (phase 3, day 14).
@@ -115,6 +129,8 @@ SERIES: dict[str, Callable[[Path, SeriesSettings], Path | None]] = {
     "chest_own_grids": _chest(own_grids=True),                                   # follow-ups on grids of their own
     "chest_native": _real(data.chest_native_series, data.chest_available),       # 1.5 mm, issue 11
     "abdomen": _real(data.abdomen_series, data.abdomen_available),              # sliding organs, issue 11
+    "lung_tumour": _tumour("lung_tumour"),                                       # a real tumour's response
+    "lung_nodule": _tumour("lung_nodule"),
 }
 
 

@@ -244,3 +244,21 @@ def test_supersampled_voxel_is_the_mean_of_its_sub_voxel_samples_and_the_rest_is
 def test_supersampling_below_one_is_refused():
     with pytest.raises(ValueError, match="supersampling must be at least 1"):
         phantom.breathing_series(**COARSE, supersampling=0)
+
+
+@pytest.mark.parametrize("radius", [phantom.TUMOUR_RADIUS, 6.0, 31.0])
+def test_shrinkage_carries_the_ball_of_s_times_the_radius_onto_the_reference_ball_without_folding(radius):
+    """phantom.shrinkage at the benchmark's GTV sizes as at the phantom's: a point s R from the centre at time t maps
+    to R (the reference tumour's surface); along a ray the map r -> |d + v(d)| rises (det J > 0) for s down to
+    SHRINK_FLOOR; far out v vanishes."""
+    direction = np.array([0.48, -0.6, 0.64])
+    for s in (phantom.SHRINK_LAST, phantom.SHRINK_FLOOR, 0.9):
+        d = s * radius * direction
+        assert np.linalg.norm(d + phantom.shrinkage(d, s, radius)) == pytest.approx(radius, rel=1e-12)
+        r = np.linspace(0.0, 6 * radius, 2001)[:, None] * direction
+        mapped = np.linalg.norm(r + phantom.shrinkage(r, s, radius), axis=1)
+        assert np.all(np.diff(mapped) > 0)
+        assert np.linalg.norm(phantom.shrinkage(r[-1], s, radius)) < 1e-3 * radius
+    progress, s = phantom.tumour_response(28.0)(28.0)
+    assert progress == pytest.approx(1.0) and s == pytest.approx(phantom.SHRINK_LAST)
+    assert phantom.tumour_response(28.0)(0.0) == pytest.approx((0.0, 1.0))
