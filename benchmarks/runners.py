@@ -92,32 +92,26 @@ OWN_GRIDS_SPACING = 2 / 3
 CBCT is often reconstructed finer than a planning CT's slices."""
 
 
-def _real(builder: Callable[..., Path], available: Callable[[], bool]) -> Callable[[Path, SeriesSettings], Path | None]:
-    """A builder of a real-anatomy series at its own resolution (10 phases, phase 3 held out; quick:
-    3 phases, phase 1 held out), None when its CT is not in ../shared/data."""
+def _real(builder: Callable[..., Path], available: Callable[[], bool], count: int = 10, heldout: int = 3
+          ) -> Callable[[Path, SeriesSettings], Path | None]:
+    """A builder of a real-anatomy series at its own resolution (`count` phases or fractions, index `heldout` held
+    out; quick: 3, index 1 held out), None when its CT is missing (not in ../shared/data, or pip could not fetch it)."""
     def build(folder: Path, settings: SeriesSettings) -> Path | None:
         if not available():
             return None
-        count, heldout = (3, 1) if settings.quick else (10, 3)
-        folder = builder(folder, count, heldout, settings.seed)
+        n, h = (3, 1) if settings.quick else (count, heldout)
+        folder = builder(folder, n, h, settings.seed)
         meta = json.loads((folder / "meta.json").read_text())
-        (folder / "meta.json").write_text(json.dumps({**meta, "seed": settings.seed, "count": count}, indent=1))
+        (folder / "meta.json").write_text(json.dumps({**meta, "seed": settings.seed, "count": n}, indent=1))
         return folder
     return build
 
 
 def _tumour(name: str) -> Callable[[Path, SeriesSettings], Path | None]:
-    """A builder of tumour-response series `name` (data.TUMOUR_PATIENTS; 5 weekly fractions, fraction 2 held out;
-    quick: 3, fraction 1), None when pip cannot fetch its CT."""
-    def build(folder: Path, settings: SeriesSettings) -> Path | None:
-        if data.radiomics_patient(data.TUMOUR_PATIENTS[name]) is None:
-            return None
-        count, heldout = (3, 1) if settings.quick else (5, 2)
-        folder = data.tumour_response_series(folder, name, count, heldout, settings.seed)
-        meta = json.loads((folder / "meta.json").read_text())
-        (folder / "meta.json").write_text(json.dumps({**meta, "seed": settings.seed, "count": count}, indent=1))
-        return folder
-    return build
+    """A builder of tumour-response series `name` (data.TUMOUR_PATIENTS): 5 weekly fractions, fraction 2 held out."""
+    patient = data.TUMOUR_PATIENTS[name]
+    return _real(lambda folder, n, h, seed: data.tumour_response_series(folder, name, n, h, seed),
+                 lambda: data.radiomics_patient(patient) is not None, count=5, heldout=2)
 
 
 SERIES: dict[str, Callable[[Path, SeriesSettings], Path | None]] = {
