@@ -402,7 +402,7 @@ def lungs_and_body(ct: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
 def _air_components(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The connected components of air in a CT [z, y, x] (HU < CHEST_LUNG_HU after a Gaussian of 1 voxel), numbered
     from 1, and their sizes (voxels; entry k - 1 for component k)."""
-    components, count = ndimage.label(ndimage.gaussian_filter(hu.astype(np.float64), 1.0) < CHEST_LUNG_HU)
+    components, count = ndimage.label(ndimage.gaussian_filter(np.asarray(hu, np.float64), 1.0) < CHEST_LUNG_HU)
     return components, ndimage.sum(components > 0, components, np.arange(1, count + 1))
 
 
@@ -566,18 +566,20 @@ def _fetch_radiomics() -> None:
 
 def radiomics_ct(patient: int) -> tuple[sitk.Image, np.ndarray]:
     """pat_<patient>'s CT (float32 HU, LPS, as its DICOM series lies) and its GTV-1 filled on the CT's voxels
-    ([z, y, x] bool), both read by the engine's own DICOM reader; ValueError when the data cannot be fetched."""
-    import pydicom
-
+    ([z, y, x] bool), both read by the engine's own DICOM reader (the structure set: the folder's file beside the
+    series); ValueError when the data cannot be fetched."""
     from STNeRPLib import dicom_in
     folder = radiomics_patient(patient)
     if folder is None:
         raise ValueError(f"the radiomics phantom's pat_{patient} is not in {RADIOMICS_CACHE}; pip could not fetch it")
     _, files = dicom_in.image_series(folder, "CT")
     ct = sitk.ReadImage(list(files), sitk.sitkFloat32)
-    structure_set = next(f for f in sorted(folder.glob("*.dcm"))
-                         if pydicom.dcmread(f, stop_before_pixels=True).Modality == "RTSTRUCT")
-    gtv = dicom_in.rtstruct_labelmap(pydicom.dcmread(structure_set), Grid.of(ct), structure_set, "GTV")
+    series = {Path(f).name for f in files}
+    path = next(f for f in sorted(folder.glob("*.dcm")) if f.name not in series)
+    structures = dicom_in.structure_file(path)
+    if structures is None:
+        raise ValueError(f"{path}, beside pat_{patient}'s CT series, is not its structure set")
+    gtv = dicom_in.structures_labelmap(structures, Grid.of(ct), path, "GTV")
     return ct, sitk.GetArrayFromImage(gtv) > 0                    # its one ROI, GTV-1
 
 
@@ -623,7 +625,7 @@ def tumour_response_series(folder: Path, name: str, n_fractions: int = 5, heldou
                    f"phantom ({' x '.join(str(n) for n in ct.GetSize())} voxels of "
                    f"{' x '.join(f'{s:.2f}' for s in ct.GetSpacing())} mm), {n_fractions} "
                    f"weekly fractions: its GTV ({radius:.1f} mm equivalent radius) shrinks to "
-                   f"{100 * phantom.tumour_response(n_fractions - 1)(n_fractions - 1)[1]:.0f} % of its radius and "
+                   f"{100 * phantom.SHRINK_LAST:.0f} % of its radius and "
                    f"the patient drifts {np.linalg.norm(phantom.SETUP_DRIFT_MM):.1f} mm (setup), as the longitudinal "
                    f"phantom's without its weight loss; min det J {jac_min:.2f}")
     return write_series(folder, name, description, times, images, labelmaps, fields, bodies,
