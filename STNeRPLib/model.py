@@ -95,6 +95,10 @@ class SeriesModel:
         """uint8 mask of the scan at time t's field of view on the reference grid (None: all of it)."""
         return self.grid.image(self.views[t].astype(np.uint8)) if t in self.views else None
 
+    def identity_at(self, t: float) -> bool:
+        """Whether the map at user time t is the identity by construction (the anchored reference time)."""
+        return self.deformation.identity_at(self.normalised_time(t))
+
     def displacement_grid(self, t: float, inverse: bool = False) -> torch.Tensor:
         """Displacement [1, 3, D, H, W] (grid_sample units) on the displacement grid (Deformation.displacement)
         at user time t, to be interpolated trilinearly (inverse: reference points -> time-t points)."""

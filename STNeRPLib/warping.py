@@ -68,7 +68,11 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
     prealignment: 4x4 affine mapping reference-grid points to points of the time-t image (the
     training data were resampled through it); the returned displacement includes it, so
     q + u(q) is the reference point of the time-t image's own point q.
+    At the anchored reference time on the reference grid the map is the identity: the outputs are the reference
+    scan and labelmap themselves (what resampling them through u = 0 gives, bit for bit; tested), not evaluated.
     """
+    if prealignment is None and target.matches(model.grid) and model.identity_at(t):
+        return _identity(model)
     displacement = model.displacement_grid(t)
     sources = image_sources(model, t) if prealignment is None else {}
     inverses = [inverse_map(model, s) for s in sources]
@@ -90,6 +94,13 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
             image[z0:z1] = _resample(model, model.reference_time, _transform(field[z0:z1], slab), moved.index, slab)
         del moved, carried                   # before the next slab's are made
     return Warped(field, image, labels, list(sources) or [model.reference_time])
+
+
+def _identity(model: SeriesModel) -> Warped:
+    """The outputs of the identity map on the reference grid: u = 0, the reference scan (float32), its labelmap."""
+    labels = model.labelmap.copy() if model.labelmap is not None else None
+    image = sitk.GetArrayFromImage(model.reference).astype(np.float32, copy=False)
+    return Warped(np.zeros((*model.grid.shape, 3), np.float32), image, labels, [model.reference_time])
 
 
 @dataclass(frozen=True)
@@ -180,10 +191,12 @@ def inverse_displacement(model: SeriesModel, t: float, prealignment: np.ndarray 
     (inverse_map), which converges where |grad u| < 1 (every diffeomorphism the model makes here),
     to the inverse of the forward field itself.
     prealignment: as in `warp`; it is included, so r + w(r) is a point of the time-t image itself.
-    Evaluated in slabs of slices (memory: the output and one slab).
+    Evaluated in slabs of slices (memory: the output and one slab); 0 at the anchored reference time.
     """
-    inverse_t = inverse_map(model, t)
     grid = model.grid
+    if prealignment is None and model.identity_at(t):
+        return np.zeros((*grid.shape, 3), np.float32)
+    inverse_t = inverse_map(model, t)
     field = np.empty((*grid.shape, 3), np.float32)
     for z0, z1 in slabs(grid):
         with torch.no_grad():

@@ -60,9 +60,8 @@ def test_saved_anchored_model_is_the_identity_at_the_reference_time(tmp_path):
 
 
 def test_worker_with_anchor_reference_writes_the_identity_at_the_reference_time(tmp_path):
-    """`stnerp train` (the default preset anchors): the reference time's displacement file is zero
-    everywhere, up to the float32 rounding of grid coordinates (~1e-6 mm), and the preset recorded in
-    run.json says so; with --no-anchor-reference it is not."""
+    """`stnerp train` (the default preset anchors): the reference time's displacement file is exactly zero
+    everywhere, and the preset recorded in run.json says so; with --no-anchor-reference it is not."""
     import json
 
     import SimpleITK as sitk
@@ -82,7 +81,7 @@ def test_worker_with_anchor_reference_writes_the_identity_at_the_reference_time(
         assert record["parameters"]["preset"]["anchor_reference"] is (not flag)
         at_reference = sitk.ReadImage(str(output / record["time_points"][0]["displacement"]))
         largest[not flag] = float(np.abs(sitk.GetArrayFromImage(at_reference)).max())
-    assert largest[True] < 1e-4 and largest[False] > 0.01
+    assert largest[True] == 0.0 and largest[False] > 0.01
 
 
 def test_training_skips_integrating_the_anchored_reference_with_the_same_loss_and_gradients(monkeypatch):
@@ -115,3 +114,32 @@ def test_training_skips_integrating_the_anchored_reference_with_the_same_loss_an
     compared = [(g, e) for g, e in zip(gradients, expected) if e is not None]
     scale = max(float(e.abs().max()) for _, e in compared)        # the output bias cancels: float noise
     assert compared and scale > 0 and all(torch.allclose(g, e, rtol=1e-4, atol=1e-6 * scale) for g, e in compared)
+
+
+@pytest.mark.parametrize("preset", [ANCHORED, FREE], ids=["anchored", "free"])
+def test_outputs_at_the_anchored_reference_time_are_the_reference_scan_and_its_labelmap_exactly(tmp_path, preset):
+    """Anchored, the reference time's outputs are the reference itself, bit for bit: the predicted image is the
+    reference scan (not its cubic B-spline resampling through a zero field), the labelmap the reference's, the
+    displacement and the inverse 0, the Jacobian 1. Without the anchor the map there is only near the identity, and
+    the outputs are evaluated through it (the image then differs from the scan)."""
+    from STNeRPLib.geometry import Grid
+    from STNeRPLib.outputs import TimePoint, write_time_point
+
+    series = breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, noise_hu=5)
+    follow_ups = [(1.0, series.images[1]), (2.0, series.images[2])]
+    model = fit(series.images[0], 0.0, follow_ups, series.labelmaps[0], Options(preset.with_iterations(20), seed=0),
+                Reporter())
+    entry = write_time_point(model, TimePoint(0.0, Grid.of(series.images[0]), series.images[0]), tmp_path, None).entry
+
+    def read(key: str) -> np.ndarray:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / entry[key])))
+
+    reference = sitk.GetArrayFromImage(series.images[0]).astype(np.float32)
+    if preset is FREE:
+        assert float(np.abs(read("image") - reference).max()) > 1e-3
+        return
+    assert np.array_equal(read("image"), reference)
+    assert np.array_equal(read("labelmap"), sitk.GetArrayFromImage(series.labelmaps[0]))
+    assert not read("displacement").any() and not read("inverse_displacement").any()
+    assert np.all(read("jacobian") == 1.0)
+    assert entry["image_sources"] == [0.0] and entry["metrics"]["folded_voxels"] == 0
