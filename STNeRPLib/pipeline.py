@@ -500,16 +500,16 @@ def _run_long_range(series: Series, options: Options, folder: Path, reporter: Re
                          "or train with continuous time")
     if record.data.get("model"):              # resumed after training: outputs only
         model = SeriesModel.load(folder / record.data["model"], pick_device(options.device))
-        prealignments = {float(t): np.asarray(m) for t, m in record.data["prealignments"]}
     else:
         losses: list[tuple[str, int, float]] = []
         model = fit(series.reference, series.reference_time, series.follow_ups, series.segmentation, options, reporter,
                     losses, checkpoint)
-        prealignments = model.prealignments
         model.save(folder / "model.pt")
         write_losses(losses, folder / "losses.csv")
         record.set(model="model.pt", intensity_window=[model.window.low, model.window.high], losses="losses.csv",
-                   prealignments=[[t, m.tolist()] for t, m in prealignments.items()], **_fit_facts(model, losses))
+                   prealignments=[[t, m.tolist()] for t, m in model.prealignments.items()],
+                   **_fit_facts(model, losses))
+    prealignments = model.prealignments       # saved with the model: the same whether resumed or not
     if checkpoint is not None:              # the saved model supersedes it
         checkpoint.remove()
     if predict_times and prealignments:

@@ -769,6 +769,23 @@ def test_folder_checksum_covers_its_files_and_not_subfolders(tmp_path):
     assert file_sha256(tmp_path) != before and file_sha256(tmp_path / "absent") is None
 
 
+def test_kill_9_during_outputs_of_a_pre_aligned_run_resumes_with_the_model_s_pre_alignments(phantom, tmp_path):
+    """Outputs resumed after training take each follow-up's pre-alignment from the saved model: the time points
+    written after the resume are those of the uninterrupted run (their displacements include the pre-alignment)."""
+    _, files = phantom
+    args = ["--prealign", "affine", "--iterations", "60", "--checkpoint-every", "10"]
+    whole = stnerp(*train_args(files, tmp_path / "whole"), *args)
+    assert whole.returncode == 0, whole.stderr
+    assert record(tmp_path / "whole")["prealignments"]
+    output = tmp_path / "killed"
+    _kill_when(start(*train_args(files, output), *args, "--json-events"), "outputs", 1)
+    assert len(record(output)["time_points"]) < 4
+    resumed = stnerp(*train_args(files, output), *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "defnet" not in resumed.stderr
+    _same_outputs(output, tmp_path / "whole")
+
+
 def test_kill_9_mid_def_net_of_a_pre_aligned_run_at_two_threads_then_resume_is_bit_identical(phantom, tmp_path):
     """The resumed run pre-aligns its follow-ups again: ITK's threads added the metric in the order they finished, so
     the pre-alignment's last bits, and the fit after it, differed from the uninterrupted run's."""
