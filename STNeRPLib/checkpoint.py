@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import Buffer
 
+    from .optimizer import Adam
     from .schedule import DecaySchedule
 
 STAGES = ("refnet", "defnet")
@@ -43,7 +44,7 @@ class Checkpoint:
         self.modules: dict[str, nn.Module] = {}
         self._stop = False
 
-    def restore(self, stage: str, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+    def restore(self, stage: str, modules: dict[str, nn.Module], optimizer: Adam,
                 schedule: DecaySchedule, generator: torch.Generator, total: int) -> int:
         """Track `modules` (name -> module); load the saved state into them, the optimiser, schedule and
         generator. A checkpoint that holds no state for one of them (another version wrote it) is refused:
@@ -72,7 +73,7 @@ class Checkpoint:
         torch.set_rng_state(self.saved["torch_rng"])
         return int(self.saved["iteration"])
 
-    def after(self, stage: str, iteration: int, optimizer: torch.optim.Optimizer, schedule: DecaySchedule,
+    def after(self, stage: str, iteration: int, optimizer: Adam, schedule: DecaySchedule,
               generator: torch.Generator) -> None:
         """Call after each whole iteration: save every `every` iterations; on a held signal, save
         and raise KeyboardInterrupt."""

@@ -15,6 +15,7 @@ from .checkpoint import Checkpoint
 from .deformation import Deformation
 from .integration import GridPoints, sample
 from .networks import RefNet
+from .optimizer import Adam
 from .preprocessing import Calibration, IntensityWindow
 from .presets import CHARBONNIER_EPSILON, LEVEL_GAIN, LEVEL_GAIN_TRILINEAR, LEVEL_TRIAL, Preset
 from .sampling import OwnVoxels
@@ -76,7 +77,7 @@ def fit_reference(net: RefNet, volume: torch.Tensor, preset: Preset, progress: P
     the checkpoint had it fitted already). With a checkpoint, start from its state and save into it."""
     points = GridPoints(cast("tuple[int, int, int]", volume.shape), volume.device)
     values = volume.reshape(-1)
-    optimizer = torch.optim.Adam(net.parameters(), lr=preset.ref_lr)
+    optimizer = Adam(net.parameters(), lr=preset.ref_lr)
     schedule = DecaySchedule(optimizer, preset.ref_iterations, preset.lr_final)
     loss = torch.tensor(float("nan"))
     start = _restore(checkpoint, "refnet", {"ref_net": net}, optimizer, schedule, generator, preset.ref_iterations)
@@ -151,16 +152,16 @@ def fit_deformation(deformation: Deformation, prior: nn.Module, targets: list[Ta
     return loss.item()
 
 
-def _deformation_optimizer(deformation: Deformation, preset: Preset) -> torch.optim.Adam:
+def _deformation_optimizer(deformation: Deformation, preset: Preset) -> Adam:
     """Adam over Def-Net(s) at def_lr, the finer velocity levels' at level_lr_scale x def_lr."""
     finer = list(deformation.finer.parameters())
     groups: list[dict[str, Any]] = [{"params": list(deformation.nets.parameters())}]
     if finer:
         groups.append({"params": finer, "lr": preset.level_lr_scale * preset.def_lr})
-    return torch.optim.Adam(groups, lr=preset.def_lr)
+    return Adam(groups, lr=preset.def_lr)
 
 
-def _deformation_schedule(optimizer: torch.optim.Optimizer, preset: Preset) -> DecaySchedule:
+def _deformation_schedule(optimizer: Adam, preset: Preset) -> DecaySchedule:
     """Def-Net's learning rate: constant for lr_hold of def_iterations, then a cosine decay over the rest; or with
     stop_on_convergence constant until a plateau (looked for once the finest velocity level is on), then the decay."""
     decay = preset.decay_iterations if preset.stop_on_convergence else None
@@ -421,7 +422,7 @@ def _predicted(deformation: Deformation, prior: nn.Module, series: _Series, whic
 SIMILARITY = {"mse": _mean_squared_error, "charbonnier": _voxel_loss(_charbonnier), "lncc": _local_ncc_loss}
 
 
-def _restore(checkpoint: Checkpoint | None, stage: str, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+def _restore(checkpoint: Checkpoint | None, stage: str, modules: dict[str, nn.Module], optimizer: Adam,
              schedule: DecaySchedule, generator: torch.Generator, total: int) -> int:
     """The last iteration of `stage` already done (0 without a checkpoint)."""
     if checkpoint is None:
@@ -448,7 +449,7 @@ def _choose_times(count: int, wanted: int, generator: torch.Generator) -> list[i
     return torch.randperm(count, generator=generator)[:wanted].tolist()
 
 
-def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, schedule: DecaySchedule) -> None:
+def _step(optimizer: Adam, loss: torch.Tensor, schedule: DecaySchedule) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

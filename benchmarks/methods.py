@@ -214,9 +214,7 @@ def run_peer(job: dict, series: Series, work: Path) -> dict:
 
 
 def _warm_up(method: str) -> None:
-    """Imports and the lazy module loading of ITK and torch, outside the clock (imports are nobody's work)."""
-    if kind(method) == "stnerp":
-        import torch._dynamo  # noqa: F401  torch.optim's first optimizer imports it (~1.2 s, 800 modules)
+    """Imports and the lazy module loading of ITK, outside the clock (imports are nobody's work)."""
     if kind(method) != "peer":
         return
     package = peers.PEERS[method]["package"]

@@ -19,7 +19,9 @@ import torch
 from STNeRPLib.checkpoint import Checkpoint
 from STNeRPLib.contract import write_json
 from STNeRPLib.errors import InputError
+from STNeRPLib.optimizer import Adam
 from STNeRPLib.phantom import breathing_series, write_series
+from STNeRPLib.schedule import DecaySchedule
 from worker_cli import WORKER, stnerp
 
 QUICK = ["--iterations", "15"]
@@ -647,8 +649,8 @@ def test_resume_from_a_checkpoint_without_a_modules_state_is_refused(tmp_path):
     and the checkpoint left as it was."""
     generator = torch.Generator().manual_seed(0)
     net = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.Adam(net.parameters())
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    optimizer = Adam(net.parameters(), lr=1e-3)
+    schedule = DecaySchedule(optimizer, 10, 1.0)
     older = Checkpoint(tmp_path / "checkpoint.pt", every=1)
     older.restore("defnet", {"deformation": net}, optimizer, schedule, generator, 10)
     older.after("defnet", 3, optimizer, schedule, generator)

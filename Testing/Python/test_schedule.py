@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from STNeRPLib.checkpoint import Checkpoint
+from STNeRPLib.optimizer import Adam
 from STNeRPLib.phantom import breathing_series, write_series
 from STNeRPLib.pipeline import fit
 from STNeRPLib.presets import DEFAULT, Options
@@ -34,7 +35,7 @@ def _rates(schedule: DecaySchedule, losses) -> list[float]:
 
 
 def _schedule(iterations: int, **kwargs) -> DecaySchedule:
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    optimizer = Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
     return DecaySchedule(optimizer, iterations, 0.1, **kwargs)
 
 
@@ -54,7 +55,7 @@ def test_a_hold_keeps_the_initial_rate_then_the_cosine_reaches_the_final_rate_at
 
 def test_def_nets_rate_is_held_for_the_presets_lr_hold_of_its_iterations():
     preset = dataclasses.replace(DEFAULT, def_iterations=100, lr_hold=0.3, lr_final=0.1)
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=preset.def_lr)
+    optimizer = Adam([torch.zeros(1, requires_grad=True)], lr=preset.def_lr)
     rates = _rates(_deformation_schedule(optimizer, preset), lambda iteration: {0: 1.0})
     assert rates[:31] == pytest.approx([preset.def_lr] * 31) and rates[31] < preset.def_lr
     assert rates[-1] == pytest.approx(preset.lr_final * preset.def_lr) and len(rates) == 100
