@@ -33,13 +33,11 @@ class Adam:
     def _parameters(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Let every gradient go (set_to_none=False: set each to zero instead)."""
+    def zero_grad(self) -> None:
+        """Let every gradient go (as torch's zero_grad(set_to_none=True)): a parameter the next backward does not
+        reach has none, and step leaves it as it is."""
         for p in self._parameters():
-            if p.grad is not None and not set_to_none:
-                p.grad.zero_()
-            elif p.grad is not None:
-                p.grad = None
+            p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:

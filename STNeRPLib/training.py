@@ -450,7 +450,7 @@ def _choose_times(count: int, wanted: int, generator: torch.Generator) -> list[i
 
 
 def _step(optimizer: Adam, loss: torch.Tensor, schedule: DecaySchedule) -> None:
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
     loss.backward()
     optimizer.step()
     schedule.step()

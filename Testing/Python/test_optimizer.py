@@ -28,7 +28,7 @@ def _gradients(step: int, parameters: list[torch.nn.Parameter]) -> list[torch.Te
 
 def _run(optimizer, parameters: list[torch.nn.Parameter], steps: range) -> None:
     for step in steps:
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()                   # torch's: set_to_none=True by default
         for p, g in zip(parameters, _gradients(step, parameters)):
             p.grad = g
         for k, group in enumerate(optimizer.param_groups):
