@@ -42,13 +42,13 @@ class Adam:
     @torch.no_grad()
     def step(self) -> None:
         """One Adam step of every parameter that has a gradient, at its group's current rate."""
-        beta1, beta2 = BETAS
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update(p, p.grad, group["lr"], beta1, beta2)
+                    self._update(p, p.grad, group["lr"])
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, lr: float, beta1: float, beta2: float) -> None:
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        beta1, beta2 = BETAS
         state = self.state.get(p)
         if state is None:
             state = self.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
