@@ -23,7 +23,7 @@ from .model import SeriesModel, labels_in, new_ref_net, normalise_time
 from .networks import RefNet
 from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, FAR_MM, Calibration, IntensityWindow,
                             Padding, PaddingCandidate, apparent_shift_mm, block_shape, confirmed_padding, extended,
-                            farthest_displacement_mm, find_padding, flat_voxels, intensity_calibration,
+                            farthest_displacement_mm, find_padding, follow_up_calibrations,
                             intensity_method, on_grid, padding_candidate, prealignment, rigid_estimate, same_grid,
                             smoothed, turn_degrees)
 from .presets import Options, Preset
@@ -324,16 +324,14 @@ def _check_anatomy_overlap(resampled: _Resampled, value: float) -> None:
 def _calibrations(reference: sitk.Image, scans: _Resampled, window: IntensityWindow, preset: Preset,
                   reporter: Reporter) -> dict[float, Calibration]:
     """With preset.calibrate_intensities, the calibration of each CT follow-up whose numbers differ from the
-    reference's by more than CALIBRATION_TOLERANCE_HU (intensity_calibration) by a scale within 0.5 to 2 (else no
+    reference's by more than CALIBRATION_TOLERANCE_HU (follow_up_calibrations) by a scale within 0.5 to 2 (else no
     line was found), said; Def-Net fits it in the reference's numbers. Contrast taken up or washed out by large
     organs fires it too (the fit takes part of it for a scale, an offset and a bias): that lessened the squared
     error's loss on the sliding abdomen, but LNCC lost none, so the message names it where the fit is not LNCC already
     (docs/presets.md, *Follow-ups with a contrast change*)."""
     if not preset.calibrate_intensities or (window.low, window.high) != CT_WINDOW:
         return {}
-    flat_reference = flat_voxels(reference)
-    found = {t: intensity_calibration(reference, image, flat_reference, scans.fitted(t))
-             for t, image in scans.images.items()}
+    found = follow_up_calibrations(reference, {t: (image, scans.fitted(t)) for t, image in scans.images.items()})
     calibrations = {t: c for t, c in found.items()
                     if c is not None and c.change > CALIBRATION_TOLERANCE_HU and 0.5 <= c.scale <= 2.0}
     hint = "" if preset.similarity == "lncc" else ("; if contrast changed between the scans instead, the lncc "

@@ -19,8 +19,8 @@ from STNeRPLib.commands import _preset
 from STNeRPLib.geometry import Grid
 from STNeRPLib.outputs import TimePoint, _as_fitted
 from STNeRPLib.phantom import breathing_series, write_series
-from STNeRPLib.preprocessing import (CALIBRATION_TOLERANCE_HU, _monomials, _robust_least_squares, flat_voxels,
-                                     intensity_calibration)
+from STNeRPLib.preprocessing import (CALIBRATION_CHECK, CALIBRATION_TOLERANCE_HU, _monomials, _robust_least_squares,
+                                     flat_voxels, follow_up_calibrations, intensity_calibration)
 from STNeRPLib.sampling import body_voxels
 from worker_cli import WORKER, stnerp
 
@@ -86,6 +86,48 @@ def test_scans_of_one_scanner_are_left_as_scanned():
     for follow_up in SERIES.images[1:]:
         found = intensity_calibration(reference, follow_up, flat_voxels(reference), None)
         assert found is not None and found.change < CALIBRATION_TOLERANCE_HU / 4
+
+
+@pytest.fixture(scope="module")
+def larger() -> list[sitk.Image]:
+    """Three phases of 96 x 96 x 64 voxels: more than CALIBRATION_CHECK looks at (every 2nd voxel of them)."""
+    images = breathing_series(size=(96, 96, 64), spacing=(3.0, 3.0, 4.0), n_phases=3, noise_hu=10).images
+    assert CALIBRATION_CHECK.step(images[0]) == 2
+    return images
+
+
+def offset(image: sitk.Image, hu: float) -> sitk.Image:
+    """The scan with `hu` added to every voxel (int16)."""
+    result = sitk.Cast(sitk.Cast(image, sitk.sitkFloat32) + hu, sitk.sitkInt16)
+    result.CopyInformation(image)
+    return result
+
+
+def test_follow_ups_whose_numbers_differ_get_the_full_fits_calibration(larger):
+    """Offsets of 6, 11 and 14 HU and bowls of 8 and 24 HU (10 HU of noise), either side of the tolerance, and a
+    CBCT's numbering: follow_up_calibrations gives each exactly what the full fit alone gives; a check that passed
+    the mild ones (their median off by under the tolerance) would give its own coarse fit instead."""
+    reference, follow_up = larger[0], larger[1]
+    differing = [offset(follow_up, hu) for hu in (6, 11, 14)] + [
+        cbct_like(follow_up, scale=1.0, offset=hu, cupping=hu, noise=10.0, seed=hu) for hu in (8, 24)] + [
+        cbct_like(follow_up, noise=20.0)]
+    found = follow_up_calibrations(reference, {float(k): (scan, None) for k, scan in enumerate(differing)})
+    full = flat_voxels(reference)
+    for k, scan in enumerate(differing):
+        assert found[float(k)] == intensity_calibration(reference, scan, full, None)
+    assert [c.change > CALIBRATION_TOLERANCE_HU for c in found.values()] == [False, True, True, False, True, True]
+
+
+def test_follow_ups_of_one_scanner_are_only_checked_coarsely(larger):
+    """Two phases of one scan: the coarse check passes them and its own fit is their calibration, never applied (its
+    change under a quarter of the tolerance); no full fit was spent on them."""
+    reference = larger[0]
+    found = follow_up_calibrations(reference, {1.0: (larger[1], None), 2.0: (larger[2], None)})
+    check = flat_voxels(reference, CALIBRATION_CHECK)
+    for t, scan in ((1.0, larger[1]), (2.0, larger[2])):
+        calibration = found[t]
+        assert calibration is not None and calibration.change < CALIBRATION_TOLERANCE_HU / 4
+        assert calibration == intensity_calibration(reference, scan, check, None, CALIBRATION_CHECK)
 
 
 def body_share(scans: list[sitk.Image], **calibrated) -> float:
