@@ -542,20 +542,15 @@ def follow_up_calibrations(reference: sitk.Image, follow_ups: dict[float, tuple[
     few flat voxels or predicts |scan - reference| above half CALIBRATION_TOLERANCE_HU beyond CHECK_SHARE of them;
     else the check's own, whose change is within half the tolerance. Every follow-up of the benchmark's series, all of
     one scanner, passes the check (0.7 to 3.4 HU at that share); a CBCT's (22 HU and more) is fitted in full."""
-    flat: dict[CalibrationSampling, np.ndarray] = {}
-
-    def flat_reference(sampling: CalibrationSampling) -> np.ndarray:
-        if sampling not in flat:
-            flat[sampling] = flat_voxels(reference, sampling)
-        return flat[sampling]
-
+    check, full = flat_voxels(reference, CALIBRATION_CHECK), None
     found: dict[float, Calibration | None] = {}
     for t, (scan, inside) in follow_ups.items():
-        checked = _calibration(reference, scan, flat_reference(CALIBRATION_CHECK), inside, CALIBRATION_CHECK)
+        checked = _calibration(reference, scan, check, inside, CALIBRATION_CHECK)
         if checked is not None and np.quantile(checked[1], CHECK_SHARE) <= CALIBRATION_TOLERANCE_HU / 2:
             found[t] = checked[0]
-        else:
-            found[t] = intensity_calibration(reference, scan, flat_reference(FULL_CALIBRATION), inside)
+            continue
+        full = flat_voxels(reference) if full is None else full
+        found[t] = intensity_calibration(reference, scan, full, inside)
     return found
 
 
