@@ -526,13 +526,18 @@ class Calibration:
         return cast(np.ndarray, sum(np.float32(c) * term for c, term in zip(self.bias, _monomials(positions)[1:])))
 
 
-def flat_voxels(image: sitk.Image, sampling: CalibrationSampling = FULL_CALIBRATION) -> np.ndarray:
-    """bool [z, y, x] of every sampling.step-th voxel along each axis: the FLAT_SHARE of them of least gradient
-    magnitude (Gaussian of their finest spacing)."""
+def flat_voxels(image: sitk.Image, sampling: CalibrationSampling = FULL_CALIBRATION,
+                within: np.ndarray | None = None) -> np.ndarray:
+    """bool [z, y, x] of every sampling.step-th voxel along each axis: the FLAT_SHARE of them (of those `within`,
+    bool on the same voxels, when given) of least gradient magnitude (Gaussian of their finest spacing)."""
     step = sampling.step(image)
     coarse = sitk.Cast(image[::step, ::step, ::step], sitk.sitkFloat32)
     gradient = sitk.GetArrayFromImage(sitk.GradientMagnitudeRecursiveGaussian(coarse, min(coarse.GetSpacing())))
-    return gradient < np.percentile(gradient, 100 * FLAT_SHARE)
+    if within is None:
+        return gradient < np.percentile(gradient, 100 * FLAT_SHARE)
+    if not within.any():
+        return within.copy()
+    return within & (gradient < np.percentile(gradient[within], 100 * FLAT_SHARE))
 
 
 def follow_up_calibrations(reference: sitk.Image, follow_ups: dict[float, tuple[sitk.Image, np.ndarray | None]]
@@ -559,10 +564,11 @@ def intensity_calibration(reference: sitk.Image, scan: sitk.Image, flat_referenc
                           ) -> Calibration | None:
     """How a follow-up's CT numbers (on the reference grid; `inside` its field of view, None: all) relate to the
     reference's (flat_reference: its flat_voxels by the same sampling): scan = scale x reference + offset + bias, the
-    bias a polynomial of BIAS_DEGREE in the voxel's position, fitted by least squares over voxels flat in both, the
-    worst outliers (organs that moved) left out. A CBCT's numbers are off by a scale, an offset and a cupping
-    towards the centre, which a fit by squared error takes for anatomy. None when too few voxels are flat in both
-    (under 1 %)."""
+    bias a polynomial of BIAS_DEGREE in the voxel's position, fitted by least squares over voxels flat in both (the
+    scan's chosen among those inside its field of view: the constant beyond a CBCT's cylinder or a grid of its own
+    is the flattest of all and took every flat voxel of a scan that covered 38 % of the grid), the worst outliers
+    (organs that moved) left out. A CBCT's numbers are off by a scale, an offset and a cupping towards the centre,
+    which a fit by squared error takes for anatomy. None when too few voxels are flat in both (under 1 %)."""
     fitted = _calibration(reference, scan, flat_reference, inside, sampling)
     return None if fitted is None else fitted[0]
 
@@ -572,9 +578,7 @@ def _calibration(reference: sitk.Image, scan: sitk.Image, flat_reference: np.nda
     """intensity_calibration, with the |scan - reference| it predicts at each flat voxel fitted (HU)."""
     step = sampling.step(reference)
     coarse = (slice(None, None, step),) * 3
-    flat = flat_reference & flat_voxels(scan, sampling)
-    if inside is not None:
-        flat &= inside[coarse]
+    flat = flat_reference & flat_voxels(scan, sampling, None if inside is None else inside[coarse])
     where = np.flatnonzero(flat)
     if where.size < 0.01 * flat.size:
         return None

@@ -130,6 +130,41 @@ def test_follow_ups_of_one_scanner_are_only_checked_coarsely(larger):
         assert calibration == intensity_calibration(reference, scan, check, None, CALIBRATION_CHECK)
 
 
+def test_follow_ups_with_a_smaller_field_of_view_are_checked_and_fitted_inside_it(larger):
+    """A CBCT's field of view is often a cylinder narrower than the body, air beyond it: a CBCT-like follow-up and a
+    phase of one scanner, both cut to a cylinder of 0.7 x the grid's half-width (38 % of the grid), with it as their
+    `inside`. The CBCT-like one gets the full fit inside it, its scale found and its body's numbers mapped back within
+    3 HU in the median (before, the constant beyond the cut took every flat voxel: no calibration at all); the other
+    passes the check inside it."""
+    reference = larger[0]
+    depth, height, width = sitk.GetArrayViewFromImage(reference).shape
+    y, x = np.ogrid[:height, :width]
+    disc = ((y - (height - 1) / 2) ** 2 + (x - (width - 1) / 2) ** 2) <= (0.7 * width / 2) ** 2
+    inside = np.broadcast_to(disc, (depth, height, width)).copy()
+
+    def cut(scan: sitk.Image) -> sitk.Image:
+        array = sitk.GetArrayFromImage(scan)
+        array[~inside] = -1000
+        result = sitk.GetImageFromArray(array)
+        result.CopyInformation(scan)
+        return result
+
+    cbct, same = cut(cbct_like(larger[1], noise=20.0)), cut(larger[2])
+    found = follow_up_calibrations(reference, {1.0: (cbct, inside), 2.0: (same, inside)})
+    assert found[1.0] == intensity_calibration(reference, cbct, flat_voxels(reference), inside)
+    calibration = found[1.0]
+    assert calibration is not None and calibration.change > CALIBRATION_TOLERANCE_HU
+    assert abs(calibration.scale - 0.9) < 0.01
+    numbers, truth = sitk.GetArrayFromImage(cbct), sitk.GetArrayFromImage(larger[1])
+    body = inside & (truth > -500)
+    mapped = calibration.corrected(numbers[body], np.flatnonzero(body))
+    assert abs(np.median(numbers[body] - truth[body])) > CALIBRATION_TOLERANCE_HU      # its noise aside
+    assert abs(np.median(mapped - truth[body])) < 3.0
+    assert found[2.0] == intensity_calibration(reference, same, flat_voxels(reference, CALIBRATION_CHECK), inside,
+                                               CALIBRATION_CHECK)
+    assert found[2.0] is not None and found[2.0].change < CALIBRATION_TOLERANCE_HU / 4
+
+
 def body_share(scans: list[sitk.Image], **calibrated) -> float:
     """The share of the grid Def-Net draws from (sampling.body_voxels at the default's BODY_LEVEL, -900 HU)."""
     arrays = [sitk.GetArrayViewFromImage(scan) for scan in scans]
