@@ -96,19 +96,12 @@ def larger() -> list[sitk.Image]:
     return images
 
 
-def offset(image: sitk.Image, hu: float) -> sitk.Image:
-    """The scan with `hu` added to every voxel (int16)."""
-    result = sitk.Cast(sitk.Cast(image, sitk.sitkFloat32) + hu, sitk.sitkInt16)
-    result.CopyInformation(image)
-    return result
-
-
 def test_follow_ups_whose_numbers_differ_get_the_full_fits_calibration(larger):
     """Offsets of 6, 11 and 14 HU and bowls of 8 and 24 HU (10 HU of noise), either side of the tolerance, and a
     CBCT's numbering: follow_up_calibrations gives each exactly what the full fit alone gives; a check that passed
     the mild ones (their median off by under the tolerance) would give its own coarse fit instead."""
     reference, follow_up = larger[0], larger[1]
-    differing = [offset(follow_up, hu) for hu in (6, 11, 14)] + [
+    differing = [cbct_like(follow_up, scale=1.0, offset=hu, cupping=0.0) for hu in (6, 11, 14)] + [
         cbct_like(follow_up, scale=1.0, offset=hu, cupping=hu, noise=10.0, seed=hu) for hu in (8, 24)] + [
         cbct_like(follow_up, noise=20.0)]
     found = follow_up_calibrations(reference, {float(k): (scan, None) for k, scan in enumerate(differing)})
