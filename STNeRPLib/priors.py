@@ -14,10 +14,14 @@ from torch import nn
 
 from .integration import identity_grid, sample
 
-BLOCK_LAYOUT_BYTES = 256 * 2 ** 20
-"""The most memory the cubic prior's table may take in 4 x 4 blocks (16 coefficients per voxel: a
-2.4-million-voxel reference, the benchmark's 1.5 mm chest, takes 151 MB); larger references use runs
-of 4 (a 512 x 512 x 300 CT: 1.3 GB instead of 5 GB)."""
+TABLE_BYTES = 256 * 2 ** 20
+"""The most memory the cubic prior's coefficient table may take. Its entries are the contiguous
+coefficients a look-up reads: a 4 x 4 x 4 cube per voxel while that fits (one read of 256 bytes per point),
+else a 4 x 4 (y, x) block (4 reads of 64 bytes: a 2.4-million-voxel reference, the benchmark's 1.5 mm chest,
+takes 151 MB), else a run of 4 along x (16 reads; a 512 x 512 x 300 CT: 1.3 GB instead of 5 GB)."""
+
+LAYOUTS = ((4, 4), (1, 4), (1, 1))
+"""The (z, y) taps of an entry of the cubic table, in order of preference (4 x taps each)."""
 
 
 class ImagePrior(nn.Module):
@@ -29,9 +33,8 @@ class ImagePrior(nn.Module):
     towards whole-voxel shifts.
 
     The cubic look-up reads 4 x 4 x 4 B-spline coefficients per point from a table whose entries are
-    contiguous runs of them: a 4 x 4 (y, x) block per voxel when that table fits BLOCK_LAYOUT_BYTES
-    (4 reads of 64 bytes, one cache line each, per point), else a run of 4 along x (16 reads, a
-    quarter of the memory). Both give the same numbers; training is bound by these reads' cache misses.
+    contiguous runs of them (`LAYOUTS`: the largest that fits TABLE_BYTES). Every layout gives the same
+    numbers; training is bound by these reads' cache misses, fewer the longer the runs.
     """
 
     volume: torch.Tensor
@@ -48,11 +51,11 @@ class ImagePrior(nn.Module):
             return
         coefficients = ndimage.spline_filter(volume.detach().cpu().double().numpy(), order=3, mode="mirror")
         padded = torch.from_numpy(np.pad(coefficients, [(1, 2)] * 3, mode="reflect")).to(volume)
-        depth, height, width = self.shape
-        block = 4 if (depth + 3) * height * width * 16 * padded.element_size() <= BLOCK_LAYOUT_BYTES else 1
-        # entries[(z, y, x)] = the coefficients (y-1 .. y-2+block, x-1 .. x+2) of padded slice z, contiguous
-        entries = padded.unfold(1, block, 1).unfold(2, 4, 1)               # [D+3, H+4-block, W, block, 4]
-        self.register_buffer("entries", entries.reshape(-1, 4 * block).contiguous(), persistent=False)
+        self.taps = _layout(self.shape, padded.element_size())
+        # entries[(z, y, x)] = the coefficients (z-1 .. z-2+taps_z, y-1 .. y-2+taps_y, x-1 .. x+2) of `padded`
+        entries = padded.unfold(0, self.taps[0], 1).unfold(1, self.taps[1], 1).unfold(2, 4, 1)
+        self.register_buffer("entries", entries.reshape(-1, self.taps[0] * self.taps[1] * 4).contiguous(),
+                             persistent=False)
         self.register_buffer("extent", torch.tensor(self.shape[::-1], dtype=volume.dtype) - 1)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
@@ -64,15 +67,24 @@ class ImagePrior(nn.Module):
         base = torch.floor(index)
         weights = _cubic_bspline_weights(index - base)  # (N, 3, 4): x, y, z taps
         x, y, z = base.long().unbind(1)
-        block = self.entries.shape[1] // 4                                  # y taps per entry: 4 or 1
-        z_taps = torch.arange(4, device=c.device)[:, None]
-        y_taps = torch.arange(0, 4, block, device=c.device)
-        entry = ((z[:, None, None] + z_taps) * (height + 4 - block) + y[:, None, None] + y_taps) * width
+        taps_z, taps_y = self.taps
+        z_taps = torch.arange(0, 4, taps_z, device=c.device)[:, None]
+        y_taps = torch.arange(0, 4, taps_y, device=c.device)
+        entry = ((z[:, None, None] + z_taps) * (height + 4 - taps_y) + y[:, None, None] + y_taps) * width
         entry = entry + x[:, None, None]
         values = self.entries.index_select(0, entry.reshape(-1)).reshape(len(c), 4, 4, 4)  # z, y, x taps
         values = torch.einsum("nzyx,nx->nzy", values, weights[:, 0])
         values = torch.einsum("nzy,ny->nz", values, weights[:, 1])
         return torch.einsum("nz,nz->n", values, weights[:, 2])
+
+
+def _layout(shape: tuple[int, ...], element_size: int) -> tuple[int, int]:
+    """The first of LAYOUTS whose table of a (D, H, W) volume fits TABLE_BYTES (the last if none does)."""
+    depth, height, width = shape
+    for taps_z, taps_y in LAYOUTS[:-1]:
+        if (depth + 4 - taps_z) * (height + 4 - taps_y) * width * taps_z * taps_y * 4 * element_size <= TABLE_BYTES:
+            return taps_z, taps_y
+    return LAYOUTS[-1]
 
 
 def _cubic_bspline_weights(f: torch.Tensor) -> torch.Tensor:

@@ -27,12 +27,11 @@ def to_unit(index_xyz: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(2 * index_xyz / extent - 1).float()
 
 
-@pytest.fixture(params=["blocks", "runs"])
+@pytest.fixture(params=priors.LAYOUTS)
 def cubic_layout(request, monkeypatch):
-    """Both layouts of the cubic prior's coefficient table: 4 x 4 blocks (the budget allows them at
-    these sizes) and runs of 4 (no budget)."""
-    if request.param == "runs":
-        monkeypatch.setattr(priors, "BLOCK_LAYOUT_BYTES", 0)
+    """Every layout of the cubic prior's coefficient table: 4 x 4 x 4 cubes, 4 x 4 (y, x) blocks and runs
+    of 4, each the only one the budget allows."""
+    monkeypatch.setattr(priors, "LAYOUTS", priors.LAYOUTS[priors.LAYOUTS.index(request.param):])
     return request.param
 
 
@@ -64,13 +63,15 @@ def test_cubic_gradient_matches_finite_differences(cubic_layout):
         np.testing.assert_allclose(c.grad[:, axis].numpy(), numeric.numpy(), rtol=1e-4, atol=1e-6)
 
 
-def test_cubic_table_takes_blocks_within_the_budget_and_runs_of_4_beyond(monkeypatch):
-    volume = torch.zeros(SHAPE)
-    padded_voxels = (SHAPE[0] + 3) * SHAPE[1] * SHAPE[2]
-    monkeypatch.setattr(priors, "BLOCK_LAYOUT_BYTES", padded_voxels * 16 * 4)
-    assert ImagePrior(volume, "cubic").entries.shape == (padded_voxels, 16)
-    monkeypatch.setattr(priors, "BLOCK_LAYOUT_BYTES", padded_voxels * 16 * 4 - 1)
-    assert ImagePrior(volume, "cubic").entries.shape == ((SHAPE[0] + 3) * (SHAPE[1] + 3) * SHAPE[2], 4)
+def test_cubic_table_takes_the_longest_runs_within_the_budget(monkeypatch):
+    depth, height, width = SHAPE
+    cubes, blocks = depth * height * width * 64, (depth + 3) * height * width * 16   # coefficients of each layout
+    monkeypatch.setattr(priors, "TABLE_BYTES", cubes * 4)
+    assert ImagePrior(torch.zeros(SHAPE), "cubic").entries.shape == (depth * height * width, 64)
+    monkeypatch.setattr(priors, "TABLE_BYTES", cubes * 4 - 1)
+    assert ImagePrior(torch.zeros(SHAPE), "cubic").entries.shape == ((depth + 3) * height * width, 16)
+    monkeypatch.setattr(priors, "TABLE_BYTES", blocks * 4 - 1)
+    assert ImagePrior(torch.zeros(SHAPE), "cubic").entries.shape == ((depth + 3) * (height + 3) * width, 4)
 
 
 def best_shift(interpolation: str, true_shift: float) -> float:
