@@ -78,13 +78,20 @@ class ImagePrior(nn.Module):
         return torch.einsum("nz,nz->n", values, weights[:, 2])
 
 
+def table_bytes(shape: tuple[int, ...], element_size: int = 4) -> int:
+    """Bytes of the cubic prior's coefficient table of a (D, H, W) volume of `element_size`-byte values, as laid out."""
+    return _table_bytes(shape, _layout(shape, element_size), element_size)
+
+
 def _layout(shape: tuple[int, ...], element_size: int) -> tuple[int, int]:
-    """The first of LAYOUTS whose table of a (D, H, W) volume fits TABLE_BYTES (the last if none does)."""
+    """The first of LAYOUTS whose table fits TABLE_BYTES (the last if none does)."""
+    return next((taps for taps in LAYOUTS if _table_bytes(shape, taps, element_size) <= TABLE_BYTES), LAYOUTS[-1])
+
+
+def _table_bytes(shape: tuple[int, ...], taps: tuple[int, int], element_size: int) -> int:
     depth, height, width = shape
-    for taps_z, taps_y in LAYOUTS[:-1]:
-        if (depth + 4 - taps_z) * (height + 4 - taps_y) * width * taps_z * taps_y * 4 * element_size <= TABLE_BYTES:
-            return taps_z, taps_y
-    return LAYOUTS[-1]
+    taps_z, taps_y = taps
+    return (depth + 4 - taps_z) * (height + 4 - taps_y) * width * taps_z * taps_y * 4 * element_size
 
 
 def _cubic_bspline_weights(f: torch.Tensor) -> torch.Tensor:

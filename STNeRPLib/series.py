@@ -14,6 +14,7 @@ from .dicom_in import labels_by_name, require_drawn_on
 from .errors import InputError
 from .geometry import Grid
 from .io import check_landmarks_inside, held_bytes, image_information, read_image, read_labelmap, read_landmarks
+from .priors import table_bytes
 from .warping import SLAB_VOXELS
 
 if TYPE_CHECKING:
@@ -97,13 +98,13 @@ SLAB_BYTES_PER_VOXEL = 160
 """The working set of one output slab (warping.SLAB_VOXELS voxels), per voxel of it: points and
 indices in float64, the slab's field for the resampling transform and its copy (measured ~135 at
 256x256x150: 1.54 GB peak less what else is held)."""
-WORK_BYTES_PER_VOXEL = 36
-"""Beyond the scans, per voxel of the reference grid, the most that is held at once (bytes): while
-training, the normalised reference (4) and its cubic B-spline prior (16 kept, 28 while built:
-float64 coefficients and their padded copy), then the body's voxel indices (4 kept, 8 while found:
-sampling.body_voxels, with its mask (1) and, for a calibrated follow-up, the numbers of its body level (4) and the
-comparison (1): 34 in all with the reference and the prior); while writing a time point on it,
-WRITING_BYTES_PER_VOXEL."""
+WORK_BYTES_PER_VOXEL = 20
+"""Beyond the scans and the cubic prior's coefficient table (priors.table_bytes: 16 to 256 bytes a voxel, by the
+reference's size), per voxel of the reference grid, the most that is held at once (bytes): while training, the
+normalised reference (4) and what builds the prior's table (12: float64 coefficients and their padded copy), then the
+body's voxel indices (4 kept, 8 while found: sampling.body_voxels, with its mask (1) and, for a calibrated follow-up,
+the numbers of its body level (4) and the comparison (1): 18 in all with the reference); while writing a time point on
+it, WRITING_BYTES_PER_VOXEL."""
 WRITING_BYTES_PER_VOXEL = 34
 """Per voxel of the grid a time point is written on (a follow-up's own), held while it is written: the field (12) and
 its image (12), the predicted image (4), the labelmap (2) and the Jacobian (4)."""
@@ -134,9 +135,9 @@ def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], seg
     copy of each; a resampled follow-up twice, as the fit compares it, and the predicted images carry one not pre-
     aligned, as acquired: a padded one's copy, with the mask of the voxels the fit compares on its grid,
     sampling.OwnVoxels, and with `smoothing` the smoothed copy of it the fit compares), the segmentation (twice,
-    uint16), and the largest working set: training and writing on the reference grid (WORK_BYTES_PER_VOXEL and one
-    output slab), pre-aligning a follow-up (PREALIGNING_BYTES_PER_VOXEL of the reference grid), placing a follow-up
-    on it (PLACING_BYTES_PER_VOXEL of its own grid) or writing its time point on its own grid
+    uint16), and the largest working set: training and writing on the reference grid (WORK_BYTES_PER_VOXEL, the
+    prior's table and one output slab), pre-aligning a follow-up (PREALIGNING_BYTES_PER_VOXEL of the reference grid),
+    placing a follow-up on it (PLACING_BYTES_PER_VOXEL of its own grid) or writing its time point on its own grid
     (WRITING_BYTES_PER_VOXEL and a slab). `prealign`: every follow-up pre-aligned (--prealign affine); --prealign
     auto is counted as none (of a scan it pre-aligns on the reference's own grid, its copy's 4 bytes a voxel, the mask
     of its voxels and a padded one's copy as acquired are not counted: the apparent shift that decides is not read
@@ -145,7 +146,7 @@ def estimate_peak_bytes(reference: str, follow_ups: list[tuple[str, float]], seg
     voxels = math.prod(size)
     copies = 2 if smoothing else 1
     total = BASE_BYTES + voxels * copies * held_bytes(pixel)
-    work = voxels * WORK_BYTES_PER_VOXEL + _slab(size) * SLAB_BYTES_PER_VOXEL
+    work = voxels * WORK_BYTES_PER_VOXEL + table_bytes(size[::-1]) + _slab(size) * SLAB_BYTES_PER_VOXEL
     if follow_ups:
         work = max(work, voxels * PREALIGNING_BYTES_PER_VOXEL)
     for path, t in follow_ups:

@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from STNeRPLib import warping
+from STNeRPLib import priors, warping
 from STNeRPLib.errors import InputError
 from STNeRPLib.geometry import Grid
 from STNeRPLib.phantom import breathing_series, write_series
@@ -248,3 +248,13 @@ def test_train_lets_go_of_the_loaded_scans_before_writing_the_report(phantom_fil
                                      "--output", str(tmp_path / "run")])
     assert commands.train_command(args, Reporter(interval=1e9)) == 0
     assert alive_at_report == [False]
+
+
+def test_the_estimate_counts_the_cubic_priors_table_in_its_layout(tmp_path, monkeypatch):
+    """The 96 x 96 x 64 reference's table is 4 x 4 x 4 cubes (64 coefficients a voxel, 151 MB); made to take runs of 4
+    (16 a voxel of the reference padded by 3 in z and y), the estimate is smaller by exactly the difference."""
+    reference, follow_ups, labelmap = _int16_series(tmp_path)
+    cubes = estimate_peak_bytes(str(reference), follow_ups, labelmap)
+    monkeypatch.setattr(priors, "LAYOUTS", priors.LAYOUTS[-1:])
+    runs = estimate_peak_bytes(str(reference), follow_ups, labelmap)
+    assert cubes - runs == (64 * 96 * 96 * 64 - 67 * 99 * 96 * 4) * 4
