@@ -22,6 +22,7 @@ from STNeRPLib.phantom import breathing_series, write_series
 from STNeRPLib.preprocessing import (CALIBRATION_CHECK, CALIBRATION_TOLERANCE_HU, _monomials, _robust_least_squares,
                                      flat_voxels, follow_up_calibrations, intensity_calibration)
 from STNeRPLib.sampling import body_voxels
+from test_padding import cylinder, padded
 from worker_cli import WORKER, stnerp
 
 
@@ -130,19 +131,8 @@ def test_follow_ups_with_a_smaller_field_of_view_are_checked_and_fitted_inside_i
     3 HU in the median (before, the constant beyond the cut took every flat voxel: no calibration at all); the other
     passes the check inside it."""
     reference = larger[0]
-    depth, height, width = sitk.GetArrayViewFromImage(reference).shape
-    y, x = np.ogrid[:height, :width]
-    disc = ((y - (height - 1) / 2) ** 2 + (x - (width - 1) / 2) ** 2) <= (0.7 * width / 2) ** 2
-    inside = np.broadcast_to(disc, (depth, height, width)).copy()
-
-    def cut(scan: sitk.Image) -> sitk.Image:
-        array = sitk.GetArrayFromImage(scan)
-        array[~inside] = -1000
-        result = sitk.GetImageFromArray(array)
-        result.CopyInformation(scan)
-        return result
-
-    cbct, same = cut(cbct_like(larger[1], noise=20.0)), cut(larger[2])
+    inside = cylinder(reference, 0.35).copy()
+    cbct, same = padded(cbct_like(larger[1], noise=20.0), -1000, 0.35), padded(larger[2], -1000, 0.35)
     found = follow_up_calibrations(reference, {1.0: (cbct, inside), 2.0: (same, inside)})
     assert found[1.0] == intensity_calibration(reference, cbct, flat_voxels(reference), inside)
     calibration = found[1.0]
