@@ -63,6 +63,35 @@ def test_cubic_gradient_matches_finite_differences(cubic_layout):
         np.testing.assert_allclose(c.grad[:, axis].numpy(), numeric.numpy(), rtol=1e-4, atol=1e-6)
 
 
+def test_cubic_gradient_is_zero_where_the_border_value_holds():
+    prior = ImagePrior(torch.from_numpy(smooth_volume()).float(), "cubic")
+    c = torch.tensor([[1.3, 0.2, -0.1], [0.1, -1.2, 0.3], [0.0, 0.4, 1.5], [0.2, 0.1, -0.3]], requires_grad=True)
+    prior(c).sum().backward()
+    assert torch.all(c.grad[[0, 1, 2], [0, 1, 2]] == 0)      # each point outside along one axis only
+    assert torch.all(c.grad[3] != 0) and torch.all(c.grad[:3].sum(dim=1) != 0)
+
+
+def test_cubic_look_ups_of_any_size_in_turn_give_each_its_own_values(cubic_layout):
+    """The look-up's workspace is kept between calls: a smaller call after a larger, then a larger again, reads
+    only its own points, and a value returned earlier is not overwritten."""
+    volume = np.random.default_rng(3).standard_normal(SHAPE)
+    prior = ImagePrior(torch.from_numpy(volume).float(), "cubic")
+    points = [to_unit(np.random.default_rng(4 + k).uniform(0, np.array(SHAPE[::-1]) - 1, (n, 3)))
+              for k, n in enumerate((300, 7, 1000))]
+    values = [prior(c) for c in points]
+    for c, value in zip(points, values):
+        alone = ImagePrior(torch.from_numpy(volume).float(), "cubic")(c)          # a workspace of its own
+        np.testing.assert_array_equal(value.numpy(), alone.numpy())
+
+
+def test_cubic_values_are_the_same_with_and_without_a_gradient():
+    prior = ImagePrior(torch.from_numpy(smooth_volume()).float(), "cubic")
+    c = identity_grid(SHAPE).reshape(-1, 3)[::5] * 0.97 + 0.011
+    with torch.no_grad():
+        plain = prior(c)
+    np.testing.assert_array_equal(prior(c.clone().requires_grad_(True)).detach().numpy(), plain.numpy())
+
+
 def test_cubic_table_takes_the_longest_runs_within_the_budget(monkeypatch):
     depth, height, width = SHAPE
     cubes, blocks = depth * height * width * 64, (depth + 3) * height * width * 16   # coefficients of each layout
