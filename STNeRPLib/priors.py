@@ -39,7 +39,8 @@ class ImagePrior(nn.Module):
 
     The cubic look-up reads 4 x 4 x 4 B-spline coefficients per point from a table whose entries are
     contiguous runs of them (`LAYOUTS`: the largest that fits TABLE_BYTES). Every layout gives the same
-    numbers; training is bound by these reads' cache misses, fewer the longer the runs.
+    numbers; the reads miss the cache, fewer the longer the runs. The intensities and their slopes in the
+    coordinates are then formed in one pass (look_up), without autograd's graph of the look-up.
     """
 
     volume: torch.Tensor
