@@ -350,7 +350,7 @@ are drawn changes an iteration's work (the anchored reference is not integrated)
 def profile(series: StudySeries, variant: str, iterations: int) -> None:
     """Where Def-Net training's time goes (torch.profiler, operators by self time), and its matrix
     FLOPs (torch's FlopCounterMode, the mean over FLOP_ITERATIONS iterations at every velocity level: the
-    MLPs' and the cubic look-up's products; an iteration that draws the anchored reference does less)
+    MLPs' products; an iteration that draws the anchored reference does less)
     per second against the measured fp32 matmul rate at the same thread count.
     Every level of the variant trains from the first iteration (level_start 0), so a variant with a
     fixed count (one-level, levels-2) is profiled in its steady state; an adaptive one decides at 20 %."""
