@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from . import trilinear
+
 
 def identity_grid(shape: tuple[int, ...], device: torch.device | None = None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -59,7 +61,8 @@ def sample(volume: torch.Tensor, points: torch.Tensor, mode: str = "bilinear") -
         values = sample(volume.expand(pieces, -1, -1, -1, -1), padded.reshape(pieces, -1, 3), mode)
         return values.reshape(1, -1, values.shape[2])[:, :count]
     grid = points[:, :, None, None, :]
-    values = F.grid_sample(volume, grid, mode=mode, padding_mode="border", align_corners=True)
+    values = (trilinear.grid_sample(volume, grid) if mode == "bilinear" else
+              F.grid_sample(volume, grid, mode=mode, padding_mode="border", align_corners=True))
     return values[:, :, :, 0, 0].transpose(1, 2)
 
 
@@ -84,7 +87,7 @@ def compose(first: torch.Tensor, second: torch.Tensor, identity: torch.Tensor | 
     if identity is None:
         identity = identity_grid(first.shape[2:], first.device, first.dtype)
     grid = identity + first.permute(0, 2, 3, 4, 1)
-    moved = F.grid_sample(second, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    moved = trilinear.grid_sample(second, grid)
     return first + moved
 
 

@@ -1,0 +1,88 @@
+"""The training's trilinear sampling (STNeRPLib.trilinear): torch's 3-D grid_sample (bilinear, border,
+align_corners) to the bit, forward and backward, by numba's compiled kernels; and a fit the same with them as
+with torch's."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from STNeRPLib import phantom, trilinear
+from STNeRPLib.pipeline import fit
+from STNeRPLib.presets import DEFAULT, Options
+from STNeRPLib.progress import Reporter
+
+
+def _torch(volume: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _points(shape: tuple[int, ...], grid_shape: tuple[int, ...], dtype: torch.dtype,
+            generator: torch.Generator) -> torch.Tensor:
+    """Points inside and up to 20 % beyond the grid, a third on nodes (x, y) and a third on a border (z)."""
+    grid = torch.rand(*grid_shape, dtype=dtype, generator=generator) * 2.4 - 1.2
+    flat = grid.view(-1, 3)
+    third = len(flat) // 3
+    depth, height, width = shape[2:]
+    for axis, size in ((0, width), (1, height)):
+        nodes = torch.randint(0, size, (third,), generator=generator).to(dtype)
+        flat[:third, axis] = nodes / max(size - 1, 1) * 2 - 1
+    flat[third:2 * third, 2] = torch.tensor([-1.0, 1.0], dtype=dtype)[torch.randint(0, 2, (third,),
+                                                                                     generator=generator)]
+    return grid
+
+
+CASES = [((3, 3, 9, 7, 7), (3, 4095, 1, 1, 3)),          # a displacement sampled at drawn voxels
+         ((3, 3, 7, 21, 25), (3, 7, 21, 25, 3)),         # a squaring step on its own grid
+         ((2, 1, 5, 6, 7), (2, 300, 1, 1, 3)),
+         ((1, 3, 1, 5, 5), (1, 4, 5, 6, 3))]             # an axis of one node
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, grid_shape", CASES)
+@pytest.mark.parametrize("wanted", ["volume", "grid", "both"])
+def test_kernels_give_torchs_values_and_gradients_to_the_bit(shape: tuple[int, ...], grid_shape: tuple[int, ...],
+                                                             dtype: torch.dtype, wanted: str) -> None:
+    generator = torch.Generator().manual_seed(sum(shape) + len(wanted))
+    volume = torch.randn(*shape, dtype=dtype, generator=generator).requires_grad_(wanted != "grid")
+    grid = _points(shape, grid_shape, dtype, generator).requires_grad_(wanted != "volume")
+    inputs = [tensor for tensor in (volume, grid) if tensor.requires_grad]
+    ours, theirs = trilinear.grid_sample(volume, grid), _torch(volume, grid)
+    assert trilinear.compiled(volume, grid)
+    assert torch.equal(ours, theirs)
+    upstream = torch.randn(theirs.shape, dtype=dtype, generator=generator)
+    for mine, torchs in zip(torch.autograd.grad(ours, inputs, upstream), torch.autograd.grad(theirs, inputs, upstream)):
+        assert torch.equal(mine, torchs)
+
+
+def test_without_autograd_or_numba_torch_samples() -> None:
+    volume, grid = torch.randn(1, 3, 4, 5, 6), torch.rand(1, 10, 1, 1, 3) * 2 - 1
+    assert not trilinear.compiled(volume, grid)
+    assert not trilinear.compiled(volume.requires_grad_(), grid.double())
+    with torch.no_grad():
+        assert not trilinear.compiled(volume, grid)
+
+
+def test_a_fit_is_the_same_with_the_kernels_as_with_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = phantom.breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, seed=2)
+    preset = dataclasses.replace(DEFAULT, def_iterations=24, velocity_levels=2, adaptive_levels=False, level_start=0.0)
+    follow_ups = list(zip(made.times[1:], made.images[1:]))
+    calls = []
+    kernel = trilinear._forward
+    monkeypatch.setattr(trilinear, "_forward", lambda *arrays: calls.append(1) or kernel(*arrays))
+
+    def trained() -> dict[str, torch.Tensor]:
+        model = fit(made.images[0], made.times[0], follow_ups, made.labelmaps[0], Options(preset),
+                    Reporter(interval=1e9))
+        return model.deformation.state_dict()
+
+    with_kernels = trained()
+    assert len(calls) >= 24 * 6                   # every iteration: 5 squaring steps, then the drawn voxels
+    monkeypatch.setattr(trilinear, "compiled", lambda volume, grid: False)
+    with_torch = trained()
+    assert with_kernels.keys() == with_torch.keys()
+    for key, value in with_kernels.items():
+        assert torch.allclose(value, with_torch[key], rtol=0, atol=0, equal_nan=True), key
+    assert not torch.equal(with_kernels["finer.0.0.mlp.2.weight"], torch.zeros(3, DEFAULT.level_width))
