@@ -86,3 +86,24 @@ def test_a_fit_is_the_same_with_the_kernels_as_with_torchs(monkeypatch: pytest.M
     for key, value in with_kernels.items():
         assert torch.allclose(value, with_torch[key], rtol=0, atol=0, equal_nan=True), key
     assert not torch.equal(with_kernels["finer.0.0.mlp.2.weight"], torch.zeros(3, DEFAULT.level_width))
+
+
+class _Messages(Reporter):
+    def __init__(self) -> None:
+        super().__init__(interval=1e9)
+        self.said: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.said.append(text)
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_a_fit_says_when_numba_is_missing(monkeypatch: pytest.MonkeyPatch, installed: bool) -> None:
+    if not installed:
+        monkeypatch.setattr(trilinear, "numba", None)
+    made = phantom.breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=2, seed=2)
+    reporter = _Messages()
+    fit(made.images[0], made.times[0], [(made.times[1], made.images[1])], None,
+        Options(dataclasses.replace(DEFAULT, def_iterations=2)), reporter)
+    said = [text for text in reporter.said if text.startswith("numba is not installed")]
+    assert len(said) == (0 if installed else 1)
