@@ -216,10 +216,10 @@ def header(report: dict) -> list[str]:
              "Wall time: median (min–max) over N repeats, every method once per repeat, the order rotated "
              "by one place each repeat; it covers reading the images, the registration or fit, and writing "
              "every output (STNeRP: displacement, Jacobian, labelmap, predicted image, inverse displacement of "
-             "every time point, and the model; peers: displacement and Jacobian of every pair); imports are "
-             "outside it. Scores are those of the first repeat (the spread of the mean TRE over the repeats "
-             "is in the JSON, `tre_mean_runs`). Peak RSS: the high-water mark of the method's own process "
-             "(VmHWM), the largest over the repeats.", ""]
+             "every time point, and the model; peers: displacement and Jacobian of every pair); imports (and "
+             "the loading of numba's compiled kernels, 0.3 s a process) are outside it. Scores are those of "
+             "the first repeat (the spread of the mean TRE over the repeats is in the JSON, `tre_mean_runs`). "
+             "Peak RSS: the high-water mark of the method's own process (VmHWM), the largest over the repeats.", ""]
     if report.get("quick"):
         lines += ["**Quick mode** (half-size volumes, few iterations): for development, not for figures.", ""]
     if report.get("partial"):
