@@ -42,9 +42,12 @@ def _inlined(helper: Any) -> Any:
 
 def compiled(volume: torch.Tensor, grid: torch.Tensor) -> bool:
     """Whether grid_sample takes the compiled kernels: numba installed, both tensors float32 or both float64 on the
-    CPU, and autograd recording a gradient of either."""
+    CPU, shaped as grid_sample takes them (else torch's kernel says what is wrong: the kernels do not check their
+    indices), and autograd recording a gradient of either."""
     return (numba is not None and volume.device.type == "cpu" and grid.device.type == "cpu"
             and volume.dtype == grid.dtype and volume.dtype in (torch.float32, torch.float64)
+            and volume.dim() == 5 and grid.dim() == 5 and grid.shape[0] == volume.shape[0] and grid.shape[4] == 3
+            and volume.numel() > 0
             and torch.is_grad_enabled() and (volume.requires_grad or grid.requires_grad))
 
 

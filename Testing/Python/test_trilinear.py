@@ -57,6 +57,15 @@ def test_kernels_give_torchs_values_and_gradients_to_the_bit(shape: tuple[int, .
         assert torch.equal(mine, torchs)
 
 
+def test_a_misshapen_call_gets_torchs_error_not_the_kernels() -> None:
+    volume = torch.randn(2, 3, 4, 5, 6, requires_grad=True)
+    for grid in (torch.rand(3, 10, 1, 1, 3), torch.rand(2, 10, 1, 1, 2), torch.rand(2, 10, 1, 3)):
+        assert not trilinear.compiled(volume, grid)
+        with pytest.raises(RuntimeError):
+            trilinear.grid_sample(volume, grid)
+    assert not trilinear.compiled(torch.zeros(2, 3, 0, 5, 6, requires_grad=True), torch.rand(2, 10, 1, 1, 3))
+
+
 def test_without_autograd_or_numba_torch_samples() -> None:
     volume, grid = torch.randn(1, 3, 4, 5, 6), torch.rand(1, 10, 1, 1, 3) * 2 - 1
     assert not trilinear.compiled(volume, grid)
