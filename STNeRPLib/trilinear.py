@@ -103,7 +103,7 @@ def _forward(volume: np.ndarray, points: np.ndarray, out: np.ndarray) -> None:
         for p in range(size):
             k = 3 * (n * size + p)
             ix, iy, iz, _, _, _ = _source(coordinates, k, width, height, depth, kind)
-            first, sx, sy, sz, w = _cell(ix, iy, iz, width, height, depth, kind)
+            first, sx, sy, sz, w, _ = _cell(ix, iy, iz, width, height, depth, kind)
             for c in range(channels):
                 at = first + (n * channels + c) * stride
                 total = kind(0.0)                           # torch's sum starts at 0: -0.0 terms give +0.0
@@ -141,8 +141,7 @@ def _backward(volume: np.ndarray, points: np.ndarray, grad: np.ndarray, grad_vol
         for p in range(size):
             k = 3 * (n * size + p)
             ix, iy, iz, scale_x, scale_y, scale_z = _source(coordinates, k, width, height, depth, kind)
-            first, sx, sy, sz, w = _cell(ix, iy, iz, width, height, depth, kind)
-            ax, bx, ay, by, az, bz = _differences(ix, iy, iz, kind)
+            first, sx, sy, sz, w, (ax, bx, ay, by, az, bz) = _cell(ix, iy, iz, width, height, depth, kind)
             gx, gy, gz = kind(0.0), kind(0.0), kind(0.0)
             for c in range(channels):
                 at = first + (n * channels + c) * stride
@@ -219,17 +218,19 @@ def _axis(coordinate: Any, nodes: int, kind: Any) -> tuple[Any, Any]:
 
 @_inlined
 def _cell(ix: Any, iy: Any, iz: Any, width: int, height: int, depth: int,
-          kind: Any) -> tuple[int, int, int, int, tuple[Any, Any, Any, Any, Any, Any, Any, Any]]:
+          kind: Any) -> tuple[int, int, int, int, tuple[Any, ...], tuple[Any, ...]]:
     """The flat index of the point's cell's first corner in a channel, the steps to its next node along x, y and z
-    (0 where there is none: the point is on the last node) and the 8 corners' weights."""
+    (0 where there is none: the point is on the last node), the 8 corners' weights, and the differences they are
+    products of (_differences, which the points' gradient takes two at a time)."""
     x0, y0, z0 = int(np.floor(ix)), int(np.floor(iy)), int(np.floor(iz))
-    ax, bx, ay, by, az, bz = _differences(ix, iy, iz, kind)
+    differences = _differences(ix, iy, iz, kind)
+    ax, bx, ay, by, az, bz = differences
     weights = (ax * ay * az, bx * ay * az, ax * by * az, bx * by * az,
                ax * ay * bz, bx * ay * bz, ax * by * bz, bx * by * bz)
     sx = 1 if x0 + 1 < width else 0
     sy = width if y0 + 1 < height else 0
     sz = width * height if z0 + 1 < depth else 0
-    return (z0 * height + y0) * width + x0, sx, sy, sz, weights
+    return (z0 * height + y0) * width + x0, sx, sy, sz, weights, differences
 
 
 @_inlined
