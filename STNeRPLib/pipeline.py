@@ -33,7 +33,7 @@ from .record import RunRecord
 from .sampling import BODY_LEVEL, BODY_MARGIN_MM, OwnVoxels, body_voxels, structure_bands
 from .series import Series
 from .training import Progress, Target, fit_deformation, fit_reference, keep_below
-from . import trilinear
+from . import compiling
 from .outputs import TimePoint, write_metrics_table, write_time_point
 from .warping import affine_matrix
 
@@ -100,9 +100,9 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
     if bands is not None:
         reporter.message(f"guided by the segmentation: {options.preset.structure_points:.0%} of the voxels drawn about "
                          f"its {len(bands)} structures, Def-Net's loss {options.preset.similarity}")
-    if device.type == "cpu" and trilinear.numba is None:
-        reporter.message("numba is not installed: training samples its fields with torch's kernel, the same numbers "
-                         "more slowly (pip install numba)")
+    if device.type == "cpu" and compiling.numba is None:
+        reporter.message("numba is not installed: training samples its fields and its prior with torch's kernels, "
+                         "the same numbers more slowly (pip install numba)")
     with checkpoint.holding_signals() if checkpoint is not None else nullcontext():
         ref_net = _fit_ref_net(reference_volume, options, progress, generator, checkpoint)
         prior = _prior(reference_volume, ref_net, options)

@@ -14,6 +14,7 @@ from scipy import ndimage
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import cubic_lookup
 from .integration import identity_grid, sample
 
 if TYPE_CHECKING:
@@ -75,7 +76,10 @@ class ImagePrior(nn.Module):
         """The cubic B-spline's intensities (N,) at coordinates c (N, 3) in [-1, 1], (x, y, z) order, and with
         `slopes` their derivatives (N, 3) in c; no autograd. Outside the grid the border value holds and the slope
         across the border is 0 (a point there is looked up at the end node, where the mirror-boundary spline is flat).
-        Taps and points are laid out points last, so that each product with a tap's weights runs along them."""
+        Taps and points are laid out points last, so that each product with a tap's weights runs along them. Where
+        numba is installed its kernel computes the same numbers (cubic_lookup)."""
+        if cubic_lookup.compiled(self.entries, c):
+            return cubic_lookup.look_up(self.entries, self.taps, self.shape, self.extent, c, slopes)
         scale = self.extent / 2                                                # voxels per unit of c
         index = torch.minimum((c + 1) * scale, self.extent).clamp(min=0)
         base = torch.floor(index)

@@ -19,32 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-numba: Any
-try:
-    import numba
-except ImportError:                          # training then samples with torch's kernel: the same numbers
-    numba = None
+from . import compiling
+from .compiling import inlined, kernel
 
 if TYPE_CHECKING:
     from torch.autograd.function import FunctionCtx
-
-
-def _compile(kernel: Any) -> Any:
-    """numba's no-Python compilation of `kernel` (at its first call, kept in numba's cache), or `kernel` without
-    numba (then never called)."""
-    return kernel if numba is None else numba.njit(nogil=True, cache=True)(kernel)
-
-
-def _inlined(helper: Any) -> Any:
-    """A kernel's helper, compiled into each kernel that calls it (numba inlines it before typing)."""
-    return helper if numba is None else numba.njit(inline="always")(helper)
 
 
 def compiled(volume: torch.Tensor, grid: torch.Tensor) -> bool:
     """Whether grid_sample takes the compiled kernels: numba installed, both tensors float32 or both float64 on the
     CPU, shaped as grid_sample takes them (else torch's kernel says what is wrong: the kernels do not check their
     indices), and autograd recording a gradient of either."""
-    return (numba is not None and volume.device.type == "cpu" and grid.device.type == "cpu"
+    return (compiling.numba is not None and volume.device.type == "cpu" and grid.device.type == "cpu"
             and volume.dtype == grid.dtype and volume.dtype in (torch.float32, torch.float64)
             and volume.dim() == 5 and grid.dim() == 5 and grid.shape[0] == volume.shape[0] and grid.shape[4] == 3
             and volume.numel() > 0
@@ -92,7 +78,7 @@ class _Trilinear(torch.autograd.Function):
 # is multiplying by 0.5 (the same rounding).
 
 
-@_compile
+@kernel
 def _forward(volume: np.ndarray, points: np.ndarray, out: np.ndarray) -> None:
     """out [N, C, P] = the volume [N, C, D, H, W] at points [N, P, 3]."""
     count, channels, depth, height, width = volume.shape
@@ -125,7 +111,7 @@ def _forward(volume: np.ndarray, points: np.ndarray, out: np.ndarray) -> None:
                 samples[(n * channels + c) * size + p] = total
 
 
-@_compile
+@kernel
 def _backward(volume: np.ndarray, points: np.ndarray, grad: np.ndarray, grad_volume: np.ndarray,
               grad_points: np.ndarray, want_volume: bool, want_points: bool) -> None:
     """With the gradient grad [N, C, P] of _forward's out: add the volume's into grad_volume [N, C, D, H, W] (zeros)
@@ -193,7 +179,7 @@ def _backward(volume: np.ndarray, points: np.ndarray, grad: np.ndarray, grad_vol
                 into_points[k], into_points[k + 1], into_points[k + 2] = scale_x * gx, scale_y * gy, scale_z * gz
 
 
-@_inlined
+@inlined
 def _source(coordinates: np.ndarray, k: int, width: int, height: int, depth: int,
             kind: Any) -> tuple[Any, Any, Any, Any, Any, Any]:
     """The point at coordinates[k:k + 3] as source indices (x, y, z) clipped to the grid's border, and d index /
@@ -204,7 +190,7 @@ def _source(coordinates: np.ndarray, k: int, width: int, height: int, depth: int
     return ix, iy, iz, sx, sy, sz
 
 
-@_inlined
+@inlined
 def _axis(coordinate: Any, nodes: int, kind: Any) -> tuple[Any, Any]:
     """One coordinate's clipped source index on an axis of `nodes` nodes, and its slope (see _source)."""
     last, half, zero = kind(nodes - 1), kind(0.5), kind(0.0)
@@ -216,7 +202,7 @@ def _axis(coordinate: Any, nodes: int, kind: Any) -> tuple[Any, Any]:
     return index, slope
 
 
-@_inlined
+@inlined
 def _cell(ix: Any, iy: Any, iz: Any, width: int, height: int, depth: int,
           kind: Any) -> tuple[int, int, int, int, tuple[Any, ...], tuple[Any, ...]]:
     """The flat index of the point's cell's first corner in a channel, the steps to its next node along x, y and z
@@ -233,7 +219,7 @@ def _cell(ix: Any, iy: Any, iz: Any, width: int, height: int, depth: int,
     return (z0 * height + y0) * width + x0, sx, sy, sz, weights, differences
 
 
-@_inlined
+@inlined
 def _differences(ix: Any, iy: Any, iz: Any, kind: Any) -> tuple[Any, Any, Any, Any, Any, Any]:
     """Along x, y, z: the distance to the cell's far node and from its near node."""
     fx, fy, fz = kind(np.floor(ix)), kind(np.floor(iy)), kind(np.floor(iz))
@@ -241,7 +227,7 @@ def _differences(ix: Any, iy: Any, iz: Any, kind: Any) -> tuple[Any, Any, Any, A
     return fx + one - ix, ix - fx, fy + one - iy, iy - fy, fz + one - iz, iz - fz
 
 
-@_inlined
+@inlined
 def _spread(into: np.ndarray, at: int, sx: int, sy: int, sz: int, w: tuple, g: Any) -> None:
     """Add each corner's weight times g to its node (corners in _forward's order)."""
     into[at] += w[0] * g

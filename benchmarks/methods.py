@@ -215,13 +215,15 @@ def run_peer(job: dict, series: Series, work: Path) -> dict:
 
 def _warm_up(method: str) -> None:
     """Imports, the lazy module loading of ITK and the loading of numba's compiled kernels (from its cache; 0.3 s a
-    process, the machinery numba imports at a first call), outside the clock (imports are nobody's work)."""
+    process, the machinery numba imports at a first call; trilinear's and cubic_lookup's), outside the clock (imports
+    are nobody's work)."""
     if kind(method) == "stnerp":
         import torch
 
-        from STNeRPLib import trilinear
+        from STNeRPLib import priors, trilinear
         volume = torch.zeros(1, 1, 2, 2, 2, requires_grad=True)
         trilinear.grid_sample(volume, torch.zeros(1, 1, 1, 1, 3, requires_grad=True)).sum().backward()
+        priors.ImagePrior(torch.zeros(2, 2, 2), "cubic").look_up(torch.zeros(1, 3), slopes=True)
     if kind(method) != "peer":
         return
     package = peers.PEERS[method]["package"]

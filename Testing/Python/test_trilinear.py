@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from STNeRPLib import phantom, trilinear
+from STNeRPLib import compiling, phantom, trilinear
 from STNeRPLib.pipeline import fit
 from STNeRPLib.presets import DEFAULT, Options
 from STNeRPLib.progress import Reporter
@@ -109,7 +109,7 @@ class _Messages(Reporter):
 @pytest.mark.parametrize("installed", [True, False])
 def test_a_fit_says_when_numba_is_missing(monkeypatch: pytest.MonkeyPatch, installed: bool) -> None:
     if not installed:
-        monkeypatch.setattr(trilinear, "numba", None)
+        monkeypatch.setattr(compiling, "numba", None)
     made = phantom.breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=2, seed=2)
     reporter = _Messages()
     fit(made.images[0], made.times[0], [(made.times[1], made.images[1])], None,

@@ -1,0 +1,133 @@
+"""The prior's cubic B-spline look-up (priors.ImagePrior.look_up) by a numba compiled kernel, torch's numbers to the
+bit.
+
+Every Def-Net iteration looks the prior up at its drawn voxels' moved positions, the intensities and their slopes in
+the coordinates. Torch does it in passes over all the points (gather the 64 coefficients a point, transpose them to
+taps x points, then 21 products along the taps), each pass reading and writing megabytes. The kernel forms each
+point's intensity and slopes from its coefficients in registers, in torch's order of operations (its tap sums are
+fused multiply-adds, as its vectorised addcmul_ computes them), and asks for the coefficients of the point PREFETCH
+ahead while it computes: the table is read at random and a point's computation leaves the processor no room to run
+ahead to the next point's reads by itself. About twice as fast in a fit (docs/presets.md). It runs where numba is
+installed, on the CPU; elsewhere torch's passes give the same numbers.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import compiling
+from .compiling import inlined, kernel
+
+PREFETCH = 8
+"""Points ahead whose coefficients the kernel asks for (4 to 32 measured alike on 12 285 points of the 3 mm chest's
+table; none: slower than torch's passes when the table is not in the cache)."""
+
+
+def compiled(entries: torch.Tensor, c: torch.Tensor) -> bool:
+    """Whether `look_up` takes the kernel: numba installed, the table and the points of one float dtype on the CPU,
+    points (N, 3)."""
+    return (compiling.numba is not None and entries.device.type == "cpu" and c.device.type == "cpu"
+            and entries.dtype == c.dtype and c.dtype in (torch.float32, torch.float64)
+            and c.dim() == 2 and c.shape[1] == 3)
+
+
+def look_up(entries: torch.Tensor, taps: tuple[int, int], shape: tuple[int, ...], extent: torch.Tensor,
+            c: torch.Tensor, slopes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ImagePrior.look_up's intensities (N,) at coordinates c (N, 3) in [-1, 1] (x, y, z), and with `slopes` their
+    derivatives (N, 3) in c, from the prior's table `entries` of (z, y) `taps` (priors.LAYOUTS) of a (D, H, W)
+    volume whose last index along (x, y, z) is `extent`."""
+    count = len(c)
+    value = torch.empty(count, dtype=c.dtype)
+    slope = torch.empty((count, 3) if slopes else (0, 3), dtype=c.dtype)
+    _look_up(entries.reshape(-1).numpy(), entries.shape[1], taps[0], taps[1], shape[1], shape[2],
+             c.detach().contiguous().numpy(), extent.numpy(), value.numpy(), slope.numpy(), slopes,
+             np.empty(count, np.int64))
+    return value, slope if slopes else None
+
+
+# torch's operations (priors.ImagePrior.look_up, _cubic_bspline_weights, _along) one by one: the index clipped to the
+# grid, the weights and their derivatives as its products in its order, each tap sum its first product then three
+# fused multiply-adds (addcmul_), x, then y, then z.
+
+
+@kernel
+def _look_up(table: np.ndarray, entry: int, taps_z: int, taps_y: int, height: int, width: int, points: np.ndarray,
+             extent: np.ndarray, value: np.ndarray, slope: np.ndarray, slopes: bool, first: np.ndarray) -> None:
+    """value [N] (and with `slopes` slope [N, 3]) at points [N, 3]; the table flat, `entry` values an entry; first
+    [N]: where each point's first entry starts (workspace)."""
+    kind = table.dtype.type
+    rows, count = height + 4 - taps_y, points.shape[0]
+    scale = (extent[0] / kind(2.0), extent[1] / kind(2.0), extent[2] / kind(2.0))
+    for p in range(count):
+        x, y, z = _index(points, p, scale, extent, kind)
+        first[p] = ((int(np.floor(z)) * rows + int(np.floor(y))) * width + int(np.floor(x))) * entry
+    for p in range(count):
+        if p + PREFETCH < count:
+            _prefetch(table, first[p + PREFETCH], entry, taps_z, taps_y, rows, width)
+        x, y, z = _index(points, p, scale, extent, kind)
+        fx, fy, fz = np.floor(x), np.floor(y), np.floor(z)
+        wx, dx = _weights(x - fx, kind)
+        wy, dy = _weights(y - fy, kind)
+        wz, dz = _weights(z - fz, kind)
+        total = along_x = along_y = along_z = kind(0.0)
+        for tz in range(4):
+            xy = xy_dx = xy_dy = kind(0.0)
+            for ty in range(4):
+                at = first[p] + ((tz - tz % taps_z) * rows + ty - ty % taps_y) * width * entry \
+                    + ((tz % taps_z) * taps_y + ty % taps_y) * 4
+                row = _taps(table, at, wx)
+                xy, xy_dy = _tap(row, wy, ty, xy), _tap(row, dy, ty, xy_dy)
+                if slopes:
+                    xy_dx = _tap(_taps(table, at, dx), wy, ty, xy_dx)
+            total, along_z = _tap(xy, wz, tz, total), _tap(xy, dz, tz, along_z)
+            along_x, along_y = _tap(xy_dx, wz, tz, along_x), _tap(xy_dy, wz, tz, along_y)
+        value[p] = total
+        if slopes:
+            slope[p, 0], slope[p, 1], slope[p, 2] = along_x * scale[0], along_y * scale[1], along_z * scale[2]
+
+
+@inlined
+def _index(points: np.ndarray, p: int, scale: tuple, extent: np.ndarray, kind: Any) -> tuple[Any, Any, Any]:
+    """Point p's continuous voxel index (x, y, z), clipped to the grid."""
+    zero, one = kind(0.0), kind(1.0)
+    return (max(min((points[p, 0] + one) * scale[0], extent[0]), zero),
+            max(min((points[p, 1] + one) * scale[1], extent[1]), zero),
+            max(min((points[p, 2] + one) * scale[2], extent[2]), zero))
+
+
+@inlined
+def _weights(f: Any, kind: Any) -> tuple[tuple[Any, Any, Any, Any], tuple[Any, Any, Any, Any]]:
+    """The four taps' B-spline weights at fraction f and their derivatives in f."""
+    one, two, three, four, six = kind(1.0), kind(2.0), kind(3.0), kind(4.0), kind(6.0)
+    g = one - f
+    f2, g2 = f * f, g * g
+    weights = (g2 * g / six, ((four - six * f2) + (three * f2) * f) / six,
+               ((four - six * g2) + (three * g2) * g) / six, f2 * f / six)
+    return weights, (kind(-0.5) * g2, kind(1.5) * f2 - two * f, two * g - kind(1.5) * g2, kind(0.5) * f2)
+
+
+@inlined
+def _taps(table: np.ndarray, at: int, weights: tuple) -> Any:
+    """The four coefficients from table[at] along x weighted by `weights`."""
+    total = table[at] * weights[0]
+    for k in range(1, 4):
+        total = compiling.fused_multiply_add(table[at + k], weights[k], total)
+    return total
+
+
+@inlined
+def _tap(value: Any, weights: tuple, k: int, total: Any) -> Any:
+    """A tap sum's running total after tap k of `value`: its first product, then a fused multiply-add."""
+    return value * weights[0] if k == 0 else compiling.fused_multiply_add(value, weights[k], total)
+
+
+@inlined
+def _prefetch(table: np.ndarray, first: int, entry: int, taps_z: int, taps_y: int, rows: int, width: int) -> None:
+    """Ask for every cache line (64 bytes) of the entries that start at `first`."""
+    for tz in range(0, 4, taps_z):
+        for ty in range(0, 4, taps_y):
+            start = first + (tz * rows + ty) * width * entry
+            for line in range(0, entry, 64 // table.itemsize):
+                compiling.prefetch(table, start + line)

@@ -1,0 +1,86 @@
+"""The prior's cubic look-up by numba's kernel (STNeRPLib.cubic_lookup): torch's intensities and slopes to the bit on
+every table layout, and a fit the same with it as with torch's passes."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from STNeRPLib import compiling, cubic_lookup, phantom, priors
+from STNeRPLib.pipeline import fit
+from STNeRPLib.presets import DEFAULT, Options
+from STNeRPLib.progress import Reporter
+
+
+def _points(shape: tuple[int, int, int], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Points inside and up to 20 % beyond the grid, a third on voxel centres (x, y) and a third on a border (z)."""
+    c = torch.rand(3000, 3, dtype=dtype, generator=generator) * 2.4 - 1.2
+    depth, height, width = shape
+    for axis, size in ((0, width), (1, height)):
+        c[:1000, axis] = torch.randint(0, size, (1000,), generator=generator).to(dtype) / max(size - 1, 1) * 2 - 1
+    c[1000:2000, 2] = torch.tensor([-1.0, 1.0], dtype=dtype)[torch.randint(0, 2, (1000,), generator=generator)]
+    return c
+
+
+def _torchs(prior: priors.ImagePrior, c: torch.Tensor, slopes: bool,
+            monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    with monkeypatch.context() as patched:
+        patched.setattr(compiling, "numba", None)
+        assert not cubic_lookup.compiled(prior.entries, c)
+        return prior.look_up(c, slopes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, budget, taps", [((9, 11, 13), priors.TABLE_BYTES, (4, 4)),
+                                                 ((9, 11, 13), 200_000, (1, 4)),
+                                                 ((9, 11, 13), 50_000, (1, 1)),
+                                                 ((1, 5, 6), priors.TABLE_BYTES, (4, 4))])
+@pytest.mark.parametrize("slopes", [True, False])
+def test_kernel_gives_torchs_intensities_and_slopes_to_the_bit(shape: tuple[int, int, int], budget: int,
+                                                               taps: tuple[int, int], dtype: torch.dtype, slopes: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(priors, "TABLE_BYTES", budget * dtype.itemsize // 4)
+    generator = torch.Generator().manual_seed(sum(shape) + budget % 97)
+    prior = priors.ImagePrior(torch.rand(*shape, dtype=dtype, generator=generator), "cubic")
+    assert prior.taps == taps
+    c = _points(shape, dtype, generator)
+    assert cubic_lookup.compiled(prior.entries, c)
+    value, slope = prior.look_up(c, slopes)
+    torchs_value, torchs_slope = _torchs(prior, c, slopes, monkeypatch)
+    assert torch.equal(value, torchs_value)
+    if slopes:
+        assert slope is not None and torchs_slope is not None and torch.equal(slope, torchs_slope)
+        assert slope.abs().amax() > 0
+    else:
+        assert slope is None and torchs_slope is None
+
+
+def test_the_kernel_takes_only_what_it_can_read() -> None:
+    entries = torch.zeros(10, 64)
+    assert cubic_lookup.compiled(entries, torch.zeros(5, 3))
+    assert not cubic_lookup.compiled(entries, torch.zeros(5, 3, dtype=torch.float64))
+    assert not cubic_lookup.compiled(entries, torch.zeros(5, 2))
+    assert not cubic_lookup.compiled(entries.half(), torch.zeros(5, 3).half())
+
+
+def test_a_fit_is_the_same_with_the_kernel_as_with_torchs_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = phantom.breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, seed=2)
+    preset = dataclasses.replace(DEFAULT, def_iterations=24)
+    follow_ups = list(zip(made.times[1:], made.images[1:]))
+    calls = []
+    kernel = cubic_lookup._look_up
+    monkeypatch.setattr(cubic_lookup, "_look_up", lambda *arguments: calls.append(1) or kernel(*arguments))
+
+    def trained() -> dict[str, torch.Tensor]:
+        model = fit(made.images[0], made.times[0], follow_ups, made.labelmaps[0], Options(preset),
+                    Reporter(interval=1e9))
+        return model.deformation.state_dict()
+
+    with_kernel = trained()
+    assert len(calls) >= 24                       # every iteration looks the prior up at its drawn voxels
+    monkeypatch.setattr(cubic_lookup, "compiled", lambda entries, c: False)
+    with_torch = trained()
+    assert with_kernel.keys() == with_torch.keys()
+    for key, value in with_kernel.items():
+        assert torch.allclose(value, with_torch[key], rtol=0, atol=0, equal_nan=True), key
