@@ -62,6 +62,8 @@ def _look_up(table: np.ndarray, entry: int, taps_z: int, taps_y: int, height: in
     scale = (extent[0] / kind(2.0), extent[1] / kind(2.0), extent[2] / kind(2.0))
     for p in range(count):
         x, y, z = _index(points, p, scale, extent, kind)
+        if np.isnan(x) or np.isnan(y) or np.isnan(z):  # read the first entry, never outside the table: the value is NaN
+            x = y = z = kind(0.0)
         first[p] = ((int(np.floor(z)) * rows + int(np.floor(y))) * width + int(np.floor(x))) * entry
     for p in range(count):
         if p + PREFETCH < count:

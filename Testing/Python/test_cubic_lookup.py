@@ -64,6 +64,21 @@ def test_the_kernel_takes_only_what_it_can_read() -> None:
     assert not cubic_lookup.compiled(entries.half(), torch.zeros(5, 3).half())
 
 
+def test_a_point_not_a_number_looks_up_not_a_number_and_leaves_the_others_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    prior = priors.ImagePrior(torch.rand(9, 11, 13, generator=torch.Generator().manual_seed(4)), "cubic")
+    c = torch.rand(40, 3, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    nan = float("nan")
+    c[3], c[7, 1], c[11, 2] = torch.tensor([nan, nan, nan]), nan, nan
+    value, slope = prior.look_up(c, slopes=True)
+    assert slope is not None
+    broken = torch.zeros(40, dtype=torch.bool)
+    broken[[3, 7, 11]] = True
+    assert value[broken].isnan().all() and slope[broken].isnan().all()
+    torchs_value, torchs_slope = _torchs(prior, c[~broken], True, monkeypatch)
+    assert torch.equal(value[~broken], torchs_value) and torch.equal(slope[~broken], torchs_slope)
+
+
 def test_a_fit_is_the_same_with_the_kernel_as_with_torchs_passes(monkeypatch: pytest.MonkeyPatch) -> None:
     made = phantom.breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, seed=2)
     preset = dataclasses.replace(DEFAULT, def_iterations=24)
