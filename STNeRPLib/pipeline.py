@@ -13,6 +13,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from . import compiling
 from .checkpoint import Checkpoint
 from .contract import EXTRAPOLATION_LIMIT
 from .deformation import Deformation
@@ -33,7 +34,6 @@ from .record import RunRecord
 from .sampling import BODY_LEVEL, BODY_MARGIN_MM, OwnVoxels, body_voxels, structure_bands
 from .series import Series
 from .training import Progress, Target, fit_deformation, fit_reference, keep_below
-from . import compiling
 from .outputs import TimePoint, write_metrics_table, write_time_point
 from .warping import affine_matrix
 

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from STNeRPLib import compiling, cubic_lookup, phantom, priors
-from STNeRPLib.pipeline import fit
-from STNeRPLib.presets import DEFAULT, Options
-from STNeRPLib.progress import Reporter
+from STNeRPLib import compiling, cubic_lookup, priors
+from STNeRPLib.presets import DEFAULT
+
+from same_fit import assert_same_state, fitted_state
 
 
 def _points(shape: tuple[int, int, int], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
@@ -80,22 +80,11 @@ def test_a_point_not_a_number_looks_up_not_a_number_and_leaves_the_others_alone(
 
 
 def test_a_fit_is_the_same_with_the_kernel_as_with_torchs_passes(monkeypatch: pytest.MonkeyPatch) -> None:
-    made = phantom.breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, seed=2)
     preset = dataclasses.replace(DEFAULT, def_iterations=24)
-    follow_ups = list(zip(made.times[1:], made.images[1:]))
     calls = []
     kernel = cubic_lookup._look_up
     monkeypatch.setattr(cubic_lookup, "_look_up", lambda *arguments: calls.append(1) or kernel(*arguments))
-
-    def trained() -> dict[str, torch.Tensor]:
-        model = fit(made.images[0], made.times[0], follow_ups, made.labelmaps[0], Options(preset),
-                    Reporter(interval=1e9))
-        return model.deformation.state_dict()
-
-    with_kernel = trained()
+    with_kernel = fitted_state(preset)
     assert len(calls) >= 24                       # every iteration looks the prior up at its drawn voxels
     monkeypatch.setattr(cubic_lookup, "compiled", lambda entries, c: False)
-    with_torch = trained()
-    assert with_kernel.keys() == with_torch.keys()
-    for key, value in with_kernel.items():
-        assert torch.allclose(value, with_torch[key], rtol=0, atol=0, equal_nan=True), key
+    assert_same_state(with_kernel, fitted_state(preset))

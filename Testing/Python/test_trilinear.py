@@ -14,6 +14,8 @@ from STNeRPLib.pipeline import fit
 from STNeRPLib.presets import DEFAULT, Options
 from STNeRPLib.progress import Reporter
 
+from same_fit import assert_same_state, fitted_state
+
 
 def _torch(volume: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
@@ -75,25 +77,14 @@ def test_without_autograd_or_numba_torch_samples() -> None:
 
 
 def test_a_fit_is_the_same_with_the_kernels_as_with_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
-    made = phantom.breathing_series(size=(24, 24, 16), spacing=(12.0, 12.0, 15.0), n_phases=3, seed=2)
     preset = dataclasses.replace(DEFAULT, def_iterations=24, velocity_levels=2, adaptive_levels=False, level_start=0.0)
-    follow_ups = list(zip(made.times[1:], made.images[1:]))
     calls = []
     kernel = trilinear._forward
     monkeypatch.setattr(trilinear, "_forward", lambda *arrays: calls.append(1) or kernel(*arrays))
-
-    def trained() -> dict[str, torch.Tensor]:
-        model = fit(made.images[0], made.times[0], follow_ups, made.labelmaps[0], Options(preset),
-                    Reporter(interval=1e9))
-        return model.deformation.state_dict()
-
-    with_kernels = trained()
+    with_kernels = fitted_state(preset)
     assert len(calls) >= 24 * 6                   # every iteration: 5 squaring steps, then the drawn voxels
     monkeypatch.setattr(trilinear, "compiled", lambda volume, grid: False)
-    with_torch = trained()
-    assert with_kernels.keys() == with_torch.keys()
-    for key, value in with_kernels.items():
-        assert torch.allclose(value, with_torch[key], rtol=0, atol=0, equal_nan=True), key
+    assert_same_state(with_kernels, fitted_state(preset))
     assert not torch.equal(with_kernels["finer.0.0.mlp.2.weight"], torch.zeros(3, DEFAULT.level_width))
 
 
