@@ -25,25 +25,25 @@ PREFETCH = 8
 table; none: slower than torch's passes when the table is not in the cache)."""
 
 
-def compiled(entries: torch.Tensor, c: torch.Tensor) -> bool:
+def compiled(table: torch.Tensor, c: torch.Tensor) -> bool:
     """Whether `look_up` takes the kernel: numba installed, the table and the points of one float dtype on the CPU,
     points (N, 3)."""
-    return (compiling.numba is not None and entries.device.type == "cpu" and c.device.type == "cpu"
-            and entries.dtype == c.dtype and c.dtype in (torch.float32, torch.float64)
+    return (compiling.numba is not None and table.device.type == "cpu" and c.device.type == "cpu"
+            and table.dtype == c.dtype and c.dtype in (torch.float32, torch.float64)
             and c.dim() == 2 and c.shape[1] == 3)
 
 
-def look_up(entries: torch.Tensor, taps: tuple[int, int], shape: tuple[int, ...], extent: torch.Tensor,
+def look_up(table: torch.Tensor, step: int, columns: int, taps: tuple[int, int], height: int, extent: torch.Tensor,
             c: torch.Tensor, slopes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ImagePrior.look_up's intensities (N,) at coordinates c (N, 3) in [-1, 1] (x, y, z), and with `slopes` their
-    derivatives (N, 3) in c, from the prior's table `entries` of (z, y) `taps` (priors.LAYOUTS) of a (D, H, W)
-    volume whose last index along (x, y, z) is `extent`."""
+    derivatives (N, 3) in c, from the prior's flat `table` of (z, y) `taps` (priors.LAYOUTS; `step` values from one
+    entry to the next along x, `columns` entries from one y to the next) of a volume `height` voxels high whose last
+    index along (x, y, z) is `extent`."""
     count = len(c)
     value = torch.empty(count, dtype=c.dtype)
     slope = torch.empty((count, 3) if slopes else (0, 3), dtype=c.dtype)
-    _look_up(entries.reshape(-1).numpy(), entries.shape[1], taps[0], taps[1], shape[1], shape[2],
-             c.detach().contiguous().numpy(), extent.numpy(), value.numpy(), slope.numpy(), slopes,
-             np.empty(count, np.int64))
+    _look_up(table.numpy(), step, columns, taps[0], taps[1], height, c.detach().contiguous().numpy(), extent.numpy(),
+             value.numpy(), slope.numpy(), slopes, np.empty(count, np.int64))
     return value, slope if slopes else None
 
 
@@ -53,10 +53,11 @@ def look_up(entries: torch.Tensor, taps: tuple[int, int], shape: tuple[int, ...]
 
 
 @kernel
-def _look_up(table: np.ndarray, entry: int, taps_z: int, taps_y: int, height: int, width: int, points: np.ndarray,
+def _look_up(table: np.ndarray, step: int, columns: int, taps_z: int, taps_y: int, height: int, points: np.ndarray,
              extent: np.ndarray, value: np.ndarray, slope: np.ndarray, slopes: bool, first: np.ndarray) -> None:
-    """value [N] (and with `slopes` slope [N, 3]) at points [N, 3]; the table flat, `entry` values an entry; first
-    [N]: where each point's first entry starts (workspace)."""
+    """value [N] (and with `slopes` slope [N, 3]) at points [N, 3]; the table flat, `step` values from one entry to
+    the next along x, `columns` entries from one y to the next; first [N]: where each point's first entry starts
+    (workspace)."""
     kind = table.dtype.type
     rows, count = height + 4 - taps_y, points.shape[0]
     scale = (extent[0] / kind(2.0), extent[1] / kind(2.0), extent[2] / kind(2.0))
@@ -64,10 +65,10 @@ def _look_up(table: np.ndarray, entry: int, taps_z: int, taps_y: int, height: in
         x, y, z = _index(points, p, scale, extent, kind)
         if np.isnan(x) or np.isnan(y) or np.isnan(z):  # read the first entry, never outside the table: the value is NaN
             x = y = z = kind(0.0)
-        first[p] = ((int(np.floor(z)) * rows + int(np.floor(y))) * width + int(np.floor(x))) * entry
+        first[p] = ((int(np.floor(z)) * rows + int(np.floor(y))) * columns + int(np.floor(x))) * step
     for p in range(count):
         if p + PREFETCH < count:
-            _prefetch(table, first[p + PREFETCH], entry, taps_z, taps_y, rows, width)
+            _prefetch(table, first[p + PREFETCH], step * columns, taps_z, taps_y, rows)
         x, y, z = _index(points, p, scale, extent, kind)
         fx, fy, fz = np.floor(x), np.floor(y), np.floor(z)
         wx, dx = _weights(x - fx, kind)
@@ -77,7 +78,7 @@ def _look_up(table: np.ndarray, entry: int, taps_z: int, taps_y: int, height: in
         for tz in range(4):
             xy = xy_dx = xy_dy = kind(0.0)
             for ty in range(4):
-                at = first[p] + ((tz - tz % taps_z) * rows + ty - ty % taps_y) * width * entry \
+                at = first[p] + ((tz - tz % taps_z) * rows + ty - ty % taps_y) * columns * step \
                     + ((tz % taps_z) * taps_y + ty % taps_y) * 4
                 row = _taps(table, at, wx)
                 xy, xy_dy = _tap(row, wy, ty, xy), _tap(row, dy, ty, xy_dy)
@@ -126,10 +127,14 @@ def _tap(value: Any, weights: tuple, k: int, total: Any) -> Any:
 
 
 @inlined
-def _prefetch(table: np.ndarray, first: int, entry: int, taps_z: int, taps_y: int, rows: int, width: int) -> None:
-    """Ask for every cache line (64 bytes) of the entries that start at `first`."""
+def _prefetch(table: np.ndarray, first: int, along_y: int, taps_z: int, taps_y: int, rows: int) -> None:
+    """Ask for every cache line (64 bytes) of the entries that start at `first` (`along_y` values from one y to the
+    next): each entry's lines from its start, and its last value's (a run of 4 read from the padded coefficients may
+    straddle two)."""
+    span = taps_z * taps_y * 4
     for tz in range(0, 4, taps_z):
         for ty in range(0, 4, taps_y):
-            start = first + (tz * rows + ty) * width * entry
-            for line in range(0, entry, 64 // table.itemsize):
+            start = first + (tz * rows + ty) * along_y
+            for line in range(0, span, 64 // table.itemsize):
                 compiling.prefetch(table, start + line)
+            compiling.prefetch(table, start + span - 1)

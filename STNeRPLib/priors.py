@@ -24,7 +24,8 @@ TABLE_BYTES = 256 * 2 ** 20
 """The most memory the cubic prior's coefficient table may take. Its entries are the contiguous
 coefficients a look-up reads: a 4 x 4 x 4 cube per voxel while that fits (one read of 256 bytes per point),
 else a 4 x 4 (y, x) block (4 reads of 64 bytes: a 2.4-million-voxel reference, the benchmark's 1.5 mm chest,
-takes 151 MB), else a run of 4 along x (16 reads; a 512 x 512 x 300 CT: 1.3 GB instead of 5 GB)."""
+takes 151 MB), else a run of 4 along x (16 reads), read from the padded coefficients themselves, each run
+overlapping the next: no copy (a 512 x 512 x 300 CT: 0.3 GB, where separate runs took 1.2 GB and cubes 20 GB)."""
 
 LAYOUTS = ((4, 4), (1, 4), (1, 1))
 """The (z, y) taps of an entry of the cubic table, in order of preference (4 x taps each)."""
@@ -45,7 +46,7 @@ class ImagePrior(nn.Module):
     """
 
     volume: torch.Tensor
-    entries: torch.Tensor
+    table: torch.Tensor
     extent: torch.Tensor
 
     def __init__(self, volume: torch.Tensor, interpolation: str) -> None:
@@ -60,10 +61,8 @@ class ImagePrior(nn.Module):
         coefficients = ndimage.spline_filter(volume.detach().cpu().double().numpy(), order=3, mode="mirror")
         padded = torch.from_numpy(np.pad(coefficients, [(1, 2)] * 3, mode="reflect")).to(volume)
         self.taps = _layout(self.shape, padded.element_size())
-        # entries[(z, y, x)] = the coefficients (z-1 .. z-2+taps_z, y-1 .. y-2+taps_y, x-1 .. x+2) of `padded`
-        entries = padded.unfold(0, self.taps[0], 1).unfold(1, self.taps[1], 1).unfold(2, 4, 1)
-        self.register_buffer("entries", entries.reshape(-1, self.taps[0] * self.taps[1] * 4).contiguous(),
-                             persistent=False)
+        self.step, self.columns = _steps(self.shape, self.taps)
+        self.register_buffer("table", _table(padded, self.taps), persistent=False)
         self.register_buffer("extent", torch.tensor(self.shape[::-1], dtype=volume.dtype) - 1)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
@@ -78,8 +77,9 @@ class ImagePrior(nn.Module):
         across the border is 0 (a point there is looked up at the end node, where the mirror-boundary spline is flat).
         Taps and points are laid out points last, so that each product with a tap's weights runs along them. Where
         numba is installed its kernel computes the same numbers (cubic_lookup)."""
-        if cubic_lookup.compiled(self.entries, c):
-            return cubic_lookup.look_up(self.entries, self.taps, self.shape, self.extent, c, slopes)
+        if cubic_lookup.compiled(self.table, c):
+            return cubic_lookup.look_up(self.table, self.step, self.columns, self.taps, self.shape[1], self.extent, c,
+                                        slopes)
         scale = self.extent / 2                                                # voxels per unit of c
         index = torch.minimum((c + 1) * scale, self.extent).clamp(min=0)
         base = torch.floor(index)
@@ -95,20 +95,26 @@ class ImagePrior(nn.Module):
                              _along(along_xy, dz)], dim=1)
         return value, slope * scale
 
+    @property
+    def entries(self) -> torch.Tensor:
+        """The table an entry a row (a view): the taps_z x taps_y x 4 coefficients a look-up reads together."""
+        span = self.taps[0] * self.taps[1] * 4
+        return self.table.as_strided(((len(self.table) - span) // self.step + 1, span), (self.step, 1))
+
     def _coefficients(self, voxel: torch.Tensor) -> torch.Tensor:
         """The 4 x 4 x 4 coefficients about voxel indices (N, 3) (x, y, z) as (4, 4, 4, N): z, y, x taps, then
         the points. They are gathered and transposed in a workspace kept from call to call: buffers of this size
         made afresh were mapped and page-faulted at every call (1.1 million minor faults in a chest fit, not 0.15)."""
-        _, height, width = self.shape
+        height = self.shape[1]
         x, y, z = voxel.unbind(1)
         taps_z, taps_y = self.taps
         z_taps = torch.arange(0, 4, taps_z, device=voxel.device)[:, None]
         y_taps = torch.arange(0, 4, taps_y, device=voxel.device)
-        entry = ((z[:, None, None] + z_taps) * (height + 4 - taps_y) + y[:, None, None] + y_taps) * width
+        entry = ((z[:, None, None] + z_taps) * (height + 4 - taps_y) + y[:, None, None] + y_taps) * self.columns
         entry = (entry + x[:, None, None]).reshape(-1)
         size = 64 * len(voxel)
         if self._workspace is None or len(self._workspace) < 2 * size or self._workspace.device != voxel.device:
-            self._workspace = torch.empty(2 * size, dtype=self.entries.dtype, device=voxel.device)
+            self._workspace = torch.empty(2 * size, dtype=self.table.dtype, device=voxel.device)
         gathered = torch.index_select(self.entries, 0, entry, out=self._workspace[:size].view(len(entry), -1))
         values = self._workspace[size:2 * size].view(64, len(voxel))
         values.copy_(gathered.view(len(voxel), 64).t())
@@ -150,6 +156,23 @@ def table_bytes(shape: tuple[int, ...], element_size: int = 4) -> int:
     return _table_bytes(shape, _layout(shape, element_size), element_size)
 
 
+def _table(padded: torch.Tensor, taps: tuple[int, int]) -> torch.Tensor:
+    """The table of a layout (`taps`), flat: the entry of voxel (z, y, x), the coefficients (z-1 .. z-2+taps_z,
+    y-1 .. y-2+taps_y, x-1 .. x+2) of the padded coefficients (D + 3, H + 3, W + 3), one after the other; runs of 4
+    are the padded coefficients themselves (each entry starts one value after the last)."""
+    if taps == (1, 1):
+        return padded.contiguous().reshape(-1)
+    return padded.unfold(0, taps[0], 1).unfold(1, taps[1], 1).unfold(2, 4, 1).contiguous().reshape(-1)
+
+
+def _steps(shape: tuple[int, ...], taps: tuple[int, int]) -> tuple[int, int]:
+    """Where the entries of a layout lie in its table: values from one entry to the next along x, and entries from one
+    y to the next; (1, W + 3) for runs of 4, read from the padded coefficients."""
+    if taps == (1, 1):
+        return 1, shape[2] + 3
+    return taps[0] * taps[1] * 4, shape[2]
+
+
 def _layout(shape: tuple[int, ...], element_size: int) -> tuple[int, int]:
     """The first of LAYOUTS whose table fits TABLE_BYTES (the last if none does)."""
     return next((taps for taps in LAYOUTS if _table_bytes(shape, taps, element_size) <= TABLE_BYTES), LAYOUTS[-1])
@@ -157,6 +180,8 @@ def _layout(shape: tuple[int, ...], element_size: int) -> tuple[int, int]:
 
 def _table_bytes(shape: tuple[int, ...], taps: tuple[int, int], element_size: int) -> int:
     depth, height, width = shape
+    if taps == (1, 1):
+        return (depth + 3) * (height + 3) * (width + 3) * element_size
     taps_z, taps_y = taps
     return (depth + 4 - taps_z) * (height + 4 - taps_y) * width * taps_z * taps_y * 4 * element_size
 

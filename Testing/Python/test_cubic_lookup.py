@@ -27,7 +27,7 @@ def _torchs(prior: priors.ImagePrior, c: torch.Tensor, slopes: bool,
             monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, torch.Tensor | None]:
     with monkeypatch.context() as patched:
         patched.setattr(compiling, "numba", None)
-        assert not cubic_lookup.compiled(prior.entries, c)
+        assert not cubic_lookup.compiled(prior.table, c)
         return prior.look_up(c, slopes)
 
 
@@ -45,7 +45,7 @@ def test_kernel_gives_torchs_intensities_and_slopes_to_the_bit(shape: tuple[int,
     prior = priors.ImagePrior(torch.rand(*shape, dtype=dtype, generator=generator), "cubic")
     assert prior.taps == taps
     c = _points(shape, dtype, generator)
-    assert cubic_lookup.compiled(prior.entries, c)
+    assert cubic_lookup.compiled(prior.table, c)
     value, slope = prior.look_up(c, slopes)
     torchs_value, torchs_slope = _torchs(prior, c, slopes, monkeypatch)
     assert torch.equal(value, torchs_value)

@@ -252,9 +252,10 @@ def test_train_lets_go_of_the_loaded_scans_before_writing_the_report(phantom_fil
 
 def test_the_estimate_counts_the_cubic_priors_table_in_its_layout(tmp_path, monkeypatch):
     """The 96 x 96 x 64 reference's table is 4 x 4 x 4 cubes (64 coefficients a voxel, 151 MB); made to take runs of 4
-    (16 a voxel of the reference padded by 3 in z and y), the estimate is smaller by exactly the difference."""
+    (read from the coefficients padded by 3 along each axis, one a voxel of them), the estimate is smaller by exactly
+    the difference."""
     reference, follow_ups, labelmap = _int16_series(tmp_path)
     cubes = estimate_peak_bytes(str(reference), follow_ups, labelmap)
     monkeypatch.setattr(priors, "LAYOUTS", priors.LAYOUTS[-1:])
     runs = estimate_peak_bytes(str(reference), follow_ups, labelmap)
-    assert cubes - runs == (64 * 96 * 96 * 64 - 67 * 99 * 96 * 4) * 4
+    assert cubes - runs == (64 * 96 * 96 * 64 - 67 * 99 * 99) * 4

@@ -100,7 +100,21 @@ def test_cubic_table_takes_the_longest_runs_within_the_budget(monkeypatch):
     monkeypatch.setattr(priors, "TABLE_BYTES", cubes * 4 - 1)
     assert ImagePrior(torch.zeros(SHAPE), "cubic").entries.shape == ((depth + 3) * height * width, 16)
     monkeypatch.setattr(priors, "TABLE_BYTES", blocks * 4 - 1)
-    assert ImagePrior(torch.zeros(SHAPE), "cubic").entries.shape == ((depth + 3) * (height + 3) * width, 4)
+    assert ImagePrior(torch.zeros(SHAPE), "cubic").entries.shape[1] == 4
+
+
+def test_runs_of_4_are_read_from_the_padded_coefficients_themselves(monkeypatch):
+    """Beyond the budget of 4 x 4 blocks the table is the spline's coefficients padded by 1 before and 2 after along
+    each axis, no copy of them: 4 bytes a (padded) voxel, a quarter of a table of separate runs, and so counted."""
+    monkeypatch.setattr(priors, "LAYOUTS", priors.LAYOUTS[-1:])
+    volume = torch.from_numpy(np.random.default_rng(5).standard_normal(SHAPE)).float()
+    prior = ImagePrior(volume, "cubic")
+    padded = tuple(n + 3 for n in SHAPE)
+    coefficients = ndimage.spline_filter(volume.double().numpy(), order=3, mode="mirror")
+    expected = np.pad(coefficients, [(1, 2)] * 3, mode="reflect").astype(np.float32)
+    assert prior.table.shape == (np.prod(padded),)
+    np.testing.assert_array_equal(prior.table.numpy().reshape(padded), expected)
+    assert priors.table_bytes(SHAPE) == np.prod(padded) * 4
 
 
 def best_shift(interpolation: str, true_shift: float) -> float:
