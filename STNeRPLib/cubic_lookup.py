@@ -7,8 +7,10 @@ taps x points, then 21 products along the taps), each pass reading and writing m
 point's intensity and slopes from its coefficients in registers, in torch's order of operations (its tap sums are
 fused multiply-adds, as its vectorised addcmul_ computes them), and asks for the coefficients of the point PREFETCH
 ahead while it computes: the table is read at random and a point's computation leaves the processor no room to run
-ahead to the next point's reads by itself. About twice as fast in a fit (docs/presets.md). It runs where numba is
-installed, on the CPU; elsewhere torch's passes give the same numbers.
+ahead to the next point's reads by itself. About twice as fast in a fit (docs/presets.md). It reads the padded
+coefficients themselves, 16 runs of 4 a point (4 bytes a voxel; torch's passes read a table of 4 x 4 x 4 cubes, 64
+times that, where it fits: one gather a point). It runs where numba is installed, on the CPU; elsewhere torch's
+passes give the same numbers.
 """
 from __future__ import annotations
 
@@ -22,28 +24,32 @@ from .compiling import inlined, kernel
 
 PREFETCH = 8
 """Points ahead whose coefficients the kernel asks for (4 to 32 measured alike on 12 285 points of the 3 mm chest's
-table; none: slower than torch's passes when the table is not in the cache)."""
+table of cubes; none: slower than torch's passes when the table is not in the cache)."""
 
 
-def compiled(table: torch.Tensor, c: torch.Tensor) -> bool:
-    """Whether `look_up` takes the kernel: numba installed, the table and the points of one float dtype on the CPU,
-    points (N, 3)."""
-    return (compiling.numba is not None and table.device.type == "cpu" and c.device.type == "cpu"
-            and table.dtype == c.dtype and c.dtype in (torch.float32, torch.float64)
-            and c.dim() == 2 and c.shape[1] == 3)
+def reads(coefficients: torch.Tensor) -> bool:
+    """Whether the kernel looks up a prior of these coefficients: numba installed, float32 or float64 on the CPU."""
+    return (compiling.numba is not None and coefficients.device.type == "cpu"
+            and coefficients.dtype in (torch.float32, torch.float64))
 
 
-def look_up(table: torch.Tensor, step: int, columns: int, taps: tuple[int, int], height: int, extent: torch.Tensor,
-            c: torch.Tensor, slopes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def compiled(coefficients: torch.Tensor, c: torch.Tensor) -> bool:
+    """Whether `look_up` takes the kernel: it `reads` the coefficients, and the points are (N, 3) of their dtype on
+    the CPU."""
+    return reads(coefficients) and c.device.type == "cpu" and c.dtype == coefficients.dtype and c.dim() == 2 \
+        and c.shape[1] == 3
+
+
+def look_up(coefficients: torch.Tensor, shape: tuple[int, ...], extent: torch.Tensor, c: torch.Tensor,
+            slopes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ImagePrior.look_up's intensities (N,) at coordinates c (N, 3) in [-1, 1] (x, y, z), and with `slopes` their
-    derivatives (N, 3) in c, from the prior's flat `table` of (z, y) `taps` (priors.LAYOUTS; `step` values from one
-    entry to the next along x, `columns` entries from one y to the next) of a volume `height` voxels high whose last
-    index along (x, y, z) is `extent`."""
+    derivatives (N, 3) in c, from the cubic B-spline `coefficients` of a (D, H, W) volume, padded by 1 before and 2
+    after along each axis and flat; the volume's last index along (x, y, z) is `extent`."""
     count = len(c)
     value = torch.empty(count, dtype=c.dtype)
     slope = torch.empty((count, 3) if slopes else (0, 3), dtype=c.dtype)
-    _look_up(table.numpy(), step, columns, taps[0], taps[1], height, c.detach().contiguous().numpy(), extent.numpy(),
-             value.numpy(), slope.numpy(), slopes, np.empty(count, np.int64))
+    _look_up(coefficients.numpy(), shape[1], shape[2], c.detach().contiguous().numpy(), extent.numpy(), value.numpy(),
+             slope.numpy(), slopes, np.empty(count, np.int64))
     return value, slope if slopes else None
 
 
@@ -53,22 +59,22 @@ def look_up(table: torch.Tensor, step: int, columns: int, taps: tuple[int, int],
 
 
 @kernel
-def _look_up(table: np.ndarray, step: int, columns: int, taps_z: int, taps_y: int, height: int, points: np.ndarray,
-             extent: np.ndarray, value: np.ndarray, slope: np.ndarray, slopes: bool, first: np.ndarray) -> None:
-    """value [N] (and with `slopes` slope [N, 3]) at points [N, 3]; the table flat, `step` values from one entry to
-    the next along x, `columns` entries from one y to the next; first [N]: where each point's first entry starts
-    (workspace)."""
+def _look_up(table: np.ndarray, height: int, width: int, points: np.ndarray, extent: np.ndarray, value: np.ndarray,
+             slope: np.ndarray, slopes: bool, first: np.ndarray) -> None:
+    """value [N] (and with `slopes` slope [N, 3]) at points [N, 3]; the table: the coefficients padded, flat (the 4 x 4
+    x 4 about voxel (z, y, x) are the runs of 4 from (z + tz, y + ty, x), tz and ty 0 to 3); first [N]: where each
+    point's first run starts (workspace)."""
     kind = table.dtype.type
-    rows, count = height + 4 - taps_y, points.shape[0]
+    rows, columns, count = height + 3, width + 3, points.shape[0]
     scale = (extent[0] / kind(2.0), extent[1] / kind(2.0), extent[2] / kind(2.0))
     for p in range(count):
         x, y, z = _index(points, p, scale, extent, kind)
         if np.isnan(x) or np.isnan(y) or np.isnan(z):  # read the first entry, never outside the table: the value is NaN
             x = y = z = kind(0.0)
-        first[p] = ((int(np.floor(z)) * rows + int(np.floor(y))) * columns + int(np.floor(x))) * step
+        first[p] = (int(np.floor(z)) * rows + int(np.floor(y))) * columns + int(np.floor(x))
     for p in range(count):
         if p + PREFETCH < count:
-            _prefetch(table, first[p + PREFETCH], step * columns, taps_z, taps_y, rows)
+            _prefetch(table, first[p + PREFETCH], rows, columns)
         x, y, z = _index(points, p, scale, extent, kind)
         fx, fy, fz = np.floor(x), np.floor(y), np.floor(z)
         wx, dx = _weights(x - fx, kind)
@@ -78,8 +84,7 @@ def _look_up(table: np.ndarray, step: int, columns: int, taps_z: int, taps_y: in
         for tz in range(4):
             xy = xy_dx = xy_dy = kind(0.0)
             for ty in range(4):
-                at = first[p] + ((tz - tz % taps_z) * rows + ty - ty % taps_y) * columns * step \
-                    + ((tz % taps_z) * taps_y + ty % taps_y) * 4
+                at = first[p] + (tz * rows + ty) * columns
                 row = _taps(table, at, wx)
                 xy, xy_dy = _tap(row, wy, ty, xy), _tap(row, dy, ty, xy_dy)
                 if slopes:
@@ -127,14 +132,11 @@ def _tap(value: Any, weights: tuple, k: int, total: Any) -> Any:
 
 
 @inlined
-def _prefetch(table: np.ndarray, first: int, along_y: int, taps_z: int, taps_y: int, rows: int) -> None:
-    """Ask for every cache line (64 bytes) of the entries that start at `first` (`along_y` values from one y to the
-    next): each entry's lines from its start, and its last value's (a run of 4 read from the padded coefficients may
-    straddle two)."""
-    span = taps_z * taps_y * 4
-    for tz in range(0, 4, taps_z):
-        for ty in range(0, 4, taps_y):
-            start = first + (tz * rows + ty) * along_y
-            for line in range(0, span, 64 // table.itemsize):
-                compiling.prefetch(table, start + line)
-            compiling.prefetch(table, start + span - 1)
+def _prefetch(table: np.ndarray, first: int, rows: int, columns: int) -> None:
+    """Ask for the cache lines (64 bytes) of the 16 runs of 4 that start at `first`: each run's first and last value's
+    (a run may straddle two lines)."""
+    for tz in range(4):
+        for ty in range(4):
+            start = first + (tz * rows + ty) * columns
+            compiling.prefetch(table, start)
+            compiling.prefetch(table, start + 3)

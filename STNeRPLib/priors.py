@@ -14,21 +14,24 @@ from scipy import ndimage
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import cubic_lookup
+from . import compiling, cubic_lookup
 from .integration import identity_grid, sample
 
 if TYPE_CHECKING:
     from torch.autograd.function import FunctionCtx
 
 TABLE_BYTES = 256 * 2 ** 20
-"""The most memory the cubic prior's coefficient table may take. Its entries are the contiguous
-coefficients a look-up reads: a 4 x 4 x 4 cube per voxel while that fits (one read of 256 bytes per point),
-else a 4 x 4 (y, x) block (4 reads of 64 bytes: a 2.4-million-voxel reference, the benchmark's 1.5 mm chest,
-takes 151 MB), else a run of 4 along x (16 reads), read from the padded coefficients themselves, each run
-overlapping the next: no copy (a 512 x 512 x 300 CT: 0.3 GB, where separate runs took 1.2 GB and cubes 20 GB)."""
+"""The most memory the table of the cubic prior's coefficients that torch's passes read may take. Its entries are the
+contiguous coefficients a look-up reads: a 4 x 4 x 4 cube per voxel while that fits (one gather of 256 bytes per
+point), else a 4 x 4 (y, x) block (4 gathers of 64 bytes: a 2.4-million-voxel reference, the benchmark's 1.5 mm chest,
+takes 151 MB), else a run of 4 along x (16 gathers), read from the padded coefficients themselves, each run
+overlapping the next: no copy (a 512 x 512 x 300 CT: 0.3 GB, where separate runs took 1.2 GB and cubes 20 GB).
+Numba's kernel reads the runs at every size: as fast in a fit, and a 64th of the memory (cubic_lookup)."""
 
 LAYOUTS = ((4, 4), (1, 4), (1, 1))
-"""The (z, y) taps of an entry of the cubic table, in order of preference (4 x taps each)."""
+"""The (z, y) taps of an entry of the cubic table, in order of preference (4 x taps each); (1, 1), runs of 4, is the
+padded coefficients themselves, what the kernel reads."""
+RUNS = LAYOUTS[-1]
 
 
 class ImagePrior(nn.Module):
@@ -40,9 +43,10 @@ class ImagePrior(nn.Module):
     towards whole-voxel shifts.
 
     The cubic look-up reads 4 x 4 x 4 B-spline coefficients per point from a table whose entries are
-    contiguous runs of them (`LAYOUTS`: the largest that fits TABLE_BYTES). Every layout gives the same
-    numbers; the reads miss the cache, fewer the longer the runs. The intensities and their slopes in the
-    coordinates are then formed in one pass (look_up), without autograd's graph of the look-up.
+    contiguous runs of them: numba's kernel from the padded coefficients themselves (runs of 4), torch's passes from
+    the largest runs that fit TABLE_BYTES (`LAYOUTS`: one gather a point for cubes). Every layout gives the same
+    numbers. The intensities and their slopes in the coordinates are then formed in one pass (look_up), without
+    autograd's graph of the look-up.
     """
 
     volume: torch.Tensor
@@ -60,7 +64,7 @@ class ImagePrior(nn.Module):
             return
         coefficients = ndimage.spline_filter(volume.detach().cpu().double().numpy(), order=3, mode="mirror")
         padded = torch.from_numpy(np.pad(coefficients, [(1, 2)] * 3, mode="reflect")).to(volume)
-        self.taps = _layout(self.shape, padded.element_size())
+        self.taps = _layout(self.shape, padded.element_size(), cubic_lookup.reads(padded))
         self.step, self.columns = _steps(self.shape, self.taps)
         self.register_buffer("table", _table(padded, self.taps), persistent=False)
         self.register_buffer("extent", torch.tensor(self.shape[::-1], dtype=volume.dtype) - 1)
@@ -77,9 +81,8 @@ class ImagePrior(nn.Module):
         across the border is 0 (a point there is looked up at the end node, where the mirror-boundary spline is flat).
         Taps and points are laid out points last, so that each product with a tap's weights runs along them. Where
         numba is installed its kernel computes the same numbers (cubic_lookup)."""
-        if cubic_lookup.compiled(self.table, c):
-            return cubic_lookup.look_up(self.table, self.step, self.columns, self.taps, self.shape[1], self.extent, c,
-                                        slopes)
+        if self.taps == RUNS and cubic_lookup.compiled(self.table, c):
+            return cubic_lookup.look_up(self.table, self.shape, self.extent, c, slopes)
         scale = self.extent / 2                                                # voxels per unit of c
         index = torch.minimum((c + 1) * scale, self.extent).clamp(min=0)
         base = torch.floor(index)
@@ -152,15 +155,16 @@ def _along(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def table_bytes(shape: tuple[int, ...], element_size: int = 4) -> int:
-    """Bytes of the cubic prior's coefficient table of a (D, H, W) volume of `element_size`-byte values, as laid out."""
-    return _table_bytes(shape, _layout(shape, element_size), element_size)
+    """Bytes of the cubic prior's coefficient table of a (D, H, W) volume of `element_size`-byte values, as laid out
+    on the CPU (by numba's kernel where it is installed, else by torch's passes)."""
+    return _table_bytes(shape, _layout(shape, element_size, compiling.numba is not None), element_size)
 
 
 def _table(padded: torch.Tensor, taps: tuple[int, int]) -> torch.Tensor:
     """The table of a layout (`taps`), flat: the entry of voxel (z, y, x), the coefficients (z-1 .. z-2+taps_z,
     y-1 .. y-2+taps_y, x-1 .. x+2) of the padded coefficients (D + 3, H + 3, W + 3), one after the other; runs of 4
     are the padded coefficients themselves (each entry starts one value after the last)."""
-    if taps == (1, 1):
+    if taps == RUNS:
         return padded.contiguous().reshape(-1)
     return padded.unfold(0, taps[0], 1).unfold(1, taps[1], 1).unfold(2, 4, 1).contiguous().reshape(-1)
 
@@ -168,19 +172,22 @@ def _table(padded: torch.Tensor, taps: tuple[int, int]) -> torch.Tensor:
 def _steps(shape: tuple[int, ...], taps: tuple[int, int]) -> tuple[int, int]:
     """Where the entries of a layout lie in its table: values from one entry to the next along x, and entries from one
     y to the next; (1, W + 3) for runs of 4, read from the padded coefficients."""
-    if taps == (1, 1):
+    if taps == RUNS:
         return 1, shape[2] + 3
     return taps[0] * taps[1] * 4, shape[2]
 
 
-def _layout(shape: tuple[int, ...], element_size: int) -> tuple[int, int]:
-    """The first of LAYOUTS whose table fits TABLE_BYTES (the last if none does)."""
-    return next((taps for taps in LAYOUTS if _table_bytes(shape, taps, element_size) <= TABLE_BYTES), LAYOUTS[-1])
+def _layout(shape: tuple[int, ...], element_size: int, kernel: bool) -> tuple[int, int]:
+    """RUNS for numba's `kernel`; for torch's passes the first of LAYOUTS whose table fits TABLE_BYTES (the last if
+    none does)."""
+    if kernel:
+        return RUNS
+    return next((taps for taps in LAYOUTS if _table_bytes(shape, taps, element_size) <= TABLE_BYTES), RUNS)
 
 
 def _table_bytes(shape: tuple[int, ...], taps: tuple[int, int], element_size: int) -> int:
     depth, height, width = shape
-    if taps == (1, 1):
+    if taps == RUNS:
         return (depth + 3) * (height + 3) * (width + 3) * element_size
     taps_z, taps_y = taps
     return (depth + 4 - taps_z) * (height + 4 - taps_y) * width * taps_z * taps_y * 4 * element_size

@@ -1,5 +1,6 @@
-"""The prior's cubic look-up by numba's kernel (STNeRPLib.cubic_lookup): torch's intensities and slopes to the bit on
-every table layout, and a fit the same with it as with torch's passes."""
+"""The prior's cubic look-up by numba's kernel (STNeRPLib.cubic_lookup), from the padded coefficients: torch's
+intensities and slopes to the bit, whichever table layout torch's passes read, and a fit the same with it as with
+torch's passes."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,10 +24,13 @@ def _points(shape: tuple[int, int, int], dtype: torch.dtype, generator: torch.Ge
     return c
 
 
-def _torchs(prior: priors.ImagePrior, c: torch.Tensor, slopes: bool,
-            monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _torchs(volume: torch.Tensor, c: torch.Tensor, slopes: bool, monkeypatch: pytest.MonkeyPatch,
+            taps: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """torch's passes' look-up of a prior of `volume` built without numba (its table of `taps`, if given)."""
     with monkeypatch.context() as patched:
         patched.setattr(compiling, "numba", None)
+        prior = priors.ImagePrior(volume, "cubic")
+        assert taps is None or prior.taps == taps
         assert not cubic_lookup.compiled(prior.table, c)
         return prior.look_up(c, slopes)
 
@@ -42,12 +46,13 @@ def test_kernel_gives_torchs_intensities_and_slopes_to_the_bit(shape: tuple[int,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(priors, "TABLE_BYTES", budget * dtype.itemsize // 4)
     generator = torch.Generator().manual_seed(sum(shape) + budget % 97)
-    prior = priors.ImagePrior(torch.rand(*shape, dtype=dtype, generator=generator), "cubic")
-    assert prior.taps == taps
+    volume = torch.rand(*shape, dtype=dtype, generator=generator)
+    prior = priors.ImagePrior(volume, "cubic")
+    assert prior.taps == priors.RUNS                    # the kernel reads the padded coefficients, whatever the budget
     c = _points(shape, dtype, generator)
     assert cubic_lookup.compiled(prior.table, c)
     value, slope = prior.look_up(c, slopes)
-    torchs_value, torchs_slope = _torchs(prior, c, slopes, monkeypatch)
+    torchs_value, torchs_slope = _torchs(volume, c, slopes, monkeypatch, taps)
     assert torch.equal(value, torchs_value)
     if slopes:
         assert slope is not None and torchs_slope is not None and torch.equal(slope, torchs_slope)
@@ -57,16 +62,34 @@ def test_kernel_gives_torchs_intensities_and_slopes_to_the_bit(shape: tuple[int,
 
 
 def test_the_kernel_takes_only_what_it_can_read() -> None:
-    entries = torch.zeros(10, 64)
-    assert cubic_lookup.compiled(entries, torch.zeros(5, 3))
-    assert not cubic_lookup.compiled(entries, torch.zeros(5, 3, dtype=torch.float64))
-    assert not cubic_lookup.compiled(entries, torch.zeros(5, 2))
-    assert not cubic_lookup.compiled(entries.half(), torch.zeros(5, 3).half())
+    coefficients = torch.zeros(64)
+    assert cubic_lookup.compiled(coefficients, torch.zeros(5, 3))
+    assert not cubic_lookup.compiled(coefficients, torch.zeros(5, 3, dtype=torch.float64))
+    assert not cubic_lookup.compiled(coefficients, torch.zeros(5, 2))
+    assert not cubic_lookup.compiled(coefficients.half(), torch.zeros(5, 3).half())
+    assert not cubic_lookup.reads(coefficients.half())
+
+
+def test_a_prior_built_without_the_kernel_is_looked_up_by_torchs_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table of cubes (numba absent when it was built) is never handed to the kernel, which reads runs only."""
+    volume = torch.rand(9, 11, 13, generator=torch.Generator().manual_seed(6))
+    with monkeypatch.context() as patched:
+        patched.setattr(compiling, "numba", None)
+        cubes = priors.ImagePrior(volume, "cubic")
+    assert cubes.taps == (4, 4)
+    calls = []
+    kernel = cubic_lookup._look_up
+    monkeypatch.setattr(cubic_lookup, "_look_up", lambda *arguments: calls.append(1) or kernel(*arguments))
+    c = torch.rand(50, 3, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    value, _ = cubes.look_up(c, slopes=False)
+    runs_value, _ = priors.ImagePrior(volume, "cubic").look_up(c, slopes=False)
+    assert len(calls) == 1 and torch.equal(value, runs_value)
 
 
 def test_a_point_not_a_number_looks_up_not_a_number_and_leaves_the_others_alone(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    prior = priors.ImagePrior(torch.rand(9, 11, 13, generator=torch.Generator().manual_seed(4)), "cubic")
+    volume = torch.rand(9, 11, 13, generator=torch.Generator().manual_seed(4))
+    prior = priors.ImagePrior(volume, "cubic")
     c = torch.rand(40, 3, generator=torch.Generator().manual_seed(5)) * 2 - 1
     nan = float("nan")
     c[3], c[7, 1], c[11, 2] = torch.tensor([nan, nan, nan]), nan, nan
@@ -75,7 +98,7 @@ def test_a_point_not_a_number_looks_up_not_a_number_and_leaves_the_others_alone(
     broken = torch.zeros(40, dtype=torch.bool)
     broken[[3, 7, 11]] = True
     assert value[broken].isnan().all() and slope[broken].isnan().all()
-    torchs_value, torchs_slope = _torchs(prior, c[~broken], True, monkeypatch)
+    torchs_value, torchs_slope = _torchs(volume, c[~broken], True, monkeypatch)
     assert torch.equal(value[~broken], torchs_value) and torch.equal(slope[~broken], torchs_slope)
 
 
@@ -86,5 +109,5 @@ def test_a_fit_is_the_same_with_the_kernel_as_with_torchs_passes(monkeypatch: py
     monkeypatch.setattr(cubic_lookup, "_look_up", lambda *arguments: calls.append(1) or kernel(*arguments))
     with_kernel = fitted_state(preset)
     assert len(calls) >= 24                       # every iteration looks the prior up at its drawn voxels
-    monkeypatch.setattr(cubic_lookup, "compiled", lambda entries, c: False)
+    monkeypatch.setattr(cubic_lookup, "reads", lambda coefficients: False)   # torch's passes, on a table of cubes
     assert_same_state(with_kernel, fitted_state(preset))

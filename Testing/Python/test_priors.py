@@ -8,7 +8,7 @@ from scipy import ndimage
 from STNeRPLib.integration import identity_grid
 from STNeRPLib.presets import Options
 from STNeRPLib.presets import DEFAULT, PAPER
-from STNeRPLib import priors
+from STNeRPLib import compiling, priors
 from STNeRPLib.priors import ImagePrior, evaluate_on_grid
 
 SHAPE = (9, 11, 13)  # D, H, W
@@ -27,11 +27,13 @@ def to_unit(index_xyz: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(2 * index_xyz / extent - 1).float()
 
 
-@pytest.fixture(params=priors.LAYOUTS)
+@pytest.fixture(params=["kernel", *priors.LAYOUTS])
 def cubic_layout(request, monkeypatch):
-    """Every layout of the cubic prior's coefficient table: 4 x 4 x 4 cubes, 4 x 4 (y, x) blocks and runs
-    of 4, each the only one the budget allows."""
-    monkeypatch.setattr(priors, "LAYOUTS", priors.LAYOUTS[priors.LAYOUTS.index(request.param):])
+    """Every look-up of the cubic prior: numba's kernel (on the padded coefficients), and torch's passes on each layout
+    of their table, 4 x 4 x 4 cubes, 4 x 4 (y, x) blocks and runs of 4, each the only one the budget allows."""
+    if request.param != "kernel":
+        monkeypatch.setattr(compiling, "numba", None)
+        monkeypatch.setattr(priors, "LAYOUTS", priors.LAYOUTS[priors.LAYOUTS.index(request.param):])
     return request.param
 
 
@@ -92,7 +94,8 @@ def test_cubic_values_are_the_same_with_and_without_a_gradient():
     np.testing.assert_array_equal(prior(c.clone().requires_grad_(True)).detach().numpy(), plain.numpy())
 
 
-def test_cubic_table_takes_the_longest_runs_within_the_budget(monkeypatch):
+def test_torchs_cubic_table_takes_the_longest_runs_within_the_budget(monkeypatch):
+    monkeypatch.setattr(compiling, "numba", None)
     depth, height, width = SHAPE
     cubes, blocks = depth * height * width * 64, (depth + 3) * height * width * 16   # coefficients of each layout
     monkeypatch.setattr(priors, "TABLE_BYTES", cubes * 4)
@@ -105,15 +108,21 @@ def test_cubic_table_takes_the_longest_runs_within_the_budget(monkeypatch):
 
 def test_runs_of_4_are_read_from_the_padded_coefficients_themselves(monkeypatch):
     """Beyond the budget of 4 x 4 blocks the table is the spline's coefficients padded by 1 before and 2 after along
-    each axis, no copy of them: 4 bytes a (padded) voxel, a quarter of a table of separate runs, and so counted."""
-    monkeypatch.setattr(priors, "LAYOUTS", priors.LAYOUTS[-1:])
+    each axis, no copy of them: 4 bytes a (padded) voxel, a quarter of a table of separate runs, and so counted.
+    They are what numba's kernel reads, whatever the budget (here cubes would fit it)."""
     volume = torch.from_numpy(np.random.default_rng(5).standard_normal(SHAPE)).float()
-    prior = ImagePrior(volume, "cubic")
     padded = tuple(n + 3 for n in SHAPE)
     coefficients = ndimage.spline_filter(volume.double().numpy(), order=3, mode="mirror")
     expected = np.pad(coefficients, [(1, 2)] * 3, mode="reflect").astype(np.float32)
-    assert prior.table.shape == (np.prod(padded),)
-    np.testing.assert_array_equal(prior.table.numpy().reshape(padded), expected)
+    with monkeypatch.context() as patched:
+        patched.setattr(compiling, "numba", None)
+        patched.setattr(priors, "LAYOUTS", priors.LAYOUTS[-1:])
+        torchs = ImagePrior(volume, "cubic")
+        assert priors.table_bytes(SHAPE) == np.prod(padded) * 4
+    kernels = ImagePrior(volume, "cubic")
+    for prior in (torchs, kernels):
+        assert prior.table.shape == (np.prod(padded),)
+        np.testing.assert_array_equal(prior.table.numpy().reshape(padded), expected)
     assert priors.table_bytes(SHAPE) == np.prod(padded) * 4
 
 
