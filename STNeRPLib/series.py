@@ -99,12 +99,12 @@ SLAB_BYTES_PER_VOXEL = 160
 indices in float64, the slab's field for the resampling transform and its copy (measured ~135 at
 256x256x150: 1.54 GB peak less what else is held)."""
 WORK_BYTES_PER_VOXEL = 20
-"""Beyond the scans and the cubic prior's coefficient table (priors.table_bytes: 16 to 256 bytes a voxel, by the
-reference's size), per voxel of the reference grid, the most that is held at once (bytes): while training, the
-normalised reference (4) and what builds the prior's table (12: float64 coefficients and their padded copy), then the
-body's voxel indices (4 kept, 8 while found: sampling.body_voxels, with its mask (1) and, for a calibrated follow-up,
-the numbers of its body level (4) and the comparison (1): 18 in all with the reference); while writing a time point on
-it, WRITING_BYTES_PER_VOXEL."""
+"""Beyond the scans and the cubic prior's coefficient table (priors.table_bytes: 4 bytes a voxel where numba's kernel
+reads it, else 4 to 256 by the reference's size), per voxel of the reference grid, the most that is held at once
+(bytes): while training, the normalised reference (4) and what builds the prior's table (12: float64 coefficients and
+their padded copy), then the body's voxel indices (4 kept, 8 while found: sampling.body_voxels, with its mask (1)
+and, for a calibrated follow-up, the numbers of its body level (4) and the comparison (1): 18 in all with the
+reference); while writing a time point on it, WRITING_BYTES_PER_VOXEL."""
 WRITING_BYTES_PER_VOXEL = 34
 """Per voxel of the grid a time point is written on (a follow-up's own), held while it is written: the field (12) and
 its image (12), the predicted image (4), the labelmap (2) and the Jacobian (4)."""
