@@ -92,8 +92,10 @@ def _check_times(times: list[float]) -> None:
                          "own time")
 
 
-BASE_BYTES = 600e6
-"""Python, torch, SimpleITK and the networks, before any image (measured ~0.5 GB)."""
+BASE_BYTES = 750e6
+"""Python, torch, SimpleITK, numba's kernels and the networks, before any image: every import of the worker measured
+0.53 GB of resident memory in a freshly made venv (torch 0.27, SimpleITK and scipy 0.11, numba 0.11), 0.39 GB in an
+older one of the same packages."""
 SLAB_BYTES_PER_VOXEL = 160
 """The working set of one output slab (warping.SLAB_VOXELS voxels), per voxel of it: points and
 indices in float64, the slab's field for the resampling transform and its copy (measured ~135 at
