@@ -32,6 +32,7 @@ LAYOUTS = ((4, 4), (1, 4), (1, 1))
 """The (z, y) taps of an entry of the cubic table, in order of preference (4 x taps each); (1, 1), runs of 4, is the
 padded coefficients themselves, what the kernel reads."""
 RUNS = LAYOUTS[-1]
+"""Runs of 4 along x: the layout numba's kernel reads, at every size (cubic_lookup.reads)."""
 
 
 class ImagePrior(nn.Module):
