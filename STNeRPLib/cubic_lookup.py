@@ -27,17 +27,17 @@ PREFETCH = 8
 table of cubes; none: slower than torch's passes when the table is not in the cache)."""
 
 
-def reads(coefficients: torch.Tensor) -> bool:
-    """Whether the kernel looks up a prior of these coefficients: numba installed, float32 or float64 on the CPU."""
-    return (compiling.numba is not None and coefficients.device.type == "cpu"
-            and coefficients.dtype in (torch.float32, torch.float64))
+def reads(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernel looks up a prior whose coefficients are of this dtype on this device: numba installed,
+    float32 or float64 on the CPU (what the prior's layout and the memory estimate follow)."""
+    return compiling.numba is not None and device.type == "cpu" and dtype in (torch.float32, torch.float64)
 
 
 def compiled(coefficients: torch.Tensor, c: torch.Tensor) -> bool:
     """Whether `look_up` takes the kernel: it `reads` the coefficients, and the points are (N, 3) of their dtype on
     the CPU."""
-    return reads(coefficients) and c.device.type == "cpu" and c.dtype == coefficients.dtype and c.dim() == 2 \
-        and c.shape[1] == 3
+    return reads(coefficients.device, coefficients.dtype) and c.device.type == "cpu" and c.dtype == coefficients.dtype \
+        and c.dim() == 2 and c.shape[1] == 3
 
 
 def look_up(coefficients: torch.Tensor, shape: tuple[int, ...], extent: torch.Tensor, c: torch.Tensor,
@@ -69,7 +69,7 @@ def _look_up(table: np.ndarray, height: int, width: int, points: np.ndarray, ext
     scale = (extent[0] / kind(2.0), extent[1] / kind(2.0), extent[2] / kind(2.0))
     for p in range(count):
         x, y, z = _index(points, p, scale, extent, kind)
-        if np.isnan(x) or np.isnan(y) or np.isnan(z):  # read the first entry, never outside the table: the value is NaN
+        if np.isnan(x) or np.isnan(y) or np.isnan(z):  # read the first runs, never outside the table: the value is NaN
             x = y = z = kind(0.0)
         first[p] = (int(np.floor(z)) * rows + int(np.floor(y))) * columns + int(np.floor(x))
     for p in range(count):

@@ -14,7 +14,7 @@ from scipy import ndimage
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import compiling, cubic_lookup
+from . import cubic_lookup
 from .integration import identity_grid, sample
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class ImagePrior(nn.Module):
             return
         coefficients = ndimage.spline_filter(volume.detach().cpu().double().numpy(), order=3, mode="mirror")
         padded = torch.from_numpy(np.pad(coefficients, [(1, 2)] * 3, mode="reflect")).to(volume)
-        self.taps = _layout(self.shape, padded.element_size(), cubic_lookup.reads(padded))
+        self.taps = _layout(self.shape, padded.element_size(), cubic_lookup.reads(padded.device, padded.dtype))
         self.step, self.columns = _steps(self.shape, self.taps)
         self.register_buffer("table", _table(padded, self.taps), persistent=False)
         self.register_buffer("extent", torch.tensor(self.shape[::-1], dtype=volume.dtype) - 1)
@@ -158,7 +158,8 @@ def _along(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def table_bytes(shape: tuple[int, ...], element_size: int = 4) -> int:
     """Bytes of the cubic prior's coefficient table of a (D, H, W) volume of `element_size`-byte values, as laid out
     on the CPU (by numba's kernel where it is installed, else by torch's passes)."""
-    return _table_bytes(shape, _layout(shape, element_size, compiling.numba is not None), element_size)
+    kernel = cubic_lookup.reads(torch.device("cpu"), torch.float32 if element_size == 4 else torch.float64)
+    return _table_bytes(shape, _layout(shape, element_size, kernel), element_size)
 
 
 def _table(padded: torch.Tensor, taps: tuple[int, int]) -> torch.Tensor:

@@ -67,7 +67,7 @@ def test_the_kernel_takes_only_what_it_can_read() -> None:
     assert not cubic_lookup.compiled(coefficients, torch.zeros(5, 3, dtype=torch.float64))
     assert not cubic_lookup.compiled(coefficients, torch.zeros(5, 2))
     assert not cubic_lookup.compiled(coefficients.half(), torch.zeros(5, 3).half())
-    assert not cubic_lookup.reads(coefficients.half())
+    assert not cubic_lookup.reads(coefficients.device, torch.float16)
 
 
 def test_a_prior_built_without_the_kernel_is_looked_up_by_torchs_passes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,5 +109,5 @@ def test_a_fit_is_the_same_with_the_kernel_as_with_torchs_passes(monkeypatch: py
     monkeypatch.setattr(cubic_lookup, "_look_up", lambda *arguments: calls.append(1) or kernel(*arguments))
     with_kernel = fitted_state(preset)
     assert len(calls) >= 24                       # every iteration looks the prior up at its drawn voxels
-    monkeypatch.setattr(cubic_lookup, "reads", lambda coefficients: False)   # torch's passes, on a table of cubes
+    monkeypatch.setattr(cubic_lookup, "reads", lambda device, dtype: False)   # torch's passes, on a table of cubes
     assert_same_state(with_kernel, fitted_state(preset))
