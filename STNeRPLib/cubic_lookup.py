@@ -1,5 +1,6 @@
-"""The prior's cubic B-spline look-up (priors.ImagePrior.look_up) by a numba compiled kernel, torch's numbers to the
-bit.
+"""Cubic B-spline look-ups by numba compiled kernels: the prior's (priors.ImagePrior.look_up), torch's numbers to the
+bit, and a scan's resampling for the predicted image (resample), SimpleITK's numbers to float32 rounding; both read the
+padded coefficients (padded_coefficients).
 
 Every Def-Net iteration looks the prior up at its drawn voxels' moved positions, the intensities and their slopes in
 the coordinates. Torch does it in passes over all the points (gather the 64 coefficients a point, transpose them to
@@ -11,6 +12,12 @@ ahead to the next point's reads by itself. About twice as fast in a fit (docs/pr
 coefficients themselves, 16 runs of 4 a point (4 bytes a voxel; torch's passes read a table of 4 x 4 x 4 cubes, 64
 times that, where it fits: one gather a point). It runs where numba is installed, on the CPU; elsewhere torch's
 passes give the same numbers.
+
+The predicted image resamples the scans at millions of points mapped through the learned motion. SimpleITK's
+resampling computes a scan's coefficients afresh for each slab of slices (and a margin beyond it) and reads its points
+through a displacement-field transform; the kernel reads each point's indices directly from coefficients computed once
+for the whole scan (docs/presets.md, *The predicted image resampled by the kernel*). Where numba is missing, SimpleITK
+resamples (warping).
 """
 from __future__ import annotations
 
@@ -18,8 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
-from . import compiling
+from . import compiling, threads
 from .compiling import inlined, kernel
 
 PREFETCH = 8
@@ -31,6 +39,58 @@ def reads(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the kernel looks up a prior whose coefficients are of this dtype on this device: numba installed,
     float32 or float64 on the CPU (what the prior's layout and the memory estimate follow)."""
     return compiling.numba is not None and device.type == "cpu" and dtype in (torch.float32, torch.float64)
+
+
+def resamples() -> bool:
+    """Whether `resample` runs compiled (numba installed): else the predicted image is resampled by SimpleITK."""
+    return compiling.numba is not None
+
+
+def padded_coefficients(volume: np.ndarray, dtype: type) -> np.ndarray:
+    """The cubic B-spline coefficients of a volume [D, H, W] with mirror boundaries (as SimpleITK's and scipy's
+    interpolation compute them), each axis's pass in `dtype` (scipy filters each line in float64), padded by 1 before
+    and 2 after along each axis with their mirror images (coefficient -1 is coefficient 1): contiguous, (D + 3, H + 3,
+    W + 3) of `dtype`, every tap of a point at a continuous index in [0, n - 1] on each axis inside. Memory: that array
+    alone (the volume's values are read, not copied)."""
+    padded = np.empty(tuple(n + 3 for n in volume.shape), dtype)
+    inner = padded[1:-2, 1:-2, 1:-2]
+    source = volume
+    for axis in range(3):
+        ndimage.spline_filter1d(source, 3, axis, output=inner, mode="mirror")
+        source = inner
+    for axis, n in enumerate(volume.shape):
+        for at in (0, n + 1, n + 2):         # padded position of coefficient at - 1, from its mirror image's
+            padded[(slice(None),) * axis + (at,)] = padded[(slice(None),) * axis + (1 + _mirrored(at - 1, n),)]
+    return padded
+
+
+def _mirrored(k: int, n: int) -> int:
+    """Index k of an axis of n values mirrored into 0..n - 1 (about its first and last values, which repeat not)."""
+    if n == 1:
+        return 0
+    period = 2 * (n - 1)
+    k = abs(k) % period
+    return period - k if k >= n else k
+
+
+def resample(coefficients: np.ndarray, samples: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """The scan `samples` [D, H, W] (its padded_coefficients) at continuous indices (N, 3), (x, y, z), float32: its
+    cubic B-spline where an index lies within half a voxel of the scan's nodes on every axis (mirrored about the
+    border nodes within that half voxel), else the value of its nearest voxel, as SimpleITK resamples with a
+    nearest-neighbour extrapolator (warping.resample_onto). The points' ranges are shared among threads.current()
+    threads."""
+    resampled = np.empty(len(index), np.float32)
+    points = np.ascontiguousarray(index, np.float64)
+
+    def part(start: int, end: int) -> None:
+        _resample(coefficients, samples, points[start:end], resampled[start:end])
+
+    threads.map_ranges(part, len(points), RESAMPLE_CHUNK)
+    return resampled
+
+
+RESAMPLE_CHUNK = 1 << 16
+"""Points resampled by one call of the kernel: a range of them on each thread at once."""
 
 
 def compiled(coefficients: torch.Tensor, c: torch.Tensor) -> bool:
@@ -140,3 +200,58 @@ def _prefetch(table: np.ndarray, first: int, rows: int, columns: int) -> None:
             start = first + (tz * rows + ty) * columns
             compiling.prefetch(table, start)
             compiling.prefetch(table, start + 3)
+
+
+@kernel
+def _resample(table: np.ndarray, samples: np.ndarray, index: np.ndarray, out: np.ndarray) -> None:
+    """out[p]: `resample`'s value at index[p] (x, y, z), from the padded coefficients `table` [D + 3, H + 3, W + 3] of
+    `samples` [D, H, W], in float64 (SimpleITK's arithmetic) rounded once to out's type."""
+    depth, height, width = samples.shape
+    for p in range(index.shape[0]):
+        x, y, z = index[p, 0], index[p, 1], index[p, 2]
+        if not (_within(x, width) and _within(y, height) and _within(z, depth)):
+            out[p] = samples[_nearest(z, depth), _nearest(y, height), _nearest(x, width)]
+            continue
+        x, y, z = _mirror(x, width), _mirror(y, height), _mirror(z, depth)
+        fx, fy, fz = np.floor(x), np.floor(y), np.floor(z)
+        wx, _ = _weights(x - fx, np.float64)
+        wy, _ = _weights(y - fy, np.float64)
+        wz, _ = _weights(z - fz, np.float64)
+        ix, iy, iz = int(fx), int(fy), int(fz)
+        total = 0.0
+        for tz in range(4):
+            plane = 0.0
+            for ty in range(4):
+                row = table[iz + tz, iy + ty]
+                plane += wy[ty] * (wx[0] * np.float64(row[ix]) + wx[1] * np.float64(row[ix + 1])
+                                   + wx[2] * np.float64(row[ix + 2]) + wx[3] * np.float64(row[ix + 3]))
+            total += wz[tz] * plane
+        out[p] = total
+
+
+@inlined
+def _within(i: float, n: int) -> bool:
+    """Whether continuous index i lies in [-0.5, n - 0.5), where SimpleITK interpolates (else it extrapolates)."""
+    return -0.5 <= i < n - 0.5
+
+
+@inlined
+def _nearest(i: float, n: int) -> int:
+    """The voxel nearest continuous index i (halves up), clamped to 0..n - 1: SimpleITK's nearest-neighbour
+    extrapolation; 0 for not a number."""
+    if np.isnan(i):
+        return 0
+    return min(max(int(np.floor(i + 0.5)), 0), n - 1)
+
+
+@inlined
+def _mirror(i: float, n: int) -> float:
+    """Continuous index i in [-0.5, n - 0.5) mirrored into [0, n - 1] about the border nodes (the spline of mirrored
+    coefficients is symmetric about them); 0 on an axis of one voxel."""
+    if n == 1:
+        return 0.0
+    if i < 0.0:
+        return -i
+    if i > n - 1:
+        return 2.0 * (n - 1) - i
+    return i

@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from .checkpoint import save_atomically
+from .cubic_lookup import padded_coefficients
 from .deformation import Deformation
 from .errors import InputError
 from .geometry import Grid
@@ -91,9 +92,17 @@ class SeriesModel:
         """The labels the reference labelmap holds ([] without one), found once for every time point written."""
         return labels_in(self.labelmap) if self.labelmap is not None else []
 
-    def field_of_view(self, t: float) -> sitk.Image | None:
-        """uint8 mask of the scan at time t's field of view on the reference grid (None: all of it)."""
-        return self.grid.image(self.views[t].astype(np.uint8)) if t in self.views else None
+    def coefficients(self, t: float) -> np.ndarray:
+        """The padded cubic B-spline coefficients (float32, cubic_lookup.padded_coefficients) of the scan the predicted
+        images carry at scanned time t (`carried`), from which they are resampled: the reference's are kept once made
+        (every scanned time's predicted image reads them), another scan's are made anew."""
+        if t == self.reference_time:
+            return self._reference_coefficients
+        return padded_coefficients(sitk.GetArrayViewFromImage(self.carried(t)), np.float32)
+
+    @cached_property
+    def _reference_coefficients(self) -> np.ndarray:
+        return padded_coefficients(sitk.GetArrayViewFromImage(self.reference), np.float32)
 
     def identity_at(self, t: float) -> bool:
         """Whether the map at user time t is the identity by construction (the anchored reference time)."""

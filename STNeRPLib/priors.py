@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -63,8 +62,8 @@ class ImagePrior(nn.Module):
         if not self.cubic:
             self.register_buffer("volume", volume[None, None])
             return
-        coefficients = ndimage.spline_filter(volume.detach().cpu().double().numpy(), order=3, mode="mirror")
-        padded = torch.from_numpy(np.pad(coefficients, [(1, 2)] * 3, mode="reflect")).to(volume)
+        coefficients = cubic_lookup.padded_coefficients(volume.detach().cpu().double().numpy(), np.float64)
+        padded = torch.from_numpy(coefficients).to(volume)
         self.taps = _layout(self.shape, padded.element_size(), cubic_lookup.reads(padded.device, padded.dtype))
         self.step, self.columns = _steps(self.shape, self.taps)
         self.register_buffer("table", _table(padded, self.taps), persistent=False)

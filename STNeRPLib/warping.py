@@ -3,7 +3,8 @@ labelmap (propagate_labels: label-wise trilinear, or nearest neighbour as the pa
 predicted image. The field and labels are evaluated in slabs of slices, so memory stays bounded on
 large grids.
 
-The predicted image is made from the scans, resampled with cubic B-splines:
+The predicted image is made from the scans, resampled with cubic B-splines (numba's kernel on each scan's coefficients,
+cubic_lookup.resample; SimpleITK's resampling, the same numbers to 0.01 HU, where numba is missing):
 - at an unscanned time t between two scans a < t < b: motion-compensated interpolation, each
   scan carried to t through the learned deformation (point q -> phi_s^-1(q + u_t(q)), s = a, b,
   phi_s^-1 the fixed-point inverse of scan s's own map, as in inverse_displacement.nrrd) and the two
@@ -24,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import threads
+from . import cubic_lookup, threads
 from .geometry import Grid, affine_transform, inverted, transformed
 from .integration import GridPoints, sample
 from .model import SeriesModel
@@ -77,6 +78,7 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
     sources = image_sources(model, t) if prealignment is None else {}
     inverses = [inverse_map(model, s) for s in sources]
     inverse = inverted(prealignment)
+    scans = _Scans(model)
     field = np.empty((*target.shape, 3), np.float32)
     image = np.empty(target.shape, np.float32)
     labels = np.empty(target.shape, model.labelmap.dtype) if model.labelmap is not None else None
@@ -88,10 +90,10 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
                                              model.preset.label_interpolation).reshape(slab.shape)
         field[z0:z1] = moved.mm.reshape(*slab.shape, 3)
         if sources:
-            image[z0:z1] = _blend(model, sources, [(c.mm.reshape(*slab.shape, 3), c.index) for c in carried],
+            image[z0:z1] = _blend(scans, sources, [(c.mm.reshape(*slab.shape, 3), c.index) for c in carried],
                                   (field[z0:z1], moved.index), slab)
         else:
-            image[z0:z1] = _resample(model, model.reference_time, _transform(field[z0:z1], slab), moved.index, slab)
+            image[z0:z1] = scans.at(model.reference_time, moved.index, field[z0:z1], slab)
         del moved, carried                   # before the next slab's are made
     return Warped(field, image, labels, list(sources) or [model.reference_time])
 
@@ -243,18 +245,19 @@ def _invert(forward: torch.Tensor, start: torch.Tensor, c: torch.Tensor) -> torc
     return w
 
 
-def _blend(model: SeriesModel, sources: dict[float, float], carried: list[tuple[np.ndarray, np.ndarray]],
+def _blend(scans: _Scans, sources: dict[float, float], carried: list[tuple[np.ndarray, np.ndarray]],
            reference: tuple[np.ndarray, np.ndarray], slab: Grid) -> np.ndarray:
-    """Weighted sum of the carried scans on one slab, each counted only inside its field of view
-    (weights renormalised) and in the reference's CT numbers where the fit calibrated it; where no scan saw the
-    point, the reference resampled through u_t.
+    """Weighted sum of the carried scans on one slab, each counted only inside its field of view (the nearest voxel of
+    its mask; weights renormalised) and in the reference's CT numbers where the fit calibrated it; where no scan saw
+    the point, the reference resampled through u_t.
     carried: per source, the displacement (mm, [z, y, x, 3] on the slab) to its points and their
-    reference-grid indices; reference: the same for u_t. Each is made a transform once, when used."""
+    reference-grid indices; reference: the same for u_t."""
+    model = scans.model
     total, weight = np.zeros(slab.shape), np.zeros(slab.shape)
     for (s, w), (displacement, index) in zip(sources.items(), carried):
-        transform = _transform(displacement, slab)
-        seen = w if s not in model.views else w * _resample(model, s, transform, index, slab, view=True)
-        values = _resample(model, s, transform, index, slab)
+        seen = w if s not in model.views else w * _nearest_label(model.views[s], np.floor(index + 0.5)).reshape(
+            slab.shape)
+        values = scans.at(s, index, displacement, slab)
         if s in model.calibrations:                  # a CBCT's numbers, in the reference's as Def-Net fitted them
             values = model.calibrations[s].corrected_at(values.ravel(), index).reshape(slab.shape)
         total += seen * values
@@ -263,7 +266,7 @@ def _blend(model: SeriesModel, sources: dict[float, float], carried: list[tuple[
     unseen = weight <= 0
     if unseen.any():
         displacement, index = reference
-        image[unseen] = _resample(model, model.reference_time, _transform(displacement, slab), index, slab)[unseen]
+        image[unseen] = scans.at(model.reference_time, index, displacement, slab)[unseen]
     return image
 
 
@@ -351,15 +354,42 @@ def _transform(displacement: np.ndarray, slab: Grid) -> sitk.DisplacementFieldTr
     return sitk.DisplacementFieldTransform(slab.image(displacement.astype(np.float64), vector=True))
 
 
-def _resample(model: SeriesModel, s: float, transform: sitk.Transform, index: np.ndarray,
-              slab: Grid, view: bool = False) -> np.ndarray:
-    """The scan at scanned time s (SeriesModel.carried, as acquired through its pre-alignment; view: its field-of-view
-    mask on the reference grid, nearest neighbour) at transform(q) for every voxel q of `slab` (cubic B-spline; beyond
-    the scan, its nearest border value). `index`: those points' continuous indices (x, y, z) on the reference grid;
-    only the slices of the scan they reach, plus SPLINE_MARGIN, are taken from it."""
-    scan = cast(sitk.Image, model.field_of_view(s)) if view else model.carried(s)
+class _Scans:
+    """The scans of one `warp`, read at any points: by numba's kernel from their cubic B-spline coefficients, each
+    scan's made once a warp when first read (the reference's kept by the model, SeriesModel.coefficients), or where
+    numba is missing by SimpleITK's resampling."""
+
+    def __init__(self, model: SeriesModel) -> None:
+        self.model = model
+        self.coefficients: dict[float, np.ndarray] = {}
+
+    def at(self, s: float, index: np.ndarray, displacement: np.ndarray, slab: Grid) -> np.ndarray:
+        """The scan at scanned time s (SeriesModel.carried: as acquired, through its pre-alignment) at the points of
+        `slab` whose continuous indices (x, y, z) on the reference grid are `index` (N, 3), their displacement from
+        the slab's voxels `displacement` (mm, [z, y, x, 3]): cubic B-spline, beyond the scan its nearest voxel."""
+        if not cubic_lookup.resamples():
+            return _resample(self.model, s, _transform(displacement, slab), index, slab)
+        if s not in self.coefficients:
+            self.coefficients[s] = self.model.coefficients(s)
+        samples = sitk.GetArrayViewFromImage(self.model.carried(s))
+        return cubic_lookup.resample(self.coefficients[s], samples, _in_scan(self.model, s, index)).reshape(slab.shape)
+
+
+def _in_scan(model: SeriesModel, s: float, index: np.ndarray) -> np.ndarray:
+    """Continuous indices (N, 3) of reference-grid points, `index`, in the scan carried at scanned time s: on a grid of
+    its own, through its pre-alignment (reference LPS -> the scan's), else the same."""
+    if s not in model.acquired:
+        return index
+    points = transformed(model.grid.to_physical(index), model.prealignments.get(s))
+    return Grid.of(model.acquired[s]).to_index(points)
+
+
+def _resample(model: SeriesModel, s: float, transform: sitk.Transform, index: np.ndarray, slab: Grid) -> np.ndarray:
+    """_Scans.at by SimpleITK (numba missing): the scan at transform(q) for every voxel q of `slab`; only the slices of
+    the scan that `index` reaches, plus SPLINE_MARGIN, are taken from it."""
+    scan = model.carried(s)
     depth = scan.GetSize()[2]
-    if not view and s in model.acquired:      # on a grid of its own: the corners of the points' box, indexed there
+    if s in model.acquired:                   # on a grid of its own: the corners of the points' box, indexed there
         corners = model.grid.to_physical(np.array(list(itertools.product(*zip(index.min(axis=0), index.max(axis=0))))))
         if s in model.prealignments:          # reference LPS -> the scan's, after the transform's own map
             corners = transformed(corners, model.prealignments[s])
@@ -367,7 +397,7 @@ def _resample(model: SeriesModel, s: float, transform: sitk.Transform, index: np
         index = Grid.of(scan).to_index(corners)
     low = int(np.clip(np.floor(index[:, 2].min()) - SPLINE_MARGIN, 0, depth - 1))
     high = int(np.clip(np.ceil(index[:, 2].max()) + SPLINE_MARGIN, low, depth - 1)) + 1
-    return resample_onto(scan[:, :, low:high], transform, slab, sitk.sitkNearestNeighbor if view else sitk.sitkBSpline)
+    return resample_onto(scan[:, :, low:high], transform, slab)
 
 
 def resample_onto(scan: sitk.Image, transform: sitk.Transform, target: Grid,

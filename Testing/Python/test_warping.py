@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from STNeRPLib import warping
+from STNeRPLib import cubic_lookup, warping
 from STNeRPLib.geometry import Grid
 from STNeRPLib.model import SeriesModel
 from STNeRPLib.phantom import breathing_series
@@ -217,6 +217,29 @@ def test_predicted_image_carries_a_pre_aligned_scan_as_acquired_through_its_pre_
         assert warped.image_sources == expected.image_sources == [1.0, 2.0]
         assert np.abs(warped.image - expected.image).max() < 0.01                      # HU
         np.testing.assert_array_equal(carrying.prealignments[2.0], prealignments[2.0])
+
+
+@pytest.mark.parametrize("t", [1.0, 1.5, 3.0], ids=["scanned", "between scans", "beyond the last"])
+def test_predicted_image_resampled_by_the_kernel_is_sitks_resampling(breathing, t, monkeypatch):
+    """The predicted image resampled by numba's kernel (each scan's coefficients made once) is SimpleITK's (slab by
+    slab, what runs without numba) to 0.01 HU: at a scanned time (the reference through u_t), between scans and
+    beyond the last, with scan 2 on a grid of its own moved by a pre-alignment, scans 1 and 2 seeing only the lower
+    slices (fields of view) and the upper slices, which no scan sees, the reference through u_t."""
+    model, grid = breathing
+    monkeypatch.setattr(warping, "SLAB_VOXELS", 9 * grid.size[0] * grid.size[1])
+    turn = np.radians(5.0)
+    prealignment = np.eye(4)
+    prealignment[:2, :2] = [[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]]
+    prealignment[:3, 3] = (4.0, -6.0, 90.0)
+    view = np.zeros(grid.shape, bool)
+    view[:20] = True
+    seen = dataclasses.replace(model, acquired={2.0: _moved_scan(model.follow_ups[2.0], prealignment)},
+                               prealignments={2.0: prealignment}, views={1.0: view, 2.0: view})
+    kernels = warp(seen, t, grid)
+    monkeypatch.setattr(cubic_lookup, "resamples", lambda: False)
+    sitks = warp(seen, t, grid)
+    assert kernels.image_sources == sitks.image_sources
+    assert np.ptp(sitks.image) > 500 and np.abs(kernels.image - sitks.image).max() < 0.01          # HU
 
 
 def test_predicted_image_beyond_the_last_scan_is_the_mean_of_the_reference_and_that_scan_carried_to_it(breathing):
