@@ -9,6 +9,10 @@ about twice as fast at the drawn voxels and 1.1-1.4 x in a squaring step (docs/p
 needs them: float32 or float64 tensors on the CPU with autograd. Elsewhere (the outputs, which torch shares among
 its threads; another device; numba not installed) torch's kernel samples. Grids are [N, C, D, H, W], points
 [N, Do, Ho, Wo, 3] in (x, y, z) order, -1 and 1 the first and last node of each axis.
+
+The outputs' inverse of a map (warping.invert) iterates a fixed point by sampling at each point again and again;
+`inverse` does it point by point in one kernel, the same numbers to the bit as warping's passes of torch's sampling
+(which gather and scatter the points still moving at every step), where numba is installed, on the CPU.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import compiling
+from . import compiling, threads
 from .compiling import inlined, kernel
 
 if TYPE_CHECKING:
@@ -72,6 +76,37 @@ class _Trilinear(torch.autograd.Function):
                 grad_grid.view(ctx.grid_shape) if want_grid else None)  # type: ignore[attr-defined]
 
 
+def inverts(forward: torch.Tensor, start: torch.Tensor, c: torch.Tensor) -> bool:
+    """Whether `inverse` takes these: numba installed, all three float32 (or all float64) on the CPU, fields [1, 3, D,
+    H, W] and points [1, N, 3]."""
+    tensors = (forward, start, c)
+    return (compiling.numba is not None and all(t.device.type == "cpu" and t.dtype == c.dtype for t in tensors)
+            and c.dtype in (torch.float32, torch.float64) and forward.dim() == start.dim() == 5
+            and forward.shape[:2] == start.shape[:2] == (1, 3) and c.dim() == 3 and c.shape[0] == 1
+            and c.shape[2] == 3)
+
+
+def inverse(forward: torch.Tensor, start: torch.Tensor, c: torch.Tensor, steps: int, tolerance: float) -> torch.Tensor:
+    """warping.invert by the kernel: at each point c [1, N, 3] the displacement w [1, N, 3] with c + w + forward(c + w)
+    = c, from w = start(c), each step w <- -forward(c + w), after `steps` of them damped (the mean of w and that), until
+    a step moves w by at most `tolerance` along every axis or 2 x `steps` were taken. The points' ranges are shared
+    among threads.current() threads."""
+    fields = forward.detach().contiguous().numpy(), start.detach().contiguous().numpy()
+    points = c.detach()[0].contiguous().numpy()
+    w = torch.empty(c.shape, dtype=c.dtype)
+    out = w[0].numpy()
+
+    def part(begin: int, end: int) -> None:
+        _inverse(*fields, points[begin:end], out[begin:end], steps, tolerance)
+
+    threads.map_ranges(part, len(points), INVERSE_RANGE)
+    return w
+
+
+INVERSE_RANGE = 1 << 16
+"""Points one call of the inverse's kernel takes: a range of them on each thread at once."""
+
+
 # The kernels follow torch's CPU kernel (aten/src/ATen/native/GridSampler.cpp, grid_sampler_3d_cpu_impl and its
 # backward) operation by operation: the corners' weights as products of the same differences, the sums in the
 # same order (corners z, then y, then x, first corner first), a corner beyond the grid's last node skipped. Halving
@@ -91,24 +126,8 @@ def _forward(volume: np.ndarray, points: np.ndarray, out: np.ndarray) -> None:
             ix, iy, iz, _, _, _ = _source(coordinates, k, width, height, depth, kind)
             first, sx, sy, sz, w, _ = _cell(ix, iy, iz, width, height, depth, kind)
             for c in range(channels):
-                at = first + (n * channels + c) * stride
-                total = kind(0.0)                           # torch's sum starts at 0: -0.0 terms give +0.0
-                total += values[at] * w[0]
-                if sx:
-                    total += values[at + sx] * w[1]
-                if sy:
-                    total += values[at + sy] * w[2]
-                if sx and sy:
-                    total += values[at + sx + sy] * w[3]
-                if sz:
-                    total += values[at + sz] * w[4]
-                    if sx:
-                        total += values[at + sz + sx] * w[5]
-                    if sy:
-                        total += values[at + sz + sy] * w[6]
-                    if sx and sy:
-                        total += values[at + sz + sx + sy] * w[7]
-                samples[(n * channels + c) * size + p] = total
+                samples[(n * channels + c) * size + p] = _corners(values, first + (n * channels + c) * stride, sx, sy,
+                                                                  sz, w, kind)
 
 
 @kernel
@@ -245,3 +264,62 @@ def _spread(into: np.ndarray, at: int, sx: int, sy: int, sz: int, w: tuple, g: A
             into[at + sz + sy] += w[6] * g
         if sx and sy:
             into[at + sz + sx + sy] += w[7] * g
+
+
+@kernel
+def _inverse(forward: np.ndarray, start: np.ndarray, points: np.ndarray, out: np.ndarray, steps: int,
+             tolerance: float) -> None:
+    """out [P, 3]: `inverse` at points [P, 3] of the fields forward and start [1, 3, D, H, W], each operation torch's
+    (warping._invert's) in its order: its sampling (_forward's), c + w, the negation, the damped mean as 0.5 * (step
+    + w), and the tolerance compared in the fields' precision."""
+    kind = forward.dtype.type
+    limit = kind(tolerance)
+    for p in range(points.shape[0]):
+        cx, cy, cz = points[p, 0], points[p, 1], points[p, 2]
+        wx, wy, wz = _field_at(start, cx, cy, cz, kind)
+        for count in range(2 * steps):
+            sx, sy, sz = _field_at(forward, cx + wx, cy + wy, cz + wz, kind)
+            sx, sy, sz = -sx, -sy, -sz
+            if count >= steps:
+                sx, sy, sz = kind(0.5) * (sx + wx), kind(0.5) * (sy + wy), kind(0.5) * (sz + wz)
+            moving = max(abs(sx - wx), abs(sy - wy), abs(sz - wz)) > limit
+            wx, wy, wz = sx, sy, sz
+            if not moving:
+                break
+        out[p, 0], out[p, 1], out[p, 2] = wx, wy, wz
+
+
+@inlined
+def _field_at(field: np.ndarray, x: Any, y: Any, z: Any, kind: Any) -> tuple[Any, Any, Any]:
+    """A field [1, 3, D, H, W] at the point (x, y, z) (grid_sample coordinates), as _forward samples it."""
+    _, _, depth, height, width = field.shape
+    values, stride = field.ravel(), depth * height * width
+    ix, _ = _axis(x, width, kind)
+    iy, _ = _axis(y, height, kind)
+    iz, _ = _axis(z, depth, kind)
+    first, sx, sy, sz, w, _ = _cell(ix, iy, iz, width, height, depth, kind)
+    return (_corners(values, first, sx, sy, sz, w, kind), _corners(values, first + stride, sx, sy, sz, w, kind),
+            _corners(values, first + 2 * stride, sx, sy, sz, w, kind))
+
+
+@inlined
+def _corners(values: np.ndarray, at: int, sx: int, sy: int, sz: int, w: tuple, kind: Any) -> Any:
+    """One channel's sum over the cell's corners from values[at], torch's in its order (first corner first; a corner
+    beyond the last node skipped)."""
+    total = kind(0.0)                           # torch's sum starts at 0: -0.0 terms give +0.0
+    total += values[at] * w[0]
+    if sx:
+        total += values[at + sx] * w[1]
+    if sy:
+        total += values[at + sy] * w[2]
+    if sx and sy:
+        total += values[at + sx + sy] * w[3]
+    if sz:
+        total += values[at + sz] * w[4]
+        if sx:
+            total += values[at + sz + sx] * w[5]
+        if sy:
+            total += values[at + sz + sy] * w[6]
+        if sx and sy:
+            total += values[at + sz + sx + sy] * w[7]
+    return total

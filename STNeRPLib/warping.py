@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import cubic_lookup, threads
+from . import cubic_lookup, threads, trilinear
 from .geometry import Grid, affine_transform, inverted, transformed
 from .integration import GridPoints, sample
 from .model import SeriesModel
@@ -220,7 +220,10 @@ def invert(forward: torch.Tensor, start: torch.Tensor, c: torch.Tensor) -> torch
     exp(-v), or inverse_map's inverse on a coarser grid).
     Each point iterates until a step moves it by at most INVERSE_TOLERANCE (at most INVERSE_STEPS
     times), so a point's result does not depend on which other points are inverted with it; hence
-    the points are taken INVERSE_CHUNK at a time, whose iterations stay in the CPU's cache."""
+    the points are taken INVERSE_CHUNK at a time, whose iterations stay in the CPU's cache. Where numba is installed its
+    kernel iterates each point on its own, the same numbers (trilinear.inverse)."""
+    if trilinear.inverts(forward, start, c):
+        return trilinear.inverse(forward, start, c, INVERSE_STEPS, INVERSE_TOLERANCE)
     return torch.cat([_invert(forward, start, c[:, i:i + INVERSE_CHUNK])
                       for i in range(0, c.shape[1], INVERSE_CHUNK)], dim=1)
 

@@ -133,3 +133,35 @@ def test_inverse_converges_where_the_map_expands_nearly_twofold():
     w = warping.invert(forward, torch.zeros_like(forward), c)
     residual = (w + warping.sample(forward, c + w)).abs().amax(dim=2)
     assert residual.max() <= 2 * warping.INVERSE_TOLERANCE, residual.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["smooth", "expanding nearly twofold"])
+def test_the_kernel_inverts_to_the_bit_as_torchs_passes(case, dtype, monkeypatch):
+    """trilinear.inverse (numba, each point iterated on its own) gives warping's passes of torch's sampling to the bit:
+    a smooth map from exp(-v), and the radial expansion whose points need the damped steps; points up to 20 % beyond
+    the grid (sampled at its border)."""
+    from STNeRPLib import compiling, trilinear, warping
+    from STNeRPLib.integration import identity_grid, scaling_and_squaring
+
+    generator = torch.Generator().manual_seed(3)
+    if case == "smooth":
+        velocity = torch.randn(1, 3, 6, 7, 8, generator=generator, dtype=dtype) * 0.05
+        forward, start = scaling_and_squaring(velocity, 7), scaling_and_squaring(-velocity, 7)
+    else:
+        x = identity_grid((33, 33, 33)).permute(0, 4, 1, 2, 3).to(dtype)
+        d = x - torch.tensor([0.1, -0.05, 0.0], dtype=dtype).view(1, 3, 1, 1, 1)
+        forward = 0.9 * d * torch.exp(-(d ** 2).sum(1, keepdim=True) / (2 * 0.3 ** 2))
+        start = torch.zeros_like(forward)
+    c = torch.rand(1, 5000, 3, generator=generator, dtype=dtype) * 2.4 - 1.2
+    assert trilinear.inverts(forward, start, c)
+    calls = []
+    kernel = trilinear._inverse
+    monkeypatch.setattr(trilinear, "_inverse", lambda *arguments: calls.append(1) or kernel(*arguments))
+    kernels = warping.invert(forward, start, c)
+    with monkeypatch.context() as patched:
+        patched.setattr(compiling, "numba", None)
+        assert not trilinear.inverts(forward, start, c)
+        torchs = warping.invert(forward, start, c)
+    assert calls and kernels.dtype == dtype and torch.equal(kernels, torchs)
+    assert (kernels - warping.sample(start, c)).abs().max() > 10 * warping.INVERSE_TOLERANCE     # it iterated
