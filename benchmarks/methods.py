@@ -215,15 +215,20 @@ def run_peer(job: dict, series: Series, work: Path) -> dict:
 
 def _warm_up(method: str) -> None:
     """Imports, the lazy module loading of ITK and the loading of numba's compiled kernels (from its cache; 0.3 s a
-    process, the machinery numba imports at a first call; trilinear's and cubic_lookup's), outside the clock (imports
-    are nobody's work)."""
+    process, the machinery numba imports at a first call; trilinear's and cubic_lookup's, the training's and the
+    outputs'), outside the clock (imports are nobody's work)."""
     if kind(method) == "stnerp":
+        import numpy as np
         import torch
 
-        from STNeRPLib import priors, trilinear
+        from STNeRPLib import cubic_lookup, priors, trilinear
         volume = torch.zeros(1, 1, 2, 2, 2, requires_grad=True)
         trilinear.grid_sample(volume, torch.zeros(1, 1, 1, 1, 3, requires_grad=True)).sum().backward()
         priors.ImagePrior(torch.zeros(2, 2, 2), "cubic").look_up(torch.zeros(1, 3), slopes=True)
+        field = torch.zeros(1, 3, 2, 2, 2)
+        trilinear.inverse(field, field, torch.zeros(1, 1, 3), 1, 1e-5)
+        samples = np.zeros((2, 2, 2), np.float32)
+        cubic_lookup.resample(cubic_lookup.padded_coefficients(samples, np.float32), samples, np.zeros((1, 3)))
     if kind(method) != "peer":
         return
     package = peers.PEERS[method]["package"]
