@@ -26,8 +26,18 @@ MODEL_FORMAT = 1
 
 
 def labels_in(labelmap: np.ndarray) -> list[int]:
-    """The labels (> 0) that at least one voxel of a labelmap holds."""
-    return [int(label) for label in np.flatnonzero(np.bincount(labelmap.ravel(), minlength=1)) if label > 0]
+    """The labels (> 0) that at least one voxel of a labelmap holds, in increasing order; counted LABEL_COUNT_CHUNK
+    voxels at a time (np.bincount copies what it counts as int64)."""
+    flat = labelmap.reshape(-1)
+    present: set[int] = set()
+    for start in range(0, flat.size, LABEL_COUNT_CHUNK):
+        present.update(np.flatnonzero(np.bincount(flat[start:start + LABEL_COUNT_CHUNK])).tolist())
+    return sorted(label for label in present if label > 0)
+
+
+LABEL_COUNT_CHUNK = 1 << 20
+"""Voxels of a labelmap labels_in counts at once: 8 MB of int64; the whole 512 x 512 x 300 labelmap at once took 2.6 s
+and 630 MB (+600 MB of peak RSS), in chunks of 4 M 0.4 s and 32 MB."""
 
 
 @dataclass

@@ -35,7 +35,7 @@ from .errors import InputError
 from .record import load_record
 from .integration import identity_grid, sample
 from .io import read_image
-from .model import SeriesModel
+from .model import SeriesModel, labels_in
 from .preprocessing import CALIBRATION_TOLERANCE_HU, CT_WINDOW
 from .presets import CHARBONNIER_EPSILON
 from .sampling import BODY_LEVEL, BODY_MARGIN_MM, STRUCTURE_BAND_MM
@@ -175,7 +175,7 @@ def structures_at(run: Path, entry: dict) -> dict[int, Structure]:
     jacobian = sitk.GetArrayFromImage(sitk.ReadImage(str(run / entry["jacobian"])))
     voxel_ml = abs(np.linalg.det(np.reshape(labelmap.GetDirection(), (3, 3)) @ np.diag(labelmap.GetSpacing()))) / 1000
     found = {}
-    for label in np.unique(labels[labels > 0]):
+    for label in labels_in(labels):
         where = np.nonzero(labels == label)
         values = jacobian[where].astype(np.float64)
         found[int(label)] = Structure(
@@ -318,7 +318,7 @@ def structure_curves(model: SeriesModel, times: np.ndarray) -> Curves:
     step = 1.0 / grid.unit_scale()                                   # half a voxel, unit coordinates
     labelmap = cast(np.ndarray, model.labelmap)
     points, counts = {}, {}
-    for label in np.unique(labelmap[labelmap > 0]):
+    for label in labels_in(labelmap):
         flat = np.flatnonzero(labelmap == label)
         counts[int(label)] = len(flat)
         chosen = flat[::int(np.ceil(len(flat) / CURVE_POINTS))]
