@@ -1,6 +1,6 @@
 """Cubic B-spline look-ups by numba compiled kernels: the prior's (priors.ImagePrior.look_up), torch's numbers to the
-bit, and a scan's resampling for the predicted image (resample), SimpleITK's numbers to float32 rounding; both read the
-padded coefficients (padded_coefficients).
+bit, and a scan's resampling for the predicted image (resample), SimpleITK's numbers to 0.01 HU; both read the padded
+coefficients (padded_coefficients).
 
 Every Def-Net iteration looks the prior up at its drawn voxels' moved positions, the intensities and their slopes in
 the coordinates. Torch does it in passes over all the points (gather the 64 coefficients a point, transpose them to
@@ -16,7 +16,7 @@ passes give the same numbers.
 The predicted image resamples the scans at millions of points mapped through the learned motion. SimpleITK's
 resampling computes a scan's coefficients afresh for each slab of slices (and a margin beyond it) and reads its points
 through a displacement-field transform; the kernel reads each point's indices directly from coefficients computed once
-for the whole scan (docs/presets.md, *The predicted image resampled by the kernel*). Where numba is missing, SimpleITK
+for the whole scan (docs/presets.md, *The predicted image resampled by a kernel*). Where numba is missing, SimpleITK
 resamples (warping).
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def padded_coefficients(volume: np.ndarray, dtype: type) -> np.ndarray:
 
 
 def _mirrored(k: int, n: int) -> int:
-    """Index k of an axis of n values mirrored into 0..n - 1 (about its first and last values, which repeat not)."""
+    """Index k of an axis of n values mirrored into 0..n - 1 about its first and last values (not repeated)."""
     if n == 1:
         return 0
     period = 2 * (n - 1)

@@ -291,7 +291,11 @@ def _inverse(forward: np.ndarray, start: np.ndarray, points: np.ndarray, out: np
 
 @inlined
 def _field_at(field: np.ndarray, x: Any, y: Any, z: Any, kind: Any) -> tuple[Any, Any, Any]:
-    """A field [1, 3, D, H, W] at the point (x, y, z) (grid_sample coordinates), as _forward samples it."""
+    """A field [1, 3, D, H, W] at the point (x, y, z) (grid_sample coordinates), as _forward samples it; not a number
+    at a point not a number (read nowhere: a diverged fit's field must not send the kernel outside the field)."""
+    if np.isnan(x) or np.isnan(y) or np.isnan(z):
+        nan = kind(np.nan)
+        return nan, nan, nan
     _, _, depth, height, width = field.shape
     values, stride = field.ravel(), depth * height * width
     ix, _ = _axis(x, width, kind)
