@@ -291,19 +291,24 @@ def _inverse(forward: np.ndarray, start: np.ndarray, points: np.ndarray, out: np
 
 @inlined
 def _field_at(field: np.ndarray, x: Any, y: Any, z: Any, kind: Any) -> tuple[Any, Any, Any]:
-    """A field [1, 3, D, H, W] at the point (x, y, z) (grid_sample coordinates), as _forward samples it; not a number
-    at a point not a number (read nowhere: a diverged fit's field must not send the kernel outside the field)."""
-    if np.isnan(x) or np.isnan(y) or np.isnan(z):
-        nan = kind(np.nan)
-        return nan, nan, nan
+    """A field [1, 3, D, H, W] at the point (x, y, z) (grid_sample coordinates), as _forward samples it; a coordinate
+    not a number taken as the axis' last node, as torch's border padding clips it (min(last, max(NaN, 0)) is last), so
+    that a diverged fit's field never sends the kernel outside the field."""
     _, _, depth, height, width = field.shape
     values, stride = field.ravel(), depth * height * width
     ix, _ = _axis(x, width, kind)
     iy, _ = _axis(y, height, kind)
     iz, _ = _axis(z, depth, kind)
+    ix, iy, iz = _clipped(ix, width, kind), _clipped(iy, height, kind), _clipped(iz, depth, kind)
     first, sx, sy, sz, w, _ = _cell(ix, iy, iz, width, height, depth, kind)
     return (_corners(values, first, sx, sy, sz, w, kind), _corners(values, first + stride, sx, sy, sz, w, kind),
             _corners(values, first + 2 * stride, sx, sy, sz, w, kind))
+
+
+@inlined
+def _clipped(index: Any, nodes: int, kind: Any) -> Any:
+    """A source index from _axis, not a number taken as the last node (torch's border clip of a NaN coordinate)."""
+    return kind(nodes - 1) if np.isnan(index) else index
 
 
 @inlined
