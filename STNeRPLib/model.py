@@ -36,8 +36,9 @@ def labels_in(labelmap: np.ndarray) -> list[int]:
 
 
 LABEL_COUNT_CHUNK = 1 << 20
-"""Voxels of a labelmap labels_in counts at once: 8 MB of int64; the whole 512 x 512 x 300 labelmap at once took 2.6 s
-and 630 MB (+600 MB of peak RSS), in chunks of 4 M 0.4 s and 32 MB."""
+"""Voxels of a labelmap labels_in counts at once: 8 MB of int64. A 512 x 512 x 300 labelmap counted at once took
+1.3-2.6 s the first time and raised the peak RSS by 525-600 MB (630 MB of int64); in chunks of this size 0.09 s, no
+rise."""
 
 
 @dataclass

@@ -266,8 +266,8 @@ def test_the_estimate_counts_the_cubic_priors_table_in_its_layout(tmp_path, monk
 
 def test_the_labels_a_labelmap_holds_are_found_without_an_int64_copy_of_it():
     """labels_in (each time point's labels_lost, the model's structures, the report) counts the labels a chunk at a
-    time: np.bincount of a whole labelmap copied it as int64, 8 bytes a voxel (630 MB and 2.6 s for a 512 x 512 x 300
-    labelmap, +600 MB of peak RSS), four times a uint16 labelmap's own size."""
+    time: np.bincount of a whole labelmap copied it as int64, 8 bytes a voxel (630 MB for a 512 x 512 x 300 labelmap,
+    +525-600 MB of peak RSS), four times a uint16 labelmap's own size."""
     import tracemalloc
 
     from STNeRPLib.model import labels_in
