@@ -14,7 +14,7 @@ from STNeRPLib.warping import resample_onto
 
 
 def _scan(shape: tuple[int, int, int], pixel: type, seed: int) -> sitk.Image:
-    """A smooth volume of CT numbers (-1000 to ~1000) with sharp edges, on an oblique grid of anisotropic voxels."""
+    """A smooth volume of CT numbers (-1000 to 3000) with a sharp edge, on an oblique grid of anisotropic voxels."""
     rng = np.random.default_rng(seed)
     values = ndimage.gaussian_filter(rng.normal(size=shape), 1.0) * 4000
     values[:, : shape[1] // 3] = -1000                                 # air: an edge as sharp as a body's
