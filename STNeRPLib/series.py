@@ -98,8 +98,9 @@ BASE_BYTES = 750e6
 older one of the same packages."""
 SLAB_BYTES_PER_VOXEL = 160
 """The working set of one output slab (warping.SLAB_VOXELS voxels), per voxel of it: points and
-indices in float64, the slab's field for the resampling transform and its copy (measured ~135 at
-256x256x150: 1.54 GB peak less what else is held)."""
+indices in float64, and where numba is missing the slab's field for SimpleITK's resampling transform and its copy
+(measured ~135 at 256x256x150 with them: 1.54 GB peak less what else is held; with numba's resampling the
+scans' coefficients are counted instead, CARRIED_BYTES_PER_VOXEL)."""
 WORK_BYTES_PER_VOXEL = 20
 """Beyond the scans and the cubic prior's coefficient table (priors.table_bytes: 4 bytes a voxel where numba's kernel
 reads it, else 4 to 256 by the reference's size), per voxel of the reference grid, the most that is held at once
