@@ -9,13 +9,14 @@ from ``sitk.GetArrayFromImage`` are ordered [z, y, x]. A displacement field ``u`
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from . import threads
+from . import compiling, threads
+from .compiling import inlined, kernel
 from .geometry import Grid
 
 _SSIM_SIGMA = 1.5
@@ -134,29 +135,34 @@ def jacobian_determinant(displacement: sitk.Image, slab: int | None = None) -> s
     with D the direction matrix and S = diag(spacing) (Grid.index_to_mm; D^-1 is D^T unless the grid's axes
     are sheared); central differences inside the grid, one-sided at its borders, in the field's own precision
     (float32 fields: float32). Computed in slabs of `slab` slices (default: about JACOBIAN_SLAB_VOXELS voxels
-    each, with a one-slice halo: the same numbers as at once) so memory stays bounded; on the worker's
-    threads (threads.map_ranges). Returns a float32 scalar image with the geometry of ``displacement``.
+    each) on the worker's threads (threads.map_ranges): by numba's kernel voxel by voxel where numba is installed,
+    else by numpy a slab at a time with a one-slice halo (memory stays bounded); the same numbers either way, and as
+    at once. Returns a float32 scalar image with the geometry of ``displacement``.
     """
     u = sitk.GetArrayViewFromImage(displacement)  # [z, y, x, component], not copied
     depth = u.shape[0]
     slab = slab or max(1, JACOBIAN_SLAB_VOXELS // (u.shape[1] * u.shape[2]))
     index_per_mm = np.linalg.inv(Grid.of(displacement).index_to_mm).astype(u.dtype)
     determinant = np.empty(u.shape[:3], dtype=np.float32)
-
-    def slab_of(z0: int, z1: int) -> None:
-        low, high = max(z0 - 1, 0), min(z1 + 1, depth)
-        rows = slice(z0 - low, z1 - low)
-        # d[c][a] = d u_c / d index_a, index axes a = (i, j, k) are array axes reversed.
-        d = [[g[rows] for g in np.gradient(u[low:high, :, :, c], axis=(2, 1, 0))] for c in range(3)]
-        determinant[z0:z1] = _det3(_deformation_gradient(d, index_per_mm))
-
-    threads.map_ranges(slab_of, depth, slab)
+    compiled = compiling.numba is not None and min(u.shape[:3]) >= 2      # numpy refuses an axis of one voxel
+    determinants = _determinants if compiled else _numpy_determinants
+    threads.map_ranges(lambda z0, z1: determinants(u, index_per_mm, determinant, z0, z1), depth, slab)
     out = sitk.GetImageFromArray(determinant)
     out.CopyInformation(displacement)
     return out
 
 
 JACOBIAN_SLAB_VOXELS = 1 << 18
+
+
+def _numpy_determinants(u: np.ndarray, index_per_mm: np.ndarray, out: np.ndarray, z0: int, z1: int) -> None:
+    """out[z0:z1] = det(I + du/dx) of slices z0..z1 of the field u [z, y, x, 3] (jacobian_determinant), by numpy's
+    gradients of those slices and one more each side."""
+    low, high = max(z0 - 1, 0), min(z1 + 1, u.shape[0])
+    rows = slice(z0 - low, z1 - low)
+    # d[c][a] = d u_c / d index_a, index axes a = (i, j, k) are array axes reversed.
+    d = [[g[rows] for g in np.gradient(u[low:high, :, :, c], axis=(2, 1, 0))] for c in range(3)]
+    out[z0:z1] = _det3(_deformation_gradient(d, index_per_mm))
 
 
 def _deformation_gradient(d: list[list[np.ndarray]], index_per_mm: np.ndarray) -> list[list[np.ndarray]]:
@@ -170,12 +176,64 @@ def _deformation_gradient(d: list[list[np.ndarray]], index_per_mm: np.ndarray) -
     return [[entry(c, b) for b in range(3)] for c in range(3)]
 
 
-def _det3(m: list[list[np.ndarray]]) -> np.ndarray:
-    """Determinants of 3x3 matrices given entry by entry, m[row][column] an array each, by cofactors: a few
-    times faster than np.linalg.det's LU, equal to it within rounding."""
+def _det3(m: Any) -> Any:
+    """Determinants of 3x3 matrices given entry by entry, m[row][column] an array each (or, in the kernel, a number
+    each), by cofactors: a few times faster than np.linalg.det's LU, equal to it within rounding."""
     return (m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
             - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
             + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
+
+
+_voxel_det3 = inlined(_det3)
+
+
+@kernel
+def _determinants(u: np.ndarray, index_per_mm: np.ndarray, out: np.ndarray, z0: int, z1: int) -> None:
+    """out[z0:z1] as _numpy_determinants computes it, voxel by voxel, each operation numpy's in its order and in the
+    field's precision: np.gradient's differences (halved inside the grid), _deformation_gradient's sums, _det3."""
+    depth, rows, columns, _ = u.shape
+    kind = u.dtype.type
+    for z in range(z0, z1):
+        for y in range(rows):
+            for x in range(columns):
+                m = (_row(u, z, y, x, 0, index_per_mm, kind), _row(u, z, y, x, 1, index_per_mm, kind),
+                     _row(u, z, y, x, 2, index_per_mm, kind))
+                out[z, y, x] = _voxel_det3(m)
+
+
+@inlined
+def _row(u: np.ndarray, z: int, y: int, x: int, c: int, index_per_mm: np.ndarray, kind: Any) -> tuple[Any, Any, Any]:
+    """Row c of I + du/dx at voxel (x, y, z)."""
+    slopes = (_slope(u, z, y, x, c, 0, kind), _slope(u, z, y, x, c, 1, kind), _slope(u, z, y, x, c, 2, kind))
+    return (_entry(slopes, index_per_mm, 0, kind, c == 0), _entry(slopes, index_per_mm, 1, kind, c == 1),
+            _entry(slopes, index_per_mm, 2, kind, c == 2))
+
+
+@inlined
+def _slope(u: np.ndarray, z: int, y: int, x: int, c: int, a: int, kind: Any) -> Any:
+    """du_c / d index_a at voxel (x, y, z) as np.gradient takes it: (next - previous) / 2 inside the grid, one-sided
+    at its first and last voxel along axis a (x, y, z for a = 0, 1, 2)."""
+    at, n = (x, y, z)[a], u.shape[2 - a]
+    before, after = max(at - 1, 0), min(at + 1, n - 1)
+    if a == 0:
+        difference = u[z, y, after, c] - u[z, y, before, c]
+    elif a == 1:
+        difference = u[z, after, x, c] - u[z, before, x, c]
+    else:
+        difference = u[after, y, x, c] - u[before, y, x, c]
+    return difference / kind(2.0) if 0 < at < n - 1 else difference
+
+
+@inlined
+def _entry(slopes: Any, index_per_mm: np.ndarray, b: int, kind: Any, diagonal: bool) -> Any:
+    """(I + du/dx)[c, b] from the slopes du_c / d index_a, as _deformation_gradient sums it: the terms whose
+    index-per-mm entry is 0 skipped, the others added in order a = 0, 1, 2, then 1 on the diagonal."""
+    total, first = kind(0.0), True
+    for a in range(3):
+        if index_per_mm[a, b] != 0:
+            term = slopes[a] * index_per_mm[a, b]
+            total, first = (term if first else total + term), False
+    return total + kind(1.0) if diagonal else total
 
 
 def folding_statistics(jacobian: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float | int]:
