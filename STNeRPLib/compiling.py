@@ -1,10 +1,11 @@
-"""numba, where installed: how the compiled kernels (trilinear, cubic_lookup: the training's and the outputs') are
-compiled, and the two processor operations they need that Python has no word for.
+"""numba, where installed: how the compiled kernels (trilinear, cubic_lookup: the training's and the outputs';
+label_lookup and metrics' Jacobian: the outputs') are compiled, and the two processor operations they need that
+Python has no word for.
 
-Without numba (PythonSlicer unless it is installed) `numba` is None, no kernel is ever called, and torch computes the
-same numbers more slowly (SimpleITK resamples the predicted image, to 0.01 HU). The kernels are compiled at their
-first call for the host's processor and kept in numba's cache (STNeRPLib/__pycache__, or numba's user cache where
-that is not writable).
+Without numba (PythonSlicer unless it is installed) `numba` is None, no kernel is ever called, and torch or
+numpy computes the same numbers more slowly (SimpleITK resamples the predicted image, to 0.01 HU). The kernels are
+compiled at their first call for the host's processor and kept in numba's cache (STNeRPLib/__pycache__, or numba's
+user cache where that is not writable).
 """
 from __future__ import annotations
 

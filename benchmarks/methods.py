@@ -216,12 +216,12 @@ def run_peer(job: dict, series: Series, work: Path) -> dict:
 def _warm_up(method: str) -> None:
     """Imports, the lazy module loading of ITK and the loading of numba's compiled kernels (from its cache; 0.3 s a
     process, the machinery numba imports at a first call; trilinear's and cubic_lookup's, the training's and the
-    outputs'), outside the clock (imports are nobody's work)."""
+    outputs', label_lookup's and the Jacobian's), outside the clock (imports are nobody's work)."""
     if kind(method) == "stnerp":
         import numpy as np
         import torch
 
-        from STNeRPLib import cubic_lookup, priors, trilinear
+        from STNeRPLib import cubic_lookup, label_lookup, metrics, priors, trilinear
         volume = torch.zeros(1, 1, 2, 2, 2, requires_grad=True)
         trilinear.grid_sample(volume, torch.zeros(1, 1, 1, 1, 3, requires_grad=True)).sum().backward()
         priors.ImagePrior(torch.zeros(2, 2, 2), "cubic").look_up(torch.zeros(1, 3), slopes=True)
@@ -229,6 +229,8 @@ def _warm_up(method: str) -> None:
         trilinear.inverse(field, field, torch.zeros(1, 1, 3), 1, 1e-5)
         samples = np.zeros((2, 2, 2), np.float32)
         cubic_lookup.resample(cubic_lookup.padded_coefficients(samples, np.float32), samples, np.zeros((1, 3)))
+        label_lookup.carry(np.zeros((2, 2, 2), np.uint8), np.zeros((1, 3)), True)    # the model's labels: uint8
+        metrics.jacobian_determinant(sitk.Image([2, 2, 2], sitk.sitkVectorFloat32, 3))
     if kind(method) != "peer":
         return
     package = peers.PEERS[method]["package"]

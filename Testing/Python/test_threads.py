@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from STNeRPLib import metrics, threads, warping
+from STNeRPLib import compiling, metrics, threads, warping
 from STNeRPLib.phantom import breathing_series, write_series
 from STNeRPLib.threads import choose_threads
 from worker_cli import stnerp
@@ -123,10 +123,13 @@ def test_an_error_in_one_range_is_raised(monkeypatch):
         threads.map_ranges(work, 10, 4)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("count", [2, 3])
-def test_labels_jacobian_and_ssim_on_several_threads_equal_one_threads(monkeypatch, count):
-    """Each range writes its own points or slices (labels, det J: the same numbers); SSIM sums its
-    slabs' local values in another grouping (float64 rounding)."""
+def test_labels_jacobian_and_ssim_on_several_threads_equal_one_threads(monkeypatch, count, compiled):
+    """Each range writes its own points or slices (labels, det J: the same numbers, by numba's kernels and by numpy
+    where numba is missing); SSIM sums its slabs' local values in another grouping (float64 rounding)."""
+    if not compiled:
+        monkeypatch.setattr(compiling, "numba", None)
     rng = np.random.default_rng(7)
     labelmap = rng.integers(0, 4, (20, 24, 28)).astype(np.uint16)
     points = rng.uniform(-2, 30, (5000, 3))                            # some beyond the grid
