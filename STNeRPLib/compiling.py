@@ -5,20 +5,24 @@ Python has no word for.
 Without numba (PythonSlicer unless it is installed) `numba` is None, no kernel is ever called, and torch or
 numpy computes the same numbers more slowly (SimpleITK resamples the predicted image, to 0.01 HU). The kernels are
 compiled at their first call for the host's processor and kept in numba's cache (STNeRPLib/__pycache__, or numba's
-user cache where that is not writable).
+user cache where that is not writable). With the environment variable STNERP_NUMBA=0 numba is not even imported, as
+if it were missing: the benchmark's peers run so, their clock and memory their own (numba's import and a kernel's
+loading take ~130 MB).
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
-numba: Any
-try:
-    import numba
-    from llvmlite import ir
-    from numba.core import cgutils, types
-    from numba.extending import intrinsic
-except ImportError:
-    numba = None
+numba: Any = None
+if os.environ.get("STNERP_NUMBA") != "0":
+    try:
+        import numba
+        from llvmlite import ir
+        from numba.core import cgutils, types
+        from numba.extending import intrinsic
+    except ImportError:
+        numba = None
 
 
 def kernel(function: Any) -> Any:

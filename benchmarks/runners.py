@@ -163,13 +163,16 @@ def available(method: str, peers_python: Path | None) -> bool:
 def run_job(job: dict, python: str, timeout: float) -> dict:
     """Run methods.py for `job` in a child process (killed after `timeout` s); its result and its
     process time. (Its peak memory is the child's own VmHWM, read by the child: os.wait4's
-    ru_maxrss would not do, Linux carries the parent's high-water mark over fork and exec.)"""
+    ru_maxrss would not do, Linux carries the parent's high-water mark over fork and exec. A peer's or a baseline's
+    child runs without numba, STNERP_NUMBA=0: its Jacobian by numpy, numba's memory not counted as the peer's.)"""
     out = Path(job["work"]) / "result.json"
     Path(job["work"]).mkdir(parents=True, exist_ok=True)
     job = {**job, "out": str(out)}
     n = str(job["threads"])
     env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": n,
            "BENCHMARK_THREADS": n, "PYTHONWARNINGS": "ignore"}
+    if methods.kind(job["method"]) != "stnerp":
+        env["STNERP_NUMBA"] = "0"           # a peer's Jacobian by numpy: numba's ~130 MB are not the peer's
     start = time.perf_counter()
     process = subprocess.Popen([python, str(HERE / "methods.py"), json.dumps(job)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -278,14 +278,16 @@ def test_child_process_runs_a_method_and_a_timeout_kills_it(series, tmp_path):
 def test_child_peak_memory_is_its_own_not_the_parents(series, tmp_path):
     """Linux carries a process's high-water RSS over fork and exec into ru_maxrss, so a child of a
     large parent read the parent's size (every method showed 687 MB on 2026-12-01). The child's
-    own VmHWM is what the benchmark reports."""
+    own VmHWM is what the benchmark reports. Nor is numba's memory a peer's: once det J was compiled, a peer's child
+    scoring its fields loaded numba (266 MB here with the kernel in numba's cache, 360 compiling it, against 159):
+    the runner starts it with STNERP_NUMBA=0 (numpy's det J, the same numbers)."""
     ballast = np.ones(400 * 2**20 // 8)            # 400 MB touched in this (the parent) process
     job = {"method": "sitk_demons", "series": str(series.folder), "threads": 1, "heldout": None,
            "work": str(tmp_path / "run")}
     result = runners.run_job(job, sys.executable, timeout=600)
     assert result["ok"], result.get("log")
     assert result["peak_rss_source"] == "VmHWM"
-    assert 30 < result["peak_rss_mb"] < 350, result["peak_rss_mb"]
+    assert 30 < result["peak_rss_mb"] < 230, result["peak_rss_mb"]
     assert ballast.sum() > 0
 
 

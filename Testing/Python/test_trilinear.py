@@ -4,6 +4,9 @@ with torch's."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,3 +110,18 @@ def test_a_fit_says_when_numba_is_missing(monkeypatch: pytest.MonkeyPatch, insta
         Options(dataclasses.replace(DEFAULT, def_iterations=2)), reporter)
     said = [text for text in reporter.said if text.startswith("numba is not installed")]
     assert len(said) == (0 if installed else 1)
+
+
+def test_stnerp_numba_0_runs_the_outputs_without_importing_numba() -> None:
+    """STNERP_NUMBA=0 (the benchmark's peers' processes): numba is not imported at all, and det J and the labels are
+    computed by numpy."""
+    code = ("import sys; import numpy as np; import SimpleITK as sitk; "
+            "from STNeRPLib import compiling, metrics, warping; "
+            "metrics.jacobian_determinant(sitk.Image([3, 3, 3], sitk.sitkVectorFloat32, 3)); "
+            "warping.propagate_labels(np.ones((2, 2, 2), np.uint8), np.zeros((1, 3)), 'linear'); "
+            "print(compiling.numba is None, 'numba' in sys.modules)")
+    for value, said in (("0", "True False"), ("1", "False True")):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env={**os.environ, "STNERP_NUMBA": value})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == said.split(), value
