@@ -101,9 +101,9 @@ def fit(reference: sitk.Image, reference_time: float, follow_ups: list[tuple[flo
         reporter.message(f"guided by the segmentation: {options.preset.structure_points:.0%} of the voxels drawn about "
                          f"its {len(bands)} structures, Def-Net's loss {options.preset.similarity}")
     if device.type == "cpu" and compiling.numba is None:
-        reporter.message("numba is not installed: training and the outputs sample with torch's kernels, numpy "
-                         "carries the labels and SimpleITK resamples the predicted images, the same numbers more "
-                         "slowly (pip install numba)")
+        reporter.message("numba is not in use (not installed, or STNERP_NUMBA=0): training and the outputs sample "
+                         "with torch's kernels, numpy carries the labels and SimpleITK resamples the predicted "
+                         "images, the same numbers more slowly (pip install numba)")
     with checkpoint.holding_signals() if checkpoint is not None else nullcontext():
         ref_net = _fit_ref_net(reference_volume, options, progress, generator, checkpoint)
         prior = _prior(reference_volume, ref_net, options)

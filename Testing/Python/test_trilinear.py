@@ -108,7 +108,7 @@ def test_a_fit_says_when_numba_is_missing(monkeypatch: pytest.MonkeyPatch, insta
     reporter = _Messages()
     fit(made.images[0], made.times[0], [(made.times[1], made.images[1])], None,
         Options(dataclasses.replace(DEFAULT, def_iterations=2)), reporter)
-    said = [text for text in reporter.said if text.startswith("numba is not installed")]
+    said = [text for text in reporter.said if text.startswith("numba is not in use")]
     assert len(said) == (0 if installed else 1)
 
 
