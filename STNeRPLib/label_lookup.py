@@ -14,7 +14,8 @@ from . import compiling, threads
 from .compiling import inlined, kernel
 
 TIE = 1e-12
-"""Label-wise linear: labels whose summed corner weights are within this of the largest tie (the smallest wins)."""
+"""Label-wise linear: labels whose summed corner weights are within this of the largest tie (the smallest wins); the
+numpy carrying's too (warping)."""
 
 
 def carries() -> bool:

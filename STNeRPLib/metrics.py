@@ -191,7 +191,7 @@ _voxel_det3 = inlined(_det3)
 def _determinants(u: np.ndarray, index_per_mm: np.ndarray, out: np.ndarray, z0: int, z1: int) -> None:
     """out[z0:z1] as _numpy_determinants computes it, voxel by voxel, each operation numpy's in its order and in the
     field's precision: np.gradient's differences (halved inside the grid), _deformation_gradient's sums, _det3."""
-    depth, rows, columns, _ = u.shape
+    _, rows, columns, _ = u.shape
     kind = u.dtype.type
     for z in range(z0, z1):
         for y in range(rows):

@@ -499,6 +499,6 @@ def _label_wise_linear(labelmap: np.ndarray, index: np.ndarray) -> np.ndarray:
     weights = np.stack([np.prod(np.where(np.array([dx, dy, dz], bool), f, 1 - f), axis=1)
                         for dz, dy, dx in CORNERS])                                     # [8, M]
     scores = ((corners[:, None] == corners[None]) * weights[None]).sum(axis=1)          # corner c's label's weight
-    candidates = scores >= scores.max(axis=0) - 1e-12
+    candidates = scores >= scores.max(axis=0) - label_lookup.TIE
     labels[mixed] = np.where(candidates, corners, np.iinfo(corners.dtype).max).min(axis=0)
     return labels
