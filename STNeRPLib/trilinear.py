@@ -12,10 +12,13 @@ its threads; another device; numba not installed) torch's kernel samples. Grids 
 
 The outputs' inverse of a map (warping.invert) iterates a fixed point by sampling at each point again and again;
 `inverse` does it point by point in one kernel, the same numbers to the bit as warping's passes of torch's sampling
-(which gather and scatter the points still moving at every step), where numba is installed, on the CPU.
+(which gather and scatter the points still moving at every step), where numba is installed, on the CPU. `mapped`
+maps a slab of the reference grid's voxels as the outputs do (u sampled, on through an inverse map, to indices and mm)
+in one pass a point, torch's numbers to the bit.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -105,6 +108,39 @@ def inverse(forward: torch.Tensor, start: torch.Tensor, c: torch.Tensor, steps: 
 
 INVERSE_RANGE = 1 << 16
 """Points one call of the inverse's kernel takes: a range of them on each thread at once."""
+
+
+def maps(displacement: torch.Tensor, inverses: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether `mapped` takes these: numba installed, the displacement and every inverse map's two fields float32 on the
+    CPU, each [1, 3, D, H, W]."""
+    fields = [displacement, *(field for pair in inverses for field in pair)]
+    return compiling.numba is not None and all(
+        f.device.type == "cpu" and f.dtype == torch.float32 and f.dim() == 5 and f.shape[:2] == (1, 3) for f in fields)
+
+
+def mapped(displacement: torch.Tensor, inverse: tuple[torch.Tensor, torch.Tensor] | None, axes: Sequence[torch.Tensor],
+           rows: tuple[int, int], half_scale: np.ndarray, per_unit: np.ndarray, steps: int,
+           tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """The voxel centres c of slices rows[0]..rows[1] of a grid whose unit coordinates along z, y and x are `axes`
+    (integration.GridPoints.axes), mapped as warping._mapped maps them by torch, to the bit: c -> c + u(c), u the
+    `displacement` sampled at c, and with an `inverse` map (forward, start) on to c + u(c) + w, w its inverse at
+    c + u(c) (as `inverse` finds it, with `steps` and `tolerance`). Returns the points' continuous indices (x, y, z),
+    (N, 3) float64, (unit + 1) * half_scale; and their displacement from c in mm, (N, 3) float32, the displacement
+    in units times `per_unit` (3 x 3, float32), summed x, y, z in that order as torch's product sums. The points'
+    ranges are shared among threads.current() threads."""
+    field = displacement.detach().contiguous().numpy()
+    forward, start = (field, field) if inverse is None else tuple(f.detach().contiguous().numpy() for f in inverse)
+    along_z, along_y, along_x = (a.cpu().numpy() for a in axes)
+    count = (rows[1] - rows[0]) * len(along_y) * len(along_x)
+    index, mm = np.empty((count, 3)), np.empty((count, 3), np.float32)
+    scale, per_unit = np.ascontiguousarray(half_scale, np.float64), np.ascontiguousarray(per_unit, np.float32)
+
+    def part(begin: int, end: int) -> None:
+        _mapped(field, forward, start, inverse is not None, along_x, along_y, along_z, rows[0], begin, end,
+                scale, per_unit, steps, tolerance, index, mm)
+
+    threads.map_ranges(part, count, INVERSE_RANGE)
+    return index, mm
 
 
 # The kernels follow torch's CPU kernel (aten/src/ATen/native/GridSampler.cpp, grid_sampler_3d_cpu_impl and its
@@ -275,18 +311,48 @@ def _inverse(forward: np.ndarray, start: np.ndarray, points: np.ndarray, out: np
     kind = forward.dtype.type
     limit = kind(tolerance)
     for p in range(points.shape[0]):
-        cx, cy, cz = points[p, 0], points[p, 1], points[p, 2]
-        wx, wy, wz = _field_at(start, cx, cy, cz, kind)
-        for count in range(2 * steps):
-            sx, sy, sz = _field_at(forward, cx + wx, cy + wy, cz + wz, kind)
-            sx, sy, sz = -sx, -sy, -sz
-            if count >= steps:
-                sx, sy, sz = kind(0.5) * (sx + wx), kind(0.5) * (sy + wy), kind(0.5) * (sz + wz)
-            moving = max(abs(sx - wx), abs(sy - wy), abs(sz - wz)) > limit
-            wx, wy, wz = sx, sy, sz
-            if not moving:
-                break
-        out[p, 0], out[p, 1], out[p, 2] = wx, wy, wz
+        out[p, 0], out[p, 1], out[p, 2] = _inverse_at(forward, start, points[p, 0], points[p, 1], points[p, 2],
+                                                      steps, limit, kind)
+
+
+@inlined
+def _inverse_at(forward: np.ndarray, start: np.ndarray, cx: Any, cy: Any, cz: Any, steps: int, limit: Any,
+                kind: Any) -> tuple[Any, Any, Any]:
+    """_inverse's w at one point (cx, cy, cz)."""
+    wx, wy, wz = _field_at(start, cx, cy, cz, kind)
+    for count in range(2 * steps):
+        sx, sy, sz = _field_at(forward, cx + wx, cy + wy, cz + wz, kind)
+        sx, sy, sz = -sx, -sy, -sz
+        if count >= steps:
+            sx, sy, sz = kind(0.5) * (sx + wx), kind(0.5) * (sy + wy), kind(0.5) * (sz + wz)
+        moving = max(abs(sx - wx), abs(sy - wy), abs(sz - wz)) > limit
+        wx, wy, wz = sx, sy, sz
+        if not moving:
+            break
+    return wx, wy, wz
+
+
+@kernel
+def _mapped(displacement: np.ndarray, forward: np.ndarray, start: np.ndarray, inverting: bool, along_x: np.ndarray,
+            along_y: np.ndarray, along_z: np.ndarray, first: int, begin: int, end: int, half_scale: np.ndarray,
+            per_unit: np.ndarray, steps: int, tolerance: float, index: np.ndarray, mm: np.ndarray) -> None:
+    """index and mm [N, 3] (see `mapped`) at the slab's points begin..end (array order; the slab's first slice is
+    `first`), each operation torch's in warping._mapped's order: u sampled (_forward's), w (_inverse's) at c + u, then
+    u + w, c + that, its float64 index, and the product's sums."""
+    kind = displacement.dtype.type
+    limit = kind(tolerance)
+    width, height = along_x.shape[0], along_y.shape[0]
+    for p in range(begin, end):
+        x, y, z = along_x[p % width], along_y[p // width % height], along_z[first + p // (width * height)]
+        ux, uy, uz = _field_at(displacement, x, y, z, kind)
+        if inverting:
+            wx, wy, wz = _inverse_at(forward, start, x + ux, y + uy, z + uz, steps, limit, kind)
+            ux, uy, uz = ux + wx, uy + wy, uz + wz
+        index[p, 0] = (np.float64(x + ux) + 1.0) * half_scale[0]
+        index[p, 1] = (np.float64(y + uy) + 1.0) * half_scale[1]
+        index[p, 2] = (np.float64(z + uz) + 1.0) * half_scale[2]
+        for r in range(3):
+            mm[p, r] = ux * per_unit[0, r] + uy * per_unit[1, r] + uz * per_unit[2, r]
 
 
 @inlined

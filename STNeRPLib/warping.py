@@ -120,23 +120,37 @@ def _mapped(model: SeriesModel, target: Grid, rows: tuple[int, int], inverse: np
     after undoing the pre-alignment `inverse`), then that point on through each inverse map of `then`.
 
     On the reference grid itself without a pre-alignment (every output of a series on one grid) the
-    points are unit coordinates and each displacement is scaled to mm directly; otherwise q is taken in
-    mm and mapped through the reference grid's index space. The two agree to float32 rounding (tested)."""
+    points are unit coordinates and each displacement is scaled to mm directly (_on_reference_grid); otherwise q is
+    taken in mm and mapped through the reference grid's index space. The two agree to float32 rounding (tested)."""
+    if inverse is None and target.matches(model.grid):
+        return _on_reference_grid(model.grid, rows, displacement, then)
     with torch.no_grad():
-        if inverse is None and target.matches(model.grid):
-            c = GridPoints(model.grid.shape, model.device).slices(*rows)
-            shift = sample(displacement, c[None])[0]
-            moved = c + shift
-            mapped = [_Mapped(_to_index(model.grid, moved), _unit_to_mm(model.grid, shift))]
-            for inverse_s in then:
-                onward = shift + invert(*inverse_s, moved[None])[0]
-                mapped.append(_Mapped(_to_index(model.grid, c + onward), _unit_to_mm(model.grid, onward)))
-            return mapped
         q = target.points(*rows)             # as the whole grid computes them (not slab.points())
         moved = _moved(model, displacement, q, inverse)
         points = [moved] + [moved + invert(*inverse_s, moved[None])[0] for inverse_s in then]
     indices = [_to_index(model.grid, p) for p in points]
     return [_Mapped(index, _mm_from(model.grid, index, q)) for index in indices]
+
+
+def _on_reference_grid(grid: Grid, rows: tuple[int, int], displacement: torch.Tensor,
+                       then: list[InverseMap]) -> list[_Mapped]:
+    """_mapped for the voxels of the reference grid itself, from their unit coordinates c: c + u(c), then c + u(c) + w
+    for each inverse map's w at c + u(c). By numba's kernel where installed (trilinear.mapped: each point in one pass,
+    the same numbers to the bit), else by torch's sampling and products over the whole slab."""
+    points = GridPoints(grid.shape, displacement.device)
+    if trilinear.maps(displacement, then):
+        return [_Mapped(*trilinear.mapped(displacement, map_s, points.axes, rows, grid.unit_scale() / 2,
+                                          _per_unit(grid), INVERSE_STEPS, INVERSE_TOLERANCE))
+                for map_s in [None, *then]]
+    with torch.no_grad():
+        c = points.slices(*rows)
+        shift = sample(displacement, c[None])[0]
+        moved = c + shift
+        mapped = [_Mapped(_to_index(grid, moved), _unit_to_mm(grid, shift))]
+        for inverse_s in then:
+            onward = shift + invert(*inverse_s, moved[None])[0]
+            mapped.append(_Mapped(_to_index(grid, c + onward), _unit_to_mm(grid, onward)))
+    return mapped
 
 
 def slabs(grid: Grid) -> list[tuple[int, int]]:
@@ -335,8 +349,12 @@ def _to_unit(grid: Grid, points: np.ndarray, device: torch.device) -> torch.Tens
 def _unit_to_mm(grid: Grid, shift: torch.Tensor) -> np.ndarray:
     """Displacements [N, 3] in grid_sample units of `grid` -> LPS mm, float32 (index steps of (size - 1) / 2
     per unit, then direction @ diag(spacing))."""
-    per_unit = (grid.index_to_mm * (grid.unit_scale() / 2)).T.astype(np.float32)
-    return (shift.cpu() @ torch.from_numpy(per_unit)).numpy()    # torch's product: 3x numpy's on (N, 3) @ (3, 3)
+    return (shift.cpu() @ torch.from_numpy(_per_unit(grid))).numpy()  # torch's product: 3x numpy's on (N, 3) @ (3, 3)
+
+
+def _per_unit(grid: Grid) -> np.ndarray:
+    """(3, 3) float32: row a is the LPS step in mm of one grid_sample unit along axis a of `grid`."""
+    return (grid.index_to_mm * (grid.unit_scale() / 2)).T.astype(np.float32)
 
 
 def _to_index(grid: Grid, c: torch.Tensor) -> np.ndarray:

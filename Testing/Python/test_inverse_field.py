@@ -184,3 +184,39 @@ def test_a_start_not_a_number_inverts_as_torchs_passes_do(monkeypatch):
         torchs = warping.invert(forward, start, c)
     assert torch.isnan(warping.sample(start, c)).any(dim=2).sum() > 5          # points whose start is not a number
     assert torch.equal(kernels, torchs)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+@pytest.mark.parametrize("direction", ["axis-aligned", "oblique, an axis flipped"])
+def test_the_kernel_maps_the_reference_grids_voxels_to_the_bit_as_torch(direction, count, monkeypatch):
+    """The outputs' voxels of the reference grid mapped by trilinear.mapped (each point in one pass) give torch's
+    sampling, inversions and products to the bit: the continuous indices and mm displacements of c + u(c) and of
+    c + u(c) + w through two inverse maps, a slab not starting at slice 0, points carried beyond the grid, on 1 and 2
+    threads."""
+    from STNeRPLib import compiling, threads, trilinear, warping
+    from STNeRPLib.geometry import Grid
+    from STNeRPLib.integration import scaling_and_squaring
+
+    rotation = sitk.VersorTransform((1.0, 2.0, 3.0), np.radians(40)).GetMatrix()       # no zero entry
+    matrix = np.eye(3) if direction == "axis-aligned" else np.reshape(rotation, (3, 3)) @ np.diag([-1, 1, 1])
+    grid = Grid((13, 11, 9), (1.5, 2.0, 3.0), (-20.0, 31.0, 7.5), tuple(matrix.ravel()))
+    generator = torch.Generator().manual_seed(7)
+    displacement = torch.randn(1, 3, 4, 5, 6, generator=generator) * 0.3
+    velocities = [torch.randn(1, 3, 4, 5, 6, generator=generator) * 0.05 for _ in range(2)]
+    then = [warping.InverseMap(scaling_and_squaring(velocities[0], 5), scaling_and_squaring(-velocities[0], 5)),
+            warping.InverseMap(scaling_and_squaring(velocities[1], 5), torch.zeros(1, 3, 3, 3, 3))]
+    monkeypatch.setattr(threads, "_applied", threads.ThreadChoice(count, count, count, None, 0.0, count))
+    calls = []
+    kernel = trilinear._mapped
+    monkeypatch.setattr(trilinear, "_mapped", lambda *arguments: calls.append(1) or kernel(*arguments))
+    kernels = warping._on_reference_grid(grid, (2, 7), displacement, then)
+    with monkeypatch.context() as patched:
+        patched.setattr(compiling, "numba", None)
+        torchs = warping._on_reference_grid(grid, (2, 7), displacement, then)
+    assert calls and len(kernels) == len(torchs) == 3
+    for mine, theirs in zip(kernels, torchs):
+        assert mine.index.dtype == np.float64 and mine.mm.dtype == np.float32
+        assert np.array_equal(mine.index, theirs.index) and np.array_equal(mine.mm, theirs.mm)
+    beyond = (kernels[0].index < 0) | (kernels[0].index > np.array(grid.size) - 1)
+    assert beyond.any(axis=1).sum() > 20                                    # carried beyond the grid
+    assert np.abs(kernels[1].mm - kernels[0].mm).max() > 0.1                  # the inverses moved the points on
