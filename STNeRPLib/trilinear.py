@@ -143,6 +143,22 @@ def mapped(displacement: torch.Tensor, inverse: tuple[torch.Tensor, torch.Tensor
     return index, mm
 
 
+def inverse_in_mm(inverse: tuple[torch.Tensor, torch.Tensor], axes: Sequence[torch.Tensor], rows: tuple[int, int],
+                  per_unit: np.ndarray, steps: int, tolerance: float, out: np.ndarray) -> None:
+    """Into out (N, 3) float32: at the voxel centres c of slices rows[0]..rows[1] (axes as in `mapped`) the inverse
+    map's w (forward, start; as `inverse` finds it, with `steps` and `tolerance`), times `per_unit` as in `mapped`:
+    warping.inverse_displacement's numbers by torch, to the bit. The points' ranges are shared among threads."""
+    forward, start = (f.detach().contiguous().numpy() for f in inverse)
+    along_z, along_y, along_x = (a.cpu().numpy() for a in axes)
+    per_unit = np.ascontiguousarray(per_unit, np.float32)
+
+    def part(begin: int, end: int) -> None:
+        _inverse_in_mm(forward, start, along_x, along_y, along_z, rows[0], begin, end, per_unit, steps, tolerance,
+                       out)
+
+    threads.map_ranges(part, len(out), INVERSE_RANGE)
+
+
 # The kernels follow torch's CPU kernel (aten/src/ATen/native/GridSampler.cpp, grid_sampler_3d_cpu_impl and its
 # backward) operation by operation: the corners' weights as products of the same differences, the sums in the
 # same order (corners z, then y, then x, first corner first), a corner beyond the grid's last node skipped. Halving
@@ -351,8 +367,29 @@ def _mapped(displacement: np.ndarray, forward: np.ndarray, start: np.ndarray, in
         index[p, 0] = (np.float64(x + ux) + 1.0) * half_scale[0]
         index[p, 1] = (np.float64(y + uy) + 1.0) * half_scale[1]
         index[p, 2] = (np.float64(z + uz) + 1.0) * half_scale[2]
-        for r in range(3):
-            mm[p, r] = ux * per_unit[0, r] + uy * per_unit[1, r] + uz * per_unit[2, r]
+        _put_mm(mm, p, ux, uy, uz, per_unit)
+
+
+@kernel
+def _inverse_in_mm(forward: np.ndarray, start: np.ndarray, along_x: np.ndarray, along_y: np.ndarray,
+                   along_z: np.ndarray, first: int, begin: int, end: int, per_unit: np.ndarray, steps: int,
+                   tolerance: float, mm: np.ndarray) -> None:
+    """mm [N, 3] (see `inverse_in_mm`) at the slab's points begin..end, as _mapped orders and reads them."""
+    kind = forward.dtype.type
+    limit = kind(tolerance)
+    width, height = along_x.shape[0], along_y.shape[0]
+    for p in range(begin, end):
+        x, y, z = along_x[p % width], along_y[p // width % height], along_z[first + p // (width * height)]
+        wx, wy, wz = _inverse_at(forward, start, x, y, z, steps, limit, kind)
+        _put_mm(mm, p, wx, wy, wz, per_unit)
+
+
+@inlined
+def _put_mm(mm: np.ndarray, p: int, ux: Any, uy: Any, uz: Any, per_unit: np.ndarray) -> None:
+    """mm[p] = (ux, uy, uz) @ per_unit, each entry summed x, y, z in that order (torch's product of an (N, 3) by a
+    (3, 3) float32 matrix sums so)."""
+    for r in range(3):
+        mm[p, r] = ux * per_unit[0, r] + uy * per_unit[1, r] + uz * per_unit[2, r]
 
 
 @inlined

@@ -215,17 +215,29 @@ def inverse_displacement(model: SeriesModel, t: float, prealignment: np.ndarray 
     inverse_t = inverse_map(model, t)
     field = np.empty((*grid.shape, 3), np.float32)
     for z0, z1 in slabs(grid):
+        if prealignment is None:
+            _inverse_on_reference_grid(grid, (z0, z1), inverse_t, field[z0:z1].reshape(-1, 3))
+            continue
         with torch.no_grad():
             c = GridPoints(grid.shape, model.device).slices(z0, z1)
             w = invert(*inverse_t, c[None])[0]
-        if prealignment is None:
-            moved = _unit_to_mm(grid, w)
-        else:
-            r = grid.points(z0, z1)
-            p = grid.to_physical(_to_index(grid, c + w))
-            moved = p @ prealignment[:3, :3].T + prealignment[:3, 3] - r
+        r = grid.points(z0, z1)
+        p = grid.to_physical(_to_index(grid, c + w))
+        moved = p @ prealignment[:3, :3].T + prealignment[:3, 3] - r
         field[z0:z1] = moved.reshape(z1 - z0, *grid.shape[1:], 3)
     return field
+
+
+def _inverse_on_reference_grid(grid: Grid, rows: tuple[int, int], inverse_t: InverseMap, out: np.ndarray) -> None:
+    """Into out (N, 3) float32: the inverse map's w at the voxels c of slices rows[0]..rows[1] of the reference grid,
+    in mm. By numba's kernel where installed (trilinear.inverse_in_mm: each point in one pass, the same numbers to
+    the bit), else by torch's sampling and product over the whole slab."""
+    points = GridPoints(grid.shape, inverse_t.forward.device)
+    if trilinear.maps(inverse_t.forward, [inverse_t]):
+        trilinear.inverse_in_mm(inverse_t, points.axes, rows, _per_unit(grid), INVERSE_STEPS, INVERSE_TOLERANCE, out)
+        return
+    with torch.no_grad():
+        out[:] = _unit_to_mm(grid, invert(*inverse_t, points.slices(*rows)[None])[0])
 
 
 def invert(forward: torch.Tensor, start: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -216,7 +216,7 @@ def run_peer(job: dict, series: Series, work: Path) -> dict:
 def _warm_up(method: str) -> None:
     """Imports, the lazy module loading of ITK and the loading of numba's compiled kernels (from its cache; 0.3 s a
     process, the machinery numba imports at a first call; trilinear's and cubic_lookup's, the training's and the
-    outputs' (the voxels mapped, the inverse), label_lookup's and the Jacobian's), outside the clock (imports are
+    outputs' (the voxels mapped, the inverses), label_lookup's and the Jacobian's), outside the clock (imports are
     nobody's work)."""
     if kind(method) == "stnerp":
         import numpy as np
@@ -229,6 +229,8 @@ def _warm_up(method: str) -> None:
         field = torch.zeros(1, 3, 2, 2, 2)
         trilinear.inverse(field, field, torch.zeros(1, 1, 3), 1, 1e-5)
         trilinear.mapped(field, None, [torch.zeros(2)] * 3, (0, 1), np.ones(3), np.eye(3), 1, 1e-5)
+        trilinear.inverse_in_mm((field, field), [torch.zeros(2)] * 3, (0, 1), np.eye(3), 1, 1e-5,
+                                np.empty((4, 3), np.float32))
         samples = np.zeros((2, 2, 2), np.float32)
         cubic_lookup.resample(cubic_lookup.padded_coefficients(samples, np.float32), samples, np.zeros((1, 3)))
         label_lookup.carry(np.zeros((2, 2, 2), np.uint8), np.zeros((1, 3)), True)    # the model's labels: uint8

@@ -186,18 +186,15 @@ def test_a_start_not_a_number_inverts_as_torchs_passes_do(monkeypatch):
     assert torch.equal(kernels, torchs)
 
 
-@pytest.mark.parametrize("count", [1, 2])
-@pytest.mark.parametrize("direction", ["axis-aligned", "oblique, an axis flipped"])
-def test_the_kernel_maps_the_reference_grids_voxels_to_the_bit_as_torch(direction, count, monkeypatch):
-    """The outputs' voxels of the reference grid mapped by trilinear.mapped (each point in one pass) give torch's
-    sampling, inversions and products to the bit: the continuous indices and mm displacements of c + u(c) and of
-    c + u(c) + w through two inverse maps, a slab not starting at slice 0, points carried beyond the grid, on 1 and 2
-    threads."""
-    from STNeRPLib import compiling, threads, trilinear, warping
+def oblique_or_not(direction: str):
+    """A 13 x 11 x 9 reference grid (axis-aligned, or oblique with no zero entry and an axis flipped), a displacement
+    that carries points beyond it, and two inverse maps on the displacement grid (one started from exp(-v), one
+    from 0), as warping holds them."""
+    from STNeRPLib import warping
     from STNeRPLib.geometry import Grid
     from STNeRPLib.integration import scaling_and_squaring
 
-    rotation = sitk.VersorTransform((1.0, 2.0, 3.0), np.radians(40)).GetMatrix()       # no zero entry
+    rotation = sitk.VersorTransform((1.0, 2.0, 3.0), np.radians(40)).GetMatrix()
     matrix = np.eye(3) if direction == "axis-aligned" else np.reshape(rotation, (3, 3)) @ np.diag([-1, 1, 1])
     grid = Grid((13, 11, 9), (1.5, 2.0, 3.0), (-20.0, 31.0, 7.5), tuple(matrix.ravel()))
     generator = torch.Generator().manual_seed(7)
@@ -205,18 +202,60 @@ def test_the_kernel_maps_the_reference_grids_voxels_to_the_bit_as_torch(directio
     velocities = [torch.randn(1, 3, 4, 5, 6, generator=generator) * 0.05 for _ in range(2)]
     then = [warping.InverseMap(scaling_and_squaring(velocities[0], 5), scaling_and_squaring(-velocities[0], 5)),
             warping.InverseMap(scaling_and_squaring(velocities[1], 5), torch.zeros(1, 3, 3, 3, 3))]
+    return grid, displacement, then
+
+
+def on_kernels_and_torchs(monkeypatch, count: int, kernel_name: str, compute):
+    """compute() on `count` threads by numba's kernels (the kernel `kernel_name` seen called), then by torch."""
+    from STNeRPLib import compiling, threads, trilinear
+
     monkeypatch.setattr(threads, "_applied", threads.ThreadChoice(count, count, count, None, 0.0, count))
     calls = []
-    kernel = trilinear._mapped
-    monkeypatch.setattr(trilinear, "_mapped", lambda *arguments: calls.append(1) or kernel(*arguments))
-    kernels = warping._on_reference_grid(grid, (2, 7), displacement, then)
+    kernel = getattr(trilinear, kernel_name)
+    monkeypatch.setattr(trilinear, kernel_name, lambda *arguments: calls.append(1) or kernel(*arguments))
+    kernels = compute()
     with monkeypatch.context() as patched:
         patched.setattr(compiling, "numba", None)
-        torchs = warping._on_reference_grid(grid, (2, 7), displacement, then)
-    assert calls and len(kernels) == len(torchs) == 3
+        torchs = compute()
+    assert calls
+    return kernels, torchs
+
+
+@pytest.mark.parametrize("count", [1, 2])
+@pytest.mark.parametrize("direction", ["axis-aligned", "oblique, an axis flipped"])
+def test_the_kernel_maps_the_reference_grids_voxels_to_the_bit_as_torch(direction, count, monkeypatch):
+    """The outputs' voxels of the reference grid mapped by trilinear.mapped (each point in one pass) give torch's
+    sampling, inversions and products to the bit: the continuous indices and mm displacements of c + u(c) and of
+    c + u(c) + w through two inverse maps, a slab not starting at slice 0, points carried beyond the grid, on 1 and 2
+    threads."""
+    from STNeRPLib import warping
+
+    grid, displacement, then = oblique_or_not(direction)
+    kernels, torchs = on_kernels_and_torchs(
+        monkeypatch, count, "_mapped", lambda: warping._on_reference_grid(grid, (2, 7), displacement, then))
+    assert len(kernels) == len(torchs) == 3
     for mine, theirs in zip(kernels, torchs):
         assert mine.index.dtype == np.float64 and mine.mm.dtype == np.float32
         assert np.array_equal(mine.index, theirs.index) and np.array_equal(mine.mm, theirs.mm)
     beyond = (kernels[0].index < 0) | (kernels[0].index > np.array(grid.size) - 1)
     assert beyond.any(axis=1).sum() > 20                                    # carried beyond the grid
     assert np.abs(kernels[1].mm - kernels[0].mm).max() > 0.1                  # the inverses moved the points on
+
+
+@pytest.mark.parametrize("count", [1, 2])
+@pytest.mark.parametrize("direction", ["axis-aligned", "oblique, an axis flipped"])
+def test_the_kernel_writes_the_inverse_field_to_the_bit_as_torch(direction, count, monkeypatch):
+    """inverse_displacement's slab on the reference grid by trilinear.inverse_in_mm (each point inverted and turned
+    into mm in one pass) is torch's inversion and product to the bit, for both inverse maps, on 1 and 2 threads."""
+    from STNeRPLib import warping
+
+    grid, _, then = oblique_or_not(direction)
+    count_points = 5 * grid.size[0] * grid.size[1]
+    for inverse_t in then:
+        def inverse_field() -> np.ndarray:
+            out = np.full((count_points, 3), np.nan, np.float32)
+            warping._inverse_on_reference_grid(grid, (2, 7), inverse_t, out)
+            return out
+
+        kernels, torchs = on_kernels_and_torchs(monkeypatch, count, "_inverse_in_mm", inverse_field)
+        assert np.array_equal(kernels, torchs) and np.abs(kernels).max() > 0.1
