@@ -76,7 +76,7 @@ def warp(model: SeriesModel, t: float, target: Grid, prealignment: np.ndarray | 
         return _identity(model)
     displacement = model.displacement_grid(t)
     sources = image_sources(model, t) if prealignment is None else {}
-    inverses = [inverse_map(model, s) for s in sources]
+    inverses = [None if model.identity_at(s) else inverse_map(model, s) for s in sources]
     inverse = inverted(prealignment)
     scans = _Scans(model)
     field = np.empty((*target.shape, 3), np.float32)
@@ -115,9 +115,11 @@ class _Mapped:
 
 
 def _mapped(model: SeriesModel, target: Grid, rows: tuple[int, int], inverse: np.ndarray | None,
-            displacement: torch.Tensor, then: list[InverseMap]) -> list[_Mapped]:
+            displacement: torch.Tensor, then: list[InverseMap | None]) -> list[_Mapped]:
     """The voxel centres q of slices rows[0]..rows[1] of `target` mapped by q -> q + u(q) (`displacement`,
-    after undoing the pre-alignment `inverse`), then that point on through each inverse map of `then`.
+    after undoing the pre-alignment `inverse`), then that point on through each inverse map of `then` (None: the
+    identity, the anchored reference's map, whose inversion adds -0.0 to every coordinate: the point itself, bit
+    for bit).
 
     On the reference grid itself without a pre-alignment (every output of a series on one grid) the
     points are unit coordinates and each displacement is scaled to mm directly (_on_reference_grid); otherwise q is
@@ -127,27 +129,36 @@ def _mapped(model: SeriesModel, target: Grid, rows: tuple[int, int], inverse: np
     with torch.no_grad():
         q = target.points(*rows)             # as the whole grid computes them (not slab.points())
         moved = _moved(model, displacement, q, inverse)
-        points = [moved] + [moved + invert(*inverse_s, moved[None])[0] for inverse_s in then]
+        points = [moved] + [moved if inverse_s is None else moved + invert(*inverse_s, moved[None])[0]
+                            for inverse_s in then]
     indices = [_to_index(model.grid, p) for p in points]
     return [_Mapped(index, _mm_from(model.grid, index, q)) for index in indices]
 
 
 def _on_reference_grid(grid: Grid, rows: tuple[int, int], displacement: torch.Tensor,
-                       then: list[InverseMap]) -> list[_Mapped]:
+                       then: list[InverseMap | None]) -> list[_Mapped]:
     """_mapped for the voxels of the reference grid itself, from their unit coordinates c: c + u(c), then c + u(c) + w
-    for each inverse map's w at c + u(c). By numba's kernel where installed (trilinear.mapped: each point in one pass,
-    the same numbers to the bit), else by torch's sampling and products over the whole slab."""
+    for each inverse map's w at c + u(c) (an identity's (None): c + u(c) itself). By numba's kernel where installed
+    (trilinear.mapped: each point in one pass, the same numbers to the bit), else by torch's sampling and products over
+    the whole slab."""
     points = GridPoints(grid.shape, displacement.device)
-    if trilinear.maps(displacement, then):
-        return [_Mapped(*trilinear.mapped(displacement, map_s, points.axes, rows, grid.unit_scale() / 2,
-                                          _per_unit(grid), INVERSE_STEPS, INVERSE_TOLERANCE))
-                for map_s in [None, *then]]
+    inverses = [inverse_s for inverse_s in then if inverse_s is not None]
+    if trilinear.maps(displacement, inverses):
+        def by_kernel(inverse_s: InverseMap | None) -> _Mapped:
+            return _Mapped(*trilinear.mapped(displacement, inverse_s, points.axes, rows, grid.unit_scale() / 2,
+                                             _per_unit(grid), INVERSE_STEPS, INVERSE_TOLERANCE))
+        first = by_kernel(None)
+        return [first] + [first if inverse_s is None else by_kernel(inverse_s) for inverse_s in then]
     with torch.no_grad():
         c = points.slices(*rows)
         shift = sample(displacement, c[None])[0]
         moved = c + shift
-        mapped = [_Mapped(_to_index(grid, moved), _unit_to_mm(grid, shift))]
+        first = _Mapped(_to_index(grid, moved), _unit_to_mm(grid, shift))
+        mapped = [first]
         for inverse_s in then:
+            if inverse_s is None:
+                mapped.append(first)
+                continue
             onward = shift + invert(*inverse_s, moved[None])[0]
             mapped.append(_Mapped(_to_index(grid, c + onward), _unit_to_mm(grid, onward)))
     return mapped

@@ -183,6 +183,33 @@ def test_predicted_image_between_scans_carries_each_scan_through_the_inverse_of_
     assert error.max() < 0.005, error.max()
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_reference_among_the_image_sources_is_carried_without_inverting_its_identity_map(breathing, compiled,
+                                                                                            monkeypatch):
+    """At 0.5, between the reference and the scan at 1, the predicted image carries the reference through the inverse
+    of its own map, the identity (anchored): warp takes it without inverting it, and its outputs are those of the
+    inversion to the bit (which adds -0.0 to each point), on the reference grid and on a grid of its own shifted by a
+    fraction of a voxel, by numba's kernels and by torch."""
+    from STNeRPLib import compiling
+
+    model, grid = breathing
+    if not compiled:
+        monkeypatch.setattr(compiling, "numba", None)
+    shifted = Grid((33, 35, 29), grid.spacing, tuple(np.add(grid.origin, (4.3, -2.2, 6.1))), grid.direction)
+    inverted = []
+    inverse_map = warping.inverse_map
+    monkeypatch.setattr(warping, "inverse_map", lambda m, t: inverted.append(t) or inverse_map(m, t))
+    skipping = [warp(model, 0.5, target) for target in (grid, shifted)]
+    assert inverted == [1.0, 1.0]
+    monkeypatch.setattr(SeriesModel, "identity_at", lambda self, t: False)       # every source's map inverted
+    inverting = [warp(model, 0.5, target) for target in (grid, shifted)]
+    assert inverted[2:] == [0.0, 1.0, 0.0, 1.0]
+    for mine, theirs in zip(skipping, inverting):
+        assert mine.image_sources == theirs.image_sources == [0.0, 1.0]
+        assert np.array_equal(mine.displacement, theirs.displacement) and np.array_equal(mine.image, theirs.image)
+    assert np.abs(skipping[0].displacement).max() > 2.0                        # mm: the phantom moves at 0.5
+
+
 def _moved_scan(scan: sitk.Image, prealignment: np.ndarray) -> sitk.Image:
     """The scan with its grid moved by an affine `prealignment` (4 x 4, LPS mm), its voxels as they are: the patient
     moved, as a pre-alignment finds it."""
