@@ -82,6 +82,27 @@ def test_ssim_matches_scikit_image(shape, noise, data_range):
     assert metrics.ssim(image, reference, data_range=data_range) == pytest.approx(expected, abs=1e-3)
 
 
+@pytest.mark.parametrize("shape", [(31, 26, 22), (30, 28)])
+def test_ssims_local_values_are_those_of_scipys_gaussian_filter_of_the_whole_volume_to_the_bit(shape):
+    """_ssim_map smooths by scipy's one-axis passes, the halo planes dropped after the first: its local values are
+    those computed with ndimage.gaussian_filter over the whole volume, bit for bit, beyond the window's radius from
+    either end of the first axis (a slab's interior)."""
+    rng = np.random.default_rng(3)
+    x = smooth_volume(rng, shape).astype(np.float32)
+    y = (x + np.float32(0.05) * rng.standard_normal(shape).astype(np.float32)).astype(np.float32)
+
+    def smooth(a: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(a, sigma=1.5, truncate=3.5, mode="reflect")
+
+    mx, my = smooth(x), smooth(y)
+    vx, vy, vxy = smooth(x * x) - mx * mx, smooth(y * y) - my * my, smooth(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    whole = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    local = metrics._ssim_map(x, y, 1.0)
+    assert local.dtype == np.float32 and local.shape == (shape[0] - 10, *shape[1:])
+    assert np.array_equal(local, whole[5:-5]) and 0.1 < local.mean() < 0.99
+
+
 # --- dice -----------------------------------------------------------------------------
 
 
