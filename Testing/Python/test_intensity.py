@@ -108,3 +108,23 @@ def test_abdomen_ct_stored_without_its_rescale_registers_as_well_as_in_hounsfiel
     unregistered = float(np.linalg.norm(points - reference_points, axis=1).mean())
     assert errors["hu"] < 0.5 * unregistered
     assert errors["stored"] <= 1.15 * errors["hu"], (errors, unregistered)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, bool, np.float16, np.float32, np.float64])
+def test_the_window_maps_each_type_as_the_formula_does_to_the_bit(dtype):
+    """normalise, its steps in place, gives clip((a - low) / (high - low), 0, 1) as float32 to the bit: integers in
+    float32, floats in their own precision; values beyond the window, at its ends and not a number."""
+    window = {np.uint8: IntensityWindow(3.0, 201.5), bool: IntensityWindow(-0.5, 1.5)}.get(
+        dtype, IntensityWindow(-1000.0, 500.0))
+    values = np.random.default_rng(4).normal(-250, 900, 4000)
+    values[:4] = [window.low, window.high, -3000, 3000]
+    if np.dtype(dtype).kind == "f":
+        values[4] = np.nan
+    array = values.astype(dtype) if dtype is not bool else values > 0
+    source = array.astype(np.float32) if np.dtype(dtype).kind in "iub" else array
+    expected = np.clip((source - window.low) / (window.high - window.low), 0.0, 1.0).astype(np.float32)
+    before = array.copy()
+    normalised = window.normalise(array)
+    assert normalised.dtype == np.float32 and np.array_equal(normalised, expected, equal_nan=True)
+    assert np.array_equal(array, before, equal_nan=True)                       # the input untouched
+    assert 0.0 < normalised[~np.isnan(normalised)].mean() < 1.0
