@@ -128,6 +128,45 @@ def test_dice_multi_label_and_missing_labels():
     assert math.isnan(given[7])  # absent from both
 
 
+def label_by_label(prediction: np.ndarray, truth: np.ndarray, labels) -> dict[int, float]:
+    """Dice's definition, one label at a time: 2 |P and T| / (|P| + |T|) of the boolean masks."""
+    scores = {}
+    for label in labels:
+        p, t = prediction == label, truth == label
+        total = int(p.sum()) + int(t.sum())
+        scores[int(label)] = 2.0 * int((p & t).sum()) / total if total else float("nan")
+    return scores
+
+
+@pytest.mark.parametrize("dtype, high", [(np.uint8, 40), (np.uint16, 60000), (np.int32, 90000), (np.int16, 30)])
+def test_dice_counted_in_one_pass_equals_the_definition_label_by_label(dtype, high, monkeypatch):
+    """dice_per_label counts every label's voxels in one pass of chunks (a chunk here 1000 voxels, the arrays not a
+    multiple of it): the definition's numbers exactly, labels found, given (some absent from both, 0 among them), up to
+    60000 and beyond the 0..65535 the table takes, and negative (int16)."""
+    monkeypatch.setattr(metrics, "DICE_CHUNK", 1000)
+    rng = np.random.default_rng(5)
+    low = -5 if dtype == np.int16 else 0
+    choices = rng.choice(np.arange(low, high), size=12, replace=False)
+    truth = rng.choice(np.append(choices, 0), size=(13, 17, 19)).astype(dtype)
+    prediction = np.where(rng.random(truth.shape) < 0.7, truth, rng.choice(choices, size=truth.shape)).astype(dtype)
+    found = np.union1d(np.unique(prediction), np.unique(truth))
+    found = found[found != 0]
+    scores = metrics.dice_per_label(prediction, truth)
+    assert list(scores) == [int(v) for v in found] and scores == label_by_label(prediction, truth, found)
+    given = [int(choices[0]), high + 7, 0, int(choices[3])]
+    expected = label_by_label(prediction, truth, given)
+    scores = metrics.dice_per_label(prediction, truth, labels=given)
+    assert list(scores) == given and math.isnan(scores[high + 7])
+    assert {k: v for k, v in scores.items() if k != high + 7} == {k: v for k, v in expected.items() if k != high + 7}
+    assert 0.3 < np.nanmean(list(scores.values())) < 0.95
+
+
+def test_dice_of_empty_labelmaps_is_empty_or_nan():
+    empty = np.zeros((0, 4, 4), np.uint8)
+    assert metrics.dice_per_label(empty, empty) == {}
+    assert math.isnan(metrics.dice_per_label(empty, empty, labels=[3])[3])
+
+
 # --- jacobian -------------------------------------------------------------------------
 
 
