@@ -143,7 +143,7 @@ def test_dice_counted_in_one_pass_equals_the_definition_label_by_label(dtype, hi
     """dice_per_label counts every label's voxels in one pass of chunks (a chunk here 1000 voxels, the arrays not a
     multiple of it): the definition's numbers exactly, labels found, given (some absent from both, 0 among them), up to
     60000 and beyond the 0..65535 the table takes, and negative (int16)."""
-    monkeypatch.setattr(metrics, "DICE_CHUNK", 1000)
+    monkeypatch.setattr(metrics, "LABEL_COUNT_CHUNK", 1000)
     rng = np.random.default_rng(5)
     low = -5 if dtype == np.int16 else 0
     choices = rng.choice(np.arange(low, high), size=12, replace=False)
