@@ -130,7 +130,7 @@ def mapped(displacement: torch.Tensor, inverse: tuple[torch.Tensor, torch.Tensor
     ranges are shared among threads.current() threads."""
     field = displacement.detach().contiguous().numpy()
     forward, start = (field, field) if inverse is None else tuple(f.detach().contiguous().numpy() for f in inverse)
-    along_z, along_y, along_x = (a.cpu().numpy() for a in axes)
+    along_x, along_y, along_z = _along(axes)
     count = (rows[1] - rows[0]) * len(along_y) * len(along_x)
     index, mm = np.empty((count, 3)), np.empty((count, 3), np.float32)
     scale, per_unit = np.ascontiguousarray(half_scale, np.float64), np.ascontiguousarray(per_unit, np.float32)
@@ -149,7 +149,7 @@ def inverse_in_mm(inverse: tuple[torch.Tensor, torch.Tensor], axes: Sequence[tor
     map's w (forward, start; as `inverse` finds it, with `steps` and `tolerance`), times `per_unit` as in `mapped`:
     warping.inverse_displacement's numbers by torch, to the bit. The points' ranges are shared among threads."""
     forward, start = (f.detach().contiguous().numpy() for f in inverse)
-    along_z, along_y, along_x = (a.cpu().numpy() for a in axes)
+    along_x, along_y, along_z = _along(axes)
     per_unit = np.ascontiguousarray(per_unit, np.float32)
 
     def part(begin: int, end: int) -> None:
@@ -157,6 +157,12 @@ def inverse_in_mm(inverse: tuple[torch.Tensor, torch.Tensor], axes: Sequence[tor
                        out)
 
     threads.map_ranges(part, len(out), INVERSE_RANGE)
+
+
+def _along(axes: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The unit coordinates along x, y and z of a grid, as numpy arrays, from GridPoints.axes (z, y, x)."""
+    along_z, along_y, along_x = (a.cpu().numpy() for a in axes)
+    return along_x, along_y, along_z
 
 
 # The kernels follow torch's CPU kernel (aten/src/ATen/native/GridSampler.cpp, grid_sampler_3d_cpu_impl and its
@@ -357,9 +363,8 @@ def _mapped(displacement: np.ndarray, forward: np.ndarray, start: np.ndarray, in
     u + w, c + that, its float64 index, and the product's sums."""
     kind = displacement.dtype.type
     limit = kind(tolerance)
-    width, height = along_x.shape[0], along_y.shape[0]
     for p in range(begin, end):
-        x, y, z = along_x[p % width], along_y[p // width % height], along_z[first + p // (width * height)]
+        x, y, z = _centre(along_x, along_y, along_z, first, p)
         ux, uy, uz = _field_at(displacement, x, y, z, kind)
         if inverting:
             wx, wy, wz = _inverse_at(forward, start, x + ux, y + uy, z + uz, steps, limit, kind)
@@ -377,11 +382,17 @@ def _inverse_in_mm(forward: np.ndarray, start: np.ndarray, along_x: np.ndarray, 
     """mm [N, 3] (see `inverse_in_mm`) at the slab's points begin..end, as _mapped orders and reads them."""
     kind = forward.dtype.type
     limit = kind(tolerance)
-    width, height = along_x.shape[0], along_y.shape[0]
     for p in range(begin, end):
-        x, y, z = along_x[p % width], along_y[p // width % height], along_z[first + p // (width * height)]
+        x, y, z = _centre(along_x, along_y, along_z, first, p)
         wx, wy, wz = _inverse_at(forward, start, x, y, z, steps, limit, kind)
         _put_mm(mm, p, wx, wy, wz, per_unit)
+
+
+@inlined
+def _centre(along_x: np.ndarray, along_y: np.ndarray, along_z: np.ndarray, first: int, p: int) -> tuple[Any, Any, Any]:
+    """The unit coordinates (x, y, z) of point p of a slab, in array order, whose first slice is `first`."""
+    width, height = along_x.shape[0], along_y.shape[0]
+    return along_x[p % width], along_y[p // width % height], along_z[first + p // (width * height)]
 
 
 @inlined
