@@ -22,11 +22,11 @@ from .geometry import Grid
 from .metrics import map_points, target_registration_error
 from .model import SeriesModel, labels_in, new_ref_net, normalise_time
 from .networks import RefNet
-from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, FAR_MM, Calibration, IntensityWindow,
-                            Padding, PaddingCandidate, apparent_shift_mm, block_shape, confirmed_padding, extended,
-                            farthest_displacement_mm, find_padding, follow_up_calibrations,
-                            intensity_method, on_grid, padding_candidate, prealignment, rigid_estimate, same_grid,
-                            smoothed, turn_degrees)
+from .preprocessing import (CALIBRATION_TOLERANCE_HU, CT_WINDOW, FAR_MM, SHIFT_VOXEL_MM, Calibration,
+                            IntensityWindow, Padding, PaddingCandidate, apparent_shift_mm, block_shape,
+                            confirmed_padding, extended, farthest_displacement_mm, find_padding,
+                            follow_up_calibrations, intensity_method, on_grid, padding_candidate, prealignment,
+                            rigid_estimate, same_grid, smoothed, turn_degrees)
 from .presets import Options, Preset
 from .priors import ImagePrior, evaluate_on_grid
 from .progress import Reporter
@@ -285,10 +285,10 @@ def _lies(t: float, transform: sitk.AffineTransform, anatomy: np.ndarray) -> str
 def _anatomy_points(reference: sitk.Image, window: IntensityWindow, reference_view: np.ndarray | None,
                     view: np.ndarray | None) -> np.ndarray:
     """LPS mm [n, 3] of the reference's body inside `view` (bool [z, y, x]; None: all of the grid), one voxel a block
-    (preprocessing.block_shape): sampling.body_voxels without a margin in the reference's own field of view
-    `reference_view`, each row filled between the body's edges, so the lungs count, which a CBCT's field of view may
-    hold without those edges."""
-    z, y, x = block_shape(reference)
+    of SHIFT_VOXEL_MM (preprocessing.block_shape): sampling.body_voxels without a margin in the reference's own field
+    of view `reference_view`, each row filled between the body's edges, so the lungs count, which a CBCT's field of
+    view may hold without those edges."""
+    z, y, x = block_shape(reference, SHIFT_VOXEL_MM)
     blocks = sitk.GetArrayViewFromImage(reference)[::z, ::y, ::x]
     spacing = tuple(s * k for s, k in zip(reference.GetSpacing(), (x, y, z)))
     body = np.zeros(blocks.shape, bool)
