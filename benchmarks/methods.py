@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import peers  # noqa: E402
 from benchmarks.data import Series  # noqa: E402
-from STNeRPLib import threads  # noqa: E402
+from STNeRPLib import compiling, threads  # noqa: E402
 from STNeRPLib.metrics import jacobian_determinant  # noqa: E402
 from STNeRPLib.presets import PRESETS, Options  # noqa: E402
 
@@ -214,27 +214,11 @@ def run_peer(job: dict, series: Series, work: Path) -> dict:
 
 
 def _warm_up(method: str) -> None:
-    """Imports, the lazy module loading of ITK and the loading of numba's compiled kernels (from its cache; 0.3 s a
-    process, the machinery numba imports at a first call; trilinear's and cubic_lookup's, the training's and the
-    outputs' (the voxels mapped, the inverses), label_lookup's and the Jacobian's), outside the clock (imports are
+    """Imports, the lazy module loading of ITK and the loading of numba's compiled kernels (compiling.load_kernels:
+    from its cache, 0.3 s a process, with the machinery numba imports at a first call), outside the clock (imports are
     nobody's work)."""
     if kind(method) == "stnerp":
-        import numpy as np
-        import torch
-
-        from STNeRPLib import cubic_lookup, label_lookup, metrics, priors, trilinear
-        volume = torch.zeros(1, 1, 2, 2, 2, requires_grad=True)
-        trilinear.grid_sample(volume, torch.zeros(1, 1, 1, 1, 3, requires_grad=True)).sum().backward()
-        priors.ImagePrior(torch.zeros(2, 2, 2), "cubic").look_up(torch.zeros(1, 3), slopes=True)
-        field = torch.zeros(1, 3, 2, 2, 2)
-        trilinear.inverse(field, field, torch.zeros(1, 1, 3), 1, 1e-5)
-        trilinear.mapped(field, None, [torch.zeros(2)] * 3, (0, 1), np.ones(3), np.eye(3), 1, 1e-5)
-        trilinear.inverse_in_mm((field, field), [torch.zeros(2)] * 3, (0, 1), np.eye(3), 1, 1e-5,
-                                np.empty((4, 3), np.float32))
-        samples = np.zeros((2, 2, 2), np.float32)
-        cubic_lookup.resample(cubic_lookup.padded_coefficients(samples, np.float32), samples, np.zeros((1, 3)))
-        label_lookup.carry(np.zeros((2, 2, 2), np.uint8), np.zeros((1, 3)), True)    # the model's labels: uint8
-        metrics.jacobian_determinant(sitk.Image([2, 2, 2], sitk.sitkVectorFloat32, 3))
+        compiling.load_kernels()
     if kind(method) != "peer":
         return
     package = peers.PEERS[method]["package"]
