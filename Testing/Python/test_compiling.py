@@ -1,5 +1,5 @@
 """The package's numba kernels are compiled ahead, every one (compiling.load_kernels, which setup.sh runs and the
-benchmark's warm-up calls): no run spends the compilation (~27 s at one thread), and no benchmark clock counts it."""
+benchmark's warm-up calls): no run spends the compilation (~31 s at one thread), and no benchmark clock counts it."""
 from __future__ import annotations
 
 import subprocess
