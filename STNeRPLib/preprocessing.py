@@ -161,17 +161,17 @@ information towards the grids' alignment)."""
 
 RIGID_ESTIMATE_SIGMA_MM = 2.0
 """Gaussian (sigma, mm) by which rigid_estimate smooths the block means it compares: ITK's registration smoothed the
-full-resolution scans so before. Without it, the abdomen's estimates took twice the iterations (46-105 against 17-28)
-the phantoms' above as close (0.24 mm from the truth against 0.27)."""
+full-resolution scans so before. Without it, the abdomen's estimates took twice the iterations (46-105 against 17-28);
+the phantoms' above came as close (0.24 mm from the truth against 0.27)."""
 
 
 def rigid_estimate(reference: sitk.Image, placed: sitk.Image, shift: np.ndarray, window: IntensityWindow,
                    view: np.ndarray | None) -> sitk.AffineTransform:
     """A rigid transform (reference points -> the follow-up's, LPS mm, as an AffineTransform) estimated to tell how far
     the follow-up lies: prealignment's mutual information at one level of points about RIGID_ESTIMATE_VOXEL_MM apart,
-    between the two scans' means over blocks of about RIGID_ESTIMATE_BLOCK_MM (_block_means, in `window`), on every
-    block wholly inside `view` (bool [z, y, x]: the follow-up's field of view without its padding or the reference's;
-    None: all), smoothed by RIGID_ESTIMATE_SIGMA_MM, the follow-up `placed` on the reference grid as it lies, from the
+    between the two scans' means over blocks of about RIGID_ESTIMATE_BLOCK_MM smoothed by RIGID_ESTIMATE_SIGMA_MM
+    (_compared), on every block wholly inside `view` (bool [z, y, x]: the follow-up's field of view without its
+    padding or the reference's; None: all), the follow-up `placed` on the reference grid as it lies, from the
     translation `shift`; that translation alone when no block is wholly inside. Within a degree and 2 mm of
     prealignment's on the scans measured; a follow-up's padding seen by the metric, or points 48 mm apart, turned a
     phantom by 5 degrees that is not. ITK's own smoothing of both full-resolution scans took 9.3 s of a 512 x 512 x 300
