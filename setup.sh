@@ -18,7 +18,7 @@ fi
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e '.[test]'
 # numba compiles the kernels once and caches them; ahead, so that the first run does not spend ~31 s on it.
-.venv/bin/python -m STNeRPLib.compiling
+.venv/bin/python -m STNeRPLib.kernel_cache
 # The report's browser test opens the report in the system's Chromium; install it where we may
 # (root with apt, as in CI). Without it that test skips and says why.
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

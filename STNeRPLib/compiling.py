@@ -5,10 +5,9 @@ Python has no word for.
 Without numba (PythonSlicer unless it is installed) `numba` is None, no kernel is ever called, and torch or
 numpy computes the same numbers more slowly (SimpleITK resamples the predicted image, to 0.01 HU). The kernels are
 compiled at their first call for the host's processor and kept in numba's cache (STNeRPLib/__pycache__, or numba's
-user cache where that is not writable); `python -m STNeRPLib.compiling` (setup.sh) compiles them all ahead
-(load_kernels). With the environment variable STNERP_NUMBA=0 numba is not even imported, as
-if it were missing: the benchmark's peers run so, their clock and memory their own (numba's import and a kernel's
-loading take ~130 MB).
+user cache where that is not writable); `python -m STNeRPLib.kernel_cache` (setup.sh) compiles them all ahead.
+With the environment variable STNERP_NUMBA=0 numba is not even imported, as if it were missing: the benchmark's
+peers run so, their clock and memory their own (numba's import and a kernel's loading take ~130 MB).
 """
 from __future__ import annotations
 
@@ -29,34 +28,6 @@ if os.environ.get("STNERP_NUMBA") != "0":
 def kernel(function: Any) -> Any:
     """numba's no-Python compilation of `function`, releasing the GIL, cached; or `function` without numba."""
     return function if numba is None else numba.njit(nogil=True, cache=True)(function)
-
-
-def load_kernels() -> None:
-    """Compile every kernel for the types a run calls it with, each called once on the smallest inputs, or load it from
-    numba's cache where it is there: ~31 s at one thread the first time (a fresh install's first run otherwise spent
-    it), ~0.3 s a process after. Nothing without numba."""
-    if numba is None:
-        return
-    import numpy as np
-    import SimpleITK as sitk
-    import torch
-
-    from . import cubic_lookup, label_lookup, metrics, priors, trilinear
-    volume = torch.zeros(1, 1, 2, 2, 2, requires_grad=True)
-    trilinear.grid_sample(volume, torch.zeros(1, 1, 1, 1, 3, requires_grad=True)).sum().backward()
-    priors.ImagePrior(torch.zeros(2, 2, 2), "cubic").look_up(torch.zeros(1, 3), slopes=True)
-    field = torch.zeros(1, 3, 2, 2, 2)
-    trilinear.inverse(field, field, torch.zeros(1, 1, 3), 1, 1e-5)
-    trilinear.mapped(field, None, [torch.zeros(2)] * 3, (0, 1), np.ones(3), np.eye(3), 1, 1e-5)
-    trilinear.inverse_in_mm((field, field), [torch.zeros(2)] * 3, (0, 1), np.eye(3), 1, 1e-5,
-                            np.empty((4, 3), np.float32))
-    for scan_type in (np.int16, np.float32):                   # a scan as carried: a read-only view, CT or float
-        samples = np.zeros((2, 2, 2), scan_type)
-        samples.setflags(write=False)
-        cubic_lookup.resample(cubic_lookup.padded_coefficients(samples, np.float32), samples, np.zeros((1, 3)))
-    for label_type in (np.uint8, np.uint16):                   # the model's labels: up to 255 structures, or more
-        label_lookup.carry(np.zeros((2, 2, 2), label_type), np.zeros((1, 3)), True)
-    metrics.jacobian_determinant(sitk.Image([2, 2, 2], sitk.sitkVectorFloat32, 3))
 
 
 def inlined(helper: Any) -> Any:
@@ -92,7 +63,3 @@ fused_multiply_add: Any = None if numba is None else intrinsic(_fused_multiply_a
 """fused_multiply_add(a, b, c) in a kernel: _fused_multiply_add."""
 prefetch: Any = None if numba is None else intrinsic(_prefetch)
 """prefetch(array, index) in a kernel: _prefetch."""
-
-
-if __name__ == "__main__":
-    load_kernels()

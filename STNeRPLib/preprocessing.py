@@ -221,7 +221,7 @@ def _whole_blocks(voxels: np.ndarray, blocks: tuple[int, int, int]) -> np.ndarra
 
 def _on_blocks(values: np.ndarray, like: sitk.Image, blocks: tuple[int, int, int]) -> sitk.Image:
     """`values` [z, y, x] (float32) of the blocks of `blocks` voxels of `like`'s grid, as an image at their centres."""
-    image = sitk.GetImageFromArray(values.astype(np.float32))
+    image = sitk.GetImageFromArray(values.astype(np.float32, copy=False))
     image.SetSpacing([s * b for s, b in zip(like.GetSpacing(), blocks[::-1])])
     image.SetDirection(like.GetDirection())
     image.SetOrigin(like.TransformContinuousIndexToPhysicalPoint([(b - 1) / 2 for b in blocks[::-1]]))

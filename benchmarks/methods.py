@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import peers  # noqa: E402
 from benchmarks.data import Series  # noqa: E402
-from STNeRPLib import compiling, threads  # noqa: E402
+from STNeRPLib import threads  # noqa: E402
 from STNeRPLib.metrics import jacobian_determinant  # noqa: E402
 from STNeRPLib.presets import PRESETS, Options  # noqa: E402
 
@@ -214,11 +214,12 @@ def run_peer(job: dict, series: Series, work: Path) -> dict:
 
 
 def _warm_up(method: str) -> None:
-    """Imports, the lazy module loading of ITK and the loading of numba's compiled kernels (compiling.load_kernels:
+    """Imports, the lazy module loading of ITK and the loading of numba's compiled kernels (kernel_cache.load_kernels:
     from its cache, 0.3 s a process, with the machinery numba imports at a first call), outside the clock (imports are
-    nobody's work)."""
+    nobody's work). The kernels' modules import torch, which the peers' venv has not: imported here."""
     if kind(method) == "stnerp":
-        compiling.load_kernels()
+        from STNeRPLib import kernel_cache
+        kernel_cache.load_kernels()
     if kind(method) != "peer":
         return
     package = peers.PEERS[method]["package"]

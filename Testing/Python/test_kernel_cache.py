@@ -1,4 +1,4 @@
-"""The package's numba kernels are compiled ahead, every one (compiling.load_kernels, which setup.sh runs and the
+"""The package's numba kernels are compiled ahead, every one (kernel_cache.load_kernels, which setup.sh runs and the
 benchmark's warm-up calls): no run spends the compilation (~31 s at one thread), and no benchmark clock counts it."""
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 UNCOMPILED = """
 import importlib, pkgutil
 import STNeRPLib
-from STNeRPLib import compiling
+from STNeRPLib import compiling, kernel_cache
 modules = [importlib.import_module("STNeRPLib." + m.name) for m in pkgutil.iter_modules(STNeRPLib.__path__)
            if m.name != "__main__"]
-compiling.load_kernels()
+kernel_cache.load_kernels()
 kernels = [(module.__name__, name) for module in modules for name, value in vars(module).items()
            if isinstance(value, compiling.numba.core.registry.CPUDispatcher) and value.__module__ == module.__name__
            and value.targetoptions.get("nogil")]
