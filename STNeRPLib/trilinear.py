@@ -397,8 +397,8 @@ def _centre(along_x: np.ndarray, along_y: np.ndarray, along_z: np.ndarray, first
 
 @inlined
 def _put_mm(mm: np.ndarray, p: int, ux: Any, uy: Any, uz: Any, per_unit: np.ndarray) -> None:
-    """mm[p] = (ux, uy, uz) @ per_unit, each entry summed x, y, z in that order (torch's product of an (N, 3) by a
-    (3, 3) float32 matrix sums so)."""
+    """mm[p] = (ux, uy, uz) @ per_unit, each entry summed x, y, z in that order, each product and sum rounded (as
+    warping._unit_to_mm, the path without numba)."""
     for r in range(3):
         mm[p, r] = ux * per_unit[0, r] + uy * per_unit[1, r] + uz * per_unit[2, r]
 

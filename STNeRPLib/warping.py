@@ -371,8 +371,13 @@ def _to_unit(grid: Grid, points: np.ndarray, device: torch.device) -> torch.Tens
 
 def _unit_to_mm(grid: Grid, shift: torch.Tensor) -> np.ndarray:
     """Displacements [N, 3] in grid_sample units of `grid` -> LPS mm, float32 (index steps of (size - 1) / 2
-    per unit, then direction @ diag(spacing))."""
-    return (shift.cpu() @ torch.from_numpy(_per_unit(grid))).numpy()  # torch's product: 3x numpy's on (N, 3) @ (3, 3)
+    per unit, then direction @ diag(spacing)).
+
+    Summed x, y, z in that order, each product and sum rounded, as trilinear's kernels do: torch's matrix product
+    fuses them (FMA) on some CPUs (AVX-512 Xeons) and not on others, so the two paths' last bits would depend on
+    the machine."""
+    shift, per_unit = shift.cpu(), torch.from_numpy(_per_unit(grid))
+    return (shift[:, :1] * per_unit[0] + shift[:, 1:2] * per_unit[1] + shift[:, 2:] * per_unit[2]).numpy()
 
 
 def _per_unit(grid: Grid) -> np.ndarray:
