@@ -87,6 +87,7 @@ def test_batch_completes_good_patients_and_fails_the_bad_one_alone(first_batch):
         assert record["status"] == "complete" and record["command"] == "train"
         assert record["inputs"]["reference"] == str(output.parent / "data" / "image_0.nrrd")
         assert (output / patient / "model.pt").is_file()
+        assert (output / patient / record["report"]).is_file()              # each patient's report
     points = {point["time"]: point for point in entries["p01"]["time_points"]}
     assert sorted(points) == [0.0, 1.0, 2.0] and entries["p01"]["wall_time_s"] > 0
     assert points[2.0]["tre_mean"] > 0 and points[2.0]["folded_voxels"] == 0
@@ -163,7 +164,7 @@ def test_series_of_a_killed_worker_is_rerun_to_completion(phantom_folder, tmp_pa
     with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, resources={"series": 1},
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         batch = subprocess.Popen(batch_command(cohort, output, "--scheduler", cluster.scheduler_address,
-                                               "--iterations", "100", "--prior", "image"),
+                                               "--iterations", "100", "--prior", "image", "--no-report"),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             killed = _kill_worker_running(client, "pk", output / "pk" / "run.json")

@@ -75,7 +75,8 @@ def test_worker_with_anchor_reference_writes_the_identity_at_the_reference_time(
     for flag in ([], ["--no-anchor-reference"]):
         output = tmp_path / ("free" if flag else "default")
         result = stnerp("train", "--reference", files["images"][0], "--follow-up", files["images"][1], 1,
-                        "--follow-up", files["images"][2], 2, "--iterations", 30, "--output", output, *flag)
+                        "--follow-up", files["images"][2], 2, "--iterations", 30, "--output", output, "--no-report",
+                        *flag)
         assert result.returncode == 0, result.stderr
         record = json.loads((output / "run.json").read_text())
         assert record["parameters"]["preset"]["anchor_reference"] is (not flag)

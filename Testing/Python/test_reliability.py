@@ -179,7 +179,8 @@ def test_negative_times_in_exponent_form_are_values(trained, tmp_path):
 def test_negative_follow_up_time_in_exponent_form_is_a_value(phantom, tmp_path):
     _, files = phantom
     result = stnerp("train", "--reference", files["images"][0], "--follow-up", files["images"][1], "-1e0",
-                    "--follow-up", files["images"][2], "1", "--output", tmp_path / "run", "--iterations", 5)
+                    "--follow-up", files["images"][2], "1", "--output", tmp_path / "run", "--iterations", 5,
+                    "--no-report")
     assert result.returncode == 0, result.stderr
     assert [t for _, t in record(tmp_path / "run")["inputs"]["follow_ups"]] == [-1.0, 1.0]
 
@@ -295,7 +296,7 @@ def test_follow_ups_out_of_time_order_give_the_sorted_result(phantom, tmp_path):
     _, files = phantom
     fields = []
     for name, order in (("sorted", [1, 2, 3]), ("shuffled", [3, 1, 2])):
-        result = stnerp(*train_args(files, tmp_path / name, order=order), "--iterations", 10)
+        result = stnerp(*train_args(files, tmp_path / name, order=order), "--iterations", 10, "--no-report")
         assert result.returncode == 0, result.stderr
         fields.append(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / "t_2/displacement.nrrd"))))
     assert np.array_equal(fields[0], fields[1])
@@ -388,8 +389,9 @@ def test_metrics_table_names_its_units(trained):
 # 7. Resume -------------------------------------------------------------------------------------
 
 # 160 iterations: the kill tests act on a progress event (sent at most every 0.25 s) while the worker runs on,
-# ~40 iterations a second here; a kill at iteration 25 must land before the fit ends even under load.
-RESUMABLE = ["--iterations", "160", "--checkpoint-every", "10", "--predict-times", "1.5", "4"]
+# ~40 iterations a second here; a kill at iteration 25 must land before the fit ends even under load. No report
+# (test_report's): it was a third of these runs' time; test_kill_9_mid_def_net_then_resume_is_bit_identical writes it.
+RESUMABLE = ["--iterations", "160", "--checkpoint-every", "10", "--no-report", "--predict-times", "1.5", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -460,7 +462,7 @@ def test_killed_run_whose_pid_another_process_now_holds_is_still_seen_as_killed(
 def test_kill_9_mid_def_net_then_resume_is_bit_identical(phantom, uninterrupted, tmp_path):
     _, files = phantom
     output = tmp_path / "killed"
-    args = train_args(files, output) + RESUMABLE
+    args = train_args(files, output) + [a for a in RESUMABLE if a != "--no-report"]        # with its report
     _kill_when(start(*args, "--json-events"), "defnet", 25)
     assert record(output)["status"] == "running" and not (output / "model.pt").exists()
     saved = torch.load(output / "checkpoint.pt", weights_only=True)["iteration"]
@@ -477,7 +479,7 @@ def test_kill_9_mid_def_net_then_resume_is_bit_identical(phantom, uninterrupted,
     assert _first_iteration(resumed.stdout, "defnet") == saved + 1     # continued, not restarted
     run = record(output)
     assert run["status"] == "complete" and len(run["resumed"]) == 1
-    assert not (output / "checkpoint.pt").exists()
+    assert not (output / "checkpoint.pt").exists() and run["report"] == "report/index.html"
     _same_outputs(output, uninterrupted)
     assert (output / "t_1/displacement.nrrd").read_bytes() == (uninterrupted / "t_1/displacement.nrrd").read_bytes()
 
@@ -518,7 +520,7 @@ def test_kill_9_during_outputs_resumes_at_the_first_missing_time_point(phantom, 
     _same_outputs(output, uninterrupted)
 
 
-SHORT = ["--scheme", "short", "--iterations", "40", "--checkpoint-every", "10"]
+SHORT = ["--scheme", "short", "--iterations", "40", "--checkpoint-every", "10", "--no-report"]
 
 
 def test_kill_9_mid_short_range_then_resume_is_bit_identical(phantom, tmp_path):
@@ -733,7 +735,7 @@ def test_ssim_in_slabs_equals_the_whole_volume_at_once(slab):
 
 def test_kill_9_mid_ref_net_then_resume_is_bit_identical(phantom, tmp_path):
     _, files = phantom
-    args = ["--prior", "refnet", "--iterations", "40", "--checkpoint-every", "5"]
+    args = ["--prior", "refnet", "--iterations", "40", "--checkpoint-every", "5", "--no-report"]
     whole = stnerp(*train_args(files, tmp_path / "whole", order=[1, 2]), *args)
     assert whole.returncode == 0, whole.stderr
     output = tmp_path / "killed"
@@ -751,7 +753,7 @@ def torch_load_stage(path: Path) -> str:
 
 
 def test_demo_at_a_small_size_keeps_the_tumour_in_view(tmp_path):
-    result = stnerp("demo", "--size", 24, 24, 16, "--iterations", 10, "--output", tmp_path / "demo")
+    result = stnerp("demo", "--size", 24, 24, 16, "--iterations", 10, "--output", tmp_path / "demo", "--no-report")
     assert result.returncode == 0, result.stderr
     run = record(tmp_path / "demo" / "run")
     assert run["status"] == "complete"
@@ -775,7 +777,7 @@ def test_kill_9_during_outputs_of_a_pre_aligned_run_resumes_with_the_model_s_pre
     """Outputs resumed after training take each follow-up's pre-alignment from the saved model: the time points
     written after the resume are those of the uninterrupted run (their displacements include the pre-alignment)."""
     _, files = phantom
-    args = ["--prealign", "affine", "--iterations", "60", "--checkpoint-every", "10"]
+    args = ["--prealign", "affine", "--iterations", "60", "--checkpoint-every", "10", "--no-report"]
     whole = stnerp(*train_args(files, tmp_path / "whole"), *args)
     assert whole.returncode == 0, whole.stderr
     assert record(tmp_path / "whole")["prealignments"]
@@ -792,7 +794,8 @@ def test_kill_9_mid_def_net_of_a_pre_aligned_run_at_two_threads_then_resume_is_b
     """The resumed run pre-aligns its follow-ups again: ITK's threads added the metric in the order they finished, so
     the pre-alignment's last bits, and the fit after it, differed from the uninterrupted run's."""
     _, files = phantom
-    args = ["--prealign", "affine", "--threads", "2", "--iterations", "60", "--checkpoint-every", "10"]
+    args = ["--prealign", "affine", "--threads", "2", "--iterations", "60", "--checkpoint-every", "10",
+            "--no-report"]
     whole = stnerp(*train_args(files, tmp_path / "whole"), *args)
     assert whole.returncode == 0, whole.stderr
     output = tmp_path / "killed"

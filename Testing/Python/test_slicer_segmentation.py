@@ -132,7 +132,7 @@ def test_train_propagates_a_layered_segmentation_and_scores_a_slicer_ground_trut
     result = stnerp("train", "--reference", files["images"][0], "--reference-time", series.times[0],
                     "--follow-up", files["images"][1], series.times[1], "--follow-up", files["images"][2],
                     series.times[2], "--segmentation", path, "--ground-truth", truth_path, series.times[2],
-                    "--output", output, "--iterations", 10)
+                    "--output", output, "--iterations", 10, "--no-report")
     assert result.returncode == 0, result.stderr
     record = json.loads((output / "run.json").read_text())
     points = {p["time"]: p for p in record["time_points"]}

@@ -57,14 +57,14 @@ def phantom(tmp_path_factory):
 
 def test_worker_logs_and_records_its_thread_choice(phantom, tmp_path):
     result = stnerp("train", "--reference", phantom["images"][0], "--follow-up", phantom["images"][1], 1,
-                    "--iterations", 5, "--threads", 1, "--output", tmp_path / "run")
+                    "--iterations", 5, "--threads", 1, "--output", tmp_path / "run", "--no-report")
     assert result.returncode == 0, result.stderr
     assert "computing with 1 thread(s), as asked (--threads)" in result.stderr
     recorded = json.loads((tmp_path / "run/run.json").read_text())["threads"]
     assert recorded["threads"] == 1 and recorded["requested"] == 1 and recorded["allowed_cpus"] >= 1
     assert recorded["blas_threads"] == 1
     automatic = stnerp("train", "--reference", phantom["images"][0], "--follow-up", phantom["images"][1], 1,
-                       "--iterations", 5, "--output", tmp_path / "auto")
+                       "--iterations", 5, "--output", tmp_path / "auto", "--no-report")
     assert automatic.returncode == 0, automatic.stderr
     recorded = json.loads((tmp_path / "auto/run.json").read_text())["threads"]
     assert recorded["requested"] is None and 1 <= recorded["threads"] <= recorded["allowed_cpus"]

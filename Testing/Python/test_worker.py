@@ -61,7 +61,7 @@ def trained(phantom, tmp_path_factory):
     args = train_args(files, series.times, output) + [
         "--segmentation", files["labelmaps"][0], "--landmarks", files["landmarks"],
         "--ground-truth", files["labelmaps"][2], series.times[2], "--predict-times", 1.5,
-        "--json-events", *ACCURATE, *UNANCHORED]
+        "--json-events", "--no-report", *ACCURATE, *UNANCHORED]             # test_report's own run has one
     return stnerp(*args), output
 
 
@@ -442,7 +442,7 @@ def test_paper_variants_run_end_to_end(variant, phantom, tmp_path):
     result = stnerp(*args)
     assert result.returncode == 0, result.stderr
     run = record(output)
-    assert run["status"] == "complete"
+    assert run["status"] == "complete" and (output / run["report"]).is_file()     # the variant's report too
     points = run["time_points"]
     if variant[0] == "--scheme":          # previous -> next: one field per follow-up, chained
         assert [p["time"] for p in points] == [1.0, 2.0, 3.0]
@@ -472,7 +472,7 @@ def test_short_scheme_chains_fields_newest_first(phantom, tmp_path):
     series, files = phantom
     output = tmp_path / "short"
     result = stnerp(*train_args(files, series.times, output), "--landmarks", files["landmarks"],
-                    "--scheme", "short", "--velocity-levels", 1, "--no-body-mask", *ACCURATE)
+                    "--scheme", "short", "--velocity-levels", 1, "--no-body-mask", "--no-report", *ACCURATE)
     assert result.returncode == 0, result.stderr
     fields = [sitk.ReadImage(str(output / f"t_{k}/displacement.nrrd")) for k in (1, 2, 3)]
     points, reference_points = series.landmarks[3]
@@ -515,6 +515,7 @@ def test_reference_need_not_be_the_earliest_time(phantom, tmp_path):
     assert result.returncode == 0, result.stderr
     points = record(output)["time_points"]
     assert [p["time"] for p in points] == [2.0, 0.0, 1.0, 3.0, 0.5, 2.5]
+    assert (output / record(output)["report"]).is_file()                # drawn about a reference in the middle
     assert [p["image_sources"] for p in points[4:]] == [[0.0, 1.0], [2.0, 3.0]]
     motion = time_2 - reference_2                           # exact u at the landmarks
     # error of q + m(u) for each mistake m: none u, flipped 2u, mixed (x and y negated) (2ux, 2uy, 0)
@@ -541,6 +542,7 @@ def test_times_written_as_dates_get_their_own_folders(phantom, tmp_path):
     folders = [Path(p["displacement"]).parent.name for p in points]
     assert folders == ["t_20260101", "t_20260108", "t_20260115"]
     assert all((output / p["displacement"]).is_file() for p in points)
+    assert (output / record(output)["report"]).is_file()                # its time axis in days of a date
 
 
 def test_evaluate_command_scores_a_run_against_ground_truth(trained, phantom, tmp_path):
