@@ -39,7 +39,7 @@ from .model import SeriesModel, labels_in
 from .preprocessing import CALIBRATION_TOLERANCE_HU, CT_WINDOW
 from .presets import CHARBONNIER_EPSILON
 from .sampling import BODY_LEVEL, BODY_MARGIN_MM, STRUCTURE_BAND_MM
-from .warping import _to_index, inverse_map, invert
+from .warping import _to_index, invert, sparse_inverse_map
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -327,7 +327,7 @@ def structure_curves(model: SeriesModel, times: np.ndarray) -> Curves:
     curves = Curves(times)
     rows: dict[int, list] = {label: [] for label in points}
     for t in times:
-        inverse_t = inverse_map(model, float(t))
+        inverse_t = sparse_inverse_map(model, float(t))  # at most CURVE_POINTS a structure
         with torch.no_grad():
             for label, c in points.items():
                 moved = c + invert(*inverse_t, c)

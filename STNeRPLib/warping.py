@@ -186,7 +186,8 @@ and 0.88 s (1 thread): the last decade of float32 precision bought nothing a con
 
 class InverseMap(NamedTuple):
     """What `invert` needs to invert one time's map: its forward displacement [1, 3, D, H, W] on the displacement
-    grid and a start, the inverse already found on a coarser grid (both grid_sample units)."""
+    grid and a start, an inverse on a coarser grid (both grid_sample units): exp(-v) on the displacement grid
+    (`sparse_inverse_map`), or the inverse found from it on every INVERSE_STRIDE-th voxel (`inverse_map`)."""
 
     forward: torch.Tensor
     start: torch.Tensor
@@ -199,14 +200,21 @@ that field, interpolated, then starts each voxel's or point's iteration. On a br
 A stride of 2 saved no more, 8 less."""
 
 
+def sparse_inverse_map(model: SeriesModel, t: float) -> InverseMap:
+    """The map q -> q + u_t(q) ready to be inverted at a few points by `invert` (reference points -> time-t points),
+    each started from exp(-v): for thousands of points, where inverse_map's start would cost more than they do."""
+    return InverseMap(model.displacement_grid(t), model.displacement_grid(t, inverse=True))
+
+
 def inverse_map(model: SeriesModel, t: float) -> InverseMap:
-    """The map q -> q + u_t(q) ready to be inverted at any points by `invert` (reference points -> time-t points)."""
-    forward = model.displacement_grid(t)
+    """The map q -> q + u_t(q) ready to be inverted at any points by `invert` (reference points -> time-t points),
+    each started from the inverse on every INVERSE_STRIDE-th voxel of the reference grid: for a grid's voxels."""
+    sparse = sparse_inverse_map(model, t)
     shape = cast("tuple[int, int, int]", tuple(max(2, (n - 1) // INVERSE_STRIDE + 1) for n in model.grid.shape))
     with torch.no_grad():
         c = GridPoints(shape, model.device).slices(0, shape[0])
-        w = invert(forward, model.displacement_grid(t, inverse=True), c[None])[0]
-    return InverseMap(forward, w.reshape(*shape, 3).permute(3, 0, 1, 2)[None].contiguous())
+        w = invert(*sparse, c[None])[0]
+    return InverseMap(sparse.forward, w.reshape(*shape, 3).permute(3, 0, 1, 2)[None].contiguous())
 
 
 def inverse_displacement(model: SeriesModel, t: float, prealignment: np.ndarray | None = None) -> np.ndarray:

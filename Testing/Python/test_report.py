@@ -184,6 +184,27 @@ def test_volume_curves_equal_the_partial_volume_of_the_forward_map(run):
             assert abs(curve[(entry["time"], label)] - volume) < tolerance, (entry["time"], label, volume)
 
 
+def test_structure_curves_inverted_at_their_points_equal_those_inverted_over_the_grid(run, monkeypatch):
+    """The curves invert the map at their structures' points, each started from exp(-v) (sparse_inverse_map); the
+    outputs start each voxel from the inverse on every 4th voxel of the grid (inverse_map): at clinical size the
+    curves took 22.2 s that way and 3.2-3.7 s now (1 thread). Both converge to the same inverse: volumes to 1e-5,
+    centroids and largest motions to 1e-3 mm (2e-7 and 1e-4 mm measured at 512 x 512 x 300)."""
+    from STNeRPLib import warping
+    record = json.loads((run / "run.json").read_text())
+    model = SeriesModel.load(run / record["model"], torch.device("cpu"))
+    times = np.linspace(0.0, 2.0, 7)
+    sparse = report.structure_curves(model, times)
+    monkeypatch.setattr(report, "sparse_inverse_map", warping.inverse_map)
+    dense = report.structure_curves(model, times)
+    assert sorted(sparse.volume) == sorted(dense.volume) == [1, 2, 3]
+    for label in dense.volume:
+        assert np.allclose(sparse.volume[label], dense.volume[label], rtol=1e-5, atol=0)
+        assert np.allclose(sparse.mean_jacobian[label], dense.mean_jacobian[label], rtol=1e-5, atol=0)
+        assert np.abs(sparse.centroid[label] - dense.centroid[label]).max() < 1e-3
+        assert np.abs(sparse.max_motion[label] - dense.max_motion[label]).max() < 1e-3
+    assert np.ptp(dense.volume[2]) > 0.01 * dense.volume[2].mean()           # the lungs breathe
+
+
 def test_report_command_writes_the_report_of_a_run(run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
