@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from . import report_figures as figures
 from .contract import intensity_calibrations, is_complete, numbering, time_point_folder
@@ -175,9 +176,12 @@ def structures_at(run: Path, entry: dict) -> dict[int, Structure]:
     jacobian = sitk.GetArrayFromImage(sitk.ReadImage(str(run / entry["jacobian"])))
     voxel_ml = abs(np.linalg.det(np.reshape(labelmap.GetDirection(), (3, 3)) @ np.diag(labelmap.GetSpacing()))) / 1000
     found = {}
-    for label in labels_in(labels):
-        where = np.nonzero(labels == label)
-        values = jacobian[where].astype(np.float64)
+    for label, box in enumerate(ndimage.find_objects(labels), 1):    # each structure within its box, not the grid
+        if box is None:
+            continue
+        inside = np.nonzero(labels[box] == label)
+        where = tuple(i + b.start for i, b in zip(inside, box))
+        values = jacobian[box][inside].astype(np.float64)
         found[int(label)] = Structure(
             len(values), len(values) * voxel_ml, np.array([w.mean() for w in where[::-1]]),
             np.histogram(np.clip(values, HISTOGRAM_EDGES[0], HISTOGRAM_EDGES[-1]), HISTOGRAM_EDGES)[0],

@@ -205,6 +205,26 @@ def test_structure_curves_inverted_at_their_points_equal_those_inverted_over_the
     assert np.ptp(dense.volume[2]) > 0.01 * dense.volume[2].mean()           # the lungs breathe
 
 
+def test_structure_statistics_are_those_of_every_voxel_of_each_label(run):
+    """structures_at looks for each label within its bounding box (at 512 x 512 x 300, 0.45 s for three structures
+    against 1.2-1.7 s over the whole grid per label): its counts, centroids and det J statistics are those of
+    every voxel of the label in the whole grid, to the bit."""
+    record = json.loads((run / "run.json").read_text())
+    for entry in record["time_points"]:
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(run / entry["labelmap"])))
+        jacobian = sitk.GetArrayFromImage(sitk.ReadImage(str(run / entry["jacobian"]))).astype(np.float64)
+        found = report.structures_at(run, entry)
+        assert sorted(found) == sorted(set(np.unique(labels)) - {0})
+        for label, structure in found.items():
+            where = np.nonzero(labels == label)
+            values = jacobian[where]
+            assert structure.voxels == len(values) and structure.mean == values.mean()
+            assert (structure.minimum, structure.maximum) == (values.min(), values.max())
+            assert structure.folded == np.count_nonzero(values <= 0)
+            assert np.array_equal(structure.centroid_index, [w.mean() for w in where[::-1]])     # x, y, z
+            assert structure.histogram.sum() == len(values)
+
+
 def test_report_command_writes_the_report_of_a_run(run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
