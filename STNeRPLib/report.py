@@ -9,7 +9,8 @@ structure's reference voxels.
 Structure volume at any time t is computed from the model's maps, not from a labelmap at t:
 V_t(S) = integral over the reference structure of det(grad phi_t^-1) (change of variables), with
 det(grad phi_t^-1)(r) = 1 / det(grad phi_t)(phi_t^-1(r)): the inverse point from the same
-fixed-point inverse as inverse_displacement.nrrd, det J of the forward map there by central
+fixed-point inverse as inverse_displacement.nrrd (each point started from exp(-v), not from the inverse on
+every 4th voxel of the grid: the same to the inverse's tolerance), det J of the forward map there by central
 differences of half a voxel, summed over (a subsample of) the structure's reference voxels.
 Counting voxels of the propagated labelmap at t instead errs by whole boundary voxels.
 """
