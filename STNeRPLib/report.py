@@ -37,14 +37,14 @@ from .errors import InputError
 from .record import load_record
 from .integration import identity_grid, sample
 from .io import read_image
-from .model import SeriesModel, labels_in
+from .model import SeriesModel
 from .preprocessing import CALIBRATION_TOLERANCE_HU, CT_WINDOW
 from .presets import CHARBONNIER_EPSILON
 from .sampling import BODY_LEVEL, BODY_MARGIN_MM, STRUCTURE_BAND_MM
 from .warping import _to_index, invert, sparse_inverse_map
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
 
 FOCUS = re.compile(r"tumou?r|gtv|ctv|itv|ptv|target|lesion|nodule", re.IGNORECASE)
 HISTOGRAM_EDGES = np.linspace(0.0, 2.5, 101)
@@ -168,6 +168,16 @@ def _time_span(record: dict, model: SeriesModel) -> tuple[float, float]:
     return min(times), max(times)
 
 
+def structure_voxels(labels: np.ndarray) -> Iterator[tuple[int, tuple[np.ndarray, ...]]]:
+    """Each label > 0 of `labels` [z, y, x] and its voxels' (z, y, x) indices in the grid's order, each looked for
+    within its bounding box (one pass over the grid for all; a whole-grid pass per label was 0.4 s at 512 x 512 x
+    300)."""
+    for label, box in enumerate(ndimage.find_objects(labels), 1):
+        if box is not None:
+            inside = np.nonzero(labels[box] == label)
+            yield label, tuple(i + b.start for i, b in zip(inside, box))
+
+
 def structures_at(run: Path, entry: dict) -> dict[int, Structure]:
     """Per label of the time point's propagated labelmap: size, centroid and det J statistics."""
     if not entry.get("labelmap"):
@@ -177,13 +187,9 @@ def structures_at(run: Path, entry: dict) -> dict[int, Structure]:
     jacobian = sitk.GetArrayFromImage(sitk.ReadImage(str(run / entry["jacobian"])))
     voxel_ml = abs(np.linalg.det(np.reshape(labelmap.GetDirection(), (3, 3)) @ np.diag(labelmap.GetSpacing()))) / 1000
     found = {}
-    for label, box in enumerate(ndimage.find_objects(labels), 1):    # each structure within its box, not the grid
-        if box is None:
-            continue
-        inside = np.nonzero(labels[box] == label)
-        where = tuple(i + b.start for i, b in zip(inside, box))
-        values = jacobian[box][inside].astype(np.float64)
-        found[int(label)] = Structure(
+    for label, where in structure_voxels(labels):
+        values = jacobian[where].astype(np.float64)
+        found[label] = Structure(
             len(values), len(values) * voxel_ml, np.array([w.mean() for w in where[::-1]]),
             np.histogram(np.clip(values, HISTOGRAM_EDGES[0], HISTOGRAM_EDGES[-1]), HISTOGRAM_EDGES)[0],
             float(values.mean()), float(values.min()), float(values.max()), int(np.count_nonzero(values <= 0)))
@@ -323,12 +329,11 @@ def structure_curves(model: SeriesModel, times: np.ndarray) -> Curves:
     step = 1.0 / grid.unit_scale()                                   # half a voxel, unit coordinates
     labelmap = cast(np.ndarray, model.labelmap)
     points, counts = {}, {}
-    for label in labels_in(labelmap):
-        flat = np.flatnonzero(labelmap == label)
-        counts[int(label)] = len(flat)
-        chosen = flat[::int(np.ceil(len(flat) / CURVE_POINTS))]
-        index = np.stack(np.unravel_index(chosen, labelmap.shape)[::-1], axis=1).astype(float)
-        points[int(label)] = torch.as_tensor(index / grid.unit_scale() * 2 - 1, dtype=torch.float32)[None]
+    for label, where in structure_voxels(labelmap):
+        counts[label] = len(where[0])
+        every = int(np.ceil(counts[label] / CURVE_POINTS))
+        index = np.stack([w[::every] for w in where[::-1]], axis=1).astype(float)         # x, y, z
+        points[label] = torch.as_tensor(index / grid.unit_scale() * 2 - 1, dtype=torch.float32)[None]
     curves = Curves(times)
     rows: dict[int, list] = {label: [] for label in points}
     for t in times:
